@@ -1,0 +1,261 @@
+"""The single-device reference transformer: the source of truth.
+
+A plain pre-norm decoder (dense or Mixture-of-Experts) with causal attention
+through ``scaled_dot_product_attention`` and a static KV cache. It knows
+nothing of distribution. Strategies build the same modules with *local*
+sizes (fewer heads, a slice of d_ff, a range of layers) and wrap them; they
+never change this file's arithmetic.
+
+Shapes: B batch, T new tokens, S cached positions, D d_model, H heads,
+Hkv key/value heads, d head_dim, F d_ff, E experts.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from ..spec import ModelSpec
+
+
+class KVCache:
+    """Static cache for one layer: ``k, v [B, Hkv, S_max, d]``.
+
+    ``batch_view`` gives a micro-batch a view that writes through to the
+    same storage, so pipelines and data-parallel splits need no copies.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    @classmethod
+    def allocate(cls, batch, kv_heads, max_len, head_dim, dtype, device) -> "KVCache":
+        shape = (batch, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+    def batch_view(self, b0: int, b1: int) -> "KVCache":
+        return KVCache(self.k[b0:b1], self.v[b0:b1])
+
+    def write(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store ``k, v [B, Hkv, T, d]`` at positions ``pos..pos+T`` and return
+        the cache up to ``pos+T`` (views, no copy)."""
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def make_norm(spec: ModelSpec) -> nn.Module:
+    if spec.norm == "rmsnorm":
+        return nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+    return nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
+
+
+def rotary(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021), Hugging Face "rotate half"
+    layout, on ``x [B, T, H, d]`` for absolute positions ``pos..pos+T``."""
+    B, T, H, d = x.shape
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    t = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32)
+    ang = torch.outer(t, inv)  # [T, d/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None, :]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None, :]
+    xf = x.float()
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def causal_attention(q, k, v, q_start: int) -> torch.Tensor:
+    """Softmax attention of ``q [B, H, T, d]`` (absolute positions
+    ``q_start..q_start+T``) over ``k, v [B, Hkv, S, d]`` (positions ``0..S``),
+    each query seeing keys at positions <= its own. Returns ``[B, H, T, d]``."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if q_start == 0 and T == S:
+        return Fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if q_start + T == S and T == 1:
+        return Fn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    q_pos = torch.arange(q_start, q_start + T, device=q.device)
+    mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # [T, S]
+    return Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention with fused QKV.
+
+    Built with local sizes by tensor-parallel strategies: ``n_heads`` and
+    ``n_kv_heads`` are the heads this module holds.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 rope_theta: float | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.wqkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def qkv(self, x: torch.Tensor, pos: int):
+        """``x [B, T, D]`` -> q ``[B, T, H, d]``, k, v ``[B, T, Hkv, d]``."""
+        B, T, _ = x.shape
+        H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * d, Hkv * d, Hkv * d], dim=-1)
+        q, k, v = q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
+        if self.rope_theta is not None:
+            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H*, T, d]
+        if cache is not None:
+            k, v = cache.write(pos, k, v)  # [B, Hkv, pos+T, d]
+        o = causal_attention(q, k, v, pos)  # [B, H, T, d]
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """Two-matrix GELU MLP, or SwiGLU (gate and up fused in one matrix)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu"):
+        super().__init__()
+        self.activation, self.d_ff = activation, d_ff
+        n_in = 2 if activation == "swiglu" else 1
+        self.w_in = nn.Linear(d_model, n_in * d_ff, bias=False)  # [gate; up] for swiglu
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.activation == "swiglu":
+            gate, up = h.split(self.d_ff, dim=-1)
+            h = Fn.silu(gate) * up
+        else:
+            h = Fn.gelu(h)
+        return self.w_down(h)
+
+
+def route(logits: torch.Tensor, top_k: int):
+    """Softmax top-k router: ``logits [N, E]`` -> (weights [N, k], experts [N, k]).
+
+    The softmax is taken over the chosen k logits (equivalently, top-k of the
+    full softmax renormalised), in fp32, as in Mixtral."""
+    top, idx = torch.topk(logits.float(), top_k, dim=-1)
+    return torch.softmax(top, dim=-1), idx
+
+
+def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
+               activation: str) -> torch.Tensor:
+    """One expert on its tokens: ``x [n, D]``, ``w_in [F or 2F, D]``, ``w_down [D, F]``."""
+    h = x @ w_in.t()
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        h = Fn.silu(gate) * up
+    else:
+        h = Fn.gelu(h)
+    return h @ w_down.t()
+
+
+class MoE(nn.Module):
+    """Dropless top-k Mixture-of-Experts MLP (every routed token is computed).
+
+    It holds the router for all ``n_experts`` and the weights of experts
+    ``first_expert .. first_expert + local_experts``; with all experts (the
+    reference) the output is the full MoE, with a subset it is that subset's
+    share of the sum (tensor-parallel strategies add the shares)."""
+
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int,
+                 activation: str = "gelu", first_expert: int = 0,
+                 local_experts: int | None = None):
+        super().__init__()
+        self.top_k, self.activation = top_k, activation
+        self.first_expert = first_expert
+        local = n_experts if local_experts is None else local_experts
+        n_in = 2 if activation == "swiglu" else 1
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(local, n_in * d_ff, d_model))
+        self.w_down = nn.Parameter(torch.empty(local, d_model, d_ff))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        weights, experts = route(self.router(x), self.top_k)  # [N, k]
+        out = torch.zeros_like(x)
+        for e in range(self.w_in.shape[0]):
+            token, slot = torch.nonzero(experts == self.first_expert + e, as_tuple=True)
+            if token.numel():
+                y = expert_mlp(x[token], self.w_in[e], self.w_down[e], self.activation)
+                out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: ``h = x + attn(norm(x)); y = h + mlp(norm(h))``."""
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module,
+                 mlp_norm: nn.Module):
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cache, pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+def make_block(spec: ModelSpec, *, n_heads: int | None = None, n_kv_heads: int | None = None,
+               d_ff: int | None = None, experts: range | None = None) -> Block:
+    """A decoder layer with (possibly local) sizes; defaults are the full model's.
+    ``experts`` is the contiguous range of experts held (MoE only)."""
+    attn = Attention(spec.d_model, n_heads or spec.n_heads, n_kv_heads or spec.kv_heads,
+                     spec.head_dim, spec.rope_theta)
+    if spec.is_moe:
+        experts = experts if experts is not None else range(spec.n_experts)
+        mlp = MoE(spec.d_model, d_ff or spec.d_ff, spec.n_experts, spec.top_k,
+                  spec.activation, experts.start, len(experts))
+    else:
+        mlp = MLP(spec.d_model, d_ff or spec.d_ff, spec.activation)
+    return Block(attn, mlp, make_norm(spec), make_norm(spec))
+
+
+class Transformer(nn.Module):
+    """Embedding (if vocab), decoder layers, final norm, LM head (if vocab).
+
+    ``forward(inputs, caches, pos)``: inputs are token ids ``[B, T]`` or hidden
+    states ``[B, T, D]``; returns logits ``[B, T, V]`` or hidden ``[B, T, D]``.
+    """
+
+    def __init__(self, spec: ModelSpec, layers: Sequence[int] | None = None,
+                 first: bool = True, last: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.layer_ids = list(range(spec.n_layers) if layers is None else layers)
+        self.first, self.last = first, last
+        has_vocab = spec.vocab_size is not None
+        self.embed = nn.Embedding(spec.vocab_size, spec.d_model) if has_vocab and first else None
+        self.layers = nn.ModuleList(make_block(spec) for _ in self.layer_ids)
+        self.norm = make_norm(spec) if last else None
+        self.lm_head = (nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+                        if has_vocab and last else None)
+
+    def forward(self, inputs: torch.Tensor, caches: Sequence[KVCache] | None = None,
+                pos: int = 0) -> torch.Tensor:
+        x = self.embed(inputs) if self.embed is not None else inputs
+        for i, layer in enumerate(self.layers):
+            x = layer(x, caches[i] if caches is not None else None, pos)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    def allocate_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        p = next(self.parameters())
+        return [KVCache.allocate(batch, blk.attn.n_kv_heads, max_len, blk.attn.head_dim,
+                                 p.dtype, p.device) for blk in self.layers]

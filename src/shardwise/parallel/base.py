@@ -1,0 +1,155 @@
+"""What every strategy provides, and the registry that finds them by name.
+
+A strategy is one file in this package. Its class:
+
+* ``validate(spec, workload, plan, world_size) -> Topology`` (classmethod, no
+  processes): checks the plan against the model and the world size and
+  raises :class:`ShardwiseError` naming the problem and the fix;
+* ``ranks_needed(plan)`` (classmethod): the world size the plan implies, or
+  None when it adapts to any (layerwise);
+* ``candidates(spec, workload, world_size)`` (classmethod): plan strings worth
+  trying on that many ranks (the planner filters them through ``validate``);
+* ``__init__(spec, workload, plan, topo, comm, loader)``: builds this rank's
+  shard and its KV caches (``workload.batch`` x ``workload.max_len``);
+* ``forward(inputs, pos)`` (called through ``step``): one prefill (``pos == 0``, ``inputs [B, L, ...]``)
+  or decode step (``inputs [B, 1, ...]``). Every rank is given the same global
+  inputs and takes its part; returns this rank's local result;
+* ``collect(local)``: the global output ``[B, T, D or V]`` on rank 0, None
+  elsewhere (verification only, outside the timed region);
+* ``report()``: strategy-specific facts for the run's output (load balance...).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..spec import ModelSpec, Plan, ShardwiseError, Workload
+from .comm import Comm
+from .topology import Topology
+
+STRATEGY_MODULES = ("tp_pp", "helix", "ring", "layerwise", "ep")
+
+
+class Strategy(nn.Module):
+    name: ClassVar[str]
+
+    def __init__(self, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
+                 comm: Comm, loader):
+        super().__init__()
+        self.spec, self.workload, self.plan = spec, workload, plan
+        self.topo, self.comm, self.loader = topo, comm, loader
+        self.device, self.dtype = loader.device, loader.dtype
+
+    @classmethod
+    def ranks_needed(cls, plan: Plan) -> int | None:
+        raise NotImplementedError
+
+    @classmethod
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
+                 world_size: int) -> Topology:
+        raise NotImplementedError
+
+    @classmethod
+    def candidates(cls, spec: ModelSpec, workload: Workload, world_size: int) -> list[str]:
+        return []
+
+    def forward(self, inputs: torch.Tensor, pos: int):
+        raise NotImplementedError
+
+    def step(self, inputs: torch.Tensor, pos: int):
+        """Run ``forward`` and remember the global output shape for ``collect``."""
+        self.out_shape = self.output_shape(inputs)
+        return self.forward(inputs, pos)
+
+    def collect(self, local) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def report(self) -> dict:
+        return {}
+
+    # -- helpers shared by strategies ----------------------------------
+    def output_shape(self, inputs: torch.Tensor) -> tuple[int, ...]:
+        B, T = inputs.shape[:2]
+        width = self.spec.vocab_size if self.spec.vocab_size is not None else self.spec.d_model
+        return (B, T, width)
+
+    def send_to_root(self, local: torch.Tensor | None, owner: int) -> torch.Tensor | None:
+        """Move the global output, held whole by global rank ``owner``, to rank 0."""
+        rank, shape = self.topo.rank, self.out_shape
+        if owner == 0:
+            return local if rank == 0 else None
+        if rank == owner:
+            self.comm.send(local.contiguous(), 0, "collect")
+        elif rank == 0:
+            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+            return self.comm.recv(buf, owner, "collect")
+        return None
+
+
+def divides(what: str, n: int, by: int, by_what: str, fix: str) -> None:
+    """Raise a one-line error when ``by`` does not divide ``n``."""
+    if n % by:
+        raise ShardwiseError(f"{what} ({n}) is not divisible by {by_what} ({by}); {fix}")
+
+
+def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into ``parts`` contiguous ranges, sizes differing by <= 1
+    (the first ranges get the extra items)."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (i < extra)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    if name not in STRATEGY_MODULES:
+        raise ShardwiseError(
+            f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)}"
+        )
+    try:
+        module = importlib.import_module(f"shardwise.parallel.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"shardwise.parallel.{name}":
+            raise ShardwiseError(f"strategy {name!r} is not implemented in this version") from None
+        raise
+    return module.STRATEGY
+
+
+def available_strategies() -> list[str]:
+    out = []
+    for name in STRATEGY_MODULES:
+        try:
+            get_strategy(name)
+            out.append(name)
+        except ShardwiseError:
+            pass
+    return out
+
+
+def validate_plan(spec: ModelSpec, workload: Workload, plan: Plan | str,
+                  world_size: int | None = None) -> tuple[type[Strategy], Topology]:
+    """Check a plan before launch: returns the strategy class and its topology.
+
+    ``world_size`` None means "what the plan implies" (error if it implies none).
+    """
+    if isinstance(plan, str):
+        plan = Plan.parse(plan)
+    cls = get_strategy(plan.strategy)
+    if plan.micro_batches > workload.batch:
+        raise ShardwiseError(
+            f"plan {plan} asks for {plan.micro_batches} micro-batches but the batch is "
+            f"{workload.batch}; use mb <= {workload.batch}"
+        )
+    if world_size is None:
+        world_size = cls.ranks_needed(plan)
+        if world_size is None:
+            raise ShardwiseError(f"plan {plan} adapts to any number of ranks; give --nproc")
+    topo = cls.validate(spec, workload, plan, world_size)
+    topo.check_world(world_size, str(plan))
+    return cls, topo

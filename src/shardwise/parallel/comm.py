@@ -1,0 +1,124 @@
+"""The only module that talks to ``torch.distributed``.
+
+Every collective goes through :class:`Comm`, which counts calls and bytes per
+(operation, mesh axis) so that runs can report the communication they do.
+It works on gloo and NCCL and on the torch releases that renamed the
+tensor collectives (``all_gather_into_tensor`` -> ``all_gather_single``).
+Operations on an axis of size 1 return at once and count nothing.
+
+Bytes are counted as the payload of this rank's call: the buffer for
+all-reduce, the gathered output for all-gather, the input for reduce-scatter
+and all-to-all, the tensor for point-to-point.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .topology import Topology
+
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class Comm:
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        self.backend = dist.get_backend() if dist.is_initialized() else "none"
+        self.stats: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # key -> [calls, bytes]
+
+    # -- accounting -------------------------------------------------------
+    def _count(self, op: str, axis: str, nbytes: int) -> None:
+        s = self.stats[f"{op}/{axis}"]
+        s[0] += 1
+        s[1] += int(nbytes)
+
+    def reset(self) -> None:
+        self.stats.clear()
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {k: {"calls": c, "bytes": b} for k, (c, b) in sorted(self.stats.items())}
+
+    def total_bytes(self) -> int:
+        return sum(b for _, b in self.stats.values())
+
+    # -- collectives along a mesh axis -----------------------------------
+    def all_reduce(self, t: torch.Tensor, axis: str) -> torch.Tensor:
+        """Sum ``t`` over ``axis`` in place."""
+        if self.topo.size(axis) > 1:
+            self._count("all_reduce", axis, t.nbytes)
+            dist.all_reduce(t, group=self.topo.group(axis))
+        return t
+
+    def all_gather(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
+        """Concatenate every rank's ``t`` along ``dim`` in axis order."""
+        n = self.topo.size(axis)
+        if n == 1:
+            return t
+        t = t.movedim(dim, 0).contiguous()
+        out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        self._count("all_gather", axis, out.nbytes)
+        _all_gather_into(out, t, group=self.topo.group(axis))
+        return out.movedim(0, dim)
+
+    def reduce_scatter(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
+        """Sum ``t`` over ``axis`` and keep this rank's 1/n slice along ``dim``."""
+        n = self.topo.size(axis)
+        if n == 1:
+            return t
+        t = t.movedim(dim, 0).contiguous()
+        out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        self._count("reduce_scatter", axis, t.nbytes)
+        _reduce_scatter_into(out, t, group=self.topo.group(axis))
+        return out.movedim(0, dim)
+
+    def all_to_all(self, t: torch.Tensor, axis: str, in_splits: Sequence[int] | None = None,
+                   out_splits: Sequence[int] | None = None) -> torch.Tensor:
+        """Exchange slices of dim 0: slice i of ``t`` goes to the i-th rank of
+        the group; the result holds what each rank sent here, in rank order.
+        Equal splits when ``in_splits``/``out_splits`` are None."""
+        n = self.topo.size(axis)
+        if n == 1:
+            return t
+        t = t.contiguous()
+        rows = sum(out_splits) if out_splits is not None else t.shape[0]
+        out = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        self._count("all_to_all", axis, t.nbytes)
+        dist.all_to_all_single(
+            out, t, output_split_sizes=None if out_splits is None else list(out_splits),
+            input_split_sizes=None if in_splits is None else list(in_splits),
+            group=self.topo.group(axis),
+        )
+        return out
+
+    # -- point-to-point (global ranks) -----------------------------------
+    def isend(self, t: torch.Tensor, dst: int, axis: str):
+        self._count("send", axis, t.nbytes)
+        return dist.isend(t.contiguous(), dst)
+
+    def irecv(self, t: torch.Tensor, src: int, axis: str):
+        return dist.irecv(t, src)
+
+    def send(self, t: torch.Tensor, dst: int, axis: str) -> None:
+        self.isend(t, dst, axis).wait()
+
+    def recv(self, t: torch.Tensor, src: int, axis: str) -> torch.Tensor:
+        dist.recv(t, src)
+        return t
+
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
+                 recvs: Sequence[tuple[torch.Tensor, int]], axis: str):
+        """Post sends and receives together (one batch, no ordering deadlock);
+        returns the requests to wait on."""
+        ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+        for t, _ in sends:
+            self._count("send", axis, t.nbytes)
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()

@@ -1,0 +1,86 @@
+"""One validated object for the device mesh of a plan.
+
+A strategy names its mesh axes from slowest to fastest-varying (e.g.
+``("pp", "tp")``): consecutive global ranks differ on the *last* axis, so
+that axis maps onto the fastest links (GPUs of one node). The topology
+builds one named ``DeviceMesh`` and is passed explicitly; nothing here is
+global state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..spec import ShardwiseError
+
+
+@dataclass
+class Topology:
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+    rank: int = 0
+    device_type: str = "cpu"
+    mesh: object = field(default=None, repr=False)  # DeviceMesh once built
+
+    def __post_init__(self):
+        if len(self.axes) != len(self.shape) or len(set(self.axes)) != len(self.axes):
+            raise ShardwiseError(f"mesh axes {self.axes} do not match degrees {self.shape}")
+        if any(s < 1 for s in self.shape):
+            raise ShardwiseError(f"mesh degrees must be >= 1, got {self.shape}")
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.shape)
+
+    def check_world(self, world_size: int, plan_text: str) -> None:
+        if self.world_size != world_size:
+            dims = " x ".join(f"{a}={s}" for a, s in zip(self.axes, self.shape))
+            raise ShardwiseError(
+                f"plan {plan_text} needs {dims} = {self.world_size} ranks but the job has "
+                f"{world_size}; start {self.world_size} ranks (--nproc {self.world_size}) "
+                f"or choose degrees whose product is {world_size}"
+            )
+
+    # -- coordinates (pure arithmetic, no processes) -----------------------
+    def coords(self, rank: int | None = None) -> dict[str, int]:
+        r = self.rank if rank is None else rank
+        out = {}
+        for axis, size in zip(reversed(self.axes), reversed(self.shape)):
+            out[axis] = r % size
+            r //= size
+        return {a: out[a] for a in self.axes}
+
+    def coord(self, axis: str) -> int:
+        return self.coords()[axis]
+
+    def size(self, axis: str) -> int:
+        return self.shape[self.axes.index(axis)]
+
+    def rank_of(self, **coords: int) -> int:
+        """Global rank at the given coordinates (unnamed axes: this rank's)."""
+        c = self.coords()
+        c.update(coords)
+        r = 0
+        for axis, size in zip(self.axes, self.shape):
+            r = r * size + c[axis]
+        return r
+
+    def group_ranks(self, axis: str) -> list[int]:
+        """Global ranks of this rank's group along ``axis``, in axis order."""
+        return [self.rank_of(**{axis: i}) for i in range(self.size(axis))]
+
+    def neighbor(self, axis: str, step: int) -> int | None:
+        """Global rank ``step`` places along ``axis`` (None past either end)."""
+        i = self.coord(axis) + step
+        return self.rank_of(**{axis: i}) if 0 <= i < self.size(axis) else None
+
+    # -- the mesh ---------------------------------------------------------
+    def build(self) -> "Topology":
+        """Create the named DeviceMesh (collective: every rank must call it)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device_type, self.shape, mesh_dim_names=self.axes)
+        return self
+
+    def group(self, axis: str):
+        return self.mesh.get_group(axis)

@@ -1,0 +1,138 @@
+"""tp_pp: Megatron-style tensor x pipeline parallelism (the baseline).
+
+Tensor parallelism (Shoeybi et al. 2019, "Megatron-LM"): inside a layer the
+heads and d_ff are split ``tp`` ways. QKV and the MLP's input projection are
+column-parallel (each rank computes its heads / its d_ff slice with no
+communication); the attention output projection and the MLP's down
+projection are row-parallel, so each rank holds a partial sum of the layer's
+output and one all-reduce over ``tp`` after attention and one after the MLP
+restore it. MoE layers spread whole experts over the ``tp`` ranks (the seed's
+"2 experts per GPU") and add the shares with the same all-reduce.
+
+Pipeline parallelism: the layers are cut into ``pp`` contiguous stages run by
+the shared micro-batched :class:`~shardwise.parallel.pipeline.Pipeline`.
+Mesh axes ``("pp", "tp")``: tp varies fastest, so a tp group is consecutive
+ranks (one node's NVLink).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.reference import KVCache, Transformer, make_block
+from ..spec import ModelSpec, Plan, ShardwiseError, Workload
+from .base import Strategy, balanced_ranges, divides
+from .pipeline import Pipeline
+from .topology import Topology
+
+
+class ReduceAfter(nn.Module):
+    """Sum a row-parallel module's partial output over a mesh axis
+    (Megatron's ``g`` operator: identity forward of the column-parallel input,
+    all-reduce of the row-parallel output)."""
+
+    def __init__(self, inner: nn.Module, comm, axis: str):
+        super().__init__()
+        self.inner, self.comm, self.axis = inner, comm, axis
+
+    def forward(self, *args):
+        return self.comm.all_reduce(self.inner(*args), self.axis)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class TpPp(Strategy):
+    name = "tp_pp"
+
+    @staticmethod
+    def degrees(plan: Plan) -> tuple[int, int]:
+        if len(plan.shape) == 1:
+            return plan.shape[0], 1
+        if len(plan.shape) == 2:
+            return plan.shape
+        raise ShardwiseError(
+            f"plan {plan}: tp_pp takes TPxPP degrees, e.g. tp_pp:8x2 (TP=8, PP=2)"
+        )
+
+    @classmethod
+    def ranks_needed(cls, plan: Plan) -> int:
+        tp, pp = cls.degrees(plan)
+        return tp * pp
+
+    @classmethod
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
+                 world_size: int) -> Topology:
+        tp, pp = cls.degrees(plan)
+        fix = f"choose tp among {_divisors(spec.n_heads)}"
+        divides(f"{spec.name}: n_heads", spec.n_heads, tp, f"tp of plan {plan}", fix)
+        divides(f"{spec.name}: n_kv_heads", spec.kv_heads, tp, f"tp of plan {plan}",
+                f"choose tp among {_divisors(spec.kv_heads)}")
+        if spec.is_moe:
+            divides(f"{spec.name}: n_experts", spec.n_experts, tp, f"tp of plan {plan}",
+                    f"choose tp among {_divisors(spec.n_experts)}")
+        else:
+            divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
+                    f"choose tp among {[d for d in _divisors(spec.d_ff) if d <= 64]}")
+        if pp > spec.n_layers:
+            raise ShardwiseError(
+                f"plan {plan} has {pp} pipeline stages but {spec.name} has {spec.n_layers} "
+                f"layers; use pp <= {spec.n_layers}"
+            )
+        return Topology(("pp", "tp"), (pp, tp))
+
+    @classmethod
+    def candidates(cls, spec, workload, world_size) -> list[str]:
+        return [f"tp_pp:{world_size // pp}x{pp}" for pp in _divisors(world_size)]
+
+    def __init__(self, spec, workload, plan, topo, comm, loader):
+        super().__init__(spec, workload, plan, topo, comm, loader)
+        tp, pp = topo.size("tp"), topo.size("pp")
+        t, s = topo.coord("tp"), topo.coord("pp")
+        self.stage_layers = range(*balanced_ranges(spec.n_layers, pp)[s])
+        heads = range(t * spec.n_heads // tp, (t + 1) * spec.n_heads // tp)
+        kv_heads = range(t * spec.kv_heads // tp, (t + 1) * spec.kv_heads // tp)
+        with torch.device("meta"):
+            stage = Transformer(spec, self.stage_layers, first=s == 0, last=s == pp - 1)
+            if spec.is_moe:
+                experts = range(t * spec.n_experts // tp, (t + 1) * spec.n_experts // tp)
+                blocks = [make_block(spec, n_heads=len(heads), n_kv_heads=len(kv_heads),
+                                     experts=experts) for _ in self.stage_layers]
+            else:
+                ff = range(t * spec.d_ff // tp, (t + 1) * spec.d_ff // tp)
+                blocks = [make_block(spec, n_heads=len(heads), n_kv_heads=len(kv_heads),
+                                     d_ff=len(ff)) for _ in self.stage_layers]
+        for blk, layer in zip(blocks, self.stage_layers):
+            if spec.is_moe:
+                loader.load_block(blk, layer, q_heads=heads, kv_heads=kv_heads,
+                                  experts=experts)
+            else:
+                loader.load_block(blk, layer, q_heads=heads, kv_heads=kv_heads,
+                                  ff=torch.arange(ff.start, ff.stop))
+            blk.attn = ReduceAfter(blk.attn, comm, "tp")
+            blk.mlp = ReduceAfter(blk.mlp, comm, "tp")
+        stage.layers = nn.ModuleList(blocks)
+        stage.layer_ids = list(self.stage_layers)
+        # Embedding and LM head are replicated over the tp ranks of their stage.
+        self.stage = loader.load_ends(stage)
+        self.caches = [
+            KVCache.allocate(workload.batch, len(kv_heads), workload.max_len, spec.head_dim,
+                             self.dtype, self.device)
+            for _ in self.stage_layers
+        ]
+        self.pipeline = Pipeline(comm, topo, "pp", self.stage, self.caches,
+                                 plan.micro_batches, spec.d_model, self.dtype, self.device)
+
+    def forward(self, inputs: torch.Tensor, pos: int):
+        return self.pipeline.run(inputs, pos)
+
+    def collect(self, local):
+        owner = self.topo.rank_of(pp=self.topo.size("pp") - 1, tp=0)
+        return self.send_to_root(local, owner)
+
+    def report(self) -> dict:
+        return {"stage_layers": [self.stage_layers.start, self.stage_layers.stop]}
+
+
+STRATEGY = TpPp

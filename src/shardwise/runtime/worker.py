@@ -1,0 +1,95 @@
+"""Entry point of one rank: ``python -m shardwise.runtime.worker JOB.json``.
+
+Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the
+environment (set by shardwise's launcher or by torchrun), runs every case of
+the job, and on rank 0 writes the results atomically. Any exception is
+written, with its traceback, to ``SHARDWISE_ERROR_DIR/rank<R>.txt`` for the
+launcher to show, and the process exits non-zero at once.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from .job import Job
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def init_distributed(job: Job) -> tuple[int, int, torch.device]:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    timeout = datetime.timedelta(seconds=job.timeout_s)
+    if job.device == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
+                                device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    return rank, world, device
+
+
+def run_job(job: Job, log=None) -> list[dict]:
+    """Run every case of ``job`` on this rank; rank 0 returns the results."""
+    from .engine import run_case
+
+    rank, world, device = init_distributed(job)
+    say = (log or (lambda m: print(m, flush=True))) if rank == 0 else (lambda m: None)
+    results = []
+    try:
+        for i, case in enumerate(job.cases):
+            say(f"[{i + 1}/{len(job.cases)}] {case.model.name} {case.plan} "
+                f"(batch {case.workload.batch}, seq {case.workload.seq_len}, "
+                f"{case.workload.decode_steps} decode steps, {world} ranks, {device.type})")
+            r = run_case(job, case, rank, world, device, log=say)
+            if r is not None:
+                results.append(r)
+                if "ok" in r:
+                    say(f"  {'ok' if r['ok'] else 'FAILED'}: max relative error "
+                        f"{r['max_rel_err']:.2e} (tolerance {r['tolerance']:.0e})")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return results
+
+
+def main(argv: list[str]) -> int:
+    rank = os.environ.get("RANK", "0")
+    err_dir = os.environ.get("SHARDWISE_ERROR_DIR")
+    try:
+        with open(argv[0]) as f:
+            job = Job.loads(f.read())
+        if job.device == "cpu":
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        results = run_job(job)
+        out = os.environ.get("SHARDWISE_RESULT")
+        if rank == "0" and out:
+            write_atomic(out, json.dumps(results))
+        return 0
+    except BaseException:
+        tb = traceback.format_exc()
+        if err_dir:
+            write_atomic(os.path.join(err_dir, f"rank{rank}.txt"), tb)
+        sys.stderr.write(f"[rank {rank}] {tb}")
+        sys.stderr.flush()
+        os._exit(1)  # skip interpreter teardown: peers may be blocked on us
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

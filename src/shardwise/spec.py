@@ -1,0 +1,258 @@
+"""Typed descriptions of what runs: the model, the workload and the plan.
+
+Everything here is plain data. A :class:`Plan` is parsed from a short string
+(``tp_pp:2x2,mb=2``) and validated by its strategy against the model and the
+world size *before* any process starts (see :mod:`shardwise.parallel`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+
+class ShardwiseError(ValueError):
+    """A problem with the user's input, raised before any process starts.
+
+    The message names the problem and, where one exists, the fix.
+    """
+
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ShardwiseError(
+            f"unknown dtype {name!r}; use one of fp32, fp16, bf16"
+        ) from None
+
+
+def dtype_bytes(name: str) -> int:
+    return torch.tensor([], dtype=torch_dtype(name)).element_size()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer (dense, or Mixture-of-Experts when n_experts > 0).
+
+    Layers are pre-norm: ``h = x + attn(norm(x)); y = h + mlp(norm(h))``.
+    ``d_model`` need not equal ``n_heads * head_dim``.
+    """
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    head_dim: int
+    d_ff: int
+    n_kv_heads: int | None = None  # grouped-query attention; None means n_heads
+    dtype: str = "bf16"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    activation: str = "gelu"  # "gelu" (two-matrix MLP) | "swiglu" (three-matrix)
+    n_experts: int = 0  # 0: dense MLP
+    top_k: int = 2
+    vocab_size: int | None = None  # None: inputs and outputs are hidden states
+    norm_eps: float = 1e-5
+    rope_theta: float | None = None  # None: no rotary embedding
+
+    def __post_init__(self):
+        problems = []
+        for f in ("n_layers", "d_model", "n_heads", "head_dim", "d_ff"):
+            if getattr(self, f) < 1:
+                problems.append(f"{f} must be >= 1 (got {getattr(self, f)})")
+        if self.n_kv_heads is not None and (
+            self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads
+        ):
+            problems.append(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.norm not in ("layernorm", "rmsnorm"):
+            problems.append(f"norm must be 'layernorm' or 'rmsnorm' (got {self.norm!r})")
+        if self.activation not in ("gelu", "swiglu"):
+            problems.append(f"activation must be 'gelu' or 'swiglu' (got {self.activation!r})")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.top_k <= self.n_experts):
+            problems.append(
+                f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})"
+            )
+        if self.rope_theta is not None and self.head_dim % 2:
+            problems.append(f"rotary embedding needs an even head_dim (got {self.head_dim})")
+        torch_dtype(self.dtype)
+        if problems:
+            raise ShardwiseError(f"model {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def mlp_matrices(self) -> int:
+        return 3 if self.activation == "swiglu" else 2
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+    # Parameter counts (used by the planner, the cost model and the docs).
+    def attn_params(self) -> int:
+        qo = 2 * self.d_model * self.n_heads * self.head_dim
+        kv = 2 * self.d_model * self.kv_heads * self.head_dim
+        return qo + kv
+
+    def expert_params(self) -> int:
+        return self.mlp_matrices * self.d_model * self.d_ff
+
+    def mlp_params(self) -> int:
+        if self.is_moe:
+            return self.n_experts * self.expert_params() + self.n_experts * self.d_model
+        return self.expert_params()
+
+    def norm_params(self) -> int:
+        per = self.d_model if self.norm == "rmsnorm" else 2 * self.d_model
+        return 2 * per
+
+    def layer_params(self) -> int:
+        return self.attn_params() + self.mlp_params() + self.norm_params()
+
+    def embed_params(self) -> int:
+        return 0 if self.vocab_size is None else self.vocab_size * self.d_model
+
+    def total_params(self) -> int:
+        final_norm = self.norm_params() // 2
+        return (
+            self.n_layers * self.layer_params() + 2 * self.embed_params() + final_norm
+        )
+
+
+PHASES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one run does: ``batch`` sequences of ``seq_len`` prompt tokens
+    (prefill), then ``decode_steps`` new tokens each, one per step (decode),
+    attending to the KV cache of the prompt."""
+
+    batch: int
+    seq_len: int
+    phase: str = "both"
+    decode_steps: int = 4
+
+    def __post_init__(self):
+        if self.batch < 1 or self.seq_len < 1 or self.decode_steps < 0:
+            raise ShardwiseError(
+                f"workload needs batch >= 1, seq_len >= 1, decode_steps >= 0 "
+                f"(got batch={self.batch}, seq_len={self.seq_len}, decode_steps={self.decode_steps})"
+            )
+        if self.phase not in PHASES:
+            raise ShardwiseError(f"phase must be one of {', '.join(PHASES)} (got {self.phase!r})")
+        if self.phase in ("decode", "both") and self.decode_steps < 1:
+            raise ShardwiseError("a decode run needs decode_steps >= 1")
+
+    @property
+    def max_len(self) -> int:
+        """Length of the static KV cache: prompt plus every decoded token."""
+        return self.seq_len + self.decode_steps
+
+    def replace(self, **changes) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+
+_PLAN_RE = re.compile(r"^([a-z_]+)(?::(.*))?$")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A strategy and its degrees, e.g. ``tp_pp:8x2``, ``helix:4x4``,
+    ``ring:16``, ``layerwise:cap=L2``, ``ep:16``; ``,mb=N`` sets micro-batches.
+
+    ``shape`` holds the ``AxB`` degrees; other ``key=value`` items go to
+    ``options``. The strategy gives them meaning and checks them.
+    """
+
+    strategy: str
+    shape: tuple[int, ...] = ()
+    micro_batches: int = 1
+    options: tuple[tuple[str, str], ...] = field(default=())
+
+    @classmethod
+    def parse(cls, text: str) -> "Plan":
+        text = text.strip()
+        m = _PLAN_RE.match(text)
+        if not m:
+            raise ShardwiseError(
+                f"malformed plan {text!r}: write STRATEGY:DEGREES[,key=value], e.g. tp_pp:2x2 or helix:4x4,mb=2"
+            )
+        name, rest = m.group(1), m.group(2) or ""
+        shape: tuple[int, ...] = ()
+        micro_batches = 1
+        options = []
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            if "=" in item:
+                key, _, value = item.partition("=")
+                key, value = key.strip(), value.strip()
+                if not key or not value:
+                    raise ShardwiseError(f"malformed plan {text!r}: empty key or value in {item!r}")
+                if key == "mb":
+                    micro_batches = _positive_int(value, f"micro-batches in plan {text!r}")
+                else:
+                    options.append((key, value))
+            else:
+                if shape:
+                    raise ShardwiseError(
+                        f"malformed plan {text!r}: two degree groups ({item!r}); write them once as AxB"
+                    )
+                shape = tuple(
+                    _positive_int(p, f"degree {p!r} in plan {text!r}") for p in item.split("x")
+                )
+        return cls(name, shape, micro_batches, tuple(options))
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(key, default)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.shape:
+            parts.append("x".join(map(str, self.shape)))
+        parts += [f"{k}={v}" for k, v in self.options]
+        if self.micro_batches != 1:
+            parts.append(f"mb={self.micro_batches}")
+        return self.strategy + (":" + ",".join(parts) if parts else "")
+
+
+def _positive_int(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ShardwiseError(f"{what} must be a positive integer (got {text!r})") from None
+    if value < 1:
+        raise ShardwiseError(f"{what} must be a positive integer (got {value})")
+    return value
+
+
+def parse_bytes(text: str) -> int:
+    """``80GB``, ``40GiB``, ``512MB``, ``1e9`` -> bytes (GB = 1e9, GiB = 2**30)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?i?B)?\s*", text)
+    if not m:
+        raise ShardwiseError(f"cannot read {text!r} as a size; write e.g. 80GB, 40GiB or 50MB")
+    value = float(m.group(1))
+    unit = (m.group(2) or "B").upper()
+    scale = {
+        "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    }[unit]
+    return int(value * scale)
