@@ -24,9 +24,13 @@ GRACE_S = 3.0
 
 
 class LaunchError(RuntimeError):
-    def __init__(self, message: str, rank: int | None = None, traceback_text: str = ""):
+    """The job failed: ``rank`` is the root cause (None for a deadline or an
+    interrupt), ``pids`` the rank processes, all ended by the time it is raised."""
+
+    def __init__(self, message: str, rank: int | None = None, traceback_text: str = "",
+                 pids: list[int] | None = None):
         super().__init__(message)
-        self.rank, self.traceback_text = rank, traceback_text
+        self.rank, self.traceback_text, self.pids = rank, traceback_text, pids or []
 
 
 def free_port() -> int:
@@ -84,11 +88,16 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05) -> l
                 codes = [p.poll() for p in procs]
                 failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
-                    r = failed[0]
                     _terminate(procs)
+                    # A peer may have failed first but not yet been reaped: count
+                    # every rank that exited non-zero on its own (not by our signal).
+                    failed += [r for r, p in enumerate(procs)
+                               if r not in failed and p.returncode > 0]
+                    r = _root_cause(tmp, failed)
                     tb = _read(os.path.join(tmp, f"rank{r}.txt"))
                     why = tb.strip().splitlines()[-1] if tb.strip() else _signal_name(codes[r])
-                    raise LaunchError(f"rank {r} failed: {why}\n{tb}".rstrip(), r, tb)
+                    raise LaunchError(f"rank {r} failed: {why}\n{tb}".rstrip(), r, tb,
+                                      [p.pid for p in procs])
                 if all(c == 0 for c in codes):
                     break
                 if deadline_s is not None and time.monotonic() - start > deadline_s:
@@ -97,17 +106,37 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05) -> l
                     raise LaunchError(
                         f"job passed its {deadline_s:.0f} s deadline; ranks {running} were "
                         f"still running (a hang in a collective or a slow rank); raise "
-                        f"--timeout if the work is just long"
+                        f"--deadline if the work is just long", pids=[p.pid for p in procs]
                     )
                 time.sleep(poll_s)
         except KeyboardInterrupt:
             _terminate(procs)
-            raise LaunchError("interrupted: every rank was stopped") from None
+            raise LaunchError("interrupted: every rank was stopped",
+                              pids=[p.pid for p in procs]) from None
         finally:
             if any(p.poll() is None for p in procs):
                 _terminate(procs)
         text = _read(result_file)
         return json.loads(text) if text else []
+
+
+# Errors a rank sees because a *peer* died (gloo / NCCL wording).
+_SECONDARY = ("Connection closed by peer", "remote worker", "Connection reset by peer",
+              "remote process exited", "NCCL communicator was aborted", "Broken pipe")
+
+
+def _root_cause(tmp: str, failed: list[int]) -> int:
+    """The rank that failed first for its own reason: ranks whose error only
+    says a peer went away come last, then the earliest-written traceback (a
+    rank killed by a signal writes none and counts as a root cause)."""
+    def key(r):
+        path = os.path.join(tmp, f"rank{r}.txt")
+        text = _read(path)
+        secondary = any(s in text for s in _SECONDARY)
+        mtime = os.stat(path).st_mtime_ns if text else -1
+        return (secondary, mtime, r)
+
+    return min(failed, key=key)
 
 
 def _read(path: str) -> str:

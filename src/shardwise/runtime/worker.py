@@ -52,20 +52,19 @@ def run_job(job: Job, log=None) -> list[dict]:
     rank, world, device = init_distributed(job)
     say = (log or (lambda m: print(m, flush=True))) if rank == 0 else (lambda m: None)
     results = []
-    try:
-        for i, case in enumerate(job.cases):
-            say(f"[{i + 1}/{len(job.cases)}] {case.model.name} {case.plan} "
-                f"(batch {case.workload.batch}, seq {case.workload.seq_len}, "
-                f"{case.workload.decode_steps} decode steps, {world} ranks, {device.type})")
-            r = run_case(job, case, rank, world, device, log=say)
-            if r is not None:
-                results.append(r)
-                if "ok" in r:
-                    say(f"  {'ok' if r['ok'] else 'FAILED'}: max relative error "
-                        f"{r['max_rel_err']:.2e} (tolerance {r['tolerance']:.0e})")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for i, case in enumerate(job.cases):
+        say(f"[{i + 1}/{len(job.cases)}] {case.model.name} {case.plan} "
+            f"(batch {case.workload.batch}, seq {case.workload.seq_len}, "
+            f"{case.workload.decode_steps} decode steps, {world} ranks, {device.type})")
+        r = run_case(job, case, rank, world, device, log=say)
+        if r is not None:
+            results.append(r)
+            if "ok" in r:
+                say(f"  {'ok' if r['ok'] else 'FAILED'}: max relative error "
+                    f"{r['max_rel_err']:.2e} (tolerance {r['tolerance']:.0e})")
+    # Only on success: after a failure the traceback is written first and the
+    # process exits without a teardown that peers would mistake for the cause.
+    dist.destroy_process_group()
     return results
 
 

@@ -1,0 +1,67 @@
+"""Result records: one JSON object per line, written atomically.
+
+Each record names what produced it (command, git revision, date, device,
+torch version) so a results file can be traced back to its run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import torch
+
+
+def git_rev() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def provenance(device: str, n_devices: int) -> dict:
+    return {
+        "git_rev": git_rev(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "shardwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "device": device_name(device),
+        "n_devices": n_devices,
+        "torch": torch.__version__,
+    }
+
+
+def append_records(path: str, records: list[dict]) -> None:
+    """Append JSON lines to ``path`` atomically: readers see the old file or
+    the old file plus every new record, never a partial line."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old and not old.endswith("\n"):
+            old += "\n"
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(old + "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_records(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

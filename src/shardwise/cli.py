@@ -1,0 +1,241 @@
+"""Command line: ``shardwise run | verify | presets | partition``.
+
+Every command validates its plans against the model and the machine before
+any process starts, and prints a one-line error naming the fix otherwise.
+Under ``torchrun`` (several nodes) the same commands run in-process on every
+rank; rank 0 prints.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .presets import PRESETS, get_preset
+from .spec import Plan, ShardwiseError, Workload
+
+DEFAULT_RUN_PRESET = "tiny-dense"
+DEFAULT_RUN_NPROC = 4
+
+
+def _common(p: argparse.ArgumentParser, preset_default: str | None = None) -> None:
+    p.add_argument("--preset", default=preset_default, required=preset_default is None,
+                   help="model preset (see `shardwise presets`)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's reduced workload)")
+    p.add_argument("--seq", type=int, help="prompt length in tokens")
+    p.add_argument("--steps", type=int, help="decode steps after the prompt")
+    p.add_argument("--layers", type=int, help="use only the first N layers of the preset (smaller runs)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="override the preset's dtype (CPU runs default to fp32)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="cuda: NCCL, one rank per GPU; cpu: gloo (default: cuda if present)")
+    p.add_argument("--seed", type=int, default=0, help="weight and input seed")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a collective may wait before the job fails")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="end the whole job after this many seconds")
+    p.add_argument("--json", metavar="FILE", help="append one JSON record per plan to FILE")
+    p.add_argument("--inject-fault", metavar="RANK:POINT", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="shardwise",
+        description="Run transformer inference partitioned across GPUs, verified against one device.",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="run and verify every plan that fits the ranks (the main job)")
+    _common(p, DEFAULT_RUN_PRESET)
+    p.add_argument("--nproc", type=int, default=None,
+                   help=f"ranks to start (default {DEFAULT_RUN_NPROC} on CPU, every GPU on CUDA)")
+    p.add_argument("--plan", action="append", dest="plans",
+                   help="plan to run (repeatable; default: every valid plan)")
+
+    p = sub.add_parser("verify", help="run one plan and the reference on the same weights")
+    _common(p)
+    p.add_argument("--plan", required=True, help="e.g. tp_pp:2x1, helix:4x4, ring:8, ep:4")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks to start (default: what the plan needs)")
+
+    sub.add_parser("presets", help="list the model presets")
+
+    p = sub.add_parser("partition", help="show layerwise groups for a capacity")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--capacity", required=True, help="bytes (80GB, 50MB) or L2 / HBM[@h100|@h200]")
+    p.add_argument("--ranks", type=int, required=True)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    return ap
+
+
+# -- building cases --------------------------------------------------------
+
+def resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ShardwiseError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return choice
+
+
+def check_ranks(nproc: int, device: str) -> None:
+    if nproc < 1:
+        raise ShardwiseError(f"--nproc must be >= 1 (got {nproc})")
+    if device == "cuda":
+        import torch
+
+        n = torch.cuda.device_count()
+        if nproc > n:
+            raise ShardwiseError(
+                f"the job needs {nproc} ranks but this machine has {n} GPU(s); use a plan of "
+                f"at most {n} ranks, or --device cpu for a functional check"
+            )
+
+
+def make_case_parts(args, device: str):
+    preset = get_preset(args.preset)
+    model = preset.model
+    changes = {}
+    if args.layers:
+        if args.layers > model.n_layers:
+            raise ShardwiseError(f"--layers {args.layers} exceeds the preset's {model.n_layers} layers")
+        changes["n_layers"] = args.layers
+    if args.dtype:
+        changes["dtype"] = args.dtype
+    elif device == "cpu" and model.dtype != "fp32":
+        changes["dtype"] = "fp32"  # CPU half-precision matmuls are slow and not what GPUs do
+    if changes:
+        model = model.replace(**changes)
+    wl = preset.reduced
+    wl = Workload(batch=args.batch or wl.batch, seq_len=args.seq or wl.seq_len,
+                  decode_steps=args.steps if args.steps is not None else wl.decode_steps)
+    return preset, model, wl
+
+
+def _run_job(job, args):
+    """Launch locally, or run in-process when started by torchrun."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from .runtime.worker import run_job
+
+        return run_job(job)
+    from .runtime.launcher import launch
+
+    return launch(job, deadline_s=args.deadline)
+
+
+# -- commands ----------------------------------------------------------------
+
+def cmd_verify(args) -> int:
+    from .parallel.base import validate_plan
+    from .runtime.job import Case, Job
+
+    device = resolve_device(args.device)
+    preset, model, wl = make_case_parts(args, device)
+    plan = Plan.parse(args.plan)
+    cls, topo = validate_plan(model, wl, plan, args.nproc)
+    nproc = topo.world_size
+    check_ranks(nproc, device)
+    job = Job([Case(model, wl, str(plan), seed=args.seed, preset=args.preset)], nproc, device,
+              timeout_s=args.timeout, fault=args.inject_fault)
+    results = _run_job(job, args)
+    if not results:
+        return 0  # a non-zero torchrun rank
+    from .report import print_verify
+
+    print_verify(results[0])
+    _save(args, results, device, nproc)
+    return 0 if results[0]["ok"] else 1
+
+
+def cmd_run(args) -> int:
+    from .parallel.base import available_strategies, get_strategy, validate_plan
+    from .runtime.job import Case, Job
+
+    device = resolve_device(args.device)
+    if args.nproc is None:
+        import torch
+
+        args.nproc = torch.cuda.device_count() if device == "cuda" else DEFAULT_RUN_NPROC
+    check_ranks(args.nproc, device)
+    preset, model, wl = make_case_parts(args, device)
+    if args.plans:
+        plans = [str(Plan.parse(p)) for p in args.plans]
+        for p in plans:
+            validate_plan(model, wl, p, args.nproc)
+    else:
+        plans = []
+        for name in available_strategies():
+            for cand in get_strategy(name).candidates(model, wl, args.nproc):
+                try:
+                    validate_plan(model, wl, cand, args.nproc)
+                    plans.append(cand)
+                except ShardwiseError:
+                    pass
+        if not plans:
+            raise ShardwiseError(f"no plan fits {model.name} on {args.nproc} ranks; try --nproc 2")
+    job = Job([Case(model, wl, p, seed=args.seed, preset=args.preset) for p in plans],
+              args.nproc, device, timeout_s=args.timeout, fault=args.inject_fault)
+    results = _run_job(job, args)
+    if not results:
+        return 0
+    from .report import print_run
+
+    print_run(results, model, wl)
+    _save(args, results, device, args.nproc)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def _save(args, results, device, nproc) -> None:
+    if not args.json:
+        return
+    from .bench.records import append_records, provenance
+
+    prov = provenance(device, nproc)
+    append_records(args.json, [{**prov, **r} for r in results])
+    print(f"wrote {len(results)} record(s) to {args.json}")
+
+
+def cmd_presets(args) -> int:
+    from .report import print_presets
+
+    print_presets(PRESETS)
+    return 0
+
+
+def cmd_partition(args) -> int:
+    try:
+        from .perf.partition import partition_command
+    except ImportError:
+        raise ShardwiseError("the layerwise partitioner is not available in this version") from None
+    print(partition_command(args.preset, args.capacity, args.ranks, args.batch, args.seq))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "verify": cmd_verify, "presets": cmd_presets,
+            "partition": cmd_partition}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except ShardwiseError as e:
+        print(f"shardwise: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shardwise: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a failed rank is reported, not re-raised
+        from .runtime.launcher import LaunchError
+
+        if isinstance(e, LaunchError):
+            print(f"shardwise: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Terminal tables for run and verify results (rich)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+# Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _err_cell(r: dict) -> str:
+    if "max_rel_err" not in r:
+        return "not checked"
+    style = "green" if r["ok"] else "bold red"
+    return f"[{style}]{r['max_rel_err']:.1e}[/{style}]"
+
+
+def print_run(results: list[dict], model, wl) -> None:
+    t = Table(title=f"{model.name} ({model.dtype}), batch {wl.batch}, prompt {wl.seq_len}, "
+                    f"{wl.decode_steps} decode steps, {results[0]['world_size']} ranks "
+                    f"({results[0]['device']})")
+    for col in ("plan", "max rel err", "prefill tok/s", "decode ms/step", "params/rank",
+                "KV/rank", "peak mem/rank", "comm prefill", "comm/decode step"):
+        t.add_column(col, justify="left" if col == "plan" else "right")
+    for r in results:
+        t.add_row(
+            r["plan"], _err_cell(r), f"{r['prefill_tokens_per_s']:,.0f}",
+            f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-",
+            human_bytes(max(r["param_bytes_per_rank"])), human_bytes(max(r["kv_bytes_per_rank"])),
+            human_bytes(max(r["peak_mem_bytes_per_rank"])) if r["device"] == "cuda" else "-",
+            human_bytes(max(r["comm_bytes_prefill_per_rank"])),
+            human_bytes(max(r["comm_bytes_decode_step_per_rank"])),
+        )
+    console.print(t)
+    console.print("max rel err: ||out - ref|| / ||ref|| over prefill and every decode step; "
+                  "comm: bytes sent by the busiest rank.")
+
+
+def print_verify(r: dict) -> None:
+    t = Table(title=f"verify {r['plan']} on {r['model']} ({r['dtype']}, {r['world_size']} "
+                    f"ranks, {r['device']})")
+    t.add_column("step")
+    t.add_column("rel err", justify="right")
+    steps = [("prefill", r["prefill_rel_err"])] + [
+        (f"decode {i + 1}", e) for i, e in enumerate(r["decode_rel_err"])]
+    for name, e in steps:
+        style = "green" if e <= r["tolerance"] else "bold red"
+        t.add_row(name, f"[{style}]{e:.2e}[/{style}]")
+    console.print(t)
+    c = Table(title="communication per rank-0 prefill (bytes sent by rank 0)")
+    c.add_column("op/axis")
+    c.add_column("calls", justify="right")
+    c.add_column("bytes", justify="right")
+    for k, v in r["comm_prefill_rank0"].items():
+        c.add_row(k, str(v["calls"]), human_bytes(v["bytes"]))
+    if r["comm_prefill_rank0"]:
+        console.print(c)
+    if r.get("report"):
+        console.print("strategy:", r["report"])
+    verdict = "[green]PASS[/green]" if r["ok"] else "[bold red]FAIL[/bold red]"
+    console.print(f"{verdict}: max relative error {r['max_rel_err']:.2e}, tolerance "
+                  f"{r['tolerance']:.0e} (||out - ref|| / ||ref||, {r['dtype']})")
+
+
+def print_presets(presets: dict) -> None:
+    t = Table(title="presets")
+    for col in ("name", "layers", "d_model", "heads x dim", "d_ff", "experts", "dtype",
+                "params", "baseline", "proposed"):
+        t.add_column(col)
+    for name, p in presets.items():
+        m = p.model
+        t.add_row(name, str(m.n_layers), str(m.d_model), f"{m.n_heads} x {m.head_dim}",
+                  str(m.d_ff), f"{m.n_experts} (top {m.top_k})" if m.is_moe else "-", m.dtype,
+                  f"{m.total_params() / 1e9:.2f}B" if m.total_params() > 1e8
+                  else f"{m.total_params() / 1e6:.2f}M", p.baseline, p.proposed)
+    console.print(t)
