@@ -130,6 +130,20 @@ PRESETS: dict[str, Preset] = {
         reduced=Workload(batch=4, seq_len=32, decode_steps=4),
         baseline="tp_pp:2x2", proposed="ep:4",
     ),
+    "small-l2": Preset(
+        model=ModelSpec(
+            name="small-l2", n_layers=8, d_model=512, n_heads=8, head_dim=64, d_ff=2048,
+            dtype="bf16",
+        ),
+        workload=Workload(batch=4, seq_len=128, decode_steps=4),
+        reduced=Workload(batch=4, seq_len=128, decode_steps=4),
+        baseline="tp_pp:1x2", proposed="layerwise:cap=L2",
+        notes=(
+            "Where capacity L2 is real: 6.3 MB of bf16 weights per layer, so four layers with "
+            "their KV cache and working set (~37 MB) fit the 50 MB L2 of an H100 or H200; "
+            "the 8 layers need 2 groups (layerwise:cap=L2 on --nproc 2).",
+        ),
+    ),
 }
 
 

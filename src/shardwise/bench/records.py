@@ -16,6 +16,10 @@ import torch
 
 
 def git_rev() -> str:
+    """The checkout's revision; SHARDWISE_GIT_REV overrides it for copies of a
+    tree made without its .git folder."""
+    if os.environ.get("SHARDWISE_GIT_REV"):
+        return os.environ["SHARDWISE_GIT_REV"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,

@@ -122,3 +122,33 @@ class Comm:
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
+
+    def all_reduce_world(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over every rank of the mesh in one call (counted on axis
+        ``world``): the flat reduction that hierarchical schemes are compared with."""
+        if self.topo.world_size > 1:
+            self._count("all_reduce", "world", t.nbytes)
+            dist.all_reduce(t)
+        return t
+
+    def all_to_all_start(self, t: torch.Tensor, axis: str, in_splits: Sequence[int],
+                         out_splits: Sequence[int]):
+        """Start :meth:`all_to_all` (explicit splits) and return at once with
+        ``wait``, a function that returns the result once it has arrived, so
+        computation can overlap the exchange. ``t`` must not be changed before
+        then. On NCCL ``wait()`` only orders the current stream after the
+        exchange (no host synchronisation)."""
+        if self.topo.size(axis) == 1:
+            return lambda: t
+        t = t.contiguous()
+        out = torch.empty((sum(out_splits), *t.shape[1:]), dtype=t.dtype, device=t.device)
+        self._count("all_to_all", axis, t.nbytes)
+        work = dist.all_to_all_single(out, t, output_split_sizes=list(out_splits),
+                                      input_split_sizes=list(in_splits),
+                                      group=self.topo.group(axis), async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return out
+
+        return wait

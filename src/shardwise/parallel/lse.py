@@ -8,9 +8,16 @@ per-block results: with ``o_i = softmax(q K_i^T) V_i`` and
 
 (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax";
 used by ring attention, Liu et al. 2023, and by sequence-sharded decode).
-This file is the only place the merge is written. A block where a query
+This file is the only place the merge is written (``merge_stack`` for n
+blocks at once, ``merge_into`` for a running accumulator). A block where a query
 sees no key has ``lse = -inf`` and ``o = 0``; the merge gives it weight 0
 instead of a NaN.
+
+``attend_lse`` computes one block. On CUDA, without an explicit mask, it
+calls PyTorch's fused kernels that also return the log-sum-exp (FlashAttention-2
+for fp16/bf16 and head_dim <= 256, the memory-efficient kernel otherwise,
+e.g. head_dim 512, which has no flash kernel); elsewhere, and with a mask,
+it computes the scores explicitly in float32.
 """
 from __future__ import annotations
 
@@ -20,15 +27,57 @@ import torch
 
 NEG_INF = float("-inf")
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None, scale: float | None = None):
-    """Attention of ``q [B, H, T, d]`` over ``k, v [B, H, S, d]`` (kv heads
-    already expanded) with an optional boolean ``mask [T, S]`` or
-    ``[B, H, T, S]`` (True = may attend). Returns ``o [B, H, T, d]`` in q's
-    dtype and ``lse [B, H, T]`` in float32."""
+               mask: torch.Tensor | None = None, scale: float | None = None,
+               causal: bool = False):
+    """Attention of ``q [B, H, T, d]`` over ``k, v [B, Hkv, S, d]`` (``H`` a
+    multiple of ``Hkv``: query head h reads key/value head ``h // (H / Hkv)``,
+    as in the reference's grouped-query attention).
+
+    ``mask``: optional boolean ``[T, S]`` or ``[B, H, T, S]`` (True = may
+    attend). ``causal``: query t sees keys 0..t (needs ``T == S``).
+    Returns ``o [B, H, T, d]`` in q's dtype and ``lse [B, H, T]`` in float32;
+    a query that sees no key gets ``o = 0`` and ``lse = -inf``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal block needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[1] != k.shape[1]:
+        # The fused kernels' grouped-query support differs across releases;
+        # expanding the key/value heads is correct everywhere.
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    if mask is None and _fused_ok(q):
+        return _attend_fused(q, k, v, scale, causal)
+    return _attend_math(q, k, v, mask, scale, causal)
+
+
+def _fused_ok(q: torch.Tensor) -> bool:
+    # The fused kernels need the head dim in 16-byte units.
+    return q.is_cuda and q.shape[-1] % 8 == 0 and q.dtype in (*_HALF, torch.float32)
+
+
+def _attend_fused(q, k, v, scale: float, causal: bool):
+    T = q.shape[2]
+    if q.dtype in _HALF and q.shape[-1] <= 256:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)
+        o, lse = out[0], out[1]  # lse [B, H, T] float32, natural log
+    else:
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale)
+        o, lse = out[0], out[1][..., :T]  # the kernel pads lse to a multiple of 32 queries
+    return o, lse.float()
+
+
+def _attend_math(q, k, v, mask, scale: float, causal: bool):
+    T, S = q.shape[2], k.shape[2]
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, T, S]
+    if causal:
+        tril = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        mask = tril if mask is None else mask & tril
     if mask is not None:
         s = s.masked_fill(~mask, NEG_INF)
     lse = torch.logsumexp(s, dim=-1)  # [B, H, T]; -inf where nothing is visible
@@ -41,19 +90,35 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
+def _share(lse_i: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``exp(lse_i - lse)``, block i's share of the merged softmax. Relative to
+    the merged lse it never exceeds 1, so nothing overflows; a block that sees
+    nothing (``lse_i = -inf``) gets 0, and where no block sees anything
+    (``lse = -inf``) every share is 0 instead of NaN."""
+    return torch.exp(lse_i - _finite(lse))
+
+
+def merge_stack(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``n`` partial results stacked on dim 0: ``o [n, ..., T, d]``,
+    ``lse [n, ..., T]`` -> ``(o [..., T, d], lse [..., T])``.
+    A query that no block sees gets ``o = 0``, ``lse = -inf``."""
+    total = torch.logsumexp(lse, dim=0)  # [..., T]; -inf (not NaN) where every lse is -inf
+    out = (o.float() * _share(lse, total)[..., None]).sum(dim=0)
+    return out.to(o.dtype), total
+
+
 def merge_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
               lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two partial results over disjoint key sets (see module doc)."""
     return merge_stack(torch.stack([o_a, o_b]), torch.stack([lse_a, lse_b]))
 
 
-def merge_stack(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge ``n`` partial results stacked on dim 0: ``o [n, ..., T, d]``,
-    ``lse [n, ..., T]`` -> ``(o [..., T, d], lse [..., T])``."""
-    m = _finite(lse.max(dim=0).values)  # [..., T]
-    w = torch.exp(lse - m)  # [n, ..., T]; 0 for empty blocks
-    total = w.sum(dim=0)  # [..., T]
-    out = (o.float() * w[..., None]).sum(dim=0) / total.clamp_min(1e-30)[..., None]
-    lse_out = torch.where(total > 0, m + torch.log(total.clamp_min(1e-30)),
-                          torch.full_like(total, NEG_INF))
-    return out.to(o.dtype), lse_out
+def merge_into(o: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor,
+               lse_b: torch.Tensor) -> None:
+    """``merge_lse`` into an accumulator, in place: ``o [..., T, d]`` (float32,
+    so repeated merges round once each in full precision) and ``lse [..., T]``
+    absorb block ``(o_b, lse_b)``. Two passes over ``o`` and none over a
+    stacked copy: ring attention merges once per ring step."""
+    total = torch.logaddexp(lse, lse_b)  # -inf where both are -inf
+    o.mul_(_share(lse, total)[..., None]).addcmul_(o_b, _share(lse_b, total)[..., None])
+    lse.copy_(total)
