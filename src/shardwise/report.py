@@ -32,7 +32,7 @@ def _err_cell(r: dict) -> str:
 def print_run(results: list[dict], model, wl) -> None:
     t = Table(title=f"{model.name} ({model.dtype}), batch {wl.batch}, prompt {wl.seq_len}, "
                     f"{wl.decode_steps} decode steps, {results[0]['world_size']} ranks "
-                    f"({results[0]['device']})")
+                    f"({results[0]['device_type']})")
     for col in ("plan", "max rel err", "prefill tok/s", "decode ms/step", "params/rank",
                 "KV/rank", "peak mem/rank", "comm prefill", "comm/decode step"):
         t.add_column(col, justify="left" if col == "plan" else "right")
@@ -41,7 +41,7 @@ def print_run(results: list[dict], model, wl) -> None:
             r["plan"], _err_cell(r), f"{r['prefill_tokens_per_s']:,.0f}",
             f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-",
             human_bytes(max(r["param_bytes_per_rank"])), human_bytes(max(r["kv_bytes_per_rank"])),
-            human_bytes(max(r["peak_mem_bytes_per_rank"])) if r["device"] == "cuda" else "-",
+            human_bytes(max(r["peak_mem_bytes_per_rank"])) if r["device_type"] == "cuda" else "-",
             human_bytes(max(r["comm_bytes_prefill_per_rank"])),
             human_bytes(max(r["comm_bytes_decode_step_per_rank"])),
         )
@@ -51,8 +51,9 @@ def print_run(results: list[dict], model, wl) -> None:
 
 
 def print_verify(r: dict) -> None:
-    t = Table(title=f"verify {r['plan']} on {r['model']} ({r['dtype']}, {r['world_size']} "
-                    f"ranks, {r['device']})")
+    console.print(f"verify {r['plan']} on {r['model']} ({r['dtype']}, {r['world_size']} "
+                  f"ranks, {r['device_type']}, batch {r['batch']}, prompt {r['seq_len']})")
+    t = Table()
     t.add_column("step")
     t.add_column("rel err", justify="right")
     steps = [("prefill", r["prefill_rel_err"])] + [
@@ -61,7 +62,7 @@ def print_verify(r: dict) -> None:
         style = "green" if e <= r["tolerance"] else "bold red"
         t.add_row(name, f"[{style}]{e:.2e}[/{style}]")
     console.print(t)
-    c = Table(title="communication per rank-0 prefill (bytes sent by rank 0)")
+    c = Table(title="prefill communication of rank 0")
     c.add_column("op/axis")
     c.add_column("calls", justify="right")
     c.add_column("bytes", justify="right")

@@ -95,18 +95,20 @@ class Comm:
         return out
 
     # -- point-to-point (global ranks) -----------------------------------
+    # Single sends and receives go through batch_isend_irecv too: NCCL runs
+    # unbatched point-to-point ops serialised with every other op of the group.
     def isend(self, t: torch.Tensor, dst: int, axis: str):
         self._count("send", axis, t.nbytes)
-        return dist.isend(t.contiguous(), dst)
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, t.contiguous(), dst)])[0]
 
     def irecv(self, t: torch.Tensor, src: int, axis: str):
-        return dist.irecv(t, src)
+        return dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, src)])[0]
 
     def send(self, t: torch.Tensor, dst: int, axis: str) -> None:
         self.isend(t, dst, axis).wait()
 
     def recv(self, t: torch.Tensor, src: int, axis: str) -> torch.Tensor:
-        dist.recv(t, src)
+        self.irecv(t, src, axis).wait()
         return t
 
     def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],

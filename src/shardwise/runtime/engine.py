@@ -116,7 +116,7 @@ def run_case(job: Job, case: Case, rank: int, world: int, device: torch.device,
 
     result = {
         "preset": case.preset, "model": spec.name, "plan": str(plan), "world_size": world,
-        "device": device.type, "dtype": spec.dtype, "batch": wl.batch,
+        "device_type": device.type, "dtype": spec.dtype, "batch": wl.batch,
         "seq_len": wl.seq_len, "decode_steps": wl.decode_steps,
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": wl.batch * L / prefill_s,
