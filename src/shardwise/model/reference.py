@@ -39,10 +39,20 @@ class KVCache:
     def batch_view(self, b0: int, b1: int) -> "KVCache":
         return KVCache(self.k[b0:b1], self.v[b0:b1])
 
-    def write(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+    def write(self, pos, k: torch.Tensor, v: torch.Tensor):
         """Store ``k, v [B, Hkv, T, d]`` at positions ``pos..pos+T`` and return
-        the cache up to ``pos+T`` (views, no copy)."""
+        the cache up to ``pos+T`` (views, no copy).
+
+        ``pos`` may be a device tensor (0-d): then the whole static cache is
+        returned and the caller masks positions past ``pos+T``. Shapes then do
+        not depend on the position, so a decode step can be captured once in a
+        CUDA graph and replayed at every position."""
         T = k.shape[2]
+        if isinstance(pos, torch.Tensor):
+            at = pos + torch.arange(T, device=k.device)
+            self.k.index_copy_(2, at, k)
+            self.v.index_copy_(2, at, v)
+            return self.k, self.v
         self.k[:, :, pos : pos + T] = k
         self.v[:, :, pos : pos + T] = v
         return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
@@ -57,12 +67,13 @@ def make_norm(spec: ModelSpec) -> nn.Module:
     return nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
 
 
-def rotary(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+def rotary(x: torch.Tensor, pos, theta: float) -> torch.Tensor:
     """Rotary position embedding (Su et al. 2021), Hugging Face "rotate half"
-    layout, on ``x [B, T, H, d]`` for absolute positions ``pos..pos+T``."""
+    layout, on ``x [B, T, H, d]`` for absolute positions ``pos..pos+T``
+    (``pos`` an int or a 0-d device tensor)."""
     B, T, H, d = x.shape
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    t = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32)
+    t = (pos + torch.arange(T, device=x.device)).to(torch.float32)
     ang = torch.outer(t, inv)  # [T, d/2]
     cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None, :]
     sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None, :]
@@ -72,12 +83,17 @@ def rotary(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def causal_attention(q, k, v, q_start: int) -> torch.Tensor:
+def causal_attention(q, k, v, q_start) -> torch.Tensor:
     """Softmax attention of ``q [B, H, T, d]`` (absolute positions
     ``q_start..q_start+T``) over ``k, v [B, Hkv, S, d]`` (positions ``0..S``),
-    each query seeing keys at positions <= its own. Returns ``[B, H, T, d]``."""
+    each query seeing keys at positions <= its own. Returns ``[B, H, T, d]``.
+    ``q_start`` may be a 0-d device tensor (static-shape decode)."""
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if isinstance(q_start, torch.Tensor):
+        q_pos = q_start + torch.arange(T, device=q.device)
+        mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # [T, S]
+        return Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if q_start == 0 and T == S:
         return Fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if q_start + T == S and T == 1:
@@ -238,7 +254,10 @@ class Transformer(nn.Module):
         self.layer_ids = list(range(spec.n_layers) if layers is None else layers)
         self.first, self.last = first, last
         has_vocab = spec.vocab_size is not None
-        self.embed = nn.Embedding(spec.vocab_size, spec.d_model) if has_vocab and first else None
+        # _weight skips reset_parameters (slow on meta); the loader fills it.
+        self.embed = (nn.Embedding(spec.vocab_size, spec.d_model,
+                                   _weight=torch.empty(spec.vocab_size, spec.d_model))
+                      if has_vocab and first else None)
         self.layers = nn.ModuleList(make_block(spec) for _ in self.layer_ids)
         self.norm = make_norm(spec) if last else None
         self.lm_head = (nn.Linear(spec.d_model, spec.vocab_size, bias=False)

@@ -108,6 +108,11 @@ def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def get_strategy(name: str) -> type[Strategy]:
+    if name.startswith("torch_"):  # PyTorch's own methods, timed beside ours
+        from ..bench.peers import PEERS
+
+        if name in PEERS:
+            return PEERS[name]
     if name not in STRATEGY_MODULES:
         raise ShardwiseError(
             f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)}"

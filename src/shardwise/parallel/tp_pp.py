@@ -124,6 +124,12 @@ class TpPp(Strategy):
         self.pipeline = Pipeline(comm, topo, "pp", self.stage, self.caches,
                                  plan.micro_batches, spec.d_model, self.dtype, self.device)
 
+    @property
+    def supports_graphs(self) -> bool:
+        """A decode step is capturable in a CUDA graph when it has no
+        point-to-point pipeline hop (collectives alone are capturable)."""
+        return self.topo.size("pp") == 1
+
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.pipeline.run(inputs, pos)
 

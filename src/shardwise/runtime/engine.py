@@ -21,7 +21,9 @@ from ..model.weights import WeightSource, make_inputs
 from ..parallel.base import validate_plan
 from ..parallel.comm import Comm
 from ..spec import Plan, torch_dtype
+from ..bench import metrics
 from .job import Case, Job, tolerance
+from .timing import BenchSettings, measure_ceilings, summarize, time_decode, time_prefill, timed_call
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,18 +57,18 @@ def _gather_floats(values: list[float], device) -> list[list[float]]:
     return [o.tolist() for o in out]
 
 
-def _timed(fn, device, comm: Comm):
-    comm.barrier()
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    comm.barrier()
-    return out, time.perf_counter() - t0
+def weight_source(case: Case):
+    """The case's weights: its checkpoint (read slice by slice) when it names
+    one, else the synthetic weights of its seed."""
+    if case.checkpoint is not None:
+        from ..model.checkpoint import CheckpointSource
+
+        return CheckpointSource(case.checkpoint, case.model, max_len=case.workload.max_len)
+    return WeightSource(case.model, case.seed)
 
 
-def run_case(job: Job, case: Case, rank: int, world: int, device: torch.device,
-             log=print) -> dict | None:
+def build(case: Case, rank: int, world: int, device: torch.device):
+    """Validate the plan, build the mesh and this rank's shard."""
     spec, wl = case.model, case.workload
     plan = Plan.parse(case.plan)
     cls, topo = validate_plan(spec, wl, plan, world)
@@ -74,36 +76,55 @@ def run_case(job: Job, case: Case, rank: int, world: int, device: torch.device,
     topo.build()
     comm = Comm(topo)
     dtype = torch_dtype(spec.dtype)
-    source = WeightSource(spec, case.seed)
+    source = weight_source(case)
+    model = cls(spec, wl, plan, topo, comm, ShardLoader(source, dtype, device))
+    return plan, comm, model, source, dtype
+
+
+def run_case(job: Job, case: Case, rank: int, world: int, device: torch.device,
+             log=print) -> list[dict]:
+    """Run one case; rank 0 returns its records (others an empty list)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _inject(job, rank, "startup")
     with torch.inference_mode():
-        model = cls(spec, wl, plan, topo, comm, ShardLoader(source, dtype, device))
-        param_bytes = sum(p.nbytes for p in model.parameters())
-        kv_bytes = sum(c.nbytes() for c in getattr(model, "caches", []))
-        prompt, steps = make_inputs(spec, wl.batch, wl.seq_len, wl.decode_steps, case.seed,
-                                    dtype, device)
-        L = wl.seq_len
-        for _ in range(job.warmup):
-            model.step(prompt, 0)
-            if steps:
-                model.step(steps[0], L)
-        _sync(device)
-        _inject(job, rank, "prefill")
+        plan, comm, model, source, dtype = build(case, rank, world, device)
+        if case.bench is not None:
+            return bench_case(case, plan, comm, model, rank, device)
+        if case.generate is not None:
+            from .generate import generate_case
+
+            return generate_case(case, comm, model, source, dtype, rank, device, log)
+        return _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log)
+
+
+def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log) -> list[dict]:
+    spec, wl = case.model, case.workload
+    world = comm.topo.world_size
+    param_bytes = sum(p.nbytes for p in model.parameters())
+    kv_bytes = sum(c.nbytes() for c in getattr(model, "caches", []))
+    prompt, steps = make_inputs(spec, wl.batch, wl.seq_len, wl.decode_steps, case.seed,
+                                dtype, device)
+    L = wl.seq_len
+    for _ in range(job.warmup):
+        model.step(prompt, 0)
+        if steps:
+            model.step(steps[0], L)
+    _sync(device)
+    _inject(job, rank, "prefill")
+    comm.reset()
+    out, prefill_s = timed_call(lambda: model.step(prompt, 0), device, comm)
+    prefill_comm = comm.snapshot()
+    outputs = [model.collect(out)]
+    decode_s, decode_comm = [], []
+    for t, x in enumerate(steps):
+        _inject(job, rank, "decode")
         comm.reset()
-        out, prefill_s = _timed(lambda: model.step(prompt, 0), device, comm)
-        prefill_comm = comm.snapshot()
-        outputs = [model.collect(out)]
-        decode_s, decode_comm = [], []
-        for t, x in enumerate(steps):
-            _inject(job, rank, "decode")
-            comm.reset()
-            out, dt = _timed(lambda: model.step(x, L + t), device, comm)
-            decode_s.append(dt)
-            decode_comm.append(comm.total_bytes())
-            outputs.append(model.collect(out))
-        report = model.report()
+        out, dt = timed_call(lambda: model.step(x, L + t), device, comm)
+        decode_s.append(dt)
+        decode_comm.append(comm.total_bytes())
+        outputs.append(model.collect(out))
+    report = model.report()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     per_rank = _gather_floats(
         [param_bytes, kv_bytes, peak, sum(v["bytes"] for v in prefill_comm.values()),
@@ -112,7 +133,7 @@ def run_case(job: Job, case: Case, rank: int, world: int, device: torch.device,
     )
     del model
     if rank != 0:
-        return None
+        return []
 
     result = {
         "preset": case.preset, "model": spec.name, "plan": str(plan), "world_size": world,
@@ -138,7 +159,68 @@ def run_case(job: Job, case: Case, rank: int, world: int, device: torch.device,
             prefill_rel_err=errs[0], decode_rel_err=errs[1:], max_rel_err=max(errs),
             tolerance=tol, ok=bool(max(errs) <= tol and all(math.isfinite(e) for e in errs)),
         )
-    return result
+    return [result]
+
+
+_CEILINGS: dict = {}
+
+
+def bench_case(case, plan, comm, model, rank, device) -> list[dict]:
+    """Timed prefill and/or decode of one plan; one record per phase (rank 0)."""
+    spec, wl = case.model, case.workload
+    s = BenchSettings(**case.bench)
+    world = comm.topo.world_size
+    if str(device) not in _CEILINGS:
+        _CEILINGS[str(device)] = measure_ceilings(device)
+    ceil = _CEILINGS[str(device)]
+    dtype = torch_dtype(spec.dtype)
+    prompt, steps = make_inputs(spec, wl.batch, wl.seq_len, 1, case.seed, dtype, device)
+    records = []
+    common = {
+        "preset": case.preset, "model": spec.name, "n_layers": spec.n_layers, "plan": str(plan),
+        "n_devices": world, "dtype": spec.dtype, "batch": wl.batch, "seq_len": wl.seq_len,
+        **ceil,
+    }
+    peak_flops = ceil["matmul_peak_tflops"] * 1e12 * world if ceil["matmul_peak_tflops"] else None
+    if s.phase in ("prefill", "both"):
+        times = time_prefill(model, prompt, s, device, comm)
+        comm.reset()
+        model.step(prompt, 0)
+        comm_bytes = _max_over_ranks(comm.total_bytes(), device)
+        med = statistics.median(times)
+        flops = metrics.prefill_flops(spec, wl.batch, wl.seq_len)
+        records.append({**common, "phase": "prefill", "tps": wl.batch * wl.seq_len / med,
+                        "tpot_ms": None, "ms_per_token": None,
+                        "mfu": flops / med / peak_flops if peak_flops else None,
+                        "hbm_gbps": None, "comm_bytes": comm_bytes, **summarize(times)})
+    if s.phase in ("decode", "both"):
+        times, graphs = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
+        comm.reset()
+        model.step(steps[0], wl.seq_len)
+        comm_bytes = _max_over_ranks(comm.total_bytes(), device)
+        med = statistics.median(times)
+        ctx = wl.seq_len + s.warmup + s.iters // 2
+        nbytes = metrics.decode_bytes(spec, wl.batch, ctx)
+        floor_s = nbytes / world / (ceil["hbm_peak_gbps"] * 1e9) if ceil["hbm_peak_gbps"] else None
+        flops = metrics.decode_flops(spec, wl.batch, ctx)
+        records.append({**common, "phase": "decode", "tps": wl.batch / med,
+                        "tpot_ms": 1e3 * med, "ms_per_token": 1e3 * med / wl.batch,
+                        "mfu": flops / med / peak_flops if peak_flops else None,
+                        "hbm_gbps": nbytes / world / med / 1e9, "hbm_floor_ms":
+                        1e3 * floor_s if floor_s else None,
+                        "floor_ratio": med / floor_s if floor_s else None,
+                        "cuda_graphs": graphs, "comm_bytes": comm_bytes, **summarize(times)})
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    peak = _max_over_ranks(peak, device)
+    report = model.report()  # after the runs: some strategies report what the last one did
+    for r in records:
+        r["peak_mem_gb"] = peak / 1e9
+        r["report"] = report
+    return records if rank == 0 else []
+
+
+def _max_over_ranks(value: float, device) -> float:
+    return max(v[0] for v in _gather_floats([float(value)], device))
 
 
 def _verify(case: Case, source, dtype, device, prompt, steps, outputs) -> list[float]:

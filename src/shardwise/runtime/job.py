@@ -34,15 +34,18 @@ class Case:
     seed: int = 0
     verify: bool = True
     preset: str | None = None
+    bench: dict | None = None  # timing settings (see runtime/timing.py); None: one verified run
+    # A Hugging Face checkpoint directory (model/checkpoint.py); None: synthetic weights from seed.
+    checkpoint: str | None = None
+    # Greedy generation (runtime/generate.py: {"prompt_ids", "max_new_tokens"}); None: a verified run.
+    generate: dict | None = None
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "Case":
-        return cls(model=ModelSpec(**d["model"]), workload=Workload(**d["workload"]),
-                   plan=d["plan"], seed=d["seed"], verify=d["verify"], preset=d.get("preset"))
+        return cls(**{**d, "model": ModelSpec(**d["model"]), "workload": Workload(**d["workload"])})
 
 
 @dataclass

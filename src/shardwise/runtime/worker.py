@@ -56,12 +56,14 @@ def run_job(job: Job, log=None) -> list[dict]:
         say(f"[{i + 1}/{len(job.cases)}] {case.model.name} {case.plan} "
             f"(batch {case.workload.batch}, seq {case.workload.seq_len}, "
             f"{case.workload.decode_steps} decode steps, {world} ranks, {device.type})")
-        r = run_case(job, case, rank, world, device, log=say)
-        if r is not None:
+        for r in run_case(job, case, rank, world, device, log=say):
             results.append(r)
             if "ok" in r:
                 say(f"  {'ok' if r['ok'] else 'FAILED'}: max relative error "
                     f"{r['max_rel_err']:.2e} (tolerance {r['tolerance']:.0e})")
+            elif "phase" in r:
+                say(f"  {r['phase']}: median {r['median_ms']:.3f} ms "
+                    f"(p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}, n={r['n']})")
     # Only on success: after a failure the traceback is written first and the
     # process exits without a teardown that peers would mistake for the cause.
     dist.destroy_process_group()

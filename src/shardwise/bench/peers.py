@@ -1,0 +1,154 @@
+"""Peers: what a user gets from plain PyTorch, timed in the same harness.
+
+* ``torch_eager:1``: a plainly written single-device model (separate Q/K/V
+  projections, ``F.gelu``, ``nn.LayerNorm``, fused SDPA, a static KV cache; its
+  decode step is captured in a CUDA graph like shardwise's).
+* ``torch_tp:T``: the same model under PyTorch's own DTensor tensor parallel
+  (``parallelize_module`` with ``ColwiseParallel`` for Q/K/V and the MLP input,
+  ``RowwiseParallel`` for the output projections), as in torchtitan.
+
+They implement the Strategy interface so the engine runs, verifies and times
+them exactly like shardwise's strategies. Their collectives run inside DTensor,
+so their bytes are not counted.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from ..model.load import set_param
+from ..model.reference import KVCache, causal_attention, make_norm
+from ..parallel.base import Strategy, divides
+from ..parallel.topology import Topology
+from ..spec import ShardwiseError
+
+
+class PlainAttention(nn.Module):
+    def __init__(self, d_model, n_heads, n_kv_heads, head_dim):
+        super().__init__()
+        self.head_dim = head_dim
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def forward(self, x, cache, pos):
+        B, T, _ = x.shape
+        d = self.head_dim
+        # -1: after tensor parallelism each rank holds only its heads.
+        q = self.wq(x).view(B, T, -1, d).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, d).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, d).transpose(1, 2)
+        k, v = cache.write(pos, k, v)
+        o = causal_attention(q, k, v, pos)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class PlainMLP(nn.Module):
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w_down(Fn.gelu(self.w_up(x)))
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, spec):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = make_norm(spec), make_norm(spec)
+        self.attn = PlainAttention(spec.d_model, spec.n_heads, spec.kv_heads, spec.head_dim)
+        self.mlp = PlainMLP(spec.d_model, spec.d_ff)
+
+    def forward(self, x, cache, pos):
+        h = x + self.attn(self.attn_norm(x), cache, pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+def _check(spec, plan):
+    if spec.is_moe or spec.activation != "gelu" or spec.vocab_size or spec.rope_theta:
+        raise ShardwiseError(
+            f"peer {plan.strategy} covers dense GELU models without vocab or rotary; "
+            f"{spec.name} is not one"
+        )
+
+
+class TorchEager(Strategy):
+    name = "torch_eager"
+    supports_graphs = True
+
+    @classmethod
+    def ranks_needed(cls, plan):
+        return 1
+
+    @classmethod
+    def validate(cls, spec, workload, plan, world_size):
+        _check(spec, plan)
+        return Topology(("tp",), (1,))
+
+    def __init__(self, spec, workload, plan, topo, comm, loader):
+        super().__init__(spec, workload, plan, topo, comm, loader)
+        with torch.device("meta"):
+            self.layers = nn.ModuleList(PlainBlock(spec) for _ in range(spec.n_layers))
+            self.norm = make_norm(spec)
+        for i, blk in enumerate(self.layers):
+            p = f"layers.{i}"
+            for name in ("wq", "wk", "wv", "wo"):
+                set_param(getattr(blk.attn, name), "weight", loader.get(f"{p}.attn.{name}"))
+            set_param(blk.mlp.w_up, "weight", loader.get(f"{p}.mlp.w_up"))
+            set_param(blk.mlp.w_down, "weight", loader.get(f"{p}.mlp.w_down"))
+            loader.norm(blk.attn_norm, f"{p}.attn_norm")
+            loader.norm(blk.mlp_norm, f"{p}.mlp_norm")
+        loader.norm(self.norm, "norm")
+        self.parallelize()
+        kv_local = spec.kv_heads // topo.size("tp")
+        self.caches = [KVCache.allocate(workload.batch, kv_local, workload.max_len,
+                                        spec.head_dim, self.dtype, self.device)
+                       for _ in self.layers]
+
+    def parallelize(self):
+        pass
+
+    def forward(self, inputs, pos):
+        x = inputs
+        for blk, cache in zip(self.layers, self.caches):
+            x = blk(x, cache, pos)
+        return self.norm(x)
+
+    def collect(self, local):
+        return self.send_to_root(local, 0)
+
+
+class TorchTP(TorchEager):
+    name = "torch_tp"
+    supports_graphs = False
+
+    @classmethod
+    def ranks_needed(cls, plan):
+        if len(plan.shape) != 1:
+            raise ShardwiseError(f"plan {plan}: write torch_tp:T")
+        return plan.shape[0]
+
+    @classmethod
+    def validate(cls, spec, workload, plan, world_size):
+        _check(spec, plan)
+        tp = cls.ranks_needed(plan)
+        divides(f"{spec.name}: n_kv_heads", spec.kv_heads, tp, f"tp of {plan}", "use a divisor")
+        divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of {plan}", "use a divisor")
+        return Topology(("tp",), (tp,))
+
+    def parallelize(self):
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel, RowwiseParallel, parallelize_module)
+
+        mesh = self.topo.mesh["tp"]
+        plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
+                "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel(),
+                "mlp.w_up": ColwiseParallel(), "mlp.w_down": RowwiseParallel()}
+        for blk in self.layers:
+            parallelize_module(blk, mesh, plan)
+
+
+PEERS = {"torch_eager": TorchEager, "torch_tp": TorchTP}

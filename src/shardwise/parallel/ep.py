@@ -1,0 +1,311 @@
+"""ep: expert parallelism for Mixture-of-Experts models.
+
+GShard (Lepikhin et al. 2020) and the Switch Transformer (Fedus et al. 2021)
+spread the E experts of every MoE layer over P ranks (E/P each) and move
+tokens to their experts and back with two all-to-alls: *dispatch* before the
+experts, *combine* after. Where those papers cap each expert's tokens with a
+capacity factor and drop the overflow, this strategy drops nothing, as in
+DeepSpeed-MoE (Rajbhandari et al. 2022) and MegaBlocks (Gale et al. 2023):
+the ranks first exchange how many tokens each sends to each expert, so the
+all-to-alls carry exactly the routed tokens (variable splits), and each local
+expert runs one matrix product over its contiguous block of rows (a grouped
+GEMM) instead of a padded, fixed-capacity batch.
+
+Everything but the experts is data-parallel: each rank holds the attention
+weights, the norms, the router (E x D, tiny) and, when the model has a
+vocabulary, the embedding and LM head (replicated), and it runs its own
+contiguous share of the batch; its KV cache holds only those sequences.
+A rank left without sequences (batch < P) still serves its experts.
+
+Invariant: a token's MoE output is ``sum_j w_j * expert_{e_j}(x)`` over its
+top-k experts ``e_j``; the rank that owns ``e_j`` applies it to exactly the
+``x`` the reference sees, and the token's own rank applies the router weight
+and sums. Only the order of additions differs from the reference.
+
+Overlap: a layer's tokens are cut into ``chunks`` (``ep:P,chunks=K``); the
+dispatch of chunk i+1 and the combine of chunk i are in flight while the
+experts run on chunk i. Mesh axis ``("ep",)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.reference import KVCache, MoE, Transformer, expert_mlp, make_block, route
+from ..spec import ModelSpec, Plan, ShardwiseError, Workload
+from .base import Strategy, balanced_ranges, divides
+from .topology import Topology
+
+# A chunk smaller than this is all latency: splitting it to overlap the
+# exchange costs more kernel launches and collectives than it hides.
+MIN_CHUNK_TOKENS = 32
+
+
+def grouped_expert_mlp(x: torch.Tensor, sizes: list[int], w_in: torch.Tensor,
+                       w_down: torch.Tensor, activation: str) -> torch.Tensor:
+    """Experts on rows grouped by expert: ``x [R, D]`` holds ``sizes[e]`` rows
+    for local expert e, in expert order; ``w_in [El, (2)F, D]``,
+    ``w_down [El, D, F]``. Returns ``[R, D]``: one matrix product per expert
+    over its contiguous slice (the loop is over local experts, never tokens)."""
+    out = torch.empty_like(x)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            out[start : start + n] = expert_mlp(x[start : start + n], w_in[e], w_down[e],
+                                                activation)
+        start += n
+    return out
+
+
+class SkipEmptyBatch(nn.Module):
+    """Attention of a rank that holds no sequences: nothing to attend to, and
+    some fused attention kernels refuse an empty batch."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, cache, pos: int) -> torch.Tensor:
+        return x if x.shape[0] == 0 else self.inner(x, cache, pos)
+
+
+class ExpertParallelMoE(nn.Module):
+    """Drop-in for the reference :class:`MoE` (same call, ``x [b, T, D]`` of
+    this rank's sequences) whose experts live on the ranks of axis ``ep``.
+
+    ``moe`` holds the router over all experts and this rank's experts
+    ``first .. first + El``; rank q of the axis owns experts ``q*El .. (q+1)*El``,
+    so sorting a token's assignments by expert also sorts them by destination.
+    """
+
+    def __init__(self, moe: MoE, comm):
+        super().__init__()
+        self.moe, self.comm = moe, comm
+        self.E = moe.router.weight.shape[0]  # the router scores every expert
+        self.k, self.activation = moe.top_k, moe.activation
+        self.P, self.rank = comm.topo.size("ep"), comm.topo.coord("ep")
+        self.El = self.E // self.P  # experts per rank
+        self.first = self.rank * self.El
+        # Set by the strategy before each step, identical on every rank, so
+        # every rank issues the same sequence of collectives.
+        self.chunks = 1
+        self.last_counts: torch.Tensor | None = None  # host [P, K, E] of the last call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        k, E, El, P, K = self.k, self.E, self.El, self.P, self.chunks
+        weights, experts = route(self.moe.router(x), k)  # [N, k]
+        chunks = balanced_ranges(x.shape[0], K)
+
+        # Per chunk: its (token, slot) assignments ordered by expert, and how
+        # many go to each expert.
+        orders, counts = [], []
+        for s, e in chunks:
+            flat = experts[s:e].reshape(-1)  # [n*k]
+            orders.append(torch.argsort(flat, stable=True))
+            counts.append(torch.zeros(E, dtype=torch.long, device=x.device)
+                          .scatter_add_(0, flat, torch.ones_like(flat)))
+        # Every rank learns the whole routing table (P*K*E integers): its own
+        # receive sizes and the load of every expert for the report. The one
+        # host synchronisation of the layer: the splits size the buffers.
+        table = self.comm.all_gather(torch.stack(counts)[None], "ep", dim=0)  # [P, K, E]
+        host = self.last_counts = table.cpu()
+        to_rank = host[self.rank].view(K, P, El).sum(-1).tolist()  # [K][P] rows sent
+        mine = host[:, :, self.first : self.first + El]  # [P, K, El] rows for my experts
+        from_rank = mine.sum(-1).t().tolist()  # [K][P] rows received
+        expert_rows = mine.sum(0).tolist()  # [K][El]
+
+        def dispatch(c: int):
+            s, e = chunks[c]
+            send = x[s:e][orders[c] // k]  # [n*k, D] sorted by expert, hence by rank
+            return self.comm.all_to_all_start(send, "ep", to_rank[c], from_rank[c])
+
+        def run_experts(c: int, recv: torch.Tensor):
+            # recv [R, D] arrives grouped by source rank, then by expert;
+            # the grouped GEMM wants it grouped by expert.
+            if P > 1 and El > 1:
+                sizes = table[:, c, self.first : self.first + El].reshape(-1)  # [P*El]
+                expert_of_row = torch.repeat_interleave(
+                    torch.arange(El, device=x.device).repeat(P), sizes,
+                    output_size=recv.shape[0])
+                perm = torch.argsort(expert_of_row, stable=True)
+                y = torch.empty_like(recv)
+                y[perm] = grouped_expert_mlp(recv[perm], expert_rows[c], self.moe.w_in,
+                                             self.moe.w_down, self.activation)
+            else:  # one source or one expert: already grouped by expert
+                y = grouped_expert_mlp(recv, expert_rows[c], self.moe.w_in,
+                                       self.moe.w_down, self.activation)
+            return self.comm.all_to_all_start(y, "ep", from_rank[c], to_rank[c])
+
+        out = torch.empty_like(x)
+        inbound, returning = dispatch(0), []
+        for c in range(K):
+            following = dispatch(c + 1) if c + 1 < K else None  # in flight during chunk c
+            returning.append(run_experts(c, inbound()))
+            inbound = following
+        for c, wait in enumerate(returning):
+            s, e = chunks[c]
+            back = wait()  # [n*k, D] in expert order
+            y = torch.empty_like(back)
+            y[orders[c]] = back  # back in (token, slot) order
+            w = weights[s:e, :, None].to(y.dtype)  # [n, k, 1]
+            out[s:e] = (y.view(e - s, k, x.shape[-1]) * w).sum(1)
+        return out.view(shape)
+
+
+class ExpertParallel(Strategy):
+    name = "ep"
+
+    @staticmethod
+    def degree(plan: Plan) -> int:
+        if len(plan.shape) != 1:
+            raise ShardwiseError(
+                f"plan {plan}: ep takes one degree, the number of expert-parallel ranks, "
+                f"e.g. ep:16 or ep:16,chunks=2"
+            )
+        return plan.shape[0]
+
+    @staticmethod
+    def chunks_option(plan: Plan) -> int | None:
+        unknown = sorted({key for key, _ in plan.options} - {"chunks"})
+        if unknown:
+            raise ShardwiseError(
+                f"plan {plan}: ep has no option {', '.join(unknown)}; its only option is "
+                f"chunks=K (token chunks whose exchange overlaps the experts)"
+            )
+        text = plan.option("chunks")
+        if text is None:
+            return None
+        if not text.isdigit() or int(text) < 1:
+            raise ShardwiseError(f"plan {plan}: chunks must be a positive integer, e.g. chunks=2")
+        return int(text)
+
+    @classmethod
+    def ranks_needed(cls, plan: Plan) -> int:
+        return cls.degree(plan)
+
+    @classmethod
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
+                 world_size: int) -> Topology:
+        P = cls.degree(plan)
+        cls.chunks_option(plan)
+        if not spec.is_moe:
+            raise ShardwiseError(
+                f"plan {plan}: {spec.name} is a dense model (n_experts = 0) and ep "
+                f"partitions experts; use tp_pp, helix or ring for it"
+            )
+        divisors = [d for d in range(1, spec.n_experts + 1) if spec.n_experts % d == 0]
+        divides(f"{spec.name}: n_experts", spec.n_experts, P, f"the ep degree of plan {plan}",
+                f"choose ep among {divisors}")
+        if plan.micro_batches != 1:
+            raise ShardwiseError(
+                f"plan {plan}: ep does not micro-batch; drop mb= (chunks=K overlaps "
+                f"the all-to-alls with the experts instead)"
+            )
+        return Topology(("ep",), (P,))
+
+    @classmethod
+    def candidates(cls, spec, workload, world_size) -> list[str]:
+        if spec.is_moe and spec.n_experts % world_size == 0:
+            return [f"ep:{world_size}"]
+        return []
+
+    def __init__(self, spec, workload, plan, topo, comm, loader):
+        super().__init__(spec, workload, plan, topo, comm, loader)
+        P, rank = topo.size("ep"), topo.coord("ep")
+        El = spec.n_experts // P
+        self.experts = range(rank * El, (rank + 1) * El)
+        self.batch_ranges = balanced_ranges(workload.batch, P)  # rank 0 has the most
+        b0, b1 = self.batch_ranges[rank]
+        self.plan_chunks = self.chunks_option(plan)  # None: chosen per step
+        with torch.device("meta"):
+            model = Transformer(spec)
+            blocks = [make_block(spec, experts=self.experts) for _ in range(spec.n_layers)]
+        self.moes = []
+        for layer, blk in enumerate(blocks):
+            loader.load_block(blk, layer, experts=self.experts)
+            blk.mlp = ExpertParallelMoE(blk.mlp, comm)
+            self.moes.append(blk.mlp)
+            if b1 == b0:
+                blk.attn = SkipEmptyBatch(blk.attn)
+        model.layers = nn.ModuleList(blocks)
+        self.model = loader.load_ends(model)  # embedding and LM head: replicated
+        self.caches = [
+            KVCache.allocate(b1 - b0, spec.kv_heads, workload.max_len, spec.head_dim,
+                             self.dtype, self.device)
+            for _ in range(spec.n_layers)
+        ]
+        self.prefill_counts: list[torch.Tensor] = []
+        self.prefill_chunks = 0
+
+    def chunk_count(self, tokens: int) -> int:
+        """Chunks for a step whose busiest rank holds ``tokens`` tokens: the
+        plan's, else 2 when each chunk keeps MIN_CHUNK_TOKENS; never more
+        chunks than tokens."""
+        if self.plan_chunks is not None:
+            return max(1, min(self.plan_chunks, tokens))
+        return 2 if tokens >= 2 * MIN_CHUNK_TOKENS else 1
+
+    def forward(self, inputs: torch.Tensor, pos: int):
+        b0, b1 = self.batch_ranges[self.topo.coord("ep")]
+        most = self.batch_ranges[0][1] * inputs.shape[1]  # rank 0's tokens
+        chunks = self.chunk_count(most)
+        for moe in self.moes:
+            moe.chunks = chunks
+        out = self.model(inputs[b0:b1], self.caches, pos)  # [b, T, D or V]
+        if pos == 0:
+            self.prefill_counts = [moe.last_counts for moe in self.moes]
+            self.prefill_chunks = chunks
+        return out
+
+    def collect(self, local):
+        """Every rank's batch slice to rank 0, in batch order (ranks are ep coordinates)."""
+        if self.topo.rank != 0:
+            if local.shape[0]:
+                self.comm.send(local.contiguous(), 0, "collect")
+            return None
+        out = torch.empty(self.out_shape, dtype=local.dtype, device=self.device)
+        for q, (b0, b1) in enumerate(self.batch_ranges):
+            if b1 == b0:
+                continue
+            part = local if q == 0 else self.comm.recv(
+                torch.empty((b1 - b0, *self.out_shape[1:]), dtype=local.dtype,
+                            device=self.device), q, "collect")
+            out[b0:b1] = part
+        return out
+
+    def report(self) -> dict:
+        """Load balance and link traffic of the last prefill, from the routing
+        table every rank holds (identical on every rank)."""
+        if not self.prefill_counts:
+            return {}
+        P, El = self.topo.size("ep"), len(self.experts)
+        tables = torch.stack(self.prefill_counts).sum(2)  # [L, P src, E]
+        per_expert = tables.sum(1)  # [L, E]
+        per_rank = per_expert.view(-1, P, El).sum(2)  # [L, P] rows each rank computed
+        # Rows src sends to dst for every layer; the diagonal never leaves the rank.
+        flows = tables.view(-1, P, P, El).sum((0, 3))  # [P src, P dst]
+        off_rank = flows - torch.diag(torch.diag(flows))
+        row_bytes = self.spec.d_model * torch.empty((), dtype=self.dtype).element_size()
+        # Dispatch sends a rank's rows out; combine sends the rows it computed back.
+        link_bytes = (off_rank.sum(1) + off_rank.sum(0)) * row_bytes
+
+        def max_over_mean(load: torch.Tensor) -> float:
+            # Each layer waits for its busiest expert (rank): the time spent
+            # over that of a perfect balance, summed over layers.
+            busiest, mean = load.max(1).values.sum(), load.float().mean(1).sum()
+            return float(busiest / mean) if mean else 0.0
+
+        return {
+            "chunks_prefill": self.prefill_chunks,
+            "experts_per_rank": El,
+            "tokens_per_expert": per_expert.tolist(),  # [layer][expert] routed (token, slot)s
+            "tokens_per_rank": per_rank.tolist(),  # [layer][rank]
+            "expert_load_max_over_mean": max_over_mean(per_expert),
+            "rank_load_max_over_mean": max_over_mean(per_rank),
+            "a2a_bytes_prefill_per_rank": link_bytes.tolist(),  # off-rank, dispatch + combine
+        }
+
+
+STRATEGY = ExpertParallel

@@ -1,0 +1,398 @@
+"""helix: two-level attention partitioning, N head groups x M head-dim slices.
+
+Mesh ``("group", "slice")``, P = N*M ranks; slice varies fastest, so the M
+ranks of a head group are consecutive (one node's fast links). Rank (g, s)
+holds the Q/K/V projection rows of the heads of group g restricted to dims
+``s*d/M .. (s+1)*d/M`` of each head, its share of W_o, and 1/P of d_ff: 1/P
+of every weight (norms and the MoE router, a few vectors, are replicated).
+
+Invariant: Q.K^T needs every dim of a head, so before the attention core the
+M ranks of a group re-partition with one all-to-all over ``slice``:
+
+* ``heads`` (kv heads per group divisible by M): dim slices of all the
+  group's heads -> all dims of 1/M of them. W_o is split by those heads'
+  columns, so each rank's output is already a partial sum of the layer's
+  output: no second all-to-all. The KV cache is split by heads.
+* ``sequence`` (otherwise, e.g. more ranks than heads): queries go to
+  query-position chunks, K/V are all-gathered inside the group; after the
+  core the inverse all-to-all brings the output back to dim slices, which
+  meet W_o's matching dim-slice columns. The KV cache is split by position
+  and a decode step merges the ranks' partial attention exactly by
+  log-sum-exp (:mod:`shardwise.parallel.lse`).
+
+Partial outputs (attention and MLP) are summed over all P ranks either
+hierarchically (``reduce=hier``: reduce-scatter over slice, all-reduce over
+group, all-gather over slice) or with one flat all-reduce (``reduce=flat``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from ..model.load import head_rows, set_param
+from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
+                               causal_attention, make_norm, rotary)
+from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
+from .base import Strategy, balanced_ranges, divides
+from .lse import attend_lse, merge_stack
+from .topology import Topology
+
+REDUCTIONS = ("hier", "flat")
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+class SumOverMesh:
+    """Sum a partial result over all P ranks, in place where it can."""
+
+    def __init__(self, comm, how: str):
+        self.comm, self.how = comm, how
+        self.slices = comm.topo.size("slice")
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        if self.how == "flat":
+            return self.comm.all_reduce_world(y)
+        flat = y.reshape(-1)
+        pad = -flat.numel() % self.slices  # reduce-scatter needs equal parts
+        if pad:
+            flat = Fn.pad(flat, (0, pad))
+        part = self.comm.reduce_scatter(flat, "slice")  # this rank's 1/M, summed in the group
+        self.comm.all_reduce(part, "group")  # ... and over the groups, on 1/M of the bytes
+        return self.comm.all_gather(part, "slice")[: y.numel()].view_as(y)
+
+
+class SumAfter(nn.Module):
+    """Run a module that yields a partial sum (the P-way d_ff split), then sum."""
+
+    def __init__(self, inner: nn.Module, sum_all: SumOverMesh):
+        super().__init__()
+        self.inner, self.sum_all = inner, sum_all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sum_all(self.inner(x))
+
+
+class HelixAttention(nn.Module):
+    """Shared part: ``local`` is a reference Attention of this rank's dim slices
+    (head_dim d/M, no rotary: rotation needs the full head dim) whose ``wo``
+    holds this rank's W_o columns."""
+
+    def __init__(self, local: Attention, spec: ModelSpec, topo: Topology, comm,
+                 sum_all: SumOverMesh):
+        super().__init__()
+        self.local, self.comm, self.sum_all = local, comm, sum_all
+        self.slices, self.slice = topo.size("slice"), topo.coord("slice")
+        self.head_dim, self.theta = spec.head_dim, spec.rope_theta
+        self.heads, self.kv_heads = local.n_heads, local.n_kv_heads  # of the group
+
+    def rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        return x if self.theta is None else rotary(x, pos, self.theta)
+
+
+class HeadSliceAttention(HelixAttention):
+    """Re-partition dim slices -> head slices; cache and W_o split by heads."""
+
+    def forward(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        M, d = self.slices, self.head_dim
+        q, k, v = self.local.qkv(x, pos)  # [B, T, H_g, d/M], k, v [B, T, Hkv_g, d/M]
+        # Head chunk j of each projection goes to slice rank j; q, k and v
+        # travel in one all-to-all.
+        send = torch.cat([t.reshape(B, T, M, -1, d // M) for t in (q, k, v)], dim=3)
+        recv = self.comm.all_to_all(send.movedim(2, 0), "slice")  # [M (dims), B, T, h, d/M]
+        full = recv.permute(1, 2, 3, 0, 4).reshape(B, T, -1, d)  # [B, T, h, d]
+        q, k, v = full.split([self.heads // M, self.kv_heads // M, self.kv_heads // M], dim=2)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, d]
+        k, v = cache.write(pos, k, v)
+        o = causal_attention(q, k, v, pos)  # [B, H_g/M, T, d]
+        return self.sum_all(self.local.wo(o.transpose(1, 2).reshape(B, T, -1)))
+
+
+def positions_held(slices: int, slice_: int, prompt_len: int, pos: int) -> int:
+    """How many of positions ``0 .. pos-1`` (pos >= prompt_len) slice rank
+    ``slice_`` caches in the sequence split: its prompt chunk plus the decoded
+    positions p with ``p % slices == slice_``."""
+    t0, t1 = balanced_ranges(prompt_len, slices)[slice_]
+
+    def decoded_before(p: int) -> int:  # #{q < p : q % slices == slice_}
+        return (p - slice_ + slices - 1) // slices
+
+    return t1 - t0 + decoded_before(pos) - decoded_before(prompt_len)
+
+
+class SequenceChunkAttention(HelixAttention):
+    """Re-partition dim slices -> query-position chunks; cache split by position.
+
+    Slice rank s caches prompt positions ``chunks[s]`` (balanced, contiguous)
+    and the decoded positions p with ``p % M == s``, packed in arrival order,
+    so shards stay within one token of each other."""
+
+    prompt_len = 0
+
+    def forward(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        if pos == 0:
+            return self.prefill(x, cache)
+        if x.shape[1] == 1:
+            return self.decode(x, cache, pos)
+        raise ShardwiseError("helix's sequence re-partition runs a prompt at position 0 "
+                             "or one token per decode step; split the input accordingly")
+
+    def prefill(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B, T, _ = x.shape
+        M, d, H, Hkv = self.slices, self.head_dim, self.heads, self.kv_heads
+        chunks = balanced_ranges(T, M)
+        sizes = [b - a for a, b in chunks]
+        t0, t1 = chunks[self.slice]
+        n = t1 - t0
+        self.prompt_len = T
+        q, k, v = self.local.qkv(x, 0)  # [B, T, H_g, d/M], k, v [B, T, Hkv_g, d/M]
+        # Position chunk j of the queries goes to slice rank j (uneven splits).
+        recv = self.comm.all_to_all(q.transpose(0, 1), "slice", sizes, [n] * M)  # [M*n, B, H, d/M]
+        q = recv.view(M, n, B, H, d // M).permute(2, 1, 3, 0, 4).reshape(B, n, H, d)
+        kv = self.comm.all_gather(torch.cat([k, v], dim=2), "slice", dim=3)  # [B, T, 2Hkv, d]
+        k, v = kv.split(Hkv, dim=2)
+        q, k = self.rope(q, t0), self.rope(k, 0)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, d]
+        cache.write(0, k[:, :, t0:t1], v[:, :, t0:t1])
+        o = causal_attention(q, k[:, :, :t1], v[:, :, :t1], t0)  # [B, H, n, d]
+        # Inverse all-to-all: dim slice j of this chunk goes to rank j, which
+        # holds W_o's columns for dims j.
+        send = o.permute(2, 0, 1, 3).reshape(n, B, H, M, d // M).movedim(3, 0)  # [M, n, B, H, d/M]
+        o = self.comm.all_to_all(send.reshape(M * n, B, H, d // M), "slice", [n] * M, sizes)
+        return self.sum_all(self.local.wo(o.transpose(0, 1).reshape(B, T, H * d // M)))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        B = x.shape[0]
+        M, d, H, Hkv = self.slices, self.head_dim, self.heads, self.kv_heads
+        q, k, v = self.local.qkv(x, pos)  # [B, 1, H_g, d/M], k, v [B, 1, Hkv_g, d/M]
+        # One token: every rank of the group takes all of q (and the new k, v,
+        # which only its owner stores).
+        qkv = self.comm.all_gather(torch.cat([q, k, v], dim=2), "slice", dim=3)  # [B, 1, H+2Hkv, d]
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, 1, d]
+        n = positions_held(self.slices, self.slice, self.prompt_len, pos)
+        if pos % M == self.slice:
+            k_loc, v_loc = cache.write(n, k, v)  # [B, Hkv, n+1, d]
+        else:
+            k_loc, v_loc = cache.k[:, :, :n], cache.v[:, :, :n]
+        # The H/Hkv query heads sharing a kv head act as that head's rows of
+        # queries, so the cache is read once, never expanded per query head.
+        o, lse = attend_lse(q.reshape(B, Hkv, H // Hkv, d), k_loc, v_loc)  # [B, Hkv, r, d]
+        # Rank j merges dims j of every rank's partial; float32 keeps lse exact
+        # in the one packed message (the payload is one token: bytes are moot).
+        part = torch.cat([o.float().reshape(B, H, M, d // M),
+                          lse.reshape(B, H, 1, 1).expand(B, H, M, 1)], dim=3)
+        recv = self.comm.all_to_all(part.movedim(2, 0), "slice")  # [M (rank), B, H, d/M + 1]
+        o, _ = merge_stack(recv[..., : d // M], recv[..., d // M])  # [B, H, d/M]
+        return self.sum_all(self.local.wo(o.to(x.dtype).reshape(B, 1, H * d // M)))
+
+
+class VocabShardEmbedding(nn.Module):
+    """Rows ``start .. start+c`` of the embedding (zero-padded past the vocab);
+    ids outside them contribute 0 and the sum over ranks restores every row
+    (Megatron's vocab-parallel embedding)."""
+
+    def __init__(self, weight: torch.Tensor, start: int, sum_all: SumOverMesh):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.start, self.sum_all = start, sum_all
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        x = Fn.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)  # [B, T, D]
+        return self.sum_all(x * inside[..., None].to(x.dtype))
+
+
+class Helix(Strategy):
+    name = "helix"
+
+    @staticmethod
+    def degrees(plan: Plan) -> tuple[int, int]:
+        if len(plan.shape) != 2:
+            raise ShardwiseError(f"plan {plan}: helix takes NxM degrees (N head groups x M "
+                                 f"head-dim slices); write e.g. helix:4x4")
+        return plan.shape
+
+    @staticmethod
+    def repartition(spec: ModelSpec, groups: int, slices: int) -> str:
+        """``heads`` when each rank can take whole kv heads (and their query
+        heads) of its group, else ``sequence``."""
+        return "heads" if (spec.kv_heads // groups) % slices == 0 else "sequence"
+
+    @classmethod
+    def ranks_needed(cls, plan: Plan) -> int:
+        return math.prod(cls.degrees(plan))
+
+    @classmethod
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
+                 world_size: int) -> Topology:
+        N, M = cls.degrees(plan)
+        for key, value in plan.options:
+            if key != "reduce":
+                raise ShardwiseError(f"plan {plan}: helix has no option {key!r}; "
+                                     f"remove it (its only option is reduce=hier|flat)")
+            if value not in REDUCTIONS:
+                raise ShardwiseError(f"plan {plan}: reduce={value} is not known; "
+                                     f"write reduce=hier or reduce=flat")
+        if plan.micro_batches != 1:
+            raise ShardwiseError(f"plan {plan}: helix runs the whole batch in one pass "
+                                 f"(no pipeline to fill); remove mb={plan.micro_batches}")
+        what = f"head groups N of plan {plan}"
+        divides(f"{spec.name}: n_heads", spec.n_heads, N, what,
+                f"choose N among {_divisors(spec.kv_heads)}")
+        divides(f"{spec.name}: n_kv_heads", spec.kv_heads, N, what,
+                f"choose N among {_divisors(spec.kv_heads)} (grouped-query attention "
+                f"keeps a kv head and its query heads in one group)")
+        divides(f"{spec.name}: head_dim", spec.head_dim, M, f"head-dim slices M of plan {plan}",
+                f"choose M among {_divisors(spec.head_dim)}")
+        divides(f"{spec.name}: d_ff", spec.d_ff, N * M, f"N*M of plan {plan}",
+                "choose N and M whose product divides d_ff")
+        if cls.repartition(spec, N, M) == "sequence" and workload.seq_len < M:
+            raise ShardwiseError(
+                f"plan {plan}: {spec.kv_heads // N} kv heads per group cannot be split "
+                f"{M} ways, so helix splits the prompt into {M} position chunks, but "
+                f"seq_len is {workload.seq_len}; use seq_len >= {M} or a smaller M")
+        return Topology(("group", "slice"), (N, M))
+
+    @classmethod
+    def candidates(cls, spec, workload, world_size) -> list[str]:
+        out = []
+        for N in _divisors(world_size):
+            M = world_size // N
+            out.append(f"helix:{N}x{M}")
+            if N > 1 and M > 1:  # otherwise both reductions are the same calls
+                out.append(f"helix:{N}x{M},reduce=flat")
+        return out
+
+    def __init__(self, spec, workload, plan, topo, comm, loader):
+        super().__init__(spec, workload, plan, topo, comm, loader)
+        N, M = topo.size("group"), topo.size("slice")
+        g, s = topo.coord("group"), topo.coord("slice")
+        P, r = N * M, g * M + s
+        H, Hkv, d, F = spec.n_heads // N, spec.kv_heads // N, spec.head_dim, spec.d_ff // P
+        self.mode = self.repartition(spec, N, M)
+        self.sum_all = SumOverMesh(comm, plan.option("reduce", "hier"))
+        dims = torch.arange(s * d // M, (s + 1) * d // M)
+        q_rows = head_rows(torch.arange(g * H, (g + 1) * H), d, dims)
+        kv_rows = head_rows(torch.arange(g * Hkv, (g + 1) * Hkv), d, dims)
+        if self.mode == "heads":  # W_o columns of this rank's heads, all dims
+            wo_cols = head_rows(torch.arange(g * H + s * H // M, g * H + (s + 1) * H // M), d)
+            attn_cls = HeadSliceAttention
+        else:  # W_o columns of the group's heads, this rank's dims
+            wo_cols, attn_cls = q_rows, SequenceChunkAttention
+        ff = torch.arange(r * F, (r + 1) * F)
+        with torch.device("meta"):
+            model = Transformer(spec)
+            blocks = []
+            for _ in range(spec.n_layers):
+                mlp = (MoE(spec.d_model, F, spec.n_experts, spec.top_k, spec.activation)
+                       if spec.is_moe else MLP(spec.d_model, F, spec.activation))
+                attn = Attention(spec.d_model, H, Hkv, d // M)
+                blocks.append(Block(attn_cls(attn, spec, topo, comm, self.sum_all),
+                                    SumAfter(mlp, self.sum_all), make_norm(spec), make_norm(spec)))
+        for layer, blk in enumerate(blocks):
+            attn, mlp, p = blk.attn.local, blk.mlp.inner, f"layers.{layer}"
+            set_param(attn.wqkv, "weight", loader.qkv(layer, q_rows, kv_rows))
+            set_param(attn.wo, "weight", loader.wo(layer, wo_cols))
+            loader.norm(blk.attn_norm, f"{p}.attn_norm")
+            loader.norm(blk.mlp_norm, f"{p}.mlp_norm")
+            if spec.is_moe:  # every expert, this rank's 1/P of its d_ff
+                set_param(mlp.router, "weight", loader.get(f"{p}.moe.router"))
+                set_param(mlp, "w_in", loader.moe_in(layer, None, ff))
+                set_param(mlp, "w_down", loader.moe_down(layer, None, ff))
+            else:
+                set_param(mlp.w_in, "weight", loader.mlp_in(layer, ff))
+                set_param(mlp.w_down, "weight", loader.mlp_down(layer, ff))
+        model.layers = nn.ModuleList(blocks)
+        if spec.vocab_size is not None:
+            # Vocabulary rows split P ways, zero-padded to equal shards so the
+            # logits gather in one equal-size collective.
+            c = -(-spec.vocab_size // P)
+            rows = torch.arange(r * c, min((r + 1) * c, spec.vocab_size))
+            pad = (0, 0, 0, c - len(rows))
+            model.embed = VocabShardEmbedding(Fn.pad(loader.get("embed.weight", [rows]), pad),
+                                              r * c, self.sum_all)
+            model.lm_head = nn.Linear(spec.d_model, c, bias=False, device="meta")
+            set_param(model.lm_head, "weight", Fn.pad(loader.get("lm_head.weight", [rows]), pad))
+        loader.norm(model.norm, "norm")
+        self.model = model
+        if self.mode == "heads":
+            kv_held, cache_len = Hkv // M, workload.max_len
+        else:
+            kv_held, cache_len = Hkv, positions_held(M, s, workload.seq_len, workload.max_len)
+        self.caches = [KVCache.allocate(workload.batch, kv_held, cache_len, d, self.dtype,
+                                        self.device) for _ in range(spec.n_layers)]
+
+    @property
+    def supports_graphs(self) -> bool:
+        """A decode step can be captured in a CUDA graph (``pos`` a 0-d device
+        tensor) on the heads path, whose shapes do not depend on the position;
+        the sequence path picks the rank that stores the token on the host."""
+        return self.mode == "heads"
+
+    def forward(self, inputs: torch.Tensor, pos: int):
+        return self.model(inputs, self.caches, pos)
+
+    def collect(self, local):
+        if self.spec.vocab_size is None:  # every rank holds the summed output
+            return self.send_to_root(local, 0)
+        # Rank order is group-major, so slice-then-group gathers the shards in order.
+        logits = self.comm.all_gather(self.comm.all_gather(local, "slice", -1), "group", -1)
+        return logits[..., : self.spec.vocab_size] if self.topo.rank == 0 else None
+
+    def layer_bytes(self, tokens: int, decode: bool) -> dict[str, int]:
+        """Bytes this rank's Comm counts per layer (same keys as the engine's
+        ``comm_prefill_rank0``) for a step of ``tokens`` tokens per sequence."""
+        spec, topo, e = self.spec, self.topo, dtype_bytes(self.spec.dtype)
+        N, M = topo.size("group"), topo.size("slice")
+        B, D, d = self.workload.batch, spec.d_model, spec.head_dim
+        H, Hkv = spec.n_heads // N, spec.kv_heads // N
+        out: dict[str, int] = {}
+
+        def add(op: str, axis: str, nbytes: int) -> None:
+            if (topo.world_size if axis == "world" else topo.size(axis)) > 1:
+                out[f"{op}/{axis}"] = out.get(f"{op}/{axis}", 0) + nbytes
+
+        if self.mode == "heads":
+            add("all_to_all", "slice", B * tokens * (H + 2 * Hkv) * d // M * e)
+        elif decode:
+            add("all_gather", "slice", B * (H + 2 * Hkv) * d * e)
+            add("all_to_all", "slice", M * B * H * (d // M + 1) * 4)
+        else:
+            t0, t1 = balanced_ranges(tokens, M)[topo.coord("slice")]
+            add("all_to_all", "slice", B * tokens * H * d // M * e + B * (t1 - t0) * H * d * e)
+            add("all_gather", "slice", B * tokens * 2 * Hkv * d * e)
+        y = B * tokens * D
+        for _ in ("attention", "mlp"):
+            if self.sum_all.how == "flat":
+                add("all_reduce", "world", y * e)
+            else:
+                padded = -(-y // M) * M * e
+                add("reduce_scatter", "slice", padded)
+                add("all_reduce", "group", padded // M)
+                add("all_gather", "slice", padded)
+        return out
+
+    def report(self) -> dict:
+        return {
+            "repartition": self.mode,
+            "kv_cache_split": "heads" if self.mode == "heads" else "sequence",
+            "reduce": self.sum_all.how,
+            "head_groups": self.topo.size("group"),
+            "dim_slices": self.topo.size("slice"),
+            "comm_bytes_per_layer": {
+                "prefill": self.layer_bytes(self.workload.seq_len, decode=False),
+                "decode": self.layer_bytes(1, decode=True),
+            },
+        }
+
+
+STRATEGY = Helix

@@ -1,0 +1,131 @@
+"""Timing of prefill and decode steps, and the ceilings figures are judged against.
+
+Prefill: warm-up iterations, then each timed iteration is bracketed by a
+device synchronisation and a barrier (so it is the slowest rank's time).
+Decode: the prompt is prefilled once, then steps run at positions L, L+1, ...
+When the strategy supports it and the device is CUDA, one decode step is
+captured in a CUDA graph with the position held in a device tensor (the
+static-shape path of the reference attention), and each timed step is one
+graph replay bracketed by CUDA events: no host synchronisation inside a step.
+
+The ceilings are measured here, on the device at hand, in the same run: a
+large bf16 GEMM (the matmul peak) and a large device-to-device copy (HBM
+bandwidth, bytes read plus bytes written).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BenchSettings:
+    phase: str = "both"  # prefill | decode | both
+    iters: int = 10
+    warmup: int = 3
+    graphs: bool = True  # CUDA graphs for decode steps where supported
+
+    @property
+    def decode_positions(self) -> int:
+        return self.warmup + self.iters + 1
+
+
+def summarize(times_s: list[float]) -> dict:
+    """Median and spread (min, max, and the 10th/90th percentile) in ms."""
+    ms = sorted(1e3 * t for t in times_s)
+    q = (lambda f: ms[min(len(ms) - 1, int(f * (len(ms) - 1) + 0.5))])
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1],
+            "p10_ms": q(0.1), "p90_ms": q(0.9), "n": len(ms)}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceilings(device, dtype=torch.bfloat16) -> dict:
+    """Matmul peak (TFLOP/s, 8192^3 GEMM on random data) and copy bandwidth
+    (GB/s, read + write of a 2 GiB buffer), medians of several runs."""
+    if device.type != "cuda":
+        return {"matmul_peak_tflops": None, "hbm_peak_gbps": None}
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm = _event_times(lambda: a @ b, 10, 3)
+    src = torch.empty(2**30 // 2, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    cp = _event_times(lambda: dst.copy_(src), 10, 3)
+    out = {"matmul_peak_tflops": 2 * n**3 / statistics.median(mm) / 1e12,
+           "hbm_peak_gbps": 2 * src.nbytes / statistics.median(cp) / 1e9}
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return out
+
+
+def _event_times(fn, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+
+
+def timed_call(fn, device, comm):
+    """Run ``fn`` between barriers and device syncs; (result, seconds)."""
+    comm.barrier()
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    comm.barrier()
+    return out, time.perf_counter() - t0
+
+
+def time_prefill(model, prompt, s: BenchSettings, device, comm) -> list[float]:
+    for _ in range(s.warmup):
+        model.step(prompt, 0)
+    return [timed_call(lambda: model.step(prompt, 0), device, comm)[1] for _ in range(s.iters)]
+
+
+def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, comm):
+    """Decode step times (seconds) at positions seq_len + warmup + i; returns
+    (times, used_graphs)."""
+    model.step(prompt, 0)
+    use_graphs = s.graphs and device.type == "cuda" and getattr(model, "supports_graphs", False)
+    if not use_graphs:
+        for i in range(s.warmup):
+            model.step(token, seq_len + i)
+        return [timed_call(lambda: model.step(token, seq_len + s.warmup + i), device, comm)[1]
+                for i in range(s.iters)], False
+    pos = torch.tensor(seq_len, device=device)
+    static_in = token.clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm up (allocations, kernels) off the capture
+        for i in range(s.warmup):
+            pos.fill_(seq_len + i)
+            model.step(static_in, pos)
+    torch.cuda.current_stream(device).wait_stream(side)
+    comm.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.step(static_in, pos)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(s.iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(s.iters)]
+    comm.barrier()
+    for i in range(s.iters):
+        pos.fill_(seq_len + s.warmup + i)
+        starts[i].record()
+        graph.replay()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    comm.barrier()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(starts, ends)], True

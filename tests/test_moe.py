@@ -1,0 +1,111 @@
+"""The reference MoE (no processes): against a naive per-token loop, and the
+properties of the softmax top-k router.
+
+float64 throughout (the router's softmax alone is fp32, by design): these
+compare two orderings of the same arithmetic, so anything above ~1e-12 is a
+real difference, not rounding.
+"""
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from shardwise.model.reference import MoE, expert_mlp, route
+from shardwise.parallel.ep import grouped_expert_mlp
+
+D, F, E = 16, 24, 6
+
+
+def random_moe(top_k: int, activation: str, seed: int = 0, **kw) -> MoE:
+    g = torch.Generator().manual_seed(seed)
+    moe = MoE(D, F, E, top_k, activation, **kw).double()
+    n_in = 2 if activation == "swiglu" else 1
+    local = moe.w_in.shape[0]
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.randn(E, D, generator=g, dtype=torch.float64))
+        moe.w_in.copy_(torch.randn(local, n_in * F, D, generator=g, dtype=torch.float64) / D**0.5)
+        moe.w_down.copy_(torch.randn(local, D, F, generator=g, dtype=torch.float64) / F**0.5)
+    return moe
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """One token at a time, straight from the definition:
+    ``y = sum_j softmax(top-k logits)_j * expert_{e_j}(x)``."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        logits = moe.router.weight @ x[n]  # [E]
+        ranked = sorted(range(E), key=lambda e: -float(logits[e]))[: moe.top_k]
+        # The router's softmax runs in fp32 whatever the model's dtype (route()).
+        gates = torch.softmax(logits[ranked].float(), dim=0).to(x.dtype)
+        for gate, e in zip(gates, ranked):
+            h = moe.w_in[e] @ x[n]
+            if moe.activation == "swiglu":
+                h = Fn.silu(h[:F]) * h[F:]
+            else:
+                h = Fn.gelu(h)
+            out[n] += gate * (moe.w_down[e] @ h)
+    return out
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("top_k", [1, 2, E])
+def test_reference_moe_equals_per_token_loop(top_k, activation):
+    moe = random_moe(top_k, activation)
+    x = torch.randn(3, 7, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = moe(x)
+        want = naive_moe(moe, x.reshape(-1, D)).view_as(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_expert_shares_sum_to_the_full_moe():
+    # What tp_pp relies on: MoEs holding disjoint expert ranges add up to the whole.
+    full = random_moe(2, "gelu")
+    x = torch.randn(20, D, dtype=torch.float64)
+    total = torch.zeros_like(x)
+    with torch.no_grad():
+        for first, local in ((0, 2), (2, 3), (5, 1)):
+            part = MoE(D, F, E, 2, "gelu", first, local).double()
+            part.router.weight.copy_(full.router.weight)
+            part.w_in.copy_(full.w_in[first : first + local])
+            part.w_down.copy_(full.w_down[first : first + local])
+            total += part(x)
+        torch.testing.assert_close(total, full(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_route_is_softmax_over_the_top_k(top_k):
+    logits = torch.randn(50, 8, generator=torch.Generator().manual_seed(2))
+    weights, experts = route(logits, top_k)
+    assert weights.shape == experts.shape == (50, top_k)
+    assert weights.dtype == torch.float32
+    # k distinct experts per token, and they are the k largest logits.
+    assert all(len(set(row)) == top_k for row in experts.tolist())
+    chosen = logits.gather(1, experts)
+    rest = logits.scatter(1, experts, float("-inf"))
+    assert (chosen.min(1).values >= rest.max(1).values).all()
+    # Weights: positive, summing to 1, in the order of the logits, and equal
+    # to the full softmax restricted to the chosen experts and renormalised.
+    torch.testing.assert_close(weights.sum(1), torch.ones(50))
+    assert (weights > 0).all() and (weights[:, :-1] >= weights[:, 1:]).all()
+    full = torch.softmax(logits, dim=1).gather(1, experts)
+    torch.testing.assert_close(weights, full / full.sum(1, keepdim=True))
+
+
+def test_route_computes_in_fp32_for_low_precision_logits():
+    logits = torch.randn(10, 4).bfloat16()
+    weights, _ = route(logits, 2)
+    assert weights.dtype == torch.float32
+
+
+def test_grouped_expert_mlp_equals_one_expert_at_a_time():
+    # ep's grouped GEMM: rows grouped by expert (some groups empty).
+    moe = random_moe(2, "swiglu")
+    sizes = [3, 0, 5, 1, 0, 4]
+    x = torch.randn(sum(sizes), D, dtype=torch.float64)
+    got = grouped_expert_mlp(x, sizes, moe.w_in.detach(), moe.w_down.detach(), "swiglu")
+    start, want = 0, []
+    for e, n in enumerate(sizes):
+        want.append(expert_mlp(x[start : start + n], moe.w_in[e].detach(),
+                               moe.w_down[e].detach(), "swiglu"))
+        start += n
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-12, atol=1e-12)
