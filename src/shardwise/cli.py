@@ -58,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to start (default: what the plan needs)")
 
+    p = sub.add_parser("bench", help="time plans after checking their numerics")
+    _common(p)
+    p.add_argument("--plan", action="append", dest="plans", required=True,
+                   help="plan to time (repeatable); peers: torch_eager:1, torch_tp:T")
+    p.add_argument("--phase", choices=["prefill", "decode", "both"], default="both")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--out", default="results/bench.jsonl", help="JSON lines file to append to")
+    p.add_argument("--resume", action="store_true",
+                   help="skip (plan, phase) records already in --out for this workload")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks for plans that adapt to any number (layerwise)")
+
     sub.add_parser("presets", help="list the model presets")
 
     p = sub.add_parser("partition", help="show layerwise groups for a capacity")
@@ -188,6 +202,72 @@ def cmd_run(args) -> int:
     return 0 if all(r["ok"] for r in results) else 1
 
 
+def cmd_bench(args) -> int:
+    from .bench.records import append_records, provenance, read_records
+    from .parallel.base import validate_plan
+    from .runtime.job import Case, Job
+    from .runtime.timing import BenchSettings
+
+    device = resolve_device(args.device)
+    preset, model, wl = make_case_parts(args, device)
+    settings = BenchSettings(phase=args.phase, iters=args.iters, warmup=args.warmup,
+                             graphs=not args.no_graphs)
+    timed = wl.replace(decode_steps=settings.decode_positions)
+    check = preset.reduced.replace(batch=min(preset.reduced.batch, timed.batch),
+                                   seq_len=min(preset.reduced.seq_len, timed.seq_len))
+    done = set()
+    if args.resume and os.path.exists(args.out):
+        done = {(r["plan"], r["phase"]) for r in read_records(args.out)
+                if (r.get("preset"), r.get("n_layers"), r.get("batch"), r.get("seq_len"),
+                    r.get("dtype")) == (args.preset, model.n_layers, timed.batch,
+                                        timed.seq_len, model.dtype)}
+    by_world: dict[int, list[str]] = {}
+    for text in args.plans:
+        plan = Plan.parse(text)
+        _, topo = validate_plan(model, timed, plan, args.nproc)
+        validate_plan(model, check, plan, topo.world_size)
+        phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]
+        if all((str(plan), ph) in done for ph in phases):
+            print(f"skipping {plan}: already in {args.out}")
+            continue
+        check_ranks(topo.world_size, device)
+        by_world.setdefault(topo.world_size, []).append(str(plan))
+    records = []
+    for world, plans in sorted(by_world.items()):
+        cases = [Case(model, check, p, seed=args.seed, preset=args.preset) for p in plans]
+        cases += [Case(model, timed, p, seed=args.seed, preset=args.preset, verify=False,
+                       bench=vars(settings)) for p in plans]
+        job = Job(cases, world, device, timeout_s=args.timeout, warmup=1)
+        results = _run_job(job, args)
+        if not results:
+            continue  # a non-zero torchrun rank
+        errs = {r["plan"]: r["max_rel_err"] for r in results if "max_rel_err" in r}
+        prov = provenance(device, world)
+        new = [{**prov, **r, "max_rel_err": errs.get(r["plan"]),
+                "check_workload": [check.batch, check.seq_len, check.decode_steps]}
+               for r in results if "phase" in r]
+        append_records(args.out, new)  # per world size: an interrupted sweep keeps these
+        records += new
+    if records:
+        from .report import print_bench
+
+        print_bench(records)
+        print(f"appended {len(records)} record(s) to {args.out}")
+    bad = [r["plan"] for r in records if r["max_rel_err"] is None
+           or r["max_rel_err"] > tolerance_of(model.dtype)]
+    if bad:
+        print(f"shardwise: numerics check failed for {', '.join(sorted(set(bad)))}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def tolerance_of(dtype: str) -> float:
+    from .runtime.job import tolerance
+
+    return tolerance(dtype)
+
+
 def _save(args, results, device, nproc) -> None:
     if not args.json:
         return
@@ -214,7 +294,7 @@ def cmd_partition(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "verify": cmd_verify, "presets": cmd_presets,
+COMMANDS = {"run": cmd_run, "verify": cmd_verify, "bench": cmd_bench, "presets": cmd_presets,
             "partition": cmd_partition}
 
 

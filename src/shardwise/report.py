@@ -89,3 +89,27 @@ def print_presets(presets: dict) -> None:
                   f"{m.total_params() / 1e9:.2f}B" if m.total_params() > 1e8
                   else f"{m.total_params() / 1e6:.2f}M", p.baseline, p.proposed)
     console.print(t)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_bench(records: list[dict]) -> None:
+    r0 = records[0]
+    console.print(f"{r0['model']} ({r0['dtype']}, {r0['n_layers']} layers), batch {r0['batch']}, "
+                  f"context {r0['seq_len']} on {r0['device']}; matmul peak "
+                  f"{_fmt(r0.get('matmul_peak_tflops'), '.0f')} TFLOP/s, copy "
+                  f"{_fmt(r0.get('hbm_peak_gbps'), '.0f')} GB/s (measured in this run)")
+    t = Table()
+    for col in ("plan", "ranks", "phase", "tokens/s", "step ms (p10-p90)", "ms/token", "MFU",
+                "HBM GB/s", "x floor", "peak mem GB", "comm/step", "graphs", "rel err"):
+        t.add_column(col, justify="left" if col in ("plan", "phase") else "right")
+    for r in records:
+        t.add_row(r["plan"], str(r["n_devices"]), r["phase"], f"{r['tps']:,.0f}",
+                  f"{r['median_ms']:.3f} ({r['p10_ms']:.3f}-{r['p90_ms']:.3f})",
+                  _fmt(r.get("ms_per_token"), ".4f"), _fmt(r.get("mfu"), ".2f"),
+                  _fmt(r.get("hbm_gbps"), ".0f"), _fmt(r.get("floor_ratio"), ".2f"),
+                  _fmt(r.get("peak_mem_gb"), ".1f"), human_bytes(r.get("comm_bytes")),
+                  "yes" if r.get("cuda_graphs") else "-", _fmt(r.get("max_rel_err"), ".1e"))
+    console.print(t)
