@@ -103,7 +103,8 @@ def print_bench(records: list[dict]) -> None:
                   f"{_fmt(r0.get('hbm_peak_gbps'), '.0f')} GB/s (measured in this run)")
     t = Table()
     for col in ("plan", "ranks", "phase", "tokens/s", "step ms (p10-p90)", "ms/token", "MFU",
-                "HBM GB/s", "x floor", "peak mem GB", "comm/step", "graphs", "rel err"):
+                "HBM GB/s", "x floor", "peak mem GB", "comm/step", "comm share", "graphs",
+                "rel err"):
         t.add_column(col, justify="left" if col in ("plan", "phase") else "right")
     for r in records:
         t.add_row(r["plan"], str(r["n_devices"]), r["phase"], f"{r['tps']:,.0f}",
@@ -111,5 +112,6 @@ def print_bench(records: list[dict]) -> None:
                   _fmt(r.get("ms_per_token"), ".4f"), _fmt(r.get("mfu"), ".2f"),
                   _fmt(r.get("hbm_gbps"), ".0f"), _fmt(r.get("floor_ratio"), ".2f"),
                   _fmt(r.get("peak_mem_gb"), ".1f"), human_bytes(r.get("comm_bytes")),
+                  _fmt(r.get("comm_share"), ".0%"),
                   "yes" if r.get("cuda_graphs") else "-", _fmt(r.get("max_rel_err"), ".1e"))
     console.print(t)

@@ -12,6 +12,7 @@ and all-to-all, the tensor for point-to-point.
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Sequence
 
@@ -29,6 +30,7 @@ class Comm:
         self.topo = topo
         self.backend = dist.get_backend() if dist.is_initialized() else "none"
         self.stats: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # key -> [calls, bytes]
+        self.time_blocking, self.blocking_s = False, 0.0
 
     # -- accounting -------------------------------------------------------
     def _count(self, op: str, axis: str, nbytes: int) -> None:
@@ -38,6 +40,21 @@ class Comm:
 
     def reset(self) -> None:
         self.stats.clear()
+        self.blocking_s = 0.0
+
+    def _blocking(self, fn, *args, **kwargs):
+        """Run a blocking collective; with ``self.time_blocking`` set, bracket it
+        with device synchronisations and add its wall time to ``blocking_s``
+        (used once per benchmark, on an extra untimed step, for comm_share)."""
+        if not self.time_blocking:
+            return fn(*args, **kwargs)
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync()
+        self.blocking_s += time.perf_counter() - t0
+        return out
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {k: {"calls": c, "bytes": b} for k, (c, b) in sorted(self.stats.items())}
@@ -50,7 +67,7 @@ class Comm:
         """Sum ``t`` over ``axis`` in place."""
         if self.topo.size(axis) > 1:
             self._count("all_reduce", axis, t.nbytes)
-            dist.all_reduce(t, group=self.topo.group(axis))
+            self._blocking(dist.all_reduce, t, group=self.topo.group(axis))
         return t
 
     def all_gather(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
@@ -61,7 +78,7 @@ class Comm:
         t = t.movedim(dim, 0).contiguous()
         out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         self._count("all_gather", axis, out.nbytes)
-        _all_gather_into(out, t, group=self.topo.group(axis))
+        self._blocking(_all_gather_into, out, t, group=self.topo.group(axis))
         return out.movedim(0, dim)
 
     def reduce_scatter(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
@@ -72,7 +89,7 @@ class Comm:
         t = t.movedim(dim, 0).contiguous()
         out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
         self._count("reduce_scatter", axis, t.nbytes)
-        _reduce_scatter_into(out, t, group=self.topo.group(axis))
+        self._blocking(_reduce_scatter_into, out, t, group=self.topo.group(axis))
         return out.movedim(0, dim)
 
     def all_to_all(self, t: torch.Tensor, axis: str, in_splits: Sequence[int] | None = None,
@@ -87,8 +104,8 @@ class Comm:
         rows = sum(out_splits) if out_splits is not None else t.shape[0]
         out = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
         self._count("all_to_all", axis, t.nbytes)
-        dist.all_to_all_single(
-            out, t, output_split_sizes=None if out_splits is None else list(out_splits),
+        self._blocking(
+            dist.all_to_all_single, out, t, output_split_sizes=None if out_splits is None else list(out_splits),
             input_split_sizes=None if in_splits is None else list(in_splits),
             group=self.topo.group(axis),
         )
@@ -130,7 +147,7 @@ class Comm:
         ``world``): the flat reduction that hierarchical schemes are compared with."""
         if self.topo.world_size > 1:
             self._count("all_reduce", "world", t.nbytes)
-            dist.all_reduce(t)
+            self._blocking(dist.all_reduce, t)
         return t
 
     def all_to_all_start(self, t: torch.Tensor, axis: str, in_splits: Sequence[int],
@@ -154,3 +171,11 @@ class Comm:
             return out
 
         return wait
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``t`` on every rank with global rank ``src``'s ``t``, in
+        place (counted on axis ``world``): e.g. the token rank 0 chose."""
+        if self.topo.world_size > 1:
+            self._count("broadcast", "world", t.nbytes)
+            self._blocking(dist.broadcast, t, src)
+        return t

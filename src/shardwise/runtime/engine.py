@@ -184,20 +184,18 @@ def bench_case(case, plan, comm, model, rank, device) -> list[dict]:
     peak_flops = ceil["matmul_peak_tflops"] * 1e12 * world if ceil["matmul_peak_tflops"] else None
     if s.phase in ("prefill", "both"):
         times = time_prefill(model, prompt, s, device, comm)
-        comm.reset()
-        model.step(prompt, 0)
-        comm_bytes = _max_over_ranks(comm.total_bytes(), device)
+        comm_bytes, comm_share = _comm_profile(lambda: model.step(prompt, 0), device, comm)
         med = statistics.median(times)
         flops = metrics.prefill_flops(spec, wl.batch, wl.seq_len)
         records.append({**common, "phase": "prefill", "tps": wl.batch * wl.seq_len / med,
                         "tpot_ms": None, "ms_per_token": None,
                         "mfu": flops / med / peak_flops if peak_flops else None,
-                        "hbm_gbps": None, "comm_bytes": comm_bytes, **summarize(times)})
+                        "hbm_gbps": None, "comm_bytes": comm_bytes, "comm_share": comm_share,
+                        **summarize(times)})
     if s.phase in ("decode", "both"):
         times, graphs = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
-        comm.reset()
-        model.step(steps[0], wl.seq_len)
-        comm_bytes = _max_over_ranks(comm.total_bytes(), device)
+        comm_bytes, comm_share = _comm_profile(lambda: model.step(steps[0], wl.seq_len),
+                                               device, comm)
         med = statistics.median(times)
         ctx = wl.seq_len + s.warmup + s.iters // 2
         nbytes = metrics.decode_bytes(spec, wl.batch, ctx)
@@ -209,7 +207,8 @@ def bench_case(case, plan, comm, model, rank, device) -> list[dict]:
                         "hbm_gbps": nbytes / world / med / 1e9, "hbm_floor_ms":
                         1e3 * floor_s if floor_s else None,
                         "floor_ratio": med / floor_s if floor_s else None,
-                        "cuda_graphs": graphs, "comm_bytes": comm_bytes, **summarize(times)})
+                        "cuda_graphs": graphs, "comm_bytes": comm_bytes, "comm_share": comm_share,
+                        **summarize(times)})
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     peak = _max_over_ranks(peak, device)
     report = model.report()  # after the runs: some strategies report what the last one did
@@ -217,6 +216,22 @@ def bench_case(case, plan, comm, model, rank, device) -> list[dict]:
         r["peak_mem_gb"] = peak / 1e9
         r["report"] = report
     return records if rank == 0 else []
+
+
+def _comm_profile(step, device, comm) -> tuple[float, float]:
+    """Bytes sent (busiest rank) and the share of a step spent inside blocking
+    collectives, from one extra untimed step with a device sync around every
+    collective (so overlap is not credited: an upper bound on exposed comm)."""
+    comm.reset()
+    comm.time_blocking = True
+    try:
+        _, step_s = timed_call(step, device, comm)
+    finally:
+        comm.time_blocking = False
+    nbytes = _max_over_ranks(comm.total_bytes(), device)
+    share = _max_over_ranks(comm.blocking_s / step_s, device)
+    comm.reset()
+    return nbytes, share
 
 
 def _max_over_ranks(value: float, device) -> float:
