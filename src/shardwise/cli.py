@@ -74,6 +74,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the model presets")
 
+    p = sub.add_parser("predict", help="predict one plan with the cost model (no processes)")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--cluster", default="h100-sxm-16", help="profile name or JSON path")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--phase", choices=["prefill", "decode", "both"])
+
+    p = sub.add_parser("plan", help="rank every valid plan for a model on a cluster")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--cluster", default="h100-sxm-16", help="profile name or JSON path")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--phase", choices=["prefill", "decode"], default="prefill")
+    p.add_argument("--top", type=int, help="show only the best N")
+    p.add_argument("--ranks", type=int, help="plans using exactly this many GPUs")
+
+    p = sub.add_parser("reproduce", help="a seed's claims beside shardwise's prediction")
+    p.add_argument("seed", help="preset name (seed-helix-2l) or seed document id (000..004)")
+    p.add_argument("--cluster", default="h100-sxm-16")
+    p.add_argument("--results", nargs="*", help="results files with measured runs to show")
+    p.add_argument("--profile", help="profile calibrated where those results were measured")
+
+    p = sub.add_parser("calibrate", help="measure this machine and write a cluster profile")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--nproc", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--quick", action="store_true", help="small sizes (a functional check)")
+    p.add_argument("--name", help="profile name (default from the device)")
+
+    p = sub.add_parser("report", help="tables and plots of results files, or prediction fidelity")
+    p.add_argument("files", nargs="+", help="results JSON lines files")
+    p.add_argument("--fidelity", action="store_true",
+                   help="compare each record with the cost model's prediction")
+    p.add_argument("--profile", help="cluster profile for --fidelity (calibrated on the same machine)")
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots to DIR")
+
     p = sub.add_parser("partition", help="show layerwise groups for a capacity")
     p.add_argument("--preset", required=True)
     p.add_argument("--capacity", required=True, help="bytes (80GB, 50MB) or L2 / HBM[@h100|@h200]")
@@ -294,7 +331,53 @@ def cmd_partition(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "verify": cmd_verify, "bench": cmd_bench, "presets": cmd_presets,
+def cmd_predict(args) -> int:
+    from .perf.planner import predict_command
+
+    print(predict_command(args.preset, args.plan, args.cluster, args.batch, args.seq, args.phase))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .perf.planner import plan_command
+
+    print(plan_command(args.preset, args.cluster, args.batch, args.seq, args.phase, args.top,
+                       args.ranks))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .perf.reproduce import reproduce_command
+
+    print(reproduce_command(args.seed, args.cluster, args.results, args.profile))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .perf.calibrate import calibrate_command
+
+    print(calibrate_command(args.out, args.nproc, args.device, args.quick, args.name))
+    return 0
+
+
+def cmd_report(args) -> int:
+    if args.fidelity:
+        if not args.profile:
+            raise ShardwiseError("--fidelity needs --profile (a profile calibrated on the "
+                                 "machine that produced the results)")
+        from .perf.reproduce import fidelity_command
+
+        print(fidelity_command(args.files, args.profile))
+        return 0
+    from .report import report_files
+
+    report_files(args.files, args.plots)
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "reproduce": cmd_reproduce,
+            "calibrate": cmd_calibrate, "report": cmd_report,
+            "run": cmd_run, "verify": cmd_verify, "bench": cmd_bench, "presets": cmd_presets,
             "partition": cmd_partition}
 
 

@@ -115,3 +115,61 @@ def print_bench(records: list[dict]) -> None:
                   _fmt(r.get("comm_share"), ".0%"),
                   "yes" if r.get("cuda_graphs") else "-", _fmt(r.get("max_rel_err"), ".1e"))
     console.print(t)
+
+
+def report_files(paths: list[str], plot_dir: str | None = None) -> None:
+    """Bench records from results files as tables (one per model and workload),
+    and optionally PNG plots: tokens/s and decode step time per plan."""
+    from .bench.records import read_records
+
+    records = [r for p in paths for r in read_records(p) if "phase" in r and "tps" in r]
+    if not records:
+        console.print("no benchmark records in " + ", ".join(paths))
+        return
+    groups: dict = {}
+    for r in records:
+        key = (r["model"], r.get("n_layers"), r["dtype"], r["batch"], r["seq_len"], r["device"])
+        groups.setdefault(key, []).append(r)
+    for key in sorted(groups, key=str):
+        print_bench(groups[key])
+    if plot_dir:
+        for path in plot_records(records, plot_dir):
+            console.print(f"wrote {path}")
+
+
+def plot_records(records: list[dict], out_dir: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .spec import ShardwiseError
+
+        raise ShardwiseError("plots need matplotlib: pip install 'shardwise[plot]'") from None
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for phase, metric, label in (("prefill", "tps", "prefill tokens/s"),
+                                 ("decode", "median_ms", "decode step time (ms)")):
+        rows = [r for r in records if r["phase"] == phase]
+        if not rows:
+            continue
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault((r["model"], r["batch"], r["seq_len"]), []).append(r)
+        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+        for ax, ((model, batch, seq), rs) in zip(axes[0], sorted(groups.items(), key=str)):
+            rs = sorted(rs, key=lambda r: (r["n_devices"], r["plan"]))
+            names = [f"{r['plan']}\n({r['n_devices']} GPU)" for r in rs]
+            vals = [r[metric] for r in rs]
+            bars = ax.bar(range(len(rs)), vals, color=[f"C{r['n_devices']}" for r in rs])
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+            ax.set_xticks(range(len(rs)), names, rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{model}, batch {batch}, context {seq}", fontsize=9)
+            ax.set_ylabel(label)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{phase}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -16,8 +16,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as Fn
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..spec import ModelSpec
+
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class KVCache:
@@ -97,7 +100,11 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
     if q_start == 0 and T == S:
         return Fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if q_start + T == S and T == 1:
-        return Fn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        # A decode step sees a new key count every step. cuDNN's attention
+        # builds an execution plan per shape (tens of ms each), so it is left
+        # out here; the flash and memory-efficient kernels need no plan.
+        with sdpa_kernel(_DECODE_BACKENDS):
+            return Fn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     q_pos = torch.arange(q_start, q_start + T, device=q.device)
     mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # [T, S]
     return Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -59,8 +59,10 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05) -> list[dict]:
-    """Run ``job`` on ``job.nproc`` local ranks; return rank 0's results."""
+def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
+           module: str = "shardwise.runtime.worker") -> list[dict]:
+    """Run ``job`` on ``job.nproc`` local ranks; return rank 0's results.
+    ``module`` is the per-rank entry point (``python -m MODULE JOB.json``)."""
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         job_file = os.path.join(tmp, "job.json")
         result_file = os.path.join(tmp, "result.json")
@@ -81,7 +83,7 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05) -> l
             for r in range(job.nproc):
                 env = dict(base_env, RANK=str(r), LOCAL_RANK=str(r))
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "shardwise.runtime.worker", job_file],
+                    [sys.executable, "-m", module, job_file],
                     env=env, start_new_session=True,
                 ))
             while True:

@@ -1,0 +1,1 @@
+"""Pure-Python performance models: no processes, no ``torch.distributed``."""

@@ -1,0 +1,264 @@
+"""Set the seed experiments' claimed figures beside shardwise's predictions,
+check the claims against each other and against the hardware, and measure
+the cost model's error against real runs (``fidelity``).
+
+The claimed figures below are transcribed from the seed documents (by id).
+Each claim is a TPS and a TPOT; the documents do not say whether TPS is
+prefill or decode throughput, nor whether TPOT is a decode step's latency or
+that latency divided by the batch, so the checks test each reading.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from ..parallel.base import validate_plan
+from ..presets import PRESETS, get_preset
+from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
+from .clusters import Cluster, load_cluster
+from .costmodel import Prediction, fmt_bytes, predict
+from .planner import _table
+
+# Datasheet peaks (H100 SXM): dense fp16/bf16 tensor cores and HBM3; the
+# claims are checked against what the hardware could do at best.
+H100_PEAK_FLOPS = 989e12
+H100_PEAK_HBM = 3.35e12
+
+
+@dataclass(frozen=True)
+class Claim:
+    plan: str
+    tps: float  # tokens/s
+    tpot_ms: float
+
+
+@dataclass(frozen=True)
+class SeedClaims:
+    doc: str  # seed document id
+    presets: tuple[str, ...]
+    gpus: int
+    baseline: Claim
+    proposed: Claim
+
+
+SEEDS: dict[str, SeedClaims] = {s.doc: s for s in (
+    # "2-layer Dense ... Baseline (TP=8, PP=2) 1,200,000 0.35; Proposed (m x n=16) 1,580,000 0.22"
+    SeedClaims("000_cf9853f796bd8a98", ("seed-helix-2l",), 16,
+               Claim("tp_pp:8x2", 1_200_000, 0.35), Claim("helix:4x4", 1_580_000, 0.22)),
+    # "Baseline TP=8, PP=2 1.20M 0.85; RA+SP 1.45M 0.70"
+    SeedClaims("001_540de35c73915cd1", ("seed-ring-4l",), 16,
+               Claim("tp_pp:8x2", 1_200_000, 0.85), Claim("ring:16", 1_450_000, 0.70)),
+    # "TPS 12,800 -> 15,360; TPOT 0.078 -> 0.065 ms"
+    SeedClaims("002_c95086c2ea772412", ("seed-layerwise-3b", "seed-layerwise-30b"), 16,
+               Claim("tp_pp:8x2", 12_800, 0.078), Claim("layerwise:cap=L2", 15_360, 0.065)),
+    # "Baseline (TP=8, PP=2): TPS 120,000, TPOT 8.3 ms; Proposed (EP=16): 450,000, 2.2 ms"
+    SeedClaims("003_20484a92daf2c30a", ("seed-moe-16l",), 16,
+               Claim("tp_pp:8x2", 120_000, 8.3), Claim("ep:16", 450_000, 2.2)),
+    # "4-layer Dense ... 1,200,000 0.35; Proposed (m x n=16) 1,580,000 0.22"
+    SeedClaims("004_440e515445fd6fd9", ("seed-helix-4l",), 16,
+               Claim("tp_pp:8x2", 1_200_000, 0.35), Claim("helix:4x4", 1_580_000, 0.22)),
+)}
+
+
+def find_seed(name: str) -> tuple[SeedClaims, list[str]]:
+    """A seed by preset name, document id, id prefix (``000``) or file name."""
+    key = name.removesuffix(".txt")
+    for s in SEEDS.values():
+        if key in s.presets:
+            return s, [key]
+        if s.doc == key or s.doc.startswith(key + "_") or s.doc.split("_")[0] == key:
+            return s, list(s.presets)
+    raise ShardwiseError(f"unknown seed {name!r}; give a preset "
+                         f"({', '.join(p for s in SEEDS.values() for p in s.presets)}) "
+                         f"or a document id ({', '.join(s.doc[:3] for s in SEEDS.values())})")
+
+
+def model_flops_per_token(spec: ModelSpec, context: int) -> float:
+    """Forward FLOPs of one prompt token: 2 per weight it meets (top-k experts
+    for MoE) plus Q.K^T and P.V over its average causal context (context+1)/2."""
+    mlp = spec.top_k * spec.expert_params() if spec.is_moe else spec.mlp_params()
+    per_layer = 2 * (spec.attn_params() + mlp)
+    per_layer += 4 * spec.n_heads * spec.head_dim * (context + 1) / 2
+    return spec.n_layers * per_layer
+
+
+def decode_floor_s(spec: ModelSpec, wl: Workload, gpus: int) -> float:
+    """The shortest a decode step can be: every weight and the whole KV cache
+    read once, over all GPUs' HBM at datasheet bandwidth."""
+    e = dtype_bytes(spec.dtype)
+    kv = spec.n_layers * 2 * wl.batch * spec.kv_heads * spec.head_dim * wl.seq_len * e
+    return (spec.total_params() * e + kv) / (gpus * H100_PEAK_HBM)
+
+
+def consistency(seed: SeedClaims, spec: ModelSpec, wl: Workload) -> list[str]:
+    """What the claimed figures imply, computed (nothing here is hand-written)."""
+    out = []
+    B, P = wl.batch, seed.gpus
+    floor = decode_floor_s(spec, wl, P)
+    flops = model_flops_per_token(spec, wl.seq_len)
+    e = dtype_bytes(spec.dtype)
+    kv = spec.n_layers * 2 * B * spec.kv_heads * spec.head_dim * (wl.seq_len + 1) * e
+    if kv > P * 80e9:
+        out.append(f"the KV cache at batch {B}, context {wl.seq_len} is {fmt_bytes(kv)}, more "
+                   f"than {P} x 80 GB: decode at that size cannot run on the seed's cluster")
+    for label, c in (("baseline", seed.baseline), ("proposed", seed.proposed)):
+        inflight = c.tps * c.tpot_ms * 1e-3
+        if abs(inflight - B) / B < 0.05:
+            reading = (f"= batch {B}: TPS is decode throughput batch / TPOT, so TPOT is the "
+                       f"step latency")
+        elif abs(inflight - 1) < 0.05:
+            reading = "= 1: TPOT is just 1 / TPS, the same figure twice, not a latency"
+        else:
+            reading = f"matches neither the batch ({B}) nor 1: the two figures disagree"
+        out.append(f"{label}: TPS x TPOT = {c.tps:,.0f} x {c.tpot_ms} ms = {inflight:,.1f} "
+                   f"tokens in flight {reading}")
+        step_if_per_token = c.tpot_ms * B
+        verdicts = []
+        for what, ms in (("a step's latency", c.tpot_ms), ("step / batch", step_if_per_token)):
+            ok = ms * 1e-3 >= floor
+            verdicts.append(f"as {what} ({ms:.4g} ms per step) it is "
+                            f"{'above' if ok else 'BELOW'} the HBM floor")
+        out.append(f"{label}: a decode step must read {fmt_bytes(floor * P * H100_PEAK_HBM)} "
+                   f"(weights + KV cache), >= {floor * 1e3:.3g} ms on {P} GPUs at "
+                   f"{H100_PEAK_HBM / 1e12} TB/s; TPOT {c.tpot_ms} ms " + "; ".join(verdicts))
+        mfu = c.tps * flops / (P * H100_PEAK_FLOPS)
+        out.append(f"{label}: as prefill, {c.tps:,.0f} tokens/s x {flops / 1e9:.3g} GFLOP/token "
+                   f"= {mfu:.1%} of {P} GPUs' dense peak"
+                   + (" (impossible)" if mfu > 1 else ""))
+    return out
+
+
+def _measured_rows(results: list[str], preset: str, profile: Cluster | None) -> list[list[str]]:
+    from ..bench.records import read_records
+
+    rows = []
+    for path in results:
+        for r in read_records(path):
+            if r.get("preset") != preset:
+                continue
+            tps = r.get("tps") or r.get("prefill_tokens_per_s")
+            pred = ""
+            if profile is not None:
+                try:
+                    spec, wl, plan, world = record_case(r)
+                    p = predict(spec, wl, plan, profile, world)
+                    pred = f"{p.prefill_tps:,.0f} / {p.decode_step_ms:.4g}"
+                except ShardwiseError as e:
+                    pred = f"({e})"
+            rows.append([r["plan"], f"{r.get('batch')}x{r.get('seq_len')}",
+                         str(r.get("device", "")), f"{tps:,.0f}" if tps else "-",
+                         f"{r['tpot_ms']:.4g}" if r.get("tpot_ms") else "-", pred])
+    return rows
+
+
+def reproduce_command(seed_name: str, cluster: str = "h100-sxm-16",
+                      results: list[str] | None = None, measured_profile: str | None = None) -> str:
+    """``shardwise reproduce SEED [--cluster C] [--results FILE ... --profile P]``."""
+    seed, presets = find_seed(seed_name)
+    cl = load_cluster(cluster)
+    parts = []
+    for name in presets:
+        p = get_preset(name)
+        spec, wl = p.model, p.workload
+        rows = []
+        preds: dict[str, Prediction] = {}
+        for label, claim in (("baseline", seed.baseline), ("proposed", seed.proposed)):
+            claimed = [f"{claim.tps:,.0f}", f"{claim.tpot_ms}"]
+            tries = [(label, claim.plan)]
+            if claim.plan.startswith("layerwise"):  # what the strategy can do on this cluster
+                tries.append((f"{label} (HBM)", "layerwise:cap=HBM"))
+            for what, plan in tries:
+                try:
+                    pr = predict(spec, wl, plan, cl)
+                except ShardwiseError as e:
+                    rows.append([what, plan, *claimed, "-", "-", "-", f"invalid: {e}"])
+                    continue
+                preds.setdefault(label, pr)
+                rows.append([what, str(pr.plan), *claimed, f"{pr.prefill_tps:,.0f}",
+                             f"{pr.decode_step_ms:.4g}", f"{pr.ms_per_token:.4g}",
+                             "fits" if pr.fits else f"no fit: {pr.reason}"])
+                break
+        title = (f"seed {seed.doc} / preset {name}: {spec.name}, {spec.dtype}, batch {wl.batch}, "
+                 f"context {wl.seq_len}; claimed vs predicted on {cl.name}")
+        parts.append(_table(title, ["", "plan", "claimed TPS", "claimed TPOT ms",
+                                    "pred. prefill tok/s", "pred. step ms", "pred. ms/token",
+                                    "memory"], rows))
+        if "baseline" in preds and "proposed" in preds:
+            b, q = preds["baseline"], preds["proposed"]
+            parts.append(f"claimed gain: TPS x{seed.proposed.tps / seed.baseline.tps:.3g}, TPOT "
+                         f"x{seed.proposed.tpot_ms / seed.baseline.tpot_ms:.3g}; predicted: prefill "
+                         f"x{q.prefill_tps / b.prefill_tps:.3g}, decode step "
+                         f"x{q.decode_step_ms / b.decode_step_ms:.3g}\n")
+        parts.append("consistency of the seed's own figures:\n"
+                     + "".join(f"- {line}\n" for line in consistency(seed, spec, wl)))
+        if p.notes:
+            parts.append("preset notes:\n" + "".join(f"- {n}\n" for n in p.notes))
+        if results:
+            prof = load_cluster(measured_profile) if measured_profile else None
+            rows = _measured_rows(results, name, prof)
+            if rows:
+                parts.append(_table(f"measured runs of {name}" + (
+                    f" (predictions on {prof.name})" if prof else ""),
+                    ["plan", "batch x seq", "device", "tok/s", "tpot ms",
+                     "pred. tok/s / step ms"], rows))
+    return "\n".join(parts)
+
+
+# -- fidelity: the model's error against measured runs -------------------------------
+
+def record_case(r: dict) -> tuple[ModelSpec, Workload, Plan, int]:
+    """The model, workload, plan and world size a result record describes."""
+    if not r.get("preset") or r["preset"] not in PRESETS:
+        raise ShardwiseError(f"record of plan {r.get('plan')} names no known preset")
+    spec = get_preset(r["preset"]).model
+    changes = {k: r[k] for k in ("dtype", "n_layers") if r.get(k) is not None}
+    if changes:
+        spec = spec.replace(**changes)
+    wl = Workload(batch=int(r["batch"]), seq_len=int(r["seq_len"]),
+                  decode_steps=int(r.get("decode_steps") or 1))
+    plan = Plan.parse(r["plan"])
+    world = int(r.get("world_size") or r.get("n_devices"))
+    validate_plan(spec, wl, plan, world)
+    return spec, wl, plan, world
+
+
+def fidelity_command(result_files: list[str], profile: str) -> str:
+    """``shardwise fidelity RESULTS.jsonl ... --profile P``: every measured
+    record (prefill tokens/s, decode tpot_ms) against its prediction on
+    ``profile``; median and max |relative error| per strategy and phase."""
+    from ..bench.records import read_records
+
+    cl = load_cluster(profile)
+    errors: dict[tuple[str, str], list[float]] = {}
+    rows, skipped = [], []
+    for path in result_files:
+        for r in read_records(path):
+            try:
+                spec, wl, plan, world = record_case(r)
+                p = predict(spec, wl, plan, cl, world)
+            except (ShardwiseError, KeyError, TypeError, ValueError) as e:
+                skipped.append(f"{r.get('plan')} ({r.get('preset')}): {e}")
+                continue
+            phase = r.get("phase", "both")
+            tps = r.get("tps") or r.get("prefill_tokens_per_s")
+            pairs = []
+            if tps and phase in ("prefill", "both"):
+                pairs.append(("prefill tok/s", tps, p.prefill_tps))
+            if r.get("tpot_ms") and phase in ("decode", "both"):
+                pairs.append(("decode ms", r["tpot_ms"], p.decode_step_ms))
+            for what, meas, pred in pairs:
+                err = pred / meas - 1
+                errors.setdefault((plan.strategy, what), []).append(err)
+                rows.append([str(plan), f"{wl.batch}x{wl.seq_len}", spec.dtype, what,
+                             f"{meas:,.4g}", f"{pred:,.4g}", f"{err:+.0%}"])
+    if not rows:
+        raise ShardwiseError("no record could be compared: " + ("; ".join(skipped) or "no records"))
+    out = _table(f"measured vs predicted on {cl.name}",
+                 ["plan", "batch x seq", "dtype", "metric", "measured", "predicted", "error"], rows)
+    summary = [[s, what, str(len(v)), f"{statistics.median(abs(x) for x in v):.0%}",
+                f"{max(abs(x) for x in v):.0%}"] for (s, what), v in sorted(errors.items())]
+    out += _table("error per strategy and phase (|predicted / measured - 1|)",
+                  ["strategy", "metric", "records", "median", "max"], summary)
+    if skipped:
+        out += "skipped:\n" + "".join(f"- {s}\n" for s in skipped)
+    return out
