@@ -125,3 +125,17 @@ def test_generation_inputs_are_checked_before_launch(models):
 
     with pytest.raises(ShardwiseError, match="n_kv_heads"):
         generation_job(path, "tp_pp:4x1", [1, 2, 3], 4)
+
+
+def test_cli_generate_and_verify_a_checkpoint(models, capsys):
+    """The command line runs a checkpoint end to end: verify, then generate."""
+    from shardwise import cli
+
+    path, expected = models["llama"]
+    assert cli.main(["verify", "--model", path, "--plan", "tp_pp:1x2", "--device", "cpu"]) == 0
+    prompt = ",".join(map(str, PROMPTS[0]))
+    assert cli.main(["generate", "--model", path, "--plan", "tp_pp:2x1", "--device", "cpu",
+                     "--prompt-ids", prompt, "--max-new-tokens", str(NEW_TOKENS)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == ",".join(map(str, expected[0]))
+    assert cli.main(["generate", "--model", path, "--plan", "tp_pp:1", "--prompt-ids", "1,x"]) == 2

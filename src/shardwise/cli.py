@@ -19,8 +19,10 @@ DEFAULT_RUN_NPROC = 4
 
 
 def _common(p: argparse.ArgumentParser, preset_default: str | None = None) -> None:
-    p.add_argument("--preset", default=preset_default, required=preset_default is None,
+    p.add_argument("--preset", default=preset_default,
                    help="model preset (see `shardwise presets`)")
+    p.add_argument("--model", metavar="PATH",
+                   help="a Hugging Face checkpoint directory (Llama, Mistral, Mixtral) instead of a preset")
     p.add_argument("--batch", type=int, help="sequences per step (default: the preset's reduced workload)")
     p.add_argument("--seq", type=int, help="prompt length in tokens")
     p.add_argument("--steps", type=int, help="decode steps after the prompt")
@@ -71,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (plan, phase) records already in --out for this workload")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks for plans that adapt to any number (layerwise)")
+
+    p = sub.add_parser("generate", help="greedy generation from a checkpoint under a plan")
+    p.add_argument("--model", metavar="PATH", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--prompt-ids", required=True,
+                   help="comma-separated token ids, e.g. 1,15043,29892 (no tokenizer needed)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--nproc", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--no-verify", action="store_true", help="skip the reference replay")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--deadline", type=float, default=None)
 
     sub.add_parser("presets", help="list the model presets")
 
@@ -146,7 +161,27 @@ def check_ranks(nproc: int, device: str) -> None:
             )
 
 
+CHECKPOINT_WORKLOAD = Workload(batch=2, seq_len=16, decode_steps=4)
+
+
 def make_case_parts(args, device: str):
+    """(preset or None, model spec, workload) from --preset or --model and the
+    workload flags. A checkpoint is fully checked here, before any launch."""
+    if args.model:
+        from .model.checkpoint import checkpoint_spec
+
+        wl = CHECKPOINT_WORKLOAD
+        wl = Workload(batch=args.batch or wl.batch, seq_len=args.seq or wl.seq_len,
+                      decode_steps=args.steps if args.steps is not None else wl.decode_steps)
+        dtype = args.dtype or ("fp32" if device == "cpu" else None)
+        model = checkpoint_spec(args.model, wl, dtype=dtype)
+        if args.layers:
+            raise ShardwiseError("--layers applies to presets, not to checkpoints")
+        args.checkpoint = os.path.abspath(args.model)
+        return None, model, wl
+    if not args.preset:
+        raise ShardwiseError("give --preset NAME (see `shardwise presets`) or --model PATH")
+    args.checkpoint = None
     preset = get_preset(args.preset)
     model = preset.model
     changes = {}
@@ -189,7 +224,8 @@ def cmd_verify(args) -> int:
     cls, topo = validate_plan(model, wl, plan, args.nproc)
     nproc = topo.world_size
     check_ranks(nproc, device)
-    job = Job([Case(model, wl, str(plan), seed=args.seed, preset=args.preset)], nproc, device,
+    job = Job([Case(model, wl, str(plan), seed=args.seed, preset=args.preset,
+                    checkpoint=args.checkpoint)], nproc, device,
               timeout_s=args.timeout, fault=args.inject_fault)
     results = _run_job(job, args)
     if not results:
@@ -227,7 +263,8 @@ def cmd_run(args) -> int:
                     pass
         if not plans:
             raise ShardwiseError(f"no plan fits {model.name} on {args.nproc} ranks; try --nproc 2")
-    job = Job([Case(model, wl, p, seed=args.seed, preset=args.preset) for p in plans],
+    job = Job([Case(model, wl, p, seed=args.seed, preset=args.preset, checkpoint=args.checkpoint)
+               for p in plans],
               args.nproc, device, timeout_s=args.timeout, fault=args.inject_fault)
     results = _run_job(job, args)
     if not results:
@@ -246,6 +283,8 @@ def cmd_bench(args) -> int:
     from .runtime.timing import BenchSettings
 
     device = resolve_device(args.device)
+    if args.model:
+        raise ShardwiseError("bench runs presets (synthetic weights); use verify or run for --model")
     preset, model, wl = make_case_parts(args, device)
     settings = BenchSettings(phase=args.phase, iters=args.iters, warmup=args.warmup,
                              graphs=not args.no_graphs)
@@ -315,6 +354,30 @@ def _save(args, results, device, nproc) -> None:
     print(f"wrote {len(results)} record(s) to {args.json}")
 
 
+def cmd_generate(args) -> int:
+    from .runtime.generate import generation_job
+
+    device = resolve_device(args.device)
+    try:
+        ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ShardwiseError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
+    if not ids:
+        raise ShardwiseError("--prompt-ids is empty; give at least one token id")
+    if args.max_new_tokens < 1:
+        raise ShardwiseError("--max-new-tokens must be >= 1")
+    job = generation_job(os.path.abspath(args.model), args.plan, [ids], args.max_new_tokens,
+                         args.nproc, device, dtype=args.dtype or ("fp32" if device == "cpu" else None),
+                         verify=not args.no_verify, timeout_s=args.timeout)
+    check_ranks(job.nproc, device)
+    results = _run_job(job, args)
+    if not results:
+        return 0
+    r = results[0]
+    print(",".join(str(t) for t in r["tokens"][0]))
+    return 0 if r.get("ok", True) else 1
+
+
 def cmd_presets(args) -> int:
     from .report import print_presets
 
@@ -377,7 +440,7 @@ def cmd_report(args) -> int:
 
 COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "reproduce": cmd_reproduce,
             "calibrate": cmd_calibrate, "report": cmd_report,
-            "run": cmd_run, "verify": cmd_verify, "bench": cmd_bench, "presets": cmd_presets,
+            "run": cmd_run, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "presets": cmd_presets,
             "partition": cmd_partition}
 
 

@@ -66,6 +66,10 @@ def run_job(job: Job, log=None) -> list[dict]:
                     f"(p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}, n={r['n']})")
     # Only on success: after a failure the traceback is written first and the
     # process exits without a teardown that peers would mistake for the cause.
+    # The barrier keeps a rank from tearing its connections down while rank 0
+    # is still verifying (gloo can abort a peer that is mid-teardown).
+    if world > 1:
+        dist.barrier()
     dist.destroy_process_group()
     return results
 

@@ -1,0 +1,303 @@
+"""ring: ring attention with sequence parallelism.
+
+Ring attention (Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise
+Transformers for Near-Infinite Context"): the prompt is split over the P ranks
+of the ``seq`` axis, every rank holds all the weights, and norms, QKV, the
+output projection and the MLP run on the rank's own tokens with no
+communication. Only attention mixes tokens: each rank's K/V block travels
+round the ring (P-1 point-to-point hops per layer, the next hop posted before
+the attention on the block in hand, so the transfer hides behind it) and the
+partial results merge exactly by log-sum-exp (:mod:`.lse`).
+
+Causal balance comes from the zig-zag layout (Zhu's ring-flash-attention;
+the load-balanced context parallelism of Llama 3, Dubey et al. 2024; Brandon
+et al. 2023, "Striped Attention", show why a contiguous split is not
+balanced under the causal mask): the prompt, cut into
+2P chunks whose sizes differ by at most one, gives rank r chunks r and
+2P-1-r, so every rank owns one early and one late chunk and computes the same
+number of (query, key) pairs (to within a chunk's rounding). At ring step s a
+rank holds the block of rank ``src = r - s``: with ``src < r`` all its queries
+see the early chunk of that block in full, with ``src > r`` only its late
+chunk sees the block, in full; only step 0 (its own block) needs the causal
+mask. A prompt that 2P does not divide is not padded in the hidden states:
+ranks simply hold a token more or less (none at all when the prompt is
+shorter than P). Only the K/V block that travels has a fixed size; its rows
+past a rank's tokens are zero, and no block reads them.
+
+Decode: the KV cache stays sharded by sequence (each rank keeps the K/V of its
+prompt tokens; each new token's K/V goes to the rank holding the fewest).
+Every rank computes the new token's q/k/v, attends it to its shard, and one
+all-gather of the small ``(o, lse)`` pairs lets every rank merge the same
+result, so the replicated rest of the layer stays identical on all ranks.
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ..model.reference import Attention, KVCache, Transformer
+from ..spec import ModelSpec, Plan, ShardwiseError, Workload
+from .base import Strategy, balanced_ranges
+from .lse import attend_lse, merge_into, merge_stack
+from .topology import Topology
+
+
+@dataclass(frozen=True)
+class ZigZag:
+    """Where every position lives (pure arithmetic, identical on all ranks).
+
+    The ``prompt`` is cut into ``2 * ranks`` contiguous chunks whose sizes
+    differ by at most one (empty ones at the end when the prompt is shorter
+    than ``2 * ranks``); rank r holds chunks r and 2P-1-r, in that order, as
+    its local rows. ``decode_steps`` new tokens follow the prompt."""
+
+    ranks: int
+    prompt: int
+    decode_steps: int
+
+    @cached_property
+    def bounds(self) -> list[tuple[int, int]]:
+        return balanced_ranges(self.prompt, 2 * self.ranks)
+
+    def chunks(self, r: int) -> tuple[int, int]:
+        return r, 2 * self.ranks - 1 - r
+
+    def sizes(self, r: int) -> tuple[int, int]:
+        return tuple(self.bounds[j][1] - self.bounds[j][0] for j in self.chunks(r))
+
+    def real(self, r: int) -> int:
+        """Rank r's prompt tokens."""
+        return sum(self.sizes(r))
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of the K/V block that travels: the same on every rank (a ring hop
+        needs fixed-size buffers); a rank with fewer tokens leaves the rest unread."""
+        return max(self.real(r) for r in range(self.ranks))
+
+    def positions(self, r: int) -> list[int]:
+        """Absolute positions of rank r's prompt tokens, in local order."""
+        return [p for j in self.chunks(r) for p in range(*self.bounds[j])]
+
+    def blocks(self, r: int) -> list[tuple[int, int, int, int, int, bool]]:
+        """Rank r's prefill attention, one entry per ring step that has work:
+        ``(step, q0, q1, k0, k1, causal)`` = local query rows ``q0:q1`` against
+        rows ``k0:k1`` of the block held at that step."""
+        out = []
+        for s in range(self.ranks):
+            src = (r - s) % self.ranks
+            if s == 0:  # own block: the only one that straddles the diagonal
+                rows = (0, self.real(r), 0, self.real(r), True)
+            elif src < r:  # every query is later than src's early chunk, earlier than its late one
+                rows = (0, self.real(r), 0, self.sizes(src)[0], False)
+            else:  # only r's late chunk is later than both of src's chunks
+                rows = (self.sizes(r)[0], self.real(r), 0, self.real(src), False)
+            if rows[1] > rows[0] and rows[3] > rows[2]:
+                out.append((s, *rows))
+        return out
+
+    def pairs(self, r: int) -> int:
+        """(query, key) pairs rank r scores in prefill (= those the causal mask allows)."""
+        total = 0
+        for _, q0, q1, k0, k1, causal in self.blocks(r):
+            n = q1 - q0
+            total += n * (n + 1) // 2 if causal else n * (k1 - k0)
+        return total
+
+    @cached_property
+    def decode_owners(self) -> tuple[int, ...]:
+        """Rank that stores the K/V of position ``prompt + t``: the one holding the
+        fewest tokens so far (lowest rank on ties)."""
+        held, owners = [self.real(r) for r in range(self.ranks)], []
+        for _ in range(self.decode_steps):
+            r = min(range(self.ranks), key=lambda i: (held[i], i))
+            held[r] += 1
+            owners.append(r)
+        return tuple(owners)
+
+    def kv_len(self, r: int, pos: int) -> int:
+        """Tokens rank r has cached before position ``pos`` (pos >= prompt)."""
+        return self.real(r) + self.decode_owners[: pos - self.prompt].count(r)
+
+    def where(self, pos: int) -> tuple[int, int]:
+        """(rank, cache slot) holding position ``pos``."""
+        if pos >= self.prompt:
+            r = self.decode_owners[pos - self.prompt]
+            return r, self.kv_len(r, pos)
+        j = bisect_right([start for start, _ in self.bounds], pos) - 1
+        start = self.bounds[j][0]
+        if j < self.ranks:
+            return j, pos - start
+        r = 2 * self.ranks - 1 - j
+        return r, self.sizes(r)[0] + pos - start
+
+
+class RingAttention(nn.Module):
+    """The reference :class:`Attention` with a sequence-sharded core; same
+    signature. ``x`` is this rank's prompt tokens ``[B, n, D]`` in local
+    (zig-zag) order when ``pos == 0``, or the new token ``[B, 1, D]`` (decode)."""
+
+    def __init__(self, attn: Attention, layout: ZigZag, comm, topo: Topology):
+        super().__init__()
+        self.attn, self.layout, self.comm = attn, layout, comm
+        self.P, self.r = topo.size("seq"), topo.coord("seq")
+        self.next, self.prev = (topo.rank_of(seq=(self.r + i) % self.P) for i in (1, -1))
+        self.steps = {s: rows for s, *rows in layout.blocks(self.r)}
+
+    def forward(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        o = self.prefill(x, cache) if pos == 0 else self.decode(x, cache, pos)
+        return self.attn.wo(o)
+
+    def prefill(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B, n, _ = x.shape
+        H, Hkv, d = self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim
+        early = self.layout.sizes(self.r)[0]
+        # Rotary needs each token's absolute position: one qkv per zig-zag chunk.
+        starts = [self.layout.bounds[j][0] for j in self.layout.chunks(self.r)]
+        parts = [self.attn.qkv(x[:, :early], starts[0]), self.attn.qkv(x[:, early:], starts[1])]
+        q, k, v = (torch.cat(t, dim=1).transpose(1, 2) for t in zip(*parts))  # [B, H or Hkv, n, d]
+        cache.write(0, k, v)
+        held = k.new_empty(2, B, Hkv, self.layout.block_rows, d)  # what travels round the ring
+        held[0, :, :, :n], held[1, :, :, :n] = k, v
+        held[:, :, :, n:].zero_()  # never read (blocks stop at each rank's tokens); zeroed all the same
+
+        o = torch.zeros(B, H, n, d, dtype=torch.float32, device=x.device)
+        lse = torch.full((B, H, n), float("-inf"), device=x.device)
+        spare = torch.empty_like(held)
+        for s in range(self.P):
+            pending = []
+            if s < self.P - 1:  # post the next hop before computing on the block in hand
+                pending = self.comm.exchange([(held, self.next)], [(spare, self.prev)], "seq")
+            if s in self.steps:
+                q0, q1, k0, k1, causal = self.steps[s]
+                o_b, lse_b = attend_lse(q[:, :, q0:q1], held[0, :, :, k0:k1],
+                                        held[1, :, :, k0:k1], causal=causal)
+                merge_into(o[:, :, q0:q1], lse[:, :, q0:q1], o_b, lse_b)
+            for req in pending:
+                req.wait()
+            held, spare = spare, held  # the block just sent is free to receive into
+        return o.to(x.dtype).transpose(1, 2).reshape(B, n, H * d)
+
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        if T != 1 or pos < self.layout.prompt:
+            raise ValueError(f"ring decodes one token past the prompt (got {T} at position {pos})")
+        H, d = self.attn.n_heads, self.attn.head_dim
+        q, k, v = (t.transpose(1, 2) for t in self.attn.qkv(x, pos))  # [B, H or Hkv, 1, d]
+        n = self.layout.kv_len(self.r, pos)
+        if self.layout.where(pos)[0] == self.r:
+            keys, values = cache.write(n, k, v)  # [B, Hkv, n+1, d]
+        else:
+            keys, values = cache.k[:, :, :n], cache.v[:, :, :n]
+        if keys.shape[2]:
+            o, lse = attend_lse(q, keys, values)  # every cached position precedes pos
+        else:  # an empty shard (prompt shorter than P, no new token here yet) adds nothing
+            o, lse = q.new_zeros(B, H, 1, d), torch.full((B, H, 1), float("-inf"), device=x.device)
+        # One collective: o in its own dtype (the kernels round it to that already),
+        # the float32 lse riding along bit for bit as 4 / itemsize extra columns.
+        width = d + 4 // o.element_size()
+        part = torch.cat([o, lse[..., None].view(o.dtype)], dim=-1)  # [B, H, 1, width]
+        parts = self.comm.all_gather(part, "seq", dim=0).view(self.P, B, H, 1, width)
+        lse_all = parts[..., d:].contiguous().view(torch.float32)[..., 0]  # [P, B, H, 1]
+        o, _ = merge_stack(parts[..., :d], lse_all)  # [B, H, 1, d]
+        return o.transpose(1, 2).reshape(B, 1, H * d)
+
+
+class Ring(Strategy):
+    name = "ring"
+
+    @classmethod
+    def ranks_needed(cls, plan: Plan) -> int | None:
+        return plan.shape[0] if plan.shape else None
+
+    @classmethod
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
+                 world_size: int) -> Topology:
+        if len(plan.shape) > 1:
+            raise ShardwiseError(
+                f"plan {plan}: ring takes one degree, the number of sequence shards; "
+                f"write ring:{math.prod(plan.shape)} or choose another strategy for a multi-axis mesh"
+            )
+        if plan.options:
+            raise ShardwiseError(
+                f"plan {plan}: ring has no option {plan.options[0][0]!r}; write ring:P or ring:P,mb=N"
+            )
+        return Topology(("seq",), (plan.shape[0] if plan.shape else world_size,))
+
+    @classmethod
+    def candidates(cls, spec, workload, world_size) -> list[str]:
+        return [f"ring:{world_size}"]
+
+    def __init__(self, spec, workload, plan, topo, comm, loader):
+        super().__init__(spec, workload, plan, topo, comm, loader)
+        P, r = topo.size("seq"), topo.coord("seq")
+        self.layout = layout = ZigZag(P, workload.seq_len, workload.decode_steps)
+        # Sequence parallelism: every rank holds every weight.
+        with torch.device("meta"):
+            model = Transformer(spec)
+        self.model = loader.load_transformer(model).eval()
+        for blk in self.model.layers:
+            blk.attn = RingAttention(blk.attn, layout, comm, topo)
+        capacity = layout.kv_len(r, workload.max_len)
+        self.caches = [
+            KVCache.allocate(workload.batch, spec.kv_heads, capacity, spec.head_dim,
+                             self.dtype, self.device)
+            for _ in range(spec.n_layers)
+        ]
+        self.local_index = torch.tensor(layout.positions(r), dtype=torch.long, device=self.device)
+        # Rank-major local rows -> prompt order, for collect.
+        offsets = [sum(layout.real(i) for i in range(q)) for q in range(P)]
+        self.unzigzag = torch.tensor(
+            [offsets[q] + slot for q, slot in map(layout.where, range(workload.seq_len))],
+            dtype=torch.long, device=self.device)
+
+    def forward(self, inputs: torch.Tensor, pos: int):
+        self.prefilled = pos == 0  # for collect: local prompt rows, or the whole new token
+        if pos == 0:
+            if inputs.shape[1] != self.layout.prompt:
+                raise ValueError(f"ring was built for a {self.layout.prompt}-token prompt, "
+                                 f"got {inputs.shape[1]}")
+            inputs = inputs.index_select(1, self.local_index)  # [B, n, ...] zig-zag order
+        outs = []
+        B = inputs.shape[0]
+        for b0, b1 in balanced_ranges(B, min(self.plan.micro_batches, B)):
+            caches = [c.batch_view(b0, b1) for c in self.caches]
+            outs.append(self.model(inputs[b0:b1], caches, pos))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def collect(self, local):
+        if not self.prefilled:
+            return local if self.topo.rank == 0 else None  # every rank holds the new token
+        if self.topo.rank != 0:
+            sends = [(local, 0)] if local.shape[1] else []
+            for req in self.comm.exchange(sends, [], "collect"):
+                req.wait()
+            return None
+        B, _, W = local.shape
+        others = [local.new_empty(B, self.layout.real(i), W) for i in range(1, self.layout.ranks)]
+        recvs = [(t, self.topo.rank_of(seq=i)) for i, t in enumerate(others, 1) if t.shape[1]]
+        for req in self.comm.exchange([], recvs, "collect"):
+            req.wait()
+        rows = torch.cat([local, *others], dim=1)  # [B, L, W], rank-major local order
+        return rows.index_select(1, self.unzigzag)  # [B, L, W] in prompt order
+
+    def report(self) -> dict:
+        zz, P = self.layout, self.layout.ranks
+        pairs = [zz.pairs(r) for r in range(P)]
+        return {
+            "chunk_tokens": [b - a for a, b in zz.bounds],
+            "ring_block_rows": zz.block_rows,
+            "attn_pairs_per_rank": pairs,
+            "attn_pairs_max_over_mean": max(pairs) * P / max(sum(pairs), 1),
+            "ring_blocks_computed_per_rank": [len(zz.blocks(r)) for r in range(P)],
+            "kv_tokens_prompt_per_rank": [zz.real(r) for r in range(P)],
+            "kv_tokens_per_rank": [zz.kv_len(r, self.workload.max_len) for r in range(P)],
+        }
+
+
+STRATEGY = Ring

@@ -1,0 +1,120 @@
+"""The log-sum-exp merge against whole-row softmax attention (no processes)."""
+import math
+
+import pytest
+import torch
+
+from shardwise.parallel.lse import attend_lse, merge_into, merge_lse, merge_stack
+
+
+def full_attention(q, k, v, mask=None):
+    """Softmax attention in float64 over all keys at once: the ground truth.
+    Rows that see no key are defined as 0 (what the merge promises)."""
+    s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)  # empty rows: NaN -> 0
+    return p @ v.double(), lse
+
+
+def blockwise(q, k, v, mask, cuts):
+    """Attend each key block separately; return the three merges' results."""
+    parts = [attend_lse(q, k[:, :, a:b], v[:, :, a:b],
+                        None if mask is None else mask[..., a:b])
+             for a, b in zip(cuts, cuts[1:])]
+    stacked = merge_stack(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]))
+    pairwise = parts[0]
+    acc_o = torch.zeros_like(parts[0][0], dtype=torch.float32)
+    acc_l = torch.full_like(parts[0][1], float("-inf"))
+    for o, lse in parts[1:]:
+        pairwise = merge_lse(*pairwise, o, lse)
+    for o, lse in parts:
+        merge_into(acc_o, acc_l, o, lse)
+    return [stacked, pairwise, (acc_o, acc_l)]
+
+
+def check(results, want_o, want_lse, tol=1e-6):
+    # float32 scores against a float64 truth: ~1e-7 relative per element.
+    for o, lse in results:
+        assert torch.isfinite(o).all(), "merge produced NaN/inf"
+        torch.testing.assert_close(o.double(), want_o, rtol=tol, atol=tol)
+        finite = torch.isfinite(want_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        torch.testing.assert_close(lse.double()[finite], want_lse[finite], rtol=tol, atol=tol)
+
+
+def rand(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+@pytest.mark.parametrize("cuts", [[0, 16], [0, 8, 16], [0, 3, 4, 11, 16], [0, 1, 2, 15, 16]])
+def test_merge_equals_full_softmax(cuts):
+    q, k, v = rand(2, 3, 5, 8, seed=1), rand(2, 3, 16, 8, seed=2), rand(2, 3, 16, 8, seed=3)
+    check(blockwise(q, k, v, None, cuts), *full_attention(q, k, v))
+
+
+def test_fully_masked_blocks_give_no_nan():
+    # Queries at positions 8..12 against keys 0..19, causal: the block of keys
+    # 16..19 is invisible to every query, keys 12..15 to most.
+    T, S = 5, 20
+    q, k, v = rand(1, 2, T, 4, seed=4), rand(1, 2, S, 4, seed=5), rand(1, 2, S, 4, seed=6)
+    mask = torch.arange(S)[None, :] <= torch.arange(8, 8 + T)[:, None]  # [T, S]
+    results = blockwise(q, k, v, mask, [0, 4, 12, 16, 20])
+    o_last, lse_last = attend_lse(q, k[:, :, 16:], v[:, :, 16:], mask[:, 16:])
+    assert torch.isneginf(lse_last).all() and (o_last == 0).all()
+    check(results, *full_attention(q, k, v, mask))
+
+
+def test_query_that_sees_one_block_only():
+    # Query 0 sees only keys 0..2 (block one); query 1 sees only keys 9..11
+    # (block three); query 2 sees nothing at all.
+    q, k, v = rand(1, 1, 3, 4, seed=7), rand(1, 1, 12, 4, seed=8), rand(1, 1, 12, 4, seed=9)
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[0, :3], mask[1, 9:] = True, True
+    results = blockwise(q, k, v, mask, [0, 3, 9, 12])
+    check(results, *full_attention(q, k, v, mask))
+    for o, lse in results:
+        assert (o[..., 2, :] == 0).all() and torch.isneginf(lse[..., 2]).all()
+
+
+def test_per_head_mask_and_causal_flag():
+    q, k, v = rand(2, 2, 6, 4, seed=10), rand(2, 2, 6, 4, seed=11), rand(2, 2, 6, 4, seed=12)
+    tril = torch.ones(6, 6, dtype=torch.bool).tril()
+    o, lse = attend_lse(q, k, v, causal=True)
+    check([(o, lse)], *full_attention(q, k, v, tril))
+    mask = rand(2, 2, 6, 6, seed=13) > 0  # [B, H, T, S], some rows empty
+    check(blockwise(q, k, v, mask, [0, 2, 6]), *full_attention(q, k, v, mask))
+    with pytest.raises(ValueError, match="causal"):
+        attend_lse(q, k[:, :, :4], v[:, :, :4], causal=True)
+
+
+def test_grouped_query_heads_read_their_kv_head():
+    # 6 query heads over 2 key/value heads: head h reads kv head h // 3,
+    # the convention of the reference (scaled_dot_product_attention, enable_gqa).
+    q, k, v = rand(1, 6, 5, 8, seed=14), rand(1, 2, 9, 8, seed=15), rand(1, 2, 9, 8, seed=16)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    o, _ = merge_stack(*map(torch.stack, zip(*[attend_lse(q, k[:, :, a:b], v[:, :, a:b])
+                                              for a, b in [(0, 4), (4, 9)]])))
+    torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused kernels need CUDA")
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.bfloat16, 128),
+                                            (torch.float16, 512), (torch.float32, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_cuda_path_matches_math(dtype, head_dim, causal):
+    # The fused kernels (flash / memory-efficient) against the float32 math path
+    # on the same half-precision inputs: the kernels accumulate in float32 but
+    # round p to the input dtype before p @ v, hence 1e-2 for fp16/bf16.
+    dev = torch.device("cuda")
+    T, S = (70, 70) if causal else (37, 70)
+    q, k, v = (rand(2, 4, n, head_dim, seed=i).to(dev, dtype) for i, n in enumerate([T, S, S]))
+    o, lse = attend_lse(q, k, v, causal=causal)
+    mask = torch.ones(T, S, dtype=torch.bool, device=dev).tril() if causal else None
+    o_ref, lse_ref = attend_lse(q, k, v, mask=mask)  # a mask forces the math path
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (2, 4, T)
+    torch.testing.assert_close(o.float(), o_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-3, atol=1e-3)
