@@ -298,10 +298,14 @@ def cmd_bench(args) -> int:
                     r.get("dtype")) == (args.preset, model.n_layers, timed.batch,
                                         timed.seq_len, model.dtype)}
     by_world: dict[int, list[str]] = {}
+    checks: dict[str, Workload] = {}
     for text in args.plans:
         plan = Plan.parse(text)
         _, topo = validate_plan(model, timed, plan, args.nproc)
-        validate_plan(model, check, plan, topo.world_size)
+        # The check runs the plan's own micro-batching, so it needs as many sequences.
+        checks[str(plan)] = check.replace(batch=min(timed.batch, max(check.batch,
+                                                                     plan.micro_batches)))
+        validate_plan(model, checks[str(plan)], plan, topo.world_size)
         phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]
         if all((str(plan), ph) in done for ph in phases):
             print(f"skipping {plan}: already in {args.out}")
@@ -310,7 +314,7 @@ def cmd_bench(args) -> int:
         by_world.setdefault(topo.world_size, []).append(str(plan))
     records = []
     for world, plans in sorted(by_world.items()):
-        cases = [Case(model, check, p, seed=args.seed, preset=args.preset) for p in plans]
+        cases = [Case(model, checks[p], p, seed=args.seed, preset=args.preset) for p in plans]
         cases += [Case(model, timed, p, seed=args.seed, preset=args.preset, verify=False,
                        bench=vars(settings)) for p in plans]
         job = Job(cases, world, device, timeout_s=args.timeout, warmup=1)
@@ -320,7 +324,7 @@ def cmd_bench(args) -> int:
         errs = {r["plan"]: r["max_rel_err"] for r in results if "max_rel_err" in r}
         prov = provenance(device, world)
         new = [{**prov, **r, "max_rel_err": errs.get(r["plan"]),
-                "check_workload": [check.batch, check.seq_len, check.decode_steps]}
+                "check_workload": [checks[r["plan"]].batch, check.seq_len, check.decode_steps]}
                for r in results if "phase" in r]
         append_records(args.out, new)  # per world size: an interrupted sweep keeps these
         records += new

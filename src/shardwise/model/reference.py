@@ -165,6 +165,15 @@ class MLP(nn.Module):
         return self.w_down(h)
 
 
+def router_logits(router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Router scores ``[N, E]`` computed in fp32. In bf16 the logits are
+    rounded to 8 bits, so many tokens have exact top-k ties, and a strategy
+    whose input differs from the reference's by one rounding picks other
+    experts; fp32 scores leave only genuine near-ties (E x D, cheap)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return Fn.linear(x.to(dtype), router.weight.to(dtype))
+
+
 def route(logits: torch.Tensor, top_k: int):
     """Softmax top-k router: ``logits [N, E]`` -> (weights [N, k], experts [N, k]).
 
@@ -209,7 +218,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        weights, experts = route(self.router(x), self.top_k)  # [N, k]
+        weights, experts = route(router_logits(self.router, x), self.top_k)  # [N, k]
         out = torch.zeros_like(x)
         for e in range(self.w_in.shape[0]):
             token, slot = torch.nonzero(experts == self.first_expert + e, as_tuple=True)

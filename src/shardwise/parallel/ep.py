@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.reference import KVCache, MoE, Transformer, expert_mlp, make_block, route
+from ..model.reference import (KVCache, MoE, Transformer, expert_mlp, make_block, route,
+                               router_logits)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import Strategy, balanced_ranges, divides
 from .topology import Topology
@@ -95,7 +96,7 @@ class ExpertParallelMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         k, E, El, P, K = self.k, self.E, self.El, self.P, self.chunks
-        weights, experts = route(self.moe.router(x), k)  # [N, k]
+        weights, experts = route(router_logits(self.moe.router, x), k)  # [N, k]
         chunks = balanced_ranges(x.shape[0], K)
 
         # Per chunk: its (token, slot) assignments ordered by expert, and how
