@@ -128,7 +128,8 @@ class TpPp(Strategy):
     def supports_graphs(self) -> bool:
         """A decode step is capturable in a CUDA graph when it has no
         point-to-point pipeline hop (collectives alone are capturable)."""
-        return self.topo.size("pp") == 1
+        # MoE routing sizes its work on the host (torch.nonzero): not capturable.
+        return self.topo.size("pp") == 1 and not self.spec.is_moe
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.pipeline.run(inputs, pos)
