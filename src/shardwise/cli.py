@@ -317,7 +317,8 @@ def cmd_bench(args) -> int:
         cases = [Case(model, checks[p], p, seed=args.seed, preset=args.preset) for p in plans]
         cases += [Case(model, timed, p, seed=args.seed, preset=args.preset, verify=False,
                        bench=vars(settings)) for p in plans]
-        job = Job(cases, world, device, timeout_s=args.timeout, warmup=1)
+        job = Job(cases, world, device, timeout_s=args.timeout, warmup=1,
+                  fault=args.inject_fault)
         results = _run_job(job, args)
         if not results:
             continue  # a non-zero torchrun rank

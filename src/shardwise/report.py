@@ -157,8 +157,12 @@ def plot_records(records: list[dict], out_dir: str) -> list[str]:
         groups: dict = {}
         for r in rows:
             groups.setdefault((r["model"], r["batch"], r["seq_len"]), []).append(r)
-        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
-        for ax, ((model, batch, seq), rs) in zip(axes[0], sorted(groups.items(), key=str)):
+        ncols = min(3, len(groups))
+        nrows = -(-len(groups) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(groups):]:
+            ax.axis("off")
+        for ax, ((model, batch, seq), rs) in zip(axes.flat, sorted(groups.items(), key=str)):
             rs = sorted(rs, key=lambda r: (r["n_devices"], r["plan"]))
             names = [f"{r['plan']}\n({r['n_devices']} GPU)" for r in rs]
             vals = [r[metric] for r in rs]
