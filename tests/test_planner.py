@@ -2,6 +2,8 @@
 ones that do not fit; reproduce and fidelity compute what they print."""
 import json
 
+import re
+
 import pytest
 
 from shardwise.perf.clusters import load_cluster
@@ -31,7 +33,11 @@ INVALID = {"tp_pp:4x1": "n_heads (6) is not divisible by tp", "tp_pp:1x4": "4 pi
 
 def test_planner_lists_exactly_the_valid_plans():
     rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
-    assert {r.plan for r in rows if r.valid} == VALID
+    valid = {r.plan for r in rows if r.valid}
+    # layerwise also proposes the tightest capacity (in bytes) that fits 4 ranks.
+    tight = [p for p in valid if re.fullmatch(r"layerwise:cap=\d+B", p)]
+    assert len(tight) == 1
+    assert valid - set(tight) == VALID
     invalid = {r.plan: r.error for r in rows if not r.valid}
     assert set(invalid) == set(INVALID)
     for plan, why in INVALID.items():

@@ -16,7 +16,11 @@ A strategy is one file in this package. Its class:
   inputs and takes its part; returns this rank's local result;
 * ``collect(local)``: the global output ``[B, T, D or V]`` on rank 0, None
   elsewhere (verification only, outside the timed region);
-* ``report()``: strategy-specific facts for the run's output (load balance...).
+* ``report()``: strategy-specific facts for the run's output (load balance...);
+* ``supports_graphs`` (attribute or property, default False): a decode step
+  may be captured once in a CUDA graph and replayed at every position, i.e.
+  it accepts ``pos`` as a 0-d device tensor and does no host work that
+  depends on it (see ``runtime/timing.py``).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ STRATEGY_MODULES = ("tp_pp", "helix", "ring", "layerwise", "ep")
 
 class Strategy(nn.Module):
     name: ClassVar[str]
+    supports_graphs: bool = False
 
     def __init__(self, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
                  comm: Comm, loader):

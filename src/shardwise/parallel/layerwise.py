@@ -72,7 +72,20 @@ class Layerwise(Strategy):
 
     @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
-        return ["layerwise:cap=HBM", "layerwise:cap=L2"]
+        """The device's own capacities, and the tightest capacity in bytes at
+        which the model fits ``world_size`` ranks (a device-free plan that
+        cuts the model into as many groups as that capacity forces)."""
+        from ..perf.partition import layer_costs, min_capacity
+
+        cache: dict = {}
+
+        def costs_for(batch: int):
+            if batch not in cache:
+                cache[batch] = layer_costs(spec, workload, batch)
+            return cache[batch]
+
+        tight = min_capacity(costs_for, spec.n_layers, world_size, workload.batch)
+        return [f"layerwise:cap={tight}B", "layerwise:cap=HBM", "layerwise:cap=L2"]
 
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)
