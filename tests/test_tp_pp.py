@@ -7,7 +7,8 @@ from shardwise.spec import ModelSpec, Workload
 
 @pytest.mark.parametrize("nproc,plans", [
     (1, ["tp_pp:1x1"]),
-    (2, ["tp_pp:2x1", "tp_pp:1x2", "tp_pp:1x2,mb=2"]),
+    # tp_pp:2x1 runs prefill as two overlapped halves; overlap=1 is the plain schedule.
+    (2, ["tp_pp:2x1", "tp_pp:2x1,overlap=1", "tp_pp:1x2", "tp_pp:1x2,mb=2"]),
     (4, ["tp_pp:2x2", "tp_pp:4x1", "tp_pp:1x4,mb=4", "tp_pp:2x2,mb=3"]),
 ])
 def test_tp_pp_matches_reference(nproc, plans):

@@ -109,3 +109,8 @@ def test_parse_bytes():
     assert parse_bytes("40GiB") == 40 * 2**30
     with pytest.raises(ShardwiseError):
         parse_bytes("lots")
+
+
+def test_unknown_tp_pp_option():
+    assert "overlap=1|2" in refused("tp_pp:2x1,overlap=3", 2)
+    assert "overlap=1|2" in refused("tp_pp:2x1,chunks=2", 2)

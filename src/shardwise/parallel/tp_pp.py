@@ -26,6 +26,55 @@ from .pipeline import Pipeline
 from .topology import Topology
 
 
+class OverlappedStage(nn.Module):
+    """The stage's layers on two halves of the batch at once, so that the
+    all-reduce of one half runs while the other half computes (prefill).
+
+    Megatron's reductions sit on the critical path: each layer waits for its
+    two all-reduces. With two independent halves, half 0's reduction is
+    issued asynchronously and half 1's matmuls run meanwhile, then the roles
+    swap; every half still sees exactly the reference arithmetic. Decode
+    steps (one token) and single sequences take the plain path.
+    """
+
+    def __init__(self, stage: Transformer, comm, axis: str):
+        super().__init__()
+        self.stage, self.comm, self.axis = stage, comm, axis
+
+    def forward(self, inputs: torch.Tensor, caches, pos):
+        B, T = inputs.shape[:2]
+        if B < 2 or T < 2 or self.comm.topo.size(self.axis) == 1:
+            return self.stage(inputs, caches, pos)
+        st = self.stage
+        halves = balanced_ranges(B, 2)
+        xs = [st.embed(inputs[a:b]) if st.embed is not None else inputs[a:b] for a, b in halves]
+        views = [[c.batch_view(a, b) for c in caches] for a, b in halves]
+        hs, mlp_out = [None, None], [None, None]  # per half: residual, (partial, wait)
+        for i, blk in enumerate(st.layers):
+            attn_out = []
+            for j in (0, 1):
+                if mlp_out[j] is not None:  # finish the previous layer for this half
+                    m, wait = mlp_out[j]
+                    wait()
+                    xs[j] = hs[j] + m
+                a = blk.attn.inner(blk.attn_norm(xs[j]), views[j][i], pos)
+                attn_out.append((a, self.comm.all_reduce_start(a, self.axis)))
+            for j in (0, 1):  # half j's reduction ran while the other half computed
+                a, wait = attn_out[j]
+                wait()
+                hs[j] = xs[j] + a
+                m = blk.mlp.inner(blk.mlp_norm(hs[j]))
+                mlp_out[j] = (m, self.comm.all_reduce_start(m, self.axis))
+        for j in (0, 1):
+            m, wait = mlp_out[j]
+            wait()
+            xs[j] = hs[j] + m
+        x = torch.cat(xs)
+        if st.norm is not None:
+            x = st.norm(x)
+        return st.lm_head(x) if st.lm_head is not None else x
+
+
 class ReduceAfter(nn.Module):
     """Sum a row-parallel module's partial output over a mesh axis
     (Megatron's ``g`` operator: identity forward of the column-parallel input,
@@ -75,6 +124,12 @@ class TpPp(Strategy):
         else:
             divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
                     f"choose tp among {[d for d in _divisors(spec.d_ff) if d <= 64]}")
+        for key, value in plan.options:
+            if key != "overlap" or value not in ("1", "2"):
+                raise ShardwiseError(
+                    f"plan {plan}: tp_pp takes the option overlap=1|2 (two-half prefill "
+                    f"overlapping the all-reduces; default 2), not {key}={value}"
+                )
         if pp > spec.n_layers:
             raise ShardwiseError(
                 f"plan {plan} has {pp} pipeline stages but {spec.name} has {spec.n_layers} "
@@ -121,7 +176,10 @@ class TpPp(Strategy):
                              self.dtype, self.device)
             for _ in self.stage_layers
         ]
-        self.pipeline = Pipeline(comm, topo, "pp", self.stage, self.caches,
+        # overlap=1 turns the two-half schedule off (it is on by default for tp > 1).
+        run_stage = (OverlappedStage(self.stage, comm, "tp")
+                     if plan.option("overlap", "2") == "2" and not spec.is_moe else self.stage)
+        self.pipeline = Pipeline(comm, topo, "pp", run_stage, self.caches,
                                  plan.micro_batches, spec.d_model, self.dtype, self.device)
 
     @property
