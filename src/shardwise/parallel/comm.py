@@ -9,6 +9,10 @@ Operations on an axis of size 1 return at once and count nothing.
 Bytes are counted as the payload of this rank's call: the buffer for
 all-reduce, the gathered output for all-gather, the input for reduce-scatter
 and all-to-all, the tensor for point-to-point.
+
+``Comm.hook`` (None unless the job's watchdog or a collective fault is on) is
+told of every collective call (``called(key)``) and of every wait on peers
+(``waiting(key)`` ... ``done()``); with no hook the only cost is one test.
 """
 from __future__ import annotations
 
@@ -31,21 +35,39 @@ class Comm:
         self.backend = dist.get_backend() if dist.is_initialized() else "none"
         self.stats: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # key -> [calls, bytes]
         self.time_blocking, self.blocking_s = False, 0.0
+        self.hook = None  # see the module docstring
+
+    def _watch(self, work, key: str):
+        """``work`` (a request), reporting its ``wait()`` to the hook when there is one."""
+        return work if self.hook is None else _Watched(work, self.hook, key)
 
     # -- accounting -------------------------------------------------------
-    def _count(self, op: str, axis: str, nbytes: int) -> None:
-        s = self.stats[f"{op}/{axis}"]
+    def _count(self, op: str, axis: str, nbytes: int) -> str:
+        key = f"{op}/{axis}"
+        s = self.stats[key]
         s[0] += 1
         s[1] += int(nbytes)
+        if self.hook is not None:
+            pass  # BROKEN
+        return key
 
     def reset(self) -> None:
         self.stats.clear()
         self.blocking_s = 0.0
 
-    def _blocking(self, fn, *args, **kwargs):
+    def _blocking(self, key: str, fn, *args, **kwargs):
         """Run a blocking collective; with ``self.time_blocking`` set, bracket it
         with device synchronisations and add its wall time to ``blocking_s``
         (used once per benchmark, on an extra untimed step, for comm_share)."""
+        if self.hook is not None:
+            self.hook.waiting(key)
+            try:
+                return self._timed(fn, *args, **kwargs)
+            finally:
+                self.hook.done()
+        return self._timed(fn, *args, **kwargs)
+
+    def _timed(self, fn, *args, **kwargs):
         if not self.time_blocking:
             return fn(*args, **kwargs)
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -66,8 +88,8 @@ class Comm:
     def all_reduce(self, t: torch.Tensor, axis: str) -> torch.Tensor:
         """Sum ``t`` over ``axis`` in place."""
         if self.topo.size(axis) > 1:
-            self._count("all_reduce", axis, t.nbytes)
-            self._blocking(dist.all_reduce, t, group=self.topo.group(axis))
+            key = self._count("all_reduce", axis, t.nbytes)
+            self._blocking(key, dist.all_reduce, t, group=self.topo.group(axis))
         return t
 
     def all_gather(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
@@ -77,8 +99,8 @@ class Comm:
             return t
         t = t.movedim(dim, 0).contiguous()
         out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        self._count("all_gather", axis, out.nbytes)
-        self._blocking(_all_gather_into, out, t, group=self.topo.group(axis))
+        key = self._count("all_gather", axis, out.nbytes)
+        self._blocking(key, _all_gather_into, out, t, group=self.topo.group(axis))
         return out.movedim(0, dim)
 
     def reduce_scatter(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
@@ -88,8 +110,8 @@ class Comm:
             return t
         t = t.movedim(dim, 0).contiguous()
         out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        self._count("reduce_scatter", axis, t.nbytes)
-        self._blocking(_reduce_scatter_into, out, t, group=self.topo.group(axis))
+        key = self._count("reduce_scatter", axis, t.nbytes)
+        self._blocking(key, _reduce_scatter_into, out, t, group=self.topo.group(axis))
         return out.movedim(0, dim)
 
     def all_to_all(self, t: torch.Tensor, axis: str, in_splits: Sequence[int] | None = None,
@@ -103,9 +125,9 @@ class Comm:
         t = t.contiguous()
         rows = sum(out_splits) if out_splits is not None else t.shape[0]
         out = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        self._count("all_to_all", axis, t.nbytes)
+        key = self._count("all_to_all", axis, t.nbytes)
         self._blocking(
-            dist.all_to_all_single, out, t, output_split_sizes=None if out_splits is None else list(out_splits),
+            key, dist.all_to_all_single, out, t, output_split_sizes=None if out_splits is None else list(out_splits),
             input_split_sizes=None if in_splits is None else list(in_splits),
             group=self.topo.group(axis),
         )
@@ -115,11 +137,15 @@ class Comm:
     # Single sends and receives go through batch_isend_irecv too: NCCL runs
     # unbatched point-to-point ops serialised with every other op of the group.
     def isend(self, t: torch.Tensor, dst: int, axis: str):
-        self._count("send", axis, t.nbytes)
-        return dist.batch_isend_irecv([dist.P2POp(dist.isend, t.contiguous(), dst)])[0]
+        key = self._count("send", axis, t.nbytes)
+        return self._watch(
+            dist.batch_isend_irecv([dist.P2POp(dist.isend, t.contiguous(), dst)])[0], key)
 
     def irecv(self, t: torch.Tensor, src: int, axis: str):
-        return dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, src)])[0]
+        if self.hook is not None:
+            self.hook.called(f"recv/{axis}")
+        return self._watch(dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, src)])[0],
+                           f"recv/{axis}")
 
     def send(self, t: torch.Tensor, dst: int, axis: str) -> None:
         self.isend(t, dst, axis).wait()
@@ -136,19 +162,41 @@ class Comm:
         ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
         for t, _ in sends:
             self._count("send", axis, t.nbytes)
-        return dist.batch_isend_irecv(ops) if ops else []
+        if self.hook is not None and recvs:
+            self.hook.called(f"recv/{axis}")
+        works = dist.batch_isend_irecv(ops) if ops else []
+        return works if self.hook is None else [self._watch(w, f"exchange/{axis}") for w in works]
 
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+            if self.hook is None:
+                dist.barrier()
+            else:
+                self._blocking("barrier", dist.barrier)
 
     def all_reduce_world(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over every rank of the mesh in one call (counted on axis
         ``world``): the flat reduction that hierarchical schemes are compared with."""
         if self.topo.world_size > 1:
-            self._count("all_reduce", "world", t.nbytes)
-            self._blocking(dist.all_reduce, t)
+            key = self._count("all_reduce", "world", t.nbytes)
+            self._blocking(key, dist.all_reduce, t)
         return t
+
+    def all_reduce_start(self, t: torch.Tensor, axis: str):
+        """Start the in-place sum of ``t`` over ``axis`` and return at once with
+        ``wait``, a function that returns ``t`` once the sum has landed, so the
+        caller can compute something else meanwhile. On NCCL ``wait()`` only
+        orders the current stream after the reduction (no host synchronisation)."""
+        if self.topo.size(axis) == 1:
+            return lambda: t
+        key = self._count("all_reduce", axis, t.nbytes)
+        work = self._watch(dist.all_reduce(t, group=self.topo.group(axis), async_op=True), key)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return t
+
+        return wait
 
     def all_to_all_start(self, t: torch.Tensor, axis: str, in_splits: Sequence[int],
                          out_splits: Sequence[int]):
@@ -161,10 +209,12 @@ class Comm:
             return lambda: t
         t = t.contiguous()
         out = torch.empty((sum(out_splits), *t.shape[1:]), dtype=t.dtype, device=t.device)
-        self._count("all_to_all", axis, t.nbytes)
+        key = self._count("all_to_all", axis, t.nbytes)
         work = dist.all_to_all_single(out, t, output_split_sizes=list(out_splits),
                                       input_split_sizes=list(in_splits),
                                       group=self.topo.group(axis), async_op=True)
+
+        work = self._watch(work, key)
 
         def wait() -> torch.Tensor:
             work.wait()
@@ -176,6 +226,25 @@ class Comm:
         """Overwrite ``t`` on every rank with global rank ``src``'s ``t``, in
         place (counted on axis ``world``): e.g. the token rank 0 chose."""
         if self.topo.world_size > 1:
-            self._count("broadcast", "world", t.nbytes)
-            self._blocking(dist.broadcast, t, src)
+            key = self._count("broadcast", "world", t.nbytes)
+            self._blocking(key, dist.broadcast, t, src)
         return t
+
+
+class _Watched:
+    """A request whose ``wait()`` is reported to a hook as a wait on peers."""
+
+    __slots__ = ("work", "hook", "key")
+
+    def __init__(self, work, hook, key: str):
+        self.work, self.hook, self.key = work, hook, key
+
+    def wait(self, *args, **kwargs):
+        self.hook.waiting(self.key)
+        try:
+            return self.work.wait(*args, **kwargs)
+        finally:
+            self.hook.done()
+
+    def __getattr__(self, name):  # is_completed, get_future, ...
+        return getattr(self.work, name)
