@@ -199,3 +199,160 @@ def test_memory_totals_are_sums_of_parts():
     per_layer = 4 * 4096**2 + 2 * 4096 * 16384 + 16 * 4096 + 4 * 4096
     assert m.weights == (16 * per_layer + 2 * 4096) * 2
     assert math.isclose(m.kv_cache, 16 * 2 * 8 * 32 * 10004 * 128 * 2)
+
+
+# -- the execution terms: copies, CUDA graphs, host issue, MoE syncs --------------------
+
+from shardwise.perf.clusters import Cluster  # noqa: E402
+from shardwise.perf.costmodel import (BLOCK_HOST_OPS, BLOCK_KERNELS, STATIC_DECODE_KERNELS,  # noqa: E402
+                                      Core, LayerWork, Roofline, layer_times)
+from shardwise.perf.reproduce import fidelity_summary, record_decode_steps  # noqa: E402
+
+# A one-node profile with round numbers (no size tables), so every term is hand-computable.
+ROUND = Cluster.from_dict({
+    "name": "round", "gpus_per_node": 2, "nodes": 1,
+    "matmul_tflops": {"bf16": 800}, "attention_tflops": {"dtype": "bf16", "head_dim<=256": 600,
+                                                         "head_dim>256": 100},
+    "hbm_gbps": 4000, "hbm_bytes": 10**11, "l2_bytes": 50 * 2**20, "launch_us": 10,
+    "links": {"nvlink": {op: {"latency_us": 50, "busbw_gbps": 400}
+                         for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")}},
+})
+SMALL = ModelSpec(name="small", n_layers=2, d_model=256, n_heads=4, head_dim=64, d_ff=1024,
+                  dtype="bf16")
+
+
+def test_profile_defaults_for_the_new_figures():
+    # Streaming = copy x 3.9/4.2 (H200: GEMV 3.9 TB/s, copy 4.2); FA2 330 TFLOP/s;
+    # 2 us a kernel; 10 us a collective in a graph; no derating without a measurement.
+    assert ROUND.stream_rate == pytest.approx(4000e9 * 3.9 / 4.2)
+    assert ROUND.flash_rate("bf16") == pytest.approx(330e12)
+    assert ROUND.kernel_s == pytest.approx(2e-6) and ROUND.graph_latency_s == pytest.approx(10e-6)
+    assert ROUND.sustained_ratio == 1.0
+    measured = Cluster.from_dict({**_round_dict(), "sustained_matmul_tflops": 700,
+                                  "stream_gbps": 3500, "kernel_us": 1.5})
+    assert measured.sustained_ratio == pytest.approx(700 / 800)
+    assert measured.stream_rate == 3500e9 and measured.kernel_s == pytest.approx(1.5e-6)
+
+
+def _round_dict():
+    return {"name": "round", "gpus_per_node": 2, "nodes": 1, "matmul_tflops": {"bf16": 800},
+            "hbm_gbps": 4000, "hbm_bytes": 10**11, "launch_us": 10,
+            "links": {"nvlink": {"all_reduce": {"latency_us": 50, "busbw_gbps": 400}}}}
+
+
+def test_kv_write_and_graph_vs_eager_decode():
+    # tp_pp:1x1, batch 2, prompt 100, cache sized for 10 more positions (max_len 110).
+    wl = Workload(batch=2, seq_len=100, decode_steps=10)
+    eager = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=False).decode
+    graph = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=True).decode
+    e = 2
+    # The new token's K and V copied into the cache: 2 x (read + write) x 2 seqs x 4 heads
+    # x 64 dims x 2 B = 4096 B a layer, 2 layers.
+    assert eager.ops["kv write"].bytes == 2 * 4 * 2 * 4 * 64 * e
+    # Eager reads the cache up to the position (101); the graph's static path all 110.
+    kv = lambda S: 2 * (2 * 2 * S * 4 * 64 * e + 2 * 2 * 4 * 64 * e)
+    assert eager.ops["attention"].bytes == kv(101)
+    assert graph.ops["attention"].bytes == kv(110)
+    # Tiny layer: eager it is host-bound (35 calls + 4 ReduceAfter calls + sdpa_kernel
+    # = 40 x 10 us = 400 us); in a graph it is 19 kernels x 2 us + its (tiny) rooflines.
+    assert eager.seconds == pytest.approx(2 * 40 * 10e-6)
+    graph_ops = sum(o.seconds for o in graph.ops.values()) / 2
+    assert graph.seconds == pytest.approx(2 * (STATIC_DECODE_KERNELS * 2e-6 + graph_ops))
+
+
+def test_collectives_in_a_graph_pay_the_graph_latency():
+    # tp_pp:2x1 decode of batch 2: two all-reduces a layer of 2 x 256 x 2 B = 1024 B.
+    wl = Workload(batch=2, seq_len=100, decode_steps=10)
+    eager = predict(SMALL, wl, "tp_pp:2x1", ROUND, 2, graphs=False).decode
+    graph = predict(SMALL, wl, "tp_pp:2x1", ROUND, 2, graphs=True).decode
+    wire = 1.0 * 1024 / 400e9  # factor 2(n-1)/n = 1 for two ranks
+    assert eager.comms["all_reduce/tp"].seconds == pytest.approx(4 * (50e-6 + wire))
+    assert graph.comms["all_reduce/tp"].seconds == pytest.approx(4 * (10e-6 + wire))
+
+
+def test_eager_layer_is_the_longer_of_host_and_gpu():
+    roof = Roofline(SMALL, ROUND)
+    core = Core(1, 4, 4, 1, 10, 10, True, "flash")
+    w = LayerWork(1, 3 * 256, 256, core, ff=1024)
+    t_eager, ops = layer_times(roof, w)
+    t_graph, _ = layer_times(roof, w, graph=True)
+    gpu = sum(o.seconds for o in ops) + BLOCK_KERNELS * 2e-6
+    assert t_graph == pytest.approx(gpu)
+    assert t_eager == pytest.approx(max(gpu, BLOCK_HOST_OPS * 10e-6)) == BLOCK_HOST_OPS * 10e-6
+
+
+def test_decode_attention_computes_a_whole_query_tile():
+    # FA2 computes 128 query rows for the one real one: 4 x 16 seqs x 32 heads x 128 dims
+    # x 128 rows x 4096 keys = 137 GFLOP at 330 TFLOP/s = 416 us, more than reading
+    # the 1.07 GB of K and V at 3.71 TB/s (289 us).
+    spec = ModelSpec(name="m", n_layers=1, d_model=4096, n_heads=32, head_dim=128, d_ff=16384,
+                     dtype="bf16")
+    roof = Roofline(spec, ROUND)
+    op = roof.core(Core(16, 32, 32, 1, 4096, 4096, True, "flash"))
+    assert op.flops == 4 * 16 * 32 * 128 * 4096  # the model FLOPs stay the real ones
+    assert op.seconds == pytest.approx(4 * 16 * 32 * 128 * 128 * 4096 / 330e12)
+    masked = roof.core(Core(16, 32, 32, 1, 4096, 4096, True, "masked"))  # 64-row tile at 600
+    assert masked.seconds == pytest.approx(masked.bytes / ROUND.stream_rate)
+
+
+def test_moe_reference_loop_waits_for_the_device_per_expert():
+    # The reference MoE asks torch.nonzero for every local expert: the host waits each
+    # time, so the loop is experts' GPU time + per expert (4 calls + a kernel) + per hit
+    # expert 9 calls, after the rest of the layer.
+    spec = get_preset("tiny-moe").model.replace(dtype="bf16")
+    roof = Roofline(spec, ROUND)
+    core = Core(1, spec.n_heads, spec.kv_heads, 1, 8, 8, True, "flash")
+    w = LayerWork(1, 3 * spec.d_model, spec.d_model, core, expert_rows=2, experts_hit=2,
+                  experts_held=spec.n_experts, expert_ff=spec.d_ff, router_tokens=1)
+    t, ops = layer_times(roof, w)
+    t_exp = next(o.seconds for o in ops if o.name == "experts")
+    loop = t_exp + spec.n_experts * (4 * 10e-6 + 2e-6) + 2 * 9 * 10e-6
+    rest_host = BLOCK_HOST_OPS * 10e-6  # host-bound rest of a tiny layer
+    assert t == pytest.approx(rest_host + loop)
+
+
+def test_ring_prefill_counts_its_copies():
+    # ring:2, one sequence of 8 tokens: each rank 4 rows (chunks of 2), the travelling
+    # block 4 rows; 4 heads x 64, bf16. Per layer: concatenated q, k, v (2 x 4 x 768 x 2),
+    # k, v into the block (2 x 2 x 4 x 256 x 2), fp32 accumulator (4 x 256 x 4), merges
+    # over the busiest rank's computed rows (18 B each), o.to(bf16) (6 B), transpose (4 B).
+    pred = predict(SMALL, Workload(batch=1, seq_len=8, decode_steps=1), "ring:2", ROUND, 2)
+    from shardwise.parallel.ring import ZigZag
+    zz = ZigZag(2, 8, 1)
+    busiest = max(range(2), key=zz.pairs)
+    merged = sum(q1 - q0 for _, q0, q1, *_ in zz.blocks(busiest))
+    per_layer = (2 * 4 * 768 * 2 + 4 * 4 * 256 * 2 + 4 * 256 * 4 + merged * 256 * 18
+                 + 4 * 256 * 6 + 4 * 256 * 4)
+    pick = 2 * 1 * 4 * 256 * 2  # the rank's zig-zag rows picked from the prompt, once
+    assert pred.prefill.ops["copies"].bytes == 2 * per_layer + pick
+
+
+def test_fidelity_verdicts_and_bench_cache_length():
+    rows = fidelity_summary({("tp_pp", "decode ms"): [0.05, -0.08, 0.19],
+                             ("ring", "prefill tok/s"): [0.05, 0.25],
+                             ("helix", "prefill tok/s"): [0.11, 0.12, -0.02]})
+    verdict = {(r[0], r[1]): r[-1] for r in rows}
+    assert verdict == {("tp_pp", "decode ms"): "PASS", ("ring", "prefill tok/s"): "FAIL",
+                       ("helix", "prefill tok/s"): "FAIL"}
+    # bench sizes the cache for warm-up + timed steps + 1 (BenchSettings.decode_positions).
+    assert record_decode_steps({"command": "shardwise bench --iters 30 --warmup 5"}) == 36
+    assert record_decode_steps({"command": "shardwise bench --preset x"}) == 14
+    assert record_decode_steps({"decode_steps": 4}) == 4
+
+
+def test_fidelity_takes_the_devices_sustained_rate_when_the_profile_lacks_it(tmp_path):
+    import json
+
+    from shardwise.perf.reproduce import with_sustained_rate
+    path = tmp_path / "r.jsonl"
+    recs = [{"device": "NVIDIA H200", "matmul_peak_tflops": 800, "matmul_sustained_tflops": s}
+            for s in (680, 700, 690)] + [{"device": "other", "matmul_peak_tflops": 800,
+                                          "matmul_sustained_tflops": 400}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cl = Cluster.from_dict({**_round_dict(), "device": "NVIDIA H200"})
+    out, note = with_sustained_rate(cl, [str(path)])
+    assert out.sustained_ratio == pytest.approx(690 / 800) and "0.863" in note
+    # A profile that measured it keeps its own.
+    own = Cluster.from_dict({**_round_dict(), "device": "NVIDIA H200",
+                             "sustained_matmul_tflops": 720})
+    assert with_sustained_rate(own, [str(path)]) == (own, "")

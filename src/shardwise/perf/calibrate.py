@@ -11,6 +11,10 @@ rank runs :func:`measure` at once, so collectives span all of them. Measured:
   512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses;
 * HBM bandwidth: a device copy, 2 x bytes (read + write) / time;
 * eager launch cost: a one-element op's host time;
+* read-bound streaming (a 16-row GEMV's weight reads), FlashAttention-2
+  called directly (``attend_lse``'s kernel), the GPU time of a tiny kernel and
+  of an 8 KB all-reduce replayed from a CUDA graph, and the matmul rate after
+  ~2 s of back-to-back GEMMs (the clock a long prefill runs at);
 * for all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point
   (a ring exchange), time against message size (8 KB .. 256 MB). The
   latency is the time at the smallest size; each larger size gives a bus
@@ -105,6 +109,83 @@ def copy_rate(device, quick: bool) -> float:
     return 2 * n / t / 1e9
 
 
+def stream_rate(device, dtype, quick: bool) -> float:
+    """Read-bound streaming (GB/s): a 16-row GEMV over a [4096 x 16384] weight
+    (the decode step's weight reads), weight bytes / time."""
+    import torch
+
+    k, n, rows = (256, 512, 4) if quick else (4096, 16384, 16)
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    x = torch.randn(rows, k, device=device, dtype=dtype)
+    t = _timer(device, lambda: x @ w.t(), 3 if quick else 50, 1 if quick else 5)
+    return w.numel() * w.element_size() / t / 1e9
+
+
+def flash_rate(device, dtype, quick: bool) -> float | None:
+    """FlashAttention-2 called directly (what attend_lse and an eager decode
+    step run), causal, head_dim 128; None where the kernel is unavailable."""
+    import torch
+
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    B, L, H, d = (1, 128, 2, 128) if quick else (2, 4096, 32, 128)
+    q, k, v = (torch.randn(B, H, L, d, device=device, dtype=dtype) for _ in range(3))
+    fn = lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
+    t = _timer(device, fn, 3 if quick else 10, 1 if quick else 3)
+    return 4 * B * H * d * L * (L + 1) / 2 / t / 1e12
+
+
+def graph_costs(device, comm, quick: bool) -> dict:
+    """Inside a CUDA graph (no host work): the GPU time of one tiny dependent
+    kernel (a graph of 100 in-place adds), and of an 8 KB all-reduce over all
+    ranks (a graph of 20). Empty on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    x = torch.zeros(2048, device=device)
+    out = {}
+
+    def replay_us(body, n: int) -> float:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        return 1e6 * _timer(device, g.replay, 3 if quick else 20, 1 if quick else 3) / n
+
+    out["kernel_us"] = round(replay_us(lambda: [x.add_(1) for _ in range(100)], 100), 3)
+    if comm.topo.world_size > 1:
+        comm.barrier()
+        out["graph_latency_us"] = round(
+            replay_us(lambda: [comm.all_reduce(x, "world") for _ in range(20)], 20), 3)
+    return out
+
+
+def sustained_matmul(device, dtype, quick: bool) -> float:
+    """Matmul rate (TFLOP/s) after the GPU has run GEMMs back to back for ~2 s:
+    under its power cap a GPU's clock falls during long runs, which the short
+    bursts of :func:`matmul_rates` do not see."""
+    import time as _time
+
+    import torch
+
+    m, k, n = (64, 128, 512) if quick else (8192, 4096, 16384)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    end = _time.perf_counter() + (0.05 if quick else 2.0)
+    while _time.perf_counter() < end:
+        for _ in range(20):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    t = _timer(device, lambda: a @ b, 3 if quick else 500, 0)
+    return 2 * m * k * n / t / 1e12
+
+
 def launch_cost_us(device) -> float:
     import torch
 
@@ -181,7 +262,12 @@ def measure(job, settings: dict) -> dict | None:
         first = torch_dtype(dtypes[0])
         attn = [attention_rate(device, first, hd, quick) for hd in (128, 512)]
         hbm = copy_rate(device, quick)
+        stream = stream_rate(device, first, quick)
+        flash = flash_rate(device, first, quick)
+        sustained = sustained_matmul(device, first, quick)
         launch_us = launch_cost_us(device)
+        comm.barrier()
+        graph = graph_costs(device, comm, quick)
         comm.barrier()
         colls = (collective_times(comm, device, first, QUICK_SIZES if quick else COLLECTIVE_SIZES,
                                   quick) if world > 1 else {})
@@ -212,6 +298,10 @@ def measure(job, settings: dict) -> dict | None:
         "hbm_bytes": int(mem),
         "l2_bytes": int(l2),
         "launch_us": round(launch_us, 3),
+        "stream_gbps": round(stream, 2),
+        **({"flash_tflops": round(flash, 3)} if flash else {}),
+        **graph,
+        "sustained_matmul_tflops": round(sustained, 3),
         "links": ({"nvlink": {op: link_profile(op, pts, world) for op, pts in colls.items()}}
                   if colls else {}),
         "source": {

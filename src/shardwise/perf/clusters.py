@@ -93,6 +93,20 @@ class Cluster:
     launch_us: float = 0.0  # host cost of one kernel launched eagerly
     source: dict = field(default_factory=dict)
     device: str = ""
+    # Optional figures (absent from older profiles; each has a documented default,
+    # see docs/costmodel.md "Profiles"):
+    stream_gbps: float | None = None  # read-bound streaming (GEMV, decode attention)
+    flash_tflops: float | None = None  # FlashAttention-2 kernel called directly (bf16/fp16, d<=256)
+    kernel_us: float | None = None  # GPU time of a tiny kernel in a stream / CUDA graph
+    graph_latency_us: float | None = None  # small collective captured in a CUDA graph
+    matmul_shapes: dict = field(default_factory=dict)  # dtype -> [(m, k, n, TFLOP/s)] measured
+    sustained_matmul_tflops: float | None = None  # after ~2 s of back-to-back GEMMs
+
+    # Defaults: measured on 2x H200 (docs/shared DESIGN.md section 5) or published.
+    STREAM_OF_COPY = 3.9 / 4.2  # 1-token GEMV weight streaming 3.9 TB/s vs device copy 4.2
+    FLASH2_TFLOPS = 330.0  # FlashAttention-2 forward, head_dim 128, H100 SXM (Shah et al. 2024)
+    KERNEL_US = 2.0  # a dependent tiny kernel on Hopper: launch latency + one HBM round trip
+    GRAPH_LATENCY_US = 10.0  # 8 KB all-reduce inside a CUDA graph, 2x H200 (vs ~40 eager)
 
     @property
     def n_gpus(self) -> int:
@@ -121,6 +135,64 @@ class Cluster:
     @property
     def hbm_rate(self) -> float:
         return self.hbm_gbps * 1e9
+
+    @property
+    def stream_rate(self) -> float:
+        """Bytes/s of a read-dominated stream (weights of a GEMV, a decode step's
+        KV cache): ``stream_gbps``, else the device copy x 3.9/4.2 (the ratio
+        measured on H200: GEMV weight streaming 3.9 TB/s, copy 4.2 TB/s)."""
+        if self.stream_gbps:
+            return self.stream_gbps * 1e9
+        return self.hbm_rate * self.STREAM_OF_COPY
+
+    def flash_rate(self, dtype: str) -> float:
+        """FlashAttention-2 called directly (``aten._scaled_dot_product_flash_attention``,
+        as ring's and helix's ``attend_lse`` do, and SDPA when cuDNN is excluded):
+        ``flash_tflops``, else 330 TFLOP/s (FA2 forward at head_dim 128 on H100 SXM,
+        the FlashAttention-3 paper's baseline; H200 has the same SMs and clocks),
+        never above the profile's SDPA rate. Scaled like :meth:`attention_rate`."""
+        sdpa = self.attention_rate(128, dtype)
+        if "head_dim<=256" not in self.attention_tflops:
+            return sdpa
+        base = (self.flash_tflops or self.FLASH2_TFLOPS) * 1e12
+        ref = self.matmul_tflops.get(self.attention_tflops.get("dtype", "bf16"))
+        scale = self.matmul_rate(dtype) / (ref * 1e12) if ref else 1.0
+        return min(sdpa, base * min(1.0, scale))
+
+    @property
+    def kernel_s(self) -> float:
+        """GPU time of one small kernel (its launch latency and tail), in a stream
+        or replayed from a CUDA graph: ``kernel_us``, else 2 us."""
+        return 1e-6 * (self.kernel_us if self.kernel_us is not None else self.KERNEL_US)
+
+    @property
+    def graph_latency_s(self) -> float:
+        """Latency of a small collective captured in a CUDA graph (no host work):
+        ``graph_latency_us``, else 10 us (measured on 2x H200, DESIGN.md section 5)."""
+        return 1e-6 * (self.graph_latency_us if self.graph_latency_us is not None
+                       else self.GRAPH_LATENCY_US)
+
+    @property
+    def sustained_ratio(self) -> float:
+        """Compute rate held over a long run / the burst rate the profile's
+        matmul and attention figures were measured at (<= 1): from
+        ``sustained_matmul_tflops`` when calibrated, else 1 (no derating: older
+        profiles do not say)."""
+        burst = self.matmul_tflops.get("bf16") or next(iter(self.matmul_tflops.values()), None)
+        if not self.sustained_matmul_tflops or not burst:
+            return 1.0
+        return min(1.0, self.sustained_matmul_tflops / burst)
+
+    def gemm_rate(self, dtype: str, k: int, n: int) -> float:
+        """Matmul rate for an output width n and inner size k: the measured shape
+        nearest in (log k, log n) when the profile holds per-shape measurements,
+        else the profile's single figure."""
+        key = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+        shapes = self.matmul_shapes.get(key)
+        if not shapes or k <= 0 or n <= 0:
+            return self.matmul_rate(dtype)
+        best = min(shapes, key=lambda s: abs(math.log(s[1] / k)) + abs(math.log(s[2] / n)))
+        return best[3] * 1e12
 
     # -- links ------------------------------------------------------------
     def node_of(self, rank: int) -> int:
@@ -188,6 +260,12 @@ class Cluster:
                 l2_bytes=int(d.get("l2_bytes", 0)), links=links,
                 launch_us=float(d.get("launch_us", 0.0)), source=d.get("source", {}),
                 device=d.get("device", ""),
+                stream_gbps=_opt(d, "stream_gbps"), flash_tflops=_opt(d, "flash_tflops"),
+                kernel_us=_opt(d, "kernel_us"), graph_latency_us=_opt(d, "graph_latency_us"),
+                sustained_matmul_tflops=_opt(d, "sustained_matmul_tflops"),
+                matmul_shapes={dt: [(int(x["m"]), int(x["k"]), int(x["n"]), float(x["tflops"]))
+                                    for x in rows]
+                               for dt, rows in d.get("measurements", {}).get("matmul", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ShardwiseError(f"cluster profile {d.get('name', '?')!r} is malformed: {e!r}") from None
@@ -212,6 +290,10 @@ class Cluster:
                     problems.append(f"link {name} {op}: bandwidths must be > 0")
         if problems:
             raise ShardwiseError(f"cluster profile {self.name!r}: " + "; ".join(problems))
+
+
+def _opt(d: dict, key: str) -> float | None:
+    return float(d[key]) if d.get(key) is not None else None
 
 
 def available_clusters() -> list[str]:

@@ -10,9 +10,15 @@ actually does on its busiest rank, layer by layer:
   of ``(T+1)/2``; a decode step reads the whole KV cache), W_o, the MLP (for
   MoE the router and the top-k experts each token visits; the weights read
   are those of the distinct experts that receive a token). The attention
-  core runs at the cluster's attention rate, lower past head_dim 256 where
-  no flash kernel exists. A layer costs at least its kernels' eager launch
-  time (decode steps of small batches are launch-bound).
+  core runs at the rate of the kernel the code calls (SDPA as calibrated,
+  FlashAttention-2 for attend_lse and eager decode, the memory-efficient
+  kernel past head_dim 256). Elementwise passes the code makes (norms, adds,
+  activation, KV-cache writes, each strategy's copies) run at the copy rate.
+* issue: every kernel pays ``kernel_us`` on the GPU; an eager layer takes
+  the longer of its GPU time and its host calls x ``launch_us``; a decode
+  step replayed from a CUDA graph has no host work, reads the whole static
+  cache and pays ``graph_latency_us`` per collective; the reference MoE loop
+  waits for the device once per expert (see docs/costmodel.md).
 * every collective costs alpha + factor x bytes / bus bandwidth on the link
   it crosses (:mod:`.clusters`): ring all-reduce 2(n-1)/n, all-gather,
   reduce-scatter and all-to-all (n-1)/n, point-to-point 1.
@@ -41,11 +47,29 @@ from ..parallel.base import balanced_ranges, validate_plan
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster
 
-# Eager kernels per decoder layer, outside the collectives: two norms, two
-# residual adds, QKV, the attention core (with its cache write), W_o, the MLP's
-# two matmuls and activation, and a few reshapes/copies. Each collective adds one.
-KERNELS_PER_LAYER = 12
+# What the reference block (model/reference.py) issues per decoder layer,
+# outside collectives, counted from the code:
+# * GPU kernels, eager: LayerNorm, QKV, K and V cache copies, SDPA, W_o, residual
+#   add, LayerNorm, W_in, GELU, W_down, residual add (12). A decode step captured
+#   in a CUDA graph takes the static-shape path instead: + arange/add for the
+#   cache index (2), the mask's two aranges, add and compare (4), the mask's
+#   conversion for SDPA (1) = 19.
+# * host-side calls (each costs the profile's ``launch_us``, the measured host
+#   time of one eager op): 9 module calls, 2 layer_norm, 4 linear, split and
+#   3 views, 3 transposes, 2 cache slice-assigns (slice + copy_ each), 2 cache
+#   slices, SDPA, transpose + reshape, 2 adds, GELU = 35; an eager decode step
+#   also enters ``sdpa_kernel`` (the cuDNN exclusion) = 36.
+BLOCK_KERNELS = 12
+STATIC_DECODE_KERNELS = 19
+BLOCK_HOST_OPS = 35
 KERNELS_PER_EXPERT = 4  # a grouped-GEMM loop runs each local expert's matmuls and activation
+HOST_OPS_PER_EXPERT = 9  # x[token], expert_mlp (2 matmuls, act, 2 transposes), weights[...], mul, index_add_
+MOE_MISS_OPS = 4  # compare, nonzero, its device-to-host wait, numel
+# FlashAttention-2 (and the memory-efficient kernel) compute a whole tile of
+# query rows even when a decode step has one query: 128 rows for FA2 at
+# head_dim 128 on sm90 (kBlockM), 64 for the memory-efficient kernel.
+FLASH_Q_TILE = 128
+EFFICIENT_Q_TILE = 64
 
 
 @dataclass
@@ -190,6 +214,13 @@ class Core:
     pairs: float  # (query, key) pairs scored per sequence and head
     keys: float  # key positions read per sequence (bytes of K and V)
     decode: bool = False
+    # Which kernel runs it: "sdpa" = scaled_dot_product_attention as the
+    # reference calls it in prefill (the profile's attention rate: cuDNN or
+    # flash, whichever SDPA picks); "flash" = FlashAttention-2 (attend_lse calls
+    # it directly; an eager decode step excludes cuDNN); "masked" = SDPA with an
+    # explicit mask (the static-shape decode path: the memory-efficient kernel).
+    # Past head_dim 256 every path runs the memory-efficient kernel.
+    kernel: str = "sdpa"
 
 
 @dataclass(frozen=True)
@@ -207,49 +238,88 @@ class LayerWork:
     experts_held: int = 0  # MoE: local experts (kernel launches)
     expert_ff: int = 0  # MoE: local d_ff of each expert
     router_tokens: float = 0.0  # MoE: tokens routed on this rank
+    kv_rows: float | None = None  # (token x kv head) rows written to the KV cache (default tokens x core.kv_heads)
+    copy_bytes: float = 0.0  # the strategy's own copies (bytes read + written)
+    kernels: int = BLOCK_KERNELS  # GPU kernels outside collectives
+    host_ops: int = BLOCK_HOST_OPS  # host-side calls outside collectives (eager)
+    moe_loop: bool = True  # MoE through the reference loop (a host sync per expert)
 
 
 class Roofline:
-    """max(FLOPs / rate, bytes / bandwidth) for the ops of one model on one cluster."""
+    """max(FLOPs / rate, bytes / bandwidth) for the ops of one model on one cluster.
+
+    Bandwidths: elementwise passes (norms, adds, activation, copies: as many
+    bytes written as read) at the device-copy rate ``hbm_gbps``; matmuls and
+    the attention core, whose traffic is reads (weights, the KV cache), at the
+    streaming rate (:meth:`Cluster.stream_rate`)."""
 
     def __init__(self, spec: ModelSpec, cluster: Cluster):
         self.spec, self.cluster = spec, cluster
         self.e = dtype_bytes(spec.dtype)
-        self.mm = cluster.matmul_rate(spec.dtype)
-        self.attn = cluster.attention_rate(spec.head_dim, spec.dtype)
+        # Compute rates held over a long run (Cluster.sustained_ratio; 1 unless
+        # the profile measured it).
+        self.derate = cluster.sustained_ratio
+        self.mm = cluster.matmul_rate(spec.dtype) * self.derate
+        self.attn = cluster.attention_rate(spec.head_dim, spec.dtype) * self.derate
+        self.flash = (cluster.flash_rate(spec.dtype) * self.derate
+                      if spec.head_dim <= 256 and self.e == 2 else self.attn)
         self.hbm = cluster.hbm_rate
+        self.stream = cluster.stream_rate
 
-    def op(self, name: str, flops: float, nbytes: float, rate: float | None = None) -> Op:
+    def op(self, name: str, flops: float, nbytes: float, rate: float | None = None,
+           bw: float | None = None) -> Op:
         rate = rate or self.mm
-        return Op(name, flops, nbytes, max(flops / rate, nbytes / self.hbm))
+        return Op(name, flops, nbytes, max(flops / rate, nbytes / (bw or self.hbm)))
+
+    def copy(self, name: str, nbytes: float) -> Op:
+        """An elementwise pass (``nbytes`` read + written) at the copy rate."""
+        return Op(name, 0.0, nbytes, nbytes / self.hbm)
 
     def gemm(self, name: str, m: float, k: int, n: int, weight_reads: float = 1.0) -> Op:
-        """``[m x k] @ [k x n]``: read both operands, write the result."""
-        return self.op(name, 2 * m * k * n, (m * k + weight_reads * k * n + m * n) * self.e)
+        """``[m x k] @ [k x n]``: read both operands, write the result; the rate
+        of the measured shape nearest (k, n)."""
+        rate = self.cluster.gemm_rate(self.spec.dtype, k, n) * self.derate
+        return self.op(name, 2 * m * k * n, (m * k + weight_reads * k * n + m * n) * self.e,
+                       rate, self.stream)
 
     def core(self, c: Core) -> Op:
+        """Prefill: 4 d FLOPs per scored pair and head at the kernel's rate. Decode
+        (one query): the kernel still computes a whole tile of query rows
+        (FA2 128, memory-efficient 64), and reads the keys it is given."""
         d = self.spec.head_dim
         flops = 4 * c.seqs * c.heads * d * c.pairs  # Q.K^T and P.V
         q_o = 2 * c.seqs * c.queries * c.heads * d
         kv = 2 * c.seqs * c.keys * c.kv_heads * d
-        return self.op("attention", flops, (q_o + kv) * self.e, self.attn)
+        rate = self.flash if c.kernel == "flash" else self.attn
+        work = flops
+        if c.decode:
+            tile = FLASH_Q_TILE if (c.kernel == "flash" and d <= 256) else EFFICIENT_Q_TILE
+            work = 4 * c.seqs * c.heads * d * c.keys * max(c.queries, tile)
+        t = max(work / rate, (q_o + kv) * self.e / self.stream)
+        return Op("attention", flops, (q_o + kv) * self.e, t)
 
     def layer(self, w: LayerWork) -> list[Op]:
         s, D, e = self.spec, self.spec.d_model, self.e
+        kv_rows = w.tokens * w.core.kv_heads if w.kv_rows is None else w.kv_rows
         ops = [
             # Two norms (read + write) and two residual adds (2 reads + 1 write).
             self.op("norms+residual", 16 * w.tokens * D, 10 * w.tokens * D * e),
             self.gemm("qkv", w.tokens, D, w.qkv_out),
+            # K and V copied into the cache (read + write each).
+            self.copy("kv write", 4 * kv_rows * self.spec.head_dim * e),
             self.core(w.core),
             self.gemm("w_o", w.tokens, w.wo_in, D),
         ]
+        if w.copy_bytes:
+            ops.append(self.copy("copies", w.copy_bytes))
         if s.is_moe:
             mats = s.mlp_matrices
             ops.append(self.gemm("router", w.router_tokens, D, s.n_experts))
             rows, F = w.expert_rows, w.expert_ff
             weights = w.experts_hit * mats * D * F * e
             acts = rows * (2 * D + (mats + 1) * F) * e  # in, out, hidden written and read
-            ops.append(self.op("experts", 2 * rows * mats * D * F, weights + acts))
+            ops.append(self.op("experts", 2 * rows * mats * D * F, weights + acts,
+                               self.cluster.gemm_rate(s.dtype, D, F) * self.derate, self.stream))
         else:
             m = w.tokens if w.mlp_tokens is None else w.mlp_tokens
             n_in = 2 if s.activation == "swiglu" else 1
@@ -263,15 +333,53 @@ class Roofline:
                                                  acc.seconds + o.seconds)
         return list(merged.values())
 
-    def launch_floor(self, w: LayerWork, collectives: int) -> float:
-        kernels = KERNELS_PER_LAYER + collectives + KERNELS_PER_EXPERT * w.experts_held
-        return kernels * self.cluster.launch_us * 1e-6
+    def kernels(self, w: LayerWork) -> int:
+        return w.kernels + KERNELS_PER_EXPERT * w.experts_held
+
+    def host_s(self, w: LayerWork) -> float:
+        """Host time to issue the layer eagerly: its calls x the measured cost of
+        one eager op (``launch_us``)."""
+        ops = w.host_ops + (HOST_OPS_PER_EXPERT * w.experts_held if not w.moe_loop else 0)
+        return ops * self.cluster.launch_us * 1e-6
+
+    def launch_floor(self, w: LayerWork, collectives: int = 0) -> float:
+        """Host time of the layer and its eager collectives' calls (a lower bound
+        of an eager layer)."""
+        return self.host_s(w) + collectives * self.cluster.launch_us * 1e-6
 
 
-def layer_seconds(roof: Roofline, w: LayerWork, collectives: int) -> tuple[float, list[Op]]:
-    """A layer's compute time: its roofline ops, at least its launches."""
+def layer_times(roof: Roofline, w: LayerWork, graph: bool = False) -> tuple[float, list[Op]]:
+    """(seconds, ops) of one layer outside its collectives.
+
+    GPU time: the ops' rooflines plus ``kernel_us`` per kernel (launch latency
+    and tail, paid in a stream and in a CUDA graph alike). Eager, the host
+    issues every call (``launch_us`` each) while the GPU runs what it has
+    been given: the layer takes the longer of the two. A CUDA graph replay has
+    no host work."""
     ops = roof.layer(w)
-    return max(sum(o.seconds for o in ops), roof.launch_floor(w, collectives)), ops
+    cl = roof.cluster
+    gpu = sum(o.seconds for o in ops) + roof.kernels(w) * cl.kernel_s
+    if not (roof.spec.is_moe and w.moe_loop):
+        return (gpu if graph else max(gpu, roof.host_s(w))), ops
+    # The reference MoE loop asks the device which tokens chose each local expert
+    # (torch.nonzero): the host waits for the GPU once per expert, so from the
+    # first expert on, host calls and GPU work alternate instead of overlapping.
+    # A miss costs the compare, nonzero and its device-to-host wait; a hit also
+    # its gather, two matmuls, activation, weighting and index_add_.
+    launch = cl.launch_us * 1e-6
+    t_exp = sum(o.seconds for o in ops if o.name == "experts")
+    rest_gpu = gpu - t_exp - KERNELS_PER_EXPERT * w.experts_held * cl.kernel_s
+    rest_host = w.host_ops * launch
+    loop = (t_exp + w.experts_held * (MOE_MISS_OPS * launch + cl.kernel_s)
+            + w.experts_hit * HOST_OPS_PER_EXPERT * launch)
+    return max(rest_gpu, rest_host) + loop, ops
+
+
+def layer_seconds(roof: Roofline, w: LayerWork, collectives: int = 0,
+                  graph: bool = False) -> tuple[float, list[Op]]:
+    """A layer's compute time (see :func:`layer_times`); ``collectives`` is kept
+    for callers that count them (their time is added by the strategy)."""
+    return layer_times(roof, w, graph)
 
 
 # -- weights and KV cache, exactly as the strategies allocate them -----------------
@@ -314,8 +422,12 @@ class _Model:
 
 
 class _Ctx:
-    def __init__(self, spec: ModelSpec, wl: Workload, plan: Plan, cluster: Cluster, topo):
+    def __init__(self, spec: ModelSpec, wl: Workload, plan: Plan, cluster: Cluster, topo,
+                 graphs: bool | None = None):
         self.spec, self.wl, self.plan, self.cluster, self.topo = spec, wl, plan, cluster, topo
+        # Whether decode steps replay a CUDA graph (None: where the strategy can).
+        self.graphs = graphs
+        self.graph = False  # the step being modelled (set per step)
         self.roof = Roofline(spec, cluster)
         self.e = dtype_bytes(spec.dtype)
         self.P = topo.world_size
@@ -341,12 +453,26 @@ class _Ctx:
         return out
 
     def coll(self, op: str, axis: str, nbytes: float) -> tuple[float, str]:
-        """Time of one collective on ``axis``: the slowest of its groups."""
+        """Time of one collective on ``axis``: the slowest of its groups. The
+        profile's latency is an eager call's (host work included); inside a
+        CUDA graph a collective pays ``graph_latency_us`` instead."""
         groups = self.groups(axis)
         if len(groups[0]) <= 1 or nbytes <= 0:
             return 0.0, "-"
-        return max((self.cluster.collective_time(op, nbytes, g) for g in groups),
-                   key=lambda x: x[0])
+        t, link = max((self.cluster.collective_time(op, nbytes, g) for g in groups),
+                      key=lambda x: x[0])
+        return self.in_graph(t, op, link), link
+
+    def in_graph(self, t: float, op: str, link: str) -> float:
+        if not self.graph or link not in self.cluster.links:
+            return t
+        # What remains of an eager call without its host work: the growth of its
+        # time over the smallest message's (whose apparent bandwidth is latency
+        # jitter, not wire time), after the graph's own latency.
+        lc = self.cluster.link(link, op)
+        smallest = lc.table[0][0] if lc.table else 0.0
+        t0 = lc.time(op, smallest, 2) if smallest else lc.latency_us * 1e-6
+        return max(t - t0, 0.0) + self.cluster.graph_latency_s
 
     def add(self, step: StepCost, op: str, axis: str, nbytes: float, times: float = 1.0) -> float:
         """Record ``times`` collectives; return their total time."""
@@ -391,6 +517,17 @@ def _pipeline(stage_s: list[float], hop_s: float, micro_batches: int) -> tuple[f
     return total, total - micro_batches * max(stage_s)
 
 
+def _decode_core(c: _Ctx, b: float, heads: int, kv_heads: int, held: int, capacity: int,
+                 graph: bool) -> Core:
+    """One new token per sequence. Eager (``pos`` an int) the reference reads the
+    cache up to the position with FlashAttention-2 (``sdpa_kernel`` leaves cuDNN
+    out); in a CUDA graph (``pos`` a device tensor) it reads the whole static
+    cache (``capacity`` positions) with a mask."""
+    if graph:
+        return Core(b, heads, kv_heads, 1, capacity, capacity, True, "masked")
+    return Core(b, heads, kv_heads, 1, held, held, True, "flash")
+
+
 def _tp_pp(c: _Ctx) -> _Model:
     from ..parallel.tp_pp import TpPp
 
@@ -401,19 +538,28 @@ def _tp_pp(c: _Ctx) -> _Model:
     H, Hkv = spec.n_heads // tp, spec.kv_heads // tp
     El = spec.n_experts // tp if spec.is_moe else 0
     b = -(-c.B // mb)  # the largest micro-batch
+    can_graph = pp == 1 and not spec.is_moe  # TpPp.supports_graphs
+    graph_decode = can_graph if c.graphs is None else (c.graphs and can_graph)
 
-    def work(tokens: float, core: Core) -> LayerWork:
+    def work(tokens: float, core: Core, static: bool) -> LayerWork:
+        # ReduceAfter wraps attention and MLP (2 module calls + 2 Comm calls);
+        # a pipeline takes a batch view of each layer's cache (2 slices).
+        kernels = STATIC_DECODE_KERNELS if static else BLOCK_KERNELS
+        host = BLOCK_HOST_OPS + 4 + (2 if pp > 1 or mb > 1 else 0) + (core.kernel == "flash")
         if spec.is_moe:
             return LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core,
                              expert_rows=c.moe_rows(tokens, El / spec.n_experts),
                              experts_hit=distinct_experts(El, spec.n_experts, spec.top_k, tokens),
-                             experts_held=El, expert_ff=spec.d_ff, router_tokens=tokens)
-        return LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core, ff=spec.d_ff // tp)
+                             experts_held=El, expert_ff=spec.d_ff, router_tokens=tokens,
+                             kernels=kernels - 3, host_ops=host)
+        return LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core, ff=spec.d_ff // tp,
+                         kernels=kernels, host_ops=host)
 
-    def step(tokens_per_seq: int, core: Core) -> StepCost:
+    def step(tokens_per_seq: int, core: Core, graph: bool = False) -> StepCost:
+        c.graph = graph
         st = StepCost()
-        w = work(b * tokens_per_seq, core)
-        t_layer, ops = layer_seconds(c.roof, w, 2)
+        w = work(b * tokens_per_seq, core, graph)
+        t_layer, ops = layer_times(c.roof, w, graph)
         # The largest micro-batch sets the slot; traffic is recorded for the
         # micro-batches as they are (balanced sizes, averaged).
         y, y_avg = b * tokens_per_seq * c.D * c.e, c.B * tokens_per_seq * c.D * c.e / mb
@@ -435,11 +581,12 @@ def _tp_pp(c: _Ctx) -> _Model:
         st.compute_s = sum(o.seconds for o in st.ops.values())
         st.comm_s = sum(x.seconds for x in st.comms.values())
         st.exposed_comm_s = (mb + pp - 1) * (max(stages) * t_ar_layer + hop)
+        c.graph = False
         return st
 
     T, S = c.T, c.S
     prefill = step(T, Core(b, H, Hkv, T, T * (T + 1) / 2, T))
-    decode = step(1, Core(b, H, Hkv, 1, S, S, decode=True))
+    decode = step(1, _decode_core(c, b, H, Hkv, S, c.wl.max_len, graph_decode), graph_decode)
     weights, kv = [], []
     for r in range(c.P):
         coords = topo.coords(r)
@@ -472,61 +619,90 @@ def _helix(c: _Ctx) -> _Model:
     chunks = balanced_ranges(T, M)
     F = spec.d_ff // P
 
-    def work(tokens: float, core: Core) -> LayerWork:
+    can_graph = mode == "heads"  # Helix.supports_graphs
+    graph_decode = can_graph if c.graphs is None else (c.graphs and can_graph)
+
+    def work(tokens: float, core: Core, static: bool, copies: float, kernels: int,
+             host: int, kv_rows: float | None = None) -> LayerWork:
+        kernels += STATIC_DECODE_KERNELS if static else BLOCK_KERNELS
+        host += BLOCK_HOST_OPS + (core.kernel == "flash")
         if spec.is_moe:  # every expert, 1/P of its d_ff
             return LayerWork(tokens, (H + 2 * Hkv) * d // M, H * d // M, core,
                              expert_rows=c.moe_rows(tokens, 1.0),
                              experts_hit=distinct_experts(spec.n_experts, spec.n_experts,
                                                           spec.top_k, tokens),
-                             experts_held=spec.n_experts, expert_ff=F, router_tokens=tokens)
-        return LayerWork(tokens, (H + 2 * Hkv) * d // M, H * d // M, core, ff=F)
+                             experts_held=spec.n_experts, expert_ff=F, router_tokens=tokens,
+                             kv_rows=kv_rows, copy_bytes=copies, kernels=kernels - 3,
+                             host_ops=host)
+        return LayerWork(tokens, (H + 2 * Hkv) * d // M, H * d // M, core, ff=F,
+                         kv_rows=kv_rows, copy_bytes=copies, kernels=kernels, host_ops=host)
 
     # Partial sums over all P ranks: attention and MLP of every layer, and the
     # vocabulary-sharded embedding of a model with token ids.
     n_sums = 2 * spec.n_layers + (spec.vocab_size is not None)
 
-    def reduce(st: StepCost, y: float) -> tuple[float, int]:
-        """Sum a partial [rows x D] over all P ranks ``n_sums`` times."""
+    def reduce(st: StepCost, y: float) -> tuple[float, float]:
+        """Sum a partial [rows x D] over all P ranks ``n_sums`` times: (time,
+        bytes of the zero-padding copy SumOverMesh makes when M does not divide
+        the rows x D elements)."""
         if how == "flat":
-            return c.add(st, "all_reduce", "world", y * e, n_sums), 1
+            return c.add(st, "all_reduce", "world", y * e, n_sums), 0.0
         padded = -(-y // M) * M * e
         t = c.add(st, "reduce_scatter", "slice", padded, n_sums)
         t += c.add(st, "all_reduce", "group", padded / M, n_sums)
         t += c.add(st, "all_gather", "slice", padded, n_sums)
-        return t, 3
+        return t, (y * e + padded if padded != y * e else 0.0)
 
     def step(decode: bool) -> StepCost:
+        graph = decode and graph_decode
+        c.graph = graph
         st, L = StepCost(), spec.n_layers
         tokens = B * (1 if decode else T)
+        qkv_local = tokens * (H + 2 * Hkv) * d // M * e  # bytes of this rank's QKV output
+        kv_rows = None
         if mode == "heads":
-            core = (Core(B, H // M, Hkv // M, 1, S, S, True) if decode
+            core = (_decode_core(c, B, H // M, Hkv // M, S, c.wl.max_len, graph) if decode
                     else Core(B, H // M, Hkv // M, T, T * (T + 1) / 2, T))
             t_x = c.add(st, "all_to_all", "slice", tokens * (H + 2 * Hkv) * d // M * e, L)
-            n_coll = 1
+            # HeadSliceAttention: the send buffer (cat), Comm's contiguous copy of
+            # its movedim view (M > 1), and the permute + reshape of what arrives.
+            n_copy = 3 if M > 1 else 2
+            copies, kernels, host = n_copy * 2 * qkv_local, n_copy, 10
         elif decode:
             held = max(positions_held(M, s, T, S) for s in range(M))
-            core = Core(B, H, Hkv, 1, held, held, True)
+            core = Core(B, H, Hkv, 1, held, held, True, "flash")  # attend_lse
             t_x = c.add(st, "all_gather", "slice", B * (H + 2 * Hkv) * d * e, L)
             t_x += c.add(st, "all_to_all", "slice", M * B * H * (d // M + 1) * 4, L)
-            n_coll = 2
+            kv_rows = B * Hkv / M  # one rank of M stores the new token
+            copies, kernels, host = 0.0, 14, 30  # cat, splits, merge_stack, casts
         else:
             # The masked core scores a full (chunk x keys up to the chunk's end)
             # rectangle; the last chunk is the busiest.
             rect = max((b - a) * b for a, b in chunks)
             n = max(b - a for a, b in chunks)
-            core = Core(B, H, Hkv, n, rect, T)
+            core = Core(B, H, Hkv, n, rect, T, False, "masked")
             t_x = c.add(st, "all_to_all", "slice", B * T * H * d // M * e, L)  # queries out
             t_x += c.add(st, "all_to_all", "slice", B * n * H * d * e, L)  # outputs back
             t_x += c.add(st, "all_gather", "slice", B * T * 2 * Hkv * d * e, L)
-            n_coll = 3
-        t_red, k = reduce(st, tokens * D)
-        t_layer, ops = layer_seconds(c.roof, work(tokens, core), n_coll + 2 * k)
+            kv_rows = B * n * Hkv
+            # Received queries permuted, K/V concatenated and split, the output
+            # permuted before and after its exchange (read + write each).
+            copies = 2 * e * B * (T * H * d // M + n * H * d + 2 * T * 2 * Hkv * d // M
+                                  + 2 * n * H * d)
+            kernels, host = 6, 20
+        t_red, pad_copy = reduce(st, tokens * D)
+        # SumAfter and SumOverMesh (reshape, pad check, slice, view) for both sums.
+        host += 2 * 5
+        kernels += 2 * (1 if pad_copy else 0)
+        w = work(tokens, core, graph, copies + 2 * pad_copy, kernels, host, kv_rows)
+        t_layer, ops = layer_times(c.roof, w, graph)
         for o in ops:
             st.add_op(o, L)
         t_ends = c.ends(st, tokens, -(-spec.vocab_size // P) if spec.vocab_size else None)
         st.compute_s = L * t_layer + t_ends
         st.comm_s = st.exposed_comm_s = t_x + t_red
         st.seconds = st.compute_s + st.comm_s  # helix's collectives are blocking
+        c.graph = False
         return st
 
     prefill, decode = step(False), step(True)
@@ -563,54 +739,84 @@ def _ring(c: _Ctx) -> _Model:
     blocks = zz.blocks(busiest)
     L = spec.n_layers
 
-    def work(tokens: float, core: Core, routed: float) -> LayerWork:
+    def work(tokens: float, core: Core, routed: float, copies: float, kernels: int,
+             host: int, kv_rows: float | None = None) -> LayerWork:
         if spec.is_moe:
             return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core,
                              expert_rows=c.moe_rows(tokens, 1.0),
                              experts_hit=distinct_experts(spec.n_experts, spec.n_experts,
                                                           spec.top_k, routed),
                              experts_held=spec.n_experts, expert_ff=spec.d_ff,
-                             router_tokens=tokens)
-        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff)
+                             router_tokens=tokens, kv_rows=kv_rows, copy_bytes=copies,
+                             kernels=kernels - 3, host_ops=host)
+        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff,
+                         kv_rows=kv_rows, copy_bytes=copies, kernels=kernels, host_ops=host)
 
     # Prefill: local tokens only; the core is P ring steps, each hop hidden
-    # behind the attention on the block in hand.
+    # behind the attention on the block in hand. attend_lse runs FlashAttention-2
+    # (head_dim <= 256) or the memory-efficient kernel, both with the lse.
     st = StepCost()
-    core = Core(b, H, Hkv, n, zz.pairs(busiest), P * zz.block_rows)
-    rest_ops = c.roof.layer(work(b * n, core, b * n))
+    rows = b * n  # token rows of a micro-batch on the busiest rank
+    core = Core(b, H, Hkv, n, zz.pairs(busiest), P * zz.block_rows, False, "flash")
+    # RingAttention.prefill's own passes (bytes read + written):
+    merged_rows = sum(q1 - q0 for _, q0, q1, *_ in blocks)
+    copies = (2 * rows * (H + 2 * Hkv) * d * e  # q, k, v of the two zig-zag chunks concatenated
+              + 2 * 2 * rows * Hkv * d * e  # k, v copied into the block that travels
+              + 2 * b * Hkv * (zz.block_rows - n) * d * e  # its unused rows zeroed
+              + b * n * H * d * 4  # the float32 accumulator zeroed
+              # merge_into per computed block: o *= share (fp32 read + write),
+              # o += share_b * o_b (read o and o_b, write o)
+              + merged_rows * b * H * d * (16 + e)
+              + b * n * H * d * (4 + e)  # o.to(dtype)
+              + 2 * b * n * H * d * e)  # transpose + reshape for W_o
+    # Kernels and calls beyond the reference block: a second QKV and its chunk
+    # handling, 3 concatenations, the block fills, accumulator and lse set-up;
+    # per ring step the exchange, attend_lse and merge_into (~10 elementwise).
+    w_pre = work(rows, core, rows, copies, BLOCK_KERNELS + 12 + 11 * P,
+                 BLOCK_HOST_OPS + 20 + 15 * P)
+    rest_ops = c.roof.layer(w_pre)
     core_op = next(o for o in rest_ops if o.name == "attention")
-    # Each computed block is merged into the float32 accumulator (read o, o_b; write o).
-    merge = c.roof.op("lse merge", 0, sum(q1 - q0 for _, q0, q1, *_ in blocks) * 3 * b * H * d * 4)
-    per_block = core_op.seconds / max(len(blocks), 1)
+    # The core's time split over the ring steps by the pairs each block scores.
+    pairs_at = {s_: ((q1 - q0) * (q1 - q0 + 1) / 2 if causal else (q1 - q0) * (k1 - k0))
+                for s_, q0, q1, k0, k1, causal in blocks}
+    total_pairs = sum(pairs_at.values()) or 1.0
     hop_bytes = 2 * b * Hkv * zz.block_rows * d * e
     hop = max((c.cluster.p2p_time(hop_bytes, r, (r + 1) % P)[0] for r in range(P)), default=0.0)
     hop_link = "ib" if any(c.cluster.node_of(r) != c.cluster.node_of((r + 1) % P)
                            for r in range(P)) else "nvlink"
-    has_work = {s for s, *_ in blocks}
-    ring_s = sum(max(hop if s < P - 1 else 0.0, per_block if s in has_work else 0.0)
-                 for s in range(P))
-    other = sum(o.seconds for o in rest_ops if o.name != "attention") + merge.seconds
-    floor = c.roof.launch_floor(work(b * n, core, b * n), P)
-    t_layer = max(other + ring_s, floor)
-    for o in rest_ops + [merge]:
+    ring_s = sum(max(hop if s_ < P - 1 else 0.0, core_op.seconds * pairs_at.get(s_, 0) / total_pairs)
+                 for s_ in range(P))
+    gpu = (sum(o.seconds for o in rest_ops if o.name != "attention") + ring_s
+           + c.roof.kernels(w_pre) * c.cluster.kernel_s)
+    t_layer = max(gpu, c.roof.host_s(w_pre))
+    for o in rest_ops:
         st.add_op(o, L * c.B / b)
     if P > 1:
         st.add_comm("send/seq", hop_link, hop_bytes * c.B / (b * mb), hop, (P - 1) * L * mb)
+    # Every rank picks its zig-zag rows out of the global prompt once (index_select).
+    pick = c.roof.copy("copies", 2 * c.B * n * max(c.in_width * e, 8))
+    st.add_op(pick)
     st.compute_s = sum(o.seconds for o in st.ops.values())
     st.comm_s = sum(x.seconds for x in st.comms.values())
-    st.seconds = mb * (L * t_layer + c.ends(st, b * n))
+    st.seconds = mb * (L * t_layer + c.ends(st, b * n)) + pick.seconds
     st.exposed_comm_s = max(0.0, st.seconds - st.compute_s)
     prefill = st
 
-    # Decode: every rank runs the whole layer on every new token, attends to
-    # its cache shard, and one all-gather of (o, lse) merges the shards.
+    # Decode (eager: the shard's length depends on the position): every rank
+    # runs the whole layer on every new token, attends to its cache shard with
+    # attend_lse, and one all-gather of (o, lse) merges the shards (merge_stack:
+    # ~12 small kernels; ~23 calls more than the reference attention).
     st = StepCost()
     held = max(zz.kv_len(r, min(T + 1, c.wl.max_len)) if c.wl.decode_steps else zz.real(r)
                for r in range(P))
-    w = work(b, Core(b, H, Hkv, 1, held, held, True), c.B)
-    t_layer, ops = layer_seconds(c.roof, w, 1)
-    t_ag = L * mb * c.coll("all_gather", "seq", P * b * H * (d + 1) * 4)[0]
-    c.add(st, "all_gather", "seq", P * c.B / mb * H * (d + 1) * 4, L * mb)
+    width = d + max(1, 4 // e)
+    part = P * b * H * width * e  # the gathered (o, lse) pairs
+    copies = 2 * b * H * width * e + 6 * part + 2 * b * H * d * 4
+    w = work(b, Core(b, H, Hkv, 1, held, held, True, "flash"), c.B, copies,
+             BLOCK_KERNELS + 14, BLOCK_HOST_OPS + 23, kv_rows=b * Hkv / P)
+    t_layer, ops = layer_times(c.roof, w)
+    t_ag = L * mb * c.coll("all_gather", "seq", P * b * H * width * e)[0]
+    c.add(st, "all_gather", "seq", P * c.B / mb * H * width * e, L * mb)
     for o in ops:
         st.add_op(o, L * c.B / b)
     st.compute_s = mb * (L * t_layer + c.ends(st, b))
@@ -648,12 +854,13 @@ def _ep(c: _Ctx) -> _Model:
         st = StepCost()
         local, routed = b * new, c.B * new
         K = chunks_for(local)
-        core = (Core(b, H, Hkv, 1, S, S, True) if new == 1
+        core = (_decode_core(c, b, H, Hkv, S, c.wl.max_len, False) if new == 1
                 else Core(b, H, Hkv, T, T * (T + 1) / 2, T))
         rows = routed * k / P  # (token, expert) rows a rank computes, balanced routing
         w = LayerWork(local, (H + 2 * Hkv) * d, H * d, core, expert_rows=rows,
                       experts_hit=distinct_experts(El, E, k, routed), experts_held=El,
-                      expert_ff=spec.d_ff, router_tokens=local)
+                      expert_ff=spec.d_ff, router_tokens=local, kernels=BLOCK_KERNELS - 3 + 8,
+                      host_ops=BLOCK_HOST_OPS + 20 + (new == 1), moe_loop=False)
         ops = c.roof.layer(w)
         t_exp = next(o.seconds for o in ops if o.name == "experts")
         t_rest = sum(o.seconds for o in ops if o.name != "experts")
@@ -676,8 +883,14 @@ def _ep(c: _Ctx) -> _Model:
             comp_free = max(comp_free, d_end[i]) + t_exp / K
             comm_free = max(comm_free, comp_free) + t_c
         moe_s = comm_free
-        floor = c.roof.launch_floor(w, 1 + 2 * K)
-        t_layer = max(t_rest + t_tab / L + moe_s, floor)
+        # Routing, argsort and the routing table before the host reads the counts
+        # (.tolist(): the host waits for the GPU once a layer); then per chunk
+        # the gather, the exchanges, the expert loop (host-known sizes).
+        launch = c.cluster.launch_us * 1e-6
+        t_rest += c.roof.kernels(w) * c.cluster.kernel_s
+        host_pre = (w.host_ops + 8) * launch
+        host_moe = (K * 12 + K * El * HOST_OPS_PER_EXPERT) * launch
+        t_layer = max(t_rest, host_pre) + t_tab / L + launch + max(moe_s, host_moe)
         for o in ops:
             st.add_op(o, L)
         st.compute_s = sum(o.seconds for o in st.ops.values())
@@ -710,18 +923,21 @@ def _layerwise(c: _Ctx) -> _Model:
     b = -(-rb // mb)
 
     def work(tokens: float, core: Core) -> LayerWork:
+        # The pipeline takes a batch view of each layer's cache (2 slices); an
+        # eager decode step enters sdpa_kernel.
+        host = BLOCK_HOST_OPS + 2 + (core.kernel == "flash")
         if spec.is_moe:
             return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core,
                              expert_rows=c.moe_rows(tokens, 1.0),
                              experts_hit=distinct_experts(spec.n_experts, spec.n_experts,
                                                           spec.top_k, tokens),
                              experts_held=spec.n_experts, expert_ff=spec.d_ff,
-                             router_tokens=tokens)
-        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff)
+                             router_tokens=tokens, kernels=BLOCK_KERNELS - 3, host_ops=host)
+        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff, host_ops=host)
 
     def step(new: int, core: Core) -> StepCost:
         st = StepCost()
-        t_layer, ops = layer_seconds(c.roof, work(b * new, core), 0)
+        t_layer, ops = layer_times(c.roof, work(b * new, core))
         stage_s = []
         for i, g in enumerate(part.groups):
             t = len(g.layers) * t_layer
@@ -746,7 +962,7 @@ def _layerwise(c: _Ctx) -> _Model:
         return st
 
     prefill = step(T, Core(b, H, Hkv, T, T * (T + 1) / 2, T))
-    decode = step(1, Core(b, H, Hkv, 1, S, S, True))
+    decode = step(1, _decode_core(c, b, H, Hkv, S, c.wl.max_len, False))  # no CUDA graph
     per_layer = attn_weights(spec, H, Hkv, d) + mlp_weights(spec, spec.d_ff, spec.n_experts) + c.layer_norms()
     weights, kv = [], []
     for r in range(c.P):
@@ -799,10 +1015,14 @@ def resolve_capacity(plan: Plan, cluster: Cluster) -> Plan:
 
 
 def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Cluster,
-            world_size: int | None = None) -> Prediction:
+            world_size: int | None = None, graphs: bool | None = None) -> Prediction:
     """Predict ``plan`` on ``cluster``. The plan is validated first (a
     ShardwiseError names what is wrong); a plan that is valid but does not fit
-    in memory is returned with ``fits`` False and the reason."""
+    in memory is returned with ``fits`` False and the reason.
+
+    ``graphs``: whether decode steps replay a CUDA graph. None (default): where
+    the strategy supports it, as ``shardwise bench`` runs them on GPUs; False:
+    every step eager (``--no-graphs``, or CPU)."""
     plan = resolve_capacity(Plan.parse(plan) if isinstance(plan, str) else plan, cluster)
     if world_size is None and plan.strategy == "layerwise":
         world_size = cluster.n_gpus
@@ -812,7 +1032,7 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
                              f"{cluster.name} has {cluster.n_gpus}")
     if plan.strategy not in STRATEGY_MODELS:
         raise ShardwiseError(f"the cost model has no formulas for strategy {plan.strategy!r}")
-    ctx = _Ctx(spec, workload, plan, cluster, topo)
+    ctx = _Ctx(spec, workload, plan, cluster, topo, graphs)
     m = STRATEGY_MODELS[plan.strategy](ctx)
     totals = [w + k for w, k in zip(m.weights, m.kv)]
     worst = max(range(len(totals)), key=totals.__getitem__)

@@ -140,8 +140,8 @@ def _measured_rows(results: list[str], preset: str, profile: Cluster | None) -> 
             pred = ""
             if profile is not None:
                 try:
-                    spec, wl, plan, world = record_case(r)
-                    p = predict(spec, wl, plan, profile, world)
+                    spec, wl, plan, world = record_case(r, profile)
+                    p = predict(spec, wl, plan, profile, world, r.get("cuda_graphs"))
                     pred = f"{p.prefill_tps:,.0f} / {p.decode_step_ms:.4g}"
                 except ShardwiseError as e:
                     pred = f"({e})"
@@ -206,8 +206,33 @@ def reproduce_command(seed_name: str, cluster: str = "h100-sxm-16",
 
 # -- fidelity: the model's error against measured runs -------------------------------
 
-def record_case(r: dict) -> tuple[ModelSpec, Workload, Plan, int]:
-    """The model, workload, plan and world size a result record describes."""
+def _bench_option(command: str, flag: str, default: int) -> int:
+    words = command.split()
+    try:
+        return int(words[words.index(flag) + 1])
+    except (ValueError, IndexError):
+        return default
+
+
+def record_decode_steps(r: dict) -> int:
+    """Decode positions the run's KV cache was sized for: a ``verify``/``run``
+    record says (``decode_steps``); ``shardwise bench`` sizes it for warm-up +
+    timed steps + 1 (``BenchSettings.decode_positions``), which its command
+    line records (defaults 3 and 10)."""
+    if r.get("decode_steps"):
+        return int(r["decode_steps"])
+    cmd = r.get("command") or ""
+    if "bench" in cmd.split()[:2]:
+        return _bench_option(cmd, "--warmup", 3) + _bench_option(cmd, "--iters", 10) + 1
+    return 1
+
+
+def record_case(r: dict, cluster: Cluster | None = None) -> tuple[ModelSpec, Workload, Plan, int]:
+    """The model, workload, plan and world size a result record describes.
+    With ``cluster``, a capacity named by the device (``layerwise:cap=L2``)
+    resolves to the profile's figure (the device the run measured)."""
+    from .costmodel import resolve_capacity
+
     if not r.get("preset") or r["preset"] not in PRESETS:
         raise ShardwiseError(f"record of plan {r.get('plan')} names no known preset")
     spec = get_preset(r["preset"]).model
@@ -215,27 +240,32 @@ def record_case(r: dict) -> tuple[ModelSpec, Workload, Plan, int]:
     if changes:
         spec = spec.replace(**changes)
     wl = Workload(batch=int(r["batch"]), seq_len=int(r["seq_len"]),
-                  decode_steps=int(r.get("decode_steps") or 1))
+                  decode_steps=record_decode_steps(r))
     plan = Plan.parse(r["plan"])
+    if cluster is not None:
+        plan = resolve_capacity(plan, cluster)
     world = int(r.get("world_size") or r.get("n_devices"))
     validate_plan(spec, wl, plan, world)
     return spec, wl, plan, world
 
 
-def fidelity_command(result_files: list[str], profile: str) -> str:
-    """``shardwise fidelity RESULTS.jsonl ... --profile P``: every measured
-    record (prefill tokens/s, decode tpot_ms) against its prediction on
-    ``profile``; median and max |relative error| per strategy and phase."""
+# The bar the model is held to on measured runs, per strategy and phase.
+FIDELITY_MEDIAN, FIDELITY_MAX = 0.10, 0.20
+
+
+def fidelity_errors(result_files: list[str], cl: Cluster):
+    """(rows, errors by (strategy, metric), skipped) for every record."""
     from ..bench.records import read_records
 
-    cl = load_cluster(profile)
     errors: dict[tuple[str, str], list[float]] = {}
     rows, skipped = [], []
     for path in result_files:
         for r in read_records(path):
             try:
-                spec, wl, plan, world = record_case(r)
-                p = predict(spec, wl, plan, cl, world)
+                spec, wl, plan, world = record_case(r, cl)
+                # A decode record says whether its step replayed a CUDA graph.
+                graphs = r.get("cuda_graphs") if r.get("phase") == "decode" else None
+                p = predict(spec, wl, plan, cl, world, graphs)
             except (ShardwiseError, KeyError, TypeError, ValueError) as e:
                 skipped.append(f"{r.get('plan')} ({r.get('preset')}): {e}")
                 continue
@@ -249,16 +279,70 @@ def fidelity_command(result_files: list[str], profile: str) -> str:
             for what, meas, pred in pairs:
                 err = pred / meas - 1
                 errors.setdefault((plan.strategy, what), []).append(err)
-                rows.append([str(plan), f"{wl.batch}x{wl.seq_len}", spec.dtype, what,
+                graph = {True: "graph", False: "eager"}.get(r.get("cuda_graphs"), "")
+                rows.append([str(plan), r.get("preset", ""), f"{wl.batch}x{wl.seq_len}",
+                             spec.dtype, what + (f" ({graph})" if what.startswith("decode")
+                                                 and graph else ""),
                              f"{meas:,.4g}", f"{pred:,.4g}", f"{err:+.0%}"])
+    return rows, errors, skipped
+
+
+def fidelity_summary(errors: dict) -> list[list[str]]:
+    """Per strategy and metric: records, median and max |error|, PASS when the
+    median is within 10% and the largest within 20%."""
+    out = []
+    for (s, what), v in sorted(errors.items()):
+        med, top = statistics.median(abs(x) for x in v), max(abs(x) for x in v)
+        ok = med <= FIDELITY_MEDIAN and top <= FIDELITY_MAX
+        out.append([s, what, str(len(v)), f"{med:.0%}", f"{top:.0%}", "PASS" if ok else "FAIL"])
+    return out
+
+
+def fidelity_command(result_files: list[str], profile: str) -> str:
+    """``shardwise fidelity RESULTS.jsonl ... --profile P``: every measured
+    record (prefill tokens/s, decode tpot_ms) against its prediction on
+    ``profile``; median and max |relative error| per strategy and phase,
+    PASS/FAIL against a median of 10% and a maximum of 20%."""
+    cl, note = with_sustained_rate(load_cluster(profile), result_files)
+    rows, errors, skipped = fidelity_errors(result_files, cl)
     if not rows:
         raise ShardwiseError("no record could be compared: " + ("; ".join(skipped) or "no records"))
     out = _table(f"measured vs predicted on {cl.name}",
-                 ["plan", "batch x seq", "dtype", "metric", "measured", "predicted", "error"], rows)
-    summary = [[s, what, str(len(v)), f"{statistics.median(abs(x) for x in v):.0%}",
-                f"{max(abs(x) for x in v):.0%}"] for (s, what), v in sorted(errors.items())]
-    out += _table("error per strategy and phase (|predicted / measured - 1|)",
-                  ["strategy", "metric", "records", "median", "max"], summary)
+                 ["plan", "preset", "batch x seq", "dtype", "metric", "measured", "predicted",
+                  "error"], rows)
+    summary = fidelity_summary(errors)
+    out += _table(f"error per strategy and phase (|predicted / measured - 1|; PASS: median "
+                  f"<= {FIDELITY_MEDIAN:.0%}, max <= {FIDELITY_MAX:.0%})",
+                  ["strategy", "metric", "records", "median", "max", "verdict"], summary)
+    if note:
+        out += note + "\n"
     if skipped:
         out += "skipped:\n" + "".join(f"- {s}\n" for s in skipped)
     return out
+
+
+def with_sustained_rate(cl: Cluster, result_files: list[str]) -> tuple[Cluster, str]:
+    """A profile without ``sustained_matmul_tflops`` (calibrated before it was
+    measured) takes the device's own: ``shardwise bench`` records the burst and
+    the sustained matmul rate of the GPU it ran on (``matmul_peak_tflops``,
+    ``matmul_sustained_tflops``); the median ratio over the records of the
+    profile's device, times the profile's burst rate. One measured figure for
+    the device, the same for every record."""
+    import dataclasses
+
+    from ..bench.records import read_records
+
+    if cl.sustained_matmul_tflops or not cl.matmul_tflops:
+        return cl, ""
+    ratios = [r["matmul_sustained_tflops"] / r["matmul_peak_tflops"]
+              for path in result_files for r in read_records(path)
+              if r.get("matmul_sustained_tflops") and r.get("matmul_peak_tflops")
+              and (not cl.device or r.get("device") == cl.device)]
+    if not ratios:
+        return cl, ""
+    ratio = statistics.median(ratios)
+    burst = cl.matmul_tflops.get("bf16") or next(iter(cl.matmul_tflops.values()))
+    note = (f"compute rates x {ratio:.3f}: the sustained / burst matmul rate that bench "
+            f"measured on {cl.device or 'the device'} ({len(ratios)} records); the profile "
+            f"predates calibrate's sustained_matmul_tflops")
+    return dataclasses.replace(cl, sustained_matmul_tflops=ratio * burst), note
