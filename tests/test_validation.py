@@ -114,3 +114,8 @@ def test_parse_bytes():
 def test_unknown_tp_pp_option():
     assert "overlap=1|2" in refused("tp_pp:2x1,overlap=3", 2)
     assert "overlap=1|2" in refused("tp_pp:2x1,chunks=2", 2)
+
+
+def test_zero_batch_is_refused_not_ignored(capsys):
+    assert cli.main(["verify", "--preset", "tiny-dense", "--plan", "tp_pp:1", "--batch", "0"]) == 2
+    assert "batch >= 1" in capsys.readouterr().err

@@ -36,6 +36,9 @@ def _common(p: argparse.ArgumentParser, preset_default: str | None = None) -> No
                    help="seconds a collective may wait before the job fails")
     p.add_argument("--deadline", type=float, default=None,
                    help="end the whole job after this many seconds")
+    p.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
+                   help="end the job when no rank makes progress for this long and name the "
+                        "rank that hung (local launcher only; off by default)")
     p.add_argument("--json", metavar="FILE", help="append one JSON record per plan to FILE")
     p.add_argument("--inject-fault", metavar="RANK:POINT", help=argparse.SUPPRESS)
 
@@ -171,8 +174,7 @@ def make_case_parts(args, device: str):
         from .model.checkpoint import checkpoint_spec
 
         wl = CHECKPOINT_WORKLOAD
-        wl = Workload(batch=args.batch or wl.batch, seq_len=args.seq or wl.seq_len,
-                      decode_steps=args.steps if args.steps is not None else wl.decode_steps)
+        wl = _workload(args, wl)
         dtype = args.dtype or ("fp32" if device == "cpu" else None)
         model = checkpoint_spec(args.model, wl, dtype=dtype)
         if args.layers:
@@ -195,10 +197,14 @@ def make_case_parts(args, device: str):
         changes["dtype"] = "fp32"  # CPU half-precision matmuls are slow and not what GPUs do
     if changes:
         model = model.replace(**changes)
-    wl = preset.reduced
-    wl = Workload(batch=args.batch or wl.batch, seq_len=args.seq or wl.seq_len,
-                  decode_steps=args.steps if args.steps is not None else wl.decode_steps)
-    return preset, model, wl
+    return preset, model, _workload(args, preset.reduced)
+
+
+def _workload(args, default: Workload) -> Workload:
+    """The default workload with the flags given (0 is refused, not ignored)."""
+    pick = lambda flag, d: d if flag is None else flag  # noqa: E731
+    return Workload(batch=pick(args.batch, default.batch), seq_len=pick(args.seq, default.seq_len),
+                    decode_steps=pick(args.steps, default.decode_steps))
 
 
 def _run_job(job, args):
@@ -226,7 +232,7 @@ def cmd_verify(args) -> int:
     check_ranks(nproc, device)
     job = Job([Case(model, wl, str(plan), seed=args.seed, preset=args.preset,
                     checkpoint=args.checkpoint)], nproc, device,
-              timeout_s=args.timeout, fault=args.inject_fault)
+              timeout_s=args.timeout, fault=args.inject_fault, watchdog_s=args.watchdog)
     results = _run_job(job, args)
     if not results:
         return 0  # a non-zero torchrun rank
@@ -265,7 +271,8 @@ def cmd_run(args) -> int:
             raise ShardwiseError(f"no plan fits {model.name} on {args.nproc} ranks; try --nproc 2")
     job = Job([Case(model, wl, p, seed=args.seed, preset=args.preset, checkpoint=args.checkpoint)
                for p in plans],
-              args.nproc, device, timeout_s=args.timeout, fault=args.inject_fault)
+              args.nproc, device, timeout_s=args.timeout, fault=args.inject_fault,
+              watchdog_s=args.watchdog)
     results = _run_job(job, args)
     if not results:
         return 0
@@ -318,7 +325,7 @@ def cmd_bench(args) -> int:
         cases += [Case(model, timed, p, seed=args.seed, preset=args.preset, verify=False,
                        bench=vars(settings)) for p in plans]
         job = Job(cases, world, device, timeout_s=args.timeout, warmup=1,
-                  fault=args.inject_fault)
+                  fault=args.inject_fault, watchdog_s=args.watchdog)
         results = _run_job(job, args)
         if not results:
             continue  # a non-zero torchrun rank

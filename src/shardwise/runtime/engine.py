@@ -37,7 +37,62 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _inject(job: Job, rank: int, point: str) -> None:
+class RankMonitor:
+    """What one rank reports while it runs: its :class:`Heartbeat` (when the
+    job has a watchdog) and the ``collective`` fault (tests). Installed as
+    ``Comm.hook`` only when one of them is on, so a job with neither pays
+    nothing per collective. Inside CUDA graph capture the heartbeat is left
+    alone (a captured step replays without calling back here anyway)."""
+
+    def __init__(self, heartbeat=None, fail_at_call: int | None = None, rank: int = 0,
+                 device_type: str = "cpu"):
+        self.heartbeat, self.fail_at_call, self.rank = heartbeat, fail_at_call, rank
+        self.cuda = device_type == "cuda"
+        self.calls = 0
+
+    @property
+    def active(self) -> bool:
+        return self.heartbeat is not None or self.fail_at_call is not None
+
+    def _quiet(self) -> bool:
+        return self.heartbeat is None or (self.cuda and torch.cuda.is_current_stream_capturing())
+
+    # -- Comm.hook ----------------------------------------------------------
+    def called(self, key: str) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise RuntimeError(f"injected fault on rank {self.rank} at collective "
+                               f"(call {self.calls}: {key})")
+
+    def waiting(self, key: str) -> None:
+        if not self._quiet():
+            self.heartbeat.waiting(key)
+
+    def done(self) -> None:
+        if not self._quiet():
+            self.heartbeat.done()
+
+    # -- case and phase boundaries --------------------------------------------
+    def phase(self, event: str, case: int | None = None) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.phase(event, case)
+
+    def wait(self, what: str, fn, *args, **kwargs):
+        """Run ``fn`` (a wait on peers outside Comm: mesh creation, barriers)."""
+        self.waiting(what)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.done()
+
+
+NO_MONITOR = RankMonitor()
+
+
+def _inject(job: Job, rank: int, point: str, monitor: RankMonitor = NO_MONITOR,
+            event: str | None = None) -> None:
+    """A phase boundary: tell the heartbeat, and act out the job's fault if it is here."""
+    monitor.phase(event or point)
     if job.fault_at(rank, "kill") and point == "prefill":
         os.kill(os.getpid(), signal.SIGKILL)
     if job.fault_at(rank, "hang") and point == "prefill":
@@ -67,14 +122,18 @@ def weight_source(case: Case):
     return WeightSource(case.model, case.seed)
 
 
-def build(case: Case, rank: int, world: int, device: torch.device):
+def build(case: Case, rank: int, world: int, device: torch.device,
+          monitor: RankMonitor = NO_MONITOR):
     """Validate the plan, build the mesh and this rank's shard."""
     spec, wl = case.model, case.workload
     plan = Plan.parse(case.plan)
     cls, topo = validate_plan(spec, wl, plan, world)
     topo.rank, topo.device_type = rank, device.type
-    topo.build()
+    monitor.wait("device mesh", topo.build)
     comm = Comm(topo)
+    if monitor.active:
+        comm.hook = monitor
+    monitor.phase("build shard")
     dtype = torch_dtype(spec.dtype)
     source = weight_source(case)
     model = cls(spec, wl, plan, topo, comm, ShardLoader(source, dtype, device))
@@ -82,23 +141,26 @@ def build(case: Case, rank: int, world: int, device: torch.device):
 
 
 def run_case(job: Job, case: Case, rank: int, world: int, device: torch.device,
-             log=print) -> list[dict]:
+             log=print, monitor: RankMonitor = NO_MONITOR) -> list[dict]:
     """Run one case; rank 0 returns its records (others an empty list)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _inject(job, rank, "startup")
+    _inject(job, rank, "startup", monitor)
     with torch.inference_mode():
-        plan, comm, model, source, dtype = build(case, rank, world, device)
+        plan, comm, model, source, dtype = build(case, rank, world, device, monitor)
         if case.bench is not None:
-            return bench_case(case, plan, comm, model, rank, device)
+            return bench_case(case, plan, comm, model, rank, device, monitor)
         if case.generate is not None:
             from .generate import generate_case
 
+            monitor.phase("generate")
             return generate_case(case, comm, model, source, dtype, rank, device, log)
-        return _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log)
+        return _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log,
+                             monitor)
 
 
-def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log) -> list[dict]:
+def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log,
+                  monitor: RankMonitor = NO_MONITOR) -> list[dict]:
     spec, wl = case.model, case.workload
     world = comm.topo.world_size
     param_bytes = sum(p.nbytes for p in model.parameters())
@@ -106,27 +168,29 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
     prompt, steps = make_inputs(spec, wl.batch, wl.seq_len, wl.decode_steps, case.seed,
                                 dtype, device)
     L = wl.seq_len
+    monitor.phase("warmup")
     for _ in range(job.warmup):
         model.step(prompt, 0)
         if steps:
             model.step(steps[0], L)
-    _sync(device)
-    _inject(job, rank, "prefill")
+    monitor.wait("device sync", _sync, device)
+    _inject(job, rank, "prefill", monitor)
     comm.reset()
     out, prefill_s = timed_call(lambda: model.step(prompt, 0), device, comm)
     prefill_comm = comm.snapshot()
     outputs = [model.collect(out)]
     decode_s, decode_comm = [], []
     for t, x in enumerate(steps):
-        _inject(job, rank, "decode")
+        _inject(job, rank, "decode", monitor, event=f"decode {t}")
         comm.reset()
         out, dt = timed_call(lambda: model.step(x, L + t), device, comm)
         decode_s.append(dt)
         decode_comm.append(comm.total_bytes())
         outputs.append(model.collect(out))
+    monitor.phase("report")
     report = model.report()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    per_rank = _gather_floats(
+    per_rank = monitor.wait("gather metrics", _gather_floats,
         [param_bytes, kv_bytes, peak, sum(v["bytes"] for v in prefill_comm.values()),
          statistics.mean(decode_comm) if decode_comm else 0.0],
         device,
@@ -152,6 +216,7 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
         "report": report,
     }
     if case.verify:
+        monitor.phase("verify (reference model)")
         log(f"  verifying {plan} against the single-device reference ...")
         errs = _verify(case, source, dtype, device, prompt, steps, outputs)
         tol = tolerance(spec.dtype)
@@ -165,11 +230,13 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
 _CEILINGS: dict = {}
 
 
-def bench_case(case, plan, comm, model, rank, device) -> list[dict]:
+def bench_case(case, plan, comm, model, rank, device,
+               monitor: RankMonitor = NO_MONITOR) -> list[dict]:
     """Timed prefill and/or decode of one plan; one record per phase (rank 0)."""
     spec, wl = case.model, case.workload
     s = BenchSettings(**case.bench)
     world = comm.topo.world_size
+    monitor.phase("measure ceilings")
     if str(device) not in _CEILINGS:
         _CEILINGS[str(device)] = measure_ceilings(device)
     ceil = _CEILINGS[str(device)]
@@ -183,6 +250,7 @@ def bench_case(case, plan, comm, model, rank, device) -> list[dict]:
     }
     peak_flops = ceil["matmul_peak_tflops"] * 1e12 * world if ceil["matmul_peak_tflops"] else None
     if s.phase in ("prefill", "both"):
+        monitor.phase("bench prefill")
         times = time_prefill(model, prompt, s, device, comm)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(prompt, 0), device, comm)
         med = statistics.median(times)
@@ -193,6 +261,7 @@ def bench_case(case, plan, comm, model, rank, device) -> list[dict]:
                         "hbm_gbps": None, "comm_bytes": comm_bytes, "comm_share": comm_share,
                         **summarize(times)})
     if s.phase in ("decode", "both"):
+        monitor.phase("bench decode")
         times, graphs = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(steps[0], wl.seq_len),
                                                device, comm)
@@ -210,7 +279,8 @@ def bench_case(case, plan, comm, model, rank, device) -> list[dict]:
                         "cuda_graphs": graphs, "comm_bytes": comm_bytes, "comm_share": comm_share,
                         **summarize(times)})
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    peak = _max_over_ranks(peak, device)
+    monitor.phase("report")
+    peak = monitor.wait("gather metrics", _max_over_ranks, peak, device)
     report = model.report()  # after the runs: some strategies report what the last one did
     for r in records:
         r["peak_mem_gb"] = peak / 1e9

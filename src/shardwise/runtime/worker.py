@@ -2,9 +2,11 @@
 
 Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the
 environment (set by shardwise's launcher or by torchrun), runs every case of
-the job, and on rank 0 writes the results atomically. Any exception is
-written, with its traceback, to ``SHARDWISE_ERROR_DIR/rank<R>.txt`` for the
-launcher to show, and the process exits non-zero at once.
+the job, and on rank 0 writes the results atomically after every case (so a
+job that fails later keeps what was done). Any exception is written, with its
+traceback, to ``SHARDWISE_ERROR_DIR/rank<R>.txt`` for the launcher to show,
+and the process exits non-zero at once. With a watchdog, each rank keeps its
+heartbeat in ``SHARDWISE_ERROR_DIR/heartbeat<R>`` (see :class:`Heartbeat`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .job import Job
+from .job import Heartbeat, Job, heartbeat_path
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -29,11 +31,13 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def init_distributed(job: Job) -> tuple[int, int, torch.device]:
+def init_distributed(job: Job, monitor=None) -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", rank))
     timeout = datetime.timedelta(seconds=job.timeout_s)
+    if monitor is not None:
+        monitor.waiting("init_process_group")
     if job.device == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -42,21 +46,39 @@ def init_distributed(job: Job) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    if monitor is not None:
+        monitor.done()
     return rank, world, device
 
 
-def run_job(job: Job, log=None) -> list[dict]:
-    """Run every case of ``job`` on this rank; rank 0 returns the results."""
+def make_monitor(job: Job):
+    """This rank's RankMonitor: a heartbeat when the job has a watchdog and the
+    launcher gave a directory for it; the collective fault when the job has one."""
+    from .engine import RankMonitor
+
+    rank = int(os.environ.get("RANK", 0))
+    directory = os.environ.get("SHARDWISE_ERROR_DIR")
+    path = heartbeat_path(directory, rank) if directory and job.watchdog_s else None
+    heartbeat = Heartbeat(path) if path and os.path.exists(path) else None
+    return RankMonitor(heartbeat, job.collective_fault(rank), rank, job.device)
+
+
+def run_job(job: Job, log=None, save=None) -> list[dict]:
+    """Run every case of ``job`` on this rank; rank 0 returns the results
+    (and passes them to ``save`` after every case)."""
     from .engine import run_case
 
-    rank, world, device = init_distributed(job)
+    monitor = make_monitor(job)
+    monitor.phase("start")
+    rank, world, device = init_distributed(job, monitor)
     say = (log or (lambda m: print(m, flush=True))) if rank == 0 else (lambda m: None)
     results = []
     for i, case in enumerate(job.cases):
+        monitor.phase("case", case=i)
         say(f"[{i + 1}/{len(job.cases)}] {case.model.name} {case.plan} "
             f"(batch {case.workload.batch}, seq {case.workload.seq_len}, "
             f"{case.workload.decode_steps} decode steps, {world} ranks, {device.type})")
-        for r in run_case(job, case, rank, world, device, log=say):
+        for r in run_case(job, case, rank, world, device, log=say, monitor=monitor):
             results.append(r)
             if "ok" in r:
                 say(f"  {'ok' if r['ok'] else 'FAILED'}: max relative error "
@@ -64,12 +86,15 @@ def run_job(job: Job, log=None) -> list[dict]:
             elif "phase" in r:
                 say(f"  {r['phase']}: median {r['median_ms']:.3f} ms "
                     f"(p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}, n={r['n']})")
+        if save is not None and rank == 0:
+            save(results)
+    monitor.phase("end", case=len(job.cases))
     # Only on success: after a failure the traceback is written first and the
     # process exits without a teardown that peers would mistake for the cause.
     # The barrier keeps a rank from tearing its connections down while rank 0
     # is still verifying (gloo can abort a peer that is mid-teardown).
     if world > 1:
-        dist.barrier()
+        monitor.wait("final barrier", dist.barrier)
     dist.destroy_process_group()
     return results
 
@@ -82,8 +107,9 @@ def main(argv: list[str]) -> int:
             job = Job.loads(f.read())
         if job.device == "cpu":
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        results = run_job(job)
         out = os.environ.get("SHARDWISE_RESULT")
+        save = (lambda results: write_atomic(out, json.dumps(results))) if out else None
+        results = run_job(job, save=save)
         if rank == "0" and out:
             write_atomic(out, json.dumps(results))
         return 0

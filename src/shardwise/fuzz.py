@@ -1,0 +1,334 @@
+"""Input fuzzing: random models, workloads, plans and world sizes, end to end.
+
+``python -m shardwise.fuzz --cases N --seed S --summary FILE`` draws N cases
+(case i of seed S is the same whatever N is), and holds each to the promise
+of the README: a case is either refused before any process starts with a
+one-line :class:`ShardwiseError`, or it runs and matches the single-device
+reference within tolerance (fp32: 1e-5). Anything else is a failure: a wrong
+answer, another exception while validating, a rank that crashes or hangs
+after launch, or a refusal whose message is empty or spans several lines.
+
+The cases that pass validation run grouped by world size, as many to a
+launch as possible (``runtime.launcher.launch``, one ``Job`` per world size);
+a launch that fails is resumed after the failing case (the heartbeat names
+it). A hang is caught by the watchdog, with the job deadline behind it. The
+summary (JSON, written atomically) counts refusals by reason, verified cases
+and failures, each failure with what reproduces it
+(``python -m shardwise.fuzz --seed S --only I``). The exit status is 1 when
+any case failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shlex
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from .spec import ModelSpec, Plan, ShardwiseError, Workload
+
+TOLERANCE = 1e-5  # fp32: the strategies only reorder additions (see runtime/job.py)
+MAX_WORLD = 4
+
+# Why a plan was refused, from its message (first match wins).
+REASONS = (
+    ("model spec", r"^model '"),
+    ("workload", r"^workload needs|^a decode run needs|^phase must"),
+    ("unknown strategy", r"unknown strategy|not implemented"),
+    ("option", r"has no option|unknown option|is not known|chunks must"),
+    ("malformed plan", r"malformed plan|must be a positive integer"),
+    ("world size mismatch", r"ranks but the job has|would leave \d+ idle|adapts to any number"),
+    ("not divisible", r"is not divisible by"),
+    ("micro-batches", r"micro-batches but the batch|micro-batch|remove mb=|drop mb="),
+    ("degrees", r"takes .*degree|takes NxM|TPxPP"),
+    ("pipeline deeper than the model", r"pipeline stages"),
+    ("sequence too short", r"seq_len is"),
+    ("dense model under ep", r"dense model"),
+    ("capacity", r"capacit"),
+)
+
+
+@dataclass
+class FuzzCase:
+    index: int
+    model: dict  # ModelSpec keyword arguments (may be invalid)
+    workload: dict  # Workload keyword arguments
+    plan: str
+    world: int
+
+    @property
+    def strategy(self) -> str:
+        """The strategy as written (a malformed plan may name none, or a wrong one)."""
+        return self.plan.partition(":")[0] or "(none)"
+
+
+# -- generation ----------------------------------------------------------------
+
+def _degrees(rng: random.Random, world: int, parts: int) -> list[int]:
+    """``parts`` degrees whose product is ``world`` (most of the time), else random."""
+    if rng.random() < 0.12:
+        return [rng.randint(1, 4) for _ in range(parts)]
+    out, left = [], world
+    for _ in range(parts - 1):
+        d = rng.choice([d for d in range(1, left + 1) if left % d == 0])
+        out.append(d)
+        left //= d
+    out.append(left)
+    rng.shuffle(out)
+    return out
+
+
+def _plan(rng: random.Random, strategy: str, world: int, batch: int) -> str:
+    opts: list[str] = []
+    if strategy == "tp_pp":
+        shape = _degrees(rng, world, 2)
+        if rng.random() < 0.1:
+            shape = shape[:1] if rng.random() < 0.7 else shape + [1]
+    elif strategy == "helix":
+        shape = _degrees(rng, world, 2)
+        if rng.random() < 0.3:
+            opts.append(f"reduce={rng.choice(['hier', 'flat', 'flat', 'tree'])}")
+    elif strategy == "ring":
+        shape = [] if rng.random() < 0.15 else [world if rng.random() < 0.85 else rng.randint(1, 4)]
+    elif strategy == "layerwise":
+        shape = []
+        cap = rng.choice(["HBM", "L2", "1KB", "4KB", "16KB", "64KB", "256KB", "1MB", "2MB",
+                          "10B", "80GB", "HBM*0.5", "lots"])
+        if rng.random() > 0.05:
+            opts.append(f"cap={cap}")
+    else:  # ep
+        shape = _degrees(rng, world, 1)
+        if rng.random() < 0.3:
+            opts.append(f"chunks={rng.choice(['1', '2', '3', '5', '0', 'x'])}")
+    if rng.random() < 0.25:
+        opts.append(f"mb={rng.choice([1, 2, 2, 3, batch, batch + 1])}")
+    head = "x".join(map(str, shape))
+    text = ",".join(([head] if head else []) + opts)
+    return strategy + (":" + text if text else "")
+
+
+MALFORMED = ("tp_pp:2x", "helix:0x2", "pipeline:2", "tp_pp:2x2,,mb=", "ring:2,mb=-1",
+             "tp_pp:2x1x", "Ring:2", "ep:two", "helix:2x2,reduce=", ":2", "tp_pp:2x2,2x1")
+
+
+def generate(seed: int, index: int) -> FuzzCase:
+    """Case ``index`` of ``seed`` (independent of how many cases are drawn)."""
+    rng = random.Random(f"shardwise-fuzz:{seed}:{index}")
+    kv, group = rng.choice([1, 1, 2, 2, 3, 4]), rng.choice([1, 1, 2, 3])
+    n_heads = kv * group
+    n_kv_heads = None if group == 1 and rng.random() < 0.5 else kv
+    if rng.random() < 0.03:
+        n_kv_heads = kv + 1  # not a divisor of n_heads in most draws
+    rope = rng.random() < 0.5
+    head_dim = rng.choice([2, 4, 4, 6, 8, 8, 12, 16] + ([] if rope else [3, 5]))
+    if rng.random() < 0.03:
+        head_dim = 3  # odd under rope is refused
+    model = dict(
+        name=f"fuzz-s{seed}-c{index}", n_layers=rng.randint(1, 4),
+        d_model=rng.choice([8, 12, 16, 24, 32]), n_heads=n_heads, head_dim=head_dim,
+        d_ff=rng.choice([4, 6, 8, 12, 16, 24, 32, 48]), n_kv_heads=n_kv_heads, dtype="fp32",
+        norm=rng.choice(["layernorm", "rmsnorm"]), activation=rng.choice(["gelu", "swiglu"]),
+        vocab_size=rng.choice([None, None, 16, 37]),
+        rope_theta=rng.choice([10000.0, 500.0]) if rope else None,
+    )
+    strategy = rng.choice(["tp_pp", "tp_pp", "helix", "helix", "ring", "layerwise", "ep"])
+    if rng.random() < 0.35 or (strategy == "ep" and rng.random() < 0.8):
+        n_experts = rng.choice([2, 3, 4, 4, 6, 8])
+        top_k = rng.randint(1, min(3, n_experts)) if rng.random() > 0.03 else n_experts + 1
+        model.update(n_experts=n_experts, top_k=top_k)
+    workload = dict(batch=rng.randint(1, 4), seq_len=rng.randint(1, 12),
+                    decode_steps=rng.randint(1, 3))
+    world = rng.choice([1, 2, 2, 3, 4, 4])
+    plan = _plan(rng, strategy, world, workload["batch"])
+    if rng.random() < 0.04:
+        plan = rng.choice(MALFORMED)
+    return FuzzCase(index, model, workload, plan, world)
+
+
+# -- checking before launch ------------------------------------------------------
+
+def reason_of(message: str) -> str:
+    for name, pattern in REASONS:
+        if re.search(pattern, message):
+            return name
+    return "other"
+
+
+def prelaunch(fc: FuzzCase):
+    """("refused", message) | ("valid", Case) | ("failed", details): what the
+    CLI's checks make of the case, without starting any process."""
+    from .parallel.base import validate_plan
+    from .runtime.job import Case
+
+    try:
+        spec = ModelSpec(**fc.model)
+        wl = Workload(**fc.workload)
+        plan = Plan.parse(fc.plan)
+        validate_plan(spec, wl, plan, fc.world)
+    except ShardwiseError as e:
+        message = str(e)
+        if not message.strip() or "\n" in message:
+            return "failed", {"kind": "bad refusal (empty or several lines)", "error": message}
+        return "refused", message
+    except Exception as e:  # noqa: BLE001 - exactly what the fuzzer looks for
+        return "failed", {"kind": "exception during validation (not ShardwiseError)",
+                          "error": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc()}
+    return "valid", Case(spec, wl, str(plan), seed=fc.index)
+
+
+# -- running -------------------------------------------------------------------
+
+def run_world(world: int, cases: list[FuzzCase], valid: dict, watchdog_s: float,
+              per_case_s: float, log=print, fault: str | None = None
+              ) -> tuple[dict[int, dict], int]:
+    """Run ``cases`` (all of world size ``world``) in as few launches as
+    failures allow; returns ({case index: outcome}, launches). ``fault``
+    (``Job.fault``, tests only) is injected into the first launch."""
+    from .runtime.job import Job
+    from .runtime.launcher import LaunchError, launch
+
+    outcome: dict[int, dict] = {}
+    pending, launches = list(cases), 0
+    by_name = {fc.model["name"]: fc for fc in cases}
+    while pending:
+        launches += 1
+        job = Job([valid[fc.index] for fc in pending], world, "cpu", timeout_s=watchdog_s * 4,
+                  watchdog_s=watchdog_s, fault=fault if launches == 1 else None)
+        log(f"launch {launches} on {world} rank(s): {len(pending)} case(s)")
+        try:
+            results, failure = launch(job, deadline_s=60 + per_case_s * len(pending)), None
+        except LaunchError as e:
+            results, failure = e.results, e
+        for r in results:
+            fc = by_name[r["model"]]
+            errs = [r["prefill_rel_err"], *r["decode_rel_err"]]
+            if r.get("ok") and max(errs) <= TOLERANCE:
+                outcome[fc.index] = {"status": "verified", "max_rel_err": max(errs)}
+            else:
+                outcome[fc.index] = {"status": "failed", "kind": "wrong answer",
+                                     "error": f"relative errors {errs} (tolerance {TOLERANCE})"}
+        if failure is None:
+            missing = [fc for fc in pending if fc.index not in outcome]
+            for fc in missing:
+                outcome[fc.index] = {"status": "failed", "kind": "no result",
+                                     "error": "the job ended without a record for this case"}
+            break
+        k = failure.case if failure.case is not None else len(results)
+        k = min(k, len(pending) - 1)
+        text = str(failure)
+        kind = ("hang (watchdog)" if text.startswith("watchdog") else
+                "hang (deadline)" if "deadline" in text.splitlines()[0] else "crash after launch")
+        outcome[pending[k].index] = {"status": "failed", "kind": kind,
+                                     "error": text.splitlines()[0],
+                                     "traceback": (failure.traceback_text or text)[-3000:]}
+        pending = pending[k + 1:]
+    return outcome, launches
+
+
+def fuzz(seed: int, indices: list[int], watchdog_s: float = 30.0, per_case_s: float = 20.0,
+         log=print, faults: dict[int, str] | None = None) -> dict:
+    """Draw, check and run the cases; return the summary (not yet written).
+    ``faults`` maps a world size to a ``Job.fault`` for its first launch (tests)."""
+    import torch
+
+    t0 = time.monotonic()
+    drawn = [generate(seed, i) for i in indices]
+    refused: dict[str, list] = {}
+    valid, failures, verified = {}, [], []
+    for fc in drawn:
+        status, detail = prelaunch(fc)
+        if status == "refused":
+            refused.setdefault(reason_of(detail), []).append((fc, detail))
+        elif status == "valid":
+            valid[fc.index] = detail
+        else:
+            failures.append((fc, detail))
+    by_world: dict[int, list[FuzzCase]] = {}
+    for fc in drawn:
+        if fc.index in valid:
+            by_world.setdefault(fc.world, []).append(fc)
+    launches, max_err = 0, 0.0
+    for world in sorted(by_world):
+        outcome, n = run_world(world, by_world[world], valid, watchdog_s, per_case_s, log,
+                               (faults or {}).get(world))
+        launches += n
+        for fc in by_world[world]:
+            o = outcome[fc.index]
+            if o["status"] == "verified":
+                verified.append(fc)
+                max_err = max(max_err, o["max_rel_err"])
+            else:
+                failures.append((fc, {k: v for k, v in o.items() if k != "status"}))
+
+    per_strategy: dict[str, Counter] = {}
+    for status, group in (("verified", verified), ("failed", [f for f, _ in failures]),
+                          ("refused", [f for v in refused.values() for f, _ in v])):
+        for fc in group:
+            per_strategy.setdefault(fc.strategy, Counter())[status] += 1
+    return {
+        "seed": seed,
+        "cases": len(drawn),
+        "torch": torch.__version__,
+        "counts": {"refused": sum(len(v) for v in refused.values()),
+                   "verified": len(verified), "failed": len(failures)},
+        "refused_by_reason": {k: len(v) for k, v in sorted(refused.items())},
+        "refusal_examples": {k: f"case {v[0][0].index} ({v[0][0].plan} on {v[0][0].world} "
+                                f"ranks): {v[0][1]}" for k, v in sorted(refused.items())},
+        "by_strategy": {k: dict(v) for k, v in sorted(per_strategy.items())},
+        "verified_by_world": dict(Counter(str(fc.world) for fc in verified)),
+        "max_rel_err_verified": max_err,
+        "tolerance": TOLERANCE,
+        "launches": launches,
+        "elapsed_s": round(time.monotonic() - t0, 1),
+        "failures": [{**asdict(fc), **detail,
+                      "reproduce": f"python -m shardwise.fuzz --seed {seed} --only {fc.index}"}
+                     for fc, detail in sorted(failures, key=lambda f: f[0].index)],
+        "failed_indices": sorted(fc.index for fc, _ in failures),
+    }
+
+
+def parse_indices(text: str) -> list[int]:
+    """``3,7,10-12`` -> [3, 7, 10, 11, 12]."""
+    out = []
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m shardwise.fuzz", description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=50, help="cases 0 .. N-1 of the seed")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", help="run just these case indices, e.g. 3,7,10-12")
+    ap.add_argument("--summary", help="JSON summary to write (atomically)")
+    ap.add_argument("--watchdog", type=float, default=30.0,
+                    help="seconds without progress before a launch is called hung")
+    args = ap.parse_args(argv)
+    indices = parse_indices(args.only) if args.only else list(range(args.cases))
+    summary = fuzz(args.seed, indices, args.watchdog)
+    summary = {"command": shlex.join(["python", "-m", "shardwise.fuzz", *(argv if argv is not None
+                                                                          else sys.argv[1:])]),
+               **summary}
+    c = summary["counts"]
+    print(f"fuzz seed {args.seed}: {summary['cases']} cases, {c['refused']} refused, "
+          f"{c['verified']} verified, {c['failed']} failed ({summary['launches']} launches, "
+          f"{summary['elapsed_s']} s)")
+    for f in summary["failures"]:
+        print(f"  FAILED case {f['index']} ({f['plan']} on {f['world']} ranks): {f['kind']}: "
+              f"{f['error'][:300]}")
+    if args.summary:
+        from .runtime.worker import write_atomic
+
+        write_atomic(args.summary, json.dumps(summary, indent=1) + "\n")
+    return 1 if c["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
