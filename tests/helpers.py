@@ -1,7 +1,6 @@
 """Shared helpers for tests that launch ranks (CPU, gloo)."""
 from __future__ import annotations
 
-from shardwise.model.weights import WeightSource  # noqa: F401  (re-export for tests)
 from shardwise.presets import get_preset
 from shardwise.runtime.job import Case, Job
 from shardwise.runtime.launcher import launch

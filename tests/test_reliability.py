@@ -7,7 +7,6 @@ import sys
 import time
 import uuid
 
-import pytest
 
 
 def tagged_pids(tag: str) -> list[int]:

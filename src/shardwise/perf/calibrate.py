@@ -35,7 +35,6 @@ import re
 import statistics
 import sys
 import time
-import traceback
 
 from ..spec import ShardwiseError
 
@@ -318,32 +317,16 @@ def measure(job, settings: dict) -> dict | None:
 def main(argv: list[str]) -> int:
     """Entry point of one rank: ``python -m shardwise.perf.calibrate JOB.json``
     (the launcher's worker protocol: result on rank 0, traceback on failure)."""
-    from ..runtime.job import Job
-    from ..runtime.worker import write_atomic
+    from ..runtime.worker import rank_main
 
-    rank = os.environ.get("RANK", "0")
-    err_dir = os.environ.get("SHARDWISE_ERROR_DIR")
-    try:
-        import torch
+    def body(job, save):
         import torch.distributed as dist
 
-        with open(argv[0]) as f:
-            job = Job.loads(f.read())
-        if job.device == "cpu":
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         profile = measure(job, json.loads(os.environ.get(ENV, "{}")))
         dist.destroy_process_group()
-        out = os.environ.get("SHARDWISE_RESULT")
-        if profile is not None and out:
-            write_atomic(out, json.dumps([profile]))
-        return 0
-    except BaseException:
-        tb = traceback.format_exc()
-        if err_dir:
-            write_atomic(os.path.join(err_dir, f"rank{rank}.txt"), tb)
-        sys.stderr.write(f"[rank {rank}] {tb}")
-        sys.stderr.flush()
-        os._exit(1)  # peers may be blocked on us: no interpreter teardown
+        return None if profile is None else [profile]
+
+    return rank_main(argv, body)
 
 
 # -- the command ----------------------------------------------------------------------

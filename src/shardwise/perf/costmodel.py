@@ -732,7 +732,7 @@ def _ring(c: _Ctx) -> _Model:
     spec, P = c.spec, c.P
     mb = min(c.plan.micro_batches, c.B)
     b = -(-c.B // mb)
-    H, Hkv, d, D, e, T, S = spec.n_heads, spec.kv_heads, c.d, c.D, c.e, c.T, c.S
+    H, Hkv, d, D, e, T = spec.n_heads, spec.kv_heads, c.d, c.D, c.e, c.T
     zz = ZigZag(P, T, c.wl.decode_steps)
     n = max(zz.real(r) for r in range(P))  # the busiest rank's prompt tokens
     busiest = max(range(P), key=zz.pairs)

@@ -99,7 +99,13 @@ def run_job(job: Job, log=None, save=None) -> list[dict]:
     return results
 
 
-def main(argv: list[str]) -> int:
+def rank_main(argv: list[str], body) -> int:
+    """The launcher's protocol for one rank process: read the job file
+    ``argv[0]``, run ``body(job, save)``, and on rank 0 write what it returns
+    (a list of records) to SHARDWISE_RESULT atomically; ``save(records)``
+    writes partial results as they come. Any exception is written, with its
+    traceback, to ``SHARDWISE_ERROR_DIR/rank<R>.txt`` and the process exits
+    at once."""
     rank = os.environ.get("RANK", "0")
     err_dir = os.environ.get("SHARDWISE_ERROR_DIR")
     try:
@@ -109,8 +115,8 @@ def main(argv: list[str]) -> int:
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         out = os.environ.get("SHARDWISE_RESULT")
         save = (lambda results: write_atomic(out, json.dumps(results))) if out else None
-        results = run_job(job, save=save)
-        if rank == "0" and out:
+        results = body(job, save)
+        if rank == "0" and out and results is not None:
             write_atomic(out, json.dumps(results))
         return 0
     except BaseException:
@@ -120,6 +126,10 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"[rank {rank}] {tb}")
         sys.stderr.flush()
         os._exit(1)  # skip interpreter teardown: peers may be blocked on us
+
+
+def main(argv: list[str]) -> int:
+    return rank_main(argv, lambda job, save: run_job(job, save=save))
 
 
 if __name__ == "__main__":
