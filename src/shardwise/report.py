@@ -41,13 +41,14 @@ def print_run(results: list[dict], model, wl) -> None:
             r["plan"], _err_cell(r), f"{r['prefill_tokens_per_s']:,.0f}",
             f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-",
             human_bytes(max(r["param_bytes_per_rank"])), human_bytes(max(r["kv_bytes_per_rank"])),
-            human_bytes(max(r["peak_mem_bytes_per_rank"])) if r["device_type"] == "cuda" else "-",
+            human_bytes(max(r["peak_mem_bytes_per_rank"])),
             human_bytes(max(r["comm_bytes_prefill_per_rank"])),
             human_bytes(max(r["comm_bytes_decode_step_per_rank"])),
         )
     console.print(t)
     console.print("max rel err: ||out - ref|| / ||ref|| over prefill and every decode step; "
-                  "comm: bytes sent by the busiest rank.")
+                  "comm: bytes sent by the busiest rank; peak mem: the allocator's high-water "
+                  "mark on GPUs, the process's peak resident size on CPU.")
 
 
 def print_verify(r: dict) -> None:

@@ -26,6 +26,16 @@ from .job import Case, Job, tolerance
 from .timing import BenchSettings, measure_ceilings, summarize, time_decode, time_prefill, timed_call
 
 
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes of this rank: the CUDA allocator's high-water mark on a GPU;
+    on CPU the process's peak resident size (the runtime included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| (Frobenius, computed in float64)."""
     out, ref = out.double(), ref.double()
@@ -189,7 +199,7 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
         outputs.append(model.collect(out))
     monitor.phase("report")
     report = model.report()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    peak = peak_memory(device)
     per_rank = monitor.wait("gather metrics", _gather_floats,
         [param_bytes, kv_bytes, peak, sum(v["bytes"] for v in prefill_comm.values()),
          statistics.mean(decode_comm) if decode_comm else 0.0],
@@ -278,7 +288,7 @@ def bench_case(case, plan, comm, model, rank, device,
                         "floor_ratio": med / floor_s if floor_s else None,
                         "cuda_graphs": graphs, "comm_bytes": comm_bytes, "comm_share": comm_share,
                         **summarize(times)})
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    peak = peak_memory(device)
     monitor.phase("report")
     peak = monitor.wait("gather metrics", _max_over_ranks, peak, device)
     report = model.report()  # after the runs: some strategies report what the last one did
