@@ -421,6 +421,24 @@ class _Model:
     notes: list[str] = field(default_factory=list)
 
 
+def whole_layer(c, tokens: float, core, routed: float, kernels: int, **extra) -> LayerWork:
+    """One rank running a whole decoder layer on ``tokens`` token rows (ring,
+    layerwise): every head, and the dense MLP or every expert with ``routed``
+    tokens choosing among them (an expert loop issues 3 kernels fewer than the
+    dense MLP's count here; each expert's own are counted per expert)."""
+    spec = c.spec
+    H, Hkv, d = spec.n_heads, spec.kv_heads, c.d
+    if spec.is_moe:
+        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core,
+                         expert_rows=c.moe_rows(tokens, 1.0),
+                         experts_hit=distinct_experts(spec.n_experts, spec.n_experts,
+                                                      spec.top_k, routed),
+                         experts_held=spec.n_experts, expert_ff=spec.d_ff,
+                         router_tokens=tokens, kernels=kernels - 3, **extra)
+    return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff, kernels=kernels,
+                     **extra)
+
+
 class _Ctx:
     def __init__(self, spec: ModelSpec, wl: Workload, plan: Plan, cluster: Cluster, topo,
                  graphs: bool | None = None):
@@ -741,16 +759,8 @@ def _ring(c: _Ctx) -> _Model:
 
     def work(tokens: float, core: Core, routed: float, copies: float, kernels: int,
              host: int, kv_rows: float | None = None) -> LayerWork:
-        if spec.is_moe:
-            return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core,
-                             expert_rows=c.moe_rows(tokens, 1.0),
-                             experts_hit=distinct_experts(spec.n_experts, spec.n_experts,
-                                                          spec.top_k, routed),
-                             experts_held=spec.n_experts, expert_ff=spec.d_ff,
-                             router_tokens=tokens, kv_rows=kv_rows, copy_bytes=copies,
-                             kernels=kernels - 3, host_ops=host)
-        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff,
-                         kv_rows=kv_rows, copy_bytes=copies, kernels=kernels, host_ops=host)
+        return whole_layer(c, tokens, core, routed, kernels, host_ops=host, kv_rows=kv_rows,
+                           copy_bytes=copies)
 
     # Prefill: local tokens only; the core is P ring steps, each hop hidden
     # behind the attention on the block in hand. attend_lse runs FlashAttention-2
@@ -926,14 +936,7 @@ def _layerwise(c: _Ctx) -> _Model:
         # The pipeline takes a batch view of each layer's cache (2 slices); an
         # eager decode step enters sdpa_kernel.
         host = BLOCK_HOST_OPS + 2 + (core.kernel == "flash")
-        if spec.is_moe:
-            return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core,
-                             expert_rows=c.moe_rows(tokens, 1.0),
-                             experts_hit=distinct_experts(spec.n_experts, spec.n_experts,
-                                                          spec.top_k, tokens),
-                             experts_held=spec.n_experts, expert_ff=spec.d_ff,
-                             router_tokens=tokens, kernels=BLOCK_KERNELS - 3, host_ops=host)
-        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff, host_ops=host)
+        return whole_layer(c, tokens, core, tokens, BLOCK_KERNELS, host_ops=host)
 
     def step(new: int, core: Core) -> StepCost:
         st = StepCost()
