@@ -231,6 +231,17 @@ class Comm:
         return t
 
 
+def gather_floats(values: list[float], device) -> list[list[float]]:
+    """Every rank's small vector of numbers, in rank order, over the whole job
+    (metrics for the run's report; not counted as the model's traffic)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [values]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]
+
+
 class _Watched:
     """A request whose ``wait()`` is reported to a hook as a wait on peers."""
 

@@ -14,12 +14,11 @@ import statistics
 import time
 
 import torch
-import torch.distributed as dist
 
 from ..model.load import ShardLoader, build_reference
 from ..model.weights import WeightSource, make_inputs
 from ..parallel.base import validate_plan
-from ..parallel.comm import Comm
+from ..parallel.comm import Comm, gather_floats
 from ..spec import Plan, torch_dtype
 from ..bench import metrics
 from .job import Case, Job, tolerance
@@ -112,16 +111,6 @@ def _inject(job: Job, rank: int, point: str, monitor: RankMonitor = NO_MONITOR,
         raise RuntimeError(f"injected fault on rank {rank} at {point}")
 
 
-def _gather_floats(values: list[float], device) -> list[list[float]]:
-    """Every rank's small vector of numbers (metrics only; not counted as traffic)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [values]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [o.tolist() for o in out]
-
-
 def weight_source(case: Case):
     """The case's weights: its checkpoint (read slice by slice) when it names
     one, else the synthetic weights of its seed."""
@@ -200,7 +189,7 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
     monitor.phase("report")
     report = model.report()
     peak = peak_memory(device)
-    per_rank = monitor.wait("gather metrics", _gather_floats,
+    per_rank = monitor.wait("gather metrics", gather_floats,
         [param_bytes, kv_bytes, peak, sum(v["bytes"] for v in prefill_comm.values()),
          statistics.mean(decode_comm) if decode_comm else 0.0],
         device,
@@ -315,7 +304,7 @@ def _comm_profile(step, device, comm) -> tuple[float, float]:
 
 
 def _max_over_ranks(value: float, device) -> float:
-    return max(v[0] for v in _gather_floats([float(value)], device))
+    return max(v[0] for v in gather_floats([float(value)], device))
 
 
 def _verify(case: Case, source, dtype, device, prompt, steps, outputs) -> list[float]:
