@@ -452,8 +452,8 @@ def cmd_report(args) -> int:
 
 COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "reproduce": cmd_reproduce,
             "calibrate": cmd_calibrate, "report": cmd_report,
-            "run": cmd_run, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "presets": cmd_presets,
-            "partition": cmd_partition}
+            "run": cmd_run, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench,
+            "presets": cmd_presets, "partition": cmd_partition}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, LaunchError):
             print(f"shardwise: {e}", file=sys.stderr)
-            return 1
+            return 130 if str(e).startswith("interrupted") else 1
         raise
 
 
