@@ -73,6 +73,13 @@ def print_verify(r: dict) -> None:
         console.print(c)
     if r.get("report"):
         console.print("strategy:", r["report"])
+    if "moe_near_tie_tokens" in r:
+        total = r["batch"] * r["seq_len"]
+        console.print(
+            f"MoE routing: {r['moe_near_tie_tokens'][0]} of {total} prompt tokens have top-k "
+            f"expert scores tied within {r['dtype']} rounding in the reference (a rounding "
+            f"elsewhere may route them differently); error over the other tokens, per step: "
+            + ", ".join(f"{e:.2e}" for e in r["determinate_rel_err"]))
     verdict = "[green]PASS[/green]" if r["ok"] else "[bold red]FAIL[/bold red]"
     console.print(f"{verdict}: max relative error {r['max_rel_err']:.2e}, tolerance "
                   f"{r['tolerance']:.0e} (||out - ref|| / ||ref||, {r['dtype']})")

@@ -217,12 +217,16 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
     if case.verify:
         monitor.phase("verify (reference model)")
         log(f"  verifying {plan} against the single-device reference ...")
-        errs = _verify(case, source, dtype, device, prompt, steps, outputs)
+        errs, ties = _verify(case, source, dtype, device, prompt, steps, outputs)
         tol = tolerance(spec.dtype)
         result.update(
             prefill_rel_err=errs[0], decode_rel_err=errs[1:], max_rel_err=max(errs),
             tolerance=tol, ok=bool(max(errs) <= tol and all(math.isfinite(e) for e in errs)),
         )
+        if ties is not None:
+            result.update(moe_near_tie_tokens=ties["near_tie_tokens"],
+                          max_determinate_rel_err=max(ties["determinate_rel_err"]),
+                          determinate_rel_err=ties["determinate_rel_err"])
     return [result]
 
 
@@ -307,13 +311,27 @@ def _max_over_ranks(value: float, device) -> float:
     return max(v[0] for v in gather_floats([float(value)], device))
 
 
-def _verify(case: Case, source, dtype, device, prompt, steps, outputs) -> list[float]:
+def _verify(case: Case, source, dtype, device, prompt, steps, outputs):
+    """Relative error of every step against the reference, and for MoE models
+    the near-tied tokens of each step with the error over the others
+    (``runtime/routing_check.py``)."""
+    from .routing_check import NearTies
+
     wl = case.workload
+    errs, ties = [], {"near_tie_tokens": [], "determinate_rel_err": []}
     with torch.inference_mode():
         ref = build_reference(source, dtype, device)
+        near = NearTies(ref, dtype)
         caches = ref.allocate_caches(wl.batch, wl.max_len)
-        errs = [rel_err(outputs[0], ref(prompt, caches, 0))]
-        for t, x in enumerate(steps):
-            errs.append(rel_err(outputs[t + 1], ref(x, caches, wl.seq_len + t)))
+        for t, (x, out) in enumerate(zip([prompt, *steps], outputs)):
+            want = ref(x, caches, 0 if t == 0 else wl.seq_len + t - 1)
+            errs.append(rel_err(out, want))
+            flags = near.take()
+            if flags is not None:
+                keep = ~flags
+                ties["near_tie_tokens"].append(int(flags.sum()))
+                ties["determinate_rel_err"].append(
+                    rel_err(out[keep], want[keep]) if bool(keep.any()) else 0.0)
+        near.close()
     del ref, caches
-    return errs
+    return errs, (ties if ties["near_tie_tokens"] else None)

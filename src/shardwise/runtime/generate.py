@@ -168,7 +168,7 @@ def generate_case(case: Case, comm, model, source, dtype: torch.dtype, rank: int
     }
     if case.verify:
         log(f"  verifying {case.plan}'s logits at every step against the reference ...")
-        errs = _verify(case, source, dtype, device, prompt, fed, logits)
+        errs, _ = _verify(case, source, dtype, device, prompt, fed, logits)
         tol = tolerance(spec.dtype)
         record.update(prefill_rel_err=errs[0], decode_rel_err=errs[1:], max_rel_err=max(errs),
                       tolerance=tol,
