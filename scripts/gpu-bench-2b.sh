@@ -10,7 +10,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 B="$OUT/bench-h200x2.jsonl"
 sw() { echo "+ shardwise $*"; timeout 300 python3 -m shardwise "$@" 2>&1 | grep -v "^\[rank\|^\[[0-9]\|^  \(prefill\|decode\|verifying\|ok\)"; }
-sw run --preset seed-moe-16l --layers 2 --nproc 2 --batch 4 --seq 1024 --steps 4 --dtype bf16 \
+sw run --device cuda --preset seed-moe-16l --layers 2 --nproc 2 --batch 4 --seq 1024 --steps 4 --dtype bf16 \
    --plan ep:2 --plan tp_pp:2x1 --json "$OUT/verify-h200x2.jsonl"
 sw bench --out "$B" --preset seed-helix-4l --dtype bf16 --phase prefill --batch 8 --seq 8192 \
    --iters 5 --warmup 2 --plan torch_eager:1 --plan tp_pp:1x1 --plan torch_tp:2 --plan tp_pp:2x1 \

@@ -8,7 +8,7 @@ OUT=${OUT:-results}
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 sw() { echo "+ shardwise $*"; timeout 300 python3 -m shardwise "$@" 2>&1 | grep -v "^\[rank\|^\[[0-9]\|^  \(prefill\|decode\|verifying\|ok\)"; }
-sw run --preset seed-moe-16l --layers 2 --nproc 2 --batch 4 --seq 1024 --steps 4 --dtype fp32 \
+sw run --device cuda --preset seed-moe-16l --layers 2 --nproc 2 --batch 4 --seq 1024 --steps 4 --dtype fp32 \
    --plan ep:2 --plan tp_pp:2x1 --json "$OUT/verify-h200x2-moe.jsonl"
 sw bench --out "$OUT/bench-h200x2.jsonl" --preset seed-moe-16l --layers 4 --dtype bf16 --batch 8 \
    --seq 2048 --iters 5 --warmup 2 --plan ep:2 --plan tp_pp:2x1

@@ -8,7 +8,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for L in 2 4; do
   echo "+ shardwise run --preset seed-moe-16l --layers $L ..."
-  timeout 300 python3 -m shardwise run --preset seed-moe-16l --layers $L --nproc 2 --batch 4 \
+  timeout 300 python3 -m shardwise run --device cuda --preset seed-moe-16l --layers $L --nproc 2 --batch 4 \
      --seq 1024 --steps 4 --dtype bf16 --plan ep:2 --plan tp_pp:2x1 \
      --json "$OUT/verify-h200x2-moe.jsonl" 2>&1 | grep -E "ok:|FAILED"
 done

@@ -7,7 +7,7 @@ OUT=${OUT:-results}
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 J="$OUT/verify-h200x2.jsonl"
-sw() { echo "+ shardwise $*"; python3 -m shardwise "$@" --dtype bf16 --json "$J" 2>&1 | grep -v "^\[rank"; }
+sw() { echo "+ shardwise $*"; python3 -m shardwise "$@" --device cuda --dtype bf16 --json "$J" 2>&1 | grep -v "^\[rank"; }
 sw run --preset seed-helix-4l --nproc 2 --batch 4 --seq 2048 --steps 4 \
    --plan tp_pp:2x1 --plan tp_pp:1x2 --plan helix:2x1 --plan helix:1x2 --plan helix:1x2,reduce=flat
 sw run --preset seed-ring-4l --nproc 2 --batch 2 --seq 2048 --steps 4 --plan ring:2 --plan tp_pp:2x1

@@ -18,7 +18,8 @@ DEFAULT_RUN_PRESET = "tiny-dense"
 DEFAULT_RUN_NPROC = 4
 
 
-def _common(p: argparse.ArgumentParser, preset_default: str | None = None) -> None:
+def _common(p: argparse.ArgumentParser, preset_default: str | None = None,
+            device_default: str = "auto") -> None:
     p.add_argument("--preset", default=preset_default,
                    help="model preset (see `shardwise presets`)")
     p.add_argument("--model", metavar="PATH",
@@ -29,8 +30,9 @@ def _common(p: argparse.ArgumentParser, preset_default: str | None = None) -> No
     p.add_argument("--layers", type=int, help="use only the first N layers of the preset (smaller runs)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="override the preset's dtype (CPU runs default to fp32)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="cuda: NCCL, one rank per GPU; cpu: gloo (default: cuda if present)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=device_default,
+                   help=f"cuda: NCCL, one rank per GPU; cpu: gloo; auto: cuda if present "
+                        f"(default: {device_default})")
     p.add_argument("--seed", type=int, default=0, help="weight and input seed")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a collective may wait before the job fails")
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run and verify every plan that fits the ranks (the main job)")
-    _common(p, DEFAULT_RUN_PRESET)
+    _common(p, DEFAULT_RUN_PRESET, device_default="cpu")  # the embedded default job runs on CPU
     p.add_argument("--nproc", type=int, default=None,
                    help=f"ranks to start (default {DEFAULT_RUN_NPROC} on CPU, every GPU on CUDA)")
     p.add_argument("--plan", action="append", dest="plans",
