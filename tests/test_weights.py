@@ -51,3 +51,25 @@ def test_reference_for_a_30b_preset_slices_without_materialising():
     rows = torch.arange(0, spec.d_ff // 64)
     part = src.get("layers.3.mlp.w_up", [rows], dtype=torch.bfloat16, device="cpu")
     assert part.shape == (spec.d_ff // 64, spec.d_model)
+
+
+
+def test_a_30b_rank_is_built_from_its_own_shard_only():
+    """A rank of tp_pp:8x2 on the 30B preset builds exactly its 1/16 of the
+    layer weights (on the meta device: shapes without memory), so starting the
+    preset never materialises the whole model anywhere."""
+    from shardwise.model.load import ShardLoader
+    from shardwise.parallel.base import validate_plan
+    from shardwise.parallel.comm import Comm
+    from shardwise.spec import Plan
+
+    preset = get_preset("seed-layerwise-30b")
+    spec, wl, plan = preset.model, preset.reduced, Plan.parse("tp_pp:8x2")
+    cls, topo = validate_plan(spec, wl, plan, 16)
+    topo.rank = 9  # pipeline stage 1, tensor-parallel rank 1
+    loader = ShardLoader(WeightSource(spec, 0), torch.bfloat16, "meta")
+    rank = cls(spec, wl, plan, topo, Comm(topo), loader)
+    assert all(p.is_meta for p in rank.parameters())
+    params = sum(p.numel() for p in rank.parameters())
+    layers, norms = spec.n_layers // 2, spec.norm_params()  # 8 layers; norms replicated
+    assert params == layers * ((spec.layer_params() - norms) // 8 + norms) + spec.norm_params() // 2

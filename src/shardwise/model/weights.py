@@ -79,9 +79,10 @@ def generate(
         elif isinstance(sel, slice):
             sel = torch.arange(size, device=device)[sel]
         else:
-            sel = torch.as_tensor(sel, dtype=torch.long, device=device)
-            if sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= size):
+            sel = torch.as_tensor(sel, dtype=torch.long)  # checked where it was made (CPU)
+            if sel.numel() and not sel.is_meta and (int(sel.min()) < 0 or int(sel.max()) >= size):
                 raise IndexError(f"{name}: index out of range for dim {dim} of size {size}")
+            sel = sel.to(device)
         positions.append(sel)
     strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
     out_shape = [p.numel() for p in positions]
