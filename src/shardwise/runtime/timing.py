@@ -103,7 +103,7 @@ def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, co
     """Decode step times (seconds) at positions seq_len + warmup + i; returns
     (times, used_graphs)."""
     model.step(prompt, 0)
-    use_graphs = s.graphs and device.type == "cuda" and getattr(model, "supports_graphs", False)
+    use_graphs = s.graphs and device.type == "cuda" and model.supports_graphs
     if not use_graphs:
         for i in range(s.warmup):
             model.step(token, seq_len + i)
