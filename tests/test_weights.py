@@ -73,3 +73,54 @@ def test_a_30b_rank_is_built_from_its_own_shard_only():
     params = sum(p.numel() for p in rank.parameters())
     layers, norms = spec.n_layers // 2, spec.norm_params()  # 8 layers; norms replicated
     assert params == layers * ((spec.layer_params() - norms) // 8 + norms) + spec.norm_params() // 2
+
+
+def test_up_projection_forms():
+    import torch
+    import torch.nn.functional as F
+
+    from shardwise.model.reference import up_projection
+
+    x, w = torch.randn(3, 5, 8), torch.randn(12, 8)
+    h = x @ w.t()
+    torch.testing.assert_close(up_projection(x, w, "gelu"), F.gelu(h))
+    torch.testing.assert_close(up_projection(x, w, "gelu_tanh"), F.gelu(h, approximate="tanh"))
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(up_projection(x, w, "swiglu"), F.silu(gate) * up)
+    assert not torch.allclose(F.gelu(h), F.gelu(h, approximate="tanh"), atol=1e-6, rtol=0)
+
+
+def test_static_shape_step_builds_position_tensors_once():
+    # A decode step at a device-tensor position (the CUDA-graph path) builds
+    # its mask and cache slots in the first layer only, and matches the
+    # integer-position step.
+    import torch
+
+    from shardwise.model import WeightSource, build_reference
+    from shardwise.model import reference as ref_mod
+    from shardwise.presets import get_preset
+
+    spec = get_preset("tiny-dense").model
+    model = build_reference(WeightSource(spec, 0), torch.float32, torch.device("cpu"))
+    x = torch.randn(2, 6, spec.d_model)
+    step = torch.randn(2, 1, spec.d_model)
+    caches = model.allocate_caches(2, 8)
+    model(x, caches, 0)
+    want = model(step, caches, 6)
+    built = []
+    real = torch.arange
+
+    def counting(*a, **k):
+        built.append(a)
+        return real(*a, **k)
+
+    caches = model.allocate_caches(2, 8)
+    model(x, caches, 0)
+    torch.arange = counting
+    try:
+        got = model(step, caches, torch.tensor(6))
+    finally:
+        torch.arange = real
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(built) == 3, built  # slots (1) and mask (2), not per layer
+    assert ref_mod._STEP is None

@@ -1,7 +1,8 @@
 """Named models, each with the workload and plans of the experiment it comes from.
 
 The ``seed-*`` presets carry the exact dimensions of the five seed experiments
-(GPT-style: LayerNorm, two-matrix GELU MLP). Where a seed's own arithmetic is
+(GPT-style: LayerNorm, two-matrix MLP with GELU in its tanh form, as in GPT-2/3,
+which the GPU path fuses into the up-projection's GEMM). Where a seed's own arithmetic is
 off, the preset follows the stated dimensions and ``notes`` says what is off;
 ``docs/presets.md`` explains each case. ``tiny-*`` presets run on CPU in seconds.
 """
@@ -26,7 +27,7 @@ class Preset:
 def _seed_dense(name, layers, heads, head_dim, d_ff, dtype="fp16"):
     return ModelSpec(
         name=name, n_layers=layers, d_model=heads * head_dim, n_heads=heads,
-        head_dim=head_dim, d_ff=d_ff, dtype=dtype,
+        head_dim=head_dim, d_ff=d_ff, dtype=dtype, activation="gelu_tanh",
     )
 
 
@@ -99,7 +100,7 @@ PRESETS: dict[str, Preset] = {
     "seed-moe-16l": Preset(
         model=ModelSpec(
             name="seed-moe-16l", n_layers=16, d_model=4096, n_heads=32, head_dim=128,
-            d_ff=16384, dtype="bf16", n_experts=16, top_k=2,
+            d_ff=16384, dtype="bf16", n_experts=16, top_k=2, activation="gelu_tanh",
         ),
         workload=Workload(batch=128, seq_len=10000),
         reduced=Workload(batch=2, seq_len=256),

@@ -60,7 +60,9 @@ class ModelSpec:
     n_kv_heads: int | None = None  # grouped-query attention; None means n_heads
     dtype: str = "bf16"
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    activation: str = "gelu"  # "gelu" (two-matrix MLP) | "swiglu" (three-matrix)
+    # "gelu" (exact, erf) or "gelu_tanh" (tanh form, GPT-2/3): two-matrix MLP;
+    # "swiglu": three-matrix (gate and up fused)
+    activation: str = "gelu"
     n_experts: int = 0  # 0: dense MLP
     top_k: int = 2
     vocab_size: int | None = None  # None: inputs and outputs are hidden states
@@ -80,8 +82,9 @@ class ModelSpec:
             )
         if self.norm not in ("layernorm", "rmsnorm"):
             problems.append(f"norm must be 'layernorm' or 'rmsnorm' (got {self.norm!r})")
-        if self.activation not in ("gelu", "swiglu"):
-            problems.append(f"activation must be 'gelu' or 'swiglu' (got {self.activation!r})")
+        if self.activation not in ("gelu", "gelu_tanh", "swiglu"):
+            problems.append(f"activation must be 'gelu', 'gelu_tanh' or 'swiglu' "
+                            f"(got {self.activation!r})")
         if self.n_experts < 0 or (self.n_experts and not 1 <= self.top_k <= self.n_experts):
             problems.append(
                 f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})"

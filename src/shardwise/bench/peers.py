@@ -46,13 +46,14 @@ class PlainAttention(nn.Module):
 
 
 class PlainMLP(nn.Module):
-    def __init__(self, d_model, d_ff):
+    def __init__(self, d_model, d_ff, approximate="none"):
         super().__init__()
+        self.approximate = approximate
         self.w_up = nn.Linear(d_model, d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x):
-        return self.w_down(Fn.gelu(self.w_up(x)))
+        return self.w_down(Fn.gelu(self.w_up(x), approximate=self.approximate))
 
 
 class PlainBlock(nn.Module):
@@ -60,7 +61,8 @@ class PlainBlock(nn.Module):
         super().__init__()
         self.attn_norm, self.mlp_norm = make_norm(spec), make_norm(spec)
         self.attn = PlainAttention(spec.d_model, spec.n_heads, spec.kv_heads, spec.head_dim)
-        self.mlp = PlainMLP(spec.d_model, spec.d_ff)
+        self.mlp = PlainMLP(spec.d_model, spec.d_ff,
+                            "tanh" if spec.activation == "gelu_tanh" else "none")
 
     def forward(self, x, cache, pos):
         h = x + self.attn(self.attn_norm(x), cache, pos)
@@ -68,7 +70,7 @@ class PlainBlock(nn.Module):
 
 
 def _check(spec, plan):
-    if spec.is_moe or spec.activation != "gelu" or spec.vocab_size or spec.rope_theta:
+    if spec.is_moe or spec.activation not in ("gelu", "gelu_tanh") or spec.vocab_size or spec.rope_theta:
         raise ShardwiseError(
             f"peer {plan.strategy} covers dense GELU models without vocab or rotary; "
             f"{spec.name} is not one"

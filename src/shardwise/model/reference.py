@@ -11,6 +11,7 @@ Hkv key/value heads, d head_dim, F d_ff, E experts.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -21,6 +22,34 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+_STEP: dict | None = None  # index tensors of the step being run (see one_step)
+
+
+@contextmanager
+def one_step():
+    """Scope of one forward step. Inside it, the index tensors derived from a
+    device-tensor position (cache slots, the position mask) are built by the
+    first layer that asks and shared by the others: in a static-shape decode
+    step captured in a CUDA graph, that is a few kernels a step instead of a
+    few a layer. Nested scopes share the outer one."""
+    global _STEP
+    outer = _STEP
+    _STEP = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _STEP = outer
+
+
+def _per_step(key: tuple, make):
+    """``make()``, once per step for ``key`` (every call outside a step)."""
+    if _STEP is None:
+        return make()
+    if key not in _STEP:
+        _STEP[key] = make()
+    return _STEP[key]
 
 
 class KVCache:
@@ -52,7 +81,8 @@ class KVCache:
         CUDA graph and replayed at every position."""
         T = k.shape[2]
         if isinstance(pos, torch.Tensor):
-            at = pos + torch.arange(T, device=k.device)
+            at = _per_step(("slots", id(pos), T, k.device),
+                           lambda: pos + torch.arange(T, device=k.device))
             self.k.index_copy_(2, at, k)
             self.v.index_copy_(2, at, v)
             return self.k, self.v
@@ -94,8 +124,11 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if isinstance(q_start, torch.Tensor):
-        q_pos = q_start + torch.arange(T, device=q.device)
-        mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # [T, S]
+        def make_mask():
+            q_pos = q_start + torch.arange(T, device=q.device)
+            return torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # [T, S]
+
+        mask = _per_step(("mask", id(q_start), T, S, q.device), make_mask)
         return Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if q_start == 0 and T == S:
         return Fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -145,6 +178,36 @@ class Attention(nn.Module):
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
 
+_ZEROS: dict = {}
+
+
+def _zeros(n: int, dtype, device) -> torch.Tensor:
+    key = (n, dtype, device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(n, dtype=dtype, device=device)
+    return _ZEROS[key]
+
+
+def up_projection(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP's first matrix and its activation: ``x [..., D]``, ``w_in
+    [F or 2F, D]`` -> ``[..., F]``.
+
+    ``gelu_tanh`` (the tanh form of GELU, as in GPT-2/3) on CUDA half
+    precision runs as one cuBLASLt GEMM with the GELU in its epilogue, applied
+    to the float32 accumulator before rounding: the ``[N, F]`` intermediate
+    is written once instead of written, read and written again."""
+    if activation == "gelu_tanh" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        shape = x.shape
+        zero = _zeros(w_in.shape[0], x.dtype, x.device)  # the epilogue takes a bias
+        h = torch._addmm_activation(zero, x.reshape(-1, shape[-1]), w_in.t(), use_gelu=True)
+        return h.view(*shape[:-1], w_in.shape[0])
+    h = Fn.linear(x, w_in)
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return Fn.silu(gate) * up
+    return Fn.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
 class MLP(nn.Module):
     """Two-matrix GELU MLP, or SwiGLU (gate and up fused in one matrix)."""
 
@@ -156,13 +219,7 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w_in(x)
-        if self.activation == "swiglu":
-            gate, up = h.split(self.d_ff, dim=-1)
-            h = Fn.silu(gate) * up
-        else:
-            h = Fn.gelu(h)
-        return self.w_down(h)
+        return self.w_down(up_projection(x, self.w_in.weight, self.activation))
 
 
 def router_logits(router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -186,13 +243,7 @@ def route(logits: torch.Tensor, top_k: int):
 def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
                activation: str) -> torch.Tensor:
     """One expert on its tokens: ``x [n, D]``, ``w_in [F or 2F, D]``, ``w_down [D, F]``."""
-    h = x @ w_in.t()
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        h = Fn.silu(gate) * up
-    else:
-        h = Fn.gelu(h)
-    return h @ w_down.t()
+    return up_projection(x, w_in, activation) @ w_down.t()
 
 
 class MoE(nn.Module):
@@ -282,8 +333,9 @@ class Transformer(nn.Module):
     def forward(self, inputs: torch.Tensor, caches: Sequence[KVCache] | None = None,
                 pos: int = 0) -> torch.Tensor:
         x = self.embed(inputs) if self.embed is not None else inputs
-        for i, layer in enumerate(self.layers):
-            x = layer(x, caches[i] if caches is not None else None, pos)
+        with one_step():
+            for i, layer in enumerate(self.layers):
+                x = layer(x, caches[i] if caches is not None else None, pos)
         if self.norm is not None:
             x = self.norm(x)
         if self.lm_head is not None:

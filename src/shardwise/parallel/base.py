@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..model.reference import one_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .comm import Comm
 from .topology import Topology
@@ -67,7 +68,8 @@ class Strategy(nn.Module):
     def step(self, inputs: torch.Tensor, pos: int):
         """Run ``forward`` and remember the global output shape for ``collect``."""
         self.out_shape = self.output_shape(inputs)
-        return self.forward(inputs, pos)
+        with one_step():
+            return self.forward(inputs, pos)
 
     def collect(self, local) -> torch.Tensor | None:
         raise NotImplementedError

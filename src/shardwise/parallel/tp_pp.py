@@ -62,7 +62,7 @@ class OverlappedStage(nn.Module):
             for j in (0, 1):  # half j's reduction ran while the other half computed
                 a, wait = attn_out[j]
                 wait()
-                hs[j] = xs[j] + a
+                hs[j] = xs[j] + a.to(xs[j].dtype)  # a is float32 under reduce=fp32
                 m = blk.mlp.inner(blk.mlp_norm(hs[j]))
                 mlp_out[j] = (m, self.comm.all_reduce_start(m, self.axis))
         for j in (0, 1):
@@ -78,14 +78,42 @@ class OverlappedStage(nn.Module):
 class ReduceAfter(nn.Module):
     """Sum a row-parallel module's partial output over a mesh axis
     (Megatron's ``g`` operator: identity forward of the column-parallel input,
-    all-reduce of the row-parallel output)."""
+    all-reduce of the row-parallel output). With ``dtype`` set, the partials
+    arrive in that (wider) dtype and the sum is rounded once, to ``out``."""
 
-    def __init__(self, inner: nn.Module, comm, axis: str):
+    def __init__(self, inner: nn.Module, comm, axis: str, out: torch.dtype | None = None):
         super().__init__()
-        self.inner, self.comm, self.axis = inner, comm, axis
+        self.inner, self.comm, self.axis, self.out = inner, comm, axis, out
 
     def forward(self, *args):
-        return self.comm.all_reduce(self.inner(*args), self.axis)
+        y = self.comm.all_reduce(self.inner(*args), self.axis)
+        return y if self.out is None else y.to(self.out)
+
+
+class WideOutputLinear(nn.Module):
+    """A bias-free linear layer whose output stays in float32: the partial
+    sum of a row-parallel layer before the all-reduce.
+
+    One device computes ``x @ W.T`` with float32 accumulation and rounds
+    once. Rounding each rank's partial to bf16 and adding the roundings
+    differs from that by up to an ulp per element, which is enough to flip
+    a near-tied MoE routing decision downstream. Reducing float32 partials
+    and rounding the sum once agrees with the single device except where
+    the two float32 sums fall on either side of a bf16 rounding boundary.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, w = x.shape, self.weight
+        x2 = x.reshape(-1, shape[-1])  # [N, in]
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            y = torch.mm(x2, w.t(), out_dtype=torch.float32)  # fp32 accumulate, no rounding
+        else:
+            y = x2.float() @ w.float().t()
+        return y.view(*shape[:-1], w.shape[0])
 
 
 def _divisors(n: int) -> list[int]:
@@ -124,11 +152,14 @@ class TpPp(Strategy):
         else:
             divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
                     f"choose tp among {[d for d in _divisors(spec.d_ff) if d <= 64]}")
+        allowed = {"overlap": ("1", "2"), "reduce": ("fp32", "model")}
         for key, value in plan.options:
-            if key != "overlap" or value not in ("1", "2"):
+            if value not in allowed.get(key, ()):
                 raise ShardwiseError(
-                    f"plan {plan}: tp_pp takes the option overlap=1|2 (two-half prefill "
-                    f"overlapping the all-reduces; default 2), not {key}={value}"
+                    f"plan {plan}: tp_pp takes the options overlap=1|2 (two-half prefill "
+                    f"overlapping the all-reduces; default 2) and reduce=fp32|model (dtype "
+                    f"of the attention's partial sums; default fp32 for MoE models, model "
+                    f"otherwise), not {key}={value}"
                 )
         if pp > spec.n_layers:
             raise ShardwiseError(
@@ -146,6 +177,10 @@ class TpPp(Strategy):
         tp, pp = topo.size("tp"), topo.size("pp")
         t, s = topo.coord("tp"), topo.coord("pp")
         self.stage_layers = range(*balanced_ranges(spec.n_layers, pp)[s])
+        # Attention partial sums reduced in float32 (see WideOutputLinear):
+        # the default for MoE, whose routing is discontinuous in its input.
+        self.wide_reduce = tp > 1 and self.dtype != torch.float32 and plan.option(
+            "reduce", "fp32" if spec.is_moe else "model") == "fp32"
         heads = range(t * spec.n_heads // tp, (t + 1) * spec.n_heads // tp)
         kv_heads = range(t * spec.kv_heads // tp, (t + 1) * spec.kv_heads // tp)
         with torch.device("meta"):
@@ -165,7 +200,13 @@ class TpPp(Strategy):
             else:
                 loader.load_block(blk, layer, q_heads=heads, kv_heads=kv_heads,
                                   ff=torch.arange(ff.start, ff.stop))
-            blk.attn = ReduceAfter(blk.attn, comm, "tp")
+            if self.wide_reduce:
+                blk.attn.wo = WideOutputLinear(blk.attn.wo)
+                blk.attn = ReduceAfter(blk.attn, comm, "tp", out=self.dtype)
+            else:
+                blk.attn = ReduceAfter(blk.attn, comm, "tp")
+            # Whole experts per rank: each token's expert outputs are rounded
+            # and added exactly as on one device, so MoE needs no wide sum.
             blk.mlp = ReduceAfter(blk.mlp, comm, "tp")
         stage.layers = nn.ModuleList(blocks)
         stage.layer_ids = list(self.stage_layers)
