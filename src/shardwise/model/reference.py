@@ -55,6 +55,13 @@ def _per_step(key: tuple, make):
 class KVCache:
     """Static cache for one layer: ``k, v [B, Hkv, S_max, d]``.
 
+    The storage is token-major, ``[B, S_max, Hkv, d]`` (FlashAttention's
+    cache layout), and ``k, v`` are its ``[B, Hkv, S, d]`` views: a prefill
+    writes the keys and values of a position as one contiguous run of
+    ``Hkv * d`` elements, straight from the fused QKV projection's output,
+    instead of scattering them over ``Hkv`` rows; attention kernels take the
+    strided view as it is (only the last dimension must be contiguous).
+
     ``batch_view`` gives a micro-batch a view that writes through to the
     same storage, so pipelines and data-parallel splits need no copies.
     """
@@ -64,9 +71,9 @@ class KVCache:
 
     @classmethod
     def allocate(cls, batch, kv_heads, max_len, head_dim, dtype, device) -> "KVCache":
-        shape = (batch, kv_heads, max_len, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device))
+        shape = (batch, max_len, kv_heads, head_dim)  # token-major storage
+        return cls(torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2),
+                   torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2))
 
     def batch_view(self, b0: int, b1: int) -> "KVCache":
         return KVCache(self.k[b0:b1], self.v[b0:b1])
