@@ -49,7 +49,7 @@ def nccl():
 
 results["nccl in graph (us)"] = graph_time(nccl)
 try:
-    buf = symm_mem.empty(1 << 20, dtype=torch.bfloat16, device=dev)
+    buf = symm_mem.empty(x.shape, dtype=torch.bfloat16, device=dev)  # the op wants input's size
     symm_mem.rendezvous(buf, group.group_name)
     y = torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", group.group_name)
     results["one_shot result ok"] = bool((y == 3).all()) and tuple(y.shape) == tuple(x.shape)

@@ -124,3 +124,19 @@ def test_static_shape_step_builds_position_tensors_once():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert len(built) == 3, built  # slots (1) and mask (2), not per layer
     assert ref_mod._STEP is None
+
+
+def test_cache_write_moves_rows_as_words():
+    # The prefill cache write copies token-major rows as 8-byte words where
+    # the row allows it, and falls back to an element copy where it does not.
+    import torch
+
+    from shardwise.model.reference import KVCache
+
+    for d, heads in [(8, 3), (3, 2)]:  # 16-byte rows; 6-byte rows (fallback)
+        c = KVCache.allocate(2, heads, 10, d, torch.bfloat16, "cpu")
+        assert c.k.shape == (2, heads, 10, d) and c.k.transpose(1, 2).is_contiguous()
+        qkv = torch.randn(2, 5, 3 * heads * d).bfloat16()  # k sliced from a fused QKV output
+        k = qkv[..., heads * d: 2 * heads * d].view(2, 5, heads, d).transpose(1, 2)
+        keys, _ = c.write(2, k, k)
+        assert torch.equal(keys[:, :, 2:7], k) and not keys[:, :, :2].any()

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..spec import ModelSpec
+from .kernels import add_norm, norm
 
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -93,12 +94,28 @@ class KVCache:
             self.k.index_copy_(2, at, k)
             self.v.index_copy_(2, at, v)
             return self.k, self.v
-        self.k[:, :, pos : pos + T] = k
-        self.v[:, :, pos : pos + T] = v
+        _copy_rows(self.k[:, :, pos : pos + T], k)
+        _copy_rows(self.v[:, :, pos : pos + T], v)
         return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for strided views whose last dimension is
+    contiguous: moved as 8-byte words when the rows allow it. A strided copy
+    runs PyTorch's generic (unvectorised) element-wise kernel, whose cost is
+    per element: 8-byte elements move bf16 rows ~4x faster than 2-byte ones."""
+    row = src.shape[-1] * src.element_size()
+    if (src.dtype == dst.dtype and row % 8 == 0 and src.stride(-1) == 1 and dst.stride(-1) == 1
+            and src.element_size() < 8):
+        try:
+            dst.view(torch.int64).copy_(src.view(torch.int64))
+            return
+        except RuntimeError:  # strides or offsets not 8-byte aligned
+            pass
+    dst.copy_(src)
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:
@@ -295,8 +312,9 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cache, pos)
-        return h + self.mlp(self.mlp_norm(h))
+        # h = x + attn(norm(x)); the add and the second norm are one kernel on GPUs.
+        h, n = add_norm(self.mlp_norm, x, self.attn(norm(self.attn_norm, x), cache, pos))
+        return h + self.mlp(n)
 
 
 def make_block(spec: ModelSpec, *, n_heads: int | None = None, n_kv_heads: int | None = None,
@@ -344,7 +362,7 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x, caches[i] if caches is not None else None, pos)
         if self.norm is not None:
-            x = self.norm(x)
+            x = norm(self.norm, x)
         if self.lm_head is not None:
             x = self.lm_head(x)
         return x

@@ -16,6 +16,7 @@ told of every collective call (``called(key)``) and of every wait on peers
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from typing import Sequence
@@ -29,6 +30,11 @@ _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+# Largest all-reduce sent through symmetric memory (one-shot); larger ones
+# are bandwidth-bound and go to NCCL.
+ONE_SHOT_MAX_BYTES = 512 * 1024
+
+
 class Comm:
     def __init__(self, topo: Topology):
         self.topo = topo
@@ -36,6 +42,10 @@ class Comm:
         self.stats: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # key -> [calls, bytes]
         self.time_blocking, self.blocking_s = False, 0.0
         self.hook = None  # see the module docstring
+        self.one_shot = (self.backend == "nccl" and os.environ.get("SHARDWISE_ONE_SHOT", "1") != "0"
+                         and hasattr(torch.ops, "symm_mem")
+                         and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"))
+        self._symm: dict = {}  # (axis, shape, dtype) -> symmetric buffer
 
     def _watch(self, work, key: str):
         """``work`` (a request), reporting its ``wait()`` to the hook when there is one."""
@@ -86,11 +96,42 @@ class Comm:
 
     # -- collectives along a mesh axis -----------------------------------
     def all_reduce(self, t: torch.Tensor, axis: str) -> torch.Tensor:
-        """Sum ``t`` over ``axis`` in place."""
+        """Sum ``t`` over ``axis`` in place.
+
+        Small tensors on GPUs (a decode step's activations) go through a
+        one-shot all-reduce on symmetric memory when ``torch.distributed``
+        has it: every rank copies its tensor into a buffer its peers can
+        read over NVLink, and one kernel sums all the buffers. It is latency
+        the step pays (one kernel and a barrier instead of NCCL's protocol);
+        the sum has the same terms. ``SHARDWISE_ONE_SHOT=0`` turns it off."""
         if self.topo.size(axis) > 1:
             key = self._count("all_reduce", axis, t.nbytes)
-            self._blocking(key, dist.all_reduce, t, group=self.topo.group(axis))
+            buf = self._one_shot_buffer(t, axis)
+            if buf is not None:
+                self._blocking(key, torch.ops.symm_mem.one_shot_all_reduce_copy_out, buf, t,
+                               "sum", self.topo.group(axis).group_name, t)
+            else:
+                self._blocking(key, dist.all_reduce, t, group=self.topo.group(axis))
         return t
+
+    def _one_shot_buffer(self, t: torch.Tensor, axis: str) -> torch.Tensor | None:
+        """The symmetric buffer for a one-shot all-reduce of ``t``, or None
+        (not a small contiguous CUDA tensor, off, or unavailable). A buffer is
+        made (a collective over the axis) the first time a shape is seen,
+        which every rank of the axis does at the same call; never during CUDA
+        graph capture, where such a call falls back to NCCL."""
+        if (not self.one_shot or not t.is_cuda or t.nbytes > ONE_SHOT_MAX_BYTES
+                or not t.is_contiguous()):
+            return None
+        key = (axis, tuple(t.shape), t.dtype)
+        buf = self._symm.get(key)
+        if buf is None and not torch.cuda.is_current_stream_capturing():
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buf = symm_mem.empty(t.shape, dtype=t.dtype, device=t.device)
+            symm_mem.rendezvous(buf, self.topo.group(axis).group_name)
+            self._symm[key] = buf
+        return buf
 
     def all_gather(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's ``t`` along ``dim`` in axis order."""

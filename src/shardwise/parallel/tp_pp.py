@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.kernels import add_norm, norm
 from ..model.reference import KVCache, Transformer, make_block
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import Strategy, balanced_ranges, divides
@@ -57,13 +58,14 @@ class OverlappedStage(nn.Module):
                     m, wait = mlp_out[j]
                     wait()
                     xs[j] = hs[j] + m
-                a = blk.attn.inner(blk.attn_norm(xs[j]), views[j][i], pos)
+                a = blk.attn.inner(norm(blk.attn_norm, xs[j]), views[j][i], pos)
                 attn_out.append((a, self.comm.all_reduce_start(a, self.axis)))
             for j in (0, 1):  # half j's reduction ran while the other half computed
                 a, wait = attn_out[j]
                 wait()
-                hs[j] = xs[j] + a.to(xs[j].dtype)  # a is float32 under reduce=fp32
-                m = blk.mlp.inner(blk.mlp_norm(hs[j]))
+                # a is float32 under reduce=fp32
+                hs[j], n = add_norm(blk.mlp_norm, xs[j], a.to(xs[j].dtype))
+                m = blk.mlp.inner(n)
                 mlp_out[j] = (m, self.comm.all_reduce_start(m, self.axis))
         for j in (0, 1):
             m, wait = mlp_out[j]
@@ -71,7 +73,7 @@ class OverlappedStage(nn.Module):
             xs[j] = hs[j] + m
         x = torch.cat(xs)
         if st.norm is not None:
-            x = st.norm(x)
+            x = norm(st.norm, x)
         return st.lm_head(x) if st.lm_head is not None else x
 
 
