@@ -135,8 +135,32 @@ def test_cache_write_moves_rows_as_words():
 
     for d, heads in [(8, 3), (3, 2)]:  # 16-byte rows; 6-byte rows (fallback)
         c = KVCache.allocate(2, heads, 10, d, torch.bfloat16, "cpu")
-        assert c.k.shape == (2, heads, 10, d) and c.k.transpose(1, 2).is_contiguous()
+        assert c.k.shape == (2, heads, 10, d) and c.kv.is_contiguous()
         qkv = torch.randn(2, 5, 3 * heads * d).bfloat16()  # k sliced from a fused QKV output
         k = qkv[..., heads * d: 2 * heads * d].view(2, 5, heads, d).transpose(1, 2)
         keys, _ = c.write(2, k, k)
         assert torch.equal(keys[:, :, 2:7], k) and not keys[:, :, :2].any()
+
+
+def test_prompt_projection_written_into_the_cache(monkeypatch):
+    # Long prompts run the K/V projection per sequence with the cache as the
+    # GEMM's output. Same logits as without a cache, and the decode step that
+    # reads that cache matches one whose cache was filled by the copy path.
+    import torch
+
+    from shardwise.model import WeightSource, build_reference
+    from shardwise.model import reference as ref_mod
+    from shardwise.presets import get_preset
+
+    spec = get_preset("tiny-dense").model
+    model = build_reference(WeightSource(spec, 0), torch.float32, torch.device("cpu"))
+    x, step = torch.randn(3, 9, spec.d_model), torch.randn(3, 1, spec.d_model)
+    outs = []
+    for threshold in (1, 10**9):  # direct GEMMs into the cache; fused QKV and a copy
+        monkeypatch.setattr(ref_mod, "DIRECT_CACHE_MIN_TOKENS", threshold)
+        caches = model.allocate_caches(3, 12)
+        outs.append((model(x, caches, 0), model(step, caches, 9), caches[0].kv.clone()))
+    torch.testing.assert_close(outs[0][0], model(x), rtol=1e-5, atol=1e-6)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert outs[0][2][:, :10].abs().sum() > 0 and not outs[0][2][:, 10:].any()

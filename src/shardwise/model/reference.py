@@ -22,6 +22,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 from .kernels import add_norm, norm
 
+# Prompts at least this long have their K/V projection written straight into
+# the cache, one GEMM per sequence (each large enough to run at full rate).
+DIRECT_CACHE_MIN_TOKENS = 1024
+
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -56,28 +60,53 @@ def _per_step(key: tuple, make):
 class KVCache:
     """Static cache for one layer: ``k, v [B, Hkv, S_max, d]``.
 
-    The storage is token-major, ``[B, S_max, Hkv, d]`` (FlashAttention's
-    cache layout), and ``k, v`` are its ``[B, Hkv, S, d]`` views: a prefill
-    writes the keys and values of a position as one contiguous run of
-    ``Hkv * d`` elements, straight from the fused QKV projection's output,
-    instead of scattering them over ``Hkv`` rows; attention kernels take the
-    strided view as it is (only the last dimension must be contiguous).
+    The storage ``kv`` is token-major, ``[B, S_max, 2, Hkv, d]``: each
+    position holds its keys then its values in one contiguous run, the
+    order of the K and V rows of the fused QKV weight. ``k, v`` are its
+    ``[B, Hkv, S, d]`` views (attention kernels take them as they are; only
+    the last dimension must be contiguous). So a decode step stores its
+    keys and values with one copy, and a long prefill has its K/V
+    projection written by the GEMM straight into the cache (``rows``), with
+    no copy at all (FlashAttention's cache is token-major for the same reason).
 
     ``batch_view`` gives a micro-batch a view that writes through to the
     same storage, so pipelines and data-parallel splits need no copies.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
+    def __init__(self, kv: torch.Tensor):
+        self.kv = kv  # [B, S_max, 2, Hkv, d]
+        self.k = kv[:, :, 0].transpose(1, 2)  # [B, Hkv, S_max, d]
+        self.v = kv[:, :, 1].transpose(1, 2)
 
     @classmethod
     def allocate(cls, batch, kv_heads, max_len, head_dim, dtype, device) -> "KVCache":
-        shape = (batch, max_len, kv_heads, head_dim)  # token-major storage
-        return cls(torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2),
-                   torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2))
+        return cls(torch.zeros(batch, max_len, 2, kv_heads, head_dim, dtype=dtype, device=device))
 
     def batch_view(self, b0: int, b1: int) -> "KVCache":
-        return KVCache(self.k[b0:b1], self.v[b0:b1])
+        return KVCache(self.kv[b0:b1])
+
+    def rows(self, b: int, pos: int, T: int) -> torch.Tensor:
+        """Sequence ``b``'s positions ``pos..pos+T`` as contiguous ``[T, 2*Hkv*d]``
+        rows (keys then values): the ``out=`` of its K/V projection."""
+        return self.kv[b, pos : pos + T].view(T, -1)
+
+    def write_packed(self, pos, kv: torch.Tensor):
+        """Store ``kv [B, T, 2*Hkv*d]`` (K then V per position, as the fused
+        QKV projection lays them out) at ``pos..pos+T`` in one copy; ``pos``
+        an int or a 0-d device tensor. Returns what ``write`` returns."""
+        B, T = kv.shape[:2]
+        kv = kv.view(B, T, *self.kv.shape[2:])
+        if isinstance(pos, torch.Tensor):
+            at = _per_step(("slots", id(pos), T, kv.device),
+                           lambda: pos + torch.arange(T, device=kv.device))
+            self.kv.index_copy_(1, at, kv)
+            return self.k, self.v
+        _copy_rows(self.kv[:, pos : pos + T], kv)
+        return self.upto(pos + T)
+
+    def upto(self, n: int):
+        """``k, v`` for positions ``0..n`` (views)."""
+        return self.k[:, :, :n], self.v[:, :, :n]
 
     def write(self, pos, k: torch.Tensor, v: torch.Tensor):
         """Store ``k, v [B, Hkv, T, d]`` at positions ``pos..pos+T`` and return
@@ -96,10 +125,10 @@ class KVCache:
             return self.k, self.v
         _copy_rows(self.k[:, :, pos : pos + T], k)
         _copy_rows(self.v[:, :, pos : pos + T], v)
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
+        return self.upto(pos + T)
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.kv.nbytes
 
 
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -194,12 +223,34 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, pos)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H*, T, d]
-        if cache is not None:
-            k, v = cache.write(pos, k, v)  # [B, Hkv, pos+T, d]
+        if cache is not None and self.rope_theta is None:
+            q, (k, v) = self._qkv_into_cache(x, cache, pos)  # [B, T, H, d]; [B, Hkv, pos+T, d]
+            q = q.transpose(1, 2)
+        else:
+            q, k, v = self.qkv(x, pos)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H*, T, d]
+            if cache is not None:
+                k, v = cache.write(pos, k, v)  # [B, Hkv, pos+T, d]
         o = causal_attention(q, k, v, pos)  # [B, H, T, d]
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _qkv_into_cache(self, x: torch.Tensor, cache: KVCache, pos):
+        """Queries ``[B, T, H, d]``, with this step's keys and values stored
+        in ``cache`` (no rotary embedding). A long prompt runs the Q
+        projection and, per sequence, the K/V projection with the cache's
+        rows as its output; a short step runs the fused projection and stores
+        K and V with one copy."""
+        B, T, _ = x.shape
+        H, d = self.n_heads, self.head_dim
+        if isinstance(pos, int) and T >= DIRECT_CACHE_MIN_TOKENS:
+            w_q, w_kv = self.wqkv.weight.split([H * d, 2 * self.n_kv_heads * d])
+            q = Fn.linear(x, w_q)
+            x = x.contiguous()
+            for b in range(B):
+                torch.mm(x[b], w_kv.t(), out=cache.rows(b, pos, T))
+            return q.view(B, T, H, d), cache.upto(pos + T)
+        qkv = self.wqkv(x)
+        return qkv[..., : H * d].view(B, T, H, d), cache.write_packed(pos, qkv[..., H * d :])
 
 
 _ZEROS: dict = {}
@@ -312,9 +363,21 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
-        # h = x + attn(norm(x)); the add and the second norm are one kernel on GPUs.
-        h, n = add_norm(self.mlp_norm, x, self.attn(norm(self.attn_norm, x), cache, pos))
-        return h + self.mlp(n)
+        h, m = self.residual_parts(x, None, cache, pos)
+        return h + m
+
+    def residual_parts(self, x: torch.Tensor, pending: torch.Tensor | None,
+                       cache: KVCache | None, pos):
+        """The layer on ``x + pending`` (``pending``: the previous layer's MLP
+        output, not yet added), returned the same way: ``(h, mlp output)``.
+        Each residual add runs in one kernel with the norm that follows it
+        (``add_norm``); a stack of layers adds its last output at the end."""
+        if pending is None:
+            n = norm(self.attn_norm, x)
+        else:
+            x, n = add_norm(self.attn_norm, x, pending)
+        h, n = add_norm(self.mlp_norm, x, self.attn(n, cache, pos))
+        return h, self.mlp(n)
 
 
 def make_block(spec: ModelSpec, *, n_heads: int | None = None, n_kv_heads: int | None = None,
@@ -358,11 +421,19 @@ class Transformer(nn.Module):
     def forward(self, inputs: torch.Tensor, caches: Sequence[KVCache] | None = None,
                 pos: int = 0) -> torch.Tensor:
         x = self.embed(inputs) if self.embed is not None else inputs
+        pending = None  # the last layer's MLP output, added with the next norm
         with one_step():
             for i, layer in enumerate(self.layers):
-                x = layer(x, caches[i] if caches is not None else None, pos)
+                cache = caches[i] if caches is not None else None
+                if type(layer) is Block:
+                    x, pending = layer.residual_parts(x, pending, cache, pos)
+                else:
+                    x = layer(x if pending is None else x + pending, cache, pos)
+                    pending = None
         if self.norm is not None:
-            x = norm(self.norm, x)
+            x = norm(self.norm, x) if pending is None else add_norm(self.norm, x, pending)[1]
+        elif pending is not None:
+            x = x + pending
         if self.lm_head is not None:
             x = self.lm_head(x)
         return x
