@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time plans after checking their numerics")
     _common(p)
     p.add_argument("--plan", action="append", dest="plans", required=True,
-                   help="plan to time (repeatable); peers: torch_eager:1, torch_tp:T")
+                   help="plan to time (repeatable); peers: torch_eager:1, torch_tp:T, torch_cp:P (prefill)")
     p.add_argument("--phase", choices=["prefill", "decode", "both"], default="both")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
@@ -310,10 +310,14 @@ def cmd_bench(args) -> int:
     checks: dict[str, Workload] = {}
     for text in args.plans:
         plan = Plan.parse(text)
-        _, topo = validate_plan(model, timed, plan, args.nproc)
+        cls, topo = validate_plan(model, timed, plan, args.nproc)
         # The check runs the plan's own micro-batching, so it needs as many sequences.
         checks[str(plan)] = check.replace(batch=min(timed.batch, max(check.batch,
                                                                      plan.micro_batches)))
+        if getattr(cls, "prefill_only", False):
+            if args.phase != "prefill":
+                raise ShardwiseError(f"{plan} times prefill only; run it with --phase prefill")
+            checks[str(plan)] = checks[str(plan)].replace(decode_steps=0, phase="prefill")
         validate_plan(model, checks[str(plan)], plan, topo.world_size)
         phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]
         if all((str(plan), ph) in done for ph in phases):

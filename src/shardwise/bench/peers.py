@@ -6,6 +6,12 @@
 * ``torch_tp:T``: the same model under PyTorch's own DTensor tensor parallel
   (``parallelize_module`` with ``ColwiseParallel`` for Q/K/V and the MLP input,
   ``RowwiseParallel`` for the output projections), as in torchtitan.
+* ``torch_cp:P``: the same model's prefill under PyTorch's ``context_parallel``
+  (``torch.distributed.tensor.experimental``): the prompt is sharded along
+  the sequence with its head-tail load balancer and every causal SDPA call
+  becomes ring attention over the P ranks; the output is gathered back with
+  ``context_parallel_unshard``. It has no decode (PyTorch offers none), and
+  needs CUDA (its ring attention dispatches the GPU SDPA kernels).
 
 They implement the Strategy interface so the engine runs, verifies and times
 them exactly like shardwise's strategies. Their collectives run inside DTensor,
@@ -40,7 +46,8 @@ class PlainAttention(nn.Module):
         q = self.wq(x).view(B, T, -1, d).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, d).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, d).transpose(1, 2)
-        k, v = cache.write(pos, k, v)
+        if cache is not None:
+            k, v = cache.write(pos, k, v)
         o = causal_attention(q, k, v, pos)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
@@ -153,4 +160,49 @@ class TorchTP(TorchEager):
             parallelize_module(blk, mesh, plan)
 
 
-PEERS = {"torch_eager": TorchEager, "torch_tp": TorchTP}
+class TorchCP(TorchEager):
+    name = "torch_cp"
+    supports_graphs = False
+    prefill_only = True
+
+    @classmethod
+    def ranks_needed(cls, plan):
+        if len(plan.shape) != 1:
+            raise ShardwiseError(f"plan {plan}: write torch_cp:P")
+        return plan.shape[0]
+
+    @classmethod
+    def validate(cls, spec, workload, plan, world_size):
+        _check(spec, plan)
+        cp = cls.ranks_needed(plan)
+        # The head-tail balancer cuts the sequence into 2P equal chunks.
+        divides("sequence length", workload.seq_len, 2 * cp, f"2 x the ranks of {plan}",
+                f"use a sequence length that is a multiple of {2 * cp}")
+        return Topology(("cp",), (cp,))
+
+    def __init__(self, spec, workload, plan, topo, comm, loader):
+        super().__init__(spec, workload, plan, topo, comm, loader)
+        self.caches = [None] * len(self.layers)  # prefill only: no cache
+
+    def forward(self, inputs, pos):
+        from torch.distributed.tensor.experimental import (context_parallel,
+                                                           context_parallel_unshard)
+
+        if not isinstance(pos, int) or pos != 0 or inputs.shape[1] == 1:
+            raise ShardwiseError(
+                f"{self.plan} is a prefill-only peer (PyTorch's context_parallel has no "
+                f"decode); time it with --phase prefill"
+            )
+        if inputs.device.type != "cuda":
+            raise ShardwiseError(f"{self.plan} needs CUDA GPUs (context_parallel's ring "
+                                 f"attention dispatches the GPU SDPA kernels)")
+        mesh = self.topo.mesh["cp"]
+        x = inputs.clone()
+        with context_parallel(mesh, buffers=[x], buffer_seq_dims=[1], no_restore_buffers={x}):
+            for blk in self.layers:
+                x = blk(x, None, 0)
+            x = self.norm(x)
+        return context_parallel_unshard(mesh, [x], [1])[0]
+
+
+PEERS = {"torch_eager": TorchEager, "torch_tp": TorchTP, "torch_cp": TorchCP}

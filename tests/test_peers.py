@@ -1,0 +1,31 @@
+"""The PyTorch peers the benchmarks compare against: same numerics as the
+reference, and clear refusals where they do not apply."""
+import subprocess
+import sys
+
+import pytest
+
+from helpers import assert_verified, run_plans
+from shardwise.bench.peers import TorchCP
+from shardwise.presets import get_preset
+from shardwise.spec import Plan, ShardwiseError, Workload
+
+
+def test_eager_and_dtensor_peers_match_reference():
+    assert_verified(run_plans("tiny-dense", ["torch_tp:2"], 2), ["torch_tp:2"])
+    assert_verified(run_plans("tiny-dense", ["torch_eager:1"], 1), ["torch_eager:1"])
+
+
+def test_context_parallel_peer_refusals():
+    spec = get_preset("tiny-dense").model
+    with pytest.raises(ShardwiseError, match="multiple of 4"):
+        TorchCP.validate(spec, Workload(batch=2, seq_len=30), Plan.parse("torch_cp:2"), 2)
+    assert TorchCP.validate(spec, Workload(batch=2, seq_len=32), Plan.parse("torch_cp:2"), 2)
+    with pytest.raises(ShardwiseError, match="dense GELU"):
+        TorchCP.validate(get_preset("tiny-moe").model, Workload(batch=2, seq_len=32),
+                         Plan.parse("torch_cp:2"), 2)
+    # Prefill only: refused before any process starts.
+    p = subprocess.run([sys.executable, "-m", "shardwise", "bench", "--preset", "tiny-dense",
+                        "--device", "cpu", "--plan", "torch_cp:2", "--phase", "both"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "prefill only" in p.stderr, p.stderr
