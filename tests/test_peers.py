@@ -24,8 +24,14 @@ def test_context_parallel_peer_refusals():
     with pytest.raises(ShardwiseError, match="dense GELU"):
         TorchCP.validate(get_preset("tiny-moe").model, Workload(batch=2, seq_len=32),
                          Plan.parse("torch_cp:2"), 2)
-    # Prefill only: refused before any process starts.
-    p = subprocess.run([sys.executable, "-m", "shardwise", "bench", "--preset", "tiny-dense",
-                        "--device", "cpu", "--plan", "torch_cp:2", "--phase", "both"],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "prefill only" in p.stderr, p.stderr
+    # Prefill only, on GPUs: refused before any process starts.
+    for args, why in [(["bench", "--phase", "prefill"], "needs CUDA"),
+                      (["verify"], "needs CUDA")]:
+        p = subprocess.run([sys.executable, "-m", "shardwise", *args, "--preset", "tiny-dense",
+                            "--device", "cpu", "--plan", "torch_cp:2"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0 and why in p.stderr, p.stderr
+    from shardwise.cli import check_peer
+    with pytest.raises(ShardwiseError, match="prefill only"):
+        check_peer(TorchCP, "torch_cp:2", "cuda", "both")
+    check_peer(TorchCP, "torch_cp:2", "cuda", "prefill")

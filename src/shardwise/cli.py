@@ -222,6 +222,15 @@ def _run_job(job, args):
 
 # -- commands ----------------------------------------------------------------
 
+def check_peer(cls, plan, device: str, phase: str | None = None) -> None:
+    """Refuse, before launch, a peer where it cannot run: ``phase`` None
+    means verify/run (prefill and decode)."""
+    if getattr(cls, "needs_cuda", False) and device != "cuda":
+        raise ShardwiseError(f"{plan} needs CUDA GPUs (--device cuda)")
+    if getattr(cls, "prefill_only", False) and phase != "prefill":
+        raise ShardwiseError(f"{plan} times prefill only; run it with shardwise bench --phase prefill")
+
+
 def cmd_verify(args) -> int:
     from .parallel.base import validate_plan
     from .runtime.job import Case, Job
@@ -230,6 +239,7 @@ def cmd_verify(args) -> int:
     preset, model, wl = make_case_parts(args, device)
     plan = Plan.parse(args.plan)
     cls, topo = validate_plan(model, wl, plan, args.nproc)
+    check_peer(cls, plan, device)
     nproc = topo.world_size
     check_ranks(nproc, device)
     job = Job([Case(model, wl, str(plan), seed=args.seed, preset=args.preset,
@@ -259,7 +269,7 @@ def cmd_run(args) -> int:
     if args.plans:
         plans = [str(Plan.parse(p)) for p in args.plans]
         for p in plans:
-            validate_plan(model, wl, p, args.nproc)
+            check_peer(validate_plan(model, wl, p, args.nproc)[0], p, device)
     else:
         plans = []
         for name in available_strategies():
@@ -314,9 +324,8 @@ def cmd_bench(args) -> int:
         # The check runs the plan's own micro-batching, so it needs as many sequences.
         checks[str(plan)] = check.replace(batch=min(timed.batch, max(check.batch,
                                                                      plan.micro_batches)))
+        check_peer(cls, plan, device, args.phase)
         if getattr(cls, "prefill_only", False):
-            if args.phase != "prefill":
-                raise ShardwiseError(f"{plan} times prefill only; run it with --phase prefill")
             checks[str(plan)] = checks[str(plan)].replace(decode_steps=0, phase="prefill")
         validate_plan(model, checks[str(plan)], plan, topo.world_size)
         phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]

@@ -112,7 +112,7 @@ class TorchEager(Strategy):
             loader.norm(blk.mlp_norm, f"{p}.mlp_norm")
         loader.norm(self.norm, "norm")
         self.parallelize()
-        kv_local = spec.kv_heads // topo.size("tp")
+        kv_local = spec.kv_heads // (topo.size("tp") if "tp" in topo.axes else 1)
         self.caches = [KVCache.allocate(workload.batch, kv_local, workload.max_len,
                                         spec.head_dim, self.dtype, self.device)
                        for _ in self.layers]
@@ -164,6 +164,7 @@ class TorchCP(TorchEager):
     name = "torch_cp"
     supports_graphs = False
     prefill_only = True
+    needs_cuda = True
 
     @classmethod
     def ranks_needed(cls, plan):
@@ -193,9 +194,6 @@ class TorchCP(TorchEager):
                 f"{self.plan} is a prefill-only peer (PyTorch's context_parallel has no "
                 f"decode); time it with --phase prefill"
             )
-        if inputs.device.type != "cuda":
-            raise ShardwiseError(f"{self.plan} needs CUDA GPUs (context_parallel's ring "
-                                 f"attention dispatches the GPU SDPA kernels)")
         mesh = self.topo.mesh["cp"]
         x = inputs.clone()
         with context_parallel(mesh, buffers=[x], buffer_seq_dims=[1], no_restore_buffers={x}):
