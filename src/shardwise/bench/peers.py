@@ -183,7 +183,7 @@ class TorchCP(TorchEager):
 
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)
-        self.caches = [None] * len(self.layers)  # prefill only: no cache
+        self.caches = []  # prefill only: no cache
 
     def forward(self, inputs, pos):
         from torch.distributed.tensor.experimental import (context_parallel,
