@@ -186,8 +186,9 @@ class TorchCP(TorchEager):
         self.caches = []  # prefill only: no cache
 
     def forward(self, inputs, pos):
-        from torch.distributed.tensor.experimental import (context_parallel,
-                                                           context_parallel_unshard)
+        # Public in newer releases; in torch 2.11 the unshard lives beside it, privately.
+        from torch.distributed.tensor.experimental._attention import (
+            context_parallel, context_parallel_unshard)
 
         if not isinstance(pos, int) or pos != 0 or inputs.shape[1] == 1:
             raise ShardwiseError(
