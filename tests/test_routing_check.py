@@ -58,3 +58,21 @@ def test_verification_reports_near_ties_and_the_error_without_them():
     assert len(r["moe_near_tie_tokens"]) == 3 and r["moe_near_tie_tokens"][0] > 0
     assert len(r["determinate_rel_err"]) == 3
     assert r["max_determinate_rel_err"] <= min(2e-2, r["max_rel_err"])
+    # Flips are near-tied tokens that departed; without them the error is
+    # bf16's, and the reference split into half-batches flips near-ties too.
+    assert len(r["routing_flips"]) == 3 and len(r["reference_split_rel_err"]) == 3
+    assert all(f <= n for f, n in zip(r["routing_flips"], r["moe_near_tie_tokens"]))
+    assert r["max_rel_err_without_flips"] <= 2e-2 and r["ok"]
+    assert r["max_rel_err_without_flips"] <= r["max_rel_err"]
+
+
+def test_flips_are_near_tied_tokens_that_departed():
+    from shardwise.runtime.routing_check import flips
+
+    ref = torch.ones(1, 4, 8)
+    out = ref.clone()
+    out[0, 0] += 1.0  # departed, near-tied: a flip
+    out[0, 1] += 1.0  # departed, not near-tied: an error, not a flip
+    out[0, 2] += 1e-3  # near-tied, rounding-level: not a flip
+    near = torch.tensor([[True, False, True, False]])
+    assert flips(out, ref, near).tolist() == [[True, False, False, False]]

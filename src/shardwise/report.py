@@ -80,6 +80,14 @@ def print_verify(r: dict) -> None:
             f"expert scores tied within {r['dtype']} rounding in the reference (a rounding "
             f"elsewhere may route them differently); error over the other tokens, per step: "
             + ", ".join(f"{e:.2e}" for e in r["determinate_rel_err"]))
+        console.print(
+            f"routing flips (near-tied tokens whose output departs), per step: "
+            f"{r['routing_flips']}; error without them: "
+            + ", ".join(f"{e:.2e}" for e in r["rel_err_without_flips"])
+            + (f". The reference run as two half-batches departs from itself by "
+               + ", ".join(f"{e:.2e}" for e in r["reference_split_rel_err"])
+               + f" with {r['reference_split_flips']} flips"
+               if r.get("reference_split_rel_err") else ""))
     verdict = "[green]PASS[/green]" if r["ok"] else "[bold red]FAIL[/bold red]"
     console.print(f"{verdict}: max relative error {r['max_rel_err']:.2e}, tolerance "
                   f"{r['tolerance']:.0e} (||out - ref|| / ||ref||, {r['dtype']})")

@@ -13,14 +13,24 @@ error over the other tokens. A token is flagged in a layer when its top-k
 margin is below twice the typical move of its scores when every input element
 carries an independent relative error of ``eps`` (2^-8 bf16, 2^-11 fp16,
 2^-24 fp32), ``slack`` standard deviations wide: ``slack * eps *
-sqrt(sum_i (W_ei x_i)^2)``, largest over experts. The verdict stays the plain
-error over all tokens; these figures explain it.
+sqrt(sum_i (W_ei x_i)^2)``, largest over experts.
+
+A *routing flip* is a near-tied token whose output row departs from the
+reference's by more than ``FLIP_ROW_ERR`` (relative): rounding alone moves a
+row by ~1e-2 in bf16, a different expert by O(1). Verification of MoE models
+judges the error over every token except the flips (a token that departs
+without being near-tied still counts), and reports the flips and the
+all-token error beside it, with the reference's own departure from itself
+when it runs the batch as two halves: other GEMM shapes, hence other
+roundings, flip near-ties in the single-device model too.
 """
 from __future__ import annotations
 
 import torch
 
 from ..model.reference import MoE, router_logits
+
+FLIP_ROW_ERR = 0.1
 
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
@@ -56,3 +66,11 @@ class NearTies:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def flips(out: torch.Tensor, ref: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` booleans: near-tied tokens (``near``) whose output row
+    departs from the reference's by more than ``FLIP_ROW_ERR`` (relative)."""
+    diff = (out.double() - ref.double()).norm(dim=-1)
+    row = diff / ref.double().norm(dim=-1).clamp_min(1e-300)
+    return near & (row > FLIP_ROW_ERR)

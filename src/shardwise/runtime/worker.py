@@ -81,8 +81,12 @@ def run_job(job: Job, log=None, save=None) -> list[dict]:
         for r in run_case(job, case, rank, world, device, log=say, monitor=monitor):
             results.append(r)
             if "ok" in r:
+                extra = ""
+                if "routing_flips" in r:
+                    extra = (f"; {r['max_rel_err_without_flips']:.2e} without "
+                             f"{sum(r['routing_flips'])} routing flip(s) at near-tied tokens")
                 say(f"  {'ok' if r['ok'] else 'FAILED'}: max relative error "
-                    f"{r['max_rel_err']:.2e} (tolerance {r['tolerance']:.0e})")
+                    f"{r['max_rel_err']:.2e}{extra} (tolerance {r['tolerance']:.0e})")
             elif "phase" in r:
                 say(f"  {r['phase']}: median {r['median_ms']:.3f} ms "
                     f"(p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}, n={r['n']})")
