@@ -30,6 +30,16 @@ def test_calibrate_on_cpu_writes_a_profile_the_cost_model_loads(tmp_path):
     assert profile["gpus_per_node"] == 2 and profile["nodes"] == 1
     cl = load_cluster(str(out))
     assert cl.matmul_rate("fp32") > 0 and cl.hbm_rate > 0 and cl.launch_us > 0
+    # The host side of eager work, measured on every rank, the slowest kept.
+    host = profile["measurements"]["host_per_rank"]
+    for key in ("op_us", "view_us", "module_us", "sync_us", "launch_us", "step_host_ratio"):
+        assert len(host[key]) == 2 and profile[key] == pytest.approx(max(host[key]), abs=1e-3)
+    assert cl.op_s > 0 and cl.view_s > 0 and cl.sync_s > 0 and cl.step_host >= 1
+    assert set(profile["collective_us"]) == set(COLLECTIVES)
+    assert all(v > 0 for v in profile["collective_us"].values())
+    # The eager layer probe's calls, counted as the cost model counts them.
+    calls = profile["measurements"]["layer_probe"]["calls"]
+    assert calls["kernels"] > 0 and calls["modules"] > 0
     assert set(cl.links["nvlink"]) == set(COLLECTIVES)
     for op, link in cl.links["nvlink"].items():
         assert link.latency_us > 0 and link.busbw(1e6) > 0, op
@@ -38,3 +48,34 @@ def test_calibrate_on_cpu_writes_a_profile_the_cost_model_loads(tmp_path):
     tiny = get_preset("tiny-dense")
     pred = predict(tiny.model, tiny.reduced, "tp_pp:2x1", cl)
     assert pred.prefill.seconds > 0 and pred.prefill.comms["all_reduce/tp"].link == "nvlink"
+
+
+def test_the_call_counter_sorts_calls_by_kind():
+    import torch
+
+    from shardwise.perf.calibrate import CallCounter, CudaPaths
+
+    x = torch.ones(4, 8)
+    lin = torch.nn.Linear(8, 8)
+    with torch.inference_mode(), CallCounter(names=True) as c:
+        y = lin(x)  # a module call and a kernel
+        y.view(-1)  # a view: no kernel
+        y.transpose(0, 1).reshape(-1)  # a view, then a copy (a kernel)
+        torch.empty_like(y)  # an allocation: no kernel
+        torch.nonzero(y > 0)  # a compare (kernel), then a read the host waits for
+        y.cpu()  # a no-op on CPU, but a device-to-host copy in a GPU run
+    assert c.counts["modules"] == 1
+    assert c.counts["kernels"] == 3 and c.counts["metas"] == 3 and c.counts["syncs"] == 2
+    # Along the GPU branches, the code's `is_cuda` tests pass and CUDA-only kernels
+    # run on CPU: attention with its log-sum-exp is one fused kernel call.
+    from shardwise.parallel.lse import attend_lse
+
+    q = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
+    with torch.inference_mode(), CudaPaths():
+        assert x.is_cuda
+        with CallCounter(names=True) as c:
+            o, lse = attend_lse(q, q, q)
+    assert not x.is_cuda
+    fused = [n for kind, n in c.names if kind == "kernels"]
+    assert len(fused) == 1 and fused[0].startswith("_scaled_dot_product_")
+    assert o.shape == q.shape and lse.shape == (1, 2, 3)

@@ -43,15 +43,21 @@ def test_moe_counts_seed_moe_16l_ep16():
     # seed-moe-16l: 16 experts of 2 x 4096 x 16384, top-2, bf16; ep:16 -> one expert a rank.
     p = get_preset("seed-moe-16l")
     pred = predict(p.model, p.workload, "ep:16", H100_16)
-    # Prefill: 128 x 10000 tokens x 2 slots / 16 ranks = 160,000 rows a rank (balanced
-    # routing), 2 matmuls of 2 x rows x 4096 x 16384, 16 layers = 6.872e14 FLOPs.
-    assert pred.prefill.ops["experts"].flops == pytest.approx(16 * 2 * 2 * 160_000 * 4096 * 16384)
+    # Prefill: 128 x 10000 tokens x 2 slots / 16 ranks = 160,000 rows a rank on
+    # average; a rank's rows are a sum over tokens of c ~ hypergeometric(16, 1, 2)
+    # (mean 1/8, variance 2 x 1/16 x 15/16 x 14/15 = 0.109375), so sigma = 374.2
+    # and the busiest of 16 ranks (E[max of 16 normals] = 1.766) has 1.00413 x the
+    # mean. 2 matmuls of 2 x rows x 4096 x 16384, 16 layers: 6.90e14 FLOPs.
+    rows = 160_000 * (1 + math.sqrt(1.28e6 * 0.109375) * 1.766 / 160_000)
+    assert pred.prefill.ops["experts"].flops == pytest.approx(16 * 2 * 2 * rows * 4096 * 16384,
+                                                             rel=2e-4)
     # Decode: 128 tokens route 256 slots over 16 experts; a given expert is missed with
     # probability (1 - 2/16)^128 = 3.9e-8, so each rank reads its expert's 268 MB a layer.
     w = pred.decode.ops["experts"].bytes
-    rows = 128 * 2 / 16
+    rows = 128 * 2 / 16 * (1 + math.sqrt(128 * 0.109375) * 1.766 / 16)  # busiest of 16
     acts = rows * (2 * 4096 + 3 * 16384) * 2
-    assert w == pytest.approx(16 * (2 * 4096 * 16384 * 2 + acts), rel=1e-6)
+    passes = 3 * 2 * rows * 4096 * 2  # gather, weighting, scatter back (read + write)
+    assert w == pytest.approx(16 * (2 * 4096 * 16384 * 2 + acts + passes), rel=2e-3)
     # Attention is data-parallel: 128 / 16 = 8 sequences a rank, all 32 heads.
     assert pred.prefill.ops["attention"].flops == pytest.approx(16 * 4 * 8 * 32 * 128 * 50_005_000)
 
@@ -84,9 +90,25 @@ def test_collective_costs_follow_alpha_beta_with_bus_factors():
 
 
 def test_pipeline_pays_fill_and_drain():
-    # 4 micro-batches through 2 stages of 1 s with 0.5 s hops: (4 + 2 - 1) x 1.5 s.
-    total, bubble = _pipeline([1.0, 1.0], 0.5, 4)
-    assert total == 7.5 and bubble == 3.5
+    # Device-bound: 4 micro-batches through 2 stages of 1 s of device work (host
+    # 0.1 s), 0.5 s on the wire: stage 0 finishes micro-batch i at i + 1; stage 1
+    # starts it at max(its previous finish, arrival i + 1.5): 1.5, 2.5, 3.5, 4.5,
+    # finishing at 5.5 = (4 + 2 - 1) x 1 s + the one hop. Busy 4 s: bubble 1.5 s.
+    total, bubble = _pipeline([(0.1, 1.0, False), (0.1, 1.0, False)], 4, 0.0, 0.5)
+    assert total == pytest.approx(5.5) and bubble == pytest.approx(1.5)
+    # Host-bound (1 s of host, 0.1 s of device per micro-batch): a receive does not
+    # hold the host, so both hosts issue at once; stage 1's device finishes
+    # micro-batch i when its host has issued it (i + 1) or the data has come
+    # (stage 0 done at i + 1, + 0.5 s) and it ran 0.1 s: 1.6, 2.6, 3.6, 4.6.
+    # Each send and receive costs 0.05 s of host: stage 0 has issued micro-batch i
+    # at 1.05 i + 1, its data lands at 1.05 i + 1.5; stage 1 (receive, then issue)
+    # has issued it at 1.05 (i + 1): the last finishes at 3 x 1.05 + 1.5 + 0.1.
+    total, _ = _pipeline([(1.0, 0.1, False), (1.0, 0.1, False)], 4, 0.05, 0.5)
+    assert total == pytest.approx(3 * 1.05 + 1.5 + 0.1)
+    # A stage that waits for its device inside (serial) issues the next
+    # micro-batch only when it has finished this one.
+    total, _ = _pipeline([(1.0, 1.0, True)], 3, 0.0, 0.0)
+    assert total == pytest.approx(3.0)
     p = get_preset("seed-helix-4l")
     one = predict(p.model, p.workload, "tp_pp:8x2", H100_16)
     four = predict(p.model, p.workload, "tp_pp:8x2,mb=4", H100_16)
@@ -201,22 +223,35 @@ def test_memory_totals_are_sums_of_parts():
     assert math.isclose(m.kv_cache, 16 * 2 * 8 * 32 * 10004 * 128 * 2)
 
 
-# -- the execution terms: copies, CUDA graphs, host issue, MoE syncs --------------------
+# -- the execution terms: host calls, CUDA graphs, device-to-host waits, overlap -------
 
+from shardwise.perf.calibrate import count_calls  # noqa: E402
 from shardwise.perf.clusters import Cluster  # noqa: E402
-from shardwise.perf.costmodel import (BLOCK_HOST_OPS, BLOCK_KERNELS, STATIC_DECODE_KERNELS,  # noqa: E402
-                                      Core, LayerWork, Roofline, layer_times)
-from shardwise.perf.reproduce import fidelity_summary, record_decode_steps  # noqa: E402
+from shardwise.perf.costmodel import (STATIC_DECODE_KERNELS, Calls, Core, Flavour,  # noqa: E402
+                                      LayerWork, Roofline, Work, _moe_layer, _overlap,
+                                      busiest_hits, expected_max_normal, hit_distribution,
+                                      rank_rows_imbalance)
+from shardwise.perf.reproduce import (fidelity_summary, measured_balance,  # noqa: E402
+                                      record_decode_steps)
 
-# A one-node profile with round numbers (no size tables), so every term is hand-computable.
-ROUND = Cluster.from_dict({
-    "name": "round", "gpus_per_node": 2, "nodes": 1,
-    "matmul_tflops": {"bf16": 800}, "attention_tflops": {"dtype": "bf16", "head_dim<=256": 600,
-                                                         "head_dim>256": 100},
-    "hbm_gbps": 4000, "hbm_bytes": 10**11, "l2_bytes": 50 * 2**20, "launch_us": 10,
-    "links": {"nvlink": {op: {"latency_us": 50, "busbw_gbps": 400}
-                         for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")}},
-})
+# A one-node profile with round numbers (no size tables), so every term is hand-computable:
+# 10 us an op that launches a kernel, 2 a view, 3 a module call, 20 a device-to-host read,
+# 30 an eager collective call.
+ROUND_HOST = {"op_us": 10, "view_us": 2, "module_us": 3, "sync_us": 20,
+              "collective_us": {op: 30 for op in ("all_reduce", "all_gather", "reduce_scatter",
+                                                  "all_to_all", "p2p")}}
+
+
+def _round_dict(**extra):
+    return {"name": "round", "gpus_per_node": 2, "nodes": 1, "matmul_tflops": {"bf16": 800},
+            "attention_tflops": {"dtype": "bf16", "head_dim<=256": 600, "head_dim>256": 100},
+            "hbm_gbps": 4000, "hbm_bytes": 10**11, "l2_bytes": 50 * 2**20, "launch_us": 10,
+            "links": {"nvlink": {op: {"latency_us": 50, "busbw_gbps": 400}
+                                 for op in ("all_reduce", "all_gather", "reduce_scatter",
+                                            "all_to_all", "p2p")}}, **extra}
+
+
+ROUND = Cluster.from_dict(_round_dict(**ROUND_HOST))
 SMALL = ModelSpec(name="small", n_layers=2, d_model=256, n_heads=4, head_dim=64, d_ff=1024,
                   dtype="bf16")
 
@@ -224,20 +259,47 @@ SMALL = ModelSpec(name="small", n_layers=2, d_model=256, n_heads=4, head_dim=64,
 def test_profile_defaults_for_the_new_figures():
     # Streaming = copy x 3.9/4.2 (H200: GEMV 3.9 TB/s, copy 4.2); FA2 330 TFLOP/s;
     # 2 us a kernel; 10 us a collective in a graph; no derating without a measurement.
-    assert ROUND.stream_rate == pytest.approx(4000e9 * 3.9 / 4.2)
-    assert ROUND.flash_rate("bf16") == pytest.approx(330e12)
-    assert ROUND.kernel_s == pytest.approx(2e-6) and ROUND.graph_latency_s == pytest.approx(10e-6)
-    assert ROUND.sustained_ratio == 1.0
-    measured = Cluster.from_dict({**_round_dict(), "sustained_matmul_tflops": 700,
-                                  "stream_gbps": 3500, "kernel_us": 1.5})
+    old = Cluster.from_dict(_round_dict())
+    assert old.stream_rate == pytest.approx(4000e9 * 3.9 / 4.2)
+    assert old.flash_rate("bf16") == pytest.approx(330e12)
+    assert old.kernel_s == pytest.approx(2e-6) and old.graph_latency_s == pytest.approx(10e-6)
+    assert old.sustained_ratio == 1.0
+    # Host figures of a profile without them: every call costs launch_us (10 us), a
+    # device-to-host read two calls, a collective call its link's latency (50 us);
+    # overlap fully credited; a step's host time as measured back to back.
+    assert old.op_s == old.view_s == old.module_s == pytest.approx(10e-6)
+    assert old.sync_s == pytest.approx(20e-6)
+    assert old.collective_host_s("all_reduce") == pytest.approx(50e-6)
+    assert old.overlap == 1.0 and old.step_host == 1.0
+    measured = Cluster.from_dict(_round_dict(sustained_matmul_tflops=700, stream_gbps=3500,
+                                             kernel_us=1.5, overlap_efficiency=0.6,
+                                             step_host_ratio=1.5, **ROUND_HOST))
     assert measured.sustained_ratio == pytest.approx(700 / 800)
     assert measured.stream_rate == 3500e9 and measured.kernel_s == pytest.approx(1.5e-6)
+    assert (measured.op_s, measured.view_s, measured.module_s, measured.sync_s) == pytest.approx(
+        (10e-6, 2e-6, 3e-6, 20e-6))
+    assert measured.collective_host_s("p2p") == pytest.approx(30e-6)
+    assert measured.overlap == 0.6 and measured.step_host == 1.5
+    with pytest.raises(ShardwiseError, match="unknown collective"):
+        Cluster.from_dict(_round_dict(collective_us={"gossip": 1}))
 
 
-def _round_dict():
-    return {"name": "round", "gpus_per_node": 2, "nodes": 1, "matmul_tflops": {"bf16": 800},
-            "hbm_gbps": 4000, "hbm_bytes": 10**11, "launch_us": 10,
-            "links": {"nvlink": {"all_reduce": {"latency_us": 50, "busbw_gbps": 400}}}}
+def test_host_time_is_calls_times_their_cost():
+    # 11 kernel ops, 30 views, 7 modules, 2 all-reduces: 110 + 60 + 21 + 60 us; a
+    # step that starts from a wait (step_host_ratio 1.5) takes 1.5 x that.
+    calls = Calls(kernels=11, metas=30, modules=7, all_reduce=2)
+    assert calls.host_s(ROUND) == pytest.approx(251e-6)
+    slow = Cluster.from_dict(_round_dict(step_host_ratio=1.5, **ROUND_HOST))
+    assert calls.host_s(slow) == pytest.approx(1.5 * 251e-6)
+
+
+def test_work_overlaps_host_and_device_between_reads():
+    # Two stretches separated by a device-to-host read: max(5, 2) + max(1, 4) + the read.
+    w = Work().add(5, 2).sync().add(1, 4)
+    assert w.seconds(0.5) == pytest.approx(5 + 4 + 0.5) and w.syncs == 1
+    # Concatenated work joins the last stretch of one with the first of the next.
+    two = Work().extend(w, 2)
+    assert two.segs == [[5, 2], [6, 6], [1, 4]] and two.seconds(0.5) == pytest.approx(16)
 
 
 def test_kv_write_and_graph_vs_eager_decode():
@@ -253,32 +315,43 @@ def test_kv_write_and_graph_vs_eager_decode():
     kv = lambda S: 2 * (2 * 2 * S * 4 * 64 * e + 2 * 2 * 4 * 64 * e)
     assert eager.ops["attention"].bytes == kv(101)
     assert graph.ops["attention"].bytes == kv(110)
-    # Tiny layer: eager it is host-bound (35 calls + 4 ReduceAfter calls + sdpa_kernel
-    # = 40 x 10 us = 400 us); in a graph it is 19 kernels x 2 us + its (tiny) rooflines.
-    assert eager.seconds == pytest.approx(2 * 40 * 10e-6)
+    # Tiny layer: eager it is host-bound. A layer of the reference block in a stack
+    # (bf16, exact GELU): two fused add + norms, W_qkv, the one K/V copy (as 8-byte
+    # words: two views), SDPA, W_o, the MLP's linear and GELU, W_down = 9 kernel ops;
+    # q's slice and view, the K/V slice, its view and the cache slice, the cache
+    # read back (2), q's transpose, o's transpose and reshape, the norms' outputs
+    # (4), the pipeline's cache view (5) = 21 views; Attention, W_qkv, W_o, MLP,
+    # W_down and the two ReduceAfter = 7 modules: 90 + 42 + 21 = 153 us. The step
+    # adds its ends: the Transformer and OverlappedStage calls, the input slice,
+    # the first layer's plain norm (a view fewer than an add_norm), the final
+    # add_norm: 1 kernel, 2 views, 2 modules = 20 us.
+    f = Flavour(SMALL)
+    layer = f.block(f.attention(), f.mlp()) + Calls(modules=2) + f.batch_view()
+    assert (layer.kernels, layer.metas, layer.modules) == (9, 21, 7)
+    assert eager.layer_calls == layer
+    assert (eager.step_calls.kernels, eager.step_calls.metas, eager.step_calls.modules) == (1, 2, 2)
+    assert eager.seconds == pytest.approx(2 * 153e-6 + 20e-6)
+    # In a graph: no host work; 19 kernels x 2 us + the (tiny) rooflines a layer, and
+    # the final norm's kernel.
     graph_ops = sum(o.seconds for o in graph.ops.values()) / 2
-    assert graph.seconds == pytest.approx(2 * (STATIC_DECODE_KERNELS * 2e-6 + graph_ops))
+    assert graph.seconds == pytest.approx(2 * (STATIC_DECODE_KERNELS * 2e-6 + graph_ops) + 2e-6,
+                                          rel=1e-3)
 
 
-def test_collectives_in_a_graph_pay_the_graph_latency():
+def test_collectives_pay_the_host_call_eagerly_and_the_kernel_latency_on_the_device():
     # tp_pp:2x1 decode of batch 2: two all-reduces a layer of 2 x 256 x 2 B = 1024 B.
+    # On the device each takes the wire time (factor 2(n-1)/n = 1 for two ranks) after
+    # the collective kernel's latency (graph_latency_us, 10 us by default); eagerly the
+    # host also pays the call (30 us), counted with the layer's host calls.
     wl = Workload(batch=2, seq_len=100, decode_steps=10)
     eager = predict(SMALL, wl, "tp_pp:2x1", ROUND, 2, graphs=False).decode
     graph = predict(SMALL, wl, "tp_pp:2x1", ROUND, 2, graphs=True).decode
-    wire = 1.0 * 1024 / 400e9  # factor 2(n-1)/n = 1 for two ranks
-    assert eager.comms["all_reduce/tp"].seconds == pytest.approx(4 * (50e-6 + wire))
+    wire = 1.0 * 1024 / 400e9
+    assert eager.comms["all_reduce/tp"].seconds == pytest.approx(4 * (10e-6 + wire))
     assert graph.comms["all_reduce/tp"].seconds == pytest.approx(4 * (10e-6 + wire))
-
-
-def test_eager_layer_is_the_longer_of_host_and_gpu():
-    roof = Roofline(SMALL, ROUND)
-    core = Core(1, 4, 4, 1, 10, 10, True, "flash")
-    w = LayerWork(1, 3 * 256, 256, core, ff=1024)
-    t_eager, ops = layer_times(roof, w)
-    t_graph, _ = layer_times(roof, w, graph=True)
-    gpu = sum(o.seconds for o in ops) + BLOCK_KERNELS * 2e-6
-    assert t_graph == pytest.approx(gpu)
-    assert t_eager == pytest.approx(max(gpu, BLOCK_HOST_OPS * 10e-6)) == BLOCK_HOST_OPS * 10e-6
+    assert eager.layer_calls.all_reduce == 2
+    assert eager.host_s == pytest.approx(2 * eager.layer_calls.host_s(ROUND)
+                                         + eager.step_calls.host_s(ROUND))
 
 
 def test_decode_attention_computes_a_whole_query_tile():
@@ -287,28 +360,161 @@ def test_decode_attention_computes_a_whole_query_tile():
     # the 1.07 GB of K and V at 3.71 TB/s (289 us).
     spec = ModelSpec(name="m", n_layers=1, d_model=4096, n_heads=32, head_dim=128, d_ff=16384,
                      dtype="bf16")
-    roof = Roofline(spec, ROUND)
+    roof = Roofline(spec, Cluster.from_dict(_round_dict()))
     op = roof.core(Core(16, 32, 32, 1, 4096, 4096, True, "flash"))
     assert op.flops == 4 * 16 * 32 * 128 * 4096  # the model FLOPs stay the real ones
     assert op.seconds == pytest.approx(4 * 16 * 32 * 128 * 128 * 4096 / 330e12)
     masked = roof.core(Core(16, 32, 32, 1, 4096, 4096, True, "masked"))  # 64-row tile at 600
-    assert masked.seconds == pytest.approx(masked.bytes / ROUND.stream_rate)
+    assert masked.seconds == pytest.approx(masked.bytes / roof.cluster.stream_rate)
 
 
 def test_moe_reference_loop_waits_for_the_device_per_expert():
     # The reference MoE asks torch.nonzero for every local expert: the host waits each
-    # time, so the loop is experts' GPU time + per expert (4 calls + a kernel) + per hit
-    # expert 9 calls, after the rest of the layer.
+    # time. The layer: the rest (its host calls and device time overlap), then a
+    # segment per expert after a read (20 us): a hit expert's calls and GPU time, a
+    # missed one's compare. 4 experts, 2 hit.
     spec = get_preset("tiny-moe").model.replace(dtype="bf16")
+    f = Flavour(spec)
     roof = Roofline(spec, ROUND)
     core = Core(1, spec.n_heads, spec.kv_heads, 1, 8, 8, True, "flash")
     w = LayerWork(1, 3 * spec.d_model, spec.d_model, core, expert_rows=2, experts_hit=2,
-                  experts_held=spec.n_experts, expert_ff=spec.d_ff, router_tokens=1)
-    t, ops = layer_times(roof, w)
+                  experts_held=4, expert_ff=spec.d_ff, router_tokens=1)
+    ops = roof.layer(w)
+
+    from types import SimpleNamespace  # what _moe_layer needs of a strategy's context
+    ctx = SimpleNamespace(flav=f, cluster=ROUND, roof=roof, graph=False,
+                          host=lambda calls: calls.host_s(ROUND))
+    pre = f.block(f.attention(), f.moe_router())
+    work = _moe_layer(ctx, w, ops, pre, Calls())
+    hit, miss = f.moe_expert(True), f.moe_expert(False)
+    # A hit: compare + nonzero, the up-projection (linear and exact GELU: 2 kernels),
+    # 6 kernels and 4 views more (gather, the experts' slices and W_down's transpose,
+    # matmul, router weights indexed and cast, product, index_add_).
+    assert (hit.kernels, hit.metas, hit.syncs) == (9, 4, 1) and (miss.kernels, miss.syncs) == (1, 1)
     t_exp = next(o.seconds for o in ops if o.name == "experts")
-    loop = t_exp + spec.n_experts * (4 * 10e-6 + 2e-6) + 2 * 9 * 10e-6
-    rest_host = BLOCK_HOST_OPS * 10e-6  # host-bound rest of a tiny layer
-    assert t == pytest.approx(rest_host + loop)
+    rest = [o for o in ops if o.name != "experts"]
+    seg_hit = max(hit.host_s(ROUND), t_exp / 2 + hit.kernels * 2e-6)
+    seg_miss = max(miss.host_s(ROUND), miss.kernels * 2e-6)
+    first = max(pre.host_s(ROUND), sum(o.seconds for o in rest) + pre.kernels * 2e-6)
+    assert work.syncs == 4
+    assert work.seconds(20e-6) == pytest.approx(first + 2 * seg_hit + 2 * seg_miss + 4 * 20e-6)
+
+
+def test_expected_experts_hit_and_rows_of_the_busiest_rank():
+    # One token choosing 2 of 4 experts, a rank holding 2: it hits 0 of them with
+    # probability 1/6 (both picks elsewhere), 2 with 1/6, 1 with 4/6.
+    assert hit_distribution(2, 4, 2, 1) == pytest.approx([1 / 6, 4 / 6, 1 / 6])
+    # Brute force over 2 tokens: E[max over 2 ranks of distinct experts hit].
+    import itertools
+    pairs = list(itertools.combinations(range(4), 2))
+    want = sum(max(len({e for e in a + b if e < 2}), len({e for e in a + b if e >= 2}))
+               for a in pairs for b in pairs) / len(pairs) ** 2
+    assert busiest_hits(2, 4, 2, 2, 2) == pytest.approx(want)
+    # Many tokens: every expert is hit.
+    assert busiest_hits(8, 16, 2, 5000, 2) == pytest.approx(8)
+    # Gaussian order statistics: E[max of 2 normals] = 1/sqrt(pi); of 16, 1.766.
+    assert expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi))
+    assert expected_max_normal(16) == pytest.approx(1.766, abs=2e-3)
+    # Rows: 1000 tokens, 16 experts top-2, 8 a rank: c ~ hypergeometric(16, 8, 2) has
+    # mean 1 and variance 2 x 1/2 x 1/2 x 14/15 = 7/15; the busiest of 2 ranks has
+    # 1 + sqrt(1000 x 7/15) / sqrt(pi) / 1000 of the mean.
+    assert rank_rows_imbalance(16, 8, 2, 1000, 2) == pytest.approx(
+        1 + math.sqrt(1000 * 7 / 15) / math.sqrt(math.pi) / 1000)
+
+
+def test_measured_routing_balance_is_an_input():
+    # A run's measured balance (ep's rank_load_max_over_mean) sets the busiest rank's
+    # rows of every MoE plan of that run.
+    p = get_preset("seed-moe-16l")
+    wl = Workload(batch=8, seq_len=2048, decode_steps=8)
+    spec = p.model.replace(n_layers=2)
+    base = predict(spec, wl, "ep:2", ROUND, 2, moe_balance=1.0).prefill.ops["experts"].flops
+    more = predict(spec, wl, "ep:2", ROUND, 2, moe_balance=1.25).prefill.ops["experts"].flops
+    assert more == pytest.approx(1.25 * base)
+    recs = [{"command": "c", "preset": "seed-moe-16l", "n_layers": 2, "dtype": "bf16",
+             "batch": 8, "seq_len": 2048, "n_devices": 2, "plan": "ep:2",
+             "report": {"rank_load_max_over_mean": 1.02}},
+            {"command": "c", "preset": "seed-moe-16l", "n_layers": 2, "dtype": "bf16",
+             "batch": 8, "seq_len": 2048, "n_devices": 2, "plan": "tp_pp:2x1", "report": {}}]
+    assert list(measured_balance(recs).values()) == [1.02]
+
+
+def test_overlap_credits_what_the_profile_measured():
+    # Two streams: a 3 s compute beside a 2 s collective share 2 s; with efficiency 0.6
+    # the compute is slowed by 0.4 x 2 s.
+    assert _overlap([(0, 3)], [(1, 3)]) == pytest.approx(2)
+    assert _overlap([(0, 1), (2, 3)], [(0.5, 2.5)]) == pytest.approx(1.0)
+    # ring:2 prefill: each ring step takes max(hop, block) + (1 - eff) x min(hop, block).
+    wl = Workload(batch=1, seq_len=16384, decode_steps=1)
+    spec = ModelSpec(name="r", n_layers=1, d_model=4096, n_heads=32, head_dim=128, d_ff=16384,
+                     dtype="bf16")
+    full = predict(spec, wl, "ring:2", ROUND, 2).prefill.seconds
+    half = predict(spec, wl, "ring:2", Cluster.from_dict(_round_dict(
+        overlap_efficiency=0.5, **ROUND_HOST)), 2).prefill.seconds
+    assert half > full
+    # tp_pp's two-half prefill hides its all-reduces as far as the profile says.
+    spec2 = SMALL.replace(n_layers=4, d_model=2048, n_heads=16, head_dim=128, d_ff=8192)
+    wl2 = Workload(batch=8, seq_len=2048, decode_steps=1)
+    plain = predict(spec2, wl2, "tp_pp:2x1,overlap=1", ROUND, 2).prefill.seconds
+    hidden = predict(spec2, wl2, "tp_pp:2x1", ROUND, 2).prefill.seconds
+    none = predict(spec2, wl2, "tp_pp:2x1", Cluster.from_dict(_round_dict(
+        overlap_efficiency=0.0, **ROUND_HOST)), 2).prefill.seconds
+    assert hidden < plain < none * 1.05
+
+
+# -- the host calls against the code (counted on CPU ranks along the GPU branches) -----
+
+# bf16 with the tanh GELU: the GPU path fuses the activation into the GEMM and the
+# residual adds into the norms (calibrate.CudaPaths runs those branches on CPU).
+FUSED = ModelSpec(name="fused", n_layers=2, d_model=64, n_heads=4, head_dim=16, d_ff=128,
+                  dtype="bf16", activation="gelu_tanh")
+GQA_BF16 = GQA.replace(dtype="bf16")
+MOE_BF16 = MOE.model.replace(dtype="bf16", activation="gelu_tanh")
+COUNT_WL = Workload(batch=8, seq_len=16, decode_steps=2)
+COUNT_CASES = {
+    2: [(FUSED, "tp_pp:2x1", 1), (FUSED, "tp_pp:1x2,mb=2", 2), (GQA_BF16, "tp_pp:2x1", 1),
+        (TINY.model, "tp_pp:2x1", 1), (MOE_BF16, "tp_pp:2x1", 1), (FUSED, "helix:1x2", 1),
+        (GQA_BF16, "helix:1x2", 1), (FUSED, "helix:2x1,reduce=flat", 1), (FUSED, "ring:2", 1),
+        (FUSED, "layerwise:cap=1MB", 2), (MOE_BF16, "ep:2", 1), (MOE_BF16, "ring:2", 1)],
+    4: [(GQA_BF16, "helix:1x4", 1), (GQA_BF16, "helix:2x2", 1), (FUSED, "ring:4", 1)],
+}
+COUNTED = [k for k in Calls().as_dict()]
+
+
+@pytest.fixture(scope="module")
+def counted():
+    """Host calls of one prefill and one decode step on CPU ranks, for each case at
+    ``stages`` and twice as many layers: the difference is one layer's calls."""
+    out = {}
+    for nproc, cases in COUNT_CASES.items():
+        jobs = [Case(m.replace(n_layers=L), COUNT_WL, plan, verify=False)
+                for m, plan, s in cases for L in (s, 2 * s)]
+        res = count_calls(jobs, nproc, deadline_s=300)
+        for i, (m, plan, s) in enumerate(cases):
+            out[(m.name, plan)] = (res[2 * i], res[2 * i + 1], m.replace(n_layers=2 * s), nproc)
+    return out
+
+
+@pytest.mark.parametrize("case", [(m.name, p) for cs in COUNT_CASES.values() for m, p, _ in cs],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_host_calls_match_the_code(counted, case):
+    a, b, spec, nproc = counted[case]
+    pred = predict(spec, COUNT_WL, case[1], H100_8, nproc, graphs=False)
+    for phase in ("prefill", "decode"):
+        step = pred.step(phase)
+        # The busiest rank's calls, kind by kind: one layer, and the rest of the step.
+        layer = {k: max(rb[k] - ra[k] for ra, rb in zip(a[phase], b[phase])) for k in COUNTED}
+        rest = {k: max(2 * ra[k] - rb[k] for ra, rb in zip(a[phase], b[phase])) for k in COUNTED}
+        for got, model, what in ((layer, step.layer_calls.as_dict(), "per layer"),
+                                 (rest, step.step_calls.as_dict(), "rest of the step")):
+            for k in COUNTED:
+                # Views vary by a few with the rank (a slice of a whole dim is an alias);
+                # MoE expert hits are the model's expectation.
+                tol = max(3, 0.06 * got[k]) if k == "metas" else 0.15
+                assert model[k] == pytest.approx(got[k], abs=tol), (
+                    f"{case[1]} on {case[0]}, {phase}, {what}: {k} counted {got[k]}, "
+                    f"modelled {model[k]:.2f} (costmodel.Flavour and the strategy's calls "
+                    f"follow the code; update them with it)")
 
 
 def test_ring_prefill_counts_its_copies():

@@ -10,11 +10,16 @@ rank runs :func:`measure` at once, so collectives span all of them. Measured:
 * causal attention (``scaled_dot_product_attention``) at head_dim 128 and
   512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses;
 * HBM bandwidth: a device copy, 2 x bytes (read + write) / time;
-* eager launch cost: a one-element op's host time;
+* the host side of eager work, on every rank (the profile keeps the slowest
+  rank's: a step waits for it): an op that launches a kernel, one that
+  launches none, an nn.Module call, a device-to-host read, one call of each
+  collective; and an eager decode step of a tiny reference layer (its time
+  per call is ``launch_us``, what profiles without the per-kind figures use);
 * read-bound streaming (a 16-row GEMV's weight reads), FlashAttention-2
   called directly (``attend_lse``'s kernel), the GPU time of a tiny kernel and
-  of an 8 KB all-reduce replayed from a CUDA graph, and the matmul rate after
-  ~2 s of back-to-back GEMMs (the clock a long prefill runs at);
+  of an 8 KB all-reduce replayed from a CUDA graph, the matmul rate after
+  ~2 s of back-to-back GEMMs (the clock a long prefill runs at), and how much
+  of an all-reduce beside GEMMs on another stream is hidden;
 * for all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point
   (a ring exchange), time against message size (8 KB .. 256 MB). The
   latency is the time at the smallest size; each larger size gives a bus
@@ -134,6 +139,51 @@ def flash_rate(device, dtype, quick: bool) -> float | None:
     return 4 * B * H * d * L * (L + 1) / 2 / t / 1e12
 
 
+def overlap_efficiency(device, comm, dtype, quick: bool) -> float | None:
+    """How much of an all-reduce running beside compute is hidden: a GEMM loop
+    alone (t_c), the all-reduces alone (t_a, one after another), then both at
+    once, the all-reduces on a side stream (t_b). The overlap hides
+    t_c + t_a - t_b of the t_a, so efficiency = (t_c + t_a - t_b) / t_a,
+    clamped to [0, 1] (1: the collective costs the compute nothing; less:
+    its kernels take SMs and memory bandwidth the GEMMs wanted). None on CPU
+    or one rank."""
+    import torch
+
+    if device.type != "cuda" or comm.topo.world_size < 2:
+        return None
+    m, k, n = (256, 256, 256) if quick else (8192, 4096, 4096)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    x = torch.ones((64 if quick else 128) * 2**20 // 2, device=device, dtype=dtype)
+    reps = 3 if quick else 20
+    side = torch.cuda.Stream(device)
+
+    def gemms():
+        for _ in range(reps):
+            a @ b
+
+    def reduces():
+        for _ in range(max(1, reps // 4)):
+            comm.all_reduce(x, "world")
+
+    def both():
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            reduces()
+        gemms()
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    comm.barrier()
+    t_c = _timer(device, gemms, 3, 1)
+    comm.barrier()
+    t_a = _timer(device, reduces, 3, 1)
+    comm.barrier()
+    t_b = _timer(device, both, 3, 1)
+    if t_a <= 0:
+        return None
+    return min(1.0, max(0.0, (t_c + t_a - t_b) / t_a))
+
+
 def graph_costs(device, comm, quick: bool) -> dict:
     """Inside a CUDA graph (no host work): the GPU time of one tiny dependent
     kernel (a graph of 100 in-place adds), and of an 8 KB all-reduce over all
@@ -185,26 +235,179 @@ def sustained_matmul(device, dtype, quick: bool) -> float:
     return 2 * m * k * n / t / 1e12
 
 
-def launch_cost_us(device) -> float:
-    """Host time per eager call, as the cost model counts calls: an eager
-    decode step of one tiny reference layer (so small that the GPU finishes
-    each kernel before the host issues the next one) over the number of host
-    calls the cost model counts for it (module calls, views and ops alike)."""
+def _host_timer(device, fn, iters: int, warmup: int) -> float:
+    """Mean host seconds of ``fn()`` over ``iters`` calls issued back to back:
+    the wall time of the calls themselves, the device synchronised before and
+    after but not in between (tiny work, so the device keeps up)."""
     import torch
 
-    from ..model.reference import KVCache, make_block
-    from ..spec import ModelSpec
-    from .costmodel import BLOCK_HOST_OPS
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return t / iters
 
-    spec = ModelSpec(name="launch-probe", n_layers=1, d_model=64, n_heads=4, head_dim=16,
+
+def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
+    """An eager decode step of a small reference stack (8 tiny layers, so small
+    that the device finishes each kernel before the host issues the next one),
+    timed two ways:
+
+    * back to back (``hot``): 200 steps in a row, as the per-call figures are;
+    * the way ``shardwise bench`` times a step (``cold``): a barrier and a
+      device synchronisation, then the step and a synchronisation, less the
+      same bracket around nothing; the host starts each step from a wait.
+
+    Returns the hot step's time per layer (``layer_probe_us``) and per call
+    of every kind alike (``launch_us``, what profiles without the per-kind
+    figures use), cold over hot (``step_host_ratio``), and the calls of one
+    layer as :class:`CallCounter` counts them."""
+    import torch
+
+    from ..model.reference import Transformer, one_step
+    from ..spec import ModelSpec
+
+    layers = 8
+    spec = ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
                      d_ff=128, dtype="fp32")
     with torch.inference_mode():
-        block = make_block(spec).to(device)
-        cache = KVCache.allocate(1, 4, 16, 16, torch.float32, device)
+        model = Transformer(spec).to(device)
+        caches = model.allocate_caches(1, 16)
         x = torch.zeros(1, 1, 64, device=device)
-        per_step = _timer(device, lambda: block(x, cache, 8), 200, 20)
-    # An eager decode step also enters the cuDNN-free SDPA context: one call more.
-    return 1e6 * per_step / (BLOCK_HOST_OPS + 1)
+
+        def step():
+            with one_step():
+                model(x, caches, 8)
+
+        hot = _timer(device, step, 20 if quick else 200, 5 if quick else 20)
+        with CallCounter() as c8:
+            step()
+        one = Transformer(spec.replace(n_layers=1)).to(device)
+        one_caches = one.allocate_caches(1, 16)
+        with CallCounter() as c1:
+            with one_step():
+                one(x, one_caches, 8)
+
+        def bracketed(fn) -> float:
+            if comm is not None:
+                comm.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t0
+
+        n = 10 if quick else 100
+        cold = statistics.median(bracketed(step) for _ in range(n))
+        empty = statistics.median(bracketed(lambda: None) for _ in range(n))
+    per_layer = {k: (c8.counts[k] - c1.counts[k]) / (layers - 1) for k in c8.counts}
+    calls = per_layer["kernels"] + per_layer["metas"] + per_layer["modules"]
+    hot_layer = hot / layers
+    return {"layer_probe_us": 1e6 * hot_layer, "launch_us": 1e6 * hot_layer / max(calls, 1),
+            "step_host_ratio": max(1.0, (cold - empty) / hot) if hot > 0 else 1.0,
+            "calls": per_layer}
+
+
+def host_costs(device, comm, quick: bool) -> dict:
+    """The host side of eager work on this rank, in us per call (the cost
+    model's ``op_us``, ``view_us``, ``module_us``, ``sync_us`` and
+    ``collective_us``), each timed back to back on tiny tensors:
+
+    * op_us: ops that launch a kernel, called from Python through the
+      dispatcher (add, linear, layer_norm, gelu, copy_, cat: the mean);
+    * view_us: ops that launch none (view, transpose, slice, reshape of a
+      contiguous tensor, empty_like: the mean);
+    * module_us: an nn.Module call beyond its forward (nn.Identity called,
+      less the bare function);
+    * sync_us: a device-to-host read (``.item()``) with the device idle;
+    * collective_us: one call of each collective through Comm (as the
+      strategies call them) on a tiny tensor, every rank calling at once;
+      ``p2p``: one batched send/receive (an exchange with the ring neighbours).
+    """
+    import torch
+    import torch.nn.functional as Fn
+
+    iters, warm = (50, 5) if quick else (2000, 200)
+    x = torch.randn(8, 64, device=device)
+    w = torch.randn(64, 64, device=device)
+    y = torch.empty_like(x)
+    launching = [lambda: torch.add(x, x), lambda: Fn.linear(x, w),
+                 lambda: Fn.layer_norm(x, (64,)), lambda: Fn.gelu(x), lambda: y.copy_(x),
+                 lambda: torch.cat([x, x])]
+    metas = [lambda: x.view(-1), lambda: x.transpose(0, 1), lambda: x[1:],
+             lambda: x.reshape(4, 128), lambda: torch.empty_like(x)]
+    op = statistics.mean(_host_timer(device, f, iters, warm) for f in launching)
+    view = statistics.mean(_host_timer(device, f, iters, warm) for f in metas)
+    ident = torch.nn.Identity()
+    bare = lambda t: t  # noqa: E731
+    module = max(0.0, _host_timer(device, lambda: ident(x), iters, warm)
+                 - _host_timer(device, lambda: bare(x), iters, warm))
+    t = torch.zeros((), device=device)
+    sync = _timer_each(device, t.item, iters // 10 or 5)
+    out = {"op_us": op, "view_us": view, "module_us": module, "sync_us": sync}
+    colls = {}
+    n = comm.topo.world_size
+    if n > 1:
+        rank = comm.topo.rank
+        small = torch.ones(8 * n, device=device)
+        part = torch.ones(8, device=device)
+        recv = torch.empty_like(small)
+        nxt, prv = (rank + 1) % n, (rank - 1) % n
+
+        def p2p():
+            for req in comm.exchange([(small, nxt)], [(recv, prv)], "world"):
+                req.wait()
+
+        ops = {"all_reduce": lambda: comm.all_reduce(small, "world"),
+               "all_gather": lambda: comm.all_gather(part, "world"),
+               "reduce_scatter": lambda: comm.reduce_scatter(small, "world"),
+               "all_to_all": lambda: comm.all_to_all(small, "world"), "p2p": p2p}
+        c_iters = 20 if quick else 200
+        for name, fn in ops.items():
+            comm.barrier()
+            colls[name] = 1e6 * _host_timer(device, fn, c_iters, 5)
+    return {**{k: 1e6 * v for k, v in out.items()}, "collective_us": colls}
+
+
+def _timer_each(device, fn, iters: int) -> float:
+    """Mean seconds of ``fn()`` called ``iters`` times, the device idle at each."""
+    import torch
+
+    fn()
+    total = 0.0
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    return total / iters
+
+
+def _slowest(values: dict, device) -> tuple[dict, dict]:
+    """Every rank's host figures -> (the largest of each, all ranks' values):
+    a step waits for its slowest rank."""
+    from ..parallel.comm import gather_floats
+
+    keys = ["op_us", "view_us", "module_us", "sync_us", "launch_us", "layer_probe_us",
+            "step_host_ratio"]
+    ckeys = sorted(values.get("collective_us", {}))
+    mine = [float(values[k]) for k in keys] + [float(values["collective_us"][k]) for k in ckeys]
+    rows = gather_floats(mine, device)
+    worst = {k: max(r[i] for r in rows) for i, k in enumerate(keys)}
+    worst["collective_us"] = {k: max(r[len(keys) + i] for r in rows) for i, k in enumerate(ckeys)}
+    per_rank = {k: [round(r[i], 3) for r in rows] for i, k in enumerate(keys)}
+    per_rank["collective_us"] = {k: [round(r[len(keys) + i], 3) for r in rows]
+                                 for i, k in enumerate(ckeys)}
+    return worst, per_rank
 
 
 def collective_times(comm, device, dtype, sizes: list[int], quick: bool) -> dict[str, list]:
@@ -255,6 +458,299 @@ def link_profile(op: str, points: list, n: int) -> dict:
     return {"latency_us": round(latency * 1e6, 3), "table": table}
 
 
+# -- host calls, counted from the code ------------------------------------------------
+#
+# The cost model charges an eager step's host time call by call. Which calls a
+# strategy makes is counted here, from the code itself: one step runs on CPU
+# ranks (gloo) under a counter that sees every aten op the Python code calls
+# (a TorchDispatchMode), every nn.Module call, every torch.distributed call
+# Comm makes and every device-to-host read, along the code's GPU branches
+# (:class:`CudaPaths`). tests/test_costmodel.py checks the cost model's
+# per-layer counts against these.
+
+CALL_KINDS = ("kernels", "metas", "modules", "syncs", "all_reduce", "all_gather",
+              "reduce_scatter", "all_to_all", "p2p", "broadcast", "barrier")
+# Ops whose result the host has to wait for (the value sizes what follows).
+SYNC_OPS = {"nonzero", "nonzero_numpy", "nonzero_static", "item", "_local_scalar_dense",
+            "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+            "unique_dim"}
+# Ops that allocate without launching a kernel.
+ALLOC_OPS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+_DIST_CALLS = {"all_reduce": "all_reduce", "all_to_all_single": "all_to_all",
+               "batch_isend_irecv": "p2p", "broadcast": "broadcast", "barrier": "barrier",
+               "all_gather": "all_gather", "all_gather_into_tensor": "all_gather",
+               "all_gather_single": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
+               "reduce_scatter_single": "reduce_scatter"}
+_COUNTERS: list = []  # the active CallCounter (innermost last)
+
+
+def classify_op(func, args, kwargs, out) -> str:
+    """``kernels`` (the op launches device work: it writes an input or makes a
+    tensor that shares no input's storage), ``metas`` (views, reshapes that
+    need no copy, allocations, ops that return no tensor), ``syncs`` (a
+    device-to-host read the host waits for: nonzero, item, a copy to the CPU)
+    or ``skip`` (c10d's own ops, counted as collectives)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    if func.namespace in ("c10d", "_c10d_functional", "symm_mem"):
+        return "skip"
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return "syncs"
+    if name == "to" and str(kwargs.get("device", "")).startswith("cpu"):
+        return "syncs"  # .cpu(): a device-to-host copy the host waits for
+    if func._schema.is_mutable:
+        return "kernels"
+    if name in ALLOC_OPS:
+        return "metas"
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not outs:
+        return "metas"  # e.g. promote_types: host work only
+    ins = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+           if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    if all(t.untyped_storage().data_ptr() in ins for t in outs):
+        return "metas"
+    return "kernels"
+
+
+class CallCounter:
+    """Counts, while active, the host calls of :data:`CALL_KINDS` made by this
+    process: aten ops (by :func:`classify_op`), nn.Module calls, and the
+    torch.distributed calls of :mod:`shardwise.parallel.comm` (whose own
+    internals are the backend's and not counted). ``names`` also keeps
+    ``(kind, op or module name) -> calls``, for diagnosis."""
+
+    def __init__(self, names: bool = False):
+        self.counts = dict.fromkeys(CALL_KINDS, 0)
+        self.names = {} if names else None
+        self.paused = 0  # > 0 inside a call whose own ops are not the code's
+
+    def note(self, kind: str, name: str) -> None:
+        if self.paused:
+            return
+        self.counts[kind] += 1
+        if self.names is not None:
+            self.names[(kind, name)] = self.names.get((kind, name), 0) + 1
+
+    def opaque(self, kind: str, name: str, fn, *args, **kwargs):
+        """Count one call of ``kind`` and run ``fn`` without counting inside it."""
+        self.note(kind, name)
+        self.paused += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.paused -= 1
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from ..parallel import comm as comm_module
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                kind = classify_op(func, args, kwargs, out)
+                if kind != "skip":
+                    counter.note(kind, func.overloadpacket.__name__)
+                return out
+
+        def wrap(fn, kind):
+            return lambda *a, **k: counter.opaque(kind, kind, fn, *a, **k)
+
+        self._saved = (comm_module.dist, comm_module._all_gather_into,
+                       comm_module._reduce_scatter_into)
+        real = self._saved[0]
+
+        class Dist:  # torch.distributed as comm.py sees it, its calls counted
+            def __getattr__(self, name):
+                attr = getattr(real, name)
+                return wrap(attr, _DIST_CALLS[name]) if name in _DIST_CALLS else attr
+
+        comm_module.dist = Dist()
+        comm_module._all_gather_into = wrap(self._saved[1], "all_gather")
+        comm_module._reduce_scatter_into = wrap(self._saved[2], "reduce_scatter")
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda module, args: counter.note("modules", type(module).__name__))
+        self._mode = Mode()
+        self._mode.__enter__()
+        _COUNTERS.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        from ..parallel import comm as comm_module
+
+        _COUNTERS.remove(self)
+        self._mode.__exit__(*exc)
+        self._hook.remove()
+        comm_module.dist, comm_module._all_gather_into, comm_module._reduce_scatter_into = self._saved
+        return False
+
+
+class _TritonStandIn:
+    """What :mod:`shardwise.model.kernels` needs of Triton, on CPU: the fused
+    add + norm kernel computed by PyTorch, counted as one kernel launch."""
+
+    @staticmethod
+    def next_power_of_2(n: int) -> int:
+        return 1 << max(0, int(n) - 1).bit_length()
+
+    class _Kernel:
+        def __getitem__(self, grid):
+            return self._launch
+
+        @staticmethod
+        def _launch(X, A, H, Y, W, B, D, eps, HAS_RES, HAS_BIAS, RMS, BLOCK, num_warps):
+            import torch.nn.functional as Fn
+
+            def run():
+                h = X + A if HAS_RES else X
+                if HAS_RES:
+                    H.copy_(h)
+                hf = h.float()
+                if RMS:
+                    y = hf * (hf.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * W.float()
+                else:
+                    y = Fn.layer_norm(hf, (D,), W.float(), B.float() if HAS_BIAS else None, eps)
+                Y.copy_(y)
+
+            if _COUNTERS:
+                _COUNTERS[-1].opaque("kernels", "triton add_norm", run)
+            else:
+                run()
+
+
+class CudaPaths:
+    """Run the code's GPU branches on CPU tensors, so that the calls counted
+    are those a GPU run makes: ``Tensor.is_cuda`` answers True (the strategies
+    choose their fused kernels by it), the kernels that exist only on CUDA are
+    computed by their CPU counterparts (FlashAttention and cuDNN's attention by
+    the CPU flash kernel, a matmul with a float32 output by a float32 matmul,
+    the Triton add + norm by PyTorch), one call each, as on the GPU. Numerics
+    match the CPU path's to rounding."""
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from ..model import kernels
+
+        aten = torch.ops.aten
+
+        def flash(q, k, v, dropout_p=0.0, is_causal=False, *rest, scale=None, **kw):
+            o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, dropout_p, is_causal, scale=scale)
+            none = torch.empty(0)
+            return o, lse, none, none, q.shape[2], k.shape[2], none, none, none
+
+        def efficient(q, k, v, bias, want_lse, dropout_p=0.0, is_causal=False, *, scale=None):
+            o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, dropout_p, is_causal, scale=scale)
+            pad = -lse.shape[-1] % 32  # the CUDA kernel pads the lse to 32 queries
+            lse = torch.nn.functional.pad(lse, (0, pad))
+            return o, lse, torch.empty(0), torch.empty(0)
+
+        def cudnn(q, k, v, bias, want_lse, dropout_p=0.0, is_causal=False, debug=False, *,
+                  scale=None):
+            o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, dropout_p, is_causal, scale=scale)
+            none = torch.empty(0)
+            return o, lse[..., None], none, none, q.shape[2], k.shape[2], none, none, none
+
+        def mm_dtype(a, b, out_dtype):
+            return torch.mm(a.to(out_dtype), b.to(out_dtype))
+
+        stand_ins = {aten._scaled_dot_product_flash_attention.default: flash,
+                     aten._scaled_dot_product_efficient_attention.default: efficient,
+                     aten._scaled_dot_product_cudnn_attention.default: cudnn,
+                     aten.mm.dtype: mm_dtype}
+
+        class StandIn(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                impl = stand_ins.get(func)
+                return impl(*args, **(kwargs or {})) if impl else func(*args, **(kwargs or {}))
+
+        self._had = "is_cuda" in torch.Tensor.__dict__
+        self._saved = torch.Tensor.__dict__.get("is_cuda")
+        self._triton = kernels._triton
+        torch.Tensor.is_cuda = property(lambda self: True)
+        kernels._triton = (_TritonStandIn, _TritonStandIn._Kernel())
+        self._mode = StandIn()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        from ..model import kernels
+
+        self._mode.__exit__(*exc)
+        kernels._triton = self._triton
+        if self._had:
+            torch.Tensor.is_cuda = self._saved
+        else:
+            del torch.Tensor.is_cuda
+        return False
+
+
+def count_case(case, rank: int, world: int, device, cuda_paths: bool = True) -> dict[str, list[int]]:
+    """Host calls of one prefill and one decode step of ``case`` on this rank
+    (after a warm-up of each, so one-time work is not counted), along the
+    code's GPU branches (:class:`CudaPaths`) unless ``cuda_paths`` is False."""
+    import contextlib
+
+    import torch
+
+    from ..model.weights import make_inputs
+    from ..runtime.engine import build
+
+    with torch.inference_mode():
+        _, comm, model, _, dtype = build(case, rank, world, device)
+        wl = case.workload
+        prompt, steps = make_inputs(case.model, wl.batch, wl.seq_len, 1, case.seed, dtype, device)
+        out = {}
+        with CudaPaths() if cuda_paths else contextlib.nullcontext():
+            for phase, x, pos in (("prefill", prompt, 0), ("decode", steps[0], wl.seq_len)):
+                model.step(x, pos)  # warm-up: lazily created groups, caches
+                comm.barrier()
+                with CallCounter() as c:
+                    model.step(x, pos)
+                comm.barrier()
+                out[phase] = [c.counts[k] for k in CALL_KINDS]
+        del model
+    return out
+
+
+def count_calls(cases, nproc: int, deadline_s: float | None = 300) -> list[dict]:
+    """Count the host calls of every case on ``nproc`` CPU ranks (gloo): for
+    each case ``{"prefill": [per rank {kind: calls}], "decode": [...]}``."""
+    from ..runtime.job import Job
+    from ..runtime.launcher import launch
+
+    job = Job(list(cases), nproc, "cpu", env={ENV: json.dumps({"count": True})})
+    return launch(job, deadline_s=deadline_s, module="shardwise.perf.calibrate")
+
+
+def _count_job(job) -> list[dict] | None:
+    from ..parallel.comm import gather_floats
+    from ..runtime.worker import init_distributed
+
+    rank, world, device = init_distributed(job)
+    results = []
+    for case in job.cases:
+        mine = count_case(case, rank, world, device)
+        per_rank = gather_floats(mine["prefill"] + mine["decode"], device)
+        n = len(CALL_KINDS)
+        results.append({phase: [dict(zip(CALL_KINDS, map(int, r[i * n:(i + 1) * n])))
+                                for r in per_rank]
+                         for i, phase in enumerate(("prefill", "decode"))})
+    return results if rank == 0 else None
+
+
 # -- one rank -------------------------------------------------------------------------
 
 def measure(job, settings: dict) -> dict | None:
@@ -279,9 +775,17 @@ def measure(job, settings: dict) -> dict | None:
         stream = stream_rate(device, first, quick)
         flash = flash_rate(device, first, quick)
         sustained = sustained_matmul(device, first, quick)
-        launch_us = launch_cost_us(device)
+        comm.barrier()
+        probe = launch_cost_us(device, comm, quick)
+        comm.barrier()
+        host = host_costs(device, comm, quick)
+        host.update(launch_us=probe["launch_us"], layer_probe_us=probe["layer_probe_us"],
+                    step_host_ratio=probe["step_host_ratio"])
+        host, host_per_rank = _slowest(host, device)
         comm.barrier()
         graph = graph_costs(device, comm, quick)
+        comm.barrier()
+        overlap = overlap_efficiency(device, comm, first, quick)
         comm.barrier()
         colls = (collective_times(comm, device, first, QUICK_SIZES if quick else COLLECTIVE_SIZES,
                                   quick) if world > 1 else {})
@@ -311,10 +815,18 @@ def measure(job, settings: dict) -> dict | None:
         "hbm_gbps": round(hbm, 2),
         "hbm_bytes": int(mem),
         "l2_bytes": int(l2),
-        "launch_us": round(launch_us, 3),
+        "launch_us": round(host["launch_us"], 3),
+        "op_us": round(host["op_us"], 3),
+        "view_us": round(host["view_us"], 3),
+        "module_us": round(host["module_us"], 3),
+        "sync_us": round(host["sync_us"], 3),
+        "step_host_ratio": round(host["step_host_ratio"], 3),
+        **({"collective_us": {k: round(v, 3) for k, v in host["collective_us"].items()}}
+           if host["collective_us"] else {}),
         "stream_gbps": round(stream, 2),
         **({"flash_tflops": round(flash, 3)} if flash else {}),
         **graph,
+        **({"overlap_efficiency": round(overlap, 3)} if overlap is not None else {}),
         "sustained_matmul_tflops": round(sustained, 3),
         "links": ({"nvlink": {op: link_profile(op, pts, world) for op, pts in colls.items()}}
                   if colls else {}),
@@ -325,7 +837,12 @@ def measure(job, settings: dict) -> dict | None:
             "backend": comm.backend,
         },
         "measurements": {"matmul": matmuls, "attention": attn,
-                         "collectives_seconds": colls},
+                         "collectives_seconds": colls,
+                         # Host figures of every rank (the profile keeps the largest), and
+                         # the eager layer probe: its time and its calls by kind.
+                         "host_per_rank": host_per_rank,
+                         "layer_probe": {"us": round(host["layer_probe_us"], 3),
+                                         "calls": probe["calls"]}},
     }
 
 
@@ -337,9 +854,16 @@ def main(argv: list[str]) -> int:
     def body(job, save):
         import torch.distributed as dist
 
-        profile = measure(job, json.loads(os.environ.get(ENV, "{}")))
+        settings = json.loads(os.environ.get(ENV, "{}"))
+        if settings.get("count"):
+            out = _count_job(job)
+        else:
+            profile = measure(job, settings)
+            out = None if profile is None else [profile]
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
-        return None if profile is None else [profile]
+        return out
 
     return rank_main(argv, body)
 
@@ -387,7 +911,10 @@ def calibrate_command(out: str, nproc: int | None = None, device: str = "auto",
              "matmul TFLOP/s: " + ", ".join(f"{d} {v:g}" for d, v in p["matmul_tflops"].items()),
              f"attention TFLOP/s: head_dim 128 {p['attention_tflops']['head_dim<=256']:g}, "
              f"head_dim 512 {p['attention_tflops']['head_dim>256']:g}",
-             f"device copy {p['hbm_gbps']:g} GB/s, eager launch {p['launch_us']:g} us"]
+             f"device copy {p['hbm_gbps']:g} GB/s",
+             f"host per call (slowest rank): op {p['op_us']:g} us, view {p['view_us']:g} us, "
+             f"module {p['module_us']:g} us, device-to-host read {p['sync_us']:g} us"
+             + "".join(f", {op} {v:g} us" for op, v in p.get("collective_us", {}).items())]
     for op, c in p["links"].get("nvlink", {}).items():
         lines.append(f"{op}: latency {c['latency_us']:g} us, bus bandwidth "
                      + ", ".join(f"{s / 2**20:g} MiB {b:g} GB/s" for s, b in c["table"]))

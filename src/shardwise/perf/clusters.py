@@ -90,7 +90,7 @@ class Cluster:
     hbm_bytes: int  # memory per GPU
     l2_bytes: int
     links: dict[str, dict[str, LinkCost]]
-    launch_us: float = 0.0  # host cost of one kernel launched eagerly
+    launch_us: float = 0.0  # host cost of one eager call, every kind alike (older profiles)
     source: dict = field(default_factory=dict)
     device: str = ""
     # Optional figures (absent from older profiles; each has a documented default,
@@ -101,6 +101,17 @@ class Cluster:
     graph_latency_us: float | None = None  # small collective captured in a CUDA graph
     matmul_shapes: dict = field(default_factory=dict)  # dtype -> [(m, k, n, TFLOP/s)] measured
     sustained_matmul_tflops: float | None = None  # after ~2 s of back-to-back GEMMs
+    # Host side of eager work, per call, on the slowest rank (calibrate measures
+    # every rank): an op that launches a kernel, one that launches none (a view,
+    # an allocation), an nn.Module call's own overhead, a device-to-host read
+    # with the device idle, and an eager collective call by kind.
+    op_us: float | None = None
+    view_us: float | None = None
+    module_us: float | None = None
+    sync_us: float | None = None
+    collective_us: dict = field(default_factory=dict)  # op -> us (COLLECTIVES)
+    overlap_efficiency: float | None = None  # share of a collective hidden beside compute
+    step_host_ratio: float | None = None  # host time of a step started from a wait / back to back
 
     # Defaults: measured on 2x H200 (docs/shared DESIGN.md section 5) or published.
     STREAM_OF_COPY = 3.9 / 4.2  # 1-token GEMV weight streaming 3.9 TB/s vs device copy 4.2
@@ -171,6 +182,64 @@ class Cluster:
         ``graph_latency_us``, else 10 us (measured on 2x H200, DESIGN.md section 5)."""
         return 1e-6 * (self.graph_latency_us if self.graph_latency_us is not None
                        else self.GRAPH_LATENCY_US)
+
+    # -- host costs of eager work --------------------------------------------
+    @property
+    def op_s(self) -> float:
+        """Host time of one eager op that launches a kernel, called from Python
+        (dispatcher, allocation, launch): ``op_us``, else ``launch_us`` (older
+        profiles charge every call alike)."""
+        return 1e-6 * (self.op_us if self.op_us is not None else self.launch_us)
+
+    @property
+    def view_s(self) -> float:
+        """Host time of an eager op that launches no kernel (a view, a reshape
+        that needs no copy, an allocation): ``view_us``, else ``launch_us``."""
+        return 1e-6 * (self.view_us if self.view_us is not None else self.launch_us)
+
+    @property
+    def module_s(self) -> float:
+        """An nn.Module call's own host time (beyond what its forward calls):
+        ``module_us``, else ``launch_us``."""
+        return 1e-6 * (self.module_us if self.module_us is not None else self.launch_us)
+
+    @property
+    def sync_s(self) -> float:
+        """A device-to-host read (``nonzero``, ``.item()``, ``.cpu()``) with the
+        device idle: the copy's call and the host's wait for it. ``sync_us``,
+        else two eager ops' host time (the copy call, then the wait and the
+        result's return, each about one call)."""
+        return 1e-6 * self.sync_us if self.sync_us is not None else 2 * self.op_s
+
+    def collective_host_s(self, op: str, link: str = "nvlink") -> float:
+        """Host time of one eager call of collective ``op`` (``p2p``: one batched
+        send/receive call): ``collective_us[op]``, else the link's latency for
+        ``op`` (the time of the smallest message called back to back: host-bound,
+        so an upper bound of the call's host time), else ``launch_us``."""
+        if op in self.collective_us:
+            return 1e-6 * self.collective_us[op]
+        ops = self.links.get(link) or next(iter(self.links.values()), {})
+        if op in ops:
+            return 1e-6 * ops[op].latency_us
+        return 1e-6 * self.launch_us
+
+    @property
+    def step_host(self) -> float:
+        """Host time of an eager step as ``shardwise bench`` runs it (each step
+        after a barrier and a device synchronisation, the host starting from a
+        wait) over the same calls back to back, where the per-call figures are
+        measured: ``step_host_ratio``, else 1."""
+        return max(1.0, self.step_host_ratio) if self.step_host_ratio else 1.0
+
+    @property
+    def overlap(self) -> float:
+        """Share of a collective's time hidden when it runs beside compute on
+        another stream (its kernels take SMs and memory bandwidth, so the
+        compute slows by the rest): ``overlap_efficiency`` as calibrate
+        measures it, else 1 (fully hidden, what earlier versions assumed)."""
+        if self.overlap_efficiency is None:
+            return 1.0
+        return min(1.0, max(0.0, self.overlap_efficiency))
 
     @property
     def sustained_ratio(self) -> float:
@@ -263,6 +332,11 @@ class Cluster:
                 stream_gbps=_opt(d, "stream_gbps"), flash_tflops=_opt(d, "flash_tflops"),
                 kernel_us=_opt(d, "kernel_us"), graph_latency_us=_opt(d, "graph_latency_us"),
                 sustained_matmul_tflops=_opt(d, "sustained_matmul_tflops"),
+                op_us=_opt(d, "op_us"), view_us=_opt(d, "view_us"),
+                module_us=_opt(d, "module_us"), sync_us=_opt(d, "sync_us"),
+                collective_us={k: float(v) for k, v in d.get("collective_us", {}).items()},
+                overlap_efficiency=_opt(d, "overlap_efficiency"),
+                step_host_ratio=_opt(d, "step_host_ratio"),
                 matmul_shapes={dt: [(int(x["m"]), int(x["k"]), int(x["n"]), float(x["tflops"]))
                                     for x in rows]
                                for dt, rows in d.get("measurements", {}).get("matmul", {}).items()},
@@ -280,6 +354,9 @@ class Cluster:
             problems.append("a profile of several GPUs needs link 'nvlink' (inside a node)")
         if self.nodes > 1 and "ib" not in self.links:
             problems.append("a profile of several nodes needs link 'ib' (across nodes)")
+        for op in self.collective_us:
+            if op not in COLLECTIVES:
+                problems.append(f"collective_us: unknown collective {op!r}")
         for name, ops in self.links.items():
             for op, c in ops.items():
                 if op not in COLLECTIVES:

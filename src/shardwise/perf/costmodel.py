@@ -14,20 +14,36 @@ actually does on its busiest rank, layer by layer:
   FlashAttention-2 for attend_lse and eager decode, the memory-efficient
   kernel past head_dim 256). Elementwise passes the code makes (norms, adds,
   activation, KV-cache writes, each strategy's copies) run at the copy rate.
-* issue: every kernel pays ``kernel_us`` on the GPU; an eager layer takes
-  the longer of its GPU time and its host calls x ``launch_us``; a decode
-  step replayed from a CUDA graph has no host work, reads the whole static
-  cache and pays ``graph_latency_us`` per collective; the reference MoE loop
-  waits for the device once per expert (see docs/costmodel.md).
+* issue: every kernel pays ``kernel_us`` on the GPU. The host side of
+  eager work is counted call by call from the code (:class:`Calls`,
+  :class:`Flavour`; ``shardwise.perf.calibrate.count_calls`` counts them on
+  a run and the tests hold the two equal): ops that launch a kernel
+  (``op_us`` each), ops that launch none (``view_us``), nn.Module calls
+  (``module_us``), collective calls (``collective_us`` by kind). Host and
+  device overlap between device-to-host reads (:class:`Work`): a stretch
+  takes the longer of the two; at a read (torch.nonzero in the reference
+  MoE loop, ep's routing table) the host waits for the device and pays
+  ``sync_us``. A decode step replayed from a CUDA graph has no host work,
+  reads the whole static cache and pays ``graph_latency_us`` per collective.
 * every collective costs alpha + factor x bytes / bus bandwidth on the link
   it crosses (:mod:`.clusters`): ring all-reduce 2(n-1)/n, all-gather,
-  reduce-scatter and all-to-all (n-1)/n, point-to-point 1.
-* pipelines (tp_pp, layerwise) pay fill and drain, GPipe style:
-  (micro_batches + stages - 1) x the slowest stage's time per micro-batch.
-* overlap where the strategy overlaps: ring hides each K/V hop behind the
-  attention on the block in hand (max(hop, block) per ring step); ep hides
-  the dispatch of chunk i+1 and the combine of chunk i behind the experts on
-  chunk i (two streams, simulated).
+  reduce-scatter and all-to-all (n-1)/n, point-to-point 1. The eager alpha
+  is the host's call; on the device a collective takes its kernel's latency
+  and the wire time.
+* pipelines (tp_pp, layerwise): every stage's host issues its micro-batches
+  at once (a receive does not hold the host); a stage's device runs
+  micro-batch i when it has finished i-1 and i has arrived. Device-bound,
+  that is GPipe's (micro_batches + stages - 1) slots; host-bound, the
+  hosts' time (:func:`_pipeline`).
+* overlap where the strategy overlaps, simulated on two streams: tp_pp's
+  prefill in two halves (each half's all-reduce beside the other half's
+  compute), ring's K/V hop beside the attention on the block in hand, ep's
+  dispatch of chunk i+1 and combine of chunk i beside the experts on chunk
+  i. A collective beside compute slows it by (1 - ``overlap_efficiency``) of
+  the time they share.
+* MoE: the busiest rank's routed rows (the routing's imbalance: measured,
+  or the expected maximum of uniform routing) and, in decode, the experts
+  it reads (the expected maximum over ranks of distinct experts hit).
 
 Memory per rank: weights and KV cache exactly as the strategies allocate
 them (tests compare them byte for byte with real runs), plus an estimate of
@@ -40,6 +56,7 @@ All figures are for the busiest rank; a step waits for it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -47,29 +64,229 @@ from ..parallel.base import balanced_ranges, validate_plan
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster
 
-# What the reference block (model/reference.py) issues per decoder layer,
-# outside collectives, counted from the code:
-# * GPU kernels, eager: LayerNorm, QKV, K and V cache copies, SDPA, W_o, residual
-#   add, LayerNorm, W_in, GELU, W_down, residual add (12). A decode step captured
-#   in a CUDA graph takes the static-shape path instead: + arange/add for the
-#   cache index (2), the mask's two aranges, add and compare (4), the mask's
-#   conversion for SDPA (1) = 19.
-# * host-side calls (each costs the profile's ``launch_us``, the measured host
-#   time of one eager op): 9 module calls, 2 layer_norm, 4 linear, split and
-#   3 views, 3 transposes, 2 cache slice-assigns (slice + copy_ each), 2 cache
-#   slices, SDPA, transpose + reshape, 2 adds, GELU = 35; an eager decode step
-#   also enters ``sdpa_kernel`` (the cuDNN exclusion) = 36.
-BLOCK_KERNELS = 12
+# GPU kernels of a decode step captured in a CUDA graph (the static-shape path of
+# the reference block, model/reference.py): LayerNorm, QKV, the two cache
+# index_copy_, SDPA with its position mask, W_o, residual adds, the MLP; a
+# graph has no host work, so only these launches' GPU time counts.
 STATIC_DECODE_KERNELS = 19
-BLOCK_HOST_OPS = 35
-KERNELS_PER_EXPERT = 4  # a grouped-GEMM loop runs each local expert's matmuls and activation
-HOST_OPS_PER_EXPERT = 9  # x[token], expert_mlp (2 matmuls, act, 2 transposes), weights[...], mul, index_add_
-MOE_MISS_OPS = 4  # compare, nonzero, its device-to-host wait, numel
 # FlashAttention-2 (and the memory-efficient kernel) compute a whole tile of
 # query rows even when a decode step has one query: 128 rows for FA2 at
 # head_dim 128 on sm90 (kBlockM), 64 for the memory-efficient kernel.
 FLASH_Q_TILE = 128
 EFFICIENT_Q_TILE = 64
+# Widest row the fused residual-add + norm kernel takes (model/kernels.py).
+FUSED_NORM_MAX_D = 32768
+
+COLL_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
+
+
+# -- host calls: what the Python code asks of the host, counted from the code --------
+
+@dataclass
+class Calls:
+    """Host calls of eager work, by kind, as ``shardwise.perf.calibrate.CallCounter``
+    counts them on a run: aten ops that launch a kernel (``kernels``) or none
+    (``metas``: views, reshapes without a copy, allocations), nn.Module calls,
+    device-to-host reads the host waits for (``syncs``), and calls of each
+    collective (``p2p``: one batched send/receive call)."""
+
+    kernels: float = 0.0
+    metas: float = 0.0
+    modules: float = 0.0
+    syncs: float = 0.0
+    all_reduce: float = 0.0
+    all_gather: float = 0.0
+    reduce_scatter: float = 0.0
+    all_to_all: float = 0.0
+    p2p: float = 0.0
+
+    def __add__(self, o: "Calls") -> "Calls":
+        return Calls(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
+
+    def __sub__(self, o: "Calls") -> "Calls":
+        return self + o * -1
+
+    def __mul__(self, f: float) -> "Calls":
+        return Calls(*(a * f for a in dataclasses.astuple(self)))
+
+    __rmul__ = __mul__
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    def host_s(self, cl: Cluster, link: str = "nvlink") -> float:
+        """Host time of these calls on ``cl`` in a step (device-to-host waits
+        excluded: they are where host and device meet, see :class:`Work`):
+        each kind's per-call figure, measured back to back, times the
+        profile's ratio for a step that starts from a wait (``step_host``)."""
+        return cl.step_host * (
+            self.kernels * cl.op_s + self.metas * cl.view_s + self.modules * cl.module_s
+            + sum(getattr(self, op) * cl.collective_host_s(op, link) for op in COLL_KINDS))
+
+
+def _calls(k: float = 0, m: float = 0, mod: float = 0, sync: float = 0, **colls) -> Calls:
+    return Calls(k, m, mod, sync, **colls)
+
+
+class Flavour:
+    """Which of the reference code's paths a model takes on a GPU (each branch
+    of model/reference.py and model/kernels.py that the counts depend on), and
+    the host calls of its pieces, counted from that code."""
+
+    def __init__(self, spec: ModelSpec):
+        e = dtype_bytes(spec.dtype)
+        self.spec = spec
+        self.half = e == 2
+        self.fp32 = e == 4
+        # norm() / add_norm(): one Triton kernel for half-precision rows that fit a block.
+        self.fused_norm = self.half and spec.d_model <= FUSED_NORM_MAX_D
+        # up_projection: the tanh GELU in the GEMM's epilogue (half precision).
+        self.fused_up = self.half and spec.activation == "gelu_tanh"
+        # _copy_rows: cache rows copied as 8-byte words when a row's bytes allow it.
+        self.row8 = (spec.head_dim * e) % 8 == 0 and e < 8
+
+    def norm(self) -> Calls:
+        """norm(module, x): the fused kernel and its output, or the module."""
+        return _calls(k=1, m=1) if self.fused_norm else _calls(k=1, mod=1)
+
+    def add_norm(self) -> Calls:
+        """add_norm: one kernel writing h and norm(h), or the add and the module."""
+        return _calls(k=1, m=2) if self.fused_norm else _calls(k=2, mod=1)
+
+    def batch_view(self) -> Calls:
+        """KVCache.batch_view: the packed storage's slice, K's and V's views."""
+        return _calls(m=5)
+
+    def copy_rows(self, contiguous_rows: bool = True) -> Calls:
+        """_copy_rows: one copy (of 8-byte words: two views first, when the rows'
+        bytes allow it and the source's rows are contiguous)."""
+        return _calls(k=1, m=2 if self.row8 and contiguous_rows else 0)
+
+    def qkv(self) -> Calls:
+        """Attention.qkv (the strategies' own attention): W_qkv, split, three views."""
+        return _calls(k=1, m=4, mod=1)
+
+    def cache_write(self, contiguous_rows: bool = True) -> Calls:
+        """KVCache.write: K and V (slice, copy each) and the cache up to the
+        position. ``contiguous_rows``: False when K and V come out of an
+        all-gather over head-dim slices (their last dim strided)."""
+        return (_calls(m=1) + self.copy_rows(contiguous_rows)) * 2 + _calls(m=2)
+
+    def attention(self, tokens_per_seq: int = 1, seqs: int = 1, wide: bool = False) -> Calls:
+        """The reference Attention with its cache (no rotary embedding). A prompt
+        of >= DIRECT_CACHE_MIN_TOKENS: W_q on all rows, then per sequence its
+        K/V GEMM into the cache's rows (its row, W_kv's transpose, the cache
+        rows' view); otherwise W_qkv, q's slice and view, and K/V written with
+        one copy (write_packed: slice, view, the cache slice). Then q's
+        transpose, SDPA, o's transpose and reshape, W_o (with ``wide``,
+        tp_pp's WideOutputLinear: reshape, transpose, view around one mm)."""
+        if tokens_per_seq >= _direct_cache_min_tokens():
+            c = _calls(k=1, m=1 + 1 + 2, mod=1) + _calls(k=1, m=5) * seqs
+        else:
+            c = _calls(k=1, m=2, mod=2) + _calls(m=3) + self.copy_rows() + _calls(m=2)
+        c = c + _calls(k=1, m=3)
+        return c + (_calls(k=1, m=3, mod=1) if wide else _calls(k=1, mod=1))
+
+    def up(self) -> Calls:
+        """up_projection: the fused GEMM (reshape, transpose, view), or a linear
+        and the activation (SwiGLU: chunk, SiLU, product)."""
+        if self.fused_up:
+            return _calls(k=1, m=3)
+        return _calls(k=3, m=1) if self.spec.activation == "swiglu" else _calls(k=2)
+
+    def mlp(self) -> Calls:
+        """The MLP module: up_projection, W_down (a Linear)."""
+        return _calls(mod=1) + self.up() + _calls(k=1, mod=1)
+
+    def block(self, attn: Calls, mlp: Calls) -> Calls:
+        """Block.residual_parts in a stack (steady state): the previous
+        layer's residual added in the attention norm (add_norm), attention,
+        add_norm, the MLP (its output is added in the next layer's norm)."""
+        return self.add_norm() + attn + self.add_norm() + mlp
+
+    def stack_ends(self, last: bool, vocab: bool, first: bool = True) -> Calls:
+        """A Transformer stack beyond its layers' steady state: the module, the
+        first layer's plain norm (an add_norm fewer), the last residual added
+        (with the final norm on the last stage), embedding and LM head."""
+        c = _calls(mod=1) + self.norm() - self.add_norm()
+        c += self.add_norm() if last else _calls(k=1)
+        if vocab and first:
+            c += _calls(k=1, mod=1)
+        if vocab and last:
+            c += _calls(k=1, mod=1)
+        return c
+
+    def moe_router(self) -> Calls:
+        """The MoE module up to its expert loop: reshape, the fp32 router
+        (promote_types, two casts, linear), top-k and its softmax (a no-op
+        cast first), the zeroed output; after the loop, out.view."""
+        casts = _calls(m=2) if self.fp32 else _calls(k=2)
+        return _calls(k=4, m=4, mod=1) + casts
+
+    def moe_expert(self, hit: bool) -> Calls:
+        """One local expert of the reference loop: the compare and torch.nonzero
+        (the host waits for its count); an expert that receives tokens also
+        gathers them, runs expert_mlp (the experts' slices and W_down's
+        transpose, up_projection, the matmul), indexes its router weights,
+        casts them, weights its output and index_add_s it."""
+        c = _calls(k=1, sync=1)
+        if hit:
+            c = c + self.up() + _calls(k=5 + (0 if self.fp32 else 1), m=4 + (1 if self.fp32 else 0))
+        return c
+
+
+def _direct_cache_min_tokens() -> int:
+    """Prompt length from which the reference projects K/V straight into the cache."""
+    from ..model import reference
+
+    return getattr(reference, "DIRECT_CACHE_MIN_TOKENS", 1 << 62)
+
+
+def _busiest(a: Calls, b: Calls) -> Calls:
+    """Each kind's larger count (the busiest rank's, kind by kind)."""
+    return Calls(*(max(x, y) for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b))))
+
+
+@dataclass
+class Work:
+    """Eager work as the host and the device see it: segments ``(host_s, gpu_s)``
+    separated by device-to-host waits. Within a segment the host issues while
+    the device runs what it has been given, so a segment takes the longer of
+    the two; at a wait the host stops until the device is done, then pays the
+    read's round trip, and the device idles until the host issues again."""
+
+    segs: list = field(default_factory=lambda: [[0.0, 0.0]])
+
+    def add(self, host_s: float = 0.0, gpu_s: float = 0.0) -> "Work":
+        self.segs[-1][0] += host_s
+        self.segs[-1][1] += gpu_s
+        return self
+
+    def sync(self) -> "Work":
+        self.segs.append([0.0, 0.0])
+        return self
+
+    def extend(self, other: "Work", times: int = 1) -> "Work":
+        for _ in range(times):
+            self.add(*other.segs[0])
+            for seg in other.segs[1:]:
+                self.segs.append(list(seg))
+        return self
+
+    @property
+    def host_s(self) -> float:
+        return sum(h for h, _ in self.segs)
+
+    @property
+    def gpu_s(self) -> float:
+        return sum(g for _, g in self.segs)
+
+    @property
+    def syncs(self) -> int:
+        return len(self.segs) - 1
+
+    def seconds(self, sync_s: float) -> float:
+        return sum(max(h, g) for h, g in self.segs) + sync_s * self.syncs
 
 
 @dataclass
@@ -103,8 +320,15 @@ class StepCost:
     comm_s: float = 0.0  # sum of its collectives' times
     exposed_comm_s: float = 0.0  # the part not hidden behind compute
     bubble_s: float = 0.0  # pipeline fill and drain
+    host_s: float = 0.0  # the busiest rank's host calls (eager; 0 in a CUDA graph)
+    syncs: float = 0.0  # device-to-host waits of the busiest rank
     ops: dict[str, Op] = field(default_factory=dict)
     comms: dict[str, Coll] = field(default_factory=dict)
+    # Host calls of the busiest rank (eager steps), as calibrate.count_calls
+    # counts them: per decoder layer (all its micro-batches, halves and chunks)
+    # and the rest of the step.
+    layer_calls: Calls = field(default_factory=Calls)
+    step_calls: Calls = field(default_factory=Calls)
 
     def add_op(self, op: Op, times: float = 1.0) -> None:
         acc = self.ops.setdefault(op.name, Op(op.name))
@@ -203,6 +427,126 @@ def distinct_experts(local: int, n_experts: int, top_k: int, tokens: float) -> f
     return local * (1.0 - (1.0 - top_k / n_experts) ** tokens)
 
 
+def _hypergeom(N: int, K: int, n: int) -> list[float]:
+    """P(i of n draws without replacement from N items land in a set of K), i = 0..n."""
+    total = math.comb(N, n)
+    return [math.comb(K, i) * math.comb(N - K, n - i) / total if i <= K and n - i <= N - K else 0.0
+            for i in range(n + 1)]
+
+
+def hit_distribution(local: int, n_experts: int, top_k: int, tokens: int) -> list[float]:
+    """P(exactly j of a rank's ``local`` experts receive a token), j = 0..local,
+    when ``tokens`` tokens each choose ``top_k`` distinct experts of
+    ``n_experts`` uniformly and independently (exact, by dynamic programming
+    over the tokens: a token's picks among the rank's experts are
+    hypergeometric, and so are the new ones among those)."""
+    dist = [1.0] + [0.0] * local
+    into = _hypergeom(n_experts, local, top_k)  # picks landing on this rank's experts
+    for t in range(int(tokens)):
+        nxt = [0.0] * (local + 1)
+        for j, pj in enumerate(dist):
+            if pj < 1e-15:
+                continue
+            for i, pi in enumerate(into):
+                if pi == 0.0:
+                    continue
+                for new, pn in enumerate(_hypergeom(local, local - j, i)):
+                    if pn:
+                        nxt[j + new] += pj * pi * pn
+        dist = nxt
+        if dist[local] > 1 - 1e-12:
+            break
+    return dist
+
+
+def expected_max(dist: list[float], n: int) -> float:
+    """E[max of n independent draws] of a variable on 0..len(dist)-1."""
+    cdf, acc = [], 0.0
+    for p in dist:
+        acc += p
+        cdf.append(min(acc, 1.0))
+    return sum(1.0 - (cdf[j - 1] if j else 0.0) ** n for j in range(1, len(dist)))
+
+
+def _joint_max_hits(local: int, ranks: int, top_k: int, tokens: int) -> float:
+    """E[max over ``ranks`` ranks of the distinct experts hit], each rank holding
+    ``local`` of ``ranks x local`` experts, exactly: dynamic programming over
+    the tokens on the vector of hits per rank. A token's ``top_k`` distinct
+    picks fall on the 2 x ranks classes (each rank's hit and unhit experts)
+    multivariate-hypergeometrically."""
+    E = local * ranks
+    total = math.comb(E, top_k)
+
+    def splits(n: int, parts: int):
+        if parts == 1:
+            yield (n,)
+            return
+        for i in range(n + 1):
+            for rest in splits(n - i, parts - 1):
+                yield (i,) + rest
+
+    dist = {(0,) * ranks: 1.0}
+    for _ in range(tokens):
+        nxt: dict = {}
+        for state, p in dist.items():
+            sizes = [x for j in state for x in (j, local - j)]  # hit, unhit per rank
+            for pick in splits(top_k, 2 * ranks):
+                ways = 1
+                for n_, k_ in zip(sizes, pick):
+                    ways *= math.comb(n_, k_)
+                if not ways:
+                    continue
+                new = tuple(j + pick[2 * r + 1] for r, j in enumerate(state))
+                nxt[new] = nxt.get(new, 0.0) + p * ways / total
+        dist = nxt
+    return sum(p * max(state) for state, p in dist.items())
+
+
+def busiest_hits(local: int, n_experts: int, top_k: int, tokens: float, ranks: int) -> float:
+    """Expected number of experts whose weights the busiest of ``ranks`` ranks
+    reads (each holding ``local``), under uniform routing: exactly when the
+    state space is small (:func:`_joint_max_hits`), else from each rank's exact
+    distribution with the ranks taken as independent."""
+    if tokens <= 0:
+        return 0.0
+    if (1.0 - top_k / n_experts) ** tokens * local < 1e-9 or tokens > 4096:
+        return distinct_experts(local, n_experts, top_k, tokens)
+    n = int(round(tokens))
+    if ranks > 1 and local * ranks == n_experts and (local + 1) ** ranks * n <= 20000:
+        return _joint_max_hits(local, ranks, top_k, n)
+    return expected_max(hit_distribution(local, n_experts, top_k, n), ranks)
+
+
+def expected_max_normal(n: int) -> float:
+    """E[max of n independent standard normals] (Gaussian order statistics; 0 for
+    n = 1, 1/sqrt(pi) for n = 2), by numerical integration."""
+    if n <= 1:
+        return 0.0
+    if n == 2:
+        return 1.0 / math.sqrt(math.pi)
+    step, total, x = 0.01, 0.0, -8.0
+    while x < 8.0:
+        pdf = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + math.erf(x / math.sqrt(2)))
+        total += x * n * pdf * cdf ** (n - 1) * step
+        x += step
+    return total
+
+
+def rank_rows_imbalance(n_experts: int, local: int, top_k: int, tokens: float, ranks: int) -> float:
+    """E[rows of the busiest rank] / mean rows, for ``tokens`` tokens routed
+    uniformly to ``top_k`` of ``n_experts`` experts, ``local`` per rank: a
+    token sends c ~ hypergeometric(E, El, k) rows to a rank, so a rank's rows
+    have mean N k El/E and variance N var(c); the busiest of P is ~ the mean
+    plus sigma x E[max of P normals]."""
+    if ranks <= 1 or tokens <= 0:
+        return 1.0
+    mean_c = top_k * local / n_experts
+    var_c = top_k * (local / n_experts) * (1 - local / n_experts) * (n_experts - top_k) / max(n_experts - 1, 1)
+    mean = tokens * mean_c
+    return 1.0 + math.sqrt(tokens * var_c) * expected_max_normal(ranks) / mean
+
+
 @dataclass(frozen=True)
 class Core:
     """The attention core of one rank in one layer."""
@@ -235,14 +579,11 @@ class LayerWork:
     mlp_tokens: float | None = None  # rows through the dense MLP (default: tokens)
     expert_rows: float = 0.0  # MoE: (token, expert) rows computed here
     experts_hit: float = 0.0  # MoE: local experts whose weights are read
-    experts_held: int = 0  # MoE: local experts (kernel launches)
+    experts_held: int = 0  # MoE: local experts
     expert_ff: int = 0  # MoE: local d_ff of each expert
     router_tokens: float = 0.0  # MoE: tokens routed on this rank
     kv_rows: float | None = None  # (token x kv head) rows written to the KV cache (default tokens x core.kv_heads)
     copy_bytes: float = 0.0  # the strategy's own copies (bytes read + written)
-    kernels: int = BLOCK_KERNELS  # GPU kernels outside collectives
-    host_ops: int = BLOCK_HOST_OPS  # host-side calls outside collectives (eager)
-    moe_loop: bool = True  # MoE through the reference loop (a host sync per expert)
 
 
 class Roofline:
@@ -256,6 +597,7 @@ class Roofline:
     def __init__(self, spec: ModelSpec, cluster: Cluster):
         self.spec, self.cluster = spec, cluster
         self.e = dtype_bytes(spec.dtype)
+        self.flav = Flavour(spec)
         # Compute rates held over a long run (Cluster.sustained_ratio; 1 unless
         # the profile measured it).
         self.derate = cluster.sustained_ratio
@@ -301,9 +643,11 @@ class Roofline:
     def layer(self, w: LayerWork) -> list[Op]:
         s, D, e = self.spec, self.spec.d_model, self.e
         kv_rows = w.tokens * w.core.kv_heads if w.kv_rows is None else w.kv_rows
+        # norm(x), add_norm(x, a) and the last residual add: 2 + 4 + 3 passes
+        # over [tokens, D] fused (the Triton add + norm), 2 + 2 + 3 + 3 unfused.
+        norm_bytes = (9 if self.flav.fused_norm else 10) * w.tokens * D * e
         ops = [
-            # Two norms (read + write) and two residual adds (2 reads + 1 write).
-            self.op("norms+residual", 16 * w.tokens * D, 10 * w.tokens * D * e),
+            self.op("norms+residual", 16 * w.tokens * D, norm_bytes),
             self.gemm("qkv", w.tokens, D, w.qkv_out),
             # K and V copied into the cache (read + write each).
             self.copy("kv write", 4 * kv_rows * self.spec.head_dim * e),
@@ -313,18 +657,16 @@ class Roofline:
         if w.copy_bytes:
             ops.append(self.copy("copies", w.copy_bytes))
         if s.is_moe:
-            mats = s.mlp_matrices
             ops.append(self.gemm("router", w.router_tokens, D, s.n_experts))
-            rows, F = w.expert_rows, w.expert_ff
-            weights = w.experts_hit * mats * D * F * e
-            acts = rows * (2 * D + (mats + 1) * F) * e  # in, out, hidden written and read
-            ops.append(self.op("experts", 2 * rows * mats * D * F, weights + acts,
-                               self.cluster.gemm_rate(s.dtype, D, F) * self.derate, self.stream))
+            ops.append(self.experts(w))
         else:
             m = w.tokens if w.mlp_tokens is None else w.mlp_tokens
             n_in = 2 if s.activation == "swiglu" else 1
             ops.append(self.gemm("mlp", m, D, n_in * w.ff))
-            ops.append(self.op("mlp", 8 * m * w.ff, (n_in + 1) * m * w.ff * e))  # activation
+            if self.flav.fused_up:  # the activation in the GEMM's epilogue: no pass of its own
+                ops.append(Op("mlp", 8 * m * w.ff))
+            else:
+                ops.append(self.op("mlp", 8 * m * w.ff, (n_in + 1) * m * w.ff * e))
             ops.append(self.gemm("mlp", m, w.ff, D))
         merged: dict[str, Op] = {}
         for o in ops:
@@ -333,53 +675,28 @@ class Roofline:
                                                  acc.seconds + o.seconds)
         return list(merged.values())
 
-    def kernels(self, w: LayerWork) -> int:
-        return w.kernels + KERNELS_PER_EXPERT * w.experts_held
+    def experts(self, w: LayerWork) -> Op:
+        """The experts' GEMMs over their rows (weights read once per expert hit),
+        and the passes around them the code makes: the rows gathered, the
+        activation (unless fused into the GEMM), the weighting and the
+        scatter back (read + write each)."""
+        s, D, e = self.spec, self.spec.d_model, self.e
+        mats, rows, F = s.mlp_matrices, w.expert_rows, w.expert_ff
+        weights = w.experts_hit * mats * D * F * e
+        acts = rows * (2 * D + (mats + 1) * F) * e  # in, out, hidden written and read
+        t = max(2 * rows * mats * D * F / (self.cluster.gemm_rate(s.dtype, D, F) * self.derate),
+                (weights + acts) / self.stream)
+        n_in = 2 if s.activation == "swiglu" else 1
+        passes = 3 * 2 * rows * D * e  # gather, weighting, index_add_ / scatter
+        if not self.flav.fused_up:
+            passes += (n_in + 1) * rows * F * e
+        return Op("experts", 2 * rows * mats * D * F, weights + acts + passes, t + passes / self.hbm)
 
-    def host_s(self, w: LayerWork) -> float:
-        """Host time to issue the layer eagerly: its calls x the measured cost of
-        one eager op (``launch_us``)."""
-        ops = w.host_ops + (HOST_OPS_PER_EXPERT * w.experts_held if not w.moe_loop else 0)
-        return ops * self.cluster.launch_us * 1e-6
-
-    def launch_floor(self, w: LayerWork, collectives: int = 0) -> float:
-        """Host time of the layer and its eager collectives' calls (a lower bound
-        of an eager layer)."""
-        return self.host_s(w) + collectives * self.cluster.launch_us * 1e-6
-
-
-def layer_times(roof: Roofline, w: LayerWork, graph: bool = False) -> tuple[float, list[Op]]:
-    """(seconds, ops) of one layer outside its collectives.
-
-    GPU time: the ops' rooflines plus ``kernel_us`` per kernel (launch latency
-    and tail, paid in a stream and in a CUDA graph alike). Eager, the host
-    issues every call (``launch_us`` each) while the GPU runs what it has
-    been given: the layer takes the longer of the two. A CUDA graph replay has
-    no host work."""
-    ops = roof.layer(w)
-    cl = roof.cluster
-    gpu = sum(o.seconds for o in ops) + roof.kernels(w) * cl.kernel_s
-    if not (roof.spec.is_moe and w.moe_loop):
-        return (gpu if graph else max(gpu, roof.host_s(w))), ops
-    # The reference MoE loop asks the device which tokens chose each local expert
-    # (torch.nonzero): the host waits for the GPU once per expert, so from the
-    # first expert on, host calls and GPU work alternate instead of overlapping.
-    # A miss costs the compare, nonzero and its device-to-host wait; a hit also
-    # its gather, two matmuls, activation, weighting and index_add_.
-    launch = cl.launch_us * 1e-6
-    t_exp = sum(o.seconds for o in ops if o.name == "experts")
-    rest_gpu = gpu - t_exp - KERNELS_PER_EXPERT * w.experts_held * cl.kernel_s
-    rest_host = w.host_ops * launch
-    loop = (t_exp + w.experts_held * (MOE_MISS_OPS * launch + cl.kernel_s)
-            + w.experts_hit * HOST_OPS_PER_EXPERT * launch)
-    return max(rest_gpu, rest_host) + loop, ops
-
-
-def layer_seconds(roof: Roofline, w: LayerWork, collectives: int = 0,
-                  graph: bool = False) -> tuple[float, list[Op]]:
-    """A layer's compute time (see :func:`layer_times`); ``collectives`` is kept
-    for callers that count them (their time is added by the strategy)."""
-    return layer_times(roof, w, graph)
+    def gpu(self, ops: list[Op], kernels: float) -> float:
+        """GPU time of ``ops`` issued as ``kernels`` launches: their rooflines
+        plus ``kernel_us`` each (launch latency and tail, in a stream and in a
+        CUDA graph alike)."""
+        return sum(o.seconds for o in ops) + kernels * self.cluster.kernel_s
 
 
 # -- weights and KV cache, exactly as the strategies allocate them -----------------
@@ -421,32 +738,15 @@ class _Model:
     notes: list[str] = field(default_factory=list)
 
 
-def whole_layer(c, tokens: float, core, routed: float, kernels: int, **extra) -> LayerWork:
-    """One rank running a whole decoder layer on ``tokens`` token rows (ring,
-    layerwise): every head, and the dense MLP or every expert with ``routed``
-    tokens choosing among them (an expert loop issues 3 kernels fewer than the
-    dense MLP's count here; each expert's own are counted per expert)."""
-    spec = c.spec
-    H, Hkv, d = spec.n_heads, spec.kv_heads, c.d
-    if spec.is_moe:
-        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core,
-                         expert_rows=c.moe_rows(tokens, 1.0),
-                         experts_hit=distinct_experts(spec.n_experts, spec.n_experts,
-                                                      spec.top_k, routed),
-                         experts_held=spec.n_experts, expert_ff=spec.d_ff,
-                         router_tokens=tokens, kernels=kernels - 3, **extra)
-    return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff, kernels=kernels,
-                     **extra)
-
-
 class _Ctx:
     def __init__(self, spec: ModelSpec, wl: Workload, plan: Plan, cluster: Cluster, topo,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, moe_balance: float | None = None):
         self.spec, self.wl, self.plan, self.cluster, self.topo = spec, wl, plan, cluster, topo
         # Whether decode steps replay a CUDA graph (None: where the strategy can).
         self.graphs = graphs
         self.graph = False  # the step being modelled (set per step)
         self.roof = Roofline(spec, cluster)
+        self.flav = self.roof.flav
         self.e = dtype_bytes(spec.dtype)
         self.P = topo.world_size
         self.D, self.d = spec.d_model, spec.head_dim
@@ -454,6 +754,8 @@ class _Ctx:
         self.S = wl.seq_len + 1  # context a decode step attends to (its first step)
         self.in_width = self.D if spec.vocab_size is None else 0
         self.inputs = wl.batch * (wl.seq_len + wl.decode_steps) * max(self.in_width * self.e, 8)
+        # MoE: rows of the busiest rank over the mean (None: uniform routing's).
+        self.moe_balance = moe_balance
 
     def groups(self, axis: str) -> list[list[int]]:
         """Every group of global ranks along ``axis`` (``world``: all ranks)."""
@@ -471,33 +773,48 @@ class _Ctx:
         return out
 
     def coll(self, op: str, axis: str, nbytes: float) -> tuple[float, str]:
-        """Time of one collective on ``axis``: the slowest of its groups. The
-        profile's latency is an eager call's (host work included); inside a
-        CUDA graph a collective pays ``graph_latency_us`` instead."""
+        """Device time of one collective on ``axis`` (the slowest of its groups),
+        without the host's call: :meth:`in_stream` of the profile's eager time."""
         groups = self.groups(axis)
         if len(groups[0]) <= 1 or nbytes <= 0:
             return 0.0, "-"
         t, link = max((self.cluster.collective_time(op, nbytes, g) for g in groups),
                       key=lambda x: x[0])
-        return self.in_graph(t, op, link), link
+        return self.in_stream(t, op, link), link
 
-    def in_graph(self, t: float, op: str, link: str) -> float:
-        if not self.graph or link not in self.cluster.links:
+    def in_stream(self, t: float, op: str, link: str) -> float:
+        """A collective's time on the device. The profile's latency is an eager
+        call's, measured back to back: host-bound, so it is the host's call, not
+        device time. What remains on the device is the growth of the time over
+        the smallest message's (whose apparent bandwidth is latency jitter, not
+        wire time), after the latency of the collective kernel itself
+        (``graph_latency_us``: measured inside a CUDA graph, with no host work)."""
+        if link not in self.cluster.links:
             return t
-        # What remains of an eager call without its host work: the growth of its
-        # time over the smallest message's (whose apparent bandwidth is latency
-        # jitter, not wire time), after the graph's own latency.
         lc = self.cluster.link(link, op)
         smallest = lc.table[0][0] if lc.table else 0.0
-        t0 = lc.time(op, smallest, 2) if smallest else lc.latency_us * 1e-6
+        t0 = (lc.time(op, smallest, 2) if 0 < smallest <= 2**20 else lc.latency_us * 1e-6)
         return max(t - t0, 0.0) + self.cluster.graph_latency_s
 
+    def parts(self, op: str, axis: str, nbytes: float) -> tuple[float, float, str]:
+        """(host seconds, device seconds, link) of one collective call: eager, the
+        host pays the call (:meth:`Cluster.collective_host_s`); in a CUDA graph
+        nothing."""
+        t, link = self.coll(op, axis, nbytes)
+        if t <= 0:
+            return 0.0, 0.0, link
+        host = 0.0 if self.graph else self.cluster.collective_host_s(op, link)
+        return host, t, link
+
     def add(self, step: StepCost, op: str, axis: str, nbytes: float, times: float = 1.0) -> float:
-        """Record ``times`` collectives; return their total time."""
+        """Record ``times`` collectives; return their total device time."""
         t, link = self.coll(op, axis, nbytes)
         if t > 0:
             step.add_comm(f"{'send' if op == 'p2p' else op}/{axis}", link, nbytes, t, times)
         return t * times
+
+    def host(self, calls: Calls) -> float:
+        return 0.0 if self.graph else calls.host_s(self.cluster)
 
     def ends(self, step: StepCost, tokens: float, vocab_rows: int | None = None) -> float:
         """Embedding lookup and LM head on the ranks holding them (vocab models)."""
@@ -519,20 +836,66 @@ class _Ctx:
             n += rows * self.D * (first + last)
         return n
 
+    def end_calls(self, first: bool, last: bool) -> Calls:
+        """A Transformer stack's calls beyond its layers (Flavour.stack_ends)."""
+        return self.flav.stack_ends(last, self.spec.vocab_size is not None, first)
+
     def layer_norms(self) -> int:
         return 2 * norm_params(self.spec)
 
-    def moe_rows(self, tokens: float, share: float) -> float:
-        """(token, expert) rows a rank holding ``share`` of the experts computes."""
-        return tokens * self.spec.top_k * share
+    def moe_rows(self, tokens: float, share: float, ranks: int = 1) -> float:
+        """(token, expert) rows the busiest rank holding ``share`` of the
+        experts computes: the mean, times the routing's imbalance over the
+        ``ranks`` that split them (the measured one when given, else uniform
+        routing's expected maximum)."""
+        rows = tokens * self.spec.top_k * share
+        if ranks <= 1:
+            return rows
+        if self.moe_balance is not None:
+            return rows * self.moe_balance
+        local = round(self.spec.n_experts * share)
+        return rows * rank_rows_imbalance(self.spec.n_experts, local, self.spec.top_k,
+                                          tokens, ranks)
+
+    def hits(self, local: int, routed: float, ranks: int) -> float:
+        """Experts of ``local`` the busiest rank reads (uniform routing)."""
+        return busiest_hits(local, self.spec.n_experts, self.spec.top_k, routed, ranks)
 
 
-def _pipeline(stage_s: list[float], hop_s: float, micro_batches: int) -> tuple[float, float]:
-    """GPipe without backward: (total, bubble) for ``micro_batches`` through
-    stages of the given per-micro-batch times, each hop costing ``hop_s``."""
-    slot = max(stage_s) + (hop_s if len(stage_s) > 1 else 0.0)
-    total = (micro_batches + len(stage_s) - 1) * slot
-    return total, total - micro_batches * max(stage_s)
+def _pipeline(stages: list[tuple[float, float, bool]], micro_batches: int, p2p_host: float,
+              hop: float) -> tuple[float, float]:
+    """(total, bubble) of ``micro_batches`` through pipeline stages, each given as
+    (host seconds, device seconds, serial) per micro-batch.
+
+    Every stage's host issues its micro-batches in order, paying ``p2p_host``
+    for each receive (stages after the first) and send (stages before the
+    last); a receive does not hold the host (NCCL orders the stream after it),
+    so all hosts run at once. A stage's device starts micro-batch i when it has
+    finished i-1 and i has arrived (the sender's finish + ``hop``, the wire),
+    and cannot finish before its host has issued the last kernel. A stage that
+    waits for its device inside (``serial``: a device-to-host read) issues the
+    next micro-batch only after finishing this one. With device-bound stages
+    this is GPipe's (M + S - 1) slots; with host-bound ones, the hosts' time."""
+    S = len(stages)
+    arrive = [0.0] * micro_batches
+    total, busy = 0.0, 0.0
+    for s, (h, g, serial) in enumerate(stages):
+        host_t = gpu_t = 0.0
+        nxt = []
+        for i in range(micro_batches):
+            if s > 0:
+                host_t += p2p_host
+            issued = host_t + h
+            done = max(max(gpu_t, arrive[i] if s > 0 else 0.0) + g, issued)
+            gpu_t = done
+            host_t = max(issued, done) if serial else issued
+            if s < S - 1:
+                host_t += p2p_host
+                nxt.append(done + hop)
+        arrive = nxt
+        total = max(total, gpu_t, host_t)
+        busy = max(busy, micro_batches * max(h, g))
+    return total, max(total - busy, 0.0)
 
 
 def _decode_core(c: _Ctx, b: float, heads: int, kv_heads: int, held: int, capacity: int,
@@ -546,10 +909,41 @@ def _decode_core(c: _Ctx, b: float, heads: int, kv_heads: int, held: int, capaci
     return Core(b, heads, kv_heads, 1, held, held, True, "flash")
 
 
+def _moe_layer(c: _Ctx, w: LayerWork, ops: list[Op], pre: Calls, post: Calls,
+               pre_gpu: float = 0.0, post_gpu: float = 0.0) -> Work:
+    """A layer whose MLP is the reference MoE loop (model/reference.py MoE):
+    the rest of the layer (``pre``: its calls; ``pre_gpu``: device time beyond
+    the ops, e.g. a blocking all-reduce), then one segment per local expert,
+    each after the host has waited for torch.nonzero's count: the expert's
+    GEMMs (when it receives tokens) and the next expert's compare. The busiest
+    rank has ``experts_hit`` of its ``experts_held`` experts hit, in
+    expectation. ``post``: the calls after the loop (joining the next layer)."""
+    f, cl = c.flav, c.cluster
+    t_exp = next(o.seconds for o in ops if o.name == "experts")
+    rest = [o for o in ops if o.name != "experts"]
+    hit, held = w.experts_hit, int(w.experts_held)
+    hit_c, miss_c = f.moe_expert(True), f.moe_expert(False)
+    work = Work().add(c.host(pre), c.roof.gpu(rest, pre.kernels) + pre_gpu)
+    seg_hit = (c.host(hit_c), (t_exp / hit if hit else 0.0) + hit_c.kernels * cl.kernel_s)
+    seg_miss = (c.host(miss_c), miss_c.kernels * cl.kernel_s)
+    for i in range(held):
+        share = min(1.0, max(0.0, hit - i))  # expected hits spread over the segments
+        work.sync().add(share * seg_hit[0] + (1 - share) * seg_miss[0],
+                        share * seg_hit[1] + (1 - share) * seg_miss[1])
+    return work.add(c.host(post), post_gpu + post.kernels * cl.kernel_s)
+
+
+def _moe_calls(f: Flavour, held: int, hit: float) -> Calls:
+    """The reference MoE module's calls with ``hit`` of ``held`` experts hit."""
+    return f.moe_router() + f.moe_expert(True) * hit + f.moe_expert(False) * (held - hit)
+
+
+# -- tp_pp -------------------------------------------------------------------------------
+
 def _tp_pp(c: _Ctx) -> _Model:
     from ..parallel.tp_pp import TpPp
 
-    spec, topo = c.spec, c.topo
+    spec, topo, f = c.spec, c.topo, c.flav
     tp, pp = TpPp.degrees(c.plan)
     mb = min(c.plan.micro_batches, c.B)
     stages = [b - a for a, b in balanced_ranges(spec.n_layers, pp)]
@@ -558,47 +952,107 @@ def _tp_pp(c: _Ctx) -> _Model:
     b = -(-c.B // mb)  # the largest micro-batch
     can_graph = pp == 1 and not spec.is_moe  # TpPp.supports_graphs
     graph_decode = can_graph if c.graphs is None else (c.graphs and can_graph)
-
-    def work(tokens: float, core: Core, static: bool) -> LayerWork:
-        # ReduceAfter wraps attention and MLP (2 module calls + 2 Comm calls);
-        # a pipeline takes a batch view of each layer's cache (2 slices).
-        kernels = STATIC_DECODE_KERNELS if static else BLOCK_KERNELS
-        host = BLOCK_HOST_OPS + 4 + (2 if pp > 1 or mb > 1 else 0) + (core.kernel == "flash")
-        if spec.is_moe:
-            return LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core,
-                             expert_rows=c.moe_rows(tokens, El / spec.n_experts),
-                             experts_hit=distinct_experts(El, spec.n_experts, spec.top_k, tokens),
-                             experts_held=El, expert_ff=spec.d_ff, router_tokens=tokens,
-                             kernels=kernels - 3, host_ops=host)
-        return LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core, ff=spec.d_ff // tp,
-                         kernels=kernels, host_ops=host)
+    # Attention partial sums in float32 (TpPp.wide_reduce): W_o's output stays
+    # fp32 through the all-reduce, ReduceAfter casts it back.
+    wide = (tp > 1 and c.e != 4
+            and c.plan.option("reduce", "fp32" if spec.is_moe else "model") == "fp32")
+    # OverlappedStage wraps the stage unless overlap=1 or the model is MoE; it
+    # runs two halves of the micro-batch when tp > 1 and there are >= 2
+    # sequences of >= 2 tokens (prefill).
+    overlapped = c.plan.option("overlap", "2") == "2" and not spec.is_moe
+    n_ar = 1 if tp > 1 else 0
 
     def step(tokens_per_seq: int, core: Core, graph: bool = False) -> StepCost:
         c.graph = graph
         st = StepCost()
-        w = work(b * tokens_per_seq, core, graph)
-        t_layer, ops = layer_times(c.roof, w, graph)
-        # The largest micro-batch sets the slot; traffic is recorded for the
-        # micro-batches as they are (balanced sizes, averaged).
-        y, y_avg = b * tokens_per_seq * c.D * c.e, c.B * tokens_per_seq * c.D * c.e / mb
-        t_ar_layer = 2 * c.coll("all_reduce", "tp", y)[0]
-        c.add(st, "all_reduce", "tp", y_avg, 2 * max(stages) * mb)
-        stage_s = []
-        for s, n in enumerate(stages):
-            t = n * (t_layer + t_ar_layer)
-            if s == 0 or s == pp - 1:
-                t += c.ends(StepCost(), b * tokens_per_seq)
-            stage_s.append(t)
+        tokens = b * tokens_per_seq
+        halves = overlapped and tp > 1 and b >= 2 and tokens_per_seq >= 2
+        if spec.is_moe:
+            w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core,
+                          expert_rows=c.moe_rows(tokens, El / spec.n_experts, tp),
+                          experts_hit=c.hits(El, tokens, tp), experts_held=El,
+                          expert_ff=spec.d_ff, router_tokens=tokens)
+        else:
+            w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core, ff=spec.d_ff // tp)
+        ops = c.roof.layer(w)
+        y = tokens * c.D * c.e
+        g_attn = c.parts("all_reduce", "tp", y * (2 if wide else 1))[1] * n_ar
+        g_mlp = c.parts("all_reduce", "tp", y)[1] * n_ar
+        # ReduceAfter around attention and MLP (+ the cast back of a wide sum),
+        # and the Pipeline's batch view of the layer's cache.
+        wrap = _calls(k=1 if wide else 0, mod=2) + f.batch_view()
+        if halves:
+            # OverlappedStage, per half: the residual add, norm, attention (on
+            # the half's rows), the async all-reduce, the (no-op) cast,
+            # add_norm, the MLP, its all-reduce, the half's cache views; the
+            # Pipeline's batch view.
+            half = (_calls(k=1) + f.norm() + f.attention(tokens_per_seq, b - b // 2)
+                    + _calls(m=1) + f.add_norm() + f.mlp() + f.batch_view()
+                    + _calls(all_reduce=2))
+            calls = half * 2 + f.batch_view()
+        elif spec.is_moe:
+            pre = (f.block(f.attention(tokens_per_seq, b, wide), f.moe_router()) + wrap
+                   + _calls(all_reduce=n_ar))
+            post = _calls(all_reduce=n_ar)
+            work = _moe_layer(c, w, ops, pre, post, g_attn, g_mlp)
+            calls = pre + post + _moe_calls(f, El, w.experts_hit) - f.moe_router()
+        else:
+            calls = (f.block(f.attention(tokens_per_seq, b, wide), f.mlp()) + wrap
+                     + _calls(all_reduce=2 * n_ar))
+        if not spec.is_moe:
+            kernels = STATIC_DECODE_KERNELS if graph else calls.kernels
+            work = Work().add(c.host(calls), c.roof.gpu(ops, kernels) + g_attn + g_mlp)
+
+        # Traffic recorded for the micro-batches as they are (balanced sizes).
+        y_avg = c.B * tokens_per_seq * c.D * c.e / mb
+        if tp > 1:
+            c.add(st, "all_reduce", "tp", y_avg * (2 if wide else 1), max(stages) * mb)
+            c.add(st, "all_reduce", "tp", y_avg, max(stages) * mb)
         for o in ops:
             st.add_op(o, max(stages) * c.B / b)
         c.ends(st, c.B * tokens_per_seq)
+        runs, hosts, step_calls = [], [], Calls()
+        for s, n in enumerate(stages):
+            first, last = s == 0, s == pp - 1
+            # Per micro-batch: the stage module(s) (OverlappedStage runs the
+            # Transformer unless it splits halves), its input (a slice on the
+            # first stage, a buffer to receive into elsewhere, and a send), the
+            # embedding, final norm and LM head, the halves' split and join.
+            vocab = spec.vocab_size is not None
+            if halves:
+                # OverlappedStage on its own: the halves' inputs (and
+                # embeddings), the join, the final norm and LM head.
+                per_mb = (_calls(m=1 + 2, mod=1) + _calls(k=2, mod=2) * (vocab and first)
+                          + _calls(k=1) + (f.norm() + _calls(k=1, mod=1) * vocab) * last)
+            else:
+                per_mb = (_calls(m=1, mod=1 if overlapped else 0) + c.end_calls(first, last))
+            per_mb += _calls(p2p=(not first) + (not last))
+            t_end = c.ends(StepCost(), tokens) if (first or last) else 0.0
+            if halves:
+                stage = Work().add(c.host(calls) * n, _overlapped(c, w, n, y))
+            else:
+                stage = Work().extend(work, n)
+            no_p2p = dataclasses.replace(per_mb, p2p=0)
+            stage.add(c.host(no_p2p), no_p2p.kernels * c.cluster.kernel_s + t_end)
+            step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0))
+            hosts.append(stage.host_s)
+            if stage.syncs:
+                t = stage.seconds(c.cluster.sync_s)
+                runs.append((t, t, True))
+            else:
+                runs.append((stage.host_s, stage.gpu_s, False))
+        p2p_host = 0.0 if graph else c.cluster.collective_host_s("p2p")
         hop = c.coll("p2p", "pp", y)[0] if pp > 1 else 0.0
         if pp > 1:
             c.add(st, "p2p", "pp", y_avg, mb)
-        st.seconds, st.bubble_s = _pipeline(stage_s, hop, mb)
+        st.seconds, st.bubble_s = _pipeline(runs, mb, p2p_host, hop)
+        st.layer_calls = calls * mb
+        st.step_calls = step_calls
+        st.host_s = 0.0 if graph else max(hosts) * mb
+        st.syncs = work.syncs * max(stages) * mb if not halves else 0
         st.compute_s = sum(o.seconds for o in st.ops.values())
         st.comm_s = sum(x.seconds for x in st.comms.values())
-        st.exposed_comm_s = (mb + pp - 1) * (max(stages) * t_ar_layer + hop)
+        st.exposed_comm_s = max(0.0, st.seconds - st.compute_s) if (tp > 1 or pp > 1) else 0.0
         c.graph = False
         return st
 
@@ -624,10 +1078,87 @@ def _tp_pp(c: _Ctx) -> _Model:
     return _Model(prefill, decode, weights, kv, act, buffers)
 
 
+def _overlapped(c: _Ctx, w: LayerWork, layers: int, y: float) -> float:
+    """Device time of ``layers`` layers of OverlappedStage (tp_pp prefill in two
+    halves): the compute stream runs attention(0), attention(1), MLP(0),
+    MLP(1) of each layer; each half's all-reduce runs on the communication
+    stream in issue order while the other half computes, and a half's next
+    block waits for its sum. Each half is half the rows, with its own kernels."""
+    roof, f = c.roof, c.flav
+    half = dataclasses.replace(w, tokens=w.tokens / 2,
+                               core=dataclasses.replace(w.core, seqs=w.core.seqs / 2))
+    h_ops = roof.layer(half)
+    attn_names = ("qkv", "kv write", "attention", "w_o")
+    norms = next((o.seconds for o in h_ops if o.name == "norms+residual"), 0.0)
+    first_norm = norms * 2 / (9 if f.fused_norm else 10)  # norm(x): read x, write it normed
+    seqs, T = w.core.seqs / 2, w.tokens / max(w.core.seqs, 1)
+    t_attn = (roof.gpu([o for o in h_ops if o.name in attn_names],
+                       (_calls(k=1) + f.norm() + f.attention(int(T), int(seqs))).kernels)
+              + first_norm)
+    t_mlp = (roof.gpu([o for o in h_ops if o.name not in attn_names],
+                      (f.add_norm() + f.mlp()).kernels) - first_norm)
+    t_ar = c.coll("all_reduce", "tp", y / 2)[0]
+    comp = comm = 0.0
+    m_done = [0.0, 0.0]
+    busy_comp, busy_comm = [], []
+
+    def compute(start: float, dur: float) -> float:
+        busy_comp.append((start, start + dur))
+        return start + dur
+
+    def reduce(after: float) -> float:
+        start = max(comm, after)
+        busy_comm.append((start, start + t_ar))
+        return start + t_ar
+
+    for _ in range(layers):
+        a_done = []
+        for j in (0, 1):
+            comp = compute(max(comp, m_done[j]), t_attn)
+            comm = reduce(comp)
+            a_done.append(comm)
+        for j in (0, 1):
+            comp = compute(max(comp, a_done[j]), t_mlp)
+            comm = reduce(comp)
+            m_done[j] = comm
+    return max(comp, *m_done) + (1 - c.cluster.overlap) * _overlap(busy_comp, busy_comm)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total time two streams' busy intervals coincide (each list sorted, disjoint)."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+# -- helix --------------------------------------------------------------------------------
+
+def _sum_calls(how: str, N: int, M: int, pad: bool) -> Calls:
+    """SumOverMesh: one flat all-reduce, or reshape(-1), the pad (a copy, when M
+    does not divide the elements), reduce-scatter over slice (Comm: movedim,
+    buffer, movedim), all-reduce over group, all-gather over slice (the same),
+    and the slice and view_as of the result."""
+    if how == "flat":
+        return _calls(all_reduce=1 if N * M > 1 else 0)
+    c = _calls(k=1 if pad else 0, m=3)
+    if M > 1:
+        c += _calls(m=6, reduce_scatter=1, all_gather=1)
+    if N > 1:
+        c += _calls(all_reduce=1)
+    return c
+
+
 def _helix(c: _Ctx) -> _Model:
     from ..parallel.helix import Helix, positions_held
 
-    spec = c.spec
+    spec, f = c.spec, c.flav
     N, M = Helix.degrees(c.plan)
     P = N * M
     mode = Helix.repartition(spec, N, M)
@@ -640,36 +1171,70 @@ def _helix(c: _Ctx) -> _Model:
     can_graph = mode == "heads"  # Helix.supports_graphs
     graph_decode = can_graph if c.graphs is None else (c.graphs and can_graph)
 
-    def work(tokens: float, core: Core, static: bool, copies: float, kernels: int,
-             host: int, kv_rows: float | None = None) -> LayerWork:
-        kernels += STATIC_DECODE_KERNELS if static else BLOCK_KERNELS
-        host += BLOCK_HOST_OPS + (core.kernel == "flash")
+    def layer_work(tokens: float, core: Core, copies: float,
+                   kv_rows: float | None = None) -> LayerWork:
         if spec.is_moe:  # every expert, 1/P of its d_ff
             return LayerWork(tokens, (H + 2 * Hkv) * d // M, H * d // M, core,
                              expert_rows=c.moe_rows(tokens, 1.0),
-                             experts_hit=distinct_experts(spec.n_experts, spec.n_experts,
-                                                          spec.top_k, tokens),
+                             experts_hit=c.hits(spec.n_experts, tokens, 1),
                              experts_held=spec.n_experts, expert_ff=F, router_tokens=tokens,
-                             kv_rows=kv_rows, copy_bytes=copies, kernels=kernels - 3,
-                             host_ops=host)
+                             kv_rows=kv_rows, copy_bytes=copies)
         return LayerWork(tokens, (H + 2 * Hkv) * d // M, H * d // M, core, ff=F,
-                         kv_rows=kv_rows, copy_bytes=copies, kernels=kernels, host_ops=host)
+                         kv_rows=kv_rows, copy_bytes=copies)
 
     # Partial sums over all P ranks: attention and MLP of every layer, and the
     # vocabulary-sharded embedding of a model with token ids.
     n_sums = 2 * spec.n_layers + (spec.vocab_size is not None)
 
     def reduce(st: StepCost, y: float) -> tuple[float, float]:
-        """Sum a partial [rows x D] over all P ranks ``n_sums`` times: (time,
-        bytes of the zero-padding copy SumOverMesh makes when M does not divide
-        the rows x D elements)."""
+        """Sum a partial [rows x D] over all P ranks ``n_sums`` times: (device
+        time of one sum, bytes of the zero-padding copy SumOverMesh makes when
+        M does not divide the rows x D elements)."""
         if how == "flat":
-            return c.add(st, "all_reduce", "world", y * e, n_sums), 0.0
+            return c.add(st, "all_reduce", "world", y * e, n_sums) / n_sums, 0.0
         padded = -(-y // M) * M * e
         t = c.add(st, "reduce_scatter", "slice", padded, n_sums)
         t += c.add(st, "all_reduce", "group", padded / M, n_sums)
         t += c.add(st, "all_gather", "slice", padded, n_sums)
-        return t, (y * e + padded if padded != y * e else 0.0)
+        return t / n_sums, (y * e + padded if padded != y * e else 0.0)
+
+    def attention_calls(decode: bool) -> Calls:
+        """Helix's attention module, from parallel/helix.py."""
+        a2a = _calls(k=1, m=1, all_to_all=1) if M > 1 else Calls()  # Comm: contiguous, buffer
+        gather = _calls(k=1, m=3, all_gather=1) if M > 1 else Calls()  # movedim, copy, buffer, movedim
+        wo = _calls(k=1, mod=1)
+        if mode == "heads":
+            # qkv; q, k, v reshaped and concatenated, moved, exchanged; permuted
+            # and reshaped (a copy when M > 1), split, transposed; the cache
+            # write; the core; o transposed and reshaped; W_o.
+            return (_calls(mod=1) + f.qkv() + _calls(k=1, m=4) + a2a
+                    + _calls(k=1 if M > 1 else 0, m=(1 if M > 1 else 2) + 1 + 3)
+                    + f.cache_write() + _calls(k=1, m=2) + wo)
+        if not decode:
+            # prefill: queries transposed and exchanged, the received view
+            # permuted and reshaped (a copy); K, V concatenated and gathered,
+            # split, transposed; this chunk's rows sliced and written; the core
+            # on the keys up to the chunk's end (masked past the first chunk:
+            # two aranges, two index views, a compare); the output permuted and
+            # split by dims (views), moved, reshaped (a copy) and exchanged
+            # back, transposed and its last two dims merged (views); W_o.
+            masked = M > 1
+            return (_calls(mod=1) + f.qkv() + _calls(m=1) + a2a + _calls(k=1, m=2)
+                    + _calls(k=1) + gather + _calls(m=1 + 3 + 2) + f.cache_write(M == 1)
+                    + _calls(m=2) + (_calls(k=4, m=2) if masked else _calls(k=1))
+                    + _calls(m=3) + _calls(k=1)
+                    + (_calls(m=1, all_to_all=1) if M > 1 else Calls())
+                    + _calls(m=2) + wo)
+        # decode: q, k, v concatenated and gathered, split, transposed; the new
+        # token's cache write (its owner); attend_lse on the shard (q reshaped,
+        # FA2, its lse); o and lse packed (cast, reshape, expand, cat) and
+        # exchanged; merge_stack (logsumexp, the shares, weighted sum); cast
+        # back, reshape; W_o.
+        return (_calls(mod=1) + f.qkv() + _calls(k=1) + gather + _calls(m=1 + 3)
+                + f.cache_write(M == 1) + _calls(k=1, m=2)
+                + _calls(k=2 + (Hkv > 1), m=4 - (Hkv > 1))
+                + (_calls(k=1, m=1, all_to_all=1) if M > 1 else Calls())
+                + _calls(k=8, m=4) + _calls(k=1, m=1) + wo)
 
     def step(decode: bool) -> StepCost:
         graph = decode and graph_decode
@@ -685,14 +1250,14 @@ def _helix(c: _Ctx) -> _Model:
             # HeadSliceAttention: the send buffer (cat), Comm's contiguous copy of
             # its movedim view (M > 1), and the permute + reshape of what arrives.
             n_copy = 3 if M > 1 else 2
-            copies, kernels, host = n_copy * 2 * qkv_local, n_copy, 10
+            copies, graph_kernels = n_copy * 2 * qkv_local, n_copy
         elif decode:
             held = max(positions_held(M, s, T, S) for s in range(M))
             core = Core(B, H, Hkv, 1, held, held, True, "flash")  # attend_lse
             t_x = c.add(st, "all_gather", "slice", B * (H + 2 * Hkv) * d * e, L)
             t_x += c.add(st, "all_to_all", "slice", M * B * H * (d // M + 1) * 4, L)
             kv_rows = B * Hkv / M  # one rank of M stores the new token
-            copies, kernels, host = 0.0, 14, 30  # cat, splits, merge_stack, casts
+            copies, graph_kernels = 0.0, 0
         else:
             # The masked core scores a full (chunk x keys up to the chunk's end)
             # rectangle; the last chunk is the busiest.
@@ -707,19 +1272,40 @@ def _helix(c: _Ctx) -> _Model:
             # permuted before and after its exchange (read + write each).
             copies = 2 * e * B * (T * H * d // M + n * H * d + 2 * T * 2 * Hkv * d // M
                                   + 2 * n * H * d)
-            kernels, host = 6, 20
+            graph_kernels = 0
         t_red, pad_copy = reduce(st, tokens * D)
-        # SumAfter and SumOverMesh (reshape, pad check, slice, view) for both sums.
-        host += 2 * 5
-        kernels += 2 * (1 if pad_copy else 0)
-        w = work(tokens, core, graph, copies + 2 * pad_copy, kernels, host, kv_rows)
-        t_layer, ops = layer_times(c.roof, w, graph)
+        w = layer_work(tokens, core, copies + 2 * pad_copy, kv_rows)
+        ops = c.roof.layer(w)
+        sums = _sum_calls(how, N, M, bool(pad_copy))
+        attn = attention_calls(decode) + sums
+        mlp_inner = (_moe_calls(f, spec.n_experts, w.experts_hit) if spec.is_moe else f.mlp())
+        mlp = _calls(mod=1) + mlp_inner + sums  # SumAfter
+        calls = f.block(attn, mlp)
+        t_coll = t_x / L + 2 * t_red
+        if spec.is_moe:
+            pre = f.block(attn, _calls(mod=1) + f.moe_router())
+            post = sums
+            work = _moe_layer(c, w, ops, pre, post, t_coll)
+        else:
+            kernels = (STATIC_DECODE_KERNELS + graph_kernels + 2 * bool(pad_copy)
+                       if graph else calls.kernels)
+            work = Work().add(c.host(calls), c.roof.gpu(ops, kernels) + t_coll)
         for o in ops:
             st.add_op(o, L)
         t_ends = c.ends(st, tokens, -(-spec.vocab_size // P) if spec.vocab_size else None)
-        st.compute_s = L * t_layer + t_ends
-        st.comm_s = st.exposed_comm_s = t_x + t_red
-        st.seconds = st.compute_s + st.comm_s  # helix's collectives are blocking
+        step_calls = c.end_calls(False, True)
+        if spec.vocab_size is not None:
+            # VocabShardEmbedding: the ids' shift, range mask, clamp, lookup, cast,
+            # masking, and its sum over the mesh.
+            step_calls += _calls(k=8, m=1, mod=1) + sums
+        whole = Work().extend(work, L).add(c.host(step_calls),
+                                           step_calls.kernels * c.cluster.kernel_s + t_ends)
+        st.seconds = whole.seconds(c.cluster.sync_s)
+        st.host_s, st.syncs = whole.host_s, whole.syncs
+        st.layer_calls, st.step_calls = calls, step_calls
+        st.compute_s = sum(o.seconds for o in st.ops.values())
+        st.comm_s = sum(x.seconds for x in st.comms.values())
+        st.exposed_comm_s = st.comm_s  # helix's collectives are blocking
         c.graph = False
         return st
 
@@ -744,10 +1330,41 @@ def _helix(c: _Ctx) -> _Model:
     return _Model(prefill, decode, [w] * P, kv, act, B * T * D * e // M)
 
 
+def whole_layer(c: _Ctx, tokens: float, core: Core, routed: float, **extra) -> LayerWork:
+    """One rank running a whole decoder layer on ``tokens`` token rows (ring,
+    layerwise): every head, and the dense MLP or every expert with ``routed``
+    tokens choosing among them."""
+    spec = c.spec
+    H, Hkv, d = spec.n_heads, spec.kv_heads, c.d
+    if spec.is_moe:
+        return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core,
+                         expert_rows=c.moe_rows(tokens, 1.0),
+                         experts_hit=c.hits(spec.n_experts, routed, 1),
+                         experts_held=spec.n_experts, expert_ff=spec.d_ff,
+                         router_tokens=tokens, **extra)
+    return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff, **extra)
+
+
+def _layer_work(c: _Ctx, w: LayerWork, ops: list[Op], attn: Calls,
+                gpu_extra: float = 0.0) -> tuple[Work, Calls]:
+    """(Work, calls) of one reference-shaped block with attention ``attn``
+    (eager): the dense MLP (host and device overlap), or the MoE loop (a wait
+    per expert). ``gpu_extra``: device time beyond the ops (collectives)."""
+    f = c.flav
+    if c.spec.is_moe:
+        pre = f.block(attn, f.moe_router())
+        calls = pre + _moe_calls(f, int(w.experts_held), w.experts_hit) - f.moe_router()
+        return _moe_layer(c, w, ops, pre, Calls(), gpu_extra), calls
+    calls = f.block(attn, f.mlp())
+    return Work().add(c.host(calls), c.roof.gpu(ops, calls.kernels) + gpu_extra), calls
+
+
+# -- ring ---------------------------------------------------------------------------------
+
 def _ring(c: _Ctx) -> _Model:
     from ..parallel.ring import ZigZag
 
-    spec, P = c.spec, c.P
+    spec, P, f = c.spec, c.P, c.flav
     mb = min(c.plan.micro_batches, c.B)
     b = -(-c.B // mb)
     H, Hkv, d, D, e, T = spec.n_heads, spec.kv_heads, c.d, c.D, c.e, c.T
@@ -757,17 +1374,15 @@ def _ring(c: _Ctx) -> _Model:
     blocks = zz.blocks(busiest)
     L = spec.n_layers
 
-    def work(tokens: float, core: Core, routed: float, copies: float, kernels: int,
-             host: int, kv_rows: float | None = None) -> LayerWork:
-        return whole_layer(c, tokens, core, routed, kernels, host_ops=host, kv_rows=kv_rows,
-                           copy_bytes=copies)
-
     # Prefill: local tokens only; the core is P ring steps, each hop hidden
-    # behind the attention on the block in hand. attend_lse runs FlashAttention-2
-    # (head_dim <= 256) or the memory-efficient kernel, both with the lse.
+    # behind the attention on the block in hand. attend_lse runs cuDNN's flash
+    # kernel (half precision, head_dim <= 128: SDPA's rate), FlashAttention-2
+    # (head_dim <= 256) or the memory-efficient kernel, all with the lse.
     st = StepCost()
     rows = b * n  # token rows of a micro-batch on the busiest rank
-    core = Core(b, H, Hkv, n, zz.pairs(busiest), P * zz.block_rows, False, "flash")
+    cudnn = c.e == 2 and d <= 128
+    core = Core(b, H, Hkv, n, zz.pairs(busiest), P * zz.block_rows, False,
+                "sdpa" if cudnn else "flash")
     # RingAttention.prefill's own passes (bytes read + written):
     merged_rows = sum(q1 - q0 for _, q0, q1, *_ in blocks)
     copies = (2 * rows * (H + 2 * Hkv) * d * e  # q, k, v of the two zig-zag chunks concatenated
@@ -779,13 +1394,22 @@ def _ring(c: _Ctx) -> _Model:
               + merged_rows * b * H * d * (16 + e)
               + b * n * H * d * (4 + e)  # o.to(dtype)
               + 2 * b * n * H * d * e)  # transpose + reshape for W_o
-    # Kernels and calls beyond the reference block: a second QKV and its chunk
-    # handling, 3 concatenations, the block fills, accumulator and lse set-up;
-    # per ring step the exchange, attend_lse and merge_into (~10 elementwise).
-    w_pre = work(rows, core, rows, copies, BLOCK_KERNELS + 12 + 11 * P,
-                 BLOCK_HOST_OPS + 20 + 15 * P)
+    w_pre = whole_layer(c, rows, core, rows, copy_bytes=copies)
     rest_ops = c.roof.layer(w_pre)
     core_op = next(o for o in rest_ops if o.name == "attention")
+    # RingAttention.prefill, from parallel/ring.py: two QKVs (one per zig-zag
+    # chunk) on slices of x; three concatenations and transposes; the cache
+    # write; the travelling block (allocated, K and V copied in, the rest
+    # zeroed), the float32 accumulator and lse, the spare block; per ring step
+    # but the last the exchange; per block computed: q's and the block's
+    # slices, attend_lse (the kernel and its lse), merge_into (logaddexp, two shares,
+    # the scaled accumulate, the lse copy); o cast, transposed and reshaped; W_o.
+    n_blocks = len(blocks)
+    cast = _calls(m=1) if f.fp32 else _calls(k=1)  # o.to(x.dtype): a no-op in fp32
+    attn = (_calls(mod=1, m=2) + f.qkv() * 2 + _calls(k=3, m=3) + f.cache_write()
+            + _calls(k=2 + 1 + 2, m=1 + 4 + 1 + 1) + _calls(p2p=P - 1)
+            + _calls(k=15, m=9 + cudnn) * n_blocks + _calls(k=1, m=1) + cast + _calls(k=1, mod=1)
+            + f.batch_view())  # the Transformer's batch view of the layer's cache
     # The core's time split over the ring steps by the pairs each block scores.
     pairs_at = {s_: ((q1 - q0) * (q1 - q0 + 1) / 2 if causal else (q1 - q0) * (k1 - k0))
                 for s_, q0, q1, k0, k1, causal in blocks}
@@ -794,11 +1418,15 @@ def _ring(c: _Ctx) -> _Model:
     hop = max((c.cluster.p2p_time(hop_bytes, r, (r + 1) % P)[0] for r in range(P)), default=0.0)
     hop_link = "ib" if any(c.cluster.node_of(r) != c.cluster.node_of((r + 1) % P)
                            for r in range(P)) else "nvlink"
-    ring_s = sum(max(hop if s_ < P - 1 else 0.0, core_op.seconds * pairs_at.get(s_, 0) / total_pairs)
-                 for s_ in range(P))
-    gpu = (sum(o.seconds for o in rest_ops if o.name != "attention") + ring_s
-           + c.roof.kernels(w_pre) * c.cluster.kernel_s)
-    t_layer = max(gpu, c.roof.host_s(w_pre))
+    hop = c.in_stream(hop, "p2p", hop_link) if hop else 0.0
+    # Each step's block computes while the next hop travels: the longer of the
+    # two, and what the hop's kernels take from the block while both run.
+    eff = c.cluster.overlap
+    steps = [(hop if s_ < P - 1 else 0.0, core_op.seconds * pairs_at.get(s_, 0) / total_pairs)
+             for s_ in range(P)]
+    ring_s = sum(max(h_, b_) + (1 - eff) * min(h_, b_) for h_, b_ in steps)
+    work, calls = _layer_work(c, w_pre, [o for o in rest_ops if o.name != "attention"], attn,
+                              ring_s)
     for o in rest_ops:
         st.add_op(o, L * c.B / b)
     if P > 1:
@@ -806,32 +1434,58 @@ def _ring(c: _Ctx) -> _Model:
     # Every rank picks its zig-zag rows out of the global prompt once (index_select).
     pick = c.roof.copy("copies", 2 * c.B * n * max(c.in_width * e, 8))
     st.add_op(pick)
+    # Per micro-batch: the batch slice, the Transformer and its ends; the pick.
+    per_mb = _calls(m=1) + c.end_calls(True, True)
+    step_calls = per_mb * mb + _calls(k=1 + (mb > 1))
+    t_ends = c.ends(StepCost(), b * n)
+    one = Work().extend(work, L).add(c.host(per_mb), t_ends + per_mb.kernels * c.cluster.kernel_s)
+    whole = Work().extend(one, mb).add(c.host(_calls(k=1 + (mb > 1))), pick.seconds)
+    c.ends(st, b * n)
+    st.seconds = whole.seconds(c.cluster.sync_s)
+    st.host_s, st.syncs = whole.host_s, whole.syncs
+    st.layer_calls, st.step_calls = calls * mb, step_calls
     st.compute_s = sum(o.seconds for o in st.ops.values())
     st.comm_s = sum(x.seconds for x in st.comms.values())
-    st.seconds = mb * (L * t_layer + c.ends(st, b * n)) + pick.seconds
     st.exposed_comm_s = max(0.0, st.seconds - st.compute_s)
     prefill = st
 
     # Decode (eager: the shard's length depends on the position): every rank
     # runs the whole layer on every new token, attends to its cache shard with
-    # attend_lse, and one all-gather of (o, lse) merges the shards (merge_stack:
-    # ~12 small kernels; ~23 calls more than the reference attention).
+    # attend_lse, and one all-gather of (o, lse) merges the shards (merge_stack).
     st = StepCost()
     held = max(zz.kv_len(r, min(T + 1, c.wl.max_len)) if c.wl.decode_steps else zz.real(r)
                for r in range(P))
     width = d + max(1, 4 // e)
     part = P * b * H * width * e  # the gathered (o, lse) pairs
     copies = 2 * b * H * width * e + 6 * part + 2 * b * H * d * 4
-    w = work(b, Core(b, H, Hkv, 1, held, held, True, "flash"), c.B, copies,
-             BLOCK_KERNELS + 14, BLOCK_HOST_OPS + 23, kv_rows=b * Hkv / P)
-    t_layer, ops = layer_times(c.roof, w)
-    t_ag = L * mb * c.coll("all_gather", "seq", P * b * H * width * e)[0]
+    w = whole_layer(c, b, Core(b, H, Hkv, 1, held, held, True, "flash"), c.B, copy_bytes=copies,
+                    kv_rows=b * Hkv / P)
+    ops = c.roof.layer(w)
+    t_ag = c.coll("all_gather", "seq", part)[0]
     c.add(st, "all_gather", "seq", P * c.B / mb * H * width * e, L * mb)
+    # RingAttention.decode: qkv, transposes; the new token's cache write (on
+    # the rank that stores it); attend_lse; (o, lse) packed (index view, view
+    # as o's dtype, cat) and gathered (Comm: movedim, buffer, movedim); the
+    # parts viewed, lse made contiguous and read as float32; merge_stack
+    # (logsumexp, o cast, the shares, weighted sum, cast back); o transposed
+    # and reshaped; W_o; the batch view.
+    cast = _calls(m=1) if f.fp32 else _calls(k=1)  # o.float(), .to(o.dtype): no-ops in fp32
+    attn = (_calls(mod=1) + f.qkv() + _calls(m=3) + f.cache_write() + _calls(k=1, m=1)
+            + _calls(k=1, m=2) + _calls(m=3, all_gather=1 if P > 1 else 0)
+            + _calls(k=1, m=5) + _calls(k=8, m=2) + cast * 2 + _calls(m=2) + _calls(k=1, mod=1)
+            + f.batch_view())
+    work, calls = _layer_work(c, w, ops, attn, t_ag)
     for o in ops:
         st.add_op(o, L * c.B / b)
-    st.compute_s = mb * (L * t_layer + c.ends(st, b))
-    st.comm_s = st.exposed_comm_s = t_ag
-    st.seconds = st.compute_s + t_ag
+    per_mb = _calls(m=1) + c.end_calls(True, True)
+    t_ends = c.ends(st, b)
+    one = Work().extend(work, L).add(c.host(per_mb), t_ends + per_mb.kernels * c.cluster.kernel_s)
+    whole = Work().extend(one, mb).add(c.host(_calls(k=mb > 1)), 0.0)
+    st.seconds = whole.seconds(c.cluster.sync_s)
+    st.host_s, st.syncs = whole.host_s, whole.syncs
+    st.layer_calls, st.step_calls = calls * mb, per_mb * mb + _calls(k=mb > 1)
+    st.compute_s = sum(o.seconds for o in st.ops.values())
+    st.comm_s = st.exposed_comm_s = L * mb * t_ag
     decode = st
 
     w_all = (L * (attn_weights(spec, H, Hkv, d) + mlp_weights(spec, spec.d_ff, spec.n_experts)
@@ -844,21 +1498,55 @@ def _ring(c: _Ctx) -> _Model:
     return _Model(prefill, decode, [w_all] * P, kv, act, 2 * hop_bytes)
 
 
+# -- ep -----------------------------------------------------------------------------------
+
 def _ep(c: _Ctx) -> _Model:
     from ..parallel.ep import MIN_CHUNK_TOKENS, ExpertParallel
 
-    spec, P = c.spec, c.P
+    spec, P, f = c.spec, c.P, c.flav
     E, k, L = spec.n_experts, spec.top_k, spec.n_layers
     El = E // P
     H, Hkv, d, D, e, T, S = spec.n_heads, spec.kv_heads, c.d, c.D, c.e, c.T, c.S
     ranges = balanced_ranges(c.B, P)
     b = ranges[0][1] - ranges[0][0]  # rank 0 holds the most sequences
     fixed = ExpertParallel.chunks_option(c.plan)
+    perm = P > 1 and El > 1  # received rows regrouped by expert (run_experts)
 
     def chunks_for(tokens: int) -> int:  # ExpertParallel.chunk_count
         if fixed is not None:
             return max(1, min(fixed, tokens))
         return 2 if tokens >= 2 * MIN_CHUNK_TOKENS else 1
+
+    def moe_calls(K: int, hits: float) -> tuple[Calls, Calls]:
+        """ExpertParallelMoE's calls (parallel/ep.py) before and after the host
+        reads the routing table, for K chunks with ``hits`` (expert, chunk)
+        pairs that receive rows."""
+        casts = _calls(m=2) if f.fp32 else _calls(k=2)
+        # The module; reshape; the fp32 router (promote_types, two casts,
+        # linear), top-k's no-op cast, top-k, softmax; per chunk the slice and
+        # flattening of its choices, argsort, the count (zeros, ones, scatter);
+        # the stack, its index view and the table's all-gather (Comm: movedim,
+        # buffer, movedim); the read to the host.
+        before = (_calls(k=3, m=3, mod=1) + casts + _calls(k=4, m=2) * K
+                  + _calls(k=1, m=4, all_gather=1 if P > 1 else 0) + _calls(sync=1))
+        # On the host table: this rank's row, views, three sums and their
+        # tolist; the output buffer. Per chunk: the dispatch (slice, index
+        # arithmetic, gather; Comm's buffer and the exchange); the experts
+        # (regrouped by expert: the table slice reshaped, arange, repeat,
+        # repeat_interleave, argsort, the buffer, the gather; the grouped GEMM's
+        # buffer; per expert with rows: slices, up_projection, the matmul, the
+        # copy into place; the scatter back), the return exchange; the combine
+        # (buffer, scatter into (token, slot) order, the weights' slice, index
+        # view, cast, view, product, sum, the copy into the output); out.view.
+        cast_w = _calls(m=1) if f.fp32 else _calls(k=1)
+        run = (_calls(k=6, m=4) + _calls(k=1) if perm else _calls(m=1))
+        after = (_calls(k=3, m=9) + _calls(m=1)
+                 + (_calls(k=2, m=2, all_to_all=1) + run + _calls(m=1, all_to_all=1)
+                    + _calls(k=4, m=5) + cast_w) * K
+                 + (f.up() + _calls(k=2, m=5)) * hits + _calls(m=1))
+        if P == 1:
+            after = dataclasses.replace(after, all_to_all=0)
+        return before, after
 
     def step(new: int) -> StepCost:
         st = StepCost()
@@ -866,46 +1554,61 @@ def _ep(c: _Ctx) -> _Model:
         K = chunks_for(local)
         core = (_decode_core(c, b, H, Hkv, S, c.wl.max_len, False) if new == 1
                 else Core(b, H, Hkv, T, T * (T + 1) / 2, T))
-        rows = routed * k / P  # (token, expert) rows a rank computes, balanced routing
+        rows = c.moe_rows(routed, El / E, P)  # (token, expert) rows of the busiest rank
+        hits_chunk = c.hits(El, routed / K, P)  # experts with rows, per chunk
+        copies = 5 * 2 * rows * D * e  # gather out, regroup, scatter back, unsort, weighting
         w = LayerWork(local, (H + 2 * Hkv) * d, H * d, core, expert_rows=rows,
-                      experts_hit=distinct_experts(El, E, k, routed), experts_held=El,
-                      expert_ff=spec.d_ff, router_tokens=local, kernels=BLOCK_KERNELS - 3 + 8,
-                      host_ops=BLOCK_HOST_OPS + 20 + (new == 1), moe_loop=False)
+                      experts_hit=c.hits(El, routed, P), experts_held=El,
+                      expert_ff=spec.d_ff, router_tokens=local, copy_bytes=copies)
         ops = c.roof.layer(w)
         t_exp = next(o.seconds for o in ops if o.name == "experts")
-        t_rest = sum(o.seconds for o in ops if o.name != "experts")
-        t_tab = c.add(st, "all_gather", "ep", P * K * E * 8, L)  # routing table (int64)
+        rest = [o for o in ops if o.name != "experts"]
+        t_tab = c.add(st, "all_gather", "ep", P * K * E * 8, L) / L  # routing table (int64)
         disp, comb = local * k * D * e, rows * D * e
         t_d = c.coll("all_to_all", "ep", disp / K)[0]
         t_c = c.coll("all_to_all", "ep", comb / K)[0]
         c.add(st, "all_to_all", "ep", disp / K, L * K)
         c.add(st, "all_to_all", "ep", comb / K, L * K)
+        before, after = moe_calls(K, hits_chunk * K)
+        attn_part = f.block(f.attention(new, b), Calls())
+        calls = attn_part + before + after
         # Two streams: the exchanges in issue order d0, d1, c0, d2, c1, ...;
         # experts on chunk i after its dispatch and the experts on chunk i-1.
-        comm_free = d_end_next = t_d
+        t_exp_k = t_exp / K + (f.up() + _calls(k=2)).kernels * hits_chunk * c.cluster.kernel_s
+        comm_free = t_d
         comp_free = 0.0
         d_end = [t_d]
+        busy_comm, busy_comp = [(0.0, t_d)], []
         for i in range(K):
             if i + 1 < K:
-                d_end_next = comm_free + t_d
-                comm_free = d_end_next
-                d_end.append(d_end_next)
-            comp_free = max(comp_free, d_end[i]) + t_exp / K
-            comm_free = max(comm_free, comp_free) + t_c
-        moe_s = comm_free
-        # Routing, argsort and the routing table before the host reads the counts
-        # (.tolist(): the host waits for the GPU once a layer); then per chunk
-        # the gather, the exchanges, the expert loop (host-known sizes).
-        launch = c.cluster.launch_us * 1e-6
-        t_rest += c.roof.kernels(w) * c.cluster.kernel_s
-        host_pre = (w.host_ops + 8) * launch
-        host_moe = (K * 12 + K * El * HOST_OPS_PER_EXPERT) * launch
-        t_layer = max(t_rest, host_pre) + t_tab / L + launch + max(moe_s, host_moe)
+                busy_comm.append((comm_free, comm_free + t_d))
+                comm_free += t_d
+                d_end.append(comm_free)
+            start = max(comp_free, d_end[i])
+            comp_free = start + t_exp_k
+            busy_comp.append((start, comp_free))
+            start = max(comm_free, comp_free)
+            comm_free = start + t_c
+            busy_comm.append((start, comm_free))
+        moe_s = (comm_free + (1 - c.cluster.overlap) * _overlap(busy_comp, sorted(busy_comm))
+                 + (after.kernels - (f.up() + _calls(k=2)).kernels * hits_chunk * K)
+                 * c.cluster.kernel_s)
+        # Attention and routing up to the table, then the host waits for the
+        # table (one read a layer); then the chunks' exchanges and experts.
+        layer = Work().add(c.host(attn_part + before),
+                           c.roof.gpu(rest, (attn_part + before).kernels) + t_tab)
+        layer.sync().add(c.host(after), moe_s)
         for o in ops:
             st.add_op(o, L)
+        t_ends = c.ends(st, local)
+        step_calls = _calls(m=1) + c.end_calls(True, True)
+        whole = Work().extend(layer, L).add(c.host(step_calls),
+                                            t_ends + step_calls.kernels * c.cluster.kernel_s)
+        st.seconds = whole.seconds(c.cluster.sync_s)
+        st.host_s, st.syncs = whole.host_s, whole.syncs
+        st.layer_calls, st.step_calls = calls, step_calls
         st.compute_s = sum(o.seconds for o in st.ops.values())
         st.comm_s = sum(x.seconds for x in st.comms.values())
-        st.seconds = L * t_layer + c.ends(st, local)
         st.exposed_comm_s = max(0.0, st.seconds - st.compute_s)
         return st
 
@@ -920,10 +1623,12 @@ def _ep(c: _Ctx) -> _Model:
     return _Model(prefill, decode, [w] * P, kv, act, int(rows * D * e))
 
 
+# -- layerwise -------------------------------------------------------------------------------
+
 def _layerwise(c: _Ctx) -> _Model:
     from ..parallel.layerwise import plan_partition
 
-    spec = c.spec
+    spec, f = c.spec, c.flav
     part = plan_partition(spec, c.wl, c.plan, c.P)
     G, R = len(part.groups), part.replicas
     H, Hkv, d, D, e, T, S = spec.n_heads, spec.kv_heads, c.d, c.D, c.e, c.T, c.S
@@ -932,21 +1637,28 @@ def _layerwise(c: _Ctx) -> _Model:
     mb = min(c.plan.micro_batches, rb)
     b = -(-rb // mb)
 
-    def work(tokens: float, core: Core) -> LayerWork:
-        # The pipeline takes a batch view of each layer's cache (2 slices); an
-        # eager decode step enters sdpa_kernel.
-        host = BLOCK_HOST_OPS + 2 + (core.kernel == "flash")
-        return whole_layer(c, tokens, core, tokens, BLOCK_KERNELS, host_ops=host)
-
     def step(new: int, core: Core) -> StepCost:
         st = StepCost()
-        t_layer, ops = layer_times(c.roof, work(b * new, core))
-        stage_s = []
+        w = whole_layer(c, b * new, core, b * new)
+        ops = c.roof.layer(w)
+        # The reference block and the Pipeline's batch view of its cache.
+        work, calls = _layer_work(c, w, ops, f.attention(new, b) + f.batch_view())
+        runs, hosts, step_calls = [], [], Calls()
         for i, g in enumerate(part.groups):
-            t = len(g.layers) * t_layer
-            if i in (0, G - 1):
-                t += c.ends(StepCost(), b * new)
-            stage_s.append(t)
+            first, last = i == 0, i == G - 1
+            per_mb = (_calls(m=1) + c.end_calls(first, last)
+                      + _calls(p2p=(not first) + (not last)))
+            no_p2p = dataclasses.replace(per_mb, p2p=0)
+            t_end = c.ends(StepCost(), b * new) if (first or last) else 0.0
+            stage = Work().extend(work, len(g.layers)).add(
+                c.host(no_p2p), t_end + no_p2p.kernels * c.cluster.kernel_s)
+            step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0, m=1))
+            hosts.append(stage.host_s)
+            if stage.syncs:
+                t = stage.seconds(c.cluster.sync_s)
+                runs.append((t, t, True))
+            else:
+                runs.append((stage.host_s, stage.gpu_s, False))
         biggest = max(len(g.layers) for g in part.groups)
         for o in ops:
             st.add_op(o, biggest * rb / b)
@@ -954,12 +1666,19 @@ def _layerwise(c: _Ctx) -> _Model:
         hop = 0.0
         if G > 1:
             y = b * new * D * e
-            hop = max(c.cluster.p2p_time(y, r * G + i, r * G + i + 1)[0]
-                      for r in range(R) for i in range(G - 1))
+            hops = []
+            for r in range(R):
+                for i in range(G - 1):
+                    t, lk = c.cluster.p2p_time(y, r * G + i, r * G + i + 1)
+                    hops.append(c.in_stream(t, "p2p", lk))
+            hop = max(hops)
             link = "ib" if any(c.cluster.node_of(r * G + i) != c.cluster.node_of(r * G + i + 1)
                                for r in range(R) for i in range(G - 1)) else "nvlink"
             st.add_comm("send/pp", link, rb * new * D * e / mb, hop, mb)
-        st.seconds, st.bubble_s = _pipeline(stage_s, hop, mb)
+        st.seconds, st.bubble_s = _pipeline(runs, mb, c.cluster.collective_host_s("p2p"), hop)
+        st.layer_calls, st.step_calls = calls * mb, step_calls
+        st.host_s = max(hosts) * mb
+        st.syncs = work.syncs * biggest * mb
         st.compute_s = sum(o.seconds for o in st.ops.values())
         st.comm_s = st.exposed_comm_s = (mb + G - 1) * hop if G > 1 else 0.0
         return st
@@ -1018,14 +1737,20 @@ def resolve_capacity(plan: Plan, cluster: Cluster) -> Plan:
 
 
 def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Cluster,
-            world_size: int | None = None, graphs: bool | None = None) -> Prediction:
+            world_size: int | None = None, graphs: bool | None = None,
+            moe_balance: float | None = None) -> Prediction:
     """Predict ``plan`` on ``cluster``. The plan is validated first (a
     ShardwiseError names what is wrong); a plan that is valid but does not fit
     in memory is returned with ``fits`` False and the reason.
 
     ``graphs``: whether decode steps replay a CUDA graph. None (default): where
     the strategy supports it, as ``shardwise bench`` runs them on GPUs; False:
-    every step eager (``--no-graphs``, or CPU)."""
+    every step eager (``--no-graphs``, or CPU).
+
+    ``moe_balance``: for MoE models, the routed rows of the busiest rank over
+    the mean, as a run measured it (``rank_load_max_over_mean`` in an ep
+    record's report: the router evaluated on the run's data); None: the
+    expected maximum under uniform, independent routing."""
     plan = resolve_capacity(Plan.parse(plan) if isinstance(plan, str) else plan, cluster)
     if world_size is None and plan.strategy == "layerwise":
         world_size = cluster.n_gpus
@@ -1035,7 +1760,7 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
                              f"{cluster.name} has {cluster.n_gpus}")
     if plan.strategy not in STRATEGY_MODELS:
         raise ShardwiseError(f"the cost model has no formulas for strategy {plan.strategy!r}")
-    ctx = _Ctx(spec, workload, plan, cluster, topo, graphs)
+    ctx = _Ctx(spec, workload, plan, cluster, topo, graphs, moe_balance)
     m = STRATEGY_MODELS[plan.strategy](ctx)
     totals = [w + k for w, k in zip(m.weights, m.kv)]
     worst = max(range(len(totals)), key=totals.__getitem__)

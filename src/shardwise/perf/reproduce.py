@@ -253,19 +253,44 @@ def record_case(r: dict, cluster: Cluster | None = None) -> tuple[ModelSpec, Wor
 FIDELITY_MEDIAN, FIDELITY_MAX = 0.10, 0.20
 
 
+def _run_key(r: dict) -> tuple:
+    """What makes two records route alike: the same command, model and inputs."""
+    return (r.get("command"), r.get("preset"), r.get("n_layers"), r.get("dtype"),
+            r.get("batch"), r.get("seq_len"))
+
+
+def measured_balance(records: list[dict]) -> dict:
+    """MoE routing as runs measured it: for each run (:func:`_run_key`), the
+    busiest rank's routed rows over the mean, summed over layers
+    (``rank_load_max_over_mean``, which ep reports from the routing table every
+    rank holds). The router and its inputs are the run's, not the plan's, and
+    ep's rank q owns experts q E/P .. (q+1) E/P as tp_pp's tp rank q does, so
+    the figure holds for every MoE plan of the run over the same number of ranks."""
+    out = {}
+    for r in records:
+        rep = r.get("report") or {}
+        if rep.get("rank_load_max_over_mean"):
+            out[(_run_key(r), r.get("n_devices") or r.get("world_size"))] = float(
+                rep["rank_load_max_over_mean"])
+    return out
+
+
 def fidelity_errors(result_files: list[str], cl: Cluster):
     """(rows, errors by (strategy, metric), skipped) for every record."""
     from ..bench.records import read_records
 
     errors: dict[tuple[str, str], list[float]] = {}
     rows, skipped = [], []
+    records = [r for path in result_files for r in read_records(path)]
+    balance = measured_balance(records)
     for path in result_files:
         for r in read_records(path):
             try:
                 spec, wl, plan, world = record_case(r, cl)
                 # A decode record says whether its step replayed a CUDA graph.
                 graphs = r.get("cuda_graphs") if r.get("phase") == "decode" else None
-                p = predict(spec, wl, plan, cl, world, graphs)
+                moe = balance.get((_run_key(r), world)) if spec.is_moe else None
+                p = predict(spec, wl, plan, cl, world, graphs, moe)
             except (ShardwiseError, KeyError, TypeError, ValueError) as e:
                 skipped.append(f"{r.get('plan')} ({r.get('preset')}): {e}")
                 continue
