@@ -8,8 +8,10 @@ from shardwise.spec import ModelSpec, Workload
 
 @pytest.mark.parametrize("nproc,plans", [
     (1, ["tp_pp:1x1"]),
-    # tp_pp:2x1 runs prefill as two overlapped halves; overlap=1 is the plain schedule.
-    (2, ["tp_pp:2x1", "tp_pp:2x1,overlap=1", "tp_pp:1x2", "tp_pp:1x2,mb=2"]),
+    # overlap=2 forces the prefill as two overlapped halves (auto, the default,
+    # keeps these small batches on the plain schedule, as does overlap=1).
+    (2, ["tp_pp:2x1", "tp_pp:2x1,overlap=2", "tp_pp:2x1,overlap=1", "tp_pp:1x2",
+         "tp_pp:1x2,mb=2"]),
     (4, ["tp_pp:2x2", "tp_pp:4x1", "tp_pp:1x4,mb=4", "tp_pp:2x2,mb=3"]),
 ])
 def test_tp_pp_matches_reference(nproc, plans):
@@ -65,7 +67,7 @@ def test_tp_pp_reduce_fp32_in_bf16():
     dense = get_preset("tiny-dense").model.replace(dtype="bf16")
     moe = get_preset("tiny-moe").model.replace(dtype="bf16")
     wl = Workload(batch=4, seq_len=16, decode_steps=2)
-    plans = ["tp_pp:2x1,reduce=fp32", "tp_pp:2x1,reduce=fp32,overlap=1"]
+    plans = ["tp_pp:2x1,reduce=fp32,overlap=2", "tp_pp:2x1,reduce=fp32,overlap=1"]
     assert_verified(run_plans(dense, plans, 2, wl), plans, tol=2e-2)
     # MoE: the float32 sum rounds once, as one device does, so no near-tied
     # token changes expert and the bf16 result matches to float32

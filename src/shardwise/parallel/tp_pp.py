@@ -27,6 +27,11 @@ from .pipeline import Pipeline
 from .topology import Topology
 
 
+# Below this size a half's all-reduce is latency, not bandwidth: splitting
+# would double the calls (host time) to hide almost nothing.
+OVERLAP_MIN_BYTES = 1 << 20
+
+
 class OverlappedStage(nn.Module):
     """The stage's layers on two halves of the batch at once, so that the
     all-reduce of one half runs while the other half computes (prefill).
@@ -35,16 +40,19 @@ class OverlappedStage(nn.Module):
     two all-reduces. With two independent halves, half 0's reduction is
     issued asynchronously and half 1's matmuls run meanwhile, then the roles
     swap; every half still sees exactly the reference arithmetic. Decode
-    steps (one token) and single sequences take the plain path.
+    steps (one token), single sequences and, unless forced, small batches (a
+    half's reduction under ``min_bytes``) take the plain path.
     """
 
-    def __init__(self, stage: Transformer, comm, axis: str):
+    def __init__(self, stage: Transformer, comm, axis: str, min_bytes: int = OVERLAP_MIN_BYTES):
         super().__init__()
-        self.stage, self.comm, self.axis = stage, comm, axis
+        self.stage, self.comm, self.axis, self.min_bytes = stage, comm, axis, min_bytes
 
     def forward(self, inputs: torch.Tensor, caches, pos):
         B, T = inputs.shape[:2]
-        if B < 2 or T < 2 or self.comm.topo.size(self.axis) == 1:
+        half_bytes = (B // 2) * T * self.stage.spec.d_model * inputs.element_size()
+        if (B < 2 or T < 2 or self.comm.topo.size(self.axis) == 1
+                or half_bytes < self.min_bytes):
             return self.stage(inputs, caches, pos)
         st = self.stage
         halves = balanced_ranges(B, 2)
@@ -154,12 +162,13 @@ class TpPp(Strategy):
         else:
             divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
                     f"choose tp among {[d for d in _divisors(spec.d_ff) if d <= 64]}")
-        allowed = {"overlap": ("1", "2"), "reduce": ("fp32", "model")}
+        allowed = {"overlap": ("1", "2", "auto"), "reduce": ("fp32", "model")}
         for key, value in plan.options:
             if value not in allowed.get(key, ()):
                 raise ShardwiseError(
-                    f"plan {plan}: tp_pp takes the options overlap=1|2 (two-half prefill "
-                    f"overlapping the all-reduces; default 2) and reduce=fp32|model (dtype "
+                    f"plan {plan}: tp_pp takes the options overlap=1|2|auto (two-half prefill "
+                    f"overlapping the all-reduces: never, always, when a half's reduction "
+                    f"is >= 1 MiB; default auto) and reduce=fp32|model (dtype "
                     f"of the attention's partial sums; default fp32 for MoE models, model "
                     f"otherwise), not {key}={value}"
                 )
@@ -219,9 +228,12 @@ class TpPp(Strategy):
                              self.dtype, self.device)
             for _ in self.stage_layers
         ]
-        # overlap=1 turns the two-half schedule off (it is on by default for tp > 1).
-        run_stage = (OverlappedStage(self.stage, comm, "tp")
-                     if plan.option("overlap", "2") == "2" and not spec.is_moe else self.stage)
+        # overlap=1 turns the two-half schedule off, 2 forces it, auto (the
+        # default) uses it where a half's all-reduce is large enough to hide.
+        overlap = plan.option("overlap", "auto")
+        run_stage = (OverlappedStage(self.stage, comm, "tp",
+                                     0 if overlap == "2" else OVERLAP_MIN_BYTES)
+                     if overlap != "1" and not spec.is_moe else self.stage)
         self.pipeline = Pipeline(comm, topo, "pp", run_stage, self.caches,
                                  plan.micro_batches, spec.d_model, self.dtype, self.device)
 

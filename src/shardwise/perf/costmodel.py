@@ -64,15 +64,20 @@ from ..parallel.base import balanced_ranges, validate_plan
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster
 
-# GPU kernels of a decode step captured in a CUDA graph (the static-shape path of
-# the reference block, model/reference.py): LayerNorm, QKV, the two cache
-# index_copy_, SDPA with its position mask, W_o, residual adds, the MLP; a
+# GPU kernels a layer of a decode step captured in a CUDA graph (the
+# static-shape path of the reference block, model/reference.py): the fused
+# residual-add + norm twice, QKV, one index_copy_ of the packed K/V, SDPA, W_o,
+# the up-projection with its GELU epilogue, the down-projection (the position
+# mask and cache slots are built once a step, model/reference.py one_step); a
 # graph has no host work, so only these launches' GPU time counts.
-STATIC_DECODE_KERNELS = 19
+STATIC_DECODE_KERNELS = 8
 # FlashAttention-2 (and the memory-efficient kernel) compute a whole tile of
 # query rows even when a decode step has one query: 128 rows for FA2 at
 # head_dim 128 on sm90 (kBlockM), 64 for the memory-efficient kernel.
 FLASH_Q_TILE = 128
+# tp_pp's two-half prefill threshold (parallel/tp_pp.py's OVERLAP_MIN_BYTES,
+# as data: the cost model imports no torch).
+OVERLAP_MIN_BYTES = 1 << 20
 EFFICIENT_Q_TILE = 64
 # Widest row the fused residual-add + norm kernel takes (model/kernels.py).
 FUSED_NORM_MAX_D = 32768
@@ -958,15 +963,19 @@ def _tp_pp(c: _Ctx) -> _Model:
             and c.plan.option("reduce", "fp32" if spec.is_moe else "model") == "fp32")
     # OverlappedStage wraps the stage unless overlap=1 or the model is MoE; it
     # runs two halves of the micro-batch when tp > 1 and there are >= 2
-    # sequences of >= 2 tokens (prefill).
-    overlapped = c.plan.option("overlap", "2") == "2" and not spec.is_moe
+    # sequences of >= 2 tokens (prefill), and, unless overlap=2 forces it, a
+    # half's all-reduce is at least OVERLAP_MIN_BYTES.
+    overlap = c.plan.option("overlap", "auto")
+    overlapped = overlap != "1" and not spec.is_moe
+    min_half = 0 if overlap == "2" else OVERLAP_MIN_BYTES
     n_ar = 1 if tp > 1 else 0
 
     def step(tokens_per_seq: int, core: Core, graph: bool = False) -> StepCost:
         c.graph = graph
         st = StepCost()
         tokens = b * tokens_per_seq
-        halves = overlapped and tp > 1 and b >= 2 and tokens_per_seq >= 2
+        halves = (overlapped and tp > 1 and b >= 2 and tokens_per_seq >= 2
+                  and (b // 2) * tokens_per_seq * spec.d_model * c.e >= min_half)
         if spec.is_moe:
             w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core,
                           expert_rows=c.moe_rows(tokens, El / spec.n_experts, tp),

@@ -1,7 +1,8 @@
 """Timing of prefill and decode steps, and the ceilings figures are judged against.
 
-Prefill: warm-up iterations, then each timed iteration is bracketed by a
-device synchronisation and a barrier (so it is the slowest rank's time).
+Prefill: warm-up iterations, then each timed iteration starts after a barrier
+and a device synchronisation and ends at each rank's own synchronisation; the
+slowest rank's time is the step's.
 Decode: the prompt is prefilled once, then steps run at positions L, L+1, ...
 When the strategy supports it and the device is CUDA, one decode step is
 captured in a CUDA graph with the position held in a device tensor (the
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from ..parallel.comm import gather_floats
 
 
 @dataclass
@@ -83,14 +86,16 @@ def _event_times(fn, iters: int, warmup: int) -> list[float]:
 
 
 def timed_call(fn, device, comm):
-    """Run ``fn`` between barriers and device syncs; (result, seconds)."""
+    """Run ``fn`` after a barrier and a device sync; (result, seconds of the
+    slowest rank). Each rank's clock stops at its own device sync, so neither
+    a closing barrier nor the exchange of the times is inside the window."""
     comm.barrier()
     _sync(device)
     t0 = time.perf_counter()
     out = fn()
     _sync(device)
-    comm.barrier()
-    return out, time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    return out, max(v[0] for v in gather_floats([dt], device))
 
 
 def time_prefill(model, prompt, s: BenchSettings, device, comm) -> list[float]:
