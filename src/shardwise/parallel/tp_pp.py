@@ -9,6 +9,13 @@ output and one all-reduce over ``tp`` after attention and one after the MLP
 restore it. MoE layers spread whole experts over the ``tp`` ranks (the seed's
 "2 experts per GPU") and add the shares with the same all-reduce.
 
+Options: ``overlap=1|2|auto`` runs a prefill as two halves whose all-reduces
+overlap the other half's matmuls (:class:`OverlappedStage`; ``auto``, the
+default, where a half's all-reduce is at least ``OVERLAP_MIN_BYTES``);
+``reduce=fp32|model`` is the dtype of the attention's partial sums
+(:class:`WideOutputLinear`; fp32 by default for MoE models, whose routing a
+rounding of its input can flip).
+
 Pipeline parallelism: the layers are cut into ``pp`` contiguous stages run by
 the shared micro-batched :class:`~shardwise.parallel.pipeline.Pipeline`.
 Mesh axes ``("pp", "tp")``: tp varies fastest, so a tp group is consecutive
