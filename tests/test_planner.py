@@ -8,7 +8,7 @@ import pytest
 
 from shardwise.perf.clusters import load_cluster
 from shardwise.perf.costmodel import predict
-from shardwise.perf.planner import enumerate_plans, plan_command, rank_plans, score, validate_top
+from shardwise.perf.planner import enumerate_plans, plan_command, rank_plans, score
 from shardwise.perf.reproduce import consistency, fidelity_command, find_seed, reproduce_command
 from shardwise.presets import get_preset
 from shardwise.spec import ModelSpec, Workload
@@ -70,11 +70,31 @@ def test_infeasible_plans_are_flagged_with_the_kv_cache():
     assert "KV cache 1.34 TB > 16 x 80 GB" in text and "0 fit in memory" in text
 
 
-def test_validate_top_runs_the_best_fitting_plans_in_order():
-    rows = rank_plans(enumerate_plans(SIX, SIX_WL, H100_8, ranks=4), "prefill")
-    ran = []
-    out = validate_top(rows, lambda plan: ran.append(plan) or {"plan": plan}, top=2)
-    assert ran == [r.plan for r in rows if r.fits][:2] == [r.plan for r, _ in out]
+def test_plan_validate_runs_the_best_fitting_plans_and_compares(tmp_path):
+    # End to end on CPU: the two best fitting 2-rank plans are benchmarked
+    # here and each record is printed beside its prediction on the profile.
+    import subprocess
+    import sys
+
+    from shardwise.bench.records import read_records
+    from shardwise.perf.planner import best_fitting
+
+    # bench sizes the KV cache for warm-up (3) + timed (2) + 1 decode positions.
+    best, _, _ = best_fitting("tiny-dense", "h100-sxm-8", 4, 32, "prefill", 2, ranks=2, steps=6)
+    rows = rank_plans(enumerate_plans(get_preset("tiny-dense").model,
+                                      Workload(batch=4, seq_len=32, decode_steps=6), H100_8,
+                                      ranks=2), "prefill")
+    assert best == [r.plan for r in rows if r.fits][:2] and len(best) == 2
+    out = tmp_path / "v.jsonl"
+    p = subprocess.run([sys.executable, "-m", "shardwise", "plan", "--preset", "tiny-dense",
+                        "--cluster", "h100-sxm-8", "--ranks", "2", "--batch", "4", "--seq", "32",
+                        "--top", "2", "--validate", "--device", "cpu", "--iters", "2",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "measured vs predicted" in p.stdout
+    assert sorted(r["plan"] for r in read_records(str(out))) == sorted(best)
+    for plan in best:
+        assert any(line.startswith("│ " + plan) for line in p.stdout.splitlines())
 
 
 def test_reproduce_checks_the_seeds_own_figures():

@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=["prefill", "decode"], default="prefill")
     p.add_argument("--top", type=int, help="show only the best N")
     p.add_argument("--ranks", type=int, help="plans using exactly this many GPUs")
+    p.add_argument("--validate", action="store_true",
+                   help="run the best --top (default 3) fitting plans with shardwise bench here "
+                        "and print each one's measurement beside its prediction on --cluster "
+                        "(use a profile calibrated on this machine)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where --validate runs (default: cuda if present)")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations for --validate")
+    p.add_argument("--out", help="also append the --validate records to this file")
 
     p = sub.add_parser("reproduce", help="a seed's claims beside shardwise's prediction")
     p.add_argument("seed", help="preset name (seed-helix-2l) or seed document id (000..004)")
@@ -430,7 +438,45 @@ def cmd_plan(args) -> int:
 
     print(plan_command(args.preset, args.cluster, args.batch, args.seq, args.phase, args.top,
                        args.ranks))
-    return 0
+    return validate_plans(args) if args.validate else 0
+
+
+def validate_plans(args) -> int:
+    """``plan --validate``: time the best fitting plans with ``bench`` on this
+    machine, then compare each record with its prediction on ``--cluster``."""
+    import tempfile
+
+    from .bench.records import append_records, read_records
+    from .perf.planner import best_fitting
+    from .perf.reproduce import fidelity_command
+
+    from .perf.clusters import load_cluster
+
+    from .runtime.timing import BenchSettings
+
+    # Rank for the cache the benchmark will allocate (its warm-up and timed steps).
+    steps = BenchSettings(iters=args.iters).decode_positions
+    plans, spec, wl = best_fitting(args.preset, args.cluster, args.batch, args.seq, args.phase,
+                                   args.top or 3, args.ranks, steps)
+    ranks = args.ranks or load_cluster(args.cluster).n_gpus
+    if not plans:
+        raise ShardwiseError("no plan fits on the cluster: nothing to validate")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "validate.jsonl")
+        argv = ["bench", "--preset", args.preset, "--batch", str(wl.batch), "--seq", str(wl.seq_len),
+                "--dtype", spec.dtype, "--phase", args.phase, "--iters", str(args.iters),
+                "--device", args.device, "--out", out, "--nproc", str(ranks)]
+        for p in plans:
+            argv += ["--plan", p]
+        print(f"validating {len(plans)} plan(s): shardwise {' '.join(argv)}")
+        rc = cmd_bench(build_parser().parse_args(argv))
+        if not os.path.exists(out):
+            return rc or 1
+        print(fidelity_command([out], args.cluster))
+        if args.out:
+            append_records(args.out, read_records(out))
+            print(f"appended the records to {args.out}")
+    return rc
 
 
 def cmd_reproduce(args) -> int:

@@ -96,10 +96,16 @@ def rank_plans(rows: list[Row], phase: str) -> list[Row]:
     return sorted(rows, key=key)
 
 
-def validate_top(rows: list[Row], runner: Callable[[str], dict], top: int = 3) -> list[tuple[Row, dict]]:
-    """Run the ``top`` fitting plans for real: ``runner(plan)`` returns a
-    result record (``prefill_tokens_per_s`` or ``tps``, ``tpot_ms``)."""
-    return [(r, runner(r.plan)) for r in [r for r in rows if r.fits][:top]]
+def best_fitting(preset: str, cluster: str, batch: int | None, seq: int | None, phase: str,
+                 top: int, ranks: int | None = None,
+                 steps: int | None = None) -> tuple[list[str], ModelSpec, Workload]:
+    """The ``top`` plans that fit, best first (what ``plan --validate`` runs),
+    with the model and workload they were ranked for. ``steps``: the decode
+    positions the KV cache must hold (a benchmark sizes it for its warm-up
+    and timed steps)."""
+    spec, wl = _workload(preset, batch, seq, phase, steps)
+    rows = rank_plans(enumerate_plans(spec, wl, load_cluster(cluster), ranks), phase)
+    return [r.plan for r in rows if r.fits][:top], spec, wl
 
 
 # -- text for the CLI ------------------------------------------------------------
