@@ -18,7 +18,8 @@ from shardwise.spec import ShardwiseError, Workload
 def plans_for(name: str, n: int) -> list[str]:
     half = max(1, n // 2)
     if name.startswith("seed-helix"):
-        return [f"tp_pp:{n}x1", f"tp_pp:{half}x2", f"helix:2x{half}", f"helix:{half}x2"]
+        helix = dict.fromkeys([f"helix:2x{half}", f"helix:{half}x2", f"helix:{n}x1"])
+        return [f"tp_pp:{n}x1", f"tp_pp:{half}x2", *helix]
     if name.startswith("seed-ring"):
         return [f"tp_pp:{n}x1", f"ring:{n}"]
     if name.startswith("seed-layerwise"):
