@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The 2-GPU benchmarks of scripts/gpu-final-3.sh and scripts/gpu-moe-3.sh
-# again, at the revision that ends each timed step at every rank's own device
-# sync and keeps small tp_pp prefills off the two-half schedule.
+# The 2-GPU benchmarks: seed-helix-4l prefill and decode for every plan and
+# the PyTorch peers, small-l2, MoE, layerwise, and ring against tp_pp and
+# context_parallel over sequence length.
 # Usage: OUT=results bash scripts/gpu-bench-3.sh   (from the repository root)
 set -uo pipefail
 OUT=${OUT:-results}

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # Everything the results README reports for 2 GPUs, at one revision: GPU-only
 # tests, every strategy verified in bf16 on its seed preset's dimensions, the
-# MoE check, and the benchmarks (seed-helix-4l prefill and decode for every
-# plan and the PyTorch peers, ring against tp_pp and context_parallel over
-# sequence length, MoE, layerwise).
+# MoE check, then the benchmarks of scripts/gpu-bench-3.sh.
 # Usage: OUT=results bash scripts/gpu-final-3.sh   (from the repository root)
 set -uo pipefail
 OUT=${OUT:-results}
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-V="$OUT/verify-h200x2.jsonl" B="$OUT/bench-h200x2.jsonl"
+V="$OUT/verify-h200x2.jsonl"
 quiet() { grep -v "^\[rank\|^\[[0-9]\|^  \(prefill\|decode\|verifying\)\|^│\|^┃\|^┏\|^┡\|^└\|appended"; }
 sw() { echo "+ shardwise $*"; timeout 300 python3 -m shardwise "$@" 2>&1 | quiet; }
 echo "+ pytest (GPU kernels)"
@@ -25,18 +23,4 @@ done
 v --preset small-l2 --nproc 2 --plan layerwise:cap=L2 --plan tp_pp:1x2
 v --preset seed-layerwise-30b --layers 4 --nproc 2 --batch 2 --seq 256 --steps 4 \
   --plan layerwise:cap=8GB --plan tp_pp:2x1
-b() { sw bench --out "$B" --dtype bf16 "$@"; }
-b --preset seed-helix-4l --phase prefill --batch 8 --seq 8192 --iters 5 --warmup 2 \
-  --plan torch_eager:1 --plan tp_pp:1x1 --plan torch_tp:2 --plan tp_pp:2x1 --plan helix:1x2 \
-  --plan helix:2x1 --plan tp_pp:1x2,mb=4 --plan ring:2 --plan torch_cp:2
-b --preset seed-helix-4l --phase decode --batch 16 --seq 4096 --iters 30 --warmup 5 \
-  --plan torch_eager:1 --plan tp_pp:1x1 --plan torch_tp:2 --plan tp_pp:2x1 --plan helix:1x2 \
-  --plan helix:2x1 --plan tp_pp:1x2 --plan ring:2
-for L in 4096 16384 32768; do
-  b --preset seed-ring-4l --layers 1 --phase prefill --batch 1 --seq $L --iters 3 --warmup 1 \
-    --plan ring:2 --plan tp_pp:2x1 --plan torch_cp:2
-done
-b --preset seed-moe-16l --layers 4 --batch 8 --seq 2048 --iters 5 --warmup 2 --plan ep:2 --plan tp_pp:2x1
-b --preset seed-layerwise-30b --layers 4 --batch 4 --seq 2048 --iters 5 --warmup 2 --nproc 2 \
-  --plan layerwise:cap=16GB --plan tp_pp:2x1 --plan tp_pp:1x2,mb=4
-b --preset small-l2 --iters 10 --warmup 3 --nproc 2 --plan layerwise:cap=L2 --plan tp_pp:2x1
+bash scripts/gpu-bench-3.sh

@@ -130,15 +130,22 @@ class TorchEager(Strategy):
         return self.send_to_root(local, 0)
 
 
-class TorchTP(TorchEager):
-    name = "torch_tp"
+class _OneAxisPeer(TorchEager):
+    """A peer over one mesh axis of ``plan.shape[0]`` ranks."""
+
     supports_graphs = False
+    degree = "N"  # how the usage message names the degree
 
     @classmethod
     def ranks_needed(cls, plan):
         if len(plan.shape) != 1:
-            raise ShardwiseError(f"plan {plan}: write torch_tp:T")
+            raise ShardwiseError(f"plan {plan}: write {cls.name}:{cls.degree}")
         return plan.shape[0]
+
+
+class TorchTP(_OneAxisPeer):
+    name = "torch_tp"
+    degree = "T"
 
     @classmethod
     def validate(cls, spec, workload, plan, world_size):
@@ -160,17 +167,11 @@ class TorchTP(TorchEager):
             parallelize_module(blk, mesh, plan)
 
 
-class TorchCP(TorchEager):
+class TorchCP(_OneAxisPeer):
     name = "torch_cp"
-    supports_graphs = False
+    degree = "P"
     prefill_only = True
     needs_cuda = True
-
-    @classmethod
-    def ranks_needed(cls, plan):
-        if len(plan.shape) != 1:
-            raise ShardwiseError(f"plan {plan}: write torch_cp:P")
-        return plan.shape[0]
 
     @classmethod
     def validate(cls, spec, workload, plan, world_size):

@@ -97,13 +97,14 @@ def _launch(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None):
 
 def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a LayerNorm or RMSNorm module, fused on GPUs."""
-    if not _fusable(module, x):
-        return module(x)
-    return _launch(module, x, None)[1]
+    return add_norm(module, x, None)[1]
 
 
-def add_norm(module: nn.Module, x: torch.Tensor, a: torch.Tensor):
-    """``h = x + a`` and ``module(h)``, in one pass on GPUs: returns ``(h, norm(h))``."""
+def add_norm(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None):
+    """``h = x + a`` and ``module(h)``, in one pass on GPUs: returns ``(h, norm(h))``.
+    ``a`` None: no residual (``h`` is ``x``)."""
+    if a is None:
+        return _launch(module, x, None) if _fusable(module, x) else (x, module(x))
     if a.dtype != x.dtype or a.shape != x.shape or not _fusable(module, x, a):
         h = x + a
         return h, module(h)

@@ -11,6 +11,7 @@ Hkv key/value heads, d head_dim, F d_ff, E experts.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..spec import ModelSpec
-from .kernels import add_norm, norm
+from .kernels import add_norm
 
 # Prompts at least this long have their K/V projection written straight into
 # the cache, one GEMM per sequence (each large enough to run at full rate).
@@ -55,6 +56,11 @@ def _per_step(key: tuple, make):
     if key not in _STEP:
         _STEP[key] = make()
     return _STEP[key]
+
+
+def _slots(pos: torch.Tensor, T: int, device) -> torch.Tensor:
+    """Cache positions ``pos..pos+T`` for a device-tensor ``pos``, once a step."""
+    return _per_step(("slots", id(pos), T, device), lambda: pos + torch.arange(T, device=device))
 
 
 class KVCache:
@@ -97,9 +103,7 @@ class KVCache:
         B, T = kv.shape[:2]
         kv = kv.view(B, T, *self.kv.shape[2:])
         if isinstance(pos, torch.Tensor):
-            at = _per_step(("slots", id(pos), T, kv.device),
-                           lambda: pos + torch.arange(T, device=kv.device))
-            self.kv.index_copy_(1, at, kv)
+            self.kv.index_copy_(1, _slots(pos, T, kv.device), kv)
             return self.k, self.v
         _copy_rows(self.kv[:, pos : pos + T], kv)
         return self.upto(pos + T)
@@ -118,8 +122,7 @@ class KVCache:
         CUDA graph and replayed at every position."""
         T = k.shape[2]
         if isinstance(pos, torch.Tensor):
-            at = _per_step(("slots", id(pos), T, k.device),
-                           lambda: pos + torch.arange(T, device=k.device))
+            at = _slots(pos, T, k.device)
             self.k.index_copy_(2, at, k)
             self.v.index_copy_(2, at, v)
             return self.k, self.v
@@ -253,14 +256,9 @@ class Attention(nn.Module):
         return qkv[..., : H * d].view(B, T, H, d), cache.write_packed(pos, qkv[..., H * d :])
 
 
-_ZEROS: dict = {}
-
-
+@functools.cache
 def _zeros(n: int, dtype, device) -> torch.Tensor:
-    key = (n, dtype, device)
-    if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros(n, dtype=dtype, device=device)
-    return _ZEROS[key]
+    return torch.zeros(n, dtype=dtype, device=device)
 
 
 def up_projection(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch.Tensor:
@@ -372,10 +370,7 @@ class Block(nn.Module):
         output, not yet added), returned the same way: ``(h, mlp output)``.
         Each residual add runs in one kernel with the norm that follows it
         (``add_norm``); a stack of layers adds its last output at the end."""
-        if pending is None:
-            n = norm(self.attn_norm, x)
-        else:
-            x, n = add_norm(self.attn_norm, x, pending)
+        x, n = add_norm(self.attn_norm, x, pending)
         h, n = add_norm(self.mlp_norm, x, self.attn(n, cache, pos))
         return h, self.mlp(n)
 
@@ -431,7 +426,7 @@ class Transformer(nn.Module):
                     x = layer(x if pending is None else x + pending, cache, pos)
                     pending = None
         if self.norm is not None:
-            x = norm(self.norm, x) if pending is None else add_norm(self.norm, x, pending)[1]
+            x = add_norm(self.norm, x, pending)[1]
         elif pending is not None:
             x = x + pending
         if self.lm_head is not None:

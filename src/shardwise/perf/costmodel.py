@@ -293,6 +293,14 @@ class Work:
     def seconds(self, sync_s: float) -> float:
         return sum(max(h, g) for h, g in self.segs) + sync_s * self.syncs
 
+    def stage(self, sync_s: float) -> tuple[float, float, bool]:
+        """This work as one pipeline stage of :func:`_pipeline`: (host, device,
+        serial). A stage that waits for its device inside runs serially."""
+        if self.syncs:
+            t = self.seconds(sync_s)
+            return t, t, True
+        return self.host_s, self.gpu_s, False
+
 
 @dataclass
 class Op:
@@ -1045,11 +1053,7 @@ def _tp_pp(c: _Ctx) -> _Model:
             stage.add(c.host(no_p2p), no_p2p.kernels * c.cluster.kernel_s + t_end)
             step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0))
             hosts.append(stage.host_s)
-            if stage.syncs:
-                t = stage.seconds(c.cluster.sync_s)
-                runs.append((t, t, True))
-            else:
-                runs.append((stage.host_s, stage.gpu_s, False))
+            runs.append(stage.stage(c.cluster.sync_s))
         p2p_host = 0.0 if graph else c.cluster.collective_host_s("p2p")
         hop = c.coll("p2p", "pp", y)[0] if pp > 1 else 0.0
         if pp > 1:
@@ -1663,11 +1667,7 @@ def _layerwise(c: _Ctx) -> _Model:
                 c.host(no_p2p), t_end + no_p2p.kernels * c.cluster.kernel_s)
             step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0, m=1))
             hosts.append(stage.host_s)
-            if stage.syncs:
-                t = stage.seconds(c.cluster.sync_s)
-                runs.append((t, t, True))
-            else:
-                runs.append((stage.host_s, stage.gpu_s, False))
+            runs.append(stage.stage(c.cluster.sync_s))
         biggest = max(len(g.layers) for g in part.groups)
         for o in ops:
             st.add_op(o, biggest * rb / b)
