@@ -83,3 +83,25 @@ def test_interrupted_sweep_keeps_records_and_resumes(tmp_path):
     assert sorted((x["plan"], x["phase"]) for x in final) == sorted(
         [("tp_pp:1x1", "prefill"), ("tp_pp:1x1", "decode"),
          ("tp_pp:2x2", "prefill"), ("tp_pp:2x2", "decode")])
+
+
+def test_bench_trace_profiles_every_rank(tmp_path):
+    """``bench --trace DIR``: one profiled step per phase and rank, a Chrome
+    trace and a host-op table each, and every rank's summary in the record."""
+    out, traces = tmp_path / "bench.jsonl", tmp_path / "traces"
+    r = subprocess.run([sys.executable, "-m", "shardwise", "bench", "--preset", "tiny-dense",
+                        "--device", "cpu", "--iters", "1", "--warmup", "1", "--plan", "tp_pp:2x1",
+                        "--trace", str(traces), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {x["phase"] for x in records} == {"prefill", "decode"}
+    for rec in records:
+        t = rec["trace"]
+        assert len(t["ranks"]) == 2 and all(x["wall_ms"] > 0 and x["host_ops"] > 0
+                                            for x in t["ranks"])
+        for rank in (0, 1):
+            path = traces / t["file"].format(r=rank)
+            events = json.loads(path.read_text())["traceEvents"]
+            assert any(e.get("name") == "aten::mm" for e in events)
+            assert "Self CPU" in path.with_suffix(".txt").read_text()

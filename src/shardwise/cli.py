@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--trace", metavar="DIR", default=None,
+                   help="after timing, profile one more step per phase on every rank: a Chrome "
+                        "trace and a table of host ops per rank in DIR, and the device-busy "
+                        "share in the record")
     p.add_argument("--out", default="results/bench.jsonl", help="JSON lines file to append to")
     p.add_argument("--resume", action="store_true",
                    help="skip (plan, phase) records already in --out for this workload")
@@ -314,7 +318,7 @@ def cmd_bench(args) -> int:
         raise ShardwiseError("bench runs presets (synthetic weights); use verify or run for --model")
     preset, model, wl = make_case_parts(args, device)
     settings = BenchSettings(phase=args.phase, iters=args.iters, warmup=args.warmup,
-                             graphs=not args.no_graphs)
+                             graphs=not args.no_graphs, trace=args.trace)
     timed = wl.replace(decode_steps=settings.decode_positions)
     check = preset.reduced.replace(batch=min(preset.reduced.batch, timed.batch),
                                    seq_len=min(preset.reduced.seq_len, timed.seq_len))

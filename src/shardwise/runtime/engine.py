@@ -22,7 +22,8 @@ from ..parallel.comm import Comm, gather_floats
 from ..spec import Plan, torch_dtype
 from ..bench import metrics
 from .job import Case, Job, tolerance
-from .timing import BenchSettings, measure_ceilings, summarize, time_decode, time_prefill, timed_call
+from .timing import (BenchSettings, measure_ceilings, summarize, time_decode, time_prefill,
+                     timed_call, trace_step)
 
 
 def peak_memory(device: torch.device) -> int:
@@ -272,7 +273,9 @@ def bench_case(case, plan, comm, model, rank, device,
                         "tpot_ms": None, "ms_per_token": None,
                         "mfu": flops / med / peak_flops if peak_flops else None,
                         "hbm_gbps": None, "comm_bytes": comm_bytes, "comm_share": comm_share,
-                        **summarize(times)})
+                        **summarize(times),
+                        **_trace(s, case, plan, "prefill", lambda: model.step(prompt, 0),
+                                 device, comm)})
     if s.phase in ("decode", "both"):
         monitor.phase("bench decode")
         times, graphs = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
@@ -290,7 +293,9 @@ def bench_case(case, plan, comm, model, rank, device,
                         1e3 * floor_s if floor_s else None,
                         "floor_ratio": med / floor_s if floor_s else None,
                         "cuda_graphs": graphs, "comm_bytes": comm_bytes, "comm_share": comm_share,
-                        **summarize(times)})
+                        **summarize(times),
+                        **_trace(s, case, plan, "decode", lambda: model.step(steps[0], wl.seq_len),
+                                 device, comm)})
     peak = peak_memory(device)
     monitor.phase("report")
     peak = monitor.wait("gather metrics", _max_over_ranks, peak, device)
@@ -299,6 +304,22 @@ def bench_case(case, plan, comm, model, rank, device,
         r["peak_mem_gb"] = peak / 1e9
         r["report"] = report
     return records if rank == 0 else []
+
+
+def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict:
+    """With ``--trace DIR``: one more (eager) step profiled on every rank
+    (:func:`~shardwise.runtime.timing.trace_step`); the record gets every
+    rank's summary under ``trace``."""
+    if not s.trace:
+        return {}
+    rank = comm.topo.rank
+    name = f"{case.preset or case.model.name}-{str(plan).replace(':', '_').replace(',', '_')}"
+    path = os.path.join(s.trace, f"{name}-{phase}-rank{rank}.json")
+    summary = trace_step(step, device, comm, path)
+    keys = ("wall_ms", "host_ops") + (("device_busy_ms", "kernels") if device.type == "cuda" else ())
+    rows = gather_floats([float(summary[k]) for k in keys], device)
+    return {"trace": {"dir": s.trace, "file": os.path.basename(path).replace(f"rank{rank}", "rank{r}"),
+                      "ranks": [dict(zip(keys, r)) for r in rows]}}
 
 
 def _comm_profile(step, device, comm) -> tuple[float, float]:

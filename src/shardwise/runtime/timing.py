@@ -15,6 +15,7 @@ bandwidth, bytes read plus bytes written).
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class BenchSettings:
     iters: int = 10
     warmup: int = 3
     graphs: bool = True  # CUDA graphs for decode steps where supported
+    trace: str | None = None  # directory for one profiled step per phase and rank (trace_step)
 
     @property
     def decode_positions(self) -> int:
@@ -96,6 +98,44 @@ def timed_call(fn, device, comm):
     _sync(device)
     dt = time.perf_counter() - t0
     return out, max(v[0] for v in gather_floats([dt], device))
+
+
+def trace_step(fn, device, comm, path: str) -> dict:
+    """Run ``fn`` once more under ``torch.profiler`` (host ops and device
+    kernels), write a Chrome trace to ``path`` (open it in Perfetto or
+    chrome://tracing) and a table of the costliest host ops beside it, and
+    return where the step's time went on this rank: wall time, time the
+    device was busy (union of kernel intervals), kernels launched and
+    host ops run. A step whose busy share is low is bound by the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    comm.barrier()
+    _sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    prof.export_chrome_trace(path)
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")  # union of [start, end) intervals, us
+    for a, b in kernels:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=15)]
+    if kernels:
+        tables.append(averages.table(sort_by="self_device_time_total", row_limit=15))
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        f.write("\n\n".join(tables))
+    host_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    return {"path": path, "wall_ms": 1e3 * wall, "device_busy_ms": busy / 1e3,
+            "kernels": len(kernels), "host_ops": host_ops}
 
 
 def time_prefill(model, prompt, s: BenchSettings, device, comm) -> list[float]:
