@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import statistics
 import time
@@ -313,7 +314,7 @@ def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict
     if not s.trace:
         return {}
     rank = comm.topo.rank
-    name = f"{case.preset or case.model.name}-{str(plan).replace(':', '_').replace(',', '_')}"
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{case.preset or case.model.name}-{plan}")
     path = os.path.join(s.trace, f"{name}-{phase}-rank{rank}.json")
     summary = trace_step(step, device, comm, path)
     keys = ("wall_ms", "host_ops") + (("device_busy_ms", "kernels") if device.type == "cuda" else ())

@@ -110,13 +110,16 @@ def trace_step(fn, device, comm, path: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    comm.barrier()
-    _sync(device)
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        wall = time.perf_counter() - t0
+    # The first profiled step pays the profiler's own start-up (tens of ms
+    # on GPUs): one step warms it up, the second is recorded.
+    for _ in range(2):
+        with profile(activities=acts) as prof:
+            comm.barrier()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            wall = time.perf_counter() - t0
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     prof.export_chrome_trace(path)
     events = prof.events()
