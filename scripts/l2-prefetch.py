@@ -41,7 +41,7 @@ def ar(t, prefetch=None):
         ev.record()
         side.wait_event(ev)
         with torch.cuda.stream(side):
-            torch.sum(prefetch, dtype=torch.float32, out=sink[0])
+            torch.sum(prefetch, 0, True, dtype=torch.float32, out=sink[:1])
     torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, t, "sum", g, out)
     if prefetch is not None:
         torch.cuda.current_stream().wait_stream(side)

@@ -473,6 +473,7 @@ MOE_BF16 = MOE.model.replace(dtype="bf16", activation="gelu_tanh")
 COUNT_WL = Workload(batch=8, seq_len=16, decode_steps=2)
 COUNT_CASES = {
     2: [(FUSED, "tp_pp:2x1", 1), (FUSED, "tp_pp:1x2,mb=2", 2), (GQA_BF16, "tp_pp:2x1", 1),
+        (FUSED, "tp_pp:2x1,overlap=3", 1),
         (TINY.model, "tp_pp:2x1", 1), (MOE_BF16, "tp_pp:2x1", 1), (FUSED, "helix:1x2", 1),
         (GQA_BF16, "helix:1x2", 1), (FUSED, "helix:2x1,reduce=flat", 1), (FUSED, "ring:2", 1),
         (FUSED, "layerwise:cap=1MB", 2), (MOE_BF16, "ep:2", 1), (MOE_BF16, "ring:2", 1)],

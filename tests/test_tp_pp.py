@@ -18,6 +18,32 @@ def test_tp_pp_matches_reference(nproc, plans):
     assert_verified(run_plans("tiny-dense", plans, nproc), plans)
 
 
+@pytest.mark.parametrize("nproc,plans", [
+    (2, ["tp_pp:2x1,overlap=3", "tp_pp:2x1,overlap=4", "tp_pp:2x1,overlap=8"]),
+    (4, ["tp_pp:2x2,overlap=3,mb=2", "tp_pp:4x1,overlap=5"]),
+])
+def test_tp_pp_prefill_in_chunks(nproc, plans):
+    # K overlapped chunks of a batch of 5: uneven chunks (2+2+1), one
+    # sequence a chunk, K above the batch (capped at 5), and chunks inside
+    # pipeline micro-batches.
+    wl = Workload(batch=5, seq_len=9, decode_steps=2)
+    assert_verified(run_plans("tiny-dense", plans, nproc, wl), plans)
+
+
+def test_overlap_chunks_auto():
+    from shardwise.parallel.tp_pp import OVERLAP_MIN_BYTES, overlap_chunks
+
+    row = 4096 * 2  # one bf16 token of seed-helix-4l
+    assert overlap_chunks("auto", 8, 8192, row) == 4  # 2 sequences a chunk, 32 MiB each
+    assert overlap_chunks("auto", 2, 8192, row) == 2
+    assert overlap_chunks("auto", 8, 1, row) == 1  # decode
+    assert overlap_chunks("auto", 4, 128, 1024) == 1  # a chunk's reduction under 1 MiB
+    tokens = OVERLAP_MIN_BYTES // row
+    assert overlap_chunks("auto", 4, tokens, row) == 4
+    assert overlap_chunks("auto", 4, tokens - 1, row) == 2  # 4 chunks would be under 1 MiB
+    assert overlap_chunks("3", 2, 16, row) == 2 and overlap_chunks("1", 8, 16, row) == 1
+
+
 def test_tp_pp_gqa_uneven_layers_and_vocab():
     # 5 layers over 2 stages (3 + 2), grouped-query attention, token ids in and
     # logits out (embedding on the first stage, LM head on the last).

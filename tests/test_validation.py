@@ -112,8 +112,9 @@ def test_parse_bytes():
 
 
 def test_unknown_tp_pp_option():
-    assert "overlap=1|2" in refused("tp_pp:2x1,overlap=3", 2)
-    assert "overlap=1|2" in refused("tp_pp:2x1,chunks=2", 2)
+    assert "overlap=K|auto" in refused("tp_pp:2x1,overlap=0", 2)
+    assert "overlap=K|auto" in refused("tp_pp:2x1,overlap=two", 2)
+    assert "overlap=K|auto" in refused("tp_pp:2x1,chunks=2", 2)
 
 
 def test_zero_batch_is_refused_not_ignored(capsys):

@@ -9,9 +9,10 @@ output and one all-reduce over ``tp`` after attention and one after the MLP
 restore it. MoE layers spread whole experts over the ``tp`` ranks (the seed's
 "2 experts per GPU") and add the shares with the same all-reduce.
 
-Options: ``overlap=1|2|auto`` runs a prefill as two halves whose all-reduces
-overlap the other half's matmuls (:class:`OverlappedStage`; ``auto``, the
-default, where a half's all-reduce is at least ``OVERLAP_MIN_BYTES``);
+Options: ``overlap=K|auto`` runs a prefill as K chunks of the batch whose
+all-reduces overlap the next chunk's matmuls (:class:`OverlappedStage`;
+``auto``, the default: up to 4 chunks whose all-reduces are each at least
+``OVERLAP_MIN_BYTES``; ``overlap=1`` is off);
 ``reduce=fp32|model`` is the dtype of the attention's partial sums
 (:class:`WideOutputLinear`; fp32 by default for MoE models, whose routing a
 rounding of its input can flip).
@@ -34,59 +35,73 @@ from .pipeline import Pipeline
 from .topology import Topology
 
 
-# Below this size a half's all-reduce is latency, not bandwidth: splitting
-# would double the calls (host time) to hide almost nothing.
+# Below this size a chunk's all-reduce is latency, not bandwidth: splitting
+# would multiply the calls (host time) to hide almost nothing.
 OVERLAP_MIN_BYTES = 1 << 20
+# Chunks ``overlap=auto`` splits a prefill into, the most that leave every
+# chunk's all-reduce at least OVERLAP_MIN_BYTES (and a sequence per chunk).
+OVERLAP_AUTO_CHUNKS = (4, 2)
+
+
+def overlap_chunks(option: str, batch: int, tokens: int, row_bytes: int) -> int:
+    """How many chunks :class:`OverlappedStage` splits a step of ``batch``
+    sequences of ``tokens`` into under ``overlap=option`` (1: the plain
+    path). Decode steps (one token) always take the plain path."""
+    if tokens < 2 or batch < 2:
+        return 1
+    if option != "auto":
+        return max(1, min(int(option), batch))
+    for k in OVERLAP_AUTO_CHUNKS:
+        if batch >= k and (batch // k) * tokens * row_bytes >= OVERLAP_MIN_BYTES:
+            return k
+    return 1
 
 
 class OverlappedStage(nn.Module):
-    """The stage's layers on two halves of the batch at once, so that the
-    all-reduce of one half runs while the other half computes (prefill).
+    """The stage's layers on K chunks of the batch at once, so that the
+    all-reduce of one chunk runs while the next chunk computes (prefill).
 
     Megatron's reductions sit on the critical path: each layer waits for its
-    two all-reduces. With two independent halves, half 0's reduction is
-    issued asynchronously and half 1's matmuls run meanwhile, then the roles
-    swap; every half still sees exactly the reference arithmetic. Decode
-    steps (one token), single sequences and, unless forced, small batches (a
-    half's reduction under ``min_bytes``) take the plain path.
+    two all-reduces. With K independent chunks, chunk j's reduction is issued
+    asynchronously and chunk j+1's matmuls run meanwhile; every chunk still
+    sees exactly the reference arithmetic. Only the last chunk's last
+    reduction is left exposed, 1/K of a layer's. Each residual add runs in one
+    kernel with the norm after it, also across layers, and the last adds
+    write the stage's output in place. Decode steps (one token), single
+    sequences and, under ``auto``, small batches take the plain path.
     """
 
-    def __init__(self, stage: Transformer, comm, axis: str, min_bytes: int = OVERLAP_MIN_BYTES):
+    def __init__(self, stage: Transformer, comm, axis: str, option: str = "auto"):
         super().__init__()
-        self.stage, self.comm, self.axis, self.min_bytes = stage, comm, axis, min_bytes
+        self.stage, self.comm, self.axis, self.option = stage, comm, axis, option
 
     def forward(self, inputs: torch.Tensor, caches, pos):
         B, T = inputs.shape[:2]
-        half_bytes = (B // 2) * T * self.stage.spec.d_model * inputs.element_size()
-        if (B < 2 or T < 2 or self.comm.topo.size(self.axis) == 1
-                or half_bytes < self.min_bytes):
-            return self.stage(inputs, caches, pos)
         st = self.stage
-        halves = balanced_ranges(B, 2)
-        xs = [st.embed(inputs[a:b]) if st.embed is not None else inputs[a:b] for a, b in halves]
-        views = [[c.batch_view(a, b) for c in caches] for a, b in halves]
-        hs, mlp_out = [None, None], [None, None]  # per half: residual, (partial, wait)
+        D = st.spec.d_model
+        dtype = st.layers[0].attn_norm.weight.dtype if len(st.layers) else inputs.dtype
+        k = (overlap_chunks(self.option, B, T, D * torch.finfo(dtype).bits // 8)
+             if self.comm.topo.size(self.axis) > 1 and len(st.layers) else 1)
+        if k < 2:
+            return st(inputs, caches, pos)
+        parts = balanced_ranges(B, k)
+        xs = [st.embed(inputs[a:b]) if st.embed is not None else inputs[a:b] for a, b in parts]
+        views = [[c.batch_view(a, b) for c in caches] for a, b in parts]
+        pending = [None] * k  # per chunk: the previous layer's MLP output, once summed
         for i, blk in enumerate(st.layers):
             attn_out = []
-            for j in (0, 1):
-                if mlp_out[j] is not None:  # finish the previous layer for this half
-                    m, wait = mlp_out[j]
-                    wait()
-                    xs[j] = hs[j] + m
-                a = blk.attn.inner(norm(blk.attn_norm, xs[j]), views[j][i], pos)
-                attn_out.append((a, self.comm.all_reduce_start(a, self.axis)))
-            for j in (0, 1):  # half j's reduction ran while the other half computed
-                a, wait = attn_out[j]
-                wait()
-                # a is float32 under reduce=fp32
-                hs[j], n = add_norm(blk.mlp_norm, xs[j], a.to(xs[j].dtype))
-                m = blk.mlp.inner(n)
-                mlp_out[j] = (m, self.comm.all_reduce_start(m, self.axis))
-        for j in (0, 1):
-            m, wait = mlp_out[j]
-            wait()
-            xs[j] = hs[j] + m
-        x = torch.cat(xs)
+            for j in range(k):
+                # the previous layer's residual add, in one kernel with this norm
+                xs[j], n = add_norm(blk.attn_norm, xs[j], pending[j]() if pending[j] else None)
+                a = blk.attn.inner(n, views[j][i], pos)
+                attn_out.append(self.comm.all_reduce_start(a, self.axis))
+            for j in range(k):  # chunk j's reduction ran while the next chunk computed
+                a = attn_out[j]()  # float32 under reduce=fp32
+                xs[j], n = add_norm(blk.mlp_norm, xs[j], a.to(xs[j].dtype))
+                pending[j] = self.comm.all_reduce_start(blk.mlp.inner(n), self.axis)
+        x = torch.empty((B, T, D), dtype=xs[0].dtype, device=xs[0].device)
+        for (a, b), h, m in zip(parts, xs, pending):
+            torch.add(h, m(), out=x[a:b])
         if st.norm is not None:
             x = norm(st.norm, x)
         return st.lm_head(x) if st.lm_head is not None else x
@@ -169,13 +184,14 @@ class TpPp(Strategy):
         else:
             divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
                     f"choose tp among {[d for d in _divisors(spec.d_ff) if d <= 64]}")
-        allowed = {"overlap": ("1", "2", "auto"), "reduce": ("fp32", "model")}
+        allowed = {"overlap": ("auto", *map(str, range(1, 65))), "reduce": ("fp32", "model")}
         for key, value in plan.options:
             if value not in allowed.get(key, ()):
                 raise ShardwiseError(
-                    f"plan {plan}: tp_pp takes the options overlap=1|2|auto (two-half prefill "
-                    f"overlapping the all-reduces: never, always, when a half's reduction "
-                    f"is >= 1 MiB; default auto) and reduce=fp32|model (dtype "
+                    f"plan {plan}: tp_pp takes the options overlap=K|auto (prefill in K chunks "
+                    f"whose all-reduces overlap the next chunk's compute, K from 1 (off) to "
+                    f"64; auto, the default: up to {OVERLAP_AUTO_CHUNKS[0]} chunks whose "
+                    f"reductions are >= 1 MiB each) and reduce=fp32|model (dtype "
                     f"of the attention's partial sums; default fp32 for MoE models, model "
                     f"otherwise), not {key}={value}"
                 )
@@ -235,11 +251,11 @@ class TpPp(Strategy):
                              self.dtype, self.device)
             for _ in self.stage_layers
         ]
-        # overlap=1 turns the two-half schedule off, 2 forces it, auto (the
-        # default) uses it where a half's all-reduce is large enough to hide.
+        # overlap=1 turns the chunked schedule off, K forces K chunks, auto
+        # (the default) picks them where a chunk's all-reduce is large enough
+        # to hide.
         overlap = plan.option("overlap", "auto")
-        run_stage = (OverlappedStage(self.stage, comm, "tp",
-                                     0 if overlap == "2" else OVERLAP_MIN_BYTES)
+        run_stage = (OverlappedStage(self.stage, comm, "tp", overlap)
                      if overlap != "1" and not spec.is_moe else self.stage)
         self.pipeline = Pipeline(comm, topo, "pp", run_stage, self.caches,
                                  plan.micro_batches, spec.d_model, self.dtype, self.device)

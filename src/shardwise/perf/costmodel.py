@@ -36,7 +36,7 @@ actually does on its busiest rank, layer by layer:
   that is GPipe's (micro_batches + stages - 1) slots; host-bound, the
   hosts' time (:func:`_pipeline`).
 * overlap where the strategy overlaps, simulated on two streams: tp_pp's
-  prefill in two halves (each half's all-reduce beside the other half's
+  prefill in K chunks (each chunk's all-reduce beside the next chunks'
   compute), ring's K/V hop beside the attention on the block in hand, ep's
   dispatch of chunk i+1 and combine of chunk i beside the experts on chunk
   i. A collective beside compute slows it by (1 - ``overlap_efficiency``) of
@@ -75,9 +75,22 @@ STATIC_DECODE_KERNELS = 8
 # query rows even when a decode step has one query: 128 rows for FA2 at
 # head_dim 128 on sm90 (kBlockM), 64 for the memory-efficient kernel.
 FLASH_Q_TILE = 128
-# tp_pp's two-half prefill threshold (parallel/tp_pp.py's OVERLAP_MIN_BYTES,
-# as data: the cost model imports no torch).
+# tp_pp's chunked prefill (parallel/tp_pp.py's OVERLAP_MIN_BYTES,
+# OVERLAP_AUTO_CHUNKS and overlap_chunks, as data: the cost model imports no torch).
 OVERLAP_MIN_BYTES = 1 << 20
+OVERLAP_AUTO_CHUNKS = (4, 2)
+
+
+def overlap_chunks(option: str, batch: int, tokens: int, row_bytes: float) -> int:
+    """Chunks of tp_pp's OverlappedStage (parallel/tp_pp.py overlap_chunks)."""
+    if tokens < 2 or batch < 2:
+        return 1
+    if option != "auto":
+        return max(1, min(int(option), batch))
+    for k in OVERLAP_AUTO_CHUNKS:
+        if batch >= k and (batch // k) * tokens * row_bytes >= OVERLAP_MIN_BYTES:
+            return k
+    return 1
 EFFICIENT_Q_TILE = 64
 # Widest row the fused residual-add + norm kernel takes (model/kernels.py).
 FUSED_NORM_MAX_D = 32768
@@ -970,20 +983,20 @@ def _tp_pp(c: _Ctx) -> _Model:
     wide = (tp > 1 and c.e != 4
             and c.plan.option("reduce", "fp32" if spec.is_moe else "model") == "fp32")
     # OverlappedStage wraps the stage unless overlap=1 or the model is MoE; it
-    # runs two halves of the micro-batch when tp > 1 and there are >= 2
-    # sequences of >= 2 tokens (prefill), and, unless overlap=2 forces it, a
-    # half's all-reduce is at least OVERLAP_MIN_BYTES.
+    # runs K chunks of the micro-batch when tp > 1 and there are >= 2
+    # sequences of >= 2 tokens (prefill): K from overlap=K, or under auto as
+    # many as leave each chunk's all-reduce at least OVERLAP_MIN_BYTES.
     overlap = c.plan.option("overlap", "auto")
     overlapped = overlap != "1" and not spec.is_moe
-    min_half = 0 if overlap == "2" else OVERLAP_MIN_BYTES
     n_ar = 1 if tp > 1 else 0
 
     def step(tokens_per_seq: int, core: Core, graph: bool = False) -> StepCost:
         c.graph = graph
         st = StepCost()
         tokens = b * tokens_per_seq
-        halves = (overlapped and tp > 1 and b >= 2 and tokens_per_seq >= 2
-                  and (b // 2) * tokens_per_seq * spec.d_model * c.e >= min_half)
+        chunks = (overlap_chunks(overlap, b, tokens_per_seq, spec.d_model * c.e)
+                  if overlapped and tp > 1 else 1)
+        halves = chunks > 1
         if spec.is_moe:
             w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core,
                           expert_rows=c.moe_rows(tokens, El / spec.n_experts, tp),
@@ -999,14 +1012,14 @@ def _tp_pp(c: _Ctx) -> _Model:
         # and the Pipeline's batch view of the layer's cache.
         wrap = _calls(k=1 if wide else 0, mod=2) + f.batch_view()
         if halves:
-            # OverlappedStage, per half: the residual add, norm, attention (on
-            # the half's rows), the async all-reduce, the (no-op) cast,
-            # add_norm, the MLP, its all-reduce, the half's cache views; the
-            # Pipeline's batch view.
-            half = (_calls(k=1) + f.norm() + f.attention(tokens_per_seq, b - b // 2)
-                    + _calls(m=1) + f.add_norm() + f.mlp() + f.batch_view()
-                    + _calls(all_reduce=2))
-            calls = half * 2 + f.batch_view()
+            # OverlappedStage, per chunk: the previous layer's residual added
+            # in the norm (add_norm), attention (on the chunk's rows), the
+            # async all-reduce, the (no-op) cast, add_norm, the MLP, its
+            # all-reduce, the chunk's cache views; the Pipeline's batch view.
+            chunk = (f.add_norm() + f.attention(tokens_per_seq, -(-b // chunks))
+                     + _calls(m=1) + f.add_norm() + f.mlp() + f.batch_view()
+                     + _calls(all_reduce=2))
+            calls = chunk * chunks + f.batch_view()
         elif spec.is_moe:
             pre = (f.block(f.attention(tokens_per_seq, b, wide), f.moe_router()) + wrap
                    + _calls(all_reduce=n_ar))
@@ -1037,16 +1050,19 @@ def _tp_pp(c: _Ctx) -> _Model:
             # embedding, final norm and LM head, the halves' split and join.
             vocab = spec.vocab_size is not None
             if halves:
-                # OverlappedStage on its own: the halves' inputs (and
-                # embeddings), the join, the final norm and LM head.
-                per_mb = (_calls(m=1 + 2, mod=1) + _calls(k=2, mod=2) * (vocab and first)
-                          + _calls(k=1) + (f.norm() + _calls(k=1, mod=1) * vocab) * last)
+                # OverlappedStage on its own: the chunks' inputs (and
+                # embeddings), the first layer's plain norms (a view fewer
+                # than add_norm), the output buffer and the last residual adds
+                # into its slices, the final norm and LM head.
+                per_mb = (_calls(m=1 + chunks, mod=1) + _calls(k=1, mod=1) * chunks * (vocab and first)
+                          + (f.norm() - f.add_norm()) * chunks + _calls(k=chunks, m=1 + chunks)
+                          + (f.norm() + _calls(k=1, mod=1) * vocab) * last)
             else:
                 per_mb = (_calls(m=1, mod=1 if overlapped else 0) + c.end_calls(first, last))
             per_mb += _calls(p2p=(not first) + (not last))
             t_end = c.ends(StepCost(), tokens) if (first or last) else 0.0
             if halves:
-                stage = Work().add(c.host(calls) * n, _overlapped(c, w, n, y))
+                stage = Work().add(c.host(calls) * n, _overlapped(c, w, n, y, chunks))
             else:
                 stage = Work().extend(work, n)
             no_p2p = dataclasses.replace(per_mb, p2p=0)
@@ -1091,28 +1107,28 @@ def _tp_pp(c: _Ctx) -> _Model:
     return _Model(prefill, decode, weights, kv, act, buffers)
 
 
-def _overlapped(c: _Ctx, w: LayerWork, layers: int, y: float) -> float:
-    """Device time of ``layers`` layers of OverlappedStage (tp_pp prefill in two
-    halves): the compute stream runs attention(0), attention(1), MLP(0),
-    MLP(1) of each layer; each half's all-reduce runs on the communication
-    stream in issue order while the other half computes, and a half's next
-    block waits for its sum. Each half is half the rows, with its own kernels."""
+def _overlapped(c: _Ctx, w: LayerWork, layers: int, y: float, k: int = 2) -> float:
+    """Device time of ``layers`` layers of OverlappedStage (tp_pp prefill in
+    ``k`` chunks): the compute stream runs attention(0..k-1), then
+    MLP(0..k-1) of each layer; each chunk's all-reduce runs on the
+    communication stream in issue order while the next chunks compute, and a
+    chunk's next block waits for its sum. Each chunk is 1/k of the rows, with
+    its own kernels."""
     roof, f = c.roof, c.flav
-    half = dataclasses.replace(w, tokens=w.tokens / 2,
-                               core=dataclasses.replace(w.core, seqs=w.core.seqs / 2))
-    h_ops = roof.layer(half)
+    part = dataclasses.replace(w, tokens=w.tokens / k,
+                               core=dataclasses.replace(w.core, seqs=w.core.seqs / k))
+    h_ops = roof.layer(part)
     attn_names = ("qkv", "kv write", "attention", "w_o")
-    norms = next((o.seconds for o in h_ops if o.name == "norms+residual"), 0.0)
-    first_norm = norms * 2 / (9 if f.fused_norm else 10)  # norm(x): read x, write it normed
-    seqs, T = w.core.seqs / 2, w.tokens / max(w.core.seqs, 1)
-    t_attn = (roof.gpu([o for o in h_ops if o.name in attn_names],
-                       (_calls(k=1) + f.norm() + f.attention(int(T), int(seqs))).kernels)
-              + first_norm)
-    t_mlp = (roof.gpu([o for o in h_ops if o.name not in attn_names],
-                      (f.add_norm() + f.mlp()).kernels) - first_norm)
-    t_ar = c.coll("all_reduce", "tp", y / 2)[0]
+    seqs, T = w.core.seqs / k, w.tokens / max(w.core.seqs, 1)
+    # The layer's two add_norms move the same bytes: one is attention's.
+    half_norms = next((o.seconds for o in h_ops if o.name == "norms+residual"), 0.0) / 2
+    t_attn = roof.gpu([o for o in h_ops if o.name in attn_names],
+                      (f.add_norm() + f.attention(int(T), max(1, int(seqs)))).kernels) + half_norms
+    t_mlp = roof.gpu([o for o in h_ops if o.name not in attn_names],
+                     (f.add_norm() + f.mlp()).kernels) - half_norms
+    t_ar = c.coll("all_reduce", "tp", y / k)[0]
     comp = comm = 0.0
-    m_done = [0.0, 0.0]
+    m_done = [0.0] * k
     busy_comp, busy_comm = [], []
 
     def compute(start: float, dur: float) -> float:
@@ -1126,11 +1142,11 @@ def _overlapped(c: _Ctx, w: LayerWork, layers: int, y: float) -> float:
 
     for _ in range(layers):
         a_done = []
-        for j in (0, 1):
+        for j in range(k):
             comp = compute(max(comp, m_done[j]), t_attn)
             comm = reduce(comp)
             a_done.append(comm)
-        for j in (0, 1):
+        for j in range(k):
             comp = compute(max(comp, a_done[j]), t_mlp)
             comm = reduce(comp)
             m_done[j] = comm
