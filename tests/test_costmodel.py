@@ -563,3 +563,33 @@ def test_fidelity_takes_the_devices_sustained_rate_when_the_profile_lacks_it(tmp
     own = Cluster.from_dict({**_round_dict(), "device": "NVIDIA H200",
                              "sustained_matmul_tflops": 720})
     assert with_sustained_rate(own, [str(path)]) == (own, "")
+
+
+def test_half_precision_kernel_ops_cost_what_the_probe_measured():
+    # A profile with op_us_half charges a bf16 step's kernel ops its phase's
+    # figure instead of op_us; views, modules and fp32 steps are unchanged.
+    wl = Workload(batch=2, seq_len=100, decode_steps=10)
+    half = Cluster.from_dict(_round_dict(**ROUND_HOST, op_us_half={"prefill": 40, "decode": 25}))
+    assert half.op_s_for(True, False) == pytest.approx(40e-6)
+    assert half.op_s_for(True, True) == pytest.approx(25e-6)
+    assert half.op_s_for(False, True) == pytest.approx(10e-6) == ROUND.op_s_for(True, True)
+    for phase, us in (("prefill", 40), ("decode", 25)):
+        base = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=False).step(phase)
+        more = predict(SMALL, wl, "tp_pp:1x1", half, 1, graphs=False).step(phase)
+        kernels = base.layer_calls.kernels * SMALL.n_layers + base.step_calls.kernels
+        assert more.host_s - base.host_s == pytest.approx(kernels * (us - 10) * 1e-6, rel=1e-6)
+    fp32, rates = SMALL.replace(dtype="fp32"), {"bf16": 800, "fp32": 50}
+    plain = Cluster.from_dict(_round_dict(**ROUND_HOST, matmul_tflops=rates))
+    half = Cluster.from_dict(_round_dict(**ROUND_HOST, matmul_tflops=rates,
+                                         op_us_half={"prefill": 40, "decode": 25}))
+    assert (predict(fp32, wl, "tp_pp:1x1", half, 1, graphs=False).prefill.host_s
+            == pytest.approx(predict(fp32, wl, "tp_pp:1x1", plain, 1, graphs=False).prefill.host_s))
+
+
+def test_half_layer_probe_runs():
+    import torch
+
+    from shardwise.perf.calibrate import half_layer_probe
+    out = half_layer_probe(torch.device("cpu"), view_us=1.0, module_us=1.0, quick=True)
+    assert out["prefill"] > 0 and out["decode"] > 0
+    assert out["layer_us"]["prefill"] > out["layer_us"]["decode"] > 0

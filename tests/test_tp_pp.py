@@ -34,13 +34,13 @@ def test_overlap_chunks_auto():
     from shardwise.parallel.tp_pp import OVERLAP_MIN_BYTES, overlap_chunks
 
     row = 4096 * 2  # one bf16 token of seed-helix-4l
-    assert overlap_chunks("auto", 8, 8192, row) == 4  # 2 sequences a chunk, 32 MiB each
+    assert overlap_chunks("auto", 8, 8192, row) == 2  # 4 sequences a chunk, 256 MiB each
     assert overlap_chunks("auto", 2, 8192, row) == 2
     assert overlap_chunks("auto", 8, 1, row) == 1  # decode
     assert overlap_chunks("auto", 4, 128, 1024) == 1  # a chunk's reduction under 1 MiB
     tokens = OVERLAP_MIN_BYTES // row
-    assert overlap_chunks("auto", 4, tokens, row) == 4
-    assert overlap_chunks("auto", 4, tokens - 1, row) == 2  # 4 chunks would be under 1 MiB
+    assert overlap_chunks("auto", 2, tokens, row) == 2
+    assert overlap_chunks("auto", 2, tokens - 1, row) == 1  # a chunk's reduction under 1 MiB
     assert overlap_chunks("3", 2, 16, row) == 2 and overlap_chunks("1", 8, 16, row) == 1
 
 

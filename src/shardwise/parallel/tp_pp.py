@@ -11,7 +11,7 @@ restore it. MoE layers spread whole experts over the ``tp`` ranks (the seed's
 
 Options: ``overlap=K|auto`` runs a prefill as K chunks of the batch whose
 all-reduces overlap the next chunk's matmuls (:class:`OverlappedStage`;
-``auto``, the default: up to 4 chunks whose all-reduces are each at least
+``auto``, the default: 2 chunks where each one's all-reduce is at least
 ``OVERLAP_MIN_BYTES``; ``overlap=1`` is off);
 ``reduce=fp32|model`` is the dtype of the attention's partial sums
 (:class:`WideOutputLinear`; fp32 by default for MoE models, whose routing a
@@ -40,7 +40,9 @@ from .topology import Topology
 OVERLAP_MIN_BYTES = 1 << 20
 # Chunks ``overlap=auto`` splits a prefill into, the most that leave every
 # chunk's all-reduce at least OVERLAP_MIN_BYTES (and a sequence per chunk).
-OVERLAP_AUTO_CHUNKS = (4, 2)
+# Two: on 2x H200 (seed-helix-4l, 8 x 8192) 4 and 8 chunks measured no faster
+# (results/README.md).
+OVERLAP_AUTO_CHUNKS = (2,)
 
 
 def overlap_chunks(option: str, batch: int, tokens: int, row_bytes: int) -> int:
@@ -190,8 +192,8 @@ class TpPp(Strategy):
                 raise ShardwiseError(
                     f"plan {plan}: tp_pp takes the options overlap=K|auto (prefill in K chunks "
                     f"whose all-reduces overlap the next chunk's compute, K from 1 (off) to "
-                    f"64; auto, the default: up to {OVERLAP_AUTO_CHUNKS[0]} chunks whose "
-                    f"reductions are >= 1 MiB each) and reduce=fp32|model (dtype "
+                    f"64; auto, the default: {OVERLAP_AUTO_CHUNKS[0]} chunks where each one's "
+                    f"reduction is >= 1 MiB) and reduce=fp32|model (dtype "
                     f"of the attention's partial sums; default fp32 for MoE models, model "
                     f"otherwise), not {key}={value}"
                 )

@@ -316,6 +316,47 @@ def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
             "calls": per_layer}
 
 
+def half_layer_probe(device, view_us: float, module_us: float, quick: bool = False) -> dict:
+    """The host cost of a kernel op in a half-precision layer on its GPU path
+    (cuBLASLt GEMMs with the GELU epilogue, cuDNN or flash attention, the
+    Triton add + norm): these cost the host more than the tiny fp32 ops of
+    ``op_us``. A bf16 reference stack of tiny layers (the device keeps up)
+    runs a prefill (16 tokens) and a decode step back to back; one layer's
+    time (8 layers less 1) less its views and module calls, over its kernel
+    ops as the cost model counts them (``Flavour``), is the phase's
+    ``op_us_half``. Returns {"prefill": us, "decode": us, "layer_us": {...}}."""
+    import torch
+
+    from ..model.reference import Transformer, one_step
+    from ..spec import ModelSpec
+    from .costmodel import Flavour
+
+    spec = ModelSpec(name="half-probe", n_layers=8, d_model=64, n_heads=4, head_dim=16,
+                     d_ff=128, dtype="bf16", activation="gelu_tanh")
+    iters, warm = (20, 5) if quick else (200, 20)
+    out, layer_us = {}, {}
+    with torch.inference_mode():
+        stacks = {}
+        for n in (1, 8):
+            m = Transformer(spec.replace(n_layers=n)).to(device=device, dtype=torch.bfloat16)
+            stacks[n] = (m, m.allocate_caches(1, 32))
+        for phase, tokens, pos in (("prefill", 16, 0), ("decode", 1, 16)):
+            x = torch.zeros(1, tokens, spec.d_model, device=device, dtype=torch.bfloat16)
+            t = {}
+            for n, (m, caches) in stacks.items():
+                def step(m=m, caches=caches, x=x, pos=pos):
+                    with one_step():
+                        m(x, caches, pos)
+                t[n] = _timer(device, step, iters, warm)
+            layer = max(0.0, (t[8] - t[1]) / 7) * 1e6
+            f = Flavour(spec)
+            calls = f.block(f.attention(tokens), f.mlp())
+            layer_us[phase] = layer
+            out[phase] = max(0.0, (layer - calls.metas * view_us - calls.modules * module_us)
+                             / calls.kernels)
+    return {**out, "layer_us": layer_us}
+
+
 def host_costs(device, comm, quick: bool) -> dict:
     """The host side of eager work on this rank, in us per call (the cost
     model's ``op_us``, ``view_us``, ``module_us``, ``sync_us`` and
@@ -398,7 +439,8 @@ def _slowest(values: dict, device) -> tuple[dict, dict]:
     from ..parallel.comm import gather_floats
 
     keys = ["op_us", "view_us", "module_us", "sync_us", "launch_us", "layer_probe_us",
-            "step_host_ratio"]
+            "step_host_ratio"] + [k for k in ("op_us_half_prefill", "op_us_half_decode")
+                                  if k in values]
     ckeys = sorted(values.get("collective_us", {}))
     mine = [float(values[k]) for k in keys] + [float(values["collective_us"][k]) for k in ckeys]
     rows = gather_floats(mine, device)
@@ -781,6 +823,9 @@ def measure(job, settings: dict) -> dict | None:
         host = host_costs(device, comm, quick)
         host.update(launch_us=probe["launch_us"], layer_probe_us=probe["layer_probe_us"],
                     step_host_ratio=probe["step_host_ratio"])
+        if device.type == "cuda":
+            half = half_layer_probe(device, host["view_us"], host["module_us"], quick)
+            host.update(op_us_half_prefill=half["prefill"], op_us_half_decode=half["decode"])
         host, host_per_rank = _slowest(host, device)
         comm.barrier()
         graph = graph_costs(device, comm, quick)
@@ -820,6 +865,8 @@ def measure(job, settings: dict) -> dict | None:
         "view_us": round(host["view_us"], 3),
         "module_us": round(host["module_us"], 3),
         "sync_us": round(host["sync_us"], 3),
+        **({"op_us_half": {ph: round(host[f"op_us_half_{ph}"], 3) for ph in ("prefill", "decode")}}
+           if "op_us_half_prefill" in host else {}),
         "step_host_ratio": round(host["step_host_ratio"], 3),
         **({"collective_us": {k: round(v, 3) for k, v in host["collective_us"].items()}}
            if host["collective_us"] else {}),
@@ -914,7 +961,9 @@ def calibrate_command(out: str, nproc: int | None = None, device: str = "auto",
              f"device copy {p['hbm_gbps']:g} GB/s",
              f"host per call (slowest rank): op {p['op_us']:g} us, view {p['view_us']:g} us, "
              f"module {p['module_us']:g} us, device-to-host read {p['sync_us']:g} us"
-             + "".join(f", {op} {v:g} us" for op, v in p.get("collective_us", {}).items())]
+             + "".join(f", {op} {v:g} us" for op, v in p.get("collective_us", {}).items())
+             + "".join(f"; half-precision layer op, {ph} {v:g} us"
+                       for ph, v in p.get("op_us_half", {}).items())]
     for op, c in p["links"].get("nvlink", {}).items():
         lines.append(f"{op}: latency {c['latency_us']:g} us, bus bandwidth "
                      + ", ".join(f"{s / 2**20:g} MiB {b:g} GB/s" for s, b in c["table"]))

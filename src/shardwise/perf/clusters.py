@@ -110,6 +110,10 @@ class Cluster:
     module_us: float | None = None
     sync_us: float | None = None
     collective_us: dict = field(default_factory=dict)  # op -> us (COLLECTIVES)
+    # phase ("prefill" | "decode") -> us: a kernel op of a half-precision
+    # layer on its GPU path (cuBLASLt, cuDNN / flash attention, the Triton
+    # norm), from calibrate's bf16 layer probe; op_us covers the rest.
+    op_us_half: dict = field(default_factory=dict)
     overlap_efficiency: float | None = None  # share of a collective hidden beside compute
     step_host_ratio: float | None = None  # host time of a step started from a wait / back to back
 
@@ -184,6 +188,13 @@ class Cluster:
                        else self.GRAPH_LATENCY_US)
 
     # -- host costs of eager work --------------------------------------------
+    def op_s_for(self, half: bool, decoding: bool) -> float:
+        """Seconds of a kernel op's host call in a step of that precision and
+        phase: ``op_us_half`` for half precision where the profile has it,
+        else :attr:`op_s`."""
+        us = self.op_us_half.get("decode" if decoding else "prefill") if half else None
+        return 1e-6 * us if us is not None else self.op_s
+
     @property
     def op_s(self) -> float:
         """Host time of one eager op that launches a kernel, called from Python
@@ -335,6 +346,7 @@ class Cluster:
                 op_us=_opt(d, "op_us"), view_us=_opt(d, "view_us"),
                 module_us=_opt(d, "module_us"), sync_us=_opt(d, "sync_us"),
                 collective_us={k: float(v) for k, v in d.get("collective_us", {}).items()},
+                op_us_half={k: float(v) for k, v in d.get("op_us_half", {}).items()},
                 overlap_efficiency=_opt(d, "overlap_efficiency"),
                 step_host_ratio=_opt(d, "step_host_ratio"),
                 matmul_shapes={dt: [(int(x["m"]), int(x["k"]), int(x["n"]), float(x["tflops"]))

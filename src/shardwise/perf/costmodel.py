@@ -78,7 +78,7 @@ FLASH_Q_TILE = 128
 # tp_pp's chunked prefill (parallel/tp_pp.py's OVERLAP_MIN_BYTES,
 # OVERLAP_AUTO_CHUNKS and overlap_chunks, as data: the cost model imports no torch).
 OVERLAP_MIN_BYTES = 1 << 20
-OVERLAP_AUTO_CHUNKS = (4, 2)
+OVERLAP_AUTO_CHUNKS = (2,)
 
 
 def overlap_chunks(option: str, batch: int, tokens: int, row_bytes: float) -> int:
@@ -132,13 +132,14 @@ class Calls:
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
-    def host_s(self, cl: Cluster, link: str = "nvlink") -> float:
+    def host_s(self, cl: Cluster, link: str = "nvlink", op_s: float | None = None) -> float:
         """Host time of these calls on ``cl`` in a step (device-to-host waits
         excluded: they are where host and device meet, see :class:`Work`):
         each kind's per-call figure, measured back to back, times the
-        profile's ratio for a step that starts from a wait (``step_host``)."""
+        profile's ratio for a step that starts from a wait (``step_host``).
+        ``op_s``: the cost of a kernel op, if not the profile's ``op_us``."""
         return cl.step_host * (
-            self.kernels * cl.op_s + self.metas * cl.view_s + self.modules * cl.module_s
+            self.kernels * (cl.op_s if op_s is None else op_s) + self.metas * cl.view_s + self.modules * cl.module_s
             + sum(getattr(self, op) * cl.collective_host_s(op, link) for op in COLL_KINDS))
 
 
@@ -771,6 +772,7 @@ class _Ctx:
         # Whether decode steps replay a CUDA graph (None: where the strategy can).
         self.graphs = graphs
         self.graph = False  # the step being modelled (set per step)
+        self.decoding = False  # the step being modelled is a decode step (set per step)
         self.roof = Roofline(spec, cluster)
         self.flav = self.roof.flav
         self.e = dtype_bytes(spec.dtype)
@@ -840,7 +842,12 @@ class _Ctx:
         return t * times
 
     def host(self, calls: Calls) -> float:
-        return 0.0 if self.graph else calls.host_s(self.cluster)
+        """Host time of eager ``calls`` (none in a CUDA graph). A kernel op of
+        a half-precision step costs what the profile's half-precision layer
+        probe measured for its phase, where it has one (``op_us_half``)."""
+        if self.graph:
+            return 0.0
+        return calls.host_s(self.cluster, op_s=self.cluster.op_s_for(self.flav.half, self.decoding))
 
     def ends(self, step: StepCost, tokens: float, vocab_rows: int | None = None) -> float:
         """Embedding lookup and LM head on the ranks holding them (vocab models)."""
@@ -991,7 +998,7 @@ def _tp_pp(c: _Ctx) -> _Model:
     n_ar = 1 if tp > 1 else 0
 
     def step(tokens_per_seq: int, core: Core, graph: bool = False) -> StepCost:
-        c.graph = graph
+        c.graph, c.decoding = graph, tokens_per_seq == 1
         st = StepCost()
         tokens = b * tokens_per_seq
         chunks = (overlap_chunks(overlap, b, tokens_per_seq, spec.d_model * c.e)
@@ -1267,7 +1274,7 @@ def _helix(c: _Ctx) -> _Model:
 
     def step(decode: bool) -> StepCost:
         graph = decode and graph_decode
-        c.graph = graph
+        c.graph, c.decoding = graph, decode
         st, L = StepCost(), spec.n_layers
         tokens = B * (1 if decode else T)
         qkv_local = tokens * (H + 2 * Hkv) * d // M * e  # bytes of this rank's QKV output
@@ -1407,6 +1414,7 @@ def _ring(c: _Ctx) -> _Model:
     # behind the attention on the block in hand. attend_lse runs cuDNN's flash
     # kernel (half precision, head_dim <= 128: SDPA's rate), FlashAttention-2
     # (head_dim <= 256) or the memory-efficient kernel, all with the lse.
+    c.decoding = False
     st = StepCost()
     rows = b * n  # token rows of a micro-batch on the busiest rank
     cudnn = c.e == 2 and d <= 128
@@ -1481,6 +1489,7 @@ def _ring(c: _Ctx) -> _Model:
     # Decode (eager: the shard's length depends on the position): every rank
     # runs the whole layer on every new token, attends to its cache shard with
     # attend_lse, and one all-gather of (o, lse) merges the shards (merge_stack).
+    c.decoding = True
     st = StepCost()
     held = max(zz.kv_len(r, min(T + 1, c.wl.max_len)) if c.wl.decode_steps else zz.real(r)
                for r in range(P))
@@ -1578,6 +1587,7 @@ def _ep(c: _Ctx) -> _Model:
         return before, after
 
     def step(new: int) -> StepCost:
+        c.decoding = new == 1
         st = StepCost()
         local, routed = b * new, c.B * new
         K = chunks_for(local)
@@ -1667,6 +1677,7 @@ def _layerwise(c: _Ctx) -> _Model:
     b = -(-rb // mb)
 
     def step(new: int, core: Core) -> StepCost:
+        c.decoding = new == 1
         st = StepCost()
         w = whole_layer(c, b * new, core, b * new)
         ops = c.roof.layer(w)
