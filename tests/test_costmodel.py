@@ -565,31 +565,25 @@ def test_fidelity_takes_the_devices_sustained_rate_when_the_profile_lacks_it(tmp
     assert with_sustained_rate(own, [str(path)]) == (own, "")
 
 
-def test_half_precision_kernel_ops_cost_what_the_probe_measured():
-    # A profile with op_us_half charges a bf16 step's kernel ops its phase's
-    # figure instead of op_us; views, modules and fp32 steps are unchanged.
+def test_gemm_and_attention_calls_cost_their_own_figures():
+    # Eager: a GEMM's host call costs gemm_us and an attention its phase's
+    # attn_us instead of op_us (10 in ROUND). In a CUDA graph: the static
+    # decode layer's 4 GEMMs and 1 attention take at least the smallest such
+    # kernel's GPU time instead of kernel_us (2 by default).
     wl = Workload(batch=2, seq_len=100, decode_steps=10)
-    half = Cluster.from_dict(_round_dict(**ROUND_HOST, op_us_half={"prefill": 40, "decode": 25}))
-    assert half.op_s_for(True, False) == pytest.approx(40e-6)
-    assert half.op_s_for(True, True) == pytest.approx(25e-6)
-    assert half.op_s_for(False, True) == pytest.approx(10e-6) == ROUND.op_s_for(True, True)
-    for phase, us in (("prefill", 40), ("decode", 25)):
+    kinds = Cluster.from_dict(_round_dict(**ROUND_HOST, gemm_us=40,
+                                          attn_us={"prefill": 100, "decode": 30},
+                                          gemm_kernel_us=5, attn_kernel_us=8))
+    assert kinds.attn_s(False) == pytest.approx(100e-6) and kinds.attn_s(True) == pytest.approx(30e-6)
+    assert ROUND.gemm_s == ROUND.attn_s(True) == ROUND.op_s
+    for phase, attn_us in (("prefill", 100), ("decode", 30)):
         base = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=False).step(phase)
-        more = predict(SMALL, wl, "tp_pp:1x1", half, 1, graphs=False).step(phase)
-        kernels = base.layer_calls.kernels * SMALL.n_layers + base.step_calls.kernels
-        assert more.host_s - base.host_s == pytest.approx(kernels * (us - 10) * 1e-6, rel=1e-6)
-    fp32, rates = SMALL.replace(dtype="fp32"), {"bf16": 800, "fp32": 50}
-    plain = Cluster.from_dict(_round_dict(**ROUND_HOST, matmul_tflops=rates))
-    half = Cluster.from_dict(_round_dict(**ROUND_HOST, matmul_tflops=rates,
-                                         op_us_half={"prefill": 40, "decode": 25}))
-    assert (predict(fp32, wl, "tp_pp:1x1", half, 1, graphs=False).prefill.host_s
-            == pytest.approx(predict(fp32, wl, "tp_pp:1x1", plain, 1, graphs=False).prefill.host_s))
-
-
-def test_half_layer_probe_runs():
-    import torch
-
-    from shardwise.perf.calibrate import half_layer_probe
-    out = half_layer_probe(torch.device("cpu"), view_us=1.0, module_us=1.0, quick=True)
-    assert out["prefill"] > 0 and out["decode"] > 0
-    assert out["layer_us"]["prefill"] > out["layer_us"]["decode"] > 0
+        more = predict(SMALL, wl, "tp_pp:1x1", kinds, 1, graphs=False).step(phase)
+        calls = base.layer_calls * SMALL.n_layers + base.step_calls
+        assert (calls.gemms, calls.attns) == (4 * SMALL.n_layers, SMALL.n_layers)
+        assert more.host_s - base.host_s == pytest.approx(
+            1e-6 * (calls.gemms * 30 + calls.attns * (attn_us - 10)), rel=1e-6)
+    base = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=True).decode
+    more = predict(SMALL, wl, "tp_pp:1x1", kinds, 1, graphs=True).decode
+    assert more.seconds - base.seconds == pytest.approx(
+        SMALL.n_layers * 1e-6 * (4 * (5 - 2) + (8 - 2)), rel=1e-6)

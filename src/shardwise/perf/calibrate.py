@@ -207,6 +207,20 @@ def graph_costs(device, comm, quick: bool) -> dict:
         return 1e6 * _timer(device, g.replay, 3 if quick else 20, 1 if quick else 3) / n
 
     out["kernel_us"] = round(replay_us(lambda: [x.add_(1) for _ in range(100)], 100), 3)
+    # The smallest GEMM and decode attention a small model's step runs (16
+    # tokens of width 512; 8 heads of 64 over 128 keys): their kernels take
+    # longer than a tiny add however little they compute.
+    from ..model.reference import causal_attention
+
+    a = torch.randn(16, 512, device=device, dtype=torch.bfloat16)
+    w = torch.randn(512, 512, device=device, dtype=torch.bfloat16)
+    y = torch.empty(16, 512, device=device, dtype=torch.bfloat16)
+    q = torch.randn(4, 8, 1, 64, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(4, 8, 128, 64, device=device, dtype=torch.bfloat16)
+    out["gemm_kernel_us"] = round(replay_us(lambda: [torch.mm(a, w, out=y) for _ in range(20)],
+                                            20), 3)
+    out["attn_kernel_us"] = round(replay_us(
+        lambda: [causal_attention(q, kv, kv, 127) for _ in range(20)], 20), 3)
     if comm.topo.world_size > 1:
         comm.barrier()
         out["graph_latency_us"] = round(
@@ -316,47 +330,6 @@ def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
             "calls": per_layer}
 
 
-def half_layer_probe(device, view_us: float, module_us: float, quick: bool = False) -> dict:
-    """The host cost of a kernel op in a half-precision layer on its GPU path
-    (cuBLASLt GEMMs with the GELU epilogue, cuDNN or flash attention, the
-    Triton add + norm): these cost the host more than the tiny fp32 ops of
-    ``op_us``. A bf16 reference stack of tiny layers (the device keeps up)
-    runs a prefill (16 tokens) and a decode step back to back; one layer's
-    time (8 layers less 1) less its views and module calls, over its kernel
-    ops as the cost model counts them (``Flavour``), is the phase's
-    ``op_us_half``. Returns {"prefill": us, "decode": us, "layer_us": {...}}."""
-    import torch
-
-    from ..model.reference import Transformer, one_step
-    from ..spec import ModelSpec
-    from .costmodel import Flavour
-
-    spec = ModelSpec(name="half-probe", n_layers=8, d_model=64, n_heads=4, head_dim=16,
-                     d_ff=128, dtype="bf16", activation="gelu_tanh")
-    iters, warm = (20, 5) if quick else (200, 20)
-    out, layer_us = {}, {}
-    with torch.inference_mode():
-        stacks = {}
-        for n in (1, 8):
-            m = Transformer(spec.replace(n_layers=n)).to(device=device, dtype=torch.bfloat16)
-            stacks[n] = (m, m.allocate_caches(1, 32))
-        for phase, tokens, pos in (("prefill", 16, 0), ("decode", 1, 16)):
-            x = torch.zeros(1, tokens, spec.d_model, device=device, dtype=torch.bfloat16)
-            t = {}
-            for n, (m, caches) in stacks.items():
-                def step(m=m, caches=caches, x=x, pos=pos):
-                    with one_step():
-                        m(x, caches, pos)
-                t[n] = _timer(device, step, iters, warm)
-            layer = max(0.0, (t[8] - t[1]) / 7) * 1e6
-            f = Flavour(spec)
-            calls = f.block(f.attention(tokens), f.mlp())
-            layer_us[phase] = layer
-            out[phase] = max(0.0, (layer - calls.metas * view_us - calls.modules * module_us)
-                             / calls.kernels)
-    return {**out, "layer_us": layer_us}
-
-
 def host_costs(device, comm, quick: bool) -> dict:
     """The host side of eager work on this rank, in us per call (the cost
     model's ``op_us``, ``view_us``, ``module_us``, ``sync_us`` and
@@ -386,6 +359,19 @@ def host_costs(device, comm, quick: bool) -> dict:
     metas = [lambda: x.view(-1), lambda: x.transpose(0, 1), lambda: x[1:],
              lambda: x.reshape(4, 128), lambda: torch.empty_like(x)]
     op = statistics.mean(_host_timer(device, f, iters, warm) for f in launching)
+    # The kinds whose calls cost the host more (cuBLASLt's heuristics and
+    # workspace, SDPA's backend choice and cuDNN's plan cache), in the
+    # precision a GPU runs (bf16; fp32 on CPU), as the reference calls them.
+    from ..model.reference import causal_attention
+
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    xh, wh = x.to(half), w.to(half)
+    q, kv = torch.randn(1, 4, 16, 16, device=device, dtype=half), torch.randn(
+        1, 4, 17, 16, device=device, dtype=half)
+    gemm = _host_timer(device, lambda: Fn.linear(xh, wh), iters, warm)
+    attn_prefill = _host_timer(device, lambda: causal_attention(q, q, q, 0), iters, warm)
+    attn_decode = _host_timer(device, lambda: causal_attention(q[:, :, :1], kv, kv, 16),
+                              iters, warm)
     view = statistics.mean(_host_timer(device, f, iters, warm) for f in metas)
     ident = torch.nn.Identity()
     bare = lambda t: t  # noqa: E731
@@ -393,7 +379,8 @@ def host_costs(device, comm, quick: bool) -> dict:
                  - _host_timer(device, lambda: bare(x), iters, warm))
     t = torch.zeros((), device=device)
     sync = _timer_each(device, t.item, iters // 10 or 5)
-    out = {"op_us": op, "view_us": view, "module_us": module, "sync_us": sync}
+    out = {"op_us": op, "view_us": view, "module_us": module, "sync_us": sync,
+           "gemm_us": gemm, "attn_prefill_us": attn_prefill, "attn_decode_us": attn_decode}
     colls = {}
     n = comm.topo.world_size
     if n > 1:
@@ -439,8 +426,7 @@ def _slowest(values: dict, device) -> tuple[dict, dict]:
     from ..parallel.comm import gather_floats
 
     keys = ["op_us", "view_us", "module_us", "sync_us", "launch_us", "layer_probe_us",
-            "step_host_ratio"] + [k for k in ("op_us_half_prefill", "op_us_half_decode")
-                                  if k in values]
+            "step_host_ratio", "gemm_us", "attn_prefill_us", "attn_decode_us"]
     ckeys = sorted(values.get("collective_us", {}))
     mine = [float(values[k]) for k in keys] + [float(values["collective_us"][k]) for k in ckeys]
     rows = gather_floats(mine, device)
@@ -511,7 +497,10 @@ def link_profile(op: str, points: list, n: int) -> dict:
 # per-layer counts against these.
 
 CALL_KINDS = ("kernels", "metas", "modules", "syncs", "all_reduce", "all_gather",
-              "reduce_scatter", "all_to_all", "p2p", "broadcast", "barrier")
+              "reduce_scatter", "all_to_all", "p2p", "broadcast", "barrier", "gemms", "attns")
+# Kernel ops also counted as GEMMs; attentions are the ops whose name holds
+# "scaled_dot_product" or "attention" (SDPA's backends).
+GEMM_OPS = {"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "_addmm_activation"}
 # Ops whose result the host has to wait for (the value sizes what follows).
 SYNC_OPS = {"nonzero", "nonzero_numpy", "nonzero_static", "item", "_local_scalar_dense",
             "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
@@ -597,8 +586,14 @@ class CallCounter:
                 kwargs = kwargs or {}
                 out = func(*args, **kwargs)
                 kind = classify_op(func, args, kwargs, out)
+                name = func.overloadpacket.__name__
                 if kind != "skip":
-                    counter.note(kind, func.overloadpacket.__name__)
+                    counter.note(kind, name)
+                if kind == "kernels":
+                    if name in GEMM_OPS:
+                        counter.note("gemms", name)
+                    elif "scaled_dot_product" in name or "attention" in name:
+                        counter.note("attns", name)
                 return out
 
         def wrap(fn, kind):
@@ -823,9 +818,7 @@ def measure(job, settings: dict) -> dict | None:
         host = host_costs(device, comm, quick)
         host.update(launch_us=probe["launch_us"], layer_probe_us=probe["layer_probe_us"],
                     step_host_ratio=probe["step_host_ratio"])
-        if device.type == "cuda":
-            half = half_layer_probe(device, host["view_us"], host["module_us"], quick)
-            host.update(op_us_half_prefill=half["prefill"], op_us_half_decode=half["decode"])
+
         host, host_per_rank = _slowest(host, device)
         comm.barrier()
         graph = graph_costs(device, comm, quick)
@@ -865,8 +858,9 @@ def measure(job, settings: dict) -> dict | None:
         "view_us": round(host["view_us"], 3),
         "module_us": round(host["module_us"], 3),
         "sync_us": round(host["sync_us"], 3),
-        **({"op_us_half": {ph: round(host[f"op_us_half_{ph}"], 3) for ph in ("prefill", "decode")}}
-           if "op_us_half_prefill" in host else {}),
+        "gemm_us": round(host["gemm_us"], 3),
+        "attn_us": {"prefill": round(host["attn_prefill_us"], 3),
+                    "decode": round(host["attn_decode_us"], 3)},
         "step_host_ratio": round(host["step_host_ratio"], 3),
         **({"collective_us": {k: round(v, 3) for k, v in host["collective_us"].items()}}
            if host["collective_us"] else {}),
@@ -962,8 +956,8 @@ def calibrate_command(out: str, nproc: int | None = None, device: str = "auto",
              f"host per call (slowest rank): op {p['op_us']:g} us, view {p['view_us']:g} us, "
              f"module {p['module_us']:g} us, device-to-host read {p['sync_us']:g} us"
              + "".join(f", {op} {v:g} us" for op, v in p.get("collective_us", {}).items())
-             + "".join(f"; half-precision layer op, {ph} {v:g} us"
-                       for ph, v in p.get("op_us_half", {}).items())]
+             + f"; GEMM {p['gemm_us']:g} us, attention {p['attn_us']['prefill']:g} us "
+             f"(prefill), {p['attn_us']['decode']:g} us (decode)"]
     for op, c in p["links"].get("nvlink", {}).items():
         lines.append(f"{op}: latency {c['latency_us']:g} us, bus bandwidth "
                      + ", ".join(f"{s / 2**20:g} MiB {b:g} GB/s" for s, b in c["table"]))

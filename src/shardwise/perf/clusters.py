@@ -110,10 +110,14 @@ class Cluster:
     module_us: float | None = None
     sync_us: float | None = None
     collective_us: dict = field(default_factory=dict)  # op -> us (COLLECTIVES)
-    # phase ("prefill" | "decode") -> us: a kernel op of a half-precision
-    # layer on its GPU path (cuBLASLt, cuDNN / flash attention, the Triton
-    # norm), from calibrate's bf16 layer probe; op_us covers the rest.
-    op_us_half: dict = field(default_factory=dict)
+    # The host call of a GEMM and of an attention (per phase: "prefill",
+    # "decode"), which cost more than op_us (cuBLASLt heuristics, SDPA's
+    # backend choice, cuDNN's plan cache); and the GPU time of the smallest
+    # GEMM and decode attention kernels, which take longer than kernel_us.
+    gemm_us: float | None = None
+    attn_us: dict = field(default_factory=dict)
+    gemm_kernel_us: float | None = None
+    attn_kernel_us: float | None = None
     overlap_efficiency: float | None = None  # share of a collective hidden beside compute
     step_host_ratio: float | None = None  # host time of a step started from a wait / back to back
 
@@ -188,12 +192,26 @@ class Cluster:
                        else self.GRAPH_LATENCY_US)
 
     # -- host costs of eager work --------------------------------------------
-    def op_s_for(self, half: bool, decoding: bool) -> float:
-        """Seconds of a kernel op's host call in a step of that precision and
-        phase: ``op_us_half`` for half precision where the profile has it,
-        else :attr:`op_s`."""
-        us = self.op_us_half.get("decode" if decoding else "prefill") if half else None
+    @property
+    def gemm_s(self) -> float:
+        """Host seconds of a GEMM call: ``gemm_us``, else :attr:`op_s`."""
+        return 1e-6 * self.gemm_us if self.gemm_us is not None else self.op_s
+
+    def attn_s(self, decoding: bool) -> float:
+        """Host seconds of an attention call in a prefill or decode step:
+        ``attn_us`` of the phase, else :attr:`op_s`."""
+        us = self.attn_us.get("decode" if decoding else "prefill")
         return 1e-6 * us if us is not None else self.op_s
+
+    @property
+    def gemm_kernel_s(self) -> float:
+        """GPU seconds of the smallest GEMM kernel: ``gemm_kernel_us``, else :attr:`kernel_s`."""
+        return 1e-6 * self.gemm_kernel_us if self.gemm_kernel_us is not None else self.kernel_s
+
+    @property
+    def attn_kernel_s(self) -> float:
+        """GPU seconds of the smallest attention kernel: ``attn_kernel_us``, else :attr:`kernel_s`."""
+        return 1e-6 * self.attn_kernel_us if self.attn_kernel_us is not None else self.kernel_s
 
     @property
     def op_s(self) -> float:
@@ -346,7 +364,9 @@ class Cluster:
                 op_us=_opt(d, "op_us"), view_us=_opt(d, "view_us"),
                 module_us=_opt(d, "module_us"), sync_us=_opt(d, "sync_us"),
                 collective_us={k: float(v) for k, v in d.get("collective_us", {}).items()},
-                op_us_half={k: float(v) for k, v in d.get("op_us_half", {}).items()},
+                gemm_us=_opt(d, "gemm_us"),
+                attn_us={k: float(v) for k, v in d.get("attn_us", {}).items()},
+                gemm_kernel_us=_opt(d, "gemm_kernel_us"), attn_kernel_us=_opt(d, "attn_kernel_us"),
                 overlap_efficiency=_opt(d, "overlap_efficiency"),
                 step_host_ratio=_opt(d, "step_host_ratio"),
                 matmul_shapes={dt: [(int(x["m"]), int(x["k"]), int(x["n"]), float(x["tflops"]))

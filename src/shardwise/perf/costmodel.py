@@ -117,6 +117,10 @@ class Calls:
     reduce_scatter: float = 0.0
     all_to_all: float = 0.0
     p2p: float = 0.0
+    # Of the kernels: GEMMs (mm, addmm, bmm, linear's) and attentions (SDPA's
+    # kernels), which cost the host and the device more than the others.
+    gemms: float = 0.0
+    attns: float = 0.0
 
     def __add__(self, o: "Calls") -> "Calls":
         return Calls(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
@@ -132,19 +136,29 @@ class Calls:
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
-    def host_s(self, cl: Cluster, link: str = "nvlink", op_s: float | None = None) -> float:
+    def host_s(self, cl: Cluster, link: str = "nvlink", decoding: bool = False) -> float:
         """Host time of these calls on ``cl`` in a step (device-to-host waits
         excluded: they are where host and device meet, see :class:`Work`):
         each kind's per-call figure, measured back to back, times the
         profile's ratio for a step that starts from a wait (``step_host``).
-        ``op_s``: the cost of a kernel op, if not the profile's ``op_us``."""
+        GEMMs and attentions cost their own figures (an attention its
+        phase's: ``decoding``)."""
         return cl.step_host * (
-            self.kernels * (cl.op_s if op_s is None else op_s) + self.metas * cl.view_s + self.modules * cl.module_s
+            (self.kernels - self.gemms - self.attns) * cl.op_s + self.gemms * cl.gemm_s
+            + self.attns * cl.attn_s(decoding) + self.metas * cl.view_s + self.modules * cl.module_s
             + sum(getattr(self, op) * cl.collective_host_s(op, link) for op in COLL_KINDS))
 
 
-def _calls(k: float = 0, m: float = 0, mod: float = 0, sync: float = 0, **colls) -> Calls:
-    return Calls(k, m, mod, sync, **colls)
+# The static decode layer's launches as Calls: of its kernels, the QKV, W_o,
+# up- and down-projection GEMMs and one attention.
+STATIC_DECODE = Calls(kernels=STATIC_DECODE_KERNELS, gemms=4, attns=1)
+
+
+def _calls(k: float = 0, m: float = 0, mod: float = 0, sync: float = 0, g: float = 0,
+           a: float = 0, **colls) -> Calls:
+    """``k`` kernel ops, of which ``g`` GEMMs and ``a`` attentions; ``m`` views
+    and allocations; ``mod`` module calls; ``sync`` device-to-host reads."""
+    return Calls(k, m, mod, sync, gemms=g, attns=a, **colls)
 
 
 class Flavour:
@@ -183,7 +197,7 @@ class Flavour:
 
     def qkv(self) -> Calls:
         """Attention.qkv (the strategies' own attention): W_qkv, split, three views."""
-        return _calls(k=1, m=4, mod=1)
+        return _calls(k=1, g=1, m=4, mod=1)
 
     def cache_write(self, contiguous_rows: bool = True) -> Calls:
         """KVCache.write: K and V (slice, copy each) and the cache up to the
@@ -200,22 +214,22 @@ class Flavour:
         transpose, SDPA, o's transpose and reshape, W_o (with ``wide``,
         tp_pp's WideOutputLinear: reshape, transpose, view around one mm)."""
         if tokens_per_seq >= _direct_cache_min_tokens():
-            c = _calls(k=1, m=1 + 1 + 2, mod=1) + _calls(k=1, m=5) * seqs
+            c = _calls(k=1, g=1, m=1 + 1 + 2, mod=1) + _calls(k=1, g=1, m=5) * seqs
         else:
-            c = _calls(k=1, m=2, mod=2) + _calls(m=3) + self.copy_rows() + _calls(m=2)
-        c = c + _calls(k=1, m=3)
-        return c + (_calls(k=1, m=3, mod=1) if wide else _calls(k=1, mod=1))
+            c = _calls(k=1, g=1, m=2, mod=2) + _calls(m=3) + self.copy_rows() + _calls(m=2)
+        c = c + _calls(k=1, a=1, m=3)
+        return c + (_calls(k=1, g=1, m=3, mod=1) if wide else _calls(k=1, g=1, mod=1))
 
     def up(self) -> Calls:
         """up_projection: the fused GEMM (reshape, transpose, view), or a linear
         and the activation (SwiGLU: chunk, SiLU, product)."""
         if self.fused_up:
-            return _calls(k=1, m=3)
-        return _calls(k=3, m=1) if self.spec.activation == "swiglu" else _calls(k=2)
+            return _calls(k=1, g=1, m=3)
+        return _calls(k=3, g=1, m=1) if self.spec.activation == "swiglu" else _calls(k=2, g=1)
 
     def mlp(self) -> Calls:
         """The MLP module: up_projection, W_down (a Linear)."""
-        return _calls(mod=1) + self.up() + _calls(k=1, mod=1)
+        return _calls(mod=1) + self.up() + _calls(k=1, g=1, mod=1)
 
     def block(self, attn: Calls, mlp: Calls) -> Calls:
         """Block.residual_parts in a stack (steady state): the previous
@@ -232,7 +246,7 @@ class Flavour:
         if vocab and first:
             c += _calls(k=1, mod=1)
         if vocab and last:
-            c += _calls(k=1, mod=1)
+            c += _calls(k=1, g=1, mod=1)
         return c
 
     def moe_router(self) -> Calls:
@@ -240,7 +254,7 @@ class Flavour:
         (promote_types, two casts, linear), top-k and its softmax (a no-op
         cast first), the zeroed output; after the loop, out.view."""
         casts = _calls(m=2) if self.fp32 else _calls(k=2)
-        return _calls(k=4, m=4, mod=1) + casts
+        return _calls(k=4, g=1, m=4, mod=1) + casts
 
     def moe_expert(self, hit: bool) -> Calls:
         """One local expert of the reference loop: the compare and torch.nonzero
@@ -250,7 +264,8 @@ class Flavour:
         casts them, weights its output and index_add_s it."""
         c = _calls(k=1, sync=1)
         if hit:
-            c = c + self.up() + _calls(k=5 + (0 if self.fp32 else 1), m=4 + (1 if self.fp32 else 0))
+            c = c + self.up() + _calls(k=5 + (0 if self.fp32 else 1), g=1,
+                                       m=4 + (1 if self.fp32 else 0))
         return c
 
 
@@ -719,11 +734,21 @@ class Roofline:
             passes += (n_in + 1) * rows * F * e
         return Op("experts", 2 * rows * mats * D * F, weights + acts + passes, t + passes / self.hbm)
 
-    def gpu(self, ops: list[Op], kernels: float) -> float:
+    def gpu(self, ops: list[Op], kernels: "float | Calls") -> float:
         """GPU time of ``ops`` issued as ``kernels`` launches: their rooflines
-        plus ``kernel_us`` each (launch latency and tail, in a stream and in a
-        CUDA graph alike)."""
-        return sum(o.seconds for o in ops) + kernels * self.cluster.kernel_s
+        plus each launch's own time (:meth:`launches`)."""
+        return sum(o.seconds for o in ops) + self.launches(kernels)
+
+    def launches(self, kernels: "float | Calls") -> float:
+        """GPU time of launching ``kernels`` (a count, or :class:`Calls`) beyond
+        their rooflines: ``kernel_us`` each (launch latency and tail, in a
+        stream and in a CUDA graph alike); a GEMM or attention of Calls takes
+        at least the smallest such kernel's time instead."""
+        cl = self.cluster
+        if not isinstance(kernels, Calls):
+            return kernels * cl.kernel_s
+        return (kernels.kernels * cl.kernel_s + kernels.gemms * (cl.gemm_kernel_s - cl.kernel_s)
+                + kernels.attns * (cl.attn_kernel_s - cl.kernel_s))
 
 
 # -- weights and KV cache, exactly as the strategies allocate them -----------------
@@ -842,12 +867,8 @@ class _Ctx:
         return t * times
 
     def host(self, calls: Calls) -> float:
-        """Host time of eager ``calls`` (none in a CUDA graph). A kernel op of
-        a half-precision step costs what the profile's half-precision layer
-        probe measured for its phase, where it has one (``op_us_half``)."""
-        if self.graph:
-            return 0.0
-        return calls.host_s(self.cluster, op_s=self.cluster.op_s_for(self.flav.half, self.decoding))
+        """Host time of eager ``calls`` (none in a CUDA graph)."""
+        return 0.0 if self.graph else calls.host_s(self.cluster, decoding=self.decoding)
 
     def ends(self, step: StepCost, tokens: float, vocab_rows: int | None = None) -> float:
         """Embedding lookup and LM head on the ranks holding them (vocab models)."""
@@ -956,14 +977,14 @@ def _moe_layer(c: _Ctx, w: LayerWork, ops: list[Op], pre: Calls, post: Calls,
     rest = [o for o in ops if o.name != "experts"]
     hit, held = w.experts_hit, int(w.experts_held)
     hit_c, miss_c = f.moe_expert(True), f.moe_expert(False)
-    work = Work().add(c.host(pre), c.roof.gpu(rest, pre.kernels) + pre_gpu)
-    seg_hit = (c.host(hit_c), (t_exp / hit if hit else 0.0) + hit_c.kernels * cl.kernel_s)
-    seg_miss = (c.host(miss_c), miss_c.kernels * cl.kernel_s)
+    work = Work().add(c.host(pre), c.roof.gpu(rest, pre) + pre_gpu)
+    seg_hit = (c.host(hit_c), (t_exp / hit if hit else 0.0) + c.roof.launches(hit_c))
+    seg_miss = (c.host(miss_c), c.roof.launches(miss_c))
     for i in range(held):
         share = min(1.0, max(0.0, hit - i))  # expected hits spread over the segments
         work.sync().add(share * seg_hit[0] + (1 - share) * seg_miss[0],
                         share * seg_hit[1] + (1 - share) * seg_miss[1])
-    return work.add(c.host(post), post_gpu + post.kernels * cl.kernel_s)
+    return work.add(c.host(post), post_gpu + c.roof.launches(post))
 
 
 def _moe_calls(f: Flavour, held: int, hit: float) -> Calls:
@@ -1037,7 +1058,7 @@ def _tp_pp(c: _Ctx) -> _Model:
             calls = (f.block(f.attention(tokens_per_seq, b, wide), f.mlp()) + wrap
                      + _calls(all_reduce=2 * n_ar))
         if not spec.is_moe:
-            kernels = STATIC_DECODE_KERNELS if graph else calls.kernels
+            kernels = STATIC_DECODE if graph else calls
             work = Work().add(c.host(calls), c.roof.gpu(ops, kernels) + g_attn + g_mlp)
 
         # Traffic recorded for the micro-batches as they are (balanced sizes).
@@ -1073,7 +1094,7 @@ def _tp_pp(c: _Ctx) -> _Model:
             else:
                 stage = Work().extend(work, n)
             no_p2p = dataclasses.replace(per_mb, p2p=0)
-            stage.add(c.host(no_p2p), no_p2p.kernels * c.cluster.kernel_s + t_end)
+            stage.add(c.host(no_p2p), c.roof.launches(no_p2p) + t_end)
             step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0))
             hosts.append(stage.host_s)
             runs.append(stage.stage(c.cluster.sync_s))
@@ -1130,9 +1151,9 @@ def _overlapped(c: _Ctx, w: LayerWork, layers: int, y: float, k: int = 2) -> flo
     # The layer's two add_norms move the same bytes: one is attention's.
     half_norms = next((o.seconds for o in h_ops if o.name == "norms+residual"), 0.0) / 2
     t_attn = roof.gpu([o for o in h_ops if o.name in attn_names],
-                      (f.add_norm() + f.attention(int(T), max(1, int(seqs)))).kernels) + half_norms
+                      f.add_norm() + f.attention(int(T), max(1, int(seqs)))) + half_norms
     t_mlp = roof.gpu([o for o in h_ops if o.name not in attn_names],
-                     (f.add_norm() + f.mlp()).kernels) - half_norms
+                     f.add_norm() + f.mlp()) - half_norms
     t_ar = c.coll("all_reduce", "tp", y / k)[0]
     comp = comm = 0.0
     m_done = [0.0] * k
@@ -1238,14 +1259,14 @@ def _helix(c: _Ctx) -> _Model:
         """Helix's attention module, from parallel/helix.py."""
         a2a = _calls(k=1, m=1, all_to_all=1) if M > 1 else Calls()  # Comm: contiguous, buffer
         gather = _calls(k=1, m=3, all_gather=1) if M > 1 else Calls()  # movedim, copy, buffer, movedim
-        wo = _calls(k=1, mod=1)
+        wo = _calls(k=1, g=1, mod=1)
         if mode == "heads":
             # qkv; q, k, v reshaped and concatenated, moved, exchanged; permuted
             # and reshaped (a copy when M > 1), split, transposed; the cache
             # write; the core; o transposed and reshaped; W_o.
             return (_calls(mod=1) + f.qkv() + _calls(k=1, m=4) + a2a
                     + _calls(k=1 if M > 1 else 0, m=(1 if M > 1 else 2) + 1 + 3)
-                    + f.cache_write() + _calls(k=1, m=2) + wo)
+                    + f.cache_write() + _calls(k=1, a=1, m=2) + wo)
         if not decode:
             # prefill: queries transposed and exchanged, the received view
             # permuted and reshaped (a copy); K, V concatenated and gathered,
@@ -1257,7 +1278,7 @@ def _helix(c: _Ctx) -> _Model:
             masked = M > 1
             return (_calls(mod=1) + f.qkv() + _calls(m=1) + a2a + _calls(k=1, m=2)
                     + _calls(k=1) + gather + _calls(m=1 + 3 + 2) + f.cache_write(M == 1)
-                    + _calls(m=2) + (_calls(k=4, m=2) if masked else _calls(k=1))
+                    + _calls(m=2) + (_calls(k=4, a=1, m=2) if masked else _calls(k=1, a=1))
                     + _calls(m=3) + _calls(k=1)
                     + (_calls(m=1, all_to_all=1) if M > 1 else Calls())
                     + _calls(m=2) + wo)
@@ -1268,7 +1289,7 @@ def _helix(c: _Ctx) -> _Model:
         # back, reshape; W_o.
         return (_calls(mod=1) + f.qkv() + _calls(k=1) + gather + _calls(m=1 + 3)
                 + f.cache_write(M == 1) + _calls(k=1, m=2)
-                + _calls(k=2 + (Hkv > 1), m=4 - (Hkv > 1))
+                + _calls(k=2 + (Hkv > 1), a=1, m=4 - (Hkv > 1))
                 + (_calls(k=1, m=1, all_to_all=1) if M > 1 else Calls())
                 + _calls(k=8, m=4) + _calls(k=1, m=1) + wo)
 
@@ -1323,8 +1344,8 @@ def _helix(c: _Ctx) -> _Model:
             post = sums
             work = _moe_layer(c, w, ops, pre, post, t_coll)
         else:
-            kernels = (STATIC_DECODE_KERNELS + graph_kernels + 2 * bool(pad_copy)
-                       if graph else calls.kernels)
+            kernels = (STATIC_DECODE + _calls(k=graph_kernels + 2 * bool(pad_copy))
+                       if graph else calls)
             work = Work().add(c.host(calls), c.roof.gpu(ops, kernels) + t_coll)
         for o in ops:
             st.add_op(o, L)
@@ -1335,7 +1356,7 @@ def _helix(c: _Ctx) -> _Model:
             # masking, and its sum over the mesh.
             step_calls += _calls(k=8, m=1, mod=1) + sums
         whole = Work().extend(work, L).add(c.host(step_calls),
-                                           step_calls.kernels * c.cluster.kernel_s + t_ends)
+                                           c.roof.launches(step_calls) + t_ends)
         st.seconds = whole.seconds(c.cluster.sync_s)
         st.host_s, st.syncs = whole.host_s, whole.syncs
         st.layer_calls, st.step_calls = calls, step_calls
@@ -1392,7 +1413,7 @@ def _layer_work(c: _Ctx, w: LayerWork, ops: list[Op], attn: Calls,
         calls = pre + _moe_calls(f, int(w.experts_held), w.experts_hit) - f.moe_router()
         return _moe_layer(c, w, ops, pre, Calls(), gpu_extra), calls
     calls = f.block(attn, f.mlp())
-    return Work().add(c.host(calls), c.roof.gpu(ops, calls.kernels) + gpu_extra), calls
+    return Work().add(c.host(calls), c.roof.gpu(ops, calls) + gpu_extra), calls
 
 
 # -- ring ---------------------------------------------------------------------------------
@@ -1445,7 +1466,8 @@ def _ring(c: _Ctx) -> _Model:
     cast = _calls(m=1) if f.fp32 else _calls(k=1)  # o.to(x.dtype): a no-op in fp32
     attn = (_calls(mod=1, m=2) + f.qkv() * 2 + _calls(k=3, m=3) + f.cache_write()
             + _calls(k=2 + 1 + 2, m=1 + 4 + 1 + 1) + _calls(p2p=P - 1)
-            + _calls(k=15, m=9 + cudnn) * n_blocks + _calls(k=1, m=1) + cast + _calls(k=1, mod=1)
+            + _calls(k=15, a=1, m=9 + cudnn) * n_blocks + _calls(k=1, m=1) + cast
+            + _calls(k=1, g=1, mod=1)
             + f.batch_view())  # the Transformer's batch view of the layer's cache
     # The core's time split over the ring steps by the pairs each block scores.
     pairs_at = {s_: ((q1 - q0) * (q1 - q0 + 1) / 2 if causal else (q1 - q0) * (k1 - k0))
@@ -1475,7 +1497,7 @@ def _ring(c: _Ctx) -> _Model:
     per_mb = _calls(m=1) + c.end_calls(True, True)
     step_calls = per_mb * mb + _calls(k=1 + (mb > 1))
     t_ends = c.ends(StepCost(), b * n)
-    one = Work().extend(work, L).add(c.host(per_mb), t_ends + per_mb.kernels * c.cluster.kernel_s)
+    one = Work().extend(work, L).add(c.host(per_mb), t_ends + c.roof.launches(per_mb))
     whole = Work().extend(one, mb).add(c.host(_calls(k=1 + (mb > 1))), pick.seconds)
     c.ends(st, b * n)
     st.seconds = whole.seconds(c.cluster.sync_s)
@@ -1509,15 +1531,16 @@ def _ring(c: _Ctx) -> _Model:
     # and reshaped; W_o; the batch view.
     cast = _calls(m=1) if f.fp32 else _calls(k=1)  # o.float(), .to(o.dtype): no-ops in fp32
     attn = (_calls(mod=1) + f.qkv() + _calls(m=3) + f.cache_write() + _calls(k=1, m=1)
-            + _calls(k=1, m=2) + _calls(m=3, all_gather=1 if P > 1 else 0)
-            + _calls(k=1, m=5) + _calls(k=8, m=2) + cast * 2 + _calls(m=2) + _calls(k=1, mod=1)
+            + _calls(k=1, a=1, m=2) + _calls(m=3, all_gather=1 if P > 1 else 0)
+            + _calls(k=1, m=5) + _calls(k=8, m=2) + cast * 2 + _calls(m=2)
+            + _calls(k=1, g=1, mod=1)
             + f.batch_view())
     work, calls = _layer_work(c, w, ops, attn, t_ag)
     for o in ops:
         st.add_op(o, L * c.B / b)
     per_mb = _calls(m=1) + c.end_calls(True, True)
     t_ends = c.ends(st, b)
-    one = Work().extend(work, L).add(c.host(per_mb), t_ends + per_mb.kernels * c.cluster.kernel_s)
+    one = Work().extend(work, L).add(c.host(per_mb), t_ends + c.roof.launches(per_mb))
     whole = Work().extend(one, mb).add(c.host(_calls(k=mb > 1)), 0.0)
     st.seconds = whole.seconds(c.cluster.sync_s)
     st.host_s, st.syncs = whole.host_s, whole.syncs
@@ -1565,7 +1588,7 @@ def _ep(c: _Ctx) -> _Model:
         # flattening of its choices, argsort, the count (zeros, ones, scatter);
         # the stack, its index view and the table's all-gather (Comm: movedim,
         # buffer, movedim); the read to the host.
-        before = (_calls(k=3, m=3, mod=1) + casts + _calls(k=4, m=2) * K
+        before = (_calls(k=3, g=1, m=3, mod=1) + casts + _calls(k=4, m=2) * K
                   + _calls(k=1, m=4, all_gather=1 if P > 1 else 0) + _calls(sync=1))
         # On the host table: this rank's row, views, three sums and their
         # tolist; the output buffer. Per chunk: the dispatch (slice, index
@@ -1581,7 +1604,7 @@ def _ep(c: _Ctx) -> _Model:
         after = (_calls(k=3, m=9) + _calls(m=1)
                  + (_calls(k=2, m=2, all_to_all=1) + run + _calls(m=1, all_to_all=1)
                     + _calls(k=4, m=5) + cast_w) * K
-                 + (f.up() + _calls(k=2, m=5)) * hits + _calls(m=1))
+                 + (f.up() + _calls(k=2, g=1, m=5)) * hits + _calls(m=1))
         if P == 1:
             after = dataclasses.replace(after, all_to_all=0)
         return before, after
@@ -1613,7 +1636,8 @@ def _ep(c: _Ctx) -> _Model:
         calls = attn_part + before + after
         # Two streams: the exchanges in issue order d0, d1, c0, d2, c1, ...;
         # experts on chunk i after its dispatch and the experts on chunk i-1.
-        t_exp_k = t_exp / K + (f.up() + _calls(k=2)).kernels * hits_chunk * c.cluster.kernel_s
+        expert = f.up() + _calls(k=2, g=1)  # an expert's calls beyond the routing
+        t_exp_k = t_exp / K + c.roof.launches(expert) * hits_chunk
         comm_free = t_d
         comp_free = 0.0
         d_end = [t_d]
@@ -1630,19 +1654,18 @@ def _ep(c: _Ctx) -> _Model:
             comm_free = start + t_c
             busy_comm.append((start, comm_free))
         moe_s = (comm_free + (1 - c.cluster.overlap) * _overlap(busy_comp, sorted(busy_comm))
-                 + (after.kernels - (f.up() + _calls(k=2)).kernels * hits_chunk * K)
-                 * c.cluster.kernel_s)
+                 + c.roof.launches(after - expert * (hits_chunk * K)))
         # Attention and routing up to the table, then the host waits for the
         # table (one read a layer); then the chunks' exchanges and experts.
         layer = Work().add(c.host(attn_part + before),
-                           c.roof.gpu(rest, (attn_part + before).kernels) + t_tab)
+                           c.roof.gpu(rest, attn_part + before) + t_tab)
         layer.sync().add(c.host(after), moe_s)
         for o in ops:
             st.add_op(o, L)
         t_ends = c.ends(st, local)
         step_calls = _calls(m=1) + c.end_calls(True, True)
         whole = Work().extend(layer, L).add(c.host(step_calls),
-                                            t_ends + step_calls.kernels * c.cluster.kernel_s)
+                                            t_ends + c.roof.launches(step_calls))
         st.seconds = whole.seconds(c.cluster.sync_s)
         st.host_s, st.syncs = whole.host_s, whole.syncs
         st.layer_calls, st.step_calls = calls, step_calls
@@ -1691,7 +1714,7 @@ def _layerwise(c: _Ctx) -> _Model:
             no_p2p = dataclasses.replace(per_mb, p2p=0)
             t_end = c.ends(StepCost(), b * new) if (first or last) else 0.0
             stage = Work().extend(work, len(g.layers)).add(
-                c.host(no_p2p), t_end + no_p2p.kernels * c.cluster.kernel_s)
+                c.host(no_p2p), t_end + c.roof.launches(no_p2p))
             step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0, m=1))
             hosts.append(stage.host_s)
             runs.append(stage.stage(c.cluster.sync_s))
