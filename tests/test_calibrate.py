@@ -38,9 +38,10 @@ def test_calibrate_on_cpu_writes_a_profile_the_cost_model_loads(tmp_path):
     # GEMM and attention calls (per phase), each timed on its own.
     for key, value in (("gemm_us", profile["gemm_us"]),
                        ("attn_prefill_us", profile["attn_us"]["prefill"]),
-                       ("attn_decode_us", profile["attn_us"]["decode"])):
+                       ("attn_decode_us", profile["attn_us"]["decode"]),
+                       ("norm_us", profile["norm_us"])):
         assert len(host[key]) == 2 and value == pytest.approx(max(host[key]), abs=1e-3)
-    assert cl.gemm_s > 0 and cl.attn_s(False) > 0 and cl.attn_s(True) > 0
+    assert cl.gemm_s > 0 and cl.attn_s(False) > 0 and cl.attn_s(True) > 0 and cl.norm_s > 0
     assert set(profile["collective_us"]) == set(COLLECTIVES)
     assert all(v > 0 for v in profile["collective_us"].values())
     # The eager layer probe's calls, counted as the cost model counts them.

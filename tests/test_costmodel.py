@@ -566,12 +566,12 @@ def test_fidelity_takes_the_devices_sustained_rate_when_the_profile_lacks_it(tmp
 
 
 def test_gemm_and_attention_calls_cost_their_own_figures():
-    # Eager: a GEMM's host call costs gemm_us and an attention its phase's
-    # attn_us instead of op_us (10 in ROUND). In a CUDA graph: the static
+    # Eager: a GEMM's host call costs gemm_us, a fused add + norm norm_us and an
+    # attention its phase's attn_us instead of op_us (10 in ROUND). In a CUDA graph: the static
     # decode layer's 4 GEMMs and 1 attention take at least the smallest such
     # kernel's GPU time instead of kernel_us (2 by default).
     wl = Workload(batch=2, seq_len=100, decode_steps=10)
-    kinds = Cluster.from_dict(_round_dict(**ROUND_HOST, gemm_us=40,
+    kinds = Cluster.from_dict(_round_dict(**ROUND_HOST, gemm_us=40, norm_us=25,
                                           attn_us={"prefill": 100, "decode": 30},
                                           gemm_kernel_us=5, attn_kernel_us=8))
     assert kinds.attn_s(False) == pytest.approx(100e-6) and kinds.attn_s(True) == pytest.approx(30e-6)
@@ -580,9 +580,13 @@ def test_gemm_and_attention_calls_cost_their_own_figures():
         base = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=False).step(phase)
         more = predict(SMALL, wl, "tp_pp:1x1", kinds, 1, graphs=False).step(phase)
         calls = base.layer_calls * SMALL.n_layers + base.step_calls
-        assert (calls.gemms, calls.attns) == (4 * SMALL.n_layers, SMALL.n_layers)
+        # bf16, d_model 256: both norms of a layer and the final one are the
+        # fused kernel.
+        assert (calls.gemms, calls.attns, calls.norms) == (4 * SMALL.n_layers, SMALL.n_layers,
+                                                           2 * SMALL.n_layers + 1)
         assert more.host_s - base.host_s == pytest.approx(
-            1e-6 * (calls.gemms * 30 + calls.attns * (attn_us - 10)), rel=1e-6)
+            1e-6 * (calls.gemms * 30 + calls.attns * (attn_us - 10) + calls.norms * 15),
+            rel=1e-6)
     base = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=True).decode
     more = predict(SMALL, wl, "tp_pp:1x1", kinds, 1, graphs=True).decode
     assert more.seconds - base.seconds == pytest.approx(

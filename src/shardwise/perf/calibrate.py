@@ -369,6 +369,10 @@ def host_costs(device, comm, quick: bool) -> dict:
     q, kv = torch.randn(1, 4, 16, 16, device=device, dtype=half), torch.randn(
         1, 4, 17, 16, device=device, dtype=half)
     gemm = _host_timer(device, lambda: Fn.linear(xh, wh), iters, warm)
+    from ..model.kernels import add_norm
+
+    ln = torch.nn.LayerNorm(64, device=device, dtype=half)
+    norm = _host_timer(device, lambda: add_norm(ln, xh, xh), iters, warm)
     attn_prefill = _host_timer(device, lambda: causal_attention(q, q, q, 0), iters, warm)
     attn_decode = _host_timer(device, lambda: causal_attention(q[:, :, :1], kv, kv, 16),
                               iters, warm)
@@ -380,7 +384,8 @@ def host_costs(device, comm, quick: bool) -> dict:
     t = torch.zeros((), device=device)
     sync = _timer_each(device, t.item, iters // 10 or 5)
     out = {"op_us": op, "view_us": view, "module_us": module, "sync_us": sync,
-           "gemm_us": gemm, "attn_prefill_us": attn_prefill, "attn_decode_us": attn_decode}
+           "gemm_us": gemm, "attn_prefill_us": attn_prefill, "attn_decode_us": attn_decode,
+           "norm_us": norm}
     colls = {}
     n = comm.topo.world_size
     if n > 1:
@@ -426,7 +431,7 @@ def _slowest(values: dict, device) -> tuple[dict, dict]:
     from ..parallel.comm import gather_floats
 
     keys = ["op_us", "view_us", "module_us", "sync_us", "launch_us", "layer_probe_us",
-            "step_host_ratio", "gemm_us", "attn_prefill_us", "attn_decode_us"]
+            "step_host_ratio", "gemm_us", "attn_prefill_us", "attn_decode_us", "norm_us"]
     ckeys = sorted(values.get("collective_us", {}))
     mine = [float(values[k]) for k in keys] + [float(values["collective_us"][k]) for k in ckeys]
     rows = gather_floats(mine, device)
@@ -497,7 +502,8 @@ def link_profile(op: str, points: list, n: int) -> dict:
 # per-layer counts against these.
 
 CALL_KINDS = ("kernels", "metas", "modules", "syncs", "all_reduce", "all_gather",
-              "reduce_scatter", "all_to_all", "p2p", "broadcast", "barrier", "gemms", "attns")
+              "reduce_scatter", "all_to_all", "p2p", "broadcast", "barrier", "gemms", "attns",
+              "norms")
 # Kernel ops also counted as GEMMs; attentions are the ops whose name holds
 # "scaled_dot_product" or "attention" (SDPA's backends).
 GEMM_OPS = {"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "_addmm_activation"}
@@ -656,6 +662,7 @@ class _TritonStandIn:
                 Y.copy_(y)
 
             if _COUNTERS:
+                _COUNTERS[-1].note("norms", "triton add_norm")
                 _COUNTERS[-1].opaque("kernels", "triton add_norm", run)
             else:
                 run()
@@ -859,6 +866,7 @@ def measure(job, settings: dict) -> dict | None:
         "module_us": round(host["module_us"], 3),
         "sync_us": round(host["sync_us"], 3),
         "gemm_us": round(host["gemm_us"], 3),
+        "norm_us": round(host["norm_us"], 3),
         "attn_us": {"prefill": round(host["attn_prefill_us"], 3),
                     "decode": round(host["attn_decode_us"], 3)},
         "step_host_ratio": round(host["step_host_ratio"], 3),
@@ -956,7 +964,8 @@ def calibrate_command(out: str, nproc: int | None = None, device: str = "auto",
              f"host per call (slowest rank): op {p['op_us']:g} us, view {p['view_us']:g} us, "
              f"module {p['module_us']:g} us, device-to-host read {p['sync_us']:g} us"
              + "".join(f", {op} {v:g} us" for op, v in p.get("collective_us", {}).items())
-             + f"; GEMM {p['gemm_us']:g} us, attention {p['attn_us']['prefill']:g} us "
+             + f"; GEMM {p['gemm_us']:g} us, add + norm {p['norm_us']:g} us, "
+             f"attention {p['attn_us']['prefill']:g} us "
              f"(prefill), {p['attn_us']['decode']:g} us (decode)"]
     for op, c in p["links"].get("nvlink", {}).items():
         lines.append(f"{op}: latency {c['latency_us']:g} us, bus bandwidth "

@@ -116,6 +116,7 @@ class Cluster:
     # GEMM and decode attention kernels, which take longer than kernel_us.
     gemm_us: float | None = None
     attn_us: dict = field(default_factory=dict)
+    norm_us: float | None = None  # the fused residual-add + norm's call (a Triton launch)
     gemm_kernel_us: float | None = None
     attn_kernel_us: float | None = None
     overlap_efficiency: float | None = None  # share of a collective hidden beside compute
@@ -196,6 +197,11 @@ class Cluster:
     def gemm_s(self) -> float:
         """Host seconds of a GEMM call: ``gemm_us``, else :attr:`op_s`."""
         return 1e-6 * self.gemm_us if self.gemm_us is not None else self.op_s
+
+    @property
+    def norm_s(self) -> float:
+        """Host seconds of a fused add + norm call: ``norm_us``, else :attr:`op_s`."""
+        return 1e-6 * self.norm_us if self.norm_us is not None else self.op_s
 
     def attn_s(self, decoding: bool) -> float:
         """Host seconds of an attention call in a prefill or decode step:
@@ -364,7 +370,7 @@ class Cluster:
                 op_us=_opt(d, "op_us"), view_us=_opt(d, "view_us"),
                 module_us=_opt(d, "module_us"), sync_us=_opt(d, "sync_us"),
                 collective_us={k: float(v) for k, v in d.get("collective_us", {}).items()},
-                gemm_us=_opt(d, "gemm_us"),
+                gemm_us=_opt(d, "gemm_us"), norm_us=_opt(d, "norm_us"),
                 attn_us={k: float(v) for k, v in d.get("attn_us", {}).items()},
                 gemm_kernel_us=_opt(d, "gemm_kernel_us"), attn_kernel_us=_opt(d, "attn_kernel_us"),
                 overlap_efficiency=_opt(d, "overlap_efficiency"),

@@ -121,6 +121,7 @@ class Calls:
     # kernels), which cost the host and the device more than the others.
     gemms: float = 0.0
     attns: float = 0.0
+    norms: float = 0.0  # the fused residual-add + norm (a Triton launch)
 
     def __add__(self, o: "Calls") -> "Calls":
         return Calls(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
@@ -144,8 +145,9 @@ class Calls:
         GEMMs and attentions cost their own figures (an attention its
         phase's: ``decoding``)."""
         return cl.step_host * (
-            (self.kernels - self.gemms - self.attns) * cl.op_s + self.gemms * cl.gemm_s
-            + self.attns * cl.attn_s(decoding) + self.metas * cl.view_s + self.modules * cl.module_s
+            (self.kernels - self.gemms - self.attns - self.norms) * cl.op_s
+            + self.gemms * cl.gemm_s + self.attns * cl.attn_s(decoding) + self.norms * cl.norm_s
+            + self.metas * cl.view_s + self.modules * cl.module_s
             + sum(getattr(self, op) * cl.collective_host_s(op, link) for op in COLL_KINDS))
 
 
@@ -155,10 +157,11 @@ STATIC_DECODE = Calls(kernels=STATIC_DECODE_KERNELS, gemms=4, attns=1)
 
 
 def _calls(k: float = 0, m: float = 0, mod: float = 0, sync: float = 0, g: float = 0,
-           a: float = 0, **colls) -> Calls:
-    """``k`` kernel ops, of which ``g`` GEMMs and ``a`` attentions; ``m`` views
-    and allocations; ``mod`` module calls; ``sync`` device-to-host reads."""
-    return Calls(k, m, mod, sync, gemms=g, attns=a, **colls)
+           a: float = 0, n: float = 0, **colls) -> Calls:
+    """``k`` kernel ops, of which ``g`` GEMMs, ``a`` attentions and ``n`` fused
+    norms; ``m`` views and allocations; ``mod`` module calls; ``sync``
+    device-to-host reads."""
+    return Calls(k, m, mod, sync, gemms=g, attns=a, norms=n, **colls)
 
 
 class Flavour:
@@ -180,11 +183,11 @@ class Flavour:
 
     def norm(self) -> Calls:
         """norm(module, x): the fused kernel and its output, or the module."""
-        return _calls(k=1, m=1) if self.fused_norm else _calls(k=1, mod=1)
+        return _calls(k=1, n=1, m=1) if self.fused_norm else _calls(k=1, mod=1)
 
     def add_norm(self) -> Calls:
         """add_norm: one kernel writing h and norm(h), or the add and the module."""
-        return _calls(k=1, m=2) if self.fused_norm else _calls(k=2, mod=1)
+        return _calls(k=1, n=1, m=2) if self.fused_norm else _calls(k=2, mod=1)
 
     def batch_view(self) -> Calls:
         """KVCache.batch_view: the packed storage's slice, K's and V's views."""
