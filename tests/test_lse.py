@@ -118,3 +118,27 @@ def test_fused_cuda_path_matches_math(dtype, head_dim, causal):
     assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (2, 4, T)
     torch.testing.assert_close(o.float(), o_ref.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(lse, lse_ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="the fused path needs CUDA"))])
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.bfloat16, 128),
+                                            (torch.float16, 512)])
+def test_prefix_attention_over_a_static_cache(device, dtype, head_dim):
+    # attend_lse_prefix over all S slots with the first n held equals
+    # attend_lse over those n keys (a decode step over a growing shard, with
+    # shapes that do not depend on n); grouped-query heads; n a device tensor.
+    if device == "cpu" and dtype != torch.float32:
+        pytest.skip("CPU runs the float32 math path")
+    dev = torch.device(device)
+    from shardwise.parallel.lse import attend_lse_prefix
+    q = rand(2, 4, 1, head_dim, seed=1).to(dev, dtype)
+    k, v = (rand(2, 2, 37, head_dim, seed=s).to(dev, dtype) for s in (2, 3))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for n in (1, 20, 37):
+        o, lse = attend_lse_prefix(q, k, v, torch.tensor([n], device=dev))
+        o_ref, lse_ref = attend_lse(q, k[:, :, :n], v[:, :, :n])
+        assert o.dtype == dtype and lse.shape == (2, 4, 1)
+        torch.testing.assert_close(o.float(), o_ref.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse, lse_ref, rtol=1e-3, atol=1e-3)

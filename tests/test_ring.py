@@ -106,3 +106,18 @@ def test_ring_matches_reference(nproc, cases):
         assert sum(rep["kv_tokens_per_rank"]) == L + r["decode_steps"]
         if L % (2 * nproc) == 0:
             assert rep["attn_pairs_max_over_mean"] == 1.0
+
+
+@pytest.mark.parametrize("nproc", [2, 3, 4])
+def test_ring_static_decode_matches_reference(nproc):
+    # Decode at a device-tensor position (what bench replays in a CUDA graph):
+    # each rank writes its slot or its spare one, attends its whole shard with
+    # the positions it does not hold masked; rotary GQA and a prompt not
+    # divisible by 2P; the same job checks tp_pp's and helix's static steps.
+    wl = Workload(batch=2, seq_len=2 * nproc + 1, decode_steps=5)
+    plans = [f"ring:{nproc}", f"ring:{nproc},mb=2"] + (["tp_pp:2x1", "helix:1x2"] if nproc == 2 else [])
+    cases = [Case(m, wl, p) for m in (TINY, FULL) for p in plans]
+    results = launch(Job(cases, nproc, static_decode=True), deadline_s=300)
+    for r in results:
+        assert r["static_decode"], r["plan"]
+        assert_verified([r], [r["plan"]])

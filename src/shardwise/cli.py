@@ -45,6 +45,13 @@ def _common(p: argparse.ArgumentParser, preset_default: str | None = None,
     p.add_argument("--inject-fault", metavar="RANK:POINT", help=argparse.SUPPRESS)
 
 
+def _static_decode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--static-decode", action="store_true",
+                   help="decode at a device-tensor position: the static-shape step that "
+                        "bench captures in a CUDA graph (plans that support graphs; the "
+                        "others decode as usual)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="shardwise",
@@ -54,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run and verify every plan that fits the ranks (the main job)")
     _common(p, DEFAULT_RUN_PRESET, device_default="cpu")  # the embedded default job runs on CPU
+    _static_decode(p)
     p.add_argument("--nproc", type=int, default=None,
                    help=f"ranks to start (default {DEFAULT_RUN_NPROC} on CPU, every GPU on CUDA)")
     p.add_argument("--plan", action="append", dest="plans",
@@ -61,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="run one plan and the reference on the same weights")
     _common(p)
+    _static_decode(p)
     p.add_argument("--plan", required=True, help="e.g. tp_pp:2x1, helix:4x4, ring:8, ep:4")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to start (default: what the plan needs)")
@@ -256,7 +265,8 @@ def cmd_verify(args) -> int:
     check_ranks(nproc, device)
     job = Job([Case(model, wl, str(plan), seed=args.seed, preset=args.preset,
                     checkpoint=args.checkpoint)], nproc, device,
-              timeout_s=args.timeout, fault=args.inject_fault, watchdog_s=args.watchdog)
+              timeout_s=args.timeout, fault=args.inject_fault, watchdog_s=args.watchdog,
+              static_decode=args.static_decode)
     results = _run_job(job, args)
     if not results:
         return 0  # a non-zero torchrun rank
@@ -296,7 +306,7 @@ def cmd_run(args) -> int:
     job = Job([Case(model, wl, p, seed=args.seed, preset=args.preset, checkpoint=args.checkpoint)
                for p in plans],
               args.nproc, device, timeout_s=args.timeout, fault=args.inject_fault,
-              watchdog_s=args.watchdog)
+              watchdog_s=args.watchdog, static_decode=args.static_decode)
     results = _run_job(job, args)
     if not results:
         return 0

@@ -55,6 +55,32 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _attend_math(q, k, v, mask, scale, causal)
 
 
+def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torch.Tensor,
+                      scale: float | None = None):
+    """:func:`attend_lse` of ``q [B, H, T, d]`` over the first ``n`` of the
+    ``S`` keys in ``k, v [B, Hkv, S, d]``, with ``n`` a device tensor (one
+    element, >= 1): the shapes do not depend on ``n``, so a decode step over
+    a cache that grows can be captured once in a CUDA graph. On CUDA the
+    keys past ``n`` get an additive ``-inf`` bias in the memory-efficient
+    kernel, which returns the log-sum-exp with the output; elsewhere the
+    masked scores are computed in float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    S = k.shape[2]
+    if q.shape[1] != k.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    keep = torch.arange(S, device=q.device) < n.reshape(1)  # [S]
+    if not _fused_ok(q):
+        return _attend_math(q, k, v, keep[None, :], scale, False)
+    B, H, T, _ = q.shape
+    # The kernel reads the bias in rows aligned to 16 elements.
+    bias = q.new_zeros(T, S + (-S % 16))[:, :S]
+    bias.masked_fill_(~keep, NEG_INF)
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias.expand(B, H, T, S), True, 0.0, False, scale=scale)
+    return out[0], out[1][..., :T].float()  # the kernel pads lse to a multiple of 32 queries
+
+
 def _fused_ok(q: torch.Tensor) -> bool:
     # The fused kernels need the head dim in 16-byte units.
     return q.is_cuda and q.shape[-1] % 8 == 0 and q.dtype in (*_HALF, torch.float32)

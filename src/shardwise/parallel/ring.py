@@ -40,10 +40,10 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from ..model.reference import Attention, KVCache, Transformer
+from ..model.reference import Attention, KVCache, Transformer, _per_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import Strategy, balanced_ranges
-from .lse import attend_lse, merge_into, merge_stack
+from .lse import attend_lse, attend_lse_prefix, merge_into, merge_stack
 from .topology import Topology
 
 
@@ -137,6 +137,12 @@ class ZigZag:
         return r, self.sizes(r)[0] + pos - start
 
 
+def static_decode_ok(layout: ZigZag, spec: ModelSpec) -> bool:
+    """Whether ring's decode steps have the static form a CUDA graph captures."""
+    return (layout.decode_steps > 0 and not spec.is_moe
+            and all(layout.real(r) > 0 for r in range(layout.ranks)))
+
+
 class RingAttention(nn.Module):
     """The reference :class:`Attention` with a sequence-sharded core; same
     signature. ``x`` is this rank's prompt tokens ``[B, n, D]`` in local
@@ -148,9 +154,13 @@ class RingAttention(nn.Module):
         self.P, self.r = topo.size("seq"), topo.coord("seq")
         self.next, self.prev = (topo.rank_of(seq=(self.r + i) % self.P) for i in (1, -1))
         self.steps = {s: rows for s, *rows in layout.blocks(self.r)}
+        self._tables = None  # decode_static's (slot, held) per decode step, on the device
 
     def forward(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        o = self.prefill(x, cache) if pos == 0 else self.decode(x, cache, pos)
+        if isinstance(pos, torch.Tensor):
+            o = self.decode_static(x, cache, pos)
+        else:
+            o = self.prefill(x, cache) if pos == 0 else self.decode(x, cache, pos)
         return self.attn.wo(o)
 
     def prefill(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -198,6 +208,41 @@ class RingAttention(nn.Module):
             o, lse = attend_lse(q, keys, values)  # every cached position precedes pos
         else:  # an empty shard (prompt shorter than P, no new token here yet) adds nothing
             o, lse = q.new_zeros(B, H, 1, d), torch.full((B, H, 1), float("-inf"), device=x.device)
+        return self._merge(o, lse)
+
+    def decode_static(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` at a device-tensor position, with shapes that do not
+        depend on it (a CUDA graph captures it once). The slot the new
+        token's K/V go to on this rank, and how many positions the rank then
+        holds, are looked up on the device in tables of the layout: the owner
+        writes its next slot, every other rank its spare slot past its
+        capacity, and attention covers the whole shard with the positions
+        not held masked (:func:`attend_lse_prefix`). Needs a prompt token on
+        every rank (``Ring.supports_graphs``)."""
+        q, k, v = (t.transpose(1, 2) for t in self.attn.qkv(x, pos))  # [B, H or Hkv, 1, d]
+        at, n = _per_step(("ring-slot", id(pos), self.r), lambda: self._slot(pos))
+        cache.k.index_copy_(2, at, k)
+        cache.v.index_copy_(2, at, v)
+        return self._merge(*attend_lse_prefix(q, cache.k, cache.v, n))
+
+    def _slot(self, pos: torch.Tensor):
+        """(slot written, positions held after the write) for position ``pos``,
+        as one-element device tensors."""
+        if self._tables is None or self._tables.device != pos.device:
+            zz, r = self.layout, self.r
+            spare = zz.kv_len(r, zz.prompt + zz.decode_steps)
+            rows = []
+            for t, owner in enumerate(zz.decode_owners):
+                held = zz.kv_len(r, zz.prompt + t)
+                rows.append((held, held + 1) if owner == r else (spare, held))
+            self._tables = torch.tensor(rows, dtype=torch.long, device=pos.device)  # [steps, 2]
+        row = self._tables.index_select(0, (pos - self.layout.prompt).reshape(1))[0]
+        return row[:1], row[1:]
+
+    def _merge(self, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """This rank's ``(o [B, H, 1, d], lse [B, H, 1])`` over its shard, merged
+        with every other rank's into the step's attention output ``[B, 1, H*d]``."""
+        B, H, _, d = o.shape
         # One collective: o in its own dtype (the kernels round it to that already),
         # the float32 lse riding along bit for bit as 4 / itemsize extra columns.
         width = d + 4 // o.element_size()
@@ -243,7 +288,9 @@ class Ring(Strategy):
         self.model = loader.load_transformer(model).eval()
         for blk in self.model.layers:
             blk.attn = RingAttention(blk.attn, layout, comm, topo)
-        capacity = layout.kv_len(r, workload.max_len)
+        # One spare slot past the rank's positions: where a static-shape decode
+        # step writes the new token's K/V on the ranks that do not keep it.
+        capacity = layout.kv_len(r, workload.max_len) + 1
         self.caches = [
             KVCache.allocate(workload.batch, spec.kv_heads, capacity, spec.head_dim,
                              self.dtype, self.device)
@@ -256,9 +303,17 @@ class Ring(Strategy):
             [offsets[q] + slot for q, slot in map(layout.where, range(workload.seq_len))],
             dtype=torch.long, device=self.device)
 
+    @property
+    def supports_graphs(self) -> bool:
+        """Decode steps at a device-tensor position (:meth:`RingAttention.decode_static`)
+        when every rank holds a prompt token (a shard with no key has no static
+        form) and the model is dense (the MoE loop sizes its work on the host)."""
+        return static_decode_ok(self.layout, self.spec)
+
     def forward(self, inputs: torch.Tensor, pos: int):
-        self.prefilled = pos == 0  # for collect: local prompt rows, or the whole new token
-        if pos == 0:
+        # for collect: local prompt rows, or the whole new token
+        self.prefilled = not isinstance(pos, torch.Tensor) and pos == 0
+        if self.prefilled:
             if inputs.shape[1] != self.layout.prompt:
                 raise ValueError(f"ring was built for a {self.layout.prompt}-token prompt, "
                                  f"got {inputs.shape[1]}")

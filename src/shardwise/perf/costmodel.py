@@ -1422,7 +1422,7 @@ def _layer_work(c: _Ctx, w: LayerWork, ops: list[Op], attn: Calls,
 # -- ring ---------------------------------------------------------------------------------
 
 def _ring(c: _Ctx) -> _Model:
-    from ..parallel.ring import ZigZag
+    from ..parallel.ring import ZigZag, static_decode_ok
 
     spec, P, f = c.spec, c.P, c.flav
     mb = min(c.plan.micro_batches, c.B)
@@ -1514,15 +1514,20 @@ def _ring(c: _Ctx) -> _Model:
     # Decode (eager: the shard's length depends on the position): every rank
     # runs the whole layer on every new token, attends to its cache shard with
     # attend_lse, and one all-gather of (o, lse) merges the shards (merge_stack).
-    c.decoding = True
+    # In a CUDA graph (Ring.supports_graphs, decode_static) every rank reads its
+    # whole shard and spare slot with the positions it does not hold masked.
+    can_graph = static_decode_ok(zz, spec)
+    graph = can_graph if c.graphs is None else (c.graphs and can_graph)
+    c.decoding, c.graph = True, graph
     st = StepCost()
     held = max(zz.kv_len(r, min(T + 1, c.wl.max_len)) if c.wl.decode_steps else zz.real(r)
                for r in range(P))
+    slots = max(zz.kv_len(r, c.wl.max_len) + 1 for r in range(P))
     width = d + max(1, 4 // e)
     part = P * b * H * width * e  # the gathered (o, lse) pairs
     copies = 2 * b * H * width * e + 6 * part + 2 * b * H * d * 4
-    w = whole_layer(c, b, Core(b, H, Hkv, 1, held, held, True, "flash"), c.B, copy_bytes=copies,
-                    kv_rows=b * Hkv / P)
+    w = whole_layer(c, b, _decode_core(c, b, H, Hkv, held, slots, graph), c.B,
+                    copy_bytes=copies, kv_rows=b * Hkv / P)
     ops = c.roof.layer(w)
     t_ag = c.coll("all_gather", "seq", part)[0]
     c.add(st, "all_gather", "seq", P * c.B / mb * H * width * e, L * mb)
@@ -1550,11 +1555,13 @@ def _ring(c: _Ctx) -> _Model:
     st.layer_calls, st.step_calls = calls * mb, per_mb * mb + _calls(k=mb > 1)
     st.compute_s = sum(o.seconds for o in st.ops.values())
     st.comm_s = st.exposed_comm_s = L * mb * t_ag
+    c.graph = False
     decode = st
 
     w_all = (L * (attn_weights(spec, H, Hkv, d) + mlp_weights(spec, spec.d_ff, spec.n_experts)
                   + c.layer_norms()) + c.ends_weights(True, True)) * e
-    kv = [L * kv_bytes(spec, c.B, Hkv, zz.kv_len(r, c.wl.max_len)) for r in range(P)]
+    # One spare slot a rank (RingAttention.decode_static's writes it does not keep).
+    kv = [L * kv_bytes(spec, c.B, Hkv, zz.kv_len(r, c.wl.max_len) + 1) for r in range(P)]
     hidden = spec.top_k * spec.d_ff * spec.mlp_matrices if spec.is_moe else spec.mlp_matrices * spec.d_ff
     width = 4 * D + (H + 2 * Hkv) * d + hidden
     act = (c.inputs + b * n * width * e + b * H * n * (d + 1) * 4  # float32 accumulator

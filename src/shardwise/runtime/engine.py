@@ -181,10 +181,12 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
     prefill_comm = comm.snapshot()
     outputs = [model.collect(out)]
     decode_s, decode_comm = [], []
+    static = job.static_decode and bool(model.supports_graphs)
     for t, x in enumerate(steps):
         _inject(job, rank, "decode", monitor, event=f"decode {t}")
         comm.reset()
-        out, dt = timed_call(lambda: model.step(x, L + t), device, comm)
+        pos = torch.tensor(L + t, device=device) if static else L + t
+        out, dt = timed_call(lambda: model.step(x, pos), device, comm)
         decode_s.append(dt)
         decode_comm.append(comm.total_bytes())
         outputs.append(model.collect(out))
@@ -204,6 +206,7 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
         "preset": case.preset, "model": spec.name, "plan": str(plan), "world_size": world,
         "device_type": device.type, "dtype": spec.dtype, "batch": wl.batch,
         "seq_len": wl.seq_len, "decode_steps": wl.decode_steps,
+        "static_decode": static,
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": wl.batch * L / prefill_s,
         "decode_step_ms": [1e3 * s for s in decode_s],

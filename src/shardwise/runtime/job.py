@@ -66,6 +66,9 @@ class Job:
     # End the job when no rank makes progress for this long and name the rank(s)
     # that hung (the launcher reads every rank's Heartbeat); None: off, no heartbeat.
     watchdog_s: float | None = None
+    # Verified runs decode at a device-tensor position (the static-shape step a
+    # CUDA graph replays) where the strategy supports graphs.
+    static_decode: bool = False
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
