@@ -61,9 +61,11 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
     ``S`` keys in ``k, v [B, Hkv, S, d]``, with ``n`` a device tensor (one
     element, >= 1): the shapes do not depend on ``n``, so a decode step over
     a cache that grows can be captured once in a CUDA graph. On CUDA the
-    keys past ``n`` get an additive ``-inf`` bias in the memory-efficient
-    kernel, which returns the log-sum-exp with the output; elsewhere the
-    masked scores are computed in float32."""
+    keys past ``n`` get an additive ``-inf`` bias in a fused kernel that
+    returns the log-sum-exp with the output: cuDNN's in half precision up to
+    head_dim 128 (its plan is built once: the shapes never change), the
+    memory-efficient kernel otherwise; elsewhere the masked scores are
+    computed in float32."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     S = k.shape[2]
     if q.shape[1] != k.shape[1]:
@@ -76,9 +78,20 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
     # The kernel reads the bias in rows aligned to 16 elements.
     bias = q.new_zeros(T, S + (-S % 16))[:, :S]
     bias.masked_fill_(~keep, NEG_INF)
+    bias = bias.expand(B, H, T, S)
+    if q.dtype in _HALF and q.shape[-1] <= 128 and _CUDNN_BIAS["ok"]:
+        try:
+            out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, bias, True, 0.0, False, False, scale=scale)
+            return out[0], out[1].reshape(out[0].shape[:3]).float()
+        except RuntimeError:
+            _CUDNN_BIAS["ok"] = False
     out = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, bias.expand(B, H, T, S), True, 0.0, False, scale=scale)
+        q, k, v, bias, True, 0.0, False, scale=scale)
     return out[0], out[1][..., :T].float()  # the kernel pads lse to a multiple of 32 queries
+
+
+_CUDNN_BIAS = {"ok": True}  # cleared the first time cuDNN refuses a biased decode shape
 
 
 def _fused_ok(q: torch.Tensor) -> bool:
