@@ -75,22 +75,6 @@ STATIC_DECODE_KERNELS = 8
 # query rows even when a decode step has one query: 128 rows for FA2 at
 # head_dim 128 on sm90 (kBlockM), 64 for the memory-efficient kernel.
 FLASH_Q_TILE = 128
-# tp_pp's chunked prefill (parallel/tp_pp.py's OVERLAP_MIN_BYTES,
-# OVERLAP_AUTO_CHUNKS and overlap_chunks, as data: the cost model imports no torch).
-OVERLAP_MIN_BYTES = 1 << 20
-OVERLAP_AUTO_CHUNKS = (2,)
-
-
-def overlap_chunks(option: str, batch: int, tokens: int, row_bytes: float) -> int:
-    """Chunks of tp_pp's OverlappedStage (parallel/tp_pp.py overlap_chunks)."""
-    if tokens < 2 or batch < 2:
-        return 1
-    if option != "auto":
-        return max(1, min(int(option), batch))
-    for k in OVERLAP_AUTO_CHUNKS:
-        if batch >= k and (batch // k) * tokens * row_bytes >= OVERLAP_MIN_BYTES:
-            return k
-    return 1
 EFFICIENT_Q_TILE = 64
 # Widest row the fused residual-add + norm kernel takes (model/kernels.py).
 FUSED_NORM_MAX_D = 32768
@@ -1017,6 +1001,8 @@ def _tp_pp(c: _Ctx) -> _Model:
     # runs K chunks of the micro-batch when tp > 1 and there are >= 2
     # sequences of >= 2 tokens (prefill): K from overlap=K, or under auto as
     # many as leave each chunk's all-reduce at least OVERLAP_MIN_BYTES.
+    from ..parallel.tp_pp import overlap_chunks
+
     overlap = c.plan.option("overlap", "auto")
     overlapped = overlap != "1" and not spec.is_moe
     n_ar = 1 if tp > 1 else 0
