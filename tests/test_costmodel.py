@@ -592,3 +592,24 @@ def test_gemm_and_attention_calls_cost_their_own_figures():
     more = predict(SMALL, wl, "tp_pp:1x1", kinds, 1, graphs=True).decode
     assert more.seconds - base.seconds == pytest.approx(
         SMALL.n_layers * 1e-6 * (4 * (5 - 2) + (8 - 2)), rel=1e-6)
+
+
+def test_host_scale_fits_the_layer_probe():
+    # calibrate's layer probe: one real reference layer timed back to back,
+    # with its calls counted. Its time over those calls at the per-call
+    # figures scales every eager step's host time (never below 1).
+    calls = {"kernels": 11, "metas": 12, "modules": 7, "gemms": 4, "attns": 1}
+    per_calls = (6 * 10 + 4 * 40 + 1 * 30) + 12 * 2 + 7 * 3  # ROUND_HOST + gemm/attn figures: 295 us
+    kinds = dict(**ROUND_HOST, gemm_us=40, attn_us={"decode": 30})
+    probe = Cluster.from_dict(_round_dict(**kinds, measurements={
+        "layer_probe": {"us": 1.5 * per_calls, "calls": calls}}))
+    flat = Cluster.from_dict(_round_dict(**kinds))
+    assert flat.host_scale == 1.0 and probe.host_scale == pytest.approx(1.5)
+    fast = Cluster.from_dict(_round_dict(**kinds, measurements={
+        "layer_probe": {"us": 0.5 * per_calls, "calls": calls}}))
+    assert fast.host_scale == 1.0
+    wl = Workload(batch=2, seq_len=100, decode_steps=10)
+    for phase in ("prefill", "decode"):
+        a = predict(SMALL, wl, "tp_pp:1x1", flat, 1, graphs=False).step(phase).host_s
+        b = predict(SMALL, wl, "tp_pp:1x1", probe, 1, graphs=False).step(phase).host_s
+        assert b == pytest.approx(1.5 * a)

@@ -119,6 +119,9 @@ class Cluster:
     norm_us: float | None = None  # the fused residual-add + norm's call (a Triton launch)
     gemm_kernel_us: float | None = None
     attn_kernel_us: float | None = None
+    # calibrate's eager layer probe (a decode step of a tiny reference layer,
+    # timed back to back): {"us": one layer's time, "calls": its calls by kind}.
+    layer_probe: dict = field(default_factory=dict)
     overlap_efficiency: float | None = None  # share of a collective hidden beside compute
     step_host_ratio: float | None = None  # host time of a step started from a wait / back to back
 
@@ -267,6 +270,23 @@ class Cluster:
         return max(1.0, self.step_host_ratio) if self.step_host_ratio else 1.0
 
     @property
+    def host_scale(self) -> float:
+        """How much longer a real layer's host work takes than the sum of its
+        calls' per-call figures: the layer probe's measured time over its
+        counted calls at those figures (>= 1; 1 without a probe). The per-call
+        loops run tiny ops back to back; a layer also runs the Python between
+        its calls, and the host's speed at calibration time is in both."""
+        us, calls = self.layer_probe.get("us"), self.layer_probe.get("calls")
+        if not us or not calls or self.op_us is None:
+            return 1.0
+        g, a, n = (calls.get(k, 0.0) for k in ("gemms", "attns", "norms"))
+        modelled = 1e6 * ((calls.get("kernels", 0.0) - g - a - n) * self.op_s + g * self.gemm_s
+                          + a * self.attn_s(True) + n * self.norm_s
+                          + calls.get("metas", 0.0) * self.view_s
+                          + calls.get("modules", 0.0) * self.module_s)
+        return max(1.0, us / modelled) if modelled > 0 else 1.0
+
+    @property
     def overlap(self) -> float:
         """Share of a collective's time hidden when it runs beside compute on
         another stream (its kernels take SMs and memory bandwidth, so the
@@ -373,6 +393,7 @@ class Cluster:
                 gemm_us=_opt(d, "gemm_us"), norm_us=_opt(d, "norm_us"),
                 attn_us={k: float(v) for k, v in d.get("attn_us", {}).items()},
                 gemm_kernel_us=_opt(d, "gemm_kernel_us"), attn_kernel_us=_opt(d, "attn_kernel_us"),
+                layer_probe=dict(d.get("measurements", {}).get("layer_probe", {})),
                 overlap_efficiency=_opt(d, "overlap_efficiency"),
                 step_host_ratio=_opt(d, "step_host_ratio"),
                 matmul_shapes={dt: [(int(x["m"]), int(x["k"]), int(x["n"]), float(x["tflops"]))

@@ -128,7 +128,7 @@ class Calls:
         profile's ratio for a step that starts from a wait (``step_host``).
         GEMMs and attentions cost their own figures (an attention its
         phase's: ``decoding``)."""
-        return cl.step_host * (
+        return cl.step_host * cl.host_scale * (
             (self.kernels - self.gemms - self.attns - self.norms) * cl.op_s
             + self.gemms * cl.gemm_s + self.attns * cl.attn_s(decoding) + self.norms * cl.norm_s
             + self.metas * cl.view_s + self.modules * cl.module_s
