@@ -206,3 +206,14 @@ def test_heads_path_decodes_at_a_device_tensor_position():
             eager = shards[0].step(x, wl.seq_len + t)
             graphable = shards[1].step(x, torch.tensor(wl.seq_len + t))
             torch.testing.assert_close(graphable, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_decode_is_not_graph_captured():
+    # The MoE loop asks torch.nonzero for each expert's tokens: a host wait no
+    # CUDA graph can hold, so bench runs helix's MoE decode steps eagerly.
+    spec, wl = MOE.model, MOE.reduced
+    plan = Plan.parse("helix:1x1")
+    shard = _shard(spec, wl, plan, Helix.validate(spec, wl, plan, 1), 0)
+    assert shard.mode == "heads" and not shard.supports_graphs
+    dense = _shard(TINY.model, TINY.reduced, plan, Helix.validate(TINY.model, TINY.reduced, plan, 1), 0)
+    assert dense.mode == "heads" and dense.supports_graphs

@@ -335,8 +335,9 @@ class Helix(Strategy):
     def supports_graphs(self) -> bool:
         """A decode step can be captured in a CUDA graph (``pos`` a 0-d device
         tensor) on the heads path, whose shapes do not depend on the position;
-        the sequence path picks the rank that stores the token on the host."""
-        return self.mode == "heads"
+        the sequence path picks the rank that stores the token on the host.
+        Not for MoE: its routing loop sizes its work on the host (torch.nonzero)."""
+        return self.mode == "heads" and not self.spec.is_moe
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.model(inputs, self.caches, pos)

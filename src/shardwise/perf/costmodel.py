@@ -1214,7 +1214,7 @@ def _helix(c: _Ctx) -> _Model:
     chunks = balanced_ranges(T, M)
     F = spec.d_ff // P
 
-    can_graph = mode == "heads"  # Helix.supports_graphs
+    can_graph = mode == "heads" and not spec.is_moe  # Helix.supports_graphs
     graph_decode = can_graph if c.graphs is None else (c.graphs and can_graph)
 
     def layer_work(tokens: float, core: Core, copies: float,
