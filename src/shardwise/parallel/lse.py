@@ -45,11 +45,7 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal block needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
-    if q.shape[1] != k.shape[1]:
-        # The fused kernels' grouped-query support differs across releases;
-        # expanding the key/value heads is correct everywhere.
-        g = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    k, v = _expand_kv(q, k, v)
     if mask is None and _fused_ok(q):
         return _attend_fused(q, k, v, scale, causal)
     return _attend_math(q, k, v, mask, scale, causal)
@@ -68,30 +64,25 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
     computed in float32."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     S = k.shape[2]
-    if q.shape[1] != k.shape[1]:
-        g = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    k, v = _expand_kv(q, k, v)
     keep = torch.arange(S, device=q.device) < n.reshape(1)  # [S]
     if not _fused_ok(q):
         return _attend_math(q, k, v, keep[None, :], scale, False)
     B, H, T, _ = q.shape
-    # The kernel reads the bias in rows aligned to 16 elements.
+    # The kernels read the bias in rows aligned to 16 elements.
     bias = q.new_zeros(T, S + (-S % 16))[:, :S]
     bias.masked_fill_(~keep, NEG_INF)
-    bias = bias.expand(B, H, T, S)
-    if q.dtype in _HALF and q.shape[-1] <= 128 and _CUDNN_BIAS["ok"]:
-        try:
-            out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q, k, v, bias, True, 0.0, False, False, scale=scale)
-            return out[0], out[1].reshape(out[0].shape[:3]).float()
-        except RuntimeError:
-            _CUDNN_BIAS["ok"] = False
-    out = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, bias, True, 0.0, False, scale=scale)
-    return out[0], out[1][..., :T].float()  # the kernel pads lse to a multiple of 32 queries
+    return _attend_fused(q, k, v, scale, False, bias.expand(B, H, T, S))
 
 
-_CUDNN_BIAS = {"ok": True}  # cleared the first time cuDNN refuses a biased decode shape
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``k, v`` with their heads repeated to ``q``'s (grouped-query attention):
+    the fused kernels' grouped-query support differs across releases;
+    expanding the key/value heads is correct everywhere."""
+    if q.shape[1] == k.shape[1]:
+        return k, v
+    g = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
 
 
 def _fused_ok(q: torch.Tensor) -> bool:
@@ -99,28 +90,34 @@ def _fused_ok(q: torch.Tensor) -> bool:
     return q.is_cuda and q.shape[-1] % 8 == 0 and q.dtype in (*_HALF, torch.float32)
 
 
-_CUDNN = {"ok": True}  # cleared the first time cuDNN refuses a shape (old cuDNN, odd strides)
+# Cleared the first time cuDNN refuses a shape (old cuDNN, odd strides): for
+# unbiased blocks, and for biased static-shape steps, separately.
+_CUDNN = {"plain": True, "bias": True}
 
 
-def _attend_fused(q, k, v, scale: float, causal: bool):
+def _attend_fused(q, k, v, scale: float, causal: bool, bias: torch.Tensor | None = None):
+    """The fused kernels with the log-sum-exp; ``bias`` an additive
+    ``[B, H, T, S]`` bias (static-shape steps)."""
     T = q.shape[2]
-    if q.dtype in _HALF and q.shape[-1] <= 128 and T > 1 and _CUDNN["ok"]:
-        # cuDNN's flash kernel: on Hopper ~1.5x FlashAttention-2's rate. Not
-        # for decode (one query): cuDNN plans each new key count (tens of ms).
+    use = "plain" if bias is None else "bias"
+    # cuDNN's flash kernel: on Hopper ~1.5x FlashAttention-2's rate. Not for an
+    # eager decode step (one query): cuDNN plans each new key count (tens of
+    # ms); a biased step's shapes never change, so its plan is built once.
+    if q.dtype in _HALF and q.shape[-1] <= 128 and (T > 1 or bias is not None) and _CUDNN[use]:
         try:
             out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q, k, v, None, True, 0.0, causal, False, scale=scale)
+                q, k, v, bias, True, 0.0, causal, False, scale=scale)
             o, lse = out[0], out[1]
             return o, lse.reshape(o.shape[:3]).float()  # [B, H, T] or [B, H, T, 1] by release
         except RuntimeError:
-            _CUDNN["ok"] = False
-    if q.dtype in _HALF and q.shape[-1] <= 256:
+            _CUDNN[use] = False
+    if bias is None and q.dtype in _HALF and q.shape[-1] <= 256:
         out = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale)
         o, lse = out[0], out[1]  # lse [B, H, T] float32, natural log
     else:
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale)
+            q, k, v, bias, True, 0.0, causal, scale=scale)
         o, lse = out[0], out[1][..., :T]  # the kernel pads lse to a multiple of 32 queries
     return o, lse.float()
 

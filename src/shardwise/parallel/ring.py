@@ -221,13 +221,12 @@ class RingAttention(nn.Module):
         every rank (``Ring.supports_graphs``)."""
         q, k, v = (t.transpose(1, 2) for t in self.attn.qkv(x, pos))  # [B, H or Hkv, 1, d]
         at, n = _per_step(("ring-slot", id(pos), self.r), lambda: self._slot(pos))
-        cache.k.index_copy_(2, at, k)
-        cache.v.index_copy_(2, at, v)
-        return self._merge(*attend_lse_prefix(q, cache.k, cache.v, n))
+        keys, values = cache.write(at, k, v)  # the whole shard, spare slot included
+        return self._merge(*attend_lse_prefix(q, keys, values, n))
 
     def _slot(self, pos: torch.Tensor):
-        """(slot written, positions held after the write) for position ``pos``,
-        as one-element device tensors."""
+        """(slot written, a 0-d device tensor; positions held after the write,
+        one element) for position ``pos``."""
         if self._tables is None or self._tables.device != pos.device:
             zz, r = self.layout, self.r
             spare = zz.kv_len(r, zz.prompt + zz.decode_steps)
@@ -237,7 +236,7 @@ class RingAttention(nn.Module):
                 rows.append((held, held + 1) if owner == r else (spare, held))
             self._tables = torch.tensor(rows, dtype=torch.long, device=pos.device)  # [steps, 2]
         row = self._tables.index_select(0, (pos - self.layout.prompt).reshape(1))[0]
-        return row[:1], row[1:]
+        return row[0], row[1:]
 
     def _merge(self, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """This rank's ``(o [B, H, 1, d], lse [B, H, 1])`` over its shard, merged

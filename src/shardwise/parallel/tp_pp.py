@@ -81,9 +81,9 @@ class OverlappedStage(nn.Module):
         B, T = inputs.shape[:2]
         st = self.stage
         D = st.spec.d_model
-        dtype = st.layers[0].attn_norm.weight.dtype if len(st.layers) else inputs.dtype
-        k = (overlap_chunks(self.option, B, T, D * torch.finfo(dtype).bits // 8)
-             if self.comm.topo.size(self.axis) > 1 and len(st.layers) else 1)
+        row_bytes = D * st.layers[0].attn_norm.weight.element_size()  # activations' dtype
+        k = (overlap_chunks(self.option, B, T, row_bytes)
+             if self.comm.topo.size(self.axis) > 1 else 1)
         if k < 2:
             return st(inputs, caches, pos)
         parts = balanced_ranges(B, k)

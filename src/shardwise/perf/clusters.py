@@ -28,6 +28,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 
 from ..spec import ShardwiseError
@@ -47,6 +48,11 @@ def bus_factor(op: str, n: int) -> float:
     if op in ("all_gather", "reduce_scatter", "all_to_all"):
         return (n - 1) / n
     raise ShardwiseError(f"unknown collective {op!r}; one of {', '.join(COLLECTIVES)}")
+
+
+def _seconds(us: float | None, otherwise_s: float) -> float:
+    """A profile figure in microseconds as seconds, or ``otherwise_s`` without one."""
+    return 1e-6 * us if us is not None else otherwise_s
 
 
 @dataclass(frozen=True)
@@ -186,60 +192,58 @@ class Cluster:
     def kernel_s(self) -> float:
         """GPU time of one small kernel (its launch latency and tail), in a stream
         or replayed from a CUDA graph: ``kernel_us``, else 2 us."""
-        return 1e-6 * (self.kernel_us if self.kernel_us is not None else self.KERNEL_US)
+        return _seconds(self.kernel_us, 1e-6 * self.KERNEL_US)
 
     @property
     def graph_latency_s(self) -> float:
         """Latency of a small collective captured in a CUDA graph (no host work):
         ``graph_latency_us``, else 10 us (measured on 2x H200, DESIGN.md section 5)."""
-        return 1e-6 * (self.graph_latency_us if self.graph_latency_us is not None
-                       else self.GRAPH_LATENCY_US)
+        return _seconds(self.graph_latency_us, 1e-6 * self.GRAPH_LATENCY_US)
 
     # -- host costs of eager work --------------------------------------------
     @property
     def gemm_s(self) -> float:
         """Host seconds of a GEMM call: ``gemm_us``, else :attr:`op_s`."""
-        return 1e-6 * self.gemm_us if self.gemm_us is not None else self.op_s
+        return _seconds(self.gemm_us, self.op_s)
 
     @property
     def norm_s(self) -> float:
         """Host seconds of a fused add + norm call: ``norm_us``, else :attr:`op_s`."""
-        return 1e-6 * self.norm_us if self.norm_us is not None else self.op_s
+        return _seconds(self.norm_us, self.op_s)
 
     def attn_s(self, decoding: bool) -> float:
         """Host seconds of an attention call in a prefill or decode step:
         ``attn_us`` of the phase, else :attr:`op_s`."""
-        us = self.attn_us.get("decode" if decoding else "prefill")
-        return 1e-6 * us if us is not None else self.op_s
+        return _seconds(self.attn_us.get("decode" if decoding else "prefill"), self.op_s)
 
     @property
     def gemm_kernel_s(self) -> float:
         """GPU seconds of the smallest GEMM kernel: ``gemm_kernel_us``, else :attr:`kernel_s`."""
-        return 1e-6 * self.gemm_kernel_us if self.gemm_kernel_us is not None else self.kernel_s
+        return _seconds(self.gemm_kernel_us, self.kernel_s)
 
     @property
     def attn_kernel_s(self) -> float:
         """GPU seconds of the smallest attention kernel: ``attn_kernel_us``, else :attr:`kernel_s`."""
-        return 1e-6 * self.attn_kernel_us if self.attn_kernel_us is not None else self.kernel_s
+        return _seconds(self.attn_kernel_us, self.kernel_s)
 
     @property
     def op_s(self) -> float:
         """Host time of one eager op that launches a kernel, called from Python
         (dispatcher, allocation, launch): ``op_us``, else ``launch_us`` (older
         profiles charge every call alike)."""
-        return 1e-6 * (self.op_us if self.op_us is not None else self.launch_us)
+        return _seconds(self.op_us, 1e-6 * self.launch_us)
 
     @property
     def view_s(self) -> float:
         """Host time of an eager op that launches no kernel (a view, a reshape
         that needs no copy, an allocation): ``view_us``, else ``launch_us``."""
-        return 1e-6 * (self.view_us if self.view_us is not None else self.launch_us)
+        return _seconds(self.view_us, 1e-6 * self.launch_us)
 
     @property
     def module_s(self) -> float:
         """An nn.Module call's own host time (beyond what its forward calls):
         ``module_us``, else ``launch_us``."""
-        return 1e-6 * (self.module_us if self.module_us is not None else self.launch_us)
+        return _seconds(self.module_us, 1e-6 * self.launch_us)
 
     @property
     def sync_s(self) -> float:
@@ -247,7 +251,7 @@ class Cluster:
         device idle: the copy's call and the host's wait for it. ``sync_us``,
         else two eager ops' host time (the copy call, then the wait and the
         result's return, each about one call)."""
-        return 1e-6 * self.sync_us if self.sync_us is not None else 2 * self.op_s
+        return _seconds(self.sync_us, 2 * self.op_s)
 
     def collective_host_s(self, op: str, link: str = "nvlink") -> float:
         """Host time of one eager call of collective ``op`` (``p2p``: one batched
@@ -269,7 +273,7 @@ class Cluster:
         measured: ``step_host_ratio``, else 1."""
         return max(1.0, self.step_host_ratio) if self.step_host_ratio else 1.0
 
-    @property
+    @cached_property
     def host_scale(self) -> float:
         """How much longer a real layer's host work takes than the sum of its
         calls' per-call figures: the layer probe's measured time over its
