@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
 import torch.nn.functional as F
 
-rank = int(os.environ["RANK"])
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dev = torch.device("cuda", rank)
 torch.cuda.set_device(dev)
 dist.init_process_group("nccl", device_id=dev)
@@ -86,9 +86,14 @@ def graph_ms(mb, iters=50):
     return e0.elapsed_time(e1) / iters
 
 
-res = {}
+res = {"command": "python -m torch.distributed.run --nproc-per-node 2 scripts/l2-prefetch.py",
+       "device": torch.cuda.get_device_name(dev), "n_devices": world, "torch": torch.__version__,
+       "git_rev": os.environ.get("SHARDWISE_GIT_REV", "")}
 for mb in (0, 8, 16, 24, 32, 0):
     res[f"prefetch {mb} MB (ms)"] = graph_ms(mb)
 if rank == 0:
     print(json.dumps(res))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "l2-prefetch.json"), "w") as f:
+            json.dump(res, f)
 dist.destroy_process_group()

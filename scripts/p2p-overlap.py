@@ -19,7 +19,9 @@ M, D, N = 32768, 4096, 6144
 a = torch.randn(M, D, device=dev, dtype=torch.bfloat16)
 w = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
 side = torch.cuda.Stream(dev)
-res = {"torch": torch.__version__}
+res = {"command": "python -m torch.distributed.run --nproc-per-node 2 scripts/p2p-overlap.py",
+       "device": torch.cuda.get_device_name(dev), "n_devices": world, "torch": torch.__version__,
+       "git_rev": os.environ.get("SHARDWISE_GIT_REV", "")}
 
 
 def timed(fn, iters=10):
