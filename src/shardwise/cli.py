@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="after timing, profile one more step per phase on every rank: a Chrome "
                         "trace and a table of host ops per rank in DIR, and the device-busy "
-                        "share in the record")
+                        "share in the record (a decode step timed in a CUDA graph is profiled "
+                        "as the same static-shape step, run eagerly)")
     p.add_argument("--out", default="results/bench.jsonl", help="JSON lines file to append to")
     p.add_argument("--resume", action="store_true",
                    help="skip (plan, phase) records already in --out for this workload")

@@ -298,7 +298,8 @@ def bench_case(case, plan, comm, model, rank, device,
                         "floor_ratio": med / floor_s if floor_s else None,
                         "cuda_graphs": graphs, "comm_bytes": comm_bytes, "comm_share": comm_share,
                         **summarize(times),
-                        **_trace(s, case, plan, "decode", lambda: model.step(steps[0], wl.seq_len),
+                        **_trace(s, case, plan, "decode", _decode_step(model, steps[0], wl.seq_len,
+                                                                       graphs, device),
                                  device, comm)})
     peak = peak_memory(device)
     monitor.phase("report")
@@ -310,8 +311,18 @@ def bench_case(case, plan, comm, model, rank, device,
     return records if rank == 0 else []
 
 
+def _decode_step(model, token, pos: int, graphs: bool, device):
+    """The decode step a trace profiles: when the timed steps replayed a CUDA
+    graph, the same static-shape step (position in a device tensor), run
+    eagerly, so the trace shows the kernels the graph holds."""
+    if graphs:
+        at = torch.tensor(pos, device=device)
+        return lambda: model.step(token, at)
+    return lambda: model.step(token, pos)
+
+
 def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict:
-    """With ``--trace DIR``: one more (eager) step profiled on every rank
+    """With ``--trace DIR``: one more step, run eagerly, profiled on every rank
     (:func:`~shardwise.runtime.timing.trace_step`); the record gets every
     rank's summary under ``trace``."""
     if not s.trace:
