@@ -1,5 +1,6 @@
 """The cost model: its counts against hand computation, its memory and
 communication against real CPU runs (byte for byte), its fit verdicts."""
+import dataclasses
 import math
 
 import pytest
@@ -373,13 +374,13 @@ def test_moe_reference_loop_waits_for_the_device_per_expert():
     # The reference MoE asks torch.nonzero for every local expert: the host waits each
     # time. The layer: the rest (its host calls and device time overlap), then a
     # segment per expert after a read (20 us): a hit expert's calls and GPU time, a
-    # missed one's compare. 4 experts, 2 hit.
+    # missed one's compare. 4 experts, 2 hit, 100 tokens (past the dense path's 64).
     spec = get_preset("tiny-moe").model.replace(dtype="bf16")
     f = Flavour(spec)
     roof = Roofline(spec, ROUND)
     core = Core(1, spec.n_heads, spec.kv_heads, 1, 8, 8, True, "flash")
-    w = LayerWork(1, 3 * spec.d_model, spec.d_model, core, expert_rows=2, experts_hit=2,
-                  experts_held=4, expert_ff=spec.d_ff, router_tokens=1)
+    w = LayerWork(100, 3 * spec.d_model, spec.d_model, core, expert_rows=200, experts_hit=2,
+                  experts_held=4, expert_ff=spec.d_ff, router_tokens=100)
     ops = roof.layer(w)
 
     from types import SimpleNamespace  # what _moe_layer needs of a strategy's context
@@ -399,6 +400,15 @@ def test_moe_reference_loop_waits_for_the_device_per_expert():
     first = max(pre.host_s(ROUND), sum(o.seconds for o in rest) + pre.kernels * 2e-6)
     assert work.syncs == 4
     assert work.seconds(20e-6) == pytest.approx(first + 2 * seg_hit + 2 * seg_miss + 4 * 20e-6)
+    # Up to 64 tokens (a decode step) every held expert runs on every token with
+    # no wait: one stretch of host calls beside the device's work.
+    dense_w = dataclasses.replace(w, tokens=1, router_tokens=1, expert_rows=4, experts_hit=4)
+    dense_ops = roof.layer(dense_w)
+    dense = _moe_layer(ctx, dense_w, dense_ops, pre, Calls())
+    calls = pre + f.moe_dense(4)
+    assert dense.syncs == 0 and calls.syncs == 0
+    assert dense.seconds(20e-6) == pytest.approx(max(
+        calls.host_s(ROUND), sum(o.seconds for o in dense_ops) + calls.kernels * 2e-6))
 
 
 def test_expected_experts_hit_and_rows_of_the_busiest_rank():

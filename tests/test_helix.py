@@ -208,12 +208,12 @@ def test_heads_path_decodes_at_a_device_tensor_position():
             torch.testing.assert_close(graphable, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_moe_decode_is_not_graph_captured():
-    # The MoE loop asks torch.nonzero for each expert's tokens: a host wait no
-    # CUDA graph can hold, so bench runs helix's MoE decode steps eagerly.
-    spec, wl = MOE.model, MOE.reduced
-    plan = Plan.parse("helix:1x1")
-    shard = _shard(spec, wl, plan, Helix.validate(spec, wl, plan, 1), 0)
-    assert shard.mode == "heads" and not shard.supports_graphs
-    dense = _shard(TINY.model, TINY.reduced, plan, Helix.validate(TINY.model, TINY.reduced, plan, 1), 0)
-    assert dense.mode == "heads" and dense.supports_graphs
+def test_moe_decode_graph_capture_needs_the_dense_path():
+    # The MoE loop asks torch.nonzero for each expert's tokens, a host wait no
+    # CUDA graph can hold; up to DENSE_MOE_MAX_TOKENS a call it runs densely.
+    from shardwise.model.reference import DENSE_MOE_MAX_TOKENS
+    spec, plan = MOE.model, Plan.parse("helix:1x1")
+    for batch, ok in ((MOE.reduced.batch, True), (DENSE_MOE_MAX_TOKENS + 1, False)):
+        wl = MOE.reduced.replace(batch=batch)
+        shard = _shard(spec, wl, plan, Helix.validate(spec, wl, plan, 1), 0)
+        assert shard.mode == "heads" and shard.supports_graphs == ok

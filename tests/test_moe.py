@@ -46,21 +46,27 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# 21 tokens: every held expert on every token (DENSE_MOE_MAX_TOKENS); 90: the
+# loop over each expert's routed tokens.
+@pytest.mark.parametrize("shape", [(3, 7), (10, 9)])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("top_k", [1, 2, E])
-def test_reference_moe_equals_per_token_loop(top_k, activation):
+def test_reference_moe_equals_per_token_loop(top_k, activation, shape):
+    from shardwise.model.reference import DENSE_MOE_MAX_TOKENS
+    assert (shape[0] * shape[1] <= DENSE_MOE_MAX_TOKENS) == (shape == (3, 7))
     moe = random_moe(top_k, activation)
-    x = torch.randn(3, 7, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(*shape, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = moe(x)
         want = naive_moe(moe, x.reshape(-1, D)).view_as(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_expert_shares_sum_to_the_full_moe():
+@pytest.mark.parametrize("tokens", [20, 100])  # both paths
+def test_expert_shares_sum_to_the_full_moe(tokens):
     # What tp_pp relies on: MoEs holding disjoint expert ranges add up to the whole.
     full = random_moe(2, "gelu")
-    x = torch.randn(20, D, dtype=torch.float64)
+    x = torch.randn(tokens, D, dtype=torch.float64)
     total = torch.zeros_like(x)
     with torch.no_grad():
         for first, local in ((0, 2), (2, 3), (5, 1)):
@@ -109,3 +115,19 @@ def test_grouped_expert_mlp_equals_one_expert_at_a_time():
                                moe.w_down[e].detach(), "swiglu"))
         start += n
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-12, atol=1e-12)
+
+
+def test_dense_decode_path_rounds_like_the_routed_loop(monkeypatch):
+    # bf16: every held expert on every token, weighted (0 where unpicked),
+    # adds each token's picked experts in the same order with the same
+    # roundings as the loop over routed tokens; only the GEMMs' row counts
+    # differ, so the two agree to a bf16 rounding at most.
+    import shardwise.model.reference as ref
+    moe = random_moe(2, "gelu").to(torch.bfloat16)
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        dense = moe(x)
+        monkeypatch.setattr(ref, "DENSE_MOE_MAX_TOKENS", 0)
+        loop = moe(x)
+    torch.testing.assert_close(dense.float(), loop.float(), rtol=1e-2, atol=1e-2)
+    assert (dense == loop).float().mean() > 0.9

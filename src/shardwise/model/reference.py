@@ -319,6 +319,14 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
     return up_projection(x, w_in, activation) @ w_down.t()
 
 
+# Tokens a call up to which MoE runs every expert it holds on every token,
+# weighted by the routing (zero where a token did not pick the expert): no
+# host synchronisation and shapes that do not depend on the routing, so a
+# decode step can be captured in a CUDA graph. With batch x top_k routed rows
+# nearly every expert is hit anyway, so its weights are read either way.
+DENSE_MOE_MAX_TOKENS = 64
+
+
 class MoE(nn.Module):
     """Dropless top-k Mixture-of-Experts MLP (every routed token is computed).
 
@@ -343,6 +351,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, experts = route(router_logits(self.router, x), self.top_k)  # [N, k]
+        if x.shape[0] <= DENSE_MOE_MAX_TOKENS:
+            return self._dense(x, weights, experts).view(shape)
         out = torch.zeros_like(x)
         for e in range(self.w_in.shape[0]):
             token, slot = torch.nonzero(experts == self.first_expert + e, as_tuple=True)
@@ -350,6 +360,21 @@ class MoE(nn.Module):
                 y = expert_mlp(x[token], self.w_in[e], self.w_down[e], self.activation)
                 out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
         return out.view(shape)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+        """Every held expert on every token ``x [N, D]``, added in expert order
+        with its routing weight, which is 0 for the tokens that did not pick
+        it: each token gets the same terms, rounded and added in the same
+        order, as the loop over routed tokens."""
+        held = self.w_in.shape[0]
+        ids = torch.arange(self.first_expert, self.first_expert + held, device=x.device)
+        # [N, held]: a token's weight for each held expert (top-k picks are distinct)
+        gate = (weights[:, :, None] * (experts[:, :, None] == ids)).sum(1).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in range(held):
+            y = expert_mlp(x, self.w_in[e], self.w_down[e], self.activation)
+            out += y * gate[:, e, None]
+        return out
 
 
 class Block(nn.Module):

@@ -38,6 +38,15 @@ from .topology import Topology
 STRATEGY_MODULES = ("tp_pp", "helix", "ring", "layerwise", "ep")
 
 
+def dense_moe_ok(spec: ModelSpec, tokens: int) -> bool:
+    """Whether the reference MoE module runs ``tokens`` a call without host
+    synchronisation (its dense path; always true of a dense model), as a
+    decode step captured in a CUDA graph needs."""
+    from ..model.reference import DENSE_MOE_MAX_TOKENS
+
+    return not spec.is_moe or tokens <= DENSE_MOE_MAX_TOKENS
+
+
 class Strategy(nn.Module):
     name: ClassVar[str]
     supports_graphs: bool = False

@@ -36,7 +36,7 @@ from ..model.load import head_rows, set_param
 from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
                                causal_attention, make_norm, rotary)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
-from .base import Strategy, balanced_ranges, divides
+from .base import Strategy, balanced_ranges, dense_moe_ok, divides
 from .lse import attend_lse, merge_stack
 from .topology import Topology
 
@@ -336,8 +336,8 @@ class Helix(Strategy):
         """A decode step can be captured in a CUDA graph (``pos`` a 0-d device
         tensor) on the heads path, whose shapes do not depend on the position;
         the sequence path picks the rank that stores the token on the host.
-        Not for MoE: its routing loop sizes its work on the host (torch.nonzero)."""
-        return self.mode == "heads" and not self.spec.is_moe
+        MoE needs its dense path (``dense_moe_ok``)."""
+        return self.mode == "heads" and dense_moe_ok(self.spec, self.workload.batch)
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.model(inputs, self.caches, pos)

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..model.reference import Attention, KVCache, Transformer, _per_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges
+from .base import Strategy, balanced_ranges, dense_moe_ok
 from .lse import attend_lse, attend_lse_prefix, merge_into, merge_stack
 from .topology import Topology
 
@@ -137,9 +137,10 @@ class ZigZag:
         return r, self.sizes(r)[0] + pos - start
 
 
-def static_decode_ok(layout: ZigZag, spec: ModelSpec) -> bool:
-    """Whether ring's decode steps have the static form a CUDA graph captures."""
-    return (layout.decode_steps > 0 and not spec.is_moe
+def static_decode_ok(layout: ZigZag, spec: ModelSpec, batch: int) -> bool:
+    """Whether ring's decode steps have the static form a CUDA graph captures:
+    a prompt token on every rank, and an MoE model's dense path."""
+    return (layout.decode_steps > 0 and dense_moe_ok(spec, batch)
             and all(layout.real(r) > 0 for r in range(layout.ranks)))
 
 
@@ -306,8 +307,9 @@ class Ring(Strategy):
     def supports_graphs(self) -> bool:
         """Decode steps at a device-tensor position (:meth:`RingAttention.decode_static`)
         when every rank holds a prompt token (a shard with no key has no static
-        form) and the model is dense (the MoE loop sizes its work on the host)."""
-        return static_decode_ok(self.layout, self.spec)
+        form) and an MoE model takes its dense path (the routed loop sizes its
+        work on the host)."""
+        return static_decode_ok(self.layout, self.spec, self.workload.batch)
 
     def forward(self, inputs: torch.Tensor, pos: int):
         # for collect: local prompt rows, or the whole new token

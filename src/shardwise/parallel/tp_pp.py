@@ -30,7 +30,7 @@ from torch import nn
 from ..model.kernels import add_norm, norm
 from ..model.reference import KVCache, Transformer, make_block
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges, divides
+from .base import Strategy, balanced_ranges, dense_moe_ok, divides
 from .pipeline import Pipeline
 from .topology import Topology
 
@@ -265,9 +265,10 @@ class TpPp(Strategy):
     @property
     def supports_graphs(self) -> bool:
         """A decode step is capturable in a CUDA graph when it has no
-        point-to-point pipeline hop (collectives alone are capturable)."""
-        # MoE routing sizes its work on the host (torch.nonzero): not capturable.
-        return self.topo.size("pp") == 1 and not self.spec.is_moe
+        point-to-point pipeline hop (collectives alone are capturable) and,
+        for MoE, its tokens take the reference's dense path (the routed loop
+        sizes its work on the host with torch.nonzero)."""
+        return self.topo.size("pp") == 1 and dense_moe_ok(self.spec, self.workload.batch)
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.pipeline.run(inputs, pos)

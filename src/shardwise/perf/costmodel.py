@@ -60,7 +60,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..parallel.base import balanced_ranges, validate_plan
+from ..parallel.base import balanced_ranges, dense_moe_ok, validate_plan
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster
 
@@ -243,6 +243,14 @@ class Flavour:
         casts = _calls(m=2) if self.fp32 else _calls(k=2)
         return _calls(k=4, g=1, m=4, mod=1) + casts
 
+    def moe_dense(self, held: int) -> Calls:
+        """MoE._dense: the held experts' ids (arange), the gate (compare,
+        product, sum, cast), the zeroed output; per expert its slices,
+        up_projection, the matmul, the weighting and the in-place add."""
+        cast = _calls(m=1) if self.fp32 else _calls(k=1)
+        per = self.up() + _calls(k=3, g=1, m=5)
+        return _calls(k=4, m=2) + cast + per * held
+
     def moe_expert(self, hit: bool) -> Calls:
         """One local expert of the reference loop: the compare and torch.nonzero
         (the host waits for its count); an expert that receives tokens also
@@ -254,6 +262,13 @@ class Flavour:
             c = c + self.up() + _calls(k=5 + (0 if self.fp32 else 1), g=1,
                                        m=4 + (1 if self.fp32 else 0))
         return c
+
+
+def _dense_moe_max_tokens() -> int:
+    """Rows a call up to which the reference MoE runs every held expert densely."""
+    from ..model import reference
+
+    return reference.DENSE_MOE_MAX_TOKENS
 
 
 def _direct_cache_min_tokens() -> int:
@@ -902,6 +917,19 @@ class _Ctx:
         """Experts of ``local`` the busiest rank reads (uniform routing)."""
         return busiest_hits(local, self.spec.n_experts, self.spec.top_k, routed, ranks)
 
+    def moe_work(self, tokens: float, held: int, ranks: int = 1,
+                 routed: float | None = None) -> dict:
+        """The reference MoE module's expert work on the busiest of ``ranks``
+        ranks that each hold ``held`` experts, on ``tokens`` rows a call
+        (``routed``: the rows choosing among them, if other): its dense path
+        (every held expert on every token) up to DENSE_MOE_MAX_TOKENS, else
+        the routed rows and the experts they hit."""
+        if tokens <= _dense_moe_max_tokens():
+            return {"expert_rows": tokens * held, "experts_hit": held}
+        routed = tokens if routed is None else routed
+        return {"expert_rows": self.moe_rows(tokens, held / self.spec.n_experts, ranks),
+                "experts_hit": self.hits(held, routed, ranks)}
+
 
 def _pipeline(stages: list[tuple[float, float, bool]], micro_batches: int, p2p_host: float,
               hop: float) -> tuple[float, float]:
@@ -960,9 +988,13 @@ def _moe_layer(c: _Ctx, w: LayerWork, ops: list[Op], pre: Calls, post: Calls,
     rank has ``experts_hit`` of its ``experts_held`` experts hit, in
     expectation. ``post``: the calls after the loop (joining the next layer)."""
     f, cl = c.flav, c.cluster
+    held = int(w.experts_held)
+    if w.router_tokens <= _dense_moe_max_tokens():  # MoE._dense: no wait on the device
+        calls = pre + f.moe_dense(held) + post
+        return Work().add(c.host(calls), c.roof.gpu(ops, calls) + pre_gpu + post_gpu)
     t_exp = next(o.seconds for o in ops if o.name == "experts")
     rest = [o for o in ops if o.name != "experts"]
-    hit, held = w.experts_hit, int(w.experts_held)
+    hit = w.experts_hit
     hit_c, miss_c = f.moe_expert(True), f.moe_expert(False)
     work = Work().add(c.host(pre), c.roof.gpu(rest, pre) + pre_gpu)
     seg_hit = (c.host(hit_c), (t_exp / hit if hit else 0.0) + c.roof.launches(hit_c))
@@ -974,8 +1006,11 @@ def _moe_layer(c: _Ctx, w: LayerWork, ops: list[Op], pre: Calls, post: Calls,
     return work.add(c.host(post), post_gpu + c.roof.launches(post))
 
 
-def _moe_calls(f: Flavour, held: int, hit: float) -> Calls:
-    """The reference MoE module's calls with ``hit`` of ``held`` experts hit."""
+def _moe_calls(f: Flavour, held: int, hit: float, tokens: float) -> Calls:
+    """The reference MoE module's calls on ``tokens`` rows: its dense path, or
+    the routed loop with ``hit`` of ``held`` experts hit."""
+    if tokens <= _dense_moe_max_tokens():
+        return f.moe_router() + f.moe_dense(held)
     return f.moe_router() + f.moe_expert(True) * hit + f.moe_expert(False) * (held - hit)
 
 
@@ -991,7 +1026,7 @@ def _tp_pp(c: _Ctx) -> _Model:
     H, Hkv = spec.n_heads // tp, spec.kv_heads // tp
     El = spec.n_experts // tp if spec.is_moe else 0
     b = -(-c.B // mb)  # the largest micro-batch
-    can_graph = pp == 1 and not spec.is_moe  # TpPp.supports_graphs
+    can_graph = pp == 1 and dense_moe_ok(spec, c.B)  # TpPp.supports_graphs
     graph_decode = can_graph if c.graphs is None else (c.graphs and can_graph)
     # Attention partial sums in float32 (TpPp.wide_reduce): W_o's output stays
     # fp32 through the all-reduce, ReduceAfter casts it back.
@@ -1016,8 +1051,7 @@ def _tp_pp(c: _Ctx) -> _Model:
         halves = chunks > 1
         if spec.is_moe:
             w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core,
-                          expert_rows=c.moe_rows(tokens, El / spec.n_experts, tp),
-                          experts_hit=c.hits(El, tokens, tp), experts_held=El,
+                          **c.moe_work(tokens, El, tp), experts_held=El,
                           expert_ff=spec.d_ff, router_tokens=tokens)
         else:
             w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core, ff=spec.d_ff // tp)
@@ -1042,7 +1076,7 @@ def _tp_pp(c: _Ctx) -> _Model:
                    + _calls(all_reduce=n_ar))
             post = _calls(all_reduce=n_ar)
             work = _moe_layer(c, w, ops, pre, post, g_attn, g_mlp)
-            calls = pre + post + _moe_calls(f, El, w.experts_hit) - f.moe_router()
+            calls = pre + post + _moe_calls(f, El, w.experts_hit, tokens) - f.moe_router()
         else:
             calls = (f.block(f.attention(tokens_per_seq, b, wide), f.mlp()) + wrap
                      + _calls(all_reduce=2 * n_ar))
@@ -1214,15 +1248,14 @@ def _helix(c: _Ctx) -> _Model:
     chunks = balanced_ranges(T, M)
     F = spec.d_ff // P
 
-    can_graph = mode == "heads" and not spec.is_moe  # Helix.supports_graphs
+    can_graph = mode == "heads" and dense_moe_ok(spec, B)  # Helix.supports_graphs
     graph_decode = can_graph if c.graphs is None else (c.graphs and can_graph)
 
     def layer_work(tokens: float, core: Core, copies: float,
                    kv_rows: float | None = None) -> LayerWork:
         if spec.is_moe:  # every expert, 1/P of its d_ff
             return LayerWork(tokens, (H + 2 * Hkv) * d // M, H * d // M, core,
-                             expert_rows=c.moe_rows(tokens, 1.0),
-                             experts_hit=c.hits(spec.n_experts, tokens, 1),
+                             **c.moe_work(tokens, spec.n_experts),
                              experts_held=spec.n_experts, expert_ff=F, router_tokens=tokens,
                              kv_rows=kv_rows, copy_bytes=copies)
         return LayerWork(tokens, (H + 2 * Hkv) * d // M, H * d // M, core, ff=F,
@@ -1324,7 +1357,8 @@ def _helix(c: _Ctx) -> _Model:
         ops = c.roof.layer(w)
         sums = _sum_calls(how, N, M, bool(pad_copy))
         attn = attention_calls(decode) + sums
-        mlp_inner = (_moe_calls(f, spec.n_experts, w.experts_hit) if spec.is_moe else f.mlp())
+        mlp_inner = (_moe_calls(f, spec.n_experts, w.experts_hit, tokens) if spec.is_moe
+                     else f.mlp())
         mlp = _calls(mod=1) + mlp_inner + sums  # SumAfter
         calls = f.block(attn, mlp)
         t_coll = t_x / L + 2 * t_red
@@ -1384,8 +1418,7 @@ def whole_layer(c: _Ctx, tokens: float, core: Core, routed: float, **extra) -> L
     H, Hkv, d = spec.n_heads, spec.kv_heads, c.d
     if spec.is_moe:
         return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core,
-                         expert_rows=c.moe_rows(tokens, 1.0),
-                         experts_hit=c.hits(spec.n_experts, routed, 1),
+                         **c.moe_work(tokens, spec.n_experts, routed=routed),
                          experts_held=spec.n_experts, expert_ff=spec.d_ff,
                          router_tokens=tokens, **extra)
     return LayerWork(tokens, (H + 2 * Hkv) * d, H * d, core, ff=spec.d_ff, **extra)
@@ -1399,7 +1432,8 @@ def _layer_work(c: _Ctx, w: LayerWork, ops: list[Op], attn: Calls,
     f = c.flav
     if c.spec.is_moe:
         pre = f.block(attn, f.moe_router())
-        calls = pre + _moe_calls(f, int(w.experts_held), w.experts_hit) - f.moe_router()
+        calls = (pre + _moe_calls(f, int(w.experts_held), w.experts_hit, w.router_tokens)
+                 - f.moe_router())
         return _moe_layer(c, w, ops, pre, Calls(), gpu_extra), calls
     calls = f.block(attn, f.mlp())
     return Work().add(c.host(calls), c.roof.gpu(ops, calls) + gpu_extra), calls
@@ -1502,7 +1536,7 @@ def _ring(c: _Ctx) -> _Model:
     # attend_lse, and one all-gather of (o, lse) merges the shards (merge_stack).
     # In a CUDA graph (Ring.supports_graphs, decode_static) every rank reads its
     # whole shard and spare slot with the positions it does not hold masked.
-    can_graph = static_decode_ok(zz, spec)
+    can_graph = static_decode_ok(zz, spec, c.B)
     graph = can_graph if c.graphs is None else (c.graphs and can_graph)
     c.decoding, c.graph = True, graph
     st = StepCost()
