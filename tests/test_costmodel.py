@@ -623,3 +623,21 @@ def test_host_scale_fits_the_layer_probe():
         a = predict(SMALL, wl, "tp_pp:1x1", flat, 1, graphs=False).step(phase).host_s
         b = predict(SMALL, wl, "tp_pp:1x1", probe, 1, graphs=False).step(phase).host_s
         assert b == pytest.approx(1.5 * a)
+
+
+def test_ep_small_decode_is_static():
+    # ep decode with every rank's tokens within DENSE_MOE_MAX_TOKENS: one
+    # all-gather of the (largest) share and one reduce-scatter a layer, no
+    # all-to-all, no host wait; in a CUDA graph unless graphs are off.
+    spec = MOE.model.replace(dtype="bf16")
+    wl = Workload(batch=8, seq_len=16, decode_steps=2)
+    for graphs in (None, False):
+        pred = predict(spec, wl, "ep:2", ROUND, 2, graphs=graphs)
+        dec = pred.decode
+        assert set(dec.comms) == {"all_gather/ep", "reduce_scatter/ep"}
+        assert dec.comms["all_gather/ep"].bytes == spec.n_layers * 8 * spec.d_model * 2
+        assert dec.syncs == 0
+        assert (dec.host_s == 0) == (graphs is None)
+        assert "all_to_all/ep" in pred.prefill.comms
+    big = predict(spec, Workload(batch=80, seq_len=16, decode_steps=2), "ep:2", ROUND, 2)
+    assert "all_to_all/ep" in big.decode.comms and big.decode.syncs > 0

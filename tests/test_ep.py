@@ -44,7 +44,10 @@ CASES = {
     2: [("top2", TINY, WL, "ep:2", 0), ("chunks=1", TINY, WL, "ep:2,chunks=1", 0),
         ("chunks=3", TINY, WL, "ep:2,chunks=3", 0), ("top1", TOP1, WL, "ep:2", 1),
         ("wide", WIDE, Workload(batch=5, seq_len=9, decode_steps=4), "ep:2", 2),
-        ("skewed", SKEWED, WL, "ep:2", SKEWED_SEED)],
+        ("skewed", SKEWED, WL, "ep:2", SKEWED_SEED),
+        # 40 x 2 decode tokens: past DENSE_MOE_MAX_TOKENS, decode keeps the
+        # routed exchange (the other cases decode in the static form).
+        ("routed decode", TINY, Workload(batch=40, seq_len=4, decode_steps=2), "ep:2", 0)],
     4: [("top2", TINY, WL, "ep:4", 0), ("chunks=3", TINY, WL, "ep:4,chunks=3", 0),
         ("top1", TOP1, WL, "ep:4", 1), ("small", TINY, SMALL, "ep:4", 0),
         ("small,chunks=3", TINY, SMALL, "ep:4,chunks=3", 0)],
@@ -187,3 +190,18 @@ def test_ep_topology_and_candidates():
     assert ExpertParallel.candidates(TINY, WL, 4) == ["ep:4"]
     assert ExpertParallel.candidates(TINY, WL, 3) == []
     assert ExpertParallel.candidates(get_preset("tiny-dense").model, WL, 2) == []
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_ep_static_decode_at_a_device_position(nproc):
+    # Decode at a device-tensor position (what bench replays in a CUDA graph):
+    # every rank's tokens gathered (padded to the largest share; batch 3 on 4
+    # ranks leaves one empty), each rank's experts on all of them, a
+    # reduce-scatter back. Top-1 and top-2.
+    cases = [Case(m, SMALL, f"ep:{nproc}") for m in (TINY, TOP1)]
+    out = launch(Job(cases, nproc, static_decode=True), deadline_s=300)
+    assert all(r["static_decode"] for r in out)
+    assert_verified(out, [c.plan for c in cases])
+    # Per decode step and layer: one all-gather of the padded share, one
+    # reduce-scatter; no all-to-all.
+    assert all(r["comm_bytes_decode_step_per_rank"][0] > 0 for r in out)

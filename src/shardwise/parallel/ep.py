@@ -25,14 +25,23 @@ and sums. Only the order of additions differs from the reference.
 Overlap: a layer's tokens are cut into ``chunks`` (``ep:P,chunks=K``); the
 dispatch of chunk i+1 and the combine of chunk i are in flight while the
 experts run on chunk i. Mesh axis ``("ep",)``.
+
+Decode steps of at most ``DENSE_MOE_MAX_TOKENS`` tokens over all ranks take
+a static form instead: every rank gathers every rank's tokens (padded to
+the largest share), runs each of its experts on all of them weighted by the
+routing (zero where a token did not pick it: the reference MoE's dense
+path), and a reduce-scatter returns each rank its own rows, summed over the
+ranks. No host synchronisation, sizes fixed by the batch, so a decode step
+is captured in a CUDA graph. A token's terms are its picked experts' weighted
+outputs, as before; the ranks' partial sums are added in rank order.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..model.reference import (KVCache, MoE, Transformer, expert_mlp, make_block, route,
-                               router_logits)
+from ..model.reference import (DENSE_MOE_MAX_TOKENS, KVCache, MoE, Transformer, expert_mlp,
+                               make_block, route, router_logits)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import Strategy, balanced_ranges, divides
 from .topology import Topology
@@ -88,13 +97,17 @@ class ExpertParallelMoE(nn.Module):
         self.El = self.E // self.P  # experts per rank
         self.first = self.rank * self.El
         # Set by the strategy before each step, identical on every rank, so
-        # every rank issues the same sequence of collectives.
+        # every rank issues the same sequence of collectives: the chunks, and
+        # the rows of the largest share when the step takes the static form.
         self.chunks = 1
+        self.static_rows: int | None = None
         self.last_counts: torch.Tensor | None = None  # host [P, K, E] of the last call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
+        if self.static_rows is not None:
+            return self._static(x).view(shape)
         k, E, El, P, K = self.k, self.E, self.El, self.P, self.chunks
         weights, experts = route(router_logits(self.moe.router, x), k)  # [N, k]
         chunks = balanced_ranges(x.shape[0], K)
@@ -153,6 +166,15 @@ class ExpertParallelMoE(nn.Module):
             w = weights[s:e, :, None].to(y.dtype)  # [n, k, 1]
             out[s:e] = (y.view(e - s, k, x.shape[-1]) * w).sum(1)
         return out.view(shape)
+
+    def _static(self, x: torch.Tensor) -> torch.Tensor:
+        """The static form (module doc): ``x [N, D]``, N <= ``static_rows``."""
+        n, rows = x.shape[0], self.static_rows
+        padded = x if n == rows else torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
+        every = self.comm.all_gather(padded, "ep")  # [P * rows, D], rank-major
+        weights, experts = route(router_logits(self.moe.router, every), self.k)
+        partial = self.moe._dense(every, weights, experts)  # this rank's experts' share
+        return self.comm.reduce_scatter(partial, "ep")[:n]  # [n, D]
 
 
 class ExpertParallel(Strategy):
@@ -248,14 +270,30 @@ class ExpertParallel(Strategy):
             return max(1, min(self.plan_chunks, tokens))
         return 2 if tokens >= 2 * MIN_CHUNK_TOKENS else 1
 
+    @property
+    def supports_graphs(self) -> bool:
+        """Decode steps take the static form (every rank's tokens together
+        within DENSE_MOE_MAX_TOKENS), which a CUDA graph captures."""
+        return self.static_rows(1) is not None
+
+    def static_rows(self, tokens_per_seq: int) -> int | None:
+        """Rows of the largest share when a step of ``tokens_per_seq`` tokens a
+        sequence takes the static form (decode steps only: a prefill keeps
+        the routed exchange and its routing table, which the report reads),
+        else None."""
+        most = self.batch_ranges[0][1]  # rank 0 holds the most sequences
+        small = tokens_per_seq == 1 and most * self.topo.size("ep") <= DENSE_MOE_MAX_TOKENS
+        return most if small else None
+
     def forward(self, inputs: torch.Tensor, pos: int):
         b0, b1 = self.batch_ranges[self.topo.coord("ep")]
         most = self.batch_ranges[0][1] * inputs.shape[1]  # rank 0's tokens
         chunks = self.chunk_count(most)
+        static = self.static_rows(inputs.shape[1])
         for moe in self.moes:
-            moe.chunks = chunks
+            moe.chunks, moe.static_rows = chunks, static
         out = self.model(inputs[b0:b1], self.caches, pos)  # [b, T, D or V]
-        if pos == 0:
+        if isinstance(pos, int) and pos == 0:
             self.prefill_counts = [moe.last_counts for moe in self.moes]
             self.prefill_chunks = chunks
         return out

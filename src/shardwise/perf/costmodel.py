@@ -1639,7 +1639,50 @@ def _ep(c: _Ctx) -> _Model:
             after = dataclasses.replace(after, all_to_all=0)
         return before, after
 
+    # Decode steps of every rank's tokens together within DENSE_MOE_MAX_TOKENS
+    # take the static form (ExpertParallelMoE._static), captured in a CUDA graph.
+    static_decode = b * P <= _dense_moe_max_tokens()
+    graph_decode = static_decode if c.graphs is None else (c.graphs and static_decode)
+
+    def static_step() -> StepCost:
+        """A decode step in the static form: every rank's share gathered
+        (padded to the largest), this rank's experts on all of it (the
+        reference MoE's dense path), a reduce-scatter back."""
+        c.decoding, c.graph = True, graph_decode
+        st = StepCost()
+        rows = b * P  # gathered token rows
+        core = _decode_core(c, b, H, Hkv, S, c.wl.max_len, graph_decode)
+        w = LayerWork(b, (H + 2 * Hkv) * d, H * d, core, expert_rows=rows * El,
+                      experts_hit=El, experts_held=El, expert_ff=spec.d_ff, router_tokens=rows)
+        ops = c.roof.layer(w)
+        t_coll = (c.add(st, "all_gather", "ep", rows * D * e, L)
+                  + c.add(st, "reduce_scatter", "ep", rows * D * e, L)) / L
+        # ExpertParallelMoE: the gather (Comm: movedim, buffer, movedim); the
+        # router and route (moe_router, with the reshape and the view); the
+        # dense experts; the reduce-scatter (Comm: movedim, buffer, movedim)
+        # and the rank's rows.
+        moe = (_calls(m=3, all_gather=1 if P > 1 else 0) + f.moe_router()
+               + f.moe_dense(El) + _calls(m=3 + 1, reduce_scatter=1 if P > 1 else 0))
+        calls = f.block(f.attention(1, b), moe)
+        layer = Work().add(c.host(calls), c.roof.gpu(ops, calls) + t_coll)
+        for o in ops:
+            st.add_op(o, L)
+        t_ends = c.ends(st, b)
+        step_calls = _calls(m=1) + c.end_calls(True, True)
+        whole = Work().extend(layer, L).add(c.host(step_calls),
+                                            t_ends + c.roof.launches(step_calls))
+        st.seconds = whole.seconds(c.cluster.sync_s)
+        st.host_s, st.syncs = whole.host_s, whole.syncs
+        st.layer_calls, st.step_calls = calls, step_calls
+        st.compute_s = sum(o.seconds for o in st.ops.values())
+        st.comm_s = sum(x.seconds for x in st.comms.values())
+        st.exposed_comm_s = max(0.0, st.seconds - st.compute_s)
+        c.graph = False
+        return st
+
     def step(new: int) -> StepCost:
+        if new == 1 and static_decode:
+            return static_step()
         c.decoding = new == 1
         st = StepCost()
         local, routed = b * new, c.B * new
