@@ -1644,6 +1644,23 @@ def _ep(c: _Ctx) -> _Model:
     static_decode = b * P <= _dense_moe_max_tokens()
     graph_decode = static_decode if c.graphs is None else (c.graphs and static_decode)
 
+    def finish(st: StepCost, layer: Work, ops: list[Op], calls: Calls, tokens: float) -> StepCost:
+        """The step from one layer's work: L layers, the ends (embedding and
+        LM head on ``tokens`` rows) and the batch slice, and the totals."""
+        for o in ops:
+            st.add_op(o, L)
+        t_ends = c.ends(st, tokens)
+        step_calls = _calls(m=1) + c.end_calls(True, True)
+        whole = Work().extend(layer, L).add(c.host(step_calls),
+                                            t_ends + c.roof.launches(step_calls))
+        st.seconds = whole.seconds(c.cluster.sync_s)
+        st.host_s, st.syncs = whole.host_s, whole.syncs
+        st.layer_calls, st.step_calls = calls, step_calls
+        st.compute_s = sum(o.seconds for o in st.ops.values())
+        st.comm_s = sum(x.seconds for x in st.comms.values())
+        st.exposed_comm_s = max(0.0, st.seconds - st.compute_s)
+        return st
+
     def static_step() -> StepCost:
         """A decode step in the static form: every rank's share gathered
         (padded to the largest), this rank's experts on all of it (the
@@ -1665,18 +1682,7 @@ def _ep(c: _Ctx) -> _Model:
                + f.moe_dense(El) + _calls(m=3 + 1, reduce_scatter=1 if P > 1 else 0))
         calls = f.block(f.attention(1, b), moe)
         layer = Work().add(c.host(calls), c.roof.gpu(ops, calls) + t_coll)
-        for o in ops:
-            st.add_op(o, L)
-        t_ends = c.ends(st, b)
-        step_calls = _calls(m=1) + c.end_calls(True, True)
-        whole = Work().extend(layer, L).add(c.host(step_calls),
-                                            t_ends + c.roof.launches(step_calls))
-        st.seconds = whole.seconds(c.cluster.sync_s)
-        st.host_s, st.syncs = whole.host_s, whole.syncs
-        st.layer_calls, st.step_calls = calls, step_calls
-        st.compute_s = sum(o.seconds for o in st.ops.values())
-        st.comm_s = sum(x.seconds for x in st.comms.values())
-        st.exposed_comm_s = max(0.0, st.seconds - st.compute_s)
+        st = finish(st, layer, ops, calls, b)
         c.graph = False
         return st
 
@@ -1733,19 +1739,7 @@ def _ep(c: _Ctx) -> _Model:
         layer = Work().add(c.host(attn_part + before),
                            c.roof.gpu(rest, attn_part + before) + t_tab)
         layer.sync().add(c.host(after), moe_s)
-        for o in ops:
-            st.add_op(o, L)
-        t_ends = c.ends(st, local)
-        step_calls = _calls(m=1) + c.end_calls(True, True)
-        whole = Work().extend(layer, L).add(c.host(step_calls),
-                                            t_ends + c.roof.launches(step_calls))
-        st.seconds = whole.seconds(c.cluster.sync_s)
-        st.host_s, st.syncs = whole.host_s, whole.syncs
-        st.layer_calls, st.step_calls = calls, step_calls
-        st.compute_s = sum(o.seconds for o in st.ops.values())
-        st.comm_s = sum(x.seconds for x in st.comms.values())
-        st.exposed_comm_s = max(0.0, st.seconds - st.compute_s)
-        return st
+        return finish(st, layer, ops, calls, local)
 
     prefill, decode = step(T), step(1)
     per_layer = attn_weights(spec, H, Hkv, d) + mlp_weights(spec, spec.d_ff, El) + c.layer_norms()
