@@ -65,18 +65,25 @@ def _kernel():
     return _triton
 
 
-def _eps(module: nn.Module, x: torch.Tensor) -> float:
+def eps_of(module: nn.Module, x: torch.Tensor) -> float:
     eps = module.eps
     return torch.finfo(x.dtype).eps if eps is None else float(eps)
 
 
+def norm_fusable(module: nn.Module | None, x: torch.Tensor) -> bool:
+    """Whether a fused kernel can apply ``module`` to ``x``'s rows: CUDA
+    half-precision rows of at most 32768 and a LayerNorm or RMSNorm with a
+    weight of that dtype over the whole row (``None``: no norm, always)."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] <= _MAX_D):
+        return False
+    return module is None or (
+        isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None
+        and module.weight.dtype == x.dtype and tuple(module.normalized_shape) == (x.shape[-1],))
+
+
 def _fusable(module: nn.Module, *tensors: torch.Tensor) -> bool:
-    x = tensors[0]
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[-1] <= _MAX_D and all(t.is_contiguous() for t in tensors)
-            and isinstance(module, (nn.LayerNorm, nn.RMSNorm))
-            and module.weight is not None and module.weight.dtype == x.dtype
-            and tuple(module.normalized_shape) == (x.shape[-1],) and bool(_kernel()))
+    return (module is not None and norm_fusable(module, tensors[0])
+            and all(t.is_contiguous() for t in tensors) and bool(_kernel()))
 
 
 def _launch(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None):
@@ -89,7 +96,7 @@ def _launch(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None):
     bias = None if rms else module.bias
     block = triton.next_power_of_2(D)
     kernel[(rows,)](x, a if a is not None else x, h, y, module.weight,
-                    bias if bias is not None else module.weight, D, _eps(module, x),
+                    bias if bias is not None else module.weight, D, eps_of(module, x),
                     HAS_RES=a is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=block,
                     num_warps=min(16, max(4, block // 512)))
     return h, y

@@ -182,9 +182,13 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
     if isinstance(q_start, torch.Tensor):
         def make_mask():
             q_pos = q_start + torch.arange(T, device=q.device)
-            return torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # [T, S]
+            seen = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # [T, S]
+            # Additive (0 / -inf), once a step: SDPA turns a boolean mask into
+            # this form on every call, a few kernels a layer.
+            return torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(
+                ~seen, float("-inf"))
 
-        mask = _per_step(("mask", id(q_start), T, S, q.device), make_mask)
+        mask = _per_step(("mask", id(q_start), T, S, q.dtype, q.device), make_mask)
         return Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if q_start == 0 and T == S:
         return Fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from ..model.kernels import add_norm
+from . import reduce_norm
 from .topology import Topology
 
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -46,6 +48,7 @@ class Comm:
                          and hasattr(torch.ops, "symm_mem")
                          and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"))
         self._symm: dict = {}  # (axis, shape, dtype) -> symmetric buffer
+        self._fused: dict = {}  # axis -> FusedReduceNorm
 
     def _watch(self, work, key: str):
         """``work`` (a request), reporting its ``wait()`` to the hook when there is one."""
@@ -132,6 +135,39 @@ class Comm:
             symm_mem.rendezvous(buf, self.topo.group(axis).group_name)
             self._symm[key] = buf
         return buf
+
+    def all_reduce_add_norm(self, p: torch.Tensor, x: torch.Tensor, module, axis: str):
+        """``h = x + sum of p over axis`` and ``module(h)`` (``module`` a norm,
+        or None): returns ``(h, norm(h) or None)``.
+
+        The sum is rounded to ``x``'s dtype before the add, as
+        :meth:`all_reduce` followed by :func:`~shardwise.model.kernels.add_norm`
+        would round it. A decode step's few rows on GPUs take one kernel for
+        all of it (:class:`~shardwise.parallel.reduce_norm.FusedReduceNorm`,
+        with the one-shot all-reduce's switch); anything else takes those
+        two calls."""
+        if self.topo.size(axis) > 1:
+            fused = self._fused_reduce_norm(p, x, module, axis)
+            if fused is not None:
+                key = self._count("all_reduce", axis, p.nbytes)
+                return self._blocking(key, fused, p, x, module)
+            p = self.all_reduce(p, axis)
+        a = p if p.dtype == x.dtype else p.to(x.dtype)
+        if module is None:
+            return x + a, None
+        return add_norm(module, x, a)
+
+    def _fused_reduce_norm(self, p, x, module, axis: str):
+        if not (self.one_shot and p.is_cuda and p.nbytes <= ONE_SHOT_MAX_BYTES
+                and reduce_norm.fusable(p, x, module)):
+            return None
+        fused = self._fused.get(axis)
+        if fused is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            fused = self._fused[axis] = reduce_norm.FusedReduceNorm(self.topo.group(axis),
+                                                                    x.device)
+        return fused if fused.ready(p.dtype, x.shape[-1]) else None
 
     def all_gather(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's ``t`` along ``dim`` in axis order."""

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..model.kernels import add_norm, norm
-from ..model.reference import KVCache, Transformer, make_block
+from ..model.reference import KVCache, Transformer, make_block, one_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import Strategy, balanced_ranges, dense_moe_ok, divides
 from .pipeline import Pipeline
@@ -70,7 +70,9 @@ class OverlappedStage(nn.Module):
     reduction is left exposed, 1/K of a layer's. Each residual add runs in one
     kernel with the norm after it, also across layers, and the last adds
     write the stage's output in place. Decode steps (one token), single
-    sequences and, under ``auto``, small batches take the plain path.
+    sequences, MoE models and, under ``auto``, small batches run the stage
+    in one piece, each all-reduce together with the add and norm after it
+    (one kernel per reduction in a decode step on GPUs).
     """
 
     def __init__(self, stage: Transformer, comm, axis: str, option: str = "auto"):
@@ -81,11 +83,13 @@ class OverlappedStage(nn.Module):
         B, T = inputs.shape[:2]
         st = self.stage
         D = st.spec.d_model
-        row_bytes = D * st.layers[0].attn_norm.weight.element_size()  # activations' dtype
-        k = (overlap_chunks(self.option, B, T, row_bytes)
-             if self.comm.topo.size(self.axis) > 1 else 1)
-        if k < 2:
+        if self.comm.topo.size(self.axis) == 1:
             return st(inputs, caches, pos)
+        row_bytes = D * st.layers[0].attn_norm.weight.element_size()  # activations' dtype
+        k = 1 if self.option == "1" or st.spec.is_moe else overlap_chunks(self.option, B, T,
+                                                                         row_bytes)
+        if k < 2:
+            return self._reduce_with_norm(inputs, caches, pos)
         parts = balanced_ranges(B, k)
         xs = [st.embed(inputs[a:b]) if st.embed is not None else inputs[a:b] for a, b in parts]
         views = [[c.batch_view(a, b) for c in caches] for a, b in parts]
@@ -106,6 +110,27 @@ class OverlappedStage(nn.Module):
             torch.add(h, m(), out=x[a:b])
         if st.norm is not None:
             x = norm(st.norm, x)
+        return st.lm_head(x) if st.lm_head is not None else x
+
+    def _reduce_with_norm(self, inputs: torch.Tensor, caches, pos):
+        """The stage in one piece, each all-reduce done together with the
+        residual add and the norm after it
+        (:meth:`~shardwise.parallel.comm.Comm.all_reduce_add_norm`: one
+        kernel in a decode step on GPUs)."""
+        st, comm, axis = self.stage, self.comm, self.axis
+        x = st.embed(inputs) if st.embed is not None else inputs
+        pending = None  # the previous layer's MLP partial sum, not yet reduced
+        with one_step():
+            for blk, cache in zip(st.layers, caches):
+                if pending is None:
+                    x, n = add_norm(blk.attn_norm, x, None)
+                else:
+                    x, n = comm.all_reduce_add_norm(pending, x, blk.attn_norm, axis)
+                x, n = comm.all_reduce_add_norm(blk.attn.inner(n, cache, pos), x, blk.mlp_norm,
+                                                axis)
+                pending = blk.mlp.inner(n)
+        x, y = comm.all_reduce_add_norm(pending, x, st.norm, axis)
+        x = x if y is None else y
         return st.lm_head(x) if st.lm_head is not None else x
 
 
@@ -255,10 +280,9 @@ class TpPp(Strategy):
         ]
         # overlap=1 turns the chunked schedule off, K forces K chunks, auto
         # (the default) picks them where a chunk's all-reduce is large enough
-        # to hide.
+        # to hide; unchunked steps fuse each reduction with its add and norm.
         overlap = plan.option("overlap", "auto")
-        run_stage = (OverlappedStage(self.stage, comm, "tp", overlap)
-                     if overlap != "1" and not spec.is_moe else self.stage)
+        run_stage = OverlappedStage(self.stage, comm, "tp", overlap)
         self.pipeline = Pipeline(comm, topo, "pp", run_stage, self.caches,
                                  plan.micro_batches, spec.d_model, self.dtype, self.device)
 

@@ -1032,10 +1032,15 @@ def _tp_pp(c: _Ctx) -> _Model:
     # fp32 through the all-reduce, ReduceAfter casts it back.
     wide = (tp > 1 and c.e != 4
             and c.plan.option("reduce", "fp32" if spec.is_moe else "model") == "fp32")
-    # OverlappedStage wraps the stage unless overlap=1 or the model is MoE; it
-    # runs K chunks of the micro-batch when tp > 1 and there are >= 2
-    # sequences of >= 2 tokens (prefill): K from overlap=K, or under auto as
-    # many as leave each chunk's all-reduce at least OVERLAP_MIN_BYTES.
+    # OverlappedStage wraps every stage. With tp > 1 it runs K chunks of the
+    # micro-batch when there are >= 2 sequences of >= 2 tokens (prefill; not
+    # under overlap=1 nor for MoE): K from overlap=K, or under auto as many
+    # as leave each chunk's all-reduce at least OVERLAP_MIN_BYTES. Otherwise
+    # it runs the stage in one piece, each all-reduce with the add and norm
+    # after it (Comm.all_reduce_add_norm): no ReduceAfter or Transformer
+    # module calls, and in a decode step on GPUs one kernel for the three.
+    from ..parallel.comm import ONE_SHOT_MAX_BYTES
+    from ..parallel.reduce_norm import MAX_ROWS
     from ..parallel.tp_pp import overlap_chunks
 
     overlap = c.plan.option("overlap", "auto")
@@ -1049,6 +1054,11 @@ def _tp_pp(c: _Ctx) -> _Model:
         chunks = (overlap_chunks(overlap, b, tokens_per_seq, spec.d_model * c.e)
                   if overlapped and tp > 1 else 1)
         halves = chunks > 1
+        one_piece = tp > 1 and not halves
+        # The all-reduce, add and norm in one kernel: a decode step's rows
+        # within the fused kernel's limits, half precision (reduce_norm.fusable).
+        fused_norms = (one_piece and c.e == 2 and tokens <= MAX_ROWS
+                       and tokens * c.D * c.e * (2 if wide else 1) <= ONE_SHOT_MAX_BYTES)
         if spec.is_moe:
             w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core,
                           **c.moe_work(tokens, El, tp), experts_held=El,
@@ -1061,7 +1071,7 @@ def _tp_pp(c: _Ctx) -> _Model:
         g_mlp = c.parts("all_reduce", "tp", y)[1] * n_ar
         # ReduceAfter around attention and MLP (+ the cast back of a wide sum),
         # and the Pipeline's batch view of the layer's cache.
-        wrap = _calls(k=1 if wide else 0, mod=2) + f.batch_view()
+        wrap = _calls(k=1 if wide else 0, mod=0 if one_piece else 2) + f.batch_view()
         if halves:
             # OverlappedStage, per chunk: the previous layer's residual added
             # in the norm (add_norm), attention (on the chunk's rows), the
@@ -1081,7 +1091,7 @@ def _tp_pp(c: _Ctx) -> _Model:
             calls = (f.block(f.attention(tokens_per_seq, b, wide), f.mlp()) + wrap
                      + _calls(all_reduce=2 * n_ar))
         if not spec.is_moe:
-            kernels = STATIC_DECODE if graph else calls
+            kernels = (STATIC_DECODE - _calls(k=2) * fused_norms) if graph else calls
             work = Work().add(c.host(calls), c.roof.gpu(ops, kernels) + g_attn + g_mlp)
 
         # Traffic recorded for the micro-batches as they are (balanced sizes).
@@ -1109,7 +1119,10 @@ def _tp_pp(c: _Ctx) -> _Model:
                           + (f.norm() - f.add_norm()) * chunks + _calls(k=chunks, m=1 + chunks)
                           + (f.norm() + _calls(k=1, mod=1) * vocab) * last)
             else:
-                per_mb = (_calls(m=1, mod=1 if overlapped else 0) + c.end_calls(first, last))
+                # OverlappedStage's module call; in one piece it calls the
+                # Transformer's parts, not the Transformer.
+                per_mb = (_calls(m=1, mod=1) + c.end_calls(first, last)
+                          - _calls(mod=1) * one_piece)
             per_mb += _calls(p2p=(not first) + (not last))
             t_end = c.ends(StepCost(), tokens) if (first or last) else 0.0
             if halves:
