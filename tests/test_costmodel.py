@@ -641,3 +641,28 @@ def test_ep_small_decode_is_static():
         assert "all_to_all/ep" in pred.prefill.comms
     big = predict(spec, Workload(batch=80, seq_len=16, decode_steps=2), "ep:2", ROUND, 2)
     assert "all_to_all/ep" in big.decode.comms and big.decode.syncs > 0
+
+
+def test_compute_rate_follows_the_duty_cycle():
+    # Sustained 0.9 of the burst rate: always busy 0.9, idle half the step 0.95.
+    from shardwise.perf.costmodel import duty_derate
+
+    assert duty_derate(0.9, 1.0) == pytest.approx(0.9)
+    assert duty_derate(0.9, 0.5) == pytest.approx(0.95)
+    assert duty_derate(0.9, 0.0) == 1.0 and duty_derate(1.0, 0.3) == 1.0
+    # layerwise in 2 stages of one micro-batch: each GPU busy half the prefill,
+    # so its compute runs at the rate half a duty cycle holds (0.95 x burst),
+    # where tp_pp:2x1 (busy throughout) runs at the sustained rate.
+    spec = SMALL.replace(n_layers=4, d_model=2048, n_heads=16, head_dim=128, d_ff=8192)
+    wl = Workload(batch=4, seq_len=4096, decode_steps=1)
+    derated = Cluster.from_dict(_round_dict(sustained_matmul_tflops=720, **ROUND_HOST))
+    for plan in ("layerwise:cap=2GB", "tp_pp:2x1"):
+        burst = predict(spec, wl, plan, ROUND, 2).prefill
+        held = predict(spec, wl, plan, derated, 2).prefill
+        duty = held.compute_s / held.seconds
+        ratio = burst.compute_s / held.compute_s
+        assert ratio == pytest.approx(1 - 0.1 * duty, rel=0.02), (plan, duty, ratio)
+        if plan.startswith("layerwise"):
+            assert duty == pytest.approx(0.5, abs=0.05)
+        else:
+            assert duty > 0.9  # its all-reduces hide behind its compute

@@ -4,9 +4,9 @@
 rank per GPU (NCCL) or N CPU ranks (gloo) through the shared launcher; every
 rank runs :func:`measure` at once, so collectives span all of them. Measured:
 
-* matmul rate over the shapes the seed models use (``[tokens x 4096] x
-  [4096 x 12288]`` QKV, ``x [4096 x 4096]`` W_o, ``x [4096 x 16384]`` and
-  ``[16384 x 4096]`` MLP), FLOPs = 2mkn; the profile keeps the median;
+* matmul rate over the shapes the seed models use (8192 rows times every
+  projection of their layers, whole and split over 2 tensor-parallel ranks:
+  :func:`seed_gemm_shapes`), FLOPs = 2mkn; the profile keeps the median;
 * causal attention (``scaled_dot_product_attention``) at head_dim 128 and
   512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses;
 * HBM bandwidth: a device copy, 2 x bytes (read + write) / time;
@@ -73,14 +73,30 @@ def _timer(device, fn, iters: int, warmup: int, before=None) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def seed_gemm_shapes(tps=(1, 2)) -> list[tuple[int, int]]:
+    """(k, n) of every projection of the seed presets' layers, whole and as
+    ``tp`` ranks hold them (QKV and the MLP's input split by columns, W_o and
+    the MLP's output by rows), each once, sorted."""
+    from ..presets import PRESETS
+
+    shapes = set()
+    for name, preset in PRESETS.items():
+        s = preset.model
+        if not name.startswith("seed-"):
+            continue
+        qkv = (s.n_heads + 2 * s.kv_heads) * s.head_dim
+        for tp in tps:
+            f = s.d_ff // tp if not s.is_moe else s.d_ff  # MoE: whole experts per rank
+            shapes |= {(s.d_model, qkv // tp), (s.n_heads * s.head_dim // tp, s.d_model),
+                       (s.d_model, s.mlp_matrices * f), (f, s.d_model)}
+    return sorted(shapes)
+
+
 def matmul_rates(device, dtype, quick: bool) -> list[dict]:
     import torch
 
-    if quick:
-        shapes = [(64, 128, 384), (64, 128, 512), (64, 512, 128)]
-    else:
-        shapes = [(8192, 4096, 12288), (8192, 4096, 4096), (8192, 4096, 16384),
-                  (8192, 16384, 4096)]
+    shapes = ([(64, 128, 384), (64, 128, 512), (64, 512, 128)] if quick
+              else [(8192, k, n) for k, n in seed_gemm_shapes()])
     out = []
     for m, k, n in shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
@@ -285,15 +301,18 @@ def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
     import torch
 
     from ..model.reference import Transformer, one_step
-    from ..spec import ModelSpec
+    from ..spec import ModelSpec, torch_dtype
 
     layers = 8
+    # In the precision and activation the GPU benchmarks run (bf16, the tanh
+    # GELU: the fused norms and GEMM epilogue), fp32 on CPU.
+    dtype = "bf16" if device.type == "cuda" else "fp32"
     spec = ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
-                     d_ff=128, dtype="fp32")
+                     d_ff=128, dtype=dtype, activation="gelu_tanh")
     with torch.inference_mode():
-        model = Transformer(spec).to(device)
+        model = Transformer(spec).to(device, torch_dtype(dtype))
         caches = model.allocate_caches(1, 16)
-        x = torch.zeros(1, 1, 64, device=device)
+        x = torch.zeros(1, 1, 64, device=device, dtype=torch_dtype(dtype))
 
         def step():
             with one_step():
@@ -302,7 +321,7 @@ def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
         hot = _timer(device, step, 20 if quick else 200, 5 if quick else 20)
         with CallCounter() as c8:
             step()
-        one = Transformer(spec.replace(n_layers=1)).to(device)
+        one = Transformer(spec.replace(n_layers=1)).to(device, torch_dtype(dtype))
         one_caches = one.allocate_caches(1, 16)
         with CallCounter() as c1:
             with one_step():

@@ -630,6 +630,22 @@ class LayerWork:
     copy_bytes: float = 0.0  # the strategy's own copies (bytes read + written)
 
 
+def duty_derate(sustained: float, duty: float) -> float:
+    """Compute rate over the burst rate for a GPU busy ``duty`` (0..1) of a
+    step: ``sustained`` (the rate held under back-to-back GEMMs, over the
+    burst rate) when always busy, the burst rate when mostly idle, linear in
+    between. A power-limited GPU's clock follows its average power draw: a
+    pipeline stage that waits for the other stages half of the step (say
+    layerwise with one micro-batch) runs its kernels at higher clocks than
+    one that never waits (measured: results/README.md, prediction fidelity)."""
+    return 1.0 - (1.0 - sustained) * min(1.0, max(0.0, duty))
+
+
+# Below this busy share a step's compute is re-predicted at the rate its duty
+# cycle holds (predict).
+DUTY_REPREDICT = 0.98
+
+
 class Roofline:
     """max(FLOPs / rate, bytes / bandwidth) for the ops of one model on one cluster.
 
@@ -638,13 +654,14 @@ class Roofline:
     the attention core, whose traffic is reads (weights, the KV cache), at the
     streaming rate (:meth:`Cluster.stream_rate`)."""
 
-    def __init__(self, spec: ModelSpec, cluster: Cluster):
+    def __init__(self, spec: ModelSpec, cluster: Cluster, duty: float = 1.0):
         self.spec, self.cluster = spec, cluster
         self.e = dtype_bytes(spec.dtype)
         self.flav = Flavour(spec)
-        # Compute rates held over a long run (Cluster.sustained_ratio; 1 unless
-        # the profile measured it).
-        self.derate = cluster.sustained_ratio
+        # Compute rates held over a step whose GPU is busy ``duty`` of the
+        # time (duty_derate; Cluster.sustained_ratio is 1 unless the profile
+        # measured it).
+        self.derate = duty_derate(cluster.sustained_ratio, duty)
         self.mm = cluster.matmul_rate(spec.dtype) * self.derate
         self.attn = cluster.attention_rate(spec.head_dim, spec.dtype) * self.derate
         self.flash = (cluster.flash_rate(spec.dtype) * self.derate
@@ -794,13 +811,14 @@ class _Model:
 
 class _Ctx:
     def __init__(self, spec: ModelSpec, wl: Workload, plan: Plan, cluster: Cluster, topo,
-                 graphs: bool | None = None, moe_balance: float | None = None):
+                 graphs: bool | None = None, moe_balance: float | None = None,
+                 duty: float = 1.0):
         self.spec, self.wl, self.plan, self.cluster, self.topo = spec, wl, plan, cluster, topo
         # Whether decode steps replay a CUDA graph (None: where the strategy can).
         self.graphs = graphs
         self.graph = False  # the step being modelled (set per step)
         self.decoding = False  # the step being modelled is a decode step (set per step)
-        self.roof = Roofline(spec, cluster)
+        self.roof = Roofline(spec, cluster, duty)
         self.flav = self.roof.flav
         self.e = dtype_bytes(spec.dtype)
         self.P = topo.world_size
@@ -1899,8 +1917,17 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
                              f"{cluster.name} has {cluster.n_gpus}")
     if plan.strategy not in STRATEGY_MODELS:
         raise ShardwiseError(f"the cost model has no formulas for strategy {plan.strategy!r}")
-    ctx = _Ctx(spec, workload, plan, cluster, topo, graphs, moe_balance)
-    m = STRATEGY_MODELS[plan.strategy](ctx)
+    model = STRATEGY_MODELS[plan.strategy]
+    m = model(_Ctx(spec, workload, plan, cluster, topo, graphs, moe_balance))
+    # A step whose GPU waits part of the time (pipeline bubbles, host-bound
+    # steps) runs its kernels at the clocks that duty cycle holds: predicted
+    # again at that rate (duty_derate), once per phase.
+    for phase in ("prefill", "decode"):
+        st = getattr(m, phase)
+        duty = st.compute_s / st.seconds if st.seconds > 0 else 1.0
+        if duty < DUTY_REPREDICT and cluster.sustained_ratio < 1.0:
+            again = model(_Ctx(spec, workload, plan, cluster, topo, graphs, moe_balance, duty))
+            setattr(m, phase, getattr(again, phase))
     totals = [w + k for w, k in zip(m.weights, m.kv)]
     worst = max(range(len(totals)), key=totals.__getitem__)
     mem = Memory(m.weights[worst], m.kv[worst], int(m.activations), int(m.buffers))
