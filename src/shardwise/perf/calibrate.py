@@ -4,9 +4,9 @@
 rank per GPU (NCCL) or N CPU ranks (gloo) through the shared launcher; every
 rank runs :func:`measure` at once, so collectives span all of them. Measured:
 
-* matmul rate over the shapes the seed models use (8192 rows times every
-  projection of their layers, whole and split over 2 tensor-parallel ranks:
-  :func:`seed_gemm_shapes`), FLOPs = 2mkn; the profile keeps the median;
+* matmul rate over the shapes the seed models use (2048 and 8192 rows times
+  every projection of their layers, whole and split over 2 tensor-parallel
+  ranks: :func:`seed_gemm_shapes`), FLOPs = 2mkn; the profile keeps the median;
 * causal attention (``scaled_dot_product_attention``) at head_dim 128 and
   512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses;
 * HBM bandwidth: a device copy, 2 x bytes (read + write) / time;
@@ -73,6 +73,11 @@ def _timer(device, fn, iters: int, warmup: int, before=None) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+# Rows of the calibrated GEMMs: a long prefill's, and an expert's share of one
+# (8192 tokens x top-2 over 8 experts).
+GEMM_ROWS = (2048, 8192)
+
+
 def seed_gemm_shapes(tps=(1, 2)) -> list[tuple[int, int]]:
     """(k, n) of every projection of the seed presets' layers, whole and as
     ``tp`` ranks hold them (QKV and the MLP's input split by columns, W_o and
@@ -96,7 +101,7 @@ def matmul_rates(device, dtype, quick: bool) -> list[dict]:
     import torch
 
     shapes = ([(64, 128, 384), (64, 128, 512), (64, 512, 128)] if quick
-              else [(8192, k, n) for k, n in seed_gemm_shapes()])
+              else [(m, k, n) for m in GEMM_ROWS for k, n in seed_gemm_shapes()])
     out = []
     for m, k, n in shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
@@ -284,6 +289,41 @@ def _host_timer(device, fn, iters: int, warmup: int) -> float:
     return t / iters
 
 
+def _probe_stack(device, layers: int = 8):
+    """(one eager decode step of the probe stack, its layers): tiny layers in
+    the precision and activation the GPU benchmarks run (bf16 with the tanh
+    GELU: the fused norms and GEMM epilogue; fp32 on CPU)."""
+    import torch
+
+    from ..model.reference import Transformer, one_step
+    from ..spec import ModelSpec, torch_dtype
+
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    spec = ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
+                     d_ff=128, dtype=dtype, activation="gelu_tanh")
+    model = Transformer(spec).to(device, torch_dtype(dtype))
+    caches = model.allocate_caches(1, 16)
+    x = torch.zeros(1, 1, 64, device=device, dtype=torch_dtype(dtype))
+
+    def step():
+        with one_step():
+            model(x, caches, 8)
+
+    return step, layers
+
+
+def host_probe_us(device, iters: int = 50) -> float:
+    """The layer probe now: host time of one probe layer in us, its steps run
+    back to back (as calibrate's ``layer_probe_us``). Benchmarks record it
+    beside each eager measurement, since the host's speed drifts within a
+    run; the cost model's host scale then uses the host as the run found it."""
+    import torch
+
+    with torch.inference_mode():
+        step, layers = _probe_stack(device)
+        return 1e6 * _timer(device, step, iters, 5) / layers
+
+
 def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
     """An eager decode step of a small reference stack (8 tiny layers, so small
     that the device finishes each kernel before the host issues the next one),
@@ -300,32 +340,14 @@ def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
     layer as :class:`CallCounter` counts them."""
     import torch
 
-    from ..model.reference import Transformer, one_step
-    from ..spec import ModelSpec, torch_dtype
-
-    layers = 8
-    # In the precision and activation the GPU benchmarks run (bf16, the tanh
-    # GELU: the fused norms and GEMM epilogue), fp32 on CPU.
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    spec = ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
-                     d_ff=128, dtype=dtype, activation="gelu_tanh")
     with torch.inference_mode():
-        model = Transformer(spec).to(device, torch_dtype(dtype))
-        caches = model.allocate_caches(1, 16)
-        x = torch.zeros(1, 1, 64, device=device, dtype=torch_dtype(dtype))
-
-        def step():
-            with one_step():
-                model(x, caches, 8)
-
+        step, layers = _probe_stack(device)
         hot = _timer(device, step, 20 if quick else 200, 5 if quick else 20)
         with CallCounter() as c8:
             step()
-        one = Transformer(spec.replace(n_layers=1)).to(device, torch_dtype(dtype))
-        one_caches = one.allocate_caches(1, 16)
+        one, _ = _probe_stack(device, 1)
         with CallCounter() as c1:
-            with one_step():
-                one(x, one_caches, 8)
+            one()
 
         def bracketed(fn) -> float:
             if comm is not None:

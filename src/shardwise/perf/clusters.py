@@ -311,15 +311,16 @@ class Cluster:
             return 1.0
         return min(1.0, self.sustained_matmul_tflops / burst)
 
-    def gemm_rate(self, dtype: str, k: int, n: int) -> float:
-        """Matmul rate for an output width n and inner size k: the measured shape
-        nearest in (log k, log n) when the profile holds per-shape measurements,
-        else the profile's single figure."""
+    def gemm_rate(self, dtype: str, k: int, n: int, m: float | None = None) -> float:
+        """Matmul rate for ``m`` rows (None: any), an output width n and inner
+        size k: the measured shape nearest in (log m, log k, log n) when the
+        profile holds per-shape measurements, else the profile's single figure."""
         key = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
         shapes = self.matmul_shapes.get(key)
         if not shapes or k <= 0 or n <= 0:
             return self.matmul_rate(dtype)
-        best = min(shapes, key=lambda s: abs(math.log(s[1] / k)) + abs(math.log(s[2] / n)))
+        rows = (lambda s: abs(math.log(s[0] / m))) if m and m > 0 else (lambda s: 0.0)
+        best = min(shapes, key=lambda s: abs(math.log(s[1] / k)) + abs(math.log(s[2] / n)) + rows(s))
         return best[3] * 1e12
 
     # -- links ------------------------------------------------------------

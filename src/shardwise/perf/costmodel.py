@@ -681,7 +681,7 @@ class Roofline:
     def gemm(self, name: str, m: float, k: int, n: int, weight_reads: float = 1.0) -> Op:
         """``[m x k] @ [k x n]``: read both operands, write the result; the rate
         of the measured shape nearest (k, n)."""
-        rate = self.cluster.gemm_rate(self.spec.dtype, k, n) * self.derate
+        rate = self.cluster.gemm_rate(self.spec.dtype, k, n, m) * self.derate
         return self.op(name, 2 * m * k * n, (m * k + weight_reads * k * n + m * n) * self.e,
                        rate, self.stream)
 
@@ -745,7 +745,9 @@ class Roofline:
         mats, rows, F = s.mlp_matrices, w.expert_rows, w.expert_ff
         weights = w.experts_hit * mats * D * F * e
         acts = rows * (2 * D + (mats + 1) * F) * e  # in, out, hidden written and read
-        t = max(2 * rows * mats * D * F / (self.cluster.gemm_rate(s.dtype, D, F) * self.derate),
+        per_expert = rows / max(w.experts_hit, 1.0)  # each expert's GEMM rows
+        rate = self.cluster.gemm_rate(s.dtype, D, F, per_expert) * self.derate
+        t = max(2 * rows * mats * D * F / rate,
                 (weights + acts) / self.stream)
         n_in = 2 if s.activation == "swiglu" else 1
         passes = 3 * 2 * rows * D * e  # gather, weighting, index_add_ / scatter

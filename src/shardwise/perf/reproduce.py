@@ -9,6 +9,7 @@ that latency divided by the batch, so the checks test each reading.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -275,6 +276,18 @@ def measured_balance(records: list[dict]) -> dict:
     return out
 
 
+def at_host_speed(cl: Cluster, r: dict) -> Cluster:
+    """``cl`` with the host as record ``r`` found it: the layer probe timed
+    beside the measurement (``host_probe_us``) replaces calibrate's, so the
+    host scale follows the host's speed at that moment (it drifts within a
+    run by tens of percent; device figures do not). Unchanged for records
+    without it."""
+    us = r.get("host_probe_us")
+    if not us or not cl.layer_probe.get("calls"):
+        return cl
+    return dataclasses.replace(cl, layer_probe={**cl.layer_probe, "us": float(us)})
+
+
 def fidelity_errors(result_files: list[str], cl: Cluster):
     """(rows, errors by (strategy, metric), skipped) for every record."""
     from ..bench.records import read_records
@@ -290,7 +303,7 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 # A decode record says whether its step replayed a CUDA graph.
                 graphs = r.get("cuda_graphs") if r.get("phase") == "decode" else None
                 moe = balance.get((_run_key(r), world)) if spec.is_moe else None
-                p = predict(spec, wl, plan, cl, world, graphs, moe)
+                p = predict(spec, wl, plan, at_host_speed(cl, r), world, graphs, moe)
             except (ShardwiseError, KeyError, TypeError, ValueError) as e:
                 skipped.append(f"{r.get('plan')} ({r.get('preset')}): {e}")
                 continue

@@ -269,6 +269,7 @@ def bench_case(case, plan, comm, model, rank, device,
     peak_flops = ceil["matmul_peak_tflops"] * 1e12 * world if ceil["matmul_peak_tflops"] else None
     if s.phase in ("prefill", "both"):
         monitor.phase("bench prefill")
+        host = _host_probe(device)
         times = time_prefill(model, prompt, s, device, comm)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(prompt, 0), device, comm)
         med = statistics.median(times)
@@ -277,11 +278,13 @@ def bench_case(case, plan, comm, model, rank, device,
                         "tpot_ms": None, "ms_per_token": None,
                         "mfu": flops / med / peak_flops if peak_flops else None,
                         "hbm_gbps": None, "comm_bytes": comm_bytes, "comm_share": comm_share,
+                        "host_probe_us": host,
                         **summarize(times),
                         **_trace(s, case, plan, "prefill", lambda: model.step(prompt, 0),
                                  device, comm)})
     if s.phase in ("decode", "both"):
         monitor.phase("bench decode")
+        host = _host_probe(device)
         times, graphs = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(steps[0], wl.seq_len),
                                                device, comm)
@@ -297,6 +300,7 @@ def bench_case(case, plan, comm, model, rank, device,
                         1e3 * floor_s if floor_s else None,
                         "floor_ratio": med / floor_s if floor_s else None,
                         "cuda_graphs": graphs, "comm_bytes": comm_bytes, "comm_share": comm_share,
+                        "host_probe_us": host,
                         **summarize(times),
                         **_trace(s, case, plan, "decode", _decode_step(model, steps[0], wl.seq_len,
                                                                        graphs, device),
@@ -309,6 +313,14 @@ def bench_case(case, plan, comm, model, rank, device,
         r["peak_mem_gb"] = peak / 1e9
         r["report"] = report
     return records if rank == 0 else []
+
+
+def _host_probe(device) -> float:
+    """The host's speed now, as the slowest rank finds it: the per-layer time
+    of calibrate's layer probe (us), recorded beside each measurement."""
+    from ..perf.calibrate import host_probe_us
+
+    return max(r[0] for r in gather_floats([host_probe_us(device)], device))
 
 
 def _decode_step(model, token, pos: int, graphs: bool, device):
