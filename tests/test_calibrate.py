@@ -86,3 +86,25 @@ def test_the_call_counter_sorts_calls_by_kind():
     fused = [n for kind, n in c.names if kind == "kernels"]
     assert len(fused) == 1 and fused[0].startswith("_scaled_dot_product_")
     assert o.shape == q.shape and lse.shape == (1, 2, 3)
+
+
+def test_call_counter_counts_a_real_triton_launch(monkeypatch):
+    # On GPUs the Triton add + norm launches past the dispatcher; the counter
+    # wraps the compiled kernel so each launch is one kernel and one norm, as
+    # CudaPaths' stand-in counts it on CPU. Here a fake kernel stands for it.
+    from shardwise.model import kernels
+    from shardwise.perf.calibrate import CallCounter
+
+    launched = []
+
+    class Fake:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append(grid)
+
+    monkeypatch.setattr(kernels, "_triton", ("triton", Fake()))
+    with CallCounter() as c:
+        kernels._triton[1][(4,)](1, 2)
+        kernels._triton[1][(4,)](1, 2)
+    assert launched == [(4,), (4,)]
+    assert c.counts["norms"] == 2 and c.counts["kernels"] == 2
+    assert isinstance(kernels._triton[1], Fake)  # restored

@@ -76,6 +76,8 @@ def _timer(device, fn, iters: int, warmup: int, before=None) -> float:
 # Rows of the calibrated GEMMs: a long prefill's, and an expert's share of one
 # (8192 tokens x top-2 over 8 experts).
 GEMM_ROWS = (2048, 8192)
+# Idle time before each GEMM shape is timed (burst rates; see matmul_rates).
+BURST_IDLE_S = 0.3
 
 
 def seed_gemm_shapes(tps=(1, 2)) -> list[tuple[int, int]]:
@@ -106,7 +108,13 @@ def matmul_rates(device, dtype, quick: bool) -> list[dict]:
     for m, k, n in shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        t = _timer(device, lambda: a @ b, 3 if quick else 20, 1 if quick else 5)
+        if device.type == "cuda" and not quick:
+            # Each shape from an idle GPU: back to back, the later shapes would
+            # run at the lower clocks a sustained load holds (that rate is
+            # measured on its own, sustained_matmul).
+            torch.cuda.synchronize(device)
+            time.sleep(BURST_IDLE_S)
+        t = _timer(device, lambda: a @ b, 3 if quick else 10, 1 if quick else 3)
         out.append({"m": m, "k": k, "n": n, "tflops": 2 * m * k * n / t / 1e12})
     return out
 
@@ -658,6 +666,14 @@ class CallCounter:
         comm_module.dist = Dist()
         comm_module._all_gather_into = wrap(self._saved[1], "all_gather")
         comm_module._reduce_scatter_into = wrap(self._saved[2], "reduce_scatter")
+        # The Triton add + norm launches past the dispatcher: counted at its
+        # launch, as CudaPaths' stand-in counts it on CPU.
+        from ..model import kernels
+
+        self._triton = kernels._triton
+        if (kernels._triton and not isinstance(kernels._triton[1], _TritonStandIn._Kernel)
+                and not isinstance(kernels._triton[1], _CountedKernel)):
+            kernels._triton = (kernels._triton[0], _CountedKernel(kernels._triton[1]))
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda module, args: counter.note("modules", type(module).__name__))
         self._mode = Mode()
@@ -668,11 +684,33 @@ class CallCounter:
     def __exit__(self, *exc):
         from ..parallel import comm as comm_module
 
+        from ..model import kernels
+
         _COUNTERS.remove(self)
         self._mode.__exit__(*exc)
         self._hook.remove()
         comm_module.dist, comm_module._all_gather_into, comm_module._reduce_scatter_into = self._saved
+        kernels._triton = self._triton
         return False
+
+
+class _CountedKernel:
+    """A Triton kernel whose launches the innermost :class:`CallCounter`
+    counts as one fused add + norm (a kernel and a norm)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            if not _COUNTERS:
+                return launch(*args, **kwargs)
+            _COUNTERS[-1].note("norms", "triton add_norm")
+            return _COUNTERS[-1].opaque("kernels", "triton add_norm", launch, *args, **kwargs)
+
+        return counted
 
 
 class _TritonStandIn:
