@@ -205,3 +205,15 @@ def test_ep_static_decode_at_a_device_position(nproc):
     # Per decode step and layer: one all-gather of the padded share, one
     # reduce-scatter; no all-to-all.
     assert all(r["comm_bytes_decode_step_per_rank"][0] > 0 for r in out)
+
+
+def test_ep_one_token_prompt_keeps_the_routed_prefill():
+    # A prompt of one token a sequence is a prefill (position 0): it takes the
+    # routed exchange, whose routing table the report reads, and the decode
+    # steps after it the static form (found by the fuzzer: the report failed).
+    from helpers import run_plans
+
+    model = get_preset("tiny-moe").model
+    out = run_plans(model, ["ep:2"], 2, Workload(batch=4, seq_len=1, decode_steps=3))
+    assert_verified(out, ["ep:2"])
+    assert sum(map(sum, out[0]["report"]["tokens_per_rank"])) == 4 * model.top_k * model.n_layers

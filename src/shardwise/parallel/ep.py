@@ -289,11 +289,12 @@ class ExpertParallel(Strategy):
         b0, b1 = self.batch_ranges[self.topo.coord("ep")]
         most = self.batch_ranges[0][1] * inputs.shape[1]  # rank 0's tokens
         chunks = self.chunk_count(most)
-        static = self.static_rows(inputs.shape[1])
+        prefill = isinstance(pos, int) and pos == 0  # routed: the report reads its table
+        static = None if prefill else self.static_rows(inputs.shape[1])
         for moe in self.moes:
             moe.chunks, moe.static_rows = chunks, static
         out = self.model(inputs[b0:b1], self.caches, pos)  # [b, T, D or V]
-        if isinstance(pos, int) and pos == 0:
+        if prefill:
             self.prefill_counts = [moe.last_counts for moe in self.moes]
             self.prefill_chunks = chunks
         return out

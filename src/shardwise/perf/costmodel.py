@@ -1719,14 +1719,15 @@ def _ep(c: _Ctx) -> _Model:
         c.graph = False
         return st
 
-    def step(new: int) -> StepCost:
-        if new == 1 and static_decode:
+    def step(new: int, decoding: bool) -> StepCost:
+        # A prefill keeps the routed exchange (Ep.forward), one token or more.
+        if decoding and static_decode:
             return static_step()
-        c.decoding = new == 1
+        c.decoding = decoding
         st = StepCost()
         local, routed = b * new, c.B * new
         K = chunks_for(local)
-        core = (_decode_core(c, b, H, Hkv, S, c.wl.max_len, False) if new == 1
+        core = (_decode_core(c, b, H, Hkv, S, c.wl.max_len, False) if decoding
                 else Core(b, H, Hkv, T, T * (T + 1) / 2, T))
         rows = c.moe_rows(routed, El / E, P)  # (token, expert) rows of the busiest rank
         hits_chunk = c.hits(El, routed / K, P)  # experts with rows, per chunk
@@ -1774,7 +1775,7 @@ def _ep(c: _Ctx) -> _Model:
         layer.sync().add(c.host(after), moe_s)
         return finish(st, layer, ops, calls, local)
 
-    prefill, decode = step(T), step(1)
+    prefill, decode = step(T, False), step(1, True)
     per_layer = attn_weights(spec, H, Hkv, d) + mlp_weights(spec, spec.d_ff, El) + c.layer_norms()
     w = (L * per_layer + c.ends_weights(True, True)) * e
     kv = [L * kv_bytes(spec, b1 - b0, Hkv, c.wl.max_len) for b0, b1 in ranges]
