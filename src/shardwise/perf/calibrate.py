@@ -40,6 +40,7 @@ import re
 import statistics
 import sys
 import time
+from typing import NoReturn
 
 from ..spec import ShardwiseError
 
@@ -974,7 +975,7 @@ def measure(job, settings: dict) -> dict | None:
     }
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> NoReturn:
     """Entry point of one rank: ``python -m shardwise.perf.calibrate JOB.json``
     (the launcher's worker protocol: result on rank 0, traceback on failure)."""
     from ..runtime.worker import rank_main
@@ -993,7 +994,7 @@ def main(argv: list[str]) -> int:
         dist.destroy_process_group()
         return out
 
-    return rank_main(argv, body)
+    rank_main(argv, body)
 
 
 # -- the command ----------------------------------------------------------------------
@@ -1053,4 +1054,4 @@ def calibrate_command(out: str, nproc: int | None = None, device: str = "auto",
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])

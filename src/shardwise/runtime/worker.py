@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -103,13 +104,14 @@ def run_job(job: Job, log=None, save=None) -> list[dict]:
     return results
 
 
-def rank_main(argv: list[str], body) -> int:
+def rank_main(argv: list[str], body) -> NoReturn:
     """The launcher's protocol for one rank process: read the job file
     ``argv[0]``, run ``body(job, save)``, and on rank 0 write what it returns
     (a list of records) to SHARDWISE_RESULT atomically; ``save(records)``
     writes partial results as they come. Any exception is written, with its
     traceback, to ``SHARDWISE_ERROR_DIR/rank<R>.txt`` and the process exits
-    at once."""
+    at once; so does a rank that succeeds (status 0), after flushing its
+    output."""
     rank = os.environ.get("RANK", "0")
     err_dir = os.environ.get("SHARDWISE_ERROR_DIR")
     try:
@@ -122,7 +124,6 @@ def rank_main(argv: list[str], body) -> int:
         results = body(job, save)
         if rank == "0" and out and results is not None:
             write_atomic(out, json.dumps(results))
-        return 0
     except BaseException:
         tb = traceback.format_exc()
         if err_dir:
@@ -130,11 +131,18 @@ def rank_main(argv: list[str], body) -> int:
         sys.stderr.write(f"[rank {rank}] {tb}")
         sys.stderr.flush()
         os._exit(1)  # skip interpreter teardown: peers may be blocked on us
+    # Success skips the interpreter's teardown too: the results are written
+    # and the process group destroyed, and a thread torch's C++ side leaves
+    # behind can abort a process as it unwinds (std::terminate, SIGABRT),
+    # which the launcher would report as this rank's failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def main(argv: list[str]) -> int:
-    return rank_main(argv, lambda job, save: run_job(job, save=save))
+def main(argv: list[str]) -> NoReturn:
+    rank_main(argv, lambda job, save: run_job(job, save=save))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])
