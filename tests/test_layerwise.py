@@ -40,28 +40,61 @@ def cap_for(spec, ranks, groups, replicas, mb=1):
     raise AssertionError(f"no capacity gives {groups} x {replicas} replicas on {ranks} ranks")
 
 
+# A bigger vocabulary and MLP: the embedding and LM head weigh as much as a
+# layer, so capacities exist where a pipeline of unequal groups is forced.
+HEAVY_ENDS = ModelSpec(name="heavy-ends", n_layers=4, d_model=32, n_heads=2, head_dim=16,
+                       d_ff=256, n_kv_heads=1, dtype="fp32", vocab_size=512, norm="rmsnorm",
+                       activation="swiglu", rope_theta=10000.0)
+
+# A step of m micro-batches through G groups takes (m + G - 1) / m of the
+# slowest group (partition.best_split): with one micro-batch, replicas of one
+# group are faster than a pipeline, so pipelines here are forced by the
+# capacity or run several micro-batches.
 CASES = {
-    # nproc: (model, [(groups, replicas, micro-batches), ...])
-    2: (HIDDEN, [([(0, 4)], 2, 1),  # the whole model twice, two sequences each
-                 ([(0, 2), (2, 4)], 1, 2)]),  # a two-stage pipeline of micro-batches
-    3: (VOCAB, [([(0, 4)], 3, 1),  # batch 4 over 3 replicas: 2, 1 and 1 sequences
-                ([(0, 1), (1, 3), (3, 4)], 1, 1)]),  # the embedding and LM head alone
-    4: (VOCAB, [([(0, 2), (2, 4)], 2, 2),  # 2 groups x 2 replicas, micro-batched
-                ([(0, 3), (3, 4)], 2, 1),  # unequal groups, replicated
-                ([(0, 1), (1, 2), (2, 3), (3, 4)], 1, 1)]),  # one layer per rank
+    # nproc: [(model, groups, replicas, micro-batches), ...]
+    2: [(HIDDEN, [(0, 4)], 2, 1),  # the whole model twice, two sequences each
+        (VOCAB, [(0, 2), (2, 4)], 1, 2)],  # a two-stage pipeline of micro-batches
+    3: [(VOCAB, [(0, 4)], 3, 1),  # batch 4 over 3 replicas: 2, 1 and 1 sequences
+        (VOCAB, [(0, 1), (1, 3), (3, 4)], 1, 3)],  # the embedding and LM head alone
+    4: [(VOCAB, [(0, 2), (2, 4)], 2, 2),  # 2 groups x 2 replicas, micro-batched
+        (HEAVY_ENDS, [(0, 3), (3, 4)], 2, 1),  # unequal groups, replicated
+        (HIDDEN, [(0, 1), (1, 2), (2, 3), (3, 4)], 1, 4)],  # one layer per rank
 }
 
 
 @pytest.mark.parametrize("nproc", sorted(CASES))
 def test_layerwise_matches_reference(nproc):
-    spec, layouts = CASES[nproc]
-    plans = [cap_for(spec, nproc, groups, replicas, mb) for groups, replicas, mb in layouts]
-    results = run_plans(spec, plans, nproc, WORKLOAD)
-    assert_verified(results, plans)  # prefill and each of the 4 decode steps
-    for r, (groups, replicas, _) in zip(results, layouts):
+    from shardwise.runtime.job import Case, Job
+    from shardwise.runtime.launcher import launch
+
+    layouts = CASES[nproc]
+    cases = [Case(spec, WORKLOAD, cap_for(spec, nproc, groups, replicas, mb))
+             for spec, groups, replicas, mb in layouts]
+    results = launch(Job(cases, nproc), deadline_s=300)
+    assert_verified(results, [c.plan for c in cases])  # prefill and each of the 4 decode steps
+    for r, (spec, groups, replicas, _) in zip(results, layouts):
         assert r["report"]["groups"] == [list(g) for g in groups], r["plan"]
         assert r["report"]["replicas"] == replicas, r["plan"]
         # Each replica caches only its share of the batch (rank 0: the first share).
         share = -(-WORKLOAD.batch // replicas)
         per_seq_layer = 2 * spec.kv_heads * spec.head_dim * WORKLOAD.max_len * 4
         assert r["kv_bytes_per_rank"][0] == share * (groups[0][1] - groups[0][0]) * per_seq_layer
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_layerwise_replicas_decode_at_a_device_position(nproc):
+    # One group (the model fits a rank): data parallel, no hop inside a step, so
+    # a decode step runs at a device-tensor position (what bench replays in a
+    # CUDA graph). A pipeline of groups keeps its eager, point-to-point steps.
+    from shardwise.runtime.job import Case, Job
+    from shardwise.runtime.launcher import launch
+
+    spec = VOCAB if nproc == 3 else HIDDEN
+    one = cap_for(spec, nproc, [(0, 4)], nproc)
+    cases = [Case(spec, WORKLOAD, one)]
+    if nproc == 2:
+        cases.append(Case(VOCAB, WORKLOAD, cap_for(VOCAB, 2, [(0, 2), (2, 4)], 1, 2)))
+    out = launch(Job(cases, nproc, static_decode=True), deadline_s=300)
+    assert_verified(out, [c.plan for c in cases])
+    assert out[0]["static_decode"] and out[0]["report"]["replicas"] == nproc
+    assert all(not r["static_decode"] for r in out[1:])

@@ -9,7 +9,7 @@ from shardwise.parallel.base import balanced_ranges, validate_plan
 from shardwise.perf.partition import (
     DEVICE_CAPACITY, TIE, LayerCosts, PartitionError, best_split, format_partition,
     layer_costs, layer_weight_bytes, min_capacity, parse_capacity, partition,
-    partition_command, ranks_needed,
+    partition_command, ranks_needed, split,
 )
 from shardwise.presets import get_preset
 from shardwise.spec import ModelSpec, ShardwiseError, Workload
@@ -43,8 +43,9 @@ def all_partitions(L: int):
 
 
 def brute_force(costs_for, L: int, R: int, B: int, C: float):
-    """Enumerate every partition: (groups, replicas, bottleneck) of the fastest
-    that fits, fewer groups on ties; None if none fits."""
+    """Enumerate every partition: (groups, replicas, step seconds) of the fastest
+    that fits, fewer groups on ties; None if none fits. One micro-batch: the
+    step is the slowest group's time x the number of groups (they run in turn)."""
     best = None
     for cuts in sorted(all_partitions(L), key=len):
         G = len(cuts) - 1
@@ -55,7 +56,7 @@ def brute_force(costs_for, L: int, R: int, B: int, C: float):
         spans = list(zip(cuts, cuts[1:]))
         if any(costs.group_bytes(i, j) > C for i, j in spans):
             continue
-        t = max(costs.group_time(i, j) for i, j in spans)
+        t = max(costs.group_time(i, j) for i, j in spans) * G
         if best is None or t < best[2] * (1 - TIE):
             best = (G, replicas, t)
     return best
@@ -81,13 +82,13 @@ def test_dp_matches_brute_force_on_random_costs():
             assert got is None
             assert min_capacity(costs_for, L, R, B) > C
         else:
-            G, replicas, cuts, bottleneck = got
-            assert (G, replicas, bottleneck) == expect
+            G, replicas, cuts, step = got
+            assert (G, replicas, step) == expect
             costs = costs_for(-(-B // replicas))
             spans = list(zip(cuts, cuts[1:]))
             assert cuts[0] == 0 and cuts[-1] == L and len(spans) == G
             assert all(i < j and costs.group_bytes(i, j) <= C for i, j in spans)
-            assert max(costs.group_time(i, j) for i, j in spans) == bottleneck
+            assert max(costs.group_time(i, j) for i, j in spans) * G == step
         need_c = min_capacity(costs_for, L, R, B)
         assert need_c == brute_min_capacity(costs_for, L, R, B)
         assert best_split(costs_for, L, R, B, need_c) is not None
@@ -143,8 +144,13 @@ def test_seed_30b_at_80gb_40gb_and_l2():
     # Weights (58 GB) fit one 80 GB device when the cache is small (the reduced workload).
     one = partition(spec, p.reduced, parse_capacity("80GB"), ranks=1)
     assert [g.layers for g in one.groups] == [range(0, 16)]
-    # On 16 ranks one layer per device is fastest: a decode step streams 1/16 of the weights.
-    assert len(partition(spec, p.reduced, parse_capacity("80GB"), ranks=16).groups) == 16
+    # On 16 ranks, two replicas of the whole model: a 16-stage pipeline of the
+    # reduced batch (2 sequences, so at most 2 micro-batches) runs its stages
+    # nearly in turn, (m + 15) / m times its slowest group; one replica per
+    # sequence has no fill to pay. The other 14 ranks idle.
+    for mb in (1, 2):
+        part = partition(spec, p.reduced, parse_capacity("80GB"), ranks=16, micro_batches=mb)
+        assert [g.layers for g in part.groups] == [range(0, 16)] and part.replicas == 2
     # 40 GB holds only part of the weights: the error names 2 ranks, or the capacity for 1.
     with pytest.raises(PartitionError) as e:
         partition(spec, p.reduced, parse_capacity("40GB"), ranks=1)
@@ -177,10 +183,15 @@ def test_embedding_and_lm_head_are_balanced():
     wl = Workload(batch=1, seq_len=16, decode_steps=4)
     costs = layer_costs(spec, wl, 1)
     assert costs.resident[0] > 4 * costs.resident[1] and costs.time[5] > 4 * costs.time[1]
-    part = partition(spec, wl, 10**9, ranks=2)
-    assert [g.layers for g in part.groups] == [range(0, 5), range(5, 6)]
+    # Two groups: the cut balances the LM head against the other five layers.
+    slowest, cuts = split(costs, 2)
+    assert cuts == (0, 5, 6)
     naive = max(costs.group_time(i, j) for i, j in balanced_ranges(6, 2))
-    assert part.bottleneck_s < 0.75 * naive
+    assert slowest < 0.75 * naive
+    # One sequence is one micro-batch: two groups would run in turn, so with
+    # room for the whole model one group is the faster step (a rank idles).
+    part = partition(spec, wl, 10**9, ranks=2)
+    assert [g.layers for g in part.groups] == [range(0, 6)] and part.idle_ranks == 1
     # Capacity-bound: at the LM head's own size, the heavy first layer leaves room
     # for one more layer in its group and the LM head for none.
     cap = costs.group_bytes(5, 6)
@@ -212,13 +223,16 @@ def test_partition_command_and_table():
     text = partition_command("small-l2", "L2@h100", 2)
     assert "2 groups x 1 replica = 2 ranks" in text
     assert "0-3" in text and "4-7" in text
-    # Four ranks: a decode step of this small batch streams weights, so four groups
-    # of two layers beat two replicas of two groups.
+    # Four ranks: two replicas of the two groups the L2 forces. Four groups of
+    # two layers would stream fewer weights a rank, but with one micro-batch
+    # their stages run in turn: a step takes 4 slowest groups, against 2.
     p = get_preset("small-l2")
     part = partition(p.model, p.workload, parse_capacity("L2@h100"), ranks=4)
-    assert [g.layers for g in part.groups] == [range(i, i + 2) for i in (0, 2, 4, 6)]
-    # One sequence cannot be split between replicas: the fifth rank idles.
-    text = format_partition(partition(SMALL, ONE_SEQ, 10**7, ranks=5), SMALL, ONE_SEQ)
+    assert [g.layers for g in part.groups] == [range(0, 4), range(4, 8)]
+    assert part.replicas == 2
+    # One sequence cannot be split between replicas, and a capacity of one
+    # layer forces four groups: the fifth rank idles.
+    text = format_partition(partition(SMALL, ONE_SEQ, 300_000, ranks=5), SMALL, ONE_SEQ)
     assert "4 groups x 1 replica = 4 ranks (1 idle)" in text
     with pytest.raises(ShardwiseError, match="--nproc 2"):
         partition_command("small-l2", "L2@h100", 1)
@@ -238,4 +252,4 @@ def test_layerwise_plan_validation():
         validate_plan(SMALL, wl, "layerwise:cap=1GB")
     # An idle rank would still have to join the job: name the ranks that are used.
     with pytest.raises(ShardwiseError, match="leave 1 idle; start 4 ranks"):
-        validate_plan(SMALL, ONE_SEQ, "layerwise:cap=10MB", 5)
+        validate_plan(SMALL, ONE_SEQ, "layerwise:cap=300KB", 5)

@@ -14,7 +14,8 @@ sequences (attention never mixes sequences), so concatenating the replicas'
 outputs in batch order is the reference output; only the grouping of layers
 onto ranks differs. Mesh axes ``("replica", "pp")``: pp varies fastest, so a
 pipeline's stages are consecutive ranks and its activations cross the fastest
-links.
+links. A model that fits one device (one group) is data parallel: nothing
+crosses ranks inside a step, and decode steps replay CUDA graphs.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from ..model.reference import KVCache, Transformer
 from ..perf.partition import Partition, fmt_bytes, parse_capacity, partition
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges
+from .base import Strategy, balanced_ranges, dense_moe_ok
 from .pipeline import Pipeline
 from .topology import Topology
 
@@ -108,6 +109,14 @@ class Layerwise(Strategy):
         ]
         self.pipeline = Pipeline(comm, topo, "pp", self.stage, self.caches,
                                  plan.micro_batches, spec.d_model, self.dtype, self.device)
+
+    @property
+    def supports_graphs(self) -> bool:
+        """A decode step is captured in a CUDA graph when the layers form one
+        group: replicas only, each running the whole model on its sequences
+        with no point-to-point hop inside the step (``collect`` is outside
+        it). An MoE model needs its dense path (``dense_moe_ok``)."""
+        return self.topo.size("pp") == 1 and dense_moe_ok(self.spec, self.b1 - self.b0)
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.pipeline.run(inputs[self.b0 : self.b1], pos)

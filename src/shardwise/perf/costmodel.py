@@ -814,8 +814,9 @@ class _Model:
 class _Ctx:
     def __init__(self, spec: ModelSpec, wl: Workload, plan: Plan, cluster: Cluster, topo,
                  graphs: bool | None = None, moe_balance: float | None = None,
-                 duty: float = 1.0):
+                 duty: float = 1.0, layout=None):
         self.spec, self.wl, self.plan, self.cluster, self.topo = spec, wl, plan, cluster, topo
+        self.layout = layout  # layerwise: the Partition a run used (None: the search's)
         # Whether decode steps replay a CUDA graph (None: where the strategy can).
         self.graphs = graphs
         self.graph = False  # the step being modelled (set per step)
@@ -1792,7 +1793,7 @@ def _layerwise(c: _Ctx) -> _Model:
     from ..parallel.layerwise import plan_partition
 
     spec, f = c.spec, c.flav
-    part = plan_partition(spec, c.wl, c.plan, c.P)
+    part = c.layout or plan_partition(spec, c.wl, c.plan, c.P)
     G, R = len(part.groups), part.replicas
     H, Hkv, d, D, e, T, S = spec.n_heads, spec.kv_heads, c.d, c.D, c.e, c.T, c.S
     replica_ranges = balanced_ranges(c.B, R)
@@ -1800,13 +1801,20 @@ def _layerwise(c: _Ctx) -> _Model:
     mb = min(c.plan.micro_batches, rb)
     b = -(-rb // mb)
 
-    def step(new: int, core: Core) -> StepCost:
-        c.decoding = new == 1
+    # One group: replicas only, nothing crosses ranks inside a step, so decode
+    # steps replay a CUDA graph (Layerwise.supports_graphs).
+    can_graph = G == 1 and dense_moe_ok(spec, rb)
+    graph_decode = can_graph if c.graphs is None else (c.graphs and can_graph)
+
+    def step(new: int, core: Core, graph: bool = False) -> StepCost:
+        c.decoding, c.graph = new == 1, graph
         st = StepCost()
         w = whole_layer(c, b * new, core, b * new)
         ops = c.roof.layer(w)
         # The reference block and the Pipeline's batch view of its cache.
         work, calls = _layer_work(c, w, ops, f.attention(new, b) + f.batch_view())
+        if graph and not spec.is_moe:  # the static layer's launches, no host
+            work = Work().add(0.0, c.roof.gpu(ops, STATIC_DECODE))
         runs, hosts, step_calls = [], [], Calls()
         for i, g in enumerate(part.groups):
             first, last = i == 0, i == G - 1
@@ -1841,10 +1849,11 @@ def _layerwise(c: _Ctx) -> _Model:
         st.syncs = work.syncs * biggest * mb
         st.compute_s = sum(o.seconds for o in st.ops.values())
         st.comm_s = st.exposed_comm_s = (mb + G - 1) * hop if G > 1 else 0.0
+        c.graph = False
         return st
 
     prefill = step(T, Core(b, H, Hkv, T, T * (T + 1) / 2, T))
-    decode = step(1, _decode_core(c, b, H, Hkv, S, c.wl.max_len, False))  # no CUDA graph
+    decode = step(1, _decode_core(c, b, H, Hkv, S, c.wl.max_len, graph_decode), graph_decode)
     per_layer = attn_weights(spec, H, Hkv, d) + mlp_weights(spec, spec.d_ff, spec.n_experts) + c.layer_norms()
     weights, kv = [], []
     for r in range(c.P):
@@ -1898,7 +1907,7 @@ def resolve_capacity(plan: Plan, cluster: Cluster) -> Plan:
 
 def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Cluster,
             world_size: int | None = None, graphs: bool | None = None,
-            moe_balance: float | None = None) -> Prediction:
+            moe_balance: float | None = None, layout=None) -> Prediction:
     """Predict ``plan`` on ``cluster``. The plan is validated first (a
     ShardwiseError names what is wrong); a plan that is valid but does not fit
     in memory is returned with ``fits`` False and the reason.
@@ -1910,7 +1919,11 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     ``moe_balance``: for MoE models, the routed rows of the busiest rank over
     the mean, as a run measured it (``rank_load_max_over_mean`` in an ep
     record's report: the router evaluated on the run's data); None: the
-    expected maximum under uniform, independent routing."""
+    expected maximum under uniform, independent routing.
+
+    ``layout``: for layerwise, the partition a run used
+    (:func:`~shardwise.perf.partition.partition_at` of its reported groups);
+    None: the one the search chooses."""
     plan = resolve_capacity(Plan.parse(plan) if isinstance(plan, str) else plan, cluster)
     if world_size is None and plan.strategy == "layerwise":
         world_size = cluster.n_gpus
@@ -1921,7 +1934,7 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     if plan.strategy not in STRATEGY_MODELS:
         raise ShardwiseError(f"the cost model has no formulas for strategy {plan.strategy!r}")
     model = STRATEGY_MODELS[plan.strategy]
-    m = model(_Ctx(spec, workload, plan, cluster, topo, graphs, moe_balance))
+    m = model(_Ctx(spec, workload, plan, cluster, topo, graphs, moe_balance, layout=layout))
     # A step whose GPU waits part of the time (pipeline bubbles, host-bound
     # steps) runs its kernels at the clocks that duty cycle holds: predicted
     # again at that rate (duty_derate), once per phase.
@@ -1929,7 +1942,8 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
         st = getattr(m, phase)
         duty = st.compute_s / st.seconds if st.seconds > 0 else 1.0
         if duty < DUTY_REPREDICT and cluster.sustained_ratio < 1.0:
-            again = model(_Ctx(spec, workload, plan, cluster, topo, graphs, moe_balance, duty))
+            again = model(_Ctx(spec, workload, plan, cluster, topo, graphs, moe_balance, duty,
+                               layout))
             setattr(m, phase, getattr(again, phase))
     totals = [w + k for w, k in zip(m.weights, m.kv)]
     worst = max(range(len(totals)), key=totals.__getitem__)

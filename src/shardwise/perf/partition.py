@@ -1,8 +1,8 @@
 """Capacity-constrained layer partitioning: the planner of the layerwise strategy.
 
 Given a per-device capacity C, cut the layers into contiguous groups, one
-group per device of a pipeline, so that every group fits C and the slowest
-group is as fast as possible. The seed's ``floor(C / layer bytes)`` layers per
+group per device of a pipeline, so that every group fits C and a step is as
+short as possible. The seed's ``floor(C / layer bytes)`` layers per
 group ignores the KV cache and the activations, gives 0 when one layer
 exceeds C, and can leave the last group nearly empty; here the cut points
 come from dynamic programming over per-layer costs, which need not be equal
@@ -19,8 +19,11 @@ A group's time is the sum over its layers of max(FLOPs / rate, bytes /
 bandwidth) for the workload's prefill and decode steps. G groups on R ranks
 run as floor(R / G) replicas of the pipeline (at most one per sequence), the
 batch split between them, which shrinks each replica's KV cache and time;
-leftover ranks idle. Of the partitions with the smallest bottleneck, the one
-with the fewest groups (fewest hops) wins.
+leftover ranks idle. A step takes the slowest group's time x (m + G - 1) / m
+for m micro-batches (the pipeline's fill and drain: with one micro-batch the
+groups run one after the other). Of the partitions with the shortest step,
+the one with the fewest groups (fewest hops) wins; for each group count the
+cut points minimise the slowest group.
 """
 from __future__ import annotations
 
@@ -267,15 +270,26 @@ TIE = 1e-9
 
 
 def best_split(costs_for: CostsFor, n_layers: int, ranks: int, batch: int,
-               capacity: float) -> tuple[int, int, tuple[int, ...], float] | None:
-    """(groups, replicas, cuts, bottleneck seconds) of the fastest partition
-    that fits, over 1..min(L, R) groups; ties (within ``TIE``) go to fewer groups."""
+               capacity: float, micro_batches: int = 1
+               ) -> tuple[int, int, tuple[int, ...], float] | None:
+    """(groups, replicas, cuts, step seconds) of the fastest partition that
+    fits, over 1..min(L, R) groups; ties (within ``TIE``) go to fewer groups.
+
+    A step is the pipeline's: its micro-batches stream through the groups, so
+    it takes the slowest group's time x (micro-batches + groups - 1) /
+    micro-batches (GPipe's fill and drain). With one micro-batch two groups
+    run one after the other, which replicas of one group do not."""
     found = None
     for groups in range(1, min(n_layers, ranks) + 1):
         replicas = replicas_for(groups, ranks, batch)
-        s = split(costs_for(per_replica(batch, replicas)), groups, capacity)
-        if s is not None and (found is None or s[0] < found[3] * (1 - TIE)):
-            found = (groups, replicas, s[1], s[0])
+        b = per_replica(batch, replicas)
+        s = split(costs_for(b), groups, capacity)
+        if s is None:
+            continue
+        n_mb = min(micro_batches, b)
+        step = s[0] * (n_mb + groups - 1) / n_mb
+        if found is None or step < found[3] * (1 - TIE):
+            found = (groups, replicas, s[1], step)
     return found
 
 
@@ -363,7 +377,7 @@ def partition(spec: ModelSpec, workload: Workload, capacity: int, ranks: int,
         return cache[batch]
 
     L, B = spec.n_layers, workload.batch
-    found = best_split(costs_for, L, ranks, B, capacity)
+    found = best_split(costs_for, L, ranks, B, capacity, micro_batches)
     if found is None:
         need_c = min_capacity(costs_for, L, ranks, B)
         need_r = ranks_needed(costs_for, L, B, capacity)
@@ -380,7 +394,22 @@ def partition(spec: ModelSpec, workload: Workload, capacity: int, ranks: int,
             f"{spec.name}: no layer partition fits {fmt_bytes(capacity)} per device on {on}; "
             f"start {need_r} ranks (--nproc {need_r}), or {fix}", need_c, need_r)
     groups, replicas, cuts, _ = found
-    costs, b = costs_for(per_replica(B, replicas)), per_replica(B, replicas)
+    return _partition_at(spec, workload, costs_for(per_replica(B, replicas)), cuts, replicas,
+                         ranks, capacity)
+
+
+def partition_at(spec: ModelSpec, workload: Workload, cuts, replicas: int, ranks: int,
+                 capacity: int, micro_batches: int = 1, rates: Rates = Rates()) -> Partition:
+    """The partition with the given cut points (``0 = c0 < ... < cG = L``) and
+    replicas, as a run reports what it ran (its ``groups``), whatever the
+    search would choose today."""
+    costs = layer_costs(spec, workload, per_replica(workload.batch, replicas), micro_batches,
+                        rates)
+    return _partition_at(spec, workload, costs, tuple(cuts), replicas, ranks, capacity)
+
+
+def _partition_at(spec, workload, costs: LayerCosts, cuts, replicas, ranks, capacity):
+    b = per_replica(workload.batch, replicas)
     out = []
     for i, j in zip(cuts, cuts[1:]):
         weights = sum(layer_weight_bytes(spec, k) for k in range(i, j))

@@ -276,6 +276,19 @@ def measured_balance(records: list[dict]) -> dict:
     return out
 
 
+def record_layout(r: dict, spec: ModelSpec, wl: Workload, plan: Plan, world: int):
+    """The layer groups and replicas a layerwise record reports it ran (the
+    partition search may choose otherwise since), or None."""
+    rep = r.get("report") or {}
+    if plan.strategy != "layerwise" or not rep.get("groups") or not rep.get("replicas"):
+        return None
+    from .partition import parse_capacity, partition_at
+
+    cuts = [g[0] for g in rep["groups"]] + [rep["groups"][-1][1]]
+    return partition_at(spec, wl, cuts, int(rep["replicas"]), world,
+                        parse_capacity(plan.option("cap")), plan.micro_batches)
+
+
 def at_host_speed(cl: Cluster, r: dict) -> Cluster:
     """``cl`` with the host as record ``r`` found it: the layer probe timed
     beside the measurement (``host_probe_us``) replaces calibrate's, so the
@@ -303,7 +316,8 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 # A decode record says whether its step replayed a CUDA graph.
                 graphs = r.get("cuda_graphs") if r.get("phase") == "decode" else None
                 moe = balance.get((_run_key(r), world)) if spec.is_moe else None
-                p = predict(spec, wl, plan, at_host_speed(cl, r), world, graphs, moe)
+                p = predict(spec, wl, plan, at_host_speed(cl, r), world, graphs, moe,
+                            layout=record_layout(r, spec, wl, plan, world))
             except (ShardwiseError, KeyError, TypeError, ValueError) as e:
                 skipped.append(f"{r.get('plan')} ({r.get('preset')}): {e}")
                 continue
