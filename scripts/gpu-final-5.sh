@@ -4,6 +4,9 @@
 # CUDA graphs, MoE's included) verified against the reference, shardwise
 # calibrate (the h200-x2 profile), then scripts/gpu-bench-3.sh.
 # Usage: OUT=results bash scripts/gpu-final-5.sh   (from the repository root)
+# The next run: PLANS_2GPU="--plan layerwise:cap=HBM" (passed on to
+# gpu-bench-3.sh) and VERIFY_2GPU="--preset seed-helix-4l --batch 4 --seq 2048
+# --nproc 2 --plan layerwise:cap=HBM" (one more static-decode verification).
 set -uo pipefail
 OUT=${OUT:-results}
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
@@ -19,7 +22,8 @@ for args in "--preset seed-helix-4l --batch 4 --seq 2048 --plan ring:2" \
             "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan ep:2" \
             "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan tp_pp:2x1" \
             "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan helix:2x1" \
-            "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan ring:2"; do
+            "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan ring:2" \
+            ${VERIFY_2GPU:+"$VERIFY_2GPU"}; do
   echo "+ shardwise verify --static-decode $args"
   timeout 200 python3 -m shardwise verify --device cuda --dtype bf16 --static-decode --steps 4 \
     --json "$V" $args 2>&1 | grep -E "PASS|FAIL|rror"
