@@ -34,6 +34,7 @@ small sizes and few iterations so the whole path runs on CPU in seconds.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import re
@@ -298,10 +299,12 @@ def _host_timer(device, fn, iters: int, warmup: int) -> float:
     return t / iters
 
 
+@functools.lru_cache(maxsize=4)
 def _probe_stack(device, layers: int = 8):
     """(one eager decode step of the probe stack, its layers): tiny layers in
     the precision and activation the GPU benchmarks run (bf16 with the tanh
-    GELU: the fused norms and GEMM epilogue; fp32 on CPU)."""
+    GELU: the fused norms and GEMM epilogue; fp32 on CPU). Built once per
+    device: bench times it again before every measurement."""
     import torch
 
     from ..model.reference import Transformer, one_step

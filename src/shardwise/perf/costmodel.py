@@ -1008,7 +1008,7 @@ def _moe_layer(c: _Ctx, w: LayerWork, ops: list[Op], pre: Calls, post: Calls,
     GEMMs (when it receives tokens) and the next expert's compare. The busiest
     rank has ``experts_hit`` of its ``experts_held`` experts hit, in
     expectation. ``post``: the calls after the loop (joining the next layer)."""
-    f, cl = c.flav, c.cluster
+    f = c.flav
     held = int(w.experts_held)
     if w.router_tokens <= _dense_moe_max_tokens():  # MoE._dense: no wait on the device
         calls = pre + f.moe_dense(held) + post
@@ -1812,9 +1812,12 @@ def _layerwise(c: _Ctx) -> _Model:
         w = whole_layer(c, b * new, core, b * new)
         ops = c.roof.layer(w)
         # The reference block and the Pipeline's batch view of its cache.
-        work, calls = _layer_work(c, w, ops, f.attention(new, b) + f.batch_view())
+        attn = f.attention(new, b) + f.batch_view()
         if graph and not spec.is_moe:  # the static layer's launches, no host
+            calls = f.block(attn, f.mlp())
             work = Work().add(0.0, c.roof.gpu(ops, STATIC_DECODE))
+        else:
+            work, calls = _layer_work(c, w, ops, attn)
         runs, hosts, step_calls = [], [], Calls()
         for i, g in enumerate(part.groups):
             first, last = i == 0, i == G - 1
