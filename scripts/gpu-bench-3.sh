@@ -18,7 +18,7 @@ b --preset seed-helix-4l --phase prefill --batch 8 --seq 8192 --iters 5 --warmup
 b --preset seed-helix-4l --phase decode --batch 16 --seq 4096 --iters 30 --warmup 5 \
   --plan torch_eager:1 --plan tp_pp:1x1 --plan torch_tp:2 --plan tp_pp:2x1 --plan tp_pp:2x1,overlap=4 --plan helix:1x2 \
   --plan helix:2x1 --plan tp_pp:1x2 --plan ring:2 ${PLANS_2GPU:-}
-b --preset small-l2 --iters 10 --warmup 3 --nproc 2 --plan layerwise:cap=L2 --plan tp_pp:2x1
+b --preset small-l2 --iters 50 --warmup 10 --nproc 2 --plan layerwise:cap=L2 --plan tp_pp:2x1
 b --preset seed-moe-16l --layers 4 --batch 8 --seq 2048 --iters 5 --warmup 2 --plan ep:2 --plan tp_pp:2x1
 b --preset seed-layerwise-30b --layers 4 --batch 4 --seq 2048 --iters 5 --warmup 2 --nproc 2 \
   --plan layerwise:cap=16GB --plan tp_pp:2x1 --plan tp_pp:1x2,mb=4

@@ -98,3 +98,32 @@ def test_layerwise_replicas_decode_at_a_device_position(nproc):
     assert_verified(out, [c.plan for c in cases])
     assert out[0]["static_decode"] and out[0]["report"]["replicas"] == nproc
     assert all(not r["static_decode"] for r in out[1:])
+
+
+def test_bench_gives_layerwise_the_ranks_of_the_other_plans(tmp_path):
+    """``bench --plan tp_pp:1x1 --plan tp_pp:2x1 --plan layerwise:cap=HBM``
+    with no --nproc: layerwise takes 2 ranks, the most a fixed plan of the
+    command takes, and the 1-rank plan is not forced onto 2."""
+    import json
+    import subprocess
+    import sys
+
+    from shardwise.cli import _adaptive_world
+    from shardwise.spec import Plan
+
+    plans = [Plan.parse(p) for p in ("tp_pp:1x1", "tp_pp:2x1", "layerwise:cap=HBM")]
+    assert _adaptive_world(plans, None) == 2
+    assert _adaptive_world(plans, 3) == 3
+    assert _adaptive_world(plans[:2], None) is None  # nothing adapts
+    assert _adaptive_world(plans[2:], None) is None  # nothing to take it from: --nproc asked for
+
+    out = tmp_path / "bench.jsonl"
+    r = subprocess.run([sys.executable, "-m", "shardwise", "bench", "--preset", "tiny-dense",
+                        "--device", "cpu", "--phase", "prefill", "--iters", "1", "--warmup", "0",
+                        "--out", str(out), "--plan", "tp_pp:1x1", "--plan", "tp_pp:2x1",
+                        "--plan", "layerwise:cap=1GB"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    worlds = {json.loads(line)["plan"]: json.loads(line)["n_devices"]
+              for line in out.read_text().splitlines()}
+    assert worlds == {"tp_pp:1x1": 1, "tp_pp:2x1": 2, "layerwise:cap=1GB": 2}

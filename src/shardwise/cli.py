@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="skip (plan, phase) records already in --out for this workload")
     p.add_argument("--nproc", type=int, default=None,
-                   help="ranks for plans that adapt to any number (layerwise)")
+                   help="ranks for plans that adapt to any number (layerwise; default: the "
+                        "most that another plan of the command takes)")
 
     p = sub.add_parser("generate", help="greedy generation from a checkpoint under a plan")
     p.add_argument("--model", metavar="PATH", required=True, help="Hugging Face checkpoint directory")
@@ -320,7 +321,7 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench.records import append_records, provenance, read_records
-    from .parallel.base import validate_plan
+    from .parallel.base import get_strategy, validate_plan
     from .runtime.job import Case, Job
     from .runtime.timing import BenchSettings
 
@@ -341,9 +342,11 @@ def cmd_bench(args) -> int:
                                         timed.seq_len, model.dtype)}
     by_world: dict[int, list[str]] = {}
     checks: dict[str, Workload] = {}
-    for text in args.plans:
-        plan = Plan.parse(text)
-        cls, topo = validate_plan(model, timed, plan, args.nproc)
+    plans = [Plan.parse(text) for text in args.plans]
+    adaptive = _adaptive_world(plans, args.nproc)
+    for plan in plans:
+        fixed = get_strategy(plan.strategy).ranks_needed(plan)
+        cls, topo = validate_plan(model, timed, plan, fixed or adaptive)
         # The check runs the plan's own micro-batching, so it needs as many sequences.
         checks[str(plan)] = check.replace(batch=min(timed.batch, max(check.batch,
                                                                      plan.micro_batches)))
@@ -389,6 +392,24 @@ def cmd_bench(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _adaptive_world(plans: list[Plan], nproc: int | None) -> int | None:
+    """Ranks for the plans of one bench that adapt to any number (layerwise):
+    ``--nproc`` when given, else the most that a fixed plan of the same
+    command takes (so ``--plan tp_pp:2x1 --plan layerwise:cap=HBM`` compares
+    them on the same GPUs); None when neither says (validation then asks
+    for ``--nproc``). Fixed plans always take their own ranks."""
+    from .parallel.base import get_strategy
+
+    sizes = [get_strategy(p.strategy).ranks_needed(p) for p in plans]
+    if nproc is not None or None not in sizes:
+        return nproc
+    world = max((n for n in sizes if n is not None), default=None)
+    if world is not None:
+        names = ", ".join(str(p) for p, n in zip(plans, sizes) if n is None)
+        print(f"{names}: {world} rank(s), the most another plan here takes (--nproc sets it)")
+    return world
 
 
 def _save(args, results, device, nproc) -> None:
