@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from shardwise.parallel.lse import attend_lse, merge_into, merge_lse, merge_stack
+from shardwise.parallel.lse import NEG_INF, attend_lse, merge_into, merge_lse, merge_stack
 
 
 def full_attention(q, k, v, mask=None):
@@ -142,3 +142,57 @@ def test_prefix_attention_over_a_static_cache(device, dtype, head_dim):
         assert o.dtype == dtype and lse.shape == (2, 4, 1)
         torch.testing.assert_close(o.float(), o_ref.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(lse, lse_ref, rtol=1e-3, atol=1e-3)
+
+
+def _packed_parts(n, B, H, d, dtype, device, seed=0):
+    """``n`` partials gathered as ring's decode packs them: ``[n, B, H, 1, d +
+    2]`` in ``dtype`` with each row's float32 lse in its last two columns; some
+    rows see no key in some blocks (lse -inf, o 0), one row in none."""
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(n, B, H, 1, d, generator=g).to(dtype)
+    lse = torch.randn(n, B, H, 1, generator=g) * 3
+    lse[0, 0, 0] = NEG_INF
+    lse[:, 1, 1] = NEG_INF  # this row: no block sees a key
+    o[0, 0, 0] = 0
+    o[:, 1, 1] = 0
+    parts = torch.cat([o, lse[..., None].view(dtype)], dim=-1).to(device)
+    return parts, parts[..., :d], parts[..., d:].view(torch.float32)[..., 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton merge needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_triton_merge_matches_the_pytorch_merge(n, dtype):
+    # The kernel computes _merge_math's expressions in its order, in float32,
+    # reading o and lse in place from the packed buffer: equal to rounding of
+    # the exponentials (float32 ulps), so the outputs agree to one ulp of dtype.
+    from shardwise.parallel import lse as lse_mod
+
+    parts, o, lse = _packed_parts(n, 4, 8, 128, dtype, torch.device("cuda"))
+    assert lse_mod._merge_rows(o, lse) is not None  # the Triton path is taken
+    got, total = merge_stack(o, lse)
+    want, want_total = lse_mod._merge_math(o, lse)
+    assert got.dtype == dtype and got.shape == (4, 8, 1, 128) and total.shape == (4, 8, 1)
+    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
+    assert torch.isneginf(total[1, 1]).all() and (got[1, 1] == 0).all()
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    # Most elements are bit for bit the same.
+    assert (got == want).float().mean() > 0.99
+    # float32 partials (helix packs them so): equal to float32 rounding.
+    o32, lse32 = o.float().contiguous(), lse.contiguous()
+    got32, _ = merge_stack(o32, lse32)
+    torch.testing.assert_close(got32, lse_mod._merge_math(o32, lse32)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_merge_of_packed_views_on_the_cuda_branches():
+    # Along the GPU branches on CPU (calibrate.CudaPaths), merge_stack takes the
+    # Triton path, whose stand-in is the PyTorch merge counted as one launch:
+    # the same result as the merge of contiguous copies, and one kernel.
+    from shardwise.perf.calibrate import CallCounter, CudaPaths
+
+    parts, o, lse = _packed_parts(2, 3, 4, 16, torch.bfloat16, "cpu")
+    want, want_total = merge_stack(o.contiguous(), lse.contiguous())
+    with torch.inference_mode(), CudaPaths(), CallCounter(names=True) as c:
+        got, total = merge_stack(o, lse)
+    assert c.names.get(("kernels", "triton merge")) == 1 and c.counts["kernels"] == 1
+    assert torch.equal(got, want) and torch.equal(total, want_total)

@@ -19,6 +19,13 @@ attention for fp16/bf16 and head_dim <= 128, FlashAttention-2 up to 256, the
 memory-efficient kernel otherwise,
 e.g. head_dim 512, which has no flash kernel); elsewhere, and with a mask,
 it computes the scores explicitly in float32.
+
+On CUDA ``merge_stack`` is one Triton kernel (a program per query row: the
+blocks' maximum lse, the sum of their exponentials, the weighted sum of their
+outputs in float32), where PyTorch's ops take about twenty kernels, logsumexp
+alone nine; a decode step merges once a layer. It computes the same
+expressions in the same order as the PyTorch path (``_merge_math``), which
+runs everywhere else.
 """
 from __future__ import annotations
 
@@ -62,17 +69,27 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
     head_dim 128 (its plan is built once: the shapes never change), the
     memory-efficient kernel otherwise; elsewhere the masked scores are
     computed in float32."""
+    from ..model.reference import _per_step
+
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     S = k.shape[2]
     k, v = _expand_kv(q, k, v)
-    keep = torch.arange(S, device=q.device) < n.reshape(1)  # [S]
-    if not _fused_ok(q):
-        return _attend_math(q, k, v, keep[None, :], scale, False)
     B, H, T, _ = q.shape
-    # The kernels read the bias in rows aligned to 16 elements.
-    bias = q.new_zeros(T, S + (-S % 16))[:, :S]
-    bias.masked_fill_(~keep, NEG_INF)
-    return _attend_fused(q, k, v, scale, False, bias.expand(B, H, T, S))
+    fused = _fused_ok(q)
+
+    def make():
+        keep = torch.arange(S, device=q.device) < n.reshape(1)  # [S]
+        if not fused:
+            return keep
+        # The kernels read the bias in rows aligned to 16 elements.
+        bias = q.new_zeros(T, S + (-S % 16))[:, :S]
+        return bias.masked_fill_(~keep, NEG_INF)
+
+    # Every layer of a step masks the same positions: built once a step.
+    mask = _per_step(("prefix-mask", id(n), T, S, q.dtype, q.device, fused), make)
+    if not fused:
+        return _attend_math(q, k, v, mask[None, :], scale, False)
+    return _attend_fused(q, k, v, scale, False, mask.expand(B, H, T, S))
 
 
 def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -151,10 +168,86 @@ def _share(lse_i: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 def merge_stack(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``n`` partial results stacked on dim 0: ``o [n, ..., T, d]``,
     ``lse [n, ..., T]`` -> ``(o [..., T, d], lse [..., T])``.
-    A query that no block sees gets ``o = 0``, ``lse = -inf``."""
+    A query that no block sees gets ``o = 0``, ``lse = -inf``. ``o`` and
+    ``lse`` may be strided views (e.g. the columns of one gathered buffer)."""
+    rows = _merge_rows(o, lse)
+    if rows is not None:
+        return _merge_launch(o, lse, *rows)
+    return _merge_math(o, lse)
+
+
+def _merge_math(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     total = torch.logsumexp(lse, dim=0)  # [..., T]; -inf (not NaN) where every lse is -inf
     out = (o.float() * _share(lse, total)[..., None]).sum(dim=0)
     return out.to(o.dtype), total
+
+
+_MERGE_MAX_D = 4096
+_triton_merge = None  # (triton, the compiled kernel), or False without Triton
+
+
+def _merge_kernel():
+    global _triton_merge
+    if _triton_merge is None:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            _triton_merge = False
+            return _triton_merge
+
+        @triton.jit
+        def merge_kernel(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK: tl.constexpr):
+            # One query row r: o [N, rows, D] and lse [N, rows] by their strides.
+            r = tl.program_id(0).to(tl.int64)
+            cols = tl.arange(0, BLOCK)
+            keep = cols < D
+            m = tl.load(L + r * sl_r)
+            for i in range(1, N):
+                m = tl.maximum(m, tl.load(L + i * sl_n + r * sl_r))
+            # logsumexp's shift: 0 where every block is empty (m = -inf).
+            mf = tl.where(m == float("-inf"), 0.0, m)
+            s = tl.exp(tl.load(L + r * sl_r) - mf)
+            for i in range(1, N):
+                s += tl.exp(tl.load(L + i * sl_n + r * sl_r) - mf)
+            total = tl.log(s) + mf  # -inf where every block is empty
+            tf = tl.where(total == float("-inf"), 0.0, total)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in range(N):
+                share = tl.exp(tl.load(L + i * sl_n + r * sl_r) - tf)
+                x = tl.load(O + i * so_n + r * so_r + cols, mask=keep, other=0.0)
+                acc += x.to(tl.float32) * share
+            tl.store(OUT + r * D + cols, acc.to(OUT.dtype.element_ty), mask=keep)
+            tl.store(LOUT + r, total)
+
+        _triton_merge = (triton, merge_kernel)
+    return _triton_merge
+
+
+def _merge_rows(o: torch.Tensor, lse: torch.Tensor):
+    """``(o [n, rows, d], lse [n, rows])`` as views of the inputs when the
+    Triton merge takes them (CUDA, float32 lse, d <= 4096, rows of o evenly
+    strided with contiguous columns), else None."""
+    if not (o.is_cuda and o.dtype in (*_HALF, torch.float32) and lse.dtype == torch.float32
+            and o.dim() >= 2 and o.shape[:-1] == lse.shape and o.shape[-1] <= _MERGE_MAX_D
+            and o.stride(-1) == 1 and o.numel() > 0):
+        return None
+    n, d = o.shape[0], o.shape[-1]
+    try:
+        o3, l2 = o.view(n, -1, d), lse.view(n, -1)
+    except RuntimeError:  # rows not evenly strided: the PyTorch path
+        return None
+    return (o3, l2) if _merge_kernel() else None
+
+
+def _merge_launch(o, lse, o3, l2):
+    triton, kernel = _merge_kernel()
+    n, rows, d = o3.shape
+    out = torch.empty(o.shape[1:], dtype=o.dtype, device=o.device)
+    total = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
+    kernel[(rows,)](o3, l2, out, total, n, d, o3.stride(0), o3.stride(1), l2.stride(0),
+                    l2.stride(1), BLOCK=triton.next_power_of_2(d))
+    return out, total
 
 
 def merge_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,

@@ -248,7 +248,11 @@ class RingAttention(nn.Module):
         width = d + 4 // o.element_size()
         part = torch.cat([o, lse[..., None].view(o.dtype)], dim=-1)  # [B, H, 1, width]
         parts = self.comm.all_gather(part, "seq", dim=0).view(self.P, B, H, 1, width)
-        lse_all = parts[..., d:].contiguous().view(torch.float32)[..., 0]  # [P, B, H, 1]
+        cols = parts[..., d:]
+        try:  # the lse read in place where its columns are 4-byte aligned (even d)
+            lse_all = cols.view(torch.float32)[..., 0]  # [P, B, H, 1]
+        except RuntimeError:
+            lse_all = cols.contiguous().view(torch.float32)[..., 0]
         o, _ = merge_stack(parts[..., :d], lse_all)  # [B, H, 1, d]
         return o.transpose(1, 2).reshape(B, 1, H * d)
 

@@ -674,10 +674,17 @@ class CallCounter:
         # launch, as CudaPaths' stand-in counts it on CPU.
         from ..model import kernels
 
-        self._triton = kernels._triton
+        from ..parallel import lse
+
+        self._triton = kernels._triton, lse._triton_merge
         if (kernels._triton and not isinstance(kernels._triton[1], _TritonStandIn._Kernel)
                 and not isinstance(kernels._triton[1], _CountedKernel)):
             kernels._triton = (kernels._triton[0], _CountedKernel(kernels._triton[1]))
+        # The Triton merge of attention partials likewise (one kernel).
+        if (lse._triton_merge and not isinstance(lse._triton_merge[1], _MergeStandIn)
+                and not isinstance(lse._triton_merge[1], _CountedKernel)):
+            lse._triton_merge = (lse._triton_merge[0],
+                                 _CountedKernel(lse._triton_merge[1], "triton merge", norm=False))
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda module, args: counter.note("modules", type(module).__name__))
         self._mode = Mode()
@@ -690,20 +697,22 @@ class CallCounter:
 
         from ..model import kernels
 
+        from ..parallel import lse
+
         _COUNTERS.remove(self)
         self._mode.__exit__(*exc)
         self._hook.remove()
         comm_module.dist, comm_module._all_gather_into, comm_module._reduce_scatter_into = self._saved
-        kernels._triton = self._triton
+        kernels._triton, lse._triton_merge = self._triton
         return False
 
 
 class _CountedKernel:
     """A Triton kernel whose launches the innermost :class:`CallCounter`
-    counts as one fused add + norm (a kernel and a norm)."""
+    counts as one kernel (and, with ``norm``, one fused add + norm)."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, name: str = "triton add_norm", norm: bool = True):
+        self.kernel, self.name, self.norm = kernel, name, norm
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
@@ -711,10 +720,33 @@ class _CountedKernel:
         def counted(*args, **kwargs):
             if not _COUNTERS:
                 return launch(*args, **kwargs)
-            _COUNTERS[-1].note("norms", "triton add_norm")
-            return _COUNTERS[-1].opaque("kernels", "triton add_norm", launch, *args, **kwargs)
+            if self.norm:
+                _COUNTERS[-1].note("norms", self.name)
+            return _COUNTERS[-1].opaque("kernels", self.name, launch, *args, **kwargs)
 
         return counted
+
+
+class _MergeStandIn:
+    """:mod:`shardwise.parallel.lse`'s Triton merge on CPU: the PyTorch merge
+    of the same rows, counted as one kernel launch."""
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    @staticmethod
+    def _launch(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK):
+        from ..parallel.lse import _merge_math
+
+        def run():
+            out, total = _merge_math(O, L)  # [rows, d], [rows]
+            OUT.view(-1, D).copy_(out)
+            LOUT.view(-1).copy_(total)
+
+        if _COUNTERS:
+            _COUNTERS[-1].opaque("kernels", "triton merge", run)
+        else:
+            run()
 
 
 class _TritonStandIn:
@@ -757,7 +789,7 @@ class CudaPaths:
     choose their fused kernels by it), the kernels that exist only on CUDA are
     computed by their CPU counterparts (FlashAttention and cuDNN's attention by
     the CPU flash kernel, a matmul with a float32 output by a float32 matmul,
-    the Triton add + norm by PyTorch), one call each, as on the GPU. Numerics
+    the Triton add + norm and merge by PyTorch), one call each, as on the GPU. Numerics
     match the CPU path's to rounding."""
 
     def __enter__(self):
@@ -801,11 +833,14 @@ class CudaPaths:
                 impl = stand_ins.get(func)
                 return impl(*args, **(kwargs or {})) if impl else func(*args, **(kwargs or {}))
 
+        from ..parallel import lse
+
         self._had = "is_cuda" in torch.Tensor.__dict__
         self._saved = torch.Tensor.__dict__.get("is_cuda")
-        self._triton = kernels._triton
+        self._triton = kernels._triton, lse._triton_merge
         torch.Tensor.is_cuda = property(lambda self: True)
         kernels._triton = (_TritonStandIn, _TritonStandIn._Kernel())
+        lse._triton_merge = (_TritonStandIn, _MergeStandIn())
         self._mode = StandIn()
         self._mode.__enter__()
         return self
@@ -815,8 +850,10 @@ class CudaPaths:
 
         from ..model import kernels
 
+        from ..parallel import lse
+
         self._mode.__exit__(*exc)
-        kernels._triton = self._triton
+        kernels._triton, lse._triton_merge = self._triton
         if self._had:
             torch.Tensor.is_cuda = self._saved
         else:

@@ -140,6 +140,18 @@ class Calls:
 STATIC_DECODE = Calls(kernels=STATIC_DECODE_KERNELS, gemms=4, attns=1)
 
 
+# RingAttention.decode_static's kernels beyond STATIC_DECODE's, on CUDA
+# (parallel/ring.py, parallel/lse.py): a layer's V index_copy_ of its own,
+# the (o, lse) pair's cat and the Triton merge; once a step, the slot lookup
+# (subtract, index_select) and attend_lse_prefix's mask (arange, compare,
+# zeroed bias, invert, masked_fill_). Before the merge was one kernel and the
+# mask built once a step, a traced ring:2 step held 172 kernels over 4
+# layers, 42 a layer (results/diag/bench-miss.jsonl): logsumexp alone
+# launched 9.
+RING_STATIC_EXTRA = Calls(kernels=3)
+RING_STATIC_STEP = Calls(kernels=2 + 5)
+
+
 def _calls(k: float = 0, m: float = 0, mod: float = 0, sync: float = 0, g: float = 0,
            a: float = 0, n: float = 0, **colls) -> Calls:
     """``k`` kernel ops, of which ``g`` GEMMs, ``a`` attentions and ``n`` fused
@@ -172,6 +184,11 @@ class Flavour:
     def add_norm(self) -> Calls:
         """add_norm: one kernel writing h and norm(h), or the add and the module."""
         return _calls(k=1, n=1, m=2) if self.fused_norm else _calls(k=2, mod=1)
+
+    def merge(self) -> Calls:
+        """merge_stack on a GPU: the partials' and lses' row views, the two
+        outputs, one Triton launch (parallel/lse.py)."""
+        return _calls(k=1, m=4)
 
     def batch_view(self) -> Calls:
         """KVCache.batch_view: the packed storage's slice, K's and V's views."""
@@ -1341,13 +1358,13 @@ def _helix(c: _Ctx) -> _Model:
         # decode: q, k, v concatenated and gathered, split, transposed; the new
         # token's cache write (its owner); attend_lse on the shard (q reshaped,
         # FA2, its lse); o and lse packed (cast, reshape, expand, cat) and
-        # exchanged; merge_stack (logsumexp, the shares, weighted sum); cast
-        # back, reshape; W_o.
+        # exchanged; the parts' and lses' views, merge_stack (one Triton
+        # launch); cast back, reshape; W_o.
         return (_calls(mod=1) + f.qkv() + _calls(k=1) + gather + _calls(m=1 + 3)
                 + f.cache_write(M == 1) + _calls(k=1, m=2)
                 + _calls(k=2 + (Hkv > 1), a=1, m=4 - (Hkv > 1))
                 + (_calls(k=1, m=1, all_to_all=1) if M > 1 else Calls())
-                + _calls(k=8, m=4) + _calls(k=1, m=1) + wo)
+                + _calls(m=2) + f.merge() + _calls(k=1, m=1) + wo)
 
     def step(decode: bool) -> StepCost:
         graph = decode and graph_decode
@@ -1588,20 +1605,22 @@ def _ring(c: _Ctx) -> _Model:
     # RingAttention.decode: qkv, transposes; the new token's cache write (on
     # the rank that stores it); attend_lse; (o, lse) packed (index view, view
     # as o's dtype, cat) and gathered (Comm: movedim, buffer, movedim); the
-    # parts viewed, lse made contiguous and read as float32; merge_stack
-    # (logsumexp, o cast, the shares, weighted sum, cast back); o transposed
-    # and reshaped; W_o; the batch view.
-    cast = _calls(m=1) if f.fp32 else _calls(k=1)  # o.float(), .to(o.dtype): no-ops in fp32
+    # parts viewed and the lse columns read in place as float32; merge_stack
+    # (one Triton launch); o transposed and reshaped; W_o; the batch view.
     attn = (_calls(mod=1) + f.qkv() + _calls(m=3) + f.cache_write() + _calls(k=1, m=1)
             + _calls(k=1, a=1, m=2) + _calls(m=3, all_gather=1 if P > 1 else 0)
-            + _calls(k=1, m=5) + _calls(k=8, m=2) + cast * 2 + _calls(m=2)
+            + _calls(m=5) + f.merge() + _calls(m=2)
             + _calls(k=1, g=1, mod=1)
             + f.batch_view())
     work, calls = _layer_work(c, w, ops, attn, t_ag)
+    static = graph and not spec.is_moe
+    if static:
+        # The graph holds decode_static's kernels, not the eager path's.
+        work = Work().add(0.0, c.roof.gpu(ops, STATIC_DECODE + RING_STATIC_EXTRA) + t_ag)
     for o in ops:
         st.add_op(o, L * c.B / b)
     per_mb = _calls(m=1) + c.end_calls(True, True)
-    t_ends = c.ends(st, b)
+    t_ends = c.ends(st, b) + (c.roof.launches(RING_STATIC_STEP) if static else 0.0)
     one = Work().extend(work, L).add(c.host(per_mb), t_ends + c.roof.launches(per_mb))
     whole = Work().extend(one, mb).add(c.host(_calls(k=mb > 1)), 0.0)
     st.seconds = whole.seconds(c.cluster.sync_s)
