@@ -332,7 +332,8 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 err = pred / meas - 1
                 errors.setdefault((plan.strategy, what), []).append(err)
                 graph = {True: "graph", False: "eager"}.get(r.get("cuda_graphs"), "")
-                rows.append([str(plan), r.get("preset", ""), f"{wl.batch}x{wl.seq_len}",
+                rows.append([r.get("plan") or str(plan), r.get("preset", ""),
+                             f"{wl.batch}x{wl.seq_len}",
                              spec.dtype, what + (f" ({graph})" if what.startswith("decode")
                                                  and graph else ""),
                              f"{meas:,.4g}", f"{pred:,.4g}", f"{err:+.0%}"])
