@@ -108,3 +108,19 @@ def test_call_counter_counts_a_real_triton_launch(monkeypatch):
     assert launched == [(4,), (4,)]
     assert c.counts["norms"] == 2 and c.counts["kernels"] == 2
     assert isinstance(kernels._triton[1], Fake)  # restored
+
+
+def test_the_layer_probe_steps_at_an_int_and_at_a_device_tensor_position():
+    # calibrate times the probe stack eagerly (host cost) and, on GPUs, its
+    # static-shape step replayed in a CUDA graph (graph_layer_us): the step
+    # takes its position as a device tensor there, and runs on CPU too.
+    import torch
+
+    from shardwise.perf.calibrate import _probe_stack, probe_spec
+
+    cpu = torch.device("cpu")
+    (eager, n), (static, m) = _probe_stack(cpu, 2), _probe_stack(cpu, 2, static=True)
+    assert n == m == 2 and probe_spec(2, "fp32").n_layers == 2
+    with torch.inference_mode():
+        eager()
+        static()

@@ -217,8 +217,10 @@ def overlap_efficiency(device, comm, dtype, quick: bool) -> float | None:
 
 def graph_costs(device, comm, quick: bool) -> dict:
     """Inside a CUDA graph (no host work): the GPU time of one tiny dependent
-    kernel (a graph of 100 in-place adds), and of an 8 KB all-reduce over all
-    ranks (a graph of 20). Empty on CPU."""
+    kernel (a graph of 100 in-place adds), of the smallest GEMM and decode
+    attention, of one layer of the layer probe's decode step
+    (``graph_layer_us``), and of an 8 KB all-reduce over all ranks (a graph
+    of 20). Empty on CPU."""
     import torch
 
     if device.type != "cuda":
@@ -252,6 +254,14 @@ def graph_costs(device, comm, quick: bool) -> dict:
                                             20), 3)
     out["attn_kernel_us"] = round(replay_us(
         lambda: [causal_attention(q, kv, kv, 127) for _ in range(20)], 20), 3)
+    # A whole decode layer in a graph: the layer probe's static step, whose
+    # kernels (norms, GEMMs, the KV write, attention) follow one another as
+    # in a model's step, unlike the repeated single kernels above.
+    try:
+        step, layers = _probe_stack(device, static=True)
+        out["graph_layer_us"] = round(replay_us(step, layers), 3)
+    except RuntimeError as e:  # an optional figure: the profile goes on without it
+        print(f"calibrate: graph layer probe skipped ({str(e).splitlines()[0]})", file=sys.stderr)
     if comm.topo.world_size > 1:
         comm.barrier()
         out["graph_latency_us"] = round(
@@ -299,27 +309,43 @@ def _host_timer(device, fn, iters: int, warmup: int) -> float:
     return t / iters
 
 
+# The probe stack's decode step: one token of one sequence at this position,
+# over a cache of PROBE_CACHE positions.
+PROBE_POS, PROBE_CACHE = 8, 16
+
+
+def probe_spec(layers: int = 8, dtype: str = "bf16"):
+    """The layer probe's model: tiny layers, so that every kernel's time is
+    its launch's (the cost model predicts the same stack from a profile)."""
+    from ..spec import ModelSpec
+
+    return ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
+                     d_ff=128, dtype=dtype, activation="gelu_tanh")
+
+
 @functools.lru_cache(maxsize=4)
-def _probe_stack(device, layers: int = 8):
+def _probe_stack(device, layers: int = 8, static: bool = False):
     """(one eager decode step of the probe stack, its layers): tiny layers in
     the precision and activation the GPU benchmarks run (bf16 with the tanh
     GELU: the fused norms and GEMM epilogue; fp32 on CPU). Built once per
-    device: bench times it again before every measurement."""
+    device: bench times it again before every measurement. ``static``: the
+    step at a device-tensor position, as bench captures decode steps."""
     import torch
 
     from ..model.reference import Transformer, one_step
-    from ..spec import ModelSpec, torch_dtype
+    from ..spec import torch_dtype
 
     dtype = "bf16" if device.type == "cuda" else "fp32"
-    spec = ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
-                     d_ff=128, dtype=dtype, activation="gelu_tanh")
+    spec = probe_spec(layers, dtype)
     model = Transformer(spec).to(device, torch_dtype(dtype))
-    caches = model.allocate_caches(1, 16)
-    x = torch.zeros(1, 1, 64, device=device, dtype=torch_dtype(dtype))
+    caches = model.allocate_caches(1, PROBE_CACHE)
+    x = torch.zeros(1, 1, spec.d_model, device=device, dtype=torch_dtype(dtype))
+    # A device-tensor position: the static-shape step a CUDA graph replays.
+    pos = PROBE_POS if static is False else torch.tensor(PROBE_POS, device=device)
 
     def step():
         with one_step():
-            model(x, caches, 8)
+            model(x, caches, pos)
 
     return step, layers
 
