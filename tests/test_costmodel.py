@@ -686,37 +686,3 @@ def test_fidelity_predicts_the_layout_a_record_ran():
     ran = predict(p.model, wl, plan, H100_8, 2, layout=layout)
     assert ran.notes[0].startswith("layerwise: 2 group(s) x 1 replica(s)")
     assert record_layout({"report": {}}, p.model, wl, plan, 2) is None
-
-
-def test_graph_launches_scale_with_the_measured_probe_layer():
-    """``graph_layer_us`` (calibrate's layer probe replayed in a CUDA graph)
-    over the model's own prediction of that probe scales the launches of
-    graph steps, and of nothing else: equal to the prediction, scale 1; twice
-    the launches, scale 2 and a small model's graph decode step's launches
-    doubled; eager steps and prefill unchanged; no figure, no scale."""
-    from shardwise.perf.calibrate import PROBE_CACHE, PROBE_POS, probe_spec
-    from shardwise.perf.costmodel import graph_scale
-
-    g = dict(ROUND_HOST, kernel_us=1.0, gemm_kernel_us=3.0, attn_kernel_us=6.0)
-    base = Cluster.from_dict(_round_dict(**g))
-    assert graph_scale(base) == 1.0
-    probe = predict(probe_spec(), Workload(batch=1, seq_len=PROBE_POS,
-                                           decode_steps=PROBE_CACHE - PROBE_POS),
-                    "tp_pp:1x1", base, 1, graphs=True).decode
-    roof = sum(o.seconds for o in probe.ops.values())
-    layer_us = 1e6 * probe.seconds / probe_spec().n_layers
-    same = Cluster.from_dict(_round_dict(graph_layer_us=layer_us, **g))
-    assert graph_scale(same) == pytest.approx(1.0, rel=1e-9)
-    slow_us = 1e6 * (2 * probe.seconds - roof) / probe_spec().n_layers
-    slow = Cluster.from_dict(_round_dict(graph_layer_us=slow_us, **g))
-    assert graph_scale(slow) == pytest.approx(2.0, rel=1e-9)
-    assert graph_scale(Cluster.from_dict(_round_dict(graph_layer_us=1e4, **g))) == 3.0  # clamped
-
-    wl = Workload(batch=4, seq_len=128, decode_steps=4)
-    a = predict(SMALL, wl, "tp_pp:1x1", base, 1, graphs=True)
-    b = predict(SMALL, wl, "tp_pp:1x1", slow, 1, graphs=True)
-    roof_a = sum(o.seconds for o in a.decode.ops.values())
-    assert b.decode.seconds - roof_a == pytest.approx(2 * (a.decode.seconds - roof_a), rel=1e-6)
-    assert b.prefill.seconds == a.prefill.seconds
-    eager_a = predict(SMALL, wl, "tp_pp:1x1", base, 1, graphs=False).decode.seconds
-    assert predict(SMALL, wl, "tp_pp:1x1", slow, 1, graphs=False).decode.seconds == eager_a

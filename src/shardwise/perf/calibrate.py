@@ -256,7 +256,10 @@ def graph_costs(device, comm, quick: bool) -> dict:
         lambda: [causal_attention(q, kv, kv, 127) for _ in range(20)], 20), 3)
     # A whole decode layer in a graph: the layer probe's static step, whose
     # kernels (norms, GEMMs, the KV write, attention) follow one another as
-    # in a model's step, unlike the repeated single kernels above.
+    # in a model's step, unlike the repeated single kernels above. A
+    # diagnostic the cost model does not read: on 2x H200 it came out below
+    # the sum of the single-kernel figures (18.2 us against 21.6), while a
+    # 512-wide layer's kernels take longer than they (docs/costmodel.md).
     try:
         step, layers = _probe_stack(device, static=True)
         out["graph_layer_us"] = round(replay_us(step, layers), 3)

@@ -125,10 +125,6 @@ class Cluster:
     norm_us: float | None = None  # the fused residual-add + norm's call (a Triton launch)
     gemm_kernel_us: float | None = None
     attn_kernel_us: float | None = None
-    # One layer of calibrate's layer probe decoding in a CUDA graph: the
-    # launches of a real layer's kernels one after another (the cost model
-    # scales its graph launches by measured over predicted, graph_scale).
-    graph_layer_us: float | None = None
     # calibrate's eager layer probe (a decode step of a tiny reference layer,
     # timed back to back): {"us": one layer's time, "calls": its calls by kind}.
     layer_probe: dict = field(default_factory=dict)
@@ -402,7 +398,6 @@ class Cluster:
                 gemm_us=_opt(d, "gemm_us"), norm_us=_opt(d, "norm_us"),
                 attn_us={k: float(v) for k, v in d.get("attn_us", {}).items()},
                 gemm_kernel_us=_opt(d, "gemm_kernel_us"), attn_kernel_us=_opt(d, "attn_kernel_us"),
-                graph_layer_us=_opt(d, "graph_layer_us"),
                 layer_probe=dict(d.get("measurements", {}).get("layer_probe", {})),
                 overlap_efficiency=_opt(d, "overlap_efficiency"),
                 step_host_ratio=_opt(d, "step_host_ratio"),

@@ -685,9 +685,6 @@ class Roofline:
                       if spec.head_dim <= 256 and self.e == 2 else self.attn)
         self.hbm = cluster.hbm_rate
         self.stream = cluster.stream_rate
-        # Launches of a step replayed from a CUDA graph take graph_scale times
-        # the single-kernel figures (set by _Ctx for its graph steps).
-        self.graph, self.graph_scale = False, 1.0
 
     def op(self, name: str, flops: float, nbytes: float, rate: float | None = None,
            bw: float | None = None) -> Op:
@@ -786,12 +783,10 @@ class Roofline:
         stream and in a CUDA graph alike); a GEMM or attention of Calls takes
         at least the smallest such kernel's time instead."""
         cl = self.cluster
-        scale = self.graph_scale if self.graph else 1.0
         if not isinstance(kernels, Calls):
-            return kernels * cl.kernel_s * scale
-        return scale * (kernels.kernels * cl.kernel_s
-                        + kernels.gemms * (cl.gemm_kernel_s - cl.kernel_s)
-                        + kernels.attns * (cl.attn_kernel_s - cl.kernel_s))
+            return kernels * cl.kernel_s
+        return (kernels.kernels * cl.kernel_s + kernels.gemms * (cl.gemm_kernel_s - cl.kernel_s)
+                + kernels.attns * (cl.attn_kernel_s - cl.kernel_s))
 
 
 # -- weights and KV cache, exactly as the strategies allocate them -----------------
@@ -833,47 +828,7 @@ class _Model:
     notes: list[str] = field(default_factory=list)
 
 
-_GRAPH_SCALES: dict[int, tuple[Cluster, float]] = {}
-
-
-def graph_scale(cl: Cluster) -> float:
-    """How much longer a decode layer's kernels take one after another in a
-    CUDA graph than the single-kernel figures add up to: calibrate's layer
-    probe replayed in a graph (``graph_layer_us``) over this model's
-    prediction of the same probe, launches only (the probe's rooflines are
-    nanoseconds). Repeated single kernels (``kernel_us``, ``gemm_kernel_us``,
-    ``attn_kernel_us``) find their operands where the last call left them;
-    a real layer's kernels do not. 1 without the measurement."""
-    if not cl.graph_layer_us:
-        return 1.0
-    hit = _GRAPH_SCALES.get(id(cl))
-    if hit is not None and hit[0] is cl:
-        return hit[1]
-    from .calibrate import PROBE_CACHE, PROBE_POS, probe_spec
-
-    spec = probe_spec()
-    base = dataclasses.replace(cl, graph_layer_us=None)
-    wl = Workload(batch=1, seq_len=PROBE_POS, decode_steps=PROBE_CACHE - PROBE_POS)
-    step = predict(spec, wl, "tp_pp:1x1", base, 1, graphs=True).decode
-    roof = sum(o.seconds for o in step.ops.values())
-    launches = step.seconds - roof
-    scale = ((cl.graph_layer_us * 1e-6 * spec.n_layers - roof) / launches if launches > 0
-             else 1.0)
-    scale = min(3.0, max(0.5, scale))
-    _GRAPH_SCALES[id(cl)] = (cl, scale)
-    return scale
-
-
 class _Ctx:
-    @property
-    def graph(self) -> bool:
-        """Whether the step being modelled replays a CUDA graph (set per step)."""
-        return self.roof.graph
-
-    @graph.setter
-    def graph(self, value: bool) -> None:
-        self.roof.graph = bool(value)
-
     def __init__(self, spec: ModelSpec, wl: Workload, plan: Plan, cluster: Cluster, topo,
                  graphs: bool | None = None, moe_balance: float | None = None,
                  duty: float = 1.0, layout=None):
@@ -881,10 +836,9 @@ class _Ctx:
         self.layout = layout  # layerwise: the Partition a run used (None: the search's)
         # Whether decode steps replay a CUDA graph (None: where the strategy can).
         self.graphs = graphs
-        self.roof = Roofline(spec, cluster, duty)
-        self.roof.graph_scale = graph_scale(cluster)
         self.graph = False  # the step being modelled (set per step)
         self.decoding = False  # the step being modelled is a decode step (set per step)
+        self.roof = Roofline(spec, cluster, duty)
         self.flav = self.roof.flav
         self.e = dtype_bytes(spec.dtype)
         self.P = topo.world_size
