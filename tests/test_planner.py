@@ -126,3 +126,8 @@ def test_fidelity_reports_the_relative_error(tmp_path):
     text = fidelity_command([str(path)], "h100-sxm-8")
     assert "-20%" in text and "-50%" in text
     assert "skipped" in text and "no known preset" in text
+    # The spread of a record's timed steps beside its error, marked past 1.5x.
+    path.write_text(json.dumps({**rec, "p10_ms": 2.0, "p90_ms": 4.0}) + "\n"
+                    + json.dumps({**rec, "p10_ms": 2.0, "p90_ms": 2.2}) + "\n")
+    text = fidelity_command([str(path)], "h100-sxm-8")
+    assert "2.00 !" in text and "1.10" in text and "1.10 !" not in text

@@ -328,6 +328,7 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 pairs.append(("prefill tok/s", tps, p.prefill_tps))
             if r.get("tpot_ms") and phase in ("decode", "both"):
                 pairs.append(("decode ms", r["tpot_ms"], p.decode_step_ms))
+            spread = step_spread(r)
             for what, meas, pred in pairs:
                 err = pred / meas - 1
                 errors.setdefault((plan.strategy, what), []).append(err)
@@ -336,8 +337,21 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                              f"{wl.batch}x{wl.seq_len}",
                              spec.dtype, what + (f" ({graph})" if what.startswith("decode")
                                                  and graph else ""),
-                             f"{meas:,.4g}", f"{pred:,.4g}", f"{err:+.0%}"])
+                             f"{meas:,.4g}", f"{pred:,.4g}", f"{err:+.0%}",
+                             "-" if spread is None else f"{spread:.2f}"
+                             + (" !" if spread > UNSTEADY_SPREAD else "")])
     return rows, errors, skipped
+
+
+# A record whose timed steps spread wider than this (p90 / p10) measured a
+# moving target; fidelity marks it (the verdicts still count it).
+UNSTEADY_SPREAD = 1.5
+
+
+def step_spread(r: dict) -> float | None:
+    """p90 / p10 of a record's timed steps (None when it has no spread)."""
+    lo, hi = r.get("p10_ms"), r.get("p90_ms")
+    return hi / lo if lo and hi and lo > 0 else None
 
 
 def fidelity_summary(errors: dict) -> list[list[str]]:
@@ -360,9 +374,10 @@ def fidelity_command(result_files: list[str], profile: str) -> str:
     rows, errors, skipped = fidelity_errors(result_files, cl)
     if not rows:
         raise ShardwiseError("no record could be compared: " + ("; ".join(skipped) or "no records"))
-    out = _table(f"measured vs predicted on {cl.name}",
+    out = _table(f"measured vs predicted on {cl.name} (p90/p10: the spread of the "
+                 f"record's timed steps; !: over {UNSTEADY_SPREAD})",
                  ["plan", "preset", "batch x seq", "dtype", "metric", "measured", "predicted",
-                  "error"], rows)
+                  "error", "p90/p10"], rows)
     summary = fidelity_summary(errors)
     out += _table(f"error per strategy and phase (|predicted / measured - 1|; PASS: median "
                   f"<= {FIDELITY_MEDIAN:.0%}, max <= {FIDELITY_MAX:.0%})",
