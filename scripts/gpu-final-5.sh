@@ -4,9 +4,9 @@
 # CUDA graphs, MoE's included) verified against the reference, shardwise
 # calibrate (the h200-x2 profile), then scripts/gpu-bench-3.sh.
 # Usage: OUT=results bash scripts/gpu-final-5.sh   (from the repository root)
-# The next run: PLANS_2GPU="--plan layerwise:cap=HBM" (passed on to
-# gpu-bench-3.sh) and VERIFY_2GPU="--preset seed-helix-4l --batch 4 --seq 2048
-# --nproc 2 --plan layerwise:cap=HBM" (one more static-decode verification).
+# VERIFY_2GPU="ARGS" adds one static-decode verification; PLANS_2GPU is passed
+# on to gpu-bench-3.sh. (The runs at ad6beec and 005f7b7 added layerwise:cap=HBM
+# through them; it is in both lists since 44febda.)
 set -uo pipefail
 OUT=${OUT:-results}
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
@@ -23,6 +23,7 @@ for args in "--preset seed-helix-4l --batch 4 --seq 2048 --plan ring:2" \
             "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan tp_pp:2x1" \
             "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan helix:2x1" \
             "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan ring:2" \
+            "--preset seed-helix-4l --batch 4 --seq 2048 --nproc 2 --plan layerwise:cap=HBM" \
             ${VERIFY_2GPU:+"$VERIFY_2GPU"}; do
   echo "+ shardwise verify --static-decode $args"
   timeout 200 python3 -m shardwise verify --device cuda --dtype bf16 --static-decode --steps 4 \
