@@ -649,13 +649,18 @@ class LayerWork:
 
 def duty_derate(sustained: float, duty: float) -> float:
     """Compute rate over the burst rate for a GPU busy ``duty`` (0..1) of a
-    step: ``sustained`` (the rate held under back-to-back GEMMs, over the
-    burst rate) when always busy, the burst rate when mostly idle, linear in
-    between. A power-limited GPU's clock follows its average power draw: a
+    step. A power-limited GPU's clock follows its average power draw, and
+    its dynamic power goes about as the cube of its clock (P ~ C V^2 f, the
+    voltage scaling with the clock). Always busy, it holds ``sustained`` (the
+    rate under back-to-back GEMMs over the burst rate), so the cap is
+    ``sustained^3`` of the burst power; busy ``duty`` of the step, it holds
+    the clock c with ``duty * c^3 = sustained^3``, at most the burst clock. A
     pipeline stage that waits for the other stages half of the step (say
-    layerwise with one micro-batch) runs its kernels at higher clocks than
-    one that never waits (measured: results/README.md, prediction fidelity)."""
-    return 1.0 - (1.0 - sustained) * min(1.0, max(0.0, duty))
+    layerwise with one micro-batch) then runs its kernels at the burst rate
+    (results/README.md, prediction fidelity: seed-layerwise-30b's 2-group
+    prefill)."""
+    duty = min(1.0, max(0.0, duty))
+    return 1.0 if duty <= 0 else min(1.0, sustained / duty ** (1.0 / 3.0))
 
 
 # Below this busy share a step's compute is re-predicted at the rate its duty
