@@ -16,8 +16,11 @@ rank runs :func:`measure` at once, so collectives span all of them. Measured:
   collective; and an eager decode step of a tiny reference layer (its time
   per call is ``launch_us``, what profiles without the per-kind figures use);
 * read-bound streaming (a 16-row GEMV's weight reads), FlashAttention-2
-  called directly (``attend_lse``'s kernel), the GPU time of a tiny kernel and
-  of an 8 KB all-reduce replayed from a CUDA graph, the matmul rate after
+  called directly (``attend_lse``'s kernel), the GPU time of a tiny kernel,
+  of the smallest GEMM and decode attention, of each kind of kernel a decode
+  layer launches at widths 512 to 4096 (diagnostics: ``graph_layer_us``,
+  ``decode_kernels_us``) and of an 8 KB all-reduce replayed from a CUDA
+  graph, the matmul rate after
   ~2 s of back-to-back GEMMs (the clock a long prefill runs at), and how much
   of an all-reduce beside GEMMs on another stream is hidden;
 * for all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point
@@ -265,10 +268,60 @@ def graph_costs(device, comm, quick: bool) -> dict:
         out["graph_layer_us"] = round(replay_us(step, layers), 3)
     except RuntimeError as e:  # an optional figure: the profile goes on without it
         print(f"calibrate: graph layer probe skipped ({str(e).splitlines()[0]})", file=sys.stderr)
+    try:
+        out["decode_kernels_us"] = decode_kernel_costs(device, replay_us)
+    except RuntimeError as e:  # an optional figure: the profile goes on without it
+        print(f"calibrate: decode kernel probes skipped ({str(e).splitlines()[0]})",
+              file=sys.stderr)
     if comm.topo.world_size > 1:
         comm.barrier()
         out["graph_latency_us"] = round(
             replay_us(lambda: [comm.all_reduce(x, "world") for _ in range(20)], 20), 3)
+    return out
+
+
+# Widths of the decode kernel probes: a small model's (small-l2's 512) and
+# wider ones, up to seed-helix-4l's 4096.
+DECODE_PROBE_WIDTHS = (512, 1024, 2048, 4096)
+
+
+def decode_kernel_costs(device, replay_us) -> dict:
+    """GPU time (us) of each kind of kernel a static decode layer launches,
+    replayed in a CUDA graph 20 times over with the operands a layer gives
+    it, at each of :data:`DECODE_PROBE_WIDTHS` (16 rows, bf16): the fused
+    add + norm (``norm``), the packed KV cache write at a device-tensor
+    position (``kv_write``: 8 heads of 64 a width of 512, 256 positions), and
+    GEMMs of the layer's shapes (``gemm``: D x 3D, D x D, D x 4D, 4D x D) with
+    20 weights in turn, so that each reads its own. A diagnostic the cost
+    model does not read yet: a 512-wide layer's kernels took 0.5 to 1.5 us
+    longer than ``kernel_us``, ``gemm_kernel_us`` and ``attn_kernel_us`` say
+    (results/README.md, prediction fidelity)."""
+    import torch
+    from torch import nn
+
+    from ..model import kernels
+    from ..model.reference import KVCache
+
+    bf16, out = torch.bfloat16, {"norm": {}, "kv_write": {}, "gemm": {}}
+    pos = torch.tensor(100, device=device)
+    for D in DECODE_PROBE_WIDTHS:
+        x = torch.randn(16, D, device=device, dtype=bf16)
+        a = torch.randn(16, D, device=device, dtype=bf16)
+        norm = nn.LayerNorm(D).to(device, bf16)
+        out["norm"][D] = round(replay_us(
+            lambda: [kernels.add_norm(norm, x, a) for _ in range(20)], 20), 3)
+        heads = D // 64
+        cache = KVCache.allocate(16, heads, 256, 64, bf16, device)
+        kv = torch.randn(16, 1, 2 * heads * 64, device=device, dtype=bf16)
+        out["kv_write"][D] = round(replay_us(
+            lambda: [cache.write_packed(pos, kv) for _ in range(20)], 20), 3)
+        for k, n in ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)):
+            ws = [torch.randn(k, n, device=device, dtype=bf16) for _ in range(20)]
+            xs = torch.randn(16, k, device=device, dtype=bf16)
+            ys = torch.empty(16, n, device=device, dtype=bf16)
+            out["gemm"][f"{k}x{n}"] = round(replay_us(
+                lambda: [torch.mm(xs, w, out=ys) for w in ws], 20), 3)
+            del ws
     return out
 
 
