@@ -3,7 +3,7 @@ dimensions, the seed's baseline scaled to N GPUs and the proposed plans, at
 the largest batch and sequence (from the seed's own workload down, halving
 the batch first, then the sequence) at which every one of those plans fits
 on the profile and a step has at most --max-tokens prompt tokens (so the
-sweep fits a device session). Prints one line per preset:
+sweep fits a bounded GPU run). Prints one line per preset:
 PRESET BATCH SEQ PLAN [PLAN ...]
 Usage: python scripts/sweep-workloads.py --gpus 8 --profile PROFILE.json [--max-tokens 131072]
 """
