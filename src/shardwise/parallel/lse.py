@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from ..model.reference import _per_step
+
 NEG_INF = float("-inf")
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -69,8 +71,6 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
     head_dim 128 (its plan is built once: the shapes never change), the
     memory-efficient kernel otherwise; elsewhere the masked scores are
     computed in float32."""
-    from ..model.reference import _per_step
-
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     S = k.shape[2]
     k, v = _expand_kv(q, k, v)

@@ -397,7 +397,7 @@ def _probe_stack(device, layers: int = 8, static: bool = False):
     caches = model.allocate_caches(1, PROBE_CACHE)
     x = torch.zeros(1, 1, spec.d_model, device=device, dtype=torch_dtype(dtype))
     # A device-tensor position: the static-shape step a CUDA graph replays.
-    pos = PROBE_POS if static is False else torch.tensor(PROBE_POS, device=device)
+    pos = torch.tensor(PROBE_POS, device=device) if static else PROBE_POS
 
     def step():
         with one_step():
