@@ -8,6 +8,7 @@ FLOPs: 4 * B * H * d * T * (T + 1) / 2)."""
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 import torch
@@ -67,10 +68,13 @@ for rnd in range(23):
         if rnd >= 3:
             times[n].append(e0.elapsed_time(e1))
 out = os.environ.get("OUT", ".")
+rev = os.environ.get("SHARDWISE_GIT_REV") or subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 with open(os.path.join(out, "attn-backends.jsonl"), "w") as fh:
     for n, (f, fl) in ok.items():
         med = statistics.median(times[n])
-        line = json.dumps({"variant": n, "median_ms": med, "min_ms": min(times[n]),
+        line = json.dumps({"command": "python3 scripts/attn-backends.py", "git_rev": rev,
+                           "variant": n, "median_ms": med, "min_ms": min(times[n]),
                            "tflops": fl / med / 1e9, "device": torch.cuda.get_device_name(),
                            "torch": torch.__version__})
         print(line)
