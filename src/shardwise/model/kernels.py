@@ -25,43 +25,17 @@ _triton = None  # the compiled kernel, or False when Triton is unavailable
 
 
 def _kernel():
+    """``(triton, add_norm_kernel)`` (:mod:`.triton_norm`), or False without Triton."""
     global _triton
     if _triton is None:
         try:
             import triton
-            import triton.language as tl
+
+            from .triton_norm import add_norm_kernel
         except ImportError:
             _triton = False
-            return _triton
-
-        @triton.jit
-        def add_norm_kernel(X, A, H, Y, W, B, D, eps,
-                            HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            RMS: tl.constexpr, BLOCK: tl.constexpr):
-            row = tl.program_id(0).to(tl.int64)
-            cols = tl.arange(0, BLOCK)
-            keep = cols < D
-            x = tl.load(X + row * D + cols, mask=keep, other=0.0)
-            if HAS_RES:
-                h = (x.to(tl.float32) + tl.load(A + row * D + cols, mask=keep,
-                                                other=0.0).to(tl.float32)).to(x.dtype)
-                tl.store(H + row * D + cols, h, mask=keep)
-                x = h
-            v = x.to(tl.float32)
-            if RMS:
-                rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / D + eps)
-                y = v * rstd
-            else:
-                mean = tl.sum(v, axis=0) / D
-                c = tl.where(keep, v - mean, 0.0)
-                rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=0) / D + eps)
-                y = c * rstd
-            y = y * tl.load(W + cols, mask=keep, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y = y + tl.load(B + cols, mask=keep, other=0.0).to(tl.float32)
-            tl.store(Y + row * D + cols, y.to(x.dtype), mask=keep)
-
-        _triton = (triton, add_norm_kernel)
+        else:
+            _triton = (triton, add_norm_kernel)
     return _triton
 
 
