@@ -129,7 +129,8 @@ def test_the_layer_probe_steps_at_an_int_and_at_a_device_tensor_position():
 def test_decode_kernel_probes_run_each_kind_at_each_width(monkeypatch):
     # calibrate's per-kind decode kernel probes (GPU only there), driven here on
     # CPU with a replay that runs each body once: every kind at every width,
-    # the four GEMM shapes of a layer, and each body really calls its kernel.
+    # the four GEMM shapes of a layer, a whole layer, and each body really calls
+    # its kernel.
     import torch
 
     from shardwise.perf import calibrate
@@ -143,8 +144,10 @@ def test_decode_kernel_probes_run_each_kind_at_each_width(monkeypatch):
         return float(len(calls))
 
     out = calibrate.decode_kernel_costs(torch.device("cpu"), replay_once)
-    assert set(out) == {"norm", "kv_write", "gemm"}
-    assert set(out["norm"]) == set(out["kv_write"]) == {64, 128}
+    assert set(out) == {"norm", "cache_write", "gemm", "layer"}
+    assert set(out["norm"]) == set(out["cache_write"]) == set(out["layer"]) == {64, 128}
     assert set(out["gemm"]) == {"64x192", "64x64", "64x256", "256x64",
                                 "128x384", "128x128", "128x512", "512x128"}
-    assert calls == [20] * 12
+    # Per width: the norm, the cache write, four GEMMs (20 kernels each), then
+    # one step of the 4-layer and the 2-layer stack.
+    assert calls == ([20] * 6 + [1, 1]) * 2

@@ -692,3 +692,82 @@ def test_fidelity_predicts_the_layout_a_record_ran():
     ran = predict(p.model, wl, plan, H100_8, 2, layout=layout)
     assert ran.notes[0].startswith("layerwise: 2 group(s) x 1 replica(s)")
     assert record_layout({"report": {}}, p.model, wl, plan, 2) is None
+
+
+# The non-MoE cases whose decode steps replay a CUDA graph on GPUs (gqa's helix
+# over 4 slices splits the sequence, which stays eager).
+GRAPH_CASES = [("fused", "tp_pp:2x1"), ("gqa", "tp_pp:2x1"), ("fused", "helix:1x2"),
+               ("gqa", "helix:1x2"), ("fused", "helix:2x1,reduce=flat"), ("fused", "ring:2"),
+               ("fused", "layerwise:cap=1MB"), ("fused", "ring:4")]
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_graph_kernels_match_the_code(counted, case):
+    # The static decode step a CUDA graph replays, counted on CPU ranks along the
+    # GPU branches: its kernels per layer and in the rest of the step are the
+    # ones the model charges (Flavour.static_decode, STATIC_STEP and the
+    # strategies' extras).
+    a, b, spec, nproc = counted[case]
+    step = predict(spec, COUNT_WL, case[1], H100_8, nproc).decode
+    layer = max(rb["kernels"] - ra["kernels"] for ra, rb in zip(a["static"], b["static"]))
+    rest = max(2 * ra["kernels"] - rb["kernels"] for ra, rb in zip(a["static"], b["static"]))
+    # On GPUs tp_pp's all-reduce, residual add and norm are one kernel
+    # (parallel/reduce_norm.py), charged as the collective; on CPU ranks the add
+    # + norm is a kernel of its own, twice a layer.
+    fused = 2 if case[1].startswith("tp_pp:2") else 0
+    assert step.graph_layer_kernels > 0
+    assert (layer, rest) == (step.graph_layer_kernels + fused, step.graph_step_kernels), case
+
+
+PROBES = {"gemm": {"512x512": 3.0, "512x2048": 4.0, "2048x512": 6.0},
+          "norm": {"512": 2.0, "2048": 4.0}, "cache_write": {"512": 2.5}}
+
+
+def test_decode_kernel_probes_interpolate():
+    cl = Cluster.from_dict(_round_dict(decode_kernels_us=PROBES, **ROUND_HOST))
+    mb = 2**20
+    assert ROUND.decode_gemm_s(512, 512, 0.5 * mb) is None  # no probes: the old charges
+    # A probed shape: its time. Same k: linear in the weight's bytes between
+    # probes (1 MiB is a third of the way from 0.5 to 2 MiB), past the largest the
+    # extra bytes at the streaming rate, below the smallest down to the fastest.
+    assert cl.decode_gemm_s(512, 512, 0.5 * mb) == pytest.approx(3e-6)
+    assert cl.decode_gemm_s(512, 1024, 1 * mb) == pytest.approx(3e-6 + 1e-6 / 3)
+    assert cl.decode_gemm_s(512, 4096, 4 * mb) == pytest.approx(4e-6 + 2 * mb / cl.stream_rate)
+    assert cl.decode_gemm_s(512, 256, 0.25 * mb) == pytest.approx(3e-6)
+    # Between probed k, linear in log k: k 1024 is halfway from 512 (2 MiB: 4 us)
+    # to 2048 (6 us).
+    assert cl.decode_gemm_s(1024, 1024, 2 * mb) == pytest.approx(5e-6)
+    # Norms by width (log), the cache write by bytes (64 per unit of width), ends clamped.
+    assert cl.decode_norm_s(1024) == pytest.approx(3e-6)
+    assert cl.decode_norm_s(8192) == pytest.approx(4e-6)
+    assert cl.decode_cache_write_s(64 * 4096) == pytest.approx(2.5e-6)
+
+
+def test_graph_decode_charges_the_probed_kernels():
+    # SMALL (d_model 256, exact GELU) decoding 4 sequences in a CUDA graph: each
+    # norm takes the probe's 2 us (its launch in it), each GEMM at least the
+    # probes' floor of 3 us; nothing else changes, and eager steps, prefill and
+    # wide batches are as without probes.
+    wl = Workload(batch=4, seq_len=128, decode_steps=4)
+    cl = Cluster.from_dict(_round_dict(decode_kernels_us=PROBES, **ROUND_HOST))
+    base, probed = (predict(SMALL, wl, "tp_pp:1x1", c, 1) for c in (ROUND, cl))
+    L = SMALL.n_layers
+    assert probed.decode.ops["norms+residual"].seconds == pytest.approx(L * 2 * 2e-6)
+    assert probed.decode.ops["qkv"].seconds == pytest.approx(L * 3e-6)
+    assert probed.decode.ops["kv write"].seconds == pytest.approx(L * 2.5e-6)
+    gemm_s = sum(base.decode.ops[n].seconds for n in ("qkv", "w_o")) / L
+    norm_s = base.decode.ops["norms+residual"].seconds / L
+    kv_s = base.decode.ops["kv write"].seconds / L
+    mlp_gemms = (probed.decode.ops["mlp"].seconds - base.decode.ops["mlp"].seconds) / L
+    # Per layer: 2 norms, 2 attention GEMMs and the cache write at their probes
+    # instead of roofline + launch (ROUND: 2 us a kernel), the MLP's GEMMs likewise.
+    k = ROUND.kernel_s
+    per_layer = (2 * 2e-6 - norm_s - 2 * k) + (2 * 3e-6 - gemm_s - 2 * k) \
+        + (2.5e-6 - kv_s - k) + (mlp_gemms - 2 * k)
+    assert probed.decode.seconds - base.decode.seconds == pytest.approx(L * per_layer, rel=1e-6)
+    assert probed.prefill.seconds == base.prefill.seconds
+    eager = [predict(SMALL, wl, "tp_pp:1x1", c, 1, graphs=False).decode.seconds for c in (ROUND, cl)]
+    assert eager[0] == eager[1]
+    wide = Workload(batch=128, seq_len=128, decode_steps=4)
+    assert (predict(SMALL, wide, "tp_pp:1x1", cl, 1).decode.seconds
+            == predict(SMALL, wide, "tp_pp:1x1", ROUND, 1).decode.seconds)

@@ -290,20 +290,24 @@ def decode_kernel_costs(device, replay_us) -> dict:
     replayed in a CUDA graph 20 times over with the operands a layer gives
     it, at each of :data:`DECODE_PROBE_WIDTHS` (16 rows, bf16): the fused
     add + norm (``norm``), the packed KV cache write at a device-tensor
-    position (``kv_write``: 8 heads of 64 a width of 512, 256 positions), and
+    position inside one step, as a layer makes it (``cache_write``: D / 64
+    heads of 64, 256 positions; the cache slots are built once a step), and
     GEMMs of the layer's shapes (``gemm``: D x 3D, D x D, D x 4D, 4D x D) with
-    20 weights in turn, so that each reads its own. A diagnostic the cost
-    model does not read yet: a 512-wide layer's kernels took 0.5 to 1.5 us
-    longer than ``kernel_us``, ``gemm_kernel_us`` and ``attn_kernel_us`` say
-    (results/README.md, prediction fidelity)."""
+    20 weights in turn, so that each reads its own. The cost model's graph
+    decode reads them (Cluster.decode_gemm_s and the others): a 512-wide
+    layer's kernels take 0.5 to 3 us longer than ``kernel_us`` and
+    ``gemm_kernel_us`` say. ``layer``: one layer of a static decode step of
+    a reference stack of that width (16 sequences, the tanh GELU), from
+    stacks of 2 and 4 layers, a check on the sum of the kernels."""
     import torch
     from torch import nn
 
     from ..model import kernels
-    from ..model.reference import KVCache
+    from ..model.reference import KVCache, one_step
 
-    bf16, out = torch.bfloat16, {"norm": {}, "kv_write": {}, "gemm": {}}
+    bf16, out = torch.bfloat16, {"norm": {}, "cache_write": {}, "gemm": {}, "layer": {}}
     pos = torch.tensor(100, device=device)
+
     for D in DECODE_PROBE_WIDTHS:
         x = torch.randn(16, D, device=device, dtype=bf16)
         a = torch.randn(16, D, device=device, dtype=bf16)
@@ -313,8 +317,10 @@ def decode_kernel_costs(device, replay_us) -> dict:
         heads = D // 64
         cache = KVCache.allocate(16, heads, 256, 64, bf16, device)
         kv = torch.randn(16, 1, 2 * heads * 64, device=device, dtype=bf16)
-        out["kv_write"][D] = round(replay_us(
-            lambda: [cache.write_packed(pos, kv) for _ in range(20)], 20), 3)
+        with one_step():  # the cache slots made once, outside the graph, as a step does
+            cache.write_packed(pos, kv)
+            out["cache_write"][D] = round(replay_us(
+                lambda: [cache.write_packed(pos, kv) for _ in range(20)], 20), 3)
         for k, n in ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)):
             ws = [torch.randn(k, n, device=device, dtype=bf16) for _ in range(20)]
             xs = torch.randn(16, k, device=device, dtype=bf16)
@@ -322,7 +328,33 @@ def decode_kernel_costs(device, replay_us) -> dict:
             out["gemm"][f"{k}x{n}"] = round(replay_us(
                 lambda: [torch.mm(xs, w, out=ys) for w in ws], 20), 3)
             del ws
+        steps = {n: _decode_stack(device, D, n) for n in (2, 4)}
+        out["layer"][D] = round((replay_us(steps[4], 1) - replay_us(steps[2], 1)) / 2, 3)
+        del steps
     return out
+
+
+def _decode_stack(device, width: int, layers: int):
+    """One static decode step (16 sequences at a device-tensor position over
+    a cache of 256) of a reference stack of ``layers`` layers of ``width``
+    (heads of 64, d_ff 4 x width, the tanh GELU, bf16)."""
+    import torch
+
+    from ..model.reference import Transformer, one_step
+    from ..spec import ModelSpec
+
+    spec = ModelSpec(name="decode-probe", n_layers=layers, d_model=width, n_heads=width // 64,
+                     head_dim=64, d_ff=4 * width, dtype="bf16", activation="gelu_tanh")
+    model = Transformer(spec).to(device, torch.bfloat16)
+    caches = model.allocate_caches(16, 256)
+    x = torch.zeros(16, 1, width, device=device, dtype=torch.bfloat16)
+    pos = torch.tensor(100, device=device)
+
+    def step():
+        with one_step():
+            model(x, caches, pos)
+
+    return step
 
 
 def sustained_matmul(device, dtype, quick: bool) -> float:
@@ -943,10 +975,17 @@ class CudaPaths:
         return False
 
 
+# The steps count_case counts: a prefill, an eager decode step, and the
+# static-shape decode step a CUDA graph replays (position in a device tensor;
+# all zero where the strategy has none).
+COUNT_PHASES = ("prefill", "decode", "static")
+
+
 def count_case(case, rank: int, world: int, device, cuda_paths: bool = True) -> dict[str, list[int]]:
-    """Host calls of one prefill and one decode step of ``case`` on this rank
-    (after a warm-up of each, so one-time work is not counted), along the
-    code's GPU branches (:class:`CudaPaths`) unless ``cuda_paths`` is False."""
+    """Calls of each of :data:`COUNT_PHASES` of ``case`` on this rank (after a
+    warm-up of each, so one-time work is not counted), along the code's GPU
+    branches (:class:`CudaPaths`) unless ``cuda_paths`` is False. A static
+    step's kernels are what a CUDA graph of it launches."""
     import contextlib
 
     import torch
@@ -958,9 +997,11 @@ def count_case(case, rank: int, world: int, device, cuda_paths: bool = True) -> 
         _, comm, model, _, dtype = build(case, rank, world, device)
         wl = case.workload
         prompt, steps = make_inputs(case.model, wl.batch, wl.seq_len, 1, case.seed, dtype, device)
-        out = {}
+        out = {"static": [0] * len(CALL_KINDS)}
+        static = [("static", steps[0], torch.tensor(wl.seq_len, device=device))]
         with CudaPaths() if cuda_paths else contextlib.nullcontext():
-            for phase, x, pos in (("prefill", prompt, 0), ("decode", steps[0], wl.seq_len)):
+            for phase, x, pos in ([("prefill", prompt, 0), ("decode", steps[0], wl.seq_len)]
+                                  + static * bool(model.supports_graphs)):
                 model.step(x, pos)  # warm-up: lazily created groups, caches
                 comm.barrier()
                 with CallCounter() as c:
@@ -973,7 +1014,7 @@ def count_case(case, rank: int, world: int, device, cuda_paths: bool = True) -> 
 
 def count_calls(cases, nproc: int, deadline_s: float | None = 300) -> list[dict]:
     """Count the host calls of every case on ``nproc`` CPU ranks (gloo): for
-    each case ``{"prefill": [per rank {kind: calls}], "decode": [...]}``."""
+    each case ``{phase: [per rank {kind: calls}]}`` over :data:`COUNT_PHASES`."""
     from ..runtime.job import Job
     from ..runtime.launcher import launch
 
@@ -989,11 +1030,11 @@ def _count_job(job) -> list[dict] | None:
     results = []
     for case in job.cases:
         mine = count_case(case, rank, world, device)
-        per_rank = gather_floats(mine["prefill"] + mine["decode"], device)
+        per_rank = gather_floats([c for phase in COUNT_PHASES for c in mine[phase]], device)
         n = len(CALL_KINDS)
         results.append({phase: [dict(zip(CALL_KINDS, map(int, r[i * n:(i + 1) * n])))
                                 for r in per_rank]
-                         for i, phase in enumerate(("prefill", "decode"))})
+                         for i, phase in enumerate(COUNT_PHASES)})
     return results if rank == 0 else None
 
 

@@ -125,6 +125,10 @@ class Cluster:
     norm_us: float | None = None  # the fused residual-add + norm's call (a Triton launch)
     gemm_kernel_us: float | None = None
     attn_kernel_us: float | None = None
+    # calibrate's decode kernel probes (graph replays of 16 rows, widths 512 to
+    # 4096): {"norm": {D: us}, "cache_write": {D: us}, "gemm": {"KxN": us}};
+    # the cost model's graph decode reads them (decode_gemm_s and the others).
+    decode_kernels_us: dict = field(default_factory=dict)
     # calibrate's eager layer probe (a decode step of a tiny reference layer,
     # timed back to back): {"us": one layer's time, "calls": its calls by kind}.
     layer_probe: dict = field(default_factory=dict)
@@ -220,6 +224,53 @@ class Cluster:
     def gemm_kernel_s(self) -> float:
         """GPU seconds of the smallest GEMM kernel: ``gemm_kernel_us``, else :attr:`kernel_s`."""
         return _seconds(self.gemm_kernel_us, self.kernel_s)
+
+    # -- decode kernels replayed from a CUDA graph (calibrate's probes) ----------
+    def decode_gemm_s(self, k: int, n: int, nbytes: float) -> float | None:
+        """GPU seconds of a decode GEMM ``[rows x k] @ [k x n]`` (``nbytes`` of
+        weight) in a CUDA graph, from calibrate's probes (16 rows, bf16), or
+        None without them. Among the probes of one inner width ``k`` the time
+        is piecewise linear in the weight's bytes (past the largest, the extra
+        bytes at the streaming rate; below the smallest, the same slope, down
+        to the fastest probe); between probed ``k`` linear in log k, beyond
+        them the nearest's. The inner width matters on its own: a 2048 x 512
+        GEMM took 5.3 us against 3.4 us for 512 x 2048 on 2x H200 (deeper
+        reductions per output tile)."""
+        table = self.decode_kernels_us.get("gemm")
+        if not table:
+            return None
+        by_k: dict[int, list[tuple[float, float]]] = {}
+        for shape, us in table.items():
+            kk, nn = (int(x) for x in shape.split("x"))
+            by_k.setdefault(kk, []).append((2.0 * kk * nn, 1e-6 * us))
+        floor = min(t for pts in by_k.values() for _, t in pts)
+
+        def at(kk: int) -> float:
+            pts = sorted(by_k[kk])
+            return _piecewise(pts, nbytes, self.stream_rate, floor)
+
+        ks = sorted(by_k)
+        return _log_interp([(kk, at(kk)) for kk in ks], k)
+
+    def decode_norm_s(self, d: int) -> float | None:
+        """GPU seconds of the fused add + norm over rows of width ``d`` in a CUDA
+        graph (calibrate's probe of 16 rows; linear in log d between probed
+        widths, the nearest's beyond them), or None without the probe."""
+        table = self.decode_kernels_us.get("norm")
+        if not table:
+            return None
+        return _log_interp(sorted((int(w), 1e-6 * us) for w, us in table.items()), d)
+
+    def decode_cache_write_s(self, nbytes: float) -> float | None:
+        """GPU seconds of a decode step's packed K/V cache write of ``nbytes``
+        (K and V) in a CUDA graph: calibrate's probe (16 sequences, width D,
+        so 64 D bytes in bf16) at the same bytes, linear in log bytes between
+        probes, the nearest's beyond them; None without the probe."""
+        table = self.decode_kernels_us.get("cache_write")
+        if not table:
+            return None
+        return _log_interp(sorted((64 * int(w), 1e-6 * us) for w, us in table.items()),
+                           nbytes)
 
     @property
     def attn_kernel_s(self) -> float:
@@ -398,6 +449,8 @@ class Cluster:
                 gemm_us=_opt(d, "gemm_us"), norm_us=_opt(d, "norm_us"),
                 attn_us={k: float(v) for k, v in d.get("attn_us", {}).items()},
                 gemm_kernel_us=_opt(d, "gemm_kernel_us"), attn_kernel_us=_opt(d, "attn_kernel_us"),
+                decode_kernels_us={kind: {str(k): float(v) for k, v in table.items()}
+                                   for kind, table in d.get("decode_kernels_us", {}).items()},
                 layer_probe=dict(d.get("measurements", {}).get("layer_probe", {})),
                 overlap_efficiency=_opt(d, "overlap_efficiency"),
                 step_host_ratio=_opt(d, "step_host_ratio"),
@@ -431,6 +484,34 @@ class Cluster:
                     problems.append(f"link {name} {op}: bandwidths must be > 0")
         if problems:
             raise ShardwiseError(f"cluster profile {self.name!r}: " + "; ".join(problems))
+
+
+def _piecewise(pts: list[tuple[float, float]], x: float, rate: float, floor: float) -> float:
+    """Time at ``x`` bytes from ``(bytes, seconds)`` points sorted by bytes:
+    linear between them; outside, the nearest point's time moved by the
+    bytes' difference at ``rate``, never below ``floor``."""
+    if x <= pts[0][0]:
+        return max(floor, pts[0][1] - (pts[0][0] - x) / rate)
+    if x >= pts[-1][0]:
+        return pts[-1][1] + (x - pts[-1][0]) / rate
+    for (x0, t0), (x1, t1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return t0 + (t1 - t0) * (x - x0) / (x1 - x0) if x1 > x0 else t1
+    return pts[-1][1]
+
+
+def _log_interp(pts: list[tuple[float, float]], x: float) -> float:
+    """``(x, y)`` points sorted by x: linear in log x between them, the
+    nearest's y beyond them."""
+    if x <= pts[0][0]:
+        return pts[0][1]
+    if x >= pts[-1][0]:
+        return pts[-1][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            f = math.log(x / x0) / math.log(x1 / x0)
+            return y0 + (y1 - y0) * f
+    return pts[-1][1]
 
 
 def _opt(d: dict, key: str) -> float | None:

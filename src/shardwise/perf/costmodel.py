@@ -65,12 +65,17 @@ from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster
 
 # GPU kernels a layer of a decode step captured in a CUDA graph (the
-# static-shape path of the reference block, model/reference.py): the fused
-# residual-add + norm twice, QKV, one index_copy_ of the packed K/V, SDPA, W_o,
-# the up-projection with its GELU epilogue, the down-projection (the position
-# mask and cache slots are built once a step, model/reference.py one_step); a
-# graph has no host work, so only these launches' GPU time counts.
+# static-shape path of the reference block, model/reference.py), with the
+# fused norms and the tanh GELU in the GEMM's epilogue: the fused residual-add
+# + norm twice, QKV, one index_copy_ of the packed K/V, SDPA, W_o, the
+# up-projection, the down-projection (the position mask and cache slots are
+# built once a step, model/reference.py one_step); a graph has no host work,
+# so only these launches' GPU time counts. Flavour.static_decode adds the
+# activation's kernels where it is not fused.
 STATIC_DECODE_KERNELS = 8
+# Rows up to which a graph decode GEMM's time comes from calibrate's decode
+# kernel probes (16 rows; Cluster.decode_gemm_s), where the profile has them.
+DECODE_PROBE_MAX_ROWS = 64
 # FlashAttention-2 (and the memory-efficient kernel) compute a whole tile of
 # query rows even when a decode step has one query: 128 rows for FA2 at
 # head_dim 128 on sm90 (kBlockM), 64 for the memory-efficient kernel.
@@ -135,9 +140,10 @@ class Calls:
             + sum(getattr(self, op) * cl.collective_host_s(op, link) for op in COLL_KINDS))
 
 
-# The static decode layer's launches as Calls: of its kernels, the QKV, W_o,
-# up- and down-projection GEMMs and one attention.
-STATIC_DECODE = Calls(kernels=STATIC_DECODE_KERNELS, gemms=4, attns=1)
+# The static decode layer's launches as Calls (the fused flavour; see
+# Flavour.static_decode): of its kernels, the QKV, W_o, up- and
+# down-projection GEMMs, one attention and the two fused norms.
+STATIC_DECODE = Calls(kernels=STATIC_DECODE_KERNELS, gemms=4, attns=1, norms=2)
 
 
 # RingAttention.decode_static's kernels beyond STATIC_DECODE's, on CUDA
@@ -149,7 +155,14 @@ STATIC_DECODE = Calls(kernels=STATIC_DECODE_KERNELS, gemms=4, attns=1)
 # layers, 42 a layer (results/diag/bench-miss.jsonl): logsumexp alone
 # launched 9.
 RING_STATIC_EXTRA = Calls(kernels=3)
-RING_STATIC_STEP = Calls(kernels=2 + 5)
+# Once a static decode step (model/reference.py one_step): the cache slots
+# (arange, add) and the position mask of causal_attention (two aranges, the
+# add, the compare, the zeroed bias, the invert, masked_fill_). Ring's
+# instead: the slots, its slot lookup (subtract, index_select) and
+# attend_lse_prefix's mask (arange, compare, zeroed bias, invert,
+# masked_fill_). Counted on a CPU static step (CudaPaths).
+STATIC_STEP = Calls(kernels=2 + 7)
+RING_STATIC_STEP = Calls(kernels=2 + 2 + 5)
 
 
 def _calls(k: float = 0, m: float = 0, mod: float = 0, sync: float = 0, g: float = 0,
@@ -184,6 +197,12 @@ class Flavour:
     def add_norm(self) -> Calls:
         """add_norm: one kernel writing h and norm(h), or the add and the module."""
         return _calls(k=1, n=1, m=2) if self.fused_norm else _calls(k=2, mod=1)
+
+    def static_decode(self) -> Calls:
+        """A static decode layer's kernels in a CUDA graph (:data:`STATIC_DECODE`)
+        with this model's up-projection: the exact GELU a kernel of its own
+        after the GEMM, SwiGLU's SiLU and product two."""
+        return STATIC_DECODE + _calls(k=self.up().kernels - 1)
 
     def merge(self) -> Calls:
         """merge_stack on a GPU: the partials' and lses' row views, the two
@@ -358,6 +377,10 @@ class Op:
     flops: float = 0.0
     bytes: float = 0.0
     seconds: float = 0.0
+    # Of ``seconds``, the launches' own time that Roofline.launches would
+    # charge for this op's kernels (a graph decode kernel timed by
+    # calibrate's probes includes it); Roofline.gpu does not charge it twice.
+    launch_s: float = 0.0
 
 
 @dataclass
@@ -390,6 +413,11 @@ class StepCost:
     # and the rest of the step.
     layer_calls: Calls = field(default_factory=Calls)
     step_calls: Calls = field(default_factory=Calls)
+    # A decode step replayed from a CUDA graph (non-MoE static path): the
+    # kernels of one layer and of the rest of the step it charges, as
+    # calibrate.count_calls counts a static step's (its "static" phase).
+    graph_layer_kernels: float = 0.0
+    graph_step_kernels: float = 0.0
 
     def add_op(self, op: Op, times: float = 1.0) -> None:
         acc = self.ops.setdefault(op.name, Op(op.name))
@@ -645,6 +673,9 @@ class LayerWork:
     router_tokens: float = 0.0  # MoE: tokens routed on this rank
     kv_rows: float | None = None  # (token x kv head) rows written to the KV cache (default tokens x core.kv_heads)
     copy_bytes: float = 0.0  # the strategy's own copies (bytes read + written)
+    # Fused add + norm kernels of a static decode layer (0 where the all-reduce
+    # kernel does the add and norm, parallel/reduce_norm.py).
+    norm_kernels: int = 2
 
 
 def duty_derate(sustained: float, duty: float) -> float:
@@ -700,12 +731,30 @@ class Roofline:
         """An elementwise pass (``nbytes`` read + written) at the copy rate."""
         return Op(name, 0.0, nbytes, nbytes / self.hbm)
 
-    def gemm(self, name: str, m: float, k: int, n: int, weight_reads: float = 1.0) -> Op:
+    def gemm(self, name: str, m: float, k: int, n: int, weight_reads: float = 1.0,
+             graph: bool = False) -> Op:
         """``[m x k] @ [k x n]``: read both operands, write the result; the rate
-        of the measured shape nearest (k, n)."""
+        of the measured shape nearest (k, n). ``graph``: a decode GEMM replayed
+        from a CUDA graph, which takes at least the time calibrate's probes
+        give its shape (launch included) where the profile has them."""
         rate = self.cluster.gemm_rate(self.spec.dtype, k, n, m) * self.derate
-        return self.op(name, 2 * m * k * n, (m * k + weight_reads * k * n + m * n) * self.e,
-                       rate, self.stream)
+        op = self.op(name, 2 * m * k * n, (m * k + weight_reads * k * n + m * n) * self.e,
+                     rate, self.stream)
+        probed = (self.cluster.decode_gemm_s(k, n, k * n * self.e)
+                  if graph and m <= DECODE_PROBE_MAX_ROWS else None)
+        if probed is not None:
+            op.seconds = max(op.seconds, probed)
+            op.launch_s = self.cluster.gemm_kernel_s
+        return op
+
+    def probed(self, op: Op, kernels: int, each: "float | None") -> Op:
+        """``op`` (``kernels`` launches) taking at least ``kernels`` x ``each``
+        seconds, a probe's time with the launch in it (None: no probe, ``op``
+        as it is)."""
+        if each is not None and kernels:
+            op.seconds = max(op.seconds, kernels * each)
+            op.launch_s = kernels * self.cluster.kernel_s
+        return op
 
     def core(self, c: Core) -> Op:
         """Prefill: 4 d FLOPs per scored pair and head at the kernel's rate. Decode
@@ -723,19 +772,29 @@ class Roofline:
         t = max(work / rate, (q_o + kv) * self.e / self.stream)
         return Op("attention", flops, (q_o + kv) * self.e, t)
 
-    def layer(self, w: LayerWork) -> list[Op]:
-        s, D, e = self.spec, self.spec.d_model, self.e
+    def layer(self, w: LayerWork, graph: bool = False) -> list[Op]:
+        """One decoder layer's ops. ``graph``: the static decode layer replayed
+        from a CUDA graph, whose small kernels take at least the times of
+        calibrate's decode kernel probes (Cluster.decode_gemm_s and the
+        others), where the profile has them: a 512-wide layer's GEMMs, norms
+        and cache write each take longer than the launch of a tiny kernel
+        and their rooflines say."""
+        s, D, e, cl = self.spec, self.spec.d_model, self.e, self.cluster
         kv_rows = w.tokens * w.core.kv_heads if w.kv_rows is None else w.kv_rows
+        probe = graph and w.tokens <= DECODE_PROBE_MAX_ROWS
         # norm(x), add_norm(x, a) and the last residual add: 2 + 4 + 3 passes
         # over [tokens, D] fused (the Triton add + norm), 2 + 2 + 3 + 3 unfused.
         norm_bytes = (9 if self.flav.fused_norm else 10) * w.tokens * D * e
+        kv_bytes = 2 * kv_rows * self.spec.head_dim * e  # K and V written
         ops = [
-            self.op("norms+residual", 16 * w.tokens * D, norm_bytes),
-            self.gemm("qkv", w.tokens, D, w.qkv_out),
+            self.probed(self.op("norms+residual", 16 * w.tokens * D, norm_bytes),
+                        w.norm_kernels, cl.decode_norm_s(D) if probe else None),
+            self.gemm("qkv", w.tokens, D, w.qkv_out, graph=probe),
             # K and V copied into the cache (read + write each).
-            self.copy("kv write", 4 * kv_rows * self.spec.head_dim * e),
+            self.probed(self.copy("kv write", 2 * kv_bytes), 1,
+                        cl.decode_cache_write_s(kv_bytes) if probe else None),
             self.core(w.core),
-            self.gemm("w_o", w.tokens, w.wo_in, D),
+            self.gemm("w_o", w.tokens, w.wo_in, D, graph=probe),
         ]
         if w.copy_bytes:
             ops.append(self.copy("copies", w.copy_bytes))
@@ -745,17 +804,18 @@ class Roofline:
         else:
             m = w.tokens if w.mlp_tokens is None else w.mlp_tokens
             n_in = 2 if s.activation == "swiglu" else 1
-            ops.append(self.gemm("mlp", m, D, n_in * w.ff))
+            ops.append(self.gemm("mlp", m, D, n_in * w.ff, graph=probe))
             if self.flav.fused_up:  # the activation in the GEMM's epilogue: no pass of its own
                 ops.append(Op("mlp", 8 * m * w.ff))
             else:
                 ops.append(self.op("mlp", 8 * m * w.ff, (n_in + 1) * m * w.ff * e))
-            ops.append(self.gemm("mlp", m, w.ff, D))
+            ops.append(self.gemm("mlp", m, w.ff, D, graph=probe))
         merged: dict[str, Op] = {}
         for o in ops:
             acc = merged.setdefault(o.name, Op(o.name))
-            acc.flops, acc.bytes, acc.seconds = (acc.flops + o.flops, acc.bytes + o.bytes,
-                                                 acc.seconds + o.seconds)
+            acc.flops, acc.bytes, acc.seconds, acc.launch_s = (
+                acc.flops + o.flops, acc.bytes + o.bytes, acc.seconds + o.seconds,
+                acc.launch_s + o.launch_s)
         return list(merged.values())
 
     def experts(self, w: LayerWork) -> Op:
@@ -779,8 +839,10 @@ class Roofline:
 
     def gpu(self, ops: list[Op], kernels: "float | Calls") -> float:
         """GPU time of ``ops`` issued as ``kernels`` launches: their rooflines
-        plus each launch's own time (:meth:`launches`)."""
-        return sum(o.seconds for o in ops) + self.launches(kernels)
+        plus each launch's own time (:meth:`launches`), less the launches an
+        op's time already holds (:attr:`Op.launch_s`)."""
+        return (sum(o.seconds for o in ops) + self.launches(kernels)
+                - sum(o.launch_s for o in ops))
 
     def launches(self, kernels: "float | Calls") -> float:
         """GPU time of launching ``kernels`` (a count, or :class:`Calls`) beyond
@@ -1107,8 +1169,9 @@ def _tp_pp(c: _Ctx) -> _Model:
                           **c.moe_work(tokens, El, tp), experts_held=El,
                           expert_ff=spec.d_ff, router_tokens=tokens)
         else:
-            w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core, ff=spec.d_ff // tp)
-        ops = c.roof.layer(w)
+            w = LayerWork(tokens, (H + 2 * Hkv) * c.d, H * c.d, core, ff=spec.d_ff // tp,
+                          norm_kernels=0 if fused_norms else 2)
+        ops = c.roof.layer(w, graph=graph and not spec.is_moe)
         y = tokens * c.D * c.e
         g_attn = c.parts("all_reduce", "tp", y * (2 if wide else 1))[1] * n_ar
         g_mlp = c.parts("all_reduce", "tp", y)[1] * n_ar
@@ -1134,8 +1197,10 @@ def _tp_pp(c: _Ctx) -> _Model:
             calls = (f.block(f.attention(tokens_per_seq, b, wide), f.mlp()) + wrap
                      + _calls(all_reduce=2 * n_ar))
         if not spec.is_moe:
-            kernels = (STATIC_DECODE - _calls(k=2) * fused_norms) if graph else calls
+            kernels = (f.static_decode() - _calls(k=2, n=2) * fused_norms) if graph else calls
             work = Work().add(c.host(calls), c.roof.gpu(ops, kernels) + g_attn + g_mlp)
+            if graph:
+                st.graph_layer_kernels = kernels.kernels
 
         # Traffic recorded for the micro-batches as they are (balanced sizes).
         y_avg = c.B * tokens_per_seq * c.D * c.e / mb
@@ -1173,7 +1238,10 @@ def _tp_pp(c: _Ctx) -> _Model:
             else:
                 stage = Work().extend(work, n)
             no_p2p = dataclasses.replace(per_mb, p2p=0)
-            stage.add(c.host(no_p2p), c.roof.launches(no_p2p) + t_end)
+            stage.add(c.host(no_p2p), c.roof.launches(no_p2p) + t_end
+                      + (c.roof.launches(STATIC_STEP) if graph else 0.0))
+            if graph and not spec.is_moe:
+                st.graph_step_kernels = no_p2p.kernels + STATIC_STEP.kernels
             step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0))
             hosts.append(stage.host_s)
             runs.append(stage.stage(c.cluster.sync_s))
@@ -1382,10 +1450,13 @@ def _helix(c: _Ctx) -> _Model:
             core = (_decode_core(c, B, H // M, Hkv // M, S, c.wl.max_len, graph) if decode
                     else Core(B, H // M, Hkv // M, T, T * (T + 1) / 2, T))
             t_x = c.add(st, "all_to_all", "slice", tokens * (H + 2 * Hkv) * d // M * e, L)
-            # HeadSliceAttention: the send buffer (cat), Comm's contiguous copy of
-            # its movedim view (M > 1), and the permute + reshape of what arrives.
-            n_copy = 3 if M > 1 else 2
-            copies, graph_kernels = n_copy * 2 * qkv_local, n_copy
+            # HeadSliceAttention: the send buffer (cat), and with M > 1 Comm's
+            # contiguous copy of its movedim view and the permute + reshape of
+            # what arrives (a view when M is 1); in a graph K and V are also
+            # written by an index_copy_ each (KVCache.write), one more than
+            # the static layer's packed write.
+            n_copy = 3 if M > 1 else 1
+            copies, graph_kernels = n_copy * 2 * qkv_local, n_copy + 1
         elif decode:
             held = max(positions_held(M, s, T, S) for s in range(M))
             core = Core(B, H, Hkv, 1, held, held, True, "flash")  # attend_lse
@@ -1410,7 +1481,7 @@ def _helix(c: _Ctx) -> _Model:
             graph_kernels = 0
         t_red, pad_copy = reduce(st, tokens * D)
         w = layer_work(tokens, core, copies + 2 * pad_copy, kv_rows)
-        ops = c.roof.layer(w)
+        ops = c.roof.layer(w, graph=graph and not spec.is_moe)
         sums = _sum_calls(how, N, M, bool(pad_copy))
         attn = attention_calls(decode) + sums
         mlp_inner = (_moe_calls(f, spec.n_experts, w.experts_hit, tokens) if spec.is_moe
@@ -1423,8 +1494,10 @@ def _helix(c: _Ctx) -> _Model:
             post = sums
             work = _moe_layer(c, w, ops, pre, post, t_coll)
         else:
-            kernels = (STATIC_DECODE + _calls(k=graph_kernels + 2 * bool(pad_copy))
+            kernels = (f.static_decode() + _calls(k=graph_kernels + 2 * bool(pad_copy))
                        if graph else calls)
+            if graph:
+                st.graph_layer_kernels = kernels.kernels
             work = Work().add(c.host(calls), c.roof.gpu(ops, kernels) + t_coll)
         for o in ops:
             st.add_op(o, L)
@@ -1434,8 +1507,11 @@ def _helix(c: _Ctx) -> _Model:
             # VocabShardEmbedding: the ids' shift, range mask, clamp, lookup, cast,
             # masking, and its sum over the mesh.
             step_calls += _calls(k=8, m=1, mod=1) + sums
-        whole = Work().extend(work, L).add(c.host(step_calls),
-                                           c.roof.launches(step_calls) + t_ends)
+        whole = Work().extend(work, L).add(
+            c.host(step_calls),
+            c.roof.launches(step_calls) + t_ends + (c.roof.launches(STATIC_STEP) if graph else 0.0))
+        if graph and not spec.is_moe:
+            st.graph_step_kernels = step_calls.kernels + STATIC_STEP.kernels
         st.seconds = whole.seconds(c.cluster.sync_s)
         st.host_s, st.syncs = whole.host_s, whole.syncs
         st.layer_calls, st.step_calls = calls, step_calls
@@ -1604,7 +1680,8 @@ def _ring(c: _Ctx) -> _Model:
     copies = 2 * b * H * width * e + 6 * part + 2 * b * H * d * 4
     w = whole_layer(c, b, _decode_core(c, b, H, Hkv, held, slots, graph), c.B,
                     copy_bytes=copies, kv_rows=b * Hkv / P)
-    ops = c.roof.layer(w)
+    static = graph and not spec.is_moe
+    ops = c.roof.layer(w, graph=static)
     t_ag = c.coll("all_gather", "seq", part)[0]
     c.add(st, "all_gather", "seq", P * c.B / mb * H * width * e, L * mb)
     # RingAttention.decode: qkv, transposes; the new token's cache write (on
@@ -1618,14 +1695,16 @@ def _ring(c: _Ctx) -> _Model:
             + _calls(k=1, g=1, mod=1)
             + f.batch_view())
     work, calls = _layer_work(c, w, ops, attn, t_ag)
-    static = graph and not spec.is_moe
     if static:
         # The graph holds decode_static's kernels, not the eager path's.
-        work = Work().add(0.0, c.roof.gpu(ops, STATIC_DECODE + RING_STATIC_EXTRA) + t_ag)
+        work = Work().add(0.0, c.roof.gpu(ops, f.static_decode() + RING_STATIC_EXTRA) + t_ag)
+        st.graph_layer_kernels = (f.static_decode() + RING_STATIC_EXTRA).kernels
     for o in ops:
         st.add_op(o, L * c.B / b)
     per_mb = _calls(m=1) + c.end_calls(True, True)
     t_ends = c.ends(st, b) + (c.roof.launches(RING_STATIC_STEP) if static else 0.0)
+    if static:
+        st.graph_step_kernels = per_mb.kernels + RING_STATIC_STEP.kernels
     one = Work().extend(work, L).add(c.host(per_mb), t_ends + c.roof.launches(per_mb))
     whole = Work().extend(one, mb).add(c.host(_calls(k=mb > 1)), 0.0)
     st.seconds = whole.seconds(c.cluster.sync_s)
@@ -1709,8 +1788,9 @@ def _ep(c: _Ctx) -> _Model:
             st.add_op(o, L)
         t_ends = c.ends(st, tokens)
         step_calls = _calls(m=1) + c.end_calls(True, True)
-        whole = Work().extend(layer, L).add(c.host(step_calls),
-                                            t_ends + c.roof.launches(step_calls))
+        whole = Work().extend(layer, L).add(
+            c.host(step_calls),
+            t_ends + c.roof.launches(step_calls) + (c.roof.launches(STATIC_STEP) if c.graph else 0.0))
         st.seconds = whole.seconds(c.cluster.sync_s)
         st.host_s, st.syncs = whole.host_s, whole.syncs
         st.layer_calls, st.step_calls = calls, step_calls
@@ -1834,12 +1914,14 @@ def _layerwise(c: _Ctx) -> _Model:
         c.decoding, c.graph = new == 1, graph
         st = StepCost()
         w = whole_layer(c, b * new, core, b * new)
-        ops = c.roof.layer(w)
+        static = graph and not spec.is_moe
+        ops = c.roof.layer(w, graph=static)
         # The reference block and the Pipeline's batch view of its cache.
         attn = f.attention(new, b) + f.batch_view()
-        if graph and not spec.is_moe:  # the static layer's launches, no host
+        if static:  # the static layer's launches, no host
             calls = f.block(attn, f.mlp())
-            work = Work().add(0.0, c.roof.gpu(ops, STATIC_DECODE))
+            work = Work().add(0.0, c.roof.gpu(ops, f.static_decode()))
+            st.graph_layer_kernels = f.static_decode().kernels
         else:
             work, calls = _layer_work(c, w, ops, attn)
         runs, hosts, step_calls = [], [], Calls()
@@ -1850,7 +1932,10 @@ def _layerwise(c: _Ctx) -> _Model:
             no_p2p = dataclasses.replace(per_mb, p2p=0)
             t_end = c.ends(StepCost(), b * new) if (first or last) else 0.0
             stage = Work().extend(work, len(g.layers)).add(
-                c.host(no_p2p), t_end + c.roof.launches(no_p2p))
+                c.host(no_p2p), t_end + c.roof.launches(no_p2p)
+                + (c.roof.launches(STATIC_STEP) if graph else 0.0))
+            if static:
+                st.graph_step_kernels = no_p2p.kernels + STATIC_STEP.kernels
             step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0, m=1))
             hosts.append(stage.host_s)
             runs.append(stage.stage(c.cluster.sync_s))
