@@ -333,10 +333,12 @@ def test_kv_write_and_graph_vs_eager_decode():
     assert eager.layer_calls == layer
     assert (eager.step_calls.kernels, eager.step_calls.metas, eager.step_calls.modules) == (1, 2, 2)
     assert eager.seconds == pytest.approx(2 * 153e-6 + 20e-6)
-    # In a graph: no host work; 19 kernels x 2 us + the (tiny) rooflines a layer, and
-    # the final norm's kernel.
+    # In a graph: no host work; a layer's 9 kernels (the static layer's 8 and the
+    # exact GELU's own) x 2 us + the (tiny) rooflines, and once a step the final
+    # norm's kernel and the cache slots' and position mask's 9 (STATIC_STEP).
     graph_ops = sum(o.seconds for o in graph.ops.values()) / 2
-    assert graph.seconds == pytest.approx(2 * (STATIC_DECODE_KERNELS * 2e-6 + graph_ops) + 2e-6,
+    assert f.static_decode().kernels == STATIC_DECODE_KERNELS + 1 == 9
+    assert graph.seconds == pytest.approx(2 * (9 * 2e-6 + graph_ops) + (1 + 9) * 2e-6,
                                           rel=1e-3)
 
 

@@ -455,10 +455,13 @@ def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
     that the device finishes each kernel before the host issues the next one),
     timed two ways:
 
-    * back to back (``hot``): 200 steps in a row, as the per-call figures are;
+    * back to back (``hot``): steps in a row, as the per-call figures are;
     * the way ``shardwise bench`` times a step (``cold``): a barrier and a
       device synchronisation, then the step and a synchronisation, less the
       same bracket around nothing; the host starts each step from a wait.
+
+    The two alternate, 20 steps each in 10 rounds (the host's speed drifts),
+    and each figure is the median over the rounds.
 
     Returns the hot step's time per layer (``layer_probe_us``) and per call
     of every kind alike (``launch_us``, what profiles without the per-kind
@@ -468,7 +471,7 @@ def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
 
     with torch.inference_mode():
         step, layers = _probe_stack(device)
-        hot = _timer(device, step, 20 if quick else 200, 5 if quick else 20)
+        _timer(device, step, 5 if quick else 20, 0)  # warm-up
         with CallCounter() as c8:
             step()
         one, _ = _probe_stack(device, 1)
@@ -486,15 +489,21 @@ def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
                 torch.cuda.synchronize(device)
             return time.perf_counter() - t0
 
-        n = 10 if quick else 100
-        cold = statistics.median(bracketed(step) for _ in range(n))
-        empty = statistics.median(bracketed(lambda: None) for _ in range(n))
+        # The host's speed drifts over seconds (by half on 2x H200), so hot and
+        # cold are timed in alternating rounds and compared round by round.
+        rounds, n = (2, 10) if quick else (10, 20)
+        hots, ratios = [], []
+        for _ in range(rounds):
+            hot = _timer(device, step, n, 0)
+            cold = statistics.median(bracketed(step) for _ in range(n))
+            empty = statistics.median(bracketed(lambda: None) for _ in range(n))
+            hots.append(hot)
+            ratios.append((cold - empty) / hot if hot > 0 else 1.0)
     per_layer = {k: (c8.counts[k] - c1.counts[k]) / (layers - 1) for k in c8.counts}
     calls = per_layer["kernels"] + per_layer["metas"] + per_layer["modules"]
-    hot_layer = hot / layers
+    hot_layer = statistics.median(hots) / layers
     return {"layer_probe_us": 1e6 * hot_layer, "launch_us": 1e6 * hot_layer / max(calls, 1),
-            "step_host_ratio": max(1.0, (cold - empty) / hot) if hot > 0 else 1.0,
-            "calls": per_layer}
+            "step_host_ratio": max(1.0, statistics.median(ratios)), "calls": per_layer}
 
 
 def host_costs(device, comm, quick: bool) -> dict:
