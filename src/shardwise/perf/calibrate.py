@@ -18,9 +18,9 @@ rank runs :func:`measure` at once, so collectives span all of them. Measured:
 * read-bound streaming (a 16-row GEMV's weight reads), FlashAttention-2
   called directly (``attend_lse``'s kernel), the GPU time of a tiny kernel,
   of the smallest GEMM and decode attention, of each kind of kernel a decode
-  layer launches at widths 512 to 4096 (diagnostics: ``graph_layer_us``,
-  ``decode_kernels_us``) and of an 8 KB all-reduce replayed from a CUDA
-  graph, the matmul rate after
+  layer launches at widths 512 to 4096 (``decode_kernels_us``, with a whole
+  layer of each width beside them; ``graph_layer_us`` a diagnostic) and of
+  an 8 KB all-reduce replayed from a CUDA graph, the matmul rate after
   ~2 s of back-to-back GEMMs (the clock a long prefill runs at), and how much
   of an all-reduce beside GEMMs on another stream is hidden;
 * for all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point
