@@ -769,7 +769,7 @@ class Roofline:
         if c.decode:
             tile = FLASH_Q_TILE if (c.kernel == "flash" and d <= 256) else EFFICIENT_Q_TILE
             work = 4 * c.seqs * c.heads * d * c.keys * max(c.queries, tile)
-        t = max(work / rate, (q_o + kv) * self.e / self.stream)
+        t = max(work / rate, (q_o + kv) * self.e / (self.hbm if c.decode else self.stream))
         return Op("attention", flops, (q_o + kv) * self.e, t)
 
     def layer(self, w: LayerWork, graph: bool = False) -> list[Op]:

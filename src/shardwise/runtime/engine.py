@@ -285,7 +285,7 @@ def bench_case(case, plan, comm, model, rank, device,
     if s.phase in ("decode", "both"):
         monitor.phase("bench decode")
         host = _host_probe(device)
-        times, graphs = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
+        times, graph = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(steps[0], wl.seq_len),
                                                device, comm)
         med = statistics.median(times)
@@ -299,11 +299,13 @@ def bench_case(case, plan, comm, model, rank, device,
                         "hbm_gbps": nbytes / world / med / 1e9, "hbm_floor_ms":
                         1e3 * floor_s if floor_s else None,
                         "floor_ratio": med / floor_s if floor_s else None,
-                        "cuda_graphs": graphs, "comm_bytes": comm_bytes, "comm_share": comm_share,
+                        "cuda_graphs": graph is not None, "comm_bytes": comm_bytes,
+                        "comm_share": comm_share,
                         "host_probe_us": host,
                         **summarize(times),
-                        **_trace(s, case, plan, "decode", _decode_step(model, steps[0], wl.seq_len,
-                                                                       graphs, device),
+                        **_trace(s, case, plan, "decode",
+                                 graph.replay if graph is not None
+                                 else (lambda: model.step(steps[0], wl.seq_len)),
                                  device, comm)})
     peak = peak_memory(device)
     monitor.phase("report")
@@ -323,20 +325,12 @@ def _host_probe(device) -> float:
     return max(r[0] for r in gather_floats([host_probe_us(device)], device))
 
 
-def _decode_step(model, token, pos: int, graphs: bool, device):
-    """The decode step a trace profiles: when the timed steps replayed a CUDA
-    graph, the same static-shape step (position in a device tensor), run
-    eagerly, so the trace shows the kernels the graph holds."""
-    if graphs:
-        at = torch.tensor(pos, device=device)
-        return lambda: model.step(token, at)
-    return lambda: model.step(token, pos)
-
-
 def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict:
-    """With ``--trace DIR``: one more step, run eagerly, profiled on every rank
-    (:func:`~shardwise.runtime.timing.trace_step`); the record gets every
-    rank's summary under ``trace``."""
+    """With ``--trace DIR``: one more step as the timed ones ran (a decode step
+    timed from a CUDA graph is one more replay of it, at the last timed
+    position: the kernels the graph holds, with the gaps between them),
+    profiled on every rank (:func:`~shardwise.runtime.timing.trace_step`);
+    the record gets every rank's summary under ``trace``."""
     if not s.trace:
         return {}
     rank = comm.topo.rank

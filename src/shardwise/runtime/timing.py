@@ -149,14 +149,14 @@ def time_prefill(model, prompt, s: BenchSettings, device, comm) -> list[float]:
 
 def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, comm):
     """Decode step times (seconds) at positions seq_len + warmup + i; returns
-    (times, used_graphs)."""
+    (times, the CUDA graph the steps replayed or None when they ran eagerly)."""
     model.step(prompt, 0)
     use_graphs = s.graphs and device.type == "cuda" and model.supports_graphs
     if not use_graphs:
         for i in range(s.warmup):
             model.step(token, seq_len + i)
         return [timed_call(lambda: model.step(token, seq_len + s.warmup + i), device, comm)[1]
-                for i in range(s.iters)], False
+                for i in range(s.iters)], None
     pos = torch.tensor(seq_len, device=device)
     static_in = token.clone()
     side = torch.cuda.Stream(device)
@@ -180,4 +180,4 @@ def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, co
         ends[i].record()
     torch.cuda.synchronize(device)
     comm.barrier()
-    return [a.elapsed_time(b) / 1e3 for a, b in zip(starts, ends)], True
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(starts, ends)], graph
