@@ -285,7 +285,7 @@ def bench_case(case, plan, comm, model, rank, device,
     if s.phase in ("decode", "both"):
         monitor.phase("bench decode")
         host = _host_probe(device)
-        times, graph = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
+        times, replay = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(steps[0], wl.seq_len),
                                                device, comm)
         med = statistics.median(times)
@@ -299,13 +299,12 @@ def bench_case(case, plan, comm, model, rank, device,
                         "hbm_gbps": nbytes / world / med / 1e9, "hbm_floor_ms":
                         1e3 * floor_s if floor_s else None,
                         "floor_ratio": med / floor_s if floor_s else None,
-                        "cuda_graphs": graph is not None, "comm_bytes": comm_bytes,
+                        "cuda_graphs": replay is not None, "comm_bytes": comm_bytes,
                         "comm_share": comm_share,
                         "host_probe_us": host,
                         **summarize(times),
                         **_trace(s, case, plan, "decode",
-                                 graph.replay if graph is not None
-                                 else (lambda: model.step(steps[0], wl.seq_len)),
+                                 replay or (lambda: model.step(steps[0], wl.seq_len)),
                                  device, comm)})
     peak = peak_memory(device)
     monitor.phase("report")

@@ -149,7 +149,10 @@ def time_prefill(model, prompt, s: BenchSettings, device, comm) -> list[float]:
 
 def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, comm):
     """Decode step times (seconds) at positions seq_len + warmup + i; returns
-    (times, the CUDA graph the steps replayed or None when they ran eagerly)."""
+    (times, a replay of the CUDA graph the steps ran from, at the last timed
+    position, or None when they ran eagerly). The replay holds the graph's
+    input tensors: freed, their memory would be handed to other tensors
+    while the graph still reads it."""
     model.step(prompt, 0)
     use_graphs = s.graphs and device.type == "cuda" and model.supports_graphs
     if not use_graphs:
@@ -180,4 +183,11 @@ def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, co
         ends[i].record()
     torch.cuda.synchronize(device)
     comm.barrier()
-    return [a.elapsed_time(b) / 1e3 for a, b in zip(starts, ends)], graph
+    last = seq_len + s.warmup + s.iters - 1
+
+    def replay():
+        pos.fill_(last)
+        static_in.copy_(token)
+        graph.replay()
+
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(starts, ends)], replay
