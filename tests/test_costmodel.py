@@ -361,7 +361,7 @@ def test_collectives_pay_the_host_call_eagerly_and_the_kernel_latency_on_the_dev
 def test_decode_attention_computes_a_whole_query_tile():
     # FA2 computes 128 query rows for the one real one: 4 x 16 seqs x 32 heads x 128 dims
     # x 128 rows x 4096 keys = 137 GFLOP at 330 TFLOP/s = 416 us, more than reading
-    # the 1.07 GB of K and V at 3.71 TB/s (289 us).
+    # the 1.07 GB of K and V at the 4 TB/s copy rate (268 us).
     spec = ModelSpec(name="m", n_layers=1, d_model=4096, n_heads=32, head_dim=128, d_ff=16384,
                      dtype="bf16")
     roof = Roofline(spec, Cluster.from_dict(_round_dict()))
@@ -369,7 +369,7 @@ def test_decode_attention_computes_a_whole_query_tile():
     assert op.flops == 4 * 16 * 32 * 128 * 4096  # the model FLOPs stay the real ones
     assert op.seconds == pytest.approx(4 * 16 * 32 * 128 * 128 * 4096 / 330e12)
     masked = roof.core(Core(16, 32, 32, 1, 4096, 4096, True, "masked"))  # 64-row tile at 600
-    assert masked.seconds == pytest.approx(masked.bytes / roof.cluster.stream_rate)
+    assert masked.seconds == pytest.approx(masked.bytes / roof.cluster.hbm_rate)
 
 
 def test_moe_reference_loop_waits_for_the_device_per_expert():
@@ -773,3 +773,21 @@ def test_graph_decode_charges_the_probed_kernels():
     wide = Workload(batch=128, seq_len=128, decode_steps=4)
     assert (predict(SMALL, wide, "tp_pp:1x1", cl, 1).decode.seconds
             == predict(SMALL, wide, "tp_pp:1x1", ROUND, 1).decode.seconds)
+
+
+def test_collectives_on_the_device_take_their_kinds_kernel_latency():
+    # A reduce-scatter on the device: its kind's latency in a graph where the
+    # profile measured it (graph_collective_us), else the all-reduce's.
+    wl = Workload(batch=16, seq_len=256, decode_steps=4)
+    spec = SMALL.replace(d_model=512, n_heads=8, head_dim=64, d_ff=2048)
+    by_kind = Cluster.from_dict(_round_dict(graph_latency_us=10,
+                                            graph_collective_us={"reduce_scatter": 25},
+                                            **ROUND_HOST))
+    plain = Cluster.from_dict(_round_dict(graph_latency_us=10, **ROUND_HOST))
+    assert by_kind.collective_kernel_s("reduce_scatter") == pytest.approx(25e-6)
+    assert by_kind.collective_kernel_s("all_gather") == pytest.approx(10e-6)
+    assert by_kind.collective_kernel_s("all_gather") == plain.collective_kernel_s("all_gather")
+    a, b = (predict(spec, wl, "helix:1x2", c, 2).decode.comms for c in (by_kind, plain))
+    rs = a["reduce_scatter/slice"]
+    assert rs.seconds - b["reduce_scatter/slice"].seconds == pytest.approx(rs.calls * 15e-6)
+    assert a["all_gather/slice"].seconds == b["all_gather/slice"].seconds

@@ -223,7 +223,8 @@ def graph_costs(device, comm, quick: bool) -> dict:
     kernel (a graph of 100 in-place adds), of the smallest GEMM and decode
     attention, of one layer of the layer probe's decode step
     (``graph_layer_us``), and of an 8 KB all-reduce over all ranks (a graph
-    of 20). Empty on CPU."""
+    of 20; ``graph_latency_us``) and of each other collective kind
+    (``graph_collective_us``). Empty on CPU."""
     import torch
 
     if device.type != "cuda":
@@ -277,6 +278,16 @@ def graph_costs(device, comm, quick: bool) -> dict:
         comm.barrier()
         out["graph_latency_us"] = round(
             replay_us(lambda: [comm.all_reduce(x, "world") for _ in range(20)], 20), 3)
+        # The other collectives a graph holds (helix's reduce-scatter and
+        # all-gather, ring's all-gather, ep's static exchange), 8 KB each.
+        calls = {"reduce_scatter": lambda: comm.reduce_scatter(x, "world"),
+                 "all_gather": lambda: comm.all_gather(x, "world"),
+                 "all_to_all": lambda: comm.all_to_all(x, "world")}
+        out["graph_collective_us"] = {"all_reduce": out["graph_latency_us"]}
+        for op, call in calls.items():
+            comm.barrier()
+            out["graph_collective_us"][op] = round(
+                replay_us(lambda: [call() for _ in range(20)], 20), 3)
     return out
 
 

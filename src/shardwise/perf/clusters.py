@@ -105,6 +105,7 @@ class Cluster:
     flash_tflops: float | None = None  # FlashAttention-2 kernel called directly (bf16/fp16, d<=256)
     kernel_us: float | None = None  # GPU time of a tiny kernel in a stream / CUDA graph
     graph_latency_us: float | None = None  # small collective captured in a CUDA graph
+    graph_collective_us: dict = field(default_factory=dict)  # op -> us, the same by kind
     matmul_shapes: dict = field(default_factory=dict)  # dtype -> [(m, k, n, TFLOP/s)] measured
     sustained_matmul_tflops: float | None = None  # after ~2 s of back-to-back GEMMs
     # Host side of eager work, per call, on the slowest rank (calibrate measures
@@ -203,6 +204,15 @@ class Cluster:
         """Latency of a small collective captured in a CUDA graph (no host work):
         ``graph_latency_us``, else 10 us (measured on 2x H200, DESIGN.md section 5)."""
         return _seconds(self.graph_latency_us, 1e-6 * self.GRAPH_LATENCY_US)
+
+    def collective_kernel_s(self, op: str) -> float:
+        """Latency of one small collective of kind ``op`` on the device (a CUDA
+        graph of 20, no host work): ``graph_collective_us[op]``, else
+        :attr:`graph_latency_s` (the all-reduce's). In graphs on 2x H200 a
+        reduce-scatter or all-gather kernel took 5 to 8 us with gaps of 2 to 6
+        us around it (results/diag/traces-graphs.tgz)."""
+        us = self.graph_collective_us.get(op)
+        return self.graph_latency_s if us is None else 1e-6 * us
 
     # -- host costs of eager work --------------------------------------------
     @property
@@ -442,6 +452,8 @@ class Cluster:
                 device=d.get("device", ""),
                 stream_gbps=_opt(d, "stream_gbps"), flash_tflops=_opt(d, "flash_tflops"),
                 kernel_us=_opt(d, "kernel_us"), graph_latency_us=_opt(d, "graph_latency_us"),
+                graph_collective_us={k: float(v)
+                                     for k, v in d.get("graph_collective_us", {}).items()},
                 sustained_matmul_tflops=_opt(d, "sustained_matmul_tflops"),
                 op_us=_opt(d, "op_us"), view_us=_opt(d, "view_us"),
                 module_us=_opt(d, "module_us"), sync_us=_opt(d, "sync_us"),

@@ -24,7 +24,9 @@ actually does on its busiest rank, layer by layer:
   takes the longer of the two; at a read (torch.nonzero in the reference
   MoE loop, ep's routing table) the host waits for the device and pays
   ``sync_us``. A decode step replayed from a CUDA graph has no host work,
-  reads the whole static cache and pays ``graph_latency_us`` per collective.
+  reads the whole static cache and pays a collective kernel's latency in a
+  graph (``graph_collective_us`` by kind, else ``graph_latency_us``) per
+  collective.
 * every collective costs alpha + factor x bytes / bus bandwidth on the link
   it crosses (:mod:`.clusters`): ring all-reduce 2(n-1)/n, all-gather,
   reduce-scatter and all-to-all (n-1)/n, point-to-point 1. The eager alpha
@@ -704,8 +706,11 @@ class Roofline:
 
     Bandwidths: elementwise passes (norms, adds, activation, copies: as many
     bytes written as read) at the device-copy rate ``hbm_gbps``; matmuls and
-    the attention core, whose traffic is reads (weights, the KV cache), at the
-    streaming rate (:meth:`Cluster.stream_rate`)."""
+    the prefill attention core, whose traffic is reads, at the streaming rate
+    (:meth:`Cluster.stream_rate`, a 16-row GEMV's). A decode step's attention
+    reads the KV cache at the copy rate: traced in CUDA graphs on 2x H200,
+    cuDNN's decode attention read it at 4.3 TB/s with the copy at 4.2 and
+    the GEMV stream at 3.7 (results/diag/traces-graphs.tgz)."""
 
     def __init__(self, spec: ModelSpec, cluster: Cluster, duty: float = 1.0):
         self.spec, self.cluster = spec, cluster
@@ -759,7 +764,8 @@ class Roofline:
     def core(self, c: Core) -> Op:
         """Prefill: 4 d FLOPs per scored pair and head at the kernel's rate. Decode
         (one query): the kernel still computes a whole tile of query rows
-        (FA2 128, memory-efficient 64), and reads the keys it is given."""
+        (FA2 128, memory-efficient 64), and reads the keys it is given, at the
+        copy rate (see the class docstring)."""
         d = self.spec.head_dim
         flops = 4 * c.seqs * c.heads * d * c.pairs  # Q.K^T and P.V
         q_o = 2 * c.seqs * c.queries * c.heads * d
@@ -948,13 +954,14 @@ class _Ctx:
         device time. What remains on the device is the growth of the time over
         the smallest message's (whose apparent bandwidth is latency jitter, not
         wire time), after the latency of the collective kernel itself
-        (``graph_latency_us``: measured inside a CUDA graph, with no host work)."""
+        (:meth:`Cluster.collective_kernel_s`: measured inside a CUDA graph, with
+        no host work, by kind where the profile has it)."""
         if link not in self.cluster.links:
             return t
         lc = self.cluster.link(link, op)
         smallest = lc.table[0][0] if lc.table else 0.0
         t0 = (lc.time(op, smallest, 2) if 0 < smallest <= 2**20 else lc.latency_us * 1e-6)
-        return max(t - t0, 0.0) + self.cluster.graph_latency_s
+        return max(t - t0, 0.0) + self.cluster.collective_kernel_s(op)
 
     def parts(self, op: str, axis: str, nbytes: float) -> tuple[float, float, str]:
         """(host seconds, device seconds, link) of one collective call: eager, the
