@@ -461,6 +461,18 @@ def host_probe_us(device, iters: int = 50) -> float:
         return 1e6 * _timer(device, step, iters, 5) / layers
 
 
+def host_probe_step_us(device) -> float:
+    """A few steps of the layer probe back to back (as ``layer_probe_us``, so
+    the two compare): host time of one probe layer in us. Bench runs this
+    after each timed eager step, so that the host's speed is measured while
+    the steps run, not only before them."""
+    import torch
+
+    with torch.inference_mode():
+        step, layers = _probe_stack(device)
+        return 1e6 * _timer(device, step, 3, 1) / layers
+
+
 def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
     """An eager decode step of a small reference stack (8 tiny layers, so small
     that the device finishes each kernel before the host issues the next one),

@@ -269,8 +269,9 @@ def bench_case(case, plan, comm, model, rank, device,
     peak_flops = ceil["matmul_peak_tflops"] * 1e12 * world if ceil["matmul_peak_tflops"] else None
     if s.phase in ("prefill", "both"):
         monitor.phase("bench prefill")
-        host = _host_probe(device)
-        times = time_prefill(model, prompt, s, device, comm)
+        probes: list[float] = []
+        times = time_prefill(model, prompt, s, device, comm, between=_probing(probes, device))
+        host = _host_probe(device, probes)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(prompt, 0), device, comm)
         med = statistics.median(times)
         flops = metrics.prefill_flops(spec, wl.batch, wl.seq_len)
@@ -284,8 +285,10 @@ def bench_case(case, plan, comm, model, rank, device,
                                  device, comm)})
     if s.phase in ("decode", "both"):
         monitor.phase("bench decode")
-        host = _host_probe(device)
-        times, replay = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm)
+        probes = []
+        times, replay = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm,
+                                    between=_probing(probes, device))
+        host = _host_probe(device, probes)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(steps[0], wl.seq_len),
                                                device, comm)
         med = statistics.median(times)
@@ -316,12 +319,24 @@ def bench_case(case, plan, comm, model, rank, device,
     return records if rank == 0 else []
 
 
-def _host_probe(device) -> float:
-    """The host's speed now, as the slowest rank finds it: the per-layer time
-    of calibrate's layer probe (us), recorded beside each measurement."""
+def _probing(probes: list, device):
+    """A callback that times one step of calibrate's layer probe into ``probes``."""
+    from ..perf.calibrate import host_probe_step_us
+
+    return lambda: probes.append(host_probe_step_us(device))
+
+
+def _host_probe(device, probes: list) -> float:
+    """The host's speed during a measurement, as the slowest rank found it:
+    the per-layer time of calibrate's layer probe (us), the median of the
+    probe steps run between the timed eager steps (the host's speed drifts
+    within seconds: a probe before the steps missed slow stretches), or, for
+    steps replayed from a CUDA graph, the probe timed now. Recorded beside
+    each measurement."""
     from ..perf.calibrate import host_probe_us
 
-    return max(r[0] for r in gather_floats([host_probe_us(device)], device))
+    mine = statistics.median(probes) if probes else host_probe_us(device)
+    return max(r[0] for r in gather_floats([mine], device))
 
 
 def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict:

@@ -141,25 +141,39 @@ def trace_step(fn, device, comm, path: str) -> dict:
             "kernels": len(kernels), "host_ops": host_ops}
 
 
-def time_prefill(model, prompt, s: BenchSettings, device, comm) -> list[float]:
+def _timed_steps(step_at, iters: int, device, comm, between=None) -> list[float]:
+    """Seconds of ``step_at(i)`` for i < iters, each timed on its own; ``between``
+    (untimed) after each."""
+    times = []
+    for i in range(iters):
+        times.append(timed_call(lambda: step_at(i), device, comm)[1])
+        if between is not None:
+            between()
+    return times
+
+
+def time_prefill(model, prompt, s: BenchSettings, device, comm, between=None) -> list[float]:
+    """Prefill step times (seconds); ``between`` runs untimed after each step."""
     for _ in range(s.warmup):
         model.step(prompt, 0)
-    return [timed_call(lambda: model.step(prompt, 0), device, comm)[1] for _ in range(s.iters)]
+    return _timed_steps(lambda i: model.step(prompt, 0), s.iters, device, comm, between)
 
 
-def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, comm):
+def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, comm,
+                between=None):
     """Decode step times (seconds) at positions seq_len + warmup + i; returns
     (times, a replay of the CUDA graph the steps ran from, at the last timed
     position, or None when they ran eagerly). The replay holds the graph's
     input tensors: freed, their memory would be handed to other tensors
-    while the graph still reads it."""
+    while the graph still reads it. ``between`` runs untimed after each
+    eager step (graph replays are timed back to back)."""
     model.step(prompt, 0)
     use_graphs = s.graphs and device.type == "cuda" and model.supports_graphs
     if not use_graphs:
         for i in range(s.warmup):
             model.step(token, seq_len + i)
-        return [timed_call(lambda: model.step(token, seq_len + s.warmup + i), device, comm)[1]
-                for i in range(s.iters)], None
+        return _timed_steps(lambda i: model.step(token, seq_len + s.warmup + i), s.iters,
+                            device, comm, between), None
     pos = torch.tensor(seq_len, device=device)
     static_in = token.clone()
     side = torch.cuda.Stream(device)
