@@ -284,6 +284,12 @@ def test_profile_defaults_for_the_new_figures():
     assert measured.overlap == 0.6 and measured.step_host == 1.5
     with pytest.raises(ShardwiseError, match="unknown collective"):
         Cluster.from_dict(_round_dict(collective_us={"gossip": 1}))
+    with pytest.raises(ShardwiseError, match="graph_collective_us: unknown collective"):
+        Cluster.from_dict(_round_dict(graph_collective_us={"gossip": 1}))
+    with pytest.raises(ShardwiseError, match=r"'512by1536' is not K x N"):
+        Cluster.from_dict(_round_dict(decode_kernels_us={"gemm": {"512by1536": 3.0}}))
+    with pytest.raises(ShardwiseError, match="is malformed"):
+        Cluster.from_dict(_round_dict(decode_kernels_us={"norm": 3.0}))
 
 
 def test_host_time_is_calls_times_their_cost():

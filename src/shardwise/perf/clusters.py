@@ -470,7 +470,7 @@ class Cluster:
                                     for x in rows]
                                for dt, rows in d.get("measurements", {}).get("matmul", {}).items()},
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ShardwiseError(f"cluster profile {d.get('name', '?')!r} is malformed: {e!r}") from None
         out.check()
         return out
@@ -486,6 +486,17 @@ class Cluster:
         for op in self.collective_us:
             if op not in COLLECTIVES:
                 problems.append(f"collective_us: unknown collective {op!r}")
+        for op in self.graph_collective_us:
+            if op not in COLLECTIVES:
+                problems.append(f"graph_collective_us: unknown collective {op!r}")
+        for kind, table in self.decode_kernels_us.items():
+            for key in table:
+                parts = key.split("x") if kind == "gemm" else [key]
+                if not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) != (
+                        2 if kind == "gemm" else 1):
+                    problems.append(f"decode_kernels_us[{kind!r}]: {key!r} is not "
+                                    + ("K x N, e.g. '512x1536'" if kind == "gemm"
+                                       else "a width, e.g. '512'"))
         for name, ops in self.links.items():
             for op, c in ops.items():
                 if op not in COLLECTIVES:
