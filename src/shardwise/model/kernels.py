@@ -17,6 +17,8 @@ in ``tests/test_kernels.py`` bound.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -24,18 +26,24 @@ _MAX_D = 32768
 _triton = None  # the compiled kernel, or False when Triton is unavailable
 
 
+def triton_kernel(module: str, name: str):
+    """``(triton, kernel)``: the ``@triton.jit`` kernel ``name`` of ``module``
+    (a module that imports Triton at its top), or False where Triton is not
+    installed. Callers keep the result; Triton compiles at the first launch."""
+    try:
+        import triton
+
+        kernel = getattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+    return triton, kernel
+
+
 def _kernel():
     """``(triton, add_norm_kernel)`` (:mod:`.triton_norm`), or False without Triton."""
     global _triton
     if _triton is None:
-        try:
-            import triton
-
-            from .triton_norm import add_norm_kernel
-        except ImportError:
-            _triton = False
-        else:
-            _triton = (triton, add_norm_kernel)
+        _triton = triton_kernel(f"{__package__}.triton_norm", "add_norm_kernel")
     return _triton
 
 

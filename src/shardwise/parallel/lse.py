@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from ..model.kernels import triton_kernel
 from ..model.reference import _per_step
 
 NEG_INF = float("-inf")
@@ -187,40 +188,10 @@ _triton_merge = None  # (triton, the compiled kernel), or False without Triton
 
 
 def _merge_kernel():
+    """``(triton, merge_kernel)`` (:mod:`.triton_merge`), or False without Triton."""
     global _triton_merge
     if _triton_merge is None:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError:
-            _triton_merge = False
-            return _triton_merge
-
-        @triton.jit
-        def merge_kernel(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK: tl.constexpr):
-            # One query row r: o [N, rows, D] and lse [N, rows] by their strides.
-            r = tl.program_id(0).to(tl.int64)
-            cols = tl.arange(0, BLOCK)
-            keep = cols < D
-            m = tl.load(L + r * sl_r)
-            for i in range(1, N):
-                m = tl.maximum(m, tl.load(L + i * sl_n + r * sl_r))
-            # logsumexp's shift: 0 where every block is empty (m = -inf).
-            mf = tl.where(m == float("-inf"), 0.0, m)
-            s = tl.exp(tl.load(L + r * sl_r) - mf)
-            for i in range(1, N):
-                s += tl.exp(tl.load(L + i * sl_n + r * sl_r) - mf)
-            total = tl.log(s) + mf  # -inf where every block is empty
-            tf = tl.where(total == float("-inf"), 0.0, total)
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for i in range(N):
-                share = tl.exp(tl.load(L + i * sl_n + r * sl_r) - tf)
-                x = tl.load(O + i * so_n + r * so_r + cols, mask=keep, other=0.0)
-                acc += x.to(tl.float32) * share
-            tl.store(OUT + r * D + cols, acc.to(OUT.dtype.element_ty), mask=keep)
-            tl.store(LOUT + r, total)
-
-        _triton_merge = (triton, merge_kernel)
+        _triton_merge = triton_kernel(f"{__package__}.triton_merge", "merge_kernel")
     return _triton_merge
 
 

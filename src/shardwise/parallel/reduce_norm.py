@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.kernels import eps_of, norm_fusable
+from ..model.kernels import eps_of, norm_fusable, triton_kernel
 
 # Rows one call may hold (a decode step's tokens on this rank).
 MAX_ROWS = 128
@@ -40,14 +40,7 @@ def _kernel():
     False without Triton."""
     global _triton
     if _triton is None:
-        try:
-            import triton
-
-            from .triton_reduce_norm import reduce_add_norm_kernel
-        except ImportError:
-            _triton = False
-        else:
-            _triton = (triton, reduce_add_norm_kernel)
+        _triton = triton_kernel(f"{__package__}.triton_reduce_norm", "reduce_add_norm_kernel")
     return _triton
 
 

@@ -249,10 +249,12 @@ class RingAttention(nn.Module):
         part = torch.cat([o, lse[..., None].view(o.dtype)], dim=-1)  # [B, H, 1, width]
         parts = self.comm.all_gather(part, "seq", dim=0).view(self.P, B, H, 1, width)
         cols = parts[..., d:]
-        try:  # the lse read in place where its columns are 4-byte aligned (even d)
-            lse_all = cols.view(torch.float32)[..., 0]  # [P, B, H, 1]
-        except RuntimeError:
-            lse_all = cols.contiguous().view(torch.float32)[..., 0]
+        # The lse is read in place where its columns start 4-byte aligned, in
+        # every row of the (contiguous) gathered buffer: d x itemsize a
+        # multiple of 4 (the row width then is too).
+        if (d * o.element_size()) % 4:
+            cols = cols.contiguous()
+        lse_all = cols.view(torch.float32)[..., 0]  # [P, B, H, 1]
         o, _ = merge_stack(parts[..., :d], lse_all)  # [B, H, 1, d]
         return o.transpose(1, 2).reshape(B, 1, H * d)
 

@@ -1,0 +1,32 @@
+"""The Triton kernel of :func:`shardwise.parallel.lse.merge_stack` on CUDA
+(imported only where Triton is installed): the blocks' maximum lse, the sum
+of their exponentials and the weighted sum of their outputs in float32."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def merge_kernel(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK: tl.constexpr):
+    """One program per query row r: o [N, rows, D] and lse [N, rows] by their
+    strides merged into OUT [rows, D] and LOUT [rows] (``_merge_math``'s
+    expressions, in its order)."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    keep = cols < D
+    m = tl.load(L + r * sl_r)
+    for i in range(1, N):
+        m = tl.maximum(m, tl.load(L + i * sl_n + r * sl_r))
+    # logsumexp's shift: 0 where every block is empty (m = -inf).
+    mf = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.exp(tl.load(L + r * sl_r) - mf)
+    for i in range(1, N):
+        s += tl.exp(tl.load(L + i * sl_n + r * sl_r) - mf)
+    total = tl.log(s) + mf  # -inf where every block is empty
+    tf = tl.where(total == float("-inf"), 0.0, total)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(N):
+        share = tl.exp(tl.load(L + i * sl_n + r * sl_r) - tf)
+        x = tl.load(O + i * so_n + r * so_r + cols, mask=keep, other=0.0)
+        acc += x.to(tl.float32) * share
+    tl.store(OUT + r * D + cols, acc.to(OUT.dtype.element_ty), mask=keep)
+    tl.store(LOUT + r, total)
