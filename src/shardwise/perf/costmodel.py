@@ -415,8 +415,8 @@ class StepCost:
     # and the rest of the step.
     layer_calls: Calls = field(default_factory=Calls)
     step_calls: Calls = field(default_factory=Calls)
-    # A decode step replayed from a CUDA graph (non-MoE static path): the
-    # kernels of one layer and of the rest of the step it charges, as
+    # A decode step replayed from a CUDA graph: the kernels of one layer (the
+    # non-MoE static path) and of the rest of the step it charges, as
     # calibrate.count_calls counts a static step's (its "static" phase).
     graph_layer_kernels: float = 0.0
     graph_step_kernels: float = 0.0
@@ -795,12 +795,12 @@ class Roofline:
         ops = [
             self.probed(self.op("norms+residual", 16 * w.tokens * D, norm_bytes),
                         w.norm_kernels, cl.decode_norm_s(D) if probe else None),
-            self.gemm("qkv", w.tokens, D, w.qkv_out, graph=probe),
+            self.gemm("qkv", w.tokens, D, w.qkv_out, graph=graph),
             # K and V copied into the cache (read + write each).
             self.probed(self.copy("kv write", 2 * kv_bytes), 1,
                         cl.decode_cache_write_s(kv_bytes) if probe else None),
             self.core(w.core),
-            self.gemm("w_o", w.tokens, w.wo_in, D, graph=probe),
+            self.gemm("w_o", w.tokens, w.wo_in, D, graph=graph),
         ]
         if w.copy_bytes:
             ops.append(self.copy("copies", w.copy_bytes))
@@ -810,12 +810,12 @@ class Roofline:
         else:
             m = w.tokens if w.mlp_tokens is None else w.mlp_tokens
             n_in = 2 if s.activation == "swiglu" else 1
-            ops.append(self.gemm("mlp", m, D, n_in * w.ff, graph=probe))
+            ops.append(self.gemm("mlp", m, D, n_in * w.ff, graph=graph))
             if self.flav.fused_up:  # the activation in the GEMM's epilogue: no pass of its own
                 ops.append(Op("mlp", 8 * m * w.ff))
             else:
                 ops.append(self.op("mlp", 8 * m * w.ff, (n_in + 1) * m * w.ff * e))
-            ops.append(self.gemm("mlp", m, w.ff, D, graph=probe))
+            ops.append(self.gemm("mlp", m, w.ff, D, graph=graph))
         merged: dict[str, Op] = {}
         for o in ops:
             acc = merged.setdefault(o.name, Op(o.name))
@@ -983,6 +983,16 @@ class _Ctx:
     def host(self, calls: Calls) -> float:
         """Host time of eager ``calls`` (none in a CUDA graph)."""
         return 0.0 if self.graph else calls.host_s(self.cluster, decoding=self.decoding)
+
+    def step_launches(self, st: StepCost, ends: Calls, once: Calls | None = None) -> float:
+        """GPU time of launching a step's kernels beyond its layers: ``ends``
+        and, in a CUDA graph, ``once``, the kernels the static path makes once
+        a step (:data:`STATIC_STEP`, :data:`RING_STATIC_STEP`); with them, the
+        total is recorded (``StepCost.graph_step_kernels``)."""
+        if once is not None:
+            ends = ends + once
+            st.graph_step_kernels = ends.kernels
+        return self.roof.launches(ends)
 
     def ends(self, step: StepCost, tokens: float, vocab_rows: int | None = None) -> float:
         """Embedding lookup and LM head on the ranks holding them (vocab models)."""
@@ -1245,10 +1255,8 @@ def _tp_pp(c: _Ctx) -> _Model:
             else:
                 stage = Work().extend(work, n)
             no_p2p = dataclasses.replace(per_mb, p2p=0)
-            stage.add(c.host(no_p2p), c.roof.launches(no_p2p) + t_end
-                      + (c.roof.launches(STATIC_STEP) if graph else 0.0))
-            if graph and not spec.is_moe:
-                st.graph_step_kernels = no_p2p.kernels + STATIC_STEP.kernels
+            stage.add(c.host(no_p2p),
+                      c.step_launches(st, no_p2p, STATIC_STEP if graph else None) + t_end)
             step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0))
             hosts.append(stage.host_s)
             runs.append(stage.stage(c.cluster.sync_s))
@@ -1516,9 +1524,7 @@ def _helix(c: _Ctx) -> _Model:
             step_calls += _calls(k=8, m=1, mod=1) + sums
         whole = Work().extend(work, L).add(
             c.host(step_calls),
-            c.roof.launches(step_calls) + t_ends + (c.roof.launches(STATIC_STEP) if graph else 0.0))
-        if graph and not spec.is_moe:
-            st.graph_step_kernels = step_calls.kernels + STATIC_STEP.kernels
+            c.step_launches(st, step_calls, STATIC_STEP if graph else None) + t_ends)
         st.seconds = whole.seconds(c.cluster.sync_s)
         st.host_s, st.syncs = whole.host_s, whole.syncs
         st.layer_calls, st.step_calls = calls, step_calls
@@ -1704,15 +1710,15 @@ def _ring(c: _Ctx) -> _Model:
     work, calls = _layer_work(c, w, ops, attn, t_ag)
     if static:
         # The graph holds decode_static's kernels, not the eager path's.
-        work = Work().add(0.0, c.roof.gpu(ops, f.static_decode() + RING_STATIC_EXTRA) + t_ag)
-        st.graph_layer_kernels = (f.static_decode() + RING_STATIC_EXTRA).kernels
+        kernels = f.static_decode() + RING_STATIC_EXTRA
+        work = Work().add(0.0, c.roof.gpu(ops, kernels) + t_ag)
+        st.graph_layer_kernels = kernels.kernels
     for o in ops:
         st.add_op(o, L * c.B / b)
     per_mb = _calls(m=1) + c.end_calls(True, True)
-    t_ends = c.ends(st, b) + (c.roof.launches(RING_STATIC_STEP) if static else 0.0)
-    if static:
-        st.graph_step_kernels = per_mb.kernels + RING_STATIC_STEP.kernels
-    one = Work().extend(work, L).add(c.host(per_mb), t_ends + c.roof.launches(per_mb))
+    t_ends = c.ends(st, b)
+    one = Work().extend(work, L).add(
+        c.host(per_mb), t_ends + c.step_launches(st, per_mb, RING_STATIC_STEP if static else None))
     whole = Work().extend(one, mb).add(c.host(_calls(k=mb > 1)), 0.0)
     st.seconds = whole.seconds(c.cluster.sync_s)
     st.host_s, st.syncs = whole.host_s, whole.syncs
@@ -1797,7 +1803,7 @@ def _ep(c: _Ctx) -> _Model:
         step_calls = _calls(m=1) + c.end_calls(True, True)
         whole = Work().extend(layer, L).add(
             c.host(step_calls),
-            t_ends + c.roof.launches(step_calls) + (c.roof.launches(STATIC_STEP) if c.graph else 0.0))
+            t_ends + c.step_launches(st, step_calls, STATIC_STEP if c.graph else None))
         st.seconds = whole.seconds(c.cluster.sync_s)
         st.host_s, st.syncs = whole.host_s, whole.syncs
         st.layer_calls, st.step_calls = calls, step_calls
@@ -1939,10 +1945,7 @@ def _layerwise(c: _Ctx) -> _Model:
             no_p2p = dataclasses.replace(per_mb, p2p=0)
             t_end = c.ends(StepCost(), b * new) if (first or last) else 0.0
             stage = Work().extend(work, len(g.layers)).add(
-                c.host(no_p2p), t_end + c.roof.launches(no_p2p)
-                + (c.roof.launches(STATIC_STEP) if graph else 0.0))
-            if static:
-                st.graph_step_kernels = no_p2p.kernels + STATIC_STEP.kernels
+                c.host(no_p2p), t_end + c.step_launches(st, no_p2p, STATIC_STEP if graph else None))
             step_calls = _busiest(step_calls, per_mb * mb + _calls(k=1 if last and mb > 1 else 0, m=1))
             hosts.append(stage.host_s)
             runs.append(stage.stage(c.cluster.sync_s))
