@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from shardwise.model.checkpoint import CheckpointSource, checkpoint_spec
 from shardwise.model.load import build_reference
+from shardwise.model.weights import lm_head_name
 from shardwise.spec import ShardwiseError
 
 # Tiny and GQA (4 query heads share 2 KV heads). initializer_range 0.1 (not
@@ -148,9 +149,10 @@ def test_reads_only_the_requested_slice(saved):
     got = src.get("embed.weight", [r, c], **kw)
     assert torch.equal(got, full["model.embed_tokens.weight"][r][:, c])
     assert src.bytes_read <= 127 * 64 * 4
-    # Tied head: the LM head's rows are the embedding's.
+    # Tied head: the model has no LM head of its own; loaders read the embedding.
     tied = CheckpointSource(saved["llama-tied-sharded"][0])
-    assert torch.equal(tied.get("lm_head.weight", [r], **kw), tied.get("embed.weight", [r], **kw))
+    assert tied.spec.tie_embeddings and "lm_head.weight" not in tied.table
+    assert lm_head_name(tied.spec) == "embed.weight"
 
 
 # -- malformed checkpoints -------------------------------------------------------
@@ -268,13 +270,14 @@ def test_missing_expert_count(copy):
 
 @pytest.mark.parametrize("changes,needles", [
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     ("rope_parameters", "'llama3'")),
-    (dict(rope_parameters=_DROP, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2.0}),
-     ("rope_scaling", "'linear'")),
+     ("rope_parameters", "'llama3'", "low_freq_factor")),
+    (dict(rope_parameters=_DROP, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 2.0}),
+     ("rope_scaling", "'yarn'")),
     (dict(attention_bias=True), ("'attention_bias'", "no bias")),
     (dict(mlp_bias=True), ("'mlp_bias'",)),
     (dict(hidden_act="gelu"), ("hidden_act 'gelu'",)),
-    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), ("'qwen2'", "biases")),
+    (dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]),
+     ("'qwen2_moe'", "shared experts")),
     (dict(architectures=["LlamaForSequenceClassification"]), ("LlamaForSequenceClassification",)),
     (dict(quantization_config={"quant_method": "gptq"}), ("quantization_config",)),
 ])

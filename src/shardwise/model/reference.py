@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..spec import ModelSpec
 from .kernels import add_norm
+from .rope import Rope
 
 # Prompts at least this long have their K/V projection written straight into
 # the cache, one GEMM per sequence (each large enough to run at full rate).
@@ -156,22 +157,6 @@ def make_norm(spec: ModelSpec) -> nn.Module:
     return nn.LayerNorm(spec.d_model, eps=spec.norm_eps)
 
 
-def rotary(x: torch.Tensor, pos, theta: float) -> torch.Tensor:
-    """Rotary position embedding (Su et al. 2021), Hugging Face "rotate half"
-    layout, on ``x [B, T, H, d]`` for absolute positions ``pos..pos+T``
-    (``pos`` an int or a 0-d device tensor)."""
-    B, T, H, d = x.shape
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    t = (pos + torch.arange(T, device=x.device)).to(torch.float32)
-    ang = torch.outer(t, inv)  # [T, d/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None, :]
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None, :]
-    xf = x.float()
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
 def causal_attention(q, k, v, q_start) -> torch.Tensor:
     """Softmax attention of ``q [B, H, T, d]`` (absolute positions
     ``q_start..q_start+T``) over ``k, v [B, Hkv, S, d]`` (positions ``0..S``),
@@ -211,11 +196,11 @@ class Attention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 rope_theta: float | None = None):
+                 rope: Rope | None = None, qkv_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.rope_theta = rope_theta
-        self.wqkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)
+        self.rope = rope
+        self.wqkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
     def qkv(self, x: torch.Tensor, pos: int):
@@ -224,13 +209,13 @@ class Attention(nn.Module):
         H, Hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * d, Hkv * d, Hkv * d], dim=-1)
         q, k, v = q.view(B, T, H, d), k.view(B, T, Hkv, d), v.view(B, T, Hkv, d)
-        if self.rope_theta is not None:
-            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+        if self.rope is not None:
+            q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
         B, T, _ = x.shape
-        if cache is not None and self.rope_theta is None:
+        if cache is not None and self.rope is None:
             q, (k, v) = self._qkv_into_cache(x, cache, pos)  # [B, T, H, d]; [B, Hkv, pos+T, d]
             q = q.transpose(1, 2)
         else:
@@ -251,10 +236,15 @@ class Attention(nn.Module):
         H, d = self.n_heads, self.head_dim
         if isinstance(pos, int) and T >= DIRECT_CACHE_MIN_TOKENS:
             w_q, w_kv = self.wqkv.weight.split([H * d, 2 * self.n_kv_heads * d])
-            q = Fn.linear(x, w_q)
+            b_q, b_kv = (None, None) if self.wqkv.bias is None else \
+                self.wqkv.bias.split([H * d, 2 * self.n_kv_heads * d])
+            q = Fn.linear(x, w_q, b_q)
             x = x.contiguous()
             for b in range(B):
-                torch.mm(x[b], w_kv.t(), out=cache.rows(b, pos, T))
+                if b_kv is None:
+                    torch.mm(x[b], w_kv.t(), out=cache.rows(b, pos, T))
+                else:
+                    torch.addmm(b_kv, x[b], w_kv.t(), out=cache.rows(b, pos, T))
             return q.view(B, T, H, d), cache.upto(pos + T)
         qkv = self.wqkv(x)
         return qkv[..., : H * d].view(B, T, H, d), cache.write_packed(pos, qkv[..., H * d :])
@@ -409,7 +399,7 @@ def make_block(spec: ModelSpec, *, n_heads: int | None = None, n_kv_heads: int |
     """A decoder layer with (possibly local) sizes; defaults are the full model's.
     ``experts`` is the contiguous range of experts held (MoE only)."""
     attn = Attention(spec.d_model, n_heads or spec.n_heads, n_kv_heads or spec.kv_heads,
-                     spec.head_dim, spec.rope_theta)
+                     spec.head_dim, Rope.of(spec), spec.qkv_bias)
     if spec.is_moe:
         experts = experts if experts is not None else range(spec.n_experts)
         mlp = MoE(spec.d_model, d_ff or spec.d_ff, spec.n_experts, spec.top_k,

@@ -33,8 +33,9 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from ..model.load import head_rows, set_param
+from ..model.rope import Rope
 from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
-                               causal_attention, make_norm, rotary)
+                               causal_attention, make_norm)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .base import Strategy, balanced_ranges, dense_moe_ok, divides
 from .lse import attend_lse, merge_stack
@@ -87,11 +88,11 @@ class HelixAttention(nn.Module):
         super().__init__()
         self.local, self.comm, self.sum_all = local, comm, sum_all
         self.slices, self.slice = topo.size("slice"), topo.coord("slice")
-        self.head_dim, self.theta = spec.head_dim, spec.rope_theta
+        self.head_dim, self.rotary = spec.head_dim, Rope.of(spec)
         self.heads, self.kv_heads = local.n_heads, local.n_kv_heads  # of the group
 
     def rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        return x if self.theta is None else rotary(x, pos, self.theta)
+        return x if self.rotary is None else self.rotary.apply(x, pos)
 
 
 class HeadSliceAttention(HelixAttention):
@@ -295,12 +296,12 @@ class Helix(Strategy):
             for _ in range(spec.n_layers):
                 mlp = (MoE(spec.d_model, F, spec.n_experts, spec.top_k, spec.activation)
                        if spec.is_moe else MLP(spec.d_model, F, spec.activation))
-                attn = Attention(spec.d_model, H, Hkv, d // M)
+                attn = Attention(spec.d_model, H, Hkv, d // M, qkv_bias=spec.qkv_bias)
                 blocks.append(Block(attn_cls(attn, spec, topo, comm, self.sum_all),
                                     SumAfter(mlp, self.sum_all), make_norm(spec), make_norm(spec)))
         for layer, blk in enumerate(blocks):
             attn, mlp, p = blk.attn.local, blk.mlp.inner, f"layers.{layer}"
-            set_param(attn.wqkv, "weight", loader.qkv(layer, q_rows, kv_rows))
+            loader.load_qkv(attn, layer, q_rows, kv_rows)
             set_param(attn.wo, "weight", loader.wo(layer, wo_cols))
             loader.norm(blk.attn_norm, f"{p}.attn_norm")
             loader.norm(blk.mlp_norm, f"{p}.mlp_norm")
@@ -321,7 +322,7 @@ class Helix(Strategy):
             model.embed = VocabShardEmbedding(Fn.pad(loader.get("embed.weight", [rows]), pad),
                                               r * c, self.sum_all)
             model.lm_head = nn.Linear(spec.d_model, c, bias=False, device="meta")
-            set_param(model.lm_head, "weight", Fn.pad(loader.get("lm_head.weight", [rows]), pad))
+            set_param(model.lm_head, "weight", Fn.pad(loader.lm_head(rows), pad))
         loader.norm(model.norm, "norm")
         self.model = model
         if self.mode == "heads":
