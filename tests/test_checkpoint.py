@@ -22,32 +22,7 @@ from shardwise.model.load import build_reference
 from shardwise.model.weights import lm_head_name
 from shardwise.spec import ShardwiseError
 
-# Tiny and GQA (4 query heads share 2 KV heads). initializer_range 0.1 (not
-# transformers' 0.02) gives peaked logits, so greedy tokens are far from ties.
-DIMS = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            initializer_range=0.1)
-
-
-def tiny_llama(path, *, tie: bool = False, shard: str | None = None, seed: int = 0):
-    """Write a random LlamaForCausalLM to ``path`` (sharded when ``shard`` is a size)."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**DIMS, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                      tie_word_embeddings=tie)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
-    return model
-
-
-def tiny_mixtral(path, *, fused: bool = False, seed: int = 1):
-    """Write a random MixtralForCausalLM; ``fused`` stores the experts as
-    transformers >= 5 holds them (``mlp.experts.gate_up_proj``) instead of the
-    default per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3``."""
-    torch.manual_seed(seed)
-    config = transformers.MixtralConfig(**DIMS, num_local_experts=4, num_experts_per_tok=2)
-    model = transformers.MixtralForCausalLM(config).eval()
-    model.save_pretrained(path, **({"save_original_format": False} if fused else {}))
-    return model
+from hf_models import DIMS, tiny_llama, tiny_mixtral
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from shardwise.runtime.generate import Generation, generation_case
 from shardwise.runtime.job import Case, Job
 from shardwise.runtime.launcher import launch
 from shardwise.spec import ShardwiseError, Workload
-from test_checkpoint import tiny_llama, tiny_mixtral
+from hf_models import tiny_llama, tiny_mixtral
 
 NEW_TOKENS = 16
 # Four prompts of 8 tokens: batch 4 lets ep:4 give every rank a sequence, and
