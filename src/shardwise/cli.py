@@ -18,18 +18,33 @@ DEFAULT_RUN_PRESET = "tiny-dense"
 DEFAULT_RUN_NPROC = 4
 
 
-def _common(p: argparse.ArgumentParser, preset_default: str | None = None,
+MODEL_HELP = ("a preset (`shardwise presets`), a zoo name (llama-3.1-8b, mixtral-8x7b, ...: "
+              "`shardwise models`), a Hugging Face checkpoint directory, or a config.json "
+              "(its shape with synthetic weights)")
+
+
+def _model_args(p: argparse.ArgumentParser, default: str | None = None,
+                dtype: bool = True) -> None:
+    """``--model`` (and ``--preset``, its older name) and ``--layers``: one way
+    to name a model in every command (models.resolve)."""
+    p.add_argument("--model", metavar="MODEL", default=None, help=MODEL_HELP +
+                   (f" (default: {default})" if default else ""))
+    p.add_argument("--preset", metavar="MODEL", default=None,
+                   help="the same as --model (kept for presets)")
+    p.set_defaults(default_model=default)
+    p.add_argument("--layers", type=int, help="use only the first N layers of the model")
+    if dtype:
+        p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                       help="override the model's dtype (CPU runs default to fp32)")
+
+
+def _common(p: argparse.ArgumentParser, model_default: str | None = None,
             device_default: str = "auto") -> None:
-    p.add_argument("--preset", default=preset_default,
-                   help="model preset (see `shardwise presets`)")
-    p.add_argument("--model", metavar="PATH",
-                   help="a Hugging Face checkpoint directory (Llama, Mistral, Mixtral) instead of a preset")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's reduced workload)")
+    _model_args(p, model_default)
+    p.add_argument("--batch", type=int,
+                   help="sequences per step (default: a small workload that verifies in seconds)")
     p.add_argument("--seq", type=int, help="prompt length in tokens")
     p.add_argument("--steps", type=int, help="decode steps after the prompt")
-    p.add_argument("--layers", type=int, help="use only the first N layers of the preset (smaller runs)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
-                   help="override the preset's dtype (CPU runs default to fp32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=device_default,
                    help=f"cuda: NCCL, one rank per GPU; cpu: gloo; auto: cuda if present "
                         f"(default: {device_default})")
@@ -108,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=None)
 
     sub.add_parser("presets", help="list the model presets")
+    sub.add_parser("models", help="list every model shardwise names: the zoo of published "
+                                  "architectures and the presets")
 
     p = sub.add_parser("predict", help="predict one plan with the cost model (no processes)")
-    p.add_argument("--preset", required=True)
+    _model_args(p)
     p.add_argument("--plan", required=True)
     p.add_argument("--cluster", default="h100-sxm-16", help="profile name or JSON path")
     p.add_argument("--batch", type=int)
@@ -118,11 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=["prefill", "decode", "both"])
 
     p = sub.add_parser("plan", help="rank every valid plan for a model on a cluster")
-    p.add_argument("--preset", required=True)
+    _model_args(p)
     p.add_argument("--cluster", default="h100-sxm-16", help="profile name or JSON path")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
-    p.add_argument("--phase", choices=["prefill", "decode"], default="prefill")
+    p.add_argument("--phase", choices=["prefill", "decode", "both"], default="prefill")
     p.add_argument("--top", type=int, help="show only the best N")
     p.add_argument("--ranks", type=int, help="plans using exactly this many GPUs")
     p.add_argument("--validate", action="store_true",
@@ -133,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where --validate runs (default: cuda if present)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations for --validate")
     p.add_argument("--out", help="also append the --validate records to this file")
+    p.add_argument("--run", action="store_true",
+                   help="run the best plan that fits here: verify it against the reference, "
+                        "then benchmark it (on --device; prints the command it runs)")
 
     p = sub.add_parser("reproduce", help="a seed's claims beside shardwise's prediction")
     p.add_argument("seed", help="preset name (seed-helix-2l) or seed document id (000..004)")
@@ -155,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", metavar="DIR", help="write PNG plots to DIR")
 
     p = sub.add_parser("partition", help="show layerwise groups for a capacity")
-    p.add_argument("--preset", required=True)
+    _model_args(p)
     p.add_argument("--capacity", required=True, help="bytes (80GB, 50MB) or L2 / HBM[@h100|@h200]")
     p.add_argument("--ranks", type=int, required=True)
     p.add_argument("--batch", type=int)
@@ -189,40 +209,46 @@ def check_ranks(nproc: int, device: str) -> None:
             )
 
 
-CHECKPOINT_WORKLOAD = Workload(batch=2, seq_len=16, decode_steps=4)
+def check_fits(model, wl, plans, world: int, device: str, verify: bool = True) -> None:
+    """Refuse, before launch, a run that cannot fit the devices at hand (perf/fits.py)."""
+    from .perf.fits import check_fits as fits
+
+    fits(model, wl, plans, world, device, verify)
+
+
+def model_ref(args, device: str | None = None):
+    """The model ``--model`` / ``--preset`` name (models.resolve), with
+    ``--layers`` and ``--dtype``; on CPU the dtype defaults to fp32 (CPU
+    half-precision matmuls are slow and not what GPUs do)."""
+    from .models import resolve_args
+
+    name = args.model or (None if args.preset else getattr(args, "default_model", None))
+    dtype = getattr(args, "dtype", None)
+    ref = resolve_args(args.preset, name, layers=args.layers, dtype=dtype)
+    if dtype is None and device == "cpu" and ref.spec.dtype != "fp32":
+        ref = resolve_args(args.preset, name, layers=args.layers, dtype="fp32")
+    return ref
 
 
 def make_case_parts(args, device: str):
-    """(preset or None, model spec, workload) from --preset or --model and the
+    """(model reference, model spec, workload) from --model / --preset and the
     workload flags. A checkpoint is fully checked here, before any launch."""
-    if args.model:
+    ref = model_ref(args, device)
+    wl = _workload(args, ref.check_workload)
+    if ref.checkpoint is not None:
         from .model.checkpoint import checkpoint_spec
 
-        wl = CHECKPOINT_WORKLOAD
-        wl = _workload(args, wl)
-        dtype = args.dtype or ("fp32" if device == "cpu" else None)
-        model = checkpoint_spec(args.model, wl, dtype=dtype)
-        if args.layers:
-            raise ShardwiseError("--layers applies to presets, not to checkpoints")
-        args.checkpoint = os.path.abspath(args.model)
-        return None, model, wl
-    if not args.preset:
-        raise ShardwiseError("give --preset NAME (see `shardwise presets`) or --model PATH")
-    args.checkpoint = None
-    preset = get_preset(args.preset)
-    model = preset.model
-    changes = {}
-    if args.layers:
-        if args.layers > model.n_layers:
-            raise ShardwiseError(f"--layers {args.layers} exceeds the preset's {model.n_layers} layers")
-        changes["n_layers"] = args.layers
-    if args.dtype:
-        changes["dtype"] = args.dtype
-    elif device == "cpu" and model.dtype != "fp32":
-        changes["dtype"] = "fp32"  # CPU half-precision matmuls are slow and not what GPUs do
-    if changes:
-        model = model.replace(**changes)
-    return preset, model, _workload(args, preset.reduced)
+        checkpoint_spec(ref.checkpoint, wl, dtype=ref.spec.dtype, spec=ref.spec)
+    return ref, ref.spec, wl
+
+
+def make_case(ref, model, wl, plan: str, args, **kw):
+    """A :class:`Case` of the model ``ref`` names (its weights: the checkpoint
+    or the seed's synthetic ones)."""
+    from .runtime.job import Case
+
+    return Case(model, wl, plan, seed=args.seed, preset=ref.preset and ref.name,
+                checkpoint=ref.checkpoint, source=ref.source, **kw)
 
 
 def _workload(args, default: Workload) -> Workload:
@@ -256,17 +282,17 @@ def check_peer(cls, plan, device: str, phase: str | None = None) -> None:
 
 def cmd_verify(args) -> int:
     from .parallel.base import validate_plan
-    from .runtime.job import Case, Job
+    from .runtime.job import Job
 
     device = resolve_device(args.device)
-    preset, model, wl = make_case_parts(args, device)
+    ref, model, wl = make_case_parts(args, device)
     plan = Plan.parse(args.plan)
     cls, topo = validate_plan(model, wl, plan, args.nproc)
     check_peer(cls, plan, device)
     nproc = topo.world_size
     check_ranks(nproc, device)
-    job = Job([Case(model, wl, str(plan), seed=args.seed, preset=args.preset,
-                    checkpoint=args.checkpoint)], nproc, device,
+    check_fits(model, wl, [str(plan)], nproc, device)
+    job = Job([make_case(ref, model, wl, str(plan), args)], nproc, device,
               timeout_s=args.timeout, fault=args.inject_fault, watchdog_s=args.watchdog,
               static_decode=args.static_decode)
     results = _run_job(job, args)
@@ -281,7 +307,7 @@ def cmd_verify(args) -> int:
 
 def cmd_run(args) -> int:
     from .parallel.base import available_strategies, get_strategy, validate_plan
-    from .runtime.job import Case, Job
+    from .runtime.job import Job
 
     device = resolve_device(args.device)
     if args.nproc is None:
@@ -289,7 +315,7 @@ def cmd_run(args) -> int:
 
         args.nproc = torch.cuda.device_count() if device == "cuda" else DEFAULT_RUN_NPROC
     check_ranks(args.nproc, device)
-    preset, model, wl = make_case_parts(args, device)
+    ref, model, wl = make_case_parts(args, device)
     if args.plans:
         plans = [str(Plan.parse(p)) for p in args.plans]
         for p in plans:
@@ -305,8 +331,8 @@ def cmd_run(args) -> int:
                     pass
         if not plans:
             raise ShardwiseError(f"no plan fits {model.name} on {args.nproc} ranks; try --nproc 2")
-    job = Job([Case(model, wl, p, seed=args.seed, preset=args.preset, checkpoint=args.checkpoint)
-               for p in plans],
+    check_fits(model, wl, plans, args.nproc, device)
+    job = Job([make_case(ref, model, wl, p, args) for p in plans],
               args.nproc, device, timeout_s=args.timeout, fault=args.inject_fault,
               watchdog_s=args.watchdog, static_decode=args.static_decode)
     results = _run_job(job, args)
@@ -322,24 +348,24 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from .bench.records import append_records, provenance, read_records
     from .parallel.base import get_strategy, validate_plan
-    from .runtime.job import Case, Job
+    from .runtime.job import Job
     from .runtime.timing import BenchSettings
 
     device = resolve_device(args.device)
-    if args.model:
-        raise ShardwiseError("bench runs presets (synthetic weights); use verify or run for --model")
-    preset, model, wl = make_case_parts(args, device)
+    ref, model, wl = make_case_parts(args, device)
     settings = BenchSettings(phase=args.phase, iters=args.iters, warmup=args.warmup,
                              graphs=not args.no_graphs, trace=args.trace)
     timed = wl.replace(decode_steps=settings.decode_positions)
-    check = preset.reduced.replace(batch=min(preset.reduced.batch, timed.batch),
-                                   seq_len=min(preset.reduced.seq_len, timed.seq_len))
+    small = ref.check_workload
+    check = small.replace(batch=min(small.batch, timed.batch),
+                          seq_len=min(small.seq_len, timed.seq_len))
     done = set()
     if args.resume and os.path.exists(args.out):
+        from .bench.records import record_spec
+
         done = {(r["plan"], r["phase"]) for r in read_records(args.out)
-                if (r.get("preset"), r.get("n_layers"), r.get("batch"), r.get("seq_len"),
-                    r.get("dtype")) == (args.preset, model.n_layers, timed.batch,
-                                        timed.seq_len, model.dtype)}
+                if (r.get("batch"), r.get("seq_len")) == (timed.batch, timed.seq_len)
+                and record_spec(r) == model}
     by_world: dict[int, list[str]] = {}
     checks: dict[str, Workload] = {}
     plans = [Plan.parse(text) for text in args.plans]
@@ -360,11 +386,14 @@ def cmd_bench(args) -> int:
             continue
         check_ranks(topo.world_size, device)
         by_world.setdefault(topo.world_size, []).append(str(plan))
+    for world, plans in by_world.items():
+        check_fits(model, timed, plans, world, device, verify=False)
+        check_fits(model, check, plans, world, device)
     records = []
     for world, plans in sorted(by_world.items()):
-        cases = [Case(model, checks[p], p, seed=args.seed, preset=args.preset) for p in plans]
-        cases += [Case(model, timed, p, seed=args.seed, preset=args.preset, verify=False,
-                       bench=vars(settings)) for p in plans]
+        cases = [make_case(ref, model, checks[p], p, args) for p in plans]
+        cases += [make_case(ref, model, timed, p, args, verify=False, bench=vars(settings))
+                  for p in plans]
         job = Job(cases, world, device, timeout_s=args.timeout, warmup=1,
                   fault=args.inject_fault, watchdog_s=args.watchdog)
         results = _run_job(job, args)
@@ -453,31 +482,101 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from .report import print_models
+
+    print_models()
+    return 0
+
+
 def cmd_partition(args) -> int:
     try:
         from .perf.partition import partition_command
     except ImportError:
         raise ShardwiseError("the layerwise partitioner is not available in this version") from None
-    print(partition_command(args.preset, args.capacity, args.ranks, args.batch, args.seq))
+    print(partition_command(model_ref(args), args.capacity, args.ranks, args.batch, args.seq))
     return 0
 
 
 def cmd_predict(args) -> int:
     from .perf.planner import predict_command
 
-    print(predict_command(args.preset, args.plan, args.cluster, args.batch, args.seq, args.phase))
+    print(predict_command(model_ref(args), args.plan, args.cluster, args.batch, args.seq,
+                          args.phase))
     return 0
 
 
 def cmd_plan(args) -> int:
     from .perf.planner import plan_command
 
-    print(plan_command(args.preset, args.cluster, args.batch, args.seq, args.phase, args.top,
+    ref = model_ref(args)
+    print(plan_command(ref, args.cluster, args.batch, args.seq, args.phase, args.top,
                        args.ranks))
-    return validate_plans(args) if args.validate else 0
+    if args.validate:
+        return validate_plans(args, ref)
+    return run_best_plan(args, ref) if args.run else 0
 
 
-def validate_plans(args) -> int:
+def _bench_argv(args, ref, spec, wl, plans: list[str], ranks: int, out: str) -> list[str]:
+    """``shardwise bench`` arguments that time ``plans`` on the model and
+    workload the planner ranked them for."""
+    argv = ["bench", "--model", ref.name, "--batch", str(wl.batch), "--seq", str(wl.seq_len),
+            "--dtype", spec.dtype, "--phase", args.phase, "--iters", str(args.iters),
+            "--device", args.device, "--out", out, "--nproc", str(ranks)]
+    if args.layers:
+        argv += ["--layers", str(args.layers)]
+    for p in plans:
+        argv += ["--plan", p]
+    return argv
+
+
+def _ranks_here(device: str) -> int | None:
+    """How many ranks a job can start here: torchrun's world, or every GPU;
+    None on CPU (any number of gloo ranks)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.device_count()
+    return None
+
+
+def run_best_plan(args, ref) -> int:
+    """``plan --run``: verify and benchmark the best plan that fits on
+    ``--cluster``, here; or, where it needs more devices than this machine
+    has, say so and print the command that runs it on the cluster."""
+    from .parallel.base import get_strategy
+    from .perf.clusters import load_cluster
+    from .perf.planner import best_fitting
+    from .runtime.timing import BenchSettings
+
+    steps = BenchSettings(iters=args.iters).decode_positions
+    plans, spec, wl = best_fitting(ref, args.cluster, args.batch, args.seq, args.phase, 1,
+                                   args.ranks, steps)
+    if not plans:
+        raise ShardwiseError(f"no plan fits {spec.name} on {args.cluster}: nothing to run; "
+                             f"try --layers, a smaller --batch/--seq or a larger --cluster")
+    best = plans[0]
+    ranks = (get_strategy(Plan.parse(best).strategy).ranks_needed(Plan.parse(best))
+             or args.ranks or load_cluster(args.cluster).n_gpus)
+    out = args.out or "results/bench.jsonl"
+    argv = _bench_argv(args, ref, spec, wl, [best], ranks, out)
+    device = resolve_device(args.device)
+    here = _ranks_here(device)
+    command = "shardwise " + " ".join(argv)
+    if here is not None and ranks > here:
+        nodes = -(-ranks // 8)
+        raise ShardwiseError(
+            f"the best plan, {best}, needs {ranks} GPUs and this machine has {here}; on the "
+            f"cluster run: torchrun --nnodes {nodes} --nproc-per-node {ranks // nodes} -m "
+            f"{command}; or rank the plans for the GPUs here: shardwise plan --model {ref.name} "
+            f"--ranks {here} --cluster PROFILE --run (PROFILE from shardwise calibrate)")
+    print(f"running the best plan: {command}")
+    return cmd_bench(build_parser().parse_args(argv))
+
+
+def validate_plans(args, ref) -> int:
     """``plan --validate``: time the best fitting plans with ``bench`` on this
     machine, then compare each record with its prediction on ``--cluster``."""
     import tempfile
@@ -492,18 +591,14 @@ def validate_plans(args) -> int:
 
     # Rank for the cache the benchmark will allocate (its warm-up and timed steps).
     steps = BenchSettings(iters=args.iters).decode_positions
-    plans, spec, wl = best_fitting(args.preset, args.cluster, args.batch, args.seq, args.phase,
+    plans, spec, wl = best_fitting(ref, args.cluster, args.batch, args.seq, args.phase,
                                    args.top or 3, args.ranks, steps)
     ranks = args.ranks or load_cluster(args.cluster).n_gpus
     if not plans:
         raise ShardwiseError("no plan fits on the cluster: nothing to validate")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "validate.jsonl")
-        argv = ["bench", "--preset", args.preset, "--batch", str(wl.batch), "--seq", str(wl.seq_len),
-                "--dtype", spec.dtype, "--phase", args.phase, "--iters", str(args.iters),
-                "--device", args.device, "--out", out, "--nproc", str(ranks)]
-        for p in plans:
-            argv += ["--plan", p]
+        argv = _bench_argv(args, ref, spec, wl, plans, ranks, out)
         print(f"validating {len(plans)} plan(s): shardwise {' '.join(argv)}")
         rc = cmd_bench(build_parser().parse_args(argv))
         if not os.path.exists(out):
@@ -547,7 +642,7 @@ def cmd_report(args) -> int:
 COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "reproduce": cmd_reproduce,
             "calibrate": cmd_calibrate, "report": cmd_report,
             "run": cmd_run, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench,
-            "presets": cmd_presets, "partition": cmd_partition}
+            "presets": cmd_presets, "models": cmd_models, "partition": cmd_partition}
 
 
 def main(argv: list[str] | None = None) -> int:

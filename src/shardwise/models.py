@@ -117,6 +117,11 @@ def resolve(text: str, *, layers: int | None = None, dtype: str | None = None) -
     return ModelRef(spec, kind, text, checkpoint, preset)
 
 
+def as_ref(model: "ModelRef | str") -> ModelRef:
+    """A :class:`ModelRef` as given, or the one a name resolves to."""
+    return model if isinstance(model, ModelRef) else resolve(model)
+
+
 def resolve_args(preset: str | None, model: str | None, **kw) -> ModelRef:
     """``--preset`` and ``--model`` name a model the same way; give one."""
     if preset and model:

@@ -107,6 +107,37 @@ def print_presets(presets: dict) -> None:
     console.print(t)
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def print_models() -> None:
+    """The zoo of published architectures and the presets, with their size
+    in bf16 and the KV cache each token adds (all layers, bf16)."""
+    from .models import resolve, zoo_names
+    from .presets import PRESETS
+    from .spec import dtype_bytes
+
+    t = Table(title="models (--model NAME; also a checkpoint directory or a config.json)")
+    for col in ("name", "kind", "layers", "d_model", "heads / kv x dim", "d_ff", "experts",
+                "params", "bf16 weights", "KV / token", "features"):
+        t.add_column(col, justify="left" if col in ("name", "kind", "features") else "right")
+    rows = [(n, "zoo") for n in zoo_names()] + [(n, "preset") for n in PRESETS]
+    for name, kind in rows:
+        m = resolve(name, dtype="bf16").spec
+        features = [f for f, on in (("rope", m.rope_theta is not None),
+                                    ("rope-scaled", m.rope_scaling is not None),
+                                    ("qkv-bias", m.qkv_bias), ("tied", m.tie_embeddings),
+                                    (m.norm, True), (m.activation, True)) if on]
+        t.add_row(name, kind, str(m.n_layers), str(m.d_model),
+                  f"{m.n_heads} / {m.kv_heads} x {m.head_dim}", str(m.d_ff),
+                  f"{m.n_experts} (top {m.top_k})" if m.is_moe else "-",
+                  _params(m.total_params()),
+                  human_bytes(m.total_params() * dtype_bytes("bf16")),
+                  human_bytes(m.kv_bytes_per_token()), ", ".join(features))
+    console.print(t)
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 

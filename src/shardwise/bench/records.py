@@ -66,6 +66,22 @@ def append_records(path: str, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def record_spec(r: dict):
+    """The complete model a record describes: its ``model_spec`` (every record
+    since the model description was added), else its preset with the record's
+    layer count and dtype. None when neither is there."""
+    from ..presets import PRESETS
+    from ..spec import ModelSpec
+
+    if r.get("model_spec"):
+        return ModelSpec.from_dict(r["model_spec"])
+    if r.get("preset") in PRESETS:
+        spec = PRESETS[r["preset"]].model
+        changes = {k: r[k] for k in ("dtype", "n_layers") if r.get(k) is not None}
+        return spec.replace(**changes) if changes else spec
+    return None
+
+
 def read_records(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -446,15 +446,17 @@ def format_partition(part: Partition, spec: ModelSpec, workload: Workload) -> st
     return "\n".join(lines)
 
 
-def partition_command(preset: str, capacity: str, ranks: int, batch: int | None = None,
+def partition_command(ref, capacity: str, ranks: int, batch: int | None = None,
                       seq: int | None = None, micro_batches: int = 1) -> str:
-    """``shardwise partition --preset P --capacity C --ranks R [--batch B --seq T]``:
-    the table for the preset's model and its seed workload (``batch`` and
-    ``seq`` override it). Raises ShardwiseError when nothing fits."""
-    from ..presets import get_preset
+    """``shardwise partition --model M --capacity C --ranks R [--batch B --seq T]``:
+    the table for the model ``ref`` (a models.ModelRef) names and its serving
+    workload (the seed's for a preset; ``batch`` and ``seq`` override it).
+    Raises ShardwiseError when nothing fits."""
+    from ..models import as_ref
 
-    p = get_preset(preset)
-    workload = p.workload.replace(batch=batch or p.workload.batch,
-                                  seq_len=seq or p.workload.seq_len)
-    part = partition(p.model, workload, parse_capacity(capacity), ranks, micro_batches)
-    return format_partition(part, p.model, workload)
+    ref = as_ref(ref)
+    serve = ref.serve_workload
+    workload = serve.replace(batch=serve.batch if batch is None else batch,
+                             seq_len=serve.seq_len if seq is None else seq)
+    part = partition(ref.spec, workload, parse_capacity(capacity), ranks, micro_batches)
+    return format_partition(part, ref.spec, workload)

@@ -96,14 +96,14 @@ def rank_plans(rows: list[Row], phase: str) -> list[Row]:
     return sorted(rows, key=key)
 
 
-def best_fitting(preset: str, cluster: str, batch: int | None, seq: int | None, phase: str,
+def best_fitting(ref, cluster: str, batch: int | None, seq: int | None, phase: str,
                  top: int, ranks: int | None = None,
                  steps: int | None = None) -> tuple[list[str], ModelSpec, Workload]:
-    """The ``top`` plans that fit, best first (what ``plan --validate`` runs),
-    with the model and workload they were ranked for. ``steps``: the decode
-    positions the KV cache must hold (a benchmark sizes it for its warm-up
-    and timed steps)."""
-    spec, wl = _workload(preset, batch, seq, phase, steps)
+    """The ``top`` plans that fit, best first (what ``plan --validate`` and
+    ``plan --run`` run), with the model and workload they were ranked for.
+    ``ref``: a models.ModelRef. ``steps``: the decode positions the KV cache
+    must hold (a benchmark sizes it for its warm-up and timed steps)."""
+    spec, wl = _workload(ref, batch, seq, phase, steps)
     rows = rank_plans(enumerate_plans(spec, wl, load_cluster(cluster), ranks), phase)
     return [r.plan for r in rows if r.fits][:top], spec, wl
 
@@ -125,15 +125,18 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> str:
     return console.export_text()
 
 
-def _workload(preset, batch, seq, phase, steps=None) -> tuple[ModelSpec, Workload]:
-    from ..presets import get_preset
+def _workload(ref, batch, seq, phase, steps=None) -> tuple[ModelSpec, Workload]:
+    """The model ``ref`` (a models.ModelRef) names, and its serving workload
+    (the seed's for a preset) with the flags given."""
+    from ..models import as_ref
 
-    p = get_preset(preset)
-    wl = p.workload
-    wl = Workload(batch=batch or wl.batch, seq_len=seq or wl.seq_len,
+    ref = as_ref(ref)
+    wl = ref.serve_workload
+    pick = lambda flag, d: d if flag is None else flag  # noqa: E731
+    wl = Workload(batch=pick(batch, wl.batch), seq_len=pick(seq, wl.seq_len),
                   phase=phase or wl.phase,
                   decode_steps=steps if steps is not None else wl.decode_steps)
-    return p.model, wl
+    return ref.spec, wl
 
 
 def describe(p: Prediction) -> str:
@@ -167,21 +170,21 @@ def describe(p: Prediction) -> str:
     return "\n".join(parts)
 
 
-def predict_command(preset: str, plan: str, cluster: str = "h100-sxm-16", batch: int | None = None,
+def predict_command(ref, plan: str, cluster: str = "h100-sxm-16", batch: int | None = None,
                     seq: int | None = None, phase: str | None = None) -> str:
-    """``shardwise predict --preset P --plan PLAN [--cluster C --batch B --seq T]``."""
-    spec, wl = _workload(preset, batch, seq, phase)
+    """``shardwise predict --model M --plan PLAN [--cluster C --batch B --seq T]``."""
+    spec, wl = _workload(ref, batch, seq, phase)
     return describe(predict(spec, wl, plan, load_cluster(cluster)))
 
 
-def plan_command(preset: str, cluster: str = "h100-sxm-16", batch: int | None = None,
+def plan_command(ref, cluster: str = "h100-sxm-16", batch: int | None = None,
                  seq: int | None = None, phase: str = "prefill", top: int | None = None,
                  ranks: int | None = None) -> str:
-    """``shardwise plan --preset P [--cluster C --batch B --seq T --phase prefill|decode|both
+    """``shardwise plan --model M [--cluster C --batch B --seq T --phase prefill|decode|both
     --top N --ranks R]``: every plan, ranked."""
     if phase not in ("prefill", "decode", "both"):
         raise ShardwiseError(f"--phase must be prefill, decode or both (got {phase!r})")
-    spec, wl = _workload(preset, batch, seq, phase)
+    spec, wl = _workload(ref, batch, seq, phase)
     cl = load_cluster(cluster)
     rows = rank_plans(enumerate_plans(spec, wl, cl, ranks), phase)
     shown = rows if top is None else [r for r in rows if r.valid][:top]

@@ -234,12 +234,12 @@ def record_case(r: dict, cluster: Cluster | None = None) -> tuple[ModelSpec, Wor
     resolves to the profile's figure (the device the run measured)."""
     from .costmodel import resolve_capacity
 
-    if not r.get("preset") or r["preset"] not in PRESETS:
-        raise ShardwiseError(f"record of plan {r.get('plan')} names no known preset")
-    spec = get_preset(r["preset"]).model
-    changes = {k: r[k] for k in ("dtype", "n_layers") if r.get(k) is not None}
-    if changes:
-        spec = spec.replace(**changes)
+    from ..bench.records import record_spec
+
+    spec = record_spec(r)
+    if spec is None:
+        raise ShardwiseError(f"record of plan {r.get('plan')} carries no model description "
+                             f"(model_spec) and names no known preset")
     wl = Workload(batch=int(r["batch"]), seq_len=int(r["seq_len"]),
                   decode_steps=record_decode_steps(r))
     plan = Plan.parse(r["plan"])
@@ -256,7 +256,7 @@ FIDELITY_MEDIAN, FIDELITY_MAX = 0.10, 0.20
 
 def _run_key(r: dict) -> tuple:
     """What makes two records route alike: the same command, model and inputs."""
-    return (r.get("command"), r.get("preset"), r.get("n_layers"), r.get("dtype"),
+    return (r.get("command"), r.get("preset"), r.get("model"), r.get("n_layers"), r.get("dtype"),
             r.get("batch"), r.get("seq_len"))
 
 
@@ -333,7 +333,7 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 err = pred / meas - 1
                 errors.setdefault((plan.strategy, what), []).append(err)
                 graph = {True: "graph", False: "eager"}.get(r.get("cuda_graphs"), "")
-                rows.append([r.get("plan") or str(plan), r.get("preset", ""),
+                rows.append([r.get("plan") or str(plan), r.get("preset") or r.get("model", ""),
                              f"{wl.batch}x{wl.seq_len}",
                              spec.dtype, what + (f" ({graph})" if what.startswith("decode")
                                                  and graph else ""),
@@ -376,7 +376,7 @@ def fidelity_command(result_files: list[str], profile: str) -> str:
         raise ShardwiseError("no record could be compared: " + ("; ".join(skipped) or "no records"))
     out = _table(f"measured vs predicted on {cl.name} (p90/p10: the spread of the "
                  f"record's timed steps; !: over {UNSTEADY_SPREAD})",
-                 ["plan", "preset", "batch x seq", "dtype", "metric", "measured", "predicted",
+                 ["plan", "model", "batch x seq", "dtype", "metric", "measured", "predicted",
                   "error", "p90/p10"], rows)
     summary = fidelity_summary(errors)
     out += _table(f"error per strategy and phase (|predicted / measured - 1|; PASS: median "

@@ -203,7 +203,8 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
         return []
 
     result = {
-        "preset": case.preset, "model": spec.name, "plan": str(plan), "world_size": world,
+        "preset": case.preset, "model": spec.name, "model_source": case.source,
+        "model_spec": spec.to_dict(), "plan": str(plan), "world_size": world,
         "device_type": device.type, "dtype": spec.dtype, "batch": wl.batch,
         "seq_len": wl.seq_len, "decode_steps": wl.decode_steps,
         "static_decode": static,
@@ -262,7 +263,8 @@ def bench_case(case, plan, comm, model, rank, device,
     prompt, steps = make_inputs(spec, wl.batch, wl.seq_len, 1, case.seed, dtype, device)
     records = []
     common = {
-        "preset": case.preset, "model": spec.name, "n_layers": spec.n_layers, "plan": str(plan),
+        "preset": case.preset, "model": spec.name, "model_source": case.source,
+        "model_spec": spec.to_dict(), "n_layers": spec.n_layers, "plan": str(plan),
         "n_devices": world, "dtype": spec.dtype, "batch": wl.batch, "seq_len": wl.seq_len,
         **ceil,
     }

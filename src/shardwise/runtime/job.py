@@ -45,13 +45,16 @@ class Case:
     checkpoint: str | None = None
     # Greedy generation (runtime/generate.py: {"prompt_ids", "max_new_tokens"}); None: a verified run.
     generate: dict | None = None
+    # Where the model came from, as models.ModelRef.source names it ("zoo:llama-3.1-8b").
+    source: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "Case":
-        return cls(**{**d, "model": ModelSpec(**d["model"]), "workload": Workload(**d["workload"])})
+        return cls(**{**d, "model": ModelSpec.from_dict(d["model"]),
+                      "workload": Workload(**d["workload"])})
 
 
 @dataclass
