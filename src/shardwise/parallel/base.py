@@ -128,6 +128,11 @@ def held_kv_heads(part: int, parts: int, kv_heads: int) -> range:
     return range(first, first + 1)
 
 
+def kv_replicas(parts: int, kv_heads: int) -> int:
+    """How many parts hold each KV head under :func:`held_kv_heads`."""
+    return max(1, parts // kv_heads)
+
+
 def head_splits(spec: ModelSpec) -> list[int]:
     """Ways the heads of ``spec`` split (:func:`held_kv_heads`): divisors of
     n_heads that divide n_kv_heads or that n_kv_heads divides."""

@@ -36,7 +36,7 @@ from ..model.kernels import add_norm, norm
 from ..model.reference import KVCache, Transformer, make_block, one_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import (Strategy, balanced_ranges, check_head_split, dense_moe_ok, divides,
-                   held_kv_heads)
+                   held_kv_heads, kv_replicas)
 from .pipeline import Pipeline
 from .topology import Topology
 
@@ -308,7 +308,7 @@ class TpPp(Strategy):
         tp, kv = self.topo.size("tp"), self.spec.kv_heads
         return {"stage_layers": [self.stage_layers.start, self.stage_layers.stop],
                 "kv_heads_per_rank": len(held_kv_heads(0, tp, kv)),
-                "kv_head_replicas": max(1, tp // kv)}
+                "kv_head_replicas": kv_replicas(tp, kv)}
 
 
 STRATEGY = TpPp

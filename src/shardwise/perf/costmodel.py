@@ -62,7 +62,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..parallel.base import balanced_ranges, dense_moe_ok, held_kv_heads, validate_plan
+from ..parallel.base import (balanced_ranges, dense_moe_ok, held_kv_heads, kv_replicas,
+                             validate_plan)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster
 
@@ -891,7 +892,7 @@ def kv_bytes(spec: ModelSpec, seqs: int, kv_heads: int, positions: int) -> int:
 def _kv_replication_notes(spec: ModelSpec, parts: int, what: str, unit: str,
                           kv_rank: int) -> list[str]:
     """What holding KV heads on more parts than there are (held_kv_heads) costs."""
-    copies = parts // spec.kv_heads
+    copies = kv_replicas(parts, spec.kv_heads)
     if copies <= 1:
         return []
     return [f"{what}={parts} > n_kv_heads={spec.kv_heads}: each KV head (its K/V projection "
