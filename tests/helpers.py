@@ -7,6 +7,20 @@ from shardwise.runtime.launcher import launch
 from shardwise.spec import ModelSpec, Workload
 
 
+# Llama 3.1's rotary frequency scaling, with original_max_position_embeddings
+# shrunk so that a tiny head's wavelengths fall in all three bands (kept,
+# smoothed, stretched): head_dim 8 to 16 at rope_theta 1e4, 12 to 16 at 5e5.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def with_real_features(spec: ModelSpec) -> ModelSpec:
+    """``spec`` (rotary, with a vocabulary) with what published models add:
+    q/k/v biases (Qwen2), tied embeddings and Llama 3.1's rope scaling."""
+    return spec.replace(name=f"{spec.name}+bias,tie,llama3", qkv_bias=True,
+                        tie_embeddings=True, rope_scaling=LLAMA3_ROPE)
+
+
 def run_plans(model: ModelSpec | str, plans: list[str], nproc: int,
               workload: Workload | None = None, seed: int = 0, **job_kw) -> list[dict]:
     """Launch ``nproc`` gloo ranks that run and verify every plan in turn."""

@@ -11,14 +11,11 @@ from __future__ import annotations
 import torch
 import transformers
 
+from helpers import LLAMA3_ROPE  # Llama 3.1's scaling, its bands shrunk to tiny heads
+
 DIMS = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             initializer_range=0.1)
-
-# Llama 3.1's frequency scaling; original_max_position_embeddings is shrunk so
-# that the tiny head's wavelengths fall in all three bands (kept, smoothed, stretched).
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",

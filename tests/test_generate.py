@@ -123,8 +123,8 @@ def test_generation_inputs_are_checked_before_launch(models):
         generation_case(path, "tp_pp:1x1", [1, 2, 3], 0)
     from shardwise.runtime.generate import generation_job
 
-    with pytest.raises(ShardwiseError, match="n_kv_heads"):
-        generation_job(path, "tp_pp:4x1", [1, 2, 3], 4)
+    with pytest.raises(ShardwiseError, match="n_heads"):
+        generation_job(path, "tp_pp:3x1", [1, 2, 3], 4)
 
 
 def test_cli_generate_and_verify_a_checkpoint(models, capsys):

@@ -6,7 +6,7 @@ layout (from the run's report) and that the layout computes the reference.
 """
 import pytest
 
-from helpers import assert_verified, run_plans
+from helpers import assert_verified, run_plans, with_real_features
 from shardwise.perf.partition import PartitionError, layer_costs, partition
 from shardwise.spec import ModelSpec, Workload
 
@@ -20,6 +20,9 @@ VOCAB = ModelSpec(name="vocab", n_layers=4, d_model=16, n_heads=2, head_dim=8, d
                   n_kv_heads=1, dtype="fp32", vocab_size=37, norm="rmsnorm",
                   activation="swiglu", rope_theta=10000.0)
 WORKLOAD = Workload(batch=4, seq_len=32, decode_steps=4)
+# What published models add: q/k/v biases, Llama 3.1's rope scaling and tied
+# embeddings (in a pipeline, the last stage's LM head reads the embedding's rows).
+REAL = with_real_features(VOCAB)
 
 
 def cap_for(spec, ranks, groups, replicas, mb=1):
@@ -53,8 +56,10 @@ HEAVY_ENDS = ModelSpec(name="heavy-ends", n_layers=4, d_model=32, n_heads=2, hea
 CASES = {
     # nproc: [(model, groups, replicas, micro-batches), ...]
     2: [(HIDDEN, [(0, 4)], 2, 1),  # the whole model twice, two sequences each
-        (VOCAB, [(0, 2), (2, 4)], 1, 2)],  # a two-stage pipeline of micro-batches
+        (VOCAB, [(0, 2), (2, 4)], 1, 2),  # a two-stage pipeline of micro-batches
+        (REAL, [(0, 2), (2, 4)], 1, 2)],  # tied embedding and LM head on two ranks
     3: [(VOCAB, [(0, 4)], 3, 1),  # batch 4 over 3 replicas: 2, 1 and 1 sequences
+        (REAL, [(0, 4)], 3, 1),  # tied: one tensor for both ends on each replica
         (VOCAB, [(0, 1), (1, 3), (3, 4)], 1, 3)],  # the embedding and LM head alone
     4: [(VOCAB, [(0, 2), (2, 4)], 2, 2),  # 2 groups x 2 replicas, micro-batched
         (HEAVY_ENDS, [(0, 3), (3, 4)], 2, 1),  # unequal groups, replicated

@@ -2,7 +2,7 @@
 single-device reference on CPU with gloo (fp32)."""
 import pytest
 
-from helpers import assert_verified
+from helpers import assert_verified, with_real_features
 from shardwise.parallel.base import validate_plan
 from shardwise.parallel.ring import ZigZag
 from shardwise.presets import get_preset
@@ -17,6 +17,9 @@ FULL = ModelSpec(name="t", n_layers=3, d_model=48, n_heads=4, head_dim=12, d_ff=
                  n_kv_heads=2, dtype="fp32", vocab_size=101, norm="rmsnorm",
                  activation="swiglu", rope_theta=10000.0)
 MOE = get_preset("tiny-moe").model
+# What published models add: q/k/v biases, tied embeddings, Llama 3.1's rope
+# scaling (each zig-zag chunk rotated at its own absolute positions).
+REAL = with_real_features(FULL)
 # Half precision exercises the dtype plumbing (bf16 blocks merged into a float32
 # accumulator, lse bits packed beside a bf16 output); tolerance 2e-2, see job.py.
 BF16 = TINY.replace(name="tiny-bf16", dtype="bf16")
@@ -90,10 +93,11 @@ def run_cases(nproc, cases):
 @pytest.mark.parametrize("nproc,cases", [
     (1, [(TINY, "ring:1", 2, 7), (FULL, "ring:1", 2, 5)]),
     (2, [(TINY, "ring:2", 2, 8), (TINY, "ring:2", 3, 5), (TINY, "ring:2", 2, 3),
-         (FULL, "ring:2", 2, 11), (TINY, "ring:2,mb=2", 3, 9), (MOE, "ring:2", 2, 10)]),
+         (FULL, "ring:2", 2, 11), (TINY, "ring:2,mb=2", 3, 9), (MOE, "ring:2", 2, 10),
+         (REAL, "ring:2,mb=2", 3, 9)]),
     (3, [(TINY, "ring:3", 2, 12), (TINY, "ring:3", 2, 16), (TINY, "ring:3", 2, 4)]),
     (4, [(TINY, "ring:4", 2, 16), (TINY, "ring:4", 2, 13), (TINY, "ring:4", 2, 5),
-         (FULL, "ring:4", 2, 19), (BF16, "ring:4", 2, 14)]),
+         (FULL, "ring:4", 2, 19), (BF16, "ring:4", 2, 14), (REAL, "ring:4", 2, 13)]),
     (8, [(TINY, "ring:8", 2, 32), (TINY, "ring:8", 2, 21), (FULL, "ring:8", 2, 6),
          (MOE, "ring:8", 2, 6)]),
 ])

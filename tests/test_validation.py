@@ -34,9 +34,16 @@ def test_d_ff_not_divisible_by_tp():
     assert "d_ff (250)" in msg and "choose tp" in msg
 
 
-def test_kv_heads_not_divisible_by_tp():
-    model = TINY.model.replace(n_heads=4, n_kv_heads=1)
-    assert "n_kv_heads (1)" in refused("tp_pp:2x1", model=model)
+def test_kv_heads_split_or_replicated_by_tp():
+    # tp divides the KV heads (each rank its share) or is a multiple of them
+    # (each KV head replicated over the ranks that share it); nothing between.
+    model = TINY.model.replace(n_heads=12, head_dim=4, n_kv_heads=4, d_ff=240)
+    msg = refused("tp_pp:6x1", model=model)
+    assert "n_kv_heads (4)" in msg and "neither divides" in msg and "replicate" in msg
+    assert "choose tp among [1, 2, 4, 12]" in msg
+    for tp in (2, 4, 12):
+        validate_plan(model, TINY.reduced, f"tp_pp:{tp}x1", tp)
+    validate_plan(TINY.model.replace(n_kv_heads=1), TINY.reduced, "tp_pp:4x1", 4)
 
 
 def test_more_stages_than_layers():

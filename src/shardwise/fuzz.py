@@ -44,6 +44,7 @@ REASONS = (
     ("malformed plan", r"malformed plan|must be a positive integer"),
     ("world size mismatch", r"ranks but the job has|would leave \d+ idle|adapts to any number"),
     ("not divisible", r"is not divisible by"),
+    ("kv heads neither split nor replicated", r"neither divides the other"),
     ("micro-batches", r"micro-batches but the batch|micro-batch|remove mb=|drop mb="),
     ("degrees", r"takes .*degree|takes NxM|TPxPP"),
     ("pipeline deeper than the model", r"pipeline stages"),
@@ -112,6 +113,12 @@ def _plan(rng: random.Random, strategy: str, world: int, batch: int) -> str:
     return strategy + (":" + text if text else "")
 
 
+# Position interpolation, and Llama 3.1's scaling with original_max_position_embeddings
+# shrunk to 64 so that a tiny head's wavelengths reach its smoothed and stretched bands.
+ROPE_SCALINGS = ({"rope_type": "linear", "factor": 4.0},
+                 {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+
 MALFORMED = ("tp_pp:2x", "helix:0x2", "pipeline:2", "tp_pp:2x2,,mb=", "ring:2,mb=-1",
              "tp_pp:2x1x", "Ring:2", "ep:two", "helix:2x2,reduce=", ":2", "tp_pp:2x2,2x1")
 
@@ -147,6 +154,18 @@ def generate(seed: int, index: int) -> FuzzCase:
     plan = _plan(rng, strategy, world, workload["batch"])
     if rng.random() < 0.04:
         plan = rng.choice(MALFORMED)
+    # Published models' features, drawn last so that every earlier draw (and
+    # the cases recorded before they were drawn) stays as it was. More ranks
+    # than KV heads (replicated KV heads) comes from the draws above.
+    if rng.random() < 0.3:
+        model["qkv_bias"] = True
+    if model["vocab_size"] is not None and rng.random() < 0.3:
+        model["tie_embeddings"] = True
+    if rope and rng.random() < 0.3:
+        model["rope_scaling"] = rng.choice(ROPE_SCALINGS)
+    if rng.random() < 0.02:  # refused: no vocabulary to tie, or no rotary to scale
+        model.update(rng.choice([{"tie_embeddings": True, "vocab_size": None},
+                                 {"rope_scaling": ROPE_SCALINGS[0], "rope_theta": None}]))
     return FuzzCase(index, model, workload, plan, world)
 
 

@@ -134,7 +134,10 @@ class ShardLoader:
         if model.norm is not None:
             self.norm(model.norm, "norm")
         if model.lm_head is not None:
-            set_param(model.lm_head, "weight", self.lm_head())
+            if self.spec.tie_embeddings and model.embed is not None:
+                model.lm_head.weight = model.embed.weight  # one tensor, as the model ties them
+            else:
+                set_param(model.lm_head, "weight", self.lm_head())
         return model
 
 

@@ -111,6 +111,48 @@ def divides(what: str, n: int, by: int, by_what: str, fix: str) -> None:
         raise ShardwiseError(f"{what} ({n}) is not divisible by {by_what} ({by}); {fix}")
 
 
+def held_kv_heads(part: int, parts: int, kv_heads: int) -> range:
+    """The key/value heads that part ``part`` of a ``parts``-way split of the
+    query heads holds (consecutive query heads per part, as tp_pp and helix
+    split them).
+
+    ``parts`` <= ``kv_heads``: an equal share, nothing replicated. More parts
+    than KV heads (``parts % kv_heads == 0``): the one KV head that the part's
+    query heads all use, ``part * kv_heads // parts``, so each KV head (its
+    K/V projection rows and its cache) is replicated over the
+    ``parts // kv_heads`` parts that share it, as vLLM does. Either way a
+    part's query heads see exactly the keys they see on one device."""
+    if parts <= kv_heads:
+        return range(part * kv_heads // parts, (part + 1) * kv_heads // parts)
+    first = part * kv_heads // parts
+    return range(first, first + 1)
+
+
+def kv_replicas(parts: int, kv_heads: int) -> int:
+    """How many parts hold each KV head under :func:`held_kv_heads`."""
+    return max(1, parts // kv_heads)
+
+
+def head_splits(spec: ModelSpec) -> list[int]:
+    """Ways the heads of ``spec`` split (:func:`held_kv_heads`): divisors of
+    n_heads that divide n_kv_heads or that n_kv_heads divides."""
+    return [p for p in range(1, spec.n_heads + 1)
+            if spec.n_heads % p == 0 and (spec.kv_heads % p == 0 or p % spec.kv_heads == 0)]
+
+
+def check_head_split(spec: ModelSpec, parts: int, what: str, name: str) -> None:
+    """Raise a one-line error unless the heads of ``spec`` split ``parts`` ways
+    (``what``: the degree as the plan names it, ``name``: its letter in the fix)."""
+    fix = f"choose {name} among {head_splits(spec)}"
+    divides(f"{spec.name}: n_heads", spec.n_heads, parts, what, fix)
+    Hkv = spec.kv_heads
+    if Hkv % parts and parts % Hkv:
+        raise ShardwiseError(
+            f"{spec.name}: n_kv_heads ({Hkv}) and {what} ({parts}): neither divides the "
+            f"other (up to {Hkv} parts split the kv heads; more parts replicate each kv head "
+            f"over the parts whose query heads use it); {fix}")
+
+
 def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
     """Split ``range(n)`` into ``parts`` contiguous ranges, sizes differing by <= 1
     (the first ranges get the extra items)."""

@@ -5,6 +5,13 @@ ranks of a head group are consecutive (one node's fast links). Rank (g, s)
 holds the Q/K/V projection rows of the heads of group g restricted to dims
 ``s*d/M .. (s+1)*d/M`` of each head, its share of W_o, and 1/P of d_ff: 1/P
 of every weight (norms and the MoE router, a few vectors, are replicated).
+With more head groups than KV heads (``N % n_kv_heads == 0``), a group holds
+the one KV head its query heads use, replicated over the ``N / n_kv_heads``
+groups that share it, as tensor parallelism does
+(:func:`~shardwise.parallel.base.held_kv_heads`): those K/V rows and their
+cache are the only attention state held more than once. The group's single
+KV head cannot be split over M > 1 ranks by heads, so it takes the
+``sequence`` re-partition below.
 
 Invariant: Q.K^T needs every dim of a head, so before the attention core the
 M ranks of a group re-partition with one all-to-all over ``slice``:
@@ -37,7 +44,8 @@ from ..model.rope import Rope
 from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
                                causal_attention, make_norm)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
-from .base import Strategy, balanced_ranges, dense_moe_ok, divides
+from .base import (Strategy, balanced_ranges, check_head_split, dense_moe_ok, divides,
+                   held_kv_heads)
 from .lse import attend_lse, merge_stack
 from .topology import Topology
 
@@ -223,10 +231,15 @@ class Helix(Strategy):
         return plan.shape
 
     @staticmethod
-    def repartition(spec: ModelSpec, groups: int, slices: int) -> str:
+    def group_kv_heads(spec: ModelSpec, groups: int) -> int:
+        """KV heads a head group holds (one, replicated, when groups > n_kv_heads)."""
+        return len(held_kv_heads(0, groups, spec.kv_heads))
+
+    @classmethod
+    def repartition(cls, spec: ModelSpec, groups: int, slices: int) -> str:
         """``heads`` when each rank can take whole kv heads (and their query
         heads) of its group, else ``sequence``."""
-        return "heads" if (spec.kv_heads // groups) % slices == 0 else "sequence"
+        return "heads" if cls.group_kv_heads(spec, groups) % slices == 0 else "sequence"
 
     @classmethod
     def ranks_needed(cls, plan: Plan) -> int:
@@ -246,19 +259,14 @@ class Helix(Strategy):
         if plan.micro_batches != 1:
             raise ShardwiseError(f"plan {plan}: helix runs the whole batch in one pass "
                                  f"(no pipeline to fill); remove mb={plan.micro_batches}")
-        what = f"head groups N of plan {plan}"
-        divides(f"{spec.name}: n_heads", spec.n_heads, N, what,
-                f"choose N among {_divisors(spec.kv_heads)}")
-        divides(f"{spec.name}: n_kv_heads", spec.kv_heads, N, what,
-                f"choose N among {_divisors(spec.kv_heads)} (grouped-query attention "
-                f"keeps a kv head and its query heads in one group)")
+        check_head_split(spec, N, f"head groups N of plan {plan}", "N")
         divides(f"{spec.name}: head_dim", spec.head_dim, M, f"head-dim slices M of plan {plan}",
                 f"choose M among {_divisors(spec.head_dim)}")
         divides(f"{spec.name}: d_ff", spec.d_ff, N * M, f"N*M of plan {plan}",
                 "choose N and M whose product divides d_ff")
         if cls.repartition(spec, N, M) == "sequence" and workload.seq_len < M:
             raise ShardwiseError(
-                f"plan {plan}: {spec.kv_heads // N} kv heads per group cannot be split "
+                f"plan {plan}: {cls.group_kv_heads(spec, N)} kv heads per group cannot be split "
                 f"{M} ways, so helix splits the prompt into {M} position chunks, but "
                 f"seq_len is {workload.seq_len}; use seq_len >= {M} or a smaller M")
         return Topology(("group", "slice"), (N, M))
@@ -278,12 +286,14 @@ class Helix(Strategy):
         N, M = topo.size("group"), topo.size("slice")
         g, s = topo.coord("group"), topo.coord("slice")
         P, r = N * M, g * M + s
-        H, Hkv, d, F = spec.n_heads // N, spec.kv_heads // N, spec.head_dim, spec.d_ff // P
+        H, d, F = spec.n_heads // N, spec.head_dim, spec.d_ff // P
+        kv_heads = held_kv_heads(g, N, spec.kv_heads)  # replicated when N > n_kv_heads
+        Hkv = len(kv_heads)
         self.mode = self.repartition(spec, N, M)
         self.sum_all = SumOverMesh(comm, plan.option("reduce", "hier"))
         dims = torch.arange(s * d // M, (s + 1) * d // M)
         q_rows = head_rows(torch.arange(g * H, (g + 1) * H), d, dims)
-        kv_rows = head_rows(torch.arange(g * Hkv, (g + 1) * Hkv), d, dims)
+        kv_rows = head_rows(torch.arange(kv_heads.start, kv_heads.stop), d, dims)
         if self.mode == "heads":  # W_o columns of this rank's heads, all dims
             wo_cols = head_rows(torch.arange(g * H + s * H // M, g * H + (s + 1) * H // M), d)
             attn_cls = HeadSliceAttention
@@ -322,7 +332,10 @@ class Helix(Strategy):
             model.embed = VocabShardEmbedding(Fn.pad(loader.get("embed.weight", [rows]), pad),
                                               r * c, self.sum_all)
             model.lm_head = nn.Linear(spec.d_model, c, bias=False, device="meta")
-            set_param(model.lm_head, "weight", Fn.pad(loader.lm_head(rows), pad))
+            if spec.tie_embeddings:  # the same rows: one tensor
+                model.lm_head.weight = model.embed.weight
+            else:
+                set_param(model.lm_head, "weight", Fn.pad(loader.lm_head(rows), pad))
         loader.norm(model.norm, "norm")
         self.model = model
         if self.mode == "heads":
@@ -356,7 +369,7 @@ class Helix(Strategy):
         spec, topo, e = self.spec, self.topo, dtype_bytes(self.spec.dtype)
         N, M = topo.size("group"), topo.size("slice")
         B, D, d = self.workload.batch, spec.d_model, spec.head_dim
-        H, Hkv = spec.n_heads // N, spec.kv_heads // N
+        H, Hkv = spec.n_heads // N, self.group_kv_heads(spec, N)
         out: dict[str, int] = {}
 
         def add(op: str, axis: str, nbytes: int) -> None:

@@ -62,7 +62,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..parallel.base import balanced_ranges, dense_moe_ok, validate_plan
+from ..parallel.base import (balanced_ranges, dense_moe_ok, held_kv_heads, kv_replicas,
+                             validate_plan)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster
 
@@ -870,8 +871,10 @@ def norm_params(spec: ModelSpec) -> int:
 
 
 def attn_weights(spec: ModelSpec, heads: int, kv_heads: int, dim: int) -> int:
-    """Fused QKV ``[(H + 2 Hkv) d, D]`` plus W_o ``[D, H d]`` for a local slice."""
-    return (heads + 2 * kv_heads) * dim * spec.d_model + spec.d_model * heads * dim
+    """Fused QKV ``[(H + 2 Hkv) d, D]`` (and its bias, where the model has
+    one) plus W_o ``[D, H d]`` for a local slice."""
+    qkv = (heads + 2 * kv_heads) * dim
+    return qkv * (spec.d_model + spec.qkv_bias) + spec.d_model * heads * dim
 
 
 def mlp_weights(spec: ModelSpec, ff: int, experts: int = 0) -> int:
@@ -884,6 +887,18 @@ def mlp_weights(spec: ModelSpec, ff: int, experts: int = 0) -> int:
 def kv_bytes(spec: ModelSpec, seqs: int, kv_heads: int, positions: int) -> int:
     """K and V of one layer."""
     return 2 * seqs * kv_heads * positions * spec.head_dim * dtype_bytes(spec.dtype)
+
+
+def _kv_replication_notes(spec: ModelSpec, parts: int, what: str, unit: str,
+                          kv_rank: int) -> list[str]:
+    """What holding KV heads on more parts than there are (held_kv_heads) costs."""
+    copies = kv_replicas(parts, spec.kv_heads)
+    if copies <= 1:
+        return []
+    return [f"{what}={parts} > n_kv_heads={spec.kv_heads}: each KV head (its K/V projection "
+            f"rows and cache) is replicated on {copies} {unit}; of the KV cache's "
+            f"{fmt_bytes(kv_rank)} per rank, {fmt_bytes(kv_rank * (copies - 1) / copies)} "
+            f"is replicated"]
 
 
 # -- the strategies -------------------------------------------------------------------
@@ -1006,12 +1021,13 @@ class _Ctx:
         return sum(o.seconds for o in ops)
 
     def ends_weights(self, first: bool, last: bool, rows: int | None = None) -> int:
-        """Embedding (first stage), final norm and LM head (last stage)."""
+        """Embedding (first stage), final norm and LM head (last stage); a tied
+        LM head on the embedding's rank is the same tensor (ShardLoader.load_ends)."""
         V = self.spec.vocab_size
         n = norm_params(self.spec) if last else 0
         if V is not None:
             rows = V if rows is None else rows
-            n += rows * self.D * (first + last)
+            n += rows * self.D * ((first or last) if self.spec.tie_embeddings else first + last)
         return n
 
     def end_calls(self, first: bool, last: bool) -> Calls:
@@ -1145,7 +1161,8 @@ def _tp_pp(c: _Ctx) -> _Model:
     tp, pp = TpPp.degrees(c.plan)
     mb = min(c.plan.micro_batches, c.B)
     stages = [b - a for a, b in balanced_ranges(spec.n_layers, pp)]
-    H, Hkv = spec.n_heads // tp, spec.kv_heads // tp
+    # KV heads replicated over the ranks that share them when tp > n_kv_heads.
+    H, Hkv = spec.n_heads // tp, len(held_kv_heads(0, tp, spec.kv_heads))
     El = spec.n_experts // tp if spec.is_moe else 0
     b = -(-c.B // mb)  # the largest micro-batch
     can_graph = pp == 1 and dense_moe_ok(spec, c.B)  # TpPp.supports_graphs
@@ -1294,7 +1311,8 @@ def _tp_pp(c: _Ctx) -> _Model:
     width = 4 * c.D + (2 * H + 2 * Hkv) * c.d + hidden
     act = c.inputs + b * T * width * c.e + c.B * T * c.D * c.e
     buffers = b * T * c.D * c.e if pp > 1 else 0  # receive buffer of a stage
-    return _Model(prefill, decode, weights, kv, act, buffers)
+    return _Model(prefill, decode, weights, kv, act, buffers,
+                  _kv_replication_notes(spec, tp, "tp", "ranks", max(kv)))
 
 
 def _overlapped(c: _Ctx, w: LayerWork, layers: int, y: float, k: int = 2) -> float:
@@ -1382,7 +1400,7 @@ def _helix(c: _Ctx) -> _Model:
     P = N * M
     mode = Helix.repartition(spec, N, M)
     how = c.plan.option("reduce", "hier")
-    H, Hkv, d, D, e = spec.n_heads // N, spec.kv_heads // N, c.d, c.D, c.e
+    H, Hkv, d, D, e = spec.n_heads // N, Helix.group_kv_heads(spec, N), c.d, c.D, c.e
     B, T, S = c.B, c.T, c.S
     chunks = balanced_ranges(T, M)
     F = spec.d_ff // P
@@ -1552,7 +1570,8 @@ def _helix(c: _Ctx) -> _Model:
     if mode == "sequence":
         width += 2 * Hkv * d  # K/V of the whole group, gathered
     act = c.inputs + B * T * width * e
-    return _Model(prefill, decode, [w] * P, kv, act, B * T * D * e // M)
+    return _Model(prefill, decode, [w] * P, kv, act, B * T * D * e // M,
+                  _kv_replication_notes(spec, N, "N", "head groups", max(kv)))
 
 
 def whole_layer(c: _Ctx, tokens: float, core: Core, routed: float, **extra) -> LayerWork:
