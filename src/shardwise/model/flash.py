@@ -8,12 +8,12 @@ what head_dim 128 does. :func:`attend` runs :mod:`.triton_flash` (Triton);
 kernels on the same GPU (``scripts/attn-wide.py``, results/flash/README.md):
 
 * head_dim 512: every call of two or more queries (the causal prefill at
-  about 2x SDPA's memory-efficient kernel, a chunk at a query offset and
-  ring's blocks likewise);
+  2.8x SDPA's memory-efficient kernel on an H100, a chunk at a query offset
+  at 2.6x);
 * head_dim 256: a chunk at a query offset (SDPA takes an explicit mask
-  there, the memory-efficient kernel) and ``attend_lse``'s blocks (which
-  call FlashAttention-2), each about 1.8x; not the plain causal prefill,
-  where SDPA runs cuDNN's kernel, faster than this one;
+  there, the memory-efficient kernel: 2.0x) and ``attend_lse``'s blocks
+  (which call FlashAttention-2: 1.8x); not the plain causal prefill, where
+  SDPA runs cuDNN's kernel, 1.4x this one;
 * one query (a decode step) keeps PyTorch's kernels at both widths:
   FlashAttention-2 splits the keys over programs, this kernel does not.
 
@@ -26,9 +26,10 @@ path.
 positions ``q_start .. q_start + T`` over ``k, v [B, Hkv, S, d]`` at
 positions ``0 .. S`` (``causal``: a query sees the keys at or before its
 position; else all of them). Returns ``o [B, H, T, d]`` in q's dtype and
-``lse [B, H, T]`` (natural log, float32), as ``attend_lse`` does. K and V
-may be strided views (the KV cache's, ring's travelling block) whose rows
-are 16-byte aligned; grouped-query heads read each K/V head once.
+``lse [B, H, T]`` (natural log, float32), as ``attend_lse`` does. Q, K and
+V are read in place where their rows are contiguous and 16-byte aligned
+(the KV cache's views, ring's travelling block), else copied first;
+grouped-query heads read each K/V head once.
 """
 from __future__ import annotations
 
@@ -97,11 +98,16 @@ def _interpreter_index_fix() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    # Tensor descriptors (the copy engine) read rows at 16-byte aligned addresses.
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where its rows are not what the kernel
+    reads in place: contiguous and 16-byte aligned (tensor descriptors, the
+    copy engine, read K and V so; helix's K/V gathered over head-dim slices
+    are strided in the head dim)."""
     e = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((s * e) % 16 == 0 for s in t.stride()[:-1]))
+    if (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((s * e) % 16 == 0 for s in t.stride()[:-1])):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _interpreted(q: torch.Tensor) -> bool:
@@ -117,15 +123,13 @@ def wide_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CUDA (or fp16 on any device under Triton's interpreter), bf16/fp16 alike, a
     head_dim of :data:`CONFIGS`, at least two queries (``plain_causal``: a
     causal prefill from position 0, where SDPA may be faster), query heads a
-    multiple of the K/V heads, K and V rows 16-byte aligned, Triton
-    installed."""
+    multiple of the K/V heads, Triton installed."""
     d = q.shape[-1]
     c = CONFIGS.get(d)
     return ((q.is_cuda or _interpreted(q)) and q.dtype in _HALF and k.dtype == q.dtype
             and v.dtype == q.dtype and c is not None and (c.plain_causal or not plain_causal)
             and k.shape[-1] == d and v.shape[-1] == d and q.shape[1] % k.shape[1] == 0
-            and q.shape[2] >= 2 and k.shape[2] > 0
-            and q.stride(-1) == 1 and _aligned(k) and _aligned(v) and bool(_kernel()))
+            and q.shape[2] >= 2 and k.shape[2] > 0 and bool(_kernel()))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int = 0,
@@ -141,7 +145,7 @@ def launch(kernel, q, k, v, q_start: int = 0, causal: bool = False,
     pass the kernel compiled for Triton's interpreter)."""
     triton, fwd = kernel
     TensorDescriptor = triton.tools.tensor_descriptor.TensorDescriptor
-
+    q, k, v = _rows(q), _rows(k), _rows(v)
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv

@@ -910,6 +910,18 @@ class _CountedKernel:
         return counted
 
 
+def _stand_in_launch(name: str, run, also: str | None = None) -> None:
+    """``run()``, a Triton kernel's stand-in, counted by the innermost
+    :class:`CallCounter` (if any) as one kernel launch (and one call of
+    ``also``: a fused norm, an attention)."""
+    if not _COUNTERS:
+        run()
+        return
+    if also:
+        _COUNTERS[-1].note(also, name)
+    _COUNTERS[-1].opaque("kernels", name, run)
+
+
 class _FlashStandIn:
     """:mod:`shardwise.model.flash`'s Triton kernel on CPU: the float32
     attention of :mod:`shardwise.parallel.lse` on the same tensors (K/V read
@@ -937,11 +949,7 @@ class _FlashStandIn:
             desc_o.base.copy_(o)
             LSE.copy_(lse)
 
-        if _COUNTERS:
-            _COUNTERS[-1].note("attns", "triton flash")
-            _COUNTERS[-1].opaque("kernels", "triton flash", run)
-        else:
-            run()
+        _stand_in_launch("triton flash", run, "attns")
 
 
 class _MergeStandIn:
@@ -960,10 +968,7 @@ class _MergeStandIn:
             OUT.view(-1, D).copy_(out)
             LOUT.view(-1).copy_(total)
 
-        if _COUNTERS:
-            _COUNTERS[-1].opaque("kernels", "triton merge", run)
-        else:
-            run()
+        _stand_in_launch("triton merge", run)
 
 
 class _TritonStandIn:
@@ -1007,11 +1012,7 @@ class _TritonStandIn:
                     y = Fn.layer_norm(hf, (D,), W.float(), B.float() if HAS_BIAS else None, eps)
                 Y.copy_(y)
 
-            if _COUNTERS:
-                _COUNTERS[-1].note("norms", "triton add_norm")
-                _COUNTERS[-1].opaque("kernels", "triton add_norm", run)
-            else:
-                run()
+            _stand_in_launch("triton add_norm", run, "norms")
 
 
 class CudaPaths:
