@@ -110,6 +110,8 @@ def test_only_wide_heads_on_gpus_take_it(kernel, monkeypatch):
     assert flash.wide_ok(q256, k256, v256)
     assert not flash.wide_ok(q256, k256, v256, plain_causal=True)  # SDPA's cuDNN is faster
     assert flash.wide_ok(q, k, v, plain_causal=True)
+    many = [t.expand(65536, *t.shape[1:]) for t in (q, k, v)]  # more sequences x K/V heads
+    assert not flash.wide_ok(*many)  # than a grid's second dimension holds
     monkeypatch.setattr(flash, "_triton", False)  # Triton not installed
     assert not flash.wide_ok(q, k, v)
 

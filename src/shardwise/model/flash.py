@@ -66,6 +66,7 @@ CONFIGS: dict[int, Config] = {
 }
 
 _HALF = (torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension: sequences x K/V heads
 _triton = None  # (triton, flash_fwd_kernel), or False without Triton
 
 
@@ -123,13 +124,15 @@ def wide_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CUDA (or fp16 on any device under Triton's interpreter), bf16/fp16 alike, a
     head_dim of :data:`CONFIGS`, at least two queries (``plain_causal``: a
     causal prefill from position 0, where SDPA may be faster), query heads a
-    multiple of the K/V heads, Triton installed."""
+    multiple of the K/V heads, at most 65535 sequences x K/V heads, Triton
+    installed."""
     d = q.shape[-1]
     c = CONFIGS.get(d)
     return ((q.is_cuda or _interpreted(q)) and q.dtype in _HALF and k.dtype == q.dtype
             and v.dtype == q.dtype and c is not None and (c.plain_causal or not plain_causal)
             and k.shape[-1] == d and v.shape[-1] == d and q.shape[1] % k.shape[1] == 0
-            and q.shape[2] >= 2 and k.shape[2] > 0 and bool(_kernel()))
+            and q.shape[2] >= 2 and k.shape[2] > 0 and q.shape[0] * k.shape[1] <= _MAX_GRID_Y
+            and bool(_kernel()))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int = 0,

@@ -12,15 +12,16 @@ exponentials are ``exp2``; the lse is converted back to the natural log.
 Two choices are for wide heads on Hopper:
 
 * ``P V`` runs one key block late (block n's scores, then block n-1's
-  ``P V``): the two matrix products are independent, so they overlap
-  (FlashAttention-3's intra-warpgroup pipelining, Shah et al. 2024), and
-  Triton lays out the score tile without the "chained dot" rule that would
-  give every warp whole rows: at ``BLOCK_M`` 64 and 8 warps, the two
-  warpgroups split the key columns of the scores and the output's columns
-  instead of both computing the same scores.
+  ``P V``): the two matrix products are independent and may be in flight
+  together (FlashAttention-3's intra-warpgroup pipelining, Shah et al.
+  2024), and Triton lays out the score tile without its "chained dot" rule,
+  which gives every warp whole rows: at ``BLOCK_M`` 64 and 8 warps the two
+  warpgroups split the key columns of the scores and the output's columns,
+  where with the rule both would compute the same scores.
 * ``DV`` < ``HEAD_DIM`` splits the output's columns over programs (the
   scores are computed by each), for tiles whose float32 output would not
-  fit the registers.
+  fit the registers: a 128-row output at head_dim 512 (256 KB), the
+  fastest tiles measured there (``flash.CONFIGS``, results/flash).
 
 Grouped-query attention: the ``G`` query heads that share a key/value head
 are the rows of one problem (row ``r`` is head ``r // T`` of the group,
