@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..spec import ModelSpec
+from .flash import attend as wide_attend, wide_ok
 from .kernels import add_norm
 from .rope import Rope
 
@@ -161,8 +162,12 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
     """Softmax attention of ``q [B, H, T, d]`` (absolute positions
     ``q_start..q_start+T``) over ``k, v [B, Hkv, S, d]`` (positions ``0..S``),
     each query seeing keys at positions <= its own. Returns ``[B, H, T, d]``.
-    ``q_start`` may be a 0-d device tensor (static-shape decode)."""
+    ``q_start`` may be a 0-d device tensor (static-shape decode). Wide heads
+    (head_dim 256 and 512 on GPUs) run the flash kernel of :mod:`.flash`
+    where it is the faster; everything else ``scaled_dot_product_attention``."""
     T, S = q.shape[2], k.shape[2]
+    if not isinstance(q_start, torch.Tensor) and wide_ok(q, k, v, q_start == 0 and T == S):
+        return wide_attend(q, k, v, q_start, causal=True)[0]
     gqa = q.shape[1] != k.shape[1]
     if isinstance(q_start, torch.Tensor):
         def make_mask():

@@ -14,11 +14,12 @@ sees no key has ``lse = -inf`` and ``o = 0``; the merge gives it weight 0
 instead of a NaN.
 
 ``attend_lse`` computes one block. On CUDA, without an explicit mask, it
-calls PyTorch's fused kernels that also return the log-sum-exp (cuDNN's flash
+calls fused kernels that also return the log-sum-exp: at head_dim 256 and
+512 in half precision shardwise's own (:mod:`shardwise.model.flash`, which
+reads grouped-query K/V heads once), otherwise PyTorch's (cuDNN's flash
 attention for fp16/bf16 and head_dim <= 128, FlashAttention-2 up to 256, the
-memory-efficient kernel otherwise,
-e.g. head_dim 512, which has no flash kernel); elsewhere, and with a mask,
-it computes the scores explicitly in float32.
+memory-efficient kernel otherwise); elsewhere, and with a mask, it computes
+the scores explicitly in float32.
 
 On CUDA ``merge_stack`` is one Triton kernel (a program per query row: the
 blocks' maximum lse, the sum of their exponentials, the weighted sum of their
@@ -33,6 +34,7 @@ import math
 
 import torch
 
+from ..model.flash import attend as wide_attend, wide_ok
 from ..model.kernels import triton_kernel
 from ..model.reference import _per_step
 
@@ -55,6 +57,8 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal block needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    if mask is None and wide_ok(q, k, v):
+        return wide_attend(q, k, v, 0, causal, scale)
     k, v = _expand_kv(q, k, v)
     if mask is None and _fused_ok(q):
         return _attend_fused(q, k, v, scale, causal)

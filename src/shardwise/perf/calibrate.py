@@ -8,7 +8,9 @@ rank runs :func:`measure` at once, so collectives span all of them. Measured:
   every projection of their layers, whole and split over 2 tensor-parallel
   ranks: :func:`seed_gemm_shapes`), FLOPs = 2mkn; the profile keeps the median;
 * causal attention (``scaled_dot_product_attention``) at head_dim 128 and
-  512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses;
+  512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses; and
+  shardwise's flash kernel for wide heads at head_dim 256 and 512 as the
+  code calls it (``wide_attention_tflops``, GPUs only);
 * HBM bandwidth: a device copy, 2 x bytes (read + write) / time;
 * the host side of eager work, on every rank (the profile keeps the slowest
   rank's: a step waits for it): an op that launches a kernel, one that
@@ -36,6 +38,7 @@ small sizes and few iterations so the whole path runs on CPU in seconds.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -135,6 +138,27 @@ def attention_rate(device, dtype, head_dim: int, quick: bool) -> dict:
                3 if quick else 10, 1 if quick else 3)
     return {"batch": B, "heads": H, "seq": L, "head_dim": head_dim,
             "tflops": 4 * B * H * head_dim * L * (L + 1) / 2 / t / 1e12}
+
+
+def wide_attention_rate(device, dtype, head_dim: int, quick: bool) -> float | None:
+    """shardwise's flash kernel for wide heads (``model/flash.py``) as the code
+    calls it, causal, at head_dim 256 or 512 (TFLOP/s, the count of
+    :func:`attention_rate`): ``attend_lse`` on a block of queries, which takes
+    the kernel at both widths. None where the code would not take it (CPU,
+    fp32, Triton missing)."""
+    import torch
+
+    from ..model.flash import wide_ok
+    from ..parallel.lse import attend_lse
+
+    B, L = (1, 128) if quick else (1, 8192)
+    H = max(1, (512 if quick else 8192) // head_dim)
+    q, k, v = (torch.randn(B, H, L, head_dim, device=device, dtype=dtype) for _ in range(3))
+    if not wide_ok(q, k, v):
+        return None
+    t = _timer(device, lambda: attend_lse(q, k, v, causal=True), 3 if quick else 10,
+               1 if quick else 3)
+    return 4 * B * H * head_dim * L * (L + 1) / 2 / t / 1e12
 
 
 def copy_rate(device, quick: bool) -> float:
@@ -822,7 +846,9 @@ class CallCounter:
 
         from ..parallel import lse
 
-        self._triton = kernels._triton, lse._triton_merge
+        from ..model import flash
+
+        self._triton = kernels._triton, lse._triton_merge, flash._triton
         if (kernels._triton and not isinstance(kernels._triton[1], _TritonStandIn._Kernel)
                 and not isinstance(kernels._triton[1], _CountedKernel)):
             kernels._triton = (kernels._triton[0], _CountedKernel(kernels._triton[1]))
@@ -831,6 +857,11 @@ class CallCounter:
                 and not isinstance(lse._triton_merge[1], _CountedKernel)):
             lse._triton_merge = (lse._triton_merge[0],
                                  _CountedKernel(lse._triton_merge[1], "triton merge", norm=False))
+        # The flash kernel for wide heads: one kernel, one attention.
+        if (flash._triton and not isinstance(flash._triton[1], _FlashStandIn)
+                and not isinstance(flash._triton[1], _CountedKernel)):
+            flash._triton = (flash._triton[0],
+                             _CountedKernel(flash._triton[1], "triton flash", norm=False, attn=True))
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda module, args: counter.note("modules", type(module).__name__))
         self._mode = Mode()
@@ -845,20 +876,24 @@ class CallCounter:
 
         from ..parallel import lse
 
+        from ..model import flash
+
         _COUNTERS.remove(self)
         self._mode.__exit__(*exc)
         self._hook.remove()
         comm_module.dist, comm_module._all_gather_into, comm_module._reduce_scatter_into = self._saved
-        kernels._triton, lse._triton_merge = self._triton
+        kernels._triton, lse._triton_merge, flash._triton = self._triton
         return False
 
 
 class _CountedKernel:
     """A Triton kernel whose launches the innermost :class:`CallCounter`
-    counts as one kernel (and, with ``norm``, one fused add + norm)."""
+    counts as one kernel (and, with ``norm``, one fused add + norm; with
+    ``attn``, one attention)."""
 
-    def __init__(self, kernel, name: str = "triton add_norm", norm: bool = True):
-        self.kernel, self.name, self.norm = kernel, name, norm
+    def __init__(self, kernel, name: str = "triton add_norm", norm: bool = True,
+                 attn: bool = False):
+        self.kernel, self.name, self.norm, self.attn = kernel, name, norm, attn
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
@@ -868,9 +903,53 @@ class _CountedKernel:
                 return launch(*args, **kwargs)
             if self.norm:
                 _COUNTERS[-1].note("norms", self.name)
+            if self.attn:
+                _COUNTERS[-1].note("attns", self.name)
             return _COUNTERS[-1].opaque("kernels", self.name, launch, *args, **kwargs)
 
         return counted
+
+
+def _stand_in_launch(name: str, run, also: str | None = None) -> None:
+    """``run()``, a Triton kernel's stand-in, counted by the innermost
+    :class:`CallCounter` (if any) as one kernel launch (and one call of
+    ``also``: a fused norm, an attention)."""
+    if not _COUNTERS:
+        run()
+        return
+    if also:
+        _COUNTERS[-1].note(also, name)
+    _COUNTERS[-1].opaque("kernels", name, run)
+
+
+class _FlashStandIn:
+    """:mod:`shardwise.model.flash`'s Triton kernel on CPU: the float32
+    attention of :mod:`shardwise.parallel.lse` on the same tensors (K/V read
+    from the descriptors' bases), counted as one kernel launch and one
+    attention."""
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    @staticmethod
+    def _launch(Q, desc_k, desc_v, desc_o, LSE, sq_b, sq_h, sq_t, T, S, G, Hkv, q_start,
+                qk_scale, CAUSAL, **constexprs):
+        import math
+
+        import torch
+
+        from ..parallel.lse import _attend_math, _expand_kv
+
+        def run():
+            k, v = _expand_kv(Q, desc_k.base, desc_v.base)
+            keep = None
+            if CAUSAL:  # query t sees keys up to q_start + t
+                keep = (torch.arange(S)[None, :] <= q_start + torch.arange(T)[:, None])
+            o, lse = _attend_math(Q, k, v, keep, qk_scale / math.log2(math.e), False)
+            desc_o.base.copy_(o)
+            LSE.copy_(lse)
+
+        _stand_in_launch("triton flash", run, "attns")
 
 
 class _MergeStandIn:
@@ -889,19 +968,30 @@ class _MergeStandIn:
             OUT.view(-1, D).copy_(out)
             LOUT.view(-1).copy_(total)
 
-        if _COUNTERS:
-            _COUNTERS[-1].opaque("kernels", "triton merge", run)
-        else:
-            run()
+        _stand_in_launch("triton merge", run)
 
 
 class _TritonStandIn:
-    """What :mod:`shardwise.model.kernels` needs of Triton, on CPU: the fused
-    add + norm kernel computed by PyTorch, counted as one kernel launch."""
+    """What :mod:`shardwise.model.kernels` (and :mod:`shardwise.model.flash`)
+    need of Triton, on CPU: the fused add + norm kernel computed by PyTorch,
+    counted as one kernel launch; a tensor descriptor that holds its tensor."""
 
     @staticmethod
     def next_power_of_2(n: int) -> int:
         return 1 << max(0, int(n) - 1).bit_length()
+
+    @staticmethod
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    class tools:  # noqa: N801 - triton.tools.tensor_descriptor.TensorDescriptor's place
+        class tensor_descriptor:  # noqa: N801
+            @dataclasses.dataclass
+            class TensorDescriptor:
+                base: object
+                shape: list
+                strides: list
+                block_shape: list
 
     class _Kernel:
         def __getitem__(self, grid):
@@ -922,11 +1012,7 @@ class _TritonStandIn:
                     y = Fn.layer_norm(hf, (D,), W.float(), B.float() if HAS_BIAS else None, eps)
                 Y.copy_(y)
 
-            if _COUNTERS:
-                _COUNTERS[-1].note("norms", "triton add_norm")
-                _COUNTERS[-1].opaque("kernels", "triton add_norm", run)
-            else:
-                run()
+            _stand_in_launch("triton add_norm", run, "norms")
 
 
 class CudaPaths:
@@ -981,12 +1067,15 @@ class CudaPaths:
 
         from ..parallel import lse
 
+        from ..model import flash
+
         self._had = "is_cuda" in torch.Tensor.__dict__
         self._saved = torch.Tensor.__dict__.get("is_cuda")
-        self._triton = kernels._triton, lse._triton_merge
+        self._triton = kernels._triton, lse._triton_merge, flash._triton
         torch.Tensor.is_cuda = property(lambda self: True)
         kernels._triton = (_TritonStandIn, _TritonStandIn._Kernel())
         lse._triton_merge = (_TritonStandIn, _MergeStandIn())
+        flash._triton = (_TritonStandIn, _FlashStandIn())
         self._mode = StandIn()
         self._mode.__enter__()
         return self
@@ -998,8 +1087,10 @@ class CudaPaths:
 
         from ..parallel import lse
 
+        from ..model import flash
+
         self._mode.__exit__(*exc)
-        kernels._triton, lse._triton_merge = self._triton
+        kernels._triton, lse._triton_merge, flash._triton = self._triton
         if self._had:
             torch.Tensor.is_cuda = self._saved
         else:
@@ -1090,6 +1181,7 @@ def measure(job, settings: dict) -> dict | None:
         matmuls = {d: matmul_rates(device, torch_dtype(d), quick) for d in dtypes}
         first = torch_dtype(dtypes[0])
         attn = [attention_rate(device, first, hd, quick) for hd in (128, 512)]
+        wide = {hd: wide_attention_rate(device, first, hd, quick) for hd in (256, 512)}
         hbm = copy_rate(device, quick)
         stream = stream_rate(device, first, quick)
         flash = flash_rate(device, first, quick)
@@ -1149,6 +1241,9 @@ def measure(job, settings: dict) -> dict | None:
            if host["collective_us"] else {}),
         "stream_gbps": round(stream, 2),
         **({"flash_tflops": round(flash, 3)} if flash else {}),
+        **({"wide_attention_tflops": {"dtype": dtypes[0], **{str(hd): round(r, 3)
+                                                              for hd, r in wide.items() if r}}}
+           if any(wide.values()) else {}),
         **graph,
         **({"overlap_efficiency": round(overlap, 3)} if overlap is not None else {}),
         "sustained_matmul_tflops": round(sustained, 3),
@@ -1234,7 +1329,9 @@ def calibrate_command(out: str, nproc: int | None = None, device: str = "auto",
     lines = [f"wrote profile {p['name']} to {out}: {p['source']['summary']}",
              "matmul TFLOP/s: " + ", ".join(f"{d} {v:g}" for d, v in p["matmul_tflops"].items()),
              f"attention TFLOP/s: head_dim 128 {p['attention_tflops']['head_dim<=256']:g}, "
-             f"head_dim 512 {p['attention_tflops']['head_dim>256']:g}",
+             f"head_dim 512 {p['attention_tflops']['head_dim>256']:g}"
+             + "".join(f"; shardwise's flash kernel, head_dim {hd} {v:g}"
+                       for hd, v in p.get("wide_attention_tflops", {}).items() if hd != "dtype"),
              f"device copy {p['hbm_gbps']:g} GB/s",
              f"host per call (slowest rank): op {p['op_us']:g} us, view {p['view_us']:g} us, "
              f"module {p['module_us']:g} us, device-to-host read {p['sync_us']:g} us"

@@ -103,6 +103,8 @@ class Cluster:
     # see docs/costmodel.md "Profiles"):
     stream_gbps: float | None = None  # read-bound streaming (GEMV, decode attention)
     flash_tflops: float | None = None  # FlashAttention-2 kernel called directly (bf16/fp16, d<=256)
+    # shardwise's flash kernel for wide heads (model/flash.py), causal, by head_dim: {"256": TFLOP/s, ...}
+    wide_attention_tflops: dict = field(default_factory=dict)
     kernel_us: float | None = None  # GPU time of a tiny kernel in a stream / CUDA graph
     graph_latency_us: float | None = None  # small collective captured in a CUDA graph
     graph_collective_us: dict = field(default_factory=dict)  # op -> us, the same by kind
@@ -165,6 +167,18 @@ class Cluster:
         ref = self.matmul_tflops.get(self.attention_tflops.get("dtype", "bf16"))
         scale = self.matmul_rate(dtype) / (ref * 1e12) if ref else 1.0
         return base * 1e12 * min(1.0, scale)
+
+    def wide_attention_rate(self, head_dim: int, dtype: str) -> float | None:
+        """shardwise's flash kernel for wide heads (``model/flash.py``) at this
+        head_dim in half precision, as calibrate measured it (bf16; fp16
+        scaled like :meth:`attention_rate`); None where the profile has no
+        figure for it (the cost model then charges PyTorch's kernels)."""
+        base = self.wide_attention_tflops.get(str(head_dim))
+        if base is None or dtype not in ("bf16", "fp16", "bfloat16", "float16"):
+            return None
+        ref = self.matmul_tflops.get(self.wide_attention_tflops.get("dtype", "bf16"))
+        scale = self.matmul_rate(dtype) / (ref * 1e12) if ref else 1.0
+        return float(base) * 1e12 * min(1.0, scale)
 
     @property
     def hbm_rate(self) -> float:
@@ -451,6 +465,8 @@ class Cluster:
                 launch_us=float(d.get("launch_us", 0.0)), source=d.get("source", {}),
                 device=d.get("device", ""),
                 stream_gbps=_opt(d, "stream_gbps"), flash_tflops=_opt(d, "flash_tflops"),
+                wide_attention_tflops={k: (v if k == "dtype" else float(v))
+                                       for k, v in d.get("wide_attention_tflops", {}).items()},
                 kernel_us=_opt(d, "kernel_us"), graph_latency_us=_opt(d, "graph_latency_us"),
                 graph_collective_us={k: float(v)
                                      for k, v in d.get("graph_collective_us", {}).items()},

@@ -12,7 +12,8 @@ actually does on its busiest rank, layer by layer:
   are those of the distinct experts that receive a token). The attention
   core runs at the rate of the kernel the code calls (SDPA as calibrated,
   FlashAttention-2 for attend_lse and eager decode, the memory-efficient
-  kernel past head_dim 256). Elementwise passes the code makes (norms, adds,
+  kernel past head_dim 256; shardwise's own at head_dim 256 and 512 where
+  the code takes it and the profile measured it). Elementwise passes the code makes (norms, adds,
   activation, KV-cache writes, each strategy's copies) run at the copy rate.
 * issue: every kernel pays ``kernel_us`` on the GPU. The host side of
   eager work is counted call by call from the code (:class:`Calls`,
@@ -62,6 +63,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..model.flash import CONFIGS as WIDE_CONFIGS
 from ..parallel.base import (balanced_ranges, dense_moe_ok, held_kv_heads, kv_replicas,
                              validate_plan)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
@@ -725,6 +727,12 @@ class Roofline:
         self.attn = cluster.attention_rate(spec.head_dim, spec.dtype) * self.derate
         self.flash = (cluster.flash_rate(spec.dtype) * self.derate
                       if spec.head_dim <= 256 and self.e == 2 else self.attn)
+        # shardwise's kernel for wide heads, at calibrate's rate, where the code
+        # takes it (model/flash.py: not one query; the plain causal prefill only
+        # where its Config says so); None: PyTorch's kernels' rates.
+        wide = cluster.wide_attention_rate(spec.head_dim, spec.dtype)
+        self.wide = wide * self.derate if wide else None
+        self.wide_plain = spec.head_dim in WIDE_CONFIGS and WIDE_CONFIGS[spec.head_dim].plain_causal
         self.hbm = cluster.hbm_rate
         self.stream = cluster.stream_rate
 
@@ -772,6 +780,8 @@ class Roofline:
         q_o = 2 * c.seqs * c.queries * c.heads * d
         kv = 2 * c.seqs * c.keys * c.kv_heads * d
         rate = self.flash if c.kernel == "flash" else self.attn
+        if self.wide and not c.decode and (c.kernel == "flash" or self.wide_plain):
+            rate = self.wide
         work = flops
         if c.decode:
             tile = FLASH_Q_TILE if (c.kernel == "flash" and d <= 256) else EFFICIENT_Q_TILE
