@@ -831,6 +831,9 @@ class CallCounter:
                 and not isinstance(lse._triton_merge[1], _CountedKernel)):
             lse._triton_merge = (lse._triton_merge[0],
                                  _CountedKernel(lse._triton_merge[1], "triton merge", norm=False))
+        # The Triton kernels launched through a function with a PyTorch form
+        # (rotary embedding, SwiGLU): each launch one kernel.
+        self._launches = _wrap_launches(lambda name, launch, form: _counted(name, launch))
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda module, args: counter.note("modules", type(module).__name__))
         self._mode = Mode()
@@ -850,7 +853,54 @@ class CallCounter:
         self._hook.remove()
         comm_module.dist, comm_module._all_gather_into, comm_module._reduce_scatter_into = self._saved
         kernels._triton, lse._triton_merge = self._triton
+        _restore_launches(self._launches)
         return False
+
+
+# Triton kernels whose launch function has a PyTorch form of the same
+# signature: (module, its kernel holder, the launch, the PyTorch form, the
+# name a launch is counted under).
+FUSED_LAUNCHES = (
+    ("shardwise.model.rotary", "_triton", "_launch", "_torch", "triton rotary"),
+    ("shardwise.model.kernels", "_swiglu", "_swiglu_launch", "_swiglu_torch", "triton swiglu"),
+)
+
+
+def _counted(name: str, fn):
+    """``fn`` counted as one kernel launch by the innermost :class:`CallCounter`."""
+    if getattr(fn, "counted_as", None):
+        return fn
+
+    def run(*args, **kwargs):
+        if not _COUNTERS:
+            return fn(*args, **kwargs)
+        return _COUNTERS[-1].opaque("kernels", name, fn, *args, **kwargs)
+
+    run.counted_as = name
+    return run
+
+
+def _wrap_launches(make, stand_in: bool = False) -> list:
+    """Replace each :data:`FUSED_LAUNCHES` launch by ``make(name, launch,
+    PyTorch form)`` (``stand_in``: also make its kernel look loaded, for
+    CPU tensors on the GPU branches); returns what :func:`_restore_launches`
+    puts back."""
+    import importlib
+
+    saved = []
+    for module, holder, launch, form, name in FUSED_LAUNCHES:
+        mod = importlib.import_module(module)
+        saved.append((mod, holder, getattr(mod, holder), launch, getattr(mod, launch)))
+        if stand_in:
+            setattr(mod, holder, (_TritonStandIn, None))
+        setattr(mod, launch, make(name, getattr(mod, launch), getattr(mod, form)))
+    return saved
+
+
+def _restore_launches(saved: list) -> None:
+    for mod, holder, kernel, launch, fn in saved:
+        setattr(mod, holder, kernel)
+        setattr(mod, launch, fn)
 
 
 class _CountedKernel:
@@ -935,7 +985,8 @@ class CudaPaths:
     choose their fused kernels by it), the kernels that exist only on CUDA are
     computed by their CPU counterparts (FlashAttention and cuDNN's attention by
     the CPU flash kernel, a matmul with a float32 output by a float32 matmul,
-    the Triton add + norm and merge by PyTorch), one call each, as on the GPU. Numerics
+    the Triton add + norm, merge, rotary embedding and SwiGLU by PyTorch),
+    one call each, as on the GPU. Numerics
     match the CPU path's to rounding."""
 
     def __enter__(self):
@@ -987,6 +1038,8 @@ class CudaPaths:
         torch.Tensor.is_cuda = property(lambda self: True)
         kernels._triton = (_TritonStandIn, _TritonStandIn._Kernel())
         lse._triton_merge = (_TritonStandIn, _MergeStandIn())
+        self._launches = _wrap_launches(lambda name, launch, form: _counted(name, form),
+                                        stand_in=True)
         self._mode = StandIn()
         self._mode.__enter__()
         return self
@@ -1000,6 +1053,7 @@ class CudaPaths:
 
         self._mode.__exit__(*exc)
         kernels._triton, lse._triton_merge = self._triton
+        _restore_launches(self._launches)
         if self._had:
             torch.Tensor.is_cuda = self._saved
         else:
