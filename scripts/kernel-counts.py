@@ -5,8 +5,12 @@ each one call, as on a GPU) for the static decode step a CUDA graph replays
 (and the eager step beside it).
 
 A layer's count is the busiest rank's difference between a model of 2S and
-one of S layers (S: the plan's pipeline stages), so the step's own launches
-(embedding, masks, final norm, LM head) drop out. The architectures are
+one of S layers (S: the plan's pipeline stages: each rank holds one layer
+more), so the step's own launches (embedding, masks, final norm, LM head)
+drop out. On gloo a tensor-parallel all-reduce is a collective followed by
+the fused add + norm kernel; on GPUs (NCCL, symmetric memory) a decode
+step's all-reduce, add and norm are one kernel, counted here as the
+collective. The architectures are
 tiny (the counts do not depend on the sizes) with each family's features:
 GPT-style (LayerNorm, tanh GELU, MHA), Llama-style (RMSNorm, SwiGLU,
 grouped-query attention, Llama 3.1 rotary) and Mixtral-style (the Llama
@@ -44,6 +48,7 @@ PLANS = [("tp_pp:1x1", 1, 1), ("tp_pp:2x1", 2, 1), ("tp_pp:1x2", 2, 2), ("tp_pp:
          ("helix:1x2", 2, 1), ("helix:2x1", 2, 1), ("ring:2", 2, 1),
          ("layerwise:cap=100GB", 2, 1), (PIPELINE, 2, 2), ("ep:2", 2, 1)]
 WORKLOAD = Workload(batch=4, seq_len=16, decode_steps=2)
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p", "broadcast")
 
 
 def main() -> int:
@@ -66,13 +71,11 @@ def main() -> int:
         for i, (arch, plan, stages) in enumerate(keys):
             a, b = res[2 * i], res[2 * i + 1]
             row = {"arch": arch, "plan": plan, "ranks": nproc}
-            for phase in ("static", "decode"):
-                per = [(rb["kernels"] - ra["kernels"]) / stages for ra, rb in zip(a[phase], b[phase])]
-                row[f"{phase}_kernels_per_layer"] = max(per)
+            for phase in ("static", "decode"):  # each rank holds one layer more in b
+                row[f"{phase}_kernels_per_layer"] = max(
+                    rb["kernels"] - ra["kernels"] for ra, rb in zip(a[phase], b[phase]))
                 row[f"{phase}_collectives_per_layer"] = max(
-                    sum(rb[k] - ra[k] for k in ("all_reduce", "all_gather", "reduce_scatter",
-                                                 "all_to_all", "p2p", "broadcast")) / stages
-                    for ra, rb in zip(a[phase], b[phase]))
+                    sum(rb[k] - ra[k] for k in COLLECTIVES) for ra, rb in zip(a[phase], b[phase]))
             rows.append(row)
             print(json.dumps(row), flush=True)
     rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,

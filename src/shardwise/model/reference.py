@@ -319,6 +319,15 @@ def up_projection(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch
     return Fn.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
+def up_projections(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch.Tensor:
+    """:func:`up_projection` of ``x [N, D]`` through every expert of ``w_in
+    [E, F or 2F, D]`` in one GEMM (the experts' rows stacked): ``[N, E, F]``."""
+    E, rows, D = w_in.shape
+    if activation == "swiglu":  # each expert's [gate; up] rows: its own halves
+        return swiglu(Fn.linear(x, w_in.reshape(E * rows, D)).view(x.shape[0], E, rows))
+    return up_projection(x, w_in.reshape(E * rows, D), activation).view(x.shape[0], E, rows)
+
+
 class MLP(nn.Module):
     """Two-matrix GELU MLP, or SwiGLU (gate and up fused in one matrix)."""
 
@@ -400,19 +409,20 @@ class MoE(nn.Module):
         return out.view(shape)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
-        """Every held expert on every token ``x [N, D]``, added in expert order
-        with its routing weight, which is 0 for the tokens that did not pick
-        it: each token gets the same terms, rounded and added in the same
-        order, as the loop over routed tokens."""
+        """Every held expert on every token ``x [N, D]``, weighted by its
+        routing weight, which is 0 for the tokens that did not pick it: a
+        token's terms are its picked experts' weighted outputs, each rounded,
+        as in the loop over routed tokens; they are summed in float32 and
+        rounded once (the loop's running sum for two picks). A few kernels
+        whatever the experts: one GEMM for every expert's up-projection, the
+        activation, one batched GEMM down, the weighting and the sum."""
         held = self.w_in.shape[0]
         ids = torch.arange(self.first_expert, self.first_expert + held, device=x.device)
         # [N, held]: a token's weight for each held expert (top-k picks are distinct)
         gate = (weights[:, :, None] * (experts[:, :, None] == ids)).sum(1).to(x.dtype)
-        out = torch.zeros_like(x)
-        for e in range(held):
-            y = expert_mlp(x, self.w_in[e], self.w_down[e], self.activation)
-            out += y * gate[:, e, None]
-        return out
+        h = up_projections(x, self.w_in, self.activation)  # [N, held, F]
+        y = torch.bmm(h.transpose(0, 1), self.w_down.transpose(1, 2))  # [held, N, D]
+        return (y * gate.t()[:, :, None]).sum(0)
 
 
 class Block(nn.Module):
