@@ -86,18 +86,9 @@ def tests(args) -> list[str]:
 # -- probe -------------------------------------------------------------------------------
 
 def _time_ms(fn, iters=20, warmup=3) -> float:
-    import torch
+    from shardwise.runtime.timing import _event_times
 
-    for _ in range(warmup):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return 1e3 * statistics.median(_event_times(fn, iters, warmup))
 
 
 def probe(args) -> list[str]:
