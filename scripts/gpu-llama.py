@@ -183,8 +183,30 @@ def probe(args) -> list[str]:
         recs.append({"probe": "decode_default_backend", "B": B,
                      "choice": BACKENDS.get(int(choice))})
         del kv, k, v
+    # Mixtral's expert down projections in a decode step (8 experts, D 4096,
+    # F 14336): the batched GEMM against one GEMM of every pair (the weights
+    # read once by many blocks), and the stacked up-projection GEMM.
+    from shardwise.model.reference import down_projections
+
+    E, D, F = 8, 4096, 14336
+    w_down = rnd(E, D, F) * 0.01
+    w_in = rnd(E * 2 * F, D) * 0.01
+    for N in (1, 16):
+        h = rnd(N, E, F)
+        variants = {"bmm": lambda: torch.bmm(h.transpose(0, 1), w_down.transpose(1, 2)),
+                    "all pairs (down_projections)": lambda: down_projections(h, w_down),
+                    "up, stacked": lambda: Fn.linear(h[:, 0, :D], w_in)}
+        for name, fn in variants.items():
+            ms = _time_ms(fn, iters=30)
+            nbytes = (w_in if name.startswith("up") else w_down).nbytes
+            recs.append({"probe": "moe_decode_gemm", "variant": name, "N": N, "us": 1e3 * ms,
+                         "weight_gbps": nbytes / ms / 1e6})
+    del w_down, w_in
     write(args.out, "probe.jsonl", recs)
     for r in recs:
+        if r.get("probe") == "moe_decode_gemm":
+            lines.append(f"moe decode N={r['N']} {r['variant']}: {r['us']:.0f} us "
+                         f"({r['weight_gbps']:.0f} GB/s)")
         log(json.dumps(r))
         if r.get("probe") == "decode_attention" and r.get("us"):
             lines.append(f"decode attn B={r['B']} {r['variant']}: {r['us']:.1f} us "

@@ -319,6 +319,22 @@ def up_projection(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch
     return Fn.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
+def grouped_expert_mlp(x: torch.Tensor, sizes: list[int], w_in: torch.Tensor,
+                       w_down: torch.Tensor, activation: str) -> torch.Tensor:
+    """Experts on rows grouped by expert: ``x [R, D]`` holds ``sizes[e]`` rows
+    for local expert e, in expert order; ``w_in [El, (2)F, D]``,
+    ``w_down [El, D, F]``. Returns ``[R, D]``: one matrix product per expert
+    over its contiguous slice (the loop is over local experts, never tokens)."""
+    out = torch.empty_like(x)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            out[start : start + n] = expert_mlp(x[start : start + n], w_in[e], w_down[e],
+                                                activation)
+        start += n
+    return out
+
+
 def up_projections(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch.Tensor:
     """:func:`up_projection` of ``x [N, D]`` through every expert of ``w_in
     [E, F or 2F, D]`` in one GEMM (the experts' rows stacked): ``[N, E, F]``."""
@@ -326,6 +342,33 @@ def up_projections(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torc
     if activation == "swiglu":  # each expert's [gate; up] rows: its own halves
         return swiglu(Fn.linear(x, w_in.reshape(E * rows, D)).view(x.shape[0], E, rows))
     return up_projection(x, w_in.reshape(E * rows, D), activation).view(x.shape[0], E, rows)
+
+
+# Rows x experts up to which down_projections multiplies every expert's rows
+# by every expert's matrix in one GEMM: its arithmetic intensity is that many
+# FLOPs per weight byte, half the ridge of an H100 (~270), so the GEMM still
+# moves weights at the copy rate.
+ALL_PAIRS_MAX_ROWS = 128
+
+
+def down_projections(h: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """Each expert's down projection of its own rows: ``h [N, E, F]``,
+    ``w_down [E, D, F]`` -> ``[N, D, E]`` (views).
+
+    A batched GEMM runs one small product per expert (N rows, D x F each),
+    few thread blocks over long reductions: decode steps read the weights
+    well under the copy rate. For few rows (N x E <= ALL_PAIRS_MAX_ROWS)
+    this is one GEMM of every expert's rows against every expert's matrix,
+    the weights read once by many blocks, and the pairs of an expert with
+    its own rows are kept (the extra products are free while the GEMM is
+    bound by the weights' bytes); each kept value is the same dot product,
+    rounded once, as the batched GEMM's."""
+    N, E, F = h.shape
+    D = w_down.shape[1]
+    if N * E <= ALL_PAIRS_MAX_ROWS:
+        pairs = Fn.linear(h.reshape(N * E, F), w_down.reshape(E * D, F))  # [N*E, E*D]
+        return pairs.view(N, E, E, D).diagonal(dim1=1, dim2=2)  # [N, D, E]
+    return torch.bmm(h.transpose(0, 1), w_down.transpose(1, 2)).permute(1, 2, 0)
 
 
 class MLP(nn.Module):
@@ -400,13 +443,26 @@ class MoE(nn.Module):
         weights, experts = route(router_logits(self.router, x), self.top_k)  # [N, k]
         if x.shape[0] <= DENSE_MOE_MAX_TOKENS:
             return self._dense(x, weights, experts).view(shape)
-        out = torch.zeros_like(x)
-        for e in range(self.w_in.shape[0]):
-            token, slot = torch.nonzero(experts == self.first_expert + e, as_tuple=True)
-            if token.numel():
-                y = expert_mlp(x[token], self.w_in[e], self.w_down[e], self.activation)
-                out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
-        return out.view(shape)
+        return self._routed(x, weights, experts).view(shape)
+
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+        """Each held expert on the tokens that picked it: the (token, pick)
+        pairs sorted by expert (stable: tokens in order), one host
+        synchronisation for the counts that size the groups, one GEMM pair
+        per expert on its contiguous rows (:func:`grouped_expert_mlp`), then
+        each token's weighted terms (rounded) summed in float32 over its
+        picks (the sum a running bf16 sum gives for two picks)."""
+        N, k = experts.shape
+        held = self.w_in.shape[0]
+        local = experts.reshape(-1) - self.first_expert  # [N*k]
+        key = torch.where((local >= 0) & (local < held), local, held)  # others sort last
+        order = torch.argsort(key, stable=True)
+        sizes = torch.bincount(key, minlength=held + 1)[:held].tolist()  # the host waits here
+        rows = order[: sum(sizes)]  # the held experts' (token, pick) pairs, by expert
+        y = grouped_expert_mlp(x[rows // k], sizes, self.w_in, self.w_down, self.activation)
+        terms = torch.zeros(N * k, x.shape[1], dtype=x.dtype, device=x.device)
+        terms[rows] = y * weights.reshape(-1)[rows, None].to(y.dtype)
+        return terms.view(N, k, -1).sum(1)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """Every held expert on every token ``x [N, D]``, weighted by its
@@ -415,14 +471,15 @@ class MoE(nn.Module):
         as in the loop over routed tokens; they are summed in float32 and
         rounded once (the loop's running sum for two picks). A few kernels
         whatever the experts: one GEMM for every expert's up-projection, the
-        activation, one batched GEMM down, the weighting and the sum."""
+        activation, the down projections (:func:`down_projections`), the
+        weighting and the sum."""
         held = self.w_in.shape[0]
         ids = torch.arange(self.first_expert, self.first_expert + held, device=x.device)
         # [N, held]: a token's weight for each held expert (top-k picks are distinct)
         gate = (weights[:, :, None] * (experts[:, :, None] == ids)).sum(1).to(x.dtype)
         h = up_projections(x, self.w_in, self.activation)  # [N, held, F]
-        y = torch.bmm(h.transpose(0, 1), self.w_down.transpose(1, 2))  # [held, N, D]
-        return (y * gate.t()[:, :, None]).sum(0)
+        y = down_projections(h, self.w_down)  # [N, D, held]
+        return (y * gate[:, None, :]).sum(-1)
 
 
 class Block(nn.Module):

@@ -60,9 +60,9 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if mask is None and _fused_ok(q):
             return _ungroup(q, *_attend_fused(rows, k, v, scale, False, queries=q.shape[2]))
         return _ungroup(q, *_attend_math(rows, k, v, mask, scale, False))
-    k, v = _expand_kv(q, k, v)
     if mask is None and _fused_ok(q):
         return _attend_fused(q, k, v, scale, causal)
+    k, v = _expand_kv(q, k, v)
     return _attend_math(q, k, v, mask, scale, causal)
 
 
@@ -83,9 +83,10 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
     S, T = k.shape[2], q.shape[2]
     if _groupable(q, k, False, None) and T == 1:  # the key prefix applies to each row alike
         return _ungroup(q, *attend_lse_prefix(_group(q, k), k, v, n, scale, may_be_empty))
-    k, v = _expand_kv(q, k, v)
     B, H, T, _ = q.shape
     fused = _fused_ok(q)
+    if not fused:
+        k, v = _expand_kv(q, k, v)
 
     def make():
         keep = torch.arange(S, device=q.device) < n.reshape(1)  # [S]
@@ -129,10 +130,11 @@ def _ungroup(q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor):
 
 
 def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """``k, v`` with their heads repeated to ``q``'s (grouped-query attention
-    where :func:`_groupable` is not: causal blocks): the fused kernels'
-    grouped-query support differs across releases; expanding the key/value
-    heads is correct everywhere."""
+    """``k, v`` with their heads repeated to ``q``'s, for the kernels that
+    take no grouped-query attention where :func:`_groupable` is not (causal
+    blocks): the math path and the memory-efficient kernel. cuDNN's and
+    FlashAttention's take ``Hkv < H`` as it is (PyTorch 2.11, H100: the same
+    result as repeated heads, results/llama/probe.jsonl)."""
     if q.shape[1] == k.shape[1]:
         return k, v
     g = q.shape[1] // k.shape[1]
@@ -173,6 +175,7 @@ def _attend_fused(q, k, v, scale: float, causal: bool, bias: torch.Tensor | None
             q, k, v, 0.0, causal, False, scale=scale)
         o, lse = out[0], out[1]  # lse [B, H, T] float32, natural log
     else:
+        k, v = _expand_kv(q, k, v)
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale)
         o, lse = out[0], out[1][..., :T]  # the kernel pads lse to a multiple of 32 queries

@@ -997,7 +997,14 @@ class CudaPaths:
 
         aten = torch.ops.aten
 
+        def grouped(q, k, v):
+            """k, v repeated to q's heads: the CUDA kernels take grouped-query
+            attention as it is, the CPU flash kernel does not."""
+            g = q.shape[1] // k.shape[1]
+            return (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+
         def flash(q, k, v, dropout_p=0.0, is_causal=False, *rest, scale=None, **kw):
+            k, v = grouped(q, k, v)
             o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, dropout_p, is_causal, scale=scale)
             none = torch.empty(0)
@@ -1012,6 +1019,7 @@ class CudaPaths:
 
         def cudnn(q, k, v, bias, want_lse, dropout_p=0.0, is_causal=False, debug=False, *,
                   scale=None):
+            k, v = grouped(q, k, v)
             o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, dropout_p, is_causal, scale=scale)
             none = torch.empty(0)
