@@ -184,17 +184,17 @@ def probe(args) -> list[str]:
                      "choice": BACKENDS.get(int(choice))})
         del kv, k, v
     # Mixtral's expert down projections in a decode step (8 experts, D 4096,
-    # F 14336): the batched GEMM against one GEMM of every pair (the weights
-    # read once by many blocks), and the stacked up-projection GEMM.
-    from shardwise.model.reference import down_projections
-
+    # F 14336): the batched GEMM against one GEMM of every (rows, expert)
+    # pair (the weights read once by many blocks, E x the FLOPs), and the
+    # stacked up-projection GEMM.
     E, D, F = 8, 4096, 14336
     w_down = rnd(E, D, F) * 0.01
     w_in = rnd(E * 2 * F, D) * 0.01
     for N in (1, 16):
         h = rnd(N, E, F)
+        pairs = lambda: Fn.linear(h.reshape(N * E, F), w_down.reshape(E * D, F))  # noqa: E731
         variants = {"bmm": lambda: torch.bmm(h.transpose(0, 1), w_down.transpose(1, 2)),
-                    "all pairs (down_projections)": lambda: down_projections(h, w_down),
+                    "all pairs (one GEMM, E x the FLOPs)": pairs,
                     "up, stacked": lambda: Fn.linear(h[:, 0, :D], w_in)}
         for name, fn in variants.items():
             ms = _time_ms(fn, iters=30)
@@ -355,6 +355,13 @@ def bench(args) -> list[str]:
                  **r, "max_rel_err": check.get("max_rel_err"), "numerics_ok": check.get("ok")}
                 for r in results if "phase" in r]
         write(args.out, "bench.jsonl", recs)
+        if args.trace:  # every table in one file (host ops, then kernels)
+            tdir = os.path.join(args.out, "traces")
+            with open(os.path.join(args.out, "trace-tables.txt"), "a") as f:
+                for t in sorted(os.listdir(tdir)):
+                    if t.startswith(name) and t.endswith(".txt"):
+                        with open(os.path.join(tdir, t)) as g:
+                            f.write(f"== {t}\n{g.read()}\n")
         for r in recs:
             if r["phase"] == "decode":
                 fig = (f"step {r['tpot_ms']:.3f} ms, floor {_f(r['hbm_floor_ms'])} ms, "

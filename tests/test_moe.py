@@ -132,14 +132,3 @@ def test_dense_decode_path_rounds_like_the_routed_loop(monkeypatch):
     torch.testing.assert_close(dense.float(), loop.float(), rtol=1e-2, atol=1e-2)
     assert (dense == loop).float().mean() > 0.9
 
-
-@pytest.mark.parametrize("rows", [3, 40])  # 3 x 4 experts: one GEMM of all pairs; 40 x 4: batched
-def test_down_projections_take_each_experts_own_rows(rows):
-    from shardwise.model.reference import ALL_PAIRS_MAX_ROWS, down_projections
-    E = 4
-    assert (rows * E <= ALL_PAIRS_MAX_ROWS) == (rows == 3)
-    g = torch.Generator().manual_seed(4)
-    h = torch.randn(rows, E, F, dtype=torch.float64, generator=g)
-    w = torch.randn(E, D, F, dtype=torch.float64, generator=g)
-    want = torch.stack([h[:, e] @ w[e].t() for e in range(E)], dim=-1)  # [rows, D, E]
-    torch.testing.assert_close(down_projections(h, w), want, rtol=1e-12, atol=1e-12)
