@@ -104,19 +104,16 @@ def _launch(rope, pos, q, k, v, kv, slot, length) -> None:
         ko, vo = kv[:, :, 0], kv[:, :, 1]  # [B, S, Hkv, d] views
     else:
         ko, vo, at = k, None, 0
-    none = x  # stands for an absent tensor (never read)
-    strides = [t.stride() if t is not None else (0, 0, 0, 0) for t in (q, k, v, ko)]
+    tensors = [t if t is not None else x for t in (q, k, v, ko, vo)]  # absent: never read
+    strides = [s for t in (q, k, v, ko) for s in (t.stride() if t is not None else (0,) * 4)]
+    # A device-tensor position or slot is read by the kernel; an int is passed as is.
+    on_device = [isinstance(t, torch.Tensor) for t in (pos, at)]
     half = d // 2
     block = triton.next_power_of_2(half)
     gb = triton.next_power_of_2(max(G, 1))
     kernel[(B * T, groups)](
-        q if q is not None else none, k if k is not None else none,
-        v if v is not None else none, ko if ko is not None else none,
-        vo if vo is not None else none, cos, sin,
-        pos if isinstance(pos, torch.Tensor) else cos,
-        at if isinstance(at, torch.Tensor) else cos,
-        T, 0 if isinstance(pos, torch.Tensor) else pos, 0 if isinstance(at, torch.Tensor) else at,
-        *strides[0], *strides[1], *strides[2], *strides[3],
+        *tensors, cos, sin, *(t if dev else cos for t, dev in zip((pos, at), on_device)),
+        T, *(0 if dev else t for t, dev in zip((pos, at), on_device)), *strides,
         HALF=half, BLOCK=block, G=G, GB=gb, HAS_Q=q is not None, HAS_K=k is not None,
-        HAS_V=v is not None and kv is not None, POS_PTR=isinstance(pos, torch.Tensor),
-        SLOT_PTR=isinstance(at, torch.Tensor), num_warps=1 if gb * block <= 512 else 4)
+        HAS_V=v is not None and kv is not None, POS_PTR=on_device[0], SLOT_PTR=on_device[1],
+        num_warps=1 if gb * block <= 512 else 4)
