@@ -334,9 +334,9 @@ def grouped_expert_mlp(x: torch.Tensor, sizes: list[int], w_in: torch.Tensor,
     out = torch.empty_like(x)
     start = 0
     for e, n in enumerate(sizes):
-        if n:  # expert_mlp, its down projection written in place
-            h = up_projection(x[start : start + n], w_in[e], activation)
-            torch.mm(h, w_down[e].t(), out=out[start : start + n])
+        if n:
+            out[start : start + n] = expert_mlp(x[start : start + n], w_in[e], w_down[e],
+                                                activation)
         start += n
     return out
 
