@@ -117,10 +117,16 @@ def test_ring_static_decode_matches_reference(nproc):
     # Decode at a device-tensor position (what bench replays in a CUDA graph):
     # each rank writes its slot or its spare one, attends its whole shard with
     # the positions it does not hold masked; rotary GQA and a prompt not
-    # divisible by 2P; the same job checks tp_pp's and helix's static steps.
+    # divisible by 2P, and a prompt shorter than P (ranks that hold no prompt
+    # token attend an empty shard until a decoded token lands there); the
+    # same job checks tp_pp's (pipelines included) and helix's static steps.
     wl = Workload(batch=2, seq_len=2 * nproc + 1, decode_steps=5)
-    plans = [f"ring:{nproc}", f"ring:{nproc},mb=2"] + (["tp_pp:2x1", "helix:1x2"] if nproc == 2 else [])
+    plans = [f"ring:{nproc}", f"ring:{nproc},mb=2"] + (
+        ["tp_pp:2x1", "helix:1x2", "tp_pp:1x2,mb=2"] if nproc == 2 else
+        ["tp_pp:2x2"] if nproc == 4 else [])
     cases = [Case(m, wl, p) for m in (TINY, FULL) for p in plans]
+    if nproc > 2:
+        cases.append(Case(FULL, wl.replace(seq_len=nproc - 1), f"ring:{nproc}"))
     if nproc == 2:  # MoE decode steps take the dense path: no host synchronisation
         cases += [Case(MOE, wl, p) for p in ("ring:2", "tp_pp:2x1", "helix:1x2")]
     results = launch(Job(cases, nproc, static_decode=True), deadline_s=300)

@@ -87,19 +87,53 @@ class Rope:
             return torch.where(medium, between, stretched)
         return inv
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin [T, d]`` (float32) for absolute ``positions [T]``."""
-        ang = torch.outer(positions.to(torch.float32), self.inv_freq(positions.device))  # [T, d/2]
-        ang = torch.cat([ang, ang], -1)
-        return ang.cos(), ang.sin()
+    def table(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [n, d/2]`` (float32) of positions ``0..n-1``, ``n >= length``.
 
-    def apply(self, x: torch.Tensor, pos) -> torch.Tensor:
+        Built once per rope, device and size (``n``: a power of two, at
+        least :data:`TABLE_MIN`) and indexed by position afterwards, so a step
+        never recomputes the frequencies or the angles. The angles are the
+        float32 products ``position * inv_freq`` (exact positions up to
+        2**24), the values transformers computes for each call."""
+        n = max(TABLE_MIN, 1 << max(0, int(length) - 1).bit_length())
+        device = torch.device(device)
+        key = (self, device, n)
+        if key not in _TABLES:
+            ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device),
+                              self.inv_freq(device))  # [n, d/2]
+            _TABLES[key] = (ang.cos(), ang.sin())
+        return _TABLES[key]
+
+    def cos_sin(self, pos, T: int, length: int | None = None, device=None):
+        """``cos, sin [T, d/2]`` (float32) for positions ``pos..pos+T``: ``pos``
+        an int, or a 0-d device tensor with every position below ``length``."""
+        if isinstance(pos, torch.Tensor):
+            cos, sin = self.table(length, pos.device)
+            rows = pos + torch.arange(T, device=pos.device)
+            return cos.index_select(0, rows), sin.index_select(0, rows)
+        cos, sin = self.table(pos + T, device)
+        return cos[pos : pos + T], sin[pos : pos + T]
+
+    def apply(self, x: torch.Tensor, pos, length: int | None = None) -> torch.Tensor:
         """``x [B, T, H, d]`` rotated for absolute positions ``pos..pos+T``
-        (``pos`` an int or a 0-d device tensor); computed in float32."""
-        B, T, H, d = x.shape
-        cos, sin = self.cos_sin(pos + torch.arange(T, device=x.device))
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        xf = x.float()
-        x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
+        (``pos`` an int, or a 0-d device tensor with positions below
+        ``length``), computed in float32: the plain PyTorch form of
+        :func:`shardwise.model.rotary.rotate`."""
+        cos, sin = self.cos_sin(pos, x.shape[1], length, x.device)
+        return rotated(x, cos, sin)
+
+
+# Rows of the smallest table: every prompt shorter than this shares one.
+TABLE_MIN = 4096
+_TABLES: dict = {}  # (rope, device, rows) -> (cos, sin)
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, T, H, d]`` rotated by ``cos, sin [T, d/2]``: dims ``(i, i + d/2)``
+    -> ``(x_i c - x_{i+d/2} s, x_{i+d/2} c + x_i s)`` in float32, rounded to
+    ``x``'s dtype."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..model.load import head_rows, set_param
 from ..model.rope import Rope
+from ..model.rotary import rotate
 from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
                                causal_attention, make_norm)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
@@ -99,8 +100,19 @@ class HelixAttention(nn.Module):
         self.head_dim, self.rotary = spec.head_dim, Rope.of(spec)
         self.heads, self.kv_heads = local.n_heads, local.n_kv_heads  # of the group
 
-    def rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        return x if self.rotary is None else self.rotary.apply(x, pos)
+    def store(self, cache: KVCache, pos, q, k, v, slot=None):
+        """Rotate ``q [B, T, h, d]`` in place and store this step's ``k, v [B,
+        T, hkv, d]`` (rotated) at ``slot..slot+T`` of ``cache`` (default
+        ``pos``): one kernel on GPUs with a rotary embedding. Returns the
+        cache's ``k, v [B, hkv, S, d]`` as ``KVCache.write`` does."""
+        if self.rotary is not None:
+            return cache.write_rotated(self.rotary, pos, q, k, v, slot)
+        return cache.write(pos if slot is None else slot, k.transpose(1, 2), v.transpose(1, 2))
+
+    def rotate(self, pos, q=None, k=None) -> None:
+        """The rotary embedding (if any) of ``q`` and ``k`` at ``pos``, in place."""
+        if self.rotary is not None:
+            rotate(self.rotary, pos, q, k)
 
 
 class HeadSliceAttention(HelixAttention):
@@ -116,10 +128,8 @@ class HeadSliceAttention(HelixAttention):
         recv = self.comm.all_to_all(send.movedim(2, 0), "slice")  # [M (dims), B, T, h, d/M]
         full = recv.permute(1, 2, 3, 0, 4).reshape(B, T, -1, d)  # [B, T, h, d]
         q, k, v = full.split([self.heads // M, self.kv_heads // M, self.kv_heads // M], dim=2)
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, d]
-        k, v = cache.write(pos, k, v)
-        o = causal_attention(q, k, v, pos)  # [B, H_g/M, T, d]
+        k, v = self.store(cache, pos, q, k, v)  # [B, h, pos+T, d]
+        o = causal_attention(q.transpose(1, 2), k, v, pos)  # [B, H_g/M, T, d]
         return self.sum_all(self.local.wo(o.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -166,7 +176,8 @@ class SequenceChunkAttention(HelixAttention):
         q = recv.view(M, n, B, H, d // M).permute(2, 1, 3, 0, 4).reshape(B, n, H, d)
         kv = self.comm.all_gather(torch.cat([k, v], dim=2), "slice", dim=3)  # [B, T, 2Hkv, d]
         k, v = kv.split(Hkv, dim=2)
-        q, k = self.rope(q, t0), self.rope(k, 0)
+        self.rotate(t0, q=q)
+        self.rotate(0, k=k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, d]
         cache.write(0, k[:, :, t0:t1], v[:, :, t0:t1])
         o = causal_attention(q, k[:, :, :t1], v[:, :, :t1], t0)  # [B, H, n, d]
@@ -184,16 +195,16 @@ class SequenceChunkAttention(HelixAttention):
         # which only its owner stores).
         qkv = self.comm.all_gather(torch.cat([q, k, v], dim=2), "slice", dim=3)  # [B, 1, H+2Hkv, d]
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, 1, d]
         n = positions_held(self.slices, self.slice, self.prompt_len, pos)
         if pos % M == self.slice:
-            k_loc, v_loc = cache.write(n, k, v)  # [B, Hkv, n+1, d]
+            k_loc, v_loc = self.store(cache, pos, q, k, v, slot=n)  # [B, Hkv, n+1, d]
         else:
+            self.rotate(pos, q=q)
             k_loc, v_loc = cache.k[:, :, :n], cache.v[:, :, :n]
+        q = q.transpose(1, 2)  # [B, H, 1, d]
         # The H/Hkv query heads sharing a kv head act as that head's rows of
-        # queries, so the cache is read once, never expanded per query head.
-        o, lse = attend_lse(q.reshape(B, Hkv, H // Hkv, d), k_loc, v_loc)  # [B, Hkv, r, d]
+        # queries (attend_lse groups them), so the cache is read once.
+        o, lse = attend_lse(q, k_loc, v_loc)  # [B, H, 1, d], [B, H, 1]
         # Rank j merges dims j of every rank's partial; float32 keeps lse exact
         # in the one packed message (the payload is one token: bytes are moot).
         part = torch.cat([o.float().reshape(B, H, M, d // M),

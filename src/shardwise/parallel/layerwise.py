@@ -15,7 +15,7 @@ outputs in batch order is the reference output; only the grouping of layers
 onto ranks differs. Mesh axes ``("replica", "pp")``: pp varies fastest, so a
 pipeline's stages are consecutive ranks and its activations cross the fastest
 links. A model that fits one device (one group) is data parallel: nothing
-crosses ranks inside a step, and decode steps replay CUDA graphs.
+crosses ranks inside a step. Decode steps replay CUDA graphs either way.
 """
 from __future__ import annotations
 
@@ -112,11 +112,10 @@ class Layerwise(Strategy):
 
     @property
     def supports_graphs(self) -> bool:
-        """A decode step is captured in a CUDA graph when the layers form one
-        group: replicas only, each running the whole model on its sequences
-        with no point-to-point hop inside the step (``collect`` is outside
-        it). An MoE model needs its dense path (``dense_moe_ok``)."""
-        return self.topo.size("pp") == 1 and dense_moe_ok(self.spec, self.b1 - self.b0)
+        """A decode step is captured in a CUDA graph, the pipeline's
+        point-to-point hops included (NCCL captures them; ``collect`` is
+        outside the step). An MoE model needs its dense path (``dense_moe_ok``)."""
+        return dense_moe_ok(self.spec, self.b1 - self.b0)
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.pipeline.run(inputs[self.b0 : self.b1], pos)

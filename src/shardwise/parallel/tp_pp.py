@@ -291,11 +291,11 @@ class TpPp(Strategy):
 
     @property
     def supports_graphs(self) -> bool:
-        """A decode step is capturable in a CUDA graph when it has no
-        point-to-point pipeline hop (collectives alone are capturable) and,
-        for MoE, its tokens take the reference's dense path (the routed loop
-        sizes its work on the host with torch.nonzero)."""
-        return self.topo.size("pp") == 1 and dense_moe_ok(self.spec, self.workload.batch)
+        """A decode step is capturable in a CUDA graph (its collectives and
+        its pipeline hops alike: NCCL captures point-to-point operations too)
+        when, for MoE, its tokens take the reference's dense path (the routed
+        loop sizes its work on the host with torch.nonzero)."""
+        return dense_moe_ok(self.spec, self.workload.batch)
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.pipeline.run(inputs, pos)

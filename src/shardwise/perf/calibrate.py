@@ -862,6 +862,9 @@ class CallCounter:
                 and not isinstance(flash._triton[1], _CountedKernel)):
             flash._triton = (flash._triton[0],
                              _CountedKernel(flash._triton[1], "triton flash", norm=False, attn=True))
+        # The Triton kernels launched through a function with a PyTorch form
+        # (rotary embedding, SwiGLU): each launch one kernel.
+        self._launches = _wrap_launches(lambda name, launch, form: _counted(name, launch))
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda module, args: counter.note("modules", type(module).__name__))
         self._mode = Mode()
@@ -883,7 +886,54 @@ class CallCounter:
         self._hook.remove()
         comm_module.dist, comm_module._all_gather_into, comm_module._reduce_scatter_into = self._saved
         kernels._triton, lse._triton_merge, flash._triton = self._triton
+        _restore_launches(self._launches)
         return False
+
+
+# Triton kernels whose launch function has a PyTorch form of the same
+# signature: (module, its kernel holder, the launch, the PyTorch form, the
+# name a launch is counted under).
+FUSED_LAUNCHES = (
+    ("shardwise.model.rotary", "_triton", "_launch", "_torch", "triton rotary"),
+    ("shardwise.model.kernels", "_swiglu", "_swiglu_launch", "_swiglu_torch", "triton swiglu"),
+)
+
+
+def _counted(name: str, fn):
+    """``fn`` counted as one kernel launch by the innermost :class:`CallCounter`."""
+    if getattr(fn, "counted_as", None):
+        return fn
+
+    def run(*args, **kwargs):
+        if not _COUNTERS:
+            return fn(*args, **kwargs)
+        return _COUNTERS[-1].opaque("kernels", name, fn, *args, **kwargs)
+
+    run.counted_as = name
+    return run
+
+
+def _wrap_launches(make, stand_in: bool = False) -> list:
+    """Replace each :data:`FUSED_LAUNCHES` launch by ``make(name, launch,
+    PyTorch form)`` (``stand_in``: also make its kernel look loaded, for
+    CPU tensors on the GPU branches); returns what :func:`_restore_launches`
+    puts back."""
+    import importlib
+
+    saved = []
+    for module, holder, launch, form, name in FUSED_LAUNCHES:
+        mod = importlib.import_module(module)
+        saved.append((mod, holder, getattr(mod, holder), launch, getattr(mod, launch)))
+        if stand_in:
+            setattr(mod, holder, (_TritonStandIn, None))
+        setattr(mod, launch, make(name, getattr(mod, launch), getattr(mod, form)))
+    return saved
+
+
+def _restore_launches(saved: list) -> None:
+    for mod, holder, kernel, launch, fn in saved:
+        setattr(mod, holder, kernel)
+        setattr(mod, launch, fn)
 
 
 class _CountedKernel:
@@ -1021,7 +1071,8 @@ class CudaPaths:
     choose their fused kernels by it), the kernels that exist only on CUDA are
     computed by their CPU counterparts (FlashAttention and cuDNN's attention by
     the CPU flash kernel, a matmul with a float32 output by a float32 matmul,
-    the Triton add + norm and merge by PyTorch), one call each, as on the GPU. Numerics
+    the Triton add + norm, merge, rotary embedding and SwiGLU by PyTorch),
+    one call each, as on the GPU. Numerics
     match the CPU path's to rounding."""
 
     def __enter__(self):
@@ -1032,7 +1083,14 @@ class CudaPaths:
 
         aten = torch.ops.aten
 
+        def grouped(q, k, v):
+            """k, v repeated to q's heads: the CUDA kernels take grouped-query
+            attention as it is, the CPU flash kernel does not."""
+            g = q.shape[1] // k.shape[1]
+            return (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+
         def flash(q, k, v, dropout_p=0.0, is_causal=False, *rest, scale=None, **kw):
+            k, v = grouped(q, k, v)
             o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, dropout_p, is_causal, scale=scale)
             none = torch.empty(0)
@@ -1047,6 +1105,7 @@ class CudaPaths:
 
         def cudnn(q, k, v, bias, want_lse, dropout_p=0.0, is_causal=False, debug=False, *,
                   scale=None):
+            k, v = grouped(q, k, v)
             o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, dropout_p, is_causal, scale=scale)
             none = torch.empty(0)
@@ -1076,6 +1135,8 @@ class CudaPaths:
         kernels._triton = (_TritonStandIn, _TritonStandIn._Kernel())
         lse._triton_merge = (_TritonStandIn, _MergeStandIn())
         flash._triton = (_TritonStandIn, _FlashStandIn())
+        self._launches = _wrap_launches(lambda name, launch, form: _counted(name, form),
+                                        stand_in=True)
         self._mode = StandIn()
         self._mode.__enter__()
         return self
@@ -1091,6 +1152,7 @@ class CudaPaths:
 
         self._mode.__exit__(*exc)
         kernels._triton, lse._triton_merge, flash._triton = self._triton
+        _restore_launches(self._launches)
         if self._had:
             torch.Tensor.is_cuda = self._saved
         else:
