@@ -245,8 +245,8 @@ def test_generation_inputs_are_checked_before_launch(models, tmp_path, capsys):
         generation_cases(path, "tp_pp:1x1", [1, 2, 3], 0)
     with pytest.raises(ShardwiseError, match="top-p applies to sampling"):
         generation_cases(path, "tp_pp:1x1", [1, 2, 3], 4, top_p=0.5)
-    with pytest.raises(ShardwiseError, match="n_kv_heads"):
-        generation_jobs(path, ["tp_pp:4x1"], [1, 2, 3], 4)
+    with pytest.raises(ShardwiseError, match="n_heads"):
+        generation_jobs(path, ["tp_pp:3x1"], [1, 2, 3], 4)
     # Different lengths are separate batches, each validated.
     assert [c.workload.seq_len for c in generation_cases(path, "tp_pp:1x1", [[1, 2, 3], [4, 5]], 4)] == [3, 2]
     bare = tmp_path / "bare"
