@@ -109,16 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks for plans that adapt to any number (layerwise; default: the "
                         "most that another plan of the command takes)")
 
-    p = sub.add_parser("generate", help="greedy generation from a checkpoint under a plan")
-    p.add_argument("--model", metavar="PATH", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--prompt-ids", required=True,
-                   help="comma-separated token ids, e.g. 1,15043,29892 (no tokenizer needed)")
+    p = sub.add_parser("generate", help="generate text (or token ids) from a checkpoint under "
+                                        "one or more plans, verified against the reference")
+    p.add_argument("--model", metavar="PATH", required=True,
+                   help="Hugging Face checkpoint directory (its own tokenizer reads --prompt)")
+    p.add_argument("--plan", action="append", dest="plans", required=True,
+                   help="plan to generate under (repeatable: each runs and is verified)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                        help="prompt text, tokenized by the checkpoint's tokenizer; the new "
+                             "text streams to stdout (repeatable: a batch; any lengths)")
+    prompt.add_argument("--prompt-ids", action="append", metavar="IDS",
+                        help="comma-separated token ids, e.g. 1,15043,29892 (repeatable; no "
+                             "tokenizer needed): prints the new ids")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; > 0: sample from softmax(logits / T)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the fewest most likely tokens that hold this probability "
+                        "(with --temperature)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (one sample per seed, "
+                                                       "whatever the plan)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate --max-new-tokens tokens even past an end-of-sequence token")
     p.add_argument("--nproc", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--no-verify", action="store_true", help="skip the reference replay")
+    p.add_argument("--json", metavar="FILE",
+                   help="append one JSON record per plan: prompts, token ids, text, errors")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--deadline", type=float, default=None)
 
@@ -452,27 +471,70 @@ def _save(args, results, device, nproc) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .runtime.generate import generation_job
+    from .runtime.generate import (Printer, check_sampling, continuation, eos_token_ids,
+                                   generation_jobs, load_tokenizer, merge_records)
+    from .runtime.launcher import launch
 
     device = resolve_device(args.device)
-    try:
-        ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ShardwiseError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
-    if not ids:
-        raise ShardwiseError("--prompt-ids is empty; give at least one token id")
+    path = os.path.abspath(args.model)
     if args.max_new_tokens < 1:
         raise ShardwiseError("--max-new-tokens must be >= 1")
-    job = generation_job(os.path.abspath(args.model), args.plan, [ids], args.max_new_tokens,
-                         args.nproc, device, dtype=args.dtype or ("fp32" if device == "cpu" else None),
-                         verify=not args.no_verify, timeout_s=args.timeout)
-    check_ranks(job.nproc, device)
-    results = _run_job(job, args)
-    if not results:
-        return 0
-    r = results[0]
-    print(",".join(str(t) for t in r["tokens"][0]))
-    return 0 if r.get("ok", True) else 1
+    check_sampling(args.temperature, args.top_p)
+    tokenizer = None
+    if args.prompts is not None:
+        tokenizer = load_tokenizer(path)
+        ids = [tokenizer(text).input_ids for text in args.prompts]
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise ShardwiseError(f"--prompt {args.prompts[empty[0]]!r} has no tokens; give text")
+    else:
+        ids = []
+        for text in args.prompt_ids:
+            try:
+                ids.append([int(t) for t in text.replace(" ", "").split(",") if t])
+            except ValueError:
+                raise ShardwiseError(f"--prompt-ids must be comma-separated integers "
+                                     f"(got {text!r})") from None
+            if not ids[-1]:
+                raise ShardwiseError("--prompt-ids is empty; give at least one token id")
+    jobs = generation_jobs(
+        path, args.plans, ids, args.max_new_tokens, args.nproc, device,
+        dtype=args.dtype or ("fp32" if device == "cpu" else None), verify=not args.no_verify,
+        timeout_s=args.timeout, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        eos_ids=() if args.ignore_eos else eos_token_ids(path, tokenizer),
+        stream=tokenizer is not None)
+    for job in jobs:
+        check_ranks(job.nproc, device)
+    records = []
+    for job in jobs:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # this process is a rank; rank 0 prints
+            rank_records = _run_job(job, args)
+        else:  # the ranks send their tokens here as they come, and the text is printed here
+            rank_records = launch(job, deadline_s=args.deadline,
+                                  on_stream=Printer(tokenizer) if tokenizer else None)
+        if not rank_records:
+            return 0  # a non-zero torchrun rank
+        records += merge_records(rank_records)
+    if tokenizer is not None:
+        for r in records:
+            r["prompts"] = args.prompts
+            r["text"] = [continuation(tokenizer, p, t)
+                         for p, t in zip(r["prompt_ids"], r["tokens"])]
+    for r in records:
+        if tokenizer is None:  # the new ids are the output
+            for row in r["tokens"]:
+                print(",".join(map(str, row)))
+        check = (f"max relative error {r['max_rel_err']:.2e} vs the reference "
+                 f"({'ok' if r['ok'] else 'FAILED'})" if "ok" in r else "not verified")
+        steps = sum(len(t) for t in r["tokens"])
+        print(f"{r['plan']}: {steps} new token(s) for {len(r['tokens'])} prompt(s); {check}",
+              file=sys.stderr)
+    if args.json:
+        from .bench.records import append_records, provenance
+
+        append_records(args.json, [{**provenance(device, r["world_size"]), **r} for r in records])
+        print(f"wrote {len(records)} record(s) to {args.json}", file=sys.stderr)
+    return 0 if all(r.get("ok", True) for r in records) else 1
 
 
 def cmd_presets(args) -> int:

@@ -21,7 +21,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 from safetensors import safe_open
@@ -338,8 +338,11 @@ class _Ref:
     offset: tuple[int, ...] = ()
 
 
-def _name_map(spec: ModelSpec, info: CheckpointConfig,
-              stored: dict[str, _Stored]) -> dict[str, _Ref]:
+def hf_name_map(spec: ModelSpec, stored: Collection[str]) -> dict[str, _Ref]:
+    """Where each shardwise parameter of ``spec`` lives among the Hugging Face
+    tensor names ``stored`` (a checkpoint's, or a transformers model's
+    ``state_dict`` keys: the name decides between the two Mixtral expert
+    layouts)."""
     D, F, V, E = spec.d_model, spec.d_ff, spec.vocab_size, spec.n_experts
     q, kv = spec.n_heads * spec.head_dim, spec.kv_heads * spec.head_dim
     Dn, Fn, Vn, En = "hidden_size", "intermediate_size", "vocab_size", "num_local_experts"
@@ -437,7 +440,7 @@ class CheckpointSource:
         self.spec = derived
         self.table = param_table(self.spec)
         self.stored, self.files = _read_tensor_index(self.path)
-        self.refs = _name_map(self.spec, self.info, self.stored)
+        self.refs = hf_name_map(self.spec, self.stored)
         self._check_tensors(config)
         if max_len is not None:
             self.check_length(max_len)

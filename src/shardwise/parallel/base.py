@@ -166,14 +166,14 @@ def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def get_strategy(name: str) -> type[Strategy]:
-    if name.startswith("torch_"):  # PyTorch's own methods, timed beside ours
-        from ..bench.peers import PEERS
+    from ..bench.peers import PEERS  # PyTorch's and Hugging Face's own, timed beside ours
 
-        if name in PEERS:
-            return PEERS[name]
+    if name in PEERS:
+        return PEERS[name]
     if name not in STRATEGY_MODULES:
         raise ShardwiseError(
-            f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)}"
+            f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)} "
+            f"(or a peer: {', '.join(PEERS)})"
         )
     try:
         module = importlib.import_module(f"shardwise.parallel.{name}")

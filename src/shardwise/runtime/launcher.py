@@ -74,14 +74,18 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
 
 
 def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
-           module: str = "shardwise.runtime.worker") -> list[dict]:
+           module: str = "shardwise.runtime.worker", on_stream=None) -> list[dict]:
     """Run ``job`` on ``job.nproc`` local ranks; return rank 0's results.
-    ``module`` is the per-rank entry point (``python -m MODULE JOB.json``)."""
+    ``module`` is the per-rank entry point (``python -m MODULE JOB.json``).
+    ``on_stream(message)`` is called with each JSON line the ranks append to
+    the file named in their ``SHARDWISE_STREAM`` (a generation's tokens, as
+    they come), in order, as the launcher polls."""
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         job_file = os.path.join(tmp, "job.json")
         result_file = os.path.join(tmp, "result.json")
         with open(job_file, "w") as f:
             f.write(job.dumps())
+        stream = _Follow(os.path.join(tmp, "stream.jsonl"), on_stream) if on_stream else None
         port = free_port()
         procs = []
         base_env = dict(os.environ)
@@ -92,6 +96,8 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
         )
         if job.device == "cpu":
             base_env.setdefault("OMP_NUM_THREADS", "1")
+        if stream is not None:
+            base_env["SHARDWISE_STREAM"] = stream.path
         beats = [heartbeat_path(tmp, r) for r in range(job.nproc)] if job.watchdog_s else []
         for path in beats:
             Heartbeat.create(path)
@@ -106,6 +112,8 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
                 ))
             while True:
                 codes = [p.poll() for p in procs]
+                if stream is not None:
+                    stream.read()
                 failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
                     _terminate(procs)
@@ -122,6 +130,8 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
                                       [p.pid for p in procs], case=case,
                                       results=_results(result_file))
                 if all(c == 0 for c in codes):
+                    if stream is not None:
+                        stream.read()  # what the ranks wrote after the last poll
                     break
                 if deadline_s is not None and time.monotonic() - start > deadline_s:
                     running = [r for r, c in enumerate(codes) if c is None]
@@ -149,6 +159,25 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
                 _terminate(procs)
         text = _read(result_file)
         return json.loads(text) if text else []
+
+
+class _Follow:
+    """Follows a file of JSON lines that ranks append to, passing each
+    complete line to ``callback`` once."""
+
+    def __init__(self, path: str, callback):
+        self.path, self.callback = path, callback
+        self.offset, self.partial = 0, b""
+        open(path, "wb").close()
+
+    def read(self) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            self.callback(json.loads(line))
 
 
 class _Watchdog:

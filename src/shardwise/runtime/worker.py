@@ -72,7 +72,9 @@ def run_job(job: Job, log=None, save=None) -> list[dict]:
     monitor = make_monitor(job)
     monitor.phase("start")
     rank, world, device = init_distributed(job, monitor)
-    say = (log or (lambda m: print(m, flush=True))) if rank == 0 else (lambda m: None)
+    # A generation's standard output is its text, so its progress goes to standard error.
+    out = sys.stderr if any(c.generate is not None for c in job.cases) else sys.stdout
+    say = (log or (lambda m: print(m, file=out, flush=True))) if rank == 0 else (lambda m: None)
     results = []
     for i, case in enumerate(job.cases):
         monitor.phase("case", case=i)
