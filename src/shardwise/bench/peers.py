@@ -48,7 +48,10 @@ class RotaryTable(nn.Module):
 
     def __init__(self, rope: Rope, max_len: int, device):
         super().__init__()
-        cos, sin = rope.cos_sin(torch.arange(max_len, device=device))
+        ang = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32),
+                          rope.inv_freq(device))  # [max_len, d/2]
+        ang = torch.cat([ang, ang], dim=-1)
+        cos, sin = ang.cos(), ang.sin()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
