@@ -7,6 +7,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from .bench.records import floor_ratio
+
 # Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 
@@ -157,7 +159,7 @@ def print_bench(records: list[dict]) -> None:
         t.add_row(r["plan"], str(r["n_devices"]), r["phase"], f"{r['tps']:,.0f}",
                   f"{r['median_ms']:.3f} ({r['p10_ms']:.3f}-{r['p90_ms']:.3f})",
                   _fmt(r.get("ms_per_token"), ".4f"), _fmt(r.get("mfu"), ".2f"),
-                  _fmt(r.get("hbm_gbps"), ".0f"), _fmt(r.get("floor_ratio"), ".2f"),
+                  _fmt(r.get("hbm_gbps"), ".0f"), _fmt(floor_ratio(r), ".2f"),
                   _fmt(r.get("peak_mem_gb"), ".1f"), human_bytes(r.get("comm_bytes")),
                   _fmt(r.get("comm_share"), ".0%"),
                   "yes" if r.get("cuda_graphs") else "-", _fmt(r.get("max_rel_err"), ".1e"))

@@ -82,6 +82,35 @@ def record_spec(r: dict):
     return None
 
 
+def command_option(command: str, flag: str, default: int) -> int:
+    """The integer a recorded command line gave ``flag``, else ``default``."""
+    words = command.split()
+    try:
+        return int(words[words.index(flag) + 1])
+    except (ValueError, IndexError):
+        return default
+
+
+def floor_ratio(r: dict) -> float | None:
+    """A decode record's step time over its HBM floor, with the floor as
+    bench/metrics.py defines it now (records written before a change of that
+    definition keep the ratio they stored; this one is recomputed from the
+    model they carry, the positions the steps read and the copy rate they measured)."""
+    spec = record_spec(r) if r.get("model_spec") else None
+    if r.get("phase") != "decode" or spec is None or not r.get("hbm_peak_gbps"):
+        return r.get("floor_ratio")
+    from .metrics import decode_bytes
+
+    ctx = r.get("floor_ctx")
+    if ctx is None:  # bench's steps read at seq_len + warmup + iters // 2 (defaults 3, 10)
+        cmd = r.get("command") or ""
+        ctx = (r["seq_len"] + command_option(cmd, "--warmup", 3)
+               + command_option(cmd, "--iters", 10) // 2)
+    world = r.get("n_devices") or 1
+    floor_s = decode_bytes(spec, r["batch"], ctx) / world / (r["hbm_peak_gbps"] * 1e9)
+    return r["median_ms"] / 1e3 / floor_s
+
+
 def read_records(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

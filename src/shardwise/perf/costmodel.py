@@ -63,6 +63,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..bench.metrics import distinct_experts
 from ..model.flash import CONFIGS as WIDE_CONFIGS
 from ..parallel.base import (balanced_ranges, dense_moe_ok, held_kv_heads, kv_replicas,
                              validate_plan)
@@ -510,15 +511,6 @@ def fmt_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{int(n)} B"
-
-
-def distinct_experts(local: int, n_experts: int, top_k: int, tokens: float) -> float:
-    """Expected number of ``local`` experts (of ``n_experts``) that receive at
-    least one of ``tokens`` tokens, each routed to ``top_k`` distinct experts
-    uniformly: a given expert is missed by a token with probability 1 - k/E."""
-    if tokens <= 0:
-        return 0.0
-    return local * (1.0 - (1.0 - top_k / n_experts) ** tokens)
 
 
 def _hypergeom(N: int, K: int, n: int) -> list[float]:

@@ -14,6 +14,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..parallel.base import validate_plan
+from ..bench.records import command_option
 from ..presets import PRESETS, get_preset
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster, load_cluster
@@ -207,14 +208,6 @@ def reproduce_command(seed_name: str, cluster: str = "h100-sxm-16",
 
 # -- fidelity: the model's error against measured runs -------------------------------
 
-def _bench_option(command: str, flag: str, default: int) -> int:
-    words = command.split()
-    try:
-        return int(words[words.index(flag) + 1])
-    except (ValueError, IndexError):
-        return default
-
-
 def record_decode_steps(r: dict) -> int:
     """Decode positions the run's KV cache was sized for: a ``verify``/``run``
     record says (``decode_steps``); ``shardwise bench`` sizes it for warm-up +
@@ -224,7 +217,7 @@ def record_decode_steps(r: dict) -> int:
         return int(r["decode_steps"])
     cmd = r.get("command") or ""
     if "bench" in cmd.split()[:2]:
-        return _bench_option(cmd, "--warmup", 3) + _bench_option(cmd, "--iters", 10) + 1
+        return command_option(cmd, "--warmup", 3) + command_option(cmd, "--iters", 10) + 1
     return 1
 
 

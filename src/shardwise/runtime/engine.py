@@ -303,7 +303,7 @@ def bench_case(case, plan, comm, model, rank, device,
                         "mfu": flops / med / peak_flops if peak_flops else None,
                         "hbm_gbps": nbytes / world / med / 1e9, "hbm_floor_ms":
                         1e3 * floor_s if floor_s else None,
-                        "floor_ratio": med / floor_s if floor_s else None,
+                        "floor_ratio": med / floor_s if floor_s else None, "floor_ctx": ctx,
                         "cuda_graphs": replay is not None, "comm_bytes": comm_bytes,
                         "comm_share": comm_share,
                         "host_probe_us": host,
