@@ -61,6 +61,8 @@ def make_monitor(job: Job):
     directory = os.environ.get("SHARDWISE_ERROR_DIR")
     path = heartbeat_path(directory, rank) if directory and job.watchdog_s else None
     heartbeat = Heartbeat(path) if path and os.path.exists(path) else None
+    if heartbeat is not None:
+        heartbeat.start_pulse()
     return RankMonitor(heartbeat, job.collective_fault(rank), rank, job.device)
 
 
