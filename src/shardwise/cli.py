@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
+from .argcheck import check_args
 from .presets import PRESETS, get_preset
 from .spec import Plan, ShardwiseError, Workload
 
@@ -283,9 +285,15 @@ def _run_job(job, args):
         from .runtime.worker import run_job
 
         return run_job(job)
-    from .runtime.launcher import launch
+    from .runtime.launcher import LaunchError, launch
 
-    return launch(job, deadline_s=args.deadline)
+    try:
+        return launch(job, deadline_s=args.deadline)
+    except LaunchError as e:  # run and verify keep the cases that finished
+        if args.cmd in ("run", "verify") and args.json and e.results:
+            _save(args, e.results, job.device, job.nproc)
+            e.saved = f"the {len(e.results)} finished case(s) were appended to {args.json}"
+        raise
 
 
 # -- commands ----------------------------------------------------------------
@@ -368,6 +376,7 @@ def cmd_bench(args) -> int:
     from .bench.records import append_records, provenance, read_records
     from .parallel.base import get_strategy, validate_plan
     from .runtime.job import Job
+    from .runtime.launcher import LaunchError
     from .runtime.timing import BenchSettings
 
     device = resolve_device(args.device)
@@ -415,7 +424,12 @@ def cmd_bench(args) -> int:
                   for p in plans]
         job = Job(cases, world, device, timeout_s=args.timeout, warmup=1,
                   fault=args.inject_fault, watchdog_s=args.watchdog)
-        results = _run_job(job, args)
+        try:
+            results = _run_job(job, args)
+        except LaunchError as e:
+            e.saved = (f"{len(records)} record(s) of this run were appended to {args.out}; "
+                       f"--resume skips them")
+            raise
         if not results:
             continue  # a non-zero torchrun rank
         errs = {r["plan"]: r["max_rel_err"] for r in results if "max_rel_err" in r}
@@ -708,22 +722,26 @@ COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "reproduce": cmd_reproduce
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime.launcher import LaunchError, raise_on_stop_signals
+
     args = build_parser().parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # under torchrun, torchrun's handling rules
+        raise_on_stop_signals()
     try:
+        check_args(args)
         return COMMANDS[args.cmd](args)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("shardwise: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - a failed rank is reported, not re-raised
-        from .runtime.launcher import LaunchError
-
-        if isinstance(e, LaunchError):
-            print(f"shardwise: {e}", file=sys.stderr)
-            return 130 if str(e).startswith("interrupted") else 1
-        raise
+    except LaunchError as e:  # a failed rank or a stop signal: reported, not re-raised
+        print(f"shardwise: {e}", file=sys.stderr)
+        if e.saved:
+            print(f"shardwise: {e.saved}", file=sys.stderr)
+        return 128 + e.signum if e.signum else 1
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"shardwise: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -166,12 +166,22 @@ def print_bench(records: list[dict]) -> None:
     console.print(t)
 
 
+# What print_bench and report_files read from every bench record.
+BENCH_KEYS = ("model", "dtype", "n_layers", "batch", "seq_len", "device", "n_devices", "plan", "phase",
+              "tps", "median_ms", "p10_ms", "p90_ms")
+
+
 def report_files(paths: list[str], plot_dir: str | None = None) -> None:
     """Bench records from results files as tables (one per model and workload),
     and optionally PNG plots: tokens/s and decode step time per plan."""
-    from .bench.records import read_records
+    from .bench.records import missing_keys, read_records
 
-    records = [r for p in paths for r in read_records(p) if "phase" in r and "tps" in r]
+    def check(r):  # a bench record (it has a phase and tps) has what the tables show
+        if "phase" in r and "tps" in r:
+            return missing_keys(r, BENCH_KEYS, "bench record")
+        return None
+
+    records = [r for p in paths for r in read_records(p, check) if "phase" in r and "tps" in r]
     if not records:
         console.print("no benchmark records in " + ", ".join(paths))
         return

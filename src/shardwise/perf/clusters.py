@@ -562,11 +562,29 @@ def available_clusters() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+def _profile_json(path: str) -> dict:
+    """A profile file's JSON object; a file that is not one is refused in one line."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except IsADirectoryError:
+        raise ShardwiseError(f"cluster profile {path} is a directory; give a profile JSON "
+                             f"file (written by `shardwise calibrate`) or a profile name") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardwiseError(f"cluster profile {path} cannot be read ({e})") from None
+    except ValueError as e:
+        raise ShardwiseError(f"cluster profile {path} is not JSON ({e}); give a profile "
+                             f"written by `shardwise calibrate` or a profile name") from None
+    if not isinstance(d, dict):
+        raise ShardwiseError(f"cluster profile {path} holds a JSON {type(d).__name__}, not a "
+                             f"profile object")
+    return d
+
+
 def load_cluster(name_or_path: str) -> Cluster:
     """A packaged profile by name (``h100-sxm-16``) or a JSON file by path."""
     if os.path.exists(name_or_path):
-        with open(name_or_path) as f:
-            return Cluster.from_dict(json.load(f))
+        return Cluster.from_dict(_profile_json(name_or_path))
     path = resources.files("shardwise.perf") / "profiles" / f"{name_or_path}.json"
     if not path.is_file():
         raise ShardwiseError(f"unknown cluster {name_or_path!r}: no such file, and no packaged "
