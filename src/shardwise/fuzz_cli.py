@@ -251,6 +251,8 @@ def run_cli(argv: list[str], stub: bool = True) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
     text = err.getvalue().strip()
+    if rc in {128 + s for s in STOP_SIGNALS}:  # the fuzzer itself was sent a stop signal
+        raise KeyboardInterrupt(text)
     if rc is None:
         job, module = launched[0]
         return {"status": "launched", "job": job, "module": module}
