@@ -99,15 +99,16 @@ def test_cli_fuzz_never_a_traceback_nor_a_launch_a_check_could_stop():
 
 
 def test_cli_fuzz_finds_a_missing_check(monkeypatch):
-    """With the check of counts taken out, the fuzzer reports the commands
-    that accepted a wrong count (e.g. ``plan --top 0``)."""
+    """With the checks of counts and times taken out, the fuzzer reports the
+    command lines that launched with a wrong one (``--deadline -1``...)."""
     from shardwise import argcheck, fuzz_cli
 
     monkeypatch.setattr(argcheck, "AT_LEAST", {})
-    s = fuzz_cli.fuzz_cli(0, list(range(150)), log=lambda m: None)
+    monkeypatch.setattr(argcheck, "SECONDS", {})
+    s = fuzz_cli.fuzz_cli(0, list(range(300)), log=lambda m: None)
     assert s["failures"], "no failure found"
     for f in s["failures"]:
         assert f["kind"].endswith("with a wrong value"), f
-        assert any(w.split("=")[0] in ("top", "ranks", "batch", "seq", "layers", "iters",
-                                        "nproc", "steps", "warmup", "max_new_tokens")
-                   for w in f["error"].split(", ")), f
+        assert {w.split("=")[0] for w in f["error"].split(", ")} & (
+            {"timeout", "deadline", "watchdog"} | set(fuzz_cli.ZERO_OK)
+            | {"top", "ranks", "batch", "seq", "iters", "nproc", "max_new_tokens"}), f

@@ -162,7 +162,7 @@ def refused_line(argv, capsys) -> str:
     (TINY_VERIFY + ["--deadline", "0"], "--deadline must be a number of seconds, more than 0"),
     (TINY_VERIFY + ["--deadline", "-3"], "leave it out for no deadline"),
     (TINY_VERIFY + ["--watchdog", "inf"], "leave it out to turn the watchdog off"),
-    (TINY_VERIFY + ["--layers", "0"], "--layers must be >= 1 (got 0); leave it out to run every layer"),
+    (TINY_VERIFY + ["--layers", "0"], "--layers must be >= 1 (got 0); leave it out to use every layer"),
     (["run", "--preset", "tiny-dense", "--layers", "0"], "--layers must be >= 1"),
     (["predict", "--preset", "tiny-dense", "--plan", "tp_pp:2x1", "--batch", "0"],
      "--batch must be >= 1 (got 0); leave it out for the preset's batch"),
@@ -173,6 +173,16 @@ def refused_line(argv, capsys) -> str:
     (TINY_VERIFY + ["--nproc", "0"], "--nproc must be >= 1 (got 0)"),
 ])
 def test_numbers_are_checked_before_launch(argv, says, no_launch, capsys):
+    assert says in refused_line(argv, capsys)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "--preset", ""], "--preset is empty"),  # was: the default model ran
+    (["predict", "--model", "tiny-dense", "--plan", "", "--cluster", "h200-x2"],
+     "--plan is empty"),
+    (["report", "r.jsonl", ""], "files is empty"),
+])
+def test_an_empty_value_is_refused(argv, says, no_launch, capsys):
     assert says in refused_line(argv, capsys)
 
 

@@ -1,10 +1,10 @@
 """Checks on the command line's numbers and paths, made before anything runs.
 
-Every flag is checked by what it holds, whatever the command: a count that
-must be positive is refused at 0 (0 never means "the default": leaving the
-flag out does), a time in seconds must be a positive finite number, an output
-file must not be a directory and must be creatable, an output directory must
-not be a file. Each refusal is one line naming the flag, the value and what
+Every flag is checked by what it holds, whatever the command: no value is
+empty, a count that must be positive is refused at 0 (0 never means "the
+default": leaving the flag out does), a time in seconds must be a positive
+finite number, an output file must not be a directory and must be
+creatable, an output directory must not be a file. Each refusal is one line naming the flag, the value and what
 to write instead (a :class:`ShardwiseError`, exit code 2), so no rank starts
 for a job that a later check would fail.
 """
@@ -20,7 +20,6 @@ AT_LEAST = {
     "batch": (1, "leave it out for the preset's batch"),
     "seq": (1, "leave it out for the preset's prompt length"),
     "steps": (0, "leave it out for the preset's decode steps"),
-    "layers": (1, "leave it out to run every layer"),
     "nproc": (1, "leave it out for the default number of ranks"),
     "iters": (1, "at least one timed iteration"),
     "warmup": (0, "0 times from the first iteration"),
@@ -43,9 +42,19 @@ OUTPUT_FILES = ("out", "json")  # files a command writes
 OUTPUT_DIRS = ("trace", "plots")  # folders a command writes into
 
 
+POSITIONALS = ("files", "seed")  # report FILES..., reproduce SEED: named without dashes
+
+
 def check_args(args) -> None:
     """Refuse, in one line, any number or path of ``args`` (an argparse
-    namespace of any command) that cannot work."""
+    namespace of any command) that cannot work, and any empty value (no
+    default is empty, so an empty one was typed: ``--model ''`` would
+    otherwise read as no model given)."""
+    for dest, value in vars(args).items():
+        if value == "" or (isinstance(value, list) and "" in value):
+            name = dest if dest in POSITIONALS else _flag(dest)
+            raise ShardwiseError(f"{name} is empty; give a value (see shardwise {args.cmd} "
+                                 f"--help)")
     for dest, (low, instead) in AT_LEAST.items():
         value = getattr(args, dest, None)
         if value is not None and value < low:

@@ -17,7 +17,7 @@ way round. Each command line is held to the CLI's promise:
   model and workload) then run for real and must succeed.
 
 Case i of seed S is the same whatever N is (``--only I`` repeats it); each
-case gets a fresh scratch directory holding the files its paths name.
+case runs in a fresh scratch directory holding the files its paths name.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import traceback
@@ -129,8 +130,10 @@ def _workspace(root: str) -> dict[str, str]:
 
 
 def _values(rng: random.Random, action: argparse.Action, ws: dict[str, str],
-            wrong_rate: float, wrong: list) -> list[str]:
-    """Values for one flag; ``wrong`` gets one entry per wrong value drawn."""
+            wrong_rate: float, wrong: list, draws: list) -> list[str]:
+    """Values for one flag; ``wrong`` gets one entry per wrong value drawn.
+    ``draws`` counts the values drawn for the command line; ``draws[1]``, when
+    set, is the one value (by that count) that is wrong."""
     if action.nargs == 0:
         return []
     if action.choices:
@@ -146,7 +149,10 @@ def _values(rng: random.Random, action: argparse.Action, ws: dict[str, str],
     def one():
         good, odd, bad = pools
         roll = rng.random()
-        pool = bad if bad and roll < wrong_rate else odd if odd and roll > 0.9 else good or bad
+        draws[0] += 1
+        forced = bad and draws[0] == draws[1]
+        pool = (bad if forced or (bad and roll < wrong_rate) else
+                odd if odd and roll > 0.9 else good or bad)
         value = rng.choice(pool)
         if pool is bad:
             wrong.append(f"{action.dest}={value}")
@@ -173,13 +179,16 @@ def generate(seed: int, index: int, ws: dict[str, str]) -> tuple[list[str], list
     rng = random.Random(f"shardwise-fuzz-cli:{seed}:{index}")
     table = commands(build_parser())
     cmd = rng.choice(sorted(table))
-    # From clean command lines (what runs) to ones full of wrong values.
-    wrong_rate = rng.choice([0.0, 0.0, 0.05, 0.15, 0.4])
+    # From clean command lines (what runs), and clean ones but for one value
+    # (what a missing check lets through), to ones full of wrong values.
+    mode = rng.choice(["clean", "clean", "one", "one", 0.05, 0.15, 0.4])
+    wrong_rate = mode if isinstance(mode, float) else 0.0
+    draws = [0, rng.randint(1, 8) if mode == "one" else None]
     argv, options, wrong = [cmd], [], []
     for action in table[cmd]:
         if not action.option_strings:  # a positional
             if rng.random() < 0.97:
-                argv += _values(rng, action, ws, wrong_rate, wrong)
+                argv += _values(rng, action, ws, wrong_rate, wrong, draws)
             elif action.nargs != "*":
                 wrong.append(f"{action.dest} missing")
             continue
@@ -189,7 +198,7 @@ def generate(seed: int, index: int, ws: dict[str, str]) -> tuple[list[str], list
             if rng.random() < (0.97 if action.required else 0.25):
                 given += 1
                 options.append([rng.choice(action.option_strings),
-                                *_values(rng, action, ws, wrong_rate, wrong)])
+                                *_values(rng, action, ws, wrong_rate, wrong, draws)])
         if action.required and not given:
             wrong.append(f"{action.dest} missing")
     rng.shuffle(options)
@@ -302,11 +311,16 @@ def fuzz_cli(seed: int, indices: list[int], launch: int = 0, log=print) -> dict:
     root = tempfile.mkdtemp(prefix="shardwise-fuzz-cli-")
 
     def in_case_dir(i, fn):
+        """``fn(workspace, folder)`` run in the case's own folder: a default
+        output path (bench's results/bench.jsonl) lands there too."""
         case_dir = os.path.join(root, str(i))
         os.makedirs(case_dir)
+        here = os.getcwd()
+        os.chdir(case_dir)
         try:
             return fn(_workspace(case_dir), case_dir)
         finally:
+            os.chdir(here)
             shutil.rmtree(case_dir, ignore_errors=True)
 
     def draw_and_check(i):
@@ -325,6 +339,13 @@ def fuzz_cli(seed: int, indices: list[int], launch: int = 0, log=print) -> dict:
                      "kind": "launch failed: " + real.get("kind", real["status"])})
         return in_case_dir(i, body)
 
+    # Paths on the module search path (here and in the ranks) must not depend
+    # on the working directory, which each case changes.
+    saved_path, saved_env = list(sys.path), os.environ.get("PYTHONPATH")
+    sys.path[:] = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    if saved_env:
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(p) for p in saved_env.split(os.pathsep) if p)
     try:
         for i in indices:
             outcomes[i] = draw_and_check(i)
@@ -334,6 +355,9 @@ def fuzz_cli(seed: int, indices: list[int], launch: int = 0, log=print) -> dict:
             argv, wrong, _ = outcomes[i]
             outcomes[i] = (argv, wrong, launch_for_real(i))
     finally:
+        sys.path[:] = saved_path
+        if saved_env:
+            os.environ["PYTHONPATH"] = saved_env
         shutil.rmtree(root, ignore_errors=True)
 
     statuses: Counter = Counter()
