@@ -95,7 +95,7 @@ def test_cli_fuzz_never_a_traceback_nor_a_launch_a_check_could_stop():
     # Every subcommand is drawn, and each outcome is common enough to mean something.
     assert set(s["by_command"]) == set(fuzz_cli.commands(build_parser()))
     assert c["refused"] >= 100 and c["ran"] >= 50 and c["launched"] >= 15, c
-    assert s["with_a_wrong_value"] >= 100 and s["refusal_kinds"] >= 50, s
+    assert s["with_a_wrong_value"] >= 60 and s["refusal_kinds"] >= 50, s
 
 
 def test_cli_fuzz_finds_a_missing_check(monkeypatch):

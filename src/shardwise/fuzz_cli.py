@@ -65,7 +65,9 @@ RESULTS = (["@good"], ["@empty", "@nokeys"], ["@malformed", "@cut", "@array", "@
                                               "@missing", "@dir"])
 OUTPUT_FILES = (["@new", "@good"], ["@malformed"], ["@dir", "@under_file"])
 OUTPUT_DIRS = (["@new_dir", "@dir"], [], ["@good", "@under_file"])
-MODELS = ([], [], ["@missing", "@dir", "@good"])  # no checkpoint here: every path is wrong
+# --model: a preset or zoo name (no checkpoint here, so no path is right).
+MODELS = (["tiny-dense", "tiny-moe"], ["llama-3.1-8b", "mixtral-8x7b"],
+          ["@missing", "@dir", "nope"])
 BY_DEST = {"preset": PRESETS, "plan": PLANS, "plans": PLANS, "capacity": CAPACITIES,
            "prompt_ids": PROMPT_IDS, "seed": SEEDS, "cluster": CLUSTERS, "profile": PROFILES,
            "files": REPORTED, "results": RESULTS, "out": OUTPUT_FILES, "json": OUTPUT_FILES,
@@ -130,10 +132,10 @@ def _workspace(root: str) -> dict[str, str]:
 
 
 def _values(rng: random.Random, action: argparse.Action, ws: dict[str, str],
-            wrong_rate: float, wrong: list, draws: list) -> list[str]:
-    """Values for one flag; ``wrong`` gets one entry per wrong value drawn.
-    ``draws`` counts the values drawn for the command line; ``draws[1]``, when
-    set, is the one value (by that count) that is wrong."""
+            wrong_rate: float, drawn: dict) -> list[str]:
+    """Values for one flag. ``drawn`` keeps the command line's count of values
+    (``n``), the one that must be wrong (``force``, by that count, or None)
+    and the wrong and odd values drawn (``wrong``, ``odd``: ``dest=value``)."""
     if action.nargs == 0:
         return []
     if action.choices:
@@ -149,13 +151,13 @@ def _values(rng: random.Random, action: argparse.Action, ws: dict[str, str],
     def one():
         good, odd, bad = pools
         roll = rng.random()
-        draws[0] += 1
-        forced = bad and draws[0] == draws[1]
+        drawn["n"] += 1
+        forced = bad and drawn["n"] == drawn["force"]
         pool = (bad if forced or (bad and roll < wrong_rate) else
                 odd if odd and roll > 0.9 else good or bad)
         value = rng.choice(pool)
-        if pool is bad:
-            wrong.append(f"{action.dest}={value}")
+        if pool is not good:
+            drawn["wrong" if pool is bad else "odd"].append(f"{action.dest}={value}")
         return ws[value[1:]] if value.startswith("@") else value
 
     count = {"+": rng.randint(1, 3), "*": rng.randint(0, 2)}.get(action.nargs, 1)
@@ -171,9 +173,10 @@ def commands(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]
             for name, p in sub.choices.items()}
 
 
-def generate(seed: int, index: int, ws: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Command line ``index`` of ``seed`` (paths point into ``ws``) and the
-    wrong values it holds (``dest=value``)."""
+def generate(seed: int, index: int, ws: dict[str, str]) -> tuple[list[str], list[str], bool]:
+    """Command line ``index`` of ``seed`` (paths point into ``ws``), the wrong
+    values it holds (``dest=value``), and whether it is clean (no wrong or odd
+    value: what a real launch runs)."""
     from .cli import build_parser
 
     rng = random.Random(f"shardwise-fuzz-cli:{seed}:{index}")
@@ -183,12 +186,14 @@ def generate(seed: int, index: int, ws: dict[str, str]) -> tuple[list[str], list
     # (what a missing check lets through), to ones full of wrong values.
     mode = rng.choice(["clean", "clean", "one", "one", 0.05, 0.15, 0.4])
     wrong_rate = mode if isinstance(mode, float) else 0.0
-    draws = [0, rng.randint(1, 8) if mode == "one" else None]
-    argv, options, wrong = [cmd], [], []
+    drawn = {"n": 0, "force": rng.randint(1, 8) if mode == "one" else None, "wrong": [],
+             "odd": []}
+    wrong = drawn["wrong"]
+    argv, options = [cmd], []
     for action in table[cmd]:
         if not action.option_strings:  # a positional
             if rng.random() < 0.97:
-                argv += _values(rng, action, ws, wrong_rate, wrong, draws)
+                argv += _values(rng, action, ws, wrong_rate, drawn)
             elif action.nargs != "*":
                 wrong.append(f"{action.dest} missing")
             continue
@@ -198,7 +203,7 @@ def generate(seed: int, index: int, ws: dict[str, str]) -> tuple[list[str], list
             if rng.random() < (0.97 if action.required else 0.25):
                 given += 1
                 options.append([rng.choice(action.option_strings),
-                                *_values(rng, action, ws, wrong_rate, wrong, draws)])
+                                *_values(rng, action, ws, wrong_rate, drawn)])
         if action.required and not given:
             wrong.append(f"{action.dest} missing")
     rng.shuffle(options)
@@ -206,7 +211,8 @@ def generate(seed: int, index: int, ws: dict[str, str]) -> tuple[list[str], list
         flag = rng.choice(["--bogus", "-x"])  # not a flag of any command
         options.append([flag])
         wrong.append(flag)
-    return argv + [word for option in options for word in option], wrong
+    return (argv + [word for option in options for word in option], wrong,
+            not wrong and not drawn["odd"])
 
 
 @contextlib.contextmanager
@@ -301,13 +307,13 @@ def _small(job, module: str) -> bool:
 
 def fuzz_cli(seed: int, indices: list[int], launch: int = 0, log=print) -> dict:
     """Draw and check the command lines (launches stubbed), then run the
-    first ``launch`` small launched jobs for real. A command line holding a
+    first ``launch`` small launched jobs of clean command lines for real. A command line holding a
     wrong value must be refused; one that is not must run, or launch. Returns
     the summary (not yet written)."""
     import time
 
     t0 = time.monotonic()
-    outcomes: dict[int, tuple[list[str], int, dict]] = {}
+    outcomes: dict[int, tuple[list[str], list[str], bool, dict]] = {}
     root = tempfile.mkdtemp(prefix="shardwise-fuzz-cli-")
 
     def in_case_dir(i, fn):
@@ -325,13 +331,14 @@ def fuzz_cli(seed: int, indices: list[int], launch: int = 0, log=print) -> dict:
 
     def draw_and_check(i):
         def body(ws, case_dir):
-            argv, wrong = generate(seed, i, ws)
-            return [a.replace(case_dir + os.sep, "") for a in argv], wrong, run_cli(argv)
+            argv, wrong, clean = generate(seed, i, ws)
+            return ([a.replace(case_dir + os.sep, "") for a in argv], wrong, clean,
+                    run_cli(argv))
         return in_case_dir(i, body)
 
     def launch_for_real(i):
         def body(ws, case_dir):
-            argv, _ = generate(seed, i, ws)
+            argv, _, _ = generate(seed, i, ws)
             log(f"case {i}: running shardwise {shlex.join(argv)}")
             real = run_cli(argv, stub=False)
             return ({"status": "launched and ran"} if real["status"] == "ran" else
@@ -349,11 +356,11 @@ def fuzz_cli(seed: int, indices: list[int], launch: int = 0, log=print) -> dict:
     try:
         for i in indices:
             outcomes[i] = draw_and_check(i)
-        chosen = [i for i, (_, wrong, o) in outcomes.items() if not wrong
+        chosen = [i for i, (_, _, clean, o) in outcomes.items() if clean
                   and o["status"] == "launched" and _small(o["job"], o["module"])][:launch]
         for i in chosen:
-            argv, wrong, _ = outcomes[i]
-            outcomes[i] = (argv, wrong, launch_for_real(i))
+            argv, wrong, clean, _ = outcomes[i]
+            outcomes[i] = (argv, wrong, clean, launch_for_real(i))
     finally:
         sys.path[:] = saved_path
         if saved_env:
@@ -364,7 +371,7 @@ def fuzz_cli(seed: int, indices: list[int], launch: int = 0, log=print) -> dict:
     per_command: dict[str, Counter] = {}
     refusals: dict[str, str] = {}
     failures = []
-    for i, (argv, wrong, o) in outcomes.items():
+    for i, (argv, wrong, _, o) in outcomes.items():
         if wrong and o["status"] != "refused" and o["status"] != "failed":
             o = {"status": "failed", "kind": f"{o['status']} with a wrong value",
                  "error": ", ".join(wrong)}
@@ -380,7 +387,7 @@ def fuzz_cli(seed: int, indices: list[int], launch: int = 0, log=print) -> dict:
     return {
         "seed": seed, "cases": len(indices), "counts": dict(sorted(statuses.items())),
         "launched_for_real": len(chosen),
-        "with_a_wrong_value": sum(1 for _, wrong, _ in outcomes.values() if wrong),
+        "with_a_wrong_value": sum(1 for _, wrong, _, _ in outcomes.values() if wrong),
         "by_command": {k: dict(v) for k, v in sorted(per_command.items())},
         "refusal_kinds": len(refusals),
         "refusal_examples": dict(sorted(refusals.items())),
