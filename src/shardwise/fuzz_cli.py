@@ -220,7 +220,7 @@ def _stub_launcher(launched: list):
     """Every launch records its job and ends the command (``_Launched``)."""
     from .runtime import launcher
 
-    def stub(job, deadline_s=None, poll_s=0.05, module="shardwise.runtime.worker"):
+    def stub(job, *args, module="shardwise.runtime.worker", **kwargs):
         launched.append((job, module))
         raise _Launched()
 
