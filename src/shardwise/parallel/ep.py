@@ -163,6 +163,7 @@ class ExpertParallelMoE(nn.Module):
 
 class ExpertParallel(Strategy):
     name = "ep"
+    degree_names = ("ep",)
 
     @staticmethod
     def degree(plan: Plan) -> int:

@@ -233,6 +233,7 @@ class VocabShardEmbedding(nn.Module):
 
 class Helix(Strategy):
     name = "helix"
+    degree_names = ("N", "M")
 
     @staticmethod
     def degrees(plan: Plan) -> tuple[int, int]:

@@ -187,6 +187,7 @@ def _divisors(n: int) -> list[int]:
 
 class TpPp(Strategy):
     name = "tp_pp"
+    degree_names = ("tp", "pp")
 
     @staticmethod
     def degrees(plan: Plan) -> tuple[int, int]:
