@@ -592,3 +592,23 @@ def load_cluster(name_or_path: str) -> Cluster:
                              f"{', '.join(available_clusters())} or write one with "
                              f"`shardwise calibrate`")
     return Cluster.from_dict(json.loads(path.read_text()))
+
+
+def clusters_sheet():
+    """``shardwise clusters``: every packaged profile, what --cluster names."""
+    from ..output import Col, Sheet, nbytes, num
+
+    rows = []
+    for name in available_clusters():
+        c = load_cluster(name)
+        rows.append({"name": name, "device": c.device, "nodes": c.nodes,
+                     "gpus_per_node": c.gpus_per_node, "gpus": c.n_gpus,
+                     "hbm_bytes": c.hbm_bytes, "matmul_tflops": c.matmul_tflops.get("bf16"),
+                     "hbm_gbps": c.hbm_gbps, "links": sorted(c.links)})
+    return Sheet("clusters", "cluster profiles (--cluster NAME; or a JSON file from shardwise "
+                 "calibrate)", [
+        Col("name", "name"), Col("device", "device", left=True, priority=2),
+        Col("GPUs", "gpus", row_text=lambda r: f"{r['nodes']} x {r['gpus_per_node']}"),
+        Col("HBM", "hbm_bytes", nbytes), Col("bf16 TFLOP/s", "matmul_tflops", num, 1),
+        Col("HBM GB/s", "hbm_gbps", num, 1), Col("links", "links", ", ".join, 3, left=True)],
+        rows)

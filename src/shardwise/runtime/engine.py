@@ -60,6 +60,7 @@ class RankMonitor:
         self.heartbeat, self.fail_at_call, self.rank = heartbeat, fail_at_call, rank
         self.cuda = device_type == "cuda"
         self.calls = 0
+        self.progress = None  # rank 0's progress.Reporter: phases for the launcher's display
 
     @property
     def active(self) -> bool:
@@ -87,6 +88,8 @@ class RankMonitor:
     def phase(self, event: str, case: int | None = None) -> None:
         if self.heartbeat is not None:
             self.heartbeat.phase(event, case)
+        if self.progress is not None:
+            self.progress.phase(event)
 
     def wait(self, what: str, fn, *args, **kwargs):
         """Run ``fn`` (a wait on peers outside Comm: mesh creation, barriers)."""

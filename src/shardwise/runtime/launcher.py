@@ -32,6 +32,7 @@ import time
 
 from .job import Heartbeat, Job, heartbeat_path
 from .lifeline import Lifeline
+from .progress import ENV as PROGRESS_ENV
 
 GRACE_S = 3.0
 # Before every rank has sent its first heartbeat (importing torch, joining the
@@ -141,12 +142,14 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
 
 
 def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
-           module: str = "shardwise.runtime.worker", on_stream=None) -> list[dict]:
+           module: str = "shardwise.runtime.worker", on_stream=None,
+           on_progress=None) -> list[dict]:
     """Run ``job`` on ``job.nproc`` local ranks; return rank 0's results.
     ``module`` is the per-rank entry point (``python -m MODULE JOB.json``).
     ``on_stream(message)`` is called with each JSON line the ranks append to
     the file named in their ``SHARDWISE_STREAM`` (a generation's tokens, as
-    they come), in order, as the launcher polls."""
+    they come), in order, as the launcher polls; ``on_progress(event)`` with
+    each of rank 0's progress events (runtime/progress.py), the same way."""
     with _stop_signals_noted() as stop, tempfile.TemporaryDirectory(prefix="shardwise-") as tmp, \
             Lifeline() as lifeline:
         job_file = os.path.join(tmp, "job.json")
@@ -154,6 +157,9 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
         with open(job_file, "w") as f:
             f.write(job.dumps())
         stream = _Follow(os.path.join(tmp, "stream.jsonl"), on_stream) if on_stream else None
+        progress = (_Follow(os.path.join(tmp, "progress.jsonl"), on_progress)
+                    if on_progress else None)
+        follow = [f for f in (stream, progress) if f is not None]
         port = free_port()
         procs: list[subprocess.Popen] = []
         base_env = dict(os.environ)
@@ -167,6 +173,10 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
             base_env.setdefault("OMP_NUM_THREADS", "1")
         if stream is not None:
             base_env["SHARDWISE_STREAM"] = stream.path
+        if progress is not None:
+            base_env[PROGRESS_ENV] = progress.path
+        else:
+            base_env.pop(PROGRESS_ENV, None)  # not a file of an outer job
         beats = [heartbeat_path(tmp, r) for r in range(job.nproc)] if job.watchdog_s else []
         for path in beats:
             Heartbeat.create(path)
@@ -182,13 +192,13 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
             lifeline.started()
             watchdog = _Watchdog(job, beats, procs) if beats else None
             while True:
+                for f in follow:
+                    f.read()
                 if stop:
                     _terminate(procs)
                     raise LaunchError(_interrupted(stop[0]), pids=[p.pid for p in procs],
                                       results=_results(result_file), signum=stop[0])
                 codes = [p.poll() for p in procs]
-                if stream is not None:
-                    stream.read()
                 if any(c not in (None, 0) for c in codes):
                     codes = _settle(procs, tmp)
                     stopped = [r for r, c in enumerate(codes)
@@ -196,8 +206,8 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
                     _terminate(procs)
                     raise _failure(job, tmp, codes, stopped, procs, watchdog, result_file)
                 if all(c == 0 for c in codes):
-                    if stream is not None:
-                        stream.read()  # what the ranks wrote after the last poll
+                    for f in follow:
+                        f.read()  # what the ranks wrote after the last poll
                     break
                 if deadline_s is not None and time.monotonic() - start > deadline_s:
                     running = [r for r, c in enumerate(codes) if c is None]
