@@ -74,6 +74,21 @@ def test_interrupted_sweep_keeps_records_and_resumes(tmp_path):
          ("tp_pp:2x2", "prefill"), ("tp_pp:2x2", "decode")])
 
 
+def test_resume_in_another_phase_writes_each_record_once(tmp_path):
+    """A plan timed with --phase prefill, resumed with --phase both: the decode
+    record is added and the prefill record is not written a second time."""
+    out = tmp_path / "bench.jsonl"
+    common = ["bench", "--preset", "tiny-dense", "--device", "cpu", "--iters", "2",
+              "--warmup", "1", "--plan", "tp_pp:1x1", "--out", str(out)]
+    for extra in (["--phase", "prefill"], ["--phase", "both", "--resume"]):
+        r = subprocess.run([sys.executable, "-m", "shardwise", *common, *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    final = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((x["plan"], x["phase"]) for x in final) == [("tp_pp:1x1", "decode"),
+                                                              ("tp_pp:1x1", "prefill")]
+
+
 def test_bench_trace_profiles_every_rank(tmp_path):
     """``bench --trace DIR``: one profiled step per phase and rank, a Chrome
     trace and a host-op table each, and every rank's summary in the record."""
