@@ -157,7 +157,7 @@ class ExpertParallelMoE(nn.Module):
         padded = x if n == rows else torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
         every = self.comm.all_gather(padded, "ep")  # [P * rows, D], rank-major
         weights, experts = route(router_logits(self.moe.router, every), self.k)
-        partial = self.moe._dense(every, weights, experts)  # this rank's experts' share
+        partial = self.moe.static(every, weights, experts)  # this rank's experts' share
         return self.comm.reduce_scatter(partial, "ep")[:n]  # [n, D]
 
 
