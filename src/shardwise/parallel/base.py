@@ -36,6 +36,10 @@ from .comm import Comm
 from .topology import Topology
 
 STRATEGY_MODULES = ("tp_pp", "helix", "ring", "layerwise", "ep")
+# Composed plans (pp:2/tp:2, ...) run parallel/compose.py, which every strategy
+# above builds on; it is not listed among them (the cost model and the
+# planner do not rank compositions yet).
+COMPOSE = "compose"
 
 
 def dense_moe_ok(spec: ModelSpec, tokens: int) -> bool:
@@ -170,10 +174,14 @@ def get_strategy(name: str) -> type[Strategy]:
 
     if name in PEERS:
         return PEERS[name]
+    if name == COMPOSE:
+        from .compose import STRATEGY
+
+        return STRATEGY
     if name not in STRATEGY_MODULES:
         raise ShardwiseError(
             f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)} "
-            f"(or a peer: {', '.join(PEERS)})"
+            f"(or a peer: {', '.join(PEERS)}; or mesh dimensions, e.g. pp:2/tp:2)"
         )
     try:
         module = importlib.import_module(f"shardwise.parallel.{name}")

@@ -173,6 +173,10 @@ def describe(p: Prediction) -> str:
 def predict_command(ref, plan: str, cluster: str = "h100-sxm-16", batch: int | None = None,
                     seq: int | None = None, phase: str | None = None) -> str:
     """``shardwise predict --model M --plan PLAN [--cluster C --batch B --seq T]``."""
+    if Plan.parse(plan).is_composed:
+        raise ShardwiseError(f"the cost model does not predict composed plans yet ({plan}); "
+                             f"verify or bench it (shardwise verify --plan {plan}), or predict "
+                             f"a single-strategy plan")
     spec, wl = _workload(ref, batch, seq, phase)
     return describe(predict(spec, wl, plan, load_cluster(cluster)))
 
