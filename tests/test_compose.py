@@ -44,7 +44,10 @@ PLANS = {
         (LLAMA, "ring:2/tp:2"), (LLAMA, "dp:2/helix:2x1"), (LLAMA, "dp:2/pp:2,mb=2"),
         (LLAMA, "tp_pp:4x1,mb=2"), (GPT, "dp:2/tp:2"), (GPT, "pp:2/helix:2x1"),
         (GPT, "dp:2/ring:2"), (LLAMA_MOE, "ep:2/tp:2"), (LLAMA_MOE, "pp:2/ep:2,mb=2"),
-        (GPT_MOE, "dp:2/ep:2"), (GPT_MOE, "ring:2/tp:2")],
+        (GPT_MOE, "dp:2/ep:2"), (GPT_MOE, "ring:2/tp:2"),
+        # overlap=2: the stage as two halves of the batch whose all-reduces
+        # overlap the other half (with ring's exchanges inside each half).
+        (GPT, "ring:2/tp:2,overlap=2"), (GPT, "pp:2/tp:2,overlap=2,mb=2")],
     6: [(LLAMA, "pp:3/tp:2,mb=2"), (LLAMA, "pp:2/helix:1x3"), (LLAMA, "pp:2/ring:3"),
         (LLAMA, "ring:3/tp:2"), (LLAMA, "dp:3/tp:2"), (GPT, "dp:2/ring:3"),
         (GPT, "pp:3/tp:2"), (LLAMA_MOE, "ep:3/tp:2"), (LLAMA_MOE, "pp:2/ep:3"),
