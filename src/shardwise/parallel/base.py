@@ -1,6 +1,10 @@
 """What every strategy provides, and the registry that finds them by name.
 
-A strategy is one file in this package. Its class:
+A strategy is one file in this package: its layers on the sub-mesh of one
+pipeline stage (``tp_stage``, ``helix_stage``, ...) and a class, a thin
+wrapper of :class:`~.compose.Composed` that runs them over the whole world
+(composed plans run the same stage code over several mesh dimensions). The
+class:
 
 * ``validate(spec, workload, plan, world_size) -> Topology`` (classmethod, no
   processes): checks the plan against the model and the world size and

@@ -37,6 +37,7 @@ ranks of a larger mesh (``pp:2/helix:2x2``, :mod:`.compose`); the plan
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -315,7 +316,6 @@ def helix_stage(ctx: StageContext) -> Stage:
             set_param(mlp.w_in, "weight", loader.mlp_in(layer, ff))
             set_param(mlp.w_down, "weight", loader.mlp_down(layer, ff))
     model.layers = nn.ModuleList(blocks)
-    gather = None
     if spec.vocab_size is not None:
         c = -(-spec.vocab_size // P)
         rows = torch.arange(r * c, min((r + 1) * c, spec.vocab_size))
@@ -329,10 +329,6 @@ def helix_stage(ctx: StageContext) -> Stage:
                 model.lm_head.weight = model.embed.weight
             else:
                 set_param(model.lm_head, "weight", Fn.pad(loader.lm_head(rows), pad))
-
-            def gather(local):  # rank order is group-major: slice, then group
-                logits = comm.all_gather(comm.all_gather(local, "slice", -1), "group", -1)
-                return logits[..., : spec.vocab_size]
     if ctx.last:
         loader.norm(model.norm, "norm")
     if mode == "heads":
@@ -345,8 +341,17 @@ def helix_stage(ctx: StageContext) -> Stage:
     # tensor) on the heads path, whose shapes do not depend on the position;
     # the sequence path picks the rank that stores the token on the host.
     graphs = mode == "heads" and dense_moe_ok(spec, max(ctx.largest))
+    gather = (functools.partial(gather_vocab, comm, spec.vocab_size)
+              if spec.vocab_size is not None else None)
     return Stage(model, caches, graphs, gather=gather, whole=True,
                  info={"repartition": mode, "reduce": sum_all.how})
+
+
+def gather_vocab(comm, vocab_size: int, local: torch.Tensor) -> torch.Tensor:
+    """The logits of every vocabulary shard of the stage, on each of its
+    ranks (rank order is group-major: slice, then group)."""
+    logits = comm.all_gather(comm.all_gather(local, "slice", -1), "group", -1)
+    return logits[..., :vocab_size]
 
 
 class Helix(Composed):

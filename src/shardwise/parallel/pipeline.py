@@ -13,9 +13,9 @@ A stage holds one micro-batch's activations at a time, not the batch's: the
 micro-batch it received, the one it computes, and the one whose send is
 still in flight (the send of micro-batch i is waited on before that of i+1
 is posted). The last stage keeps each micro-batch's output, the step's
-result, and joins them at the end (one kernel, as the cost model counts). The KV cache of a micro-batch is a batch view of the
-stage's cache, so a micro-batch's decode step finds the keys its prefill
-wrote.
+result, and joins them at the end (one kernel, as the cost model counts).
+The KV cache of a micro-batch is a batch view of the stage's cache, so a
+micro-batch's decode step finds the keys its prefill wrote.
 
 Every rank of a stage runs the same number of micro-batches (its
 collectives pair with its peers'), so a rank whose share of the batch is
