@@ -62,7 +62,7 @@ from .topology import Topology
 DIMS = {"dp": (("dp",), 0), "pp": (("pp",), 1), "ring": (("seq",), 2), "ep": (("ep",), 2),
         "tp": (("tp",), 3), "helix": (("group", "slice"), 3)}
 ORDER_TEXT = "dp, pp, then ring or ep, then tp or helix"
-# Stages that are not one of the kinds above, and why.
+# Pairs of dimensions that do not share a stage, and why.
 APART = {
     frozenset({"ring", "ep"}): "ring splits a stage's sequence and ep its batch; choose one",
     frozenset({"tp", "helix"}): "helix already splits the heads (and their dims); choose one",
