@@ -83,3 +83,37 @@ def test_a_failed_launch_is_recorded_and_the_rest_still_run(fault, kind):
     assert "rank 1" in f["error"]
     assert f["reproduce"] == "python -m shardwise.fuzz --seed 0 --only 59"
     assert s["launches"] == 2
+
+
+# -- the command line ------------------------------------------------------------------
+
+def test_cli_fuzz_never_a_traceback_nor_a_launch_a_check_could_stop():
+    """300 random command lines (launches stubbed, two small ones run for
+    real): a wrong value is always refused in one line, nothing else is."""
+    from shardwise import fuzz_cli
+    from shardwise.cli import build_parser
+
+    s = fuzz_cli.fuzz_cli(0, list(range(300)), launch=2, log=lambda m: None)
+    assert s["failures"] == [], s["failures"]
+    c = s["counts"]
+    assert c.get("failed", 0) == 0 and c["launched and ran"] == 2, c
+    # Every subcommand is drawn, and each outcome is common enough to mean something.
+    assert set(s["by_command"]) == set(fuzz_cli.commands(build_parser()))
+    assert c["refused"] >= 100 and c["ran"] >= 50 and c["launched"] >= 15, c
+    assert s["with_a_wrong_value"] >= 60 and s["refusal_kinds"] >= 50, s
+
+
+def test_cli_fuzz_finds_a_missing_check(monkeypatch):
+    """With the checks of counts and times taken out, the fuzzer reports the
+    command lines that launched with a wrong one (``--deadline -1``...)."""
+    from shardwise import argcheck, fuzz_cli
+
+    monkeypatch.setattr(argcheck, "AT_LEAST", {})
+    monkeypatch.setattr(argcheck, "SECONDS", {})
+    s = fuzz_cli.fuzz_cli(0, list(range(300)), log=lambda m: None)
+    assert s["failures"], "no failure found"
+    for f in s["failures"]:
+        assert f["kind"].endswith("with a wrong value"), f
+        assert {w.split("=")[0] for w in f["error"].split(", ")} & (
+            {"timeout", "deadline", "watchdog"} | set(fuzz_cli.ZERO_OK)
+            | {"top", "ranks", "batch", "seq", "iters", "nproc", "max_new_tokens"}), f

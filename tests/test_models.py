@@ -99,7 +99,8 @@ def test_plan_and_predict_every_zoo_model(name, capsys):
                 if "│ fits" in line)
     assert main(["predict", "--model", name, "--plan", best, "--cluster", "h100-sxm-16",
                  "--batch", "8", "--seq", "2048"]) == 0
-    assert "(fits)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "memory of the fullest rank" in out and "DOES NOT FIT" not in out
 
 
 def test_too_big_for_this_machine_is_refused_before_launch(capsys):
@@ -126,7 +127,7 @@ def test_config_only_model_benches_and_reports(tmp_path, capsys):
     assert records[0]["model_source"] == f"config:{cfg}" and records[0]["numerics_ok"]
     capsys.readouterr()
     assert main(argv + ["--resume"]) == 0
-    assert "skipping tp_pp:2x1" in capsys.readouterr().out
+    assert "skipping tp_pp:2x1" in capsys.readouterr().err
     assert len(read_records(str(out))) == 2
     assert main(["report", "--fidelity", str(out), "--profile", "h100-sxm-8"]) == 0
     assert "tp_pp:2x1" in capsys.readouterr().out
@@ -144,8 +145,9 @@ def test_plan_run_runs_the_best_plan(tmp_path, capsys):
     assert main(["plan", "--model", "tiny-dense", "--cluster", "h100-sxm-8", "--ranks", "2",
                  "--batch", "4", "--seq", "32", "--run", "--device", "cpu", "--iters", "2",
                  "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "running the best plan: shardwise bench --model tiny-dense" in text
+    text = capsys.readouterr()
+    assert "running the best plan: shardwise bench --model tiny-dense" in text.err
+    assert "run the best plan: shardwise bench --model tiny-dense" in text.out
     records = read_records(str(out))
     assert records and all(r["numerics_ok"] and r["n_devices"] == 2 for r in records)
 

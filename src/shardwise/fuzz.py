@@ -8,6 +8,8 @@ reference within tolerance (fp32: 1e-5). Anything else is a failure: a wrong
 answer, another exception while validating, a rank that crashes or hangs
 after launch, or a refusal whose message is empty or spans several lines.
 
+``--cli`` fuzzes the command line instead (shardwise/fuzz_cli.py).
+
 The cases that pass validation run grouped by world size, as many to a
 launch as possible (``runtime.launcher.launch``, one ``Job`` per world size);
 a launch that fails is resumed after the failing case (the heartbeat names
@@ -384,12 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary", help="JSON summary to write (atomically)")
     ap.add_argument("--watchdog", type=float, default=30.0,
                     help="seconds without progress before a launch is called hung")
+    ap.add_argument("--cli", action="store_true",
+                    help="fuzz the command line instead (random flags and values for every "
+                         "subcommand; see shardwise/fuzz_cli.py)")
+    ap.add_argument("--launch", type=int, default=0,
+                    help="--cli: run this many of the small launched jobs for real")
     args = ap.parse_args(argv)
     indices = parse_indices(args.only) if args.only else list(range(args.cases))
+    command = shlex.join(["python", "-m", "shardwise.fuzz",
+                          *(argv if argv is not None else sys.argv[1:])])
+    if args.cli:
+        return _cli_main(args, indices, command)
     summary = fuzz(args.seed, indices, args.watchdog)
-    summary = {"command": shlex.join(["python", "-m", "shardwise.fuzz", *(argv if argv is not None
-                                                                          else sys.argv[1:])]),
-               **summary}
+    summary = {"command": command, **summary}
     c = summary["counts"]
     print(f"fuzz seed {args.seed}: {summary['cases']} cases, {c['refused']} refused, "
           f"{c['verified']} verified, {c['failed']} failed ({summary['launches']} launches, "
@@ -397,11 +406,30 @@ def main(argv: list[str] | None = None) -> int:
     for f in summary["failures"]:
         print(f"  FAILED case {f['index']} ({f['plan']} on {f['world']} ranks): {f['kind']}: "
               f"{f['error'][:300]}")
-    if args.summary:
+    _write_summary(args.summary, summary)
+    return 1 if c["failed"] else 0
+
+
+def _cli_main(args, indices: list[int], command: str) -> int:
+    from .fuzz_cli import fuzz_cli
+
+    summary = {"command": command, **fuzz_cli(args.seed, indices, args.launch)}
+    c = summary["counts"]
+    print(f"fuzz --cli seed {args.seed}: {summary['cases']} command lines: "
+          + ", ".join(f"{v} {k}" for k, v in c.items())
+          + f" ({summary['launched_for_real']} launched for real, {summary['elapsed_s']} s)")
+    for f in summary["failures"]:
+        print(f"  FAILED case {f['index']}: shardwise {f['argv']}: {f['kind']}: "
+              f"{f['error'][:300]}")
+    _write_summary(args.summary, summary)
+    return 1 if c.get("failed") else 0
+
+
+def _write_summary(path: str | None, summary: dict) -> None:
+    if path:
         from .runtime.worker import write_atomic
 
-        write_atomic(args.summary, json.dumps(summary, indent=1) + "\n")
-    return 1 if c["failed"] else 0
+        write_atomic(path, json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

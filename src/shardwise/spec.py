@@ -10,8 +10,6 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 
 class ShardwiseError(ValueError):
     """A problem with the user's input, raised before any process starts.
@@ -20,17 +18,21 @@ class ShardwiseError(ValueError):
     """
 
 
+# Names of torch's dtypes: torch is imported only when a dtype object is asked
+# for, so describing models and plans (the CLI's listings, pre-launch checks)
+# does not pay for importing it.
 DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
 }
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def _dtype_name(name: str) -> str:
     try:
         return DTYPES[name]
     except KeyError:
@@ -39,8 +41,14 @@ def torch_dtype(name: str) -> torch.dtype:
         ) from None
 
 
+def torch_dtype(name: str) -> "torch.dtype":  # noqa: F821
+    import torch
+
+    return getattr(torch, _dtype_name(name))
+
+
 def dtype_bytes(name: str) -> int:
-    return torch.tensor([], dtype=torch_dtype(name)).element_size()
+    return ITEMSIZE[_dtype_name(name)]
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class ModelSpec:
                     problems.append(problem)
         if self.tie_embeddings and self.vocab_size is None:
             problems.append("tie_embeddings needs a vocab_size (an embedding to tie)")
-        torch_dtype(self.dtype)
+        _dtype_name(self.dtype)
         if problems:
             raise ShardwiseError(f"model {self.name!r}: " + "; ".join(problems))
 

@@ -21,13 +21,15 @@ import json
 import os
 import struct
 from dataclasses import dataclass, fields
-from typing import Collection, Sequence
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Collection, Sequence
 
 from ..spec import ModelSpec, ShardwiseError, Workload
-from .weights import param_table
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, safetensors and the parameter table are imported where weights are
+# read: naming a model by its config (models.py) needs none of them.
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -400,6 +402,8 @@ def _positions(sel, size: int, what: str) -> list[int]:
         return list(range(size))
     if isinstance(sel, slice):
         return list(range(size))[sel]
+    import torch
+
     pos = torch.as_tensor(sel, dtype=torch.long).reshape(-1).tolist()
     if pos and (min(pos) < 0 or max(pos) >= size):
         raise IndexError(f"{what}: index out of range for a dim of size {size}")
@@ -438,6 +442,8 @@ class CheckpointSource:
             _check_same_model(spec, derived, where)
             derived = spec
         self.spec = derived
+        from .weights import param_table
+
         self.table = param_table(self.spec)
         self.stored, self.files = _read_tensor_index(self.path)
         self.refs = hf_name_map(self.spec, self.stored)
@@ -507,6 +513,8 @@ class CheckpointSource:
         ref, shape = self.refs[name], self.table[name].shape
         index = list(index or []) + [None] * (len(shape) - len(index or []))
         pos = [_positions(sel, size, name) for size, sel in zip(shape, index)]
+        import torch
+
         out = torch.empty([len(p) for p in pos], dtype=dtype, device=device)
         if out.numel() == 0:
             return out
@@ -529,6 +537,8 @@ class CheckpointSource:
             d = max(range(len(runs)), key=lambda k: len(runs[k]))
             lo, hi = min(pos[d]), max(pos[d]) + 1
             runs[d] = [(lo, hi, 0)]
+            import torch
+
             gather[d] = torch.tensor([p - lo for p in pos[d]], dtype=torch.long)
         handle = self._slice(hf)
         for box in _boxes(runs):
@@ -544,6 +554,8 @@ class CheckpointSource:
         file = self.stored[hf].file
         if file not in self._handles:
             try:
+                from safetensors import safe_open
+
                 self._handles[file] = safe_open(file, framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error type
                 raise _fail(file, f"cannot be opened as safetensors ({e})") from None

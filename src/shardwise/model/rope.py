@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..spec import ModelSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a spec's check of
+    import torch   # its rope_scaling (scaling_problem) runs without it
 
 # rope_type -> the scaling keys it needs (besides rope_type).
 SCALINGS = {
@@ -70,6 +72,8 @@ class Rope:
 
     def inv_freq(self, device=None) -> torch.Tensor:
         """``[d/2]`` float32 frequencies, scaled as the model says."""
+        import torch
+
         d = self.head_dim
         inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64)
                                     .to(device=device, dtype=torch.float32) / d))
@@ -95,6 +99,8 @@ class Rope:
         never recomputes the frequencies or the angles. The angles are the
         float32 products ``position * inv_freq`` (exact positions up to
         2**24), the values transformers computes for each call."""
+        import torch
+
         n = max(TABLE_MIN, 1 << max(0, int(length) - 1).bit_length())
         device = torch.device(device)
         key = (self, device, n)
@@ -107,6 +113,8 @@ class Rope:
     def cos_sin(self, pos, T: int, length: int | None = None, device=None):
         """``cos, sin [T, d/2]`` (float32) for positions ``pos..pos+T``: ``pos``
         an int, or a 0-d device tensor with every position below ``length``."""
+        import torch
+
         if isinstance(pos, torch.Tensor):
             cos, sin = self.table(length, pos.device)
             rows = pos + torch.arange(T, device=pos.device)
@@ -132,6 +140,8 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """``x [B, T, H, d]`` rotated by ``cos, sin [T, d/2]``: dims ``(i, i + d/2)``
     -> ``(x_i c - x_{i+d/2} s, x_{i+d/2} c + x_i s)`` in float32, rounded to
     ``x``'s dtype."""
+    import torch
+
     half = x.shape[-1] // 2
     xf = x.float()
     x1, x2 = xf[..., :half], xf[..., half:]

@@ -301,6 +301,7 @@ def routing_report(moes: list[ExpertParallelMoE], chunks: int, d_model: int, dty
 
 class ExpertParallel(Composed):
     name = "ep"
+    degree_names = ("ep",)
 
     @staticmethod
     def degree(plan: Plan) -> int:

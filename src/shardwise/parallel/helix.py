@@ -356,6 +356,7 @@ def gather_vocab(comm, vocab_size: int, local: torch.Tensor) -> torch.Tensor:
 
 class Helix(Composed):
     name = "helix"
+    degree_names = ("N", "M")
 
     @staticmethod
     def degrees(plan: Plan) -> tuple[int, int]:

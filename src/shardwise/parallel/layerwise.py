@@ -23,7 +23,7 @@ micro-batch's activations at a time (:class:`~.pipeline.Pipeline`).
 """
 from __future__ import annotations
 
-from ..perf.partition import Partition, fmt_bytes, parse_capacity, partition
+from ..perf.partition import Partition, PartitionError, fmt_bytes, parse_capacity, partition
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .compose import Composed, Composition
 
@@ -62,6 +62,15 @@ class Layerwise(Composed):
                            plan.micro_batches, cuts, text=str(plan))
 
     @classmethod
+    def default_ranks(cls, spec, workload, plan) -> int | None:
+        """The fewest ranks whose layer groups fit the capacity (one when the
+        model fits one device); where no number does, one (validate says why)."""
+        try:
+            return plan_partition(spec, workload, plan, 1).ranks_used
+        except PartitionError as e:
+            return e.ranks_needed or 1
+
+    @classmethod
     def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
         part = plan_partition(spec, workload, plan, world_size)
         if part.idle_ranks:
@@ -81,7 +90,7 @@ class Layerwise(Composed):
         """The device's own capacities, and the tightest capacity in bytes at
         which the model fits ``world_size`` ranks (a device-free plan that
         cuts the model into as many groups as that capacity forces)."""
-        from ..perf.partition import layer_costs, min_capacity
+        from ..perf.partition import capacity_text, layer_costs, min_capacity
 
         cache: dict = {}
 
@@ -91,7 +100,7 @@ class Layerwise(Composed):
             return cache[batch]
 
         tight = min_capacity(costs_for, spec.n_layers, world_size, workload.batch)
-        return [f"layerwise:cap={tight}B", "layerwise:cap=HBM", "layerwise:cap=L2"]
+        return [f"layerwise:cap={capacity_text(tight)}", "layerwise:cap=HBM", "layerwise:cap=L2"]
 
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)

@@ -288,6 +288,7 @@ def tp_stage(ctx: StageContext, attention=None, mlp=None, experts: range | None 
 
 class TpPp(Composed):
     name = "tp_pp"
+    degree_names = ("tp", "pp")
 
     @staticmethod
     def degrees(plan: Plan) -> tuple[int, int]:

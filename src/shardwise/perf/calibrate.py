@@ -1225,6 +1225,18 @@ def _count_job(job) -> list[dict] | None:
 
 # -- one rank -------------------------------------------------------------------------
 
+# The steps of measure() (its progress: one event per step, from rank 0).
+MEASUREMENTS = 10
+
+
+def _steps(rank: int, total: int):
+    """``step(what)``: the next of ``total`` steps begins (runtime/progress.py)."""
+    from ..runtime.progress import Reporter
+
+    progress, counter = Reporter(rank), iter(range(total))
+    return lambda what: progress.step(next(counter, total - 1), total, what)
+
+
 def measure(job, settings: dict) -> dict | None:
     """Run on every rank; returns the profile on rank 0."""
     import torch
@@ -1239,28 +1251,39 @@ def measure(job, settings: dict) -> dict | None:
     topo = Topology(("world",), (world,), rank=rank, device_type=device.type).build()
     comm = Comm(topo)
     dtypes = settings.get("dtypes") or (["bf16", "fp16"] if device.type == "cuda" else ["fp32"])
+    step = _steps(rank, MEASUREMENTS)
     with torch.inference_mode():
+        step("matmul rates (" + ", ".join(dtypes) + ")")
         matmuls = {d: matmul_rates(device, torch_dtype(d), quick) for d in dtypes}
         first = torch_dtype(dtypes[0])
+        step("attention")
         attn = [attention_rate(device, first, hd, quick) for hd in (128, 512)]
         wide = {hd: wide_attention_rate(device, first, hd, quick) for hd in (256, 512)}
+        step("device copy and streaming")
         hbm = copy_rate(device, quick)
         stream = stream_rate(device, first, quick)
+        step("flash attention")
         flash = flash_rate(device, first, quick)
+        step("sustained matmul")
         sustained = sustained_matmul(device, first, quick)
         comm.barrier()
+        step("host cost of a layer")
         probe = launch_cost_us(device, comm, quick)
         comm.barrier()
+        step("host cost of each call kind")
         host = host_costs(device, comm, quick)
         host.update(launch_us=probe["launch_us"], layer_probe_us=probe["layer_probe_us"],
                     step_host_ratio=probe["step_host_ratio"])
 
         host, host_per_rank = _slowest(host, device)
         comm.barrier()
+        step("CUDA graph costs")
         graph = graph_costs(device, comm, quick)
         comm.barrier()
+        step("overlap of compute and communication")
         overlap = overlap_efficiency(device, comm, first, quick)
         comm.barrier()
+        step("collectives")
         colls = (collective_times(comm, device, first, QUICK_SIZES if quick else COLLECTIVE_SIZES,
                                   quick) if world > 1 else {})
     if rank != 0:
@@ -1353,9 +1376,10 @@ def main(argv: list[str]) -> NoReturn:
 
 def calibrate(out: str, nproc: int | None = None, device: str = "auto", quick: bool = False,
               name: str | None = None, dtypes: list[str] | None = None,
-              deadline_s: float | None = 1800) -> dict:
+              deadline_s: float | None = 1800, on_progress=None) -> dict:
     """Launch the calibration on ``nproc`` ranks, write the profile to ``out``
-    and return it. Raises ShardwiseError if the profile does not load."""
+    and return it (``on_progress``: each step as it begins, see
+    runtime/progress.py). Raises ShardwiseError if the profile does not load."""
     import torch
 
     from ..runtime.job import Job
@@ -1374,7 +1398,8 @@ def calibrate(out: str, nproc: int | None = None, device: str = "auto", quick: b
                              if device == "cuda" else f"--nproc must be >= 1 (got {nproc})")
     settings = {"quick": quick, "name": name, "dtypes": dtypes}
     job = Job([], nproc, device, env={ENV: json.dumps(settings)})
-    results = launch(job, deadline_s=deadline_s, module="shardwise.perf.calibrate")
+    results = launch(job, deadline_s=deadline_s, module="shardwise.perf.calibrate",
+                     on_progress=on_progress)
     if not results:
         raise ShardwiseError("calibration returned no profile")
     profile = results[0]
@@ -1385,9 +1410,9 @@ def calibrate(out: str, nproc: int | None = None, device: str = "auto", quick: b
 
 
 def calibrate_command(out: str, nproc: int | None = None, device: str = "auto",
-                      quick: bool = False, name: str | None = None) -> str:
+                      quick: bool = False, name: str | None = None, on_progress=None) -> str:
     """``shardwise calibrate --out FILE [--nproc N] [--device cpu|cuda] [--quick] [--name NAME]``."""
-    p = calibrate(out, nproc, device, quick, name)
+    p = calibrate(out, nproc, device, quick, name, on_progress=on_progress)
     lines = [f"wrote profile {p['name']} to {out}: {p['source']['summary']}",
              "matmul TFLOP/s: " + ", ".join(f"{d} {v:g}" for d, v in p["matmul_tflops"].items()),
              f"attention TFLOP/s: head_dim 128 {p['attention_tflops']['head_dim<=256']:g}, "

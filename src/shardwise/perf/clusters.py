@@ -562,11 +562,29 @@ def available_clusters() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+def _profile_json(path: str) -> dict:
+    """A profile file's JSON object; a file that is not one is refused in one line."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except IsADirectoryError:
+        raise ShardwiseError(f"cluster profile {path} is a directory; give a profile JSON "
+                             f"file (written by `shardwise calibrate`) or a profile name") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardwiseError(f"cluster profile {path} cannot be read ({e})") from None
+    except ValueError as e:
+        raise ShardwiseError(f"cluster profile {path} is not JSON ({e}); give a profile "
+                             f"written by `shardwise calibrate` or a profile name") from None
+    if not isinstance(d, dict):
+        raise ShardwiseError(f"cluster profile {path} holds a JSON {type(d).__name__}, not a "
+                             f"profile object")
+    return d
+
+
 def load_cluster(name_or_path: str) -> Cluster:
     """A packaged profile by name (``h100-sxm-16``) or a JSON file by path."""
     if os.path.exists(name_or_path):
-        with open(name_or_path) as f:
-            return Cluster.from_dict(json.load(f))
+        return Cluster.from_dict(_profile_json(name_or_path))
     path = resources.files("shardwise.perf") / "profiles" / f"{name_or_path}.json"
     if not path.is_file():
         raise ShardwiseError(f"unknown cluster {name_or_path!r}: no such file, and no packaged "
@@ -574,3 +592,23 @@ def load_cluster(name_or_path: str) -> Cluster:
                              f"{', '.join(available_clusters())} or write one with "
                              f"`shardwise calibrate`")
     return Cluster.from_dict(json.loads(path.read_text()))
+
+
+def clusters_sheet():
+    """``shardwise clusters``: every packaged profile, what --cluster names."""
+    from ..output import Col, Sheet, nbytes, num
+
+    rows = []
+    for name in available_clusters():
+        c = load_cluster(name)
+        rows.append({"name": name, "device": c.device, "nodes": c.nodes,
+                     "gpus_per_node": c.gpus_per_node, "gpus": c.n_gpus,
+                     "hbm_bytes": c.hbm_bytes, "matmul_tflops": c.matmul_tflops.get("bf16"),
+                     "hbm_gbps": c.hbm_gbps, "links": sorted(c.links)})
+    return Sheet("clusters", "cluster profiles (--cluster NAME; or a JSON file from shardwise "
+                 "calibrate)", [
+        Col("name", "name"), Col("device", "device", left=True, priority=2),
+        Col("GPUs", "gpus", row_text=lambda r: f"{r['nodes']} x {r['gpus_per_node']}"),
+        Col("HBM", "hbm_bytes", nbytes), Col("bf16 TFLOP/s", "matmul_tflops", num, 1),
+        Col("HBM GB/s", "hbm_gbps", num, 1), Col("links", "links", ", ".join, 3, left=True)],
+        rows)
