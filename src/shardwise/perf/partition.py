@@ -14,7 +14,7 @@ sequences in micro-batches of ``m``, prompt length ``T``:
     sum over the group's layers of  weights + KV cache (b x max_len)
   + max over its layers of the working set of one micro-batch (m x T tokens)
   + the outputs it holds: one micro-batch's in flight to the next group
-    (m x T x D), or on the last group the step's result (b x T x D, or V)
+    (m x T x D), or leaving the last group (m x T x D, or V)
 
 A group's time is the sum over its layers of max(FLOPs / rate, bytes /
 bandwidth) for the workload's prefill and decode steps. G groups on R ranks
@@ -233,10 +233,9 @@ def layer_costs(spec: ModelSpec, workload: Workload, batch: int, micro_batches: 
         out_width = spec.vocab_size if _is_last(spec, layer) and spec.vocab_size else spec.d_model
         resident.append(layer_weight_bytes(spec, layer) + kv)
         work.append(largest_mb * T * work_bytes_per_token(spec, layer))
-        # A stage sends a micro-batch on before it sends the next
-        # (pipeline.Pipeline); the last keeps the step's output.
-        rows = batch if _is_last(spec, layer) else largest_mb
-        held.append(rows * T * out_width * nbytes)
+        # A stage sends a micro-batch on before it sends the next, and the
+        # last hands each on as it leaves (pipeline.Pipeline).
+        held.append(largest_mb * T * out_width * nbytes)
         b = batch / n_mb  # every micro-batch streams the weights again
         t = layer_time(spec, layer, b, T, 0, rates) if workload.phase != "decode" else 0.0
         if workload.phase != "prefill":
