@@ -215,3 +215,9 @@ def test_memory_driven_micro_batches_make_seed_layerwise_30b_fit():
     best = best_micro_batching(lw, "both")
     assert best is not None and best.prediction.fits
 
+
+def test_reproduce_compares_each_plan_at_its_best_micro_batching():
+    text = reproduce_command("seed-layerwise-3b")
+    assert "planner's best" in text
+    # The baseline tp_pp:8x2 does not fit at one micro-batch; it is shown at a count that fits.
+    assert re.search(r"tp_pp:8x2,mb=\d+", text)
