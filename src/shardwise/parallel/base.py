@@ -45,8 +45,8 @@ from .topology import Topology
 
 STRATEGY_MODULES = ("tp_pp", "helix", "ring", "layerwise", "ep")
 # Composed plans (pp:2/tp:2, ...) run parallel/compose.py, which every strategy
-# above builds on; it is not listed among them (the cost model and the
-# planner do not rank compositions yet).
+# above builds on; it is not listed among them (the planner draws its
+# candidates from compose.composition_candidates).
 COMPOSE = "compose"
 
 
