@@ -155,6 +155,44 @@ def test_composition_errors_name_the_fix(plan, world, model, message):
     assert any(w in text for w in fixes), text
 
 
+@pytest.mark.parametrize("plan,model", [
+    ("ring:2/tp:3", GPT), ("pp:2/helix:1x3", GPT), ("dp:2/ep:3", GPT_MOE),
+    ("pp:2/helix:2x2", GPT.replace(d_ff=250)),  # N*M: no one degree named
+])
+def test_a_compositions_fix_works_when_followed(plan, model):
+    # The values a refusal suggests for a dimension's degree (or the plans it
+    # names) are checked: none of them is refused for the same reason (another
+    # degree may still need changing, and its refusal says how).
+    import re
+
+    with pytest.raises(ShardwiseError) as err:
+        validate_plan(model, WL, plan)
+    text = str(err.value)
+    assert "no composed plan" not in text, text
+    m = re.search(r"choose (\w+) among \[([\d, ]+)\]", text)
+    if m:
+        name, values = m.group(1), [int(v) for v in m.group(2).split(",")]
+        part = next(p for p in plan.split("/") if p.startswith("helix" if name in "NM" else name))
+        degrees = part.split(":")[1].split("x")
+        tried = []
+        for v in values:
+            if name in "NM":
+                d = list(degrees)
+                d["NM".index(name)] = str(v)
+                tried.append(plan.replace(part, "helix:" + "x".join(d)))
+            else:
+                tried.append(plan.replace(part, f"{name}:{v}"))
+    else:
+        tried = re.search(r"e\.g\. (.*)$", text).group(1).split(", ")
+    assert tried, text
+    reason = text.split(" of plan ")[0]  # e.g. "gpt: n_heads (4) is not divisible by tp"
+    for variant in tried:
+        try:
+            validate_plan(model, WL, variant)
+        except ShardwiseError as again:
+            assert reason not in str(again), (variant, str(again))
+
+
 def test_candidates_are_compositions_that_validate():
     # composition_candidates lists each layout once, none a single strategy;
     # the planner keeps those that validate.
