@@ -8,10 +8,12 @@ import pytest
 
 from shardwise.perf.clusters import load_cluster
 from shardwise.perf.costmodel import predict
-from shardwise.perf.planner import enumerate_plans, plan_command, rank_plans, ranking, score
+from shardwise.perf.planner import (best_micro_batching, enumerate_plans, evaluate, family,
+                                    micro_batch_family, plan_command, plan_parts, rank_plans,
+                                    rank_rows, ranking, score)
 from shardwise.perf.reproduce import consistency, fidelity_command, find_seed, reproduce_command
 from shardwise.presets import get_preset
-from shardwise.spec import ModelSpec, Workload
+from shardwise.spec import ModelSpec, Plan, Workload
 
 H100_8, H100_16 = load_cluster("h100-sxm-8"), load_cluster("h100-sxm-16")
 
@@ -32,7 +34,8 @@ INVALID = {"tp_pp:4x1": "n_heads (6) is not divisible by tp", "tp_pp:1x4": "4 pi
 
 
 def test_planner_lists_exactly_the_valid_plans():
-    rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
+    rows = [r for r in enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
+            if not Plan.parse(r.plan).is_composed]  # compositions: test_compositions_are_...
     valid = {r.plan for r in rows if r.valid}
     # layerwise also proposes the tightest capacity that fits 4 ranks, rounded up
     # to a size of 3 significant digits (a plan name a person reads).
@@ -64,11 +67,19 @@ def test_ranking_is_by_predicted_time(phase):
 def test_infeasible_plans_are_flagged_with_the_kv_cache():
     p = get_preset("seed-ring-4l")
     rows = enumerate_plans(p.model, p.workload, H100_16, micro_batches=(1,))
-    valid = [r for r in rows if r.valid]
+    valid = [r for r in rows if r.priced]
     assert valid and not any(r.fits for r in valid)
-    assert all(r.prediction.reason == "KV cache 1.34 TB > 16 x 80 GB" for r in valid)
+    # A composition priced as replicas says so: its replicas' KV cache does not fit theirs.
+    assert all(r.prediction.reason == "KV cache 1.34 TB > 16 x 80 GB" for r in valid
+               if not Plan.parse(r.plan).is_composed)
+    assert all(r.prediction.reason.startswith("each replica: KV cache") for r in valid
+               if Plan.parse(r.plan).is_composed)
     text = plan_command("seed-ring-4l", "h100-sxm-16", phase="decode", top=3)
-    assert "KV cache 1.34 TB > 16 x 80 GB" in text and "0 fit in memory" in text
+    assert "KV cache" in text and "0 fit in memory" in text
+    # Micro-batches shrink no KV cache: the table says none fits, and shows one count.
+    rk = ranking("seed-ring-4l", "h100-sxm-16", None, None, "decode")
+    tp = [r for r in rk.shown if family(r.plan) == "tp_pp:8x2"]
+    assert len(tp) == 1 and tp[0].note == "no micro-batch count fits (up to mb=1024 tried)"
 
 
 def test_plan_validate_runs_the_best_fitting_plans_and_compares(tmp_path):
@@ -131,3 +142,82 @@ def test_fidelity_reports_the_relative_error(tmp_path):
                     + json.dumps({**rec, "p10_ms": 2.0, "p90_ms": 2.2}) + "\n")
     text = fidelity_command([str(path)], "h100-sxm-8")
     assert "2.00 !" in text and "1.10" in text and "1.10 !" not in text
+
+
+# -- compositions and micro-batch counts -------------------------------------------
+
+def test_compositions_are_candidates_priced_as_replicas_or_listed_with_the_reason():
+    from shardwise.parallel.base import validate_plan
+    from shardwise.parallel.compose import composition_candidates
+    from shardwise.spec import Plan, ShardwiseError
+
+    rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
+    composed = {r.plan: r for r in rows if Plan.parse(r.plan).is_composed}
+    # Every composition of 4 ranks is a candidate, valid exactly where validate says so.
+    assert set(composed) == set(composition_candidates(4))
+    for plan, r in composed.items():
+        try:
+            validate_plan(SIX, SIX_WL, plan, 4)
+            assert r.valid
+        except ShardwiseError as e:
+            assert r.error == str(e)
+    # dp over a single-strategy plan is priced as its replicas: dp:2/tp:2 is two
+    # tp_pp:2x1 on half the batch each; ring x tp has no price yet, and says why.
+    dp = composed["dp:2/tp:2"]
+    one = predict(SIX, SIX_WL.replace(batch=2), "tp_pp:2x1", H100_8, 2)
+    assert dp.fits and dp.prediction.world_size == 4
+    assert dp.prediction.prefill.seconds == one.prefill.seconds
+    assert dp.prediction.memory.total == one.memory.total
+    assert dp.prediction.prefill_tps == pytest.approx(2 * one.prefill_tps)
+    ring_tp = composed["ring:2/tp:2"]
+    assert ring_tp.valid and not ring_tp.priced and "compose" in ring_tp.unpriced
+    # The table lists the priced ones and summarises the others with the reason.
+    rk = rank_rows(SIX, SIX_WL, H100_8, rows, "both", 4)
+    assert "dp:2/tp:2" in {r.plan for r in rk.shown}
+    assert "ring:2/tp:2" in {r.plan for r in rk.unpriced}
+    notes = "\n".join(plan_parts(rk)[0].notes)
+    assert f"{len(rk.unpriced)} valid but not priced by the cost model" in notes
+    assert ring_tp.unpriced in notes
+    unpriced = plan_parts(rk, show_all=True)[1]
+    assert {r["plan"] for r in unpriced.rows} >= {"ring:2/tp:2"}
+
+
+def test_one_stage_of_tp_micro_batches_and_fits_seed_layerwise_3b():
+    # tp_pp:16x1 holds the whole batch's activations at one micro-batch and
+    # does not fit; with two micro-batches it does.
+    p = get_preset("seed-layerwise-3b")
+    rows = micro_batch_family(p.model, p.workload, Plan.parse("tp_pp:16x1"), H100_16, 16)
+    by_mb = {Plan.parse(r.plan).micro_batches: r for r in rows}
+    assert not by_mb[1].fits and by_mb[2].fits
+    rk = rank_rows(p.model, p.workload, H100_16,
+                   enumerate_plans(p.model, p.workload, H100_16), "both", 16)
+    shown = {r.plan: r for r in rk.shown}
+    assert "tp_pp:16x1,mb=2" in shown and "tp_pp:16x1" not in shown
+    # No plan is shown as not fitting at a count when another count fits.
+    assert all(r.fits or family(r.plan) not in rk.fitting_families for r in rk.shown)
+
+
+def test_memory_driven_micro_batches_make_seed_layerwise_30b_fit():
+    # 16 x 80 GB hold its weights and KV cache (66.6 GB a rank) with ~13 GB to
+    # spare: only a micro-batch of a few sequences fits beside them.
+    p = get_preset("seed-layerwise-30b")
+    spec, wl = p.model, p.workload
+    rows = micro_batch_family(spec, wl, Plan.parse("tp_pp:1x16"), H100_16, 16)
+    fitting = [r for r in rows if r.fits]
+    assert fitting and not any(r.fits for r in rows if Plan.parse(r.plan).micro_batches <= 32)
+    fewest = min(Plan.parse(r.plan).micro_batches for r in fitting)
+    # The fewest micro-batches that fit: one fewer does not.
+    below = evaluate(spec, wl, f"tp_pp:1x16,mb={fewest - 1}", H100_16, 16)
+    assert below.priced and not below.fits
+    # layerwise: no partition fits HBM at one micro-batch; at its fewest that fit one does.
+    lw = micro_batch_family(spec, wl, Plan.parse("layerwise:cap=80GB"), H100_16, 16)
+    assert lw[0].memory and any(r.fits for r in lw)
+    best = best_micro_batching(lw, "both")
+    assert best is not None and best.prediction.fits
+
+
+def test_reproduce_compares_each_plan_at_its_best_micro_batching():
+    text = reproduce_command("seed-layerwise-3b")
+    assert "planner's best" in text
+    # The baseline tp_pp:8x2 does not fit at one micro-batch; it is shown at a count that fits.
+    assert re.search(r"tp_pp:8x2,mb=\d+", text)

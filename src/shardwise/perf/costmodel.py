@@ -1307,11 +1307,13 @@ def _tp_pp(c: _Ctx) -> _Model:
         weights.append((n * per_layer + c.ends_weights(s == 0, s == pp - 1)) * c.e)
         kv.append(n * kv_bytes(spec, c.B, Hkv, c.wl.max_len))
     # One micro-batch's layer: input and residual, normed copy, QKV, attention
-    # output, the all-reduced partial sum, MLP hidden; the pipeline's outputs.
+    # output, the all-reduced partial sum, MLP hidden. A stage holds one
+    # micro-batch at a time (pipeline.Pipeline): its share of the prompt as
+    # it enters, its output as it leaves.
     hidden = (spec.top_k * spec.d_ff * spec.mlp_matrices * El / max(spec.n_experts, 1)
               if spec.is_moe else spec.mlp_matrices * spec.d_ff // tp)
     width = 4 * c.D + (2 * H + 2 * Hkv) * c.d + hidden
-    act = c.inputs + b * T * width * c.e + c.B * T * c.D * c.e
+    act = c.inputs * b / c.B + b * T * width * c.e + b * T * c.D * c.e
     buffers = b * T * c.D * c.e if pp > 1 else 0  # receive buffer of a stage
     return _Model(prefill, decode, weights, kv, act, buffers,
                   _kv_replication_notes(spec, tp, "tp", "ranks", max(kv)))
@@ -2007,7 +2009,8 @@ def _layerwise(c: _Ctx) -> _Model:
         b0, b1 = replica_ranges[rep]
         kv.append(n * kv_bytes(spec, b1 - b0, Hkv, c.wl.max_len))
     hidden = spec.top_k * spec.d_ff * spec.mlp_matrices if spec.is_moe else spec.mlp_matrices * spec.d_ff
-    act = c.inputs + b * T * (4 * D + (2 * H + 2 * Hkv) * d + hidden) * e + rb * T * D * e
+    # One micro-batch per stage (pipeline.Pipeline), as in _tp_pp.
+    act = c.inputs * b / c.B + b * T * (4 * D + (2 * H + 2 * Hkv) * d + hidden) * e + b * T * D * e
     notes = [f"layerwise: {G} group(s) x {R} replica(s), layers "
              + ", ".join(f"{g.layers.start}-{g.layers.stop - 1}" for g in part.groups)]
     return _Model(prefill, decode, weights, kv, act, b * T * D * e if G > 1 else 0, notes)
