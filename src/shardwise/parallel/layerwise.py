@@ -23,7 +23,9 @@ micro-batch's activations at a time (:class:`~.pipeline.Pipeline`).
 """
 from __future__ import annotations
 
-from ..perf.partition import Partition, PartitionError, fmt_bytes, parse_capacity, partition
+from ..output import plural
+from ..perf.partition import (Partition, PartitionError, capacity_text, fmt_bytes,
+                              parse_capacity, partition)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .compose import Composed, Composition
 
@@ -45,6 +47,33 @@ def plan_partition(spec: ModelSpec, workload: Workload, plan: Plan,
         raise ShardwiseError(f"plan {plan}: layerwise needs a capacity per device; write e.g. "
                              f"layerwise:cap=80GB, layerwise:cap=L2 or layerwise:cap=HBM*0.9")
     return partition(spec, workload, parse_capacity(cap), world_size, plan.micro_batches)
+
+
+def _checked_fix(spec: ModelSpec, workload: Workload, plan: Plan, world: int,
+                 e: PartitionError) -> str:
+    """``e``'s problem with fixes that pass validation. A plan may not leave
+    ranks idle, and at the smallest capacity that fits ``world`` ranks (read
+    back from the size the fix writes) the partitioner may choose fewer: the
+    capacity fix then names the most ranks that its capacity fills. The
+    fewest ranks ``e`` names never leave one idle."""
+    mb = plan.micro_batches
+    fixes = [f"start {plural(e.ranks_needed, 'rank')} (--nproc {e.ranks_needed})"
+             ] if e.ranks_needed else []
+    for ranks in range(world, 0, -1):
+        if ranks == world:
+            need = e.min_capacity
+        else:
+            try:
+                partition(spec, workload, 0, ranks, mb)  # nothing fits 0 bytes
+            except PartitionError as least:
+                need = least.min_capacity
+        cap = capacity_text(need)
+        if not partition(spec, workload, parse_capacity(cap), ranks, mb).idle_ranks:
+            with_ranks = "" if ranks == world else f" with --nproc {ranks}"
+            fixes.append(f"the smallest capacity that works on {plural(ranks, 'rank')} is "
+                         f"{fmt_bytes(need)} (cap={cap}{with_ranks})")
+            break
+    return f"{e.problem}; " + ", or ".join(fixes)
 
 
 class Layerwise(Composed):
@@ -72,16 +101,20 @@ class Layerwise(Composed):
 
     @classmethod
     def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
-        part = plan_partition(spec, workload, plan, world_size)
+        try:
+            part = plan_partition(spec, workload, plan, world_size)
+        except PartitionError as e:
+            raise ShardwiseError(_checked_fix(spec, workload, plan, world_size, e)) from None
         if part.idle_ranks:
             # Idle ranks would still have to join every collective of the job;
             # asking for the ranks the partition uses keeps the mesh exact.
             # On that many ranks the partitioner finds the same groups.
             groups = len(part.groups)
             raise ShardwiseError(
-                f"plan {plan} on {world_size} ranks uses {groups} groups x {part.replicas} "
-                f"replicas = {part.ranks_used} ranks and would leave {part.idle_ranks} idle; "
-                f"start {part.ranks_used} ranks (--nproc {part.ranks_used})"
+                f"plan {plan} on {plural(world_size, 'rank')} uses {plural(groups, 'group')} x "
+                f"{plural(part.replicas, 'replica')} = {plural(part.ranks_used, 'rank')} and "
+                f"would leave {part.idle_ranks} idle; start {plural(part.ranks_used, 'rank')} "
+                f"(--nproc {part.ranks_used})"
             )
         return cls.composition(spec, workload, plan, world_size).topology()
 

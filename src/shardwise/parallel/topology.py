@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..output import plural
 from ..spec import ShardwiseError
 
 
@@ -45,8 +46,9 @@ class Topology:
         if self.world_size != world_size:
             dims = " x ".join(f"{a}={s}" for a, s in zip(self.axes, self.shape))
             raise ShardwiseError(
-                f"plan {plan_text} needs {dims} = {self.world_size} ranks but the job has "
-                f"{world_size}; start {self.world_size} ranks (--nproc {self.world_size}) "
+                f"plan {plan_text} needs {dims} = {plural(self.world_size, 'rank')} but the job "
+                f"has {world_size}; start {plural(self.world_size, 'rank')} (--nproc "
+                f"{self.world_size}) "
                 f"or choose degrees whose product is {world_size}"
             )
 

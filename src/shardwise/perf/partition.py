@@ -355,9 +355,9 @@ class PartitionError(ShardwiseError):
     """No partition fits; carries the smallest capacity that works on the
     given ranks and the fewest ranks that work at the given capacity."""
 
-    def __init__(self, message: str, min_capacity: int, ranks_needed: int | None):
-        super().__init__(message)
-        self.min_capacity, self.ranks_needed = min_capacity, ranks_needed
+    def __init__(self, problem: str, fix: str, min_capacity: int, ranks_needed: int | None):
+        super().__init__(f"{problem}; {fix}")
+        self.problem, self.min_capacity, self.ranks_needed = problem, min_capacity, ranks_needed
 
 
 @dataclass(frozen=True)
@@ -421,9 +421,9 @@ def partition(spec: ModelSpec, workload: Workload, capacity: int, ranks: int,
             raise PartitionError(
                 f"{spec.name}: layer {k} alone needs {fmt_bytes(one.group_bytes(k, k + 1))} "
                 f"(weights, KV cache and working set of one sequence), more than the capacity "
-                f"{fmt_bytes(capacity)}; {fix}", need_c, None)
+                f"{fmt_bytes(capacity)}", fix, need_c, None)
         raise PartitionError(
-            f"{spec.name}: no layer partition fits {fmt_bytes(capacity)} per device on {on}; "
+            f"{spec.name}: no layer partition fits {fmt_bytes(capacity)} per device on {on}",
             f"start {need_r} ranks ({ranks_flag} {need_r}), or {fix}", need_c, need_r)
     groups, replicas, cuts, _ = found
     return _partition_at(spec, workload, costs_for(per_replica(B, replicas)), cuts, replicas,
@@ -482,7 +482,7 @@ def partition_sheets(part: Partition, spec: ModelSpec, workload: Workload,
     from ..output import Col, Sheet, nbytes, num
 
     cap = fmt_bytes(part.capacity) + (f" ({source})" if source else "")
-    head = (f"{spec.name}: {spec.n_layers} layers, batch {workload.batch}, seq "
+    head = (f"{spec.name}: {plural(spec.n_layers, 'layer')}, batch {workload.batch}, seq "
             f"{workload.seq_len}, capacity {cap} per device, {plural(part.ranks, 'rank')}\n"
             f"-> {plural(len(part.groups), 'group')} x {plural(part.replicas, 'replica')} = "
             f"{plural(part.ranks_used, 'rank')}"
