@@ -288,8 +288,9 @@ def check_ranks(nproc: int, device: str) -> None:
         n = torch.cuda.device_count()
         if nproc > n:
             raise ShardwiseError(
-                f"the job needs {nproc} ranks but this machine has {n} GPU(s); use a plan of "
-                f"at most {n} ranks, or --device cpu for a functional check"
+                f"the job needs {plural(nproc, 'rank')} but this machine has "
+                f"{plural(n, 'GPU')}; use a plan of at most {plural(n, 'rank')}, or --device cpu "
+                f"for a functional check"
             )
     else:
         # CPU ranks share the host's cores: a few per core only slows the job,
@@ -466,7 +467,8 @@ def cmd_run(args) -> int:
                 except ShardwiseError:
                     pass
         if not plans:
-            raise ShardwiseError(f"no plan fits {model.name} on {args.nproc} ranks; try --nproc 2")
+            raise ShardwiseError(f"no plan fits {model.name} on {plural(args.nproc, 'rank')}; "
+                                 f"try --nproc 2")
     check_fits(model, wl, plans, args.nproc, device)
     job = Job([make_case(ref, model, wl, p, args) for p in plans],
               args.nproc, device, timeout_s=args.timeout, fault=args.inject_fault,
@@ -549,6 +551,9 @@ def cmd_bench(args) -> int:
                  "check_workload": [checks[r["plan"]].batch, check.seq_len, check.decode_steps]}
                 for r in results if "phase" in r and (r["plan"], r["phase"]) not in done]
 
+    # PyTorch's profiler (--trace) logs its start and stop at kineto's highest
+    # level (USDT, above ERROR): only the level past it keeps the ranks quiet.
+    quiet = {"KINETO_LOG_LEVEL": os.environ.get("KINETO_LOG_LEVEL", "6")} if args.trace else {}
     records = []
     total = sum(2 * len(p) for p in by_world.values())
     try:
@@ -558,7 +563,7 @@ def cmd_bench(args) -> int:
                 cases += [make_case(ref, model, timed, p, args, verify=False,
                                     bench=vars(settings)) for p in plans]
                 job = Job(cases, world, device, timeout_s=args.timeout, warmup=1,
-                          fault=args.inject_fault, watchdog_s=args.watchdog)
+                          fault=args.inject_fault, watchdog_s=args.watchdog, env=quiet)
                 try:
                     results = _run_job(job, args, show)
                 except LaunchError as e:  # keep the phases timed before it ended

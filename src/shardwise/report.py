@@ -363,7 +363,7 @@ def plot_records(records: list[dict], out_dir: str) -> list[str]:
             ax.set_xlabel(("prefill tokens/s (higher is better)" if best_high
                            else "decode step time, ms (lower is better)"), fontsize=8)
             span = (f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}")
-            on = (f"CPU ({span} ranks)" if cpu
+            on = (f"CPU ({span} rank{'s' * (counts[-1] > 1)})" if cpu
                   else f"{device} x {span} GPU{'s' * (counts[-1] > 1)}")
             ax.set_title(f"{model} ({dtype}), batch {batch}, context {seq} on {on}", fontsize=9)
             unit_name = "rank" if cpu else "GPU"
