@@ -244,11 +244,6 @@ def validate_plan(spec: ModelSpec, workload: Workload, plan: Plan | str,
     if isinstance(plan, str):
         plan = Plan.parse(plan)
     cls = get_strategy(plan.strategy)
-    if plan.micro_batches > workload.batch:
-        raise ShardwiseError(
-            f"plan {plan} asks for {plan.micro_batches} micro-batches but the batch is "
-            f"{workload.batch}; use mb <= {workload.batch}"
-        )
     if world_size is None:
         world_size = cls.ranks_needed(plan) or cls.default_ranks(spec, workload, plan)
         if world_size is None:
@@ -258,6 +253,13 @@ def validate_plan(spec: ModelSpec, workload: Workload, plan: Plan | str,
         topo = cls.validate(spec, workload, plan, world_size)
     except Unsplittable as e:
         raise ShardwiseError(f"{e.problem}; {_checked_fix(cls, spec, workload, plan, e)}") from None
+    # After the strategy's own checks: one that takes no micro-batches (helix,
+    # ep) says to remove mb=, which fixes this too.
+    if plan.micro_batches > workload.batch:
+        raise ShardwiseError(
+            f"plan {plan} asks for {plan.micro_batches} micro-batches but the batch is "
+            f"{workload.batch}; use mb <= {workload.batch}"
+        )
     topo.check_world(world_size, str(plan))
     return cls, topo
 
@@ -285,42 +287,42 @@ def _with_shape(plan: Plan, part: int | None, shape: tuple[int, ...]) -> Plan:
 
 def _checked_fix(cls, spec, workload, plan: Plan, e: Unsplittable) -> str:
     """The fix for ``e`` that works when followed: the values of the degree
-    it names that pass every check on that degree (each split of a model
-    constrains it: heads, KV heads, d_ff, experts), each at the ranks it
-    implies; or, where the fix names no single degree, plans of the same
-    strategy near this one that the model accepts (a composition: varying
-    one dimension's degrees)."""
-    def problem_with(variant: Plan, degree: str | None) -> bool:
+    it names with which the plan, its other degrees and options unchanged,
+    validates (each at the ranks it implies); where none does, or the fix
+    names no single degree, the nearest plans of the same strategy that the
+    model accepts (a composition: varying one dimension's degrees)."""
+    def valid(variant: Plan) -> bool:
         try:
             cls.validate(spec, workload, variant, cls.ranks_needed(variant))
-        except Unsplittable as other:  # a product of degrees (None) may involve this one
-            return degree is None or other.name in (degree, None)
         except ShardwiseError:
-            return degree is None  # another degree's or option's problem, not this one's
-        return False
+            return False
+        return True
 
     def shape_of(part: int | None) -> tuple[int, ...]:
         return plan.shape if part is None else plan.parts[part].shape
 
+    values = range(1, MAX_DEGREE + 1)
     groups = _groups(cls, plan)
+    fix = e.fix
     for names, part in groups:
         if e.name in names and names.index(e.name) < len(shape_of(part)):
             i, shape = names.index(e.name), shape_of(part)
-            ok = [v for v in range(1, MAX_DEGREE + 1)
-                  if not problem_with(_with_shape(plan, part, shape[:i] + (v,) + shape[i + 1:]),
-                                      e.name)]
-            return f"choose {e.name} among {ok}"
+            ok = [v for v in values
+                  if valid(_with_shape(plan, part, shape[:i] + (v,) + shape[i + 1:]))]
+            if ok:
+                return f"choose {e.name} among {ok}"
+            fix = f"no {e.name} works with the plan's other degrees"
+            break
     ranks = cls.ranks_needed(plan) or math.prod(plan.shape)
     variants = []
     for _, part in groups:
         n = len(shape_of(part))
-        variants += [_with_shape(plan, part, s)
-                     for s in itertools.product(range(1, MAX_DEGREE + 1), repeat=n)
+        variants += [_with_shape(plan, part, s) for s in itertools.product(values, repeat=n)
                      if math.prod(s) <= MAX_DEGREE and s != shape_of(part)]
     size = lambda v: cls.ranks_needed(v) or 0  # noqa: E731
     near = sorted(variants, key=lambda v: (abs(size(v) - ranks), size(v), str(v)))
-    ok = [str(v) for v in near if not problem_with(v, None)][:4]
+    ok = [str(v) for v in itertools.islice((v for v in near if valid(v)), 4)]
     kind = "composed" if plan.is_composed else plan.strategy
-    return (f"{e.fix}, e.g. {', '.join(ok)}" if ok
-            else f"{e.fix}; no {kind} plan of up to {MAX_DEGREE} ranks splits "
+    return (f"{fix}, e.g. {', '.join(ok)}" if ok
+            else f"{fix}; no {kind} plan of up to {MAX_DEGREE} ranks splits "
                  f"{spec.name}, choose another strategy")
