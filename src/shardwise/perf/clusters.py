@@ -152,8 +152,10 @@ class Cluster:
     def matmul_rate(self, dtype: str) -> float:
         key = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
         if key not in self.matmul_tflops:
+            have = list(self.matmul_tflops)
             raise ShardwiseError(f"cluster {self.name} has no matmul rate for {dtype}; it has "
-                                 f"{', '.join(self.matmul_tflops)} (calibrate with --dtype {dtype})")
+                                 f"{', '.join(have)}: use --dtype {have[0]}, or a profile that "
+                                 f"shardwise calibrate measured on a device that runs {dtype}")
         return self.matmul_tflops[key] * 1e12
 
     def attention_rate(self, head_dim: int, dtype: str) -> float:

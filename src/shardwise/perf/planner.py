@@ -217,7 +217,8 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
     ones with the reason."""
     ranks = cluster.n_gpus if ranks is None else ranks
     if not 1 <= ranks <= cluster.n_gpus:
-        raise ShardwiseError(f"--ranks {ranks}: cluster {cluster.name} has {cluster.n_gpus} GPUs")
+        raise ShardwiseError(f"--ranks {ranks}: cluster {cluster.name} has {cluster.n_gpus} "
+                             f"GPUs; give --ranks {cluster.n_gpus} or fewer")
     micro_batches = tuple(micro_batches)
     return [r for base in base_plans(spec, workload, ranks, cluster)
             for r in micro_batch_family(spec, workload, base, cluster, ranks, micro_batches)]
