@@ -8,12 +8,14 @@ format asked for (``--format``):
   is never cut or wrapped: each such column is at least as wide as its
   longest cell, and columns that do not fit move to a second table (keyed by
   the first column) in the order of their ``priority`` (0: always in the
-  first). Only prose columns (``wrap``) wrap.
+  first). Only prose columns (``wrap``) wrap. A column empty in every row,
+  and a sheet without rows, are left out (the machine formats keep them).
 * ``json``: one document: a sheet's rows as a list of objects (raw values,
   every column and every extra key of a row); several sheets or text lines
   make an object, sheets by name, text under ``notes``.
-* ``csv``: each sheet's rows with raw values; several sheets are separated
-  by a blank line, each under a ``# name`` line.
+* ``csv``: each sheet's rows with raw values (a list of plain values joined
+  by ``;``, anything nested as JSON); several sheets are separated by a
+  blank line, each under a ``# name`` line.
 * ``markdown``: each sheet as a GitHub table of the human texts, every
   column, then the text lines.
 
@@ -29,7 +31,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -167,12 +169,21 @@ def emit(parts: Iterable, fmt: str = "table", width: int | None = None, file=Non
                       highlight=False, soft_wrap=False)
     for part in parts:
         if isinstance(part, Sheet):
-            for table in _tables(part, width):
+            for table in _tables(_shown(part), width):
                 console.print(table)
             for note in part.notes:
                 console.print(note, markup=False)
         else:
             console.print(part, markup=False)
+
+
+def _shown(sheet: Sheet) -> Sheet:
+    """What a table shows of ``sheet``: no row, no table; a column with no
+    text in any row (a reason no plan has) is left out."""
+    if not sheet.rows:
+        return replace(sheet, cols=[])
+    cols = [c for i, c in enumerate(sheet.cols) if i == 0 or any(c.text(r) for r in sheet.rows)]
+    return replace(sheet, cols=cols)
 
 
 # rich's default box: one space of padding each side and a rule between columns.
@@ -202,18 +213,16 @@ def _widths(sheet: Sheet, texts: list[list[str]]) -> tuple[list[int], list[int]]
 
 
 def split_columns(sheet: Sheet, width: int) -> list[list[int]]:
-    """The column indices of each table: the first holds every priority-0
-    column and then, by priority, every other one that fits; the rest go to
-    further tables keyed by the first column."""
+    """The column indices of each table: the first holds the first column
+    and, by priority, every other one that fits (priority 0 first); the rest
+    go to further tables keyed by the first column."""
     texts = [[c.text(r) for c in sheet.cols] for r in sheet.rows]
     least, _ = _widths(sheet, texts)
-    order = sorted(range(len(sheet.cols)), key=lambda i: (sheet.cols[i].priority, i))
+    order = sorted(range(1, len(sheet.cols)), key=lambda i: (sheet.cols[i].priority, i))
     fits = lambda idx: table_width([least[j] for j in idx]) <= width  # noqa: E731
-    first = [i for i in order if sheet.cols[i].priority == 0 or i == 0]
-    rest = []
+    first, rest = [0], []
     for i in order:
-        if i not in first:
-            (first if fits(first + [i]) else rest).append(i)
+        (first if fits(first + [i]) else rest).append(i)
     tables = [sorted(first)]
     while rest:
         table, left = [0], []
@@ -226,6 +235,9 @@ def split_columns(sheet: Sheet, width: int) -> list[list[int]]:
 
 def _tables(sheet: Sheet, width: int):
     from rich.table import Table
+
+    if not sheet.cols:
+        return
 
     texts = [[c.text(r) for c in sheet.cols] for r in sheet.rows]
     least, natural = _widths(sheet, texts)
@@ -244,9 +256,11 @@ def _tables(sheet: Sheet, width: int):
                 widths[k] += grow
                 spare -= grow
         title = sheet.title if n == 0 else f"{sheet.title} (continued)" if sheet.title else None
+        if title:  # a line of its own: a table's title would wrap at the table's width
+            yield _text(title, "bold")
         # Fixed widths: rich wraps a header that is longer than its column's
         # cells, and never narrows a column below its longest cell.
-        t = Table(title=title or None, title_justify="left")
+        t = Table()
         for k, i in enumerate(idx):
             c = sheet.cols[i]
             t.add_column(c.header, width=widths[k], justify="left" if c.left or c.wrap or i == 0
@@ -306,10 +320,10 @@ def _json(parts: list) -> str:
 def _cell(v) -> str:
     if v is None:
         return ""
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, (list, tuple)) and not any(isinstance(x, (list, tuple, dict)) for x in v):
         return ";".join(_cell(x) for x in v)
-    if isinstance(v, dict):
-        return json.dumps(v, sort_keys=True)
+    if isinstance(v, (list, tuple, dict)):  # nested: JSON reads it back
+        return json.dumps(_clean(v), sort_keys=True)
     return str(v)
 
 

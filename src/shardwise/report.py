@@ -80,13 +80,34 @@ def verify_parts(r: dict) -> list:
         parts.append(Sheet("communication", "prefill communication of rank 0", [
             Col("op/axis", "op"), Col("calls", "calls", count), Col("bytes", "bytes", nbytes)],
             [{"op": k, "calls": v["calls"], "bytes": v["bytes"]} for k, v in comm.items()]))
-    if r.get("report"):
-        parts.append(f"strategy: {r['report']}")
+    facts = {k: v for k, v in (r.get("report") or {}).items() if not k.endswith("_text")}
+    if facts:
+        parts.append(Sheet("strategy", f"what {r['plan'].split(':')[0]} did", [
+            Col("fact", "fact"), Col("value", "value", wrap=True,
+                                     row_text=lambda row: _fact(row["fact"], row["value"]))],
+            [{"fact": k, "value": v} for k, v in facts.items()]))
     parts += routing_lines(r)
     verdict = "PASS" if r["ok"] else "FAIL"
     parts.append(f"{verdict}: max relative error {r['max_rel_err']:.2e}, tolerance "
                  f"{tol:.0e} (||out - ref|| / ||ref||, {r['dtype']})")
     return parts
+
+
+def _fact(key: str, v) -> str:
+    """A strategy's report value for people: sizes (``*_bytes``) in bytes,
+    times (``*_ms``) in ms, lists and tables compact."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fact(key if k in ('prefill', 'decode') else k, x)}"
+                         for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fact(key, x) for x in v) + "]"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if key.endswith("bytes") or "bytes_" in key:
+        return nbytes(v)
+    if key.endswith("_ms"):
+        return f"{num(v)} ms"
+    return num(v) if isinstance(v, float) else str(v)
 
 
 def routing_lines(r: dict) -> list[str]:
