@@ -456,8 +456,12 @@ def fidelity_parts(result_files: list[str], profile: str) -> list:
         raise ShardwiseError("no record could be compared: " + ("; ".join(skipped) or "no records"))
 
     def sheet(name, title, headers, rows, text_cols=()):
+        # On a narrow terminal what a record is (model, workload, dtype) moves
+        # to a further table before what was measured and predicted.
         keys = [h.replace(" ", "_").replace("/", "_") for h in headers]
-        return Sheet(name, title, [Col(h, k, left=h in text_cols) for h, k in zip(headers, keys)],
+        return Sheet(name, title, [Col(h, k, left=h in text_cols,
+                                       priority=2 if h in ("model", "batch x seq", "dtype") else 0)
+                                   for h, k in zip(headers, keys)],
                      [dict(zip(keys, r)) for r in rows])
 
     parts: list = [
