@@ -47,12 +47,16 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None,
 
 
 def _common(p: argparse.ArgumentParser, model_default: str | None = None,
-            device_default: str = "auto") -> None:
+            device_default: str = "auto", verified: bool = True) -> None:
+    """The flags of the commands that launch ranks; ``verified`` (run,
+    verify): --steps and --json, which bench has not (it decodes as many
+    steps as it times, and writes --out)."""
     _model_args(p, model_default)
     p.add_argument("--batch", type=int,
                    help="sequences per step (default: a small workload that verifies in seconds)")
     p.add_argument("--seq", type=int, help="prompt length in tokens")
-    p.add_argument("--steps", type=int, help="decode steps after the prompt")
+    if verified:
+        p.add_argument("--steps", type=int, help="decode steps after the prompt")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=device_default,
                    help=f"cuda: NCCL, one rank per GPU; cpu: gloo; auto: cuda if present "
                         f"(default: {device_default})")
@@ -64,7 +68,8 @@ def _common(p: argparse.ArgumentParser, model_default: str | None = None,
     p.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
                    help="end the job when no rank makes progress for this long and name the "
                         "rank that hung (local launcher only; off by default)")
-    p.add_argument("--json", metavar="FILE", help="append one JSON record per plan to FILE")
+    if verified:
+        p.add_argument("--json", metavar="FILE", help="append one JSON record per plan to FILE")
     p.add_argument("--inject-fault", metavar="RANK:POINT", help=argparse.SUPPRESS)
 
 
@@ -118,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _format(p)
 
     p = sub.add_parser("bench", help="time plans after checking their numerics")
-    _common(p)
+    _common(p, verified=False)
     p.add_argument("--plan", action="append", dest="plans", required=True,
                    help="plan to time (repeatable); peers: torch_eager:1, torch_tp:T, torch_cp:P (prefill)")
     p.add_argument("--phase", choices=["prefill", "decode", "both"], default="both")
@@ -352,7 +357,7 @@ def _workload(args, default: Workload) -> Workload:
     """The default workload with the flags given (0 is refused, not ignored)."""
     pick = lambda flag, d: d if flag is None else flag  # noqa: E731
     return Workload(batch=pick(args.batch, default.batch), seq_len=pick(args.seq, default.seq_len),
-                    decode_steps=pick(args.steps, default.decode_steps))
+                    decode_steps=pick(getattr(args, "steps", None), default.decode_steps))
 
 
 def _progress(total: int, what: str = ""):
