@@ -322,18 +322,39 @@ def report_parts(paths: list[str]) -> list:
 
 # -- plots ----------------------------------------------------------------------------------
 
+# (phase, metric, unit, higher is better, axis label)
+PLOTTED = (("prefill", "tps", "tokens/s", True, "prefill tokens/s (higher is better)"),
+           ("decode", "median_ms", "ms", False, "decode step time, ms (lower is better)"))
 
-def _axis_label(v: float, unit: str) -> str:
+
+def _bar_label(v: float, unit: str) -> str:
+    """A bar's figure in human units: ``340k`` tokens/s, ``0.878 ms``."""
     if unit == "tokens/s":
         return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.0f}k" if v >= 1e4 else f"{v:,.0f}"
     return f"{num(v)} ms"
 
 
-def plot_records(records: list[dict], out_dir: str) -> list[str]:
-    """``prefill.png`` (tokens/s) and ``decode.png`` (step time) of the bench
-    records, one panel per model and workload: horizontal bars, best first,
-    labelled in human units, coloured by GPU count (legend), on a log axis
-    where the figures span more than 10x; the title names the device."""
+def _tick(v: float, unit: str) -> str:
+    """An axis tick: as short as the tick's own digits (``0.05``, ``100k``)."""
+    if unit == "tokens/s" and v >= 1e4:
+        return f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k"
+    return f"{v:g}"
+
+
+def _on(device: str, counts: list[int]) -> str:
+    """``NVIDIA H200 x 1-2 GPUs`` or ``CPU (2 ranks)``: where a panel's records ran."""
+    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    if str(device).lower() == "cpu":
+        return f"CPU ({span} rank{'s' * (counts[-1] > 1)})"
+    return f"{device} x {span} GPU{'s' * (counts[-1] > 1)}"
+
+
+def figures(records: list[dict]) -> list[tuple[str, object]]:
+    """(phase, matplotlib figure) for prefill (tokens/s) and decode (step
+    time) of the bench records: one panel per model, workload and device,
+    horizontal bars best first, labelled in human units, coloured by the
+    number of devices (one legend for the figure), on a log axis where the
+    figures span more than 10x; each title names the device and how many."""
     from .spec import ShardwiseError
 
     try:
@@ -349,48 +370,60 @@ def plot_records(records: list[dict], out_dir: str) -> list[str]:
     if not records:
         raise ShardwiseError("--plots draws bench records (shardwise bench --out); these files "
                              "have none")
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for phase, metric, unit, best_high in (("prefill", "tps", "tokens/s", True),
-                                           ("decode", "median_ms", "ms", False)):
-        rows = [r for r in records if r["phase"] == phase]
+    out = []
+    for phase, metric, unit, best_high, label in PLOTTED:
+        rows = [r for r in records if r["phase"] == phase and r.get(metric)]
         if not rows:
             continue
         groups: dict = {}
         for r in rows:
             groups.setdefault((r["model"], r["dtype"], r["batch"], r["seq_len"], r["device"]),
                               []).append(r)
-        panels = sorted(groups.items(), key=str)
+        panels = sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0][:2])) + kv[0][2:4]
+                        + (str(kv[0][4]),))
+        devices = lambda r: r.get("n_devices") or 1  # noqa: E731
+        counts = sorted({devices(r) for r in rows})
+        colour = {n: f"C{i}" for i, n in enumerate(counts)}
         heights = [0.9 + 0.32 * len(rs) for _, rs in panels]
-        fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights) + 0.4),
+        fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights) + 0.7),
                                  squeeze=False, gridspec_kw={"height_ratios": heights})
         for ax, ((model, dtype, batch, seq, device), rs) in zip(axes[:, 0], panels):
-            rs = sorted(rs, key=lambda r: r[metric], reverse=not best_high)  # best at the top
+            rs = sorted(rs, key=lambda r: r[metric], reverse=best_high)  # best first
             vals = [r[metric] for r in rs]
-            cpu = str(device).lower() == "cpu"
-            counts = sorted({r.get("n_devices") or 1 for r in rs})
-            colour = {n: f"C{i}" for i, n in enumerate(counts)}
-            bars = ax.barh(range(len(rs)), vals,
-                           color=[colour[r.get("n_devices") or 1] for r in rs])
+            bars = ax.barh(range(len(rs)), vals, color=[colour[devices(r)] for r in rs])
             ax.set_yticks(range(len(rs)), [r["plan"] for r in rs], fontsize=8)
-            ax.invert_yaxis()
-            ax.bar_label(bars, labels=[_axis_label(v, unit) for v in vals], padding=3,
-                         fontsize=7)
+            ax.invert_yaxis()  # the first bar at the top
+            # A GPU decode step outside a CUDA graph pays every launch: say so.
+            eager = [phase == "decode" and r.get("cuda_graphs") is False
+                     and str(device).lower() != "cpu" for r in rs]
+            ax.bar_label(bars, labels=[_bar_label(v, unit) + " (eager)" * e
+                                       for v, e in zip(vals, eager)], padding=3, fontsize=7)
             if max(vals) > 10 * min(vals):
                 ax.set_xscale("log")
             ax.set_xlim(right=max(vals) * (3 if ax.get_xscale() == "log" else 1.18))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _axis_label(v, unit)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _, u=unit: _tick(v, u)))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
             ax.tick_params(axis="x", labelsize=7)
-            ax.set_xlabel(("prefill tokens/s (higher is better)" if best_high
-                           else "decode step time, ms (lower is better)"), fontsize=8)
-            span = (f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}")
-            on = (f"CPU ({span} rank{'s' * (counts[-1] > 1)})" if cpu
-                  else f"{device} x {span} GPU{'s' * (counts[-1] > 1)}")
+            ax.set_xlabel(label, fontsize=8)
+            on = _on(device, sorted({devices(r) for r in rs}))
             ax.set_title(f"{model} ({dtype}), batch {batch}, context {seq} on {on}", fontsize=9)
-            unit_name = "rank" if cpu else "GPU"
-            ax.legend(handles=[Patch(color=colour[n], label=plural(n, unit_name))
-                               for n in counts], fontsize=7, loc="best")
-        fig.tight_layout()
+        cpu = all(str(r["device"]).lower() == "cpu" for r in rows)
+        fig.legend(handles=[Patch(color=colour[n], label=plural(n, "rank" if cpu else "GPU"))
+                            for n in counts], loc="upper center", ncol=len(counts), fontsize=8,
+                   frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+        out.append((phase, fig))
+    return out
+
+
+def plot_records(records: list[dict], out_dir: str) -> list[str]:
+    """``prefill.png`` and ``decode.png`` of the bench records (:func:`figures`)."""
+    import matplotlib.pyplot as plt
+
+    figs = figures(records)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for phase, fig in figs:
         path = os.path.join(out_dir, f"{phase}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
