@@ -909,9 +909,9 @@ COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "reproduce": cmd_reproduce
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and usage errors end here, before any import
     from .runtime.launcher import LaunchError, raise_on_stop_signals
 
-    args = build_parser().parse_args(argv)
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # under torchrun, torchrun's handling rules
         raise_on_stop_signals()
     try:
