@@ -13,8 +13,6 @@ import contextlib
 import csv
 import io
 import json
-import math
-import os
 import re
 from pathlib import Path
 
@@ -148,15 +146,8 @@ def test_tables_keep_the_long_plan_names_and_large_numbers_of_the_gpu_results(
 
 # -- machine formats --------------------------------------------------------------------
 
-def _raw(v):
-    """A raw value as JSON holds it."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [_raw(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _raw(x) for k, x in v.items()}
-    return v
+# A raw value as the machine formats hold it (non-finite floats as null, tuples as lists).
+_raw = output._clean
 
 
 def _same_cell(cell: str, v) -> bool:
