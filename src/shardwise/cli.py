@@ -519,7 +519,8 @@ def cmd_bench(args) -> int:
                 and record_spec(r) == model}
     by_world: dict[int, list[str]] = {}
     checks: dict[str, Workload] = {}
-    adaptive = _adaptive_world(plans, args.nproc)
+    notes: list[str] = []  # printed once every check has passed: a refusal is one line
+    adaptive = _adaptive_world(plans, args.nproc, notes)
     for plan in plans:
         fixed = get_strategy(plan.strategy).ranks_needed(plan)
         cls, topo = validate_plan(model, timed, plan, fixed or adaptive)
@@ -532,13 +533,15 @@ def cmd_bench(args) -> int:
         validate_plan(model, checks[str(plan)], plan, topo.world_size)
         phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]
         if all((str(plan), ph) in done for ph in phases):
-            print(f"skipping {plan}: already in {args.out}", file=sys.stderr)
+            notes.append(f"skipping {plan}: already in {args.out}")
             continue
         check_ranks(topo.world_size, device)
         by_world.setdefault(topo.world_size, []).append(str(plan))
     for world, plans in by_world.items():
         check_fits(model, timed, plans, world, device, verify=False)
         check_fits(model, check, plans, world, device)
+    for note in notes:
+        print(note, file=sys.stderr)
 
     def records_of(results: list[dict], world: int) -> list[dict]:
         """The bench records of a job's results, each with its numerics check; a
@@ -605,12 +608,14 @@ def _print_bench(args, records: list[dict]) -> None:
     emit([bench_sheet(records)], args.format)
 
 
-def _adaptive_world(plans: list[Plan], nproc: int | None) -> int | None:
+def _adaptive_world(plans: list[Plan], nproc: int | None,
+                    notes: list[str] | None = None) -> int | None:
     """Ranks for the plans of one bench that adapt to any number (layerwise):
     ``--nproc`` when given, else the most that a fixed plan of the same
     command takes (so ``--plan tp_pp:2x1 --plan layerwise:cap=HBM`` compares
     them on the same GPUs); None when neither says (each then runs on the
-    ranks it needs: validate_plan). Fixed plans always take their own ranks."""
+    ranks it needs: validate_plan). Fixed plans always take their own ranks.
+    ``notes`` gets the line that says so."""
     from .parallel.base import get_strategy
 
     sizes = [get_strategy(p.strategy).ranks_needed(p) for p in plans]
@@ -619,8 +624,9 @@ def _adaptive_world(plans: list[Plan], nproc: int | None) -> int | None:
     world = max((n for n in sizes if n is not None), default=None)
     if world is not None:
         names = ", ".join(str(p) for p, n in zip(plans, sizes) if n is None)
-        print(f"{names}: {plural(world, 'rank')}, the most another plan here takes (--nproc "
-              f"sets it)", file=sys.stderr)
+        if notes is not None:
+            notes.append(f"{names}: {plural(world, 'rank')}, the most another plan here takes "
+                         f"(--nproc sets it)")
     return world
 
 
