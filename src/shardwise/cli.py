@@ -493,7 +493,9 @@ def cmd_run(args) -> int:
     return 0 if all(r["ok"] for r in results) else 1
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args, notes: list[str] | None = None) -> int:
+    """``notes``: lines of a calling command (plan --run, --validate) that
+    print with bench's own once every check has passed."""
     from .runtime.job import Job
     from .runtime.launcher import LaunchError
 
@@ -519,7 +521,7 @@ def cmd_bench(args) -> int:
                 and record_spec(r) == model}
     by_world: dict[int, list[str]] = {}
     checks: dict[str, Workload] = {}
-    notes: list[str] = []  # printed once every check has passed: a refusal is one line
+    notes = list(notes or [])  # printed once every check has passed: a refusal is one line
     adaptive = _adaptive_world(plans, args.nproc, notes)
     for plan in plans:
         fixed = get_strategy(plan.strategy).ranks_needed(plan)
@@ -539,7 +541,8 @@ def cmd_bench(args) -> int:
         by_world.setdefault(topo.world_size, []).append(str(plan))
     for world, plans in by_world.items():
         check_fits(model, timed, plans, world, device, verify=False)
-        check_fits(model, check, plans, world, device)
+        for p in plans:  # each verified on its own check workload, one after another
+            check_fits(model, checks[p], [p], world, device)
     for note in notes:
         print(note, file=sys.stderr)
 
@@ -830,8 +833,8 @@ def run_best_plan(args, ref, rk) -> int:
             f"cluster run: {command}; or rank the plans for the GPUs here: shardwise plan "
             f"--model {ref.name} --ranks {here} --cluster PROFILE --run (PROFILE from "
             f"shardwise calibrate)")
-    print(f"running the best plan: shardwise {' '.join(argv)}", file=sys.stderr)
-    return cmd_bench(build_parser().parse_args(argv + ["--format", args.format]))
+    return cmd_bench(build_parser().parse_args(argv + ["--format", args.format]),
+                     [f"running the best plan: shardwise {' '.join(argv)}"])
 
 
 def validate_plans(args, ref, rk) -> int:
@@ -851,10 +854,8 @@ def validate_plans(args, ref, rk) -> int:
         before = _count_lines(out)
         argv = _bench_argv(args, ref, rk.spec, rk.workload, plans, rk.ranks, args.out)
         kept = "" if args.out else " (its records are compared, not kept: --out FILE keeps them)"
-        print(f"validating {', '.join(plans)}: shardwise {' '.join(argv)}{kept}",
-              file=sys.stderr)
-        rc = cmd_bench(build_parser().parse_args(argv + ["--out", out, "--format",
-                                                         args.format]))
+        rc = cmd_bench(build_parser().parse_args(argv + ["--out", out, "--format", args.format]),
+                       [f"validating {', '.join(plans)}: shardwise {' '.join(argv)}{kept}"])
         if _count_lines(out) == before:
             return rc or 1
         fresh = os.path.join(tmp, "fresh.jsonl")

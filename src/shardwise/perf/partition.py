@@ -465,15 +465,15 @@ def partition_parts(ref, capacity: str, ranks: int, batch: int | None = None,
     serve = ref.serve_workload
     workload = serve.replace(batch=serve.batch if batch is None else batch,
                              seq_len=serve.seq_len if seq is None else seq)
-    cl = None
-    if cluster is not None and _NAMED.fullmatch(capacity.strip()):
-        from .clusters import load_cluster
+    from .clusters import load_cluster
 
-        cl = load_cluster(cluster)
+    # Read even where the capacity is in bytes: a --cluster that names nothing is refused.
+    cl = load_cluster(cluster) if cluster is not None else None
+    named = cl is not None and _NAMED.fullmatch(capacity.strip())
     part = partition(ref.spec, workload, parse_capacity(capacity, cl), ranks, micro_batches,
                      ranks_flag="--ranks", capacity_flag="--capacity ")
     return partition_sheets(part, ref.spec, workload,
-                            f"{capacity} of {cl.name}" if cl is not None else None)
+                            f"{capacity} of {cl.name}" if named else None)
 
 
 def partition_sheets(part: Partition, spec: ModelSpec, workload: Workload,
