@@ -51,7 +51,7 @@ def plan_partition(spec: ModelSpec, workload: Workload, plan: Plan,
 
 def _checked_fix(spec: ModelSpec, workload: Workload, plan: Plan, world: int,
                  e: PartitionError) -> str:
-    """``e``'s problem with fixes that pass validation. A plan may not leave
+    """The fixes for ``e`` that pass validation. A plan may not leave
     ranks idle, and at the smallest capacity that fits ``world`` ranks (read
     back from the size the fix writes) the partitioner may choose fewer: the
     capacity fix then names the most ranks that its capacity fills. The
@@ -73,7 +73,7 @@ def _checked_fix(spec: ModelSpec, workload: Workload, plan: Plan, world: int,
             fixes.append(f"the smallest capacity that works on {plural(ranks, 'rank')} is "
                          f"{fmt_bytes(need)} (cap={cap}{with_ranks})")
             break
-    return f"{e.problem}; " + ", or ".join(fixes)
+    return ", or ".join(fixes)
 
 
 class Layerwise(Composed):
@@ -104,7 +104,9 @@ class Layerwise(Composed):
         try:
             part = plan_partition(spec, workload, plan, world_size)
         except PartitionError as e:
-            raise ShardwiseError(_checked_fix(spec, workload, plan, world_size, e)) from None
+            # Still a PartitionError: the planner tells memory from other refusals by it.
+            raise PartitionError(e.problem, _checked_fix(spec, workload, plan, world_size, e),
+                                 e.min_capacity, e.ranks_needed) from None
         if part.idle_ranks:
             # Idle ranks would still have to join every collective of the job;
             # asking for the ranks the partition uses keeps the mesh exact.
