@@ -298,17 +298,27 @@ def check_ranks(nproc: int, device: str) -> None:
                 f"for a functional check"
             )
     else:
-        # CPU ranks share the host's cores: a few per core only slows the job,
-        # far more spends the memory and the minutes of the whole machine.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        # CPU ranks share the host's cores: a few per core only slows the job
+        # (_cpu_note says so at launch), far more spends the memory and the
+        # minutes of the whole machine.
+        cores = _cores()
         most = max(CPU_RANKS_PER_CORE * cores, 16)
         if nproc > most:
             raise ShardwiseError(
                 f"--nproc {nproc} CPU ranks on {cores} core(s) is more than {most}; use a plan of "
                 f"at most {most} ranks (--nproc {most} or fewer)")
-        if nproc > cores:
-            print(f"note: {nproc} CPU ranks share {cores} core(s); each step is slower, the answer "
-                  f"is the same", file=sys.stderr)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _cpu_note(job) -> None:
+    """At launch, after every check (a refusal stays one line): CPU ranks
+    beyond the cores share them."""
+    if job.device == "cpu" and job.nproc > _cores():
+        print(f"note: {job.nproc} CPU ranks share {_cores()} core(s); each step is slower, the "
+              f"answer is the same", file=sys.stderr)
 
 
 def check_fits(model, wl, plans, world: int, device: str, verify: bool = True) -> None:
@@ -381,6 +391,7 @@ def _run_job(job, args, show=None):
         return run_job(job)
     from .runtime.launcher import launch
 
+    _cpu_note(job)
     return launch(job, deadline_s=args.deadline, on_progress=show)
 
 
@@ -683,6 +694,7 @@ def cmd_generate(args) -> int:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # this process is a rank; rank 0 prints
             rank_records = _run_job(job, args)
         else:  # the ranks send their tokens here as they come, and the text is printed here
+            _cpu_note(job)
             rank_records = launch(job, deadline_s=args.deadline,
                                   on_stream=Printer(tokenizer) if tokenizer else None)
         if not rank_records:
