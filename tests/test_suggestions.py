@@ -47,6 +47,24 @@ def _with_options(plan: Plan, **options) -> str:
     return str(dataclasses.replace(plan, options=tuple(opts.items())))
 
 
+def _set_degree(plan: Plan, name: str, value: int) -> str:
+    """``plan`` with its degree ``name`` (tp, pp, N, M, ep, ring...) set to ``value``; in
+    a composition, in the dimension that has it."""
+    def named(p: Plan) -> tuple[str, ...]:
+        return ("N", "M") if p.strategy == "helix" else (p.strategy,)
+
+    def with_value(p: Plan, names: tuple[str, ...]) -> Plan:
+        i = names.index(name)
+        return dataclasses.replace(p, shape=p.shape[:i] + (value,) + p.shape[i + 1:])
+
+    if not plan.is_composed:
+        return str(with_value(plan, get_strategy(plan.strategy).degree_names))
+    k = next(k for k, p in enumerate(plan.parts) if name in named(p))
+    parts = list(plan.parts)
+    parts[k] = with_value(parts[k], named(parts[k]))
+    return str(dataclasses.replace(plan, parts=tuple(parts)))
+
+
 def _plan_fixes(fix: str, plan_text: str | None) -> list[Fix]:
     try:
         plan = Plan.parse(plan_text) if plan_text else None
@@ -56,10 +74,8 @@ def _plan_fixes(fix: str, plan_text: str | None) -> list[Fix]:
     m = re.search(r"choose (\w+) among \[([\d, ]*)\]", fix)
     if m and plan:
         assert m.group(2), f"an empty list of values: {fix}"
-        i = get_strategy(plan.strategy).degree_names.index(m.group(1))
-        for v in map(int, m.group(2).split(", ")):
-            shape = plan.shape[:i] + (v,) + plan.shape[i + 1:]
-            out.append(Fix("degree", str(dataclasses.replace(plan, shape=shape)), own_ranks=True))
+        out += [Fix("degree", _set_degree(plan, m.group(1), v), own_ranks=True)
+                for v in map(int, m.group(2).split(", "))]
     m = re.search(r"\(cap=([^ )]+)(?: with (--nproc) (\d+))?\)", fix)
     if m and plan:
         out.append(Fix("capacity", _with_options(plan, cap=m.group(1)),
@@ -71,9 +87,8 @@ def _plan_fixes(fix: str, plan_text: str | None) -> list[Fix]:
         out.append(Fix("micro-batches", _with_options(plan, mb=m.group(1))))
     m = re.search(r"use pp <= (\d+)", fix)
     if m and plan:
-        shape = plan.shape[:1] + (int(m.group(1)),)
-        out.append(Fix("stages", str(dataclasses.replace(plan, shape=shape)), own_ranks=True))
-    m = re.search(r"write (\w+:\d+) or choose", fix)
+        out.append(Fix("stages", _set_degree(plan, "pp", int(m.group(1))), own_ranks=True))
+    m = re.search(r"write (\w+:\d+)\b", fix)
     if m:
         out.append(Fix("plan", m.group(1), own_ranks=True))
     m = re.search(r"write (\w+)=(\w+) or \1=(\w+)", fix)
