@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-# (name, arguments, what it shows)
+# (name, arguments of shardwise, or a whole Python command line; what it shows)
 COMMANDS = [
     ("help", ["--help"], "the parser and its help text"),
     ("presets", ["presets"], "a listing (presets, sizes, plans)"),
@@ -33,18 +33,25 @@ COMMANDS = [
      "an unknown model name (models.resolve)"),
     ("error: a plan", ["verify", "--model", "tiny-dense", "--plan", "tp_pp:3x1"],
      "a plan the model cannot be split by (the strategies' checks, which import torch)"),
+    ("reference: import torch", ["-c", "import torch"], "what importing torch alone takes here"),
 ]
+
+
+def argv(args: list[str]) -> list[str]:
+    return [sys.executable, *args] if args[0] == "-c" else [sys.executable, "-m", "shardwise",
+                                                            *args]
 
 
 def run_once(args: list[str], env: dict) -> tuple[float, int]:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "shardwise", *args], env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.run(argv(args), env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0, p.returncode
 
 
 def imports_torch(args: list[str], env: dict) -> bool:
-    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "shardwise", *args], env=env,
+    full = argv(args)
+    p = subprocess.run([full[0], "-X", "importtime", *full[1:]], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return any(re.search(r"\|\s+torch$", line.rstrip()) for line in p.stderr.splitlines())
 
@@ -77,7 +84,8 @@ def main() -> int:
             t, rc = run_once(args, env)
             times.append(t)
             codes.add(rc)
-        rows.append({"name": name, "command": "shardwise " + " ".join(args), "what": what,
+        command = ("python " if args[0] == "-c" else "shardwise ") + " ".join(args)
+        rows.append({"name": name, "command": command, "what": what,
                      "exit_codes": sorted(codes), "imports_torch": imports_torch(args, env),
                      "median_s": round(statistics.median(times), 3),
                      "min_s": round(min(times), 3), "max_s": round(max(times), 3),
