@@ -60,7 +60,7 @@ def test_calibrate_on_cpu_writes_a_profile_the_cost_model_loads(tmp_path):
 def test_the_call_counter_sorts_calls_by_kind():
     import torch
 
-    from shardwise.perf.calibrate import CallCounter, CudaPaths
+    from shardwise.perf.counting import CallCounter, CudaPaths
 
     x = torch.ones(4, 8)
     lin = torch.nn.Linear(8, 8)
@@ -89,11 +89,11 @@ def test_the_call_counter_sorts_calls_by_kind():
 
 
 def test_call_counter_counts_a_real_triton_launch(monkeypatch):
-    # On GPUs the Triton add + norm launches past the dispatcher; the counter
-    # wraps the compiled kernel so each launch is one kernel and one norm, as
-    # CudaPaths' stand-in counts it on CPU. Here a fake kernel stands for it.
+    # On GPUs Triton kernels launch past the dispatcher; the counter wraps every
+    # kernel loaded while it counts, so each launch is one Triton call, as
+    # CudaPaths' CPU stand-ins count on CPU. Here a fake kernel stands for one.
     from shardwise.model import kernels
-    from shardwise.perf.calibrate import CallCounter
+    from shardwise.perf.counting import CallCounter
 
     launched = []
 
@@ -101,13 +101,14 @@ def test_call_counter_counts_a_real_triton_launch(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: launched.append(grid)
 
-    monkeypatch.setattr(kernels, "_triton", ("triton", Fake()))
+    monkeypatch.setitem(kernels._LOADED, ("m", "k"), ("triton", Fake()))
     with CallCounter() as c:
-        kernels._triton[1][(4,)](1, 2)
-        kernels._triton[1][(4,)](1, 2)
+        kernels.triton_kernel("m", "k")[1][(4,)](1, 2)
+        kernels.triton_kernel("m", "k")[1][(4,)](1, 2)
     assert launched == [(4,), (4,)]
-    assert c.counts["norms"] == 2 and c.counts["kernels"] == 2
-    assert isinstance(kernels._triton[1], Fake)  # restored
+    assert c.counts["tritons"] == 2 and c.counts["kernels"] == 0
+    assert isinstance(kernels.triton_kernel("m", "k")[1], Fake)  # restored
+    assert kernels.LOAD_HOOK is None
 
 
 def test_the_layer_probe_steps_at_an_int_and_at_a_device_tensor_position():

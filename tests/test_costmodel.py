@@ -227,7 +227,6 @@ def test_memory_totals_are_sums_of_parts():
 
 # -- the execution terms: host calls, CUDA graphs, device-to-host waits, overlap -------
 
-from shardwise.perf.calibrate import count_calls  # noqa: E402
 from shardwise.perf.clusters import Cluster  # noqa: E402
 from shardwise.perf.costmodel import (STATIC_DECODE_KERNELS, Calls, Core, Flavour,  # noqa: E402
                                       LayerWork, Roofline, Work, _moe_layer, _overlap,
@@ -481,62 +480,6 @@ def test_overlap_credits_what_the_profile_measured():
     assert hidden < plain < none * 1.05
 
 
-# -- the host calls against the code (counted on CPU ranks along the GPU branches) -----
-
-# bf16 with the tanh GELU: the GPU path fuses the activation into the GEMM and the
-# residual adds into the norms (calibrate.CudaPaths runs those branches on CPU).
-FUSED = ModelSpec(name="fused", n_layers=2, d_model=64, n_heads=4, head_dim=16, d_ff=128,
-                  dtype="bf16", activation="gelu_tanh")
-GQA_BF16 = GQA.replace(dtype="bf16")
-MOE_BF16 = MOE.model.replace(dtype="bf16", activation="gelu_tanh")
-COUNT_WL = Workload(batch=8, seq_len=16, decode_steps=2)
-COUNT_CASES = {
-    2: [(FUSED, "tp_pp:2x1", 1), (FUSED, "tp_pp:1x2,mb=2", 2), (GQA_BF16, "tp_pp:2x1", 1),
-        (FUSED, "tp_pp:2x1,overlap=3", 1),
-        (TINY.model, "tp_pp:2x1", 1), (MOE_BF16, "tp_pp:2x1", 1), (FUSED, "helix:1x2", 1),
-        (GQA_BF16, "helix:1x2", 1), (FUSED, "helix:2x1,reduce=flat", 1), (FUSED, "ring:2", 1),
-        (FUSED, "layerwise:cap=1MB", 1), (MOE_BF16, "ep:2", 1), (MOE_BF16, "ring:2", 1)],
-    4: [(GQA_BF16, "helix:1x4", 1), (GQA_BF16, "helix:2x2", 1), (FUSED, "ring:4", 1)],
-}
-COUNTED = [k for k in Calls().as_dict()]
-
-
-@pytest.fixture(scope="module")
-def counted():
-    """Host calls of one prefill and one decode step on CPU ranks, for each case at
-    ``stages`` and twice as many layers: the difference is one layer's calls."""
-    out = {}
-    for nproc, cases in COUNT_CASES.items():
-        jobs = [Case(m.replace(n_layers=L), COUNT_WL, plan, verify=False)
-                for m, plan, s in cases for L in (s, 2 * s)]
-        res = count_calls(jobs, nproc, deadline_s=300)
-        for i, (m, plan, s) in enumerate(cases):
-            out[(m.name, plan)] = (res[2 * i], res[2 * i + 1], m.replace(n_layers=2 * s), nproc)
-    return out
-
-
-@pytest.mark.parametrize("case", [(m.name, p) for cs in COUNT_CASES.values() for m, p, _ in cs],
-                         ids=lambda c: f"{c[0]}-{c[1]}")
-def test_host_calls_match_the_code(counted, case):
-    a, b, spec, nproc = counted[case]
-    pred = predict(spec, COUNT_WL, case[1], H100_8, nproc, graphs=False)
-    for phase in ("prefill", "decode"):
-        step = pred.step(phase)
-        # The busiest rank's calls, kind by kind: one layer, and the rest of the step.
-        layer = {k: max(rb[k] - ra[k] for ra, rb in zip(a[phase], b[phase])) for k in COUNTED}
-        rest = {k: max(2 * ra[k] - rb[k] for ra, rb in zip(a[phase], b[phase])) for k in COUNTED}
-        for got, model, what in ((layer, step.layer_calls.as_dict(), "per layer"),
-                                 (rest, step.step_calls.as_dict(), "rest of the step")):
-            for k in COUNTED:
-                # Views vary by a few with the rank (a slice of a whole dim is an alias);
-                # MoE expert hits are the model's expectation.
-                tol = max(3, 0.06 * got[k]) if k == "metas" else 0.15
-                assert model[k] == pytest.approx(got[k], abs=tol), (
-                    f"{case[1]} on {case[0]}, {phase}, {what}: {k} counted {got[k]}, "
-                    f"modelled {model[k]:.2f} (costmodel.Flavour and the strategy's calls "
-                    f"follow the code; update them with it)")
-
-
 def test_ring_prefill_counts_its_copies():
     # ring:2, one sequence of 8 tokens: each rank 4 rows (chunks of 2), the travelling
     # block 4 rows; 4 heads x 64, bf16. Per layer: concatenated q, k, v (2 x 4 x 768 x 2),
@@ -700,31 +643,6 @@ def test_fidelity_predicts_the_layout_a_record_ran():
     ran = predict(p.model, wl, plan, H100_8, 2, layout=layout)
     assert ran.notes[0].startswith("layerwise: 2 group(s) x 1 replica(s)")
     assert record_layout({"report": {}}, p.model, wl, plan, 2) is None
-
-
-# The non-MoE cases whose decode steps replay a CUDA graph on GPUs (gqa's helix
-# over 4 slices splits the sequence, which stays eager).
-GRAPH_CASES = [("fused", "tp_pp:2x1"), ("gqa", "tp_pp:2x1"), ("fused", "helix:1x2"),
-               ("gqa", "helix:1x2"), ("fused", "helix:2x1,reduce=flat"), ("fused", "ring:2"),
-               ("fused", "layerwise:cap=1MB"), ("fused", "ring:4")]
-
-
-@pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_graph_kernels_match_the_code(counted, case):
-    # The static decode step a CUDA graph replays, counted on CPU ranks along the
-    # GPU branches: its kernels per layer and in the rest of the step are the
-    # ones the model charges (Flavour.static_decode, STATIC_STEP and the
-    # strategies' extras).
-    a, b, spec, nproc = counted[case]
-    step = predict(spec, COUNT_WL, case[1], H100_8, nproc).decode
-    layer = max(rb["kernels"] - ra["kernels"] for ra, rb in zip(a["static"], b["static"]))
-    rest = max(2 * ra["kernels"] - rb["kernels"] for ra, rb in zip(a["static"], b["static"]))
-    # On GPUs tp_pp's all-reduce, residual add and norm are one kernel
-    # (parallel/reduce_norm.py), charged as the collective; on CPU ranks the add
-    # + norm is a kernel of its own, twice a layer.
-    fused = 2 if case[1].startswith("tp_pp:2") else 0
-    assert step.graph_layer_kernels > 0
-    assert (layer, rest) == (step.graph_layer_kernels + fused, step.graph_step_kernels), case
 
 
 PROBES = {"gemm": {"512x512": 3.0, "512x2048": 4.0, "2048x512": 6.0},

@@ -23,28 +23,34 @@ import torch
 from torch import nn
 
 _MAX_D = 32768
-_triton = None  # the compiled kernel, or False when Triton is unavailable
+_LOADED: dict = {}  # (module, name) -> (triton, kernel), or False without Triton
+# Set by shardwise.perf while it counts or records a step: every Triton kernel
+# is then loaded through ``LOAD_HOOK(module, name, loaded)``, which returns
+# the ``(triton, kernel)`` to launch in place of ``loaded`` (the real pair, or
+# False where Triton is not installed). None: the real kernels.
+LOAD_HOOK = None
 
 
 def triton_kernel(module: str, name: str):
     """``(triton, kernel)``: the ``@triton.jit`` kernel ``name`` of ``module``
     (a module that imports Triton at its top), or False where Triton is not
-    installed. Callers keep the result; Triton compiles at the first launch."""
-    try:
-        import triton
+    installed. Loaded once and kept here, so callers ask at every launch (a
+    dict lookup) and a step run under ``LOAD_HOOK`` sees every kernel it
+    launches. Triton compiles at the first launch."""
+    key = (module, name)
+    if key not in _LOADED:
+        try:
+            import triton
 
-        kernel = getattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-    return triton, kernel
+            _LOADED[key] = triton, getattr(importlib.import_module(module), name)
+        except ImportError:
+            _LOADED[key] = False
+    return _LOADED[key] if LOAD_HOOK is None else LOAD_HOOK(module, name, _LOADED[key])
 
 
 def _kernel():
     """``(triton, add_norm_kernel)`` (:mod:`.triton_norm`), or False without Triton."""
-    global _triton
-    if _triton is None:
-        _triton = triton_kernel(f"{__package__}.triton_norm", "add_norm_kernel")
-    return _triton
+    return triton_kernel(f"{__package__}.triton_norm", "add_norm_kernel")
 
 
 def eps_of(module: nn.Module, x: torch.Tensor) -> float:

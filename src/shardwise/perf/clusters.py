@@ -344,7 +344,8 @@ class Cluster:
         us, calls = self.layer_probe.get("us"), self.layer_probe.get("calls")
         if not us or not calls or self.op_us is None:
             return 1.0
-        g, a, n = (calls.get(k, 0.0) for k in ("gemms", "attns", "norms"))
+        g, a = calls.get("gemms", 0.0), calls.get("attns", 0.0)
+        n = calls.get("tritons", calls.get("norms", 0.0))  # Triton launches (older: "norms")
         modelled = 1e6 * ((calls.get("kernels", 0.0) - g - a - n) * self.op_s + g * self.gemm_s
                           + a * self.attn_s(True) + n * self.norm_s
                           + calls.get("metas", 0.0) * self.view_s

@@ -1,0 +1,402 @@
+"""Record each rank's steps of a plan by running the strategy's own code
+without processes, devices or weights.
+
+:func:`record_rank` builds rank r's shard exactly as a run does
+(``validate_plan``, the strategy class with its Comm and ShardLoader) but
+on ``meta`` tensors: weights from :class:`MetaSource` (shapes only), KV
+caches allocated on meta, collectives through :class:`RecordingComm` (the
+real Comm with its transport replaced: each call is recorded, with its group
+and bytes, and whether it is issued asynchronously). It then runs, as
+``shardwise bench`` does, a prefill, an eager decode step and, where the
+strategy supports it, the static-shape decode step a CUDA graph captures
+(each after a warm-up), under a :class:`~shardwise.perf.trace.Recorder`.
+
+A layer loop (an ``nn.ModuleList`` of three or more modules of one kind,
+iterated) runs its first two iterations: the first may differ (it builds the
+step's shared index tensors, it has no residual pending), the second is
+recorded as the body of a :class:`~shardwise.perf.trace.Repeat` taken as
+many times as the loop has regular layers. A 126-layer model records two
+layers.
+
+Recordings are kept per (model, workload, plan, world size, rank, backend,
+routing balance): a planner asking for hundreds of plans records each rank
+once.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model import kernels as model_kernels
+from ..model.load import ShardLoader
+from ..model.weights import WeightSource, layer_param_table, param_table
+from ..parallel import reduce_norm
+from ..parallel.base import validate_plan
+from ..parallel.comm import Comm
+from ..spec import ModelSpec, Plan, Workload, torch_dtype
+from .trace import Call, Coll, Kernel, Recorder, Routing, Wait, call_counts, comm_counts
+
+PHASES = ("prefill", "decode", "static")
+_ACTIVE: Recorder | None = None  # the recorder of the step being run
+
+
+# -- weights of shape only ------------------------------------------------------------
+
+class MetaSource(WeightSource):
+    """The synthetic weights' names and shapes, handed out as meta tensors."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec, self.seed = spec, 0
+        self._ends = param_table(spec.replace(n_layers=1))
+
+    @functools.cached_property
+    def table(self) -> dict:  # every layer's names (the loader asks for one at a time)
+        return param_table(self.spec)
+
+    def _info(self, name: str):
+        if name.startswith("layers."):
+            layer = int(name.split(".")[1])
+            return layer_param_table(self.spec, layer)[name]
+        return self._ends[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info(name).shape
+
+    def get(self, name, index=None, *, dtype, device):
+        shape = list(self._info(name).shape)
+        for dim, sel in enumerate(index or []):
+            if sel is None:
+                continue
+            shape[dim] = (len(range(shape[dim])[sel]) if isinstance(sel, slice)
+                          else torch.as_tensor(sel).numel())
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+
+# -- collectives, recorded ------------------------------------------------------------
+
+class _Group:
+    """What ``Topology.group(axis)`` stands for while recording: the axis and
+    its global ranks."""
+
+    def __init__(self, axis: str, ranks):
+        self.axis, self.ranks, self.group_name = axis, tuple(ranks), axis
+
+
+class _Mesh:
+    def __init__(self, topo):
+        self.topo = topo
+
+    def get_group(self, axis: str) -> _Group:
+        return _Group(axis, self.topo.group_ranks(axis))
+
+
+class _Request:
+    """A request of an asynchronous collective: waiting on it is recorded."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def wait(self, *args, **kwargs):
+        if _ACTIVE is not None:
+            _ACTIVE.events.append(Wait(self.handle))
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class RecordingComm(Comm):
+    """:class:`~shardwise.parallel.comm.Comm` whose transport records instead of
+    sending: every collective becomes a :class:`~shardwise.perf.trace.Coll`
+    of the active recorder. ``one_shot``: whether small all-reduces take the
+    symmetric-memory path (a GPU run on NCCL) or not (gloo).
+    ``symmetric_bytes``: the symmetric-memory buffers it would hold."""
+
+    def __init__(self, topo, one_shot: bool):
+        super().__init__(topo)
+        self.one_shot = one_shot
+        self.symmetric_bytes = 0
+        self._axis = ""  # of the collective being called (Comm._count names it)
+
+    def _count(self, op: str, axis: str, nbytes: int) -> str:
+        self._axis = axis
+        return super()._count(op, axis, nbytes)
+
+    def _group(self, group) -> _Group:
+        return group if group is not None else _Group("world", range(self.topo.world_size))
+
+    def _emit(self, op: str, group, nbytes: int, async_op: bool = False, **kw):
+        if _ACTIVE is None:
+            return None
+        g = self._group(group)
+        handle = _ACTIVE.new_handle() if async_op else None
+        _ACTIVE.events.append(Coll(op, g.axis, g.ranks, int(nbytes), handle, **kw))
+        return _Request(handle) if async_op else None
+
+    def _reduce(self, t, group, async_op: bool = False):
+        return self._emit("all_reduce", group, t.nbytes, async_op)
+
+    def _one_shot(self, buf, t, axis: str):
+        self._emit("all_reduce", self.topo.group(axis), t.nbytes)
+
+    def _gather(self, out, t, group):
+        s = t.__dict__.get("_shadow")
+        if s is not None:  # every rank of the group taken to hold what this one holds
+            out._shadow = torch.cat([s] * (out.shape[0] // max(t.shape[0], 1)))
+        return self._emit("all_gather", group, out.nbytes)
+
+    def _scatter(self, out, t, group):
+        return self._emit("reduce_scatter", group, t.nbytes)
+
+    def _swap(self, out, t, out_splits, in_splits, group, async_op: bool = False):
+        return self._emit("all_to_all", group, t.nbytes, async_op)
+
+    def _p2p(self, sends, recvs) -> list:
+        axis = self._axis if sends else "recv"
+        self._axis = ""
+        if _ACTIVE is None:
+            return [_Request(0)] * (len(sends) + len(recvs))
+        handle = _ACTIVE.new_handle()
+        _ACTIVE.events.append(Coll("p2p", axis, (), sum(t.nbytes for t, _ in sends), handle,
+                                   tuple((p, t.nbytes) for t, p in sends),
+                                   tuple((p, t.nbytes) for t, p in recvs)))
+        return [_Request(handle)] * (len(sends) + len(recvs))
+
+    def _broadcast(self, t, src: int):
+        return self._emit("broadcast", None, t.nbytes)
+
+    def _barrier(self):
+        return None
+
+    def _symmetric_buffer(self, t, axis: str):
+        self.symmetric_bytes += t.nbytes
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    def _reduce_norm_kernel(self, axis: str, device):
+        return _FusedReduceNorm(self, axis)
+
+
+class _FusedReduceNorm:
+    """The one-kernel all-reduce + add + norm
+    (:class:`~shardwise.parallel.reduce_norm.FusedReduceNorm`) as recorded: its
+    two outputs and one collective kernel; its symmetric buffers counted."""
+
+    def __init__(self, comm: RecordingComm, axis: str):
+        self.comm, self.axis, self.made = comm, axis, set()
+        world = comm.topo.size(axis)
+        comm.symmetric_bytes += world * reduce_norm.MAX_ROWS * 4  # the flags
+
+    def ready(self, dtype, d: int) -> bool:
+        if (dtype, d) not in self.made:
+            self.made.add((dtype, d))
+            self.comm.symmetric_bytes += 2 * reduce_norm.MAX_ROWS * d * dtype.itemsize
+        return True
+
+    def __call__(self, p, x, module):
+        h = torch.empty_like(x)
+        y = torch.empty_like(x) if module is not None else h
+        self.comm._emit("all_reduce", self.comm.topo.group(self.axis), p.nbytes, fused=True)
+        return h, (y if module is not None else None)
+
+
+# -- Triton kernels and layer loops, recorded -----------------------------------------
+
+class _TritonShim:
+    """What launching code asks of ``triton`` itself."""
+
+    @staticmethod
+    def next_power_of_2(n: int) -> int:
+        return 1 << max(0, int(n) - 1).bit_length()
+
+    @staticmethod
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+
+class _Kernel:
+    """A Triton kernel as recorded: a launch is one call and one kernel moving
+    the bytes of its tensor arguments."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if _ACTIVE is None:
+                return
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            rows = grid[0] if isinstance(grid, tuple) else 1
+            width = tensors[0].numel() // max(rows, 1) if tensors else 0
+            moved = float(sum(t.numel() * t.element_size() for t in tensors))
+            dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else ""
+            _ACTIVE.events.append(Call("tritons", self.name, (
+                Kernel("triton", 0.0, moved, (self.name, rows, width), dtype),)))
+
+        return launch
+
+
+class _LayerList(nn.ModuleList):
+    """A ModuleList of layers: while a step is recorded, iterating it yields the
+    first layer, then the second as the body of a repeat for every layer
+    after the first, and stops (module docstring)."""
+
+    def __iter__(self):
+        items = list(self._modules.values())
+        rec = _ACTIVE
+        if rec is None or len(items) < 3:
+            yield from items
+            return
+        yield items[0]
+        rec.begin_loop()
+        yield items[1]
+        rec.end_loop(len(items) - 1)
+
+
+def _layer_lists(model: nn.Module) -> None:
+    for m in model.modules():
+        kids = list(m._modules.values()) if type(m) is nn.ModuleList else []
+        if len(kids) >= 3 and len({type(k) for k in kids}) == 1:
+            m.__class__ = _LayerList
+
+
+@contextmanager
+def _gpu_paths():
+    """The code's GPU branches, on meta tensors: ``is_cuda`` answers True for
+    them, Triton kernels load as recording stand-ins, and module calls are
+    recorded."""
+    saved_cuda = torch.Tensor.__dict__.get("is_cuda")
+    real = torch._C.TensorBase.is_cuda
+    saved_hook = model_kernels.LOAD_HOOK
+    saved_capturing = torch.cuda.is_current_stream_capturing
+    torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
+    torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
+    model_kernels.LOAD_HOOK = lambda module, name, loaded: (_TritonShim, _Kernel(name))
+
+    def module_call(module, args):
+        if _ACTIVE is not None:
+            _ACTIVE.events.append(Call("modules", type(module).__name__))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(module_call)
+    try:
+        yield
+    finally:
+        hook.remove()
+        model_kernels.LOAD_HOOK = saved_hook
+        torch.cuda.is_current_stream_capturing = saved_capturing
+        if saved_cuda is None:
+            del torch.Tensor.is_cuda
+        else:
+            torch.Tensor.is_cuda = saved_cuda
+
+
+@contextmanager
+def _recording(rec: Recorder):
+    global _ACTIVE
+    outer, _ACTIVE = _ACTIVE, rec
+    try:
+        with rec:
+            yield rec
+    finally:
+        _ACTIVE = outer
+    while rec._stack:  # a loop left before its second layer ended
+        rec.end_loop(1)
+
+
+# -- one rank -------------------------------------------------------------------------
+
+@dataclass
+class StepTrace:
+    """One step of one rank: its events, the most bytes its own tensors held
+    at once, and its calls and collectives counted as a run counts them."""
+
+    events: list
+    peak_bytes: int
+
+    @functools.cached_property
+    def calls(self) -> dict[str, int]:
+        return call_counts(self.events)
+
+    @functools.cached_property
+    def comm(self) -> dict[str, dict[str, int]]:
+        return comm_counts(self.events)
+
+
+@dataclass
+class RankTrace:
+    """Rank r of a plan: its steps (:data:`PHASES`; ``static`` only where the
+    strategy captures decode steps in CUDA graphs), the bytes of its weights,
+    KV caches, inputs and symmetric-memory buffers, as a run allocates them."""
+
+    rank: int
+    steps: dict
+    weights: int
+    kv: int
+    inputs: int
+    symmetric: int
+
+
+@functools.lru_cache(maxsize=8192)
+def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
+                backend: str = "nccl", balance: float | None = None) -> RankTrace:
+    """Rank ``rank`` of ``plan`` on ``world`` ranks, recorded (module docstring).
+    ``backend``: ``nccl`` (a GPU run), ``nccl-plain`` (NCCL without the
+    symmetric-memory all-reduce) or ``gloo`` (a CPU run: the same code paths
+    as ``nccl-plain``). ``balance``: a measured MoE routing balance
+    (:class:`~shardwise.perf.trace.Routing`)."""
+    cls, topo = validate_plan(spec, wl, plan, world)
+    topo.rank, topo.device_type = rank, "cuda"
+    topo.mesh = _Mesh(topo)
+    dtype = torch_dtype(spec.dtype)
+    routing = Routing(balance, world)
+    with torch.inference_mode(), _gpu_paths(), _fast_modules():
+        comm = RecordingComm(topo, backend == "nccl")
+        model = cls(spec, wl, plan, topo, comm, ShardLoader(MetaSource(spec), dtype, "meta"))
+    _layer_lists(model)
+    if spec.vocab_size is None:
+        prompt = torch.empty(wl.batch, wl.seq_len, spec.d_model, dtype=dtype, device="meta")
+    else:
+        prompt = torch.empty(wl.batch, wl.seq_len, dtype=torch.long, device="meta")
+    token = prompt[:, :1].clone()
+    steps = {}
+    with torch.inference_mode(), _gpu_paths():
+        runs = [("prefill", prompt, 0), ("decode", token, wl.seq_len)]
+        if model.supports_graphs:
+            pos = torch.empty((), dtype=torch.long, device="meta")
+            pos._shadow = torch.tensor(wl.seq_len)
+            runs.append(("static", token, pos))
+        for phase, x, at in runs:
+            with _recording(Recorder(routing)):
+                model.step(x, at)  # warm-up: what a first call makes once
+            with _recording(Recorder(routing)) as rec:
+                model.step(x, at)
+            steps[phase] = StepTrace(rec.events, rec.peak)
+    weights = sum(p.nbytes for p in model.parameters())
+    kv = sum(c.nbytes() for c in getattr(model, "caches", []))
+    inputs = prompt.nbytes + token.nbytes
+    return RankTrace(rank, steps, weights, kv, inputs, comm.symmetric_bytes)
+
+
+@contextmanager
+def _fast_modules():
+    """Modules built on meta without initialising their parameters (the loader
+    replaces every one of them)."""
+    saved = {c: c.reset_parameters for c in (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)}
+    try:
+        for c in saved:
+            c.reset_parameters = lambda self: None
+        yield
+    finally:
+        for c, f in saved.items():
+            c.reset_parameters = f
+
+
+def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,
+                backend: str = "nccl", balance: float | None = None) -> list[RankTrace]:
+    """Every rank of ``plan``, recorded."""
+    return [record_rank(spec, wl, plan, world, r, backend, balance) for r in range(world)]
+
