@@ -8,6 +8,7 @@ from shardwise.perf.calibrate import calibrate, link_profile
 from shardwise.perf.clusters import COLLECTIVES, load_cluster
 from shardwise.perf.costmodel import predict
 from shardwise.presets import get_preset
+from shardwise.spec import ShardwiseError
 
 
 def test_link_profile_recovers_alpha_and_beta():
@@ -152,3 +153,31 @@ def test_decode_kernel_probes_run_each_kind_at_each_width(monkeypatch):
     # Per width: the norm, the cache write, four GEMMs (20 kernels each), then
     # one step of the 4-layer and the 2-layer stack.
     assert calls == ([20] * 6 + [1, 1]) * 2
+
+
+def test_gemm_rates_interpolate_the_calibrated_grid():
+    # A grid of 2 x 2 x 2 shapes: between its points the rate is linear in the
+    # logarithms of m, k and n; past its edges it holds; a shape left out of the
+    # grid (null) leaves the others to speak.
+    from shardwise.perf.clusters import Cluster
+
+    grid = {"m": [16, 1024], "k": [512, 2048], "n": [512, 2048],
+            "tflops": [[[100, 200], [300, 400]], [[500, 600], [700, None]]]}
+    base = {"name": "g", "gpus_per_node": 1, "nodes": 1, "matmul_tflops": {"bf16": 800},
+            "hbm_gbps": 4000, "hbm_bytes": 10**11, "links": {}}
+    cl = Cluster.from_dict({**base, "gemm_grid": {"bf16": grid}})
+    assert cl.gemm_rate("bfloat16", 512, 512, 16) == pytest.approx(100e12)
+    assert cl.gemm_rate("bfloat16", 512, 2048, 16) == pytest.approx(200e12)
+    assert cl.gemm_rate("bfloat16", 512, 1024, 16) == pytest.approx(150e12)  # halfway in log n
+    assert cl.gemm_rate("bfloat16", 512, 512, 128) == pytest.approx(300e12)  # halfway in log m
+    assert cl.gemm_rate("bfloat16", 512, 512, 1) == pytest.approx(100e12)  # held below
+    # The untimed shape: the mean of its three timed neighbours, also past the edges.
+    assert cl.gemm_rate("bfloat16", 2048, 2048, 1024) == pytest.approx((400 + 600 + 700) / 3 * 1e12)
+    assert cl.gemm_rate("bfloat16", 8192, 8192, 4096) == pytest.approx((400 + 600 + 700) / 3 * 1e12)
+    # Near it, the timed corners weighted: halfway in log m at (k, n) = (2048, 2048)
+    # the m = 16 corner (400) is all there is.
+    assert cl.gemm_rate("bfloat16", 2048, 2048, 128) == pytest.approx(400e12)
+    # A profile without the grid takes its nearest measured shape, or its one figure.
+    assert Cluster.from_dict(base).gemm_rate("bfloat16", 512, 512, 16) == pytest.approx(800e12)
+    with pytest.raises(ShardwiseError, match="gemm_grid"):
+        Cluster.from_dict({**base, "gemm_grid": {"bf16": {**grid, "m": [16]}}})

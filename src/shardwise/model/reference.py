@@ -32,6 +32,15 @@ _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 _STEP: dict | None = None  # index tensors of the step being run (see one_step)
 
+# A loop whose iterations each do the same work (one per sequence of a batch)
+# iterates ``same_work(n)``; a recorder of what a step does (shardwise.perf)
+# replaces it to run one iteration and count it n times.
+SAME_WORK = range
+
+
+def same_work(n: int):
+    return SAME_WORK(n)
+
 
 @contextmanager
 def one_step():
@@ -253,7 +262,7 @@ class Attention(nn.Module):
             w_q, w_kv = self.wqkv.weight.split([H * d, 2 * self.n_kv_heads * d])
             q = Fn.linear(x, w_q)
             x = x.contiguous()
-            for b in range(B):
+            for b in same_work(B):
                 torch.mm(x[b], w_kv.t(), out=cache.rows(b, pos, T))
             return q.view(B, T, H, d), cache.upto(pos + T)
         qkv = self.wqkv(x)

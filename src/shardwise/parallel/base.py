@@ -20,7 +20,11 @@ A strategy is one file in this package. Its class:
 * ``supports_graphs`` (attribute or property, default False): a decode step
   may be captured once in a CUDA graph and replayed at every position, i.e.
   it accepts ``pos`` as a 0-d device tensor and does no host work that
-  depends on it (see ``runtime/timing.py``).
+  depends on it (see ``runtime/timing.py``);
+* ``twin(spec, workload, plan, topo, rank)`` (classmethod, default: the rank
+  itself): a rank whose steps are this rank's with the global ranks shifted
+  along the mesh axes where the two differ. A recorder of a plan's steps
+  (``shardwise.perf``) records a twin once; tests hold every twin to it.
 """
 from __future__ import annotations
 
@@ -61,6 +65,21 @@ class Strategy(nn.Module):
     @classmethod
     def ranks_needed(cls, plan: Plan) -> int | None:
         raise NotImplementedError
+
+    @classmethod
+    def twin(cls, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
+             rank: int) -> int:
+        return rank
+
+    @staticmethod
+    def first_along(topo: Topology, rank: int, *axes: str) -> int:
+        """The rank with ``rank``'s coordinates, but 0 along ``axes``."""
+        coords = topo.coords(rank)
+        coords.update(dict.fromkeys(axes, 0))
+        r = 0
+        for axis, size in zip(topo.axes, topo.shape):
+            r = r * size + coords[axis]
+        return r
 
     @classmethod
     def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
@@ -121,6 +140,21 @@ def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
         out.append((start, start + size))
         start += size
     return out
+
+
+def _each(ranges, fn) -> list:
+    return [fn(b0, b1) for b0, b1 in ranges]
+
+
+# How micro_batched runs its micro-batches; a recorder of what a step does
+# (shardwise.perf) replaces it to run one of each size and count it for all.
+RUN_MICRO_BATCHES = _each
+
+
+def micro_batched(batch: int, micro_batches: int, fn) -> list:
+    """``fn(b0, b1)`` for each micro-batch of ``batch`` sequences (at most
+    ``micro_batches``, :func:`balanced_ranges`), in order: the outputs."""
+    return RUN_MICRO_BATCHES(balanced_ranges(batch, min(micro_batches, batch)), fn)
 
 
 def get_strategy(name: str) -> type[Strategy]:

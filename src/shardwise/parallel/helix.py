@@ -263,6 +263,15 @@ class Helix(Strategy):
         return Topology(("group", "slice"), (N, M))
 
     @classmethod
+    def twin(cls, spec, workload, plan, topo, rank) -> int:
+        """Every rank holds 1/P of every matrix; the sequence re-partition also
+        gives each slice rank its own chunk of the prompt and decoded tokens."""
+        N, M = cls.degrees(plan)
+        if cls.repartition(spec, N, M) == "heads":
+            return cls.first_along(topo, rank, "group", "slice")
+        return cls.first_along(topo, rank, "group")
+
+    @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
         out = []
         for N in _divisors(world_size):

@@ -88,6 +88,12 @@ class Layerwise(Strategy):
         tight = min_capacity(costs_for, spec.n_layers, world_size, workload.batch)
         return [f"layerwise:cap={tight}B", "layerwise:cap=HBM", "layerwise:cap=L2"]
 
+    @classmethod
+    def twin(cls, spec, workload, plan, topo, rank) -> int:
+        """Replicas are alike when they split the batch evenly."""
+        even = workload.batch % topo.size("replica") == 0
+        return cls.first_along(topo, rank, "replica") if even else rank
+
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)
         self.partition = plan_partition(spec, workload, plan, topo.world_size)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model.reference import KVCache
-from .base import balanced_ranges
+from .base import micro_batched
 from .comm import Comm
 from .topology import Topology
 
@@ -51,18 +51,20 @@ class Pipeline:
 
     def run(self, inputs: torch.Tensor, pos: int) -> torch.Tensor | None:
         B, T = inputs.shape[:2]
-        outs, pending = [], []
-        for b0, b1 in balanced_ranges(B, min(self.micro_batches, B)):
+        pending = []
+
+        def micro_batch(b0: int, b1: int) -> torch.Tensor:
             if self.is_first:
                 x = inputs[b0:b1]
             else:
                 x = torch.empty((b1 - b0, T, self.d_model), dtype=self.dtype, device=self.device)
                 self.comm.recv(x, self.prev, self.axis)
             y = self.stage_fn(x, [c.batch_view(b0, b1) for c in self.caches], pos)
-            if self.is_last:
-                outs.append(y)
-            else:
+            if not self.is_last:
                 pending.append((self.comm.isend(y, self.next, self.axis), y))
+            return y
+
+        outs = micro_batched(B, self.micro_batches, micro_batch)
         for req, _ in pending:
             req.wait()
         if not self.is_last:

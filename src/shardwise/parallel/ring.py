@@ -42,7 +42,7 @@ from torch import nn
 
 from ..model.reference import Attention, KVCache, Transformer, _per_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges, dense_moe_ok
+from .base import Strategy, balanced_ranges, dense_moe_ok, micro_batched
 from .lse import attend_lse, attend_lse_prefix, merge_into, merge_stack
 from .topology import Topology
 
@@ -303,10 +303,14 @@ class Ring(Strategy):
             for _ in range(spec.n_layers)
         ]
         self.local_index = torch.tensor(layout.positions(r), dtype=torch.long, device=self.device)
-        # Rank-major local rows -> prompt order, for collect.
-        offsets = [sum(layout.real(i) for i in range(q)) for q in range(P)]
-        self.unzigzag = torch.tensor(
-            [offsets[q] + slot for q, slot in map(layout.where, range(workload.seq_len))],
+
+    @cached_property
+    def unzigzag(self) -> torch.Tensor:
+        """Rank-major local rows -> prompt order (for collect, outside the steps)."""
+        layout = self.layout
+        offsets = [sum(layout.real(i) for i in range(q)) for q in range(layout.ranks)]
+        return torch.tensor(
+            [offsets[q] + slot for q, slot in map(layout.where, range(self.workload.seq_len))],
             dtype=torch.long, device=self.device)
 
     @property
@@ -325,11 +329,8 @@ class Ring(Strategy):
                 raise ValueError(f"ring was built for a {self.layout.prompt}-token prompt, "
                                  f"got {inputs.shape[1]}")
             inputs = inputs.index_select(1, self.local_index)  # [B, n, ...] zig-zag order
-        outs = []
-        B = inputs.shape[0]
-        for b0, b1 in balanced_ranges(B, min(self.plan.micro_batches, B)):
-            caches = [c.batch_view(b0, b1) for c in self.caches]
-            outs.append(self.model(inputs[b0:b1], caches, pos))
+        outs = micro_batched(inputs.shape[0], self.plan.micro_batches, lambda b0, b1: self.model(
+            inputs[b0:b1], [c.batch_view(b0, b1) for c in self.caches], pos))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def collect(self, local):

@@ -233,6 +233,12 @@ class TpPp(Strategy):
     def candidates(cls, spec, workload, world_size) -> list[str]:
         return [f"tp_pp:{world_size // pp}x{pp}" for pp in _divisors(world_size)]
 
+    @classmethod
+    def twin(cls, spec, workload, plan, topo, rank) -> int:
+        """The tp ranks of a stage hold equal shares of every matrix; an MoE
+        layer's experts differ by rank, and with them the tokens routed."""
+        return rank if spec.is_moe else cls.first_along(topo, rank, "tp")
+
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)
         tp, pp = topo.size("tp"), topo.size("pp")

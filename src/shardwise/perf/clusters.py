@@ -27,6 +27,7 @@ import bisect
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -34,6 +35,7 @@ from importlib import resources
 from ..spec import ShardwiseError
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
+_DTYPE_KEYS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 LINKS = ("nvlink", "ib")
 
 
@@ -107,6 +109,8 @@ class Cluster:
     graph_latency_us: float | None = None  # small collective captured in a CUDA graph
     graph_collective_us: dict = field(default_factory=dict)  # op -> us, the same by kind
     matmul_shapes: dict = field(default_factory=dict)  # dtype -> [(m, k, n, TFLOP/s)] measured
+    # dtype -> {"m", "k", "n": the grid's axes, "tflops": [m][k][n] (null: not timed)}
+    gemm_grid: dict = field(default_factory=dict)
     sustained_matmul_tflops: float | None = None  # after ~2 s of back-to-back GEMMs
     # Host side of eager work, per call, on the slowest rank (calibrate measures
     # every rank): an op that launches a kernel, one that launches none (a view,
@@ -141,6 +145,7 @@ class Cluster:
     FLASH2_TFLOPS = 330.0  # FlashAttention-2 forward, head_dim 128, H100 SXM (Shah et al. 2024)
     KERNEL_US = 2.0  # a dependent tiny kernel on Hopper: launch latency + one HBM round trip
     GRAPH_LATENCY_US = 10.0  # 8 KB all-reduce inside a CUDA graph, 2x H200 (vs ~40 eager)
+    FP32_OF_BF16 = 67 / 989  # H100 SXM datasheet: FP32 67 TFLOP/s, dense BF16 989
 
     @property
     def n_gpus(self) -> int:
@@ -148,8 +153,14 @@ class Cluster:
 
     # -- rates ------------------------------------------------------------
     def matmul_rate(self, dtype: str) -> float:
-        key = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+        """Achieved matmul rate in ``dtype``. A GPU profile measures the half
+        precisions; a float32 matmul of a half-precision model (the MoE
+        router's scores) runs on the CUDA cores, at the bf16 rate x
+        ``FP32_OF_BF16`` where the profile has no float32 figure."""
+        key = _DTYPE_KEYS.get(dtype, dtype)
         if key not in self.matmul_tflops:
+            if key == "fp32" and "bf16" in self.matmul_tflops:
+                return self.matmul_tflops["bf16"] * 1e12 * self.FP32_OF_BF16
             raise ShardwiseError(f"cluster {self.name} has no matmul rate for {dtype}; it has "
                                  f"{', '.join(self.matmul_tflops)} (calibrate with --dtype {dtype})")
         return self.matmul_tflops[key] * 1e12
@@ -374,10 +385,15 @@ class Cluster:
         return min(1.0, self.sustained_matmul_tflops / burst)
 
     def gemm_rate(self, dtype: str, k: int, n: int, m: float | None = None) -> float:
-        """Matmul rate for ``m`` rows (None: any), an output width n and inner
-        size k: the measured shape nearest in (log m, log k, log n) when the
-        profile holds per-shape measurements, else the profile's single figure."""
-        key = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+        """Matmul rate for ``m`` rows (None: the grid's largest), inner size k and
+        output width n: interpolated in the calibrated grid (``gemm_grid``),
+        linearly in (log m, log k, log n) between its points and held at its
+        edges; a profile without a grid takes the measured shape nearest in
+        those logarithms (``measurements.matmul``), else its single figure."""
+        key = _DTYPE_KEYS.get(dtype, dtype)
+        grid = self.gemm_grid.get(key)
+        if grid and k > 0 and n > 0:
+            return _grid_rate(grid, m or grid["m"][-1], k, n) * 1e12
         shapes = self.matmul_shapes.get(key)
         if not shapes or k <= 0 or n <= 0:
             return self.matmul_rate(dtype)
@@ -467,6 +483,11 @@ class Cluster:
                 layer_probe=dict(d.get("measurements", {}).get("layer_probe", {})),
                 overlap_efficiency=_opt(d, "overlap_efficiency"),
                 step_host_ratio=_opt(d, "step_host_ratio"),
+                gemm_grid={dt: {"m": [int(v) for v in g["m"]], "k": [int(v) for v in g["k"]],
+                                "n": [int(v) for v in g["n"]],
+                                "tflops": [[[None if v is None else float(v) for v in row]
+                                            for row in plane] for plane in g["tflops"]]}
+                           for dt, g in d.get("gemm_grid", {}).items()},
                 matmul_shapes={dt: [(int(x["m"]), int(x["k"]), int(x["n"]), float(x["tflops"]))
                                     for x in rows]
                                for dt, rows in d.get("measurements", {}).get("matmul", {}).items()},
@@ -487,6 +508,13 @@ class Cluster:
         for op in self.collective_us:
             if op not in COLLECTIVES:
                 problems.append(f"collective_us: unknown collective {op!r}")
+        for dt, g in self.gemm_grid.items():
+            sizes = [len(g["m"]), len(g["k"]), len(g["n"])]
+            shape = [len(g["tflops"]), *(len(x) for x in g["tflops"][:1]),
+                     *(len(x) for x in g["tflops"][0][:1])] if g["tflops"] else [0]
+            if shape != sizes or any(sorted(g[a]) != g[a] or min(g[a]) <= 0 for a in "mkn"):
+                problems.append(f"gemm_grid[{dt!r}]: tflops must be [m][k][n] over increasing "
+                                f"positive axes (axes {sizes}, table {shape})")
         for op in self.graph_collective_us:
             if op not in COLLECTIVES:
                 problems.append(f"graph_collective_us: unknown collective {op!r}")
@@ -536,6 +564,41 @@ def _log_interp(pts: list[tuple[float, float]], x: float) -> float:
             f = math.log(x / x0) / math.log(x1 / x0)
             return y0 + (y1 - y0) * f
     return pts[-1][1]
+
+
+def _bracket(axis: list, x: float) -> tuple[int, int, float]:
+    """(i, j, weight of j) of ``x`` between grid points, in log x, held at the ends."""
+    if x <= axis[0]:
+        return 0, 0, 0.0
+    if x >= axis[-1]:
+        return len(axis) - 1, len(axis) - 1, 0.0
+    j = bisect.bisect_right(axis, x)
+    i = j - 1
+    return i, j, math.log(x / axis[i]) / math.log(axis[j] / axis[i])
+
+
+def _grid_rate(grid: dict, m: float, k: float, n: float) -> float:
+    """TFLOP/s at (m, k, n), trilinear in the logarithms over the grid's
+    corners (a corner not timed takes the mean of those that were)."""
+    (m0, m1, wm), (k0, k1, wk), (n0, n1, wn) = (
+        _bracket(grid[a], x) for a, x in (("m", m), ("k", k), ("n", n)))
+    t = grid["tflops"]
+    total = weight = 0.0
+    for i, a in ((m0, 1 - wm), (m1, wm)):
+        for j, b in ((k0, 1 - wk), (k1, wk)):
+            for q, c in ((n0, 1 - wn), (n1, wn)):
+                v = t[i][j][q]
+                if v is not None and a * b * c > 0:
+                    total += a * b * c * v
+                    weight += a * b * c
+    if weight == 0:  # the point itself untimed: the mean of its nearest timed ones
+        i0, j0, q0 = (m0 if wm < 0.5 else m1), (k0 if wk < 0.5 else k1), (n0 if wn < 0.5 else n1)
+        known = [(abs(i - i0) + abs(j - j0) + abs(q - q0), t[i][j][q])
+                 for i in range(len(t)) for j in range(len(t[i])) for q in range(len(t[i][j]))
+                 if t[i][j][q] is not None]
+        near = min(d for d, _ in known)
+        return statistics.mean(v for d, v in known if d == near)
+    return total / weight
 
 
 def _opt(d: dict, key: str) -> float | None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from ..spec import dtype_bytes
 from .clusters import Cluster
-from .trace import Call, Coll, Kernel
+from .events import Call, Coll, Kernel
 
 # Rows up to which a graph decode GEMM's time comes from calibrate's decode
 # kernel probes (16 rows; Cluster.decode_gemm_s), where the profile has them.
@@ -111,16 +111,20 @@ class Costs:
             return t + cl.gemm_kernel_s
         if k.cls == "attention":
             return self.attention(k) + cl.attn_kernel_s
-        if self.graph and k.cls == "index_write":
-            probe = cl.decode_cache_write_s(k.bytes / 2)
-            if probe is not None:
-                return max(k.bytes / cl.hbm_rate, probe)
+        if self.graph and k.cls == "index_write" and self._probed_write(k.bytes / 2):
+            return max(k.bytes / cl.hbm_rate, cl.decode_cache_write_s(k.bytes / 2))
         if self.graph and k.cls == "triton" and k.dims[0] in PROBED_TRITON:
             name, rows, width = k.dims
             probe = cl.decode_norm_s(width) if rows <= DECODE_PROBE_MAX_ROWS else None
             if probe is not None:
                 return max(k.bytes / cl.hbm_rate, probe)
         return k.bytes / cl.hbm_rate + cl.kernel_s
+
+    def _probed_write(self, written: float) -> bool:
+        """Whether the profile probed a cache write of ``written`` bytes (at most
+        the largest probe's: 16 sequences, 64 bytes a unit of width)."""
+        table = self.cl.decode_kernels_us.get("cache_write")
+        return bool(table) and written <= 64 * max(map(int, table))
 
     def attention(self, k: Kernel) -> float:
         """Prefill: 4 d FLOPs per scored pair and head at the kernel's rate,

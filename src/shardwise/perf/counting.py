@@ -20,7 +20,8 @@ from typing import NoReturn
 
 import torch
 
-from .trace import CALL_KINDS, GEMM_OPS, classify_op, is_attention
+from .events import CALL_KINDS, GEMM_OPS, is_attention
+from .lowering import classify_op
 
 ENV = "SHARDWISE_COUNT"
 _DIST_CALLS = {"all_reduce": "all_reduce", "all_to_all_single": "all_to_all",

@@ -24,22 +24,25 @@ once.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..model import kernels as model_kernels
+from ..model import reference
 from ..model.load import ShardLoader
 from ..model.weights import WeightSource, layer_param_table, param_table
+from ..parallel import base as parallel_base
 from ..parallel import reduce_norm
 from ..parallel.base import validate_plan
 from ..parallel.comm import Comm
 from ..spec import ModelSpec, Plan, Workload, torch_dtype
-from .trace import Call, Coll, Kernel, Recorder, Routing, Wait, call_counts, comm_counts
+from .events import Call, Coll, Kernel, Repeat, Wait, call_counts, comm_counts
+from .trace import Recorder, Routing, set_shadow
 
 PHASES = ("prefill", "decode", "static")
 _ACTIVE: Recorder | None = None  # the recorder of the step being run
@@ -147,7 +150,7 @@ class RecordingComm(Comm):
     def _gather(self, out, t, group):
         s = t.__dict__.get("_shadow")
         if s is not None:  # every rank of the group taken to hold what this one holds
-            out._shadow = torch.cat([s] * (out.shape[0] // max(t.shape[0], 1)))
+            set_shadow(out, torch.cat([s] * (out.shape[0] // max(t.shape[0], 1))))
         return self._emit("all_gather", group, out.nbytes)
 
     def _scatter(self, out, t, group):
@@ -257,6 +260,40 @@ class _LayerList(nn.ModuleList):
         rec.end_loop(len(items) - 1)
 
 
+def _same_work(n: int):
+    """``reference.same_work`` while a step is recorded: the first iteration,
+    as the body of a repeat taken ``n`` times."""
+    rec = _ACTIVE
+    if rec is None or n < 2:
+        yield from range(n)
+        return
+    rec.begin_loop()
+    yield 0
+    rec.end_loop(n)
+
+
+def _micro_batches(ranges, fn) -> list:
+    """``base.micro_batched`` while a step is recorded: of each run of
+    micro-batches of one size, the first, then the second as the body of a
+    repeat taken for the rest; the skipped ones' outputs are the second's
+    (the same shape)."""
+    rec, out, i = _ACTIVE, [], 0
+    while i < len(ranges):
+        size = ranges[i][1] - ranges[i][0]
+        n = next((j for j in range(i, len(ranges)) if ranges[j][1] - ranges[j][0] != size),
+                 len(ranges)) - i
+        out.append(fn(*ranges[i]))
+        if n >= 3 and rec is not None:
+            rec.begin_loop()
+            y = fn(*ranges[i + 1])
+            rec.end_loop(n - 1)
+            out += [y] * (n - 1)
+        else:
+            out += [fn(*r) for r in ranges[i + 1:i + n]]
+        i += n
+    return out
+
+
 def _layer_lists(model: nn.Module) -> None:
     for m in model.modules():
         kids = list(m._modules.values()) if type(m) is nn.ModuleList else []
@@ -273,6 +310,8 @@ def _gpu_paths():
     real = torch._C.TensorBase.is_cuda
     saved_hook = model_kernels.LOAD_HOOK
     saved_capturing = torch.cuda.is_current_stream_capturing
+    saved_work, saved_batches = reference.SAME_WORK, parallel_base.RUN_MICRO_BATCHES
+    reference.SAME_WORK, parallel_base.RUN_MICRO_BATCHES = _same_work, _micro_batches
     torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
     torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
     model_kernels.LOAD_HOOK = lambda module, name, loaded: (_TritonShim, _Kernel(name))
@@ -288,6 +327,7 @@ def _gpu_paths():
         hook.remove()
         model_kernels.LOAD_HOOK = saved_hook
         torch.cuda.is_current_stream_capturing = saved_capturing
+        reference.SAME_WORK, parallel_base.RUN_MICRO_BATCHES = saved_work, saved_batches
         if saved_cuda is None:
             del torch.Tensor.is_cuda
         else:
@@ -338,16 +378,56 @@ class RankTrace:
     kv: int
     inputs: int
     symmetric: int
+    facts: dict = field(default_factory=dict)  # the strategy's report (short entries)
 
 
 @functools.lru_cache(maxsize=8192)
 def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
                 backend: str = "nccl", balance: float | None = None) -> RankTrace:
-    """Rank ``rank`` of ``plan`` on ``world`` ranks, recorded (module docstring).
+    """Rank ``rank`` of ``plan`` on ``world`` ranks, recorded (module docstring),
+    or its twin's recording with the ranks renamed (``Strategy.twin``).
     ``backend``: ``nccl`` (a GPU run), ``nccl-plain`` (NCCL without the
     symmetric-memory all-reduce) or ``gloo`` (a CPU run: the same code paths
     as ``nccl-plain``). ``balance``: a measured MoE routing balance
     (:class:`~shardwise.perf.trace.Routing`)."""
+    cls, topo = validate_plan(spec, wl, plan, world)
+    twin = cls.twin(spec, wl, plan, topo, rank)
+    if twin != rank:
+        return renamed(record_rank(spec, wl, plan, world, twin, backend, balance), topo, rank)
+    return record_alone(spec, wl, plan, world, rank, backend, balance)
+
+
+def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
+    """``trace`` of another rank as ``rank``'s: every global rank in it shifted
+    by the coordinates ``rank`` differs from the recorded one by."""
+    a, b = topo.coords(trace.rank), topo.coords(rank)
+
+    def move(x: int) -> int:
+        c = topo.coords(x)
+        r = 0
+        for axis, size in zip(topo.axes, topo.shape):
+            r = r * size + (c[axis] + b[axis] - a[axis]) % size
+        return r
+
+    def events(evs: list) -> list:
+        out = []
+        for e in evs:
+            if isinstance(e, Coll):
+                e = dataclasses.replace(e, ranks=tuple(sorted(map(move, e.ranks))),
+                                        sends=tuple((move(p), n) for p, n in e.sends),
+                                        recvs=tuple((move(p), n) for p, n in e.recvs))
+            elif isinstance(e, Repeat):
+                e = Repeat(events(e.body), e.times, e.carry)
+            out.append(e)
+        return out
+
+    steps = {k: StepTrace(events(v.events), v.peak_bytes) for k, v in trace.steps.items()}
+    return dataclasses.replace(trace, rank=rank, steps=steps)
+
+
+def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
+                 backend: str = "nccl", balance: float | None = None) -> RankTrace:
+    """Rank ``rank`` recorded on its own (no twin)."""
     cls, topo = validate_plan(spec, wl, plan, world)
     topo.rank, topo.device_type = rank, "cuda"
     topo.mesh = _Mesh(topo)
@@ -367,10 +447,10 @@ def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int
         runs = [("prefill", prompt, 0), ("decode", token, wl.seq_len)]
         if model.supports_graphs:
             pos = torch.empty((), dtype=torch.long, device="meta")
-            pos._shadow = torch.tensor(wl.seq_len)
+            set_shadow(pos, torch.tensor(wl.seq_len))
             runs.append(("static", token, pos))
         for phase, x, at in runs:
-            with _recording(Recorder(routing)):
+            with _recording(Recorder(routing, memory=False)):
                 model.step(x, at)  # warm-up: what a first call makes once
             with _recording(Recorder(routing)) as rec:
                 model.step(x, at)
@@ -378,7 +458,23 @@ def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int
     weights = sum(p.nbytes for p in model.parameters())
     kv = sum(c.nbytes() for c in getattr(model, "caches", []))
     inputs = prompt.nbytes + token.nbytes
-    return RankTrace(rank, steps, weights, kv, inputs, comm.symmetric_bytes)
+    return RankTrace(rank, steps, weights, kv, inputs, comm.symmetric_bytes, _facts(model))
+
+
+def _facts(model) -> dict:
+    """The strategy's report of itself, its short entries (for a prediction's notes)."""
+    def short(v) -> bool:
+        if isinstance(v, (int, float, str)):
+            return True
+        return isinstance(v, (list, tuple)) and len(v) <= 8 and all(
+            isinstance(x, (int, float, str)) or isinstance(x, (list, tuple)) and len(x) <= 2
+            for x in v)
+
+    try:
+        report = model.report()
+    except Exception:  # a report may need what a recording does not hold
+        return {}
+    return {k: v for k, v in report.items() if short(v)}
 
 
 @contextmanager

@@ -289,6 +289,22 @@ def record_layout(r: dict, spec: ModelSpec, wl: Workload, plan: Plan, world: int
                         parse_capacity(plan.option("cap")), plan.micro_batches)
 
 
+def _same_layout(r: dict, spec: ModelSpec, wl: Workload, plan: Plan, world: int) -> None:
+    """A layerwise record that ran other layer groups than the partition
+    search now picks describes a plan the code no longer runs: refused."""
+    ran = record_layout(r, spec, wl, plan, world)
+    if ran is None:
+        return
+    from ..parallel.layerwise import plan_partition
+
+    now = plan_partition(spec, wl, plan, world)
+    if ([g.layers for g in ran.groups], ran.replicas) != ([g.layers for g in now.groups],
+                                                          now.replicas):
+        raise ShardwiseError(f"the record ran layer groups {[[g.layers.start, g.layers.stop] for g in ran.groups]} "
+                             f"x {ran.replicas} replica(s); the partition search now picks "
+                             f"{[[g.layers.start, g.layers.stop] for g in now.groups]} x {now.replicas}")
+
+
 def at_host_speed(cl: Cluster, r: dict) -> Cluster:
     """``cl`` with the host as record ``r`` found it: the layer probe timed
     beside the measurement (``host_probe_us``) replaces calibrate's, so the
@@ -316,8 +332,8 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 # A decode record says whether its step replayed a CUDA graph.
                 graphs = r.get("cuda_graphs") if r.get("phase") == "decode" else None
                 moe = balance.get((_run_key(r), world)) if spec.is_moe else None
-                p = predict(spec, wl, plan, at_host_speed(cl, r), world, graphs, moe,
-                            layout=record_layout(r, spec, wl, plan, world))
+                _same_layout(r, spec, wl, plan, world)
+                p = predict(spec, wl, plan, at_host_speed(cl, r), world, graphs, moe)
             except (ShardwiseError, KeyError, TypeError, ValueError) as e:
                 skipped.append(f"{r.get('plan')} ({r.get('preset')}): {e}")
                 continue

@@ -8,8 +8,9 @@ transfers run. A collective starts when every rank of its group has issued
 it and the streams it waits for are free, and ends its time later on all of
 them: blocking, the compute stream waits for it; asynchronous, only a later
 wait on its request does. A point-to-point transfer starts when both ends
-have posted it; a receive waited on stalls the compute stream until the data
-is there (a pipeline's fill and drain: its bubbles). A kernel that runs
+have posted it, each after the work its rank had issued (NCCL orders its
+stream after the current one); a receive waited on stalls the compute stream
+until the data is there (a pipeline's fill and drain: its bubbles). A kernel that runs
 while the communication stream is busy loses (1 - ``overlap_efficiency``) of
 the time they share (the collective's kernels take SMs and memory
 bandwidth). A device-to-host read stops the host until the compute stream is
@@ -26,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .costs import Costs
-from .trace import Call, Coll, Repeat, Wait
+from .events import Call, Coll, Repeat, Wait
 
 
 @dataclass
@@ -73,47 +74,111 @@ class RankTime:
         self.busy = []
 
 
+@dataclass
+class _Segment:
+    """Calls in a row with no other event between them, played at once: the
+    host's time, the kernels' time, and the latest a kernel can end relative
+    to the segment's start on the host (the max over its kernels of the host
+    time up to its issue plus the device time from it on)."""
+
+    host: float = 0.0
+    device: float = 0.0
+    latest: float = 0.0
+    ops: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+
+    @staticmethod
+    def of(calls: list, costs: Costs) -> "_Segment":
+        seg = _Segment()
+        issued = []  # (host time when issued, device time)
+        for c in calls:
+            host, times = costs.call(c)
+            seg.host += host
+            seg.calls[c.host] = seg.calls.get(c.host, 0) + 1
+            if times:
+                issued.append((seg.host, sum(times)))
+                for k, dt in zip(c.kernels, times):
+                    acc = seg.ops.setdefault(k.cls, [0.0, 0.0, 0.0])
+                    acc[0] += k.flops
+                    acc[1] += k.bytes
+                    acc[2] += dt
+        after = 0.0
+        for at, dt in reversed(issued):
+            after += dt
+            seg.latest = max(seg.latest, at + after)
+        seg.device = after
+        return seg
+
+
+def compile_events(events: list, costs: Costs) -> list:
+    """``events`` with each run of calls (up to a device-to-host read) made one
+    :class:`_Segment` (a read stays a call of its own)."""
+    out, run = [], []
+    for e in events:
+        if type(e) is Call and e.kind != "syncs":
+            run.append(e)
+            continue
+        if run:
+            out.append(_Segment.of(run, costs))
+            run = []
+        out.append(e)
+    if run:
+        out.append(_Segment.of(run, costs))
+    return out
+
+
 class _Rank:
     """One rank playing its events; yields when it needs other ranks."""
 
-    def __init__(self, rank: int, costs: Costs, overlap: float):
+    def __init__(self, rank: int, costs: Costs, overlap: float, compiled: dict):
         self.rank, self.costs, self.keep = rank, costs, 1.0 - overlap
         self.t = RankTime()
         self.seq: dict = {}  # group or (src, dst) -> calls so far
+        self.compiled = compiled  # id(events) -> (events, their compiled form)
 
-    def _kernel(self, g: float) -> None:
+    def _events(self, events: list) -> list:
+        got = self.compiled.get(id(events))
+        if got is None:
+            got = self.compiled[id(events)] = (events, compile_events(events, self.costs))
+        return got[1]
+
+    def segment(self, seg: _Segment) -> None:
         t = self.t
-        start = max(t.compute, t.host)
+        start = t.host
+        t.host += seg.host
+        t.host_s += seg.host
+        for k, n in seg.calls.items():
+            t.calls[k] = t.calls.get(k, 0) + n
+        if not seg.device:
+            return
+        end = max(t.compute + seg.device, start + seg.latest)
         if self.keep and t.busy:
-            shared = sum(max(0.0, min(b, start + g) - max(a, start)) for a, b in t.busy)
-            t.busy = [(a, b) for a, b in t.busy if b > start]
-            g += self.keep * shared
-        t.compute = start + g
+            first = end - seg.device
+            shared = sum(max(0.0, min(b, end) - max(a, first)) for a, b in t.busy)
+            t.busy = [(a, b) for a, b in t.busy if b > first]
+            end += self.keep * shared
+        t.compute = end
+        t.compute_s += seg.device
+        for k, (f, nb, dt) in seg.ops.items():
+            acc = t.ops.setdefault(k, [0.0, 0.0, 0.0])
+            acc[0] += f
+            acc[1] += nb
+            acc[2] += dt
 
-    def call(self, c: Call) -> None:
+    def read(self, c: Call) -> None:
+        """A call the host waits for: its kernel, then the read."""
+        self.segment(_Segment.of([c], self.costs))
         t = self.t
-        host, times = self.costs.call(c)
-        t.host += host
-        t.host_s += host
-        t.calls[c.host] = t.calls.get(c.host, 0) + 1
-        if times:
-            dev = sum(times)
-            self._kernel(dev)
-            t.compute_s += dev
-            for k, s in zip(c.kernels, times):
-                acc = t.ops.setdefault(k.cls, [0.0, 0.0, 0.0])
-                acc[0] += k.flops
-                acc[1] += k.bytes
-                acc[2] += s
-        if c.kind == "syncs":
-            t.host = max(t.host, t.compute) + self.costs.host["sync"]
-            t.syncs += 1
+        t.host = max(t.host, t.compute) + self.costs.host["sync"]
+        t.syncs += 1
 
     def run(self, events: list, carry: dict | None = None):
-        for e in events:
+        for e in self._events(events):
             kind = type(e)
-            if kind is Call:
-                self.call(e)
+            if kind is _Segment:
+                self.segment(e)
+            elif kind is Call:
+                self.read(e)
             elif kind is Coll:
                 yield from self.coll(e)
             elif kind is Wait:
@@ -196,10 +261,11 @@ class _Rank:
         t.busy.append((ready, end))
 
 
-def play(steps: list[list], costs: list[Costs], overlap: float) -> list[RankTime]:
+def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
     """Every rank's events played together (module docstring); ``steps[r]``
-    and ``costs[r]`` are rank r's events and their costs."""
-    ranks = [_Rank(r, c, overlap) for r, c in enumerate(costs)]
+    are rank r's events."""
+    compiled: dict = {}
+    ranks = [_Rank(r, costs, overlap, compiled) for r in range(len(steps))]
     gens = [rk.run(ev) for rk, ev in zip(ranks, steps)]
     groups: dict = {}  # (ranks, n) -> {rank: ready}
     pairs: dict = {}  # (src, dst, n) -> {"send": (ready, dur), "recv": ready, "end": t}
