@@ -31,6 +31,13 @@ def test_calibrate_on_cpu_writes_a_profile_the_cost_model_loads(tmp_path):
     assert profile["gpus_per_node"] == 2 and profile["nodes"] == 1
     cl = load_cluster(str(out))
     assert cl.matmul_rate("fp32") > 0 and cl.hbm_rate > 0 and cl.launch_us > 0
+    # The GEMM grid (quick: 2 x 2 x 2 shapes), which the cost model reads.
+    from shardwise.perf.calibrate import QUICK_GRID
+
+    grid = profile["gemm_grid"]["fp32"]
+    assert {a: tuple(grid[a]) for a in "mkn"} == QUICK_GRID
+    assert all(v > 0 for plane in grid["tflops"] for row in plane for v in row)
+    assert cl.gemm_rate("float32", 64, 64, 16) == pytest.approx(grid["tflops"][0][0][0] * 1e12)
     # The host side of eager work, measured on every rank, the slowest kept.
     host = profile["measurements"]["host_per_rank"]
     for key in ("op_us", "view_us", "module_us", "sync_us", "launch_us", "step_host_ratio"):
@@ -118,10 +125,10 @@ def test_the_layer_probe_steps_at_an_int_and_at_a_device_tensor_position():
     # takes its position as a device tensor there, and runs on CPU too.
     import torch
 
-    from shardwise.perf.calibrate import _probe_stack, probe_spec
+    from shardwise.perf.hostcost import probe_stack, probe_spec
 
     cpu = torch.device("cpu")
-    (eager, n), (static, m) = _probe_stack(cpu, 2), _probe_stack(cpu, 2, static=True)
+    (eager, n), (static, m) = probe_stack(cpu, 2), probe_stack(cpu, 2, static=True)
     assert n == m == 2 and probe_spec(2, "fp32").n_layers == 2
     with torch.inference_mode():
         eager()

@@ -4,17 +4,15 @@
 rank per GPU (NCCL) or N CPU ranks (gloo) through the shared launcher; every
 rank runs :func:`measure` at once, so collectives span all of them. Measured:
 
-* matmul rate over the shapes the seed models use (2048 and 8192 rows times
-  every projection of their layers, whole and split over 2 tensor-parallel
-  ranks: :func:`seed_gemm_shapes`), FLOPs = 2mkn; the profile keeps the median;
+* matmul rate over a grid of shapes (:data:`GEMM_GRID`: 16 to 16384 rows,
+  inner and output widths 512 to 128k), FLOPs = 2mkn, which the cost model
+  interpolates (``gemm_grid``); the median of the compute-bound ones is the
+  profile's ``matmul_tflops``;
 * causal attention (``scaled_dot_product_attention``) at head_dim 128 and
   512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses;
 * HBM bandwidth: a device copy, 2 x bytes (read + write) / time;
-* the host side of eager work, on every rank (the profile keeps the slowest
-  rank's: a step waits for it): an op that launches a kernel, one that
-  launches none, an nn.Module call, a device-to-host read, one call of each
-  collective; and an eager decode step of a tiny reference layer (its time
-  per call is ``launch_us``, what profiles without the per-kind figures use);
+* the host side of eager work on every rank, the slowest kept
+  (:mod:`.hostcost`);
 * read-bound streaming (a 16-row GEMV's weight reads), FlashAttention-2
   called directly (``attend_lse``'s kernel), the GPU time of a tiny kernel,
   of the smallest GEMM and decode attention, of each kind of kernel a decode
@@ -37,7 +35,6 @@ small sizes and few iterations so the whole path runs on CPU in seconds.
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import os
 import re
@@ -47,81 +44,68 @@ import time
 from typing import NoReturn
 
 from ..spec import ShardwiseError
+from .hostcost import probe_stack, slowest_rank, device_timer, host_costs, launch_cost_us
 
 COLLECTIVE_SIZES = [2**13 * 4**k for k in range(8)] + [2**28]  # 8 KB .. 128 MB, 256 MB
 QUICK_SIZES = [2**13, 2**16, 2**19]
 ENV = "SHARDWISE_CALIBRATE"
 
 
-# -- timing --------------------------------------------------------------------------
-
-def _timer(device, fn, iters: int, warmup: int, before=None) -> float:
-    """Mean seconds of ``fn()`` over ``iters`` calls after ``warmup``."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    if before is not None:
-        before()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e-3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
-
-
-# Rows of the calibrated GEMMs: a long prefill's, and an expert's share of one
-# (8192 tokens x top-2 over 8 experts).
-GEMM_ROWS = (2048, 8192)
-# Idle time before each GEMM shape is timed (burst rates; see matmul_rates).
+# The GEMM grid calibrate times: rows from a decode step's few to a long
+# prefill's, inner and output widths over the projections of models from
+# 512 to 128k wide, each a power of two (of four for the widths). The cost
+# model interpolates between them (Cluster.gemm_rate); no model's shapes are
+# timed as such.
+GEMM_GRID = {"m": (16, 64, 256, 1024, 4096, 16384),
+             "k": (512, 2048, 8192, 32768, 131072),
+             "n": (512, 2048, 8192, 32768, 131072)}
+QUICK_GRID = {"m": (16, 64), "k": (64, 256), "n": (64, 256)}
+# GEMMs whose operands would not fit a few GB are left out of the grid.
+GEMM_MAX_BYTES = 3 * 2**30
+# Idle time before each GEMM shape is timed (burst rates; see matmul_grid).
 BURST_IDLE_S = 0.3
 
 
-def seed_gemm_shapes(tps=(1, 2)) -> list[tuple[int, int]]:
-    """(k, n) of every projection of the seed presets' layers, whole and as
-    ``tp`` ranks hold them (QKV and the MLP's input split by columns, W_o and
-    the MLP's output by rows), each once, sorted."""
-    from ..presets import PRESETS
-
-    shapes = set()
-    for name, preset in PRESETS.items():
-        s = preset.model
-        if not name.startswith("seed-"):
-            continue
-        qkv = (s.n_heads + 2 * s.kv_heads) * s.head_dim
-        for tp in tps:
-            f = s.d_ff // tp if not s.is_moe else s.d_ff  # MoE: whole experts per rank
-            shapes |= {(s.d_model, qkv // tp), (s.n_heads * s.head_dim // tp, s.d_model),
-                       (s.d_model, s.mlp_matrices * f), (f, s.d_model)}
-    return sorted(shapes)
-
-
-def matmul_rates(device, dtype, quick: bool) -> list[dict]:
+def matmul_grid(device, dtype, quick: bool) -> dict:
+    """The achieved rate (TFLOP/s, 2mkn / time) of ``[m x k] @ [k x n]`` over
+    :data:`GEMM_GRID` (:data:`QUICK_GRID` with ``quick``), each from an idle
+    GPU (back to back, later shapes would run at the lower clock a sustained
+    load holds, which ``sustained_matmul`` measures on its own). A shape too
+    large for :data:`GEMM_MAX_BYTES` is left out (null). Returns
+    ``{"m": [...], "k": [...], "n": [...], "tflops": [m][k][n]}``."""
     import torch
 
-    shapes = ([(64, 128, 384), (64, 128, 512), (64, 512, 128)] if quick
-              else [(m, k, n) for m in GEMM_ROWS for k, n in seed_gemm_shapes()])
-    out = []
-    for m, k, n in shapes:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        if device.type == "cuda" and not quick:
-            # Each shape from an idle GPU: back to back, the later shapes would
-            # run at the lower clocks a sustained load holds (that rate is
-            # measured on its own, sustained_matmul).
-            torch.cuda.synchronize(device)
-            time.sleep(BURST_IDLE_S)
-        t = _timer(device, lambda: a @ b, 3 if quick else 10, 1 if quick else 3)
-        out.append({"m": m, "k": k, "n": n, "tflops": 2 * m * k * n / t / 1e12})
-    return out
+    grid = QUICK_GRID if quick else GEMM_GRID
+    e = torch.empty((), dtype=dtype).element_size()
+    table = []
+    for m in grid["m"]:
+        rows = []
+        for k in grid["k"]:
+            row = []
+            for n in grid["n"]:
+                if (m * k + k * n + m * n) * e > GEMM_MAX_BYTES:
+                    row.append(None)
+                    continue
+                a = torch.randn(m, k, device=device, dtype=dtype)
+                b = torch.randn(k, n, device=device, dtype=dtype)
+                if device.type == "cuda" and not quick:
+                    torch.cuda.synchronize(device)
+                    time.sleep(BURST_IDLE_S)
+                t = device_timer(device, lambda: a @ b, 3 if quick else 10, 1 if quick else 3)
+                row.append(round(2 * m * k * n / t / 1e12, 3))
+                del a, b
+            rows.append(row)
+        table.append(rows)
+    return {**{axis: list(grid[axis]) for axis in ("m", "k", "n")}, "tflops": table}
+
+
+def _headline(grid: dict) -> float:
+    """The matmul rate a profile quotes: the median over the grid's shapes of
+    at least 1024 rows (compute-bound)."""
+    rates = [r for m, plane in zip(grid["m"], grid["tflops"]) if m >= 1024
+             for row in plane for r in row if r is not None]
+    rates = rates or [r for plane in grid["tflops"] for row in plane for r in row if r is not None]
+    return round(statistics.median(rates), 3)
 
 
 def attention_rate(device, dtype, head_dim: int, quick: bool) -> dict:
@@ -131,7 +115,7 @@ def attention_rate(device, dtype, head_dim: int, quick: bool) -> dict:
     B, L = (1, 128) if quick else (2, 4096)
     H = max(1, (256 if quick else 4096) // head_dim)
     q, k, v = (torch.randn(B, H, L, head_dim, device=device, dtype=dtype) for _ in range(3))
-    t = _timer(device, lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
+    t = device_timer(device, lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
                3 if quick else 10, 1 if quick else 3)
     return {"batch": B, "heads": H, "seq": L, "head_dim": head_dim,
             "tflops": 4 * B * H * head_dim * L * (L + 1) / 2 / t / 1e12}
@@ -143,7 +127,7 @@ def copy_rate(device, quick: bool) -> float:
     n = (8 if quick else 1024) * 2**20
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = _timer(device, lambda: dst.copy_(src), 3 if quick else 20, 1 if quick else 3)
+    t = device_timer(device, lambda: dst.copy_(src), 3 if quick else 20, 1 if quick else 3)
     return 2 * n / t / 1e9
 
 
@@ -155,7 +139,7 @@ def stream_rate(device, dtype, quick: bool) -> float:
     k, n, rows = (256, 512, 4) if quick else (4096, 16384, 16)
     w = torch.randn(n, k, device=device, dtype=dtype)
     x = torch.randn(rows, k, device=device, dtype=dtype)
-    t = _timer(device, lambda: x @ w.t(), 3 if quick else 50, 1 if quick else 5)
+    t = device_timer(device, lambda: x @ w.t(), 3 if quick else 50, 1 if quick else 5)
     return w.numel() * w.element_size() / t / 1e9
 
 
@@ -169,7 +153,7 @@ def flash_rate(device, dtype, quick: bool) -> float | None:
     B, L, H, d = (1, 128, 2, 128) if quick else (2, 4096, 32, 128)
     q, k, v = (torch.randn(B, H, L, d, device=device, dtype=dtype) for _ in range(3))
     fn = lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
-    t = _timer(device, fn, 3 if quick else 10, 1 if quick else 3)
+    t = device_timer(device, fn, 3 if quick else 10, 1 if quick else 3)
     return 4 * B * H * d * L * (L + 1) / 2 / t / 1e12
 
 
@@ -208,11 +192,11 @@ def overlap_efficiency(device, comm, dtype, quick: bool) -> float | None:
         torch.cuda.current_stream(device).wait_stream(side)
 
     comm.barrier()
-    t_c = _timer(device, gemms, 3, 1)
+    t_c = device_timer(device, gemms, 3, 1)
     comm.barrier()
-    t_a = _timer(device, reduces, 3, 1)
+    t_a = device_timer(device, reduces, 3, 1)
     comm.barrier()
-    t_b = _timer(device, both, 3, 1)
+    t_b = device_timer(device, both, 3, 1)
     if t_a <= 0:
         return None
     return min(1.0, max(0.0, (t_c + t_a - t_b) / t_a))
@@ -241,7 +225,7 @@ def graph_costs(device, comm, quick: bool) -> dict:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             body()
-        return 1e6 * _timer(device, g.replay, 3 if quick else 20, 1 if quick else 3) / n
+        return 1e6 * device_timer(device, g.replay, 3 if quick else 20, 1 if quick else 3) / n
 
     out["kernel_us"] = round(replay_us(lambda: [x.add_(1) for _ in range(100)], 100), 3)
     # The smallest GEMM and decode attention a small model's step runs (16
@@ -265,7 +249,7 @@ def graph_costs(device, comm, quick: bool) -> dict:
     # the sum of the single-kernel figures (18.2 us against 21.6), while a
     # 512-wide layer's kernels take longer than they (docs/costmodel.md).
     try:
-        step, layers = _probe_stack(device, static=True)
+        step, layers = probe_stack(device, static=True)
         out["graph_layer_us"] = round(replay_us(step, layers), 3)
     except RuntimeError as e:  # an optional figure: the profile goes on without it
         print(f"calibrate: graph layer probe skipped ({str(e).splitlines()[0]})", file=sys.stderr)
@@ -371,7 +355,7 @@ def _decode_stack(device, width: int, layers: int):
 def sustained_matmul(device, dtype, quick: bool) -> float:
     """Matmul rate (TFLOP/s) after the GPU has run GEMMs back to back for ~2 s:
     under its power cap a GPU's clock falls during long runs, which the short
-    bursts of :func:`matmul_rates` do not see."""
+    bursts of :func:`matmul_grid` do not see."""
     import time as _time
 
     import torch
@@ -385,263 +369,8 @@ def sustained_matmul(device, dtype, quick: bool) -> float:
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    t = _timer(device, lambda: a @ b, 3 if quick else 500, 0)
+    t = device_timer(device, lambda: a @ b, 3 if quick else 500, 0)
     return 2 * m * k * n / t / 1e12
-
-
-def _host_timer(device, fn, iters: int, warmup: int) -> float:
-    """Mean host seconds of ``fn()`` over ``iters`` calls issued back to back:
-    the wall time of the calls themselves, the device synchronised before and
-    after but not in between (tiny work, so the device keeps up)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return t / iters
-
-
-# The probe stack's decode step: one token of one sequence at this position,
-# over a cache of PROBE_CACHE positions.
-PROBE_POS, PROBE_CACHE = 8, 16
-
-
-def probe_spec(layers: int = 8, dtype: str = "bf16"):
-    """The layer probe's model: tiny layers, so that every kernel's time is
-    its launch's (the cost model predicts the same stack from a profile)."""
-    from ..spec import ModelSpec
-
-    return ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
-                     d_ff=128, dtype=dtype, activation="gelu_tanh")
-
-
-@functools.lru_cache(maxsize=4)
-def _probe_stack(device, layers: int = 8, static: bool = False):
-    """(one eager decode step of the probe stack, its layers): tiny layers in
-    the precision and activation the GPU benchmarks run (bf16 with the tanh
-    GELU: the fused norms and GEMM epilogue; fp32 on CPU). Built once per
-    device: bench times it again before every measurement. ``static``: the
-    step at a device-tensor position, as bench captures decode steps."""
-    import torch
-
-    from ..model.reference import Transformer, one_step
-    from ..spec import torch_dtype
-
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    spec = probe_spec(layers, dtype)
-    model = Transformer(spec).to(device, torch_dtype(dtype))
-    caches = model.allocate_caches(1, PROBE_CACHE)
-    x = torch.zeros(1, 1, spec.d_model, device=device, dtype=torch_dtype(dtype))
-    # A device-tensor position: the static-shape step a CUDA graph replays.
-    pos = torch.tensor(PROBE_POS, device=device) if static else PROBE_POS
-
-    def step():
-        with one_step():
-            model(x, caches, pos)
-
-    return step, layers
-
-
-def host_probe_us(device, iters: int = 50) -> float:
-    """The layer probe now: host time of one probe layer in us, its steps run
-    back to back (as calibrate's ``layer_probe_us``). Benchmarks record it
-    beside each eager measurement, since the host's speed drifts within a
-    run; the cost model's host scale then uses the host as the run found it."""
-    import torch
-
-    with torch.inference_mode():
-        step, layers = _probe_stack(device)
-        return 1e6 * _timer(device, step, iters, 5) / layers
-
-
-def host_probe_step_us(device) -> float:
-    """A few steps of the layer probe back to back (as ``layer_probe_us``, so
-    the two compare): host time of one probe layer in us. Bench runs this
-    after each timed eager step, so that the host's speed is measured while
-    the steps run, not only before them."""
-    import torch
-
-    with torch.inference_mode():
-        step, layers = _probe_stack(device)
-        return 1e6 * _timer(device, step, 3, 1) / layers
-
-
-def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
-    """An eager decode step of a small reference stack (8 tiny layers, so small
-    that the device finishes each kernel before the host issues the next one),
-    timed two ways:
-
-    * back to back (``hot``): steps in a row, as the per-call figures are;
-    * the way ``shardwise bench`` times a step (``cold``): a barrier and a
-      device synchronisation, then the step and a synchronisation, less the
-      same bracket around nothing; the host starts each step from a wait.
-
-    The two alternate, 20 steps each in 10 rounds (the host's speed drifts),
-    and each figure is the median over the rounds.
-
-    Returns the hot step's time per layer (``layer_probe_us``) and per call
-    of every kind alike (``launch_us``, what profiles without the per-kind
-    figures use), cold over hot (``step_host_ratio``), and the calls of one
-    layer as :class:`CallCounter` counts them."""
-    import torch
-
-    from .counting import CallCounter
-
-    with torch.inference_mode():
-        step, layers = _probe_stack(device)
-        _timer(device, step, 5 if quick else 20, 0)  # warm-up
-        with CallCounter() as c8:
-            step()
-        one, _ = _probe_stack(device, 1)
-        with CallCounter() as c1:
-            one()
-
-        def bracketed(fn) -> float:
-            if comm is not None:
-                comm.barrier()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - t0
-
-        # The host's speed drifts over seconds (by half on 2x H200), so hot and
-        # cold are timed in alternating rounds and compared round by round.
-        rounds, n = (2, 10) if quick else (10, 20)
-        hots, ratios = [], []
-        for _ in range(rounds):
-            hot = _timer(device, step, n, 0)
-            cold = statistics.median(bracketed(step) for _ in range(n))
-            empty = statistics.median(bracketed(lambda: None) for _ in range(n))
-            hots.append(hot)
-            ratios.append((cold - empty) / hot if hot > 0 else 1.0)
-    per_layer = {k: (c8.counts[k] - c1.counts[k]) / (layers - 1) for k in c8.counts}
-    calls = per_layer["kernels"] + per_layer["metas"] + per_layer["modules"]
-    hot_layer = statistics.median(hots) / layers
-    return {"layer_probe_us": 1e6 * hot_layer, "launch_us": 1e6 * hot_layer / max(calls, 1),
-            "step_host_ratio": max(1.0, statistics.median(ratios)), "calls": per_layer}
-
-
-def host_costs(device, comm, quick: bool) -> dict:
-    """The host side of eager work on this rank, in us per call (the cost
-    model's ``op_us``, ``view_us``, ``module_us``, ``sync_us`` and
-    ``collective_us``), each timed back to back on tiny tensors:
-
-    * op_us: ops that launch a kernel, called from Python through the
-      dispatcher (add, linear, layer_norm, gelu, copy_, cat: the mean);
-    * view_us: ops that launch none (view, transpose, slice, reshape of a
-      contiguous tensor, empty_like: the mean);
-    * module_us: an nn.Module call beyond its forward (nn.Identity called,
-      less the bare function);
-    * sync_us: a device-to-host read (``.item()``) with the device idle;
-    * collective_us: one call of each collective through Comm (as the
-      strategies call them) on a tiny tensor, every rank calling at once;
-      ``p2p``: one batched send/receive (an exchange with the ring neighbours).
-    """
-    import torch
-    import torch.nn.functional as Fn
-
-    iters, warm = (50, 5) if quick else (2000, 200)
-    x = torch.randn(8, 64, device=device)
-    w = torch.randn(64, 64, device=device)
-    y = torch.empty_like(x)
-    launching = [lambda: torch.add(x, x), lambda: Fn.linear(x, w),
-                 lambda: Fn.layer_norm(x, (64,)), lambda: Fn.gelu(x), lambda: y.copy_(x),
-                 lambda: torch.cat([x, x])]
-    metas = [lambda: x.view(-1), lambda: x.transpose(0, 1), lambda: x[1:],
-             lambda: x.reshape(4, 128), lambda: torch.empty_like(x)]
-    op = statistics.mean(_host_timer(device, f, iters, warm) for f in launching)
-    # The kinds whose calls cost the host more (cuBLASLt's heuristics and
-    # workspace, SDPA's backend choice and cuDNN's plan cache), in the
-    # precision a GPU runs (bf16; fp32 on CPU), as the reference calls them.
-    from ..model.reference import causal_attention
-
-    half = torch.bfloat16 if device.type == "cuda" else torch.float32
-    xh, wh = x.to(half), w.to(half)
-    q, kv = torch.randn(1, 4, 16, 16, device=device, dtype=half), torch.randn(
-        1, 4, 17, 16, device=device, dtype=half)
-    gemm = _host_timer(device, lambda: Fn.linear(xh, wh), iters, warm)
-    from ..model.kernels import add_norm
-
-    ln = torch.nn.LayerNorm(64, device=device, dtype=half)
-    norm = _host_timer(device, lambda: add_norm(ln, xh, xh), iters, warm)
-    attn_prefill = _host_timer(device, lambda: causal_attention(q, q, q, 0), iters, warm)
-    attn_decode = _host_timer(device, lambda: causal_attention(q[:, :, :1], kv, kv, 16),
-                              iters, warm)
-    view = statistics.mean(_host_timer(device, f, iters, warm) for f in metas)
-    ident = torch.nn.Identity()
-    bare = lambda t: t  # noqa: E731
-    module = max(0.0, _host_timer(device, lambda: ident(x), iters, warm)
-                 - _host_timer(device, lambda: bare(x), iters, warm))
-    t = torch.zeros((), device=device)
-    sync = _timer_each(device, t.item, iters // 10 or 5)
-    out = {"op_us": op, "view_us": view, "module_us": module, "sync_us": sync,
-           "gemm_us": gemm, "attn_prefill_us": attn_prefill, "attn_decode_us": attn_decode,
-           "norm_us": norm}
-    colls = {}
-    n = comm.topo.world_size
-    if n > 1:
-        rank = comm.topo.rank
-        small = torch.ones(8 * n, device=device)
-        part = torch.ones(8, device=device)
-        recv = torch.empty_like(small)
-        nxt, prv = (rank + 1) % n, (rank - 1) % n
-
-        def p2p():
-            for req in comm.exchange([(small, nxt)], [(recv, prv)], "world"):
-                req.wait()
-
-        ops = {"all_reduce": lambda: comm.all_reduce(small, "world"),
-               "all_gather": lambda: comm.all_gather(part, "world"),
-               "reduce_scatter": lambda: comm.reduce_scatter(small, "world"),
-               "all_to_all": lambda: comm.all_to_all(small, "world"), "p2p": p2p}
-        c_iters = 20 if quick else 200
-        for name, fn in ops.items():
-            comm.barrier()
-            colls[name] = 1e6 * _host_timer(device, fn, c_iters, 5)
-    return {**{k: 1e6 * v for k, v in out.items()}, "collective_us": colls}
-
-
-def _timer_each(device, fn, iters: int) -> float:
-    """Mean seconds of ``fn()`` called ``iters`` times, the device idle at each."""
-    import torch
-
-    fn()
-    total = 0.0
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        total += time.perf_counter() - t0
-    return total / iters
-
-
-def _slowest(values: dict, device) -> tuple[dict, dict]:
-    """Every rank's host figures -> (the largest of each, all ranks' values):
-    a step waits for its slowest rank."""
-    from ..parallel.comm import gather_floats
-
-    keys = ["op_us", "view_us", "module_us", "sync_us", "launch_us", "layer_probe_us",
-            "step_host_ratio", "gemm_us", "attn_prefill_us", "attn_decode_us", "norm_us"]
-    ckeys = sorted(values.get("collective_us", {}))
-    mine = [float(values[k]) for k in keys] + [float(values["collective_us"][k]) for k in ckeys]
-    rows = gather_floats(mine, device)
-    worst = {k: max(r[i] for r in rows) for i, k in enumerate(keys)}
-    worst["collective_us"] = {k: max(r[len(keys) + i] for r in rows) for i, k in enumerate(ckeys)}
-    per_rank = {k: [round(r[i], 3) for r in rows] for i, k in enumerate(keys)}
-    per_rank["collective_us"] = {k: [round(r[len(keys) + i], 3) for r in rows]
-                                 for i, k in enumerate(ckeys)}
-    return worst, per_rank
 
 
 def collective_times(comm, device, dtype, sizes: list[int], quick: bool) -> dict[str, list]:
@@ -671,7 +400,7 @@ def collective_times(comm, device, dtype, sizes: list[int], quick: bool) -> dict
         }
         iters = 3 if quick else (20 if S <= 2**24 else 5)
         for name, fn in ops.items():
-            t = _timer(device, fn, iters, 1 if quick else 3, before=comm.barrier)
+            t = device_timer(device, fn, iters, 1 if quick else 3, before=comm.barrier)
             out.setdefault(name, []).append([elems * e, t])
     return out
 
@@ -709,7 +438,7 @@ def measure(job, settings: dict) -> dict | None:
     comm = Comm(topo)
     dtypes = settings.get("dtypes") or (["bf16", "fp16"] if device.type == "cuda" else ["fp32"])
     with torch.inference_mode():
-        matmuls = {d: matmul_rates(device, torch_dtype(d), quick) for d in dtypes}
+        grids = {d: matmul_grid(device, torch_dtype(d), quick) for d in dtypes}
         first = torch_dtype(dtypes[0])
         attn = [attention_rate(device, first, hd, quick) for hd in (128, 512)]
         hbm = copy_rate(device, quick)
@@ -723,7 +452,7 @@ def measure(job, settings: dict) -> dict | None:
         host.update(launch_us=probe["launch_us"], layer_probe_us=probe["layer_probe_us"],
                     step_host_ratio=probe["step_host_ratio"])
 
-        host, host_per_rank = _slowest(host, device)
+        host, host_per_rank = slowest_rank(host, device)
         comm.barrier()
         graph = graph_costs(device, comm, quick)
         comm.barrier()
@@ -749,8 +478,8 @@ def measure(job, settings: dict) -> dict | None:
         "device": name,
         "gpus_per_node": world,
         "nodes": 1,
-        "matmul_tflops": {d: round(statistics.median(r["tflops"] for r in rs), 3)
-                          for d, rs in matmuls.items()},
+        "matmul_tflops": {d: _headline(g) for d, g in grids.items()},
+        "gemm_grid": grids,
         "attention_tflops": {"dtype": dtypes[0],
                              "head_dim<=256": round(attn[0]["tflops"], 3),
                              "head_dim>256": round(attn[1]["tflops"], 3)},
@@ -782,7 +511,7 @@ def measure(job, settings: dict) -> dict | None:
             "torch": torch.__version__,
             "backend": comm.backend,
         },
-        "measurements": {"matmul": matmuls, "attention": attn,
+        "measurements": {"attention": attn,
                          "collectives_seconds": colls,
                          # Host figures of every rank (the profile keeps the largest), and
                          # the eager layer probe: its time and its calls by kind.
