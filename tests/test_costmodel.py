@@ -3,8 +3,6 @@ recorded code against hand computation, the profile's figures where they
 apply, memory and fit verdicts, and fidelity's bookkeeping. (What the
 recorder counts is held to real runs in test_trace.py; the schedule and the
 per-event costs on hand-made events in test_schedule.py.)"""
-import math
-
 import pytest
 
 from shardwise.perf.clusters import Cluster, LinkCost, bus_factor, load_cluster

@@ -74,12 +74,7 @@ class Strategy(nn.Module):
     @staticmethod
     def first_along(topo: Topology, rank: int, *axes: str) -> int:
         """The rank with ``rank``'s coordinates, but 0 along ``axes``."""
-        coords = topo.coords(rank)
-        coords.update(dict.fromkeys(axes, 0))
-        r = 0
-        for axis, size in zip(topo.axes, topo.shape):
-            r = r * size + coords[axis]
-        return r
+        return topo.rank_of(**{**topo.coords(rank), **dict.fromkeys(axes, 0)})
 
     @classmethod
     def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,

@@ -93,7 +93,6 @@ def matmul_grid(device, dtype, quick: bool) -> dict:
                     time.sleep(BURST_IDLE_S)
                 t = device_timer(device, lambda: a @ b, 3 if quick else 10, 1 if quick else 3)
                 row.append(round(2 * m * k * n / t / 1e12, 3))
-                del a, b
             rows.append(row)
         table.append(rows)
     return {**{axis: list(grid[axis]) for axis in ("m", "k", "n")}, "tflops": table}

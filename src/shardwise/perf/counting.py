@@ -21,7 +21,7 @@ from typing import NoReturn
 import torch
 
 from .events import CALL_KINDS, GEMM_OPS, is_attention
-from .lowering import classify_op
+from .lowering import TritonShim, classify_op
 
 ENV = "SHARDWISE_COUNT"
 _DIST_CALLS = {"all_reduce": "all_reduce", "all_to_all_single": "all_to_all",
@@ -153,14 +153,6 @@ class _CountedKernel:
         return counted
 
 
-class _TritonShim:
-    """What the launching code asks of ``triton`` itself, on CPU."""
-
-    @staticmethod
-    def next_power_of_2(n: int) -> int:
-        return 1 << max(0, int(n) - 1).bit_length()
-
-
 class _AddNorm:
     """:mod:`shardwise.model.kernels`' fused add + norm on CPU, in PyTorch."""
 
@@ -278,7 +270,7 @@ class CudaPaths:
         torch.Tensor.is_cuda = property(lambda self: True)
         self._hook = kernels.LOAD_HOOK
         kernels.LOAD_HOOK = lambda module, name, loaded: (
-            (_TritonShim, _ON_CPU[name]()) if name in _ON_CPU else False)
+            (TritonShim, _ON_CPU[name]()) if name in _ON_CPU else False)
         self._mode = StandIn()
         self._mode.__enter__()
         return self

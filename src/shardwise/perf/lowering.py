@@ -26,6 +26,19 @@ _SDPA = aten.scaled_dot_product_attention.default
 _HALF = (torch.float16, torch.bfloat16)
 
 
+class TritonShim:
+    """What code that launches a Triton kernel asks of ``triton`` itself, where
+    the kernel is a stand-in (recorded, or computed on CPU)."""
+
+    @staticmethod
+    def next_power_of_2(n: int) -> int:
+        return 1 << max(0, int(n) - 1).bit_length()
+
+    @staticmethod
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+
 def named_args(func, args, kwargs) -> dict:
     """An op's arguments by their schema names."""
     out = {a.name: v for a, v in zip(func._schema.arguments, args)}

@@ -42,6 +42,7 @@ from ..parallel.base import validate_plan
 from ..parallel.comm import Comm
 from ..spec import ModelSpec, Plan, Workload, torch_dtype
 from .events import Call, Coll, Kernel, Repeat, Wait, call_counts, comm_counts
+from .lowering import TritonShim
 from .trace import Recorder, Routing, set_shadow
 
 PHASES = ("prefill", "decode", "static")
@@ -209,18 +210,6 @@ class _FusedReduceNorm:
 
 # -- Triton kernels and layer loops, recorded -----------------------------------------
 
-class _TritonShim:
-    """What launching code asks of ``triton`` itself."""
-
-    @staticmethod
-    def next_power_of_2(n: int) -> int:
-        return 1 << max(0, int(n) - 1).bit_length()
-
-    @staticmethod
-    def cdiv(a: int, b: int) -> int:
-        return -(-a // b)
-
-
 class _Kernel:
     """A Triton kernel as recorded: a launch is one call and one kernel moving
     the bytes of its tensor arguments."""
@@ -314,7 +303,7 @@ def _gpu_paths():
     reference.SAME_WORK, parallel_base.RUN_MICRO_BATCHES = _same_work, _micro_batches
     torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
     torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
-    model_kernels.LOAD_HOOK = lambda module, name, loaded: (_TritonShim, _Kernel(name))
+    model_kernels.LOAD_HOOK = lambda module, name, loaded: (TritonShim, _Kernel(name))
 
     def module_call(module, args):
         if _ACTIVE is not None:
@@ -404,10 +393,8 @@ def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
 
     def move(x: int) -> int:
         c = topo.coords(x)
-        r = 0
-        for axis, size in zip(topo.axes, topo.shape):
-            r = r * size + (c[axis] + b[axis] - a[axis]) % size
-        return r
+        return topo.rank_of(**{axis: (c[axis] + b[axis] - a[axis]) % size
+                               for axis, size in zip(topo.axes, topo.shape)})
 
     def events(evs: list) -> list:
         out = []
