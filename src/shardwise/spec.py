@@ -40,7 +40,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def dtype_bytes(name: str) -> int:
-    return torch.tensor([], dtype=torch_dtype(name)).element_size()
+    return torch_dtype(name).itemsize
 
 
 @dataclass(frozen=True)

@@ -58,12 +58,14 @@ class Kernel:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One host call: its kind (:data:`CALL_KINDS`' first five), its name and
-    the kernels it launches on the device (none for a CPU tensor's op)."""
+    """One host call: its kind (:data:`CALL_KINDS`' first five), its name, the
+    kernels it launches on the device (none for a CPU tensor's op) and the
+    shapes of its tensor arguments."""
 
     kind: str
     name: str
     kernels: tuple = ()
+    shapes: tuple = ()
 
     @property
     def host(self) -> str:

@@ -240,7 +240,8 @@ def lower(func, args, kwargs):
     aliases = any(_storage(t) in ins for t in _tensors(out))
     mutable = func._schema.is_mutable
     kind = "kernels" if kernels or (mutable and _tensors(out)) else "metas"
-    return out, Call(kind, name, kernels), aliases and not mutable
+    shapes = tuple(tuple(t.shape) for t in _tensors((args, kwargs)))
+    return out, Call(kind, name, kernels, shapes), aliases and not mutable
 
 
 

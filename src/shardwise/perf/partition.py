@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Callable
 
 from ..spec import ModelSpec, ShardwiseError, Workload, dtype_bytes, parse_bytes
@@ -363,10 +363,13 @@ class Partition:
         return max(g.time_s for g in self.groups)
 
 
+@lru_cache(maxsize=256)
 def partition(spec: ModelSpec, workload: Workload, capacity: int, ranks: int,
               micro_batches: int = 1, rates: Rates = Rates()) -> Partition:
     """The layer groups for ``capacity`` bytes per device on ``ranks`` ranks,
-    or a :class:`PartitionError` that names the capacity / ranks that work."""
+    or a :class:`PartitionError` that names the capacity / ranks that work.
+    Kept per arguments: a plan is validated and built once per rank, and a
+    deep model's search takes a while."""
     if ranks < 1:
         raise ShardwiseError(f"need at least one rank to partition {spec.name} (got {ranks})")
     cache: dict[int, LayerCosts] = {}

@@ -420,7 +420,8 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
     topo.mesh = _Mesh(topo)
     dtype = torch_dtype(spec.dtype)
     routing = Routing(balance, world)
-    with torch.inference_mode(), _gpu_paths(), _fast_modules():
+    with torch.inference_mode(), _gpu_paths(), _fast_modules(), _recording(Recorder(memory=False)):
+        # built under a recorder too: its ops on meta tensors come from the cache
         comm = RecordingComm(topo, backend == "nccl")
         model = cls(spec, wl, plan, topo, comm, ShardLoader(MetaSource(spec), dtype, "meta"))
     _layer_lists(model)
