@@ -7,6 +7,20 @@ from shardwise.runtime.launcher import launch
 from shardwise.spec import ModelSpec, Workload
 
 
+# Llama 3.1's rotary frequency scaling, with original_max_position_embeddings
+# shrunk so that a tiny head's wavelengths fall in all three bands (kept,
+# smoothed, stretched): head_dim 8 to 16 at rope_theta 1e4, 12 to 16 at 5e5.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def with_real_features(spec: ModelSpec) -> ModelSpec:
+    """``spec`` (rotary, with a vocabulary) with what published models add:
+    q/k/v biases (Qwen2), tied embeddings and Llama 3.1's rope scaling."""
+    return spec.replace(name=f"{spec.name}+bias,tie,llama3", qkv_bias=True,
+                        tie_embeddings=True, rope_scaling=LLAMA3_ROPE)
+
+
 def run_plans(model: ModelSpec | str, plans: list[str], nproc: int,
               workload: Workload | None = None, seed: int = 0, **job_kw) -> list[dict]:
     """Launch ``nproc`` gloo ranks that run and verify every plan in turn."""
@@ -27,3 +41,61 @@ def assert_verified(results: list[dict], plans: list[str], tol: float = 1e-5) ->
         errs = [r["prefill_rel_err"], *r["decode_rel_err"]]
         assert all(e <= tol for e in errs), f"{r['plan']}: errors {errs} exceed {tol}"
         assert r["ok"], r
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``tag`` (a launcher started with it
+    in its environment, and its ranks)."""
+    import os
+
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if tag.encode() in f.read():
+                    out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def rank_pid(tag: str, rank: int) -> int | None:
+    """The process of rank ``rank`` among those tagged ``tag``."""
+    for pid in tagged_pids(tag):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"SHARDWISE_ERROR_DIR=")
+                                                   for e in env):
+            return pid
+    return None
+
+
+def job_heartbeats(tmpdir, nproc: int) -> list[dict | None]:
+    """The heartbeat of every rank of the one job whose temporary directory
+    is under ``tmpdir`` (None for a rank that has not reported)."""
+    from pathlib import Path
+
+    from shardwise.runtime.job import Heartbeat, heartbeat_path
+
+    dirs = sorted(Path(tmpdir).glob("shardwise-*"))
+    if not dirs:
+        return [None] * nproc
+    return [Heartbeat.read(heartbeat_path(str(dirs[0]), r)) for r in range(nproc)]
+
+
+def wait_until(cond, timeout: float, what: str, every: float = 0.05):
+    """Poll ``cond()`` until it is truthy (returned) or ``timeout`` s pass (AssertionError)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what}")

@@ -19,34 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from shardwise.model.checkpoint import CheckpointSource, checkpoint_spec
 from shardwise.model.load import build_reference
+from shardwise.model.weights import lm_head_name
 from shardwise.spec import ShardwiseError
 
-# Tiny and GQA (4 query heads share 2 KV heads). initializer_range 0.1 (not
-# transformers' 0.02) gives peaked logits, so greedy tokens are far from ties.
-DIMS = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            initializer_range=0.1)
-
-
-def tiny_llama(path, *, tie: bool = False, shard: str | None = None, seed: int = 0):
-    """Write a random LlamaForCausalLM to ``path`` (sharded when ``shard`` is a size)."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**DIMS, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                      tie_word_embeddings=tie)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
-    return model
-
-
-def tiny_mixtral(path, *, fused: bool = False, seed: int = 1):
-    """Write a random MixtralForCausalLM; ``fused`` stores the experts as
-    transformers >= 5 holds them (``mlp.experts.gate_up_proj``) instead of the
-    default per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3``."""
-    torch.manual_seed(seed)
-    config = transformers.MixtralConfig(**DIMS, num_local_experts=4, num_experts_per_tok=2)
-    model = transformers.MixtralForCausalLM(config).eval()
-    model.save_pretrained(path, **({"save_original_format": False} if fused else {}))
-    return model
+from hf_models import DIMS, tiny_llama, tiny_mixtral
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +124,10 @@ def test_reads_only_the_requested_slice(saved):
     got = src.get("embed.weight", [r, c], **kw)
     assert torch.equal(got, full["model.embed_tokens.weight"][r][:, c])
     assert src.bytes_read <= 127 * 64 * 4
-    # Tied head: the LM head's rows are the embedding's.
+    # Tied head: the model has no LM head of its own; loaders read the embedding.
     tied = CheckpointSource(saved["llama-tied-sharded"][0])
-    assert torch.equal(tied.get("lm_head.weight", [r], **kw), tied.get("embed.weight", [r], **kw))
+    assert tied.spec.tie_embeddings and "lm_head.weight" not in tied.table
+    assert lm_head_name(tied.spec) == "embed.weight"
 
 
 # -- malformed checkpoints -------------------------------------------------------
@@ -268,13 +245,14 @@ def test_missing_expert_count(copy):
 
 @pytest.mark.parametrize("changes,needles", [
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     ("rope_parameters", "'llama3'")),
-    (dict(rope_parameters=_DROP, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2.0}),
-     ("rope_scaling", "'linear'")),
+     ("rope_parameters", "'llama3'", "low_freq_factor")),
+    (dict(rope_parameters=_DROP, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 2.0}),
+     ("rope_scaling", "'yarn'")),
     (dict(attention_bias=True), ("'attention_bias'", "no bias")),
     (dict(mlp_bias=True), ("'mlp_bias'",)),
     (dict(hidden_act="gelu"), ("hidden_act 'gelu'",)),
-    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), ("'qwen2'", "biases")),
+    (dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]),
+     ("'qwen2_moe'", "shared experts")),
     (dict(architectures=["LlamaForSequenceClassification"]), ("LlamaForSequenceClassification",)),
     (dict(quantization_config={"quant_method": "gptq"}), ("quantization_config",)),
 ])

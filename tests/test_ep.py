@@ -8,7 +8,7 @@ the formulas in docs/ep.md.
 import pytest
 import torch
 
-from helpers import assert_verified
+from helpers import assert_verified, with_real_features
 from shardwise.model.reference import MoE
 from shardwise.parallel.base import validate_plan
 from shardwise.parallel.comm import Comm
@@ -33,6 +33,8 @@ WIDE = ModelSpec(name="moe-8e", n_layers=2, d_model=48, n_heads=4, head_dim=12, 
 # was found by scanning seeds 0..59 with the reference: 84% of the prompt's
 # tokens go to one expert in layer 0 and 88% in layer 1; the test asserts it.
 SKEWED = TINY.replace(name="skewed", top_k=1, vocab_size=2)
+# What published models add: q/k/v biases, tied embeddings, Llama 3.1's rope scaling.
+REAL = with_real_features(WIDE)
 SKEWED_SEED = 5
 
 
@@ -44,6 +46,7 @@ CASES = {
     2: [("top2", TINY, WL, "ep:2", 0), ("chunks=1", TINY, WL, "ep:2,chunks=1", 0),
         ("chunks=3", TINY, WL, "ep:2,chunks=3", 0), ("top1", TOP1, WL, "ep:2", 1),
         ("wide", WIDE, Workload(batch=5, seq_len=9, decode_steps=4), "ep:2", 2),
+        ("real", REAL, Workload(batch=5, seq_len=9, decode_steps=4), "ep:2", 2),
         ("skewed", SKEWED, WL, "ep:2", SKEWED_SEED),
         # 40 x 2 decode tokens: past DENSE_MOE_MAX_TOKENS, decode keeps the
         # routed exchange (the other cases decode in the static form).

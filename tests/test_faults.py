@@ -1,4 +1,6 @@
-"""A rank that raises inside a collective, and the watchdog that names a hung rank."""
+"""A rank that raises inside a collective, the watchdog that names a hung rank, and
+the root cause named among several failing ranks."""
+import os
 import subprocess
 import sys
 import time
@@ -110,3 +112,44 @@ def test_heartbeat_record_round_trip_and_cost(tmp_path):
 
 def test_comm_has_no_hook_unless_asked():
     assert Comm(Topology(("tp",), (1,))).hook is None
+
+
+# -- root cause among several failures (stand-in ranks: tests/fake_rank.py) -------------
+
+def fake_job(nproc: int, **steps) -> Job:
+    """A job whose ranks act out ``steps`` (``FAKE_RANK_<R>`` scripts)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
+    return Job([], nproc, env={"PYTHONPATH": path, **steps})
+
+
+def test_a_rank_killed_by_a_signal_is_named_even_when_reaped_after_its_peer():
+    """Under load a SIGKILLed rank can be reaped after a peer that lost its
+    connection to it and exited: the killed rank is still the one named."""
+    job = fake_job(2, FAKE_RANK_0="sleep=0.5;signal=SIGKILL",
+                   FAKE_RANK_1="fail=RuntimeError: Connection closed by peer [127.0.0.1]:1234")
+    with pytest.raises(LaunchError) as e:
+        launch(job, deadline_s=60, module="fake_rank")
+    assert e.value.rank == 0
+    assert str(e.value).startswith("rank 0 failed: killed by signal SIGKILL"), str(e.value)
+
+
+def test_a_stopped_rank_is_named_when_a_peer_times_out_waiting_for_it():
+    job = fake_job(2, FAKE_RANK_0="signal=SIGSTOP",
+                   FAKE_RANK_1="sleep=0.5;fail=RuntimeError: [gloo] Timed out waiting 1000ms "
+                               "for recv operation to complete")
+    with pytest.raises(LaunchError) as e:
+        launch(job, deadline_s=60, module="fake_rank")
+    assert e.value.rank == 0
+    assert str(e.value).startswith("rank 0 is stopped (SIGSTOP or a debugger) and the others "
+                                   "wait on it; rank 1 failed: RuntimeError: [gloo] Timed out")
+    assert alive(e.value.pids) == []
+
+
+def test_an_own_error_is_named_before_a_peers_lost_connection():
+    job = fake_job(3, FAKE_RANK_2="fail=RuntimeError: Connection closed by peer",
+                   FAKE_RANK_1="sleep=0.3;fail=ValueError: bad shape",
+                   FAKE_RANK_0="sleep=30")
+    with pytest.raises(LaunchError) as e:
+        launch(job, deadline_s=60, module="fake_rank")
+    assert e.value.rank == 1 and str(e.value).startswith("rank 1 failed: ValueError: bad shape")

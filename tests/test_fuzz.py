@@ -11,10 +11,12 @@ from shardwise.parallel.ring import Ring
 from shardwise.spec import ShardwiseError
 
 # A fixed subset of seed 0 (see results/fuzz-summary.json for the large run):
-# 16 cases that run (every strategy, world sizes 1-4, dense and MoE, with and
-# without vocabulary, rope and micro-batches) and 8 refused for 8 different reasons.
-VALID = [32, 68, 73, 27, 82, 96, 85, 186, 41, 59, 116, 79, 119, 35, 74, 92]
-REFUSED = [1, 16, 8, 33, 13, 25, 5, 2]
+# 19 cases that run (every strategy, world sizes 1-4, dense and MoE, with and
+# without vocabulary, rope and micro-batches; the last three with more head
+# groups or tp ranks than KV heads, q/k/v biases, tied embeddings and rope
+# scaling) and 9 refused for 9 different reasons.
+VALID = [32, 68, 73, 27, 82, 96, 85, 186, 41, 59, 116, 79, 119, 35, 74, 92, 160, 1384, 1480]
+REFUSED = [1, 16, 8, 33, 13, 25, 5, 2, 296]
 
 
 def test_ci_subset(tmp_path):
@@ -25,8 +27,8 @@ def test_ci_subset(tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads(summary_file.read_text())
-    assert s["counts"] == {"refused": 8, "verified": 16, "failed": 0}, s["failures"]
-    assert len(s["refused_by_reason"]) == 8 and "other" not in s["refused_by_reason"]
+    assert s["counts"] == {"refused": 9, "verified": 19, "failed": 0}, s["failures"]
+    assert len(s["refused_by_reason"]) == 9 and "other" not in s["refused_by_reason"]
     assert set(s["by_strategy"]) == {"tp_pp", "helix", "ring", "layerwise", "ep"}
     assert sorted(s["verified_by_world"]) == ["1", "2", "3", "4"]
     assert s["launches"] == 4  # one per world size
@@ -76,3 +78,37 @@ def test_a_failed_launch_is_recorded_and_the_rest_still_run(fault, kind):
     assert "rank 1" in f["error"]
     assert f["reproduce"] == "python -m shardwise.fuzz --seed 0 --only 59"
     assert s["launches"] == 2
+
+
+# -- the command line ------------------------------------------------------------------
+
+def test_cli_fuzz_never_a_traceback_nor_a_launch_a_check_could_stop():
+    """300 random command lines (launches stubbed, two small ones run for
+    real): a wrong value is always refused in one line, nothing else is."""
+    from shardwise import fuzz_cli
+    from shardwise.cli import build_parser
+
+    s = fuzz_cli.fuzz_cli(0, list(range(300)), launch=2, log=lambda m: None)
+    assert s["failures"] == [], s["failures"]
+    c = s["counts"]
+    assert c.get("failed", 0) == 0 and c["launched and ran"] == 2, c
+    # Every subcommand is drawn, and each outcome is common enough to mean something.
+    assert set(s["by_command"]) == set(fuzz_cli.commands(build_parser()))
+    assert c["refused"] >= 100 and c["ran"] >= 50 and c["launched"] >= 15, c
+    assert s["with_a_wrong_value"] >= 60 and s["refusal_kinds"] >= 50, s
+
+
+def test_cli_fuzz_finds_a_missing_check(monkeypatch):
+    """With the checks of counts and times taken out, the fuzzer reports the
+    command lines that launched with a wrong one (``--deadline -1``...)."""
+    from shardwise import argcheck, fuzz_cli
+
+    monkeypatch.setattr(argcheck, "AT_LEAST", {})
+    monkeypatch.setattr(argcheck, "SECONDS", {})
+    s = fuzz_cli.fuzz_cli(0, list(range(300)), log=lambda m: None)
+    assert s["failures"], "no failure found"
+    for f in s["failures"]:
+        assert f["kind"].endswith("with a wrong value"), f
+        assert {w.split("=")[0] for w in f["error"].split(", ")} & (
+            {"timeout", "deadline", "watchdog"} | set(fuzz_cli.ZERO_OK)
+            | {"top", "ranks", "batch", "seq", "iters", "nproc", "max_new_tokens"}), f

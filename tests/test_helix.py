@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_verified
+from helpers import assert_verified, with_real_features
 from shardwise.model.load import ShardLoader
 from shardwise.model.weights import WeightSource
 from shardwise.parallel.base import validate_plan
@@ -30,8 +30,12 @@ TWO_HEADS = ModelSpec(name="two-heads", n_layers=2, d_model=32, n_heads=2, head_
 TWO_HEADS_WL = Workload(batch=2, seq_len=10, decode_steps=4)  # 10 = 3+3+2+2 over 4 slices
 EIGHT_HEADS = ModelSpec(name="eight-heads", n_layers=2, d_model=64, n_heads=8, head_dim=8,
                         d_ff=128, dtype="fp32")
+# q/k/v biases (sliced with their rows: head groups and dim slices), Llama
+# 3.1's rope scaling (applied on full heads after the re-partition) and tied
+# embeddings (the vocabulary shard of the embedding is the LM head's).
+FEATURES = with_real_features(GQA)
 
-SPECS = {s.name: s for s in (TINY.model, MOE.model, GQA, TWO_HEADS, EIGHT_HEADS)}
+SPECS = {s.name: s for s in (TINY.model, MOE.model, GQA, TWO_HEADS, EIGHT_HEADS, FEATURES)}
 
 
 def case(spec, plan, workload=None):
@@ -48,12 +52,16 @@ LAUNCHES = {
         case(TINY.model, "helix:1x4"), case(TINY.model, "helix:2x2,reduce=flat"),
         case(GQA, "helix:1x4", GQA_WL),  # sequence path: 2 kv heads over 4 slices
         case(GQA, "helix:2x2,reduce=flat", GQA_WL),  # sequence path, flat sums
-        case(MOE.model, "helix:2x2", MOE.reduced)],  # each expert's d_ff split 4 ways
+        case(MOE.model, "helix:2x2", MOE.reduced),  # each expert's d_ff split 4 ways
+        case(GQA, "helix:4x1", GQA_WL),  # 4 groups, 2 kv heads: each on 2 groups
+        case(FEATURES, "helix:2x2", GQA_WL),  # sequence path (1 kv head, 2 slices)
+        case(FEATURES, "helix:1x4", GQA_WL)],  # sequence path, 2 kv heads
     8: [case(TINY.model, "helix:2x4"), case(TINY.model, "helix:2x4,reduce=flat"),
         case(TWO_HEADS, "helix:2x4", TWO_HEADS_WL),
         case(TWO_HEADS, "helix:2x4,reduce=flat", TWO_HEADS_WL),
         case(EIGHT_HEADS, "helix:2x4"),  # heads path on 8 ranks
-        case(GQA, "helix:2x4", GQA_WL)],
+        case(GQA, "helix:2x4", GQA_WL),
+        case(FEATURES, "helix:4x2", GQA_WL)],  # replicated kv heads, sequence path
 }
 
 
@@ -72,17 +80,20 @@ def test_helix_takes_both_repartitions(launched):
     cases, results = launched
     for c, r in zip(cases, results):
         spec, N, M = c.model, *Plan.parse(c.plan).shape
-        want = "heads" if (spec.kv_heads // N) % M == 0 else "sequence"
+        group_kv = max(1, spec.kv_heads // N)  # one, replicated, when N > kv heads
+        want = "heads" if group_kv % M == 0 else "sequence"
         assert r["report"]["repartition"] == want, (c.plan, spec.name)
 
 
-def test_helix_kv_cache_is_never_replicated(launched):
-    # Over all ranks the caches add up to exactly one copy of the reference's.
+def test_helix_kv_cache_is_replicated_only_past_the_kv_heads(launched):
+    # Over all ranks the caches add up to exactly one copy of the reference's,
+    # or N / n_kv_heads copies when there are more head groups than kv heads.
     cases, results = launched
     for c, r in zip(cases, results):
-        spec, wl = c.model, c.workload
+        spec, wl, N = c.model, c.workload, Plan.parse(c.plan).shape[0]
         full = 2 * spec.n_layers * wl.batch * spec.kv_heads * wl.max_len * spec.head_dim * 4
-        assert sum(r["kv_bytes_per_rank"]) == full, (c.plan, spec.name)
+        copies = max(1, N // spec.kv_heads)
+        assert sum(r["kv_bytes_per_rank"]) == copies * full, (c.plan, spec.name)
 
 
 def test_helix_report_predicts_the_bytes_counted(launched):
@@ -125,6 +136,7 @@ def _shard(spec, wl, plan, topo, rank):
     (TINY.model, "helix:2x2", TINY.reduced),  # heads path
     (GQA, "helix:2x4", GQA_WL),  # sequence path, GQA, vocabulary
     (MOE.model, "helix:2x2", MOE.reduced),
+    (FEATURES, "helix:2x2", GQA_WL),  # q/k/v biases, one tensor for embedding and LM head
 ])
 def test_each_rank_holds_one_pth_of_the_weights(spec, plan, wl):
     plan = Plan.parse(plan)
@@ -150,14 +162,16 @@ def test_each_rank_holds_one_pth_of_the_weights(spec, plan, wl):
         assert norms == spec.n_layers * spec.norm_params() + spec.norm_params() // 2
         assert router == (spec.n_layers * spec.n_experts * spec.d_model if spec.is_moe else 0)
         vocab_rows = 0 if spec.vocab_size is None else -(-spec.vocab_size // P)
-        assert ends == 2 * vocab_rows * spec.d_model  # embedding + LM head shards
+        tables = 1 if spec.tie_embeddings else 2  # embedding (+ LM head) shards
+        assert ends == tables * vocab_rows * spec.d_model
 
 
 @pytest.mark.parametrize("spec,plan,world,wl,message", [
     (TINY.model, "helix:4", 4, None, "NxM"),
     (TINY.model, "helix:2x2x2", 8, None, "NxM"),
     (TINY.model, "helix:3x1", 3, None, "n_heads (4) is not divisible by head groups N"),
-    (GQA, "helix:4x1", 4, GQA_WL, "n_kv_heads (2) is not divisible"),
+    (GQA.replace(n_heads=12, n_kv_heads=4), "helix:6x1", 6, GQA_WL,
+     "n_kv_heads (4) and head groups N of plan helix:6x1 (6): neither divides"),
     (TINY.model, "helix:1x3", 3, None, "head_dim (16) is not divisible by head-dim slices M"),
     (TINY.model.replace(d_ff=100), "helix:2x4", 8, None, "d_ff (100) is not divisible by N*M"),
     (TINY.model, "helix:2x2,reduce=tree", 4, None, "reduce=hier or reduce=flat"),

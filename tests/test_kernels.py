@@ -1,10 +1,14 @@
-"""Fused residual-add + norm: the GPU kernel against PyTorch's modules, and
-the fallback everywhere else."""
+"""Fused residual-add + norm and SwiGLU: the kernels against PyTorch's forms
+(on CPU tensors through Triton's interpreter, and on GPUs), the fallback
+everywhere else, and grouped-query attention without repeated K/V."""
 import pytest
 import torch
+import torch.nn.functional as Fn
 from torch import nn
 
-from shardwise.model.kernels import add_norm, norm
+from shardwise.model import kernels
+from shardwise.model.kernels import add_norm, norm, swiglu
+from triton_cpu import interpreted
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernel)")
 
@@ -27,6 +31,7 @@ def test_fallback_is_the_module():
         assert torch.equal(norm(m, x), m(x))
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("rows,d", [(16, 4096), (4096, 4096), (5, 1000), (64, 12288)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -46,3 +51,96 @@ def test_fused_matches_modules(rows, d, dtype):
         y1 = norm(m, x).float()
         want1 = m(x).float()
         assert ((y1 - want1).abs() <= ulp * want1.abs().clamp_min(1e-3) + 1e-3).all()
+
+
+@pytest.mark.parametrize("rms", [True, False], ids=["rmsnorm", "layernorm"])
+def test_add_norm_kernel_matches_the_modules_on_cpu(monkeypatch, rms):
+    # The Triton kernel through its interpreter, fp32 rows: h bit for bit, the
+    # norm to float32 rounding (the statistics' summation order differs).
+    triton, kernel = interpreted("shardwise.model.triton_norm", "add_norm_kernel")
+    monkeypatch.setattr(kernels, "_kernel", lambda: (triton, kernel))
+    torch.manual_seed(0)
+    x, a = torch.randn(5, 100), torch.randn(5, 100)
+    m = _modules(100, torch.float32, "cpu")[1 if rms else 0]
+    h, y = kernels._launch(m, x, a)
+    assert torch.equal(h, x + a)
+    torch.testing.assert_close(y, m(x + a), rtol=1e-5, atol=1e-5)
+
+
+def _gate_up(rows, F, dtype, device="cpu"):
+    g = torch.Generator().manual_seed(2)
+    return (3 * torch.randn(rows, 2 * F, generator=g)).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("F", [96, 1500])
+def test_swiglu_kernel_matches_silu_times_up_on_cpu(monkeypatch, dtype, F):
+    # The interpreter's exp is not PyTorch's: the SiLU equal to a float32
+    # rounding, so to one unit in the last place of the dtype once rounded,
+    # which the product (rounded again) carries: two units at most.
+    kernel = interpreted("shardwise.model.triton_swiglu", "swiglu_kernel")
+    monkeypatch.setattr(kernels, "_swiglu_kernel", lambda: kernel)
+    h = _gate_up(7, F, dtype)
+    gate, up = h.chunk(2, dim=-1)
+    want = (Fn.silu(gate) * up).float()
+    got = kernels._swiglu_launch(h.view(7, 1, 2 * F))
+    assert got.shape == (7, 1, F)
+    ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -22
+    assert ((got.view(7, F).float() - want).abs() <= 2 * ulp * want.abs() + 1e-6).all()
+
+
+def test_swiglu_runs_pytorch_off_the_gpu(monkeypatch):
+    def refuse(h):
+        raise AssertionError("the Triton launch on CPU tensors")
+
+    monkeypatch.setattr(kernels, "_swiglu_launch", refuse)
+    h = _gate_up(4, 8, torch.float32)
+    assert torch.equal(swiglu(h), Fn.silu(h[:, :8]) * h[:, 8:])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,F", [(16, 14336), (4096, 1792), (3, 100)])
+def test_swiglu_kernel_on_the_gpu(dtype, rows, F):
+    # SiLU rounded to the dtype, then the product rounded, as PyTorch's two
+    # kernels do; Triton's exp differs from CUDA's expf in the last float32
+    # bits, which a rounding of the SiLU can carry into the product: at most
+    # two units in the last place of the output dtype.
+    h = _gate_up(rows, F, dtype, "cuda")
+    gate, up = h.chunk(2, dim=-1)
+    want = (Fn.silu(gate) * up).float()
+    got = swiglu(h).float()
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert ((got - want).abs() <= 2 * ulp * want.abs() + 1e-6).all()
+
+
+def _repeated_kv_attention(q, k, v, pos):
+    """The grouped-query decode step with K/V repeated per query head (the
+    plain form the reference's grouped path must equal)."""
+    from shardwise.model.reference import causal_attention
+
+    G = q.shape[1] // k.shape[1]
+    return causal_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), pos)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])])
+def test_grouped_decode_attention_reads_each_kv_head_once(device):
+    # One decode token: the G query heads of a kv head are its rows (no
+    # repeat), at an int position and at a device-tensor position (the
+    # static step's mask over the whole cache), against repeated K/V.
+    from shardwise.model.reference import causal_attention, one_step
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, S, d = 3, 8, 2, 37, 64
+    q = torch.randn(B, 1, H, d, generator=g).to(device, dtype).transpose(1, 2)
+    k, v = (torch.randn(B, Hkv, S, d, generator=g).to(device, dtype) for _ in range(2))
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    with one_step():
+        for pos in (S - 1, torch.tensor(20, device=device)):
+            kk, vv = (k, v) if isinstance(pos, int) else (k, v)
+            got = causal_attention(q, kk, vv, pos)
+            want = _repeated_kv_attention(q, kk, vv, pos)
+            assert got.shape == (B, H, 1, d)
+            assert ((got - want).float().norm() / want.float().norm()).item() <= tol

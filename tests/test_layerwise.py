@@ -6,7 +6,7 @@ layout (from the run's report) and that the layout computes the reference.
 """
 import pytest
 
-from helpers import assert_verified, run_plans
+from helpers import assert_verified, run_plans, with_real_features
 from shardwise.perf.partition import PartitionError, layer_costs, partition
 from shardwise.spec import ModelSpec, Workload
 
@@ -20,6 +20,9 @@ VOCAB = ModelSpec(name="vocab", n_layers=4, d_model=16, n_heads=2, head_dim=8, d
                   n_kv_heads=1, dtype="fp32", vocab_size=37, norm="rmsnorm",
                   activation="swiglu", rope_theta=10000.0)
 WORKLOAD = Workload(batch=4, seq_len=32, decode_steps=4)
+# What published models add: q/k/v biases, Llama 3.1's rope scaling and tied
+# embeddings (in a pipeline, the last stage's LM head reads the embedding's rows).
+REAL = with_real_features(VOCAB)
 
 
 def cap_for(spec, ranks, groups, replicas, mb=1):
@@ -53,8 +56,10 @@ HEAVY_ENDS = ModelSpec(name="heavy-ends", n_layers=4, d_model=32, n_heads=2, hea
 CASES = {
     # nproc: [(model, groups, replicas, micro-batches), ...]
     2: [(HIDDEN, [(0, 4)], 2, 1),  # the whole model twice, two sequences each
-        (VOCAB, [(0, 2), (2, 4)], 1, 2)],  # a two-stage pipeline of micro-batches
+        (VOCAB, [(0, 2), (2, 4)], 1, 2),  # a two-stage pipeline of micro-batches
+        (REAL, [(0, 2), (2, 4)], 1, 2)],  # tied embedding and LM head on two ranks
     3: [(VOCAB, [(0, 4)], 3, 1),  # batch 4 over 3 replicas: 2, 1 and 1 sequences
+        (REAL, [(0, 4)], 3, 1),  # tied: one tensor for both ends on each replica
         (VOCAB, [(0, 1), (1, 3), (3, 4)], 1, 3)],  # the embedding and LM head alone
     4: [(VOCAB, [(0, 2), (2, 4)], 2, 2),  # 2 groups x 2 replicas, micro-batched
         (HEAVY_ENDS, [(0, 3), (3, 4)], 2, 1),  # unequal groups, replicated
@@ -83,9 +88,10 @@ def test_layerwise_matches_reference(nproc):
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_layerwise_replicas_decode_at_a_device_position(nproc):
-    # One group (the model fits a rank): data parallel, no hop inside a step, so
-    # a decode step runs at a device-tensor position (what bench replays in a
-    # CUDA graph). A pipeline of groups keeps its eager, point-to-point steps.
+    # One group (the model fits a rank): data parallel, no hop inside a step;
+    # a pipeline of groups passes activations point to point. Either way a
+    # decode step runs at a device-tensor position (what bench replays in a
+    # CUDA graph).
     from shardwise.runtime.job import Case, Job
     from shardwise.runtime.launcher import launch
 
@@ -97,7 +103,7 @@ def test_layerwise_replicas_decode_at_a_device_position(nproc):
     out = launch(Job(cases, nproc, static_decode=True), deadline_s=300)
     assert_verified(out, [c.plan for c in cases])
     assert out[0]["static_decode"] and out[0]["report"]["replicas"] == nproc
-    assert all(not r["static_decode"] for r in out[1:])
+    assert all(r["static_decode"] for r in out[1:])
 
 
 def test_bench_gives_layerwise_the_ranks_of_the_other_plans(tmp_path):

@@ -100,6 +100,7 @@ def test_grouped_query_heads_read_their_kv_head():
     torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused kernels need CUDA")
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.bfloat16, 128),
                                             (torch.float16, 512), (torch.float32, 64)])
@@ -121,8 +122,8 @@ def test_fused_cuda_path_matches_math(dtype, head_dim, causal):
 
 
 @pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                         reason="the fused path needs CUDA"))])
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="the fused path needs CUDA")])])
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.bfloat16, 128),
                                             (torch.float16, 512)])
 def test_prefix_attention_over_a_static_cache(device, dtype, head_dim):
@@ -144,6 +145,28 @@ def test_prefix_attention_over_a_static_cache(device, dtype, head_dim):
         torch.testing.assert_close(lse, lse_ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="the fused path needs CUDA")])])
+def test_an_empty_prefix_is_an_empty_block(device):
+    # A ring rank that holds no prompt token attends an empty shard until a
+    # decoded token lands there: lse -inf, and whatever the kernel leaves in o
+    # (undefined for a query that sees no key), merging it with another
+    # block gives that block alone.
+    from shardwise.parallel.lse import attend_lse_prefix
+    dev = torch.device(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q = rand(2, 8, 1, 128, seed=4).to(dev, dtype)
+    k, v = (rand(2, 2, 19, 128, seed=s).to(dev, dtype) for s in (5, 6))
+    o0, lse0 = attend_lse_prefix(q, k, v, torch.tensor([0], device=dev), may_be_empty=True)
+    assert (lse0 == NEG_INF).all()
+    o1, lse1 = attend_lse(q, k[:, :, :7], v[:, :, :7])
+    o, lse = merge_stack(torch.stack([o0, o1]), torch.stack([lse0, lse1]))
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o, o1, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse1, rtol=0, atol=0)
+
+
 def _packed_parts(n, B, H, d, dtype, device, seed=0):
     """``n`` partials gathered as ring's decode packs them: ``[n, B, H, 1, d +
     2]`` in ``dtype`` with each row's float32 lse in its last two columns; some
@@ -159,6 +182,7 @@ def _packed_parts(n, B, H, d, dtype, device, seed=0):
     return parts, parts[..., :d], parts[..., d:].view(torch.float32)[..., 0]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton merge needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [2, 3, 8])

@@ -119,9 +119,9 @@ def test_grouped_expert_mlp_equals_one_expert_at_a_time():
 
 def test_dense_decode_path_rounds_like_the_routed_loop(monkeypatch):
     # bf16: every held expert on every token, weighted (0 where unpicked),
-    # adds each token's picked experts in the same order with the same
-    # roundings as the loop over routed tokens; only the GEMMs' row counts
-    # differ, so the two agree to a bf16 rounding at most.
+    # rounds each token's two picked terms and their sum as the loop over
+    # routed tokens does; only the GEMMs' shapes differ (one GEMM for every
+    # expert), so the two agree to a bf16 rounding at most.
     import shardwise.model.reference as ref
     moe = random_moe(2, "gelu").to(torch.bfloat16)
     x = torch.randn(16, D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
@@ -131,3 +131,4 @@ def test_dense_decode_path_rounds_like_the_routed_loop(monkeypatch):
         loop = moe(x)
     torch.testing.assert_close(dense.float(), loop.float(), rtol=1e-2, atol=1e-2)
     assert (dense == loop).float().mean() > 0.9
+

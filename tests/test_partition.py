@@ -7,7 +7,7 @@ import torch
 
 from shardwise.parallel.base import balanced_ranges, validate_plan
 from shardwise.perf.partition import (
-    DEVICE_CAPACITY, TIE, LayerCosts, PartitionError, best_split, format_partition,
+    DEVICE_CAPACITY, TIE, capacity_text, LayerCosts, PartitionError, best_split, format_partition,
     layer_costs, layer_weight_bytes, min_capacity, parse_capacity, partition,
     partition_command, ranks_needed, split,
 )
@@ -114,7 +114,9 @@ def test_smallest_capacity_is_named_and_exact():
     with pytest.raises(PartitionError) as e:
         partition(SMALL, ONE_SEQ, 200_000, ranks=4)
     assert e.value.min_capacity == last_layer and e.value.ranks_needed is None
-    assert f"cap={last_layer}B" in str(e.value) and "layer 3 alone" in str(e.value)
+    # The fix names it rounded up to a size a person reads (and a plan can name).
+    assert f"cap={capacity_text(last_layer)}" in str(e.value) and "layer 3 alone" in str(e.value)
+    assert capacity_text(last_layer) == "236KB" and parse_capacity("236KB") >= last_layer
     assert len(partition(SMALL, ONE_SEQ, last_layer, ranks=4).groups) == 4
     with pytest.raises(PartitionError):
         partition(SMALL, ONE_SEQ, last_layer - 1, ranks=4)
@@ -127,7 +129,7 @@ def test_too_few_ranks_names_nproc_and_capacity():
     with pytest.raises(PartitionError) as e:
         partition(SMALL, ONE_SEQ, 235_008, ranks=2)
     assert e.value.ranks_needed == 4 and e.value.min_capacity == two_layers
-    assert "--nproc 4" in str(e.value) and f"cap={two_layers}B" in str(e.value)
+    assert "--nproc 4" in str(e.value) and f"cap={capacity_text(two_layers)}" in str(e.value)
 
 
 # -- the seed's 30B model ---------------------------------------------------------
@@ -234,7 +236,8 @@ def test_partition_command_and_table():
     # layer forces four groups: the fifth rank idles.
     text = format_partition(partition(SMALL, ONE_SEQ, 300_000, ranks=5), SMALL, ONE_SEQ)
     assert "4 groups x 1 replica = 4 ranks (1 idle)" in text
-    with pytest.raises(ShardwiseError, match="--nproc 2"):
+    # The partition command sets the ranks with --ranks, and names that flag.
+    with pytest.raises(ShardwiseError, match="--ranks 2"):
         partition_command("small-l2", "L2@h100", 1)
 
 
@@ -248,8 +251,10 @@ def test_layerwise_plan_validation():
                         ("layerwise:cap=1GB,tp=2", "unknown option")]:
         with pytest.raises(ShardwiseError, match=words):
             validate_plan(SMALL, wl, plan, 2)
-    with pytest.raises(ShardwiseError, match="adapts to any number of ranks"):
-        validate_plan(SMALL, wl, "layerwise:cap=1GB")
+    # Without a world size, the fewest ranks whose groups fit the capacity.
+    assert validate_plan(SMALL, wl, "layerwise:cap=1GB")[1].world_size == 1
+    # 300 KB holds one layer and the KV cache of two sequences: 4 groups x 2 replicas.
+    assert validate_plan(SMALL, wl, "layerwise:cap=300KB")[1].world_size == 8
     # An idle rank would still have to join the job: name the ranks that are used.
     with pytest.raises(ShardwiseError, match="leave 1 idle; start 4 ranks"):
         validate_plan(SMALL, ONE_SEQ, "layerwise:cap=300KB", 5)

@@ -8,7 +8,7 @@ import pytest
 
 from shardwise.perf.clusters import load_cluster
 from shardwise.perf.costmodel import predict
-from shardwise.perf.planner import enumerate_plans, plan_command, rank_plans, score
+from shardwise.perf.planner import enumerate_plans, plan_command, rank_plans, ranking, score
 from shardwise.perf.reproduce import consistency, fidelity_command, find_seed, reproduce_command
 from shardwise.presets import get_preset
 from shardwise.spec import ModelSpec, Workload
@@ -34,9 +34,10 @@ INVALID = {"tp_pp:4x1": "n_heads (6) is not divisible by tp", "tp_pp:1x4": "4 pi
 def test_planner_lists_exactly_the_valid_plans():
     rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
     valid = {r.plan for r in rows if r.valid}
-    # layerwise also proposes the tightest capacity (in bytes) that fits 4 ranks.
-    tight = [p for p in valid if re.fullmatch(r"layerwise:cap=\d+B", p)]
-    assert len(tight) == 1
+    # layerwise also proposes the tightest capacity that fits 4 ranks, rounded up
+    # to a size of 3 significant digits (a plan name a person reads).
+    tight = [p for p in valid if p.startswith("layerwise:cap=") and p not in VALID]
+    assert len(tight) == 1 and re.fullmatch(r"layerwise:cap=\d+(\.\d+)?[KMG]?B", tight[0])
     assert valid - set(tight) == VALID
     invalid = {r.plan: r.error for r in rows if not r.valid}
     assert set(invalid) == set(INVALID)
@@ -79,12 +80,11 @@ def test_plan_validate_runs_the_best_fitting_plans_and_compares(tmp_path):
     from shardwise.bench.records import read_records
     from shardwise.perf.planner import best_fitting
 
-    # bench sizes the KV cache for warm-up (3) + timed (2) + 1 decode positions.
+    # bench sizes the KV cache for warm-up (3) + timed (2) + 1 decode positions;
+    # the plans validated are the first rows of the table plan prints for it.
     best, _, _ = best_fitting("tiny-dense", "h100-sxm-8", 4, 32, "prefill", 2, ranks=2, steps=6)
-    rows = rank_plans(enumerate_plans(get_preset("tiny-dense").model,
-                                      Workload(batch=4, seq_len=32, decode_steps=6), H100_8,
-                                      ranks=2), "prefill")
-    assert best == [r.plan for r in rows if r.fits][:2] and len(best) == 2
+    rk = ranking("tiny-dense", "h100-sxm-8", 4, 32, "prefill", 2, steps=6)
+    assert best == [r.plan for r in rk.shown if r.fits][:2] and len(best) == 2
     out = tmp_path / "v.jsonl"
     p = subprocess.run([sys.executable, "-m", "shardwise", "plan", "--preset", "tiny-dense",
                         "--cluster", "h100-sxm-8", "--ranks", "2", "--batch", "4", "--seq", "32",

@@ -1,4 +1,5 @@
-"""The launcher under torchrun, Ctrl-C, and an interrupted benchmark sweep."""
+"""The launcher under torchrun, stop signals (Ctrl-C, SIGTERM, SIGHUP, SIGKILL),
+an interrupted benchmark sweep, and concurrent appends to one results file."""
 import json
 import os
 import signal
@@ -7,25 +8,13 @@ import sys
 import time
 import uuid
 
+import pytest
+
+from helpers import job_heartbeats, tagged_pids, wait_until
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries ``tag`` (the launcher and its ranks)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if tag.encode() in f.read():
-                    out.append(int(pid))
-        except OSError:
-            pass
-    return out
-
-
-def start(args, tag):
-    env = dict(os.environ, SHARDWISE_TEST_TAG=tag)
+def start(args, tag, **env):
+    env = dict(os.environ, SHARDWISE_TEST_TAG=tag, **env)
     return subprocess.Popen([sys.executable, "-m", "shardwise", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -105,3 +94,95 @@ def test_bench_trace_profiles_every_rank(tmp_path):
             events = json.loads(path.read_text())["traceEvents"]
             assert any(e.get("name") == "aten::mm" for e in events)
             assert "Self CPU" in path.with_suffix(".txt").read_text()
+
+
+# -- signals to the launcher ---------------------------------------------------------
+
+NPROC = 2
+
+
+def started_bench(tmp_path, moment: str):
+    """A CLI bench on NPROC ranks whose job's temporary directory lands in
+    ``tmp_path/tmp``, brought to ``moment``: ``startup`` (every rank process
+    exists, importing torch), ``prefill`` or ``decode`` (every rank's heartbeat
+    is in that timed phase, which lasts seconds)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tag = uuid.uuid4().hex
+    phase = "decode" if moment == "decode" else "prefill"
+    p = start(["bench", "--preset", "tiny-dense", "--device", "cpu", "--plan", "tp_pp:2x1",
+               "--phase", phase, "--iters", "400", "--watchdog", "120",
+               "--out", str(tmp_path / "bench.jsonl")], tag, TMPDIR=str(tmp))
+    wait_until(lambda: len(tagged_pids(tag)) >= 1 + NPROC, 60, "every rank started")
+    if moment != "startup":
+        wait_until(lambda: all(b and b["event"] == f"bench {phase}"
+                               for b in job_heartbeats(tmp, NPROC)), 90, f"bench {phase}")
+    return p, tag, tmp
+
+
+def ranks_and_job_dir(p, tag, tmp) -> tuple[list[int], list]:
+    return [q for q in tagged_pids(tag) if q != p.pid], list(tmp.glob("shardwise-*"))
+
+
+@pytest.mark.parametrize("moment", ["startup", "prefill", "decode"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_signal_ends_every_rank_and_removes_the_job_dir(tmp_path, sig, moment):
+    p, tag, tmp = started_bench(tmp_path, moment)
+    assert ranks_and_job_dir(p, tag, tmp) != ([], [])
+    p.send_signal(sig)
+    t0 = time.monotonic()
+    wait_until(lambda: ranks_and_job_dir(p, tag, tmp) == ([], []), 5,
+               "every rank gone and the job's temporary directory removed")
+    out, err = p.communicate(timeout=30)
+    assert time.monotonic() - t0 < 30
+    assert p.returncode == 128 + sig, err[-2000:]
+    assert err.splitlines()[0].startswith(
+        f"shardwise: interrupted by {sig.name}"), err[-2000:]
+    assert err.splitlines()[0].endswith(": every rank was stopped")
+    assert "record(s) of this run were appended to" in err.splitlines()[1]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("moment", ["startup", "decode"])
+def test_sigkill_of_the_launcher_leaves_no_rank(tmp_path, moment):
+    p, tag, tmp = started_bench(tmp_path, moment)
+    p.kill()
+    p.communicate(timeout=30)
+    wait_until(lambda: [q for q in tagged_pids(tag) if q != p.pid] == [], 10,
+               "every rank gone after the launcher's SIGKILL")
+
+
+# -- concurrent appends ---------------------------------------------------------------
+
+def test_concurrent_appends_keep_every_record(tmp_path):
+    """Three processes append 50 records each to one file, all at once (each
+    waits for the others to be ready): every record is kept."""
+    out, go = tmp_path / "r.jsonl", tmp_path / "go"
+    code = ("import os, sys, time; from shardwise.bench.records import append_records\n"
+            "open(sys.argv[3] + sys.argv[2], 'w').close()\n"
+            "while not os.path.exists(sys.argv[3]): time.sleep(0.01)\n"
+            "for n in range(50): append_records(sys.argv[1], [{'writer': sys.argv[2], 'n': n}])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(w), str(go)])
+             for w in range(3)]
+    wait_until(lambda: all((tmp_path / f"go{w}").exists() for w in range(3)), 120, "ready")
+    go.touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    lines = out.read_text().splitlines()
+    assert sorted((r["writer"], r["n"]) for r in map(json.loads, lines)) == sorted(
+        (str(w), n) for w in range(3) for n in range(50))
+
+
+def test_three_concurrent_benches_into_one_file_keep_every_record(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    procs = [start(["bench", "--preset", "tiny-dense", "--device", "cpu", "--iters", "1",
+                    "--warmup", "0", "--seed", str(i), "--plan", "tp_pp:1x1", "--plan",
+                    "tp_pp:2x1", "--out", str(out)], uuid.uuid4().hex) for i in range(3)]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-2000:]
+        assert "appended 4 record(s)" in stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["command"].split("--seed ")[1][0], r["plan"], r["phase"])
+                  for r in records) == sorted(
+        (str(i), plan, phase) for i in range(3) for plan in ("tp_pp:1x1", "tp_pp:2x1")
+        for phase in ("prefill", "decode"))

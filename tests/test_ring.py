@@ -2,7 +2,7 @@
 single-device reference on CPU with gloo (fp32)."""
 import pytest
 
-from helpers import assert_verified
+from helpers import assert_verified, with_real_features
 from shardwise.parallel.base import validate_plan
 from shardwise.parallel.ring import ZigZag
 from shardwise.presets import get_preset
@@ -17,6 +17,9 @@ FULL = ModelSpec(name="t", n_layers=3, d_model=48, n_heads=4, head_dim=12, d_ff=
                  n_kv_heads=2, dtype="fp32", vocab_size=101, norm="rmsnorm",
                  activation="swiglu", rope_theta=10000.0)
 MOE = get_preset("tiny-moe").model
+# What published models add: q/k/v biases, tied embeddings, Llama 3.1's rope
+# scaling (each zig-zag chunk rotated at its own absolute positions).
+REAL = with_real_features(FULL)
 # Half precision exercises the dtype plumbing (bf16 blocks merged into a float32
 # accumulator, lse bits packed beside a bf16 output); tolerance 2e-2, see job.py.
 BF16 = TINY.replace(name="tiny-bf16", dtype="bf16")
@@ -90,10 +93,11 @@ def run_cases(nproc, cases):
 @pytest.mark.parametrize("nproc,cases", [
     (1, [(TINY, "ring:1", 2, 7), (FULL, "ring:1", 2, 5)]),
     (2, [(TINY, "ring:2", 2, 8), (TINY, "ring:2", 3, 5), (TINY, "ring:2", 2, 3),
-         (FULL, "ring:2", 2, 11), (TINY, "ring:2,mb=2", 3, 9), (MOE, "ring:2", 2, 10)]),
+         (FULL, "ring:2", 2, 11), (TINY, "ring:2,mb=2", 3, 9), (MOE, "ring:2", 2, 10),
+         (REAL, "ring:2,mb=2", 3, 9)]),
     (3, [(TINY, "ring:3", 2, 12), (TINY, "ring:3", 2, 16), (TINY, "ring:3", 2, 4)]),
     (4, [(TINY, "ring:4", 2, 16), (TINY, "ring:4", 2, 13), (TINY, "ring:4", 2, 5),
-         (FULL, "ring:4", 2, 19), (BF16, "ring:4", 2, 14)]),
+         (FULL, "ring:4", 2, 19), (BF16, "ring:4", 2, 14), (REAL, "ring:4", 2, 13)]),
     (8, [(TINY, "ring:8", 2, 32), (TINY, "ring:8", 2, 21), (FULL, "ring:8", 2, 6),
          (MOE, "ring:8", 2, 6)]),
 ])
@@ -113,10 +117,16 @@ def test_ring_static_decode_matches_reference(nproc):
     # Decode at a device-tensor position (what bench replays in a CUDA graph):
     # each rank writes its slot or its spare one, attends its whole shard with
     # the positions it does not hold masked; rotary GQA and a prompt not
-    # divisible by 2P; the same job checks tp_pp's and helix's static steps.
+    # divisible by 2P, and a prompt shorter than P (ranks that hold no prompt
+    # token attend an empty shard until a decoded token lands there); the
+    # same job checks tp_pp's (pipelines included) and helix's static steps.
     wl = Workload(batch=2, seq_len=2 * nproc + 1, decode_steps=5)
-    plans = [f"ring:{nproc}", f"ring:{nproc},mb=2"] + (["tp_pp:2x1", "helix:1x2"] if nproc == 2 else [])
+    plans = [f"ring:{nproc}", f"ring:{nproc},mb=2"] + (
+        ["tp_pp:2x1", "helix:1x2", "tp_pp:1x2,mb=2"] if nproc == 2 else
+        ["tp_pp:2x2"] if nproc == 4 else [])
     cases = [Case(m, wl, p) for m in (TINY, FULL) for p in plans]
+    if nproc > 2:
+        cases.append(Case(FULL, wl.replace(seq_len=nproc - 1), f"ring:{nproc}"))
     if nproc == 2:  # MoE decode steps take the dense path: no host synchronisation
         cases += [Case(MOE, wl, p) for p in ("ring:2", "tp_pp:2x1", "helix:1x2")]
     results = launch(Job(cases, nproc, static_decode=True), deadline_s=300)

@@ -1,7 +1,7 @@
 """tp_pp against the single-device reference on CPU with gloo (fp32)."""
 import pytest
 
-from helpers import assert_verified, run_plans
+from helpers import assert_verified, run_plans, with_real_features
 from shardwise.presets import get_preset
 from shardwise.spec import ModelSpec, Workload
 
@@ -53,6 +53,31 @@ def test_tp_pp_gqa_uneven_layers_and_vocab():
     plans = ["tp_pp:2x2", "tp_pp:1x4"]
     assert_verified(run_plans(spec, plans, 4, Workload(batch=3, seq_len=7, decode_steps=4)),
                     plans)
+
+
+def test_tp_pp_real_model_features_and_kv_heads_beyond_tp():
+    # q/k/v biases sliced with their heads' rows, Llama 3.1's rope scaling, tied
+    # embeddings with the LM head on another stage than the embedding (1x4, 2x2)
+    # and on the same rank (4x1: one tensor), and tp beyond the KV heads: at
+    # tp 4 each of the 2 KV heads is held by the 2 ranks whose query heads use
+    # it; with one KV head (multi-query), by all 4.
+    from shardwise.runtime.job import Case, Job
+    from shardwise.runtime.launcher import launch
+
+    gqa = with_real_features(ModelSpec(
+        name="t", n_layers=4, d_model=48, n_heads=4, head_dim=12, d_ff=96, n_kv_heads=2,
+        dtype="fp32", vocab_size=101, norm="rmsnorm", activation="swiglu", rope_theta=1e4))
+    mqa = gqa.replace(name="mqa", n_kv_heads=1)
+    wl = Workload(batch=3, seq_len=7, decode_steps=3)
+    cases = [Case(gqa, wl, p) for p in ("tp_pp:4x1", "tp_pp:2x2", "tp_pp:1x4,mb=2")]
+    cases.append(Case(mqa, wl, "tp_pp:4x1"))
+    results = launch(Job(cases, 4), deadline_s=300)
+    assert_verified(results, [c.plan for c in cases])
+    one_head = 4 * 2 * wl.batch * wl.max_len * 12 * 4  # 4 layers of K and V, fp32
+    for r, replicas in zip(results, (2, 1, 1, 4)):
+        assert r["report"]["kv_head_replicas"] == replicas, r["plan"]
+    assert results[0]["kv_bytes_per_rank"] == [one_head] * 4  # 2x an even quarter
+    assert results[3]["kv_bytes_per_rank"] == [one_head] * 4  # the whole cache on each
 
 
 def test_tp_pp_moe_spreads_experts():

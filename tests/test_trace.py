@@ -1,5 +1,6 @@
 """The recorder against real runs: for every strategy on GPT-, Llama- and
-Mixtral-style models, what the recorder finds from the code alone (calls by
+Mixtral-style models (with q/k/v biases, tied embeddings, rope scaling,
+KV heads held by several ranks, and heads wide enough for the flash kernel), what the recorder finds from the code alone (calls by
 kind, collectives with their bytes, weights and KV cache per rank) equals
 what a real run on CPU ranks (gloo, along the GPU branches) counts. Nothing
 here is a hand-written list: both sides come from the same code."""
@@ -14,6 +15,7 @@ from shardwise.perf.trace import Routing
 from shardwise.presets import get_preset
 from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, Plan, Workload
+from helpers import with_real_features
 
 TINY, TINY_MOE = get_preset("tiny-dense").model, get_preset("tiny-moe").model
 # GPT-style: LayerNorm, the two-matrix MLP; in bf16 with the tanh GELU the GPU
@@ -24,8 +26,13 @@ LLAMA = ModelSpec(name="llama", n_layers=3, d_model=64, n_heads=4, n_kv_heads=2,
                   d_ff=128, dtype="bf16", norm="rmsnorm", activation="swiglu",
                   rope_theta=10000.0, vocab_size=97)
 MIXTRAL = LLAMA.replace(name="mixtral", n_experts=4, top_k=2, vocab_size=None)
+# q/k/v biases, tied embeddings and Llama 3.1's rope scaling; heads of 512,
+# which take shardwise's flash kernel (model/flash.py) in prefill.
+REAL = with_real_features(LLAMA)
+WIDE = GPT.replace(name="wide", n_heads=2, head_dim=512)
 MODELS = {"tiny-dense": TINY.replace(n_layers=3), "tiny-moe": TINY_MOE.replace(n_layers=3),
           "gpt": GPT, "gpt-moe": GPT_MOE, "llama": LLAMA, "mixtral": MIXTRAL,
+          "real": REAL, "wide": WIDE,
           # weights that outweigh the working set: layerwise cuts it into a pipeline
           "gpt-wide": GPT.replace(name="gpt-wide", d_ff=8192)}
 # 8 sequences of 16: a MoE prefill (128 tokens) takes the routed paths, a
@@ -59,9 +66,13 @@ CASES = {
        + [(m, "ep:2") for m in ("tiny-moe", "gpt-moe", "mixtral")]
        + [("gpt", "tp_pp:2x1,overlap=3"), ("gpt", "helix:2x1,reduce=flat"),
           ("gpt", "tp_pp:1x2,mb=4"), ("llama", "ring:2,mb=4"),  # micro-batch runs, compressed
-          ("gpt-wide", _two_groups("gpt-wide"))],
+          ("gpt-wide", _two_groups("gpt-wide"))]
+       + [("real", p) for p in ("tp_pp:2x1", "tp_pp:1x2", "helix:2x1", "ring:2")]
+       + [("wide", p) for p in ("tp_pp:2x1", "helix:1x2", "ring:2")],
     4: [("llama", "helix:1x4"), ("llama", "helix:2x2"), ("gpt", "ring:4"),
-        ("mixtral", "tp_pp:2x2,mb=2"), ("mixtral", "ep:4")],
+        ("mixtral", "tp_pp:2x2,mb=2"), ("mixtral", "ep:4"),
+        # more parts than LLAMA's 2 KV heads: each KV head held twice
+        ("llama", "tp_pp:4x1"), ("llama", "helix:4x1"), ("real", "tp_pp:4x1")],
 }
 
 
@@ -146,8 +157,13 @@ def test_attention_backend_as_the_gpu_picks_it():
     m = dict(device="meta")
     q = torch.empty(2, 4, 16, 128, dtype=torch.bfloat16, **m)
     assert sdp_backend(q, q, None, True, False) == "cudnn"
-    assert sdp_backend(q, q, None, True, True) == "flash"  # grouped-query: not cuDNN
-    assert sdp_backend(q, q, torch.empty(16, 16, **m), False, False) == "efficient"
+    assert sdp_backend(q, q, None, True, True) == "cudnn"  # grouped-query as it is
+    assert sdp_backend(q, q, torch.empty(16, 16, **m), False, False) == "cudnn"  # masked
+    assert sdp_backend(q[:, :, :1], q, None, False, False) == "cudnn"
+    one = q[:, :, :1]  # a key: cuDNN plans no such shape
+    assert sdp_backend(q, one, None, False, False) == "flash"
+    assert sdp_backend(q, one, torch.empty(16, 1, **m), False, False) == "efficient"
+    assert sdp_backend(q, one, None, False, True) == "flash"  # FA2 takes grouped heads too
     wide = torch.empty(2, 4, 16, 512, dtype=torch.bfloat16, **m)
     assert sdp_backend(wide, wide, None, True, False) == "efficient"
     assert sdp_backend(q.float(), q.float(), None, True, False) == "efficient"

@@ -34,9 +34,16 @@ def test_d_ff_not_divisible_by_tp():
     assert "d_ff (250)" in msg and "choose tp" in msg
 
 
-def test_kv_heads_not_divisible_by_tp():
-    model = TINY.model.replace(n_heads=4, n_kv_heads=1)
-    assert "n_kv_heads (1)" in refused("tp_pp:2x1", model=model)
+def test_kv_heads_split_or_replicated_by_tp():
+    # tp divides the KV heads (each rank its share) or is a multiple of them
+    # (each KV head replicated over the ranks that share it); nothing between.
+    model = TINY.model.replace(n_heads=12, head_dim=4, n_kv_heads=4, d_ff=240)
+    msg = refused("tp_pp:6x1", model=model)
+    assert "n_kv_heads (4)" in msg and "neither divides" in msg and "replicate" in msg
+    assert "choose tp among [1, 2, 4, 12]" in msg
+    for tp in (2, 4, 12):
+        validate_plan(model, TINY.reduced, f"tp_pp:{tp}x1", tp)
+    validate_plan(TINY.model.replace(n_kv_heads=1), TINY.reduced, "tp_pp:4x1", 4)
 
 
 def test_more_stages_than_layers():
@@ -119,4 +126,162 @@ def test_unknown_tp_pp_option():
 
 def test_zero_batch_is_refused_not_ignored(capsys):
     assert cli.main(["verify", "--preset", "tiny-dense", "--plan", "tp_pp:1", "--batch", "0"]) == 2
-    assert "batch >= 1" in capsys.readouterr().err
+    assert "--batch must be >= 1 (got 0)" in capsys.readouterr().err
+
+
+# -- every number and path of the command line, checked before launch ------------------
+
+TINY_VERIFY = ["verify", "--preset", "tiny-dense", "--plan", "tp_pp:1x1", "--device", "cpu"]
+TINY_BENCH = ["bench", "--preset", "tiny-dense", "--plan", "tp_pp:1x1", "--device", "cpu"]
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any launch fails the test: these inputs must be refused before one."""
+    from shardwise.runtime import launcher
+
+    def launch(*a, **k):
+        raise AssertionError("launched")
+
+    monkeypatch.setattr(launcher, "launch", launch)
+
+
+def refused_line(argv, capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("shardwise: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (TINY_VERIFY + ["--timeout", "0"], "--timeout must be a number of seconds, at least 1"),
+    (TINY_VERIFY + ["--timeout", "-1"], "--timeout must be"),
+    (TINY_VERIFY + ["--timeout", "nan"], "--timeout must be"),
+    (TINY_BENCH + ["--iters", "0"], "--iters must be >= 1 (got 0)"),
+    (TINY_BENCH + ["--warmup", "-1"], "--warmup must be >= 0 (got -1)"),
+    (TINY_VERIFY + ["--deadline", "0"], "--deadline must be a number of seconds, more than 0"),
+    (TINY_VERIFY + ["--deadline", "-3"], "leave it out for no deadline"),
+    (TINY_VERIFY + ["--watchdog", "inf"], "leave it out to turn the watchdog off"),
+    (TINY_VERIFY + ["--layers", "0"], "--layers must be >= 1 (got 0); leave it out to use every layer"),
+    (["run", "--preset", "tiny-dense", "--layers", "0"], "--layers must be >= 1"),
+    (["predict", "--preset", "tiny-dense", "--plan", "tp_pp:2x1", "--batch", "0"],
+     "--batch must be >= 1 (got 0); leave it out for the preset's batch"),
+    (["plan", "--preset", "tiny-dense", "--top", "0"],
+     "--top must be >= 1 (got 0); leave it out to show every plan"),
+    (["plan", "--preset", "tiny-dense", "--ranks", "0"],
+     "--ranks must be >= 1 (got 0); give the number of GPUs to use (plan: leave it out"),
+    (TINY_VERIFY + ["--nproc", "0"], "--nproc must be >= 1 (got 0)"),
+])
+def test_numbers_are_checked_before_launch(argv, says, no_launch, capsys):
+    assert says in refused_line(argv, capsys)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "--preset", ""], "--preset is empty"),  # was: the default model ran
+    (["predict", "--model", "tiny-dense", "--plan", "", "--cluster", "h200-x2"],
+     "--plan is empty"),
+    (["report", "r.jsonl", ""], "files is empty"),
+])
+def test_an_empty_value_is_refused(argv, says, no_launch, capsys):
+    assert says in refused_line(argv, capsys)
+
+
+@pytest.mark.parametrize("cmd, flag", [(TINY_BENCH, "--out"), (TINY_VERIFY, "--json"),
+                                       (["run", "--preset", "tiny-dense"], "--json")])
+def test_an_output_file_that_is_a_directory_is_refused_before_launch(cmd, flag, tmp_path,
+                                                                     no_launch, capsys):
+    err = refused_line(cmd + [flag, str(tmp_path)], capsys)
+    assert f"{flag} {tmp_path} is a directory; give a file in it" in err
+
+
+def test_an_output_under_a_file_is_refused_before_launch(tmp_path, no_launch, capsys):
+    (tmp_path / "f").write_text("")
+    err = refused_line(TINY_BENCH + ["--out", str(tmp_path / "f" / "x.jsonl")], capsys)
+    assert "is a file, so no directory can be made there" in err
+    err = refused_line(TINY_BENCH + ["--out", str(tmp_path / "o.jsonl"), "--trace",
+                                     str(tmp_path / "f")], capsys)
+    assert "--trace" in err and "is a file, not a directory" in err
+
+
+RECORD = ('{"model": "tiny-dense", "dtype": "fp32", "n_layers": 4, "batch": 4, "seq_len": 32, '
+          '"device": "cpu", "n_devices": 1, "plan": "tp_pp:1x1", "phase": "prefill", '
+          '"tps": 10.0, "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0}')
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "no such file"),
+    ("DIR", "is a directory"),
+    (RECORD + "\n{oops\n" + RECORD + "\n", ":2: not a JSON record"),
+    (RECORD + "\n" + RECORD[:30], ":2: not a JSON record (Unterminated string"),
+    ('{"phase": "prefill", "tps": 3}\n', ":1: bench record lacks model, dtype"),
+    ("[1, 2]\n", ":1: a JSON list, not a record"),
+], ids=["missing", "directory", "malformed", "cut-short", "missing-keys", "not-an-object"])
+def test_report_of_a_bad_results_file_is_one_line(content, says, tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    if content == "DIR":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    err = refused_line(["report", str(path)], capsys)
+    assert str(path) in err and says in err
+    if content and content.endswith(RECORD[:30]):
+        assert "the last line, cut short: delete it" in err
+
+
+def test_report_reads_a_good_file(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text(RECORD + "\n")
+    assert cli.main(["report", str(path)]) == 0
+    assert "tp_pp:1x1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, says", [("not json\n", "is not JSON"),
+                                           ("[]\n", "holds a JSON list, not a profile object"),
+                                           ("DIR", "is a directory")],
+                         ids=["not-json", "not-an-object", "directory"])
+def test_a_profile_that_is_not_one_is_one_line(content, says, tmp_path, capsys):
+    profile = tmp_path / "p.json"
+    if content == "DIR":
+        profile.mkdir()
+    else:
+        profile.write_text(content)
+    results = tmp_path / "r.jsonl"
+    results.write_text(RECORD + "\n")
+    for argv in (["predict", "--preset", "tiny-dense", "--plan", "tp_pp:2x1", "--cluster",
+                  str(profile)],
+                 ["report", str(results), "--fidelity", "--profile", str(profile)]):
+        err = refused_line(argv, capsys)
+        assert f"cluster profile {profile} {says}" in err
+
+
+def test_bench_resume_with_a_malformed_out_is_one_line(tmp_path, no_launch, capsys):
+    out = tmp_path / "b.jsonl"
+    out.write_text(RECORD + "\nnot json\n")
+    err = refused_line(TINY_BENCH + ["--resume", "--out", str(out)], capsys)
+    assert f"{out}:2: not a JSON record" in err
+
+
+def test_an_interrupted_run_keeps_its_finished_cases(tmp_path, monkeypatch, capsys):
+    """run/verify --json append the cases that finished before a failure or a
+    stop signal, and say so."""
+    import json
+    import signal
+
+    from shardwise.runtime import launcher
+
+    def launch(job, deadline_s=None, **kw):
+        raise launcher.LaunchError("interrupted by SIGTERM: every rank was stopped",
+                                   results=[{"plan": job.cases[0].plan, "ok": True}],
+                                   signum=signal.SIGTERM)
+
+    monkeypatch.setattr(launcher, "launch", launch)
+    out = tmp_path / "run.jsonl"
+    rc = cli.main(["run", "--preset", "tiny-dense", "--nproc", "2", "--plan", "tp_pp:2x1",
+                   "--plan", "tp_pp:1x2", "--json", str(out)])
+    assert rc == 128 + signal.SIGTERM
+    printed = capsys.readouterr()
+    assert printed.err.splitlines()[-2:] == [
+        "shardwise: interrupted by SIGTERM: every rank was stopped",
+        f"shardwise: the 1 finished case(s) above were appended to {out}"]
+    assert "tp_pp:2x1" in printed.out  # the finished case's row
+    assert [json.loads(x)["plan"] for x in out.read_text().splitlines()] == ["tp_pp:2x1"]

@@ -1,4 +1,5 @@
 """Synthetic weights: deterministic, sliceable, and the reference is self-consistent."""
+import pytest
 import torch
 
 from shardwise.model import WeightSource, build_reference, make_inputs
@@ -142,17 +143,19 @@ def test_cache_write_moves_rows_as_words():
         assert torch.equal(keys[:, :, 2:7], k) and not keys[:, :, :2].any()
 
 
-def test_prompt_projection_written_into_the_cache(monkeypatch):
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_prompt_projection_written_into_the_cache(monkeypatch, qkv_bias):
     # Long prompts run the K/V projection per sequence with the cache as the
-    # GEMM's output. Same logits as without a cache, and the decode step that
-    # reads that cache matches one whose cache was filled by the copy path.
+    # GEMM's output (plus the K/V biases, where the model has them). Same
+    # logits as without a cache, and the decode step that reads that cache
+    # matches one whose cache was filled by the copy path.
     import torch
 
     from shardwise.model import WeightSource, build_reference
     from shardwise.model import reference as ref_mod
     from shardwise.presets import get_preset
 
-    spec = get_preset("tiny-dense").model
+    spec = get_preset("tiny-dense").model.replace(qkv_bias=qkv_bias)
     model = build_reference(WeightSource(spec, 0), torch.float32, torch.device("cpu"))
     x, step = torch.randn(3, 9, spec.d_model), torch.randn(3, 1, spec.d_model)
     outs = []

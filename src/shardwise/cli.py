@@ -1,35 +1,58 @@
-"""Command line: ``shardwise run | verify | presets | partition``.
+"""Command line: ``shardwise run | verify | bench | generate | plan | predict | ...``.
 
 Every command validates its plans against the model and the machine before
 any process starts, and prints a one-line error naming the fix otherwise.
-Under ``torchrun`` (several nodes) the same commands run in-process on every
-rank; rank 0 prints.
+Results go to standard output (``--format table|json|csv|markdown``),
+progress and notes to standard error. Under ``torchrun`` (several nodes) the
+same commands run in-process on every rank; rank 0 prints.
+
+Nothing here imports torch at module level: ``--help``, the listings and
+the checks of flags and model names run without it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-from .presets import PRESETS, get_preset
+from . import __version__
+from .argcheck import check_args
+from .output import FORMATS, emit, plural
+from .presets import PRESETS
 from .spec import Plan, ShardwiseError, Workload
 
 DEFAULT_RUN_PRESET = "tiny-dense"
 DEFAULT_RUN_NPROC = 4
 
 
-def _common(p: argparse.ArgumentParser, preset_default: str | None = None,
+MODEL_HELP = ("a preset (`shardwise presets`), a zoo name (llama-3.1-8b, mixtral-8x7b, ...: "
+              "`shardwise models`), a Hugging Face checkpoint directory, or a config.json "
+              "(its shape with synthetic weights)")
+
+
+def _model_args(p: argparse.ArgumentParser, default: str | None = None,
+                dtype: bool = True) -> None:
+    """``--model`` (and ``--preset``, its older name) and ``--layers``: one way
+    to name a model in every command (models.resolve)."""
+    p.add_argument("--model", metavar="MODEL", default=None, help=MODEL_HELP +
+                   (f" (default: {default})" if default else ""))
+    p.add_argument("--preset", metavar="MODEL", default=None,
+                   help="the same as --model (kept for presets)")
+    p.set_defaults(default_model=default)
+    p.add_argument("--layers", type=int, help="use only the first N layers of the model")
+    if dtype:
+        p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                       help="override the model's dtype (CPU runs default to fp32)")
+
+
+def _common(p: argparse.ArgumentParser, model_default: str | None = None,
             device_default: str = "auto") -> None:
-    p.add_argument("--preset", default=preset_default,
-                   help="model preset (see `shardwise presets`)")
-    p.add_argument("--model", metavar="PATH",
-                   help="a Hugging Face checkpoint directory (Llama, Mistral, Mixtral) instead of a preset")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's reduced workload)")
+    _model_args(p, model_default)
+    p.add_argument("--batch", type=int,
+                   help="sequences per step (default: a small workload that verifies in seconds)")
     p.add_argument("--seq", type=int, help="prompt length in tokens")
     p.add_argument("--steps", type=int, help="decode steps after the prompt")
-    p.add_argument("--layers", type=int, help="use only the first N layers of the preset (smaller runs)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
-                   help="override the preset's dtype (CPU runs default to fp32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=device_default,
                    help=f"cuda: NCCL, one rank per GPU; cpu: gloo; auto: cuda if present "
                         f"(default: {device_default})")
@@ -45,6 +68,22 @@ def _common(p: argparse.ArgumentParser, preset_default: str | None = None,
     p.add_argument("--inject-fault", metavar="RANK:POINT", help=argparse.SUPPRESS)
 
 
+def _format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="how results print: tables fitted to the terminal (default), or JSON, "
+                        "CSV or Markdown on standard output (progress goes to standard error)")
+
+
+def _cluster(p: argparse.ArgumentParser, default: str | None = "h100-sxm-16",
+             what: str = "") -> None:
+    from .perf.clusters import available_clusters
+
+    p.add_argument("--cluster", default=default, metavar="CLUSTER",
+                   help=f"cluster profile: {', '.join(available_clusters())} (`shardwise "
+                        f"clusters`), or a JSON file from `shardwise calibrate`"
+                        + (f" (default: {default})" if default else "") + what)
+
+
 def _static_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-decode", action="store_true",
                    help="decode at a device-tensor position: the static-shape step that "
@@ -57,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shardwise",
         description="Run transformer inference partitioned across GPUs, verified against one device.",
     )
+    ap.add_argument("--version", action="version", version=f"shardwise {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run and verify every plan that fits the ranks (the main job)")
@@ -66,13 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ranks to start (default {DEFAULT_RUN_NPROC} on CPU, every GPU on CUDA)")
     p.add_argument("--plan", action="append", dest="plans",
                    help="plan to run (repeatable; default: every valid plan)")
+    _format(p)
 
     p = sub.add_parser("verify", help="run one plan and the reference on the same weights")
     _common(p)
     _static_decode(p)
     p.add_argument("--plan", required=True, help="e.g. tp_pp:2x1, helix:4x4, ring:8, ep:4")
     p.add_argument("--nproc", type=int, default=None,
-                   help="ranks to start (default: what the plan needs)")
+                   help="ranks to start (default: what the plan needs; a layerwise plan: the "
+                        "fewest ranks whose layer groups fit its capacity)")
+    _format(p)
 
     p = sub.add_parser("bench", help="time plans after checking their numerics")
     _common(p)
@@ -92,85 +135,143 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (plan, phase) records already in --out for this workload")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks for plans that adapt to any number (layerwise; default: the "
-                        "most that another plan of the command takes)")
+                        "most that another plan of the command takes, else the fewest its "
+                        "capacity allows)")
+    _format(p)
 
-    p = sub.add_parser("generate", help="greedy generation from a checkpoint under a plan")
-    p.add_argument("--model", metavar="PATH", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--prompt-ids", required=True,
-                   help="comma-separated token ids, e.g. 1,15043,29892 (no tokenizer needed)")
+    p = sub.add_parser("generate", help="generate text (or token ids) from a checkpoint under "
+                                        "one or more plans, verified against the reference")
+    p.add_argument("--model", metavar="PATH", required=True,
+                   help="Hugging Face checkpoint directory (its own tokenizer reads --prompt)")
+    p.add_argument("--plan", action="append", dest="plans", required=True,
+                   help="plan to generate under (repeatable: each runs and is verified)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                        help="prompt text, tokenized by the checkpoint's tokenizer; the new "
+                             "text streams to stdout (repeatable: a batch; any lengths)")
+    prompt.add_argument("--prompt-ids", action="append", metavar="IDS",
+                        help="comma-separated token ids, e.g. 1,15043,29892 (repeatable; no "
+                             "tokenizer needed): prints the new ids")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--nproc", type=int)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; > 0: sample from softmax(logits / T)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the fewest most likely tokens that hold this probability "
+                        "(with --temperature)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (one sample per seed, "
+                                                       "whatever the plan)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate --max-new-tokens tokens even past an end-of-sequence token")
+    p.add_argument("--nproc", type=int, help="ranks to start (default: what the plan needs)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--no-verify", action="store_true", help="skip the reference replay")
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--deadline", type=float, default=None)
+    p.add_argument("--json", metavar="FILE",
+                   help="append one JSON record per plan: prompts, token ids, text, errors")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a collective may wait before the job fails")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="end the whole job after this many seconds")
 
-    sub.add_parser("presets", help="list the model presets")
+    p = sub.add_parser("presets", help="list the model presets")
+    _format(p)
+    p = sub.add_parser("models", help="list every model shardwise names: the zoo of published "
+                                      "architectures and the presets")
+    _format(p)
+    p = sub.add_parser("clusters", help="list the cluster profiles that --cluster names")
+    _format(p)
 
     p = sub.add_parser("predict", help="predict one plan with the cost model (no processes)")
-    p.add_argument("--preset", required=True)
+    _model_args(p)
     p.add_argument("--plan", required=True)
-    p.add_argument("--cluster", default="h100-sxm-16", help="profile name or JSON path")
+    _cluster(p)
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--phase", choices=["prefill", "decode", "both"])
+    _format(p)
 
     p = sub.add_parser("plan", help="rank every valid plan for a model on a cluster")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--cluster", default="h100-sxm-16", help="profile name or JSON path")
+    _model_args(p)
+    _cluster(p)
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
-    p.add_argument("--phase", choices=["prefill", "decode"], default="prefill")
+    p.add_argument("--phase", choices=["prefill", "decode", "both"], default="prefill")
     p.add_argument("--top", type=int, help="show only the best N")
     p.add_argument("--ranks", type=int, help="plans using exactly this many GPUs")
+    p.add_argument("--all", action="store_true",
+                   help="list every candidate: plans whose figures repeat a listed one's, and "
+                        "every invalid plan with its reason (by default summarised)")
     p.add_argument("--validate", action="store_true",
                    help="run the best --top (default 3) fitting plans with shardwise bench here "
                         "and print each one's measurement beside its prediction on --cluster "
                         "(use a profile calibrated on this machine)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where --validate runs (default: cuda if present)")
+                   help="where --validate and --run run (default: cuda if present)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations for --validate")
-    p.add_argument("--out", help="also append the --validate records to this file")
+    p.add_argument("--out", help="append the --validate / --run records to this file")
+    p.add_argument("--run", action="store_true",
+                   help="run the best plan that fits here: verify it against the reference, "
+                        "then benchmark it (on --device; prints the command it runs)")
+    _format(p)
 
     p = sub.add_parser("reproduce", help="a seed's claims beside shardwise's prediction")
     p.add_argument("seed", help="preset name (seed-helix-2l) or seed document id (000..004)")
-    p.add_argument("--cluster", default="h100-sxm-16")
-    p.add_argument("--results", nargs="*", help="results files with measured runs to show")
-    p.add_argument("--profile", help="profile calibrated where those results were measured")
+    _cluster(p)
+    p.add_argument("--results", nargs="*", metavar="FILE",
+                   help="results files with measured runs of the seed's preset to show")
+    p.add_argument("--profile", help="profile calibrated where those results were measured "
+                                     "(predictions beside them)")
+    _format(p)
 
     p = sub.add_parser("calibrate", help="measure this machine and write a cluster profile")
     p.add_argument("--out", required=True, help="profile JSON to write")
-    p.add_argument("--nproc", type=int)
+    p.add_argument("--nproc", type=int,
+                   help="ranks to measure collectives on (default: every GPU, 2 on CPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--quick", action="store_true", help="small sizes (a functional check)")
     p.add_argument("--name", help="profile name (default from the device)")
 
     p = sub.add_parser("report", help="tables and plots of results files, or prediction fidelity")
-    p.add_argument("files", nargs="+", help="results JSON lines files")
+    p.add_argument("files", nargs="+", help="results JSON lines files (bench --out, run --json, "
+                                            "verify --json, generate --json)")
     p.add_argument("--fidelity", action="store_true",
                    help="compare each record with the cost model's prediction")
     p.add_argument("--profile", help="cluster profile for --fidelity (calibrated on the same machine)")
-    p.add_argument("--plots", metavar="DIR", help="write PNG plots to DIR")
+    p.add_argument("--plots", metavar="DIR",
+                   help="write PNG plots of the bench records to DIR (prefill.png, decode.png)")
+    _format(p)
 
     p = sub.add_parser("partition", help="show layerwise groups for a capacity")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--capacity", required=True, help="bytes (80GB, 50MB) or L2 / HBM[@h100|@h200]")
+    _model_args(p)
+    p.add_argument("--capacity", required=True,
+                   help="bytes (80GB, 50MB) or L2 / HBM of --cluster (HBM*0.9: a fraction; "
+                        "HBM@h100, L2@h200: a named device)")
     p.add_argument("--ranks", type=int, required=True)
+    _cluster(p, what="; L2 and HBM are read from it")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
+    _format(p)
     return ap
 
 
 # -- building cases --------------------------------------------------------
 
+def gpu_possible() -> bool:
+    """False where no GPU driver is present (Linux without NVIDIA's or AMD's
+    device files): then ``auto`` means CPU without importing torch."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+
+
 def resolve_device(choice: str) -> str:
+    if choice == "cpu" or (choice == "auto" and not gpu_possible()):
+        return "cpu"
     import torch
 
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise ShardwiseError("--device cuda but no CUDA GPU is visible; use --device cpu")
     return choice
 
@@ -189,40 +290,46 @@ def check_ranks(nproc: int, device: str) -> None:
             )
 
 
-CHECKPOINT_WORKLOAD = Workload(batch=2, seq_len=16, decode_steps=4)
+def check_fits(model, wl, plans, world: int, device: str, verify: bool = True) -> None:
+    """Refuse, before launch, a run that cannot fit the devices at hand (perf/fits.py)."""
+    from .perf.fits import check_fits as fits
+
+    fits(model, wl, plans, world, device, verify)
+
+
+def model_ref(args, device: str | None = None):
+    """The model ``--model`` / ``--preset`` name (models.resolve), with
+    ``--layers`` and ``--dtype``; on CPU the dtype defaults to fp32 (CPU
+    half-precision matmuls are slow and not what GPUs do)."""
+    from .models import resolve_args
+
+    name = args.model or (None if args.preset else getattr(args, "default_model", None))
+    dtype = getattr(args, "dtype", None)
+    ref = resolve_args(args.preset, name, layers=args.layers, dtype=dtype)
+    if dtype is None and device == "cpu" and ref.spec.dtype != "fp32":
+        ref = resolve_args(args.preset, name, layers=args.layers, dtype="fp32")
+    return ref
 
 
 def make_case_parts(args, device: str):
-    """(preset or None, model spec, workload) from --preset or --model and the
+    """(model reference, model spec, workload) from --model / --preset and the
     workload flags. A checkpoint is fully checked here, before any launch."""
-    if args.model:
+    ref = model_ref(args, device)
+    wl = _workload(args, ref.check_workload)
+    if ref.checkpoint is not None:
         from .model.checkpoint import checkpoint_spec
 
-        wl = CHECKPOINT_WORKLOAD
-        wl = _workload(args, wl)
-        dtype = args.dtype or ("fp32" if device == "cpu" else None)
-        model = checkpoint_spec(args.model, wl, dtype=dtype)
-        if args.layers:
-            raise ShardwiseError("--layers applies to presets, not to checkpoints")
-        args.checkpoint = os.path.abspath(args.model)
-        return None, model, wl
-    if not args.preset:
-        raise ShardwiseError("give --preset NAME (see `shardwise presets`) or --model PATH")
-    args.checkpoint = None
-    preset = get_preset(args.preset)
-    model = preset.model
-    changes = {}
-    if args.layers:
-        if args.layers > model.n_layers:
-            raise ShardwiseError(f"--layers {args.layers} exceeds the preset's {model.n_layers} layers")
-        changes["n_layers"] = args.layers
-    if args.dtype:
-        changes["dtype"] = args.dtype
-    elif device == "cpu" and model.dtype != "fp32":
-        changes["dtype"] = "fp32"  # CPU half-precision matmuls are slow and not what GPUs do
-    if changes:
-        model = model.replace(**changes)
-    return preset, model, _workload(args, preset.reduced)
+        checkpoint_spec(ref.checkpoint, wl, dtype=ref.spec.dtype, spec=ref.spec)
+    return ref, ref.spec, wl
+
+
+def make_case(ref, model, wl, plan: str, args, **kw):
+    """A :class:`Case` of the model ``ref`` names (its weights: the checkpoint
+    or the seed's synthetic ones)."""
+    from .runtime.job import Case
+
+    return Case(model, wl, plan, seed=args.seed, preset=ref.preset and ref.name,
+                checkpoint=ref.checkpoint, source=ref.source, **kw)
 
 
 def _workload(args, default: Workload) -> Workload:
@@ -232,15 +339,43 @@ def _workload(args, default: Workload) -> Workload:
                     decode_steps=pick(args.steps, default.decode_steps))
 
 
-def _run_job(job, args):
-    """Launch locally, or run in-process when started by torchrun."""
+def _progress(total: int, what: str = ""):
+    """The live display of a command's jobs (their ``total`` cases), or
+    nothing under torchrun (each rank runs its part in-process)."""
+    import contextlib
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return contextlib.nullcontext()
+    from .runtime.progress import Display
+
+    return Display(total, what)
+
+
+def _run_job(job, args, show=None):
+    """Launch locally (``show``: the progress display), or run in-process
+    when started by torchrun."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         from .runtime.worker import run_job
 
         return run_job(job)
     from .runtime.launcher import launch
 
-    return launch(job, deadline_s=args.deadline)
+    return launch(job, deadline_s=args.deadline, on_progress=show)
+
+
+def _keep_finished(args, e, device: str, nproc: int) -> None:
+    """run and verify: the cases that finished before a failure, a deadline
+    or a stop signal, printed and (with --json) saved."""
+    if not e.results:
+        return
+    from .report import run_sheet
+
+    emit([run_sheet(e.results)], args.format)
+    if args.json:
+        _save(args, e.results, device, nproc)
+        e.saved = f"the {len(e.results)} finished case(s) above were appended to {args.json}"
+    else:
+        e.saved = f"the {len(e.results)} finished case(s) are printed above (--json FILE keeps them)"
 
 
 # -- commands ----------------------------------------------------------------
@@ -255,41 +390,53 @@ def check_peer(cls, plan, device: str, phase: str | None = None) -> None:
 
 
 def cmd_verify(args) -> int:
-    from .parallel.base import validate_plan
-    from .runtime.job import Case, Job
+    from .runtime.job import Job
+    from .runtime.launcher import LaunchError
 
     device = resolve_device(args.device)
-    preset, model, wl = make_case_parts(args, device)
+    ref, model, wl = make_case_parts(args, device)
     plan = Plan.parse(args.plan)
+    from .parallel.base import validate_plan  # the strategies' code: torch
+
     cls, topo = validate_plan(model, wl, plan, args.nproc)
     check_peer(cls, plan, device)
     nproc = topo.world_size
     check_ranks(nproc, device)
-    job = Job([Case(model, wl, str(plan), seed=args.seed, preset=args.preset,
-                    checkpoint=args.checkpoint)], nproc, device,
+    check_fits(model, wl, [str(plan)], nproc, device)
+    job = Job([make_case(ref, model, wl, str(plan), args)], nproc, device,
               timeout_s=args.timeout, fault=args.inject_fault, watchdog_s=args.watchdog,
               static_decode=args.static_decode)
-    results = _run_job(job, args)
+    try:
+        with _progress(len(job.cases), "verify") as show:
+            results = _run_job(job, args, show)
+    except LaunchError as e:
+        _keep_finished(args, e, device, nproc)
+        raise
     if not results:
         return 0  # a non-zero torchrun rank
-    from .report import print_verify
+    from .report import verify_parts
 
-    print_verify(results[0])
+    emit(verify_parts(results[0]), args.format)
     _save(args, results, device, nproc)
     return 0 if results[0]["ok"] else 1
 
 
 def cmd_run(args) -> int:
-    from .parallel.base import available_strategies, get_strategy, validate_plan
-    from .runtime.job import Case, Job
+    from .runtime.job import Job
+    from .runtime.launcher import LaunchError
 
     device = resolve_device(args.device)
     if args.nproc is None:
-        import torch
+        if device == "cuda":
+            import torch
 
-        args.nproc = torch.cuda.device_count() if device == "cuda" else DEFAULT_RUN_NPROC
+            args.nproc = torch.cuda.device_count()
+        else:
+            args.nproc = DEFAULT_RUN_NPROC
     check_ranks(args.nproc, device)
-    preset, model, wl = make_case_parts(args, device)
+    ref, model, wl = make_case_parts(args, device)
+    from .parallel.base import available_strategies, get_strategy, validate_plan
+
     if args.plans:
         plans = [str(Plan.parse(p)) for p in args.plans]
         for p in plans:
@@ -305,44 +452,51 @@ def cmd_run(args) -> int:
                     pass
         if not plans:
             raise ShardwiseError(f"no plan fits {model.name} on {args.nproc} ranks; try --nproc 2")
-    job = Job([Case(model, wl, p, seed=args.seed, preset=args.preset, checkpoint=args.checkpoint)
-               for p in plans],
+    check_fits(model, wl, plans, args.nproc, device)
+    job = Job([make_case(ref, model, wl, p, args) for p in plans],
               args.nproc, device, timeout_s=args.timeout, fault=args.inject_fault,
               watchdog_s=args.watchdog, static_decode=args.static_decode)
-    results = _run_job(job, args)
+    try:
+        with _progress(len(job.cases), "run") as show:
+            results = _run_job(job, args, show)
+    except LaunchError as e:
+        _keep_finished(args, e, device, args.nproc)
+        raise
     if not results:
         return 0
-    from .report import print_run
+    from .report import run_sheet
 
-    print_run(results, model, wl)
+    emit([run_sheet(results)], args.format)
     _save(args, results, device, args.nproc)
     return 0 if all(r["ok"] for r in results) else 1
 
 
 def cmd_bench(args) -> int:
-    from .bench.records import append_records, provenance, read_records
-    from .parallel.base import get_strategy, validate_plan
-    from .runtime.job import Case, Job
-    from .runtime.timing import BenchSettings
+    from .runtime.job import Job
+    from .runtime.launcher import LaunchError
 
     device = resolve_device(args.device)
-    if args.model:
-        raise ShardwiseError("bench runs presets (synthetic weights); use verify or run for --model")
-    preset, model, wl = make_case_parts(args, device)
+    ref, model, wl = make_case_parts(args, device)
+    plans = [Plan.parse(text) for text in args.plans]
+    from .bench.records import append_records, provenance, read_records
+    from .parallel.base import get_strategy, validate_plan
+    from .runtime.timing import BenchSettings
+
     settings = BenchSettings(phase=args.phase, iters=args.iters, warmup=args.warmup,
                              graphs=not args.no_graphs, trace=args.trace)
     timed = wl.replace(decode_steps=settings.decode_positions)
-    check = preset.reduced.replace(batch=min(preset.reduced.batch, timed.batch),
-                                   seq_len=min(preset.reduced.seq_len, timed.seq_len))
+    small = ref.check_workload
+    check = small.replace(batch=min(small.batch, timed.batch),
+                          seq_len=min(small.seq_len, timed.seq_len))
     done = set()
     if args.resume and os.path.exists(args.out):
+        from .bench.records import record_spec
+
         done = {(r["plan"], r["phase"]) for r in read_records(args.out)
-                if (r.get("preset"), r.get("n_layers"), r.get("batch"), r.get("seq_len"),
-                    r.get("dtype")) == (args.preset, model.n_layers, timed.batch,
-                                        timed.seq_len, model.dtype)}
+                if (r.get("batch"), r.get("seq_len")) == (timed.batch, timed.seq_len)
+                and record_spec(r) == model}
     by_world: dict[int, list[str]] = {}
     checks: dict[str, Workload] = {}
-    plans = [Plan.parse(text) for text in args.plans]
     adaptive = _adaptive_world(plans, args.nproc)
     for plan in plans:
         fixed = get_strategy(plan.strategy).ranks_needed(plan)
@@ -356,36 +510,60 @@ def cmd_bench(args) -> int:
         validate_plan(model, checks[str(plan)], plan, topo.world_size)
         phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]
         if all((str(plan), ph) in done for ph in phases):
-            print(f"skipping {plan}: already in {args.out}")
+            print(f"skipping {plan}: already in {args.out}", file=sys.stderr)
             continue
         check_ranks(topo.world_size, device)
         by_world.setdefault(topo.world_size, []).append(str(plan))
-    records = []
-    for world, plans in sorted(by_world.items()):
-        cases = [Case(model, checks[p], p, seed=args.seed, preset=args.preset) for p in plans]
-        cases += [Case(model, timed, p, seed=args.seed, preset=args.preset, verify=False,
-                       bench=vars(settings)) for p in plans]
-        job = Job(cases, world, device, timeout_s=args.timeout, warmup=1,
-                  fault=args.inject_fault, watchdog_s=args.watchdog)
-        results = _run_job(job, args)
-        if not results:
-            continue  # a non-zero torchrun rank
+    for world, plans in by_world.items():
+        check_fits(model, timed, plans, world, device, verify=False)
+        check_fits(model, check, plans, world, device)
+
+    def records_of(results: list[dict], world: int) -> list[dict]:
+        """The bench records of a job's results, each with its numerics check."""
         errs = {r["plan"]: r["max_rel_err"] for r in results if "max_rel_err" in r}
         oks = {r["plan"]: r["ok"] for r in results if "ok" in r}
         flips = {r["plan"]: r["max_rel_err_without_flips"] for r in results
                  if "max_rel_err_without_flips" in r}
         prov = provenance(device, world)
-        new = [{**prov, **r, "max_rel_err": errs.get(r["plan"]), "numerics_ok": oks.get(r["plan"]),
-                **({"max_rel_err_without_flips": flips[r["plan"]]} if r["plan"] in flips else {}),
-                "check_workload": [checks[r["plan"]].batch, check.seq_len, check.decode_steps]}
-               for r in results if "phase" in r]
-        append_records(args.out, new)  # per world size: an interrupted sweep keeps these
-        records += new
-    if records:
-        from .report import print_bench
+        return [{**prov, **r, "max_rel_err": errs.get(r["plan"]),
+                 "numerics_ok": oks.get(r["plan"]),
+                 **({"max_rel_err_without_flips": flips[r["plan"]]} if r["plan"] in flips
+                    else {}),
+                 "check_workload": [checks[r["plan"]].batch, check.seq_len, check.decode_steps]}
+                for r in results if "phase" in r]
 
-        print_bench(records)
-        print(f"appended {len(records)} record(s) to {args.out}")
+    records = []
+    total = sum(2 * len(p) for p in by_world.values())
+    try:
+        with _progress(total, "bench") as show:
+            for world, plans in sorted(by_world.items()):
+                cases = [make_case(ref, model, checks[p], p, args) for p in plans]
+                cases += [make_case(ref, model, timed, p, args, verify=False,
+                                    bench=vars(settings)) for p in plans]
+                job = Job(cases, world, device, timeout_s=args.timeout, warmup=1,
+                          fault=args.inject_fault, watchdog_s=args.watchdog)
+                try:
+                    results = _run_job(job, args, show)
+                except LaunchError as e:  # keep the phases timed before it ended
+                    new = records_of(e.results, world)
+                    if new:
+                        append_records(args.out, new)
+                    records += new
+                    raise
+                if not results:
+                    continue  # a non-zero torchrun rank
+                new = records_of(results, world)
+                append_records(args.out, new)  # per world size: an interrupted sweep keeps these
+                records += new
+    except LaunchError as e:
+        if records:
+            _print_bench(args, records)
+        e.saved = (f"{len(records)} record(s) of this run were appended to {args.out}; "
+                   f"--resume skips them")
+        raise
+    if records:
+        _print_bench(args, records)
+        print(f"appended {len(records)} record(s) to {args.out}", file=sys.stderr)
     bad = [r["plan"] for r in records if not r.get("numerics_ok")]
     if bad:
         print(f"shardwise: numerics check failed for {', '.join(sorted(set(bad)))}",
@@ -394,12 +572,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _print_bench(args, records: list[dict]) -> None:
+    from .report import bench_sheet
+
+    emit([bench_sheet(records)], args.format)
+
+
 def _adaptive_world(plans: list[Plan], nproc: int | None) -> int | None:
     """Ranks for the plans of one bench that adapt to any number (layerwise):
     ``--nproc`` when given, else the most that a fixed plan of the same
     command takes (so ``--plan tp_pp:2x1 --plan layerwise:cap=HBM`` compares
-    them on the same GPUs); None when neither says (validation then asks
-    for ``--nproc``). Fixed plans always take their own ranks."""
+    them on the same GPUs); None when neither says (each then runs on the
+    ranks it needs: validate_plan). Fixed plans always take their own ranks."""
     from .parallel.base import get_strategy
 
     sizes = [get_strategy(p.strategy).ranks_needed(p) for p in plans]
@@ -408,7 +592,8 @@ def _adaptive_world(plans: list[Plan], nproc: int | None) -> int | None:
     world = max((n for n in sizes if n is not None), default=None)
     if world is not None:
         names = ", ".join(str(p) for p, n in zip(plans, sizes) if n is None)
-        print(f"{names}: {world} rank(s), the most another plan here takes (--nproc sets it)")
+        print(f"{names}: {plural(world, 'rank')}, the most another plan here takes (--nproc "
+              f"sets it)", file=sys.stderr)
     return world
 
 
@@ -419,113 +604,255 @@ def _save(args, results, device, nproc) -> None:
 
     prov = provenance(device, nproc)
     append_records(args.json, [{**prov, **r} for r in results])
-    print(f"wrote {len(results)} record(s) to {args.json}")
+    print(f"wrote {len(results)} record(s) to {args.json}", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
-    from .runtime.generate import generation_job
+    from .runtime.generate import (Printer, check_sampling, continuation, eos_token_ids,
+                                   generation_jobs, load_tokenizer, merge_records)
+    from .runtime.launcher import launch
 
     device = resolve_device(args.device)
-    try:
-        ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ShardwiseError(f"--prompt-ids must be comma-separated integers (got {args.prompt_ids!r})") from None
-    if not ids:
-        raise ShardwiseError("--prompt-ids is empty; give at least one token id")
+    path = os.path.abspath(args.model)
     if args.max_new_tokens < 1:
         raise ShardwiseError("--max-new-tokens must be >= 1")
-    job = generation_job(os.path.abspath(args.model), args.plan, [ids], args.max_new_tokens,
-                         args.nproc, device, dtype=args.dtype or ("fp32" if device == "cpu" else None),
-                         verify=not args.no_verify, timeout_s=args.timeout)
-    check_ranks(job.nproc, device)
-    results = _run_job(job, args)
-    if not results:
-        return 0
-    r = results[0]
-    print(",".join(str(t) for t in r["tokens"][0]))
-    return 0 if r.get("ok", True) else 1
+    check_sampling(args.temperature, args.top_p)
+    tokenizer = None
+    if args.prompts is not None:
+        tokenizer = load_tokenizer(path)
+        ids = [tokenizer(text).input_ids for text in args.prompts]
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise ShardwiseError(f"--prompt {args.prompts[empty[0]]!r} has no tokens; give text")
+    else:
+        ids = []
+        for text in args.prompt_ids:
+            try:
+                ids.append([int(t) for t in text.replace(" ", "").split(",") if t])
+            except ValueError:
+                raise ShardwiseError(f"--prompt-ids must be comma-separated integers "
+                                     f"(got {text!r})") from None
+            if not ids[-1]:
+                raise ShardwiseError("--prompt-ids is empty; give at least one token id")
+    jobs = generation_jobs(
+        path, args.plans, ids, args.max_new_tokens, args.nproc, device,
+        dtype=args.dtype or ("fp32" if device == "cpu" else None), verify=not args.no_verify,
+        timeout_s=args.timeout, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        eos_ids=() if args.ignore_eos else eos_token_ids(path, tokenizer),
+        stream=tokenizer is not None)
+    for job in jobs:
+        check_ranks(job.nproc, device)
+    records = []
+    for job in jobs:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # this process is a rank; rank 0 prints
+            rank_records = _run_job(job, args)
+        else:  # the ranks send their tokens here as they come, and the text is printed here
+            rank_records = launch(job, deadline_s=args.deadline,
+                                  on_stream=Printer(tokenizer) if tokenizer else None)
+        if not rank_records:
+            return 0  # a non-zero torchrun rank
+        records += merge_records(rank_records)
+    if tokenizer is not None:
+        for r in records:
+            r["prompts"] = args.prompts
+            r["text"] = [continuation(tokenizer, p, t)
+                         for p, t in zip(r["prompt_ids"], r["tokens"])]
+    for r in records:
+        if tokenizer is None:  # the new ids are the output
+            for row in r["tokens"]:
+                print(",".join(map(str, row)))
+        check = (f"max relative error {r['max_rel_err']:.2e} vs the reference "
+                 f"({'ok' if r['ok'] else 'FAILED'})" if "ok" in r else "not verified")
+        steps = sum(len(t) for t in r["tokens"])
+        print(f"{r['plan']}: {steps} new token(s) for {len(r['tokens'])} prompt(s); {check}",
+              file=sys.stderr)
+    if args.json:
+        from .bench.records import append_records, provenance
+
+        append_records(args.json, [{**provenance(device, r["world_size"]), **r} for r in records])
+        print(f"wrote {len(records)} record(s) to {args.json}", file=sys.stderr)
+    return 0 if all(r.get("ok", True) for r in records) else 1
 
 
 def cmd_presets(args) -> int:
-    from .report import print_presets
+    from .report import presets_sheet
 
-    print_presets(PRESETS)
+    emit([presets_sheet(PRESETS)], args.format)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .report import models_sheet
+
+    emit([models_sheet()], args.format)
+    return 0
+
+
+def cmd_clusters(args) -> int:
+    from .perf.clusters import clusters_sheet
+
+    emit([clusters_sheet()], args.format)
     return 0
 
 
 def cmd_partition(args) -> int:
-    try:
-        from .perf.partition import partition_command
-    except ImportError:
-        raise ShardwiseError("the layerwise partitioner is not available in this version") from None
-    print(partition_command(args.preset, args.capacity, args.ranks, args.batch, args.seq))
+    from .perf.partition import partition_parts
+
+    emit(partition_parts(model_ref(args), args.capacity, args.ranks, args.batch, args.seq,
+                         cluster=args.cluster), args.format)
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .perf.planner import predict_command
+    from .perf.planner import predict_parts
 
-    print(predict_command(args.preset, args.plan, args.cluster, args.batch, args.seq, args.phase))
+    emit(predict_parts(model_ref(args), args.plan, args.cluster, args.batch, args.seq,
+                       args.phase), args.format)
     return 0
 
 
 def cmd_plan(args) -> int:
-    from .perf.planner import plan_command
+    from .perf.planner import plan_parts, ranking
 
-    print(plan_command(args.preset, args.cluster, args.batch, args.seq, args.phase, args.top,
-                       args.ranks))
-    return validate_plans(args) if args.validate else 0
+    ref = model_ref(args)
+    steps = None
+    if args.validate or args.run:  # ranked for the cache the benchmark allocates
+        from .runtime.timing import BenchSettings
+
+        steps = BenchSettings(iters=args.iters).decode_positions
+    rk = ranking(ref, args.cluster, args.batch, args.seq, args.phase, args.ranks, steps)
+    parts = plan_parts(rk, args.top, args.all)
+    best = rk.best(1)
+    if best:
+        parts.append(f"run the best plan: {_run_command(args, ref, rk, best[0])[1]}")
+    emit(parts, args.format)
+    if args.validate:
+        return validate_plans(args, ref, rk)
+    return run_best_plan(args, ref, rk) if args.run else 0
 
 
-def validate_plans(args) -> int:
-    """``plan --validate``: time the best fitting plans with ``bench`` on this
-    machine, then compare each record with its prediction on ``--cluster``."""
+def _bench_argv(args, ref, spec, wl, plans: list[str], ranks: int,
+                out: str | None = None) -> list[str]:
+    """``shardwise bench`` arguments that time ``plans`` on the model and
+    workload the planner ranked them for (``out`` None: bench's default file)."""
+    argv = ["bench", "--model", ref.name, "--batch", str(wl.batch), "--seq", str(wl.seq_len),
+            "--dtype", spec.dtype, "--phase", args.phase, "--iters", str(args.iters),
+            "--nproc", str(ranks)]
+    if args.device != "auto":
+        argv += ["--device", args.device]
+    if out:
+        argv += ["--out", out]
+    if args.layers:
+        argv += ["--layers", str(args.layers)]
+    for p in plans:
+        argv += ["--plan", p]
+    return argv
+
+
+def _run_command(args, ref, rk, plan: str) -> tuple[list[str], str, int]:
+    """(bench argv, the command line that runs it, ranks) for ``plan`` of
+    the ranking ``rk``: ``shardwise bench ...``, under torchrun across the
+    cluster's nodes where it needs more GPUs than one node has."""
+    from .parallel.base import get_strategy
+
+    p = Plan.parse(plan)
+    ranks = get_strategy(p.strategy).ranks_needed(p) or rk.ranks
+    argv = _bench_argv(args, ref, rk.spec, rk.workload, [plan], ranks, args.out)
+    per_node = rk.cluster.gpus_per_node
+    if ranks <= per_node:
+        return argv, "shardwise " + " ".join(argv), ranks
+    nodes = -(-ranks // per_node)
+    return argv, (f"torchrun --nnodes {nodes} --nproc-per-node {ranks // nodes} -m shardwise "
+                  + " ".join(argv)), ranks
+
+
+def _ranks_here(device: str) -> int | None:
+    """How many ranks a job can start here: torchrun's world, or every GPU;
+    None on CPU (any number of gloo ranks)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.device_count()
+    return None
+
+
+def run_best_plan(args, ref, rk) -> int:
+    """``plan --run``: verify and benchmark the best plan of the table that
+    fits on ``--cluster``, here; or, where it needs more devices than this
+    machine has, say so and print the command that runs it on the cluster."""
+    best = rk.best(1)
+    if not best:
+        raise ShardwiseError(f"no plan fits {rk.spec.name} on {rk.cluster.name}: nothing to "
+                             f"run; try --layers, a smaller --batch/--seq or a larger --cluster")
+    argv, command, ranks = _run_command(args, ref, rk, best[0])
+    if not args.out:
+        argv += ["--out", "results/bench.jsonl"]
+    device = resolve_device(args.device)
+    here = _ranks_here(device)
+    if here is not None and ranks > here:
+        raise ShardwiseError(
+            f"the best plan, {best[0]}, needs {ranks} GPUs and this machine has {here}; on the "
+            f"cluster run: {command}; or rank the plans for the GPUs here: shardwise plan "
+            f"--model {ref.name} --ranks {here} --cluster PROFILE --run (PROFILE from "
+            f"shardwise calibrate)")
+    print(f"running the best plan: shardwise {' '.join(argv)}", file=sys.stderr)
+    return cmd_bench(build_parser().parse_args(argv + ["--format", args.format]))
+
+
+def validate_plans(args, ref, rk) -> int:
+    """``plan --validate``: time the best fitting plans of the table (the
+    first --top, default 3) with ``bench`` on this machine, then compare each
+    record with its prediction on ``--cluster``. The records are kept in
+    ``--out`` when it is given (else in a file removed afterwards)."""
     import tempfile
 
-    from .bench.records import append_records, read_records
-    from .perf.planner import best_fitting
-    from .perf.reproduce import fidelity_command
+    from .perf.reproduce import fidelity_parts
 
-    from .perf.clusters import load_cluster
-
-    from .runtime.timing import BenchSettings
-
-    # Rank for the cache the benchmark will allocate (its warm-up and timed steps).
-    steps = BenchSettings(iters=args.iters).decode_positions
-    plans, spec, wl = best_fitting(args.preset, args.cluster, args.batch, args.seq, args.phase,
-                                   args.top or 3, args.ranks, steps)
-    ranks = args.ranks or load_cluster(args.cluster).n_gpus
+    plans = rk.best(args.top or 3)
     if not plans:
         raise ShardwiseError("no plan fits on the cluster: nothing to validate")
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "validate.jsonl")
-        argv = ["bench", "--preset", args.preset, "--batch", str(wl.batch), "--seq", str(wl.seq_len),
-                "--dtype", spec.dtype, "--phase", args.phase, "--iters", str(args.iters),
-                "--device", args.device, "--out", out, "--nproc", str(ranks)]
-        for p in plans:
-            argv += ["--plan", p]
-        print(f"validating {len(plans)} plan(s): shardwise {' '.join(argv)}")
-        rc = cmd_bench(build_parser().parse_args(argv))
-        if not os.path.exists(out):
+        out = args.out or os.path.join(tmp, "validate.jsonl")
+        before = _count_lines(out)
+        argv = _bench_argv(args, ref, rk.spec, rk.workload, plans, rk.ranks, args.out)
+        kept = "" if args.out else " (its records are compared, not kept: --out FILE keeps them)"
+        print(f"validating {', '.join(plans)}: shardwise {' '.join(argv)}{kept}",
+              file=sys.stderr)
+        rc = cmd_bench(build_parser().parse_args(argv + ["--out", out, "--format",
+                                                         args.format]))
+        if _count_lines(out) == before:
             return rc or 1
-        print(fidelity_command([out], args.cluster))
-        if args.out:
-            append_records(args.out, read_records(out))
-            print(f"appended the records to {args.out}")
+        fresh = os.path.join(tmp, "fresh.jsonl")
+        with open(out) as f, open(fresh, "w") as g:
+            g.writelines(f.readlines()[before:])
+        emit(fidelity_parts([fresh], args.cluster), args.format)
     return rc
 
 
-def cmd_reproduce(args) -> int:
-    from .perf.reproduce import reproduce_command
+def _count_lines(path: str) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0
 
-    print(reproduce_command(args.seed, args.cluster, args.results, args.profile))
+
+def cmd_reproduce(args) -> int:
+    from .perf.reproduce import reproduce_parts
+
+    emit(reproduce_parts(args.seed, args.cluster, args.results, args.profile), args.format)
     return 0
 
 
 def cmd_calibrate(args) -> int:
     from .perf.calibrate import calibrate_command
 
-    print(calibrate_command(args.out, args.nproc, args.device, args.quick, args.name))
+    with _progress(0, "calibrate") as show:
+        text = calibrate_command(args.out, args.nproc, args.device, args.quick, args.name,
+                                 on_progress=show)
+    print(text, end="")
     return 0
 
 
@@ -534,39 +861,47 @@ def cmd_report(args) -> int:
         if not args.profile:
             raise ShardwiseError("--fidelity needs --profile (a profile calibrated on the "
                                  "machine that produced the results)")
-        from .perf.reproduce import fidelity_command
+        from .perf.reproduce import fidelity_parts
 
-        print(fidelity_command(args.files, args.profile))
+        emit(fidelity_parts(args.files, args.profile), args.format)
         return 0
-    from .report import report_files
+    from .report import plot_records, read_all, report_parts
 
-    report_files(args.files, args.plots)
+    emit(report_parts(args.files), args.format)
+    if args.plots:
+        for path in plot_records(read_all(args.files), args.plots):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "reproduce": cmd_reproduce,
             "calibrate": cmd_calibrate, "report": cmd_report,
             "run": cmd_run, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench,
-            "presets": cmd_presets, "partition": cmd_partition}
+            "presets": cmd_presets, "models": cmd_models, "clusters": cmd_clusters,
+            "partition": cmd_partition}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime.launcher import LaunchError, raise_on_stop_signals
+
     args = build_parser().parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # under torchrun, torchrun's handling rules
+        raise_on_stop_signals()
     try:
+        check_args(args)
         return COMMANDS[args.cmd](args)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("shardwise: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - a failed rank is reported, not re-raised
-        from .runtime.launcher import LaunchError
-
-        if isinstance(e, LaunchError):
-            print(f"shardwise: {e}", file=sys.stderr)
-            return 130 if str(e).startswith("interrupted") else 1
-        raise
+    except LaunchError as e:  # a failed rank or a stop signal: reported, not re-raised
+        print(f"shardwise: {e}", file=sys.stderr)
+        if e.saved:
+            print(f"shardwise: {e.saved}", file=sys.stderr)
+        return 128 + e.signum if e.signum else 1
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"shardwise: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ reference within tolerance (fp32: 1e-5). Anything else is a failure: a wrong
 answer, another exception while validating, a rank that crashes or hangs
 after launch, or a refusal whose message is empty or spans several lines.
 
+``--cli`` fuzzes the command line instead (shardwise/fuzz_cli.py).
+
 The cases that pass validation run grouped by world size, as many to a
 launch as possible (``runtime.launcher.launch``, one ``Job`` per world size);
 a launch that fails is resumed after the failing case (the heartbeat names
@@ -44,6 +46,7 @@ REASONS = (
     ("malformed plan", r"malformed plan|must be a positive integer"),
     ("world size mismatch", r"ranks but the job has|would leave \d+ idle|adapts to any number"),
     ("not divisible", r"is not divisible by"),
+    ("kv heads neither split nor replicated", r"neither divides the other"),
     ("micro-batches", r"micro-batches but the batch|micro-batch|remove mb=|drop mb="),
     ("degrees", r"takes .*degree|takes NxM|TPxPP"),
     ("pipeline deeper than the model", r"pipeline stages"),
@@ -112,6 +115,12 @@ def _plan(rng: random.Random, strategy: str, world: int, batch: int) -> str:
     return strategy + (":" + text if text else "")
 
 
+# Position interpolation, and Llama 3.1's scaling with original_max_position_embeddings
+# shrunk to 64 so that a tiny head's wavelengths reach its smoothed and stretched bands.
+ROPE_SCALINGS = ({"rope_type": "linear", "factor": 4.0},
+                 {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+
 MALFORMED = ("tp_pp:2x", "helix:0x2", "pipeline:2", "tp_pp:2x2,,mb=", "ring:2,mb=-1",
              "tp_pp:2x1x", "Ring:2", "ep:two", "helix:2x2,reduce=", ":2", "tp_pp:2x2,2x1")
 
@@ -147,6 +156,18 @@ def generate(seed: int, index: int) -> FuzzCase:
     plan = _plan(rng, strategy, world, workload["batch"])
     if rng.random() < 0.04:
         plan = rng.choice(MALFORMED)
+    # Published models' features, drawn last so that every earlier draw (and
+    # the cases recorded before they were drawn) stays as it was. More ranks
+    # than KV heads (replicated KV heads) comes from the draws above.
+    if rng.random() < 0.3:
+        model["qkv_bias"] = True
+    if model["vocab_size"] is not None and rng.random() < 0.3:
+        model["tie_embeddings"] = True
+    if rope and rng.random() < 0.3:
+        model["rope_scaling"] = rng.choice(ROPE_SCALINGS)
+    if rng.random() < 0.02:  # refused: no vocabulary to tie, or no rotary to scale
+        model.update(rng.choice([{"tie_embeddings": True, "vocab_size": None},
+                                 {"rope_scaling": ROPE_SCALINGS[0], "rope_theta": None}]))
     return FuzzCase(index, model, workload, plan, world)
 
 
@@ -310,12 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary", help="JSON summary to write (atomically)")
     ap.add_argument("--watchdog", type=float, default=30.0,
                     help="seconds without progress before a launch is called hung")
+    ap.add_argument("--cli", action="store_true",
+                    help="fuzz the command line instead (random flags and values for every "
+                         "subcommand; see shardwise/fuzz_cli.py)")
+    ap.add_argument("--launch", type=int, default=0,
+                    help="--cli: run this many of the small launched jobs for real")
     args = ap.parse_args(argv)
     indices = parse_indices(args.only) if args.only else list(range(args.cases))
+    command = shlex.join(["python", "-m", "shardwise.fuzz",
+                          *(argv if argv is not None else sys.argv[1:])])
+    if args.cli:
+        return _cli_main(args, indices, command)
     summary = fuzz(args.seed, indices, args.watchdog)
-    summary = {"command": shlex.join(["python", "-m", "shardwise.fuzz", *(argv if argv is not None
-                                                                          else sys.argv[1:])]),
-               **summary}
+    summary = {"command": command, **summary}
     c = summary["counts"]
     print(f"fuzz seed {args.seed}: {summary['cases']} cases, {c['refused']} refused, "
           f"{c['verified']} verified, {c['failed']} failed ({summary['launches']} launches, "
@@ -323,11 +351,30 @@ def main(argv: list[str] | None = None) -> int:
     for f in summary["failures"]:
         print(f"  FAILED case {f['index']} ({f['plan']} on {f['world']} ranks): {f['kind']}: "
               f"{f['error'][:300]}")
-    if args.summary:
+    _write_summary(args.summary, summary)
+    return 1 if c["failed"] else 0
+
+
+def _cli_main(args, indices: list[int], command: str) -> int:
+    from .fuzz_cli import fuzz_cli
+
+    summary = {"command": command, **fuzz_cli(args.seed, indices, args.launch)}
+    c = summary["counts"]
+    print(f"fuzz --cli seed {args.seed}: {summary['cases']} command lines: "
+          + ", ".join(f"{v} {k}" for k, v in c.items())
+          + f" ({summary['launched_for_real']} launched for real, {summary['elapsed_s']} s)")
+    for f in summary["failures"]:
+        print(f"  FAILED case {f['index']}: shardwise {f['argv']}: {f['kind']}: "
+              f"{f['error'][:300]}")
+    _write_summary(args.summary, summary)
+    return 1 if c.get("failed") else 0
+
+
+def _write_summary(path: str | None, summary: dict) -> None:
+    if path:
         from .runtime.worker import write_atomic
 
-        write_atomic(args.summary, json.dumps(summary, indent=1) + "\n")
-    return 1 if c["failed"] else 0
+        write_atomic(path, json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

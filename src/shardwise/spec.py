@@ -10,8 +10,6 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 
 class ShardwiseError(ValueError):
     """A problem with the user's input, raised before any process starts.
@@ -20,17 +18,21 @@ class ShardwiseError(ValueError):
     """
 
 
+# Names of torch's dtypes: torch is imported only when a dtype object is asked
+# for, so describing models and plans (the CLI's listings, pre-launch checks)
+# does not pay for importing it.
 DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
 }
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def _dtype_name(name: str) -> str:
     try:
         return DTYPES[name]
     except KeyError:
@@ -39,8 +41,14 @@ def torch_dtype(name: str) -> torch.dtype:
         ) from None
 
 
+def torch_dtype(name: str) -> "torch.dtype":  # noqa: F821
+    import torch
+
+    return getattr(torch, _dtype_name(name))
+
+
 def dtype_bytes(name: str) -> int:
-    return torch_dtype(name).itemsize
+    return ITEMSIZE[_dtype_name(name)]
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,21 @@ class ModelSpec:
     vocab_size: int | None = None  # None: inputs and outputs are hidden states
     norm_eps: float = 1e-5
     rope_theta: float | None = None  # None: no rotary embedding
+    # Rotary frequency scaling as (key, value) pairs in Hugging Face's terms,
+    # e.g. Llama 3.1's (("factor", 8.0), ("high_freq_factor", 4.0),
+    # ("low_freq_factor", 1.0), ("original_max_position_embeddings", 8192),
+    # ("rope_type", "llama3")); None: plain frequencies (model/rope.py).
+    rope_scaling: tuple[tuple[str, float | int | str], ...] | None = None
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    tie_embeddings: bool = False  # the LM head is the embedding matrix
 
     def __post_init__(self):
+        if self.rope_scaling is not None:
+            # JSON gives lists or a dict; keep a hashable, ordered tuple of pairs.
+            items = (self.rope_scaling.items() if isinstance(self.rope_scaling, dict)
+                     else self.rope_scaling)
+            object.__setattr__(self, "rope_scaling",
+                               tuple(sorted((str(k), v) for k, v in items)) or None)
         problems = []
         for f in ("n_layers", "d_model", "n_heads", "head_dim", "d_ff"):
             if getattr(self, f) < 1:
@@ -91,7 +112,18 @@ class ModelSpec:
             )
         if self.rope_theta is not None and self.head_dim % 2:
             problems.append(f"rotary embedding needs an even head_dim (got {self.head_dim})")
-        torch_dtype(self.dtype)
+        if self.rope_scaling is not None:
+            if self.rope_theta is None:
+                problems.append("rope_scaling needs rope_theta (a rotary embedding to scale)")
+            else:
+                from .model.rope import scaling_problem
+
+                problem = scaling_problem(dict(self.rope_scaling))
+                if problem:
+                    problems.append(problem)
+        if self.tie_embeddings and self.vocab_size is None:
+            problems.append("tie_embeddings needs a vocab_size (an embedding to tie)")
+        _dtype_name(self.dtype)
         if problems:
             raise ShardwiseError(f"model {self.name!r}: " + "; ".join(problems))
 
@@ -110,11 +142,29 @@ class ModelSpec:
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready (``from_dict`` rebuilds the same spec): the
+        complete description a result record carries."""
+        d = dataclasses.asdict(self)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ShardwiseError(f"model description has unknown field(s) {', '.join(unknown)}; "
+                                 f"it was written by another version of shardwise")
+        return cls(**d)
+
     # Parameter counts (used by the planner, the cost model and the docs).
     def attn_params(self) -> int:
         qo = 2 * self.d_model * self.n_heads * self.head_dim
         kv = 2 * self.d_model * self.kv_heads * self.head_dim
-        return qo + kv
+        bias = (self.n_heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return qo + kv + bias
 
     def expert_params(self) -> int:
         return self.mlp_matrices * self.d_model * self.d_ff
@@ -136,9 +186,21 @@ class ModelSpec:
 
     def total_params(self) -> int:
         final_norm = self.norm_params() // 2
+        embeds = 1 if self.tie_embeddings else 2  # input embedding and LM head
         return (
-            self.n_layers * self.layer_params() + 2 * self.embed_params() + final_norm
+            self.n_layers * self.layer_params() + embeds * self.embed_params() + final_norm
         )
+
+    def active_params(self) -> int:
+        """Parameters a token's forward pass multiplies (top-k of the experts)."""
+        if not self.is_moe:
+            return self.total_params()
+        idle = (self.n_experts - self.top_k) * self.expert_params()
+        return self.total_params() - self.n_layers * idle
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V cache one token adds over every layer, in the model's dtype."""
+        return 2 * self.n_layers * self.kv_heads * self.head_dim * dtype_bytes(self.dtype)
 
 
 PHASES = ("prefill", "decode", "both")

@@ -45,8 +45,32 @@ def kv_bytes(spec: ModelSpec, batch: int, ctx: int) -> int:
     return 2 * spec.n_layers * batch * ctx * spec.kv_heads * spec.head_dim * dtype_bytes(spec.dtype)
 
 
+def distinct_experts(local: int, n_experts: int, top_k: int, tokens: float) -> float:
+    """Expected number of ``local`` experts (of ``n_experts``) that receive at
+    least one of ``tokens`` tokens, each routed to ``top_k`` distinct experts
+    uniformly: a given expert is missed by a token with probability 1 - k/E."""
+    if tokens <= 0:
+        return 0.0
+    return local * (1.0 - (1.0 - top_k / n_experts) ** tokens)
+
+
 def decode_bytes(spec: ModelSpec, batch: int, ctx: int) -> int:
-    """Fewest bytes one decode step must read: every weight once (all experts:
-    with batch x top_k routed tokens nearly every expert is hit) and the KV
-    cache of ``ctx`` positions."""
-    return weight_bytes(spec) + kv_bytes(spec, batch, ctx)
+    """Fewest bytes one decode step must read: once each, the weights the step
+    multiplies (every layer's attention, norms and router; of the experts,
+    those the batch's ``batch x top_k`` picks reach, in expectation under
+    uniform routing: top_k of them for one sequence, nearly all for many;
+    the LM head), the embedding rows of the batch's tokens (not the table),
+    and the KV cache of ``ctx`` positions."""
+    per_layer = spec.attn_params() + spec.norm_params()
+    if spec.is_moe:
+        hit = distinct_experts(spec.n_experts, spec.n_experts, spec.top_k, batch)
+        per_layer += hit * spec.expert_params() + spec.n_experts * spec.d_model
+    else:
+        per_layer += spec.expert_params()
+    ends = spec.norm_params() // 2  # the final norm
+    if spec.vocab_size is not None:
+        ends += spec.vocab_size * spec.d_model  # the LM head (the tied table: read once)
+        if not spec.tie_embeddings:
+            ends += batch * spec.d_model  # the tokens' embedding rows
+    weights = round(spec.n_layers * per_layer + ends) * dtype_bytes(spec.dtype)
+    return weights + kv_bytes(spec, batch, ctx)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (Llama family, Mixtral) as a weight source.
+"""Hugging Face checkpoints (Llama, Mistral, Mixtral, Qwen2) as a weight source.
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors``
 or ``model.safetensors.index.json`` plus the shards it names. The config maps
@@ -21,13 +21,15 @@ import json
 import os
 import struct
 from dataclasses import dataclass, fields
-from typing import Sequence
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Collection, Sequence
 
 from ..spec import ModelSpec, ShardwiseError, Workload
-from .weights import param_table
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, safetensors and the parameter table are imported where weights are
+# read: naming a model by its config (models.py) needs none of them.
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,11 +40,11 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
 }
 
 # Families that look like Llama but compute something else: say why, not just "unknown".
 _NOT_LLAMA = {
-    "qwen2": "Qwen2 adds biases to the q/k/v projections, which shardwise's attention lacks",
     "qwen2_moe": "Qwen2-MoE has shared experts and q/k/v biases",
     "gemma": "Gemma scales the embedding and uses (1 + weight) RMSNorm and GeGLU",
     "phi3": "Phi-3 stores fused qkv and gate_up projections with its own rope scaling",
@@ -72,14 +74,23 @@ def read_config(path: str) -> dict:
         raise ShardwiseError(f"checkpoint {path!r} is not a directory; give the directory that "
                              f"holds config.json and the safetensors files")
     where = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(where):
+        raise ShardwiseError(f"{where} does not exist; a Hugging Face checkpoint directory needs "
+                             f"its config.json (save_pretrained writes it)")
+    return read_config_file(where)
+
+
+def read_config_file(where: str) -> dict:
+    """A ``config.json`` file, parsed and checked to be a JSON object."""
     try:
         with open(where) as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise ShardwiseError(f"{where} does not exist; a Hugging Face checkpoint directory needs "
-                             f"its config.json (save_pretrained writes it)") from None
+        raise ShardwiseError(f"{where} does not exist; give a config.json file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _fail(where, f"is not valid JSON ({e}); restore the file") from None
+    except OSError as e:
+        raise _fail(where, f"cannot be read ({e.strerror})") from None
     if not isinstance(config, dict):
         raise _fail(where, "must hold a JSON object")
     return config
@@ -110,10 +121,12 @@ def _field(config: dict, key: str, where: str, kind=int, default=...):
     return kind(value)
 
 
-def _rope_theta(config: dict, where: str) -> float:
-    """The rotary base, from ``rope_parameters`` (transformers >= 5) or
-    ``rope_theta`` / ``rope_scaling`` (earlier); scaled variants are refused
-    because the reference computes plain rotary frequencies."""
+def _rope(config: dict, where: str) -> tuple[float, tuple | None]:
+    """The rotary base and scaling, from ``rope_parameters`` (transformers >= 5)
+    or ``rope_theta`` / ``rope_scaling`` (earlier). Scalings that
+    model/rope.py computes (linear, llama3) are kept; others are refused."""
+    from .rope import scaling_problem
+
     params = config.get("rope_parameters")
     key = "rope_parameters"
     if params is None:
@@ -122,12 +135,6 @@ def _rope_theta(config: dict, where: str) -> float:
             params.setdefault("rope_theta", config["rope_theta"])
     if not isinstance(params, dict):
         raise _fail(where, f"config field {key!r} must be a JSON object (got {params!r})")
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise _fail(where, f"config field {key!r} asks for rope type {kind!r}; shardwise "
-                           f"implements only plain rotary embeddings (rope_type 'default'), and "
-                           f"{kind!r} scaling changes the frequencies at every length; use a "
-                           f"checkpoint without rope scaling")
     factor = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if factor != 1.0:
         raise _fail(where, f"partial_rotary_factor = {factor} is not supported (shardwise "
@@ -136,7 +143,20 @@ def _rope_theta(config: dict, where: str) -> float:
     theta = params.get("rope_theta", 10000.0)
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
         raise _fail(where, f"rope_theta = {theta!r} must be a positive number")
-    return float(theta)
+    scaling = {k: v for k, v in params.items()
+               if k not in ("rope_theta", "partial_rotary_factor")}
+    if "type" in scaling:  # the field's name before transformers 4.45
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    kind = scaling.get("rope_type", "default")
+    problem = scaling_problem(scaling)
+    if problem:
+        raise _fail(where, f"config field {key!r}: {problem}")
+    if kind == "default":
+        return float(theta), None
+    from .rope import SCALINGS
+
+    kept = {k: scaling[k] for k in SCALINGS[kind]}
+    return float(theta), tuple(sorted({**kept, "rope_type": kind}.items()))
 
 
 def _check_supported(config: dict, where: str) -> str:
@@ -159,7 +179,8 @@ def _check_supported(config: dict, where: str) -> str:
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise _fail(where, f"config field {key!r} is true: shardwise's projections have no "
-                               f"bias; use a checkpoint without biases")
+                               f"bias there (only Qwen2's q/k/v biases); use a checkpoint "
+                               f"without them")
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise _fail(where, f"hidden_act {act!r} is not supported: the Llama family's MLP is "
@@ -205,15 +226,17 @@ def spec_from_config(config: dict, where: str, name: str,
     if window is not None and (not isinstance(window, int) or window < 1):
         raise _fail(where, f"config field 'sliding_window' = {window!r} must be a positive int "
                            f"or null")
+    tied = _field(config, "tie_word_embeddings", where, kind=bool, default=False)
+    theta, scaling = _rope(config, where)
     spec = ModelSpec(
         name=name, n_layers=_field(config, "num_hidden_layers", where), d_model=D,
         n_heads=H, head_dim=head_dim, d_ff=_field(config, "intermediate_size", where),
         n_kv_heads=Hkv, dtype=dtype, norm="rmsnorm", activation="swiglu",
         vocab_size=_field(config, "vocab_size", where),
         norm_eps=_field(config, "rms_norm_eps", where, kind=float),
-        rope_theta=_rope_theta(config, where), **moe,
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=model_type == "qwen2",
+        tie_embeddings=tied, **moe,
     )
-    tied = _field(config, "tie_word_embeddings", where, kind=bool, default=False)
     return spec, CheckpointConfig(model_type, tied, window)
 
 
@@ -317,8 +340,11 @@ class _Ref:
     offset: tuple[int, ...] = ()
 
 
-def _name_map(spec: ModelSpec, info: CheckpointConfig,
-              stored: dict[str, _Stored]) -> dict[str, _Ref]:
+def hf_name_map(spec: ModelSpec, stored: Collection[str]) -> dict[str, _Ref]:
+    """Where each shardwise parameter of ``spec`` lives among the Hugging Face
+    tensor names ``stored`` (a checkpoint's, or a transformers model's
+    ``state_dict`` keys: the name decides between the two Mixtral expert
+    layouts)."""
     D, F, V, E = spec.d_model, spec.d_ff, spec.vocab_size, spec.n_experts
     q, kv = spec.n_heads * spec.head_dim, spec.kv_heads * spec.head_dim
     Dn, Fn, Vn, En = "hidden_size", "intermediate_size", "vocab_size", "num_local_experts"
@@ -329,8 +355,8 @@ def _name_map(spec: ModelSpec, info: CheckpointConfig,
         m[name] = _Ref((hf,), tuple(shape), tuple(dims), tuple(offset))
 
     one("embed.weight", "model.embed_tokens.weight", (V, D), (Vn, Dn))
-    head = "model.embed_tokens.weight" if info.tie_word_embeddings else "lm_head.weight"
-    one("lm_head.weight", head, (V, D), (Vn, Dn))
+    if not spec.tie_embeddings:  # a tied head reads embed.weight (weights.lm_head_name)
+        one("lm_head.weight", "lm_head.weight", (V, D), (Vn, Dn))
     one("norm.weight", "model.norm.weight", (D,), (Dn,))
     # transformers >= 5 can save Mixtral experts fused (save_original_format=False);
     # by default it writes the original per-expert layout, as older releases did.
@@ -343,6 +369,10 @@ def _name_map(spec: ModelSpec, info: CheckpointConfig,
         one(f"{p}.attn.wk", f"{hp}.self_attn.k_proj.weight", (kv, D), (kvn, Dn))
         one(f"{p}.attn.wv", f"{hp}.self_attn.v_proj.weight", (kv, D), (kvn, Dn))
         one(f"{p}.attn.wo", f"{hp}.self_attn.o_proj.weight", (D, q), (Dn, qn))
+        if spec.qkv_bias:
+            one(f"{p}.attn.bq", f"{hp}.self_attn.q_proj.bias", (q,), (qn,))
+            one(f"{p}.attn.bk", f"{hp}.self_attn.k_proj.bias", (kv,), (kvn,))
+            one(f"{p}.attn.bv", f"{hp}.self_attn.v_proj.bias", (kv,), (kvn,))
         if not spec.is_moe:
             one(f"{p}.mlp.w_gate", f"{hp}.mlp.gate_proj.weight", (F, D), (Fn, Dn))
             one(f"{p}.mlp.w_up", f"{hp}.mlp.up_proj.weight", (F, D), (Fn, Dn))
@@ -372,6 +402,8 @@ def _positions(sel, size: int, what: str) -> list[int]:
         return list(range(size))
     if isinstance(sel, slice):
         return list(range(size))[sel]
+    import torch
+
     pos = torch.as_tensor(sel, dtype=torch.long).reshape(-1).tolist()
     if pos and (min(pos) < 0 or max(pos) >= size):
         raise IndexError(f"{what}: index out of range for a dim of size {size}")
@@ -405,13 +437,16 @@ class CheckpointSource:
         where = os.path.join(self.path, CONFIG_FILE)
         name = os.path.basename(self.path.rstrip(os.sep)) or "checkpoint"
         derived, self.info = spec_from_config(config, where, name, dtype)
+        self.config_layers = derived.n_layers
         if spec is not None:
             _check_same_model(spec, derived, where)
             derived = spec
         self.spec = derived
+        from .weights import param_table
+
         self.table = param_table(self.spec)
         self.stored, self.files = _read_tensor_index(self.path)
-        self.refs = _name_map(self.spec, self.info, self.stored)
+        self.refs = hf_name_map(self.spec, self.stored)
         self._check_tensors(config)
         if max_len is not None:
             self.check_length(max_len)
@@ -440,7 +475,7 @@ class CheckpointSource:
                     raise _fail(st.file, f"tensor {hf!r} is stored as {st.dtype}; shardwise reads "
                                          f"{', '.join(_SAFETENSORS_DTYPES)} weights")
         for hf, st in sorted(self.stored.items()):
-            if hf in used or hf.endswith(_IGNORED_SUFFIXES):
+            if hf in used or hf.endswith(_IGNORED_SUFFIXES) or self._later_layer(hf):
                 continue
             if hf == "lm_head.weight" and self.info.tie_word_embeddings:
                 continue  # transformers ignores it too: a tied head is the embedding
@@ -450,6 +485,13 @@ class CheckpointSource:
             raise _fail(st.file, f"holds tensor {hf!r}, which a {self.info.model_type} model "
                                  f"with this config.json ({layers}) does not have; the config "
                                  f"does not match the weights")
+
+    def _later_layer(self, hf: str) -> bool:
+        """Whether ``hf`` belongs to a layer the config has but this run leaves
+        out (``--layers N``)."""
+        parts = hf.split(".")
+        return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                and self.spec.n_layers <= int(parts[2]) < self.config_layers)
 
     def check_length(self, max_len: int) -> None:
         """Refuse lengths at which the model's sliding window would matter."""
@@ -471,6 +513,8 @@ class CheckpointSource:
         ref, shape = self.refs[name], self.table[name].shape
         index = list(index or []) + [None] * (len(shape) - len(index or []))
         pos = [_positions(sel, size, name) for size, sel in zip(shape, index)]
+        import torch
+
         out = torch.empty([len(p) for p in pos], dtype=dtype, device=device)
         if out.numel() == 0:
             return out
@@ -493,6 +537,8 @@ class CheckpointSource:
             d = max(range(len(runs)), key=lambda k: len(runs[k]))
             lo, hi = min(pos[d]), max(pos[d]) + 1
             runs[d] = [(lo, hi, 0)]
+            import torch
+
             gather[d] = torch.tensor([p - lo for p in pos[d]], dtype=torch.long)
         handle = self._slice(hf)
         for box in _boxes(runs):
@@ -508,6 +554,8 @@ class CheckpointSource:
         file = self.stored[hf].file
         if file not in self._handles:
             try:
+                from safetensors import safe_open
+
                 self._handles[file] = safe_open(file, framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error type
                 raise _fail(file, f"cannot be opened as safetensors ({e})") from None
@@ -532,8 +580,11 @@ def _boxes(runs: list[list[tuple[int, int, int]]]):
 
 
 def _check_same_model(given: ModelSpec, derived: ModelSpec, where: str) -> None:
-    differ = [f.name for f in fields(ModelSpec) if f.name not in ("name", "dtype")
+    """``given`` may differ in name and dtype, and use only the first layers."""
+    differ = [f.name for f in fields(ModelSpec) if f.name not in ("name", "dtype", "n_layers")
               and getattr(given, f.name) != getattr(derived, f.name)]
+    if given.n_layers > derived.n_layers:
+        differ.append("n_layers")
     if differ:
         pairs = ", ".join(f"{k}={getattr(given, k)!r} vs {getattr(derived, k)!r}" for k in differ)
         raise _fail(where, f"the model spec given does not match the checkpoint ({pairs}); "
@@ -541,10 +592,11 @@ def _check_same_model(given: ModelSpec, derived: ModelSpec, where: str) -> None:
 
 
 def checkpoint_spec(path: str, workload: Workload | None = None,
-                    dtype: str | None = None) -> ModelSpec:
+                    dtype: str | None = None, spec: ModelSpec | None = None) -> ModelSpec:
     """Validate checkpoint ``path`` (config, every tensor's header, and the
-    workload's length against the attention window) and return its spec.
+    workload's length against the attention window) and return its spec
+    (``spec``, when given, must describe it: e.g. its first layers).
     Call it before launching ranks so a bad checkpoint fails at once."""
-    source = CheckpointSource(path, dtype=dtype,
+    source = CheckpointSource(path, spec, dtype=dtype,
                               max_len=workload.max_len if workload is not None else None)
     return source.spec

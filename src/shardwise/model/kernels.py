@@ -1,5 +1,5 @@
-"""Fused residual-add + normalisation for GPUs (Triton), with a plain
-PyTorch path everywhere else.
+"""Fused residual-add + normalisation and the SwiGLU activation for GPUs
+(Triton), with a plain PyTorch path everywhere else.
 
 A pre-norm decoder layer computes ``h = x + a`` and then ``norm(h)``: two
 memory-bound kernels, the second reading back what the first just wrote.
@@ -14,12 +14,18 @@ block (d_model <= 32768) when Triton imports; anything else runs the
 ``nn.LayerNorm`` / ``nn.RMSNorm`` module itself. The two paths agree to the
 rounding of the float32 statistics (a summation order), which the GPU tests
 in ``tests/test_kernels.py`` bound.
+
+``swiglu`` is the SwiGLU MLP's activation and product, ``silu(gate) * up``
+of the fused up-projection's two halves, in one pass on GPUs (PyTorch runs
+the SiLU and the product as two kernels, the second reading the first's
+output back). The rotary embedding's kernel is in :mod:`.rotary`.
 """
 from __future__ import annotations
 
 import importlib
 
 import torch
+import torch.nn.functional as Fn
 from torch import nn
 
 _MAX_D = 32768
@@ -29,6 +35,7 @@ _LOADED: dict = {}  # (module, name) -> (triton, kernel), or False without Trito
 # the ``(triton, kernel)`` to launch in place of ``loaded`` (the real pair, or
 # False where Triton is not installed). None: the real kernels.
 LOAD_HOOK = None
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def triton_kernel(module: str, name: str):
@@ -104,3 +111,32 @@ def add_norm(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None):
         h = x + a
         return h, module(h)
     return _launch(module, x, a)
+
+
+def _swiglu_kernel():
+    """``(triton, swiglu_kernel)`` (:mod:`.triton_swiglu`), or False without Triton."""
+    return triton_kernel(f"{__package__}.triton_swiglu", "swiglu_kernel")
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``h [..., 2F]`` laid out ``[gate | up]`` (the
+    fused ``[gate; up]`` weight's output): ``[..., F]``, one kernel on GPUs."""
+    if h.is_cuda and h.dtype in (*_HALF, torch.float32) and h.stride(-1) == 1 and _swiglu_kernel():
+        return _swiglu_launch(h)
+    return _swiglu_torch(h)
+
+
+def _swiglu_torch(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return Fn.silu(gate) * up
+
+
+def _swiglu_launch(h: torch.Tensor) -> torch.Tensor:
+    triton, kernel = _swiglu_kernel()
+    F = h.shape[-1] // 2
+    rows = h.reshape(-1, 2 * F)  # a view for the GEMM's output
+    y = torch.empty(*h.shape[:-1], F, dtype=h.dtype, device=h.device)
+    block = min(1024, triton.next_power_of_2(F))
+    kernel[(rows.shape[0], triton.cdiv(F, block))](rows, y, F, rows.stride(0), F, BLOCK=block,
+                                                    num_warps=4 if block >= 512 else 1)
+    return y

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .reference import Attention, Block, MLP, MoE, Transformer
-from .weights import WeightSource
+from .weights import WeightSource, lm_head_name
 
 
 def head_rows(heads: Sequence[int] | torch.Tensor, head_dim: int,
@@ -45,6 +45,24 @@ class ShardLoader:
         p = f"layers.{layer}.attn"
         return torch.cat([self.get(f"{p}.wq", [q_rows]), self.get(f"{p}.wk", [kv_rows]),
                           self.get(f"{p}.wv", [kv_rows])])
+
+    def qkv_bias(self, layer: int, q_rows: torch.Tensor | None,
+                 kv_rows: torch.Tensor | None) -> torch.Tensor:
+        """Fused ``[bq[q_rows]; bk[kv_rows]; bv[kv_rows]]`` (models with q/k/v biases)."""
+        p = f"layers.{layer}.attn"
+        return torch.cat([self.get(f"{p}.bq", [q_rows]), self.get(f"{p}.bk", [kv_rows]),
+                          self.get(f"{p}.bv", [kv_rows])])
+
+    def load_qkv(self, attn: Attention, layer: int, q_rows: torch.Tensor | None,
+                 kv_rows: torch.Tensor | None) -> None:
+        """Fill ``attn.wqkv`` (and its bias, where the model has one) with the given rows."""
+        set_param(attn.wqkv, "weight", self.qkv(layer, q_rows, kv_rows))
+        if self.spec.qkv_bias:
+            set_param(attn.wqkv, "bias", self.qkv_bias(layer, q_rows, kv_rows))
+
+    def lm_head(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of the LM head (the embedding's, when the model ties them)."""
+        return self.get(lm_head_name(self.spec), [rows])
 
     def wo(self, layer: int, q_rows: torch.Tensor | None, out_rows=None) -> torch.Tensor:
         """``wo[out_rows, q_rows]``: ``[D or len(out_rows), nq]``."""
@@ -86,7 +104,7 @@ class ShardLoader:
         q_rows = None if q_heads is None else head_rows(q_heads, d)
         kv_rows = None if kv_heads is None else head_rows(kv_heads, d)
         attn: Attention = block.attn
-        set_param(attn.wqkv, "weight", self.qkv(layer, q_rows, kv_rows))
+        self.load_qkv(attn, layer, q_rows, kv_rows)
         set_param(attn.wo, "weight", self.wo(layer, q_rows))
         self.norm(block.attn_norm, f"layers.{layer}.attn_norm")
         self.norm(block.mlp_norm, f"layers.{layer}.mlp_norm")
@@ -116,7 +134,10 @@ class ShardLoader:
         if model.norm is not None:
             self.norm(model.norm, "norm")
         if model.lm_head is not None:
-            set_param(model.lm_head, "weight", self.get("lm_head.weight"))
+            if self.spec.tie_embeddings and model.embed is not None:
+                model.lm_head.weight = model.embed.weight  # one tensor, as the model ties them
+            else:
+                set_param(model.lm_head, "weight", self.lm_head())
         return model
 
 

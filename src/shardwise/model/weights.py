@@ -143,6 +143,10 @@ def layer_param_table(spec: ModelSpec, layer: int) -> dict[str, ParamInfo]:
     t[f"{p}.attn.wk"] = _proj(Hkv * d, D)
     t[f"{p}.attn.wv"] = _proj(Hkv * d, D)
     t[f"{p}.attn.wo"] = _proj(D, H * d)
+    if spec.qkv_bias:
+        t[f"{p}.attn.bq"] = ParamInfo((H * d,), 0.1)
+        t[f"{p}.attn.bk"] = ParamInfo((Hkv * d,), 0.1)
+        t[f"{p}.attn.bv"] = ParamInfo((Hkv * d,), 0.1)
     t.update(_norm_params(f"{p}.mlp_norm", spec))
     if spec.is_moe:
         E = spec.n_experts
@@ -169,9 +173,14 @@ def param_table(spec: ModelSpec) -> dict[str, ParamInfo]:
     for i in range(spec.n_layers):
         t.update(layer_param_table(spec, i))
     t.update(_norm_params("norm", spec))
-    if spec.vocab_size is not None:
+    if spec.vocab_size is not None and not spec.tie_embeddings:
         t["lm_head.weight"] = _proj(spec.vocab_size, spec.d_model)
     return t
+
+
+def lm_head_name(spec: ModelSpec) -> str:
+    """The parameter the LM head reads: its own, or the embedding when tied."""
+    return "embed.weight" if spec.tie_embeddings else "lm_head.weight"
 
 
 class WeightSource:

@@ -28,7 +28,11 @@ A strategy is one file in this package. Its class:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import itertools
+import math
+import re
 from typing import ClassVar
 
 import torch
@@ -54,6 +58,10 @@ def dense_moe_ok(spec: ModelSpec, tokens: int) -> bool:
 class Strategy(nn.Module):
     name: ClassVar[str]
     supports_graphs: bool = False
+    # What the plan's degrees are called in its errors (``choose tp among
+    # [...]``), in the order of ``Plan.shape``: validate_plan checks every
+    # value it suggests for one of them.
+    degree_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
                  comm: Comm, loader):
@@ -65,6 +73,12 @@ class Strategy(nn.Module):
     @classmethod
     def ranks_needed(cls, plan: Plan) -> int | None:
         raise NotImplementedError
+
+    @classmethod
+    def default_ranks(cls, spec: ModelSpec, workload: Workload, plan: Plan) -> int | None:
+        """For a plan that adapts to any number of ranks (``ranks_needed`` None):
+        the number it runs on when none is given, or None (then one must be)."""
+        return None
 
     @classmethod
     def twin(cls, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
@@ -119,10 +133,66 @@ class Strategy(nn.Module):
         return None
 
 
+class Unsplittable(ShardwiseError):
+    """A degree of a plan that the model cannot be split by. ``name`` is the
+    degree as the fix names it (``tp``), None when the fix names none;
+    :func:`validate_plan` replaces ``fix`` with the values of that degree that
+    pass every check of the plan, so that following it works."""
+
+    def __init__(self, problem: str, fix: str, name: str | None = None):
+        super().__init__(f"{problem}; {fix}")
+        self.problem, self.fix, self.name = problem, fix, name
+
+
 def divides(what: str, n: int, by: int, by_what: str, fix: str) -> None:
-    """Raise a one-line error when ``by`` does not divide ``n``."""
+    """Raise a one-line error when ``by`` does not divide ``n`` (``fix``:
+    ``choose NAME among [...]`` names the degree, see :class:`Unsplittable`)."""
     if n % by:
-        raise ShardwiseError(f"{what} ({n}) is not divisible by {by_what} ({by}); {fix}")
+        name = re.match(r"choose (\w+) among", fix)
+        raise Unsplittable(f"{what} ({n}) is not divisible by {by_what} ({by})", fix,
+                           name.group(1) if name else None)
+
+
+def held_kv_heads(part: int, parts: int, kv_heads: int) -> range:
+    """The key/value heads that part ``part`` of a ``parts``-way split of the
+    query heads holds (consecutive query heads per part, as tp_pp and helix
+    split them).
+
+    ``parts`` <= ``kv_heads``: an equal share, nothing replicated. More parts
+    than KV heads (``parts % kv_heads == 0``): the one KV head that the part's
+    query heads all use, ``part * kv_heads // parts``, so each KV head (its
+    K/V projection rows and its cache) is replicated over the
+    ``parts // kv_heads`` parts that share it, as vLLM does. Either way a
+    part's query heads see exactly the keys they see on one device."""
+    if parts <= kv_heads:
+        return range(part * kv_heads // parts, (part + 1) * kv_heads // parts)
+    first = part * kv_heads // parts
+    return range(first, first + 1)
+
+
+def kv_replicas(parts: int, kv_heads: int) -> int:
+    """How many parts hold each KV head under :func:`held_kv_heads`."""
+    return max(1, parts // kv_heads)
+
+
+def head_splits(spec: ModelSpec) -> list[int]:
+    """Ways the heads of ``spec`` split (:func:`held_kv_heads`): divisors of
+    n_heads that divide n_kv_heads or that n_kv_heads divides."""
+    return [p for p in range(1, spec.n_heads + 1)
+            if spec.n_heads % p == 0 and (spec.kv_heads % p == 0 or p % spec.kv_heads == 0)]
+
+
+def check_head_split(spec: ModelSpec, parts: int, what: str, name: str) -> None:
+    """Raise a one-line error unless the heads of ``spec`` split ``parts`` ways
+    (``what``: the degree as the plan names it, ``name``: its letter in the fix)."""
+    fix = f"choose {name} among {head_splits(spec)}"
+    divides(f"{spec.name}: n_heads", spec.n_heads, parts, what, fix)
+    Hkv = spec.kv_heads
+    if Hkv % parts and parts % Hkv:
+        raise Unsplittable(
+            f"{spec.name}: n_kv_heads ({Hkv}) and {what} ({parts}): neither divides the "
+            f"other (up to {Hkv} parts split the kv heads; more parts replicate each kv head "
+            f"over the parts whose query heads use it)", fix, name)
 
 
 def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
@@ -153,14 +223,14 @@ def micro_batched(batch: int, micro_batches: int, fn) -> list:
 
 
 def get_strategy(name: str) -> type[Strategy]:
-    if name.startswith("torch_"):  # PyTorch's own methods, timed beside ours
-        from ..bench.peers import PEERS
+    from ..bench.peers import PEERS  # PyTorch's and Hugging Face's own, timed beside ours
 
-        if name in PEERS:
-            return PEERS[name]
+    if name in PEERS:
+        return PEERS[name]
     if name not in STRATEGY_MODULES:
         raise ShardwiseError(
-            f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)}"
+            f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)} "
+            f"(or a peer: {', '.join(PEERS)})"
         )
     try:
         module = importlib.import_module(f"shardwise.parallel.{name}")
@@ -197,9 +267,49 @@ def validate_plan(spec: ModelSpec, workload: Workload, plan: Plan | str,
             f"{workload.batch}; use mb <= {workload.batch}"
         )
     if world_size is None:
-        world_size = cls.ranks_needed(plan)
+        world_size = cls.ranks_needed(plan) or cls.default_ranks(spec, workload, plan)
         if world_size is None:
-            raise ShardwiseError(f"plan {plan} adapts to any number of ranks; give --nproc")
-    topo = cls.validate(spec, workload, plan, world_size)
+            raise ShardwiseError(f"plan {plan} adapts to any number of ranks; give its degree "
+                                 f"or the ranks to run on (--nproc)")
+    try:
+        topo = cls.validate(spec, workload, plan, world_size)
+    except Unsplittable as e:
+        raise ShardwiseError(f"{e.problem}; {_checked_fix(cls, spec, workload, plan, e)}") from None
     topo.check_world(world_size, str(plan))
     return cls, topo
+
+
+# Degrees tried when a fix is checked (each variant is validated, no process starts).
+MAX_DEGREE = 64
+
+
+def _checked_fix(cls, spec, workload, plan: Plan, e: Unsplittable) -> str:
+    """The fix for ``e`` that works when followed: the values of the degree
+    it names that pass every check on that degree (each split of a model
+    constrains it: heads, KV heads, d_ff, experts), each at the ranks it
+    implies; or, where the fix names no single degree, plans of the same
+    strategy near this one that the model accepts."""
+    def problem_with(variant: Plan, degree: str | None) -> bool:
+        try:
+            cls.validate(spec, workload, variant, cls.ranks_needed(variant))
+        except Unsplittable as other:  # a product of degrees (None) may involve this one
+            return degree is None or other.name in (degree, None)
+        except ShardwiseError:
+            return degree is None  # another degree's or option's problem, not this one's
+        return False
+
+    if e.name in cls.degree_names and cls.degree_names.index(e.name) < len(plan.shape):
+        i = cls.degree_names.index(e.name)
+        ok = [v for v in range(1, MAX_DEGREE + 1)
+              if not problem_with(dataclasses.replace(plan, shape=plan.shape[:i] + (v,)
+                                                      + plan.shape[i + 1:]), e.name)]
+        return f"choose {e.name} among {ok}"
+    ranks = math.prod(plan.shape)
+    shapes = [s for s in itertools.product(range(1, MAX_DEGREE + 1), repeat=len(plan.shape))
+              if math.prod(s) <= MAX_DEGREE]
+    near = sorted(shapes, key=lambda s: (abs(math.prod(s) - ranks), math.prod(s), s))
+    ok = [str(v) for v in (dataclasses.replace(plan, shape=s) for s in near)
+          if not problem_with(v, None)][:4]
+    return (f"{e.fix}, e.g. {', '.join(ok)}" if ok
+            else f"{e.fix}; no {plan.strategy} plan of up to {MAX_DEGREE} ranks splits "
+                 f"{spec.name}, choose another strategy")

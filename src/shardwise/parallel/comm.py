@@ -283,6 +283,17 @@ class Comm:
 
         return wait
 
+    def gather_floats(self, values: list[float], device) -> list[list[float]]:
+        """:func:`gather_floats`, told to the hook as a wait on peers (not
+        counted: it is the run's bookkeeping, not the model's traffic)."""
+        if self.hook is None:
+            return gather_floats(values, device)
+        self.hook.waiting("gather")
+        try:
+            return gather_floats(values, device)
+        finally:
+            self.hook.done()
+
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``t`` on every rank with global rank ``src``'s ``t``, in
         place (counted on axis ``world``): e.g. the token rank 0 chose."""

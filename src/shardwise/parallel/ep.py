@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.reference import (DENSE_MOE_MAX_TOKENS, KVCache, MoE, Transformer, expert_mlp,
-                               make_block, route, router_logits)
+from ..model.reference import (DENSE_MOE_MAX_TOKENS, KVCache, MoE, Transformer,
+                               grouped_expert_mlp, make_block, route, router_logits)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import Strategy, balanced_ranges, divides
 from .topology import Topology
@@ -49,22 +49,6 @@ from .topology import Topology
 # A chunk smaller than this is all latency: splitting it to overlap the
 # exchange costs more kernel launches and collectives than it hides.
 MIN_CHUNK_TOKENS = 32
-
-
-def grouped_expert_mlp(x: torch.Tensor, sizes: list[int], w_in: torch.Tensor,
-                       w_down: torch.Tensor, activation: str) -> torch.Tensor:
-    """Experts on rows grouped by expert: ``x [R, D]`` holds ``sizes[e]`` rows
-    for local expert e, in expert order; ``w_in [El, (2)F, D]``,
-    ``w_down [El, D, F]``. Returns ``[R, D]``: one matrix product per expert
-    over its contiguous slice (the loop is over local experts, never tokens)."""
-    out = torch.empty_like(x)
-    start = 0
-    for e, n in enumerate(sizes):
-        if n:
-            out[start : start + n] = expert_mlp(x[start : start + n], w_in[e], w_down[e],
-                                                activation)
-        start += n
-    return out
 
 
 class SkipEmptyBatch(nn.Module):
@@ -179,6 +163,7 @@ class ExpertParallelMoE(nn.Module):
 
 class ExpertParallel(Strategy):
     name = "ep"
+    degree_names = ("ep",)
 
     @staticmethod
     def degree(plan: Plan) -> int:

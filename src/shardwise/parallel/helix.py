@@ -5,6 +5,13 @@ ranks of a head group are consecutive (one node's fast links). Rank (g, s)
 holds the Q/K/V projection rows of the heads of group g restricted to dims
 ``s*d/M .. (s+1)*d/M`` of each head, its share of W_o, and 1/P of d_ff: 1/P
 of every weight (norms and the MoE router, a few vectors, are replicated).
+With more head groups than KV heads (``N % n_kv_heads == 0``), a group holds
+the one KV head its query heads use, replicated over the ``N / n_kv_heads``
+groups that share it, as tensor parallelism does
+(:func:`~shardwise.parallel.base.held_kv_heads`): those K/V rows and their
+cache are the only attention state held more than once. The group's single
+KV head cannot be split over M > 1 ranks by heads, so it takes the
+``sequence`` re-partition below.
 
 Invariant: Q.K^T needs every dim of a head, so before the attention core the
 M ranks of a group re-partition with one all-to-all over ``slice``:
@@ -33,10 +40,13 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from ..model.load import head_rows, set_param
+from ..model.rope import Rope
+from ..model.rotary import rotate
 from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
-                               causal_attention, make_norm, rotary)
+                               causal_attention, make_norm)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
-from .base import Strategy, balanced_ranges, dense_moe_ok, divides
+from .base import (Strategy, balanced_ranges, check_head_split, dense_moe_ok, divides,
+                   held_kv_heads, kv_replicas)
 from .lse import attend_lse, merge_stack
 from .topology import Topology
 
@@ -87,11 +97,22 @@ class HelixAttention(nn.Module):
         super().__init__()
         self.local, self.comm, self.sum_all = local, comm, sum_all
         self.slices, self.slice = topo.size("slice"), topo.coord("slice")
-        self.head_dim, self.theta = spec.head_dim, spec.rope_theta
+        self.head_dim, self.rotary = spec.head_dim, Rope.of(spec)
         self.heads, self.kv_heads = local.n_heads, local.n_kv_heads  # of the group
 
-    def rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        return x if self.theta is None else rotary(x, pos, self.theta)
+    def store(self, cache: KVCache, pos, q, k, v, slot=None):
+        """Rotate ``q [B, T, h, d]`` in place and store this step's ``k, v [B,
+        T, hkv, d]`` (rotated) at ``slot..slot+T`` of ``cache`` (default
+        ``pos``): one kernel on GPUs with a rotary embedding. Returns the
+        cache's ``k, v [B, hkv, S, d]`` as ``KVCache.write`` does."""
+        if self.rotary is not None:
+            return cache.write_rotated(self.rotary, pos, q, k, v, slot)
+        return cache.write(pos if slot is None else slot, k.transpose(1, 2), v.transpose(1, 2))
+
+    def rotate(self, pos, q=None, k=None) -> None:
+        """The rotary embedding (if any) of ``q`` and ``k`` at ``pos``, in place."""
+        if self.rotary is not None:
+            rotate(self.rotary, pos, q, k)
 
 
 class HeadSliceAttention(HelixAttention):
@@ -107,10 +128,8 @@ class HeadSliceAttention(HelixAttention):
         recv = self.comm.all_to_all(send.movedim(2, 0), "slice")  # [M (dims), B, T, h, d/M]
         full = recv.permute(1, 2, 3, 0, 4).reshape(B, T, -1, d)  # [B, T, h, d]
         q, k, v = full.split([self.heads // M, self.kv_heads // M, self.kv_heads // M], dim=2)
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, d]
-        k, v = cache.write(pos, k, v)
-        o = causal_attention(q, k, v, pos)  # [B, H_g/M, T, d]
+        k, v = self.store(cache, pos, q, k, v)  # [B, h, pos+T, d]
+        o = causal_attention(q.transpose(1, 2), k, v, pos)  # [B, H_g/M, T, d]
         return self.sum_all(self.local.wo(o.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -157,7 +176,8 @@ class SequenceChunkAttention(HelixAttention):
         q = recv.view(M, n, B, H, d // M).permute(2, 1, 3, 0, 4).reshape(B, n, H, d)
         kv = self.comm.all_gather(torch.cat([k, v], dim=2), "slice", dim=3)  # [B, T, 2Hkv, d]
         k, v = kv.split(Hkv, dim=2)
-        q, k = self.rope(q, t0), self.rope(k, 0)
+        self.rotate(t0, q=q)
+        self.rotate(0, k=k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, d]
         cache.write(0, k[:, :, t0:t1], v[:, :, t0:t1])
         o = causal_attention(q, k[:, :, :t1], v[:, :, :t1], t0)  # [B, H, n, d]
@@ -175,16 +195,16 @@ class SequenceChunkAttention(HelixAttention):
         # which only its owner stores).
         qkv = self.comm.all_gather(torch.cat([q, k, v], dim=2), "slice", dim=3)  # [B, 1, H+2Hkv, d]
         q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, 1, d]
         n = positions_held(self.slices, self.slice, self.prompt_len, pos)
         if pos % M == self.slice:
-            k_loc, v_loc = cache.write(n, k, v)  # [B, Hkv, n+1, d]
+            k_loc, v_loc = self.store(cache, pos, q, k, v, slot=n)  # [B, Hkv, n+1, d]
         else:
+            self.rotate(pos, q=q)
             k_loc, v_loc = cache.k[:, :, :n], cache.v[:, :, :n]
+        q = q.transpose(1, 2)  # [B, H, 1, d]
         # The H/Hkv query heads sharing a kv head act as that head's rows of
-        # queries, so the cache is read once, never expanded per query head.
-        o, lse = attend_lse(q.reshape(B, Hkv, H // Hkv, d), k_loc, v_loc)  # [B, Hkv, r, d]
+        # queries (attend_lse groups them), so the cache is read once.
+        o, lse = attend_lse(q, k_loc, v_loc)  # [B, H, 1, d], [B, H, 1]
         # Rank j merges dims j of every rank's partial; float32 keeps lse exact
         # in the one packed message (the payload is one token: bytes are moot).
         part = torch.cat([o.float().reshape(B, H, M, d // M),
@@ -213,6 +233,7 @@ class VocabShardEmbedding(nn.Module):
 
 class Helix(Strategy):
     name = "helix"
+    degree_names = ("N", "M")
 
     @staticmethod
     def degrees(plan: Plan) -> tuple[int, int]:
@@ -222,10 +243,15 @@ class Helix(Strategy):
         return plan.shape
 
     @staticmethod
-    def repartition(spec: ModelSpec, groups: int, slices: int) -> str:
+    def group_kv_heads(spec: ModelSpec, groups: int) -> int:
+        """KV heads a head group holds (one, replicated, when groups > n_kv_heads)."""
+        return len(held_kv_heads(0, groups, spec.kv_heads))
+
+    @classmethod
+    def repartition(cls, spec: ModelSpec, groups: int, slices: int) -> str:
         """``heads`` when each rank can take whole kv heads (and their query
         heads) of its group, else ``sequence``."""
-        return "heads" if (spec.kv_heads // groups) % slices == 0 else "sequence"
+        return "heads" if cls.group_kv_heads(spec, groups) % slices == 0 else "sequence"
 
     @classmethod
     def ranks_needed(cls, plan: Plan) -> int:
@@ -245,19 +271,14 @@ class Helix(Strategy):
         if plan.micro_batches != 1:
             raise ShardwiseError(f"plan {plan}: helix runs the whole batch in one pass "
                                  f"(no pipeline to fill); remove mb={plan.micro_batches}")
-        what = f"head groups N of plan {plan}"
-        divides(f"{spec.name}: n_heads", spec.n_heads, N, what,
-                f"choose N among {_divisors(spec.kv_heads)}")
-        divides(f"{spec.name}: n_kv_heads", spec.kv_heads, N, what,
-                f"choose N among {_divisors(spec.kv_heads)} (grouped-query attention "
-                f"keeps a kv head and its query heads in one group)")
+        check_head_split(spec, N, f"head groups N of plan {plan}", "N")
         divides(f"{spec.name}: head_dim", spec.head_dim, M, f"head-dim slices M of plan {plan}",
                 f"choose M among {_divisors(spec.head_dim)}")
         divides(f"{spec.name}: d_ff", spec.d_ff, N * M, f"N*M of plan {plan}",
                 "choose N and M whose product divides d_ff")
         if cls.repartition(spec, N, M) == "sequence" and workload.seq_len < M:
             raise ShardwiseError(
-                f"plan {plan}: {spec.kv_heads // N} kv heads per group cannot be split "
+                f"plan {plan}: {cls.group_kv_heads(spec, N)} kv heads per group cannot be split "
                 f"{M} ways, so helix splits the prompt into {M} position chunks, but "
                 f"seq_len is {workload.seq_len}; use seq_len >= {M} or a smaller M")
         return Topology(("group", "slice"), (N, M))
@@ -286,12 +307,14 @@ class Helix(Strategy):
         N, M = topo.size("group"), topo.size("slice")
         g, s = topo.coord("group"), topo.coord("slice")
         P, r = N * M, g * M + s
-        H, Hkv, d, F = spec.n_heads // N, spec.kv_heads // N, spec.head_dim, spec.d_ff // P
+        H, d, F = spec.n_heads // N, spec.head_dim, spec.d_ff // P
+        kv_heads = held_kv_heads(g, N, spec.kv_heads)  # replicated when N > n_kv_heads
+        Hkv = len(kv_heads)
         self.mode = self.repartition(spec, N, M)
         self.sum_all = SumOverMesh(comm, plan.option("reduce", "hier"))
         dims = torch.arange(s * d // M, (s + 1) * d // M)
         q_rows = head_rows(torch.arange(g * H, (g + 1) * H), d, dims)
-        kv_rows = head_rows(torch.arange(g * Hkv, (g + 1) * Hkv), d, dims)
+        kv_rows = head_rows(torch.arange(kv_heads.start, kv_heads.stop), d, dims)
         if self.mode == "heads":  # W_o columns of this rank's heads, all dims
             wo_cols = head_rows(torch.arange(g * H + s * H // M, g * H + (s + 1) * H // M), d)
             attn_cls = HeadSliceAttention
@@ -304,12 +327,12 @@ class Helix(Strategy):
             for _ in range(spec.n_layers):
                 mlp = (MoE(spec.d_model, F, spec.n_experts, spec.top_k, spec.activation)
                        if spec.is_moe else MLP(spec.d_model, F, spec.activation))
-                attn = Attention(spec.d_model, H, Hkv, d // M)
+                attn = Attention(spec.d_model, H, Hkv, d // M, qkv_bias=spec.qkv_bias)
                 blocks.append(Block(attn_cls(attn, spec, topo, comm, self.sum_all),
                                     SumAfter(mlp, self.sum_all), make_norm(spec), make_norm(spec)))
         for layer, blk in enumerate(blocks):
             attn, mlp, p = blk.attn.local, blk.mlp.inner, f"layers.{layer}"
-            set_param(attn.wqkv, "weight", loader.qkv(layer, q_rows, kv_rows))
+            loader.load_qkv(attn, layer, q_rows, kv_rows)
             set_param(attn.wo, "weight", loader.wo(layer, wo_cols))
             loader.norm(blk.attn_norm, f"{p}.attn_norm")
             loader.norm(blk.mlp_norm, f"{p}.mlp_norm")
@@ -330,7 +353,10 @@ class Helix(Strategy):
             model.embed = VocabShardEmbedding(Fn.pad(loader.get("embed.weight", [rows]), pad),
                                               r * c, self.sum_all)
             model.lm_head = nn.Linear(spec.d_model, c, bias=False, device="meta")
-            set_param(model.lm_head, "weight", Fn.pad(loader.get("lm_head.weight", [rows]), pad))
+            if spec.tie_embeddings:  # the same rows: one tensor
+                model.lm_head.weight = model.embed.weight
+            else:
+                set_param(model.lm_head, "weight", Fn.pad(loader.lm_head(rows), pad))
         loader.norm(model.norm, "norm")
         self.model = model
         if self.mode == "heads":
@@ -364,7 +390,7 @@ class Helix(Strategy):
         spec, topo, e = self.spec, self.topo, dtype_bytes(self.spec.dtype)
         N, M = topo.size("group"), topo.size("slice")
         B, D, d = self.workload.batch, spec.d_model, spec.head_dim
-        H, Hkv = spec.n_heads // N, spec.kv_heads // N
+        H, Hkv = spec.n_heads // N, self.group_kv_heads(spec, N)
         out: dict[str, int] = {}
 
         def add(op: str, axis: str, nbytes: int) -> None:
@@ -398,6 +424,7 @@ class Helix(Strategy):
             "reduce": self.sum_all.how,
             "head_groups": self.topo.size("group"),
             "dim_slices": self.topo.size("slice"),
+            "kv_head_replicas": kv_replicas(self.topo.size("group"), self.spec.kv_heads),
             "comm_bytes_per_layer": {
                 "prefill": self.layer_bytes(self.workload.seq_len, decode=False),
                 "decode": self.layer_bytes(1, decode=True),

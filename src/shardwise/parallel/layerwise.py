@@ -15,14 +15,14 @@ outputs in batch order is the reference output; only the grouping of layers
 onto ranks differs. Mesh axes ``("replica", "pp")``: pp varies fastest, so a
 pipeline's stages are consecutive ranks and its activations cross the fastest
 links. A model that fits one device (one group) is data parallel: nothing
-crosses ranks inside a step, and decode steps replay CUDA graphs.
+crosses ranks inside a step. Decode steps replay CUDA graphs either way.
 """
 from __future__ import annotations
 
 import torch
 
 from ..model.reference import KVCache, Transformer
-from ..perf.partition import Partition, fmt_bytes, parse_capacity, partition
+from ..perf.partition import Partition, PartitionError, fmt_bytes, parse_capacity, partition
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import Strategy, balanced_ranges, dense_moe_ok
 from .pipeline import Pipeline
@@ -56,6 +56,15 @@ class Layerwise(Strategy):
         return None  # the partition adapts to the ranks it is given
 
     @classmethod
+    def default_ranks(cls, spec, workload, plan) -> int | None:
+        """The fewest ranks whose layer groups fit the capacity (one when the
+        model fits one device); where no number does, one (validate says why)."""
+        try:
+            return plan_partition(spec, workload, plan, 1).ranks_used
+        except PartitionError as e:
+            return e.ranks_needed or 1
+
+    @classmethod
     def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
                  world_size: int) -> Topology:
         part = plan_partition(spec, workload, plan, world_size)
@@ -76,7 +85,7 @@ class Layerwise(Strategy):
         """The device's own capacities, and the tightest capacity in bytes at
         which the model fits ``world_size`` ranks (a device-free plan that
         cuts the model into as many groups as that capacity forces)."""
-        from ..perf.partition import layer_costs, min_capacity
+        from ..perf.partition import capacity_text, layer_costs, min_capacity
 
         cache: dict = {}
 
@@ -86,7 +95,7 @@ class Layerwise(Strategy):
             return cache[batch]
 
         tight = min_capacity(costs_for, spec.n_layers, world_size, workload.batch)
-        return [f"layerwise:cap={tight}B", "layerwise:cap=HBM", "layerwise:cap=L2"]
+        return [f"layerwise:cap={capacity_text(tight)}", "layerwise:cap=HBM", "layerwise:cap=L2"]
 
     @classmethod
     def twin(cls, spec, workload, plan, topo, rank) -> int:
@@ -118,11 +127,10 @@ class Layerwise(Strategy):
 
     @property
     def supports_graphs(self) -> bool:
-        """A decode step is captured in a CUDA graph when the layers form one
-        group: replicas only, each running the whole model on its sequences
-        with no point-to-point hop inside the step (``collect`` is outside
-        it). An MoE model needs its dense path (``dense_moe_ok``)."""
-        return self.topo.size("pp") == 1 and dense_moe_ok(self.spec, self.b1 - self.b0)
+        """A decode step is captured in a CUDA graph, the pipeline's
+        point-to-point hops included (NCCL captures them; ``collect`` is
+        outside the step). An MoE model needs its dense path (``dense_moe_ok``)."""
+        return dense_moe_ok(self.spec, self.b1 - self.b0)
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.pipeline.run(inputs[self.b0 : self.b1], pos)

@@ -14,11 +14,12 @@ sees no key has ``lse = -inf`` and ``o = 0``; the merge gives it weight 0
 instead of a NaN.
 
 ``attend_lse`` computes one block. On CUDA, without an explicit mask, it
-calls PyTorch's fused kernels that also return the log-sum-exp (cuDNN's flash
+calls fused kernels that also return the log-sum-exp: at head_dim 256 and
+512 in half precision shardwise's own (:mod:`shardwise.model.flash`, which
+reads grouped-query K/V heads once), otherwise PyTorch's (cuDNN's flash
 attention for fp16/bf16 and head_dim <= 128, FlashAttention-2 up to 256, the
-memory-efficient kernel otherwise,
-e.g. head_dim 512, which has no flash kernel); elsewhere, and with a mask,
-it computes the scores explicitly in float32.
+memory-efficient kernel otherwise); elsewhere, and with a mask, it computes
+the scores explicitly in float32.
 
 On CUDA ``merge_stack`` is one Triton kernel (a program per query row: the
 blocks' maximum lse, the sum of their exponentials, the weighted sum of their
@@ -33,6 +34,7 @@ import math
 
 import torch
 
+from ..model.flash import attend as wide_attend, wide_ok
 from ..model.kernels import triton_kernel
 from ..model.reference import _per_step
 
@@ -55,17 +57,26 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal block needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
-    k, v = _expand_kv(q, k, v)
+    if mask is None and wide_ok(q, k, v):
+        return wide_attend(q, k, v, 0, causal, scale)
+    if _groupable(q, k, causal, mask):
+        rows = _group(q, k)
+        if mask is None and _fused_ok(q):
+            return _ungroup(q, *_attend_fused(rows, k, v, scale, False, queries=q.shape[2]))
+        return _ungroup(q, *_attend_math(rows, k, v, mask, scale, False))
     if mask is None and _fused_ok(q):
         return _attend_fused(q, k, v, scale, causal)
+    k, v = _expand_kv(q, k, v)
     return _attend_math(q, k, v, mask, scale, causal)
 
 
 def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torch.Tensor,
-                      scale: float | None = None):
+                      scale: float | None = None, may_be_empty: bool = False):
     """:func:`attend_lse` of ``q [B, H, T, d]`` over the first ``n`` of the
     ``S`` keys in ``k, v [B, Hkv, S, d]``, with ``n`` a device tensor (one
-    element, >= 1): the shapes do not depend on ``n``, so a decode step over
+    element, >= 1, or >= 0 with ``may_be_empty``: then where it is 0 the
+    lse is set to -inf, which the merges read as an empty block whatever
+    the kernel's output): the shapes do not depend on ``n``, so a decode step over
     a cache that grows can be captured once in a CUDA graph. On CUDA the
     keys past ``n`` get an additive ``-inf`` bias in a fused kernel that
     returns the log-sum-exp with the output: cuDNN's in half precision up to
@@ -73,10 +84,13 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
     memory-efficient kernel otherwise; elsewhere the masked scores are
     computed in float32."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    S = k.shape[2]
-    k, v = _expand_kv(q, k, v)
+    S, T = k.shape[2], q.shape[2]
+    if _groupable(q, k, False, None) and T == 1:  # the key prefix applies to each row alike
+        return _ungroup(q, *attend_lse_prefix(_group(q, k), k, v, n, scale, may_be_empty))
     B, H, T, _ = q.shape
     fused = _fused_ok(q)
+    if not fused:
+        k, v = _expand_kv(q, k, v)
 
     def make():
         keep = torch.arange(S, device=q.device) < n.reshape(1)  # [S]
@@ -88,15 +102,43 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
 
     # Every layer of a step masks the same positions: built once a step.
     mask = _per_step(("prefix-mask", id(n), T, S, q.dtype, q.device, fused), make)
-    if not fused:
+    if not fused:  # an empty prefix: o = 0, lse = -inf
         return _attend_math(q, k, v, mask[None, :], scale, False)
-    return _attend_fused(q, k, v, scale, False, mask.expand(B, H, T, S))
+    o, lse = _attend_fused(q, k, v, scale, False, mask.expand(B, H, T, S))
+    if may_be_empty:
+        lse = lse.masked_fill(n.reshape(1, 1, 1) == 0, NEG_INF)
+    return o, lse
+
+
+def _groupable(q: torch.Tensor, k: torch.Tensor, causal: bool, mask) -> bool:
+    """Whether grouped-query attention can run as attention over the
+    ``Hkv`` key/value heads with the ``G = H / Hkv`` query heads of each as
+    its rows (:func:`_group`): exact when every row sees the same keys, i.e.
+    no causal block, and a mask (if any) for one query position."""
+    return (q.shape[1] != k.shape[1] and not causal
+            and (mask is None or (q.shape[2] == 1 and mask.dim() == 2)))
+
+
+def _group(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q [B, H, T, d]`` as ``[B, Hkv, G*T, d]``: query head ``h`` is row
+    block ``h % G`` of key/value head ``h // G``, so each key/value head is
+    read once for all its query heads (a view for one query position)."""
+    B, H, T, d = q.shape
+    return q.reshape(B, k.shape[1], H // k.shape[1] * T, d)
+
+
+def _ungroup(q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor):
+    """:func:`_group`'s inverse on the result: ``o [B, H, T, d]``, ``lse [B, H, T]``."""
+    B, H, T, d = q.shape
+    return o.reshape(B, H, T, d), lse.reshape(B, H, T)
 
 
 def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """``k, v`` with their heads repeated to ``q``'s (grouped-query attention):
-    the fused kernels' grouped-query support differs across releases;
-    expanding the key/value heads is correct everywhere."""
+    """``k, v`` with their heads repeated to ``q``'s, for the kernels that
+    take no grouped-query attention where :func:`_groupable` is not (causal
+    blocks): the math path and the memory-efficient kernel. cuDNN's and
+    FlashAttention's take ``Hkv < H`` as it is (PyTorch 2.11, H100: the same
+    result as repeated heads, results/llama/probe.jsonl)."""
     if q.shape[1] == k.shape[1]:
         return k, v
     g = q.shape[1] // k.shape[1]
@@ -113,15 +155,18 @@ def _fused_ok(q: torch.Tensor) -> bool:
 _CUDNN = {"plain": True, "bias": True}
 
 
-def _attend_fused(q, k, v, scale: float, causal: bool, bias: torch.Tensor | None = None):
+def _attend_fused(q, k, v, scale: float, causal: bool, bias: torch.Tensor | None = None,
+                  queries: int | None = None):
     """The fused kernels with the log-sum-exp; ``bias`` an additive
-    ``[B, H, T, S]`` bias (static-shape steps)."""
+    ``[B, H, T, S]`` bias (static-shape steps). ``queries``: the query
+    positions (q's rows unless grouped, :func:`_group`)."""
     T = q.shape[2]
     use = "plain" if bias is None else "bias"
     # cuDNN's flash kernel: on Hopper ~1.5x FlashAttention-2's rate. Not for an
     # eager decode step (one query): cuDNN plans each new key count (tens of
     # ms); a biased step's shapes never change, so its plan is built once.
-    if q.dtype in _HALF and q.shape[-1] <= 128 and (T > 1 or bias is not None) and _CUDNN[use]:
+    one = (T if queries is None else queries) == 1
+    if q.dtype in _HALF and q.shape[-1] <= 128 and (not one or bias is not None) and _CUDNN[use]:
         try:
             out = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q, k, v, bias, True, 0.0, causal, False, scale=scale)
@@ -134,6 +179,7 @@ def _attend_fused(q, k, v, scale: float, causal: bool, bias: torch.Tensor | None
             q, k, v, 0.0, causal, False, scale=scale)
         o, lse = out[0], out[1]  # lse [B, H, T] float32, natural log
     else:
+        k, v = _expand_kv(q, k, v)
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale)
         o, lse = out[0], out[1][..., :T]  # the kernel pads lse to a multiple of 32 queries
@@ -179,7 +225,10 @@ def merge_stack(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _merge_math(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     total = torch.logsumexp(lse, dim=0)  # [..., T]; -inf (not NaN) where every lse is -inf
-    out = (o.float() * _share(lse, total)[..., None]).sum(dim=0)
+    share = _share(lse, total)[..., None]
+    # A block of share 0 adds nothing, whatever its o (a fused kernel's
+    # output for a query that saw no key is not defined).
+    out = torch.where(share > 0, o.float() * share, 0.0).sum(dim=0)
     return out.to(o.dtype), total
 
 

@@ -139,9 +139,10 @@ class ZigZag:
 
 def static_decode_ok(layout: ZigZag, spec: ModelSpec, batch: int) -> bool:
     """Whether ring's decode steps have the static form a CUDA graph captures:
-    a prompt token on every rank, and an MoE model's dense path."""
-    return (layout.decode_steps > 0 and dense_moe_ok(spec, batch)
-            and all(layout.real(r) > 0 for r in range(layout.ranks)))
+    decode steps to take, and an MoE model's dense path. A rank that holds
+    no prompt token attends an empty shard until its first decoded token:
+    its lse is -inf there, an empty block to the merge."""
+    return layout.decode_steps > 0 and dense_moe_ok(spec, batch)
 
 
 class RingAttention(nn.Module):
@@ -218,12 +219,19 @@ class RingAttention(nn.Module):
         holds, are looked up on the device in tables of the layout: the owner
         writes its next slot, every other rank its spare slot past its
         capacity, and attention covers the whole shard with the positions
-        not held masked (:func:`attend_lse_prefix`). Needs a prompt token on
-        every rank (``Ring.supports_graphs``)."""
-        q, k, v = (t.transpose(1, 2) for t in self.attn.qkv(x, pos))  # [B, H or Hkv, 1, d]
+        not held masked (:func:`attend_lse_prefix`; none held yet on a rank
+        without prompt tokens: an empty block)."""
+        q, k, v = self.attn.project(x)  # [B, 1, H or Hkv, d]
         at, n = _per_step(("ring-slot", id(pos), self.r), lambda: self._slot(pos))
-        keys, values = cache.write(at, k, v)  # the whole shard, spare slot included
-        return self._merge(*attend_lse_prefix(q, keys, values, n))
+        # The whole shard, spare slot included (with a rotary embedding: q
+        # rotated and k, v stored in one kernel).
+        if self.attn.rope is not None:
+            keys, values = cache.write_rotated(self.attn.rope, pos, q, k, v, slot=at,
+                                               length=self.layout.prompt + self.layout.decode_steps)
+        else:
+            keys, values = cache.write(at, k.transpose(1, 2), v.transpose(1, 2))
+        return self._merge(*attend_lse_prefix(q.transpose(1, 2), keys, values, n,
+                                              may_be_empty=self.layout.real(self.r) == 0))
 
     def _slot(self, pos: torch.Tensor):
         """(slot written, a 0-d device tensor; positions held after the write,
@@ -316,9 +324,8 @@ class Ring(Strategy):
     @property
     def supports_graphs(self) -> bool:
         """Decode steps at a device-tensor position (:meth:`RingAttention.decode_static`)
-        when every rank holds a prompt token (a shard with no key has no static
-        form) and an MoE model takes its dense path (the routed loop sizes its
-        work on the host)."""
+        where an MoE model takes its dense path (the routed loop sizes its
+        work on the host); see :func:`static_decode_ok`."""
         return static_decode_ok(self.layout, self.spec, self.workload.batch)
 
     def forward(self, inputs: torch.Tensor, pos: int):

@@ -8,6 +8,11 @@ projection are row-parallel, so each rank holds a partial sum of the layer's
 output and one all-reduce over ``tp`` after attention and one after the MLP
 restore it. MoE layers spread whole experts over the ``tp`` ranks (the seed's
 "2 experts per GPU") and add the shares with the same all-reduce.
+Grouped-query models split their key/value heads the same way; with more
+ranks than KV heads (``tp % n_kv_heads == 0``) each rank holds the one KV
+head its query heads use, replicated over the ``tp / n_kv_heads`` ranks that
+share it (its K/V projection rows and its cache), as vLLM does
+(:func:`~shardwise.parallel.base.held_kv_heads`).
 
 Options: ``overlap=K|auto`` runs a prefill as K chunks of the batch whose
 all-reduces overlap the next chunk's matmuls (:class:`OverlappedStage`;
@@ -30,7 +35,8 @@ from torch import nn
 from ..model.kernels import add_norm, norm
 from ..model.reference import KVCache, Transformer, make_block, one_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges, dense_moe_ok, divides
+from .base import (Strategy, balanced_ranges, check_head_split, dense_moe_ok, divides,
+                   held_kv_heads, kv_replicas)
 from .pipeline import Pipeline
 from .topology import Topology
 
@@ -181,6 +187,7 @@ def _divisors(n: int) -> list[int]:
 
 class TpPp(Strategy):
     name = "tp_pp"
+    degree_names = ("tp", "pp")
 
     @staticmethod
     def degrees(plan: Plan) -> tuple[int, int]:
@@ -201,10 +208,7 @@ class TpPp(Strategy):
     def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
                  world_size: int) -> Topology:
         tp, pp = cls.degrees(plan)
-        fix = f"choose tp among {_divisors(spec.n_heads)}"
-        divides(f"{spec.name}: n_heads", spec.n_heads, tp, f"tp of plan {plan}", fix)
-        divides(f"{spec.name}: n_kv_heads", spec.kv_heads, tp, f"tp of plan {plan}",
-                f"choose tp among {_divisors(spec.kv_heads)}")
+        check_head_split(spec, tp, f"tp of plan {plan}", "tp")
         if spec.is_moe:
             divides(f"{spec.name}: n_experts", spec.n_experts, tp, f"tp of plan {plan}",
                     f"choose tp among {_divisors(spec.n_experts)}")
@@ -249,7 +253,7 @@ class TpPp(Strategy):
         self.wide_reduce = tp > 1 and self.dtype != torch.float32 and plan.option(
             "reduce", "fp32" if spec.is_moe else "model") == "fp32"
         heads = range(t * spec.n_heads // tp, (t + 1) * spec.n_heads // tp)
-        kv_heads = range(t * spec.kv_heads // tp, (t + 1) * spec.kv_heads // tp)
+        kv_heads = held_kv_heads(t, tp, spec.kv_heads)  # replicated when tp > n_kv_heads
         with torch.device("meta"):
             stage = Transformer(spec, self.stage_layers, first=s == 0, last=s == pp - 1)
             if spec.is_moe:
@@ -294,11 +298,11 @@ class TpPp(Strategy):
 
     @property
     def supports_graphs(self) -> bool:
-        """A decode step is capturable in a CUDA graph when it has no
-        point-to-point pipeline hop (collectives alone are capturable) and,
-        for MoE, its tokens take the reference's dense path (the routed loop
-        sizes its work on the host with torch.nonzero)."""
-        return self.topo.size("pp") == 1 and dense_moe_ok(self.spec, self.workload.batch)
+        """A decode step is capturable in a CUDA graph (its collectives and
+        its pipeline hops alike: NCCL captures point-to-point operations too)
+        when, for MoE, its tokens take the reference's dense path (the routed
+        loop sizes its work on the host with torch.nonzero)."""
+        return dense_moe_ok(self.spec, self.workload.batch)
 
     def forward(self, inputs: torch.Tensor, pos: int):
         return self.pipeline.run(inputs, pos)
@@ -308,7 +312,10 @@ class TpPp(Strategy):
         return self.send_to_root(local, owner)
 
     def report(self) -> dict:
-        return {"stage_layers": [self.stage_layers.start, self.stage_layers.stop]}
+        tp, kv = self.topo.size("tp"), self.spec.kv_heads
+        return {"stage_layers": [self.stage_layers.start, self.stage_layers.stop],
+                "kv_heads_per_rank": len(held_kv_heads(0, tp, kv)),
+                "kv_head_replicas": kv_replicas(tp, kv)}
 
 
 STRATEGY = TpPp

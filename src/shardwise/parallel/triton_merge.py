@@ -27,6 +27,8 @@ def merge_kernel(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK: tl.conste
     for i in range(N):
         share = tl.exp(tl.load(L + i * sl_n + r * sl_r) - tf)
         x = tl.load(O + i * so_n + r * so_r + cols, mask=keep, other=0.0)
-        acc += x.to(tl.float32) * share
+        # A block of share 0 adds nothing, whatever its o (NaN from a fused
+        # kernel whose query saw no key).
+        acc += tl.where(share > 0, x.to(tl.float32) * share, 0.0)
     tl.store(OUT + r * D + cols, acc.to(OUT.dtype.element_ty), mask=keep)
     tl.store(LOUT + r, total)

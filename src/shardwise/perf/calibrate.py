@@ -9,7 +9,9 @@ rank runs :func:`measure` at once, so collectives span all of them. Measured:
   interpolates (``gemm_grid``); the median of the compute-bound ones is the
   profile's ``matmul_tflops``;
 * causal attention (``scaled_dot_product_attention``) at head_dim 128 and
-  512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses;
+  512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses; and
+  shardwise's flash kernel for wide heads at head_dim 256 and 512 as the
+  code calls it (``wide_attention_tflops``, GPUs only);
 * HBM bandwidth: a device copy, 2 x bytes (read + write) / time;
 * the host side of eager work on every rank, the slowest kept
   (:mod:`.hostcost`);
@@ -118,6 +120,27 @@ def attention_rate(device, dtype, head_dim: int, quick: bool) -> dict:
                3 if quick else 10, 1 if quick else 3)
     return {"batch": B, "heads": H, "seq": L, "head_dim": head_dim,
             "tflops": 4 * B * H * head_dim * L * (L + 1) / 2 / t / 1e12}
+
+
+def wide_attention_rate(device, dtype, head_dim: int, quick: bool) -> float | None:
+    """shardwise's flash kernel for wide heads (``model/flash.py``) as the code
+    calls it, causal, at head_dim 256 or 512 (TFLOP/s, the count of
+    :func:`attention_rate`): ``attend_lse`` on a block of queries, which takes
+    the kernel at both widths. None where the code would not take it (CPU,
+    fp32, Triton missing)."""
+    import torch
+
+    from ..model.flash import wide_ok
+    from ..parallel.lse import attend_lse
+
+    B, L = (1, 128) if quick else (1, 8192)
+    H = max(1, (512 if quick else 8192) // head_dim)
+    q, k, v = (torch.randn(B, H, L, head_dim, device=device, dtype=dtype) for _ in range(3))
+    if not wide_ok(q, k, v):
+        return None
+    t = device_timer(device, lambda: attend_lse(q, k, v, causal=True), 3 if quick else 10,
+               1 if quick else 3)
+    return 4 * B * H * head_dim * L * (L + 1) / 2 / t / 1e12
 
 
 def copy_rate(device, quick: bool) -> float:
@@ -422,6 +445,18 @@ def link_profile(op: str, points: list, n: int) -> dict:
 
 # -- one rank -------------------------------------------------------------------------
 
+# The steps of measure() (its progress: one event per step, from rank 0).
+MEASUREMENTS = 10
+
+
+def _steps(rank: int, total: int):
+    """``step(what)``: the next of ``total`` steps begins (runtime/progress.py)."""
+    from ..runtime.progress import Reporter
+
+    progress, counter = Reporter(rank), iter(range(total))
+    return lambda what: progress.step(next(counter, total - 1), total, what)
+
+
 def measure(job, settings: dict) -> dict | None:
     """Run on every rank; returns the profile on rank 0."""
     import torch
@@ -436,27 +471,39 @@ def measure(job, settings: dict) -> dict | None:
     topo = Topology(("world",), (world,), rank=rank, device_type=device.type).build()
     comm = Comm(topo)
     dtypes = settings.get("dtypes") or (["bf16", "fp16"] if device.type == "cuda" else ["fp32"])
+    step = _steps(rank, MEASUREMENTS)
     with torch.inference_mode():
+        step("matmul rates (" + ", ".join(dtypes) + ")")
         grids = {d: matmul_grid(device, torch_dtype(d), quick) for d in dtypes}
         first = torch_dtype(dtypes[0])
+        step("attention")
         attn = [attention_rate(device, first, hd, quick) for hd in (128, 512)]
+        wide = {hd: wide_attention_rate(device, first, hd, quick) for hd in (256, 512)}
+        step("device copy and streaming")
         hbm = copy_rate(device, quick)
         stream = stream_rate(device, first, quick)
+        step("flash attention")
         flash = flash_rate(device, first, quick)
+        step("sustained matmul")
         sustained = sustained_matmul(device, first, quick)
         comm.barrier()
+        step("host cost of a layer")
         probe = launch_cost_us(device, comm, quick)
         comm.barrier()
+        step("host cost of each call kind")
         host = host_costs(device, comm, quick)
         host.update(launch_us=probe["launch_us"], layer_probe_us=probe["layer_probe_us"],
                     step_host_ratio=probe["step_host_ratio"])
 
         host, host_per_rank = slowest_rank(host, device)
         comm.barrier()
+        step("CUDA graph costs")
         graph = graph_costs(device, comm, quick)
         comm.barrier()
+        step("overlap of compute and communication")
         overlap = overlap_efficiency(device, comm, first, quick)
         comm.barrier()
+        step("collectives")
         colls = (collective_times(comm, device, first, QUICK_SIZES if quick else COLLECTIVE_SIZES,
                                   quick) if world > 1 else {})
     if rank != 0:
@@ -499,6 +546,9 @@ def measure(job, settings: dict) -> dict | None:
            if host["collective_us"] else {}),
         "stream_gbps": round(stream, 2),
         **({"flash_tflops": round(flash, 3)} if flash else {}),
+        **({"wide_attention_tflops": {"dtype": dtypes[0], **{str(hd): round(r, 3)
+                                                              for hd, r in wide.items() if r}}}
+           if any(wide.values()) else {}),
         **graph,
         **({"overlap_efficiency": round(overlap, 3)} if overlap is not None else {}),
         "sustained_matmul_tflops": round(sustained, 3),
@@ -543,9 +593,10 @@ def main(argv: list[str]) -> NoReturn:
 
 def calibrate(out: str, nproc: int | None = None, device: str = "auto", quick: bool = False,
               name: str | None = None, dtypes: list[str] | None = None,
-              deadline_s: float | None = 1800) -> dict:
+              deadline_s: float | None = 1800, on_progress=None) -> dict:
     """Launch the calibration on ``nproc`` ranks, write the profile to ``out``
-    and return it. Raises ShardwiseError if the profile does not load."""
+    and return it (``on_progress``: each step as it begins, see
+    runtime/progress.py). Raises ShardwiseError if the profile does not load."""
     import torch
 
     from ..runtime.job import Job
@@ -564,7 +615,8 @@ def calibrate(out: str, nproc: int | None = None, device: str = "auto", quick: b
                              if device == "cuda" else f"--nproc must be >= 1 (got {nproc})")
     settings = {"quick": quick, "name": name, "dtypes": dtypes}
     job = Job([], nproc, device, env={ENV: json.dumps(settings)})
-    results = launch(job, deadline_s=deadline_s, module="shardwise.perf.calibrate")
+    results = launch(job, deadline_s=deadline_s, module="shardwise.perf.calibrate",
+                     on_progress=on_progress)
     if not results:
         raise ShardwiseError("calibration returned no profile")
     profile = results[0]
@@ -575,13 +627,15 @@ def calibrate(out: str, nproc: int | None = None, device: str = "auto", quick: b
 
 
 def calibrate_command(out: str, nproc: int | None = None, device: str = "auto",
-                      quick: bool = False, name: str | None = None) -> str:
+                      quick: bool = False, name: str | None = None, on_progress=None) -> str:
     """``shardwise calibrate --out FILE [--nproc N] [--device cpu|cuda] [--quick] [--name NAME]``."""
-    p = calibrate(out, nproc, device, quick, name)
+    p = calibrate(out, nproc, device, quick, name, on_progress=on_progress)
     lines = [f"wrote profile {p['name']} to {out}: {p['source']['summary']}",
              "matmul TFLOP/s: " + ", ".join(f"{d} {v:g}" for d, v in p["matmul_tflops"].items()),
              f"attention TFLOP/s: head_dim 128 {p['attention_tflops']['head_dim<=256']:g}, "
-             f"head_dim 512 {p['attention_tflops']['head_dim>256']:g}",
+             f"head_dim 512 {p['attention_tflops']['head_dim>256']:g}"
+             + "".join(f"; shardwise's flash kernel, head_dim {hd} {v:g}"
+                       for hd, v in p.get("wide_attention_tflops", {}).items() if hd != "dtype"),
              f"device copy {p['hbm_gbps']:g} GB/s",
              f"host per call (slowest rank): op {p['op_us']:g} us, view {p['view_us']:g} us, "
              f"module {p['module_us']:g} us, device-to-host read {p['sync_us']:g} us"

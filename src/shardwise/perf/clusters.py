@@ -105,6 +105,8 @@ class Cluster:
     # see docs/costmodel.md "Profiles"):
     stream_gbps: float | None = None  # read-bound streaming (GEMV, decode attention)
     flash_tflops: float | None = None  # FlashAttention-2 kernel called directly (bf16/fp16, d<=256)
+    # shardwise's flash kernel for wide heads (model/flash.py), causal, by head_dim: {"256": TFLOP/s, ...}
+    wide_attention_tflops: dict = field(default_factory=dict)
     kernel_us: float | None = None  # GPU time of a tiny kernel in a stream / CUDA graph
     graph_latency_us: float | None = None  # small collective captured in a CUDA graph
     graph_collective_us: dict = field(default_factory=dict)  # op -> us, the same by kind
@@ -176,6 +178,18 @@ class Cluster:
         ref = self.matmul_tflops.get(self.attention_tflops.get("dtype", "bf16"))
         scale = self.matmul_rate(dtype) / (ref * 1e12) if ref else 1.0
         return base * 1e12 * min(1.0, scale)
+
+    def wide_attention_rate(self, head_dim: int, dtype: str) -> float | None:
+        """shardwise's flash kernel for wide heads (``model/flash.py``) at this
+        head_dim in half precision, as calibrate measured it (bf16; fp16
+        scaled like :meth:`attention_rate`); None where the profile has no
+        figure for it (the cost model then charges PyTorch's kernels)."""
+        base = self.wide_attention_tflops.get(str(head_dim))
+        if base is None or dtype not in ("bf16", "fp16", "bfloat16", "float16"):
+            return None
+        ref = self.matmul_tflops.get(self.wide_attention_tflops.get("dtype", "bf16"))
+        scale = self.matmul_rate(dtype) / (ref * 1e12) if ref else 1.0
+        return float(base) * 1e12 * min(1.0, scale)
 
     @property
     def hbm_rate(self) -> float:
@@ -468,6 +482,8 @@ class Cluster:
                 launch_us=float(d.get("launch_us", 0.0)), source=d.get("source", {}),
                 device=d.get("device", ""),
                 stream_gbps=_opt(d, "stream_gbps"), flash_tflops=_opt(d, "flash_tflops"),
+                wide_attention_tflops={k: (v if k == "dtype" else float(v))
+                                       for k, v in d.get("wide_attention_tflops", {}).items()},
                 kernel_us=_opt(d, "kernel_us"), graph_latency_us=_opt(d, "graph_latency_us"),
                 graph_collective_us={k: float(v)
                                      for k, v in d.get("graph_collective_us", {}).items()},
@@ -610,11 +626,29 @@ def available_clusters() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+def _profile_json(path: str) -> dict:
+    """A profile file's JSON object; a file that is not one is refused in one line."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except IsADirectoryError:
+        raise ShardwiseError(f"cluster profile {path} is a directory; give a profile JSON "
+                             f"file (written by `shardwise calibrate`) or a profile name") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardwiseError(f"cluster profile {path} cannot be read ({e})") from None
+    except ValueError as e:
+        raise ShardwiseError(f"cluster profile {path} is not JSON ({e}); give a profile "
+                             f"written by `shardwise calibrate` or a profile name") from None
+    if not isinstance(d, dict):
+        raise ShardwiseError(f"cluster profile {path} holds a JSON {type(d).__name__}, not a "
+                             f"profile object")
+    return d
+
+
 def load_cluster(name_or_path: str) -> Cluster:
     """A packaged profile by name (``h100-sxm-16``) or a JSON file by path."""
     if os.path.exists(name_or_path):
-        with open(name_or_path) as f:
-            return Cluster.from_dict(json.load(f))
+        return Cluster.from_dict(_profile_json(name_or_path))
     path = resources.files("shardwise.perf") / "profiles" / f"{name_or_path}.json"
     if not path.is_file():
         raise ShardwiseError(f"unknown cluster {name_or_path!r}: no such file, and no packaged "
@@ -622,3 +656,23 @@ def load_cluster(name_or_path: str) -> Cluster:
                              f"{', '.join(available_clusters())} or write one with "
                              f"`shardwise calibrate`")
     return Cluster.from_dict(json.loads(path.read_text()))
+
+
+def clusters_sheet():
+    """``shardwise clusters``: every packaged profile, what --cluster names."""
+    from ..output import Col, Sheet, nbytes, num
+
+    rows = []
+    for name in available_clusters():
+        c = load_cluster(name)
+        rows.append({"name": name, "device": c.device, "nodes": c.nodes,
+                     "gpus_per_node": c.gpus_per_node, "gpus": c.n_gpus,
+                     "hbm_bytes": c.hbm_bytes, "matmul_tflops": c.matmul_tflops.get("bf16"),
+                     "hbm_gbps": c.hbm_gbps, "links": sorted(c.links)})
+    return Sheet("clusters", "cluster profiles (--cluster NAME; or a JSON file from shardwise "
+                 "calibrate)", [
+        Col("name", "name"), Col("device", "device", left=True, priority=2),
+        Col("GPUs", "gpus", row_text=lambda r: f"{r['nodes']} x {r['gpus_per_node']}"),
+        Col("HBM", "hbm_bytes", nbytes), Col("bf16 TFLOP/s", "matmul_tflops", num, 1),
+        Col("HBM GB/s", "hbm_gbps", num, 1), Col("links", "links", ", ".join, 3, left=True)],
+        rows)

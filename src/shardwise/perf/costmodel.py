@@ -242,9 +242,19 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
 
 
 def _notes(cls, traces: list[RankTrace]) -> list[str]:
-    """What the strategy reports of itself on rank 0 (its layout)."""
+    """What the strategy reports of itself on rank 0 (its layout), and what
+    KV heads held by several ranks (its ``kv_head_replicas``) cost."""
     facts = traces[0].facts
-    return [f"{cls.name}: " + "; ".join(f"{k} {v}" for k, v in facts.items())] if facts else []
+    if not facts:
+        return []
+    notes = [f"{cls.name}: " + "; ".join(f"{k} {v}" for k, v in facts.items())]
+    copies = facts.get("kv_head_replicas", 1)
+    if isinstance(copies, int) and copies > 1:
+        kv = max(t.kv for t in traces)
+        notes.append(f"each KV head (its K/V projection rows and cache) is replicated on "
+                     f"{copies} ranks: of the KV cache's {fmt_bytes(kv)} per rank, "
+                     f"{fmt_bytes(kv * (copies - 1) / copies)} is replicated")
+    return notes
 
 
 def _fits(p: Prediction, cluster: Cluster) -> tuple[bool, str]:

@@ -7,7 +7,9 @@ event's shape class, nothing about which strategy made it.
   (``Cluster.gemm_rate``: the calibrated grid, interpolated) reading at the
   streaming rate; attention at its backend's rate (cuDNN and the
   memory-efficient kernel at the profile's SDPA rate for its head_dim,
-  FlashAttention-2 at its own), and with a few queries a whole tile of query
+  FlashAttention-2 at its own, shardwise's flash kernel for wide heads at
+  calibrate's ``wide_attention_tflops``, else at the SDPA rate for its
+  head_dim), and with a few queries a whole tile of query
   rows computed while the KV cache is read at the copy rate (traced in CUDA
   graphs: 4.3 TB/s where the copy ran at 4.2); everything else (elementwise,
   copies, norms, Triton kernels, indexed writes) moves its bytes at the copy
@@ -135,6 +137,9 @@ class Costs:
         half = dtype_bytes(k.dtype) == 2
         if backend == "flash" and half and d <= 256:
             rate, tile = self.cl.flash_rate(k.dtype), FLASH_Q_TILE
+        elif backend == "wide":  # taken for prompts (two queries or more): no tile charged
+            rate = self.cl.wide_attention_rate(d, k.dtype) or self.cl.attention_rate(d, k.dtype)
+            tile = 1
         else:
             rate, tile = self.cl.attention_rate(d, k.dtype), EFFICIENT_Q_TILE
         rate *= self.derate

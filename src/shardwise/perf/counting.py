@@ -21,7 +21,8 @@ from typing import NoReturn
 import torch
 
 from .events import CALL_KINDS, GEMM_OPS, is_attention
-from .lowering import TritonShim, classify_op
+from .lowering import classify_op
+from .tritons import STAND_INS, TritonShim, stand_in
 
 ENV = "SHARDWISE_COUNT"
 _DIST_CALLS = {"all_reduce": "all_reduce", "all_to_all_single": "all_to_all",
@@ -153,45 +154,14 @@ class _CountedKernel:
         return counted
 
 
-class _AddNorm:
-    """:mod:`shardwise.model.kernels`' fused add + norm on CPU, in PyTorch."""
+class _OnCpu:
+    """A Triton kernel computed on CPU by its stand-in's PyTorch form."""
+
+    def __init__(self, name: str):
+        self.stand_in = stand_in(name)
 
     def __getitem__(self, grid):
-        return self._launch
-
-    @staticmethod
-    def _launch(X, A, H, Y, W, B, D, eps, HAS_RES, HAS_BIAS, RMS, BLOCK, num_warps):
-        import torch.nn.functional as Fn
-
-        h = X + A if HAS_RES else X
-        if HAS_RES:
-            H.copy_(h)
-        hf = h.float()
-        if RMS:
-            y = hf * (hf.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * W.float()
-        else:
-            y = Fn.layer_norm(hf, (D,), W.float(), B.float() if HAS_BIAS else None, eps)
-        Y.copy_(y)
-
-
-class _Merge:
-    """:mod:`shardwise.parallel.lse`'s Triton merge on CPU: the PyTorch merge of
-    the same rows."""
-
-    def __getitem__(self, grid):
-        return self._launch
-
-    @staticmethod
-    def _launch(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK):
-        from ..parallel.lse import _merge_math
-
-        out, total = _merge_math(O, L)  # [rows, d], [rows]
-        OUT.view(-1, D).copy_(out)
-        LOUT.view(-1).copy_(total)
-
-
-# The Triton kernels CudaPaths computes on CPU, by kernel name.
-_ON_CPU = {"add_norm_kernel": _AddNorm, "merge_kernel": _Merge}
+        return lambda *args, **kwargs: self.stand_in.run(grid, *args, **kwargs)
 
 
 class CudaPaths:
@@ -200,17 +170,24 @@ class CudaPaths:
     chooses its fused kernels by it), the kernels that exist only on CUDA are
     computed by their CPU counterparts (FlashAttention and cuDNN's attention
     by the CPU flash kernel, a matmul with a float32 output by a float32
-    matmul, the Triton kernels of :data:`_ON_CPU` by PyTorch), one call each,
-    as on the GPU. A Triton kernel without a CPU counterpart is reported
-    absent (the code takes its PyTorch path). Numerics match the CPU path's
-    to rounding."""
+    matmul, shardwise's Triton kernels by their PyTorch forms in
+    :mod:`.tritons`), one call each, as on the GPU. A Triton kernel without a
+    CPU form is reported absent (the code takes its PyTorch path). Numerics
+    match the CPU path's to rounding."""
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         aten = torch.ops.aten
 
+        def grouped(q, k, v):
+            """k, v repeated to q's heads: the CUDA kernels take grouped-query
+            attention as it is, the CPU flash kernel does not."""
+            g = q.shape[1] // k.shape[1]
+            return (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+
         def flash(q, k, v, dropout_p=0.0, is_causal=False, *rest, scale=None, **kw):
+            k, v = grouped(q, k, v)
             o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, dropout_p, is_causal, scale=scale)
             none = torch.empty(0)
@@ -225,6 +202,7 @@ class CudaPaths:
 
         def cudnn(q, k, v, bias, want_lse, dropout_p=0.0, is_causal=False, debug=False, *,
                   scale=None):
+            k, v = grouped(q, k, v)
             o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, dropout_p, is_causal, scale=scale)
             none = torch.empty(0)
@@ -270,7 +248,7 @@ class CudaPaths:
         torch.Tensor.is_cuda = property(lambda self: True)
         self._hook = kernels.LOAD_HOOK
         kernels.LOAD_HOOK = lambda module, name, loaded: (
-            (TritonShim, _ON_CPU[name]()) if name in _ON_CPU else False)
+            (TritonShim, _OnCpu(name)) if name in STAND_INS else False)
         self._mode = StandIn()
         self._mode.__enter__()
         return self

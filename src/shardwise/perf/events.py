@@ -24,6 +24,10 @@ GEMM_OPS = {"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "_addmm_activat
 SYNC_OPS = {"nonzero", "nonzero_numpy", "nonzero_static", "item", "_local_scalar_dense",
             "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
             "unique_dim"}
+# Ops whose output's size depends on their input's values, with no meta
+# kernel: the recorder computes them from the inputs' shadows (a kernel on
+# the device; the read of its result to the host is the sync).
+VALUE_OPS = {"bincount", "histc"}
 # Ops that allocate without launching a kernel.
 ALLOC_OPS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 

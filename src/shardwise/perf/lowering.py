@@ -26,19 +26,6 @@ _SDPA = aten.scaled_dot_product_attention.default
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class TritonShim:
-    """What code that launches a Triton kernel asks of ``triton`` itself, where
-    the kernel is a stand-in (recorded, or computed on CPU)."""
-
-    @staticmethod
-    def next_power_of_2(n: int) -> int:
-        return 1 << max(0, int(n) - 1).bit_length()
-
-    @staticmethod
-    def cdiv(a: int, b: int) -> int:
-        return -(-a // b)
-
-
 def named_args(func, args, kwargs) -> dict:
     """An op's arguments by their schema names."""
     out = {a.name: v for a, v in zip(func._schema.arguments, args)}
@@ -48,20 +35,22 @@ def named_args(func, args, kwargs) -> dict:
 
 def sdp_backend(q, k, attn_mask, is_causal: bool, enable_gqa: bool) -> str:
     """The kernel ``scaled_dot_product_attention`` runs on an sm90 GPU under
-    torch 2.11 (as traced there), within what ``sdpa_kernel`` leaves on:
-    cuDNN for half precision, head_dim <= 128, no mask and equal head counts;
-    else FlashAttention-2 (half precision, head_dim <= 256, no mask, a causal
+    torch 2.11, within what ``sdpa_kernel`` leaves on: cuDNN for half
+    precision, head_dim <= 256, with or without a mask, grouped heads as they
+    are (traced there: the static decode step's masked attention;
+    SDPA's default choice in results/llama/probe.jsonl for grouped heads,
+    masked or not, and in results/flash at head_dim 256); else
+    FlashAttention-2 (half precision, head_dim <= 256, no mask, a causal
     mask only when square); else the memory-efficient kernel (head_dim a
-    multiple of 8, 4 in float32); else the math path."""
+    multiple of 8, 4 in float32; no grouped heads); else the math path."""
     half, d, T, S = q.dtype in _HALF, q.shape[-1], q.shape[-2], k.shape[-2]
     b = torch.backends.cuda
-    if (b.cudnn_sdp_enabled() and half and d <= 128 and d % 8 == 0 and attn_mask is None
-            and not enable_gqa and S > 1):
+    if b.cudnn_sdp_enabled() and half and d <= 256 and d % 8 == 0 and S > 1:
         return "cudnn"
     if (b.flash_sdp_enabled() and half and d <= 256 and d % 8 == 0 and attn_mask is None
             and (not is_causal or T == S)):
         return "flash"
-    if b.mem_efficient_sdp_enabled() and d % (8 if half else 4) == 0:
+    if b.mem_efficient_sdp_enabled() and d % (8 if half else 4) == 0 and not enable_gqa:
         return "efficient"
     return "math"
 

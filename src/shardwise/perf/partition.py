@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Callable
 
+from ..output import plural
 from ..spec import ModelSpec, ShardwiseError, Workload, dtype_bytes, parse_bytes
 
 # -- capacity ------------------------------------------------------------------
@@ -47,9 +48,10 @@ DEVICE_CAPACITY = {
 _NAMED = re.compile(r"(L2|HBM)(?:@(\w+))?(?:\*([0-9.eE+-]+))?", re.IGNORECASE)
 
 
-def parse_capacity(text: str) -> int:
-    """Bytes from a size (``80GB``, ``40GiB``) or from ``L2`` / ``HBM`` of this
-    machine's CUDA device, optionally of a named device (``L2@h100``) and
+def parse_capacity(text: str, cluster=None) -> int:
+    """Bytes from a size (``80GB``, ``40GiB``) or from ``L2`` / ``HBM`` of
+    ``cluster``'s GPU (a perf.clusters.Cluster) or, without one, of this
+    machine's CUDA device; optionally of a named device (``L2@h100``) and
     scaled by a fraction (``HBM*0.9``)."""
     m = _NAMED.fullmatch(text.strip())
     if m is None:
@@ -66,6 +68,11 @@ def parse_capacity(text: str) -> int:
             raise ShardwiseError(f"unknown device {device!r} in capacity {text!r}; use one of "
                                  f"{', '.join(DEVICE_CAPACITY)} or give bytes")
         size = DEVICE_CAPACITY[device.lower()][level]
+    elif cluster is not None:
+        size = cluster.l2_bytes if level == "L2" else cluster.hbm_bytes
+        if not size:
+            raise ShardwiseError(f"capacity {text!r}: cluster {cluster.name} records no "
+                                 f"{level} size; give bytes (e.g. 50MB)")
     else:
         size = _cuda_capacity(level, text)
     if fraction is not None:
@@ -89,6 +96,26 @@ def _cuda_capacity(level: str, text: str) -> int:
         )
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return int(props.L2_cache_size if level == "L2" else props.total_memory)
+
+
+def capacity_text(n: int) -> str:
+    """The shortest size of 3 significant digits (more where needed) that
+    ``parse_capacity`` reads back as at least ``n`` bytes: a capacity a plan
+    can name (``cap=16.7GB`` for 16686137344 bytes); a larger capacity fits
+    whatever ``n`` fits."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            break
+    else:
+        return f"{n}B"
+    for digits in range(3, 16):
+        step = 10 ** (math.floor(math.log10(n / scale)) + 1 - digits)
+        value = math.ceil(n / scale / step) * step
+        text = f"{value:.{max(0, -math.floor(math.log10(step)))}f}"
+        text = (text.rstrip("0").rstrip(".") if "." in text else text) + unit
+        if parse_bytes(text) >= n:
+            return text
+    return f"{n}B"
 
 
 def fmt_bytes(n: float) -> str:
@@ -365,9 +392,11 @@ class Partition:
 
 @lru_cache(maxsize=256)
 def partition(spec: ModelSpec, workload: Workload, capacity: int, ranks: int,
-              micro_batches: int = 1, rates: Rates = Rates()) -> Partition:
+              micro_batches: int = 1, rates: Rates = Rates(), ranks_flag: str = "--nproc",
+              capacity_flag: str = "cap=") -> Partition:
     """The layer groups for ``capacity`` bytes per device on ``ranks`` ranks,
-    or a :class:`PartitionError` that names the capacity / ranks that work.
+    or a :class:`PartitionError` that names the capacity / ranks that work
+    (``ranks_flag``, ``capacity_flag``: how the command at hand sets them).
     Kept per arguments: a plan is validated and built once per rank, and a
     deep model's search takes a while."""
     if ranks < 1:
@@ -385,7 +414,7 @@ def partition(spec: ModelSpec, workload: Workload, capacity: int, ranks: int,
         need_c = min_capacity(costs_for, L, ranks, B)
         need_r = ranks_needed(costs_for, L, B, capacity)
         on = f"{ranks} rank" + ("s" if ranks > 1 else "")
-        fix = f"the smallest capacity that works on {on} is {fmt_bytes(need_c)} (cap={need_c}B)"
+        fix = f"the smallest capacity that works on {on} is {fmt_bytes(need_c)} ({capacity_flag}{capacity_text(need_c)})"
         if need_r is None:
             one = costs_for(1)
             k = max(range(L), key=lambda i: one.group_bytes(i, i + 1))
@@ -395,7 +424,7 @@ def partition(spec: ModelSpec, workload: Workload, capacity: int, ranks: int,
                 f"{fmt_bytes(capacity)}; {fix}", need_c, None)
         raise PartitionError(
             f"{spec.name}: no layer partition fits {fmt_bytes(capacity)} per device on {on}; "
-            f"start {need_r} ranks (--nproc {need_r}), or {fix}", need_c, need_r)
+            f"start {need_r} ranks ({ranks_flag} {need_r}), or {fix}", need_c, need_r)
     groups, replicas, cuts, _ = found
     return _partition_at(spec, workload, costs_for(per_replica(B, replicas)), cuts, replicas,
                          ranks, capacity)
@@ -422,42 +451,67 @@ def _partition_at(spec, workload, costs: LayerCosts, cuts, replicas, ranks, capa
     return Partition(tuple(out), replicas, ranks, capacity)
 
 
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("s" if count != 1 else "")
+def partition_parts(ref, capacity: str, ranks: int, batch: int | None = None,
+                    seq: int | None = None, micro_batches: int = 1,
+                    cluster: str | None = None) -> list:
+    """``shardwise partition --model M --capacity C --ranks R [--batch B --seq T
+    --cluster C]``: the groups for the model ``ref`` (a models.ModelRef)
+    names and its serving workload (the seed's for a preset; ``batch`` and
+    ``seq`` override it), L2 and HBM read from ``cluster``'s profile. Raises
+    ShardwiseError when nothing fits."""
+    from ..models import as_ref
+
+    ref = as_ref(ref)
+    serve = ref.serve_workload
+    workload = serve.replace(batch=serve.batch if batch is None else batch,
+                             seq_len=serve.seq_len if seq is None else seq)
+    cl = None
+    if cluster is not None and _NAMED.fullmatch(capacity.strip()):
+        from .clusters import load_cluster
+
+        cl = load_cluster(cluster)
+    part = partition(ref.spec, workload, parse_capacity(capacity, cl), ranks, micro_batches,
+                     ranks_flag="--ranks", capacity_flag="--capacity ")
+    return partition_sheets(part, ref.spec, workload,
+                            f"{capacity} of {cl.name}" if cl is not None else None)
+
+
+def partition_sheets(part: Partition, spec: ModelSpec, workload: Workload,
+                     source: str | None = None) -> list:
+    """The groups of a partition: layers, bytes, predicted time."""
+    from ..output import Col, Sheet, nbytes, num
+
+    cap = fmt_bytes(part.capacity) + (f" ({source})" if source else "")
+    head = (f"{spec.name}: {spec.n_layers} layers, batch {workload.batch}, seq "
+            f"{workload.seq_len}, capacity {cap} per device, {plural(part.ranks, 'rank')}\n"
+            f"-> {plural(len(part.groups), 'group')} x {plural(part.replicas, 'replica')} = "
+            f"{plural(part.ranks_used, 'rank')}"
+            + (f" ({part.idle_ranks} idle)" if part.idle_ranks else ""))
+    rows = [{"group": n, "first_layer": g.layers.start, "last_layer": g.layers.stop - 1,
+             "weight_bytes": g.weight_bytes, "kv_bytes": g.kv_bytes,
+             "work_bytes": g.work_bytes, "total_bytes": g.total_bytes,
+             "time_ms": 1e3 * g.time_s} for n, g in enumerate(part.groups)]
+    sheet = Sheet("groups", "", [
+        Col("group", "group"),
+        Col("layers", "first_layer", row_text=lambda r: f"{r['first_layer']}-{r['last_layer']}"),
+        Col("weights", "weight_bytes", nbytes, 1), Col("KV cache", "kv_bytes", nbytes, 1),
+        Col("working", "work_bytes", nbytes, 2), Col("total", "total_bytes", nbytes),
+        Col("time (ms)", "time_ms", lambda v: num(v, 4))], rows,
+        [f"bottleneck {1e3 * part.bottleneck_s:.4g} ms: the slowest group on its replica's "
+         f"{plural(per_replica(workload.batch, part.replicas), 'sequence')} "
+         f"(prefill + decode steps)"])
+    return [head, sheet]
 
 
 def format_partition(part: Partition, spec: ModelSpec, workload: Workload) -> str:
-    """A printable table of the groups: layers, bytes, predicted time."""
-    lines = [
-        f"{spec.name}: {spec.n_layers} layers, batch {workload.batch}, seq {workload.seq_len}, "
-        f"capacity {fmt_bytes(part.capacity)} per device, {part.ranks} ranks",
-        f"-> {_n(len(part.groups), 'group')} x {_n(part.replicas, 'replica')} = "
-        f"{_n(part.ranks_used, 'rank')}"
-        + (f" ({part.idle_ranks} idle)" if part.idle_ranks else ""),
-        f"{'group':>5}  {'layers':>7}  {'weights':>10}  {'KV cache':>10}  {'working':>10}  "
-        f"{'total':>10}  {'time (ms)':>10}",
-    ]
-    for n, g in enumerate(part.groups):
-        layers = f"{g.layers.start}-{g.layers.stop - 1}"
-        lines.append(
-            f"{n:>5}  {layers:>7}  {fmt_bytes(g.weight_bytes):>10}  {fmt_bytes(g.kv_bytes):>10}  "
-            f"{fmt_bytes(g.work_bytes):>10}  {fmt_bytes(g.total_bytes):>10}  {1e3 * g.time_s:>10.4g}"
-        )
-    lines.append(f"bottleneck {1e3 * part.bottleneck_s:.4g} ms: the slowest group on its replica's "
-                 f"{_n(per_replica(workload.batch, part.replicas), 'sequence')} "
-                 f"(prefill + decode steps)")
-    return "\n".join(lines)
+    """:func:`partition_sheets` as a table."""
+    from ..output import render
+
+    return render(partition_sheets(part, spec, workload))
 
 
-def partition_command(preset: str, capacity: str, ranks: int, batch: int | None = None,
-                      seq: int | None = None, micro_batches: int = 1) -> str:
-    """``shardwise partition --preset P --capacity C --ranks R [--batch B --seq T]``:
-    the table for the preset's model and its seed workload (``batch`` and
-    ``seq`` override it). Raises ShardwiseError when nothing fits."""
-    from ..presets import get_preset
+def partition_command(*args, **kwargs) -> str:
+    """:func:`partition_parts` as a table."""
+    from ..output import render
 
-    p = get_preset(preset)
-    workload = p.workload.replace(batch=batch or p.workload.batch,
-                                  seq_len=seq or p.workload.seq_len)
-    part = partition(p.model, workload, parse_capacity(capacity), ranks, micro_batches)
-    return format_partition(part, p.model, workload)
+    return render(partition_parts(*args, **kwargs))

@@ -41,9 +41,9 @@ from ..parallel import reduce_norm
 from ..parallel.base import validate_plan
 from ..parallel.comm import Comm
 from ..spec import ModelSpec, Plan, Workload, torch_dtype
-from .events import Call, Coll, Kernel, Repeat, Wait, call_counts, comm_counts
-from .lowering import TritonShim
+from .events import Call, Coll, Repeat, Wait, call_counts, comm_counts
 from .trace import Recorder, Routing, set_shadow
+from .tritons import TritonShim, stand_in
 
 PHASES = ("prefill", "decode", "static")
 _ACTIVE: Recorder | None = None  # the recorder of the step being run
@@ -210,24 +210,18 @@ class _FusedReduceNorm:
 
 # -- Triton kernels and layer loops, recorded -----------------------------------------
 
-class _Kernel:
-    """A Triton kernel as recorded: a launch is one call and one kernel moving
-    the bytes of its tensor arguments."""
+class _Recorded:
+    """A Triton kernel as recorded: a launch is one call and the device kernel
+    its stand-in describes (:mod:`.tritons`)."""
 
     def __init__(self, name: str):
-        self.name = name
+        self.stand_in = stand_in(name)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if _ACTIVE is None:
-                return
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            rows = grid[0] if isinstance(grid, tuple) else 1
-            width = tensors[0].numel() // max(rows, 1) if tensors else 0
-            moved = float(sum(t.numel() * t.element_size() for t in tensors))
-            dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else ""
-            _ACTIVE.events.append(Call("tritons", self.name, (
-                Kernel("triton", 0.0, moved, (self.name, rows, width), dtype),)))
+            if _ACTIVE is not None:
+                _ACTIVE.events.append(Call("tritons", self.stand_in.name, (
+                    self.stand_in.kernel(grid, *args, **kwargs),)))
 
         return launch
 
@@ -303,7 +297,7 @@ def _gpu_paths():
     reference.SAME_WORK, parallel_base.RUN_MICRO_BATCHES = _same_work, _micro_batches
     torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
     torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
-    model_kernels.LOAD_HOOK = lambda module, name, loaded: (TritonShim, _Kernel(name))
+    model_kernels.LOAD_HOOK = lambda module, name, loaded: (TritonShim, _Recorded(name))
 
     def module_call(module, args):
         if _ACTIVE is not None:

@@ -14,11 +14,12 @@ import statistics
 from dataclasses import dataclass
 
 from ..parallel.base import validate_plan
+from ..bench.records import command_option
 from ..presets import PRESETS, get_preset
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster, load_cluster
+from ..output import Sheet
 from .costmodel import Prediction, fmt_bytes, predict
-from .planner import _table
 
 # Datasheet peaks (H100 SXM): dense fp16/bf16 tensor cores and HBM3; the
 # claims are checked against what the hardware could do at best.
@@ -129,42 +130,80 @@ def consistency(seed: SeedClaims, spec: ModelSpec, wl: Workload) -> list[str]:
     return out
 
 
-def _measured_rows(results: list[str], preset: str, profile: Cluster | None) -> list[list[str]]:
+def _measured(r: dict) -> list[tuple[str, float]]:
+    """What a record measured, as (metric, value): prefill tokens/s and/or
+    the decode step in ms, each compared only with its own prediction."""
+    phase = r.get("phase", "both")
+    out = []
+    tps = r.get("tps") if "phase" in r else r.get("prefill_tokens_per_s")
+    if tps and phase in ("prefill", "both"):
+        out.append(("prefill tok/s", tps))
+    step = r.get("median_ms") if phase == "decode" else r.get("tpot_ms")
+    if step and phase in ("decode", "both"):
+        out.append(("decode step ms", step))
+    return out
+
+
+def _predicted(p: Prediction, metric: str) -> float:
+    return p.prefill_tps if metric.startswith("prefill") else p.decode_step_ms
+
+
+def _measured_sheet(results: list[str], preset: str, profile: Cluster | None) -> Sheet:
+    """The records of ``preset`` in ``results``: one row per record and metric,
+    its measurement beside the prediction of the same metric on ``profile``."""
     from ..bench.records import read_records
+    from ..output import Col, count, num
 
     rows = []
     for path in results:
         for r in read_records(path):
             if r.get("preset") != preset:
                 continue
-            tps = r.get("tps") or r.get("prefill_tokens_per_s")
-            pred = ""
+            p, why = None, ""
             if profile is not None:
                 try:
                     spec, wl, plan, world = record_case(r, profile)
                     p = predict(spec, wl, plan, profile, world, r.get("cuda_graphs"))
-                    pred = f"{p.prefill_tps:,.0f} / {p.decode_step_ms:.4g}"
                 except ShardwiseError as e:
-                    pred = f"({e})"
-            rows.append([r["plan"], f"{r.get('batch')}x{r.get('seq_len')}",
-                         str(r.get("device", "")), f"{tps:,.0f}" if tps else "-",
-                         f"{r['tpot_ms']:.4g}" if r.get("tpot_ms") else "-", pred])
-    return rows
+                    why = str(e)
+            for metric, value in _measured(r):
+                pred = _predicted(p, metric) if p is not None else None
+                rows.append({"plan": r["plan"], "ranks": r.get("n_devices") or r.get("world_size"),
+                             "batch": r.get("batch"), "seq_len": r.get("seq_len"),
+                             "device": r.get("device", ""), "metric": metric,
+                             "measured": value, "predicted": pred,
+                             "error": pred / value - 1 if pred else None, "why": why})
+    fmt = lambda v, r: count(v) if r["metric"].startswith("prefill") else num(v)  # noqa: E731
+    cols = [Col("plan", "plan"), Col("ranks", "ranks", priority=2),
+            Col("batch x seq", "batch", priority=1,
+                row_text=lambda r: f"{r['batch']}x{r['seq_len']}"),
+            Col("device", "device", left=True, priority=3), Col("metric", "metric", left=True),
+            Col("measured", "measured", row_text=lambda r: fmt(r["measured"], r))]
+    if profile is not None:
+        cols += [Col("predicted", "predicted", row_text=lambda r: (
+                     fmt(r["predicted"], r) if r["predicted"] else "-")),
+                 Col("error", "error", lambda v: "-" if v is None else f"{v:+.0%}"),
+                 Col("not predicted", "why", priority=4, wrap=True)]
+    return Sheet(f"measured_{preset}", f"measured runs of {preset}" + (
+        f" (predictions on {profile.name})" if profile else ""), cols, rows)
 
 
-def reproduce_command(seed_name: str, cluster: str = "h100-sxm-16",
-                      results: list[str] | None = None, measured_profile: str | None = None) -> str:
+def reproduce_parts(seed_name: str, cluster: str = "h100-sxm-16",
+                    results: list[str] | None = None,
+                    measured_profile: str | None = None) -> list:
     """``shardwise reproduce SEED [--cluster C] [--results FILE ... --profile P]``."""
+    from ..output import Col, count, num
+
     seed, presets = find_seed(seed_name)
     cl = load_cluster(cluster)
-    parts = []
+    parts: list = []
     for name in presets:
         p = get_preset(name)
         spec, wl = p.model, p.workload
         rows = []
         preds: dict[str, Prediction] = {}
         for label, claim in (("baseline", seed.baseline), ("proposed", seed.proposed)):
-            claimed = [f"{claim.tps:,.0f}", f"{claim.tpot_ms}"]
+            claimed = {"claimed_tps": claim.tps, "claimed_tpot_ms": claim.tpot_ms}
             tries = [(label, claim.plan)]
             if claim.plan.startswith("layerwise"):  # what the strategy can do on this cluster
                 tries.append((f"{label} (HBM)", "layerwise:cap=HBM"))
@@ -172,48 +211,49 @@ def reproduce_command(seed_name: str, cluster: str = "h100-sxm-16",
                 try:
                     pr = predict(spec, wl, plan, cl)
                 except ShardwiseError as e:
-                    rows.append([what, plan, *claimed, "-", "-", "-", f"invalid: {e}"])
+                    rows.append({"role": what, "plan": plan, **claimed,
+                                 "memory": f"invalid: {e}"})
                     continue
                 preds.setdefault(label, pr)
-                rows.append([what, str(pr.plan), *claimed, f"{pr.prefill_tps:,.0f}",
-                             f"{pr.decode_step_ms:.4g}", f"{pr.ms_per_token:.4g}",
-                             "fits" if pr.fits else f"no fit: {pr.reason}"])
+                rows.append({"role": what, "plan": str(pr.plan), **claimed,
+                             "prefill_tokens_per_s": pr.prefill_tps,
+                             "tpot_ms": pr.decode_step_ms, "ms_per_token": pr.ms_per_token,
+                             "memory": "fits" if pr.fits else f"no fit: {pr.reason}"})
                 break
         title = (f"seed {seed.doc} / preset {name}: {spec.name}, {spec.dtype}, batch {wl.batch}, "
                  f"context {wl.seq_len}; claimed vs predicted on {cl.name}")
-        parts.append(_table(title, ["", "plan", "claimed TPS", "claimed TPOT ms",
-                                    "pred. prefill tok/s", "pred. step ms", "pred. ms/token",
-                                    "memory"], rows))
+        parts.append(Sheet(f"claims_{name}", title, [
+            Col("", "role", left=True), Col("plan", "plan"),
+            Col("claimed TPS", "claimed_tps", count), Col("claimed TPOT ms", "claimed_tpot_ms", num),
+            Col("pred. prefill tok/s", "prefill_tokens_per_s", count),
+            Col("pred. step ms", "tpot_ms", num), Col("pred. ms/token", "ms_per_token", num, 2),
+            Col("memory", "memory", priority=3, wrap=True)], rows))
         if "baseline" in preds and "proposed" in preds:
             b, q = preds["baseline"], preds["proposed"]
             parts.append(f"claimed gain: TPS x{seed.proposed.tps / seed.baseline.tps:.3g}, TPOT "
                          f"x{seed.proposed.tpot_ms / seed.baseline.tpot_ms:.3g}; predicted: prefill "
                          f"x{q.prefill_tps / b.prefill_tps:.3g}, decode step "
-                         f"x{q.decode_step_ms / b.decode_step_ms:.3g}\n")
+                         f"x{q.decode_step_ms / b.decode_step_ms:.3g}")
         parts.append("consistency of the seed's own figures:\n"
-                     + "".join(f"- {line}\n" for line in consistency(seed, spec, wl)))
+                     + "\n".join(f"- {line}" for line in consistency(seed, spec, wl)))
         if p.notes:
-            parts.append("preset notes:\n" + "".join(f"- {n}\n" for n in p.notes))
+            parts.append("preset notes:\n" + "\n".join(f"- {n}" for n in p.notes))
         if results:
             prof = load_cluster(measured_profile) if measured_profile else None
-            rows = _measured_rows(results, name, prof)
-            if rows:
-                parts.append(_table(f"measured runs of {name}" + (
-                    f" (predictions on {prof.name})" if prof else ""),
-                    ["plan", "batch x seq", "device", "tok/s", "tpot ms",
-                     "pred. tok/s / step ms"], rows))
-    return "\n".join(parts)
+            sheet = _measured_sheet(results, name, prof)
+            if sheet.rows:
+                parts.append(sheet)
+    return parts
+
+
+def reproduce_command(*args, **kwargs) -> str:
+    """:func:`reproduce_parts` as a table."""
+    from ..output import render
+
+    return render(reproduce_parts(*args, **kwargs))
 
 
 # -- fidelity: the model's error against measured runs -------------------------------
-
-def _bench_option(command: str, flag: str, default: int) -> int:
-    words = command.split()
-    try:
-        return int(words[words.index(flag) + 1])
-    except (ValueError, IndexError):
-        return default
-
 
 def record_decode_steps(r: dict) -> int:
     """Decode positions the run's KV cache was sized for: a ``verify``/``run``
@@ -224,7 +264,7 @@ def record_decode_steps(r: dict) -> int:
         return int(r["decode_steps"])
     cmd = r.get("command") or ""
     if "bench" in cmd.split()[:2]:
-        return _bench_option(cmd, "--warmup", 3) + _bench_option(cmd, "--iters", 10) + 1
+        return command_option(cmd, "--warmup", 3) + command_option(cmd, "--iters", 10) + 1
     return 1
 
 
@@ -234,12 +274,12 @@ def record_case(r: dict, cluster: Cluster | None = None) -> tuple[ModelSpec, Wor
     resolves to the profile's figure (the device the run measured)."""
     from .costmodel import resolve_capacity
 
-    if not r.get("preset") or r["preset"] not in PRESETS:
-        raise ShardwiseError(f"record of plan {r.get('plan')} names no known preset")
-    spec = get_preset(r["preset"]).model
-    changes = {k: r[k] for k in ("dtype", "n_layers") if r.get(k) is not None}
-    if changes:
-        spec = spec.replace(**changes)
+    from ..bench.records import record_spec
+
+    spec = record_spec(r)
+    if spec is None:
+        raise ShardwiseError(f"record of plan {r.get('plan')} carries no model description "
+                             f"(model_spec) and names no known preset")
     wl = Workload(batch=int(r["batch"]), seq_len=int(r["seq_len"]),
                   decode_steps=record_decode_steps(r))
     plan = Plan.parse(r["plan"])
@@ -256,7 +296,7 @@ FIDELITY_MEDIAN, FIDELITY_MAX = 0.10, 0.20
 
 def _run_key(r: dict) -> tuple:
     """What makes two records route alike: the same command, model and inputs."""
-    return (r.get("command"), r.get("preset"), r.get("n_layers"), r.get("dtype"),
+    return (r.get("command"), r.get("preset"), r.get("model"), r.get("n_layers"), r.get("dtype"),
             r.get("batch"), r.get("seq_len"))
 
 
@@ -349,14 +389,20 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 err = pred / meas - 1
                 errors.setdefault((plan.strategy, what), []).append(err)
                 graph = {True: "graph", False: "eager"}.get(r.get("cuda_graphs"), "")
-                rows.append([r.get("plan") or str(plan), r.get("preset", ""),
+                rows.append([r.get("plan") or str(plan), r.get("preset") or r.get("model", ""),
                              f"{wl.batch}x{wl.seq_len}",
                              spec.dtype, what + (f" ({graph})" if what.startswith("decode")
                                                  and graph else ""),
-                             f"{meas:,.4g}", f"{pred:,.4g}", f"{err:+.0%}",
+                             _human(meas, what), _human(pred, what), f"{err:+.0%}",
                              "-" if spread is None else f"{spread:.2f}"
                              + (" !" if spread > UNSTEADY_SPREAD else "")])
     return rows, errors, skipped
+
+
+def _human(v: float, metric: str) -> str:
+    from ..output import count, num
+
+    return count(v) if metric.startswith("prefill") else num(v, 4)
 
 
 # A record whose timed steps spread wider than this (p90 / p10) measured a
@@ -381,28 +427,47 @@ def fidelity_summary(errors: dict) -> list[list[str]]:
     return out
 
 
-def fidelity_command(result_files: list[str], profile: str) -> str:
-    """``shardwise fidelity RESULTS.jsonl ... --profile P``: every measured
-    record (prefill tokens/s, decode tpot_ms) against its prediction on
-    ``profile``; median and max |relative error| per strategy and phase,
+FIDELITY_COLUMNS = ("plan", "model", "batch x seq", "dtype", "metric", "measured",
+                    "predicted", "error", "p90/p10")
+SUMMARY_COLUMNS = ("strategy", "metric", "records", "median", "max", "verdict")
+
+
+def fidelity_parts(result_files: list[str], profile: str) -> list:
+    """``shardwise report --fidelity RESULTS.jsonl ... --profile P``: every
+    measured record (prefill tokens/s, decode tpot_ms) against its prediction
+    on ``profile``; median and max |relative error| per strategy and phase,
     PASS/FAIL against a median of 10% and a maximum of 20%."""
+    from ..output import Col
+
     cl, note = with_sustained_rate(load_cluster(profile), result_files)
     rows, errors, skipped = fidelity_errors(result_files, cl)
     if not rows:
         raise ShardwiseError("no record could be compared: " + ("; ".join(skipped) or "no records"))
-    out = _table(f"measured vs predicted on {cl.name} (p90/p10: the spread of the "
-                 f"record's timed steps; !: over {UNSTEADY_SPREAD})",
-                 ["plan", "preset", "batch x seq", "dtype", "metric", "measured", "predicted",
-                  "error", "p90/p10"], rows)
-    summary = fidelity_summary(errors)
-    out += _table(f"error per strategy and phase (|predicted / measured - 1|; PASS: median "
-                  f"<= {FIDELITY_MEDIAN:.0%}, max <= {FIDELITY_MAX:.0%})",
-                  ["strategy", "metric", "records", "median", "max", "verdict"], summary)
+
+    def sheet(name, title, headers, rows, text_cols=()):
+        keys = [h.replace(" ", "_").replace("/", "_") for h in headers]
+        return Sheet(name, title, [Col(h, k, left=h in text_cols) for h, k in zip(headers, keys)],
+                     [dict(zip(keys, r)) for r in rows])
+
+    parts: list = [
+        sheet("records", f"measured vs predicted on {cl.name} (p90/p10: the spread of the "
+              f"record's timed steps; !: over {UNSTEADY_SPREAD})", FIDELITY_COLUMNS, rows,
+              ("model", "dtype", "metric")),
+        sheet("summary", f"error per strategy and phase (|predicted / measured - 1|; PASS: "
+              f"median <= {FIDELITY_MEDIAN:.0%}, max <= {FIDELITY_MAX:.0%})", SUMMARY_COLUMNS,
+              fidelity_summary(errors), ("metric", "verdict"))]
     if note:
-        out += note + "\n"
+        parts.append(note)
     if skipped:
-        out += "skipped:\n" + "".join(f"- {s}\n" for s in skipped)
-    return out
+        parts.append("skipped:\n" + "\n".join(f"- {s}" for s in skipped))
+    return parts
+
+
+def fidelity_command(result_files: list[str], profile: str) -> str:
+    """:func:`fidelity_parts` as a table."""
+    from ..output import render
+
+    return render(fidelity_parts(result_files, profile))
 
 
 def with_sustained_rate(cl: Cluster, result_files: list[str]) -> tuple[Cluster, str]:

@@ -28,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .events import SYNC_OPS, Call, Kernel, Repeat, carry
+from .events import SYNC_OPS, VALUE_OPS, Call, Kernel, Repeat, carry
 from .lowering import (_SDPA, _nbytes, _storage, _tensors, classify_op, lower, named_args,
                        sdp_flags)
 
@@ -199,6 +199,9 @@ class Recorder(TorchDispatchMode):
             if name in SYNC_OPS or (name in ("to", "_to_copy") and _to_host(func, args, kwargs)):
                 _CACHE[key] = _SPECIAL
                 return self._data_op(func, name, args, kwargs)
+            if name in VALUE_OPS:
+                _CACHE[key] = _SPECIAL
+                return self._data_op(func, name, args, kwargs, "kernels")
             if name == "topk":  # the router's choices: drawn, or computed from known scores
                 _CACHE[key] = _SPECIAL
                 if _shadow(args[0]) is None:
@@ -232,12 +235,13 @@ class Recorder(TorchDispatchMode):
             self.events.append(Call(kind, func.overloadpacket.__name__))
         return out
 
-    def _data_op(self, func, name, args, kwargs):
+    def _data_op(self, func, name, args, kwargs, kind: str = "syncs"):
         """An op whose result sizes what follows: computed on the shadows; on
-        the device it is a kernel and a read the host waits for."""
+        the device it is a kernel and (``kind`` syncs) a read the host waits
+        for."""
         real = func(*_on_cpu(args, name), **_on_cpu(kwargs, name))
         moved = float(sum(map(_nbytes, _tensors(args))))
-        self.events.append(Call("syncs", name, (Kernel("copy", 0.0, moved),)))
+        self.events.append(Call(kind, name, (Kernel("copy", 0.0, moved),)))
         if name in ("to", "_to_copy"):
             return real  # the host's copy
         out = tree_map(lambda t: _meta_like(t) if isinstance(t, torch.Tensor) else t, real)

@@ -60,6 +60,7 @@ class RankMonitor:
         self.heartbeat, self.fail_at_call, self.rank = heartbeat, fail_at_call, rank
         self.cuda = device_type == "cuda"
         self.calls = 0
+        self.progress = None  # rank 0's progress.Reporter: phases for the launcher's display
 
     @property
     def active(self) -> bool:
@@ -77,7 +78,7 @@ class RankMonitor:
 
     def waiting(self, key: str) -> None:
         if not self._quiet():
-            self.heartbeat.waiting(key)
+            self.heartbeat.waiting(key, self.calls)
 
     def done(self) -> None:
         if not self._quiet():
@@ -87,6 +88,8 @@ class RankMonitor:
     def phase(self, event: str, case: int | None = None) -> None:
         if self.heartbeat is not None:
             self.heartbeat.phase(event, case)
+        if self.progress is not None:
+            self.progress.phase(event)
 
     def wait(self, what: str, fn, *args, **kwargs):
         """Run ``fn`` (a wait on peers outside Comm: mesh creation, barriers)."""
@@ -203,7 +206,8 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
         return []
 
     result = {
-        "preset": case.preset, "model": spec.name, "plan": str(plan), "world_size": world,
+        "preset": case.preset, "model": spec.name, "model_source": case.source,
+        "model_spec": spec.to_dict(), "plan": str(plan), "world_size": world,
         "device_type": device.type, "dtype": spec.dtype, "batch": wl.batch,
         "seq_len": wl.seq_len, "decode_steps": wl.decode_steps,
         "static_decode": static,
@@ -262,7 +266,8 @@ def bench_case(case, plan, comm, model, rank, device,
     prompt, steps = make_inputs(spec, wl.batch, wl.seq_len, 1, case.seed, dtype, device)
     records = []
     common = {
-        "preset": case.preset, "model": spec.name, "n_layers": spec.n_layers, "plan": str(plan),
+        "preset": case.preset, "model": spec.name, "model_source": case.source,
+        "model_spec": spec.to_dict(), "n_layers": spec.n_layers, "plan": str(plan),
         "n_devices": world, "dtype": spec.dtype, "batch": wl.batch, "seq_len": wl.seq_len,
         **ceil,
     }
@@ -271,7 +276,7 @@ def bench_case(case, plan, comm, model, rank, device,
         monitor.phase("bench prefill")
         probes: list[float] = []
         times = time_prefill(model, prompt, s, device, comm, between=_probing(probes, device))
-        host = _host_probe(device, probes)
+        host = _host_probe(comm, device, probes)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(prompt, 0), device, comm)
         med = statistics.median(times)
         flops = metrics.prefill_flops(spec, wl.batch, wl.seq_len)
@@ -288,7 +293,7 @@ def bench_case(case, plan, comm, model, rank, device,
         probes = []
         times, replay = time_decode(model, prompt, steps[0], wl.seq_len, s, device, comm,
                                     between=_probing(probes, device))
-        host = _host_probe(device, probes)
+        host = _host_probe(comm, device, probes)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(steps[0], wl.seq_len),
                                                device, comm)
         med = statistics.median(times)
@@ -301,7 +306,7 @@ def bench_case(case, plan, comm, model, rank, device,
                         "mfu": flops / med / peak_flops if peak_flops else None,
                         "hbm_gbps": nbytes / world / med / 1e9, "hbm_floor_ms":
                         1e3 * floor_s if floor_s else None,
-                        "floor_ratio": med / floor_s if floor_s else None,
+                        "floor_ratio": med / floor_s if floor_s else None, "floor_ctx": ctx,
                         "cuda_graphs": replay is not None, "comm_bytes": comm_bytes,
                         "comm_share": comm_share,
                         "host_probe_us": host,
@@ -311,7 +316,7 @@ def bench_case(case, plan, comm, model, rank, device,
                                  device, comm)})
     peak = peak_memory(device)
     monitor.phase("report")
-    peak = monitor.wait("gather metrics", _max_over_ranks, peak, device)
+    peak = _max_over_ranks(peak, device, comm)
     report = model.report()  # after the runs: some strategies report what the last one did
     for r in records:
         r["peak_mem_gb"] = peak / 1e9
@@ -326,7 +331,7 @@ def _probing(probes: list, device):
     return lambda: probes.append(host_probe_step_us(device))
 
 
-def _host_probe(device, probes: list) -> float:
+def _host_probe(comm, device, probes: list) -> float:
     """The host's speed during a measurement, as the slowest rank found it:
     the per-layer time of calibrate's layer probe (us), the median of the
     probe steps run between the timed eager steps (the host's speed drifts
@@ -336,7 +341,7 @@ def _host_probe(device, probes: list) -> float:
     from ..perf.hostcost import host_probe_us
 
     mine = statistics.median(probes) if probes else host_probe_us(device)
-    return max(r[0] for r in gather_floats([mine], device))
+    return max(r[0] for r in comm.gather_floats([mine], device))
 
 
 def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict:
@@ -352,7 +357,7 @@ def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict
     path = os.path.join(s.trace, f"{name}-{phase}-rank{rank}.json")
     summary = trace_step(step, device, comm, path)
     keys = ("wall_ms", "host_ops") + (("device_busy_ms", "kernels") if device.type == "cuda" else ())
-    rows = gather_floats([float(summary[k]) for k in keys], device)
+    rows = comm.gather_floats([float(summary[k]) for k in keys], device)
     return {"trace": {"dir": s.trace, "file": os.path.basename(path).replace(f"rank{rank}", "rank{r}"),
                       "ranks": [dict(zip(keys, r)) for r in rows]}}
 
@@ -367,14 +372,14 @@ def _comm_profile(step, device, comm) -> tuple[float, float]:
         _, step_s = timed_call(step, device, comm)
     finally:
         comm.time_blocking = False
-    nbytes = _max_over_ranks(comm.total_bytes(), device)
-    share = _max_over_ranks(comm.blocking_s / step_s, device)
+    nbytes = _max_over_ranks(comm.total_bytes(), device, comm)
+    share = _max_over_ranks(comm.blocking_s / step_s, device, comm)
     comm.reset()
     return nbytes, share
 
 
-def _max_over_ranks(value: float, device) -> float:
-    return max(v[0] for v in gather_floats([float(value)], device))
+def _max_over_ranks(value: float, device, comm: Comm) -> float:
+    return max(v[0] for v in comm.gather_floats([float(value)], device))
 
 
 def _verify(case: Case, source, dtype, device, prompt, steps, outputs):

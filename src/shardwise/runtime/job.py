@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -45,13 +46,16 @@ class Case:
     checkpoint: str | None = None
     # Greedy generation (runtime/generate.py: {"prompt_ids", "max_new_tokens"}); None: a verified run.
     generate: dict | None = None
+    # Where the model came from, as models.ModelRef.source names it ("zoo:llama-3.1-8b").
+    source: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "Case":
-        return cls(**{**d, "model": ModelSpec(**d["model"]), "workload": Workload(**d["workload"])})
+        return cls(**{**d, "model": ModelSpec.from_dict(d["model"]),
+                      "workload": Workload(**d["workload"])})
 
 
 @dataclass
@@ -128,30 +132,55 @@ class Heartbeat:
     temporary directory (``heartbeat<RANK>``), which the launcher's watchdog reads.
 
     It holds a counter bumped on every update, the time, the case index, the
-    current event (a phase such as ``prefill`` or ``decode 2``) and whether the
-    rank is waiting inside a collective (and which). Updates are a
-    ``struct.pack_into`` on the mapping: no system call, about a microsecond.
-    When no progress is made anywhere, the ranks that are *not* waiting inside
-    a collective are the ones the others wait on.
+    current event (a phase such as ``prefill`` or ``decode 2``), whether the
+    rank is waiting inside a collective (which, and the rank's collective call
+    number then). Updates are a ``struct.pack_into`` on the mapping: no system
+    call, about a microsecond.
+
+    Progress alone cannot tell a rank that waits on a stopped peer from the
+    stopped peer itself: both stop updating, and a rank stopped inside a
+    collective looks like one waiting there. So the record also carries a
+    *pulse*, a second counter that a thread of the rank bumps every
+    ``PULSE_S`` whatever the rank is doing (a rank blocked in a collective
+    has released the interpreter, so its pulse goes on); a rank whose pulse
+    stops is stopped or frozen, and it is the one the others wait on.
     """
 
-    RECORD = struct.Struct("<QdiB3x48s48s")  # counter, unix time, case, inside, event, collective
+    RECORD = struct.Struct("<QdiB3x48s48sQ")  # counter, unix time, case, inside, event, collective, calls
+    PULSE = struct.Struct("<Q")  # the pulse counter, after the record
+    SIZE = RECORD.size + PULSE.size
+    PULSE_S = 0.1
 
     def __init__(self, path: str):
         self._file = open(path, "r+b")
-        self._map = mmap.mmap(self._file.fileno(), self.RECORD.size)
-        self.counter, self.case, self.event, self.inside = 0, -1, b"start", b""
+        self._map = mmap.mmap(self._file.fileno(), self.SIZE)
+        self.counter, self.case, self.event, self.inside, self.calls = 0, -1, b"start", b"", 0
+        self._closed = False
 
     @classmethod
     def create(cls, path: str) -> None:
         """Make the empty record a rank will map (the launcher does this before start)."""
         with open(path, "wb") as f:
-            f.write(bytes(cls.RECORD.size))
+            f.write(bytes(cls.SIZE))
+
+    def start_pulse(self) -> None:
+        """Bump the pulse every PULSE_S from a daemon thread, until close()."""
+        def beat():
+            n = 0
+            while not self._closed:
+                n += 1
+                try:
+                    self.PULSE.pack_into(self._map, self.RECORD.size, n)
+                except ValueError:  # the mapping was closed
+                    return
+                time.sleep(self.PULSE_S)
+
+        threading.Thread(target=beat, name="shardwise-pulse", daemon=True).start()
 
     def _write(self) -> None:
         self.counter += 1
         self.RECORD.pack_into(self._map, 0, self.counter, time.time(), self.case,
-                              bool(self.inside), self.event, self.inside)
+                              bool(self.inside), self.event, self.inside, self.calls)
 
     def phase(self, event: str, case: int | None = None) -> None:
         """A case or phase boundary (outside any collective)."""
@@ -160,9 +189,10 @@ class Heartbeat:
         self.event, self.inside = event.encode()[:48], b""
         self._write()
 
-    def waiting(self, what: str) -> None:
-        """Entering a blocking collective (or any wait on peers)."""
-        self.inside = what.encode()[:48] or b"?"
+    def waiting(self, what: str, calls: int = 0) -> None:
+        """Entering a blocking collective (or any wait on peers); ``calls``:
+        the rank's collective calls so far (its sequence number)."""
+        self.inside, self.calls = what.encode()[:48] or b"?", calls
         self._write()
 
     def done(self) -> None:
@@ -170,25 +200,34 @@ class Heartbeat:
         self._write()
 
     def close(self) -> None:
+        self._closed = True
         self._map.close()
         self._file.close()
 
     @classmethod
     def read(cls, path: str) -> dict | None:
         """The record as a dict, or None before the rank's first update."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read(cls.RECORD.size)
-        except OSError:
+        # The rank may be writing while this reads: two equal reads in a row
+        # are a whole record.
+        data = None
+        for _ in range(5):
+            try:
+                with open(path, "rb") as f:
+                    again = f.read(cls.SIZE)
+            except OSError:
+                return None
+            if again == data:
+                break
+            data = again
+        if len(data) < cls.SIZE:
             return None
-        if len(data) < cls.RECORD.size:
-            return None
-        counter, t, case, inside, event, what = cls.RECORD.unpack(data)
+        counter, t, case, inside, event, what, calls = cls.RECORD.unpack_from(data)
+        (pulse,) = cls.PULSE.unpack_from(data, cls.RECORD.size)
         if counter == 0:
             return None
         text = lambda b: b.rstrip(b"\0").decode(errors="replace")  # noqa: E731
         return {"counter": counter, "time": t, "case": case, "inside": bool(inside),
-                "event": text(event), "collective": text(what)}
+                "event": text(event), "collective": text(what), "calls": calls, "pulse": pulse}
 
 
 def heartbeat_path(directory: str, rank: int | str) -> str:

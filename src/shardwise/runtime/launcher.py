@@ -1,29 +1,38 @@
 """Start the ranks of a job on this machine and end them all on any failure.
 
-One process per rank (``python -m shardwise.runtime.worker``), each in its
-own session so its whole process tree can be signalled. The launcher polls
-them: the first rank to exit non-zero ends the job at once (SIGTERM, then
-SIGKILL after a grace period), and its traceback is raised in a
-:class:`LaunchError`. A deadline ends a job that runs past ``deadline_s``
-and names the ranks still running. With ``job.watchdog_s`` set, every rank
-keeps a heartbeat (runtime/job.py) and a job in which no rank has made
-progress for that long is ended, naming the rank(s) that are not waiting
-inside a collective: the ones the others wait on. SIGINT (Ctrl-C) ends every
-rank too. The results of the cases done before a failure come back in the
-error (``LaunchError.results``).
+One process per rank (``python -m shardwise.runtime.worker``, through
+runtime/lifeline.py, which ties the rank's life to the launcher's even when
+the launcher is SIGKILLed), each in its own session so its whole process
+tree can be signalled. The launcher polls them: the first rank to exit
+non-zero ends the job (SIGTERM, then SIGKILL after a grace period), and the
+root cause's traceback is raised in a :class:`LaunchError`: a rank killed
+by a signal or failing for its own reason, never a peer that only lost its
+connection to it (the launcher gives the others SETTLE_S to exit first). A
+deadline ends a job that runs past ``deadline_s`` and names the ranks still
+running. With ``job.watchdog_s`` set, every rank keeps a heartbeat
+(runtime/job.py) and a job in which no rank has made progress for that long
+is ended, naming the rank(s) the others wait on: one whose process is
+stopped or frozen (its pulse stopped), else one that runs but is not
+waiting inside a collective. SIGINT, SIGTERM and SIGHUP to the launcher end
+every rank, remove the job's temporary directory and raise a LaunchError
+with ``signum`` set. The results of the cases done before a failure come
+back in the error (``LaunchError.results``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 
 from .job import Heartbeat, Job, heartbeat_path
+from .lifeline import Lifeline
+from .progress import ENV as PROGRESS_ENV
 
 GRACE_S = 3.0
 # Before every rank has sent its first heartbeat (importing torch, joining the
@@ -38,13 +47,68 @@ class LaunchError(RuntimeError):
 
     def __init__(self, message: str, rank: int | None = None, traceback_text: str = "",
                  pids: list[int] | None = None, hung: list[int] | None = None,
-                 case: int | None = None, results: list[dict] | None = None):
+                 case: int | None = None, results: list[dict] | None = None,
+                 signum: int | None = None):
         super().__init__(message)
         self.rank, self.traceback_text, self.pids = rank, traceback_text, pids or []
         # hung: the ranks the watchdog named; case: the index in job.cases the
         # root-cause rank was running (when a heartbeat tells); results: rank
-        # 0's records of the cases finished before the failure.
+        # 0's records of the cases finished before the failure; signum: the
+        # signal that stopped the launcher (SIGINT, SIGTERM, SIGHUP), if one did.
         self.hung, self.case, self.results = hung or [], case, results or []
+        self.signum = signum
+        self.saved = ""  # what of the run's results its caller saved (set by the CLI)
+
+
+# -- the signals that stop a job ---------------------------------------------------
+
+# Ctrl-C; what kill, timeout, Slurm's scancel and CI send; a closed terminal.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal received outside a launch (see :func:`raise_on_stop_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def raise_on_stop_signals() -> None:
+    """Make SIGTERM and SIGHUP stop this process as Ctrl-C does: an
+    :class:`Interrupted` exception (a KeyboardInterrupt), so cleanup runs and
+    the caller can exit with 128 + the signal. A signal set to be ignored
+    (``nohup``) stays ignored. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, _raise_interrupted)
+
+
+@contextlib.contextmanager
+def _stop_signals_noted():
+    """Inside: a stop signal is noted (in the list yielded), not raised, so the
+    launcher ends the ranks it started at a point where it knows them all (an
+    exception raised inside ``Popen`` could lose a child)."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in old.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def free_port() -> int:
@@ -53,75 +117,97 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _terminate(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every rank's process group, then SIGKILL what is left."""
+    """SIGTERM every rank's process group (and SIGCONT, so that a stopped rank
+    acts on it), then SIGKILL what is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [p for p in procs if p.poll() is None]
         for p in alive:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
+            _signal_group(p.pid, sig)
+            if sig == signal.SIGTERM:
+                _signal_group(p.pid, signal.SIGCONT)
         end = time.monotonic() + GRACE_S
         while any(p.poll() is None for p in alive) and time.monotonic() < end:
             time.sleep(0.05)
     for p in procs:
-        try:  # also reap grandchildren left in the group after the leader died
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _signal_group(p.pid, signal.SIGKILL)  # grandchildren left in the group
         p.wait()
 
 
 def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
-           module: str = "shardwise.runtime.worker") -> list[dict]:
+           module: str = "shardwise.runtime.worker", on_stream=None,
+           on_progress=None) -> list[dict]:
     """Run ``job`` on ``job.nproc`` local ranks; return rank 0's results.
-    ``module`` is the per-rank entry point (``python -m MODULE JOB.json``)."""
-    with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
+    ``module`` is the per-rank entry point (``python -m MODULE JOB.json``).
+    ``on_stream(message)`` is called with each JSON line the ranks append to
+    the file named in their ``SHARDWISE_STREAM`` (a generation's tokens, as
+    they come), in order, as the launcher polls; ``on_progress(event)`` with
+    each of rank 0's progress events (runtime/progress.py), the same way."""
+    with _stop_signals_noted() as stop, tempfile.TemporaryDirectory(prefix="shardwise-") as tmp, \
+            Lifeline() as lifeline:
         job_file = os.path.join(tmp, "job.json")
         result_file = os.path.join(tmp, "result.json")
         with open(job_file, "w") as f:
             f.write(job.dumps())
+        stream = _Follow(os.path.join(tmp, "stream.jsonl"), on_stream) if on_stream else None
+        progress = (_Follow(os.path.join(tmp, "progress.jsonl"), on_progress)
+                    if on_progress else None)
+        follow = [f for f in (stream, progress) if f is not None]
         port = free_port()
-        procs = []
+        procs: list[subprocess.Popen] = []
         base_env = dict(os.environ)
         base_env.update(job.env)
         base_env.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(job.nproc),
             SHARDWISE_ERROR_DIR=tmp, SHARDWISE_RESULT=result_file, PYTHONUNBUFFERED="1",
+            **lifeline.env(),
         )
         if job.device == "cpu":
             base_env.setdefault("OMP_NUM_THREADS", "1")
+        if stream is not None:
+            base_env["SHARDWISE_STREAM"] = stream.path
+        if progress is not None:
+            base_env[PROGRESS_ENV] = progress.path
+        else:
+            base_env.pop(PROGRESS_ENV, None)  # not a file of an outer job
         beats = [heartbeat_path(tmp, r) for r in range(job.nproc)] if job.watchdog_s else []
         for path in beats:
             Heartbeat.create(path)
-        watchdog = _Watchdog(job, beats) if beats else None
         start = time.monotonic()
+        watchdog = None
         try:
             for r in range(job.nproc):
                 env = dict(base_env, RANK=str(r), LOCAL_RANK=str(r))
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", module, job_file],
-                    env=env, start_new_session=True,
-                ))
+                procs.append(subprocess.Popen(lifeline.command(module, job_file), env=env,
+                                              start_new_session=True, **lifeline.popen_kwargs()))
+                if stop:
+                    break
+            lifeline.started()
+            watchdog = _Watchdog(job, beats, procs) if beats else None
             while True:
-                codes = [p.poll() for p in procs]
-                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-                if failed:
+                for f in follow:
+                    f.read()
+                if stop:
                     _terminate(procs)
-                    # A peer may have failed first but not yet been reaped: count
-                    # every rank that exited non-zero on its own (not by our signal).
-                    failed += [r for r, p in enumerate(procs)
-                               if r not in failed and p.returncode > 0]
-                    r = _root_cause(tmp, failed)
-                    tb = _read(os.path.join(tmp, f"rank{r}.txt"))
-                    why = tb.strip().splitlines()[-1] if tb.strip() else _signal_name(codes[r])
-                    case = watchdog.case_of(r) if watchdog else None
-                    where = f" in case {case} ({job.cases[case].plan})" if case is not None else ""
-                    raise LaunchError(f"rank {r} failed{where}: {why}\n{tb}".rstrip(), r, tb,
-                                      [p.pid for p in procs], case=case,
-                                      results=_results(result_file))
+                    raise LaunchError(_interrupted(stop[0]), pids=[p.pid for p in procs],
+                                      results=_results(result_file), signum=stop[0])
+                codes = [p.poll() for p in procs]
+                if any(c not in (None, 0) for c in codes):
+                    codes = _settle(procs, tmp)
+                    stopped = [r for r, c in enumerate(codes)
+                               if c is None and _stopped(procs[r].pid)]
+                    _terminate(procs)
+                    raise _failure(job, tmp, codes, stopped, procs, watchdog, result_file)
                 if all(c == 0 for c in codes):
+                    for f in follow:
+                        f.read()  # what the ranks wrote after the last poll
                     break
                 if deadline_s is not None and time.monotonic() - start > deadline_s:
                     running = [r for r, c in enumerate(codes) if c is None]
@@ -140,10 +226,6 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
                                       pids=[p.pid for p in procs], hung=hung, case=case,
                                       results=_results(result_file))
                 time.sleep(poll_s)
-        except KeyboardInterrupt:
-            _terminate(procs)
-            raise LaunchError("interrupted: every rank was stopped",
-                              pids=[p.pid for p in procs]) from None
         finally:
             if any(p.poll() is None for p in procs):
                 _terminate(procs)
@@ -151,23 +233,109 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
         return json.loads(text) if text else []
 
 
+def _interrupted(signum: int) -> str:
+    name = signal.Signals(signum).name
+    why = {"SIGINT": " (Ctrl-C)", "SIGHUP": " (the terminal closed)"}.get(name, "")
+    return f"interrupted by {name}{why}: every rank was stopped"
+
+
+# After the first rank fails, how long the others get to exit on their own
+# before the launcher ends them, while every failure so far only says that a
+# peer went away: the rank that died first (SIGKILL, out of memory) may be
+# reaped after a peer that lost its connection to it.
+SETTLE_S = 2.0
+
+
+def _settle(procs: list[subprocess.Popen], tmp: str) -> list[int | None]:
+    """Every rank's exit status once a root cause is among the failures (or
+    SETTLE_S has passed): statuses taken before the launcher signals anyone."""
+    end = time.monotonic() + SETTLE_S
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if (any(codes[r] < 0 or not _secondary(tmp, r) for r in failed)
+                or None not in codes or time.monotonic() > end):
+            return codes
+        time.sleep(0.05)
+
+
+def _failure(job: Job, tmp: str, codes: list[int | None], stopped: list[int],
+             procs: list[subprocess.Popen], watchdog, result_file: str) -> LaunchError:
+    """The LaunchError for a job in which ranks exited non-zero (``codes``,
+    taken before the launcher signalled anyone); ``stopped``: the ranks whose
+    process was stopped then. A stopped rank is named before a rank whose
+    error only says that it waited for a peer in vain."""
+    failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+    r = _root_cause(tmp, failed, codes)
+    tb = _read(os.path.join(tmp, f"rank{r}.txt"))
+    why = tb.strip().splitlines()[-1] if tb.strip() else _signal_name(codes[r])
+    head = f"rank {r} failed"
+    if stopped and codes[r] > 0 and _secondary(tmp, r):
+        head = (f"rank {stopped[0]} is stopped (SIGSTOP or a debugger) and the others wait "
+                f"on it; rank {r} failed")
+        r = stopped[0]
+    case = watchdog.case_of(r) if watchdog else None
+    where = f" in case {case} ({job.cases[case].plan})" if case is not None else ""
+    return LaunchError(f"{head}{where}: {why}\n{tb}".rstrip(), r, tb,
+                       [p.pid for p in procs], case=case, results=_results(result_file))
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, SIGTSTP, a debugger), from
+    Linux's /proc; False where there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()
+    return bool(fields) and fields[0] in ("T", "t")
+
+
+class _Follow:
+    """Follows a file of JSON lines that ranks append to, passing each
+    complete line to ``callback`` once."""
+
+    def __init__(self, path: str, callback):
+        self.path, self.callback = path, callback
+        self.offset, self.partial = 0, b""
+        open(path, "wb").close()
+
+    def read(self) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            self.callback(json.loads(line))
+
+
 class _Watchdog:
-    """Reads every rank's heartbeat; ``expired`` once none has changed for
-    ``job.watchdog_s`` (or STARTUP_S while some rank has yet to report)."""
+    """Reads every rank's heartbeat; ``expired`` once none has made progress
+    for ``job.watchdog_s`` (or STARTUP_S while some rank has yet to report)."""
 
     CHECK_S = 0.25  # how often the heartbeats are read
+    # A rank whose pulse (Heartbeat.PULSE_S) has not changed for this long is
+    # stopped or frozen; a live rank misses that many beats only on a machine
+    # too loaded to run it.
+    STALE_S = 1.5
 
-    def __init__(self, job: Job, paths: list[str]):
-        self.job, self.paths = job, paths
+    def __init__(self, job: Job, paths: list[str], procs: list[subprocess.Popen]):
+        self.job, self.paths, self.procs = job, paths, procs
         self.seen = [None] * len(paths)  # last record per rank
         self.last_progress = self.last_check = time.monotonic()
+        self.pulse_seen = [(None, self.last_progress)] * len(paths)  # (pulse, when it changed)
 
     def _read(self) -> None:
+        now = time.monotonic()
         for r, path in enumerate(self.paths):
             rec = Heartbeat.read(path)
             if rec is not None and (self.seen[r] is None
                                     or rec["counter"] != self.seen[r]["counter"]):
-                self.last_progress = time.monotonic()
+                self.last_progress = now
+            if rec is not None and rec["pulse"] != self.pulse_seen[r][0]:
+                self.pulse_seen[r] = (rec["pulse"], now)
             self.seen[r] = rec or self.seen[r]
 
     def expired(self, codes: list[int | None]) -> bool:
@@ -176,7 +344,9 @@ class _Watchdog:
             return False
         self.last_check = now
         self._read()
-        limit = self.job.watchdog_s
+        # At least STALE_S: a stopped rank must have missed its pulse long
+        # enough to be told from the ranks that wait on it.
+        limit = max(self.job.watchdog_s, self.STALE_S + self.CHECK_S)
         if any(rec is None for rec in self.seen):
             limit = max(limit, STARTUP_S)
         return now - self.last_progress > limit
@@ -188,6 +358,16 @@ class _Watchdog:
             return None
         return rec["case"]
 
+    def unresponsive(self, r: int) -> str | None:
+        """Why rank ``r``'s process is not running (stopped or frozen), or None."""
+        if _stopped(self.procs[r].pid):
+            return "stopped (SIGSTOP or a debugger)"
+        pulse, since = self.pulse_seen[r]
+        age = time.monotonic() - since
+        if self.seen[r] is not None and age > self.STALE_S:
+            return f"not responding (no pulse for {age:.1f} s: stopped or frozen)"
+        return None
+
     def _state(self, r: int) -> str:
         rec = self.seen[r]
         if rec is None:
@@ -196,9 +376,11 @@ class _Watchdog:
         where = (f"case {case} ({self.job.cases[case].plan})"
                  if 0 <= case < len(self.job.cases) else "outside any case")
         age = time.time() - rec["time"]
-        doing = (f"waiting inside {rec['collective']}" if rec["inside"]
-                 else "not in a collective")
-        return f"rank {r}: {where}, last event {rec['event']!r} {age:.1f} s ago, {doing}"
+        doing = (f"waiting inside {rec['collective']} (collective call {rec['calls']})"
+                 if rec["inside"] else "not in a collective")
+        down = self.unresponsive(r)
+        return (f"rank {r}: {where}, last event {rec['event']!r} {age:.1f} s ago, {doing}"
+                + (f"; {down}" if down else ""))
 
     def describe(self, ranks: list[int]) -> str:
         if not ranks:
@@ -207,18 +389,28 @@ class _Watchdog:
         return "\n" + "\n".join(f"  {self._state(r)}" for r in ranks)
 
     def report(self, codes: list[int | None]) -> tuple[str, list[int], int | None]:
-        """(message, ranks named as hung, their case)."""
+        """(message, ranks named as hung, their case). The ranks named are
+        those whose process does not run (stopped or frozen), else those that
+        run but are not waiting inside a collective: either way the ones the
+        others wait on. A rank waiting inside a collective is never named
+        while another rank is one of these."""
+        self._read()
         running = [r for r, c in enumerate(codes) if c is None]
-        hung = [r for r in running if self.seen[r] is None or not self.seen[r]["inside"]]
-        if hung:
-            names = ", ".join(map(str, hung))
-            head = (f"watchdog: no progress for {self.job.watchdog_s:g} s; rank{'s' * (len(hung) > 1)} "
-                    f"{names} hung (not waiting inside a collective; the others wait on "
-                    f"{'them' if len(hung) > 1 else 'it'})")
+        down = {r: why for r in running if (why := self.unresponsive(r))}
+        hung = list(down) or [r for r in running
+                              if self.seen[r] is None or not self.seen[r]["inside"]]
+        head = f"watchdog: no progress for {self.job.watchdog_s:g} s; "
+        they = "them" if len(hung) > 1 else "it"
+        names = f"rank{'s' * (len(hung) > 1)} {', '.join(map(str, hung))}"
+        if down:
+            head += (f"{names} {'are' if len(hung) > 1 else 'is'} "
+                     f"{'; '.join(dict.fromkeys(down.values()))}; the others wait on {they}")
+        elif hung:
+            head += (f"{names} hung (not waiting inside a collective; the others wait on "
+                     f"{they})")
         else:
-            head = (f"watchdog: no progress for {self.job.watchdog_s:g} s; every rank is "
-                    f"waiting inside a collective (mismatched collectives, or a peer that "
-                    f"exited)")
+            head += ("every rank is waiting inside a collective (mismatched collectives, or "
+                     "a peer that exited)")
         case = self.case_of(hung[0]) if hung else None
         return head + self.describe(running), hung, case
 
@@ -232,21 +424,32 @@ def _results(path: str) -> list[dict]:
         return []
 
 
-# Errors a rank sees because a *peer* died (gloo / NCCL wording).
+# Errors a rank sees because a *peer* died or stopped (gloo / NCCL wording).
 _SECONDARY = ("Connection closed by peer", "remote worker", "Connection reset by peer",
-              "remote process exited", "NCCL communicator was aborted", "Broken pipe")
+              "remote process exited", "NCCL communicator was aborted", "Broken pipe",
+              "Timed out", "timed out")
 
 
-def _root_cause(tmp: str, failed: list[int]) -> int:
-    """The rank that failed first for its own reason: ranks whose error only
-    says a peer went away come last, then the earliest-written traceback (a
-    rank killed by a signal writes none and counts as a root cause)."""
+def _secondary(tmp: str, r: int) -> bool:
+    """Whether rank ``r``'s traceback only says that a peer went away."""
+    text = _read(os.path.join(tmp, f"rank{r}.txt"))
+    return any(s in text for s in _SECONDARY)
+
+
+def _root_cause(tmp: str, failed: list[int], codes: list[int | None]) -> int:
+    """The rank that failed first for its own reason: a rank killed by a
+    signal (it writes no traceback) first, then the earliest-written traceback
+    of an error of the rank's own; ranks whose error only says a peer went
+    away come last."""
     def key(r):
+        if codes[r] is not None and codes[r] < 0:
+            return (0, 0, r)
         path = os.path.join(tmp, f"rank{r}.txt")
-        text = _read(path)
-        secondary = any(s in text for s in _SECONDARY)
-        mtime = os.stat(path).st_mtime_ns if text else -1
-        return (secondary, mtime, r)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            mtime = 0
+        return (1 + _secondary(tmp, r), mtime, r)
 
     return min(failed, key=key)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..parallel.comm import gather_floats
 
 
 @dataclass
@@ -97,7 +96,7 @@ def timed_call(fn, device, comm):
     out = fn()
     _sync(device)
     dt = time.perf_counter() - t0
-    return out, max(v[0] for v in gather_floats([dt], device))
+    return out, max(v[0] for v in comm.gather_floats([dt], device))
 
 
 def trace_step(fn, device, comm, path: str) -> dict:

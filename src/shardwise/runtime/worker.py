@@ -61,6 +61,8 @@ def make_monitor(job: Job):
     directory = os.environ.get("SHARDWISE_ERROR_DIR")
     path = heartbeat_path(directory, rank) if directory and job.watchdog_s else None
     heartbeat = Heartbeat(path) if path and os.path.exists(path) else None
+    if heartbeat is not None:
+        heartbeat.start_pulse()
     return RankMonitor(heartbeat, job.collective_fault(rank), rank, job.device)
 
 
@@ -69,28 +71,28 @@ def run_job(job: Job, log=None, save=None) -> list[dict]:
     (and passes them to ``save`` after every case)."""
     from .engine import run_case
 
+    from .progress import Reporter
+
     monitor = make_monitor(job)
     monitor.phase("start")
     rank, world, device = init_distributed(job, monitor)
-    say = (log or (lambda m: print(m, flush=True))) if rank == 0 else (lambda m: None)
+    progress = monitor.progress = Reporter(rank)
+    say = log or progress.log
     results = []
     for i, case in enumerate(job.cases):
         monitor.phase("case", case=i)
-        say(f"[{i + 1}/{len(job.cases)}] {case.model.name} {case.plan} "
-            f"(batch {case.workload.batch}, seq {case.workload.seq_len}, "
-            f"{case.workload.decode_steps} decode steps, {world} ranks, {device.type})")
+        progress.case(i, len(job.cases), case.plan, describe_case(case, world, device.type))
         for r in run_case(job, case, rank, world, device, log=say, monitor=monitor):
             results.append(r)
             if "ok" in r:
-                extra = ""
-                if "routing_flips" in r:
-                    extra = (f"; {r['max_rel_err_without_flips']:.2e} without "
-                             f"{sum(r['routing_flips'])} routing flip(s) at near-tied tokens")
-                say(f"  {'ok' if r['ok'] else 'FAILED'}: max relative error "
-                    f"{r['max_rel_err']:.2e}{extra} (tolerance {r['tolerance']:.0e})")
+                flips = sum(r.get("routing_flips") or [])
+                extra = (f"; {r['max_rel_err_without_flips']:.2e} without {flips} routing "
+                         f"flip(s) at near-tied tokens" if flips else "")
+                progress.done(f"{'ok' if r['ok'] else 'FAILED'}: max relative error "
+                              f"{r['max_rel_err']:.2e}{extra} (tolerance {r['tolerance']:.0e})")
             elif "phase" in r:
-                say(f"  {r['phase']}: median {r['median_ms']:.3f} ms "
-                    f"(p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}, n={r['n']})")
+                progress.done(f"{r['phase']}: median {r['median_ms']:.3f} ms "
+                              f"(p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}, n={r['n']})")
         if save is not None and rank == 0:
             save(results)
     monitor.phase("end", case=len(job.cases))
@@ -102,6 +104,22 @@ def run_job(job: Job, log=None, save=None) -> list[dict]:
         monitor.wait("final barrier", dist.barrier)
     dist.destroy_process_group()
     return results
+
+
+def describe_case(case, world: int, device: str) -> str:
+    """What a case does, for its progress line."""
+    from ..output import plural
+
+    wl = case.workload
+    if case.generate is not None:
+        what = "generate"
+    elif case.bench is not None:
+        phase = case.bench.get("phase", "both")
+        what = "time " + ("prefill and decode" if phase == "both" else phase)
+    else:
+        what = "verify" if case.verify else "run"
+    return (f"{what} ({case.model.name}, batch {wl.batch}, prompt {wl.seq_len}, "
+            f"{plural(wl.decode_steps, 'decode step')}, {plural(world, 'rank')}, {device})")
 
 
 def rank_main(argv: list[str], body) -> NoReturn:

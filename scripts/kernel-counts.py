@@ -1,0 +1,132 @@
+"""Kernels a decode layer launches, per architecture and strategy, counted on
+CPU ranks along the code's GPU branches (shardwise.perf.counting's
+count_calls with CudaPaths: fused kernels, Triton launches and collectives
+each one call, as on a GPU) for the static decode step a CUDA graph replays
+(and the eager step beside it).
+
+A layer's count is the busiest rank's difference between a model of 2S and
+one of S layers (S: the plan's pipeline stages: each rank holds one layer
+more), so the step's own launches (embedding, masks, final norm, LM head)
+drop out. On gloo a tensor-parallel all-reduce is a collective followed by
+the fused add + norm kernel; on GPUs (NCCL, symmetric memory) a decode
+step's all-reduce, add and norm are one kernel, counted here as the
+collective. The architectures are
+tiny (the counts do not depend on the sizes) with each family's features:
+GPT-style (LayerNorm, tanh GELU, MHA), Llama-style (RMSNorm, SwiGLU,
+grouped-query attention, Llama 3.1 rotary) and Mixtral-style (the Llama
+layer with 4 experts, top 2).
+
+Usage: python scripts/kernel-counts.py --out results/kernels-per-decode-layer
+(writes OUT.jsonl and OUT.md; a few minutes on two cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from shardwise.perf.counting import count_calls
+from shardwise.perf.events import CALL_KINDS
+from shardwise.runtime.job import Case
+from shardwise.spec import ModelSpec, Workload
+
+LLAMA31 = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+           ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+ARCHS = {
+    "GPT-style": ModelSpec(name="gpt", n_layers=1, d_model=64, n_heads=4, head_dim=16,
+                           d_ff=256, dtype="bf16", activation="gelu_tanh", vocab_size=97),
+    "Llama-style": ModelSpec(name="llama", n_layers=1, d_model=64, n_heads=8, n_kv_heads=2,
+                             head_dim=16, d_ff=128, dtype="bf16", norm="rmsnorm",
+                             activation="swiglu", vocab_size=97, rope_theta=500000.0,
+                             rope_scaling=LLAMA31),
+}
+ARCHS["Mixtral-style"] = ARCHS["Llama-style"].replace(name="mixtral", n_experts=4, top_k=2)
+# (plan, ranks, pipeline stages); layerwise's capacity is chosen per model
+# (PIPELINE: the one that cuts the layers into two equal groups on 2 ranks)
+PIPELINE = "layerwise:pipeline"
+PLANS = [("tp_pp:1x1", 1, 1), ("tp_pp:2x1", 2, 1), ("tp_pp:1x2", 2, 2), ("tp_pp:2x2", 4, 2),
+         ("helix:1x2", 2, 1), ("helix:2x1", 2, 1), ("ring:2", 2, 1),
+         ("layerwise:cap=100GB", 2, 1), (PIPELINE, 2, 2), ("ep:2", 2, 1)]
+WORKLOAD = Workload(batch=4, seq_len=16, decode_steps=2)
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p", "broadcast")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="results/kernels-per-decode-layer")
+    args = ap.parse_args()
+    rows = []
+    for nproc in sorted({n for _, n, _ in PLANS}):
+        cases, keys = [], []
+        for arch, spec in ARCHS.items():
+            for plan, n, stages in PLANS:
+                if n != nproc or (plan.startswith("ep") and not spec.is_moe):
+                    continue
+                for layers in (stages, 2 * stages):
+                    m = spec.replace(n_layers=layers)
+                    cases.append(Case(m, WORKLOAD, _two_groups(m) if plan == PIPELINE else plan,
+                                      verify=False))
+                keys.append((arch, "layerwise (2 groups)" if plan == PIPELINE else plan, stages))
+        res = count_calls(cases, nproc, deadline_s=600)
+        for i, (arch, plan, stages) in enumerate(keys):
+            a, b = res[2 * i], res[2 * i + 1]
+            row = {"arch": arch, "plan": plan, "ranks": nproc}
+            for phase in ("static", "decode"):  # each rank holds one layer more in b
+                pairs = [(_calls(ra, phase), _calls(rb, phase)) for ra, rb in zip(a, b)]
+                row[f"{phase}_kernels_per_layer"] = max(
+                    cb["kernels"] + cb["tritons"] - ca["kernels"] - ca["tritons"]
+                    for ca, cb in pairs)
+                row[f"{phase}_collectives_per_layer"] = max(
+                    sum(cb[k] - ca[k] for k in COLLECTIVES) for ca, cb in pairs)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    with open(args.out + ".jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "git_rev": rev}) + "\n")
+    with open(args.out + ".md", "w") as f:
+        f.write(f"# Kernels per decode layer\n\n`python scripts/kernel-counts.py --out {args.out}` "
+                f"at {rev}: kernel launches of one decode layer on the busiest rank, counted on "
+                f"CPU ranks along the GPU branches (fused kernels and collectives one call "
+                f"each). *Graph*: the static step a CUDA graph replays; *eager*: the step at an "
+                f"int position. Collectives are counted apart (NCCL's own kernels). On gloo a "
+                f"tensor-parallel all-reduce is the collective and the fused add + norm kernel "
+                f"after it; on GPUs a decode step's all-reduce, add and norm are one kernel "
+                f"(counted here as the collective, its norm as a kernel). cuBLAS adds split-K "
+                f"reductions and memsets on GPUs (profiler counts: results/llama/README.md)."
+                f"\n\n")
+        f.write("| architecture | plan | ranks | graph kernels | eager kernels | collectives |\n")
+        f.write("| --- | --- | --- | --- | --- | --- |\n")
+        for r in rows:
+            f.write(f"| {r['arch']} | {r['plan']} | {r['ranks']} | "
+                    f"{r['static_kernels_per_layer']:g} | {r['decode_kernels_per_layer']:g} | "
+                    f"{r['static_collectives_per_layer']:g} |\n")
+    return 0
+
+
+def _calls(rank: dict, phase: str) -> dict:
+    """A rank's host calls of ``phase`` by kind (none where the strategy has no
+    static step)."""
+    return rank[phase]["calls"] if phase in rank else dict.fromkeys(CALL_KINDS, 0)
+
+
+def _two_groups(spec: ModelSpec) -> str:
+    """The layerwise plan whose partition is two equal groups on two ranks."""
+    from shardwise.perf.partition import PartitionError, layer_costs, partition
+
+    L, half = spec.n_layers, spec.n_layers // 2
+    costs = layer_costs(spec, WORKLOAD, WORKLOAD.batch)
+    for cap in sorted({costs.group_bytes(i, j) for i in range(L) for j in range(i + 1, L + 1)}):
+        try:
+            part = partition(spec, WORKLOAD, cap, 2)
+        except PartitionError:
+            continue
+        if [(g.layers.start, g.layers.stop) for g in part.groups] == [(0, half), (half, L)]:
+            return f"layerwise:cap={cap}"
+    raise RuntimeError(f"no capacity cuts {spec.name} into two equal groups")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

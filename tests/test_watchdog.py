@@ -1,0 +1,79 @@
+"""The watchdog names exactly the rank that was stopped (SIGSTOP), whichever rank
+it is, in prefill or in decode, at a random moment: never a peer waiting on it.
+
+Each trial launches a short timed run (tiny-dense on CPU, 2 or 4 ranks), waits
+until the rank is in the chosen phase, stops it after a random delay, and
+expects the watchdog to name that rank alone. The delays come from a seed
+printed with each trial (SHARDWISE_TRIAL_SEED repeats a run).
+"""
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+import uuid
+
+import pytest
+
+from helpers import job_heartbeats, rank_pid, wait_until
+from shardwise.presets import get_preset
+from shardwise.runtime.job import Case, Job
+from shardwise.runtime.launcher import LaunchError, launch
+from shardwise.runtime.timing import BenchSettings
+from test_launcher import alive
+
+TINY = get_preset("tiny-dense")
+WATCHDOG_S = 1.0
+SEED = int(os.environ.get("SHARDWISE_TRIAL_SEED", random.randrange(10**6)))
+
+# Every rank of each plan, in prefill and in decode: 20 trials. tp_pp:2x1
+# all-reduces, tp_pp:1x2 sends between stages, ring:2 exchanges K/V blocks,
+# tp_pp:2x2 does both (the case the watchdog once misnamed).
+TRIALS = [(plan, rank, phase)
+          for plan, world in (("tp_pp:2x1", 2), ("tp_pp:1x2", 2), ("ring:2", 2), ("tp_pp:2x2", 4))
+          for rank in range(world) for phase in ("prefill", "decode")]
+
+
+@pytest.mark.parametrize("plan, rank, phase", TRIALS)
+def test_watchdog_names_the_stopped_rank(plan, rank, phase, tmp_path, monkeypatch):
+    rng = random.Random(f"{SEED}:{plan}:{rank}:{phase}")
+    delay = rng.uniform(0.0, 0.4)
+    print(f"trial seed {SEED}: stop rank {rank} of {plan} {delay:.3f} s into {phase}")
+    world = 4 if plan == "tp_pp:2x2" else 2
+    tag = uuid.uuid4().hex
+    # Long enough that the phase outlasts the stop: the job ends at the watchdog.
+    bench = BenchSettings(phase=phase, iters=2000, warmup=1)
+    wl = TINY.reduced.replace(decode_steps=bench.decode_positions)
+    job = Job([Case(TINY.model, wl, plan, verify=False, bench=vars(bench))], world,
+              watchdog_s=WATCHDOG_S, env={"SHARDWISE_TEST_TAG": tag})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the job's heartbeats go
+    outcome = {}
+
+    def run():
+        try:
+            launch(job, deadline_s=120)
+        except LaunchError as e:
+            outcome["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        wait_until(lambda: all(b and b["event"] == f"bench {phase}"
+                               for b in job_heartbeats(tmp_path, world)), 90,
+                   f"every rank in bench {phase}")
+        time.sleep(delay)
+        pid = rank_pid(tag, rank)
+        os.kill(pid, signal.SIGSTOP)
+    finally:
+        t.join(timeout=120)
+    e = outcome.get("error")
+    assert e is not None, "the job ended without the watchdog"
+    message = str(e)
+    assert e.hung == [rank] and e.rank == rank, message
+    # Linux reads the stop from /proc ("is stopped"); elsewhere the pulse tells
+    # ("is not responding").
+    assert message.startswith(f"watchdog: no progress for {WATCHDOG_S:g} s; rank {rank} is "), \
+        message
+    assert f"  rank {rank}: case 0 ({plan})" in message
+    assert alive(e.pids) == []
