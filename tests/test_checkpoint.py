@@ -202,6 +202,17 @@ def test_truncated_file(copy):
     _fails(path, "truncated", "tensor '", file)
 
 
+@pytest.mark.parametrize("content", [b"garbage" * 100, b"\x80\x04pickle" + bytes(200),
+                                     b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"])
+def test_a_file_that_is_not_safetensors_says_so(copy, content):
+    """Random bytes read as a header length once claimed an 18-exabyte truncation."""
+    path = copy("llama")
+    file = os.path.join(path, "model.safetensors")
+    with open(file, "wb") as f:
+        f.write(content)
+    _fails(path, "is not a safetensors file", file)
+
+
 def test_truncated_shard(copy):
     path = copy("llama-tied-sharded")
     shard = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[-1]
@@ -248,6 +259,10 @@ def test_missing_expert_count(copy):
      ("rope_parameters", "'llama3'", "low_freq_factor")),
     (dict(rope_parameters=_DROP, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 2.0}),
      ("rope_scaling", "'yarn'")),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+     ("rope_parameters ('default')", "rope_scaling ('llama3')", "disagree")),
     (dict(attention_bias=True), ("'attention_bias'", "no bias")),
     (dict(mlp_bias=True), ("'mlp_bias'",)),
     (dict(hidden_act="gelu"), ("hidden_act 'gelu'",)),

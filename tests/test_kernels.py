@@ -144,3 +144,62 @@ def test_grouped_decode_attention_reads_each_kv_head_once(device):
             want = _repeated_kv_attention(q, kk, vv, pos)
             assert got.shape == (B, H, 1, d)
             assert ((got - want).float().norm() / want.float().norm()).item() <= tol
+
+
+def _expert_case(dtype, device="cpu", R=5, held=3, O=70, I=300, per=2):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(held, O, I, generator=g).to(dtype).to(device)
+    x = torch.randn(R // per if per > 1 else R, I, generator=g).to(dtype).to(device)
+    # Global expert ids around the held range 2..4: rows 0 and 4 are not held here.
+    experts = torch.tensor([1, 2, 4, 3, 5, 2][:R], device=device)
+    return x, w, experts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per", [1, 2])
+def test_expert_rows_kernel_matches_the_gathered_product_on_cpu(monkeypatch, dtype, per):
+    # The kernel sums each row's I products in float32 and rounds once: against
+    # the exact (float64) product, the float32 sum's error is at most I units of
+    # float32 times the sum of the products' magnitudes, plus the final
+    # rounding (one unit of the output dtype).
+    kernel = interpreted("shardwise.model.triton_moe", "expert_rows_kernel")
+    monkeypatch.setattr(kernels, "_experts", kernel)
+    R = 6 if per == 2 else 5
+    x, w, experts = _expert_case(dtype, R=R, per=per)
+    got = kernels._expert_rows_launch(x, w, experts, 2, per)
+    want = kernels._expert_rows_torch(x.double(), w.double(), experts, 2, per)
+    assert got.shape == (R, w.shape[1])
+    held = (experts >= 2) & (experts < 5)
+    assert torch.equal(got[~held], torch.zeros_like(got[~held]))  # not held: zero, nothing read
+    ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -23
+    size = kernels._expert_rows_torch(x.double().abs(), w.double().abs(), experts, 2, per)
+    assert ((got.double() - want).abs() <= ulp * want.abs() + 300 * 2.0 ** -24 * size).all()
+
+
+def test_expert_rows_runs_pytorch_off_the_gpu(monkeypatch):
+    def refuse(*a):
+        raise AssertionError("the Triton launch on CPU tensors")
+
+    monkeypatch.setattr(kernels, "_expert_rows_launch", refuse)
+    x, w, experts = _expert_case(torch.float64, R=6, per=2)
+    got = kernels.expert_rows(x, w, experts, 2, 2)
+    for r, e in enumerate(experts.tolist()):  # one row at a time, from the definition
+        want = w[e - 2] @ x[r // 2] if 2 <= e < 5 else torch.zeros(w.shape[1], dtype=x.dtype)
+        torch.testing.assert_close(got[r], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per,O,I", [(2, 2 * 1792, 4096), (1, 4096, 1792), (2, 100, 70)])
+def test_expert_rows_kernel_on_the_gpu(dtype, per, O, I):
+    # float32 accumulation rounded once: against a float32 product of the same
+    # inputs, both sums' float32 errors (I units of float32 of the products'
+    # magnitudes each) and the final rounding (one unit of the output dtype).
+    x, w, experts = _expert_case(dtype, "cuda", R=6 if per == 2 else 5, held=3, O=O, I=I,
+                                 per=per)
+    got = kernels.expert_rows(x, w, experts, 2, per).float()
+    want = kernels._expert_rows_torch(x.float(), w.float(), experts, 2, per)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    size = kernels._expert_rows_torch(x.float().abs(), w.float().abs(), experts, 2, per)
+    assert ((got - want).abs() <= ulp * want.abs() + 2 * I * 2.0 ** -24 * size).all()

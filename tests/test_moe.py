@@ -46,14 +46,15 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# 21 tokens: every held expert on every token (DENSE_MOE_MAX_TOKENS); 90: the
-# loop over each expert's routed tokens.
-@pytest.mark.parametrize("shape", [(3, 7), (10, 9)])
+# 2 tokens: fewer routed rows than experts for top-1 and top-2 (each row
+# through its own expert); 21: every held expert on every token
+# (DENSE_MOE_MAX_TOKENS); 90: the loop over each expert's routed tokens.
+@pytest.mark.parametrize("shape", [(1, 2), (3, 7), (10, 9)])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("top_k", [1, 2, E])
 def test_reference_moe_equals_per_token_loop(top_k, activation, shape):
     from shardwise.model.reference import DENSE_MOE_MAX_TOKENS
-    assert (shape[0] * shape[1] <= DENSE_MOE_MAX_TOKENS) == (shape == (3, 7))
+    assert (shape[0] * shape[1] <= DENSE_MOE_MAX_TOKENS) == (shape != (10, 9))
     moe = random_moe(top_k, activation)
     x = torch.randn(*shape, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -62,7 +63,9 @@ def test_reference_moe_equals_per_token_loop(top_k, activation, shape):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("tokens", [20, 100])  # both paths
+# 1 token: the shares holding 3 experts take the per-row path, the others
+# the dense one; 20 and 100: the dense path and the routed loop.
+@pytest.mark.parametrize("tokens", [1, 20, 100])
 def test_expert_shares_sum_to_the_full_moe(tokens):
     # What tp_pp relies on: MoEs holding disjoint expert ranges add up to the whole.
     full = random_moe(2, "gelu")
@@ -117,14 +120,15 @@ def test_grouped_expert_mlp_equals_one_expert_at_a_time():
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-12, atol=1e-12)
 
 
-def test_dense_decode_path_rounds_like_the_routed_loop(monkeypatch):
-    # bf16: every held expert on every token, weighted (0 where unpicked),
-    # rounds each token's two picked terms and their sum as the loop over
-    # routed tokens does; only the GEMMs' shapes differ (one GEMM for every
-    # expert), so the two agree to a bf16 rounding at most.
+@pytest.mark.parametrize("tokens", [2, 16])  # each row through its expert; every expert
+def test_decode_paths_round_like_the_routed_loop(monkeypatch, tokens):
+    # bf16: every held expert on every token, weighted (0 where unpicked), or
+    # each routed row through its own expert, rounds each token's two picked
+    # terms and their sum as the loop over routed tokens does; only the GEMMs'
+    # shapes differ, so the two agree to a bf16 rounding at most.
     import shardwise.model.reference as ref
     moe = random_moe(2, "gelu").to(torch.bfloat16)
-    x = torch.randn(16, D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     with torch.no_grad():
         dense = moe(x)
         monkeypatch.setattr(ref, "DENSE_MOE_MAX_TOKENS", 0)
@@ -132,3 +136,20 @@ def test_dense_decode_path_rounds_like_the_routed_loop(monkeypatch):
     torch.testing.assert_close(dense.float(), loop.float(), rtol=1e-2, atol=1e-2)
     assert (dense == loop).float().mean() > 0.9
 
+
+
+@pytest.mark.parametrize("tokens, held, path", [(1, 6, "_sparse"), (2, 6, "_sparse"),
+                                                 (3, 6, "_dense"), (1, 2, "_dense"),
+                                                 (100, 6, "_routed")])
+def test_each_call_takes_the_path_that_reads_least(tokens, held, path, monkeypatch):
+    """Fewer routed rows (tokens x top-2) than held experts: each row through its
+    own expert, reading only those; otherwise every held expert (a decode step)
+    or the loop over each expert's tokens (a prompt)."""
+    moe = random_moe(2, "swiglu", first_expert=0, local_experts=held)
+    taken = []
+    for name in ("_sparse", "_dense", "_routed"):
+        real = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=real: taken.append(_n) or _f(*a))
+    with torch.no_grad():
+        moe(torch.randn(tokens, D, dtype=torch.float64))
+    assert taken == [path]

@@ -246,7 +246,7 @@ def test_partition_command_and_table():
 def test_layerwise_plan_validation():
     wl = ONE_SEQ.replace(batch=4)
     _, topo = validate_plan(SMALL, wl, "layerwise:cap=10MB", 2)
-    assert topo.axes == ("replica", "pp") and topo.world_size == 2
+    assert topo.axes == ("dp", "pp") and topo.world_size == 2  # dp:R/pp:G
     for plan, words in [("layerwise", "needs a capacity"), ("layerwise:2x2,cap=1GB", "no degrees"),
                         ("layerwise:cap=1GB,tp=2", "unknown option")]:
         with pytest.raises(ShardwiseError, match=words):

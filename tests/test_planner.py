@@ -8,10 +8,12 @@ import pytest
 
 from shardwise.perf.clusters import load_cluster
 from shardwise.perf.costmodel import predict
-from shardwise.perf.planner import enumerate_plans, plan_command, rank_plans, ranking, score
+from shardwise.perf.planner import (best_micro_batching, enumerate_plans, evaluate, family,
+                                    micro_batch_family, plan_command, plan_parts, rank_plans,
+                                    rank_rows, ranking, score)
 from shardwise.perf.reproduce import consistency, fidelity_command, find_seed, reproduce_command
 from shardwise.presets import get_preset
-from shardwise.spec import ModelSpec, Workload
+from shardwise.spec import ModelSpec, Plan, Workload
 
 H100_8, H100_16 = load_cluster("h100-sxm-8"), load_cluster("h100-sxm-16")
 
@@ -32,7 +34,8 @@ INVALID = {"tp_pp:4x1": "n_heads (6) is not divisible by tp", "tp_pp:1x4": "4 pi
 
 
 def test_planner_lists_exactly_the_valid_plans():
-    rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
+    rows = [r for r in enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
+            if not Plan.parse(r.plan).is_composed]  # compositions: test_compositions_are_...
     valid = {r.plan for r in rows if r.valid}
     # layerwise also proposes the tightest capacity that fits 4 ranks, rounded up
     # to a size of 3 significant digits (a plan name a person reads).
@@ -64,11 +67,17 @@ def test_ranking_is_by_predicted_time(phase):
 def test_infeasible_plans_are_flagged_with_the_kv_cache():
     p = get_preset("seed-ring-4l")
     rows = enumerate_plans(p.model, p.workload, H100_16, micro_batches=(1,))
-    valid = [r for r in rows if r.valid]
+    valid = [r for r in rows if r.priced]
     assert valid and not any(r.fits for r in valid)
-    assert all(r.prediction.reason == "KV cache 1.34 TB > 16 x 80 GB" for r in valid)
+    # Compositions too: the recorded ranks' KV caches do not fit the cluster.
+    assert all(r.prediction.reason.startswith("KV cache 1.34 TB > 16 x 80 GB")
+               for r in valid)
     text = plan_command("seed-ring-4l", "h100-sxm-16", phase="decode", top=3)
-    assert "KV cache 1.34 TB > 16 x 80 GB" in text and "0 fit in memory" in text
+    assert "KV cache" in text and "0 fit in memory" in text
+    # Micro-batches shrink no KV cache: the table says none fits, and shows one count.
+    rk = ranking("seed-ring-4l", "h100-sxm-16", None, None, "decode")
+    tp = [r for r in rk.shown if family(r.plan) == "tp_pp:8x2"]
+    assert len(tp) == 1 and tp[0].note == "no micro-batch count fits (up to mb=1024 tried)"
 
 
 def test_plan_validate_runs_the_best_fitting_plans_and_compares(tmp_path):
@@ -131,3 +140,81 @@ def test_fidelity_reports_the_relative_error(tmp_path):
                     + json.dumps({**rec, "p10_ms": 2.0, "p90_ms": 2.2}) + "\n")
     text = fidelity_command([str(path)], "h100-sxm-8")
     assert "2.00 !" in text and "1.10" in text and "1.10 !" not in text
+
+
+# -- compositions and micro-batch counts -------------------------------------------
+
+def test_compositions_are_candidates_priced_as_replicas_or_listed_with_the_reason():
+    from shardwise.parallel.base import validate_plan
+    from shardwise.parallel.compose import composition_candidates
+    from shardwise.spec import Plan, ShardwiseError
+
+    rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
+    composed = {r.plan: r for r in rows if Plan.parse(r.plan).is_composed}
+    # Every composition of 4 ranks is a candidate, valid exactly where validate says so.
+    assert set(composed) == set(composition_candidates(4))
+    for plan, r in composed.items():
+        try:
+            validate_plan(SIX, SIX_WL, plan, 4)
+            assert r.valid
+        except ShardwiseError as e:
+            assert r.error == str(e)
+    # Every valid composition is priced: the recorder runs its code. dp:2/tp:2
+    # is two tp_pp:2x1 on half the batch each (and a slice of each replica's rows).
+    assert all(r.priced for r in composed.values() if r.valid)
+    dp = composed["dp:2/tp:2"]
+    one = predict(SIX, SIX_WL.replace(batch=2), "tp_pp:2x1", H100_8, 2)
+    assert dp.fits and dp.prediction.world_size == 4
+    assert dp.prediction.prefill.seconds == pytest.approx(one.prefill.seconds, rel=0.02)
+    assert dp.prediction.prefill_tps == pytest.approx(2 * one.prefill_tps, rel=0.02)
+    assert dp.prediction.kv_per_rank == one.kv_per_rank * 2
+    assert composed["ring:2/tp:2"].priced
+    # The table lists them with the others.
+    rk = rank_rows(SIX, SIX_WL, H100_8, rows, "both", 4)
+    assert "dp:2/tp:2" in {r.plan for r in rk.shown} and not rk.unpriced
+
+
+def test_one_stage_of_tp_micro_batches_and_fits_seed_layerwise_3b():
+    # tp_pp:16x1 holds the whole batch's activations at one micro-batch and
+    # does not fit; with two micro-batches it does.
+    p = get_preset("seed-layerwise-3b")
+    rows = micro_batch_family(p.model, p.workload, Plan.parse("tp_pp:16x1"), H100_16, 16)
+    by_mb = {Plan.parse(r.plan).micro_batches: r for r in rows}
+    assert not by_mb[1].fits and by_mb[2].fits
+    rk = rank_rows(p.model, p.workload, H100_16,
+                   enumerate_plans(p.model, p.workload, H100_16), "both", 16)
+    shown = {r.plan: r for r in rk.shown}
+    assert "tp_pp:16x1,mb=2" in shown and "tp_pp:16x1" not in shown
+    # No plan is shown as not fitting at a count when another count fits.
+    assert all(r.fits or family(r.plan) not in rk.fitting_families for r in rk.shown)
+
+
+def test_memory_driven_micro_batches_find_the_fewest_that_fit():
+    # seed-layerwise-30b on tp_pp:1x16: a stage's working set is one micro-batch's,
+    # so more micro-batches need less memory (up to what every rank holds
+    # whatever the count: the first stage the prompt, the last the step's
+    # output). On GPUs sized between what 4 and 8 micro-batches need, the
+    # family finds the fewest count that fits by bisection: one fewer does not.
+    import dataclasses
+
+    p = get_preset("seed-layerwise-30b")
+    spec, wl = p.model, p.workload
+    need = {mb: predict(spec, wl, f"tp_pp:1x16,mb={mb}", H100_16).memory.total for mb in (4, 8)}
+    assert need[8] < need[4]
+    cl = dataclasses.replace(H100_16, hbm_bytes=(need[4] + need[8]) // 2)
+    rows = micro_batch_family(spec, wl, Plan.parse("tp_pp:1x16"), cl, 16)
+    fitting = [Plan.parse(r.plan).micro_batches for r in rows if r.fits]
+    fewest = min(fitting)
+    assert 4 < fewest <= 8 and not any(r.fits for r in rows
+                                       if Plan.parse(r.plan).micro_batches < fewest)
+    below = evaluate(spec, wl, f"tp_pp:1x16,mb={fewest - 1}", cl, 16)
+    assert below.priced and not below.fits
+    best = best_micro_batching(rows, "both")
+    assert best is not None and best.prediction.fits
+
+
+def test_reproduce_compares_each_plan_at_its_best_micro_batching():
+    text = reproduce_command("seed-layerwise-3b")
+    assert "planner's best" in text
+    # The baseline tp_pp:8x2 does not fit at one micro-batch; it is shown at a count that fits.
+    assert re.search(r"tp_pp:8x2,mb=\d+", text)

@@ -67,11 +67,26 @@ def test_interrupted_sweep_keeps_records_and_resumes(tmp_path):
                         "--plan", "tp_pp:2x2", "--resume"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "skipping tp_pp:1x1" in r.stdout
+    assert "skipping tp_pp:1x1" in r.stderr  # notes on stderr, results on stdout
     final = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted((x["plan"], x["phase"]) for x in final) == sorted(
         [("tp_pp:1x1", "prefill"), ("tp_pp:1x1", "decode"),
          ("tp_pp:2x2", "prefill"), ("tp_pp:2x2", "decode")])
+
+
+def test_resume_in_another_phase_writes_each_record_once(tmp_path):
+    """A plan timed with --phase prefill, resumed with --phase both: the decode
+    record is added and the prefill record is not written a second time."""
+    out = tmp_path / "bench.jsonl"
+    common = ["bench", "--preset", "tiny-dense", "--device", "cpu", "--iters", "2",
+              "--warmup", "1", "--plan", "tp_pp:1x1", "--out", str(out)]
+    for extra in (["--phase", "prefill"], ["--phase", "both", "--resume"]):
+        r = subprocess.run([sys.executable, "-m", "shardwise", *common, *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    final = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((x["plan"], x["phase"]) for x in final) == [("tp_pp:1x1", "decode"),
+                                                              ("tp_pp:1x1", "prefill")]
 
 
 def test_bench_trace_profiles_every_rank(tmp_path):
@@ -136,10 +151,12 @@ def test_stop_signal_ends_every_rank_and_removes_the_job_dir(tmp_path, sig, mome
     out, err = p.communicate(timeout=30)
     assert time.monotonic() - t0 < 30
     assert p.returncode == 128 + sig, err[-2000:]
-    assert err.splitlines()[0].startswith(
-        f"shardwise: interrupted by {sig.name}"), err[-2000:]
-    assert err.splitlines()[0].endswith(": every rank was stopped")
-    assert "record(s) of this run were appended to" in err.splitlines()[1]
+    # Progress lines come first on stderr; the job's last words are the signal
+    # and what was saved.
+    said = [line for line in err.splitlines() if line.startswith("shardwise: ")]
+    assert said[0].startswith(f"shardwise: interrupted by {sig.name}"), err[-2000:]
+    assert said[0].endswith(": every rank was stopped")
+    assert "record(s) of this run were appended to" in said[1]
     assert "Traceback" not in err
 
 
@@ -180,7 +197,7 @@ def test_three_concurrent_benches_into_one_file_keep_every_record(tmp_path):
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr[-2000:]
-        assert "appended 4 record(s)" in stdout
+        assert "appended 4 record(s)" in stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted((r["command"].split("--seed ")[1][0], r["plan"], r["phase"])
                   for r in records) == sorted(

@@ -1,6 +1,7 @@
 """The recorder against real runs: for every strategy on GPT-, Llama- and
 Mixtral-style models (with q/k/v biases, tied embeddings, rope scaling,
-KV heads held by several ranks, and heads wide enough for the flash kernel), what the recorder finds from the code alone (calls by
+KV heads held by several ranks, and heads wide enough for the flash kernel;
+compositions of the strategies over one mesh too), what the recorder finds from the code alone (calls by
 kind, collectives with their bytes, weights and KV cache per rank) equals
 what a real run on CPU ranks (gloo, along the GPU branches) counts. Nothing
 here is a hand-written list: both sides come from the same code."""
@@ -72,7 +73,10 @@ CASES = {
     4: [("llama", "helix:1x4"), ("llama", "helix:2x2"), ("gpt", "ring:4"),
         ("mixtral", "tp_pp:2x2,mb=2"), ("mixtral", "ep:4"),
         # more parts than LLAMA's 2 KV heads: each KV head held twice
-        ("llama", "tp_pp:4x1"), ("llama", "helix:4x1"), ("real", "tp_pp:4x1")],
+        ("llama", "tp_pp:4x1"), ("llama", "helix:4x1"), ("real", "tp_pp:4x1"),
+        # compositions over one mesh (parallel/compose.py)
+        ("gpt", "dp:2/tp:2"), ("llama", "pp:2/helix:1x2,mb=2"), ("llama", "ring:2/tp:2"),
+        ("mixtral", "ep:2/tp:2"), ("gpt-moe", "dp:2/ep:2")],
 }
 
 
@@ -89,7 +93,7 @@ def real():
 def _routed(plan: str, phase: str) -> bool:
     """An ep prefill exchanges the rows its router picked: data the recorder
     draws (uniformly) instead of knowing."""
-    return plan.startswith("ep") and phase == "prefill"
+    return any(part.startswith("ep:") for part in plan.split("/")) and phase == "prefill"
 
 
 @pytest.mark.parametrize("case", [(m, p, n) for n, cs in CASES.items() for m, p in cs],
@@ -129,11 +133,12 @@ def test_recorded_steps_equal_real_runs(real, case):
 
 def test_layer_loops_record_two_layers_for_any_depth():
     # A 6-layer stack records its first layer and one repeat of the second,
-    # taken five times; its counts grow by one layer's per layer added.
+    # taken five times (so do the views of their KV caches a step takes); its
+    # counts grow by one layer's per layer added.
     plan = Plan.parse("tp_pp:1x1")
     recs = {n: record_rank(GPT.replace(n_layers=n), WL, plan, 1, 0) for n in (3, 4, 6)}
     repeats = [e for e in recs[6].steps["prefill"].events if isinstance(e, Repeat)]
-    assert len(repeats) == 1 and repeats[0].times == 5
+    assert [r.times for r in repeats] == [5, 5]
     for phase in ("prefill", "decode", "static"):
         c3, c4, c6 = (recs[n].steps[phase].calls for n in (3, 4, 6))
         assert all(c6[k] - c3[k] == 3 * (c4[k] - c3[k]) for k in CALL_KINDS), phase

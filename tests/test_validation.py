@@ -285,3 +285,16 @@ def test_an_interrupted_run_keeps_its_finished_cases(tmp_path, monkeypatch, caps
         f"shardwise: the 1 finished case(s) above were appended to {out}"]
     assert "tp_pp:2x1" in printed.out  # the finished case's row
     assert [json.loads(x)["plan"] for x in out.read_text().splitlines()] == ["tp_pp:2x1"]
+
+
+def test_far_more_cpu_ranks_than_cores_is_refused_with_a_count_that_works(no_launch, capsys):
+    """``run --nproc 1000`` on CPU would start 1000 processes on a few cores: refused
+    before launch, naming the most ranks this host takes, and that count passes."""
+    import re
+
+    err = refused_line(["run", "--preset", "tiny-dense", "--nproc", "1000"], capsys)
+    assert "CPU ranks on" in err
+    most = int(re.search(r"--nproc (\d+) or fewer", err).group(1))
+    cli.check_ranks(most, "cpu")  # the suggestion is accepted
+    with pytest.raises(ShardwiseError):
+        cli.check_ranks(most + 1, "cpu")

@@ -276,6 +276,9 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
+CPU_RANKS_PER_CORE = 8
+
+
 def check_ranks(nproc: int, device: str) -> None:
     if nproc < 1:
         raise ShardwiseError(f"--nproc must be >= 1 (got {nproc})")
@@ -288,6 +291,18 @@ def check_ranks(nproc: int, device: str) -> None:
                 f"the job needs {nproc} ranks but this machine has {n} GPU(s); use a plan of "
                 f"at most {n} ranks, or --device cpu for a functional check"
             )
+    else:
+        # CPU ranks share the host's cores: a few per core only slows the job,
+        # far more spends the memory and the minutes of the whole machine.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        most = max(CPU_RANKS_PER_CORE * cores, 16)
+        if nproc > most:
+            raise ShardwiseError(
+                f"--nproc {nproc} CPU ranks on {cores} core(s) is more than {most}; use a plan of "
+                f"at most {most} ranks (--nproc {most} or fewer)")
+        if nproc > cores:
+            print(f"note: {nproc} CPU ranks share {cores} core(s); each step is slower, the answer "
+                  f"is the same", file=sys.stderr)
 
 
 def check_fits(model, wl, plans, world: int, device: str, verify: bool = True) -> None:
@@ -519,7 +534,9 @@ def cmd_bench(args) -> int:
         check_fits(model, check, plans, world, device)
 
     def records_of(results: list[dict], world: int) -> list[dict]:
-        """The bench records of a job's results, each with its numerics check."""
+        """The bench records of a job's results, each with its numerics check; a
+        phase already in the file (--resume of a plan timed in one phase) is not
+        written again."""
         errs = {r["plan"]: r["max_rel_err"] for r in results if "max_rel_err" in r}
         oks = {r["plan"]: r["ok"] for r in results if "ok" in r}
         flips = {r["plan"]: r["max_rel_err_without_flips"] for r in results
@@ -530,7 +547,7 @@ def cmd_bench(args) -> int:
                  **({"max_rel_err_without_flips": flips[r["plan"]]} if r["plan"] in flips
                     else {}),
                  "check_workload": [checks[r["plan"]].batch, check.seq_len, check.decode_steps]}
-                for r in results if "phase" in r]
+                for r in results if "phase" in r and (r["plan"], r["phase"]) not in done]
 
     records = []
     total = sum(2 * len(p) for p in by_world.values())

@@ -35,20 +35,23 @@ from dataclasses import asdict, dataclass
 from .spec import ModelSpec, Plan, ShardwiseError, Workload
 
 TOLERANCE = 1e-5  # fp32: the strategies only reorder additions (see runtime/job.py)
-MAX_WORLD = 4
+MAX_WORLD = 8  # compositions: up to 8 ranks; single strategies: up to 4
 
 # Why a plan was refused, from its message (first match wins).
 REASONS = (
     ("model spec", r"^model '"),
+    ("replicas beyond the batch", r"replicas but the batch"),
     ("workload", r"^workload needs|^a decode run needs|^phase must"),
     ("unknown strategy", r"unknown strategy|not implemented"),
-    ("option", r"has no option|unknown option|is not known|chunks must"),
+    ("option", r"has no option|unknown option|is not known|chunks must|takes the options"),
     ("malformed plan", r"malformed plan|must be a positive integer"),
+    ("composition form", r"not a mesh dimension|is a whole plan|names \w+ twice|outermost first"
+                         r"|do not compose in one stage"),
     ("world size mismatch", r"ranks but the job has|would leave \d+ idle|adapts to any number"),
     ("not divisible", r"is not divisible by"),
     ("kv heads neither split nor replicated", r"neither divides the other"),
     ("micro-batches", r"micro-batches but the batch|micro-batch|remove mb=|drop mb="),
-    ("degrees", r"takes .*degree|takes NxM|TPxPP"),
+    ("degrees", r"takes .*degree|takes NxM|TPxPP|\(one degree\)|write helix:NxM"),
     ("pipeline deeper than the model", r"pipeline stages"),
     ("sequence too short", r"seq_len is"),
     ("dense model under ep", r"dense model"),
@@ -66,8 +69,13 @@ class FuzzCase:
 
     @property
     def strategy(self) -> str:
-        """The strategy as written (a malformed plan may name none, or a wrong one)."""
-        return self.plan.partition(":")[0] or "(none)"
+        """The strategy as written (a malformed plan may name none, or a wrong
+        one); ``compose`` for mesh dimensions joined by ``/`` or one of
+        dp, pp or tp alone."""
+        from .spec import COMPOSE_ONLY
+
+        name = self.plan.partition(":")[0]
+        return "compose" if "/" in self.plan or name in COMPOSE_ONLY else name or "(none)"
 
 
 # -- generation ----------------------------------------------------------------
@@ -113,6 +121,42 @@ def _plan(rng: random.Random, strategy: str, world: int, batch: int) -> str:
     head = "x".join(map(str, shape))
     text = ",".join(([head] if head else []) + opts)
     return strategy + (":" + text if text else "")
+
+
+# A stage's kinds (compose.py) and their dimensions, innermost last.
+STAGES = ((), ("tp",), ("helix",), ("ring",), ("ring", "tp"), ("ep",), ("ep", "tp"))
+# Compositions that must be refused for their form, whatever the model.
+MALFORMED_COMPOSED = ("tp:2/pp:2", "pp:2/pp:2", "pp:2/tp_pp:2x1", "pp:2/sp:2", "ring:2/ep:2",
+                      "helix:2x1/tp:2", "pp:2x2/tp:2", "pp:2,mb=2/tp:2,mb=2", "pp:2/",
+                      "ring:2/helix:1x2", "dp:2/layerwise:cap=HBM")
+
+
+def _composed(rng: random.Random, batch: int) -> tuple[str, int]:
+    """A composition and its world size: dp and pp (each present or not),
+    then one kind of stage, the degrees' product the world size most of the
+    time."""
+    world = rng.choice([2, 3, 4, 4, 6, 8, 8])
+    dims = [d for d in ("dp", "pp") if rng.random() < 0.5] + list(rng.choice(STAGES))
+    if not dims:
+        dims = ["pp"]
+    widths = [2 if d == "helix" else 1 for d in dims]
+    degrees = _degrees(rng, world, sum(widths))
+    parts, at = [], 0
+    for d, w in zip(dims, widths):
+        parts.append(f"{d}:" + "x".join(map(str, degrees[at : at + w])))
+        at += w
+        if d == "tp" and rng.random() < 0.15:
+            parts[-1] += f",overlap={rng.choice(['1', '2', 'auto'])}"
+        if d == "helix" and rng.random() < 0.3:
+            parts[-1] += ",reduce=flat"
+        if d == "ep" and rng.random() < 0.2:
+            parts[-1] += f",chunks={rng.choice(['1', '2', '3'])}"
+    text = "/".join(parts)
+    if rng.random() < 0.3:
+        text += f",mb={rng.choice([2, 2, 3, batch, batch + 1])}"
+    if rng.random() < 0.05:
+        text = rng.choice(MALFORMED_COMPOSED)
+    return text, world
 
 
 # Position interpolation, and Llama 3.1's scaling with original_max_position_embeddings
@@ -168,6 +212,17 @@ def generate(seed: int, index: int) -> FuzzCase:
     if rng.random() < 0.02:  # refused: no vocabulary to tie, or no rotary to scale
         model.update(rng.choice([{"tie_embeddings": True, "vocab_size": None},
                                  {"rope_scaling": ROPE_SCALINGS[0], "rope_theta": None}]))
+    # Compositions, drawn last for the same reason: a third of the cases
+    # become one (on up to 8 ranks), the model as drawn; more of them MoE,
+    # where ep can run.
+    if rng.random() < 0.35:
+        # Deeper models and larger batches than the draws above: room for
+        # pipeline stages and data-parallel replicas.
+        model["n_layers"], workload["batch"] = rng.randint(1, 6), rng.randint(1, 6)
+        plan, world = _composed(rng, workload["batch"])
+        if "ep:" in plan and not model.get("n_experts") and rng.random() < 0.7:
+            n_experts = rng.choice([2, 4, 4, 6, 8, 12])
+            model.update(n_experts=n_experts, top_k=rng.randint(1, min(3, n_experts)))
     return FuzzCase(index, model, workload, plan, world)
 
 

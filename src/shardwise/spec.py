@@ -239,6 +239,10 @@ class Workload:
 
 _PLAN_RE = re.compile(r"^([a-z_]+)(?::(.*))?$")
 
+# Mesh dimensions that exist only inside a composition (parallel/compose.py);
+# a plan of one of them alone is a composition of one dimension.
+COMPOSE_ONLY = ("dp", "pp", "tp")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -247,20 +251,40 @@ class Plan:
 
     ``shape`` holds the ``AxB`` degrees; other ``key=value`` items go to
     ``options``. The strategy gives them meaning and checks them.
+
+    A composition (:mod:`shardwise.parallel.compose`) is written as its mesh
+    dimensions from outermost to innermost, separated by ``/``, each with its
+    degrees and options, and ``mb=N`` once for the whole plan:
+    ``dp:2/pp:2/ring:2/tp:2,mb=4``. Its ``strategy`` is ``compose`` and
+    ``parts`` holds one plan per dimension (with ``micro_batches`` 1).
     """
 
     strategy: str
     shape: tuple[int, ...] = ()
     micro_batches: int = 1
     options: tuple[tuple[str, str], ...] = field(default=())
+    parts: tuple["Plan", ...] = field(default=())
 
     @classmethod
     def parse(cls, text: str) -> "Plan":
         text = text.strip()
+        pieces = [cls._parse_one(piece.strip(), text) for piece in text.split("/")]
+        if len(pieces) == 1 and pieces[0].strategy not in COMPOSE_ONLY:
+            return pieces[0]
+        set_mb = [p.micro_batches for p in pieces if p.micro_batches != 1]
+        if len(set_mb) > 1:
+            raise ShardwiseError(f"malformed plan {text!r}: mb= appears {len(set_mb)} times; "
+                                 f"write it once, at the end (e.g. pp:2/tp:2,mb=4)")
+        parts = tuple(dataclasses.replace(p, micro_batches=1) for p in pieces)
+        return cls("compose", micro_batches=set_mb[0] if set_mb else 1, parts=parts)
+
+    @classmethod
+    def _parse_one(cls, text: str, whole: str) -> "Plan":
         m = _PLAN_RE.match(text)
         if not m:
             raise ShardwiseError(
-                f"malformed plan {text!r}: write STRATEGY:DEGREES[,key=value], e.g. tp_pp:2x2 or helix:4x4,mb=2"
+                f"malformed plan {whole!r}: write STRATEGY:DEGREES[,key=value], e.g. tp_pp:2x2 "
+                f"or helix:4x4,mb=2, or mesh dimensions outermost first, e.g. pp:2/tp:2"
             )
         name, rest = m.group(1), m.group(2) or ""
         shape: tuple[int, ...] = ()
@@ -271,25 +295,32 @@ class Plan:
                 key, _, value = item.partition("=")
                 key, value = key.strip(), value.strip()
                 if not key or not value:
-                    raise ShardwiseError(f"malformed plan {text!r}: empty key or value in {item!r}")
+                    raise ShardwiseError(f"malformed plan {whole!r}: empty key or value in {item!r}")
                 if key == "mb":
-                    micro_batches = _positive_int(value, f"micro-batches in plan {text!r}")
+                    micro_batches = _positive_int(value, f"micro-batches in plan {whole!r}")
                 else:
                     options.append((key, value))
             else:
                 if shape:
                     raise ShardwiseError(
-                        f"malformed plan {text!r}: two degree groups ({item!r}); write them once as AxB"
+                        f"malformed plan {whole!r}: two degree groups ({item!r}); write them once as AxB"
                     )
                 shape = tuple(
-                    _positive_int(p, f"degree {p!r} in plan {text!r}") for p in item.split("x")
+                    _positive_int(p, f"degree {p!r} in plan {whole!r}") for p in item.split("x")
                 )
         return cls(name, shape, micro_batches, tuple(options))
+
+    @property
+    def is_composed(self) -> bool:
+        return bool(self.parts)
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)
 
     def __str__(self) -> str:
+        if self.parts:
+            text = "/".join(map(str, self.parts))
+            return text + (f",mb={self.micro_batches}" if self.micro_batches != 1 else "")
         parts = []
         if self.shape:
             parts.append("x".join(map(str, self.shape)))

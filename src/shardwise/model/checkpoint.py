@@ -129,6 +129,15 @@ def _rope(config: dict, where: str) -> tuple[float, tuple | None]:
 
     params = config.get("rope_parameters")
     key = "rope_parameters"
+    legacy = config.get("rope_scaling")
+    if isinstance(params, dict) and isinstance(legacy, dict) and legacy:
+        # transformers versions differ on which wins; guessing would run another model.
+        kind = lambda d: d.get("rope_type", d.get("type", "default"))  # noqa: E731
+        if kind(params) != kind(legacy) or any(
+                params.get(k) != v for k, v in legacy.items() if k not in ("type", "rope_type")):
+            raise _fail(where, f"config has both rope_parameters ({kind(params)!r}) and "
+                               f"rope_scaling ({kind(legacy)!r}) and they disagree; keep the "
+                               f"one the model was trained with and delete the other")
     if params is None:
         params, key = dict(config.get("rope_scaling") or {}), "rope_scaling"
         if "rope_theta" in config:
@@ -251,6 +260,9 @@ class _Stored:
     shape: tuple[int, ...]
 
 
+_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
+
+
 def _read_header(file: str) -> dict[str, _Stored]:
     """Parse a safetensors header (an 8-byte length and JSON) and check that
     the file holds every byte it promises, so a truncated download fails here
@@ -262,9 +274,15 @@ def _read_header(file: str) -> dict[str, _Stored]:
             raise _fail(file, f"is truncated ({size} bytes, no safetensors header); "
                               f"download or save it again")
         (n,) = struct.unpack("<Q", head)
+        # A safetensors header is a JSON object of modest size: any other first
+        # bytes (a text file, a pickle, random data) are not one, not a truncation.
+        if n > _MAX_HEADER or f.read(1) != b"{":
+            raise _fail(file, "is not a safetensors file (no header where one starts); give the "
+                              "checkpoint's *.safetensors files, saved with safetensors")
         if 8 + n > size:
             raise _fail(file, f"is truncated: its header needs {8 + n} bytes but the file has "
                               f"{size}; download or save it again")
+        f.seek(8)
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..spec import ModelSpec
 from .flash import attend as wide_attend, wide_ok
-from .kernels import add_norm, swiglu
+from .kernels import add_norm, expert_rows, swiglu
 from .rope import Rope
 from .rotary import rotate
 
@@ -43,6 +43,27 @@ SAME_WORK = range
 
 def same_work(n: int):
     return SAME_WORK(n)
+
+
+def _each(items: list, fn) -> list:
+    return [fn(item) for item in items]
+
+
+# A map over items that each take the same work (a model's layers, their KV
+# caches' views); a recorder of what a step does (shardwise.perf) replaces it
+# to run the first two and let the second's result stand for the rest.
+EACH_ALIKE = _each
+
+
+def each_alike(items, fn) -> list:
+    """``[fn(item) for item in items]``, for items that each take the same work."""
+    return EACH_ALIKE(list(items), fn)
+
+
+def build_layers(layers, build) -> nn.ModuleList:
+    """``nn.ModuleList`` of ``build(layer)`` for each of ``layers`` (they differ
+    in their weights only)."""
+    return nn.ModuleList(each_alike(layers, build))
 
 
 @contextmanager
@@ -208,7 +229,9 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
                     and d <= 128 and q.is_cuda)
     if T == 1 and H != Hkv and not cudnn_static:
         o = _causal_sdpa(q.reshape(B, Hkv, H // Hkv, d), k, v, q_start, 1, False)
-        return o.view(B, H, 1, d)
+        # A view of FlashAttention's output (laid out as q is); the
+        # memory-efficient kernel's ([B, rows, Hkv, d] transposed) is copied.
+        return o.reshape(B, H, 1, d)
     return _causal_sdpa(q, k, v, q_start, T, H != Hkv)
 
 
@@ -333,7 +356,11 @@ def up_projection(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch
         zero = _zeros(w_in.shape[0], x.dtype, x.device)  # the epilogue takes a bias
         h = torch._addmm_activation(zero, x.reshape(-1, shape[-1]), w_in.t(), use_gelu=True)
         return h.view(*shape[:-1], w_in.shape[0])
-    h = Fn.linear(x, w_in)
+    return activate(Fn.linear(x, w_in), activation)
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP's activation of an up-projection's output ``h [..., F or 2F]``."""
     if activation == "swiglu":
         return swiglu(h)
     return Fn.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
@@ -435,8 +462,18 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, experts = route(router_logits(self.router, x), self.top_k)  # [N, k]
         if x.shape[0] <= DENSE_MOE_MAX_TOKENS:
-            return self._dense(x, weights, experts).view(shape)
+            return self.static(x, weights, experts).view(shape)
         return self._routed(x, weights, experts).view(shape)
+
+    def static(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+        """The held experts' share for ``x [N, D]`` routed to ``experts [N, k]``
+        with no host synchronisation (a decode step, graph-capturable): each
+        routed row through its own expert when there are fewer rows than held
+        experts (:meth:`_sparse`, reading only those), else every held expert
+        on every row (:meth:`_dense`, reading each expert once)."""
+        if experts.numel() < self.w_in.shape[0]:
+            return self._sparse(x, weights, experts)
+        return self._dense(x, weights, experts)
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """Each held expert on the tokens that picked it: the (token, pick)
@@ -456,6 +493,20 @@ class MoE(nn.Module):
         terms = torch.zeros(N * k, x.shape[1], dtype=x.dtype, device=x.device)
         terms[rows] = y * weights.reshape(-1)[rows, None].to(y.dtype)
         return terms.view(N, k, -1).sum(1)
+
+    def _sparse(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+        """Fewer routed (token, pick) rows than held experts (a decode step at
+        small batch): each row through its own expert, reading only the
+        routed experts' weights (:func:`.kernels.expert_rows`), a row whose
+        expert is not held here contributing zero; then the weighted terms,
+        each rounded, summed in float32 over a token's picks, as in
+        :meth:`_routed`. No host synchronisation: graph-capturable."""
+        N, k = experts.shape
+        h = expert_rows(x, self.w_in, experts, self.first_expert, k)  # [N*k, (2)F]
+        h = activate(h, self.activation)
+        y = expert_rows(h, self.w_down, experts, self.first_expert, 1)  # [N*k, D]
+        terms = y * weights.reshape(-1, 1).to(y.dtype)
+        return terms.view(N, k, y.shape[-1]).sum(1)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """Every held expert on every token ``x [N, D]``, weighted by its
@@ -522,7 +573,7 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, spec: ModelSpec, layers: Sequence[int] | None = None,
-                 first: bool = True, last: bool = True):
+                 first: bool = True, last: bool = True, blocks: bool = True):
         super().__init__()
         self.spec = spec
         self.layer_ids = list(range(spec.n_layers) if layers is None else layers)
@@ -532,7 +583,9 @@ class Transformer(nn.Module):
         self.embed = (nn.Embedding(spec.vocab_size, spec.d_model,
                                    _weight=torch.empty(spec.vocab_size, spec.d_model))
                       if has_vocab and first else None)
-        self.layers = nn.ModuleList(make_block(spec) for _ in self.layer_ids)
+        # blocks=False: the caller sets ``layers`` (a strategy's shards of them)
+        self.layers = (build_layers(self.layer_ids, lambda _: make_block(spec)) if blocks
+                       else nn.ModuleList())
         self.norm = make_norm(spec) if last else None
         self.lm_head = (nn.Linear(spec.d_model, spec.vocab_size, bias=False)
                         if has_vocab and last else None)

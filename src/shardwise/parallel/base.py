@@ -1,6 +1,10 @@
 """What every strategy provides, and the registry that finds them by name.
 
-A strategy is one file in this package. Its class:
+A strategy is one file in this package: its layers on the sub-mesh of one
+pipeline stage (``tp_stage``, ``helix_stage``, ...) and a class, a thin
+wrapper of :class:`~.compose.Composed` that runs them over the whole world
+(composed plans run the same stage code over several mesh dimensions). The
+class:
 
 * ``validate(spec, workload, plan, world_size) -> Topology`` (classmethod, no
   processes): checks the plan against the model and the world size and
@@ -44,6 +48,10 @@ from .comm import Comm
 from .topology import Topology
 
 STRATEGY_MODULES = ("tp_pp", "helix", "ring", "layerwise", "ep")
+# Composed plans (pp:2/tp:2, ...) run parallel/compose.py, which every strategy
+# above builds on; it is not listed among them (the planner draws its
+# candidates from compose.composition_candidates).
+COMPOSE = "compose"
 
 
 def dense_moe_ok(spec: ModelSpec, tokens: int) -> bool:
@@ -207,19 +215,21 @@ def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def _each(ranges, fn) -> list:
-    return [fn(b0, b1) for b0, b1 in ranges]
+def _each(ranges, fn, alike) -> list:
+    return [fn(i, b0, b1) for i, (b0, b1) in enumerate(ranges)]
 
 
 # How micro_batched runs its micro-batches; a recorder of what a step does
-# (shardwise.perf) replaces it to run one of each size and count it for all.
+# (shardwise.perf) replaces it to run one of each kind and count it for all.
 RUN_MICRO_BATCHES = _each
 
 
-def micro_batched(batch: int, micro_batches: int, fn) -> list:
-    """``fn(b0, b1)`` for each micro-batch of ``batch`` sequences (at most
-    ``micro_batches``, :func:`balanced_ranges`), in order: the outputs."""
-    return RUN_MICRO_BATCHES(balanced_ranges(batch, min(micro_batches, batch)), fn)
+def micro_batched(ranges, fn, alike=None) -> list:
+    """``fn(i, b0, b1)`` for each micro-batch ``i`` of ``ranges`` (ranges of
+    sequences), in order: the outputs. ``alike[i]``: what, beside its size,
+    decides micro-batch i's work (None: its size alone); micro-batches equal
+    in both do the same work."""
+    return RUN_MICRO_BATCHES(ranges, fn, alike)
 
 
 def get_strategy(name: str) -> type[Strategy]:
@@ -227,10 +237,14 @@ def get_strategy(name: str) -> type[Strategy]:
 
     if name in PEERS:
         return PEERS[name]
+    if name == COMPOSE:
+        from .compose import STRATEGY
+
+        return STRATEGY
     if name not in STRATEGY_MODULES:
         raise ShardwiseError(
             f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)} "
-            f"(or a peer: {', '.join(PEERS)})"
+            f"(or a peer: {', '.join(PEERS)}; or mesh dimensions, e.g. pp:2/tp:2)"
         )
     try:
         module = importlib.import_module(f"shardwise.parallel.{name}")
@@ -283,12 +297,30 @@ def validate_plan(spec: ModelSpec, workload: Workload, plan: Plan | str,
 MAX_DEGREE = 64
 
 
+def _groups(cls, plan: Plan) -> list[tuple[tuple[str, ...], int | None]]:
+    """The plan's groups of degrees, each with the names its fixes use and
+    the part of a composition it belongs to (None: the plan's own shape)."""
+    if not plan.is_composed:
+        return [(cls.degree_names[:len(plan.shape)], None)]
+    return [(("N", "M") if p.strategy == "helix" else (p.strategy,), k)
+            for k, p in enumerate(plan.parts)]
+
+
+def _with_shape(plan: Plan, part: int | None, shape: tuple[int, ...]) -> Plan:
+    if part is None:
+        return dataclasses.replace(plan, shape=shape)
+    parts = list(plan.parts)
+    parts[part] = dataclasses.replace(parts[part], shape=shape)
+    return dataclasses.replace(plan, parts=tuple(parts))
+
+
 def _checked_fix(cls, spec, workload, plan: Plan, e: Unsplittable) -> str:
     """The fix for ``e`` that works when followed: the values of the degree
     it names that pass every check on that degree (each split of a model
     constrains it: heads, KV heads, d_ff, experts), each at the ranks it
     implies; or, where the fix names no single degree, plans of the same
-    strategy near this one that the model accepts."""
+    strategy near this one that the model accepts (a composition: varying
+    one dimension's degrees)."""
     def problem_with(variant: Plan, degree: str | None) -> bool:
         try:
             cls.validate(spec, workload, variant, cls.ranks_needed(variant))
@@ -298,18 +330,28 @@ def _checked_fix(cls, spec, workload, plan: Plan, e: Unsplittable) -> str:
             return degree is None  # another degree's or option's problem, not this one's
         return False
 
-    if e.name in cls.degree_names and cls.degree_names.index(e.name) < len(plan.shape):
-        i = cls.degree_names.index(e.name)
-        ok = [v for v in range(1, MAX_DEGREE + 1)
-              if not problem_with(dataclasses.replace(plan, shape=plan.shape[:i] + (v,)
-                                                      + plan.shape[i + 1:]), e.name)]
-        return f"choose {e.name} among {ok}"
-    ranks = math.prod(plan.shape)
-    shapes = [s for s in itertools.product(range(1, MAX_DEGREE + 1), repeat=len(plan.shape))
-              if math.prod(s) <= MAX_DEGREE]
-    near = sorted(shapes, key=lambda s: (abs(math.prod(s) - ranks), math.prod(s), s))
-    ok = [str(v) for v in (dataclasses.replace(plan, shape=s) for s in near)
-          if not problem_with(v, None)][:4]
+    def shape_of(part: int | None) -> tuple[int, ...]:
+        return plan.shape if part is None else plan.parts[part].shape
+
+    groups = _groups(cls, plan)
+    for names, part in groups:
+        if e.name in names and names.index(e.name) < len(shape_of(part)):
+            i, shape = names.index(e.name), shape_of(part)
+            ok = [v for v in range(1, MAX_DEGREE + 1)
+                  if not problem_with(_with_shape(plan, part, shape[:i] + (v,) + shape[i + 1:]),
+                                      e.name)]
+            return f"choose {e.name} among {ok}"
+    ranks = cls.ranks_needed(plan) or math.prod(plan.shape)
+    variants = []
+    for _, part in groups:
+        n = len(shape_of(part))
+        variants += [_with_shape(plan, part, s)
+                     for s in itertools.product(range(1, MAX_DEGREE + 1), repeat=n)
+                     if math.prod(s) <= MAX_DEGREE and s != shape_of(part)]
+    size = lambda v: cls.ranks_needed(v) or 0  # noqa: E731
+    near = sorted(variants, key=lambda v: (abs(size(v) - ranks), size(v), str(v)))
+    ok = [str(v) for v in near if not problem_with(v, None)][:4]
+    kind = "composed" if plan.is_composed else plan.strategy
     return (f"{e.fix}, e.g. {', '.join(ok)}" if ok
-            else f"{e.fix}; no {plan.strategy} plan of up to {MAX_DEGREE} ranks splits "
+            else f"{e.fix}; no {kind} plan of up to {MAX_DEGREE} ranks splits "
                  f"{spec.name}, choose another strategy")

@@ -6,6 +6,11 @@ It works on gloo and NCCL and on the torch releases that renamed the
 tensor collectives (``all_gather_into_tensor`` -> ``all_gather_single``).
 Operations on an axis of size 1 return at once and count nothing.
 
+An all-reduce may span several axes (a tuple: one group of all their
+ranks, counted as ``world`` when it is the whole mesh), and an all-reduce
+of an empty tensor (a micro-batch without sequences, which every rank of
+the group then has) returns at once.
+
 Bytes are counted as the payload of this rank's call: the buffer for
 all-reduce, the gathered output for all-gather, the input for reduce-scatter
 and all-to-all, the tensor for point-to-point.
@@ -55,8 +60,8 @@ class Comm:
         return work if self.hook is None else _Watched(work, self.hook, key)
 
     # -- accounting -------------------------------------------------------
-    def _count(self, op: str, axis: str, nbytes: int) -> str:
-        key = f"{op}/{axis}"
+    def _count(self, op: str, axis: str | tuple[str, ...], nbytes: int) -> str:
+        key = f"{op}/{self.topo.axis_key(axis)}"
         s = self.stats[key]
         s[0] += 1
         s[1] += int(nbytes)
@@ -98,8 +103,8 @@ class Comm:
         return sum(b for _, b in self.stats.values())
 
     # -- collectives along a mesh axis -----------------------------------
-    def all_reduce(self, t: torch.Tensor, axis: str) -> torch.Tensor:
-        """Sum ``t`` over ``axis`` in place.
+    def all_reduce(self, t: torch.Tensor, axis: str | tuple[str, ...]) -> torch.Tensor:
+        """Sum ``t`` over ``axis`` (or over a tuple of axes) in place.
 
         Small tensors on GPUs (a decode step's activations) go through a
         one-shot all-reduce on symmetric memory when ``torch.distributed``
@@ -107,7 +112,9 @@ class Comm:
         read over NVLink, and one kernel sums all the buffers. It is latency
         the step pays (one kernel and a barrier instead of NCCL's protocol);
         the sum has the same terms. ``SHARDWISE_ONE_SHOT=0`` turns it off."""
-        if self.topo.size(axis) > 1:
+        if isinstance(axis, tuple) and self.topo.covers_world(axis):
+            return self.all_reduce_world(t)
+        if self.topo.size(axis) > 1 and t.numel():
             key = self._count("all_reduce", axis, t.nbytes)
             buf = self._one_shot_buffer(t, axis)
             if buf is not None:
@@ -141,7 +148,7 @@ class Comm:
         all of it (:class:`~shardwise.parallel.reduce_norm.FusedReduceNorm`,
         with the one-shot all-reduce's switch); anything else takes those
         two calls."""
-        if self.topo.size(axis) > 1:
+        if self.topo.size(axis) > 1 and p.numel():
             fused = self._fused_reduce_norm(p, x, module, axis)
             if fused is not None:
                 key = self._count("all_reduce", axis, p.nbytes)
@@ -251,7 +258,7 @@ class Comm:
         ``wait``, a function that returns ``t`` once the sum has landed, so the
         caller can compute something else meanwhile. On NCCL ``wait()`` only
         orders the current stream after the reduction (no host synchronisation)."""
-        if self.topo.size(axis) == 1:
+        if self.topo.size(axis) == 1 or not t.numel():
             return lambda: t
         key = self._count("all_reduce", axis, t.nbytes)
         work = self._watch(self._reduce(t, self.topo.group(axis), async_op=True), key)

@@ -34,17 +34,26 @@ path), and a reduce-scatter returns each rank its own rows, summed over the
 ranks. No host synchronisation, sizes fixed by the batch, so a decode step
 is captured in a CUDA graph. A token's terms are its picked experts' weighted
 outputs, as before; the ranks' partial sums are added in rank order.
+
+:func:`ep_stage` builds a stage's layers on the ``ep`` ranks of a larger
+mesh (:mod:`.compose`): in a pipeline stage (``pp:2/ep:4``), with
+data-parallel replicas (``dp:2/ep:4``), and with tensor-parallel attention
+(``ep:4/tp:2``: the ep ranks split the batch and the experts, the tp ranks
+of one ep rank share its sequences, split the heads and each of its experts'
+d_ff, and add their partial outputs with one all-reduce over tp after the
+attention and after the MoE, as Megatron-LM does with expert tensor
+parallelism). ``ep:P`` is that stage over the whole world.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..model.reference import (DENSE_MOE_MAX_TOKENS, KVCache, MoE, Transformer,
-                               grouped_expert_mlp, make_block, route, router_logits)
+from ..model.reference import (DENSE_MOE_MAX_TOKENS, MoE, grouped_expert_mlp, route,
+                               router_logits)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges, divides
-from .topology import Topology
+from .base import balanced_ranges, divides
+from .compose import Composed, Composition, Stage, StageContext
 
 # A chunk smaller than this is all latency: splitting it to overlap the
 # exchange costs more kernel launches and collectives than it hides.
@@ -85,6 +94,10 @@ class ExpertParallelMoE(nn.Module):
         # the rows of the largest share when the step takes the static form.
         self.chunks = 1
         self.static_rows: int | None = None
+        # Host [P, K, E] routing tables of the calls since the stage last
+        # cleared it (a prefill's micro-batches), kept while ``record`` is on.
+        self.routed: list[torch.Tensor] = []
+        self.record = False
         self.last_counts: torch.Tensor | None = None  # host [P, K, E] of the last call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +122,8 @@ class ExpertParallelMoE(nn.Module):
         # host synchronisation of the layer: the splits size the buffers.
         table = self.comm.all_gather(torch.stack(counts)[None], "ep", dim=0)  # [P, K, E]
         host = self.last_counts = table.cpu()
+        if self.record:
+            self.routed.append(host)
         to_rank = host[self.rank].view(K, P, El).sum(-1).tolist()  # [K][P] rows sent
         mine = host[:, :, self.first : self.first + El]  # [P, K, El] rows for my experts
         from_rank = mine.sum(-1).t().tolist()  # [K][P] rows received
@@ -157,11 +172,134 @@ class ExpertParallelMoE(nn.Module):
         padded = x if n == rows else torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
         every = self.comm.all_gather(padded, "ep")  # [P * rows, D], rank-major
         weights, experts = route(router_logits(self.moe.router, every), self.k)
-        partial = self.moe._dense(every, weights, experts)  # this rank's experts' share
+        partial = self.moe.static(every, weights, experts)  # this rank's experts' share
         return self.comm.reduce_scatter(partial, "ep")[:n]  # [n, D]
 
 
-class ExpertParallel(Strategy):
+def chunks_option(options, plan) -> int | None:
+    unknown = sorted({key for key, _ in options} - {"chunks"})
+    if unknown:
+        raise ShardwiseError(
+            f"plan {plan}: ep has no option {', '.join(unknown)}; its only option is "
+            f"chunks=K (token chunks whose exchange overlaps the experts)"
+        )
+    text = dict(options).get("chunks")
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ShardwiseError(f"plan {plan}: chunks must be a positive integer, e.g. chunks=2")
+    return int(text)
+
+
+def check_ep(spec: ModelSpec, P: int, plan) -> None:
+    if not spec.is_moe:
+        raise ShardwiseError(
+            f"plan {plan}: {spec.name} is a dense model (n_experts = 0) and ep "
+            f"partitions experts; use tp_pp, helix or ring for it"
+        )
+    divisors = [d for d in range(1, spec.n_experts + 1) if spec.n_experts % d == 0]
+    divides(f"{spec.name}: n_experts", spec.n_experts, P, f"the ep degree of plan {plan}",
+            f"choose ep among {divisors}")
+
+
+def chunk_count(plan_chunks: int | None, tokens: int) -> int:
+    """Chunks for a call whose busiest rank holds ``tokens`` tokens: the
+    plan's, else 2 when each chunk keeps MIN_CHUNK_TOKENS; never more
+    chunks than tokens."""
+    if plan_chunks is not None:
+        return max(1, min(plan_chunks, tokens))
+    return 2 if tokens >= 2 * MIN_CHUNK_TOKENS else 1
+
+
+def static_rows(most: int, ranks: int, tokens_per_seq: int) -> int | None:
+    """Rows of the largest share when a call of ``tokens_per_seq`` tokens a
+    sequence takes the static form (decode steps only: a prefill keeps the
+    routed exchange and its routing table, which the report reads), else
+    None; ``most`` sequences on the busiest of ``ranks`` ranks."""
+    small = tokens_per_seq == 1 and most * ranks <= DENSE_MOE_MAX_TOKENS
+    return most if small else None
+
+
+def ep_stage(ctx: StageContext) -> Stage:
+    """The stage's layers with this rank's experts (E/P of each layer's) and
+    every other weight of its tp slice (all of them with no tp axis): the
+    attention runs this rank's sequences, the experts every rank's tokens
+    routed to them."""
+    from .tp_pp import tp_stage
+
+    topo, spec = ctx.topo, ctx.spec
+    P, rank = topo.size("ep"), topo.coord("ep")
+    El = spec.n_experts // P
+    plan_chunks = chunks_option(ctx.comp.part("ep").options, ctx.comp.text)
+    moes: list[ExpertParallelMoE] = []
+
+    def expert_parallel(moe):
+        moes.append(ExpertParallelMoE(moe, ctx.comm))
+        return moes[-1]
+
+    # A micro-batch may hold no sequence here (a smaller share than another
+    # rank's) while its experts still serve the others.
+    empty = any(b0 == b1 for b0, b1 in ctx.micro)
+    stage = tp_stage(ctx, attention=SkipEmptyBatch if empty else None, mlp=expert_parallel,
+                     experts=range(rank * El, (rank + 1) * El))
+    prefill_chunks = [0]
+
+    def before(i: int, tokens: int, pos) -> None:
+        # Identical on every rank: the chunks, and the rows of the largest
+        # share when the call takes the static form.
+        prefill = isinstance(pos, int) and pos == 0  # routed: the report reads its table
+        chunks = chunk_count(plan_chunks, ctx.largest[i] * tokens)
+        static = None if prefill else static_rows(ctx.largest[i], P, tokens)
+        for moe in moes:
+            moe.chunks, moe.static_rows, moe.record = chunks, static, prefill
+            if prefill and i == 0:
+                moe.routed = []
+        if prefill and i == 0:
+            prefill_chunks[0] = chunks
+
+    stage.before, stage.whole = before, True
+    # Decode steps take the static form (every rank's tokens together
+    # within DENSE_MOE_MAX_TOKENS), which a CUDA graph captures.
+    stage.graphs = all(static_rows(n, P, 1) is not None for n in ctx.largest)
+    stage.report = lambda: routing_report(moes, prefill_chunks[0], spec.d_model, ctx.loader.dtype)
+    return stage
+
+
+def routing_report(moes: list[ExpertParallelMoE], chunks: int, d_model: int, dtype) -> dict:
+    """Load balance and link traffic of the last prefill, from the routing
+    table every rank holds (identical on every rank of the ep axis): one
+    entry per layer of the stage."""
+    if not moes or not moes[0].routed:
+        return {}
+    P, El = moes[0].P, moes[0].El
+    tables = torch.stack([sum(t.sum(1) for t in moe.routed) for moe in moes])  # [L, P src, E]
+    per_expert = tables.sum(1)  # [L, E]
+    per_rank = per_expert.view(-1, P, El).sum(2)  # [L, P] rows each rank computed
+    # Rows src sends to dst for every layer; the diagonal never leaves the rank.
+    flows = tables.view(-1, P, P, El).sum((0, 3))  # [P src, P dst]
+    off_rank = flows - torch.diag(torch.diag(flows))
+    row_bytes = d_model * torch.empty((), dtype=dtype).element_size()
+    # Dispatch sends a rank's rows out; combine sends the rows it computed back.
+    link_bytes = (off_rank.sum(1) + off_rank.sum(0)) * row_bytes
+
+    def max_over_mean(load: torch.Tensor) -> float:
+        # Each layer waits for its busiest expert (rank): the time spent
+        # over that of a perfect balance, summed over layers.
+        busiest, mean = load.max(1).values.sum(), load.float().mean(1).sum()
+        return float(busiest / mean) if mean else 0.0
+
+    return {
+        "chunks_prefill": chunks,
+        "experts_per_rank": El,
+        "tokens_per_expert": per_expert.tolist(),  # [layer][expert] routed (token, slot)s
+        "tokens_per_rank": per_rank.tolist(),  # [layer][rank]
+        "expert_load_max_over_mean": max_over_mean(per_expert),
+        "rank_load_max_over_mean": max_over_mean(per_rank),
+        "a2a_bytes_prefill_per_rank": link_bytes.tolist(),  # off-rank, dispatch + combine
+    }
+
+
+class ExpertParallel(Composed):
     name = "ep"
     degree_names = ("ep",)
 
@@ -176,42 +314,28 @@ class ExpertParallel(Strategy):
 
     @staticmethod
     def chunks_option(plan: Plan) -> int | None:
-        unknown = sorted({key for key, _ in plan.options} - {"chunks"})
-        if unknown:
-            raise ShardwiseError(
-                f"plan {plan}: ep has no option {', '.join(unknown)}; its only option is "
-                f"chunks=K (token chunks whose exchange overlaps the experts)"
-            )
-        text = plan.option("chunks")
-        if text is None:
-            return None
-        if not text.isdigit() or int(text) < 1:
-            raise ShardwiseError(f"plan {plan}: chunks must be a positive integer, e.g. chunks=2")
-        return int(text)
+        return chunks_option(plan.options, plan)
 
     @classmethod
     def ranks_needed(cls, plan: Plan) -> int:
         return cls.degree(plan)
 
     @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
-                 world_size: int) -> Topology:
+    def composition(cls, spec, workload, plan, world_size) -> Composition:
+        return Composition((Plan("ep", (cls.degree(plan),), options=plan.options),),
+                           plan.micro_batches, text=str(plan))
+
+    @classmethod
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
         P = cls.degree(plan)
         cls.chunks_option(plan)
-        if not spec.is_moe:
-            raise ShardwiseError(
-                f"plan {plan}: {spec.name} is a dense model (n_experts = 0) and ep "
-                f"partitions experts; use tp_pp, helix or ring for it"
-            )
-        divisors = [d for d in range(1, spec.n_experts + 1) if spec.n_experts % d == 0]
-        divides(f"{spec.name}: n_experts", spec.n_experts, P, f"the ep degree of plan {plan}",
-                f"choose ep among {divisors}")
+        check_ep(spec, P, plan)
         if plan.micro_batches != 1:
             raise ShardwiseError(
                 f"plan {plan}: ep does not micro-batch; drop mb= (chunks=K overlaps "
                 f"the all-to-alls with the experts instead)"
             )
-        return Topology(("ep",), (P,))
+        return cls.composition(spec, workload, plan, world_size).topology()
 
     @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
@@ -219,118 +343,8 @@ class ExpertParallel(Strategy):
             return [f"ep:{world_size}"]
         return []
 
-    def __init__(self, spec, workload, plan, topo, comm, loader):
-        super().__init__(spec, workload, plan, topo, comm, loader)
-        P, rank = topo.size("ep"), topo.coord("ep")
-        El = spec.n_experts // P
-        self.experts = range(rank * El, (rank + 1) * El)
-        self.batch_ranges = balanced_ranges(workload.batch, P)  # rank 0 has the most
-        b0, b1 = self.batch_ranges[rank]
-        self.plan_chunks = self.chunks_option(plan)  # None: chosen per step
-        with torch.device("meta"):
-            model = Transformer(spec)
-            blocks = [make_block(spec, experts=self.experts) for _ in range(spec.n_layers)]
-        self.moes = []
-        for layer, blk in enumerate(blocks):
-            loader.load_block(blk, layer, experts=self.experts)
-            blk.mlp = ExpertParallelMoE(blk.mlp, comm)
-            self.moes.append(blk.mlp)
-            if b1 == b0:
-                blk.attn = SkipEmptyBatch(blk.attn)
-        model.layers = nn.ModuleList(blocks)
-        self.model = loader.load_ends(model)  # embedding and LM head: replicated
-        self.caches = [
-            KVCache.allocate(b1 - b0, spec.kv_heads, workload.max_len, spec.head_dim,
-                             self.dtype, self.device)
-            for _ in range(spec.n_layers)
-        ]
-        self.prefill_counts: list[torch.Tensor] = []
-        self.prefill_chunks = 0
-
-    def chunk_count(self, tokens: int) -> int:
-        """Chunks for a step whose busiest rank holds ``tokens`` tokens: the
-        plan's, else 2 when each chunk keeps MIN_CHUNK_TOKENS; never more
-        chunks than tokens."""
-        if self.plan_chunks is not None:
-            return max(1, min(self.plan_chunks, tokens))
-        return 2 if tokens >= 2 * MIN_CHUNK_TOKENS else 1
-
-    @property
-    def supports_graphs(self) -> bool:
-        """Decode steps take the static form (every rank's tokens together
-        within DENSE_MOE_MAX_TOKENS), which a CUDA graph captures."""
-        return self.static_rows(1) is not None
-
-    def static_rows(self, tokens_per_seq: int) -> int | None:
-        """Rows of the largest share when a step of ``tokens_per_seq`` tokens a
-        sequence takes the static form (decode steps only: a prefill keeps
-        the routed exchange and its routing table, which the report reads),
-        else None."""
-        most = self.batch_ranges[0][1]  # rank 0 holds the most sequences
-        small = tokens_per_seq == 1 and most * self.topo.size("ep") <= DENSE_MOE_MAX_TOKENS
-        return most if small else None
-
-    def forward(self, inputs: torch.Tensor, pos: int):
-        b0, b1 = self.batch_ranges[self.topo.coord("ep")]
-        most = self.batch_ranges[0][1] * inputs.shape[1]  # rank 0's tokens
-        chunks = self.chunk_count(most)
-        prefill = isinstance(pos, int) and pos == 0  # routed: the report reads its table
-        static = None if prefill else self.static_rows(inputs.shape[1])
-        for moe in self.moes:
-            moe.chunks, moe.static_rows = chunks, static
-        out = self.model(inputs[b0:b1], self.caches, pos)  # [b, T, D or V]
-        if prefill:
-            self.prefill_counts = [moe.last_counts for moe in self.moes]
-            self.prefill_chunks = chunks
-        return out
-
-    def collect(self, local):
-        """Every rank's batch slice to rank 0, in batch order (ranks are ep coordinates)."""
-        if self.topo.rank != 0:
-            if local.shape[0]:
-                self.comm.send(local.contiguous(), 0, "collect")
-            return None
-        out = torch.empty(self.out_shape, dtype=local.dtype, device=self.device)
-        for q, (b0, b1) in enumerate(self.batch_ranges):
-            if b1 == b0:
-                continue
-            part = local if q == 0 else self.comm.recv(
-                torch.empty((b1 - b0, *self.out_shape[1:]), dtype=local.dtype,
-                            device=self.device), q, "collect")
-            out[b0:b1] = part
-        return out
-
     def report(self) -> dict:
-        """Load balance and link traffic of the last prefill, from the routing
-        table every rank holds (identical on every rank)."""
-        if not self.prefill_counts:
-            return {}
-        P, El = self.topo.size("ep"), len(self.experts)
-        tables = torch.stack(self.prefill_counts).sum(2)  # [L, P src, E]
-        per_expert = tables.sum(1)  # [L, E]
-        per_rank = per_expert.view(-1, P, El).sum(2)  # [L, P] rows each rank computed
-        # Rows src sends to dst for every layer; the diagonal never leaves the rank.
-        flows = tables.view(-1, P, P, El).sum((0, 3))  # [P src, P dst]
-        off_rank = flows - torch.diag(torch.diag(flows))
-        row_bytes = self.spec.d_model * torch.empty((), dtype=self.dtype).element_size()
-        # Dispatch sends a rank's rows out; combine sends the rows it computed back.
-        link_bytes = (off_rank.sum(1) + off_rank.sum(0)) * row_bytes
-
-        def max_over_mean(load: torch.Tensor) -> float:
-            # Each layer waits for its busiest expert (rank): the time spent
-            # over that of a perfect balance, summed over layers.
-            busiest, mean = load.max(1).values.sum(), load.float().mean(1).sum()
-            return float(busiest / mean) if mean else 0.0
-
-        return {
-            "chunks_prefill": self.prefill_chunks,
-            "experts_per_rank": El,
-            "tokens_per_expert": per_expert.tolist(),  # [layer][expert] routed (token, slot)s
-            "tokens_per_rank": per_rank.tolist(),  # [layer][rank]
-            "expert_load_max_over_mean": max_over_mean(per_expert),
-            "rank_load_max_over_mean": max_over_mean(per_rank),
-            "a2a_bytes_prefill_per_rank": link_bytes.tolist(),  # off-rank, dispatch + combine
-        }
+        return self.stage_report()
 
 
 STRATEGY = ExpertParallel

@@ -30,9 +30,14 @@ M ranks of a group re-partition with one all-to-all over ``slice``:
 Partial outputs (attention and MLP) are summed over all P ranks either
 hierarchically (``reduce=hier``: reduce-scatter over slice, all-reduce over
 group, all-gather over slice) or with one flat all-reduce (``reduce=flat``).
+
+:func:`helix_stage` builds a stage's layers on the ``group`` x ``slice``
+ranks of a larger mesh (``pp:2/helix:2x2``, :mod:`.compose`); the plan
+``helix:NxM`` is that stage over the whole world, every layer in it.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,12 +48,12 @@ from ..model.load import head_rows, set_param
 from ..model.rope import Rope
 from ..model.rotary import rotate
 from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
-                               causal_attention, make_norm)
+                               build_layers, causal_attention, make_norm)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
-from .base import (Strategy, balanced_ranges, check_head_split, dense_moe_ok, divides,
-                   held_kv_heads, kv_replicas)
+from .base import (balanced_ranges, check_head_split, dense_moe_ok, divides, held_kv_heads,
+                   kv_replicas)
+from .compose import Composed, Composition, Stage, StageContext
 from .lse import attend_lse, merge_stack
-from .topology import Topology
 
 REDUCTIONS = ("hier", "flat")
 
@@ -65,8 +70,8 @@ class SumOverMesh:
         self.slices = comm.topo.size("slice")
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        if self.how == "flat":
-            return self.comm.all_reduce_world(y)
+        if self.how == "flat":  # one group of the stage's N*M ranks ("world" when it is all)
+            return self.comm.all_reduce(y, ("group", "slice"))
         flat = y.reshape(-1)
         pad = -flat.numel() % self.slices  # reduce-scatter needs equal parts
         if pad:
@@ -92,7 +97,7 @@ class HelixAttention(nn.Module):
     (head_dim d/M, no rotary: rotation needs the full head dim) whose ``wo``
     holds this rank's W_o columns."""
 
-    def __init__(self, local: Attention, spec: ModelSpec, topo: Topology, comm,
+    def __init__(self, local: Attention, spec: ModelSpec, topo, comm,
                  sum_all: SumOverMesh):
         super().__init__()
         self.local, self.comm, self.sum_all = local, comm, sum_all
@@ -231,7 +236,127 @@ class VocabShardEmbedding(nn.Module):
         return self.sum_all(x * inside[..., None].to(x.dtype))
 
 
-class Helix(Strategy):
+def check_reduce(options, plan) -> None:
+    for key, value in options:
+        if key != "reduce":
+            raise ShardwiseError(f"plan {plan}: helix has no option {key!r}; "
+                                 f"remove it (its only option is reduce=hier|flat)")
+        if value not in REDUCTIONS:
+            raise ShardwiseError(f"plan {plan}: reduce={value} is not known; "
+                                 f"write reduce=hier or reduce=flat")
+
+
+def group_kv_heads(spec: ModelSpec, groups: int) -> int:
+    """KV heads a head group holds (one, replicated, when groups > n_kv_heads)."""
+    return len(held_kv_heads(0, groups, spec.kv_heads))
+
+
+def repartition(spec: ModelSpec, groups: int, slices: int) -> str:
+    """``heads`` when each rank can take whole kv heads (and their query
+    heads) of its group, else ``sequence``."""
+    return "heads" if group_kv_heads(spec, groups) % slices == 0 else "sequence"
+
+
+def check_helix(spec: ModelSpec, workload: Workload, N: int, M: int, plan) -> None:
+    check_head_split(spec, N, f"head groups N of plan {plan}", "N")
+    divides(f"{spec.name}: head_dim", spec.head_dim, M, f"head-dim slices M of plan {plan}",
+            f"choose M among {_divisors(spec.head_dim)}")
+    divides(f"{spec.name}: d_ff", spec.d_ff, N * M, f"N*M of plan {plan}",
+            "choose N and M whose product divides d_ff")
+    if repartition(spec, N, M) == "sequence" and workload.seq_len < M:
+        raise ShardwiseError(
+            f"plan {plan}: {group_kv_heads(spec, N)} kv heads per group cannot be split "
+            f"{M} ways, so helix splits the prompt into {M} position chunks, but "
+            f"seq_len is {workload.seq_len}; use seq_len >= {M} or a smaller M")
+
+
+def helix_stage(ctx: StageContext) -> Stage:
+    """The stage's layers on its N x M ranks (axes ``group`` and ``slice``):
+    rank (g, s) holds 1/(N*M) of each layer's weights, and the first and
+    last stages the vocabulary rows r*c .. (r+1)*c of the embedding and LM
+    head (zero-padded past the vocabulary, so the logits gather in one
+    equal-size collective)."""
+    spec, topo, comm, loader, wl = ctx.spec, ctx.topo, ctx.comm, ctx.loader, ctx.workload
+    N, M = topo.size("group"), topo.size("slice")
+    g, s = topo.coord("group"), topo.coord("slice")
+    P, r = N * M, g * M + s
+    H, d, F = spec.n_heads // N, spec.head_dim, spec.d_ff // P
+    kv_heads = held_kv_heads(g, N, spec.kv_heads)  # replicated when N > n_kv_heads
+    Hkv = len(kv_heads)
+    mode = repartition(spec, N, M)
+    sum_all = SumOverMesh(comm, ctx.option("helix", "reduce", "hier"))
+    dims = torch.arange(s * d // M, (s + 1) * d // M)
+    q_rows = head_rows(torch.arange(g * H, (g + 1) * H), d, dims)
+    kv_rows = head_rows(torch.arange(kv_heads.start, kv_heads.stop), d, dims)
+    if mode == "heads":  # W_o columns of this rank's heads, all dims
+        wo_cols = head_rows(torch.arange(g * H + s * H // M, g * H + (s + 1) * H // M), d)
+        attn_cls = HeadSliceAttention
+    else:  # W_o columns of the group's heads, this rank's dims
+        wo_cols, attn_cls = q_rows, SequenceChunkAttention
+    ff = torch.arange(r * F, (r + 1) * F)
+    def block(layer: int) -> Block:
+        with torch.device("meta"):
+            mlp = (MoE(spec.d_model, F, spec.n_experts, spec.top_k, spec.activation)
+                   if spec.is_moe else MLP(spec.d_model, F, spec.activation))
+            attn = Attention(spec.d_model, H, Hkv, d // M, qkv_bias=spec.qkv_bias)
+            blk = Block(attn_cls(attn, spec, topo, comm, sum_all), SumAfter(mlp, sum_all),
+                        make_norm(spec), make_norm(spec))
+        attn, mlp, p = blk.attn.local, blk.mlp.inner, f"layers.{layer}"
+        loader.load_qkv(attn, layer, q_rows, kv_rows)
+        set_param(attn.wo, "weight", loader.wo(layer, wo_cols))
+        loader.norm(blk.attn_norm, f"{p}.attn_norm")
+        loader.norm(blk.mlp_norm, f"{p}.mlp_norm")
+        if spec.is_moe:  # every expert, this rank's 1/P of its d_ff
+            set_param(mlp.router, "weight", loader.get(f"{p}.moe.router"))
+            set_param(mlp, "w_in", loader.moe_in(layer, None, ff))
+            set_param(mlp, "w_down", loader.moe_down(layer, None, ff))
+        else:
+            set_param(mlp.w_in, "weight", loader.mlp_in(layer, ff))
+            set_param(mlp.w_down, "weight", loader.mlp_down(layer, ff))
+        return blk
+
+    with torch.device("meta"):
+        model = Transformer(spec, ctx.layers, first=ctx.first, last=ctx.last, blocks=False)
+    model.layers = build_layers(ctx.layers, block)
+    if spec.vocab_size is not None:
+        c = -(-spec.vocab_size // P)
+        rows = torch.arange(r * c, min((r + 1) * c, spec.vocab_size))
+        pad = (0, 0, 0, c - len(rows))
+        if ctx.first:
+            model.embed = VocabShardEmbedding(Fn.pad(loader.get("embed.weight", [rows]), pad),
+                                              r * c, sum_all)
+        if ctx.last:
+            model.lm_head = nn.Linear(spec.d_model, c, bias=False, device="meta")
+            if spec.tie_embeddings and ctx.first:  # the same rows: one tensor
+                model.lm_head.weight = model.embed.weight
+            else:
+                set_param(model.lm_head, "weight", Fn.pad(loader.lm_head(rows), pad))
+    if ctx.last:
+        loader.norm(model.norm, "norm")
+    if mode == "heads":
+        kv_held, cache_len = Hkv // M, wl.max_len
+    else:
+        kv_held, cache_len = Hkv, positions_held(M, s, wl.seq_len, wl.max_len)
+    caches = [KVCache.allocate(ctx.rows, kv_held, cache_len, d, loader.dtype, loader.device)
+              for _ in ctx.layers]
+    # A decode step can be captured in a CUDA graph (``pos`` a 0-d device
+    # tensor) on the heads path, whose shapes do not depend on the position;
+    # the sequence path picks the rank that stores the token on the host.
+    graphs = mode == "heads" and dense_moe_ok(spec, max(ctx.largest))
+    gather = (functools.partial(gather_vocab, comm, spec.vocab_size)
+              if spec.vocab_size is not None else None)
+    return Stage(model, caches, graphs, gather=gather, whole=True,
+                 info={"repartition": mode, "reduce": sum_all.how})
+
+
+def gather_vocab(comm, vocab_size: int, local: torch.Tensor) -> torch.Tensor:
+    """The logits of every vocabulary shard of the stage, on each of its
+    ranks (rank order is group-major: slice, then group)."""
+    logits = comm.all_gather(comm.all_gather(local, "slice", -1), "group", -1)
+    return logits[..., :vocab_size]
+
+
+class Helix(Composed):
     name = "helix"
     degree_names = ("N", "M")
 
@@ -242,55 +367,27 @@ class Helix(Strategy):
                                  f"head-dim slices); write e.g. helix:4x4")
         return plan.shape
 
-    @staticmethod
-    def group_kv_heads(spec: ModelSpec, groups: int) -> int:
-        """KV heads a head group holds (one, replicated, when groups > n_kv_heads)."""
-        return len(held_kv_heads(0, groups, spec.kv_heads))
+    group_kv_heads = staticmethod(group_kv_heads)
+    repartition = staticmethod(repartition)
 
     @classmethod
-    def repartition(cls, spec: ModelSpec, groups: int, slices: int) -> str:
-        """``heads`` when each rank can take whole kv heads (and their query
-        heads) of its group, else ``sequence``."""
-        return "heads" if cls.group_kv_heads(spec, groups) % slices == 0 else "sequence"
+    def composition(cls, spec, workload, plan, world_size) -> Composition:
+        return Composition((Plan("helix", cls.degrees(plan), options=plan.options),),
+                           plan.micro_batches, text=str(plan))
 
     @classmethod
     def ranks_needed(cls, plan: Plan) -> int:
         return math.prod(cls.degrees(plan))
 
     @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
-                 world_size: int) -> Topology:
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
         N, M = cls.degrees(plan)
-        for key, value in plan.options:
-            if key != "reduce":
-                raise ShardwiseError(f"plan {plan}: helix has no option {key!r}; "
-                                     f"remove it (its only option is reduce=hier|flat)")
-            if value not in REDUCTIONS:
-                raise ShardwiseError(f"plan {plan}: reduce={value} is not known; "
-                                     f"write reduce=hier or reduce=flat")
+        check_reduce(plan.options, plan)
         if plan.micro_batches != 1:
             raise ShardwiseError(f"plan {plan}: helix runs the whole batch in one pass "
                                  f"(no pipeline to fill); remove mb={plan.micro_batches}")
-        check_head_split(spec, N, f"head groups N of plan {plan}", "N")
-        divides(f"{spec.name}: head_dim", spec.head_dim, M, f"head-dim slices M of plan {plan}",
-                f"choose M among {_divisors(spec.head_dim)}")
-        divides(f"{spec.name}: d_ff", spec.d_ff, N * M, f"N*M of plan {plan}",
-                "choose N and M whose product divides d_ff")
-        if cls.repartition(spec, N, M) == "sequence" and workload.seq_len < M:
-            raise ShardwiseError(
-                f"plan {plan}: {cls.group_kv_heads(spec, N)} kv heads per group cannot be split "
-                f"{M} ways, so helix splits the prompt into {M} position chunks, but "
-                f"seq_len is {workload.seq_len}; use seq_len >= {M} or a smaller M")
-        return Topology(("group", "slice"), (N, M))
-
-    @classmethod
-    def twin(cls, spec, workload, plan, topo, rank) -> int:
-        """Every rank holds 1/P of every matrix; the sequence re-partition also
-        gives each slice rank its own chunk of the prompt and decoded tokens."""
-        N, M = cls.degrees(plan)
-        if cls.repartition(spec, N, M) == "heads":
-            return cls.first_along(topo, rank, "group", "slice")
-        return cls.first_along(topo, rank, "group")
+        check_helix(spec, workload, N, M, plan)
+        return cls.composition(spec, workload, plan, world_size).topology()
 
     @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
@@ -304,85 +401,8 @@ class Helix(Strategy):
 
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)
-        N, M = topo.size("group"), topo.size("slice")
-        g, s = topo.coord("group"), topo.coord("slice")
-        P, r = N * M, g * M + s
-        H, d, F = spec.n_heads // N, spec.head_dim, spec.d_ff // P
-        kv_heads = held_kv_heads(g, N, spec.kv_heads)  # replicated when N > n_kv_heads
-        Hkv = len(kv_heads)
-        self.mode = self.repartition(spec, N, M)
-        self.sum_all = SumOverMesh(comm, plan.option("reduce", "hier"))
-        dims = torch.arange(s * d // M, (s + 1) * d // M)
-        q_rows = head_rows(torch.arange(g * H, (g + 1) * H), d, dims)
-        kv_rows = head_rows(torch.arange(kv_heads.start, kv_heads.stop), d, dims)
-        if self.mode == "heads":  # W_o columns of this rank's heads, all dims
-            wo_cols = head_rows(torch.arange(g * H + s * H // M, g * H + (s + 1) * H // M), d)
-            attn_cls = HeadSliceAttention
-        else:  # W_o columns of the group's heads, this rank's dims
-            wo_cols, attn_cls = q_rows, SequenceChunkAttention
-        ff = torch.arange(r * F, (r + 1) * F)
-        with torch.device("meta"):
-            model = Transformer(spec)
-            blocks = []
-            for _ in range(spec.n_layers):
-                mlp = (MoE(spec.d_model, F, spec.n_experts, spec.top_k, spec.activation)
-                       if spec.is_moe else MLP(spec.d_model, F, spec.activation))
-                attn = Attention(spec.d_model, H, Hkv, d // M, qkv_bias=spec.qkv_bias)
-                blocks.append(Block(attn_cls(attn, spec, topo, comm, self.sum_all),
-                                    SumAfter(mlp, self.sum_all), make_norm(spec), make_norm(spec)))
-        for layer, blk in enumerate(blocks):
-            attn, mlp, p = blk.attn.local, blk.mlp.inner, f"layers.{layer}"
-            loader.load_qkv(attn, layer, q_rows, kv_rows)
-            set_param(attn.wo, "weight", loader.wo(layer, wo_cols))
-            loader.norm(blk.attn_norm, f"{p}.attn_norm")
-            loader.norm(blk.mlp_norm, f"{p}.mlp_norm")
-            if spec.is_moe:  # every expert, this rank's 1/P of its d_ff
-                set_param(mlp.router, "weight", loader.get(f"{p}.moe.router"))
-                set_param(mlp, "w_in", loader.moe_in(layer, None, ff))
-                set_param(mlp, "w_down", loader.moe_down(layer, None, ff))
-            else:
-                set_param(mlp.w_in, "weight", loader.mlp_in(layer, ff))
-                set_param(mlp.w_down, "weight", loader.mlp_down(layer, ff))
-        model.layers = nn.ModuleList(blocks)
-        if spec.vocab_size is not None:
-            # Vocabulary rows split P ways, zero-padded to equal shards so the
-            # logits gather in one equal-size collective.
-            c = -(-spec.vocab_size // P)
-            rows = torch.arange(r * c, min((r + 1) * c, spec.vocab_size))
-            pad = (0, 0, 0, c - len(rows))
-            model.embed = VocabShardEmbedding(Fn.pad(loader.get("embed.weight", [rows]), pad),
-                                              r * c, self.sum_all)
-            model.lm_head = nn.Linear(spec.d_model, c, bias=False, device="meta")
-            if spec.tie_embeddings:  # the same rows: one tensor
-                model.lm_head.weight = model.embed.weight
-            else:
-                set_param(model.lm_head, "weight", Fn.pad(loader.lm_head(rows), pad))
-        loader.norm(model.norm, "norm")
-        self.model = model
-        if self.mode == "heads":
-            kv_held, cache_len = Hkv // M, workload.max_len
-        else:
-            kv_held, cache_len = Hkv, positions_held(M, s, workload.seq_len, workload.max_len)
-        self.caches = [KVCache.allocate(workload.batch, kv_held, cache_len, d, self.dtype,
-                                        self.device) for _ in range(spec.n_layers)]
-
-    @property
-    def supports_graphs(self) -> bool:
-        """A decode step can be captured in a CUDA graph (``pos`` a 0-d device
-        tensor) on the heads path, whose shapes do not depend on the position;
-        the sequence path picks the rank that stores the token on the host.
-        MoE needs its dense path (``dense_moe_ok``)."""
-        return self.mode == "heads" and dense_moe_ok(self.spec, self.workload.batch)
-
-    def forward(self, inputs: torch.Tensor, pos: int):
-        return self.model(inputs, self.caches, pos)
-
-    def collect(self, local):
-        if self.spec.vocab_size is None:  # every rank holds the summed output
-            return self.send_to_root(local, 0)
-        # Rank order is group-major, so slice-then-group gathers the shards in order.
-        logits = self.comm.all_gather(self.comm.all_gather(local, "slice", -1), "group", -1)
-        return logits[..., : self.spec.vocab_size] if self.topo.rank == 0 else None
+        self.model, self.mode = self.stage, self.stage_info["repartition"]
+        self.sum_all = SumOverMesh(comm, self.stage_info["reduce"])
 
     def layer_bytes(self, tokens: int, decode: bool) -> dict[str, int]:
         """Bytes this rank's Comm counts per layer (same keys as the engine's

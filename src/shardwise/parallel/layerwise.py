@@ -12,21 +12,20 @@ contiguous slice of the batch with a KV cache sized to that slice.
 Invariant: a replica computes exactly the reference layers, in order, on its
 sequences (attention never mixes sequences), so concatenating the replicas'
 outputs in batch order is the reference output; only the grouping of layers
-onto ranks differs. Mesh axes ``("replica", "pp")``: pp varies fastest, so a
+onto ranks differs. Mesh axes ``("dp", "pp")``: pp varies fastest, so a
 pipeline's stages are consecutive ranks and its activations cross the fastest
 links. A model that fits one device (one group) is data parallel: nothing
 crosses ranks inside a step. Decode steps replay CUDA graphs either way.
+
+The plan is the composition ``dp:R/pp:G`` (:mod:`.compose`) with the
+partitioner's cut points: whole layers per stage, and each stage holds one
+micro-batch's activations at a time (:class:`~.pipeline.Pipeline`).
 """
 from __future__ import annotations
 
-import torch
-
-from ..model.reference import KVCache, Transformer
 from ..perf.partition import Partition, PartitionError, fmt_bytes, parse_capacity, partition
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges, dense_moe_ok
-from .pipeline import Pipeline
-from .topology import Topology
+from .compose import Composed, Composition
 
 
 def plan_partition(spec: ModelSpec, workload: Workload, plan: Plan,
@@ -48,12 +47,19 @@ def plan_partition(spec: ModelSpec, workload: Workload, plan: Plan,
     return partition(spec, workload, parse_capacity(cap), world_size, plan.micro_batches)
 
 
-class Layerwise(Strategy):
+class Layerwise(Composed):
     name = "layerwise"
 
     @classmethod
     def ranks_needed(cls, plan: Plan) -> None:
         return None  # the partition adapts to the ranks it is given
+
+    @classmethod
+    def composition(cls, spec, workload, plan, world_size) -> Composition:
+        part = plan_partition(spec, workload, plan, world_size)
+        cuts = tuple(g.layers.start for g in part.groups) + (spec.n_layers,)
+        return Composition((Plan("dp", (part.replicas,)), Plan("pp", (len(part.groups),))),
+                           plan.micro_batches, cuts, text=str(plan))
 
     @classmethod
     def default_ranks(cls, spec, workload, plan) -> int | None:
@@ -65,8 +71,7 @@ class Layerwise(Strategy):
             return e.ranks_needed or 1
 
     @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
-                 world_size: int) -> Topology:
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
         part = plan_partition(spec, workload, plan, world_size)
         if part.idle_ranks:
             # Idle ranks would still have to join every collective of the job;
@@ -78,7 +83,7 @@ class Layerwise(Strategy):
                 f"replicas = {part.ranks_used} ranks and would leave {part.idle_ranks} idle; "
                 f"start {part.ranks_used} ranks (--nproc {part.ranks_used})"
             )
-        return Topology(("replica", "pp"), (part.replicas, len(part.groups)))
+        return cls.composition(spec, workload, plan, world_size).topology()
 
     @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
@@ -97,61 +102,9 @@ class Layerwise(Strategy):
         tight = min_capacity(costs_for, spec.n_layers, world_size, workload.batch)
         return [f"layerwise:cap={capacity_text(tight)}", "layerwise:cap=HBM", "layerwise:cap=L2"]
 
-    @classmethod
-    def twin(cls, spec, workload, plan, topo, rank) -> int:
-        """Replicas are alike when they split the batch evenly."""
-        even = workload.batch % topo.size("replica") == 0
-        return cls.first_along(topo, rank, "replica") if even else rank
-
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)
         self.partition = plan_partition(spec, workload, plan, topo.world_size)
-        n_stages = topo.size("pp")
-        stage = topo.coord("pp")
-        self.stage_layers = self.partition.groups[stage].layers
-        self.batch_ranges = balanced_ranges(workload.batch, topo.size("replica"))
-        self.b0, self.b1 = self.batch_ranges[topo.coord("replica")]
-        with torch.device("meta"):
-            model = Transformer(spec, self.stage_layers, first=stage == 0,
-                                last=stage == n_stages - 1)
-        # Whole layers: every weight of the group, read straight onto the device.
-        self.stage = loader.load_transformer(model)
-        # Each replica caches only its own sequences.
-        self.caches = [
-            KVCache.allocate(self.b1 - self.b0, spec.kv_heads, workload.max_len, spec.head_dim,
-                             self.dtype, self.device)
-            for _ in self.stage_layers
-        ]
-        self.pipeline = Pipeline(comm, topo, "pp", self.stage, self.caches,
-                                 plan.micro_batches, spec.d_model, self.dtype, self.device)
-
-    @property
-    def supports_graphs(self) -> bool:
-        """A decode step is captured in a CUDA graph, the pipeline's
-        point-to-point hops included (NCCL captures them; ``collect`` is
-        outside the step). An MoE model needs its dense path (``dense_moe_ok``)."""
-        return dense_moe_ok(self.spec, self.b1 - self.b0)
-
-    def forward(self, inputs: torch.Tensor, pos: int):
-        return self.pipeline.run(inputs[self.b0 : self.b1], pos)
-
-    def collect(self, local):
-        """Every replica's last stage sends its rows to rank 0, which places them
-        in batch order."""
-        topo, last = self.topo, self.topo.size("pp") - 1
-        owners = [topo.rank_of(replica=r, pp=last) for r in range(topo.size("replica"))]
-        if topo.rank in owners and topo.rank != 0:
-            self.comm.send(local.contiguous(), 0, "collect")
-            return None
-        if topo.rank != 0:
-            return None
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        for owner, (b0, b1) in zip(owners, self.batch_ranges):
-            if owner == 0:
-                out[b0:b1] = local
-            else:
-                self.comm.recv(out[b0:b1], owner, "collect")  # a dim-0 slice is contiguous
-        return out
 
     def report(self) -> dict:
         part = self.partition

@@ -29,6 +29,12 @@ prompt tokens; each new token's K/V goes to the rank holding the fewest).
 Every rank computes the new token's q/k/v, attends it to its shard, and one
 all-gather of the small ``(o, lse)`` pairs lets every rank merge the same
 result, so the replicated rest of the layer stays identical on all ranks.
+
+:func:`ring_stage` builds a stage's layers on the ``seq`` ranks of a larger
+mesh (:mod:`.compose`): inside a pipeline stage (``pp:2/ring:2``), and with
+tensor parallelism (``ring:2/tp:2``: the sequence over ``seq``, the heads
+and d_ff over ``tp``, each ring of ranks with the same tp coordinate passing
+its heads' K/V blocks); ``ring:P`` is that stage over the whole world.
 """
 from __future__ import annotations
 
@@ -40,11 +46,11 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from ..model.reference import Attention, KVCache, Transformer, _per_step
+from ..model.reference import Attention, KVCache, _per_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges, dense_moe_ok, micro_batched
+from .base import balanced_ranges, dense_moe_ok
+from .compose import Composed, Composition, Stage, StageContext
 from .lse import attend_lse, attend_lse_prefix, merge_into, merge_stack
-from .topology import Topology
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ class RingAttention(nn.Module):
     signature. ``x`` is this rank's prompt tokens ``[B, n, D]`` in local
     (zig-zag) order when ``pos == 0``, or the new token ``[B, 1, D]`` (decode)."""
 
-    def __init__(self, attn: Attention, layout: ZigZag, comm, topo: Topology):
+    def __init__(self, attn: Attention, layout: ZigZag, comm, topo):
         super().__init__()
         self.attn, self.layout, self.comm = attn, layout, comm
         self.P, self.r = topo.size("seq"), topo.coord("seq")
@@ -267,7 +273,24 @@ class RingAttention(nn.Module):
         return o.transpose(1, 2).reshape(B, 1, H * d)
 
 
-class Ring(Strategy):
+def ring_stage(ctx: StageContext) -> Stage:
+    """The stage's layers on this rank's sequence shard (and, with a tp
+    axis, its heads): :func:`~.tp_pp.tp_stage` with the attention core
+    passed round the ring. One spare cache slot past the rank's positions:
+    where a static-shape decode step writes the new token's K/V on the
+    ranks that do not keep it."""
+    from .tp_pp import tp_stage
+
+    zz, topo = ctx.zigzag, ctx.topo
+    stage = tp_stage(ctx, attention=lambda attn: RingAttention(attn, zz, ctx.comm, topo),
+                     cache_len=zz.kv_len(topo.coord("seq"), ctx.workload.max_len) + 1)
+    # Decode steps at a device-tensor position (RingAttention.decode_static)
+    # where an MoE model takes its dense path; see static_decode_ok.
+    stage.graphs = static_decode_ok(zz, ctx.spec, max(ctx.largest))
+    return stage
+
+
+class Ring(Composed):
     name = "ring"
 
     @classmethod
@@ -275,86 +298,31 @@ class Ring(Strategy):
         return plan.shape[0] if plan.shape else None
 
     @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
-                 world_size: int) -> Topology:
+    def composition(cls, spec, workload, plan, world_size) -> Composition:
+        P = plan.shape[0] if plan.shape else world_size
+        return Composition((Plan("ring", (P,)),), plan.micro_batches, text=str(plan))
+
+    @classmethod
+    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
         if len(plan.shape) > 1:
             raise ShardwiseError(
                 f"plan {plan}: ring takes one degree, the number of sequence shards; "
-                f"write ring:{math.prod(plan.shape)} or choose another strategy for a multi-axis mesh"
+                f"write ring:{math.prod(plan.shape)}, or compose it with tensor "
+                f"parallelism as ring:P/tp:T"
             )
         if plan.options:
             raise ShardwiseError(
                 f"plan {plan}: ring has no option {plan.options[0][0]!r}; write ring:P or ring:P,mb=N"
             )
-        return Topology(("seq",), (plan.shape[0] if plan.shape else world_size,))
+        return cls.composition(spec, workload, plan, world_size).topology()
 
     @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
         return [f"ring:{world_size}"]
 
-    def __init__(self, spec, workload, plan, topo, comm, loader):
-        super().__init__(spec, workload, plan, topo, comm, loader)
-        P, r = topo.size("seq"), topo.coord("seq")
-        self.layout = layout = ZigZag(P, workload.seq_len, workload.decode_steps)
-        # Sequence parallelism: every rank holds every weight.
-        with torch.device("meta"):
-            model = Transformer(spec)
-        self.model = loader.load_transformer(model).eval()
-        for blk in self.model.layers:
-            blk.attn = RingAttention(blk.attn, layout, comm, topo)
-        # One spare slot past the rank's positions: where a static-shape decode
-        # step writes the new token's K/V on the ranks that do not keep it.
-        capacity = layout.kv_len(r, workload.max_len) + 1
-        self.caches = [
-            KVCache.allocate(workload.batch, spec.kv_heads, capacity, spec.head_dim,
-                             self.dtype, self.device)
-            for _ in range(spec.n_layers)
-        ]
-        self.local_index = torch.tensor(layout.positions(r), dtype=torch.long, device=self.device)
-
-    @cached_property
-    def unzigzag(self) -> torch.Tensor:
-        """Rank-major local rows -> prompt order (for collect, outside the steps)."""
-        layout = self.layout
-        offsets = [sum(layout.real(i) for i in range(q)) for q in range(layout.ranks)]
-        return torch.tensor(
-            [offsets[q] + slot for q, slot in map(layout.where, range(self.workload.seq_len))],
-            dtype=torch.long, device=self.device)
-
     @property
-    def supports_graphs(self) -> bool:
-        """Decode steps at a device-tensor position (:meth:`RingAttention.decode_static`)
-        where an MoE model takes its dense path (the routed loop sizes its
-        work on the host); see :func:`static_decode_ok`."""
-        return static_decode_ok(self.layout, self.spec, self.workload.batch)
-
-    def forward(self, inputs: torch.Tensor, pos: int):
-        # for collect: local prompt rows, or the whole new token
-        self.prefilled = not isinstance(pos, torch.Tensor) and pos == 0
-        if self.prefilled:
-            if inputs.shape[1] != self.layout.prompt:
-                raise ValueError(f"ring was built for a {self.layout.prompt}-token prompt, "
-                                 f"got {inputs.shape[1]}")
-            inputs = inputs.index_select(1, self.local_index)  # [B, n, ...] zig-zag order
-        outs = micro_batched(inputs.shape[0], self.plan.micro_batches, lambda b0, b1: self.model(
-            inputs[b0:b1], [c.batch_view(b0, b1) for c in self.caches], pos))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def collect(self, local):
-        if not self.prefilled:
-            return local if self.topo.rank == 0 else None  # every rank holds the new token
-        if self.topo.rank != 0:
-            sends = [(local, 0)] if local.shape[1] else []
-            for req in self.comm.exchange(sends, [], "collect"):
-                req.wait()
-            return None
-        B, _, W = local.shape
-        others = [local.new_empty(B, self.layout.real(i), W) for i in range(1, self.layout.ranks)]
-        recvs = [(t, self.topo.rank_of(seq=i)) for i, t in enumerate(others, 1) if t.shape[1]]
-        for req in self.comm.exchange([], recvs, "collect"):
-            req.wait()
-        rows = torch.cat([local, *others], dim=1)  # [B, L, W], rank-major local order
-        return rows.index_select(1, self.unzigzag)  # [B, L, W] in prompt order
+    def layout(self) -> ZigZag:
+        return self.zigzag
 
     def report(self) -> dict:
         zz, P = self.layout, self.layout.ranks

@@ -5,6 +5,13 @@ A strategy names its mesh axes from slowest to fastest-varying (e.g.
 that axis maps onto the fastest links (GPUs of one node). The topology
 builds one named ``DeviceMesh`` and is passed explicitly; nothing here is
 global state.
+
+An axis the mesh does not name has size 1 and coordinate 0, so code written
+for one part of a composition (``tp`` inside a pipeline stage) runs
+unchanged on a mesh without that axis. ``spans`` are tuples of axes whose
+ranks also act as one group (helix's flat reduction over ``group`` and
+``slice`` inside a larger mesh): their groups are made when the mesh is
+built, since every rank of the job takes part in making a group.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ class Topology:
     rank: int = 0
     device_type: str = "cpu"
     mesh: object = field(default=None, repr=False)  # DeviceMesh once built
+    spans: tuple[tuple[str, ...], ...] = ()
+    _flat: dict = field(default_factory=dict, repr=False)  # span -> flattened DeviceMesh
 
     def __post_init__(self):
         if len(self.axes) != len(self.shape) or len(set(self.axes)) != len(self.axes):
@@ -51,15 +60,24 @@ class Topology:
         return {a: out[a] for a in self.axes}
 
     def coord(self, axis: str) -> int:
-        return self.coords()[axis]
+        return self.coords()[axis] if axis in self.axes else 0
 
-    def size(self, axis: str) -> int:
-        return self.shape[self.axes.index(axis)]
+    def size(self, axis: str | tuple[str, ...]) -> int:
+        """Ranks along ``axis`` (a tuple: along all of them); 1 for an axis
+        the mesh does not name."""
+        if isinstance(axis, tuple):
+            return math.prod(self.size(a) for a in axis)
+        return self.shape[self.axes.index(axis)] if axis in self.axes else 1
 
     def rank_of(self, **coords: int) -> int:
-        """Global rank at the given coordinates (unnamed axes: this rank's)."""
+        """Global rank at the given coordinates (unnamed axes: this rank's;
+        an axis the mesh does not name must be given 0)."""
         c = self.coords()
-        c.update(coords)
+        for axis, value in coords.items():
+            if axis in self.axes:
+                c[axis] = value
+            elif value != 0:
+                raise ValueError(f"axis {axis!r} is not in the mesh {self.axes}")
         r = 0
         for axis, size in zip(self.axes, self.shape):
             r = r * size + c[axis]
@@ -74,13 +92,34 @@ class Topology:
         i = self.coord(axis) + step
         return self.rank_of(**{axis: i}) if 0 <= i < self.size(axis) else None
 
+    def covers_world(self, axes: tuple[str, ...]) -> bool:
+        """Whether every axis of more than one rank is among ``axes``."""
+        return all(a in axes for a, s in zip(self.axes, self.shape) if s > 1)
+
+    def axis_key(self, axis: str | tuple[str, ...]) -> str:
+        """How byte counters name ``axis``: itself, ``world`` for a span of
+        the whole mesh, else its axes joined by ``+``."""
+        if isinstance(axis, str):
+            return axis
+        return "world" if self.covers_world(axis) else "+".join(axis)
+
     # -- the mesh ---------------------------------------------------------
     def build(self) -> "Topology":
-        """Create the named DeviceMesh (collective: every rank must call it)."""
+        """Create the named DeviceMesh and the groups of ``spans``
+        (collective: every rank must call it)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         self.mesh = init_device_mesh(self.device_type, self.shape, mesh_dim_names=self.axes)
+        for span in self.spans:
+            if not self.covers_world(span):
+                self._flat[span] = self.mesh[span]._flatten("_".join(span))
         return self
 
-    def group(self, axis: str):
+    def group(self, axis: str | tuple[str, ...]):
+        if isinstance(axis, tuple):
+            if self.covers_world(axis):
+                import torch.distributed as dist
+
+                return dist.group.WORLD
+            return self._flat[axis].get_group()
         return self.mesh.get_group(axis)

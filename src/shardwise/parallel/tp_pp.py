@@ -23,9 +23,13 @@ all-reduces overlap the next chunk's matmuls (:class:`OverlappedStage`;
 rounding of its input can flip).
 
 Pipeline parallelism: the layers are cut into ``pp`` contiguous stages run by
-the shared micro-batched :class:`~shardwise.parallel.pipeline.Pipeline`.
+the shared micro-batched :class:`~shardwise.parallel.pipeline.Pipeline`
+(one stage takes micro-batches too: the stage runs them one after another).
 Mesh axes ``("pp", "tp")``: tp varies fastest, so a tp group is consecutive
-ranks (one node's NVLink).
+ranks (one node's NVLink). ``tp_pp:TxP`` is the composition ``pp:P/tp:T``
+(:mod:`.compose`); :func:`tp_stage` is a stage's layers on the tp ranks,
+which ring, ep and whole-layer stages (layerwise, ``dp``/``pp`` alone) build
+on too.
 """
 from __future__ import annotations
 
@@ -33,12 +37,11 @@ import torch
 from torch import nn
 
 from ..model.kernels import add_norm, norm
-from ..model.reference import KVCache, Transformer, make_block, one_step
+from ..model.reference import KVCache, Transformer, build_layers, make_block, one_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import (Strategy, balanced_ranges, check_head_split, dense_moe_ok, divides,
-                   held_kv_heads, kv_replicas)
-from .pipeline import Pipeline
-from .topology import Topology
+from .base import (balanced_ranges, check_head_split, dense_moe_ok, divides, held_kv_heads,
+                   kv_replicas)
+from .compose import Composed, Composition, Stage, StageContext
 
 
 # Below this size a chunk's all-reduce is latency, not bandwidth: splitting
@@ -181,11 +184,111 @@ class WideOutputLinear(nn.Module):
         return y.view(*shape[:-1], w.shape[0])
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, most: int | None = None) -> list[int]:
+    """The divisors of ``n`` (up to ``most``)."""
+    return [d for d in range(1, min(n, most or n) + 1) if n % d == 0]
 
 
-class TpPp(Strategy):
+def check_tp(spec: ModelSpec, tp: int, plan, experts_over_tp: bool = True) -> None:
+    """Heads, and d_ff or experts, split ``tp`` ways (``experts_over_tp``
+    False: an MoE model's experts live elsewhere, ep, and tp splits their d_ff)."""
+    check_head_split(spec, tp, f"tp of plan {plan}", "tp")
+    if spec.is_moe and experts_over_tp:
+        divides(f"{spec.name}: n_experts", spec.n_experts, tp, f"tp of plan {plan}",
+                f"choose tp among {_divisors(spec.n_experts)}")
+    else:
+        divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
+                f"choose tp among {_divisors(spec.d_ff, 64)}")
+
+
+def check_options(options, plan, name: str = "tp_pp") -> None:
+    allowed = {"overlap": ("auto", *map(str, range(1, 65))), "reduce": ("fp32", "model")}
+    for key, value in options:
+        if value not in allowed.get(key, ()):
+            raise ShardwiseError(
+                f"plan {plan}: {name} takes the options overlap=K|auto (prefill in K chunks "
+                f"whose all-reduces overlap the next chunk's compute, K from 1 (off) to "
+                f"64; auto, the default: {OVERLAP_AUTO_CHUNKS[0]} chunks where each one's "
+                f"reduction is >= 1 MiB) and reduce=fp32|model (dtype "
+                f"of the attention's partial sums; default fp32 for MoE models, model "
+                f"otherwise), not {key}={value}"
+            )
+
+
+def check_stages(spec: ModelSpec, pp: int, plan) -> None:
+    if pp > spec.n_layers:
+        raise ShardwiseError(
+            f"plan {plan} has {pp} pipeline stages but {spec.name} has {spec.n_layers} "
+            f"layers; use pp <= {spec.n_layers}"
+        )
+
+
+def tp_stage(ctx: StageContext, attention=None, mlp=None, experts: range | None = None,
+             cache_len: int | None = None) -> Stage:
+    """The stage's layers ``ctx.layers`` on this rank's tensor-parallel slice:
+    its heads (and the KV heads they use), its d_ff slice, and for MoE its
+    experts (``experts`` None: spread over tp; given: those, each with its
+    d_ff split over tp). ``attention`` and ``mlp`` wrap the local modules
+    before the all-reduce over tp (ring's attention core, ep's exchange).
+    With no tp dimension in the plan these are whole layers. The embedding and LM head are
+    replicated over the tp ranks of their stage."""
+    spec, topo, comm, loader = ctx.spec, ctx.topo, ctx.comm, ctx.loader
+    tp, t = topo.size("tp"), topo.coord("tp")
+    # A plan with a tp dimension (tp_pp's included, tp:1 too) runs the
+    # reductions and OverlappedStage's schedule; without one, bare layers.
+    split = ctx.comp.has("tp")
+    dtype = loader.dtype
+    # Attention partial sums reduced in float32 (see WideOutputLinear):
+    # the default for MoE, whose routing is discontinuous in its input.
+    wide = tp > 1 and dtype != torch.float32 and ctx.option(
+        "tp", "reduce", "fp32" if spec.is_moe else "model") == "fp32"
+    heads = range(t * spec.n_heads // tp, (t + 1) * spec.n_heads // tp)
+    kv_heads = held_kv_heads(t, tp, spec.kv_heads)  # replicated when tp > n_kv_heads
+    ff = range(t * spec.d_ff // tp, (t + 1) * spec.d_ff // tp)
+    if spec.is_moe and experts is None:
+        experts, ff = range(t * spec.n_experts // tp, (t + 1) * spec.n_experts // tp), None
+    whole = tp == 1  # every row: the loader reads each tensor whole
+    def block(layer: int) -> nn.Module:
+        with torch.device("meta"):
+            blk = make_block(spec, n_heads=len(heads), n_kv_heads=len(kv_heads),
+                             d_ff=None if ff is None else len(ff), experts=experts)
+        loader.load_block(blk, layer, q_heads=None if whole else heads,
+                          kv_heads=None if whole else kv_heads,
+                          ff=None if whole or ff is None else torch.arange(ff.start, ff.stop),
+                          experts=experts if spec.is_moe else None)
+        if wide:
+            blk.attn.wo = WideOutputLinear(blk.attn.wo)
+        if attention is not None:
+            blk.attn = attention(blk.attn)
+        if mlp is not None:
+            blk.mlp = mlp(blk.mlp)
+        if split:
+            blk.attn = ReduceAfter(blk.attn, comm, "tp", out=dtype if wide else None)
+            # Whole experts per rank: each token's expert outputs are rounded
+            # and added exactly as on one device, so MoE needs no wide sum.
+            blk.mlp = ReduceAfter(blk.mlp, comm, "tp")
+        return blk
+
+    with torch.device("meta"):
+        stage = Transformer(spec, ctx.layers, first=ctx.first, last=ctx.last, blocks=False)
+    stage.layers = build_layers(ctx.layers, block)
+    loader.load_ends(stage)
+    caches = [KVCache.allocate(ctx.rows, len(kv_heads), cache_len or ctx.workload.max_len,
+                               spec.head_dim, dtype, loader.device) for _ in ctx.layers]
+    # overlap=1 turns the chunked schedule off, K forces K chunks, auto
+    # (the default) picks them where a chunk's all-reduce is large enough
+    # to hide; unchunked steps fuse each reduction with its add and norm.
+    run = OverlappedStage(stage, comm, "tp", ctx.option("tp", "overlap", "auto")) if split \
+        else stage
+    # A decode step is capturable in a CUDA graph when, for MoE, its tokens
+    # take the reference's dense path (the routed loop sizes its work on the
+    # host with torch.nonzero).
+    return Stage(run, caches, dense_moe_ok(spec, max(ctx.largest)),
+                 info={"kv_heads_per_rank": len(kv_heads),
+                       "kv_head_replicas": kv_replicas(tp, spec.kv_heads)})
+
+
+class TpPp(Composed):
     name = "tp_pp"
     degree_names = ("tp", "pp")
 
@@ -200,122 +303,33 @@ class TpPp(Strategy):
         )
 
     @classmethod
+    def composition(cls, spec, workload, plan, world_size) -> Composition:
+        tp, pp = cls.degrees(plan)
+        return Composition((Plan("pp", (pp,)), Plan("tp", (tp,), options=plan.options)),
+                           plan.micro_batches, text=str(plan))
+
+    @classmethod
     def ranks_needed(cls, plan: Plan) -> int:
         tp, pp = cls.degrees(plan)
         return tp * pp
 
     @classmethod
     def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
-                 world_size: int) -> Topology:
+                 world_size: int):
         tp, pp = cls.degrees(plan)
-        check_head_split(spec, tp, f"tp of plan {plan}", "tp")
-        if spec.is_moe:
-            divides(f"{spec.name}: n_experts", spec.n_experts, tp, f"tp of plan {plan}",
-                    f"choose tp among {_divisors(spec.n_experts)}")
-        else:
-            divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
-                    f"choose tp among {[d for d in _divisors(spec.d_ff) if d <= 64]}")
-        allowed = {"overlap": ("auto", *map(str, range(1, 65))), "reduce": ("fp32", "model")}
-        for key, value in plan.options:
-            if value not in allowed.get(key, ()):
-                raise ShardwiseError(
-                    f"plan {plan}: tp_pp takes the options overlap=K|auto (prefill in K chunks "
-                    f"whose all-reduces overlap the next chunk's compute, K from 1 (off) to "
-                    f"64; auto, the default: {OVERLAP_AUTO_CHUNKS[0]} chunks where each one's "
-                    f"reduction is >= 1 MiB) and reduce=fp32|model (dtype "
-                    f"of the attention's partial sums; default fp32 for MoE models, model "
-                    f"otherwise), not {key}={value}"
-                )
-        if pp > spec.n_layers:
-            raise ShardwiseError(
-                f"plan {plan} has {pp} pipeline stages but {spec.name} has {spec.n_layers} "
-                f"layers; use pp <= {spec.n_layers}"
-            )
-        return Topology(("pp", "tp"), (pp, tp))
+        check_tp(spec, tp, plan)
+        check_options(plan.options, plan)
+        check_stages(spec, pp, plan)
+        return cls.composition(spec, workload, plan, world_size).topology()
 
     @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
         return [f"tp_pp:{world_size // pp}x{pp}" for pp in _divisors(world_size)]
 
-    @classmethod
-    def twin(cls, spec, workload, plan, topo, rank) -> int:
-        """The tp ranks of a stage hold equal shares of every matrix; an MoE
-        layer's experts differ by rank, and with them the tokens routed."""
-        return rank if spec.is_moe else cls.first_along(topo, rank, "tp")
-
-    def __init__(self, spec, workload, plan, topo, comm, loader):
-        super().__init__(spec, workload, plan, topo, comm, loader)
-        tp, pp = topo.size("tp"), topo.size("pp")
-        t, s = topo.coord("tp"), topo.coord("pp")
-        self.stage_layers = range(*balanced_ranges(spec.n_layers, pp)[s])
-        # Attention partial sums reduced in float32 (see WideOutputLinear):
-        # the default for MoE, whose routing is discontinuous in its input.
-        self.wide_reduce = tp > 1 and self.dtype != torch.float32 and plan.option(
-            "reduce", "fp32" if spec.is_moe else "model") == "fp32"
-        heads = range(t * spec.n_heads // tp, (t + 1) * spec.n_heads // tp)
-        kv_heads = held_kv_heads(t, tp, spec.kv_heads)  # replicated when tp > n_kv_heads
-        with torch.device("meta"):
-            stage = Transformer(spec, self.stage_layers, first=s == 0, last=s == pp - 1)
-            if spec.is_moe:
-                experts = range(t * spec.n_experts // tp, (t + 1) * spec.n_experts // tp)
-                blocks = [make_block(spec, n_heads=len(heads), n_kv_heads=len(kv_heads),
-                                     experts=experts) for _ in self.stage_layers]
-            else:
-                ff = range(t * spec.d_ff // tp, (t + 1) * spec.d_ff // tp)
-                blocks = [make_block(spec, n_heads=len(heads), n_kv_heads=len(kv_heads),
-                                     d_ff=len(ff)) for _ in self.stage_layers]
-        for blk, layer in zip(blocks, self.stage_layers):
-            if spec.is_moe:
-                loader.load_block(blk, layer, q_heads=heads, kv_heads=kv_heads,
-                                  experts=experts)
-            else:
-                loader.load_block(blk, layer, q_heads=heads, kv_heads=kv_heads,
-                                  ff=torch.arange(ff.start, ff.stop))
-            if self.wide_reduce:
-                blk.attn.wo = WideOutputLinear(blk.attn.wo)
-                blk.attn = ReduceAfter(blk.attn, comm, "tp", out=self.dtype)
-            else:
-                blk.attn = ReduceAfter(blk.attn, comm, "tp")
-            # Whole experts per rank: each token's expert outputs are rounded
-            # and added exactly as on one device, so MoE needs no wide sum.
-            blk.mlp = ReduceAfter(blk.mlp, comm, "tp")
-        stage.layers = nn.ModuleList(blocks)
-        stage.layer_ids = list(self.stage_layers)
-        # Embedding and LM head are replicated over the tp ranks of their stage.
-        self.stage = loader.load_ends(stage)
-        self.caches = [
-            KVCache.allocate(workload.batch, len(kv_heads), workload.max_len, spec.head_dim,
-                             self.dtype, self.device)
-            for _ in self.stage_layers
-        ]
-        # overlap=1 turns the chunked schedule off, K forces K chunks, auto
-        # (the default) picks them where a chunk's all-reduce is large enough
-        # to hide; unchunked steps fuse each reduction with its add and norm.
-        overlap = plan.option("overlap", "auto")
-        run_stage = OverlappedStage(self.stage, comm, "tp", overlap)
-        self.pipeline = Pipeline(comm, topo, "pp", run_stage, self.caches,
-                                 plan.micro_batches, spec.d_model, self.dtype, self.device)
-
-    @property
-    def supports_graphs(self) -> bool:
-        """A decode step is capturable in a CUDA graph (its collectives and
-        its pipeline hops alike: NCCL captures point-to-point operations too)
-        when, for MoE, its tokens take the reference's dense path (the routed
-        loop sizes its work on the host with torch.nonzero)."""
-        return dense_moe_ok(self.spec, self.workload.batch)
-
-    def forward(self, inputs: torch.Tensor, pos: int):
-        return self.pipeline.run(inputs, pos)
-
-    def collect(self, local):
-        owner = self.topo.rank_of(pp=self.topo.size("pp") - 1, tp=0)
-        return self.send_to_root(local, owner)
-
     def report(self) -> dict:
-        tp, kv = self.topo.size("tp"), self.spec.kv_heads
         return {"stage_layers": [self.stage_layers.start, self.stage_layers.stop],
-                "kv_heads_per_rank": len(held_kv_heads(0, tp, kv)),
-                "kv_head_replicas": kv_replicas(tp, kv)}
+                "kv_heads_per_rank": self.stage_info["kv_heads_per_rank"],
+                "kv_head_replicas": self.stage_info["kv_head_replicas"]}
 
 
 STRATEGY = TpPp

@@ -225,8 +225,11 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     if plan.strategy.startswith("torch_"):
         raise ShardwiseError(f"{plan.strategy} is PyTorch's own method, timed beside "
                              f"shardwise's; the cost model predicts shardwise's strategies")
+    # The decode step as it runs: replayed from a CUDA graph where the strategy
+    # captures it (unless graphs are off), else eager.
     traces = record_plan(spec, workload, plan, topo.world_size,
-                         balance=moe_balance if spec.is_moe else None)
+                         balance=moe_balance if spec.is_moe else None,
+                         phases=("prefill", "decode" if graphs is False else "static"))
     prefill = step_cost(traces, "prefill", cluster, graph=False)
     graph = graphs is not False and all("static" in t.steps for t in traces)
     decode = step_cost(traces, "static" if graph else "decode", cluster, graph)

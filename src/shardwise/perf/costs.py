@@ -92,13 +92,14 @@ class Costs:
         self._colls: dict = {}
 
     # -- host calls and their kernels ----------------------------------------
-    def call(self, call: Call) -> tuple[float, tuple]:
-        """(host seconds, device seconds of each kernel) of one call."""
+    def call(self, call: Call) -> tuple[float, tuple, str]:
+        """(host seconds, device seconds of each kernel, host figure's kind) of one call."""
         got = self._calls.get(id(call))
         if got is None:
+            kind = call.host
             got = self._calls[id(call)] = (
-                self.host[call.host], tuple(self.kernel(k) for k in call.kernels), call)
-        return got[0], got[1]
+                self.host[kind], tuple(self.kernel(k) for k in call.kernels), kind, call)
+        return got[:3]
 
     def kernel(self, k: Kernel) -> float:
         cl = self.cl

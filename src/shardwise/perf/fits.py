@@ -50,7 +50,8 @@ def _as_modelled(plan: Plan) -> Plan:
 
 def rank_bytes(spec: ModelSpec, wl: Workload, plan: str, world: int,
                memory: int) -> tuple[int, int]:
-    """(the fullest rank's bytes, all ranks' bytes together) of ``plan`` on ``world`` ranks."""
+    """(the fullest rank's bytes, all ranks' bytes together) of ``plan`` on
+    ``world`` ranks."""
     p = predict(spec, wl, _as_modelled(Plan.parse(plan)), _cluster(world, memory), world,
                 graphs=False)
     extra = p.memory.activations + p.memory.comm_buffers

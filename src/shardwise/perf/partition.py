@@ -13,7 +13,8 @@ sequences in micro-batches of ``m``, prompt length ``T``:
 
     sum over the group's layers of  weights + KV cache (b x max_len)
   + max over its layers of the working set of one micro-batch (m x T tokens)
-  + the outputs the pipeline keeps until the step ends (b x T x D, or V)
+  + the outputs it holds: one micro-batch's in flight to the next group
+    (m x T x D), or leaving the last group (m x T x D, or V)
 
 A group's time is the sum over its layers of max(FLOPs / rate, bytes /
 bandwidth) for the workload's prefill and decode steps. G groups on R ranks
@@ -198,7 +199,7 @@ class LayerCosts:
 
     resident: tuple[int, ...]  # weights + KV cache
     work: tuple[int, ...]  # working set of one micro-batch
-    held: tuple[int, ...]  # the pipeline's outputs, when the layer ends a group
+    held: tuple[int, ...]  # the outputs a group ending at this layer holds
     time: tuple[float, ...]
 
     def group_bytes(self, i: int, j: int) -> int:
@@ -232,7 +233,9 @@ def layer_costs(spec: ModelSpec, workload: Workload, batch: int, micro_batches: 
         out_width = spec.vocab_size if _is_last(spec, layer) and spec.vocab_size else spec.d_model
         resident.append(layer_weight_bytes(spec, layer) + kv)
         work.append(largest_mb * T * work_bytes_per_token(spec, layer))
-        held.append(batch * T * out_width * nbytes)
+        # A stage sends a micro-batch on before it sends the next, and the
+        # last hands each on as it leaves (pipeline.Pipeline).
+        held.append(largest_mb * T * out_width * nbytes)
         b = batch / n_mb  # every micro-batch streams the weights again
         t = layer_time(spec, layer, b, T, 0, rates) if workload.phase != "decode" else 0.0
         if workload.phase != "prefill":

@@ -1,11 +1,18 @@
 """Enumerate every plan for a model, workload and cluster; rank them by the
 cost model; optionally run the best ones to check.
 
-Candidates come from each strategy's ``candidates`` (plus micro-batch
-variants for the strategies that micro-batch) and are filtered through its
-``validate``, so the planner lists exactly the plans ``shardwise run`` would
-accept on that many ranks. A valid plan that does not fit in memory is kept,
-marked with the reason.
+Candidates come from each strategy's ``candidates`` and from the
+compositions of the cluster's ranks (:func:`~shardwise.parallel.compose.composition_candidates`:
+mesh dimensions outermost first, so the innermost land on one node's
+links), each filtered through its ``validate``, so the planner lists
+exactly the plans ``shardwise run`` would accept on that many ranks.
+
+Every plan that takes micro-batches (tp_pp, one stage or more; layerwise;
+ring; every composition) is tried at several counts, and where none of them
+fits in memory, at the fewest that does (:func:`micro_batch_family`): a plan
+is reported as not fitting only when no micro-batch count makes it fit. A
+valid plan that does not fit is kept, marked with the reason; one the cost
+model cannot price is kept too, with the reason.
 """
 from __future__ import annotations
 
@@ -14,12 +21,14 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..parallel.base import available_strategies, get_strategy, validate_plan
+from ..parallel.compose import composition_candidates
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, resolve_capacity
+from .partition import PartitionError
 
-# Micro-batch counts tried for plans that pipeline or loop over micro-batches.
+# Micro-batch counts tried for every plan that takes them (more where none fits).
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 MICRO_BATCHED = ("tp_pp", "layerwise", "ring")
 
@@ -29,51 +38,135 @@ class Row:
     plan: str
     prediction: Prediction | None = None
     error: str = ""  # why the plan is not valid on these ranks
+    unpriced: str = ""  # a valid plan the cost model cannot price: why
+    memory: bool = False  # the error is that no layer partition fits the capacity
+    note: str = ""  # what the table adds to the reason a plan does not fit
 
     @property
     def valid(self) -> bool:
+        return not self.error
+
+    @property
+    def priced(self) -> bool:
         return self.prediction is not None
 
     @property
     def fits(self) -> bool:
-        return self.valid and self.prediction.fits
+        return self.priced and self.prediction.fits
 
 
-def candidate_plans(spec: ModelSpec, workload: Workload, ranks: int, cluster: Cluster,
-                    micro_batches: Iterable[int] = MICRO_BATCHES) -> list[str]:
-    """Every strategy's candidates on ``ranks`` ranks, with micro-batch variants,
-    capacities named L2/HBM read from ``cluster``, each once, in canonical form."""
-    out: list[str] = []
-    for name in available_strategies():
-        for text in get_strategy(name).candidates(spec, workload, ranks):
-            base = resolve_capacity(Plan.parse(text), cluster)
-            variants = [base]
-            pipelined = name != "tp_pp" or (len(base.shape) == 2 and base.shape[1] > 1)
-            if name in MICRO_BATCHED and pipelined:
-                variants = [Plan(base.strategy, base.shape, mb, base.options)
-                            for mb in micro_batches if mb <= workload.batch]
-            for plan in variants:
-                if str(plan) not in out:
-                    out.append(str(plan))
-    return out
+def micro_batched(plan: Plan) -> bool:
+    """Whether ``plan`` takes micro-batches: a pipeline (of one stage or
+    more) or a loop over them; helix and ep alone run the batch in one piece."""
+    return plan.is_composed or plan.strategy in MICRO_BATCHED
+
+
+def family(plan: str | Plan) -> str:
+    """A plan without its micro-batch count: the plans that differ only in it."""
+    p = Plan.parse(plan) if isinstance(plan, str) else plan
+    return str(dataclasses.replace(p, micro_batches=1))
+
+
+def base_plans(spec: ModelSpec, workload: Workload, ranks: int,
+               cluster: Cluster) -> list[Plan]:
+    """Every strategy's candidates on ``ranks`` ranks and the compositions of
+    that many ranks, capacities named L2/HBM read from ``cluster``, each
+    once, without micro-batches."""
+    texts = [t for name in available_strategies()
+             for t in get_strategy(name).candidates(spec, workload, ranks)]
+    texts += composition_candidates(ranks)
+    out: dict[str, Plan] = {}
+    for text in texts:
+        plan = resolve_capacity(Plan.parse(text), cluster)
+        out.setdefault(str(plan), plan)
+    return list(out.values())
+
+
+def evaluate(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Cluster,
+             ranks: int) -> Row:
+    """One candidate: its prediction, or why it is invalid or unpriced."""
+    text = str(plan)
+    try:
+        validate_plan(spec, workload, text, ranks)
+    except ShardwiseError as e:
+        return Row(text, error=str(e), memory=isinstance(e, PartitionError))
+    try:
+        return Row(text, predict(spec, workload, text, cluster, ranks))
+    except ShardwiseError as e:
+        return Row(text, unpriced=str(e))
+
+
+def _fit_known(r: Row) -> bool:
+    """Whether a row says how the plan stands in memory (fits, does not,
+    or no layer partition fits)."""
+    return r.priced or r.memory
+
+
+def micro_batch_family(spec: ModelSpec, workload: Workload, base: Plan, cluster: Cluster,
+                       ranks: int, micro_batches: Iterable[int] = MICRO_BATCHES) -> list[Row]:
+    """``base`` at each count of ``micro_batches`` (up to the batch); where
+    one does not fit in memory, also at the fewest micro-batches that fit
+    (a stage holds one micro-batch's activations, so more of them need
+    less memory): a bisection over the counts between the most that did not
+    fit and the fewest that did (or the batch, one sequence each). A plan
+    without micro-batches, or one that is invalid or unpriced at one
+    micro-batch, is its one row."""
+    at = lambda mb: evaluate(spec, workload, dataclasses.replace(base, micro_batches=mb),  # noqa: E731
+                             cluster, ranks)
+    first = at(1)
+    if not micro_batched(base) or not _fit_known(first):
+        return [first]
+    rows = {1: first}
+    for mb in micro_batches:
+        if 1 < mb <= workload.batch:
+            rows[mb] = at(mb)
+            if not _fit_known(rows[mb]):  # the others are unpriced for the same reason
+                return list(rows.values())
+    if first.fits:
+        return list(rows.values())
+    known = {mb: r.fits for mb, r in rows.items() if _fit_known(r)}
+    lo = max((mb for mb, ok in known.items() if not ok), default=1)  # does not fit
+    hi = min((mb for mb, ok in known.items() if ok and mb > lo), default=None)
+    if hi is None:
+        if lo >= workload.batch:
+            return list(rows.values())
+        hi, last = workload.batch, at(workload.batch)
+        rows[hi] = last
+        if not last.fits:
+            return list(rows.values())
+    fewest = rows[hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        r = at(mid)
+        if not _fit_known(r):
+            break
+        if r.fits:
+            hi, fewest = mid, r
+        else:
+            lo = mid
+    rows[hi] = fewest
+    return [rows[mb] for mb in sorted(rows)]
 
 
 def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                     ranks: int | None = None,
                     micro_batches: Iterable[int] = MICRO_BATCHES) -> list[Row]:
-    """Every candidate on ``ranks`` (default: all the cluster's GPUs), valid
-    ones with their prediction, invalid ones with the validation error."""
+    """Every candidate on ``ranks`` (default: all the cluster's GPUs) at
+    the micro-batch counts of :func:`micro_batch_family`: valid ones with
+    their prediction, invalid ones with the validation error, unpriced
+    ones with the reason."""
     ranks = cluster.n_gpus if ranks is None else ranks
     if not 1 <= ranks <= cluster.n_gpus:
         raise ShardwiseError(f"--ranks {ranks}: cluster {cluster.name} has {cluster.n_gpus} GPUs")
-    rows = []
-    for text in candidate_plans(spec, workload, ranks, cluster, micro_batches):
-        try:
-            validate_plan(spec, workload, text, ranks)
-            rows.append(Row(text, predict(spec, workload, text, cluster, ranks)))
-        except ShardwiseError as e:
-            rows.append(Row(text, error=str(e)))
-    return rows
+    micro_batches = tuple(micro_batches)
+    return [r for base in base_plans(spec, workload, ranks, cluster)
+            for r in micro_batch_family(spec, workload, base, cluster, ranks, micro_batches)]
+
+
+def best_micro_batching(rows: list[Row], phase: str) -> Row | None:
+    """The fastest of a plan's rows that fits, or None."""
+    fitting = [r for r in rows if r.fits]
+    return min(fitting, key=lambda r: score(r.prediction, phase)) if fitting else None
 
 
 def score(p: Prediction, phase: str) -> float:
@@ -87,10 +180,12 @@ def score(p: Prediction, phase: str) -> float:
 
 
 def rank_plans(rows: list[Row], phase: str) -> list[Row]:
-    """Plans that fit, fastest first; then valid plans that do not fit; then
-    invalid ones."""
+    """Plans that fit, fastest first; then priced plans that do not fit;
+    then valid plans the cost model does not price; then invalid ones."""
     def key(r: Row):
         if not r.valid:
+            return (3, 0.0, r.plan)
+        if not r.priced:
             return (2, 0.0, r.plan)
         return (0 if r.fits else 1, score(r.prediction, phase), r.plan)
 
@@ -100,21 +195,34 @@ def rank_plans(rows: list[Row], phase: str) -> list[Row]:
 @dataclass
 class Ranking:
     """Every candidate for a model, workload and cluster, ranked; and the
-    plans worth showing: valid ones, one per strategy and predicted figures
-    (micro-batch counts or capacities that change nothing are shown once)."""
+    plans worth showing: priced ones, one per strategy and predicted figures
+    (micro-batch counts or capacities that change nothing are shown once),
+    none at a micro-batch count that does not fit where another count does."""
 
     spec: ModelSpec
     workload: Workload
     cluster: Cluster
     ranks: int
     phase: str
-    rows: list[Row]  # every candidate: fitting ones fastest first, then no fit, then invalid
-    shown: list[Row]  # the valid rows, one per strategy and figures, in rank order
+    rows: list[Row]  # every candidate: fitting ones fastest first, then no fit, unpriced, invalid
+    shown: list[Row]  # the priced rows worth showing, in rank order
     same: dict[str, list[str]]  # a shown plan -> the plans whose figures it repeats
+    fitting_families: set[str]  # plans (without mb=) that fit at some micro-batch count
 
     @property
     def invalid(self) -> list[Row]:
-        return [r for r in self.rows if not r.valid]
+        """Invalid rows, but for a capacity no partition fits at a micro-batch
+        count where another count of the plan fits."""
+        return [r for r in self.rows if not r.valid
+                and not (r.memory and family(r.plan) in self.fitting_families)]
+
+    @property
+    def unpriced(self) -> list[Row]:
+        """Valid rows the cost model does not price, of plans priced at no
+        micro-batch count (a composition whose replicas' plan takes no mb=)."""
+        priced = {family(r.plan) for r in self.rows if r.priced}
+        return [r for r in self.rows if r.valid and not r.priced
+                and family(r.plan) not in priced]
 
     def best(self, top: int) -> list[str]:
         """The ``top`` fitting plans of the table, best first."""
@@ -133,6 +241,40 @@ def _simplest(plan: str) -> tuple:
     return (Plan.parse(plan).micro_batches, len(plan), plan)
 
 
+def rank_rows(spec: ModelSpec, wl: Workload, cl: Cluster, rows: list[Row], phase: str,
+              ranks: int) -> Ranking:
+    """``rows`` ranked (:func:`rank_plans`), and the ones to show: of a plan
+    that fits at some micro-batch count, the counts that fit; of one that
+    fits at none, the count that needs the least memory, with a note."""
+    rows = rank_plans(rows, phase)
+    families: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.priced:
+            families.setdefault(family(r.plan), []).append(r)
+    fitting = {f for f, members in families.items() if any(r.fits for r in members)}
+    candidates = []
+    for f, members in families.items():
+        if f in fitting:
+            candidates += [r for r in members if r.fits]
+            continue
+        least = min(members, key=lambda r: (r.prediction.memory.total, _simplest(r.plan)))
+        if len(members) > 1:
+            most = max(Plan.parse(r.plan).micro_batches for r in members)
+            least.note = f"no micro-batch count fits (up to mb={most} tried)"
+        candidates.append(least)
+    groups: dict[tuple, list[Row]] = {}
+    for r in candidates:
+        groups.setdefault(_figures(r), []).append(r)
+    shown, same = [], {}
+    for members in groups.values():
+        pick = min(members, key=lambda r: _simplest(r.plan))
+        shown.append(pick)
+        same[pick.plan] = [r.plan for r in members if r is not pick]
+    order = {id(r): i for i, r in enumerate(rows)}
+    shown.sort(key=lambda r: order[id(r)])
+    return Ranking(spec, wl, cl, ranks, phase, rows, shown, same, fitting)
+
+
 def ranking(ref, cluster: str, batch: int | None, seq: int | None, phase: str,
             ranks: int | None = None, steps: int | None = None) -> Ranking:
     """Rank every candidate (:func:`enumerate_plans`) for the model ``ref``
@@ -143,19 +285,8 @@ def ranking(ref, cluster: str, batch: int | None, seq: int | None, phase: str,
         raise ShardwiseError(f"--phase must be prefill, decode or both (got {phase!r})")
     spec, wl = _workload(ref, batch, seq, phase, steps)
     cl = load_cluster(cluster)
-    rows = rank_plans(enumerate_plans(spec, wl, cl, ranks), phase)
-    groups: dict[tuple, list[Row]] = {}
-    for r in rows:
-        if r.valid:
-            groups.setdefault(_figures(r), []).append(r)
-    shown, same = [], {}
-    for members in groups.values():
-        pick = min(members, key=lambda r: _simplest(r.plan))
-        shown.append(pick)
-        same[pick.plan] = [r.plan for r in members if r is not pick]
-    order = {id(r): i for i, r in enumerate(rows)}
-    shown.sort(key=lambda r: order[id(r)])
-    return Ranking(spec, wl, cl, ranks or cl.n_gpus, phase, rows, shown, same)
+    return rank_rows(spec, wl, cl, enumerate_plans(spec, wl, cl, ranks), phase,
+                     ranks or cl.n_gpus)
 
 
 def best_fitting(ref, cluster: str, batch: int | None, seq: int | None, phase: str,
@@ -236,7 +367,15 @@ def predict_parts(ref, plan: str, cluster: str = "h100-sxm-16", batch: int | Non
                   seq: int | None = None, phase: str | None = None) -> list:
     """``shardwise predict --model M --plan PLAN [--cluster C --batch B --seq T]``."""
     spec, wl = _workload(ref, batch, seq, phase)
-    return describe(predict(spec, wl, plan, load_cluster(cluster)))
+    p = Plan.parse(plan)
+    if not p.is_composed:
+        return describe(predict(spec, wl, p, load_cluster(cluster)))
+    validate_plan(spec, wl, p)
+    try:
+        return describe(predict(spec, wl, p, load_cluster(cluster)))
+    except ShardwiseError as e:
+        raise ShardwiseError(f"{e}; verify or bench it (shardwise verify --plan {plan}), or "
+                             f"predict a single-strategy plan") from None
 
 
 def predict_command(*args, **kwargs) -> str:
@@ -244,23 +383,23 @@ def predict_command(*args, **kwargs) -> str:
     return render(predict_parts(*args, **kwargs))
 
 
-# Reasons a plan table gives for its invalid plans, one line each (``--all``
-# lists every plan).
+# Reasons a plan table gives for its invalid (or unpriced) plans, one line
+# each (``--all`` lists every plan).
 INVALID_LINES = 5
 
 
-def _invalid_summary(invalid: list[Row]) -> list[str]:
-    """Invalid plans in a few lines: a plan and its micro-batch variants once,
-    plans refused for the same reason together."""
+def _summary(rows: list[Row], why: str = "error") -> list[str]:
+    """Plans in a few lines with their reasons (``why``: the Row field): a
+    plan and its micro-batch variants once, plans with the same reason
+    together."""
     bases: dict[str, list[Row]] = {}
-    for r in invalid:
-        p = Plan.parse(r.plan)
-        bases.setdefault(str(dataclasses.replace(p, micro_batches=1)), []).append(r)
+    for r in rows:
+        bases.setdefault(family(r.plan), []).append(r)
     reasons: dict[str, list[str]] = {}
-    for base, rows in bases.items():
-        first = min(rows, key=lambda r: _simplest(r.plan))
-        reason = first.error.replace(first.plan, "{plan}")
-        variants = len(rows) - 1
+    for base, members in bases.items():
+        first = min(members, key=lambda r: _simplest(r.plan))
+        reason = getattr(first, why).replace(first.plan, "{plan}")
+        variants = len(members) - 1
         name = base + (f" (and {plural(variants, 'mb= variant')})" if variants else "")
         reasons.setdefault(reason, []).append((base, name))
     lines = []
@@ -275,10 +414,10 @@ def _invalid_summary(invalid: list[Row]) -> list[str]:
 
 
 def plan_parts(rk: Ranking, top: int | None = None, show_all: bool = False) -> list:
-    """The plan table: valid plans ranked, one per figures (``show_all``:
-    every valid plan, and the invalid ones in a table of their own), the
-    invalid ones summarised under it."""
-    rows = [r for r in rk.rows if r.valid] if show_all else rk.shown
+    """The plan table: priced plans ranked, one per figures (``show_all``:
+    every priced plan, and the unpriced and invalid ones in tables of their
+    own), the unpriced and invalid ones summarised under it."""
+    rows = [r for r in rk.rows if r.priced] if show_all else rk.shown
     if top is not None:
         rows = rows[:top]
     by = {"prefill": "prefill time", "decode": "decode step time"}.get(
@@ -291,7 +430,8 @@ def plan_parts(rk: Ranking, top: int | None = None, show_all: bool = False) -> l
         table.append({"plan": r.plan, "status": "fits" if p.fits else "no fit", "fits": p.fits,
                       "prefill_tokens_per_s": p.prefill_tps, "tpot_ms": p.decode_step_ms,
                       "ms_per_token": p.ms_per_token, "decode_tokens_per_s": p.decode_tps,
-                      "memory_bytes": p.memory.total, "reason": p.reason,
+                      "memory_bytes": p.memory.total,
+                      "reason": "; ".join(filter(None, (p.reason, r.note))),
                       "same_figures": [] if show_all else rk.same.get(r.plan, [])})
     cols = [Col("plan", "plan"), Col("status", "status", left=True),
             Col("prefill tok/s", "prefill_tokens_per_s", count),
@@ -301,18 +441,32 @@ def plan_parts(rk: Ranking, top: int | None = None, show_all: bool = False) -> l
     if not show_all:
         cols.append(Col("same figures", "same_figures", ", ".join, 4, wrap=True))
     n_valid = sum(r.valid for r in rk.rows)
+    n_priced = sum(r.priced for r in rk.rows)
     n_fit = sum(r.fits for r in rk.rows)
-    repeats = n_valid - len(rk.shown)
-    notes = [f"{len(rk.rows)} candidates: {n_valid} valid, {n_fit} fit in memory"
-             + (f"; {len(rows)} shown" if len(rows) < n_valid else "")
-             + (f" ({repeats} repeat the figures of a plan shown: --all lists them)"
-                if repeats and not show_all else "")]
-    invalid = rk.invalid
+    repeats = sum(len(v) for v in rk.same.values())
+    counts = n_priced - len(rk.shown) - repeats
+    hidden = [f"{repeats} repeat the figures of a plan shown"] if repeats else []
+    hidden += [f"{counts} are micro-batch counts of a plan shown that do not fit where "
+               f"another does, or need more memory where none does"] if counts else []
+    notes = [f"{len(rk.rows)} candidates: {n_valid} valid, {n_priced} priced, {n_fit} fit in "
+             f"memory" + (f"; {len(rows)} shown" if len(rows) < n_priced else "")
+             + (f" ({'; '.join(hidden)}: --all lists them)" if hidden and not show_all else "")]
+    unpriced, invalid = rk.unpriced, rk.invalid
+    if unpriced and not show_all:
+        notes.append(f"{len(unpriced)} valid but not priced by the cost model (--all lists "
+                     f"each):")
+        notes += _summary(unpriced, "unpriced")
     if invalid and not show_all:
         notes.append(f"{len(invalid)} invalid on {plural(rk.ranks, 'rank')} (--all lists "
                      f"each):")
-        notes += _invalid_summary(invalid)
+        notes += _summary(invalid)
     parts: list = [Sheet("plans", title, cols, table, notes)]
+    unpriced = [r for r in rk.rows if r.valid and not r.priced]
+    if unpriced and show_all:
+        parts.append(Sheet("unpriced", "valid, not priced by the cost model",
+                           [Col("plan", "plan"), Col("why", "unpriced", wrap=True)],
+                           [{"plan": r.plan, "unpriced": r.unpriced} for r in unpriced]))
+    invalid = [r for r in rk.rows if not r.valid]
     if invalid and show_all:
         parts.append(Sheet("invalid", f"invalid on {plural(rk.ranks, 'rank')}",
                            [Col("plan", "plan"), Col("why", "error", wrap=True)],

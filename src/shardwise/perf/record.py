@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..model import kernels as model_kernels
 from ..model import reference
@@ -100,10 +101,11 @@ class _Mesh:
 
 
 class _Request:
-    """A request of an asynchronous collective: waiting on it is recorded."""
+    """A request of an asynchronous collective: waiting on it is recorded. It
+    holds the tensors it sends, as a real request does until it completes."""
 
-    def __init__(self, handle: int):
-        self.handle = handle
+    def __init__(self, handle: int, tensors: tuple = ()):
+        self.handle, self.tensors = handle, tensors
 
     def wait(self, *args, **kwargs):
         if _ACTIVE is not None:
@@ -169,7 +171,7 @@ class RecordingComm(Comm):
         _ACTIVE.events.append(Coll("p2p", axis, (), sum(t.nbytes for t, _ in sends), handle,
                                    tuple((p, t.nbytes) for t, p in sends),
                                    tuple((p, t.nbytes) for t, p in recvs)))
-        return [_Request(handle)] * (len(sends) + len(recvs))
+        return [_Request(handle, tuple(t for t, _ in sends))] * (len(sends) + len(recvs))
 
     def _broadcast(self, t, src: int):
         return self._emit("broadcast", None, t.nbytes)
@@ -219,9 +221,11 @@ class _Recorded:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if _ACTIVE is not None:
-                _ACTIVE.events.append(Call("tritons", self.stand_in.name, (
-                    self.stand_in.kernel(grid, *args, **kwargs),)))
+            if _ACTIVE is None:
+                return
+            with _disable_current_modes():  # what the stand-in reads is not the step's
+                kernel = self.stand_in.kernel(grid, *args, **kwargs)
+            _ACTIVE.events.append(Call("tritons", self.stand_in.name, (kernel,)))
 
         return launch
 
@@ -243,6 +247,28 @@ class _LayerList(nn.ModuleList):
         rec.end_loop(len(items) - 1)
 
 
+def _two_alike(items: list, fn) -> list:
+    """``reference.each_alike`` while a plan is recorded: the first item, then
+    the second (while a step is recorded, as the body of a repeat taken for
+    every later one), whose result stands for the rest. A module standing
+    for later layers is noted in ``_STOOD_FOR`` (their weights)."""
+    n, rec = len(items), _ACTIVE
+    if n < 3:
+        return [fn(item) for item in items]
+    first = fn(items[0])
+    if rec is not None:
+        rec.begin_loop()
+    second = fn(items[1])
+    if rec is not None:
+        rec.end_loop(n - 1)
+    if isinstance(second, nn.Module):
+        _STOOD_FOR.append((second, n - 2))
+    return [first] + [second] * (n - 1)
+
+
+_STOOD_FOR: list = []  # (module, further items it stands for) of the plan being built
+
+
 def _same_work(n: int):
     """``reference.same_work`` while a step is recorded: the first iteration,
     as the body of a repeat taken ``n`` times."""
@@ -255,26 +281,39 @@ def _same_work(n: int):
     rec.end_loop(n)
 
 
-def _micro_batches(ranges, fn) -> list:
+def _micro_batches(ranges, fn, alike) -> list:
     """``base.micro_batched`` while a step is recorded: of each run of
-    micro-batches of one size, the first, then the second as the body of a
-    repeat taken for the rest; the skipped ones' outputs are the second's
-    (the same shape)."""
+    micro-batches alike (one size, one ``alike``), the first, then the second
+    as the body of a repeat taken for the rest; the skipped ones' outputs are
+    the second's (the same shape)."""
+    def kind(i: int):
+        return ranges[i][1] - ranges[i][0], None if alike is None else alike[i]
+
     rec, out, i = _ACTIVE, [], 0
     while i < len(ranges):
-        size = ranges[i][1] - ranges[i][0]
-        n = next((j for j in range(i, len(ranges)) if ranges[j][1] - ranges[j][0] != size),
-                 len(ranges)) - i
-        out.append(fn(*ranges[i]))
+        n = next((j for j in range(i, len(ranges)) if kind(j) != kind(i)), len(ranges)) - i
+        out.append(fn(i, *ranges[i]))
         if n >= 3 and rec is not None:
             rec.begin_loop()
-            y = fn(*ranges[i + 1])
+            y = fn(i + 1, *ranges[i + 1])
             rec.end_loop(n - 1)
-            out += [y] * (n - 1)
+            out += [y, *_held_like(rec, y, n - 2)]
         else:
-            out += [fn(*r) for r in ranges[i + 1:i + n]]
+            out += [fn(j, *ranges[j]) for j in range(i + 1, i + n)]
         i += n
     return out
+
+
+def _held_like(rec: Recorder, y, n: int) -> list:
+    """The outputs of ``n`` micro-batches run as a repeat's iterations and kept
+    by the caller: one tensor shaped like ``y`` in their place, allocated
+    (as all ``n``, for the step's peak) but not recorded as an event."""
+    if not isinstance(y, torch.Tensor) or n <= 0:
+        return [y] * n
+    with _disable_current_modes():
+        held = torch.empty_like(y)
+    rec.track(held, True, n * held.untyped_storage().nbytes())
+    return [held] * n
 
 
 def _layer_lists(model: nn.Module) -> None:
@@ -293,8 +332,9 @@ def _gpu_paths():
     real = torch._C.TensorBase.is_cuda
     saved_hook = model_kernels.LOAD_HOOK
     saved_capturing = torch.cuda.is_current_stream_capturing
-    saved_work, saved_batches = reference.SAME_WORK, parallel_base.RUN_MICRO_BATCHES
-    reference.SAME_WORK, parallel_base.RUN_MICRO_BATCHES = _same_work, _micro_batches
+    saved = reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES
+    reference.SAME_WORK, reference.EACH_ALIKE = _same_work, _two_alike
+    parallel_base.RUN_MICRO_BATCHES = _micro_batches
     torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
     torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
     model_kernels.LOAD_HOOK = lambda module, name, loaded: (TritonShim, _Recorded(name))
@@ -310,7 +350,7 @@ def _gpu_paths():
         hook.remove()
         model_kernels.LOAD_HOOK = saved_hook
         torch.cuda.is_current_stream_capturing = saved_capturing
-        reference.SAME_WORK, parallel_base.RUN_MICRO_BATCHES = saved_work, saved_batches
+        reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES = saved
         if saved_cuda is None:
             del torch.Tensor.is_cuda
         else:
@@ -366,18 +406,22 @@ class RankTrace:
 
 @functools.lru_cache(maxsize=8192)
 def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
-                backend: str = "nccl", balance: float | None = None) -> RankTrace:
+                backend: str = "nccl", balance: float | None = None,
+                phases: tuple = PHASES) -> RankTrace:
     """Rank ``rank`` of ``plan`` on ``world`` ranks, recorded (module docstring),
     or its twin's recording with the ranks renamed (``Strategy.twin``).
     ``backend``: ``nccl`` (a GPU run), ``nccl-plain`` (NCCL without the
     symmetric-memory all-reduce) or ``gloo`` (a CPU run: the same code paths
     as ``nccl-plain``). ``balance``: a measured MoE routing balance
-    (:class:`~shardwise.perf.trace.Routing`)."""
+    (:class:`~shardwise.perf.trace.Routing`). ``phases``: the steps to record
+    (``static`` where the strategy has it; asked alone, the eager step stands
+    in where it has not)."""
     cls, topo = validate_plan(spec, wl, plan, world)
     twin = cls.twin(spec, wl, plan, topo, rank)
     if twin != rank:
-        return renamed(record_rank(spec, wl, plan, world, twin, backend, balance), topo, rank)
-    return record_alone(spec, wl, plan, world, rank, backend, balance)
+        return renamed(record_rank(spec, wl, plan, world, twin, backend, balance, phases),
+                       topo, rank)
+    return record_alone(spec, wl, plan, world, rank, backend, balance, phases)
 
 
 def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
@@ -407,39 +451,49 @@ def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
 
 
 def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
-                 backend: str = "nccl", balance: float | None = None) -> RankTrace:
+                 backend: str = "nccl", balance: float | None = None,
+                 phases: tuple = PHASES) -> RankTrace:
     """Rank ``rank`` recorded on its own (no twin)."""
     cls, topo = validate_plan(spec, wl, plan, world)
     topo.rank, topo.device_type = rank, "cuda"
     topo.mesh = _Mesh(topo)
     dtype = torch_dtype(spec.dtype)
     routing = Routing(balance, world)
+    _STOOD_FOR.clear()
     with torch.inference_mode(), _gpu_paths(), _fast_modules(), _recording(Recorder(memory=False)):
         # built under a recorder too: its ops on meta tensors come from the cache
         comm = RecordingComm(topo, backend == "nccl")
         model = cls(spec, wl, plan, topo, comm, ShardLoader(MetaSource(spec), dtype, "meta"))
+    stood_for = list(_STOOD_FOR)
     _layer_lists(model)
     if spec.vocab_size is None:
         prompt = torch.empty(wl.batch, wl.seq_len, spec.d_model, dtype=dtype, device="meta")
     else:
         prompt = torch.empty(wl.batch, wl.seq_len, dtype=torch.long, device="meta")
     token = prompt[:, :1].clone()
-    steps = {}
+    steps, reads = {}, False
     with torch.inference_mode(), _gpu_paths():
-        runs = [("prefill", prompt, 0), ("decode", token, wl.seq_len)]
-        if model.supports_graphs:
+        static = "static" in phases and model.supports_graphs
+        runs = [("prefill", prompt, 0)] * ("prefill" in phases)
+        if "decode" in phases or ("static" in phases and not static):
+            runs.append(("decode", token, wl.seq_len))
+        if static:
             pos = torch.empty((), dtype=torch.long, device="meta")
             set_shadow(pos, torch.tensor(wl.seq_len))
             runs.append(("static", token, pos))
         for phase, x, at in runs:
             with _recording(Recorder(routing, memory=False)):
                 model.step(x, at)  # warm-up: what a first call makes once
-            with _recording(Recorder(routing)) as rec:
+            with _recording(Recorder(routing, inputs=x)) as rec:
                 model.step(x, at)
             steps[phase] = StepTrace(rec.events, rec.peak)
-    weights = sum(p.nbytes for p in model.parameters())
+            reads |= rec.read_input
+    weights = sum(p.nbytes for p in model.parameters()) + sum(
+        n * sum(p.nbytes for p in m.parameters()) for m, n in stood_for)
     kv = sum(c.nbytes() for c in getattr(model, "caches", []))
-    inputs = prompt.nbytes + token.nbytes
+    # The prompt and the new token where the rank's steps read them (a
+    # pipeline's first stage), as a run hands them over.
+    inputs = (prompt.nbytes + token.nbytes) * reads
     return RankTrace(rank, steps, weights, kv, inputs, comm.symmetric_bytes, _facts(model))
 
 
@@ -474,7 +528,9 @@ def _fast_modules():
 
 
 def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,
-                backend: str = "nccl", balance: float | None = None) -> list[RankTrace]:
+                backend: str = "nccl", balance: float | None = None,
+                phases: tuple = PHASES) -> list[RankTrace]:
     """Every rank of ``plan``, recorded."""
-    return [record_rank(spec, wl, plan, world, r, backend, balance) for r in range(world)]
+    return [record_rank(spec, wl, plan, world, r, backend, balance, phases)
+            for r in range(world)]
 

@@ -92,9 +92,9 @@ class _Segment:
         seg = _Segment()
         issued = []  # (host time when issued, device time)
         for c in calls:
-            host, times = costs.call(c)
+            host, times, kind = costs.call(c)
             seg.host += host
-            seg.calls[c.host] = seg.calls.get(c.host, 0) + 1
+            seg.calls[kind] = seg.calls.get(kind, 0) + 1
             if times:
                 issued.append((seg.host, sum(times)))
                 for k, dt in zip(c.kernels, times):

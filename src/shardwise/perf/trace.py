@@ -38,12 +38,14 @@ from .lowering import (_SDPA, _nbytes, _storage, _tensors, classify_op, lower, n
 class Routing:
     """Top-k choices for a router whose scores the recorder cannot know: the
     token-expert slots of a call spread evenly over the experts (any run of
-    slots, a chunk's or a rank's, gives each expert its share within a few),
-    as uniform routing of many tokens does. Slot i takes the expert whose
-    share holds the golden-ratio point frac(i phi + offset), the offset moving
-    per call (every rank draws the same). With ``balance`` (the busiest of
-    ``groups`` equal groups of experts over the mean, as a run measured it)
-    the first group's share is that much larger."""
+    slots, a chunk's or a rank's, gives each expert its share within one or
+    a few), as uniform routing of many tokens does; every rank draws the
+    same. Uniform: slot i takes expert (i + offset) mod E, the offset moving
+    per call (a token's k picks are distinct, and every call of a size gives
+    the experts the same counts). With ``balance`` (the busiest of ``groups``
+    equal groups of experts over the mean, as a run measured it) the first
+    group's share is that much larger: slot i takes the expert whose share
+    holds the golden-ratio point frac(i phi + offset)."""
 
     balance: float | None = None
     groups: int = 1
@@ -53,6 +55,8 @@ class Routing:
 
     def draw(self, rows: int, experts: int, k: int) -> torch.Tensor:
         self.calls += 1
+        if not (self.balance and self.groups > 1):
+            return ((torch.arange(rows * k) + self.calls) % experts).view(rows, k)
         shares = torch.ones(experts, dtype=torch.float64)
         size = experts // max(self.groups, 1)
         if self.balance and self.groups > 1 and size and self.balance * size < experts:
@@ -132,15 +136,18 @@ class Recorder(TorchDispatchMode):
     """Records every call of the code into :attr:`events` while active;
     ``events`` also takes :class:`Coll` and :class:`Wait` from the recording
     Comm and :class:`Repeat` from layer loops (:mod:`.record`). ``peak``: the
-    most bytes the step's own tensors held at once."""
+    most bytes the step's own tensors held at once; ``read_input``: whether
+    the step read ``inputs``."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False  # nothing here is compiled: no per-op wrapper to disable it
 
-    def __init__(self, routing: Routing | None = None, memory: bool = True):
+    def __init__(self, routing: Routing | None = None, memory: bool = True, inputs=None):
         super().__init__()
         self.routing, self.memory = routing or Routing(), memory
+        # the step's input: whether an op of the step reads it (``read_input``)
+        self.inputs, self.read_input = inputs, False
         self.events: list = []
         self._stack: list = []
         self.handles = 0
@@ -162,7 +169,9 @@ class Recorder(TorchDispatchMode):
         return self.handles
 
     # -- memory -------------------------------------------------------------
-    def _track(self, t: torch.Tensor, new: bool) -> None:
+    def track(self, t: torch.Tensor, new: bool, nbytes: int | None = None) -> None:
+        """Follow ``t`` (``new``: made by the step) until it is freed; ``nbytes``:
+        the bytes it stands for, if not its storage's."""
         if not self.memory:
             return
         key = _storage(t)
@@ -170,7 +179,8 @@ class Recorder(TorchDispatchMode):
         if entry is None:
             if not new:
                 return  # a view of a tensor made before the step (weights, caches)
-            entry = self._storages[key] = [0, t.untyped_storage().nbytes()]
+            size = t.untyped_storage().nbytes() if nbytes is None else nbytes
+            entry = self._storages[key] = [0, size]
             self.live += entry[1]
             self.peak = max(self.peak, self.live)
         entry[0] += 1
@@ -190,6 +200,8 @@ class Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         key, ins = _scan(func, args, kwargs)
+        if not self.read_input and any(t is self.inputs for t in ins):
+            self.read_input = True
         factory = "device" in kwargs and _meta_factory(kwargs)
         if not factory and not any(t.is_meta for t in ins):
             return self._host_op(func, args, kwargs)  # a table on the host: CPU work
@@ -220,12 +232,12 @@ class Recorder(TorchDispatchMode):
         self.events.append(call)
         if self.memory:
             for t in new:
-                self._track(t, True)
+                self.track(t, True)
             if hit.view:
                 for t in _outs(out, hit):
-                    self._track(t, False)
-        if factory or _SHADOWS and any("_shadow" in t.__dict__ for t in ins):
-            _shadow_op(func, args, kwargs, out)
+                    self.track(t, False)
+        if factory or _SHADOWS[0] and any("_shadow" in t.__dict__ for t in ins):
+            _shadow_op(func, args, kwargs, out, ins)
         return out
 
     def _host_op(self, func, args, kwargs):
@@ -248,7 +260,7 @@ class Recorder(TorchDispatchMode):
         for m, r in zip(tree_flatten(out)[0], tree_flatten(real)[0]):
             if isinstance(m, torch.Tensor):
                 set_shadow(m, r)
-                self._track(m, True)
+                self.track(m, True)
         return out
 
     def _route(self, func, args, kwargs):
@@ -258,7 +270,7 @@ class Recorder(TorchDispatchMode):
         idx = self.routing.draw(math.prod(scores.shape[:-1]), scores.shape[-1], k)
         set_shadow(out[1], idx.view(out[1].shape))
         for t in out:
-            self._track(t, True)
+            self.track(t, True)
         return out
 
 
@@ -294,13 +306,22 @@ def _on_cpu(x, what: str):
     return tree_map(cpu, x)
 
 
-def _shadow_op(func, args, kwargs, out) -> None:
+def _flat(out) -> list:
+    """The tensors an op returned (a tensor, or a tuple or list of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)] if isinstance(out, (tuple, list)) \
+        else []
+
+
+def _shadow_op(func, args, kwargs, out, ins: list) -> None:
     """Give ``out``'s small integer tensors their values, computed on CPU from
-    the inputs' shadows (in place for an op that writes its input)."""
-    outs = [t for t in _tensors(out) if t.is_meta]
-    if not any(t.dtype in _INTEGRAL and t.numel() <= SHADOW_MAX for t in outs):
+    the inputs' shadows (in place for an op that writes its input); ``ins``:
+    the op's tensor arguments."""
+    if not any(t.is_meta and t.dtype in _INTEGRAL and t.numel() <= SHADOW_MAX
+               for t in _flat(out)):
         return
-    if any(_is_meta(t) and _shadow(t) is None for t in tree_flatten((args, kwargs))[0]):
+    if any(t.is_meta and "_shadow" not in t.__dict__ for t in ins):
         return  # computed from a value not known here
     name = func.overloadpacket.__name__
     real = func(*_on_cpu(args, name), **_on_cpu(kwargs, name))

@@ -184,8 +184,28 @@ class Flash(StandIn):
                       ("wide", B, H, T, S, d, bool(CAUSAL), False), _dtype(Q))
 
 
+class ExpertRows(StandIn):
+    """:func:`shardwise.model.kernels.expert_rows`: each routed row through
+    its own expert (a grouped GEMV), reading only the routed experts'
+    weights: a GEMM-class kernel of the rows whose expert is held (all of
+    them where the routing is not known)."""
+
+    def run(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, **kw):
+        from ..model.kernels import _expert_rows_torch
+
+        Y.copy_(_expert_rows_torch(X, W, E, first, PER))
+
+    def kernel(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, **kw):
+        picks = E.__dict__.get("_shadow")  # the routing, where the recorder holds it
+        rows = E.numel() if picks is None else int(((picks >= first)
+                                                    & (picks < first + held)).sum())
+        moved = rows * O * I * W.element_size() + _nbytes(X) + _nbytes(Y)
+        return Kernel("gemm", 2.0 * rows * O * I, float(moved), (rows, 1, I, O), _dtype(X))
+
+
 STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel": SwiGLU,
-             "rotary_kernel": Rotary, "flash_fwd_kernel": Flash}
+             "rotary_kernel": Rotary, "flash_fwd_kernel": Flash,
+             "expert_rows_kernel": ExpertRows}
 
 
 def stand_in(name: str) -> StandIn:
