@@ -114,7 +114,7 @@ def _calls(rank: dict, phase: str) -> dict:
 
 def _two_groups(spec: ModelSpec) -> str:
     """The layerwise plan whose partition is two equal groups on two ranks."""
-    from shardwise.perf.partition import PartitionError, layer_costs, partition
+    from shardwise.parallel.partition import PartitionError, layer_costs, partition
 
     L, half = spec.n_layers, spec.n_layers // 2
     costs = layer_costs(spec, WORKLOAD, WORKLOAD.batch)

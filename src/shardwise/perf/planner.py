@@ -26,7 +26,8 @@ from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, resolve_capacity
-from .partition import PartitionError
+from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
+                                  partition, per_replica)
 
 # Micro-batch counts tried for every plan that takes them (more where none fits).
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -480,3 +481,69 @@ def plan_command(ref, cluster: str = "h100-sxm-16", batch: int | None = None,
     """``shardwise plan --model M [--cluster C --batch B --seq T --phase prefill|decode|both
     --top N --ranks R]``: every plan, ranked, as a table."""
     return render(plan_parts(ranking(ref, cluster, batch, seq, phase, ranks), top))
+
+
+# -- shardwise partition ------------------------------------------------------------
+
+def partition_parts(ref, capacity: str, ranks: int, batch: int | None = None,
+                    seq: int | None = None, micro_batches: int = 1,
+                    cluster: str | None = None) -> list:
+    """``shardwise partition --model M --capacity C --ranks R [--batch B --seq T
+    --cluster C]``: the groups for the model ``ref`` (a models.ModelRef)
+    names and its serving workload (the seed's for a preset; ``batch`` and
+    ``seq`` override it), L2 and HBM read from ``cluster``'s profile. Raises
+    ShardwiseError when nothing fits."""
+    from ..models import as_ref
+
+    ref = as_ref(ref)
+    serve = ref.serve_workload
+    workload = serve.replace(batch=serve.batch if batch is None else batch,
+                             seq_len=serve.seq_len if seq is None else seq)
+    cl = None
+    if cluster is not None and _NAMED.fullmatch(capacity.strip()):
+        cl = load_cluster(cluster)
+    part = partition(ref.spec, workload, parse_capacity(capacity, cl), ranks, micro_batches,
+                     ranks_flag="--ranks", capacity_flag="--capacity ")
+    return partition_sheets(part, ref.spec, workload,
+                            f"{capacity} of {cl.name}" if cl is not None else None)
+
+
+def partition_sheets(part: Partition, spec: ModelSpec, workload: Workload,
+                     source: str | None = None) -> list:
+    """The groups of a partition: layers, bytes, predicted time."""
+    from ..output import Col, Sheet, nbytes, num
+
+    cap = fmt_bytes(part.capacity) + (f" ({source})" if source else "")
+    head = (f"{spec.name}: {spec.n_layers} layers, batch {workload.batch}, seq "
+            f"{workload.seq_len}, capacity {cap} per device, {plural(part.ranks, 'rank')}\n"
+            f"-> {plural(len(part.groups), 'group')} x {plural(part.replicas, 'replica')} = "
+            f"{plural(part.ranks_used, 'rank')}"
+            + (f" ({part.idle_ranks} idle)" if part.idle_ranks else ""))
+    rows = [{"group": n, "first_layer": g.layers.start, "last_layer": g.layers.stop - 1,
+             "weight_bytes": g.weight_bytes, "kv_bytes": g.kv_bytes,
+             "work_bytes": g.work_bytes, "total_bytes": g.total_bytes,
+             "time_ms": 1e3 * g.time_s} for n, g in enumerate(part.groups)]
+    sheet = Sheet("groups", "", [
+        Col("group", "group"),
+        Col("layers", "first_layer", row_text=lambda r: f"{r['first_layer']}-{r['last_layer']}"),
+        Col("weights", "weight_bytes", nbytes, 1), Col("KV cache", "kv_bytes", nbytes, 1),
+        Col("working", "work_bytes", nbytes, 2), Col("total", "total_bytes", nbytes),
+        Col("time (ms)", "time_ms", lambda v: num(v, 4))], rows,
+        [f"bottleneck {1e3 * part.bottleneck_s:.4g} ms: the slowest group on its replica's "
+         f"{plural(per_replica(workload.batch, part.replicas), 'sequence')} "
+         f"(prefill + decode steps)"])
+    return [head, sheet]
+
+
+def format_partition(part: Partition, spec: ModelSpec, workload: Workload) -> str:
+    """:func:`partition_sheets` as a table."""
+    from ..output import render
+
+    return render(partition_sheets(part, spec, workload))
+
+
+def partition_command(*args, **kwargs) -> str:
+    """:func:`partition_parts` as a table."""
+    from ..output import render
+
+    return render(partition_parts(*args, **kwargs))

@@ -349,7 +349,7 @@ def record_layout(r: dict, spec: ModelSpec, wl: Workload, plan: Plan, world: int
     rep = r.get("report") or {}
     if plan.strategy != "layerwise" or not rep.get("groups") or not rep.get("replicas"):
         return None
-    from .partition import parse_capacity, partition_at
+    from ..parallel.partition import parse_capacity, partition_at
 
     cuts = [g[0] for g in rep["groups"]] + [rep["groups"][-1][1]]
     return partition_at(spec, wl, cuts, int(rep["replicas"]), world,
