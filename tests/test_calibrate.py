@@ -5,7 +5,8 @@ import json
 import pytest
 
 from shardwise.perf.calibrate import calibrate, link_profile
-from shardwise.perf.clusters import COLLECTIVES, load_cluster
+from shardwise.perf.clusters import load_cluster
+from shardwise.perf.links import COLLECTIVES
 from shardwise.perf.costmodel import predict
 from shardwise.presets import get_preset
 from shardwise.spec import ShardwiseError
@@ -125,7 +126,7 @@ def test_the_layer_probe_steps_at_an_int_and_at_a_device_tensor_position():
     # takes its position as a device tensor there, and runs on CPU too.
     import torch
 
-    from shardwise.perf.hostcost import probe_stack, probe_spec
+    from shardwise.runtime.hostprobe import probe_stack, probe_spec
 
     cpu = torch.device("cpu")
     (eager, n), (static, m) = probe_stack(cpu, 2), probe_stack(cpu, 2, static=True)
@@ -142,9 +143,9 @@ def test_decode_kernel_probes_run_each_kind_at_each_width(monkeypatch):
     # its kernel.
     import torch
 
-    from shardwise.perf import calibrate
+    from shardwise.perf import graphcost
 
-    monkeypatch.setattr(calibrate, "DECODE_PROBE_WIDTHS", (64, 128))
+    monkeypatch.setattr(graphcost, "DECODE_PROBE_WIDTHS", (64, 128))
     calls = []
 
     def replay_once(body, n):
@@ -152,7 +153,7 @@ def test_decode_kernel_probes_run_each_kind_at_each_width(monkeypatch):
         calls.append(n)
         return float(len(calls))
 
-    out = calibrate.decode_kernel_costs(torch.device("cpu"), replay_once)
+    out = graphcost.decode_kernel_costs(torch.device("cpu"), replay_once)
     assert set(out) == {"norm", "cache_write", "gemm", "layer"}
     assert set(out["norm"]) == set(out["cache_write"]) == set(out["layer"]) == {64, 128}
     assert set(out["gemm"]) == {"64x192", "64x64", "64x256", "256x64",

@@ -5,7 +5,8 @@ recorder counts is held to real runs in test_trace.py; the schedule and the
 per-event costs on hand-made events in test_schedule.py.)"""
 import pytest
 
-from shardwise.perf.clusters import Cluster, LinkCost, bus_factor, load_cluster
+from shardwise.perf.clusters import Cluster, load_cluster
+from shardwise.perf.links import LinkCost, bus_factor
 from shardwise.perf.costmodel import predict
 from shardwise.perf.record import record_rank
 from shardwise.perf.reproduce import (fidelity_summary, measured_balance,

@@ -23,68 +23,23 @@ launcher's: global rank r sits on node r // gpus_per_node.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import os
-import statistics
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 
 from ..spec import ShardwiseError
+from .interp import grid_rate, log_interp, piecewise
+from .links import COLLECTIVES, LinkCost, bus_factor
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 _DTYPE_KEYS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-LINKS = ("nvlink", "ib")
-
-
-def bus_factor(op: str, n: int) -> float:
-    """Bytes each rank moves per payload byte (nccl-tests' bus bandwidth factor)."""
-    if op == "p2p":
-        return 1.0
-    if n <= 1:
-        return 0.0
-    if op == "all_reduce":
-        return 2 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "all_to_all"):
-        return (n - 1) / n
-    raise ShardwiseError(f"unknown collective {op!r}; one of {', '.join(COLLECTIVES)}")
 
 
 def _seconds(us: float | None, otherwise_s: float) -> float:
     """A profile figure in microseconds as seconds, or ``otherwise_s`` without one."""
     return 1e-6 * us if us is not None else otherwise_s
-
-
-@dataclass(frozen=True)
-class LinkCost:
-    """One collective on one link: ``latency_us`` and bus bandwidth in GB/s,
-    either one figure or a table ``[[bytes, GB/s], ...]`` interpolated
-    linearly in log(bytes) and held flat past either end."""
-
-    latency_us: float
-    busbw_gbps: float | None = None
-    table: tuple[tuple[float, float], ...] = ()
-
-    def busbw(self, nbytes: float) -> float:
-        """Bus bandwidth in bytes/s for a message of ``nbytes``."""
-        if not self.table:
-            return self.busbw_gbps * 1e9
-        sizes = [s for s, _ in self.table]
-        if nbytes <= sizes[0]:
-            return self.table[0][1] * 1e9
-        if nbytes >= sizes[-1]:
-            return self.table[-1][1] * 1e9
-        i = bisect.bisect_right(sizes, nbytes)
-        (s0, b0), (s1, b1) = self.table[i - 1], self.table[i]
-        w = (math.log(nbytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
-        return (b0 + w * (b1 - b0)) * 1e9
-
-    def time(self, op: str, nbytes: float, n: int) -> float:
-        if nbytes <= 0 or (op != "p2p" and n <= 1):
-            return 0.0
-        return self.latency_us * 1e-6 + bus_factor(op, n) * nbytes / self.busbw(nbytes)
 
 
 @dataclass(frozen=True)
@@ -282,10 +237,10 @@ class Cluster:
 
         def at(kk: int) -> float:
             pts = sorted(by_k[kk])
-            return _piecewise(pts, nbytes, self.stream_rate, floor)
+            return piecewise(pts, nbytes, self.stream_rate, floor)
 
         ks = sorted(by_k)
-        return _log_interp([(kk, at(kk)) for kk in ks], k)
+        return log_interp([(kk, at(kk)) for kk in ks], k)
 
     def decode_norm_s(self, d: int) -> float | None:
         """GPU seconds of the fused add + norm over rows of width ``d`` in a CUDA
@@ -294,7 +249,7 @@ class Cluster:
         table = self.decode_kernels_us.get("norm")
         if not table:
             return None
-        return _log_interp(sorted((int(w), 1e-6 * us) for w, us in table.items()), d)
+        return log_interp(sorted((int(w), 1e-6 * us) for w, us in table.items()), d)
 
     def decode_cache_write_s(self, nbytes: float) -> float | None:
         """GPU seconds of a decode step's packed K/V cache write of ``nbytes``
@@ -304,7 +259,7 @@ class Cluster:
         table = self.decode_kernels_us.get("cache_write")
         if not table:
             return None
-        return _log_interp(sorted((64 * int(w), 1e-6 * us) for w, us in table.items()),
+        return log_interp(sorted((64 * int(w), 1e-6 * us) for w, us in table.items()),
                            nbytes)
 
     @property
@@ -407,7 +362,7 @@ class Cluster:
         key = _DTYPE_KEYS.get(dtype, dtype)
         grid = self.gemm_grid.get(key)
         if grid and k > 0 and n > 0:
-            return _grid_rate(grid, m or grid["m"][-1], k, n) * 1e12
+            return grid_rate(grid, m or grid["m"][-1], k, n) * 1e12
         shapes = self.matmul_shapes.get(key)
         if not shapes or k <= 0 or n <= 0:
             return self.matmul_rate(dtype)
@@ -552,69 +507,6 @@ class Cluster:
                     problems.append(f"link {name} {op}: bandwidths must be > 0")
         if problems:
             raise ShardwiseError(f"cluster profile {self.name!r}: " + "; ".join(problems))
-
-
-def _piecewise(pts: list[tuple[float, float]], x: float, rate: float, floor: float) -> float:
-    """Time at ``x`` bytes from ``(bytes, seconds)`` points sorted by bytes:
-    linear between them; outside, the nearest point's time moved by the
-    bytes' difference at ``rate``, never below ``floor``."""
-    if x <= pts[0][0]:
-        return max(floor, pts[0][1] - (pts[0][0] - x) / rate)
-    if x >= pts[-1][0]:
-        return pts[-1][1] + (x - pts[-1][0]) / rate
-    for (x0, t0), (x1, t1) in zip(pts, pts[1:]):
-        if x <= x1:
-            return t0 + (t1 - t0) * (x - x0) / (x1 - x0) if x1 > x0 else t1
-    return pts[-1][1]
-
-
-def _log_interp(pts: list[tuple[float, float]], x: float) -> float:
-    """``(x, y)`` points sorted by x: linear in log x between them, the
-    nearest's y beyond them."""
-    if x <= pts[0][0]:
-        return pts[0][1]
-    if x >= pts[-1][0]:
-        return pts[-1][1]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x <= x1:
-            f = math.log(x / x0) / math.log(x1 / x0)
-            return y0 + (y1 - y0) * f
-    return pts[-1][1]
-
-
-def _bracket(axis: list, x: float) -> tuple[int, int, float]:
-    """(i, j, weight of j) of ``x`` between grid points, in log x, held at the ends."""
-    if x <= axis[0]:
-        return 0, 0, 0.0
-    if x >= axis[-1]:
-        return len(axis) - 1, len(axis) - 1, 0.0
-    j = bisect.bisect_right(axis, x)
-    i = j - 1
-    return i, j, math.log(x / axis[i]) / math.log(axis[j] / axis[i])
-
-
-def _grid_rate(grid: dict, m: float, k: float, n: float) -> float:
-    """TFLOP/s at (m, k, n), trilinear in the logarithms over the grid's
-    corners (a corner not timed takes the mean of those that were)."""
-    (m0, m1, wm), (k0, k1, wk), (n0, n1, wn) = (
-        _bracket(grid[a], x) for a, x in (("m", m), ("k", k), ("n", n)))
-    t = grid["tflops"]
-    total = weight = 0.0
-    for i, a in ((m0, 1 - wm), (m1, wm)):
-        for j, b in ((k0, 1 - wk), (k1, wk)):
-            for q, c in ((n0, 1 - wn), (n1, wn)):
-                v = t[i][j][q]
-                if v is not None and a * b * c > 0:
-                    total += a * b * c * v
-                    weight += a * b * c
-    if weight == 0:  # the point itself untimed: the mean of its nearest timed ones
-        i0, j0, q0 = (m0 if wm < 0.5 else m1), (k0 if wk < 0.5 else k1), (n0 if wn < 0.5 else n1)
-        known = [(abs(i - i0) + abs(j - j0) + abs(q - q0), t[i][j][q])
-                 for i in range(len(t)) for j in range(len(t[i])) for q in range(len(t[i][j]))
-                 if t[i][j][q] is not None]
-        near = min(d for d, _ in known)
-        return statistics.mean(v for d, v in known if d == near)
-    return total / weight
 
 
 def _opt(d: dict, key: str) -> float | None:

@@ -1,125 +1,15 @@
-"""Timing on the machine at hand, and the host side of eager work.
-
-The timers every probe of :mod:`.calibrate` uses, and what the host spends on
-eager calls: per call of each kind (:func:`host_costs`), an eager decode step
-of a tiny reference stack (:func:`launch_cost_us`: the layer probe, timed back
-to back and as ``shardwise bench`` times a step), and the probe a benchmark
-runs beside its measurements to know the host's speed then
-(:func:`host_probe_us`).
+"""The host side of eager work, as calibrate measures it: per call of each
+kind (:func:`host_costs`), and an eager decode step of the layer probe
+(:mod:`shardwise.runtime.hostprobe`: :func:`launch_cost_us`, timed back to
+back and as ``shardwise bench`` times a step), each rank's figures gathered
+and the slowest kept (:func:`slowest_rank`).
 """
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 
-# -- timing --------------------------------------------------------------------------
-
-def device_timer(device, fn, iters: int, warmup: int, before=None) -> float:
-    """Mean seconds of ``fn()`` over ``iters`` calls after ``warmup``."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    if before is not None:
-        before()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e-3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
-
-
-def _host_timer(device, fn, iters: int, warmup: int) -> float:
-    """Mean host seconds of ``fn()`` over ``iters`` calls issued back to back:
-    the wall time of the calls themselves, the device synchronised before and
-    after but not in between (tiny work, so the device keeps up)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return t / iters
-
-
-# The probe stack's decode step: one token of one sequence at this position,
-# over a cache of PROBE_CACHE positions.
-PROBE_POS, PROBE_CACHE = 8, 16
-
-
-def probe_spec(layers: int = 8, dtype: str = "bf16"):
-    """The layer probe's model: tiny layers, so that every kernel's time is
-    its launch's (the cost model predicts the same stack from a profile)."""
-    from ..spec import ModelSpec
-
-    return ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
-                     d_ff=128, dtype=dtype, activation="gelu_tanh")
-
-
-@functools.lru_cache(maxsize=4)
-def probe_stack(device, layers: int = 8, static: bool = False):
-    """(one eager decode step of the probe stack, its layers): tiny layers in
-    the precision and activation the GPU benchmarks run (bf16 with the tanh
-    GELU: the fused norms and GEMM epilogue; fp32 on CPU). Built once per
-    device: bench times it again before every measurement. ``static``: the
-    step at a device-tensor position, as bench captures decode steps."""
-    import torch
-
-    from ..model.reference import Transformer, one_step
-    from ..spec import torch_dtype
-
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    spec = probe_spec(layers, dtype)
-    model = Transformer(spec).to(device, torch_dtype(dtype))
-    caches = model.allocate_caches(1, PROBE_CACHE)
-    x = torch.zeros(1, 1, spec.d_model, device=device, dtype=torch_dtype(dtype))
-    # A device-tensor position: the static-shape step a CUDA graph replays.
-    pos = torch.tensor(PROBE_POS, device=device) if static else PROBE_POS
-
-    def step():
-        with one_step():
-            model(x, caches, pos)
-
-    return step, layers
-
-
-def host_probe_us(device, iters: int = 50) -> float:
-    """The layer probe now: host time of one probe layer in us, its steps run
-    back to back (as calibrate's ``layer_probe_us``). Benchmarks record it
-    beside each eager measurement, since the host's speed drifts within a
-    run; the cost model's host scale then uses the host as the run found it."""
-    import torch
-
-    with torch.inference_mode():
-        step, layers = probe_stack(device)
-        return 1e6 * device_timer(device, step, iters, 5) / layers
-
-
-def host_probe_step_us(device) -> float:
-    """A few steps of the layer probe back to back (as ``layer_probe_us``, so
-    the two compare): host time of one probe layer in us. Bench runs this
-    after each timed eager step, so that the host's speed is measured while
-    the steps run, not only before them."""
-    import torch
-
-    with torch.inference_mode():
-        step, layers = probe_stack(device)
-        return 1e6 * device_timer(device, step, 3, 1) / layers
+from ..runtime.hostprobe import device_timer, host_timer, probe_stack
 
 
 def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
@@ -208,7 +98,7 @@ def host_costs(device, comm, quick: bool) -> dict:
                  lambda: torch.cat([x, x])]
     metas = [lambda: x.view(-1), lambda: x.transpose(0, 1), lambda: x[1:],
              lambda: x.reshape(4, 128), lambda: torch.empty_like(x)]
-    op = statistics.mean(_host_timer(device, f, iters, warm) for f in launching)
+    op = statistics.mean(host_timer(device, f, iters, warm) for f in launching)
     # The kinds whose calls cost the host more (cuBLASLt's heuristics and
     # workspace, SDPA's backend choice and cuDNN's plan cache), in the
     # precision a GPU runs (bf16; fp32 on CPU), as the reference calls them.
@@ -218,19 +108,19 @@ def host_costs(device, comm, quick: bool) -> dict:
     xh, wh = x.to(half), w.to(half)
     q, kv = torch.randn(1, 4, 16, 16, device=device, dtype=half), torch.randn(
         1, 4, 17, 16, device=device, dtype=half)
-    gemm = _host_timer(device, lambda: Fn.linear(xh, wh), iters, warm)
+    gemm = host_timer(device, lambda: Fn.linear(xh, wh), iters, warm)
     from ..model.kernels import add_norm
 
     ln = torch.nn.LayerNorm(64, device=device, dtype=half)
-    norm = _host_timer(device, lambda: add_norm(ln, xh, xh), iters, warm)
-    attn_prefill = _host_timer(device, lambda: causal_attention(q, q, q, 0), iters, warm)
-    attn_decode = _host_timer(device, lambda: causal_attention(q[:, :, :1], kv, kv, 16),
+    norm = host_timer(device, lambda: add_norm(ln, xh, xh), iters, warm)
+    attn_prefill = host_timer(device, lambda: causal_attention(q, q, q, 0), iters, warm)
+    attn_decode = host_timer(device, lambda: causal_attention(q[:, :, :1], kv, kv, 16),
                               iters, warm)
-    view = statistics.mean(_host_timer(device, f, iters, warm) for f in metas)
+    view = statistics.mean(host_timer(device, f, iters, warm) for f in metas)
     ident = torch.nn.Identity()
     bare = lambda t: t  # noqa: E731
-    module = max(0.0, _host_timer(device, lambda: ident(x), iters, warm)
-                 - _host_timer(device, lambda: bare(x), iters, warm))
+    module = max(0.0, host_timer(device, lambda: ident(x), iters, warm)
+                 - host_timer(device, lambda: bare(x), iters, warm))
     t = torch.zeros((), device=device)
     sync = _timer_each(device, t.item, iters // 10 or 5)
     out = {"op_us": op, "view_us": view, "module_us": module, "sync_us": sync,
@@ -256,7 +146,7 @@ def host_costs(device, comm, quick: bool) -> dict:
         c_iters = 20 if quick else 200
         for name, fn in ops.items():
             comm.barrier()
-            colls[name] = 1e6 * _host_timer(device, fn, c_iters, 5)
+            colls[name] = 1e6 * host_timer(device, fn, c_iters, 5)
     return {**{k: 1e6 * v for k, v in out.items()}, "collective_us": colls}
 
 
