@@ -1,5 +1,5 @@
 """Kernels a decode layer launches, per architecture and strategy, counted on
-CPU ranks along the code's GPU branches (shardwise.perf.calibrate's
+CPU ranks along the code's GPU branches (shardwise.perf.counting's
 count_calls with CudaPaths: fused kernels, Triton launches and collectives
 each one call, as on a GPU) for the static decode step a CUDA graph replays
 (and the eager step beside it).
@@ -26,7 +26,8 @@ import json
 import subprocess
 import sys
 
-from shardwise.perf.calibrate import count_calls
+from shardwise.perf.counting import count_calls
+from shardwise.perf.events import CALL_KINDS
 from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, Workload
 
@@ -72,10 +73,12 @@ def main() -> int:
             a, b = res[2 * i], res[2 * i + 1]
             row = {"arch": arch, "plan": plan, "ranks": nproc}
             for phase in ("static", "decode"):  # each rank holds one layer more in b
+                pairs = [(_calls(ra, phase), _calls(rb, phase)) for ra, rb in zip(a, b)]
                 row[f"{phase}_kernels_per_layer"] = max(
-                    rb["kernels"] - ra["kernels"] for ra, rb in zip(a[phase], b[phase]))
+                    cb["kernels"] + cb["tritons"] - ca["kernels"] - ca["tritons"]
+                    for ca, cb in pairs)
                 row[f"{phase}_collectives_per_layer"] = max(
-                    sum(rb[k] - ra[k] for k in COLLECTIVES) for ra, rb in zip(a[phase], b[phase]))
+                    sum(cb[k] - ca[k] for k in COLLECTIVES) for ca, cb in pairs)
             rows.append(row)
             print(json.dumps(row), flush=True)
     rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
@@ -103,9 +106,15 @@ def main() -> int:
     return 0
 
 
+def _calls(rank: dict, phase: str) -> dict:
+    """A rank's host calls of ``phase`` by kind (none where the strategy has no
+    static step)."""
+    return rank[phase]["calls"] if phase in rank else dict.fromkeys(CALL_KINDS, 0)
+
+
 def _two_groups(spec: ModelSpec) -> str:
     """The layerwise plan whose partition is two equal groups on two ranks."""
-    from shardwise.perf.partition import PartitionError, layer_costs, partition
+    from shardwise.parallel.partition import PartitionError, layer_costs, partition
 
     L, half = spec.n_layers, spec.n_layers // 2
     costs = layer_costs(spec, WORKLOAD, WORKLOAD.batch)

@@ -5,9 +5,11 @@ import json
 import pytest
 
 from shardwise.perf.calibrate import calibrate, link_profile
-from shardwise.perf.clusters import COLLECTIVES, load_cluster
+from shardwise.perf.clusters import load_cluster
+from shardwise.perf.links import COLLECTIVES
 from shardwise.perf.costmodel import predict
 from shardwise.presets import get_preset
+from shardwise.spec import ShardwiseError
 
 
 def test_link_profile_recovers_alpha_and_beta():
@@ -30,6 +32,13 @@ def test_calibrate_on_cpu_writes_a_profile_the_cost_model_loads(tmp_path):
     assert profile["gpus_per_node"] == 2 and profile["nodes"] == 1
     cl = load_cluster(str(out))
     assert cl.matmul_rate("fp32") > 0 and cl.hbm_rate > 0 and cl.launch_us > 0
+    # The GEMM grid (quick: 2 x 2 x 2 shapes), which the cost model reads.
+    from shardwise.perf.calibrate import QUICK_GRID
+
+    grid = profile["gemm_grid"]["fp32"]
+    assert {a: tuple(grid[a]) for a in "mkn"} == QUICK_GRID
+    assert all(v > 0 for plane in grid["tflops"] for row in plane for v in row)
+    assert cl.gemm_rate("float32", 64, 64, 16) == pytest.approx(grid["tflops"][0][0][0] * 1e12)
     # The host side of eager work, measured on every rank, the slowest kept.
     host = profile["measurements"]["host_per_rank"]
     for key in ("op_us", "view_us", "module_us", "sync_us", "launch_us", "step_host_ratio"):
@@ -60,7 +69,7 @@ def test_calibrate_on_cpu_writes_a_profile_the_cost_model_loads(tmp_path):
 def test_the_call_counter_sorts_calls_by_kind():
     import torch
 
-    from shardwise.perf.calibrate import CallCounter, CudaPaths
+    from shardwise.perf.counting import CallCounter, CudaPaths
 
     x = torch.ones(4, 8)
     lin = torch.nn.Linear(8, 8)
@@ -89,11 +98,11 @@ def test_the_call_counter_sorts_calls_by_kind():
 
 
 def test_call_counter_counts_a_real_triton_launch(monkeypatch):
-    # On GPUs the Triton add + norm launches past the dispatcher; the counter
-    # wraps the compiled kernel so each launch is one kernel and one norm, as
-    # CudaPaths' stand-in counts it on CPU. Here a fake kernel stands for it.
+    # On GPUs Triton kernels launch past the dispatcher; the counter wraps every
+    # kernel loaded while it counts, so each launch is one Triton call, as
+    # CudaPaths' CPU stand-ins count on CPU. Here a fake kernel stands for one.
     from shardwise.model import kernels
-    from shardwise.perf.calibrate import CallCounter
+    from shardwise.perf.counting import CallCounter
 
     launched = []
 
@@ -101,13 +110,14 @@ def test_call_counter_counts_a_real_triton_launch(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: launched.append(grid)
 
-    monkeypatch.setattr(kernels, "_triton", ("triton", Fake()))
+    monkeypatch.setitem(kernels._LOADED, ("m", "k"), ("triton", Fake()))
     with CallCounter() as c:
-        kernels._triton[1][(4,)](1, 2)
-        kernels._triton[1][(4,)](1, 2)
+        kernels.triton_kernel("m", "k")[1][(4,)](1, 2)
+        kernels.triton_kernel("m", "k")[1][(4,)](1, 2)
     assert launched == [(4,), (4,)]
-    assert c.counts["norms"] == 2 and c.counts["kernels"] == 2
-    assert isinstance(kernels._triton[1], Fake)  # restored
+    assert c.counts["tritons"] == 2 and c.counts["kernels"] == 0
+    assert isinstance(kernels.triton_kernel("m", "k")[1], Fake)  # restored
+    assert kernels.LOAD_HOOK is None
 
 
 def test_the_layer_probe_steps_at_an_int_and_at_a_device_tensor_position():
@@ -116,10 +126,10 @@ def test_the_layer_probe_steps_at_an_int_and_at_a_device_tensor_position():
     # takes its position as a device tensor there, and runs on CPU too.
     import torch
 
-    from shardwise.perf.calibrate import _probe_stack, probe_spec
+    from shardwise.runtime.hostprobe import probe_stack, probe_spec
 
     cpu = torch.device("cpu")
-    (eager, n), (static, m) = _probe_stack(cpu, 2), _probe_stack(cpu, 2, static=True)
+    (eager, n), (static, m) = probe_stack(cpu, 2), probe_stack(cpu, 2, static=True)
     assert n == m == 2 and probe_spec(2, "fp32").n_layers == 2
     with torch.inference_mode():
         eager()
@@ -133,9 +143,9 @@ def test_decode_kernel_probes_run_each_kind_at_each_width(monkeypatch):
     # its kernel.
     import torch
 
-    from shardwise.perf import calibrate
+    from shardwise.perf import graphcost
 
-    monkeypatch.setattr(calibrate, "DECODE_PROBE_WIDTHS", (64, 128))
+    monkeypatch.setattr(graphcost, "DECODE_PROBE_WIDTHS", (64, 128))
     calls = []
 
     def replay_once(body, n):
@@ -143,7 +153,7 @@ def test_decode_kernel_probes_run_each_kind_at_each_width(monkeypatch):
         calls.append(n)
         return float(len(calls))
 
-    out = calibrate.decode_kernel_costs(torch.device("cpu"), replay_once)
+    out = graphcost.decode_kernel_costs(torch.device("cpu"), replay_once)
     assert set(out) == {"norm", "cache_write", "gemm", "layer"}
     assert set(out["norm"]) == set(out["cache_write"]) == set(out["layer"]) == {64, 128}
     assert set(out["gemm"]) == {"64x192", "64x64", "64x256", "256x64",
@@ -151,3 +161,31 @@ def test_decode_kernel_probes_run_each_kind_at_each_width(monkeypatch):
     # Per width: the norm, the cache write, four GEMMs (20 kernels each), then
     # one step of the 4-layer and the 2-layer stack.
     assert calls == ([20] * 6 + [1, 1]) * 2
+
+
+def test_gemm_rates_interpolate_the_calibrated_grid():
+    # A grid of 2 x 2 x 2 shapes: between its points the rate is linear in the
+    # logarithms of m, k and n; past its edges it holds; a shape left out of the
+    # grid (null) leaves the others to speak.
+    from shardwise.perf.clusters import Cluster
+
+    grid = {"m": [16, 1024], "k": [512, 2048], "n": [512, 2048],
+            "tflops": [[[100, 200], [300, 400]], [[500, 600], [700, None]]]}
+    base = {"name": "g", "gpus_per_node": 1, "nodes": 1, "matmul_tflops": {"bf16": 800},
+            "hbm_gbps": 4000, "hbm_bytes": 10**11, "links": {}}
+    cl = Cluster.from_dict({**base, "gemm_grid": {"bf16": grid}})
+    assert cl.gemm_rate("bfloat16", 512, 512, 16) == pytest.approx(100e12)
+    assert cl.gemm_rate("bfloat16", 512, 2048, 16) == pytest.approx(200e12)
+    assert cl.gemm_rate("bfloat16", 512, 1024, 16) == pytest.approx(150e12)  # halfway in log n
+    assert cl.gemm_rate("bfloat16", 512, 512, 128) == pytest.approx(300e12)  # halfway in log m
+    assert cl.gemm_rate("bfloat16", 512, 512, 1) == pytest.approx(100e12)  # held below
+    # The untimed shape: the mean of its three timed neighbours, also past the edges.
+    assert cl.gemm_rate("bfloat16", 2048, 2048, 1024) == pytest.approx((400 + 600 + 700) / 3 * 1e12)
+    assert cl.gemm_rate("bfloat16", 8192, 8192, 4096) == pytest.approx((400 + 600 + 700) / 3 * 1e12)
+    # Near it, the timed corners weighted: halfway in log m at (k, n) = (2048, 2048)
+    # the m = 16 corner (400) is all there is.
+    assert cl.gemm_rate("bfloat16", 2048, 2048, 128) == pytest.approx(400e12)
+    # A profile without the grid takes its nearest measured shape, or its one figure.
+    assert Cluster.from_dict(base).gemm_rate("bfloat16", 512, 512, 16) == pytest.approx(800e12)
+    with pytest.raises(ShardwiseError, match="gemm_grid"):
+        Cluster.from_dict({**base, "gemm_grid": {"bf16": {**grid, "m": [16]}}})

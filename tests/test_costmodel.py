@@ -1,20 +1,48 @@
-"""The cost model: its counts against hand computation, its memory and
-communication against real CPU runs (byte for byte), its fit verdicts."""
-import dataclasses
-import math
-
+"""The cost model's predictions: FLOPs, bytes and collectives from the
+recorded code against hand computation, the profile's figures where they
+apply, memory and fit verdicts, and fidelity's bookkeeping. (What the
+recorder counts is held to real runs in test_trace.py; the schedule and the
+per-event costs on hand-made events in test_schedule.py.)"""
 import pytest
 
-from shardwise.perf.clusters import LinkCost, bus_factor, load_cluster
-from shardwise.perf.costmodel import _pipeline, predict
+from shardwise.perf.clusters import Cluster, load_cluster
+from shardwise.perf.links import LinkCost, bus_factor
+from shardwise.perf.costmodel import predict
+from shardwise.perf.record import record_rank
+from shardwise.perf.reproduce import (fidelity_summary, measured_balance,
+                                      record_decode_steps)
+from shardwise.perf.events import expand
 from shardwise.presets import get_preset
-from shardwise.runtime.job import Case, Job
-from shardwise.runtime.launcher import launch
-from shardwise.spec import ModelSpec, ShardwiseError, Workload
-from helpers import with_real_features
+from shardwise.spec import ModelSpec, Plan, ShardwiseError, Workload
 
 H100_16 = load_cluster("h100-sxm-16")
 H100_8 = load_cluster("h100-sxm-8")
+COLLS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
+# A one-node profile with round numbers (no size tables), so every term is hand-computable:
+# 10 us an op that launches a kernel, 2 a view, 3 a module call, 20 a device-to-host read,
+# 30 an eager collective call.
+ROUND_HOST = {"op_us": 10, "view_us": 2, "module_us": 3, "sync_us": 20,
+              "collective_us": {op: 30 for op in COLLS}}
+
+
+def _round_dict(**extra):
+    return {"name": "round", "gpus_per_node": 2, "nodes": 1, "matmul_tflops": {"bf16": 800},
+            "attention_tflops": {"dtype": "bf16", "head_dim<=256": 600, "head_dim>256": 100},
+            "hbm_gbps": 4000, "hbm_bytes": 10**11, "l2_bytes": 50 * 2**20, "launch_us": 10,
+            "links": {"nvlink": {op: {"latency_us": 50, "busbw_gbps": 400} for op in COLLS}},
+            **extra}
+
+
+ROUND = Cluster.from_dict(_round_dict(**ROUND_HOST))
+SMALL = ModelSpec(name="small", n_layers=2, d_model=256, n_heads=4, head_dim=64, d_ff=1024,
+                  dtype="bf16")
+
+
+def _kernels(spec, wl, plan, world, phase, cls, rank=0):
+    """The recorded kernels of class ``cls`` in one step of a rank, with their counts."""
+    rec = record_rank(spec, wl, Plan.parse(plan), world, rank)
+    return [(k, n) for e, n in expand(rec.steps[phase].events)
+            for k in getattr(e, "kernels", ()) if k.cls == cls]
 
 
 def test_flop_and_byte_counts_seed_helix_4l_tp_pp():
@@ -24,44 +52,42 @@ def test_flop_and_byte_counts_seed_helix_4l_tp_pp():
     pred = predict(p.model, p.workload, "tp_pp:8x2", H100_16)
     ops = pred.prefill.ops
     tokens = 128 * 10000
-    # QKV: 2 x tokens x D x (4 + 4 + 4) x 128, times 2 layers = 3.2212e13.
-    assert ops["qkv"].flops == 2 * tokens * 4096 * 1536 * 2 == pytest.approx(3.2212e13, rel=1e-4)
+    # GEMMs, per layer: QKV 2 x tokens x D x (4 + 4 + 4) x 128, W_o 2 x tokens x 512 x D,
+    # the MLP's two 2 x tokens x D x 2048; 2 layers.
+    per_layer = 2 * tokens * 4096 * 1536 + 2 * tokens * 512 * 4096 + 2 * 2 * tokens * 4096 * 2048
+    assert ops["gemm"].flops == pytest.approx(2 * per_layer)
     # Causal core: 4 x B x heads x d x T(T+1)/2 (= 50,005,000 pairs), 2 layers = 2.6218e13.
     assert ops["attention"].flops == pytest.approx(4 * 128 * 4 * 128 * 50_005_000 * 2)
-    # MLP: two matmuls of 2 x tokens x 4096 x 2048, 2 layers = 8.5899e13, plus the
-    # activation (8 flops per hidden unit, 2 layers: 4.19e10).
-    assert ops["mlp"].flops == pytest.approx(2 * 2 * tokens * 4096 * 2048 * 2 + 8 * tokens * 2048 * 2)
-    # Two all-reduces a layer of the [B, T, D] fp16 partial sum: 10.49 GB each, 4 calls.
+    # Two all-reduces a layer of the [B, T, D] fp16 partial sum (10.49 GB each), each
+    # in the two chunks of the overlapped prefill: 8 calls.
     ar = pred.prefill.comms["all_reduce/tp"]
-    assert (ar.calls, ar.bytes) == (4, 4 * tokens * 4096 * 2)
-    # Decode reads the rank's whole KV cache for its 4 kv heads at context 10001
-    # (2 x 128 x 4 x 10001 x 128 x 2 B = 2.62 GB a layer) plus q and o (262 KB).
-    att = pred.decode.ops["attention"]
+    assert (ar.calls, ar.bytes) == (8, 4 * tokens * 4096 * 2)
+    # An eager decode step reads the rank's whole KV cache for its 4 kv heads at
+    # context 10001 (2 x 128 x 4 x 10001 x 128 x 2 B = 2.62 GB a layer) plus q and o.
+    att = predict(p.model, p.workload, "tp_pp:8x2", H100_16, graphs=False).decode.ops["attention"]
     assert att.bytes == 2 * (2 * 128 * 4 * 10001 * 128 * 2 + 2 * 128 * 4 * 128 * 2)
     assert att.flops == 2 * 4 * 128 * 4 * 128 * 10001
 
 
-def test_moe_counts_seed_moe_16l_ep16():
-    # seed-moe-16l: 16 experts of 2 x 4096 x 16384, top-2, bf16; ep:16 -> one expert a rank.
+def test_expert_work_of_seed_moe_16l_ep16():
+    # seed-moe-16l: 16 experts of 2 x 4096 x 16384, top-2, bf16; ep:16: one expert a rank,
+    # 8 sequences each. Every routed row is computed once: over the ranks, the experts'
+    # GEMMs hold 2 x 2 x tokens x 2 x D x F FLOPs a layer; the routing the recorder
+    # draws spreads them evenly, so every rank computes its share (give or take
+    # the rows by which a share rounds: 0.2% here).
     p = get_preset("seed-moe-16l")
-    pred = predict(p.model, p.workload, "ep:16", H100_16)
-    # Prefill: 128 x 10000 tokens x 2 slots / 16 ranks = 160,000 rows a rank on
-    # average; a rank's rows are a sum over tokens of c ~ hypergeometric(16, 1, 2)
-    # (mean 1/8, variance 2 x 1/16 x 15/16 x 14/15 = 0.109375), so sigma = 374.2
-    # and the busiest of 16 ranks (E[max of 16 normals] = 1.766) has 1.00413 x the
-    # mean. 2 matmuls of 2 x rows x 4096 x 16384, 16 layers: 6.90e14 FLOPs.
-    rows = 160_000 * (1 + math.sqrt(1.28e6 * 0.109375) * 1.766 / 160_000)
-    assert pred.prefill.ops["experts"].flops == pytest.approx(16 * 2 * 2 * rows * 4096 * 16384,
-                                                             rel=2e-4)
-    # Decode: 128 tokens route 256 slots over 16 experts; a given expert is missed with
-    # probability (1 - 2/16)^128 = 3.9e-8, so each rank reads its expert's 268 MB a layer.
-    w = pred.decode.ops["experts"].bytes
-    rows = 128 * 2 / 16 * (1 + math.sqrt(128 * 0.109375) * 1.766 / 16)  # busiest of 16
-    acts = rows * (2 * 4096 + 3 * 16384) * 2
-    passes = 3 * 2 * rows * 4096 * 2  # gather, weighting, scatter back (read + write)
-    assert w == pytest.approx(16 * (2 * 4096 * 16384 * 2 + acts + passes), rel=2e-3)
-    # Attention is data-parallel: 128 / 16 = 8 sequences a rank, all 32 heads.
-    assert pred.prefill.ops["attention"].flops == pytest.approx(16 * 4 * 8 * 32 * 128 * 50_005_000)
+    wl = p.workload.replace(batch=32, seq_len=2048)
+    spec, D, F, L = p.model, 4096, 16384, 16
+    tokens = 32 * 2048
+    experts = sum(k.flops * n for r in range(16)
+                  for k, n in _kernels(spec, wl, "ep:16", 16, "prefill", "gemm", r)
+                  if k.dims[2:] in ((D, F), (F, D)))
+    assert experts == pytest.approx(L * 2 * 2 * tokens * 2 * D * F)
+    pred = predict(spec, wl, "ep:16", H100_16)
+    attn = L * (2 * 2048 * 2 * D * 4 * D)  # 2 sequences: QKV and W_o, 4 D^2 weights
+    router = L * 2 * 2 * 2048 * D * 16
+    mean = experts / 16 + attn + router
+    assert pred.prefill.ops["gemm"].flops == pytest.approx(mean, rel=5e-3)
 
 
 def test_head_dim_512_runs_at_the_slower_attention_rate():
@@ -69,7 +95,7 @@ def test_head_dim_512_runs_at_the_slower_attention_rate():
     p = get_preset("seed-ring-4l")
     pred = predict(p.model, p.workload.replace(batch=16), "tp_pp:16x1", H100_16)
     att = pred.prefill.ops["attention"]
-    assert att.seconds == pytest.approx(att.flops / 130e12)
+    assert att.seconds == pytest.approx(att.flops / 130e12, rel=1e-3)
     assert att.seconds > att.bytes / 3000e9  # compute-bound, so the rate is what counts
 
 
@@ -92,30 +118,11 @@ def test_collective_costs_follow_alpha_beta_with_bus_factors():
 
 
 def test_pipeline_pays_fill_and_drain():
-    # Device-bound: 4 micro-batches through 2 stages of 1 s of device work (host
-    # 0.1 s), 0.5 s on the wire: stage 0 finishes micro-batch i at i + 1; stage 1
-    # starts it at max(its previous finish, arrival i + 1.5): 1.5, 2.5, 3.5, 4.5,
-    # finishing at 5.5 = (4 + 2 - 1) x 1 s + the one hop. Busy 4 s: bubble 1.5 s.
-    total, bubble = _pipeline([(0.1, 1.0, False), (0.1, 1.0, False)], 4, 0.0, 0.5)
-    assert total == pytest.approx(5.5) and bubble == pytest.approx(1.5)
-    # Host-bound (1 s of host, 0.1 s of device per micro-batch): a receive does not
-    # hold the host, so both hosts issue at once; stage 1's device finishes
-    # micro-batch i when its host has issued it (i + 1) or the data has come
-    # (stage 0 done at i + 1, + 0.5 s) and it ran 0.1 s: 1.6, 2.6, 3.6, 4.6.
-    # Each send and receive costs 0.05 s of host: stage 0 has issued micro-batch i
-    # at 1.05 i + 1, its data lands at 1.05 i + 1.5; stage 1 (receive, then issue)
-    # has issued it at 1.05 (i + 1): the last finishes at 3 x 1.05 + 1.5 + 0.1.
-    total, _ = _pipeline([(1.0, 0.1, False), (1.0, 0.1, False)], 4, 0.05, 0.5)
-    assert total == pytest.approx(3 * 1.05 + 1.5 + 0.1)
-    # A stage that waits for its device inside (serial) issues the next
-    # micro-batch only when it has finished this one.
-    total, _ = _pipeline([(1.0, 1.0, True)], 3, 0.0, 0.0)
-    assert total == pytest.approx(3.0)
     p = get_preset("seed-helix-4l")
     one = predict(p.model, p.workload, "tp_pp:8x2", H100_16)
     four = predict(p.model, p.workload, "tp_pp:8x2,mb=4", H100_16)
     assert four.prefill.seconds < one.prefill.seconds  # the fill hides more work
-    assert four.prefill.bubble_s > 0
+    assert one.prefill.bubble_s > four.prefill.bubble_s > 0
 
 
 def test_infeasible_plans_name_the_reason():
@@ -149,135 +156,42 @@ def test_decode_reports_step_and_per_token():
     assert pred.decode_tps == pytest.approx(128 / pred.decode.seconds)
 
 
-# -- against real runs (CPU, gloo, 4 ranks, one launch) ---------------------------------
+# -- grouped K/V past the KV heads ------------------------------------------------------
 
-TINY, MOE = get_preset("tiny-dense"), get_preset("tiny-moe")
-# 2 kv heads on 4 slices: helix falls back to splitting the sequence (its KV cache too).
+# 2 kv heads: four ranks hold each one twice.
 GQA = ModelSpec(name="gqa", n_layers=2, d_model=48, n_heads=4, head_dim=8, d_ff=96,
                 n_kv_heads=2, dtype="fp32", norm="rmsnorm", activation="swiglu", vocab_size=37)
 GQA_WL = Workload(batch=3, seq_len=7, decode_steps=3)
-# q/k/v biases (weights), tied embeddings (one tensor where both ends share a
-# rank, two across pipeline stages) and Llama 3.1's rope scaling.
-REAL = with_real_features(GQA.replace(rope_theta=1e4))
-CASES = [
-    (TINY.model, TINY.reduced, "tp_pp:2x2"),
-    (TINY.model, TINY.reduced, "tp_pp:4x1"),
-    (TINY.model, TINY.reduced, "helix:2x2"),
-    (TINY.model, TINY.reduced, "helix:2x2,reduce=flat"),
-    (GQA, GQA_WL, "helix:1x4"),
-    (TINY.model, TINY.reduced, "ring:4"),
-    (MOE.model, MOE.reduced, "ep:4"),
-    (GQA, GQA_WL, "tp_pp:2x2,mb=2"),
-    (TINY.model, TINY.reduced, "layerwise:cap=100MB,mb=2"),
-    # More ranks than GQA's 2 kv heads: each kv head replicated on 2 ranks / groups.
-    (GQA, GQA_WL, "tp_pp:4x1"),
-    (GQA, GQA_WL, "helix:4x1"),
-    (REAL, GQA_WL, "tp_pp:2x2"),
-    (REAL, GQA_WL, "helix:2x2"),
-    (REAL, GQA_WL, "ring:4"),
-]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    cases = [Case(m, w, plan, verify=False) for m, w, plan in CASES]
-    return launch(Job(cases, 4), deadline_s=300)
-
-
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[2] for c in CASES])
-def test_memory_matches_real_runs_exactly(runs, i):
-    model, wl, plan = CASES[i]
-    r = runs[i]
-    assert r["plan"] == plan
-    pred = predict(model, wl, plan, H100_8, 4)
-    assert pred.weights_per_rank == r["param_bytes_per_rank"]
-    assert pred.kv_per_rank == r["kv_bytes_per_rank"]
-
-
-@pytest.mark.parametrize("plan", ["tp_pp:4x1", "helix:4x1"])
-def test_replicated_kv_heads_cost_their_memory(runs, plan):
-    # Four ranks over 2 kv heads: each rank caches one whole kv head, half the
-    # model's cache where an even split would hold a quarter; the prediction
-    # counts what the run allocated and predict's note names the replication.
-    r = runs[CASES.index((GQA, GQA_WL, plan))]
+def test_replicated_kv_heads_cost_their_memory():
+    # Four ranks over GQA's 2 kv heads: each rank caches one whole kv head, half
+    # the model's cache where an even split would hold a quarter. The recorded
+    # ranks allocate that (test_trace.py holds it to real runs) and predict's
+    # notes name the replication the strategy reports.
     whole = GQA.n_layers * 2 * GQA_WL.batch * GQA.kv_heads * GQA_WL.max_len * GQA.head_dim * 4
-    assert r["kv_bytes_per_rank"] == [whole // 2] * 4
-    pred = predict(GQA, GQA_WL, plan, H100_8, 4)
-    assert pred.kv_per_rank == r["kv_bytes_per_rank"]
-    assert any("replicated on 2" in n for n in pred.notes), pred.notes
+    for plan in ("tp_pp:4x1", "helix:4x1"):
+        pred = predict(GQA, GQA_WL, plan, H100_8, 4)
+        assert pred.kv_per_rank == [whole // 2] * 4
+        assert any("replicated on 2" in n for n in pred.notes), pred.notes
 
 
-# ep's all-to-all bytes follow the router's choices (data), so only its routing
-# table is exact; every other strategy's traffic is fixed by the shapes.
-EXACT_COMM = [c for c in CASES if not c[2].startswith("ep")]
-
-
-@pytest.mark.parametrize("case", EXACT_COMM, ids=[c[2] for c in EXACT_COMM])
-def test_prefill_comm_bytes_match_real_runs(runs, case):
-    model, wl, plan = case
-    r = runs[CASES.index(case)]
-    pred = predict(model, wl, plan, H100_8, 4)
-    measured = {k: v["bytes"] for k, v in r["comm_prefill_rank0"].items()}
-    predicted = {k: c.bytes for k, c in pred.prefill.comms.items()}
-    if plan.startswith("tp_pp") and "x2" in plan:
-        assert measured["send/pp"] == predicted["send/pp"]  # rank 0 is a first stage: it sends
-        measured.pop("send/pp"), predicted.pop("send/pp")
-    if plan.startswith("layerwise"):
-        # Rank 0 sends its group's output only when the partition has two groups or more.
-        assert set(measured) == set(predicted)
-    assert measured == pytest.approx(predicted)
-
-
-def test_decode_comm_bytes_match_real_runs(runs):
-    for (model, wl, plan), r in zip(CASES, runs):
-        if plan.startswith(("ep", "layerwise", "tp_pp:2x2")):
-            continue  # data-dependent (ep); a pipeline's rank 0 is not its busiest sender
-        pred = predict(model, wl, plan, H100_8, 4)
-        assert r["comm_bytes_decode_step_per_rank"][0] == pytest.approx(pred.decode.comm_bytes), plan
-
-
-def test_memory_totals_are_sums_of_parts():
+def test_memory_is_what_the_ranks_allocate():
     p = get_preset("seed-moe-16l")
-    m = predict(p.model, p.workload, "ep:16", H100_16).memory
+    pred = predict(p.model, p.workload, "ep:16", H100_16)
+    m = pred.memory
     assert m.total == m.weights + m.kv_cache + m.activations + m.comm_buffers
     # ep:16: attention (4 x 4096^2) + one expert (2 x 4096 x 16384) + router (16 x 4096)
     # + 2 LayerNorms (4 x 4096) a layer, 16 layers, + final norm (2 x 4096); bf16.
     per_layer = 4 * 4096**2 + 2 * 4096 * 16384 + 16 * 4096 + 4 * 4096
-    assert m.weights == (16 * per_layer + 2 * 4096) * 2
-    assert math.isclose(m.kv_cache, 16 * 2 * 8 * 32 * 10004 * 128 * 2)
-
-
-# -- the execution terms: host calls, CUDA graphs, device-to-host waits, overlap -------
-
-from shardwise.perf.calibrate import count_calls  # noqa: E402
-from shardwise.perf.clusters import Cluster  # noqa: E402
-from shardwise.perf.costmodel import (STATIC_DECODE_KERNELS, Calls, Core, Flavour,  # noqa: E402
-                                      LayerWork, Roofline, Work, _moe_layer, _overlap,
-                                      busiest_hits, expected_max_normal, hit_distribution,
-                                      rank_rows_imbalance)
-from shardwise.perf.reproduce import (fidelity_summary, measured_balance,  # noqa: E402
-                                      record_decode_steps)
-
-# A one-node profile with round numbers (no size tables), so every term is hand-computable:
-# 10 us an op that launches a kernel, 2 a view, 3 a module call, 20 a device-to-host read,
-# 30 an eager collective call.
-ROUND_HOST = {"op_us": 10, "view_us": 2, "module_us": 3, "sync_us": 20,
-              "collective_us": {op: 30 for op in ("all_reduce", "all_gather", "reduce_scatter",
-                                                  "all_to_all", "p2p")}}
-
-
-def _round_dict(**extra):
-    return {"name": "round", "gpus_per_node": 2, "nodes": 1, "matmul_tflops": {"bf16": 800},
-            "attention_tflops": {"dtype": "bf16", "head_dim<=256": 600, "head_dim>256": 100},
-            "hbm_gbps": 4000, "hbm_bytes": 10**11, "l2_bytes": 50 * 2**20, "launch_us": 10,
-            "links": {"nvlink": {op: {"latency_us": 50, "busbw_gbps": 400}
-                                 for op in ("all_reduce", "all_gather", "reduce_scatter",
-                                            "all_to_all", "p2p")}}, **extra}
-
-
-ROUND = Cluster.from_dict(_round_dict(**ROUND_HOST))
-SMALL = ModelSpec(name="small", n_layers=2, d_model=256, n_heads=4, head_dim=64, d_ff=1024,
-                  dtype="bf16")
+    assert pred.weights_per_rank == [(16 * per_layer + 2 * 4096) * 2] * 16
+    assert pred.kv_per_rank == [16 * 2 * 8 * 32 * 10004 * 128 * 2] * 16
+    # Activations: the step's own tensors at their peak, at least the prompt
+    # every rank is handed (128 x 10000 x D) and one layer's expert rows.
+    assert m.activations >= 128 * 10000 * 4096 * 2
+    # tp_pp on GPUs keeps symmetric-memory buffers for its small all-reduces.
+    tp = predict(SMALL, Workload(batch=4, seq_len=64, decode_steps=2), "tp_pp:2x1", ROUND, 2)
+    assert tp.memory.comm_buffers > 0
 
 
 def test_profile_defaults_for_the_new_figures():
@@ -314,164 +228,69 @@ def test_profile_defaults_for_the_new_figures():
         Cluster.from_dict(_round_dict(decode_kernels_us={"norm": 3.0}))
 
 
-def test_host_time_is_calls_times_their_cost():
-    # 11 kernel ops, 30 views, 7 modules, 2 all-reduces: 110 + 60 + 21 + 60 us; a
-    # step that starts from a wait (step_host_ratio 1.5) takes 1.5 x that.
-    calls = Calls(kernels=11, metas=30, modules=7, all_reduce=2)
-    assert calls.host_s(ROUND) == pytest.approx(251e-6)
-    slow = Cluster.from_dict(_round_dict(step_host_ratio=1.5, **ROUND_HOST))
-    assert calls.host_s(slow) == pytest.approx(1.5 * 251e-6)
-
-
-def test_work_overlaps_host_and_device_between_reads():
-    # Two stretches separated by a device-to-host read: max(5, 2) + max(1, 4) + the read.
-    w = Work().add(5, 2).sync().add(1, 4)
-    assert w.seconds(0.5) == pytest.approx(5 + 4 + 0.5) and w.syncs == 1
-    # Concatenated work joins the last stretch of one with the first of the next.
-    two = Work().extend(w, 2)
-    assert two.segs == [[5, 2], [6, 6], [1, 4]] and two.seconds(0.5) == pytest.approx(16)
-
-
 def test_kv_write_and_graph_vs_eager_decode():
     # tp_pp:1x1, batch 2, prompt 100, cache sized for 10 more positions (max_len 110).
     wl = Workload(batch=2, seq_len=100, decode_steps=10)
     eager = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=False).decode
     graph = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=True).decode
     e = 2
-    # The new token's K and V copied into the cache: 2 x (read + write) x 2 seqs x 4 heads
-    # x 64 dims x 2 B = 4096 B a layer, 2 layers.
-    assert eager.ops["kv write"].bytes == 2 * 4 * 2 * 4 * 64 * e
+    kv = lambda S: 2 * 2 * S * 4 * 64 * e  # K and V, 2 seqs x 4 heads x 64 dims  # noqa: E731
+    q_o = 2 * 2 * 4 * 64 * e
     # Eager reads the cache up to the position (101); the graph's static path all 110.
-    kv = lambda S: 2 * (2 * 2 * S * 4 * 64 * e + 2 * 2 * 4 * 64 * e)
-    assert eager.ops["attention"].bytes == kv(101)
-    assert graph.ops["attention"].bytes == kv(110)
-    # Tiny layer: eager it is host-bound. A layer of the reference block in a stack
-    # (bf16, exact GELU): two fused add + norms, W_qkv, the one K/V copy (as 8-byte
-    # words: two views), SDPA, W_o, the MLP's linear and GELU, W_down = 9 kernel ops;
-    # q's slice and view, the K/V slice, its view and the cache slice, the cache
-    # read back (2), q's transpose, o's transpose and reshape, the norms' outputs
-    # (4), the pipeline's cache view (5) = 21 views; Attention, W_qkv, W_o, MLP,
-    # W_down and the two ReduceAfter = 7 modules: 90 + 42 + 21 = 153 us. The step
-    # adds its ends: the Transformer and OverlappedStage calls, the input slice,
-    # the first layer's plain norm (a view fewer than an add_norm), the final
-    # add_norm: 1 kernel, 2 views, 2 modules = 20 us.
-    f = Flavour(SMALL)
-    layer = f.block(f.attention(), f.mlp()) + Calls(modules=2) + f.batch_view()
-    assert (layer.kernels, layer.metas, layer.modules) == (9, 21, 7)
-    assert eager.layer_calls == layer
-    assert (eager.step_calls.kernels, eager.step_calls.metas, eager.step_calls.modules) == (1, 2, 2)
-    assert eager.seconds == pytest.approx(2 * 153e-6 + 20e-6)
-    # In a graph: no host work; a layer's 9 kernels (the static layer's 8 and the
-    # exact GELU's own) x 2 us + the (tiny) rooflines, and once a step the final
-    # norm's kernel and the cache slots' and position mask's 9 (STATIC_STEP).
-    graph_ops = sum(o.seconds for o in graph.ops.values()) / 2
-    assert f.static_decode().kernels == STATIC_DECODE_KERNELS + 1 == 9
-    assert graph.seconds == pytest.approx(2 * (9 * 2e-6 + graph_ops) + (1 + 9) * 2e-6,
-                                          rel=1e-3)
+    assert eager.ops["attention"].bytes == 2 * (kv(101) + q_o)
+    assert graph.ops["attention"].bytes >= 2 * (kv(110) + q_o)
+    # The new token's K and V copied into the cache: read + write of 2 seqs x 2 x 4 x 64.
+    assert graph.ops["index_write"].bytes == 2 * 2 * (2 * 2 * 4 * 64 * e)
+    # In a graph: no host; one rank, nothing to wait for: the step is its kernels.
+    assert graph.host_s == 0 and graph.seconds == pytest.approx(graph.compute_s)
+    # Eager, tiny layers: host-bound, the step is its host calls and the last kernel.
+    assert eager.host_s > eager.compute_s
+    assert eager.host_s < eager.seconds < eager.host_s + 5e-6
+    figure = {"op": 10, "view": 2, "module": 3, "gemm": 10, "attn": 10, "triton": 10}
+    assert eager.host_s == pytest.approx(1e-6 * sum(figure[k] * n for k, n in eager.calls.items()))
 
 
 def test_collectives_pay_the_host_call_eagerly_and_the_kernel_latency_on_the_device():
-    # tp_pp:2x1 decode of batch 2: two all-reduces a layer of 2 x 256 x 2 B = 1024 B.
-    # On the device each takes the wire time (factor 2(n-1)/n = 1 for two ranks) after
-    # the collective kernel's latency (graph_latency_us, 10 us by default); eagerly the
-    # host also pays the call (30 us), counted with the layer's host calls.
+    # tp_pp:2x1 decode of batch 2 in float32 (no fused all-reduce + norm): two
+    # all-reduces a layer and one more at the end (the last MLP's) of 2 x 256 x 4 B
+    # = 2048 B. On the device each takes the wire time (factor 2(n-1)/n = 1 for
+    # two ranks) after the collective kernel's latency (10 us by default);
+    # eagerly the host also pays the call (30 us).
+    spec = SMALL.replace(dtype="fp32")
     wl = Workload(batch=2, seq_len=100, decode_steps=10)
-    eager = predict(SMALL, wl, "tp_pp:2x1", ROUND, 2, graphs=False).decode
-    graph = predict(SMALL, wl, "tp_pp:2x1", ROUND, 2, graphs=True).decode
-    wire = 1.0 * 1024 / 400e9
-    assert eager.comms["all_reduce/tp"].seconds == pytest.approx(4 * (10e-6 + wire))
-    assert graph.comms["all_reduce/tp"].seconds == pytest.approx(4 * (10e-6 + wire))
-    assert eager.layer_calls.all_reduce == 2
-    assert eager.host_s == pytest.approx(2 * eager.layer_calls.host_s(ROUND)
-                                         + eager.step_calls.host_s(ROUND))
+    eager = predict(spec, wl, "tp_pp:2x1", ROUND, 2, graphs=False).decode
+    wire = 1.0 * 2048 / 400e9
+    ar = eager.comms["all_reduce/tp"]
+    assert ar.calls == 2 * spec.n_layers and ar.bytes == 2048 * ar.calls
+    assert ar.seconds == pytest.approx(ar.calls * (10e-6 + wire))
+    assert eager.calls["all_reduce"] == ar.calls
+    # bf16 on GPUs: each all-reduce, add and norm is one kernel, costed as the collective.
+    graph = predict(SMALL, wl, "tp_pp:2x1", ROUND, 2).decode
+    assert graph.comms["all_reduce/tp"].seconds == pytest.approx(
+        ar.calls * (10e-6 + wire / 2))
 
 
-def test_decode_attention_computes_a_whole_query_tile():
-    # FA2 computes 128 query rows for the one real one: 4 x 16 seqs x 32 heads x 128 dims
-    # x 128 rows x 4096 keys = 137 GFLOP at 330 TFLOP/s = 416 us, more than reading
-    # the 1.07 GB of K and V at the 4 TB/s copy rate (268 us).
-    spec = ModelSpec(name="m", n_layers=1, d_model=4096, n_heads=32, head_dim=128, d_ff=16384,
-                     dtype="bf16")
-    roof = Roofline(spec, Cluster.from_dict(_round_dict()))
-    op = roof.core(Core(16, 32, 32, 1, 4096, 4096, True, "flash"))
-    assert op.flops == 4 * 16 * 32 * 128 * 4096  # the model FLOPs stay the real ones
-    assert op.seconds == pytest.approx(4 * 16 * 32 * 128 * 128 * 4096 / 330e12)
-    masked = roof.core(Core(16, 32, 32, 1, 4096, 4096, True, "masked"))  # 64-row tile at 600
-    assert masked.seconds == pytest.approx(masked.bytes / roof.cluster.hbm_rate)
-
-
-def test_moe_reference_loop_waits_for_the_device_per_expert():
-    # The reference MoE asks torch.nonzero for every local expert: the host waits each
-    # time. The layer: the rest (its host calls and device time overlap), then a
-    # segment per expert after a read (20 us): a hit expert's calls and GPU time, a
-    # missed one's compare. 4 experts, 2 hit, 100 tokens (past the dense path's 64).
+def test_moe_reference_waits_for_the_device_once_a_layer():
+    # The reference MoE reads the row counts of the experts it holds to the host
+    # when a call has more than 64 tokens, once a layer: the host waits.
+    # tp_pp:2x1 on 4 experts: 2 a rank, 2 layers.
     spec = get_preset("tiny-moe").model.replace(dtype="bf16")
-    f = Flavour(spec)
-    roof = Roofline(spec, ROUND)
-    core = Core(1, spec.n_heads, spec.kv_heads, 1, 8, 8, True, "flash")
-    w = LayerWork(100, 3 * spec.d_model, spec.d_model, core, expert_rows=200, experts_hit=2,
-                  experts_held=4, expert_ff=spec.d_ff, router_tokens=100)
-    ops = roof.layer(w)
-
-    from types import SimpleNamespace  # what _moe_layer needs of a strategy's context
-    ctx = SimpleNamespace(flav=f, cluster=ROUND, roof=roof, graph=False,
-                          host=lambda calls: calls.host_s(ROUND))
-    pre = f.block(f.attention(), f.moe_router())
-    work = _moe_layer(ctx, w, ops, pre, Calls())
-    hit, miss = f.moe_expert(True), f.moe_expert(False)
-    # A hit: compare + nonzero, the up-projection (linear and exact GELU: 2 kernels),
-    # 6 kernels and 4 views more (gather, the experts' slices and W_down's transpose,
-    # matmul, router weights indexed and cast, product, index_add_).
-    assert (hit.kernels, hit.metas, hit.syncs) == (9, 4, 1) and (miss.kernels, miss.syncs) == (1, 1)
-    t_exp = next(o.seconds for o in ops if o.name == "experts")
-    rest = [o for o in ops if o.name != "experts"]
-    seg_hit = max(hit.host_s(ROUND), t_exp / 2 + hit.kernels * 2e-6)
-    seg_miss = max(miss.host_s(ROUND), miss.kernels * 2e-6)
-    first = max(pre.host_s(ROUND), sum(o.seconds for o in rest) + pre.kernels * 2e-6)
-    assert work.syncs == 4
-    assert work.seconds(20e-6) == pytest.approx(first + 2 * seg_hit + 2 * seg_miss + 4 * 20e-6)
-    # Up to 64 tokens (a decode step) every held expert runs on every token with
-    # no wait: one stretch of host calls beside the device's work.
-    dense_w = dataclasses.replace(w, tokens=1, router_tokens=1, expert_rows=4, experts_hit=4)
-    dense_ops = roof.layer(dense_w)
-    dense = _moe_layer(ctx, dense_w, dense_ops, pre, Calls())
-    calls = pre + f.moe_dense(4)
-    assert dense.syncs == 0 and calls.syncs == 0
-    assert dense.seconds(20e-6) == pytest.approx(max(
-        calls.host_s(ROUND), sum(o.seconds for o in dense_ops) + calls.kernels * 2e-6))
-
-
-def test_expected_experts_hit_and_rows_of_the_busiest_rank():
-    # One token choosing 2 of 4 experts, a rank holding 2: it hits 0 of them with
-    # probability 1/6 (both picks elsewhere), 2 with 1/6, 1 with 4/6.
-    assert hit_distribution(2, 4, 2, 1) == pytest.approx([1 / 6, 4 / 6, 1 / 6])
-    # Brute force over 2 tokens: E[max over 2 ranks of distinct experts hit].
-    import itertools
-    pairs = list(itertools.combinations(range(4), 2))
-    want = sum(max(len({e for e in a + b if e < 2}), len({e for e in a + b if e >= 2}))
-               for a in pairs for b in pairs) / len(pairs) ** 2
-    assert busiest_hits(2, 4, 2, 2, 2) == pytest.approx(want)
-    # Many tokens: every expert is hit.
-    assert busiest_hits(8, 16, 2, 5000, 2) == pytest.approx(8)
-    # Gaussian order statistics: E[max of 2 normals] = 1/sqrt(pi); of 16, 1.766.
-    assert expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi))
-    assert expected_max_normal(16) == pytest.approx(1.766, abs=2e-3)
-    # Rows: 1000 tokens, 16 experts top-2, 8 a rank: c ~ hypergeometric(16, 8, 2) has
-    # mean 1 and variance 2 x 1/2 x 1/2 x 14/15 = 7/15; the busiest of 2 ranks has
-    # 1 + sqrt(1000 x 7/15) / sqrt(pi) / 1000 of the mean.
-    assert rank_rows_imbalance(16, 8, 2, 1000, 2) == pytest.approx(
-        1 + math.sqrt(1000 * 7 / 15) / math.sqrt(math.pi) / 1000)
+    wl = Workload(batch=4, seq_len=32, decode_steps=2)
+    pred = predict(spec, wl, "tp_pp:2x1", ROUND, 2)
+    assert pred.prefill.syncs == spec.n_layers
+    # Decode (4 tokens): every held expert on every token, no wait.
+    assert pred.decode.syncs == 0
 
 
 def test_measured_routing_balance_is_an_input():
-    # A run's measured balance (ep's rank_load_max_over_mean) sets the busiest rank's
-    # rows of every MoE plan of that run.
+    # A run's measured balance (ep's rank_load_max_over_mean) skews the routing the
+    # recorder draws: the busiest rank computes that much more of the experts' rows.
     p = get_preset("seed-moe-16l")
     wl = Workload(batch=8, seq_len=2048, decode_steps=8)
     spec = p.model.replace(n_layers=2)
-    base = predict(spec, wl, "ep:2", ROUND, 2, moe_balance=1.0).prefill.ops["experts"].flops
-    more = predict(spec, wl, "ep:2", ROUND, 2, moe_balance=1.25).prefill.ops["experts"].flops
-    assert more == pytest.approx(1.25 * base)
+    base = predict(spec, wl, "ep:2", ROUND, 2, moe_balance=1.0).prefill.ops["gemm"].flops
+    more = predict(spec, wl, "ep:2", ROUND, 2, moe_balance=1.25).prefill.ops["gemm"].flops
+    assert 1.15 * base < more < 1.25 * base  # the experts' share of the rank's GEMMs grows
     recs = [{"command": "c", "preset": "seed-moe-16l", "n_layers": 2, "dtype": "bf16",
              "batch": 8, "seq_len": 2048, "n_devices": 2, "plan": "ep:2",
              "report": {"rank_load_max_over_mean": 1.02}},
@@ -481,11 +300,7 @@ def test_measured_routing_balance_is_an_input():
 
 
 def test_overlap_credits_what_the_profile_measured():
-    # Two streams: a 3 s compute beside a 2 s collective share 2 s; with efficiency 0.6
-    # the compute is slowed by 0.4 x 2 s.
-    assert _overlap([(0, 3)], [(1, 3)]) == pytest.approx(2)
-    assert _overlap([(0, 1), (2, 3)], [(0.5, 2.5)]) == pytest.approx(1.0)
-    # ring:2 prefill: each ring step takes max(hop, block) + (1 - eff) x min(hop, block).
+    # ring:2 prefill: each K/V hop runs beside the attention on the block in hand.
     wl = Workload(batch=1, seq_len=16384, decode_steps=1)
     spec = ModelSpec(name="r", n_layers=1, d_model=4096, n_heads=32, head_dim=128, d_ff=16384,
                      dtype="bf16")
@@ -493,7 +308,7 @@ def test_overlap_credits_what_the_profile_measured():
     half = predict(spec, wl, "ring:2", Cluster.from_dict(_round_dict(
         overlap_efficiency=0.5, **ROUND_HOST)), 2).prefill.seconds
     assert half > full
-    # tp_pp's two-half prefill hides its all-reduces as far as the profile says.
+    # tp_pp's chunked prefill hides its all-reduces as far as the profile says.
     spec2 = SMALL.replace(n_layers=4, d_model=2048, n_heads=16, head_dim=128, d_ff=8192)
     wl2 = Workload(batch=8, seq_len=2048, decode_steps=1)
     plain = predict(spec2, wl2, "tp_pp:2x1,overlap=1", ROUND, 2).prefill.seconds
@@ -501,78 +316,6 @@ def test_overlap_credits_what_the_profile_measured():
     none = predict(spec2, wl2, "tp_pp:2x1", Cluster.from_dict(_round_dict(
         overlap_efficiency=0.0, **ROUND_HOST)), 2).prefill.seconds
     assert hidden < plain < none * 1.05
-
-
-# -- the host calls against the code (counted on CPU ranks along the GPU branches) -----
-
-# bf16 with the tanh GELU: the GPU path fuses the activation into the GEMM and the
-# residual adds into the norms (calibrate.CudaPaths runs those branches on CPU).
-FUSED = ModelSpec(name="fused", n_layers=2, d_model=64, n_heads=4, head_dim=16, d_ff=128,
-                  dtype="bf16", activation="gelu_tanh")
-GQA_BF16 = GQA.replace(dtype="bf16")
-MOE_BF16 = MOE.model.replace(dtype="bf16", activation="gelu_tanh")
-COUNT_WL = Workload(batch=8, seq_len=16, decode_steps=2)
-COUNT_CASES = {
-    2: [(FUSED, "tp_pp:2x1", 1), (FUSED, "tp_pp:1x2,mb=2", 2), (GQA_BF16, "tp_pp:2x1", 1),
-        (FUSED, "tp_pp:2x1,overlap=3", 1),
-        (TINY.model, "tp_pp:2x1", 1), (MOE_BF16, "tp_pp:2x1", 1), (FUSED, "helix:1x2", 1),
-        (GQA_BF16, "helix:1x2", 1), (FUSED, "helix:2x1,reduce=flat", 1), (FUSED, "ring:2", 1),
-        (FUSED, "layerwise:cap=1MB", 1), (MOE_BF16, "ep:2", 1), (MOE_BF16, "ring:2", 1)],
-    4: [(GQA_BF16, "helix:1x4", 1), (GQA_BF16, "helix:2x2", 1), (FUSED, "ring:4", 1)],
-}
-COUNTED = [k for k in Calls().as_dict()]
-
-
-@pytest.fixture(scope="module")
-def counted():
-    """Host calls of one prefill and one decode step on CPU ranks, for each case at
-    ``stages`` and twice as many layers: the difference is one layer's calls."""
-    out = {}
-    for nproc, cases in COUNT_CASES.items():
-        jobs = [Case(m.replace(n_layers=L), COUNT_WL, plan, verify=False)
-                for m, plan, s in cases for L in (s, 2 * s)]
-        res = count_calls(jobs, nproc, deadline_s=300)
-        for i, (m, plan, s) in enumerate(cases):
-            out[(m.name, plan)] = (res[2 * i], res[2 * i + 1], m.replace(n_layers=2 * s), nproc)
-    return out
-
-
-@pytest.mark.parametrize("case", [(m.name, p) for cs in COUNT_CASES.values() for m, p, _ in cs],
-                         ids=lambda c: f"{c[0]}-{c[1]}")
-def test_host_calls_match_the_code(counted, case):
-    a, b, spec, nproc = counted[case]
-    pred = predict(spec, COUNT_WL, case[1], H100_8, nproc, graphs=False)
-    for phase in ("prefill", "decode"):
-        step = pred.step(phase)
-        # The busiest rank's calls, kind by kind: one layer, and the rest of the step.
-        layer = {k: max(rb[k] - ra[k] for ra, rb in zip(a[phase], b[phase])) for k in COUNTED}
-        rest = {k: max(2 * ra[k] - rb[k] for ra, rb in zip(a[phase], b[phase])) for k in COUNTED}
-        for got, model, what in ((layer, step.layer_calls.as_dict(), "per layer"),
-                                 (rest, step.step_calls.as_dict(), "rest of the step")):
-            for k in COUNTED:
-                # Views vary by a few with the rank (a slice of a whole dim is an alias);
-                # MoE expert hits are the model's expectation.
-                tol = max(3, 0.06 * got[k]) if k == "metas" else 0.15
-                assert model[k] == pytest.approx(got[k], abs=tol), (
-                    f"{case[1]} on {case[0]}, {phase}, {what}: {k} counted {got[k]}, "
-                    f"modelled {model[k]:.2f} (costmodel.Flavour and the strategy's calls "
-                    f"follow the code; update them with it)")
-
-
-def test_ring_prefill_counts_its_copies():
-    # ring:2, one sequence of 8 tokens: each rank 4 rows (chunks of 2), the travelling
-    # block 4 rows; 4 heads x 64, bf16. Per layer: concatenated q, k, v (2 x 4 x 768 x 2),
-    # k, v into the block (2 x 2 x 4 x 256 x 2), fp32 accumulator (4 x 256 x 4), merges
-    # over the busiest rank's computed rows (18 B each), o.to(bf16) (6 B), transpose (4 B).
-    pred = predict(SMALL, Workload(batch=1, seq_len=8, decode_steps=1), "ring:2", ROUND, 2)
-    from shardwise.parallel.ring import ZigZag
-    zz = ZigZag(2, 8, 1)
-    busiest = max(range(2), key=zz.pairs)
-    merged = sum(q1 - q0 for _, q0, q1, *_ in zz.blocks(busiest))
-    per_layer = (2 * 4 * 768 * 2 + 4 * 4 * 256 * 2 + 4 * 256 * 4 + merged * 256 * 18
-                 + 4 * 256 * 6 + 4 * 256 * 4)
-    pick = 2 * 1 * 4 * 256 * 2  # the rank's zig-zag rows picked from the prompt, once
-    assert pred.prefill.ops["copies"].bytes == 2 * per_layer + pick
 
 
 def test_fidelity_verdicts_and_bench_cache_length():
@@ -607,31 +350,25 @@ def test_fidelity_takes_the_devices_sustained_rate_when_the_profile_lacks_it(tmp
 
 
 def test_gemm_and_attention_calls_cost_their_own_figures():
-    # Eager: a GEMM's host call costs gemm_us, a fused add + norm norm_us and an
-    # attention its phase's attn_us instead of op_us (10 in ROUND). In a CUDA graph: the static
-    # decode layer's 4 GEMMs and 1 attention take at least the smallest such
-    # kernel's GPU time instead of kernel_us (2 by default).
+    # Eager: a GEMM's host call costs gemm_us, a Triton launch norm_us and an
+    # attention its phase's attn_us instead of op_us (10 in ROUND). In a CUDA
+    # graph: the GEMMs and attentions take at least the smallest such kernel's
+    # GPU time instead of kernel_us (2 by default).
     wl = Workload(batch=2, seq_len=100, decode_steps=10)
     kinds = Cluster.from_dict(_round_dict(**ROUND_HOST, gemm_us=40, norm_us=25,
                                           attn_us={"prefill": 100, "decode": 30},
                                           gemm_kernel_us=5, attn_kernel_us=8))
-    assert kinds.attn_s(False) == pytest.approx(100e-6) and kinds.attn_s(True) == pytest.approx(30e-6)
-    assert ROUND.gemm_s == ROUND.attn_s(True) == ROUND.op_s
     for phase, attn_us in (("prefill", 100), ("decode", 30)):
         base = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=False).step(phase)
         more = predict(SMALL, wl, "tp_pp:1x1", kinds, 1, graphs=False).step(phase)
-        calls = base.layer_calls * SMALL.n_layers + base.step_calls
-        # bf16, d_model 256: both norms of a layer and the final one are the
-        # fused kernel.
-        assert (calls.gemms, calls.attns, calls.norms) == (4 * SMALL.n_layers, SMALL.n_layers,
-                                                           2 * SMALL.n_layers + 1)
+        calls = base.calls
         assert more.host_s - base.host_s == pytest.approx(
-            1e-6 * (calls.gemms * 30 + calls.attns * (attn_us - 10) + calls.norms * 15),
-            rel=1e-6)
+            1e-6 * (calls["gemm"] * 30 + calls["attn"] * (attn_us - 10) + calls["triton"] * 15))
+    gemms = sum(n for _, n in _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "gemm"))
+    attns = sum(n for _, n in _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "attention"))
     base = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=True).decode
     more = predict(SMALL, wl, "tp_pp:1x1", kinds, 1, graphs=True).decode
-    assert more.seconds - base.seconds == pytest.approx(
-        SMALL.n_layers * 1e-6 * (4 * (5 - 2) + (8 - 2)), rel=1e-6)
+    assert more.seconds - base.seconds == pytest.approx(1e-6 * (gemms * 3 + attns * 6))
 
 
 def test_host_scale_fits_the_layer_probe():
@@ -639,7 +376,7 @@ def test_host_scale_fits_the_layer_probe():
     # with its calls counted. Its time over those calls at the per-call
     # figures scales every eager step's host time (never below 1).
     calls = {"kernels": 11, "metas": 12, "modules": 7, "gemms": 4, "attns": 1}
-    per_calls = (6 * 10 + 4 * 40 + 1 * 30) + 12 * 2 + 7 * 3  # ROUND_HOST + gemm/attn figures: 295 us
+    per_calls = (6 * 10 + 4 * 40 + 1 * 30) + 12 * 2 + 7 * 3  # 295 us
     kinds = dict(**ROUND_HOST, gemm_us=40, attn_us={"decode": 30})
     probe = Cluster.from_dict(_round_dict(**kinds, measurements={
         "layer_probe": {"us": 1.5 * per_calls, "calls": calls}}))
@@ -659,7 +396,7 @@ def test_ep_small_decode_is_static():
     # ep decode with every rank's tokens within DENSE_MOE_MAX_TOKENS: one
     # all-gather of the (largest) share and one reduce-scatter a layer, no
     # all-to-all, no host wait; in a CUDA graph unless graphs are off.
-    spec = MOE.model.replace(dtype="bf16")
+    spec = get_preset("tiny-moe").model.replace(dtype="bf16")
     wl = Workload(batch=8, seq_len=16, decode_steps=2)
     for graphs in (None, False):
         pred = predict(spec, wl, "ep:2", ROUND, 2, graphs=graphs)
@@ -667,7 +404,7 @@ def test_ep_small_decode_is_static():
         assert set(dec.comms) == {"all_gather/ep", "reduce_scatter/ep"}
         assert dec.comms["all_gather/ep"].bytes == spec.n_layers * 8 * spec.d_model * 2
         assert dec.syncs == 0
-        assert (dec.host_s == 0) == (graphs is None)
+        assert (dec.host_s == 0) == (graphs is None) == dec.graph
         assert "all_to_all/ep" in pred.prefill.comms
     big = predict(spec, Workload(batch=80, seq_len=16, decode_steps=2), "ep:2", ROUND, 2)
     assert "all_to_all/ep" in big.decode.comms and big.decode.syncs > 0
@@ -678,7 +415,7 @@ def test_compute_rate_follows_the_duty_cycle():
     # under a cap on average power (power ~ clock^3): d c^3 = 0.9^3, so c =
     # 0.9 / d^(1/3), at most 1. Always busy 0.9; busy 80% 0.9 / 0.928; busy
     # half the step or less, the burst rate.
-    from shardwise.perf.costmodel import duty_derate
+    from shardwise.perf.costs import duty_derate
 
     assert duty_derate(0.9, 1.0) == pytest.approx(0.9)
     assert duty_derate(0.9, 0.8) == pytest.approx(0.9 / 0.8 ** (1 / 3))
@@ -697,7 +434,7 @@ def test_compute_rate_follows_the_duty_cycle():
         held = predict(spec, wl, plan, derated, 2).prefill
         duty = held.compute_s / held.seconds
         ratio = burst.compute_s / held.compute_s
-        assert ratio == pytest.approx(min(1.0, 0.9 / duty ** (1 / 3)), rel=0.02), (plan, duty,
+        assert ratio == pytest.approx(min(1.0, 0.9 / duty ** (1 / 3)), rel=0.05), (plan, duty,
                                                                                   ratio)
         if plan.startswith("layerwise"):
             assert duty == pytest.approx(0.5, abs=0.05)
@@ -705,48 +442,25 @@ def test_compute_rate_follows_the_duty_cycle():
             assert duty > 0.8  # busy but for its exposed all-reduces
 
 
-def test_fidelity_predicts_the_layout_a_record_ran():
-    # small-l2 at 60 MiB on 2 ranks: the search now picks 2 replicas of the
-    # whole model; a record that ran 2 groups x 1 replica is predicted as such.
-    from shardwise.parallel.layerwise import plan_partition
-    from shardwise.perf.reproduce import record_layout
-    from shardwise.spec import Plan
+def test_fidelity_refuses_a_record_of_another_layout():
+    # small-l2 at 60 MiB on 2 ranks: the search now picks 2 replicas of the whole
+    # model; a record that ran 2 groups x 1 replica is of a plan the code no longer
+    # runs, and fidelity says so.
+    from shardwise.perf.reproduce import _same_layout
 
     p = get_preset("small-l2")
     plan = Plan.parse("layerwise:cap=60MiB")
     wl = Workload(batch=4, seq_len=128, decode_steps=4)
-    assert len(plan_partition(p.model, wl, plan, 2).groups) == 1
-    rec = {"report": {"groups": [[0, 4], [4, 8]], "replicas": 1}}
-    layout = record_layout(rec, p.model, wl, plan, 2)
-    assert [g.layers for g in layout.groups] == [range(0, 4), range(4, 8)] and layout.replicas == 1
-    ran = predict(p.model, wl, plan, H100_8, 2, layout=layout)
-    assert ran.notes[0].startswith("layerwise: 2 group(s) x 1 replica(s)")
-    assert record_layout({"report": {}}, p.model, wl, plan, 2) is None
+    _same_layout({"report": {"groups": [[0, 8]], "replicas": 2}}, p.model, wl, plan, 2)
+    with pytest.raises(ShardwiseError, match=r"ran layer groups \[\[0, 4\], \[4, 8\]\]"):
+        _same_layout({"report": {"groups": [[0, 4], [4, 8]], "replicas": 1}}, p.model, wl,
+                     plan, 2)
 
 
-# The non-MoE cases whose decode steps replay a CUDA graph on GPUs (gqa's helix
-# over 4 slices splits the sequence, which stays eager).
-GRAPH_CASES = [("fused", "tp_pp:2x1"), ("gqa", "tp_pp:2x1"), ("fused", "helix:1x2"),
-               ("gqa", "helix:1x2"), ("fused", "helix:2x1,reduce=flat"), ("fused", "ring:2"),
-               ("fused", "layerwise:cap=1MB"), ("fused", "ring:4")]
-
-
-@pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_graph_kernels_match_the_code(counted, case):
-    # The static decode step a CUDA graph replays, counted on CPU ranks along the
-    # GPU branches: its kernels per layer and in the rest of the step are the
-    # ones the model charges (Flavour.static_decode, STATIC_STEP and the
-    # strategies' extras).
-    a, b, spec, nproc = counted[case]
-    step = predict(spec, COUNT_WL, case[1], H100_8, nproc).decode
-    layer = max(rb["kernels"] - ra["kernels"] for ra, rb in zip(a["static"], b["static"]))
-    rest = max(2 * ra["kernels"] - rb["kernels"] for ra, rb in zip(a["static"], b["static"]))
-    # On GPUs tp_pp's all-reduce, residual add and norm are one kernel
-    # (parallel/reduce_norm.py), charged as the collective; on CPU ranks the add
-    # + norm is a kernel of its own, twice a layer.
-    fused = 2 if case[1].startswith("tp_pp:2") else 0
-    assert step.graph_layer_kernels > 0
-    assert (layer, rest) == (step.graph_layer_kernels + fused, step.graph_step_kernels), case
+def test_peers_are_not_predicted():
+    p = get_preset("seed-helix-4l")
+    with pytest.raises(ShardwiseError, match="PyTorch's own method"):
+        predict(p.model, p.reduced, "torch_eager:1", H100_8, 1)
 
 
 PROBES = {"gemm": {"512x512": 3.0, "512x2048": 4.0, "2048x512": 6.0},
@@ -774,27 +488,20 @@ def test_decode_kernel_probes_interpolate():
 
 
 def test_graph_decode_charges_the_probed_kernels():
-    # SMALL (d_model 256, exact GELU) decoding 4 sequences in a CUDA graph: each
-    # norm takes the probe's 2 us (its launch in it), each GEMM at least the
-    # probes' floor of 3 us; nothing else changes, and eager steps, prefill and
+    # SMALL (d_model 256) decoding 4 sequences in a CUDA graph: each fused add +
+    # norm takes the probe's 2 us (its launch in it), the cache write 2.5 us,
+    # each GEMM at least the probes' floor of 3 us; prefill, eager steps and
     # wide batches are as without probes.
     wl = Workload(batch=4, seq_len=128, decode_steps=4)
     cl = Cluster.from_dict(_round_dict(decode_kernels_us=PROBES, **ROUND_HOST))
     base, probed = (predict(SMALL, wl, "tp_pp:1x1", c, 1) for c in (ROUND, cl))
-    L = SMALL.n_layers
-    assert probed.decode.ops["norms+residual"].seconds == pytest.approx(L * 2 * 2e-6)
-    assert probed.decode.ops["qkv"].seconds == pytest.approx(L * 3e-6)
-    assert probed.decode.ops["kv write"].seconds == pytest.approx(L * 2.5e-6)
-    gemm_s = sum(base.decode.ops[n].seconds for n in ("qkv", "w_o")) / L
-    norm_s = base.decode.ops["norms+residual"].seconds / L
-    kv_s = base.decode.ops["kv write"].seconds / L
-    mlp_gemms = (probed.decode.ops["mlp"].seconds - base.decode.ops["mlp"].seconds) / L
-    # Per layer: 2 norms, 2 attention GEMMs and the cache write at their probes
-    # instead of roofline + launch (ROUND: 2 us a kernel), the MLP's GEMMs likewise.
-    k = ROUND.kernel_s
-    per_layer = (2 * 2e-6 - norm_s - 2 * k) + (2 * 3e-6 - gemm_s - 2 * k) \
-        + (2.5e-6 - kv_s - k) + (mlp_gemms - 2 * k)
-    assert probed.decode.seconds - base.decode.seconds == pytest.approx(L * per_layer, rel=1e-6)
+    norms = sum(n for _, n in _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "triton"))
+    gemms = sum(n for _, n in _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "gemm"))
+    writes = sum(n for _, n in _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "index_write"))
+    assert norms == 2 * SMALL.n_layers + 1 and writes == SMALL.n_layers
+    assert probed.decode.ops["triton"].seconds == pytest.approx(norms * 2e-6)
+    assert probed.decode.ops["index_write"].seconds == pytest.approx(writes * 2.5e-6)
+    assert probed.decode.ops["gemm"].seconds >= gemms * 3e-6
     assert probed.prefill.seconds == base.prefill.seconds
     eager = [predict(SMALL, wl, "tp_pp:1x1", c, 1, graphs=False).decode.seconds for c in (ROUND, cl)]
     assert eager[0] == eager[1]

@@ -39,7 +39,7 @@ def kernel(monkeypatch):
             return found[1][grid]
 
     counted = Counted()
-    monkeypatch.setattr(flash, "_triton", (found[0], counted))
+    monkeypatch.setattr(flash, "_kernel", lambda: (found[0], counted))
     return counted
 
 
@@ -112,7 +112,7 @@ def test_only_wide_heads_on_gpus_take_it(kernel, monkeypatch):
     assert flash.wide_ok(q, k, v, plain_causal=True)
     many = [t.expand(65536, *t.shape[1:]) for t in (q, k, v)]  # more sequences x K/V heads
     assert not flash.wide_ok(*many)  # than a grid's second dimension holds
-    monkeypatch.setattr(flash, "_triton", False)  # Triton not installed
+    monkeypatch.setattr(flash, "_kernel", lambda: False)  # Triton not installed
     assert not flash.wide_ok(q, k, v)
 
 
@@ -142,12 +142,12 @@ def test_cpu_tensors_keep_their_path_without_the_interpreter(monkeypatch):
 
 def test_callers_take_it_where_it_is_faster(kernel):
     def sdpa_path(fn):  # the same call with the kernel unavailable: PyTorch's path
-        saved = flash._triton
-        flash._triton = False
+        saved = flash._kernel
+        flash._kernel = lambda: False
         try:
             return fn()
         finally:
-            flash._triton = saved
+            flash._kernel = saved
 
     for d, T, S, q_start, taken in [(512, 16, 16, 0, True), (512, 6, 20, 14, True),
                                     (512, 1, 20, 19, False), (256, 16, 16, 0, False),
@@ -171,10 +171,10 @@ def test_callers_take_it_where_it_is_faster(kernel):
 
 
 def test_counted_as_one_kernel_along_the_gpu_branches():
-    # calibrate.CudaPaths runs the GPU branches on CPU: the kernel's stand-in is
-    # float32 attention, counted as one kernel and one attention (what the cost
-    # model's host calls count); CallCounter counts a real launch the same way.
-    from shardwise.perf.calibrate import CallCounter, CudaPaths
+    # counting.CudaPaths runs the GPU branches on CPU: the kernel's stand-in is
+    # float32 attention, counted as one Triton launch (what the cost model's
+    # host calls count); CallCounter counts a real launch the same way.
+    from shardwise.perf.counting import CallCounter, CudaPaths
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 12, 512, generator=g).half()
@@ -184,7 +184,8 @@ def test_counted_as_one_kernel_along_the_gpu_branches():
                         1 / math.sqrt(512), False)
     with torch.inference_mode(), CudaPaths(), CallCounter(names=True) as c:
         o = causal_attention(q, k, v, 8)
-    assert c.names.get(("kernels", "triton flash")) == 1 and c.counts["attns"] == 1
+    assert c.names.get(("tritons", "flash_fwd_kernel")) == 1 and c.counts["tritons"] == 1
+    assert c.counts["attns"] == 0  # no SDPA call
     assert torch.equal(o, want[0])
 
 
@@ -198,32 +199,51 @@ def test_calibrate_measures_it_where_the_code_takes_it(kernel):
 
 
 def test_cost_model_charges_the_measured_rate():
+    # The recorder finds the kernel where the code takes it (an attention of
+    # backend "wide", with 4 d FLOPs a scored pair and head); the cost model
+    # charges calibrate's rate for it, and PyTorch's rates where the profile
+    # has none.
     import json
     from importlib import resources
 
     from shardwise.perf.clusters import Cluster
-    from shardwise.perf.costmodel import Core, Roofline
+    from shardwise.perf.costs import Costs
+    from shardwise.perf.events import expand
+    from shardwise.perf.record import record_rank
+    from shardwise.spec import Plan
 
     profile = json.loads((resources.files("shardwise.perf") / "profiles" / "h100-sxm-8.json")
                          .read_text())
     base = Cluster.from_dict(profile)  # no figure for the kernel: PyTorch's rates
     wide = Cluster.from_dict({**profile, "wide_attention_tflops":
                               {"dtype": "bf16", "256": 500.0, "512": 300.0}})
-    prefill = Core(1, 16, 16, 4096, 4096 * 4097 / 2, 4096, False, "sdpa")
-    ring_block = Core(1, 16, 16, 4096, 4096 * 4096, 4096, False, "flash")
-    decode = Core(16, 16, 16, 1, 4096, 4096, True, "flash")
-    for d, plain in [(512, True), (256, False)]:
-        spec = ModelSpec(name="w", n_layers=1, d_model=8192, n_heads=8192 // d, head_dim=d,
-                         d_ff=8192, dtype="bf16")
-        old, new = Roofline(spec, base), Roofline(spec, wide)
-        rate = 1e12 * (300.0 if d == 512 else 500.0) * new.derate
-        flops = 4 * 16 * d * ring_block.pairs
-        assert new.core(ring_block).seconds == pytest.approx(flops / rate)
-        p_flops = 4 * 16 * d * prefill.pairs
-        # The plain causal prefill: the kernel at 512, SDPA (cuDNN) at 256.
-        assert new.core(prefill).seconds == pytest.approx(
-            p_flops / rate if plain else old.core(prefill).seconds)
-        assert new.core(decode).seconds == old.core(decode).seconds  # one query: PyTorch's
+    wl = Workload(batch=2, seq_len=64, decode_steps=2)
+
+    def attentions(spec, plan, world, phase):
+        rec = record_rank(spec, wl, Plan.parse(plan), world, 0)
+        return [k for e, _ in expand(rec.steps[phase].events)
+                for k in getattr(e, "kernels", ()) if k.cls == "attention"]
+
+    for d in (512, 256):
+        spec = ModelSpec(name="w", n_layers=2, d_model=1024, n_heads=4, head_dim=d,
+                         d_ff=1024, dtype="bf16")
+        rate = 1e12 * (300.0 if d == 512 else 500.0)
+        # The plain causal prefill: the kernel at 512, SDPA (cuDNN) at 256;
+        # ring's blocks at a query offset take it at both widths.
+        plain = attentions(spec, "tp_pp:1x1", 1, "prefill")
+        assert {k.dims[0] for k in plain} == {"wide" if d == 512 else "cudnn"}
+        blocks = attentions(spec, "ring:2", 2, "prefill")
+        assert {k.dims[0] for k in blocks} == {"wide"}
+        k = blocks[0]
+        B, H, T, S, hd, causal = k.dims[1:7]
+        pairs = T * (T + 1) / 2 + T * (S - T) if causal else T * S
+        assert k.flops == 4 * B * H * hd * pairs
+        assert Costs(wide, False, False, 1.0).attention(k) == pytest.approx(
+            max(k.flops / rate, k.bytes / wide.stream_rate))
+        assert Costs(base, False, False, 1.0).attention(k) == pytest.approx(
+            max(k.flops / base.attention_rate(d, "bf16"), k.bytes / base.stream_rate))
+        # One query: PyTorch's decode kernels.
+        assert "wide" not in {k.dims[0] for k in attentions(spec, "tp_pp:1x1", 1, "decode")}
 
 
 # Two heads of 512 (seed-ring-4l's width, fp16 as that preset); with one K/V

@@ -58,7 +58,7 @@ def test_add_norm_kernel_matches_the_modules_on_cpu(monkeypatch, rms):
     # The Triton kernel through its interpreter, fp32 rows: h bit for bit, the
     # norm to float32 rounding (the statistics' summation order differs).
     triton, kernel = interpreted("shardwise.model.triton_norm", "add_norm_kernel")
-    monkeypatch.setattr(kernels, "_triton", (triton, kernel))
+    monkeypatch.setattr(kernels, "_kernel", lambda: (triton, kernel))
     torch.manual_seed(0)
     x, a = torch.randn(5, 100), torch.randn(5, 100)
     m = _modules(100, torch.float32, "cpu")[1 if rms else 0]
@@ -79,7 +79,7 @@ def test_swiglu_kernel_matches_silu_times_up_on_cpu(monkeypatch, dtype, F):
     # rounding, so to one unit in the last place of the dtype once rounded,
     # which the product (rounded again) carries: two units at most.
     kernel = interpreted("shardwise.model.triton_swiglu", "swiglu_kernel")
-    monkeypatch.setattr(kernels, "_swiglu", kernel)
+    monkeypatch.setattr(kernels, "_swiglu_kernel", lambda: kernel)
     h = _gate_up(7, F, dtype)
     gate, up = h.chunk(2, dim=-1)
     want = (Fn.silu(gate) * up).float()

@@ -7,7 +7,7 @@ layout (from the run's report) and that the layout computes the reference.
 import pytest
 
 from helpers import assert_verified, run_plans, with_real_features
-from shardwise.perf.partition import PartitionError, layer_costs, partition
+from shardwise.parallel.partition import PartitionError, layer_costs, partition
 from shardwise.spec import ModelSpec, Workload
 
 # Activations outweigh these small layers, so replicas (which split the batch)

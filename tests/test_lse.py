@@ -209,14 +209,15 @@ def test_triton_merge_matches_the_pytorch_merge(n, dtype):
 
 
 def test_merge_of_packed_views_on_the_cuda_branches():
-    # Along the GPU branches on CPU (calibrate.CudaPaths), merge_stack takes the
+    # Along the GPU branches on CPU (counting.CudaPaths), merge_stack takes the
     # Triton path, whose stand-in is the PyTorch merge counted as one launch:
     # the same result as the merge of contiguous copies, and one kernel.
-    from shardwise.perf.calibrate import CallCounter, CudaPaths
+    from shardwise.perf.counting import CallCounter, CudaPaths
 
     parts, o, lse = _packed_parts(2, 3, 4, 16, torch.bfloat16, "cpu")
     want, want_total = merge_stack(o.contiguous(), lse.contiguous())
     with torch.inference_mode(), CudaPaths(), CallCounter(names=True) as c:
         got, total = merge_stack(o, lse)
-    assert c.names.get(("kernels", "triton merge")) == 1 and c.counts["kernels"] == 1
+    assert c.names.get(("tritons", "merge_kernel")) == 1 and c.counts["tritons"] == 1
+    assert c.counts["kernels"] == 0
     assert torch.equal(got, want) and torch.equal(total, want_total)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from shardwise.parallel.base import balanced_ranges, validate_plan
-from shardwise.perf.partition import (
-    DEVICE_CAPACITY, TIE, capacity_text, LayerCosts, PartitionError, best_split, format_partition,
-    layer_costs, layer_weight_bytes, min_capacity, parse_capacity, partition,
-    partition_command, ranks_needed, split,
+from shardwise.parallel.partition import (
+    DEVICE_CAPACITY, TIE, capacity_text, LayerCosts, PartitionError, best_split, layer_costs,
+    layer_weight_bytes, min_capacity, parse_capacity, partition, ranks_needed, split,
 )
+from shardwise.perf.planner import format_partition, partition_command
 from shardwise.presets import get_preset
 from shardwise.spec import ModelSpec, ShardwiseError, Workload
 

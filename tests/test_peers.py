@@ -17,7 +17,7 @@ from shardwise.model.load import ShardLoader
 from shardwise.model.weights import WeightSource
 from shardwise.parallel.base import validate_plan
 from shardwise.parallel.topology import Topology
-from shardwise.perf.calibrate import SYNC_OPS
+from shardwise.perf.events import SYNC_OPS
 from shardwise.presets import get_preset
 from shardwise.runtime.job import Case, Job
 from shardwise.runtime.launcher import launch
@@ -76,7 +76,7 @@ def test_dtensor_peer_verifies_on_every_architecture(architectures):
 
 def _host_reads(model, x, pos) -> list[str]:
     """The ops of one step that make the host wait for the device (a CUDA
-    graph cannot hold them): calibrate's SYNC_OPS, and ``torch.where`` with
+    graph cannot hold them): the recorder's SYNC_OPS, and ``torch.where`` with
     one argument (a nonzero under another name)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 

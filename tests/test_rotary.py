@@ -81,7 +81,7 @@ def test_triton_rotation_matches_the_pytorch_form(monkeypatch, rope, dtype, pos,
     # fp32 and fp16: the same expressions in float32, rounded once, so bit for
     # bit (Triton's interpreter rounds bf16 by truncation, unlike GPUs).
     kernel = interpreted("shardwise.model.triton_rotary", "rotary_kernel")
-    monkeypatch.setattr(rotary, "_triton", kernel)
+    monkeypatch.setattr(rotary, "_kernel", lambda: kernel)
     pos = torch.tensor(6) if pos == "t" else pos
     slot = torch.tensor(2) if slot == "t2" else slot
     length = 16 if isinstance(pos, torch.Tensor) else None
@@ -97,7 +97,7 @@ def test_triton_rotation_matches_the_pytorch_form(monkeypatch, rope, dtype, pos,
 
 def test_rotation_of_queries_or_keys_alone(monkeypatch):
     kernel = interpreted("shardwise.model.triton_rotary", "rotary_kernel")
-    monkeypatch.setattr(rotary, "_triton", kernel)
+    monkeypatch.setattr(rotary, "_kernel", lambda: kernel)
     rope = ROPES[1]
     q, k, v, _ = _case(rope, torch.float32, H=6, Hkv=2)
     want_q, want_k = rope.apply(q, 3), rope.apply(k, 9)

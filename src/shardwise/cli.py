@@ -744,7 +744,7 @@ def cmd_clusters(args) -> int:
 
 
 def cmd_partition(args) -> int:
-    from .perf.partition import partition_parts
+    from .perf.planner import partition_parts
 
     emit(partition_parts(model_ref(args), args.capacity, args.ranks, args.batch, args.seq,
                          cluster=args.cluster), args.format)

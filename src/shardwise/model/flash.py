@@ -67,17 +67,14 @@ CONFIGS: dict[int, Config] = {
 
 _HALF = (torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension: sequences x K/V heads
-_triton = None  # (triton, flash_fwd_kernel), or False without Triton
 
 
 def _kernel():
     """``(triton, flash_fwd_kernel)`` (:mod:`.triton_flash`), or False without Triton."""
-    global _triton
-    if _triton is None:
-        _triton = triton_kernel(f"{__package__}.triton_flash", "flash_fwd_kernel")
-        if _triton and os.environ.get("TRITON_INTERPRET") == "1":
-            _interpreter_index_fix()
-    return _triton
+    loaded = triton_kernel(f"{__package__}.triton_flash", "flash_fwd_kernel")
+    if loaded and os.environ.get("TRITON_INTERPRET") == "1":
+        _interpreter_index_fix()
+    return loaded
 
 
 def _interpreter_index_fix() -> None:

@@ -36,31 +36,35 @@ import torch.nn.functional as Fn
 from torch import nn
 
 _MAX_D = 32768
-_triton = None  # the compiled kernel, or False when Triton is unavailable
-_swiglu = None  # (triton, swiglu_kernel), or False without Triton
-_experts = None  # (triton, expert_rows_kernel), or False without Triton
+_LOADED: dict = {}  # (module, name) -> (triton, kernel), or False without Triton
+# Set by shardwise.perf while it counts or records a step: every Triton kernel
+# is then loaded through ``LOAD_HOOK(module, name, loaded)``, which returns
+# the ``(triton, kernel)`` to launch in place of ``loaded`` (the real pair, or
+# False where Triton is not installed). None: the real kernels.
+LOAD_HOOK = None
 _HALF = (torch.bfloat16, torch.float16)
 
 
 def triton_kernel(module: str, name: str):
     """``(triton, kernel)``: the ``@triton.jit`` kernel ``name`` of ``module``
     (a module that imports Triton at its top), or False where Triton is not
-    installed. Callers keep the result; Triton compiles at the first launch."""
-    try:
-        import triton
+    installed. Loaded once and kept here, so callers ask at every launch (a
+    dict lookup) and a step run under ``LOAD_HOOK`` sees every kernel it
+    launches. Triton compiles at the first launch."""
+    key = (module, name)
+    if key not in _LOADED:
+        try:
+            import triton
 
-        kernel = getattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-    return triton, kernel
+            _LOADED[key] = triton, getattr(importlib.import_module(module), name)
+        except ImportError:
+            _LOADED[key] = False
+    return _LOADED[key] if LOAD_HOOK is None else LOAD_HOOK(module, name, _LOADED[key])
 
 
 def _kernel():
     """``(triton, add_norm_kernel)`` (:mod:`.triton_norm`), or False without Triton."""
-    global _triton
-    if _triton is None:
-        _triton = triton_kernel(f"{__package__}.triton_norm", "add_norm_kernel")
-    return _triton
+    return triton_kernel(f"{__package__}.triton_norm", "add_norm_kernel")
 
 
 def eps_of(module: nn.Module, x: torch.Tensor) -> float:
@@ -117,10 +121,8 @@ def add_norm(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None):
 
 
 def _swiglu_kernel():
-    global _swiglu
-    if _swiglu is None:
-        _swiglu = triton_kernel(f"{__package__}.triton_swiglu", "swiglu_kernel")
-    return _swiglu
+    """``(triton, swiglu_kernel)`` (:mod:`.triton_swiglu`), or False without Triton."""
+    return triton_kernel(f"{__package__}.triton_swiglu", "swiglu_kernel")
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -148,10 +150,8 @@ def _swiglu_launch(h: torch.Tensor) -> torch.Tensor:
 
 
 def _experts_kernel():
-    global _experts
-    if _experts is None:
-        _experts = triton_kernel(f"{__package__}.triton_moe", "expert_rows_kernel")
-    return _experts
+    """``(triton, expert_rows_kernel)`` (:mod:`.triton_moe`), or False without Triton."""
+    return triton_kernel(f"{__package__}.triton_moe", "expert_rows_kernel")
 
 
 def expert_rows(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, first: int,

@@ -35,6 +35,36 @@ _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 _STEP: dict | None = None  # index tensors of the step being run (see one_step)
 
+# A loop whose iterations each do the same work (one per sequence of a batch)
+# iterates ``same_work(n)``; a recorder of what a step does (shardwise.perf)
+# replaces it to run one iteration and count it n times.
+SAME_WORK = range
+
+
+def same_work(n: int):
+    return SAME_WORK(n)
+
+
+def _each(items: list, fn) -> list:
+    return [fn(item) for item in items]
+
+
+# A map over items that each take the same work (a model's layers, their KV
+# caches' views); a recorder of what a step does (shardwise.perf) replaces it
+# to run the first two and let the second's result stand for the rest.
+EACH_ALIKE = _each
+
+
+def each_alike(items, fn) -> list:
+    """``[fn(item) for item in items]``, for items that each take the same work."""
+    return EACH_ALIKE(list(items), fn)
+
+
+def build_layers(layers, build) -> nn.ModuleList:
+    """``nn.ModuleList`` of ``build(layer)`` for each of ``layers`` (they differ
+    in their weights only)."""
+    return nn.ModuleList(each_alike(layers, build))
+
 
 @contextmanager
 def one_step():
@@ -199,7 +229,9 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
                     and d <= 128 and q.is_cuda)
     if T == 1 and H != Hkv and not cudnn_static:
         o = _causal_sdpa(q.reshape(B, Hkv, H // Hkv, d), k, v, q_start, 1, False)
-        return o.view(B, H, 1, d)
+        # A view of FlashAttention's output (laid out as q is); the
+        # memory-efficient kernel's ([B, rows, Hkv, d] transposed) is copied.
+        return o.reshape(B, H, 1, d)
     return _causal_sdpa(q, k, v, q_start, T, H != Hkv)
 
 
@@ -290,7 +322,7 @@ class Attention(nn.Module):
                 self.wqkv.bias.split([H * d, 2 * self.n_kv_heads * d])
             q = Fn.linear(x, w_q, b_q).view(B, T, H, d)
             x = x.contiguous()
-            for b in range(B):
+            for b in same_work(B):
                 if b_kv is None:
                     torch.mm(x[b], w_kv.t(), out=cache.rows(b, pos, T))
                 else:
@@ -455,7 +487,7 @@ class MoE(nn.Module):
         local = experts.reshape(-1) - self.first_expert  # [N*k]
         key = torch.where((local >= 0) & (local < held), local, held)  # others sort last
         order = torch.argsort(key, stable=True)
-        sizes = torch.bincount(key, minlength=held + 1)[:held].tolist()  # the host waits here
+        sizes = torch.bincount(key, minlength=held + 1)[:held].cpu().tolist()  # the host waits
         rows = order[: sum(sizes)]  # the held experts' (token, pick) pairs, by expert
         y = grouped_expert_mlp(x[rows // k], sizes, self.w_in, self.w_down, self.activation)
         terms = torch.zeros(N * k, x.shape[1], dtype=x.dtype, device=x.device)
@@ -541,7 +573,7 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, spec: ModelSpec, layers: Sequence[int] | None = None,
-                 first: bool = True, last: bool = True):
+                 first: bool = True, last: bool = True, blocks: bool = True):
         super().__init__()
         self.spec = spec
         self.layer_ids = list(range(spec.n_layers) if layers is None else layers)
@@ -551,7 +583,9 @@ class Transformer(nn.Module):
         self.embed = (nn.Embedding(spec.vocab_size, spec.d_model,
                                    _weight=torch.empty(spec.vocab_size, spec.d_model))
                       if has_vocab and first else None)
-        self.layers = nn.ModuleList(make_block(spec) for _ in self.layer_ids)
+        # blocks=False: the caller sets ``layers`` (a strategy's shards of them)
+        self.layers = (build_layers(self.layer_ids, lambda _: make_block(spec)) if blocks
+                       else nn.ModuleList())
         self.norm = make_norm(spec) if last else None
         self.lm_head = (nn.Linear(spec.d_model, spec.vocab_size, bias=False)
                         if has_vocab and last else None)

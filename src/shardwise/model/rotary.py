@@ -28,15 +28,12 @@ import torch
 from .kernels import triton_kernel
 from .rope import Rope, rotated
 
-_triton = None  # (triton, rotary_kernel), or False without Triton
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _kernel():
-    global _triton
-    if _triton is None:
-        _triton = triton_kernel(f"{__package__}.triton_rotary", "rotary_kernel")
-    return _triton
+    """``(triton, rotary_kernel)`` (:mod:`.triton_rotary`), or False without Triton."""
+    return triton_kernel(f"{__package__}.triton_rotary", "rotary_kernel")
 
 
 def rotate(rope: Rope, pos, q: torch.Tensor | None = None, k: torch.Tensor | None = None,

@@ -24,7 +24,11 @@ class:
 * ``supports_graphs`` (attribute or property, default False): a decode step
   may be captured once in a CUDA graph and replayed at every position, i.e.
   it accepts ``pos`` as a 0-d device tensor and does no host work that
-  depends on it (see ``runtime/timing.py``).
+  depends on it (see ``runtime/timing.py``);
+* ``twin(spec, workload, plan, topo, rank)`` (classmethod, default: the rank
+  itself): a rank whose steps are this rank's with the global ranks shifted
+  along the mesh axes where the two differ. A recorder of a plan's steps
+  (``shardwise.perf``) records a twin once; tests hold every twin to it.
 """
 from __future__ import annotations
 
@@ -83,6 +87,16 @@ class Strategy(nn.Module):
         """For a plan that adapts to any number of ranks (``ranks_needed`` None):
         the number it runs on when none is given, or None (then one must be)."""
         return None
+
+    @classmethod
+    def twin(cls, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
+             rank: int) -> int:
+        return rank
+
+    @staticmethod
+    def first_along(topo: Topology, rank: int, *axes: str) -> int:
+        """The rank with ``rank``'s coordinates, but 0 along ``axes``."""
+        return topo.rank_of(**{**topo.coords(rank), **dict.fromkeys(axes, 0)})
 
     @classmethod
     def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
@@ -199,6 +213,23 @@ def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
         out.append((start, start + size))
         start += size
     return out
+
+
+def _each(ranges, fn, alike) -> list:
+    return [fn(i, b0, b1) for i, (b0, b1) in enumerate(ranges)]
+
+
+# How micro_batched runs its micro-batches; a recorder of what a step does
+# (shardwise.perf) replaces it to run one of each kind and count it for all.
+RUN_MICRO_BATCHES = _each
+
+
+def micro_batched(ranges, fn, alike=None) -> list:
+    """``fn(i, b0, b1)`` for each micro-batch ``i`` of ``ranges`` (ranges of
+    sequences), in order: the outputs. ``alike[i]``: what, beside its size,
+    decides micro-batch i's work (None: its size alone); micro-batches equal
+    in both do the same work."""
+    return RUN_MICRO_BATCHES(ranges, fn, alike)
 
 
 def get_strategy(name: str) -> type[Strategy]:

@@ -118,10 +118,9 @@ class Comm:
             key = self._count("all_reduce", axis, t.nbytes)
             buf = self._one_shot_buffer(t, axis)
             if buf is not None:
-                self._blocking(key, torch.ops.symm_mem.one_shot_all_reduce_copy_out, buf, t,
-                               "sum", self.topo.group(axis).group_name, t)
+                self._blocking(key, self._one_shot, buf, t, axis)
             else:
-                self._blocking(key, dist.all_reduce, t, group=self.topo.group(axis))
+                self._blocking(key, self._reduce, t, self.topo.group(axis))
         return t
 
     def _one_shot_buffer(self, t: torch.Tensor, axis: str) -> torch.Tensor | None:
@@ -136,11 +135,7 @@ class Comm:
         key = (axis, tuple(t.shape), t.dtype)
         buf = self._symm.get(key)
         if buf is None and not torch.cuda.is_current_stream_capturing():
-            import torch.distributed._symmetric_memory as symm_mem
-
-            buf = symm_mem.empty(t.shape, dtype=t.dtype, device=t.device)
-            symm_mem.rendezvous(buf, self.topo.group(axis).group_name)
-            self._symm[key] = buf
+            buf = self._symm[key] = self._symmetric_buffer(t, axis)
         return buf
 
     def all_reduce_add_norm(self, p: torch.Tensor, x: torch.Tensor, module, axis: str):
@@ -172,8 +167,7 @@ class Comm:
         if fused is None:
             if torch.cuda.is_current_stream_capturing():
                 return None
-            fused = self._fused[axis] = reduce_norm.FusedReduceNorm(self.topo.group(axis),
-                                                                    x.device)
+            fused = self._fused[axis] = self._reduce_norm_kernel(axis, x.device)
         return fused if fused.ready(p.dtype, x.shape[-1]) else None
 
     def all_gather(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
@@ -184,7 +178,7 @@ class Comm:
         t = t.movedim(dim, 0).contiguous()
         out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         key = self._count("all_gather", axis, out.nbytes)
-        self._blocking(key, _all_gather_into, out, t, group=self.topo.group(axis))
+        self._blocking(key, self._gather, out, t, self.topo.group(axis))
         return out.movedim(0, dim)
 
     def reduce_scatter(self, t: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
@@ -195,7 +189,7 @@ class Comm:
         t = t.movedim(dim, 0).contiguous()
         out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
         key = self._count("reduce_scatter", axis, t.nbytes)
-        self._blocking(key, _reduce_scatter_into, out, t, group=self.topo.group(axis))
+        self._blocking(key, self._scatter, out, t, self.topo.group(axis))
         return out.movedim(0, dim)
 
     def all_to_all(self, t: torch.Tensor, axis: str, in_splits: Sequence[int] | None = None,
@@ -210,11 +204,7 @@ class Comm:
         rows = sum(out_splits) if out_splits is not None else t.shape[0]
         out = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
         key = self._count("all_to_all", axis, t.nbytes)
-        self._blocking(
-            key, dist.all_to_all_single, out, t, output_split_sizes=None if out_splits is None else list(out_splits),
-            input_split_sizes=None if in_splits is None else list(in_splits),
-            group=self.topo.group(axis),
-        )
+        self._blocking(key, self._swap, out, t, out_splits, in_splits, self.topo.group(axis))
         return out
 
     # -- point-to-point (global ranks) -----------------------------------
@@ -222,14 +212,12 @@ class Comm:
     # unbatched point-to-point ops serialised with every other op of the group.
     def isend(self, t: torch.Tensor, dst: int, axis: str):
         key = self._count("send", axis, t.nbytes)
-        return self._watch(
-            dist.batch_isend_irecv([dist.P2POp(dist.isend, t.contiguous(), dst)])[0], key)
+        return self._watch(self._p2p([(t.contiguous(), dst)], [])[0], key)
 
     def irecv(self, t: torch.Tensor, src: int, axis: str):
         if self.hook is not None:
             self.hook.called(f"recv/{axis}")
-        return self._watch(dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, src)])[0],
-                           f"recv/{axis}")
+        return self._watch(self._p2p([], [(t, src)])[0], f"recv/{axis}")
 
     def send(self, t: torch.Tensor, dst: int, axis: str) -> None:
         self.isend(t, dst, axis).wait()
@@ -242,28 +230,27 @@ class Comm:
                  recvs: Sequence[tuple[torch.Tensor, int]], axis: str):
         """Post sends and receives together (one batch, no ordering deadlock);
         returns the requests to wait on."""
-        ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+        sends = [(t.contiguous(), peer) for t, peer in sends]
         for t, _ in sends:
             self._count("send", axis, t.nbytes)
         if self.hook is not None and recvs:
             self.hook.called(f"recv/{axis}")
-        works = dist.batch_isend_irecv(ops) if ops else []
+        works = self._p2p(sends, list(recvs)) if sends or recvs else []
         return works if self.hook is None else [self._watch(w, f"exchange/{axis}") for w in works]
 
     def barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
             if self.hook is None:
-                dist.barrier()
+                self._barrier()
             else:
-                self._blocking("barrier", dist.barrier)
+                self._blocking("barrier", self._barrier)
 
     def all_reduce_world(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over every rank of the mesh in one call (counted on axis
         ``world``): the flat reduction that hierarchical schemes are compared with."""
         if self.topo.world_size > 1:
             key = self._count("all_reduce", "world", t.nbytes)
-            self._blocking(key, dist.all_reduce, t)
+            self._blocking(key, self._reduce, t, None)
         return t
 
     def all_reduce_start(self, t: torch.Tensor, axis: str):
@@ -274,7 +261,7 @@ class Comm:
         if self.topo.size(axis) == 1 or not t.numel():
             return lambda: t
         key = self._count("all_reduce", axis, t.nbytes)
-        work = self._watch(dist.all_reduce(t, group=self.topo.group(axis), async_op=True), key)
+        work = self._watch(self._reduce(t, self.topo.group(axis), async_op=True), key)
 
         def wait() -> torch.Tensor:
             work.wait()
@@ -294,11 +281,8 @@ class Comm:
         t = t.contiguous()
         out = torch.empty((sum(out_splits), *t.shape[1:]), dtype=t.dtype, device=t.device)
         key = self._count("all_to_all", axis, t.nbytes)
-        work = dist.all_to_all_single(out, t, output_split_sizes=list(out_splits),
-                                      input_split_sizes=list(in_splits),
-                                      group=self.topo.group(axis), async_op=True)
-
-        work = self._watch(work, key)
+        work = self._watch(self._swap(out, t, out_splits, in_splits, self.topo.group(axis),
+                                      async_op=True), key)
 
         def wait() -> torch.Tensor:
             work.wait()
@@ -322,8 +306,54 @@ class Comm:
         place (counted on axis ``world``): e.g. the token rank 0 chose."""
         if self.topo.world_size > 1:
             key = self._count("broadcast", "world", t.nbytes)
-            self._blocking(key, dist.broadcast, t, src)
+            self._blocking(key, self._broadcast, t, src)
         return t
+
+    # -- the transport: torch.distributed's calls, in one place --------------
+    # A recorder of what a step does (shardwise.perf.record) overrides these
+    # and the two buffer lookups above; everything else is shared.
+    def _reduce(self, t, group, async_op: bool = False):
+        return dist.all_reduce(t, group=group, async_op=async_op)
+
+    def _symmetric_buffer(self, t, axis: str):
+        """A buffer like ``t`` that the axis' peers read (collective)."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buf = symm_mem.empty(t.shape, dtype=t.dtype, device=t.device)
+        symm_mem.rendezvous(buf, self.topo.group(axis).group_name)
+        return buf
+
+    def _reduce_norm_kernel(self, axis: str, device):
+        return reduce_norm.FusedReduceNorm(self.topo.group(axis), device)
+
+    def _one_shot(self, buf, t, axis: str):
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, t, "sum",
+                                                        self.topo.group(axis).group_name, t)
+
+    def _gather(self, out, t, group):
+        return _all_gather_into(out, t, group=group)
+
+    def _scatter(self, out, t, group):
+        return _reduce_scatter_into(out, t, group=group)
+
+    def _swap(self, out, t, out_splits, in_splits, group, async_op: bool = False):
+        """all_to_all_single (None splits: equal)."""
+        return dist.all_to_all_single(
+            out, t, output_split_sizes=None if out_splits is None else list(out_splits),
+            input_split_sizes=None if in_splits is None else list(in_splits), group=group,
+            async_op=async_op)
+
+    def _p2p(self, sends, recvs) -> list:
+        """One batch of point-to-point ops; a request per op."""
+        ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+        return dist.batch_isend_irecv(ops)
+
+    def _broadcast(self, t, src: int):
+        return dist.broadcast(t, src)
+
+    def _barrier(self):
+        return dist.barrier()
 
 
 def gather_floats(values: list[float], device) -> list[list[float]]:

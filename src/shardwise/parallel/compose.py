@@ -276,6 +276,33 @@ class Composed(Strategy):
     def candidates(cls, spec, workload, world_size) -> list[str]:
         return composition_candidates(world_size)
 
+    @classmethod
+    def twin(cls, spec, workload, plan, topo, rank) -> int:
+        """Ranks alike along an axis hold equal shares of every matrix and run
+        the same rows: tp (but for experts spread over tp alone, each rank its
+        own and the tokens routed to them), helix's head groups and, on its
+        heads re-partition, its slices (on the sequence one each slice takes
+        its own chunk), and replicas that split the batch evenly; and the
+        pipeline's inner stages of as many layers as the second (each receives,
+        runs its layers and sends on)."""
+        from .helix import repartition
+
+        comp = cls.composition(spec, workload, plan, topo.world_size)
+        axes = []
+        if comp.has("tp") and (comp.has("ep") or not spec.is_moe):
+            axes.append("tp")
+        if comp.has("helix"):
+            N, M = comp.part("helix").shape
+            axes += ["group", "slice"] if repartition(spec, N, M) == "heads" else ["group"]
+        if comp.has("dp") and workload.batch % comp.degree("dp") == 0:
+            axes.append("dp")
+        twin = cls.first_along(topo, rank, *axes)
+        P, stage = topo.size("pp"), topo.coords(twin).get("pp", 0)
+        if 1 < stage < P - 1 and (len(comp.stage_layers(spec.n_layers, stage))
+                                  == len(comp.stage_layers(spec.n_layers, 1))):
+            twin = topo.rank_of(**{**topo.coords(twin), "pp": 1})
+        return twin
+
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)
         comp = self.comp = self.composition(spec, workload, plan, topo.world_size)
@@ -300,7 +327,7 @@ class Composed(Strategy):
         self.stage, self.caches = built.module, built.caches
         self.stage_graphs, self.gather, self.stage_info = built.graphs, built.gather, built.info
         self.pipeline = Pipeline(comm, topo, "pp", self.stage, self.caches, micro, spec.d_model,
-                                 self.dtype, self.device, built.before, built.whole)
+                                 self.dtype, self.device, built.before, built.whole, largest)
         self.prefilled = True
 
     @property

@@ -48,9 +48,10 @@ from ..model.load import head_rows, set_param
 from ..model.rope import Rope
 from ..model.rotary import rotate
 from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
-                               causal_attention, make_norm)
+                               build_layers, causal_attention, make_norm)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
-from .base import balanced_ranges, check_head_split, dense_moe_ok, divides, held_kv_heads
+from .base import (balanced_ranges, check_head_split, dense_moe_ok, divides, held_kv_heads,
+                   kv_replicas)
 from .compose import Composed, Composition, Stage, StageContext
 from .lse import attend_lse, merge_stack
 
@@ -293,16 +294,13 @@ def helix_stage(ctx: StageContext) -> Stage:
     else:  # W_o columns of the group's heads, this rank's dims
         wo_cols, attn_cls = q_rows, SequenceChunkAttention
     ff = torch.arange(r * F, (r + 1) * F)
-    with torch.device("meta"):
-        model = Transformer(spec, ctx.layers, first=ctx.first, last=ctx.last)
-        blocks = []
-        for _ in ctx.layers:
+    def block(layer: int) -> Block:
+        with torch.device("meta"):
             mlp = (MoE(spec.d_model, F, spec.n_experts, spec.top_k, spec.activation)
                    if spec.is_moe else MLP(spec.d_model, F, spec.activation))
             attn = Attention(spec.d_model, H, Hkv, d // M, qkv_bias=spec.qkv_bias)
-            blocks.append(Block(attn_cls(attn, spec, topo, comm, sum_all),
-                                SumAfter(mlp, sum_all), make_norm(spec), make_norm(spec)))
-    for layer, blk in zip(ctx.layers, blocks):
+            blk = Block(attn_cls(attn, spec, topo, comm, sum_all), SumAfter(mlp, sum_all),
+                        make_norm(spec), make_norm(spec))
         attn, mlp, p = blk.attn.local, blk.mlp.inner, f"layers.{layer}"
         loader.load_qkv(attn, layer, q_rows, kv_rows)
         set_param(attn.wo, "weight", loader.wo(layer, wo_cols))
@@ -315,7 +313,11 @@ def helix_stage(ctx: StageContext) -> Stage:
         else:
             set_param(mlp.w_in, "weight", loader.mlp_in(layer, ff))
             set_param(mlp.w_down, "weight", loader.mlp_down(layer, ff))
-    model.layers = nn.ModuleList(blocks)
+        return blk
+
+    with torch.device("meta"):
+        model = Transformer(spec, ctx.layers, first=ctx.first, last=ctx.last, blocks=False)
+    model.layers = build_layers(ctx.layers, block)
     if spec.vocab_size is not None:
         c = -(-spec.vocab_size // P)
         rows = torch.arange(r * c, min((r + 1) * c, spec.vocab_size))
@@ -442,6 +444,7 @@ class Helix(Composed):
             "reduce": self.sum_all.how,
             "head_groups": self.topo.size("group"),
             "dim_slices": self.topo.size("slice"),
+            "kv_head_replicas": kv_replicas(self.topo.size("group"), self.spec.kv_heads),
             "comm_bytes_per_layer": {
                 "prefill": self.layer_bytes(self.workload.seq_len, decode=False),
                 "decode": self.layer_bytes(1, decode=True),

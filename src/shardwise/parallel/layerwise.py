@@ -1,7 +1,7 @@
 """layerwise: capacity-constrained layer partitioning on a micro-batched pipeline.
 
 Given a per-device capacity C (``layerwise:cap=80GB``, ``cap=L2``,
-``cap=HBM*0.9``), :mod:`shardwise.perf.partition` cuts the layers into
+``cap=HBM*0.9``), :mod:`.partition` cuts the layers into
 contiguous groups whose weights, KV cache and working set fit C, choosing the
 cut points that minimise the slowest group (dynamic programming, not the
 seed's ``floor(C / layer bytes)``). Each group is one stage of the shared
@@ -24,8 +24,8 @@ micro-batch's activations at a time (:class:`~.pipeline.Pipeline`).
 from __future__ import annotations
 
 from ..output import plural
-from ..perf.partition import (Partition, PartitionError, capacity_text, fmt_bytes,
-                              parse_capacity, partition)
+from .partition import (Partition, PartitionError, capacity_text, fmt_bytes, parse_capacity,
+                        partition)
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .compose import Composed, Composition
 
@@ -125,7 +125,7 @@ class Layerwise(Composed):
         """The device's own capacities, and the tightest capacity in bytes at
         which the model fits ``world_size`` ranks (a device-free plan that
         cuts the model into as many groups as that capacity forces)."""
-        from ..perf.partition import capacity_text, layer_costs, min_capacity
+        from .partition import capacity_text, layer_costs, min_capacity
 
         cache: dict = {}
 

@@ -233,15 +233,11 @@ def _merge_math(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 _MERGE_MAX_D = 4096
-_triton_merge = None  # (triton, the compiled kernel), or False without Triton
 
 
 def _merge_kernel():
     """``(triton, merge_kernel)`` (:mod:`.triton_merge`), or False without Triton."""
-    global _triton_merge
-    if _triton_merge is None:
-        _triton_merge = triton_kernel(f"{__package__}.triton_merge", "merge_kernel")
-    return _triton_merge
+    return triton_kernel(f"{__package__}.triton_merge", "merge_kernel")
 
 
 def _merge_rows(o: torch.Tensor, lse: torch.Tensor):

@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..model.reference import KVCache
+from ..model.reference import KVCache, each_alike
+from .base import micro_batched
 from .comm import Comm
 from .topology import Topology
 
@@ -49,18 +50,21 @@ class Pipeline:
     this rank's sequences on the last stage and None elsewhere. With
     ``whole``, a single micro-batch is the stage's input and caches as they
     are, not views of them (helix and ep run the batch in one piece; a view
-    is host calls for nothing).
+    is host calls for nothing). ``alike[i]``: what, beside its size, decides
+    micro-batch i's work (what ``before`` makes of i), for
+    :func:`~.base.micro_batched`.
     """
 
     def __init__(self, comm: Comm, topo: Topology, axis: str, stage_fn: StageFn,
                  caches: Sequence[KVCache], micro: Sequence[tuple[int, int]], d_model: int,
                  dtype: torch.dtype, device, before: BeforeFn | None = None,
-                 whole: bool = False):
+                 whole: bool = False, alike: Sequence | None = None):
         self.comm, self.topo, self.axis = comm, topo, axis
         self.stage_fn, self.caches = stage_fn, list(caches)
         self.micro, self.d_model = list(micro), d_model
         self.dtype, self.device, self.before = dtype, device, before
         self.whole = whole and len(self.micro) == 1
+        self.alike = alike
         self.prev = topo.neighbor(axis, -1)
         self.next = topo.neighbor(axis, +1)
 
@@ -75,8 +79,10 @@ class Pipeline:
     def run(self, x: torch.Tensor | None, pos, tokens: int) -> torch.Tensor | None:
         """One step: ``x`` holds this rank's sequences (first stage; None
         elsewhere), ``tokens`` positions each."""
-        outs, in_flight = [], None
-        for i, (b0, b1) in enumerate(self.micro):
+        in_flight = None
+
+        def micro_batch(i: int, b0: int, b1: int) -> torch.Tensor:
+            nonlocal in_flight
             if self.is_first:
                 xi = x if self.whole else x[b0:b1]
             else:
@@ -86,14 +92,17 @@ class Pipeline:
                     self.comm.recv(xi, self.prev, self.axis)
             if self.before is not None:
                 self.before(i, tokens, pos)
-            caches = self.caches if self.whole else [c.batch_view(b0, b1) for c in self.caches]
+            caches = self.caches if self.whole else each_alike(
+                self.caches, lambda c: c.batch_view(b0, b1))
             y = self.stage_fn(xi, caches, pos)
             if self.is_last:
-                outs.append(y)
-                continue
+                return y
             if in_flight is not None:
                 in_flight.wait()  # at most one micro-batch's output in flight
             in_flight = self.comm.isend(y, self.next, self.axis) if y.numel() else None
+            return None
+
+        outs = micro_batched(self.micro, micro_batch, self.alike)
         if in_flight is not None:
             in_flight.wait()
         if not self.is_last:

@@ -32,16 +32,12 @@ from ..model.kernels import eps_of, norm_fusable, triton_kernel
 
 # Rows one call may hold (a decode step's tokens on this rank).
 MAX_ROWS = 128
-_triton = None  # (triton, kernel), or False when Triton is unavailable
 
 
 def _kernel():
     """``(triton, reduce_add_norm_kernel)`` (:mod:`.triton_reduce_norm`), or
     False without Triton."""
-    global _triton
-    if _triton is None:
-        _triton = triton_kernel(f"{__package__}.triton_reduce_norm", "reduce_add_norm_kernel")
-    return _triton
+    return triton_kernel(f"{__package__}.triton_reduce_norm", "reduce_add_norm_kernel")
 
 
 def fusable(p: torch.Tensor, x: torch.Tensor, module: nn.Module | None) -> bool:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..model.kernels import add_norm, norm
-from ..model.reference import KVCache, Transformer, make_block, one_step
+from ..model.reference import KVCache, Transformer, build_layers, make_block, one_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .base import (balanced_ranges, check_head_split, dense_moe_ok, divides, held_kv_heads,
                    kv_replicas)
@@ -184,8 +184,9 @@ class WideOutputLinear(nn.Module):
         return y.view(*shape[:-1], w.shape[0])
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, most: int | None = None) -> list[int]:
+    """The divisors of ``n`` (up to ``most``)."""
+    return [d for d in range(1, min(n, most or n) + 1) if n % d == 0]
 
 
 def check_tp(spec: ModelSpec, tp: int, plan, experts_over_tp: bool = True) -> None:
@@ -197,7 +198,7 @@ def check_tp(spec: ModelSpec, tp: int, plan, experts_over_tp: bool = True) -> No
                 f"choose tp among {_divisors(spec.n_experts)}")
     else:
         divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
-                f"choose tp among {[d for d in _divisors(spec.d_ff) if d <= 64]}")
+                f"choose tp among {_divisors(spec.d_ff, 64)}")
 
 
 def check_options(options, plan, name: str = "tp_pp") -> None:
@@ -247,12 +248,10 @@ def tp_stage(ctx: StageContext, attention=None, mlp=None, experts: range | None 
     if spec.is_moe and experts is None:
         experts, ff = range(t * spec.n_experts // tp, (t + 1) * spec.n_experts // tp), None
     whole = tp == 1  # every row: the loader reads each tensor whole
-    with torch.device("meta"):
-        stage = Transformer(spec, ctx.layers, first=ctx.first, last=ctx.last)
-        blocks = [make_block(spec, n_heads=len(heads), n_kv_heads=len(kv_heads),
+    def block(layer: int) -> nn.Module:
+        with torch.device("meta"):
+            blk = make_block(spec, n_heads=len(heads), n_kv_heads=len(kv_heads),
                              d_ff=None if ff is None else len(ff), experts=experts)
-                  for _ in ctx.layers]
-    for blk, layer in zip(blocks, ctx.layers):
         loader.load_block(blk, layer, q_heads=None if whole else heads,
                           kv_heads=None if whole else kv_heads,
                           ff=None if whole or ff is None else torch.arange(ff.start, ff.stop),
@@ -268,8 +267,11 @@ def tp_stage(ctx: StageContext, attention=None, mlp=None, experts: range | None 
             # Whole experts per rank: each token's expert outputs are rounded
             # and added exactly as on one device, so MoE needs no wide sum.
             blk.mlp = ReduceAfter(blk.mlp, comm, "tp")
-    stage.layers = nn.ModuleList(blocks)
-    stage.layer_ids = list(ctx.layers)
+        return blk
+
+    with torch.device("meta"):
+        stage = Transformer(spec, ctx.layers, first=ctx.first, last=ctx.last, blocks=False)
+    stage.layers = build_layers(ctx.layers, block)
     loader.load_ends(stage)
     caches = [KVCache.allocate(ctx.rows, len(kv_heads), cache_len or ctx.workload.max_len,
                                spec.head_dim, dtype, loader.device) for _ in ctx.layers]

@@ -4,19 +4,17 @@
 rank per GPU (NCCL) or N CPU ranks (gloo) through the shared launcher; every
 rank runs :func:`measure` at once, so collectives span all of them. Measured:
 
-* matmul rate over the shapes the seed models use (2048 and 8192 rows times
-  every projection of their layers, whole and split over 2 tensor-parallel
-  ranks: :func:`seed_gemm_shapes`), FLOPs = 2mkn; the profile keeps the median;
+* matmul rate over a grid of shapes (:data:`GEMM_GRID`: 16 to 16384 rows,
+  inner and output widths 512 to 128k), FLOPs = 2mkn, which the cost model
+  interpolates (``gemm_grid``); the median of the compute-bound ones is the
+  profile's ``matmul_tflops``;
 * causal attention (``scaled_dot_product_attention``) at head_dim 128 and
   512, FLOPs = 4 B H d L(L+1)/2, the count the cost model uses; and
   shardwise's flash kernel for wide heads at head_dim 256 and 512 as the
   code calls it (``wide_attention_tflops``, GPUs only);
 * HBM bandwidth: a device copy, 2 x bytes (read + write) / time;
-* the host side of eager work, on every rank (the profile keeps the slowest
-  rank's: a step waits for it): an op that launches a kernel, one that
-  launches none, an nn.Module call, a device-to-host read, one call of each
-  collective; and an eager decode step of a tiny reference layer (its time
-  per call is ``launch_us``, what profiles without the per-kind figures use);
+* the host side of eager work on every rank, the slowest kept
+  (:mod:`.hostcost`);
 * read-bound streaming (a 16-row GEMV's weight reads), FlashAttention-2
   called directly (``attend_lse``'s kernel), the GPU time of a tiny kernel,
   of the smallest GEMM and decode attention, of each kind of kernel a decode
@@ -38,9 +36,7 @@ small sizes and few iterations so the whole path runs on CPU in seconds.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import functools
 import json
 import os
 import re
@@ -50,81 +46,69 @@ import time
 from typing import NoReturn
 
 from ..spec import ShardwiseError
+from ..runtime.hostprobe import device_timer
+from .graphcost import graph_costs
+from .hostcost import host_costs, launch_cost_us, slowest_rank
 
 COLLECTIVE_SIZES = [2**13 * 4**k for k in range(8)] + [2**28]  # 8 KB .. 128 MB, 256 MB
 QUICK_SIZES = [2**13, 2**16, 2**19]
 ENV = "SHARDWISE_CALIBRATE"
 
 
-# -- timing --------------------------------------------------------------------------
-
-def _timer(device, fn, iters: int, warmup: int, before=None) -> float:
-    """Mean seconds of ``fn()`` over ``iters`` calls after ``warmup``."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    if before is not None:
-        before()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e-3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
-
-
-# Rows of the calibrated GEMMs: a long prefill's, and an expert's share of one
-# (8192 tokens x top-2 over 8 experts).
-GEMM_ROWS = (2048, 8192)
-# Idle time before each GEMM shape is timed (burst rates; see matmul_rates).
+# The GEMM grid calibrate times: rows from a decode step's few to a long
+# prefill's, inner and output widths over the projections of models from
+# 512 to 128k wide, each a power of two (of four for the widths). The cost
+# model interpolates between them (Cluster.gemm_rate); no model's shapes are
+# timed as such.
+GEMM_GRID = {"m": (16, 64, 256, 1024, 4096, 16384),
+             "k": (512, 2048, 8192, 32768, 131072),
+             "n": (512, 2048, 8192, 32768, 131072)}
+QUICK_GRID = {"m": (16, 64), "k": (64, 256), "n": (64, 256)}
+# GEMMs whose operands would not fit a few GB are left out of the grid.
+GEMM_MAX_BYTES = 3 * 2**30
+# Idle time before each GEMM shape is timed (burst rates; see matmul_grid).
 BURST_IDLE_S = 0.3
 
 
-def seed_gemm_shapes(tps=(1, 2)) -> list[tuple[int, int]]:
-    """(k, n) of every projection of the seed presets' layers, whole and as
-    ``tp`` ranks hold them (QKV and the MLP's input split by columns, W_o and
-    the MLP's output by rows), each once, sorted."""
-    from ..presets import PRESETS
-
-    shapes = set()
-    for name, preset in PRESETS.items():
-        s = preset.model
-        if not name.startswith("seed-"):
-            continue
-        qkv = (s.n_heads + 2 * s.kv_heads) * s.head_dim
-        for tp in tps:
-            f = s.d_ff // tp if not s.is_moe else s.d_ff  # MoE: whole experts per rank
-            shapes |= {(s.d_model, qkv // tp), (s.n_heads * s.head_dim // tp, s.d_model),
-                       (s.d_model, s.mlp_matrices * f), (f, s.d_model)}
-    return sorted(shapes)
-
-
-def matmul_rates(device, dtype, quick: bool) -> list[dict]:
+def matmul_grid(device, dtype, quick: bool) -> dict:
+    """The achieved rate (TFLOP/s, 2mkn / time) of ``[m x k] @ [k x n]`` over
+    :data:`GEMM_GRID` (:data:`QUICK_GRID` with ``quick``), each from an idle
+    GPU (back to back, later shapes would run at the lower clock a sustained
+    load holds, which ``sustained_matmul`` measures on its own). A shape too
+    large for :data:`GEMM_MAX_BYTES` is left out (null). Returns
+    ``{"m": [...], "k": [...], "n": [...], "tflops": [m][k][n]}``."""
     import torch
 
-    shapes = ([(64, 128, 384), (64, 128, 512), (64, 512, 128)] if quick
-              else [(m, k, n) for m in GEMM_ROWS for k, n in seed_gemm_shapes()])
-    out = []
-    for m, k, n in shapes:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        if device.type == "cuda" and not quick:
-            # Each shape from an idle GPU: back to back, the later shapes would
-            # run at the lower clocks a sustained load holds (that rate is
-            # measured on its own, sustained_matmul).
-            torch.cuda.synchronize(device)
-            time.sleep(BURST_IDLE_S)
-        t = _timer(device, lambda: a @ b, 3 if quick else 10, 1 if quick else 3)
-        out.append({"m": m, "k": k, "n": n, "tflops": 2 * m * k * n / t / 1e12})
-    return out
+    grid = QUICK_GRID if quick else GEMM_GRID
+    e = torch.empty((), dtype=dtype).element_size()
+    table = []
+    for m in grid["m"]:
+        rows = []
+        for k in grid["k"]:
+            row = []
+            for n in grid["n"]:
+                if (m * k + k * n + m * n) * e > GEMM_MAX_BYTES:
+                    row.append(None)
+                    continue
+                a = torch.randn(m, k, device=device, dtype=dtype)
+                b = torch.randn(k, n, device=device, dtype=dtype)
+                if device.type == "cuda" and not quick:
+                    torch.cuda.synchronize(device)
+                    time.sleep(BURST_IDLE_S)
+                t = device_timer(device, lambda: a @ b, 3 if quick else 10, 1 if quick else 3)
+                row.append(round(2 * m * k * n / t / 1e12, 3))
+            rows.append(row)
+        table.append(rows)
+    return {**{axis: list(grid[axis]) for axis in ("m", "k", "n")}, "tflops": table}
+
+
+def _headline(grid: dict) -> float:
+    """The matmul rate a profile quotes: the median over the grid's shapes of
+    at least 1024 rows (compute-bound)."""
+    rates = [r for m, plane in zip(grid["m"], grid["tflops"]) if m >= 1024
+             for row in plane for r in row if r is not None]
+    rates = rates or [r for plane in grid["tflops"] for row in plane for r in row if r is not None]
+    return round(statistics.median(rates), 3)
 
 
 def attention_rate(device, dtype, head_dim: int, quick: bool) -> dict:
@@ -134,7 +118,7 @@ def attention_rate(device, dtype, head_dim: int, quick: bool) -> dict:
     B, L = (1, 128) if quick else (2, 4096)
     H = max(1, (256 if quick else 4096) // head_dim)
     q, k, v = (torch.randn(B, H, L, head_dim, device=device, dtype=dtype) for _ in range(3))
-    t = _timer(device, lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
+    t = device_timer(device, lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
                3 if quick else 10, 1 if quick else 3)
     return {"batch": B, "heads": H, "seq": L, "head_dim": head_dim,
             "tflops": 4 * B * H * head_dim * L * (L + 1) / 2 / t / 1e12}
@@ -156,7 +140,7 @@ def wide_attention_rate(device, dtype, head_dim: int, quick: bool) -> float | No
     q, k, v = (torch.randn(B, H, L, head_dim, device=device, dtype=dtype) for _ in range(3))
     if not wide_ok(q, k, v):
         return None
-    t = _timer(device, lambda: attend_lse(q, k, v, causal=True), 3 if quick else 10,
+    t = device_timer(device, lambda: attend_lse(q, k, v, causal=True), 3 if quick else 10,
                1 if quick else 3)
     return 4 * B * H * head_dim * L * (L + 1) / 2 / t / 1e12
 
@@ -167,7 +151,7 @@ def copy_rate(device, quick: bool) -> float:
     n = (8 if quick else 1024) * 2**20
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = _timer(device, lambda: dst.copy_(src), 3 if quick else 20, 1 if quick else 3)
+    t = device_timer(device, lambda: dst.copy_(src), 3 if quick else 20, 1 if quick else 3)
     return 2 * n / t / 1e9
 
 
@@ -179,7 +163,7 @@ def stream_rate(device, dtype, quick: bool) -> float:
     k, n, rows = (256, 512, 4) if quick else (4096, 16384, 16)
     w = torch.randn(n, k, device=device, dtype=dtype)
     x = torch.randn(rows, k, device=device, dtype=dtype)
-    t = _timer(device, lambda: x @ w.t(), 3 if quick else 50, 1 if quick else 5)
+    t = device_timer(device, lambda: x @ w.t(), 3 if quick else 50, 1 if quick else 5)
     return w.numel() * w.element_size() / t / 1e9
 
 
@@ -193,7 +177,7 @@ def flash_rate(device, dtype, quick: bool) -> float | None:
     B, L, H, d = (1, 128, 2, 128) if quick else (2, 4096, 32, 128)
     q, k, v = (torch.randn(B, H, L, d, device=device, dtype=dtype) for _ in range(3))
     fn = lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
-    t = _timer(device, fn, 3 if quick else 10, 1 if quick else 3)
+    t = device_timer(device, fn, 3 if quick else 10, 1 if quick else 3)
     return 4 * B * H * d * L * (L + 1) / 2 / t / 1e12
 
 
@@ -232,170 +216,20 @@ def overlap_efficiency(device, comm, dtype, quick: bool) -> float | None:
         torch.cuda.current_stream(device).wait_stream(side)
 
     comm.barrier()
-    t_c = _timer(device, gemms, 3, 1)
+    t_c = device_timer(device, gemms, 3, 1)
     comm.barrier()
-    t_a = _timer(device, reduces, 3, 1)
+    t_a = device_timer(device, reduces, 3, 1)
     comm.barrier()
-    t_b = _timer(device, both, 3, 1)
+    t_b = device_timer(device, both, 3, 1)
     if t_a <= 0:
         return None
     return min(1.0, max(0.0, (t_c + t_a - t_b) / t_a))
 
 
-def graph_costs(device, comm, quick: bool) -> dict:
-    """Inside a CUDA graph (no host work): the GPU time of one tiny dependent
-    kernel (a graph of 100 in-place adds), of the smallest GEMM and decode
-    attention, of one layer of the layer probe's decode step
-    (``graph_layer_us``), and of an 8 KB all-reduce over all ranks (a graph
-    of 20; ``graph_latency_us``) and of each other collective kind
-    (``graph_collective_us``). Empty on CPU."""
-    import torch
-
-    if device.type != "cuda":
-        return {}
-    x = torch.zeros(2048, device=device)
-    out = {}
-
-    def replay_us(body, n: int) -> float:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            body()
-        return 1e6 * _timer(device, g.replay, 3 if quick else 20, 1 if quick else 3) / n
-
-    out["kernel_us"] = round(replay_us(lambda: [x.add_(1) for _ in range(100)], 100), 3)
-    # The smallest GEMM and decode attention a small model's step runs (16
-    # tokens of width 512; 8 heads of 64 over 128 keys): their kernels take
-    # longer than a tiny add however little they compute.
-    from ..model.reference import causal_attention
-
-    a = torch.randn(16, 512, device=device, dtype=torch.bfloat16)
-    w = torch.randn(512, 512, device=device, dtype=torch.bfloat16)
-    y = torch.empty(16, 512, device=device, dtype=torch.bfloat16)
-    q = torch.randn(4, 8, 1, 64, device=device, dtype=torch.bfloat16)
-    kv = torch.randn(4, 8, 128, 64, device=device, dtype=torch.bfloat16)
-    out["gemm_kernel_us"] = round(replay_us(lambda: [torch.mm(a, w, out=y) for _ in range(20)],
-                                            20), 3)
-    out["attn_kernel_us"] = round(replay_us(
-        lambda: [causal_attention(q, kv, kv, 127) for _ in range(20)], 20), 3)
-    # A whole decode layer in a graph: the layer probe's static step, whose
-    # kernels (norms, GEMMs, the KV write, attention) follow one another as
-    # in a model's step, unlike the repeated single kernels above. A
-    # diagnostic the cost model does not read: on 2x H200 it came out below
-    # the sum of the single-kernel figures (18.2 us against 21.6), while a
-    # 512-wide layer's kernels take longer than they (docs/costmodel.md).
-    try:
-        step, layers = _probe_stack(device, static=True)
-        out["graph_layer_us"] = round(replay_us(step, layers), 3)
-    except RuntimeError as e:  # an optional figure: the profile goes on without it
-        print(f"calibrate: graph layer probe skipped ({str(e).splitlines()[0]})", file=sys.stderr)
-    try:
-        out["decode_kernels_us"] = decode_kernel_costs(device, replay_us)
-    except RuntimeError as e:  # an optional figure: the profile goes on without it
-        print(f"calibrate: decode kernel probes skipped ({str(e).splitlines()[0]})",
-              file=sys.stderr)
-    if comm.topo.world_size > 1:
-        comm.barrier()
-        out["graph_latency_us"] = round(
-            replay_us(lambda: [comm.all_reduce(x, "world") for _ in range(20)], 20), 3)
-        # The other collectives a graph holds (helix's reduce-scatter and
-        # all-gather, ring's all-gather, ep's static exchange), 8 KB each.
-        calls = {"reduce_scatter": lambda: comm.reduce_scatter(x, "world"),
-                 "all_gather": lambda: comm.all_gather(x, "world"),
-                 "all_to_all": lambda: comm.all_to_all(x, "world")}
-        out["graph_collective_us"] = {"all_reduce": out["graph_latency_us"]}
-        for op, call in calls.items():
-            comm.barrier()
-            out["graph_collective_us"][op] = round(
-                replay_us(lambda: [call() for _ in range(20)], 20), 3)
-    return out
-
-
-# Widths of the decode kernel probes: a small model's (small-l2's 512) and
-# wider ones, up to seed-helix-4l's 4096.
-DECODE_PROBE_WIDTHS = (512, 1024, 2048, 4096)
-
-
-def decode_kernel_costs(device, replay_us) -> dict:
-    """GPU time (us) of each kind of kernel a static decode layer launches,
-    replayed in a CUDA graph 20 times over with the operands a layer gives
-    it, at each of :data:`DECODE_PROBE_WIDTHS` (16 rows, bf16): the fused
-    add + norm (``norm``), the packed KV cache write at a device-tensor
-    position inside one step, as a layer makes it (``cache_write``: D / 64
-    heads of 64, 256 positions; the cache slots are built once a step), and
-    GEMMs of the layer's shapes (``gemm``: D x 3D, D x D, D x 4D, 4D x D) with
-    20 weights in turn, so that each reads its own. The cost model's graph
-    decode reads them (Cluster.decode_gemm_s and the others): a 512-wide
-    layer's kernels take 0.5 to 3 us longer than ``kernel_us`` and
-    ``gemm_kernel_us`` say. ``layer``: one layer of a static decode step of
-    a reference stack of that width (16 sequences, the tanh GELU), from
-    stacks of 2 and 4 layers, a check on the sum of the kernels."""
-    import torch
-    from torch import nn
-
-    from ..model import kernels
-    from ..model.reference import KVCache, one_step
-
-    bf16, out = torch.bfloat16, {"norm": {}, "cache_write": {}, "gemm": {}, "layer": {}}
-    pos = torch.tensor(100, device=device)
-
-    for D in DECODE_PROBE_WIDTHS:
-        x = torch.randn(16, D, device=device, dtype=bf16)
-        a = torch.randn(16, D, device=device, dtype=bf16)
-        norm = nn.LayerNorm(D).to(device, bf16)
-        out["norm"][D] = round(replay_us(
-            lambda: [kernels.add_norm(norm, x, a) for _ in range(20)], 20), 3)
-        heads = D // 64
-        cache = KVCache.allocate(16, heads, 256, 64, bf16, device)
-        kv = torch.randn(16, 1, 2 * heads * 64, device=device, dtype=bf16)
-        with one_step():  # the cache slots made once, outside the graph, as a step does
-            cache.write_packed(pos, kv)
-            out["cache_write"][D] = round(replay_us(
-                lambda: [cache.write_packed(pos, kv) for _ in range(20)], 20), 3)
-        for k, n in ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)):
-            ws = [torch.randn(k, n, device=device, dtype=bf16) for _ in range(20)]
-            xs = torch.randn(16, k, device=device, dtype=bf16)
-            ys = torch.empty(16, n, device=device, dtype=bf16)
-            out["gemm"][f"{k}x{n}"] = round(replay_us(
-                lambda: [torch.mm(xs, w, out=ys) for w in ws], 20), 3)
-            del ws
-        steps = {n: _decode_stack(device, D, n) for n in (2, 4)}
-        out["layer"][D] = round((replay_us(steps[4], 1) - replay_us(steps[2], 1)) / 2, 3)
-        del steps
-    return out
-
-
-def _decode_stack(device, width: int, layers: int):
-    """One static decode step (16 sequences at a device-tensor position over
-    a cache of 256) of a reference stack of ``layers`` layers of ``width``
-    (heads of 64, d_ff 4 x width, the tanh GELU, bf16)."""
-    import torch
-
-    from ..model.reference import Transformer, one_step
-    from ..spec import ModelSpec
-
-    spec = ModelSpec(name="decode-probe", n_layers=layers, d_model=width, n_heads=width // 64,
-                     head_dim=64, d_ff=4 * width, dtype="bf16", activation="gelu_tanh")
-    model = Transformer(spec).to(device, torch.bfloat16)
-    caches = model.allocate_caches(16, 256)
-    x = torch.zeros(16, 1, width, device=device, dtype=torch.bfloat16)
-    pos = torch.tensor(100, device=device)
-
-    def step():
-        with one_step():
-            model(x, caches, pos)
-
-    return step
-
-
 def sustained_matmul(device, dtype, quick: bool) -> float:
     """Matmul rate (TFLOP/s) after the GPU has run GEMMs back to back for ~2 s:
     under its power cap a GPU's clock falls during long runs, which the short
-    bursts of :func:`matmul_rates` do not see."""
+    bursts of :func:`matmul_grid` do not see."""
     import time as _time
 
     import torch
@@ -409,261 +243,8 @@ def sustained_matmul(device, dtype, quick: bool) -> float:
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    t = _timer(device, lambda: a @ b, 3 if quick else 500, 0)
+    t = device_timer(device, lambda: a @ b, 3 if quick else 500, 0)
     return 2 * m * k * n / t / 1e12
-
-
-def _host_timer(device, fn, iters: int, warmup: int) -> float:
-    """Mean host seconds of ``fn()`` over ``iters`` calls issued back to back:
-    the wall time of the calls themselves, the device synchronised before and
-    after but not in between (tiny work, so the device keeps up)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return t / iters
-
-
-# The probe stack's decode step: one token of one sequence at this position,
-# over a cache of PROBE_CACHE positions.
-PROBE_POS, PROBE_CACHE = 8, 16
-
-
-def probe_spec(layers: int = 8, dtype: str = "bf16"):
-    """The layer probe's model: tiny layers, so that every kernel's time is
-    its launch's (the cost model predicts the same stack from a profile)."""
-    from ..spec import ModelSpec
-
-    return ModelSpec(name="launch-probe", n_layers=layers, d_model=64, n_heads=4, head_dim=16,
-                     d_ff=128, dtype=dtype, activation="gelu_tanh")
-
-
-@functools.lru_cache(maxsize=4)
-def _probe_stack(device, layers: int = 8, static: bool = False):
-    """(one eager decode step of the probe stack, its layers): tiny layers in
-    the precision and activation the GPU benchmarks run (bf16 with the tanh
-    GELU: the fused norms and GEMM epilogue; fp32 on CPU). Built once per
-    device: bench times it again before every measurement. ``static``: the
-    step at a device-tensor position, as bench captures decode steps."""
-    import torch
-
-    from ..model.reference import Transformer, one_step
-    from ..spec import torch_dtype
-
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    spec = probe_spec(layers, dtype)
-    model = Transformer(spec).to(device, torch_dtype(dtype))
-    caches = model.allocate_caches(1, PROBE_CACHE)
-    x = torch.zeros(1, 1, spec.d_model, device=device, dtype=torch_dtype(dtype))
-    # A device-tensor position: the static-shape step a CUDA graph replays.
-    pos = torch.tensor(PROBE_POS, device=device) if static else PROBE_POS
-
-    def step():
-        with one_step():
-            model(x, caches, pos)
-
-    return step, layers
-
-
-def host_probe_us(device, iters: int = 50) -> float:
-    """The layer probe now: host time of one probe layer in us, its steps run
-    back to back (as calibrate's ``layer_probe_us``). Benchmarks record it
-    beside each eager measurement, since the host's speed drifts within a
-    run; the cost model's host scale then uses the host as the run found it."""
-    import torch
-
-    with torch.inference_mode():
-        step, layers = _probe_stack(device)
-        return 1e6 * _timer(device, step, iters, 5) / layers
-
-
-def host_probe_step_us(device) -> float:
-    """A few steps of the layer probe back to back (as ``layer_probe_us``, so
-    the two compare): host time of one probe layer in us. Bench runs this
-    after each timed eager step, so that the host's speed is measured while
-    the steps run, not only before them."""
-    import torch
-
-    with torch.inference_mode():
-        step, layers = _probe_stack(device)
-        return 1e6 * _timer(device, step, 3, 1) / layers
-
-
-def launch_cost_us(device, comm=None, quick: bool = False) -> dict:
-    """An eager decode step of a small reference stack (8 tiny layers, so small
-    that the device finishes each kernel before the host issues the next one),
-    timed two ways:
-
-    * back to back (``hot``): steps in a row, as the per-call figures are;
-    * the way ``shardwise bench`` times a step (``cold``): a barrier and a
-      device synchronisation, then the step and a synchronisation, less the
-      same bracket around nothing; the host starts each step from a wait.
-
-    The two alternate, 20 steps each in 10 rounds (the host's speed drifts),
-    and each figure is the median over the rounds.
-
-    Returns the hot step's time per layer (``layer_probe_us``) and per call
-    of every kind alike (``launch_us``, what profiles without the per-kind
-    figures use), cold over hot (``step_host_ratio``), and the calls of one
-    layer as :class:`CallCounter` counts them."""
-    import torch
-
-    with torch.inference_mode():
-        step, layers = _probe_stack(device)
-        _timer(device, step, 5 if quick else 20, 0)  # warm-up
-        with CallCounter() as c8:
-            step()
-        one, _ = _probe_stack(device, 1)
-        with CallCounter() as c1:
-            one()
-
-        def bracketed(fn) -> float:
-            if comm is not None:
-                comm.barrier()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - t0
-
-        # The host's speed drifts over seconds (by half on 2x H200), so hot and
-        # cold are timed in alternating rounds and compared round by round.
-        rounds, n = (2, 10) if quick else (10, 20)
-        hots, ratios = [], []
-        for _ in range(rounds):
-            hot = _timer(device, step, n, 0)
-            cold = statistics.median(bracketed(step) for _ in range(n))
-            empty = statistics.median(bracketed(lambda: None) for _ in range(n))
-            hots.append(hot)
-            ratios.append((cold - empty) / hot if hot > 0 else 1.0)
-    per_layer = {k: (c8.counts[k] - c1.counts[k]) / (layers - 1) for k in c8.counts}
-    calls = per_layer["kernels"] + per_layer["metas"] + per_layer["modules"]
-    hot_layer = statistics.median(hots) / layers
-    return {"layer_probe_us": 1e6 * hot_layer, "launch_us": 1e6 * hot_layer / max(calls, 1),
-            "step_host_ratio": max(1.0, statistics.median(ratios)), "calls": per_layer}
-
-
-def host_costs(device, comm, quick: bool) -> dict:
-    """The host side of eager work on this rank, in us per call (the cost
-    model's ``op_us``, ``view_us``, ``module_us``, ``sync_us`` and
-    ``collective_us``), each timed back to back on tiny tensors:
-
-    * op_us: ops that launch a kernel, called from Python through the
-      dispatcher (add, linear, layer_norm, gelu, copy_, cat: the mean);
-    * view_us: ops that launch none (view, transpose, slice, reshape of a
-      contiguous tensor, empty_like: the mean);
-    * module_us: an nn.Module call beyond its forward (nn.Identity called,
-      less the bare function);
-    * sync_us: a device-to-host read (``.item()``) with the device idle;
-    * collective_us: one call of each collective through Comm (as the
-      strategies call them) on a tiny tensor, every rank calling at once;
-      ``p2p``: one batched send/receive (an exchange with the ring neighbours).
-    """
-    import torch
-    import torch.nn.functional as Fn
-
-    iters, warm = (50, 5) if quick else (2000, 200)
-    x = torch.randn(8, 64, device=device)
-    w = torch.randn(64, 64, device=device)
-    y = torch.empty_like(x)
-    launching = [lambda: torch.add(x, x), lambda: Fn.linear(x, w),
-                 lambda: Fn.layer_norm(x, (64,)), lambda: Fn.gelu(x), lambda: y.copy_(x),
-                 lambda: torch.cat([x, x])]
-    metas = [lambda: x.view(-1), lambda: x.transpose(0, 1), lambda: x[1:],
-             lambda: x.reshape(4, 128), lambda: torch.empty_like(x)]
-    op = statistics.mean(_host_timer(device, f, iters, warm) for f in launching)
-    # The kinds whose calls cost the host more (cuBLASLt's heuristics and
-    # workspace, SDPA's backend choice and cuDNN's plan cache), in the
-    # precision a GPU runs (bf16; fp32 on CPU), as the reference calls them.
-    from ..model.reference import causal_attention
-
-    half = torch.bfloat16 if device.type == "cuda" else torch.float32
-    xh, wh = x.to(half), w.to(half)
-    q, kv = torch.randn(1, 4, 16, 16, device=device, dtype=half), torch.randn(
-        1, 4, 17, 16, device=device, dtype=half)
-    gemm = _host_timer(device, lambda: Fn.linear(xh, wh), iters, warm)
-    from ..model.kernels import add_norm
-
-    ln = torch.nn.LayerNorm(64, device=device, dtype=half)
-    norm = _host_timer(device, lambda: add_norm(ln, xh, xh), iters, warm)
-    attn_prefill = _host_timer(device, lambda: causal_attention(q, q, q, 0), iters, warm)
-    attn_decode = _host_timer(device, lambda: causal_attention(q[:, :, :1], kv, kv, 16),
-                              iters, warm)
-    view = statistics.mean(_host_timer(device, f, iters, warm) for f in metas)
-    ident = torch.nn.Identity()
-    bare = lambda t: t  # noqa: E731
-    module = max(0.0, _host_timer(device, lambda: ident(x), iters, warm)
-                 - _host_timer(device, lambda: bare(x), iters, warm))
-    t = torch.zeros((), device=device)
-    sync = _timer_each(device, t.item, iters // 10 or 5)
-    out = {"op_us": op, "view_us": view, "module_us": module, "sync_us": sync,
-           "gemm_us": gemm, "attn_prefill_us": attn_prefill, "attn_decode_us": attn_decode,
-           "norm_us": norm}
-    colls = {}
-    n = comm.topo.world_size
-    if n > 1:
-        rank = comm.topo.rank
-        small = torch.ones(8 * n, device=device)
-        part = torch.ones(8, device=device)
-        recv = torch.empty_like(small)
-        nxt, prv = (rank + 1) % n, (rank - 1) % n
-
-        def p2p():
-            for req in comm.exchange([(small, nxt)], [(recv, prv)], "world"):
-                req.wait()
-
-        ops = {"all_reduce": lambda: comm.all_reduce(small, "world"),
-               "all_gather": lambda: comm.all_gather(part, "world"),
-               "reduce_scatter": lambda: comm.reduce_scatter(small, "world"),
-               "all_to_all": lambda: comm.all_to_all(small, "world"), "p2p": p2p}
-        c_iters = 20 if quick else 200
-        for name, fn in ops.items():
-            comm.barrier()
-            colls[name] = 1e6 * _host_timer(device, fn, c_iters, 5)
-    return {**{k: 1e6 * v for k, v in out.items()}, "collective_us": colls}
-
-
-def _timer_each(device, fn, iters: int) -> float:
-    """Mean seconds of ``fn()`` called ``iters`` times, the device idle at each."""
-    import torch
-
-    fn()
-    total = 0.0
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        total += time.perf_counter() - t0
-    return total / iters
-
-
-def _slowest(values: dict, device) -> tuple[dict, dict]:
-    """Every rank's host figures -> (the largest of each, all ranks' values):
-    a step waits for its slowest rank."""
-    from ..parallel.comm import gather_floats
-
-    keys = ["op_us", "view_us", "module_us", "sync_us", "launch_us", "layer_probe_us",
-            "step_host_ratio", "gemm_us", "attn_prefill_us", "attn_decode_us", "norm_us"]
-    ckeys = sorted(values.get("collective_us", {}))
-    mine = [float(values[k]) for k in keys] + [float(values["collective_us"][k]) for k in ckeys]
-    rows = gather_floats(mine, device)
-    worst = {k: max(r[i] for r in rows) for i, k in enumerate(keys)}
-    worst["collective_us"] = {k: max(r[len(keys) + i] for r in rows) for i, k in enumerate(ckeys)}
-    per_rank = {k: [round(r[i], 3) for r in rows] for i, k in enumerate(keys)}
-    per_rank["collective_us"] = {k: [round(r[len(keys) + i], 3) for r in rows]
-                                 for i, k in enumerate(ckeys)}
-    return worst, per_rank
 
 
 def collective_times(comm, device, dtype, sizes: list[int], quick: bool) -> dict[str, list]:
@@ -693,14 +274,14 @@ def collective_times(comm, device, dtype, sizes: list[int], quick: bool) -> dict
         }
         iters = 3 if quick else (20 if S <= 2**24 else 5)
         for name, fn in ops.items():
-            t = _timer(device, fn, iters, 1 if quick else 3, before=comm.barrier)
+            t = device_timer(device, fn, iters, 1 if quick else 3, before=comm.barrier)
             out.setdefault(name, []).append([elems * e, t])
     return out
 
 
 def link_profile(op: str, points: list, n: int) -> dict:
     """Latency (the smallest message's time) and bus bandwidth per size."""
-    from .clusters import bus_factor
+    from .links import bus_factor
 
     factor = bus_factor(op, n)
     latency = min(t for _, t in points)
@@ -712,515 +293,6 @@ def link_profile(op: str, points: list, n: int) -> dict:
         S, t = max(points)
         table = [[S, round(factor * S / t / 1e9, 4)]]
     return {"latency_us": round(latency * 1e6, 3), "table": table}
-
-
-# -- host calls, counted from the code ------------------------------------------------
-#
-# The cost model charges an eager step's host time call by call. Which calls a
-# strategy makes is counted here, from the code itself: one step runs on CPU
-# ranks (gloo) under a counter that sees every aten op the Python code calls
-# (a TorchDispatchMode), every nn.Module call, every torch.distributed call
-# Comm makes and every device-to-host read, along the code's GPU branches
-# (:class:`CudaPaths`). tests/test_costmodel.py checks the cost model's
-# per-layer counts against these.
-
-CALL_KINDS = ("kernels", "metas", "modules", "syncs", "all_reduce", "all_gather",
-              "reduce_scatter", "all_to_all", "p2p", "broadcast", "barrier", "gemms", "attns",
-              "norms")
-# Kernel ops also counted as GEMMs; attentions are the ops whose name holds
-# "scaled_dot_product" or "attention" (SDPA's backends).
-GEMM_OPS = {"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "_addmm_activation"}
-# Ops whose result the host has to wait for (the value sizes what follows).
-SYNC_OPS = {"nonzero", "nonzero_numpy", "nonzero_static", "item", "_local_scalar_dense",
-            "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
-            "unique_dim"}
-# Ops that allocate without launching a kernel.
-ALLOC_OPS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
-_DIST_CALLS = {"all_reduce": "all_reduce", "all_to_all_single": "all_to_all",
-               "batch_isend_irecv": "p2p", "broadcast": "broadcast", "barrier": "barrier",
-               "all_gather": "all_gather", "all_gather_into_tensor": "all_gather",
-               "all_gather_single": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
-               "reduce_scatter_single": "reduce_scatter"}
-_COUNTERS: list = []  # the active CallCounter (innermost last)
-
-
-def classify_op(func, args, kwargs, out) -> str:
-    """``kernels`` (the op launches device work: it writes an input or makes a
-    tensor that shares no input's storage), ``metas`` (views, reshapes that
-    need no copy, allocations, ops that return no tensor), ``syncs`` (a
-    device-to-host read the host waits for: nonzero, item, a copy to the CPU)
-    or ``skip`` (c10d's own ops, counted as collectives)."""
-    import torch
-    from torch.utils._pytree import tree_leaves
-
-    if func.namespace in ("c10d", "_c10d_functional", "symm_mem"):
-        return "skip"
-    name = func.overloadpacket.__name__
-    if name in SYNC_OPS:
-        return "syncs"
-    if name == "to" and str(kwargs.get("device", "")).startswith("cpu"):
-        return "syncs"  # .cpu(): a device-to-host copy the host waits for
-    if func._schema.is_mutable:
-        return "kernels"
-    if name in ALLOC_OPS:
-        return "metas"
-    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if not outs:
-        return "metas"  # e.g. promote_types: host work only
-    ins = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-           if isinstance(t, torch.Tensor) and t.device.type != "meta"}
-    if all(t.untyped_storage().data_ptr() in ins for t in outs):
-        return "metas"
-    return "kernels"
-
-
-class CallCounter:
-    """Counts, while active, the host calls of :data:`CALL_KINDS` made by this
-    process: aten ops (by :func:`classify_op`), nn.Module calls, and the
-    torch.distributed calls of :mod:`shardwise.parallel.comm` (whose own
-    internals are the backend's and not counted). ``names`` also keeps
-    ``(kind, op or module name) -> calls``, for diagnosis."""
-
-    def __init__(self, names: bool = False):
-        self.counts = dict.fromkeys(CALL_KINDS, 0)
-        self.names = {} if names else None
-        self.paused = 0  # > 0 inside a call whose own ops are not the code's
-
-    def note(self, kind: str, name: str) -> None:
-        if self.paused:
-            return
-        self.counts[kind] += 1
-        if self.names is not None:
-            self.names[(kind, name)] = self.names.get((kind, name), 0) + 1
-
-    def opaque(self, kind: str, name: str, fn, *args, **kwargs):
-        """Count one call of ``kind`` and run ``fn`` without counting inside it."""
-        self.note(kind, name)
-        self.paused += 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.paused -= 1
-
-    def __enter__(self):
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        from ..parallel import comm as comm_module
-
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                out = func(*args, **kwargs)
-                kind = classify_op(func, args, kwargs, out)
-                name = func.overloadpacket.__name__
-                if kind != "skip":
-                    counter.note(kind, name)
-                if kind == "kernels":
-                    if name in GEMM_OPS:
-                        counter.note("gemms", name)
-                    elif "scaled_dot_product" in name or "attention" in name:
-                        counter.note("attns", name)
-                return out
-
-        def wrap(fn, kind):
-            return lambda *a, **k: counter.opaque(kind, kind, fn, *a, **k)
-
-        self._saved = (comm_module.dist, comm_module._all_gather_into,
-                       comm_module._reduce_scatter_into)
-        real = self._saved[0]
-
-        class Dist:  # torch.distributed as comm.py sees it, its calls counted
-            def __getattr__(self, name):
-                attr = getattr(real, name)
-                return wrap(attr, _DIST_CALLS[name]) if name in _DIST_CALLS else attr
-
-        comm_module.dist = Dist()
-        comm_module._all_gather_into = wrap(self._saved[1], "all_gather")
-        comm_module._reduce_scatter_into = wrap(self._saved[2], "reduce_scatter")
-        # The Triton add + norm launches past the dispatcher: counted at its
-        # launch, as CudaPaths' stand-in counts it on CPU.
-        from ..model import kernels
-
-        from ..parallel import lse
-
-        from ..model import flash
-
-        self._triton = kernels._triton, lse._triton_merge, flash._triton
-        if (kernels._triton and not isinstance(kernels._triton[1], _TritonStandIn._Kernel)
-                and not isinstance(kernels._triton[1], _CountedKernel)):
-            kernels._triton = (kernels._triton[0], _CountedKernel(kernels._triton[1]))
-        # The Triton merge of attention partials likewise (one kernel).
-        if (lse._triton_merge and not isinstance(lse._triton_merge[1], _MergeStandIn)
-                and not isinstance(lse._triton_merge[1], _CountedKernel)):
-            lse._triton_merge = (lse._triton_merge[0],
-                                 _CountedKernel(lse._triton_merge[1], "triton merge", norm=False))
-        # The flash kernel for wide heads: one kernel, one attention.
-        if (flash._triton and not isinstance(flash._triton[1], _FlashStandIn)
-                and not isinstance(flash._triton[1], _CountedKernel)):
-            flash._triton = (flash._triton[0],
-                             _CountedKernel(flash._triton[1], "triton flash", norm=False, attn=True))
-        # The Triton kernels launched through a function with a PyTorch form
-        # (rotary embedding, SwiGLU): each launch one kernel.
-        self._launches = _wrap_launches(lambda name, launch, form: _counted(name, launch))
-        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
-            lambda module, args: counter.note("modules", type(module).__name__))
-        self._mode = Mode()
-        self._mode.__enter__()
-        _COUNTERS.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        from ..parallel import comm as comm_module
-
-        from ..model import kernels
-
-        from ..parallel import lse
-
-        from ..model import flash
-
-        _COUNTERS.remove(self)
-        self._mode.__exit__(*exc)
-        self._hook.remove()
-        comm_module.dist, comm_module._all_gather_into, comm_module._reduce_scatter_into = self._saved
-        kernels._triton, lse._triton_merge, flash._triton = self._triton
-        _restore_launches(self._launches)
-        return False
-
-
-# Triton kernels whose launch function has a PyTorch form of the same
-# signature: (module, its kernel holder, the launch, the PyTorch form, the
-# name a launch is counted under).
-FUSED_LAUNCHES = (
-    ("shardwise.model.rotary", "_triton", "_launch", "_torch", "triton rotary"),
-    ("shardwise.model.kernels", "_swiglu", "_swiglu_launch", "_swiglu_torch", "triton swiglu"),
-)
-
-
-def _counted(name: str, fn):
-    """``fn`` counted as one kernel launch by the innermost :class:`CallCounter`."""
-    if getattr(fn, "counted_as", None):
-        return fn
-
-    def run(*args, **kwargs):
-        if not _COUNTERS:
-            return fn(*args, **kwargs)
-        return _COUNTERS[-1].opaque("kernels", name, fn, *args, **kwargs)
-
-    run.counted_as = name
-    return run
-
-
-def _wrap_launches(make, stand_in: bool = False) -> list:
-    """Replace each :data:`FUSED_LAUNCHES` launch by ``make(name, launch,
-    PyTorch form)`` (``stand_in``: also make its kernel look loaded, for
-    CPU tensors on the GPU branches); returns what :func:`_restore_launches`
-    puts back."""
-    import importlib
-
-    saved = []
-    for module, holder, launch, form, name in FUSED_LAUNCHES:
-        mod = importlib.import_module(module)
-        saved.append((mod, holder, getattr(mod, holder), launch, getattr(mod, launch)))
-        if stand_in:
-            setattr(mod, holder, (_TritonStandIn, None))
-        setattr(mod, launch, make(name, getattr(mod, launch), getattr(mod, form)))
-    return saved
-
-
-def _restore_launches(saved: list) -> None:
-    for mod, holder, kernel, launch, fn in saved:
-        setattr(mod, holder, kernel)
-        setattr(mod, launch, fn)
-
-
-class _CountedKernel:
-    """A Triton kernel whose launches the innermost :class:`CallCounter`
-    counts as one kernel (and, with ``norm``, one fused add + norm; with
-    ``attn``, one attention)."""
-
-    def __init__(self, kernel, name: str = "triton add_norm", norm: bool = True,
-                 attn: bool = False):
-        self.kernel, self.name, self.norm, self.attn = kernel, name, norm, attn
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def counted(*args, **kwargs):
-            if not _COUNTERS:
-                return launch(*args, **kwargs)
-            if self.norm:
-                _COUNTERS[-1].note("norms", self.name)
-            if self.attn:
-                _COUNTERS[-1].note("attns", self.name)
-            return _COUNTERS[-1].opaque("kernels", self.name, launch, *args, **kwargs)
-
-        return counted
-
-
-def _stand_in_launch(name: str, run, also: str | None = None) -> None:
-    """``run()``, a Triton kernel's stand-in, counted by the innermost
-    :class:`CallCounter` (if any) as one kernel launch (and one call of
-    ``also``: a fused norm, an attention)."""
-    if not _COUNTERS:
-        run()
-        return
-    if also:
-        _COUNTERS[-1].note(also, name)
-    _COUNTERS[-1].opaque("kernels", name, run)
-
-
-class _FlashStandIn:
-    """:mod:`shardwise.model.flash`'s Triton kernel on CPU: the float32
-    attention of :mod:`shardwise.parallel.lse` on the same tensors (K/V read
-    from the descriptors' bases), counted as one kernel launch and one
-    attention."""
-
-    def __getitem__(self, grid):
-        return self._launch
-
-    @staticmethod
-    def _launch(Q, desc_k, desc_v, desc_o, LSE, sq_b, sq_h, sq_t, T, S, G, Hkv, q_start,
-                qk_scale, CAUSAL, **constexprs):
-        import math
-
-        import torch
-
-        from ..parallel.lse import _attend_math, _expand_kv
-
-        def run():
-            k, v = _expand_kv(Q, desc_k.base, desc_v.base)
-            keep = None
-            if CAUSAL:  # query t sees keys up to q_start + t
-                keep = (torch.arange(S)[None, :] <= q_start + torch.arange(T)[:, None])
-            o, lse = _attend_math(Q, k, v, keep, qk_scale / math.log2(math.e), False)
-            desc_o.base.copy_(o)
-            LSE.copy_(lse)
-
-        _stand_in_launch("triton flash", run, "attns")
-
-
-class _MergeStandIn:
-    """:mod:`shardwise.parallel.lse`'s Triton merge on CPU: the PyTorch merge
-    of the same rows, counted as one kernel launch."""
-
-    def __getitem__(self, grid):
-        return self._launch
-
-    @staticmethod
-    def _launch(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK):
-        from ..parallel.lse import _merge_math
-
-        def run():
-            out, total = _merge_math(O, L)  # [rows, d], [rows]
-            OUT.view(-1, D).copy_(out)
-            LOUT.view(-1).copy_(total)
-
-        _stand_in_launch("triton merge", run)
-
-
-class _TritonStandIn:
-    """What :mod:`shardwise.model.kernels` (and :mod:`shardwise.model.flash`)
-    need of Triton, on CPU: the fused add + norm kernel computed by PyTorch,
-    counted as one kernel launch; a tensor descriptor that holds its tensor."""
-
-    @staticmethod
-    def next_power_of_2(n: int) -> int:
-        return 1 << max(0, int(n) - 1).bit_length()
-
-    @staticmethod
-    def cdiv(a: int, b: int) -> int:
-        return -(-a // b)
-
-    class tools:  # noqa: N801 - triton.tools.tensor_descriptor.TensorDescriptor's place
-        class tensor_descriptor:  # noqa: N801
-            @dataclasses.dataclass
-            class TensorDescriptor:
-                base: object
-                shape: list
-                strides: list
-                block_shape: list
-
-    class _Kernel:
-        def __getitem__(self, grid):
-            return self._launch
-
-        @staticmethod
-        def _launch(X, A, H, Y, W, B, D, eps, HAS_RES, HAS_BIAS, RMS, BLOCK, num_warps):
-            import torch.nn.functional as Fn
-
-            def run():
-                h = X + A if HAS_RES else X
-                if HAS_RES:
-                    H.copy_(h)
-                hf = h.float()
-                if RMS:
-                    y = hf * (hf.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * W.float()
-                else:
-                    y = Fn.layer_norm(hf, (D,), W.float(), B.float() if HAS_BIAS else None, eps)
-                Y.copy_(y)
-
-            _stand_in_launch("triton add_norm", run, "norms")
-
-
-class CudaPaths:
-    """Run the code's GPU branches on CPU tensors, so that the calls counted
-    are those a GPU run makes: ``Tensor.is_cuda`` answers True (the strategies
-    choose their fused kernels by it), the kernels that exist only on CUDA are
-    computed by their CPU counterparts (FlashAttention and cuDNN's attention by
-    the CPU flash kernel, a matmul with a float32 output by a float32 matmul,
-    the Triton add + norm, merge, rotary embedding and SwiGLU by PyTorch),
-    one call each, as on the GPU. Numerics
-    match the CPU path's to rounding."""
-
-    def __enter__(self):
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        from ..model import kernels
-
-        aten = torch.ops.aten
-
-        def grouped(q, k, v):
-            """k, v repeated to q's heads: the CUDA kernels take grouped-query
-            attention as it is, the CPU flash kernel does not."""
-            g = q.shape[1] // k.shape[1]
-            return (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
-
-        def flash(q, k, v, dropout_p=0.0, is_causal=False, *rest, scale=None, **kw):
-            k, v = grouped(q, k, v)
-            o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p, is_causal, scale=scale)
-            none = torch.empty(0)
-            return o, lse, none, none, q.shape[2], k.shape[2], none, none, none
-
-        def efficient(q, k, v, bias, want_lse, dropout_p=0.0, is_causal=False, *, scale=None):
-            o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p, is_causal, scale=scale)
-            pad = -lse.shape[-1] % 32  # the CUDA kernel pads the lse to 32 queries
-            lse = torch.nn.functional.pad(lse, (0, pad))
-            return o, lse, torch.empty(0), torch.empty(0)
-
-        def cudnn(q, k, v, bias, want_lse, dropout_p=0.0, is_causal=False, debug=False, *,
-                  scale=None):
-            k, v = grouped(q, k, v)
-            o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p, is_causal, scale=scale)
-            none = torch.empty(0)
-            return o, lse[..., None], none, none, q.shape[2], k.shape[2], none, none, none
-
-        def mm_dtype(a, b, out_dtype):
-            return torch.mm(a.to(out_dtype), b.to(out_dtype))
-
-        stand_ins = {aten._scaled_dot_product_flash_attention.default: flash,
-                     aten._scaled_dot_product_efficient_attention.default: efficient,
-                     aten._scaled_dot_product_cudnn_attention.default: cudnn,
-                     aten.mm.dtype: mm_dtype}
-
-        class StandIn(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                impl = stand_ins.get(func)
-                return impl(*args, **(kwargs or {})) if impl else func(*args, **(kwargs or {}))
-
-        from ..parallel import lse
-
-        from ..model import flash
-
-        self._had = "is_cuda" in torch.Tensor.__dict__
-        self._saved = torch.Tensor.__dict__.get("is_cuda")
-        self._triton = kernels._triton, lse._triton_merge, flash._triton
-        torch.Tensor.is_cuda = property(lambda self: True)
-        kernels._triton = (_TritonStandIn, _TritonStandIn._Kernel())
-        lse._triton_merge = (_TritonStandIn, _MergeStandIn())
-        flash._triton = (_TritonStandIn, _FlashStandIn())
-        self._launches = _wrap_launches(lambda name, launch, form: _counted(name, form),
-                                        stand_in=True)
-        self._mode = StandIn()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        from ..model import kernels
-
-        from ..parallel import lse
-
-        from ..model import flash
-
-        self._mode.__exit__(*exc)
-        kernels._triton, lse._triton_merge, flash._triton = self._triton
-        _restore_launches(self._launches)
-        if self._had:
-            torch.Tensor.is_cuda = self._saved
-        else:
-            del torch.Tensor.is_cuda
-        return False
-
-
-# The steps count_case counts: a prefill, an eager decode step, and the
-# static-shape decode step a CUDA graph replays (position in a device tensor;
-# all zero where the strategy has none).
-COUNT_PHASES = ("prefill", "decode", "static")
-
-
-def count_case(case, rank: int, world: int, device, cuda_paths: bool = True) -> dict[str, list[int]]:
-    """Calls of each of :data:`COUNT_PHASES` of ``case`` on this rank (after a
-    warm-up of each, so one-time work is not counted), along the code's GPU
-    branches (:class:`CudaPaths`) unless ``cuda_paths`` is False. A static
-    step's kernels are what a CUDA graph of it launches."""
-    import contextlib
-
-    import torch
-
-    from ..model.weights import make_inputs
-    from ..runtime.engine import build
-
-    with torch.inference_mode():
-        _, comm, model, _, dtype = build(case, rank, world, device)
-        wl = case.workload
-        prompt, steps = make_inputs(case.model, wl.batch, wl.seq_len, 1, case.seed, dtype, device)
-        out = {"static": [0] * len(CALL_KINDS)}
-        static = [("static", steps[0], torch.tensor(wl.seq_len, device=device))]
-        with CudaPaths() if cuda_paths else contextlib.nullcontext():
-            for phase, x, pos in ([("prefill", prompt, 0), ("decode", steps[0], wl.seq_len)]
-                                  + static * bool(model.supports_graphs)):
-                model.step(x, pos)  # warm-up: lazily created groups, caches
-                comm.barrier()
-                with CallCounter() as c:
-                    model.step(x, pos)
-                comm.barrier()
-                out[phase] = [c.counts[k] for k in CALL_KINDS]
-        del model
-    return out
-
-
-def count_calls(cases, nproc: int, deadline_s: float | None = 300) -> list[dict]:
-    """Count the host calls of every case on ``nproc`` CPU ranks (gloo): for
-    each case ``{phase: [per rank {kind: calls}]}`` over :data:`COUNT_PHASES`."""
-    from ..runtime.job import Job
-    from ..runtime.launcher import launch
-
-    job = Job(list(cases), nproc, "cpu", env={ENV: json.dumps({"count": True})})
-    return launch(job, deadline_s=deadline_s, module="shardwise.perf.calibrate")
-
-
-def _count_job(job) -> list[dict] | None:
-    from ..parallel.comm import gather_floats
-    from ..runtime.worker import init_distributed
-
-    rank, world, device = init_distributed(job)
-    results = []
-    for case in job.cases:
-        mine = count_case(case, rank, world, device)
-        per_rank = gather_floats([c for phase in COUNT_PHASES for c in mine[phase]], device)
-        n = len(CALL_KINDS)
-        results.append({phase: [dict(zip(CALL_KINDS, map(int, r[i * n:(i + 1) * n])))
-                                for r in per_rank]
-                         for i, phase in enumerate(COUNT_PHASES)})
-    return results if rank == 0 else None
 
 
 # -- one rank -------------------------------------------------------------------------
@@ -1254,7 +326,7 @@ def measure(job, settings: dict) -> dict | None:
     step = _steps(rank, MEASUREMENTS)
     with torch.inference_mode():
         step("matmul rates (" + ", ".join(dtypes) + ")")
-        matmuls = {d: matmul_rates(device, torch_dtype(d), quick) for d in dtypes}
+        grids = {d: matmul_grid(device, torch_dtype(d), quick) for d in dtypes}
         first = torch_dtype(dtypes[0])
         step("attention")
         attn = [attention_rate(device, first, hd, quick) for hd in (128, 512)]
@@ -1275,7 +347,7 @@ def measure(job, settings: dict) -> dict | None:
         host.update(launch_us=probe["launch_us"], layer_probe_us=probe["layer_probe_us"],
                     step_host_ratio=probe["step_host_ratio"])
 
-        host, host_per_rank = _slowest(host, device)
+        host, host_per_rank = slowest_rank(host, device)
         comm.barrier()
         step("CUDA graph costs")
         graph = graph_costs(device, comm, quick)
@@ -1304,8 +376,8 @@ def measure(job, settings: dict) -> dict | None:
         "device": name,
         "gpus_per_node": world,
         "nodes": 1,
-        "matmul_tflops": {d: round(statistics.median(r["tflops"] for r in rs), 3)
-                          for d, rs in matmuls.items()},
+        "matmul_tflops": {d: _headline(g) for d, g in grids.items()},
+        "gemm_grid": grids,
         "attention_tflops": {"dtype": dtypes[0],
                              "head_dim<=256": round(attn[0]["tflops"], 3),
                              "head_dim>256": round(attn[1]["tflops"], 3)},
@@ -1340,7 +412,7 @@ def measure(job, settings: dict) -> dict | None:
             "torch": torch.__version__,
             "backend": comm.backend,
         },
-        "measurements": {"matmul": matmuls, "attention": attn,
+        "measurements": {"attention": attn,
                          "collectives_seconds": colls,
                          # Host figures of every rank (the profile keeps the largest), and
                          # the eager layer probe: its time and its calls by kind.
@@ -1359,11 +431,8 @@ def main(argv: list[str]) -> NoReturn:
         import torch.distributed as dist
 
         settings = json.loads(os.environ.get(ENV, "{}"))
-        if settings.get("count"):
-            out = _count_job(job)
-        else:
-            profile = measure(job, settings)
-            out = None if profile is None else [profile]
+        profile = measure(job, settings)
+        out = None if profile is None else [profile]
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()

@@ -23,7 +23,6 @@ launcher's: global rank r sits on node r // gpus_per_node.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import os
@@ -32,57 +31,15 @@ from functools import cached_property
 from importlib import resources
 
 from ..spec import ShardwiseError
+from .interp import grid_rate, log_interp, piecewise
+from .links import COLLECTIVES, LinkCost, bus_factor
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
-LINKS = ("nvlink", "ib")
-
-
-def bus_factor(op: str, n: int) -> float:
-    """Bytes each rank moves per payload byte (nccl-tests' bus bandwidth factor)."""
-    if op == "p2p":
-        return 1.0
-    if n <= 1:
-        return 0.0
-    if op == "all_reduce":
-        return 2 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "all_to_all"):
-        return (n - 1) / n
-    raise ShardwiseError(f"unknown collective {op!r}; one of {', '.join(COLLECTIVES)}")
+_DTYPE_KEYS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 def _seconds(us: float | None, otherwise_s: float) -> float:
     """A profile figure in microseconds as seconds, or ``otherwise_s`` without one."""
     return 1e-6 * us if us is not None else otherwise_s
-
-
-@dataclass(frozen=True)
-class LinkCost:
-    """One collective on one link: ``latency_us`` and bus bandwidth in GB/s,
-    either one figure or a table ``[[bytes, GB/s], ...]`` interpolated
-    linearly in log(bytes) and held flat past either end."""
-
-    latency_us: float
-    busbw_gbps: float | None = None
-    table: tuple[tuple[float, float], ...] = ()
-
-    def busbw(self, nbytes: float) -> float:
-        """Bus bandwidth in bytes/s for a message of ``nbytes``."""
-        if not self.table:
-            return self.busbw_gbps * 1e9
-        sizes = [s for s, _ in self.table]
-        if nbytes <= sizes[0]:
-            return self.table[0][1] * 1e9
-        if nbytes >= sizes[-1]:
-            return self.table[-1][1] * 1e9
-        i = bisect.bisect_right(sizes, nbytes)
-        (s0, b0), (s1, b1) = self.table[i - 1], self.table[i]
-        w = (math.log(nbytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
-        return (b0 + w * (b1 - b0)) * 1e9
-
-    def time(self, op: str, nbytes: float, n: int) -> float:
-        if nbytes <= 0 or (op != "p2p" and n <= 1):
-            return 0.0
-        return self.latency_us * 1e-6 + bus_factor(op, n) * nbytes / self.busbw(nbytes)
 
 
 @dataclass(frozen=True)
@@ -109,6 +66,8 @@ class Cluster:
     graph_latency_us: float | None = None  # small collective captured in a CUDA graph
     graph_collective_us: dict = field(default_factory=dict)  # op -> us, the same by kind
     matmul_shapes: dict = field(default_factory=dict)  # dtype -> [(m, k, n, TFLOP/s)] measured
+    # dtype -> {"m", "k", "n": the grid's axes, "tflops": [m][k][n] (null: not timed)}
+    gemm_grid: dict = field(default_factory=dict)
     sustained_matmul_tflops: float | None = None  # after ~2 s of back-to-back GEMMs
     # Host side of eager work, per call, on the slowest rank (calibrate measures
     # every rank): an op that launches a kernel, one that launches none (a view,
@@ -143,6 +102,7 @@ class Cluster:
     FLASH2_TFLOPS = 330.0  # FlashAttention-2 forward, head_dim 128, H100 SXM (Shah et al. 2024)
     KERNEL_US = 2.0  # a dependent tiny kernel on Hopper: launch latency + one HBM round trip
     GRAPH_LATENCY_US = 10.0  # 8 KB all-reduce inside a CUDA graph, 2x H200 (vs ~40 eager)
+    FP32_OF_BF16 = 67 / 989  # H100 SXM datasheet: FP32 67 TFLOP/s, dense BF16 989
 
     @property
     def n_gpus(self) -> int:
@@ -150,8 +110,14 @@ class Cluster:
 
     # -- rates ------------------------------------------------------------
     def matmul_rate(self, dtype: str) -> float:
-        key = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+        """Achieved matmul rate in ``dtype``. A GPU profile measures the half
+        precisions; a float32 matmul of a half-precision model (the MoE
+        router's scores) runs on the CUDA cores, at the bf16 rate x
+        ``FP32_OF_BF16`` where the profile has no float32 figure."""
+        key = _DTYPE_KEYS.get(dtype, dtype)
         if key not in self.matmul_tflops:
+            if key == "fp32" and "bf16" in self.matmul_tflops:
+                return self.matmul_tflops["bf16"] * 1e12 * self.FP32_OF_BF16
             have = list(self.matmul_tflops)
             raise ShardwiseError(f"cluster {self.name} has no matmul rate for {dtype}; it has "
                                  f"{', '.join(have)}: use --dtype {have[0]}, or a profile that "
@@ -273,10 +239,10 @@ class Cluster:
 
         def at(kk: int) -> float:
             pts = sorted(by_k[kk])
-            return _piecewise(pts, nbytes, self.stream_rate, floor)
+            return piecewise(pts, nbytes, self.stream_rate, floor)
 
         ks = sorted(by_k)
-        return _log_interp([(kk, at(kk)) for kk in ks], k)
+        return log_interp([(kk, at(kk)) for kk in ks], k)
 
     def decode_norm_s(self, d: int) -> float | None:
         """GPU seconds of the fused add + norm over rows of width ``d`` in a CUDA
@@ -285,7 +251,7 @@ class Cluster:
         table = self.decode_kernels_us.get("norm")
         if not table:
             return None
-        return _log_interp(sorted((int(w), 1e-6 * us) for w, us in table.items()), d)
+        return log_interp(sorted((int(w), 1e-6 * us) for w, us in table.items()), d)
 
     def decode_cache_write_s(self, nbytes: float) -> float | None:
         """GPU seconds of a decode step's packed K/V cache write of ``nbytes``
@@ -295,7 +261,7 @@ class Cluster:
         table = self.decode_kernels_us.get("cache_write")
         if not table:
             return None
-        return _log_interp(sorted((64 * int(w), 1e-6 * us) for w, us in table.items()),
+        return log_interp(sorted((64 * int(w), 1e-6 * us) for w, us in table.items()),
                            nbytes)
 
     @property
@@ -360,7 +326,8 @@ class Cluster:
         us, calls = self.layer_probe.get("us"), self.layer_probe.get("calls")
         if not us or not calls or self.op_us is None:
             return 1.0
-        g, a, n = (calls.get(k, 0.0) for k in ("gemms", "attns", "norms"))
+        g, a = calls.get("gemms", 0.0), calls.get("attns", 0.0)
+        n = calls.get("tritons", calls.get("norms", 0.0))  # Triton launches (older: "norms")
         modelled = 1e6 * ((calls.get("kernels", 0.0) - g - a - n) * self.op_s + g * self.gemm_s
                           + a * self.attn_s(True) + n * self.norm_s
                           + calls.get("metas", 0.0) * self.view_s
@@ -389,10 +356,15 @@ class Cluster:
         return min(1.0, self.sustained_matmul_tflops / burst)
 
     def gemm_rate(self, dtype: str, k: int, n: int, m: float | None = None) -> float:
-        """Matmul rate for ``m`` rows (None: any), an output width n and inner
-        size k: the measured shape nearest in (log m, log k, log n) when the
-        profile holds per-shape measurements, else the profile's single figure."""
-        key = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+        """Matmul rate for ``m`` rows (None: the grid's largest), inner size k and
+        output width n: interpolated in the calibrated grid (``gemm_grid``),
+        linearly in (log m, log k, log n) between its points and held at its
+        edges; a profile without a grid takes the measured shape nearest in
+        those logarithms (``measurements.matmul``), else its single figure."""
+        key = _DTYPE_KEYS.get(dtype, dtype)
+        grid = self.gemm_grid.get(key)
+        if grid and k > 0 and n > 0:
+            return grid_rate(grid, m or grid["m"][-1], k, n) * 1e12
         shapes = self.matmul_shapes.get(key)
         if not shapes or k <= 0 or n <= 0:
             return self.matmul_rate(dtype)
@@ -484,6 +456,11 @@ class Cluster:
                 layer_probe=dict(d.get("measurements", {}).get("layer_probe", {})),
                 overlap_efficiency=_opt(d, "overlap_efficiency"),
                 step_host_ratio=_opt(d, "step_host_ratio"),
+                gemm_grid={dt: {"m": [int(v) for v in g["m"]], "k": [int(v) for v in g["k"]],
+                                "n": [int(v) for v in g["n"]],
+                                "tflops": [[[None if v is None else float(v) for v in row]
+                                            for row in plane] for plane in g["tflops"]]}
+                           for dt, g in d.get("gemm_grid", {}).items()},
                 matmul_shapes={dt: [(int(x["m"]), int(x["k"]), int(x["n"]), float(x["tflops"]))
                                     for x in rows]
                                for dt, rows in d.get("measurements", {}).get("matmul", {}).items()},
@@ -504,6 +481,13 @@ class Cluster:
         for op in self.collective_us:
             if op not in COLLECTIVES:
                 problems.append(f"collective_us: unknown collective {op!r}")
+        for dt, g in self.gemm_grid.items():
+            sizes = [len(g["m"]), len(g["k"]), len(g["n"])]
+            shape = [len(g["tflops"]), *(len(x) for x in g["tflops"][:1]),
+                     *(len(x) for x in g["tflops"][0][:1])] if g["tflops"] else [0]
+            if shape != sizes or any(sorted(g[a]) != g[a] or min(g[a]) <= 0 for a in "mkn"):
+                problems.append(f"gemm_grid[{dt!r}]: tflops must be [m][k][n] over increasing "
+                                f"positive axes (axes {sizes}, table {shape})")
         for op in self.graph_collective_us:
             if op not in COLLECTIVES:
                 problems.append(f"graph_collective_us: unknown collective {op!r}")
@@ -525,34 +509,6 @@ class Cluster:
                     problems.append(f"link {name} {op}: bandwidths must be > 0")
         if problems:
             raise ShardwiseError(f"cluster profile {self.name!r}: " + "; ".join(problems))
-
-
-def _piecewise(pts: list[tuple[float, float]], x: float, rate: float, floor: float) -> float:
-    """Time at ``x`` bytes from ``(bytes, seconds)`` points sorted by bytes:
-    linear between them; outside, the nearest point's time moved by the
-    bytes' difference at ``rate``, never below ``floor``."""
-    if x <= pts[0][0]:
-        return max(floor, pts[0][1] - (pts[0][0] - x) / rate)
-    if x >= pts[-1][0]:
-        return pts[-1][1] + (x - pts[-1][0]) / rate
-    for (x0, t0), (x1, t1) in zip(pts, pts[1:]):
-        if x <= x1:
-            return t0 + (t1 - t0) * (x - x0) / (x1 - x0) if x1 > x0 else t1
-    return pts[-1][1]
-
-
-def _log_interp(pts: list[tuple[float, float]], x: float) -> float:
-    """``(x, y)`` points sorted by x: linear in log x between them, the
-    nearest's y beyond them."""
-    if x <= pts[0][0]:
-        return pts[0][1]
-    if x >= pts[-1][0]:
-        return pts[-1][1]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x <= x1:
-            f = math.log(x / x0) / math.log(x1 / x0)
-            return y0 + (y1 - y0) * f
-    return pts[-1][1]
 
 
 def _opt(d: dict, key: str) -> float | None:

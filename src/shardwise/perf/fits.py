@@ -13,7 +13,7 @@ import dataclasses
 import os
 
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .costmodel import fmt_bytes
+from .costmodel import fmt_bytes, predict
 
 # Peers have no formulas of their own; they hold what these plans hold.
 _PEER_AS = {"torch_eager": "tp_pp:1x1", "hf": "tp_pp:1x1", "torch_tp": "tp_pp:{0}x1",
@@ -51,26 +51,18 @@ def _as_modelled(plan: Plan) -> Plan:
 def rank_bytes(spec: ModelSpec, wl: Workload, plan: str, world: int,
                memory: int) -> tuple[int, int]:
     """(the fullest rank's bytes, all ranks' bytes together) of ``plan`` on
-    ``world`` ranks (a composition as the planner prices it)."""
-    from .planner import price
-
-    p = price(spec, wl, _as_modelled(Plan.parse(plan)), _cluster(world, memory), world,
-              graphs=False)
+    ``world`` ranks."""
+    p = predict(spec, wl, _as_modelled(Plan.parse(plan)), _cluster(world, memory), world,
+                graphs=False)
     extra = p.memory.activations + p.memory.comm_buffers
     return p.memory.total, sum(p.weights_per_rank) + sum(p.kv_per_rank) + extra * p.world_size
 
 
 def _need(spec, wl, plans, world, device, memory, verify) -> tuple[int, str]:
-    """The bytes the tightest device needs, and what needs them. A composed
-    plan the planner cannot price is not checked."""
+    """The bytes the tightest device needs, and what needs them."""
     worst, what = 0, ""
     for plan in plans:
-        try:
-            one, total = rank_bytes(spec, wl, plan, world, memory)
-        except ShardwiseError:
-            if Plan.parse(plan).is_composed:
-                continue
-            raise
+        one, total = rank_bytes(spec, wl, plan, world, memory)
         need = total if device == "cpu" else one
         if need > worst:
             worst, what = need, plan

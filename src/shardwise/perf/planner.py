@@ -26,7 +26,8 @@ from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, resolve_capacity
-from .partition import PartitionError
+from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
+                                  partition, per_replica)
 
 # Micro-batch counts tried for every plan that takes them (more where none fits).
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -82,66 +83,6 @@ def base_plans(spec: ModelSpec, workload: Workload, ranks: int,
     return list(out.values())
 
 
-def replicas_of(plan: Plan, spec: ModelSpec, workload: Workload) -> tuple[int, Plan] | None:
-    """``dp:R/X`` as (R, the single-strategy plan X names: ``pp:P/tp:T`` is
-    ``tp_pp:TxP``, ``helix:NxM``, ``ring:C``, ``ep:E``), with the plan's
-    micro-batches; None where X is no single-strategy plan. Checked against
-    that strategy's own ``composition``: its dimensions must be X's."""
-    if not plan.is_composed or plan.parts[0].strategy != "dp":
-        return None
-    rest = [p for p in plan.parts[1:] if p.shape != (1,)]
-    names = [p.strategy for p in rest]
-    degree = {p.strategy: p.shape[0] for p in rest if len(p.shape) == 1}
-    options = next((p.options for p in rest if p.strategy != "pp"), ())
-    if set(names) <= {"pp", "tp"}:
-        single = Plan("tp_pp", (degree.get("tp", 1), degree.get("pp", 1)), options=options)
-    elif len(rest) == 1 and names[0] in ("helix", "ring", "ep"):
-        single = Plan(names[0], rest[0].shape, options=options)
-    else:
-        return None
-    single = dataclasses.replace(single, micro_batches=plan.micro_batches)
-    dims = get_strategy(single.strategy).composition(spec, workload, single, None).parts
-    if [p for p in dims if p.shape != (1,)] != rest:
-        return None
-    return plan.parts[0].shape[0], single
-
-
-def price(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Cluster,
-          ranks: int | None = None, **kw) -> Prediction:
-    """The cost model's prediction of a valid plan; a composition it does not
-    price that is ``dp:R`` over a single-strategy plan X (:func:`replicas_of`)
-    is priced as X on one replica's share of the batch: replicas exchange
-    nothing in a step, so the step is the replica with the largest share
-    (the first: ``Composition.rows``), and each replica holds what X holds.
-    ``kw``: :func:`~.costmodel.predict`'s. Raises ShardwiseError naming
-    why a plan cannot be priced."""
-    plan = Plan.parse(plan) if isinstance(plan, str) else plan
-    try:
-        return predict(spec, workload, plan, cluster, ranks, **kw)
-    except ShardwiseError as e:
-        split = replicas_of(plan, spec, workload) if plan.is_composed else None
-        if split is None:
-            raise
-        why = e
-    R, single = split
-    ranks = ranks or get_strategy(plan.strategy).ranks_needed(plan)
-    width, per_node = ranks // R, cluster.gpus_per_node
-    if width % per_node and per_node % width:
-        raise ShardwiseError(f"{why}; as {R} replicas of {single} they would straddle nodes "
-                             f"unevenly ({width} ranks each, {per_node} GPUs a node)")
-    share = -(-workload.batch // R)
-    try:
-        one = predict(spec, workload.replace(batch=share), single, cluster, width, **kw)
-    except ShardwiseError as e:
-        raise ShardwiseError(f"{why}; as {R} replicas of {single}: {e}") from None
-    note = (f"priced as {R} replicas of {single} on {share} of the {workload.batch} sequences "
-            f"each (replicas exchange nothing in a step)")
-    return dataclasses.replace(
-        one, workload=workload, plan=plan, world_size=ranks,
-        weights_per_rank=one.weights_per_rank * R, kv_per_rank=one.kv_per_rank * R,
-        reason=f"each replica: {one.reason}" if one.reason else "", notes=[note, *one.notes])
-
-
 def evaluate(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Cluster,
              ranks: int) -> Row:
     """One candidate: its prediction, or why it is invalid or unpriced."""
@@ -151,7 +92,7 @@ def evaluate(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clu
     except ShardwiseError as e:
         return Row(text, error=str(e), memory=isinstance(e, PartitionError))
     try:
-        return Row(text, price(spec, workload, text, cluster, ranks))
+        return Row(text, predict(spec, workload, text, cluster, ranks))
     except ShardwiseError as e:
         return Row(text, unpriced=str(e))
 
@@ -433,7 +374,7 @@ def predict_parts(ref, plan: str, cluster: str = "h100-sxm-16", batch: int | Non
         return describe(predict(spec, wl, p, load_cluster(cluster)))
     validate_plan(spec, wl, p)
     try:
-        return describe(price(spec, wl, p, load_cluster(cluster)))
+        return describe(predict(spec, wl, p, load_cluster(cluster)))
     except ShardwiseError as e:
         raise ShardwiseError(f"{e}; verify or bench it (shardwise verify --plan {plan}), or "
                              f"predict a single-strategy plan") from None
@@ -541,3 +482,69 @@ def plan_command(ref, cluster: str = "h100-sxm-16", batch: int | None = None,
     """``shardwise plan --model M [--cluster C --batch B --seq T --phase prefill|decode|both
     --top N --ranks R]``: every plan, ranked, as a table."""
     return render(plan_parts(ranking(ref, cluster, batch, seq, phase, ranks), top))
+
+
+# -- shardwise partition ------------------------------------------------------------
+
+def partition_parts(ref, capacity: str, ranks: int, batch: int | None = None,
+                    seq: int | None = None, micro_batches: int = 1,
+                    cluster: str | None = None) -> list:
+    """``shardwise partition --model M --capacity C --ranks R [--batch B --seq T
+    --cluster C]``: the groups for the model ``ref`` (a models.ModelRef)
+    names and its serving workload (the seed's for a preset; ``batch`` and
+    ``seq`` override it), L2 and HBM read from ``cluster``'s profile. Raises
+    ShardwiseError when nothing fits."""
+    from ..models import as_ref
+
+    ref = as_ref(ref)
+    serve = ref.serve_workload
+    workload = serve.replace(batch=serve.batch if batch is None else batch,
+                             seq_len=serve.seq_len if seq is None else seq)
+    # Read even where the capacity is in bytes: a --cluster that names nothing is refused.
+    cl = load_cluster(cluster) if cluster is not None else None
+    named = cl is not None and _NAMED.fullmatch(capacity.strip())
+    part = partition(ref.spec, workload, parse_capacity(capacity, cl), ranks, micro_batches,
+                     ranks_flag="--ranks", capacity_flag="--capacity ")
+    return partition_sheets(part, ref.spec, workload,
+                            f"{capacity} of {cl.name}" if named else None)
+
+
+def partition_sheets(part: Partition, spec: ModelSpec, workload: Workload,
+                     source: str | None = None) -> list:
+    """The groups of a partition: layers, bytes, predicted time."""
+    from ..output import Col, Sheet, nbytes, num
+
+    cap = fmt_bytes(part.capacity) + (f" ({source})" if source else "")
+    head = (f"{spec.name}: {plural(spec.n_layers, 'layer')}, batch {workload.batch}, seq "
+            f"{workload.seq_len}, capacity {cap} per device, {plural(part.ranks, 'rank')}\n"
+            f"-> {plural(len(part.groups), 'group')} x {plural(part.replicas, 'replica')} = "
+            f"{plural(part.ranks_used, 'rank')}"
+            + (f" ({part.idle_ranks} idle)" if part.idle_ranks else ""))
+    rows = [{"group": n, "first_layer": g.layers.start, "last_layer": g.layers.stop - 1,
+             "weight_bytes": g.weight_bytes, "kv_bytes": g.kv_bytes,
+             "work_bytes": g.work_bytes, "total_bytes": g.total_bytes,
+             "time_ms": 1e3 * g.time_s} for n, g in enumerate(part.groups)]
+    sheet = Sheet("groups", "", [
+        Col("group", "group"),
+        Col("layers", "first_layer", row_text=lambda r: f"{r['first_layer']}-{r['last_layer']}"),
+        Col("weights", "weight_bytes", nbytes, 1), Col("KV cache", "kv_bytes", nbytes, 1),
+        Col("working", "work_bytes", nbytes, 2), Col("total", "total_bytes", nbytes),
+        Col("time (ms)", "time_ms", lambda v: num(v, 4))], rows,
+        [f"bottleneck {1e3 * part.bottleneck_s:.4g} ms: the slowest group on its replica's "
+         f"{plural(per_replica(workload.batch, part.replicas), 'sequence')} "
+         f"(prefill + decode steps)"])
+    return [head, sheet]
+
+
+def format_partition(part: Partition, spec: ModelSpec, workload: Workload) -> str:
+    """:func:`partition_sheets` as a table."""
+    from ..output import render
+
+    return render(partition_sheets(part, spec, workload))
+
+
+def partition_command(*args, **kwargs) -> str:
+    """:func:`partition_parts` as a table."""
+    from ..output import render
+
+    return render(partition_parts(*args, **kwargs))

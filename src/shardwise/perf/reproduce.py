@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from ..parallel.base import validate_plan
 from ..bench.records import command_option
-from ..presets import PRESETS, get_preset
+from ..presets import get_preset
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
 from .clusters import Cluster, load_cluster
 from ..output import Sheet
-from .costmodel import Prediction, fmt_bytes, resolve_capacity
-from .planner import best_micro_batching, enumerate_plans, micro_batch_family, price, rank_rows
+from .costmodel import Prediction, fmt_bytes, predict, resolve_capacity
+from .planner import best_micro_batching, enumerate_plans, micro_batch_family, rank_rows
 
 # The claims are a TPS and a TPOT: plans are compared on a whole request (the
 # prefill and every decode step), each at its fastest micro-batching that fits.
@@ -168,7 +168,7 @@ def _measured_sheet(results: list[str], preset: str, profile: Cluster | None) ->
             if profile is not None:
                 try:
                     spec, wl, plan, world = record_case(r, profile)
-                    p = price(spec, wl, plan, profile, world, graphs=r.get("cuda_graphs"))
+                    p = predict(spec, wl, plan, profile, world, graphs=r.get("cuda_graphs"))
                 except ShardwiseError as e:
                     why = str(e)
             for metric, value in _measured(r):
@@ -349,11 +349,27 @@ def record_layout(r: dict, spec: ModelSpec, wl: Workload, plan: Plan, world: int
     rep = r.get("report") or {}
     if plan.strategy != "layerwise" or not rep.get("groups") or not rep.get("replicas"):
         return None
-    from .partition import parse_capacity, partition_at
+    from ..parallel.partition import parse_capacity, partition_at
 
     cuts = [g[0] for g in rep["groups"]] + [rep["groups"][-1][1]]
     return partition_at(spec, wl, cuts, int(rep["replicas"]), world,
                         parse_capacity(plan.option("cap")), plan.micro_batches)
+
+
+def _same_layout(r: dict, spec: ModelSpec, wl: Workload, plan: Plan, world: int) -> None:
+    """A layerwise record that ran other layer groups than the partition
+    search now picks describes a plan the code no longer runs: refused."""
+    ran = record_layout(r, spec, wl, plan, world)
+    if ran is None:
+        return
+    from ..parallel.layerwise import plan_partition
+
+    now = plan_partition(spec, wl, plan, world)
+    if ([g.layers for g in ran.groups], ran.replicas) != ([g.layers for g in now.groups],
+                                                          now.replicas):
+        raise ShardwiseError(f"the record ran layer groups {[[g.layers.start, g.layers.stop] for g in ran.groups]} "
+                             f"x {ran.replicas} replica(s); the partition search now picks "
+                             f"{[[g.layers.start, g.layers.stop] for g in now.groups]} x {now.replicas}")
 
 
 def at_host_speed(cl: Cluster, r: dict) -> Cluster:
@@ -383,8 +399,9 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 # A decode record says whether its step replayed a CUDA graph.
                 graphs = r.get("cuda_graphs") if r.get("phase") == "decode" else None
                 moe = balance.get((_run_key(r), world)) if spec.is_moe else None
-                p = price(spec, wl, plan, at_host_speed(cl, r), world, graphs=graphs,
-                          moe_balance=moe, layout=record_layout(r, spec, wl, plan, world))
+                _same_layout(r, spec, wl, plan, world)
+                p = predict(spec, wl, plan, at_host_speed(cl, r), world, graphs=graphs,
+                          moe_balance=moe)
             except (ShardwiseError, KeyError, TypeError, ValueError) as e:
                 skipped.append(f"{r.get('plan')} ({r.get('preset')}): {e}")
                 continue

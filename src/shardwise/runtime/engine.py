@@ -326,7 +326,7 @@ def bench_case(case, plan, comm, model, rank, device,
 
 def _probing(probes: list, device):
     """A callback that times one step of calibrate's layer probe into ``probes``."""
-    from ..perf.calibrate import host_probe_step_us
+    from .hostprobe import host_probe_step_us
 
     return lambda: probes.append(host_probe_step_us(device))
 
@@ -338,7 +338,7 @@ def _host_probe(comm, device, probes: list) -> float:
     within seconds: a probe before the steps missed slow stretches), or, for
     steps replayed from a CUDA graph, the probe timed now. Recorded beside
     each measurement."""
-    from ..perf.calibrate import host_probe_us
+    from .hostprobe import host_probe_us
 
     mine = statistics.median(probes) if probes else host_probe_us(device)
     return max(r[0] for r in comm.gather_floats([mine], device))

@@ -31,10 +31,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Callable
 
-from ..output import plural
 from ..spec import ModelSpec, ShardwiseError, Workload, dtype_bytes, parse_bytes
 
 # -- capacity ------------------------------------------------------------------
@@ -393,12 +392,15 @@ class Partition:
         return max(g.time_s for g in self.groups)
 
 
+@lru_cache(maxsize=256)
 def partition(spec: ModelSpec, workload: Workload, capacity: int, ranks: int,
               micro_batches: int = 1, rates: Rates = Rates(), ranks_flag: str = "--nproc",
               capacity_flag: str = "cap=") -> Partition:
     """The layer groups for ``capacity`` bytes per device on ``ranks`` ranks,
     or a :class:`PartitionError` that names the capacity / ranks that work
-    (``ranks_flag``, ``capacity_flag``: how the command at hand sets them)."""
+    (``ranks_flag``, ``capacity_flag``: how the command at hand sets them).
+    Kept per arguments: a plan is validated and built once per rank, and a
+    deep model's search takes a while."""
     if ranks < 1:
         raise ShardwiseError(f"need at least one rank to partition {spec.name} (got {ranks})")
     cache: dict[int, LayerCosts] = {}
@@ -449,69 +451,3 @@ def _partition_at(spec, workload, costs: LayerCosts, cuts, replicas, ranks, capa
         out.append(Group(range(i, j), weights, kv, costs.group_bytes(i, j) - weights - kv,
                          costs.group_time(i, j)))
     return Partition(tuple(out), replicas, ranks, capacity)
-
-
-def partition_parts(ref, capacity: str, ranks: int, batch: int | None = None,
-                    seq: int | None = None, micro_batches: int = 1,
-                    cluster: str | None = None) -> list:
-    """``shardwise partition --model M --capacity C --ranks R [--batch B --seq T
-    --cluster C]``: the groups for the model ``ref`` (a models.ModelRef)
-    names and its serving workload (the seed's for a preset; ``batch`` and
-    ``seq`` override it), L2 and HBM read from ``cluster``'s profile. Raises
-    ShardwiseError when nothing fits."""
-    from ..models import as_ref
-
-    ref = as_ref(ref)
-    serve = ref.serve_workload
-    workload = serve.replace(batch=serve.batch if batch is None else batch,
-                             seq_len=serve.seq_len if seq is None else seq)
-    from .clusters import load_cluster
-
-    # Read even where the capacity is in bytes: a --cluster that names nothing is refused.
-    cl = load_cluster(cluster) if cluster is not None else None
-    named = cl is not None and _NAMED.fullmatch(capacity.strip())
-    part = partition(ref.spec, workload, parse_capacity(capacity, cl), ranks, micro_batches,
-                     ranks_flag="--ranks", capacity_flag="--capacity ")
-    return partition_sheets(part, ref.spec, workload,
-                            f"{capacity} of {cl.name}" if named else None)
-
-
-def partition_sheets(part: Partition, spec: ModelSpec, workload: Workload,
-                     source: str | None = None) -> list:
-    """The groups of a partition: layers, bytes, predicted time."""
-    from ..output import Col, Sheet, nbytes, num
-
-    cap = fmt_bytes(part.capacity) + (f" ({source})" if source else "")
-    head = (f"{spec.name}: {plural(spec.n_layers, 'layer')}, batch {workload.batch}, seq "
-            f"{workload.seq_len}, capacity {cap} per device, {plural(part.ranks, 'rank')}\n"
-            f"-> {plural(len(part.groups), 'group')} x {plural(part.replicas, 'replica')} = "
-            f"{plural(part.ranks_used, 'rank')}"
-            + (f" ({part.idle_ranks} idle)" if part.idle_ranks else ""))
-    rows = [{"group": n, "first_layer": g.layers.start, "last_layer": g.layers.stop - 1,
-             "weight_bytes": g.weight_bytes, "kv_bytes": g.kv_bytes,
-             "work_bytes": g.work_bytes, "total_bytes": g.total_bytes,
-             "time_ms": 1e3 * g.time_s} for n, g in enumerate(part.groups)]
-    sheet = Sheet("groups", "", [
-        Col("group", "group"),
-        Col("layers", "first_layer", row_text=lambda r: f"{r['first_layer']}-{r['last_layer']}"),
-        Col("weights", "weight_bytes", nbytes, 1), Col("KV cache", "kv_bytes", nbytes, 1),
-        Col("working", "work_bytes", nbytes, 2), Col("total", "total_bytes", nbytes),
-        Col("time (ms)", "time_ms", lambda v: num(v, 4))], rows,
-        [f"bottleneck {1e3 * part.bottleneck_s:.4g} ms: the slowest group on its replica's "
-         f"{plural(per_replica(workload.batch, part.replicas), 'sequence')} "
-         f"(prefill + decode steps)"])
-    return [head, sheet]
-
-
-def format_partition(part: Partition, spec: ModelSpec, workload: Workload) -> str:
-    """:func:`partition_sheets` as a table."""
-    from ..output import render
-
-    return render(partition_sheets(part, spec, workload))
-
-
-def partition_command(*args, **kwargs) -> str:
-    """:func:`partition_parts` as a table."""
-    from ..output import render
-
-    return render(partition_parts(*args, **kwargs))

@@ -1,0 +1,536 @@
+"""Record each rank's steps of a plan by running the strategy's own code
+without processes, devices or weights.
+
+:func:`record_rank` builds rank r's shard exactly as a run does
+(``validate_plan``, the strategy class with its Comm and ShardLoader) but
+on ``meta`` tensors: weights from :class:`MetaSource` (shapes only), KV
+caches allocated on meta, collectives through :class:`RecordingComm` (the
+real Comm with its transport replaced: each call is recorded, with its group
+and bytes, and whether it is issued asynchronously). It then runs, as
+``shardwise bench`` does, a prefill, an eager decode step and, where the
+strategy supports it, the static-shape decode step a CUDA graph captures
+(each after a warm-up), under a :class:`~shardwise.perf.trace.Recorder`.
+
+A layer loop (an ``nn.ModuleList`` of three or more modules of one kind,
+iterated) runs its first two iterations: the first may differ (it builds the
+step's shared index tensors, it has no residual pending), the second is
+recorded as the body of a :class:`~shardwise.perf.trace.Repeat` taken as
+many times as the loop has regular layers. A 126-layer model records two
+layers.
+
+Recordings are kept per (model, workload, plan, world size, rank, backend,
+routing balance): a planner asking for hundreds of plans records each rank
+once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
+
+from ..model import kernels as model_kernels
+from ..model import reference
+from ..model.load import ShardLoader
+from ..model.weights import WeightSource, layer_param_table, param_table
+from ..parallel import base as parallel_base
+from ..parallel import reduce_norm
+from ..parallel.base import validate_plan
+from ..parallel.comm import Comm
+from ..spec import ModelSpec, Plan, Workload, torch_dtype
+from .events import Call, Coll, Repeat, Wait, call_counts, comm_counts
+from .trace import Recorder, Routing, set_shadow
+from .tritons import TritonShim, stand_in
+
+PHASES = ("prefill", "decode", "static")
+_ACTIVE: Recorder | None = None  # the recorder of the step being run
+
+
+# -- weights of shape only ------------------------------------------------------------
+
+class MetaSource(WeightSource):
+    """The synthetic weights' names and shapes, handed out as meta tensors."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec, self.seed = spec, 0
+        self._ends = param_table(spec.replace(n_layers=1))
+
+    @functools.cached_property
+    def table(self) -> dict:  # every layer's names (the loader asks for one at a time)
+        return param_table(self.spec)
+
+    def _info(self, name: str):
+        if name.startswith("layers."):
+            layer = int(name.split(".")[1])
+            return layer_param_table(self.spec, layer)[name]
+        return self._ends[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info(name).shape
+
+    def get(self, name, index=None, *, dtype, device):
+        shape = list(self._info(name).shape)
+        for dim, sel in enumerate(index or []):
+            if sel is None:
+                continue
+            shape[dim] = (len(range(shape[dim])[sel]) if isinstance(sel, slice)
+                          else torch.as_tensor(sel).numel())
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+
+# -- collectives, recorded ------------------------------------------------------------
+
+class _Group:
+    """What ``Topology.group(axis)`` stands for while recording: the axis and
+    its global ranks."""
+
+    def __init__(self, axis: str, ranks):
+        self.axis, self.ranks, self.group_name = axis, tuple(ranks), axis
+
+
+class _Mesh:
+    def __init__(self, topo):
+        self.topo = topo
+
+    def get_group(self, axis: str) -> _Group:
+        return _Group(axis, self.topo.group_ranks(axis))
+
+
+class _Request:
+    """A request of an asynchronous collective: waiting on it is recorded. It
+    holds the tensors it sends, as a real request does until it completes."""
+
+    def __init__(self, handle: int, tensors: tuple = ()):
+        self.handle, self.tensors = handle, tensors
+
+    def wait(self, *args, **kwargs):
+        if _ACTIVE is not None:
+            _ACTIVE.events.append(Wait(self.handle))
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class RecordingComm(Comm):
+    """:class:`~shardwise.parallel.comm.Comm` whose transport records instead of
+    sending: every collective becomes a :class:`~shardwise.perf.trace.Coll`
+    of the active recorder. ``one_shot``: whether small all-reduces take the
+    symmetric-memory path (a GPU run on NCCL) or not (gloo).
+    ``symmetric_bytes``: the symmetric-memory buffers it would hold."""
+
+    def __init__(self, topo, one_shot: bool):
+        super().__init__(topo)
+        self.one_shot = one_shot
+        self.symmetric_bytes = 0
+        self._axis = ""  # of the collective being called (Comm._count names it)
+
+    def _count(self, op: str, axis: str, nbytes: int) -> str:
+        self._axis = axis
+        return super()._count(op, axis, nbytes)
+
+    def _group(self, group) -> _Group:
+        return group if group is not None else _Group("world", range(self.topo.world_size))
+
+    def _emit(self, op: str, group, nbytes: int, async_op: bool = False, **kw):
+        if _ACTIVE is None:
+            return None
+        g = self._group(group)
+        handle = _ACTIVE.new_handle() if async_op else None
+        _ACTIVE.events.append(Coll(op, g.axis, g.ranks, int(nbytes), handle, **kw))
+        return _Request(handle) if async_op else None
+
+    def _reduce(self, t, group, async_op: bool = False):
+        return self._emit("all_reduce", group, t.nbytes, async_op)
+
+    def _one_shot(self, buf, t, axis: str):
+        self._emit("all_reduce", self.topo.group(axis), t.nbytes)
+
+    def _gather(self, out, t, group):
+        s = t.__dict__.get("_shadow")
+        if s is not None:  # every rank of the group taken to hold what this one holds
+            set_shadow(out, torch.cat([s] * (out.shape[0] // max(t.shape[0], 1))))
+        return self._emit("all_gather", group, out.nbytes)
+
+    def _scatter(self, out, t, group):
+        return self._emit("reduce_scatter", group, t.nbytes)
+
+    def _swap(self, out, t, out_splits, in_splits, group, async_op: bool = False):
+        return self._emit("all_to_all", group, t.nbytes, async_op)
+
+    def _p2p(self, sends, recvs) -> list:
+        axis = self._axis if sends else "recv"
+        self._axis = ""
+        if _ACTIVE is None:
+            return [_Request(0)] * (len(sends) + len(recvs))
+        handle = _ACTIVE.new_handle()
+        _ACTIVE.events.append(Coll("p2p", axis, (), sum(t.nbytes for t, _ in sends), handle,
+                                   tuple((p, t.nbytes) for t, p in sends),
+                                   tuple((p, t.nbytes) for t, p in recvs)))
+        return [_Request(handle, tuple(t for t, _ in sends))] * (len(sends) + len(recvs))
+
+    def _broadcast(self, t, src: int):
+        return self._emit("broadcast", None, t.nbytes)
+
+    def _barrier(self):
+        return None
+
+    def _symmetric_buffer(self, t, axis: str):
+        self.symmetric_bytes += t.nbytes
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    def _reduce_norm_kernel(self, axis: str, device):
+        return _FusedReduceNorm(self, axis)
+
+
+class _FusedReduceNorm:
+    """The one-kernel all-reduce + add + norm
+    (:class:`~shardwise.parallel.reduce_norm.FusedReduceNorm`) as recorded: its
+    two outputs and one collective kernel; its symmetric buffers counted."""
+
+    def __init__(self, comm: RecordingComm, axis: str):
+        self.comm, self.axis, self.made = comm, axis, set()
+        world = comm.topo.size(axis)
+        comm.symmetric_bytes += world * reduce_norm.MAX_ROWS * 4  # the flags
+
+    def ready(self, dtype, d: int) -> bool:
+        if (dtype, d) not in self.made:
+            self.made.add((dtype, d))
+            self.comm.symmetric_bytes += 2 * reduce_norm.MAX_ROWS * d * dtype.itemsize
+        return True
+
+    def __call__(self, p, x, module):
+        h = torch.empty_like(x)
+        y = torch.empty_like(x) if module is not None else h
+        self.comm._emit("all_reduce", self.comm.topo.group(self.axis), p.nbytes, fused=True)
+        return h, (y if module is not None else None)
+
+
+# -- Triton kernels and layer loops, recorded -----------------------------------------
+
+class _Recorded:
+    """A Triton kernel as recorded: a launch is one call and the device kernel
+    its stand-in describes (:mod:`.tritons`)."""
+
+    def __init__(self, name: str):
+        self.stand_in = stand_in(name)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if _ACTIVE is None:
+                return
+            with _disable_current_modes():  # what the stand-in reads is not the step's
+                kernel = self.stand_in.kernel(grid, *args, **kwargs)
+            _ACTIVE.events.append(Call("tritons", self.stand_in.name, (kernel,)))
+
+        return launch
+
+
+class _LayerList(nn.ModuleList):
+    """A ModuleList of layers: while a step is recorded, iterating it yields the
+    first layer, then the second as the body of a repeat for every layer
+    after the first, and stops (module docstring)."""
+
+    def __iter__(self):
+        items = list(self._modules.values())
+        rec = _ACTIVE
+        if rec is None or len(items) < 3:
+            yield from items
+            return
+        yield items[0]
+        rec.begin_loop()
+        yield items[1]
+        rec.end_loop(len(items) - 1)
+
+
+def _two_alike(items: list, fn) -> list:
+    """``reference.each_alike`` while a plan is recorded: the first item, then
+    the second (while a step is recorded, as the body of a repeat taken for
+    every later one), whose result stands for the rest. A module standing
+    for later layers is noted in ``_STOOD_FOR`` (their weights)."""
+    n, rec = len(items), _ACTIVE
+    if n < 3:
+        return [fn(item) for item in items]
+    first = fn(items[0])
+    if rec is not None:
+        rec.begin_loop()
+    second = fn(items[1])
+    if rec is not None:
+        rec.end_loop(n - 1)
+    if isinstance(second, nn.Module):
+        _STOOD_FOR.append((second, n - 2))
+    return [first] + [second] * (n - 1)
+
+
+_STOOD_FOR: list = []  # (module, further items it stands for) of the plan being built
+
+
+def _same_work(n: int):
+    """``reference.same_work`` while a step is recorded: the first iteration,
+    as the body of a repeat taken ``n`` times."""
+    rec = _ACTIVE
+    if rec is None or n < 2:
+        yield from range(n)
+        return
+    rec.begin_loop()
+    yield 0
+    rec.end_loop(n)
+
+
+def _micro_batches(ranges, fn, alike) -> list:
+    """``base.micro_batched`` while a step is recorded: of each run of
+    micro-batches alike (one size, one ``alike``), the first, then the second
+    as the body of a repeat taken for the rest; the skipped ones' outputs are
+    the second's (the same shape)."""
+    def kind(i: int):
+        return ranges[i][1] - ranges[i][0], None if alike is None else alike[i]
+
+    rec, out, i = _ACTIVE, [], 0
+    while i < len(ranges):
+        n = next((j for j in range(i, len(ranges)) if kind(j) != kind(i)), len(ranges)) - i
+        out.append(fn(i, *ranges[i]))
+        if n >= 3 and rec is not None:
+            rec.begin_loop()
+            y = fn(i + 1, *ranges[i + 1])
+            rec.end_loop(n - 1)
+            out += [y, *_held_like(rec, y, n - 2)]
+        else:
+            out += [fn(j, *ranges[j]) for j in range(i + 1, i + n)]
+        i += n
+    return out
+
+
+def _held_like(rec: Recorder, y, n: int) -> list:
+    """The outputs of ``n`` micro-batches run as a repeat's iterations and kept
+    by the caller: one tensor shaped like ``y`` in their place, allocated
+    (as all ``n``, for the step's peak) but not recorded as an event."""
+    if not isinstance(y, torch.Tensor) or n <= 0:
+        return [y] * n
+    with _disable_current_modes():
+        held = torch.empty_like(y)
+    rec.track(held, True, n * held.untyped_storage().nbytes())
+    return [held] * n
+
+
+def _layer_lists(model: nn.Module) -> None:
+    for m in model.modules():
+        kids = list(m._modules.values()) if type(m) is nn.ModuleList else []
+        if len(kids) >= 3 and len({type(k) for k in kids}) == 1:
+            m.__class__ = _LayerList
+
+
+@contextmanager
+def _gpu_paths():
+    """The code's GPU branches, on meta tensors: ``is_cuda`` answers True for
+    them, Triton kernels load as recording stand-ins, and module calls are
+    recorded."""
+    saved_cuda = torch.Tensor.__dict__.get("is_cuda")
+    real = torch._C.TensorBase.is_cuda
+    saved_hook = model_kernels.LOAD_HOOK
+    saved_capturing = torch.cuda.is_current_stream_capturing
+    saved = reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES
+    reference.SAME_WORK, reference.EACH_ALIKE = _same_work, _two_alike
+    parallel_base.RUN_MICRO_BATCHES = _micro_batches
+    torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
+    torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
+    model_kernels.LOAD_HOOK = lambda module, name, loaded: (TritonShim, _Recorded(name))
+
+    def module_call(module, args):
+        if _ACTIVE is not None:
+            _ACTIVE.events.append(Call("modules", type(module).__name__))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(module_call)
+    try:
+        yield
+    finally:
+        hook.remove()
+        model_kernels.LOAD_HOOK = saved_hook
+        torch.cuda.is_current_stream_capturing = saved_capturing
+        reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES = saved
+        if saved_cuda is None:
+            del torch.Tensor.is_cuda
+        else:
+            torch.Tensor.is_cuda = saved_cuda
+
+
+@contextmanager
+def _recording(rec: Recorder):
+    global _ACTIVE
+    outer, _ACTIVE = _ACTIVE, rec
+    try:
+        with rec:
+            yield rec
+    finally:
+        _ACTIVE = outer
+    while rec._stack:  # a loop left before its second layer ended
+        rec.end_loop(1)
+
+
+# -- one rank -------------------------------------------------------------------------
+
+@dataclass
+class StepTrace:
+    """One step of one rank: its events, the most bytes its own tensors held
+    at once, and its calls and collectives counted as a run counts them."""
+
+    events: list
+    peak_bytes: int
+
+    @functools.cached_property
+    def calls(self) -> dict[str, int]:
+        return call_counts(self.events)
+
+    @functools.cached_property
+    def comm(self) -> dict[str, dict[str, int]]:
+        return comm_counts(self.events)
+
+
+@dataclass
+class RankTrace:
+    """Rank r of a plan: its steps (:data:`PHASES`; ``static`` only where the
+    strategy captures decode steps in CUDA graphs), the bytes of its weights,
+    KV caches, inputs and symmetric-memory buffers, as a run allocates them."""
+
+    rank: int
+    steps: dict
+    weights: int
+    kv: int
+    inputs: int
+    symmetric: int
+    facts: dict = field(default_factory=dict)  # the strategy's report (short entries)
+
+
+@functools.lru_cache(maxsize=8192)
+def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
+                backend: str = "nccl", balance: float | None = None,
+                phases: tuple = PHASES) -> RankTrace:
+    """Rank ``rank`` of ``plan`` on ``world`` ranks, recorded (module docstring),
+    or its twin's recording with the ranks renamed (``Strategy.twin``).
+    ``backend``: ``nccl`` (a GPU run), ``nccl-plain`` (NCCL without the
+    symmetric-memory all-reduce) or ``gloo`` (a CPU run: the same code paths
+    as ``nccl-plain``). ``balance``: a measured MoE routing balance
+    (:class:`~shardwise.perf.trace.Routing`). ``phases``: the steps to record
+    (``static`` where the strategy has it; asked alone, the eager step stands
+    in where it has not)."""
+    cls, topo = validate_plan(spec, wl, plan, world)
+    twin = cls.twin(spec, wl, plan, topo, rank)
+    if twin != rank:
+        return renamed(record_rank(spec, wl, plan, world, twin, backend, balance, phases),
+                       topo, rank)
+    return record_alone(spec, wl, plan, world, rank, backend, balance, phases)
+
+
+def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
+    """``trace`` of another rank as ``rank``'s: every global rank in it shifted
+    by the coordinates ``rank`` differs from the recorded one by."""
+    a, b = topo.coords(trace.rank), topo.coords(rank)
+
+    def move(x: int) -> int:
+        c = topo.coords(x)
+        return topo.rank_of(**{axis: (c[axis] + b[axis] - a[axis]) % size
+                               for axis, size in zip(topo.axes, topo.shape)})
+
+    def events(evs: list) -> list:
+        out = []
+        for e in evs:
+            if isinstance(e, Coll):
+                e = dataclasses.replace(e, ranks=tuple(sorted(map(move, e.ranks))),
+                                        sends=tuple((move(p), n) for p, n in e.sends),
+                                        recvs=tuple((move(p), n) for p, n in e.recvs))
+            elif isinstance(e, Repeat):
+                e = Repeat(events(e.body), e.times, e.carry)
+            out.append(e)
+        return out
+
+    steps = {k: StepTrace(events(v.events), v.peak_bytes) for k, v in trace.steps.items()}
+    return dataclasses.replace(trace, rank=rank, steps=steps)
+
+
+def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
+                 backend: str = "nccl", balance: float | None = None,
+                 phases: tuple = PHASES) -> RankTrace:
+    """Rank ``rank`` recorded on its own (no twin)."""
+    cls, topo = validate_plan(spec, wl, plan, world)
+    topo.rank, topo.device_type = rank, "cuda"
+    topo.mesh = _Mesh(topo)
+    dtype = torch_dtype(spec.dtype)
+    routing = Routing(balance, world)
+    _STOOD_FOR.clear()
+    with torch.inference_mode(), _gpu_paths(), _fast_modules(), _recording(Recorder(memory=False)):
+        # built under a recorder too: its ops on meta tensors come from the cache
+        comm = RecordingComm(topo, backend == "nccl")
+        model = cls(spec, wl, plan, topo, comm, ShardLoader(MetaSource(spec), dtype, "meta"))
+    stood_for = list(_STOOD_FOR)
+    _layer_lists(model)
+    if spec.vocab_size is None:
+        prompt = torch.empty(wl.batch, wl.seq_len, spec.d_model, dtype=dtype, device="meta")
+    else:
+        prompt = torch.empty(wl.batch, wl.seq_len, dtype=torch.long, device="meta")
+    token = prompt[:, :1].clone()
+    steps, reads = {}, False
+    with torch.inference_mode(), _gpu_paths():
+        static = "static" in phases and model.supports_graphs
+        runs = [("prefill", prompt, 0)] * ("prefill" in phases)
+        if "decode" in phases or ("static" in phases and not static):
+            runs.append(("decode", token, wl.seq_len))
+        if static:
+            pos = torch.empty((), dtype=torch.long, device="meta")
+            set_shadow(pos, torch.tensor(wl.seq_len))
+            runs.append(("static", token, pos))
+        for phase, x, at in runs:
+            with _recording(Recorder(routing, memory=False)):
+                model.step(x, at)  # warm-up: what a first call makes once
+            with _recording(Recorder(routing, inputs=x)) as rec:
+                model.step(x, at)
+            steps[phase] = StepTrace(rec.events, rec.peak)
+            reads |= rec.read_input
+    weights = sum(p.nbytes for p in model.parameters()) + sum(
+        n * sum(p.nbytes for p in m.parameters()) for m, n in stood_for)
+    kv = sum(c.nbytes() for c in getattr(model, "caches", []))
+    # The prompt and the new token where the rank's steps read them (a
+    # pipeline's first stage), as a run hands them over.
+    inputs = (prompt.nbytes + token.nbytes) * reads
+    return RankTrace(rank, steps, weights, kv, inputs, comm.symmetric_bytes, _facts(model))
+
+
+def _facts(model) -> dict:
+    """The strategy's report of itself, its short entries (for a prediction's notes)."""
+    def short(v) -> bool:
+        if isinstance(v, (int, float, str)):
+            return True
+        return isinstance(v, (list, tuple)) and len(v) <= 8 and all(
+            isinstance(x, (int, float, str)) or isinstance(x, (list, tuple)) and len(x) <= 2
+            for x in v)
+
+    try:
+        report = model.report()
+    except Exception:  # a report may need what a recording does not hold
+        return {}
+    return {k: v for k, v in report.items() if short(v)}
+
+
+@contextmanager
+def _fast_modules():
+    """Modules built on meta without initialising their parameters (the loader
+    replaces every one of them)."""
+    saved = {c: c.reset_parameters for c in (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)}
+    try:
+        for c in saved:
+            c.reset_parameters = lambda self: None
+        yield
+    finally:
+        for c, f in saved.items():
+            c.reset_parameters = f
+
+
+def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,
+                backend: str = "nccl", balance: float | None = None,
+                phases: tuple = PHASES) -> list[RankTrace]:
+    """Every rank of ``plan``, recorded."""
+    return [record_rank(spec, wl, plan, world, r, backend, balance, phases)
+            for r in range(world)]
+

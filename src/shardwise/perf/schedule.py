@@ -1,0 +1,314 @@
+"""One schedule for every plan: the ranks' recorded steps played out in time.
+
+Each rank has a host, which issues its calls one after another, and two
+device streams: the compute stream, which runs kernels in issue order (a
+kernel starts when the stream is free and the host has issued it), and the
+communication stream, on which asynchronous collectives and point-to-point
+transfers run. A collective starts when every rank of its group has issued
+it and the streams it waits for are free, and ends its time later on all of
+them: blocking, the compute stream waits for it; asynchronous, only a later
+wait on its request does. A point-to-point transfer starts when both ends
+have posted it, each after the work its rank had issued (NCCL orders its
+stream after the current one); a receive waited on stalls the compute stream
+until the data is there (a pipeline's fill and drain: its bubbles). A kernel that runs
+while the communication stream is busy loses (1 - ``overlap_efficiency``) of
+the time they share (the collective's kernels take SMs and memory
+bandwidth). A device-to-host read stops the host until the compute stream is
+done. In a CUDA graph there is no host.
+
+The step takes, from a common start (bench brackets each step with a
+barrier), until the last rank's host and streams are done. A layer loop's
+body (:class:`~shardwise.perf.trace.Repeat`) is played twice and its
+steady-state advance taken for the remaining layers.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .costs import Costs
+from .events import Call, Coll, Repeat, Wait
+
+
+@dataclass
+class RankTime:
+    """One rank's step: the clocks, and its work summed by kind."""
+
+    host: float = 0.0  # the host's clock
+    compute: float = 0.0  # the compute stream's clock
+    comm: float = 0.0  # the communication stream's clock
+    host_s: float = 0.0  # host time spent issuing calls
+    compute_s: float = 0.0  # kernels' device time
+    comm_s: float = 0.0  # collectives' device time
+    bubble_s: float = 0.0  # compute stream waiting for data from another rank
+    syncs: float = 0.0
+    ops: dict = field(default_factory=dict)  # kernel class -> [flops, bytes, seconds]
+    comms: dict = field(default_factory=dict)  # "op/axis" -> [calls, bytes, seconds, link]
+    calls: dict = field(default_factory=dict)  # host kind -> calls
+    busy: list = field(default_factory=list)  # the communication stream's (start, end)
+    done: dict = field(default_factory=dict)  # request -> when it completes
+
+    @property
+    def end(self) -> float:
+        return max(self.host, self.compute, self.comm)
+
+    _SCALARS = ("host", "compute", "comm", "host_s", "compute_s", "comm_s", "bubble_s", "syncs")
+
+    def snapshot(self) -> tuple:
+        return (tuple(getattr(self, k) for k in self._SCALARS),
+                {k: list(v) for k, v in self.ops.items()},
+                {k: list(v[:3]) for k, v in self.comms.items()},
+                dict(self.calls))
+
+    def advance(self, a: tuple, b: tuple, times: float) -> None:
+        """Move every clock and sum on by ``times`` x its change from ``a`` to ``b``."""
+        for k, x, y in zip(self._SCALARS, a[0], b[0]):
+            setattr(self, k, getattr(self, k) + times * (y - x))
+        for store, old, new in ((self.ops, a[1], b[1]), (self.comms, a[2], b[2])):
+            for key, vals in new.items():
+                prev = old.get(key, [0.0] * len(vals))
+                for i in range(len(vals)):
+                    store[key][i] += times * (vals[i] - prev[i])
+        for key, n in b[3].items():
+            self.calls[key] += times * (n - a[3].get(key, 0))
+        self.busy = []
+
+
+@dataclass
+class _Segment:
+    """Calls in a row with no other event between them, played at once: the
+    host's time, the kernels' time, and the latest a kernel can end relative
+    to the segment's start on the host (the max over its kernels of the host
+    time up to its issue plus the device time from it on)."""
+
+    host: float = 0.0
+    device: float = 0.0
+    latest: float = 0.0
+    ops: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+
+    @staticmethod
+    def of(calls: list, costs: Costs) -> "_Segment":
+        seg = _Segment()
+        issued = []  # (host time when issued, device time)
+        for c in calls:
+            host, times, kind = costs.call(c)
+            seg.host += host
+            seg.calls[kind] = seg.calls.get(kind, 0) + 1
+            if times:
+                issued.append((seg.host, sum(times)))
+                for k, dt in zip(c.kernels, times):
+                    acc = seg.ops.setdefault(k.cls, [0.0, 0.0, 0.0])
+                    acc[0] += k.flops
+                    acc[1] += k.bytes
+                    acc[2] += dt
+        after = 0.0
+        for at, dt in reversed(issued):
+            after += dt
+            seg.latest = max(seg.latest, at + after)
+        seg.device = after
+        return seg
+
+
+def compile_events(events: list, costs: Costs) -> list:
+    """``events`` with each run of calls (up to a device-to-host read) made one
+    :class:`_Segment` (a read stays a call of its own)."""
+    out, run = [], []
+    for e in events:
+        if type(e) is Call and e.kind != "syncs":
+            run.append(e)
+            continue
+        if run:
+            out.append(_Segment.of(run, costs))
+            run = []
+        out.append(e)
+    if run:
+        out.append(_Segment.of(run, costs))
+    return out
+
+
+class _Rank:
+    """One rank playing its events; yields when it needs other ranks."""
+
+    def __init__(self, rank: int, costs: Costs, overlap: float, compiled: dict):
+        self.rank, self.costs, self.keep = rank, costs, 1.0 - overlap
+        self.t = RankTime()
+        self.seq: dict = {}  # group or (src, dst) -> calls so far
+        self.compiled = compiled  # id(events) -> (events, their compiled form)
+
+    def _events(self, events: list) -> list:
+        got = self.compiled.get(id(events))
+        if got is None:
+            got = self.compiled[id(events)] = (events, compile_events(events, self.costs))
+        return got[1]
+
+    def segment(self, seg: _Segment) -> None:
+        t = self.t
+        start = t.host
+        t.host += seg.host
+        t.host_s += seg.host
+        for k, n in seg.calls.items():
+            t.calls[k] = t.calls.get(k, 0) + n
+        if not seg.device:
+            return
+        end = max(t.compute + seg.device, start + seg.latest)
+        if self.keep and t.busy:
+            first = end - seg.device
+            shared = sum(max(0.0, min(b, end) - max(a, first)) for a, b in t.busy)
+            t.busy = [(a, b) for a, b in t.busy if b > first]
+            end += self.keep * shared
+        t.compute = end
+        t.compute_s += seg.device
+        for k, (f, nb, dt) in seg.ops.items():
+            acc = t.ops.setdefault(k, [0.0, 0.0, 0.0])
+            acc[0] += f
+            acc[1] += nb
+            acc[2] += dt
+
+    def read(self, c: Call) -> None:
+        """A call the host waits for: its kernel, then the read."""
+        self.segment(_Segment.of([c], self.costs))
+        t = self.t
+        t.host = max(t.host, t.compute) + self.costs.host["sync"]
+        t.syncs += 1
+
+    def run(self, events: list, carry: dict | None = None):
+        for e in self._events(events):
+            kind = type(e)
+            if kind is _Segment:
+                self.segment(e)
+            elif kind is Call:
+                self.read(e)
+            elif kind is Coll:
+                yield from self.coll(e)
+            elif kind is Wait:
+                h = carry.get(e.handle, e.handle) if carry else e.handle
+                when = self.t.done.get(h, 0.0)
+                if when > self.t.compute:
+                    if self.t.done.get(("recv", h)):
+                        self.t.bubble_s += when - self.t.compute
+                    self.t.compute = when
+            else:
+                yield from self.repeat(e)
+
+    def repeat(self, rep: Repeat):
+        if rep.times <= 2:
+            for i in range(rep.times):
+                yield from self.run(rep.body, rep.carry if i else None)
+            return
+        yield from self.run(rep.body)
+        a, seq_a = self.t.snapshot(), dict(self.seq)
+        yield from self.run(rep.body, rep.carry)
+        b = self.t.snapshot()
+        times = rep.times - 2
+        self.t.advance(a, b, times)
+        for key, n in self.seq.items():  # the calls the skipped layers would make
+            self.seq[key] = n + times * (n - seq_a.get(key, 0))
+        shift = times * (b[0][2] - a[0][2])
+        for e in rep.body:
+            if type(e) is Coll and e.handle is not None and e.handle in self.t.done:
+                self.t.done[e.handle] += shift
+
+    def coll(self, c: Coll):
+        t = self.t
+        host, times, link = self.costs.coll(c, self.rank)
+        t.host += host
+        t.host_s += host
+        t.calls[c.op] = t.calls.get(c.op, 0) + 1
+        if c.op == "p2p":
+            yield from self.p2p(c, times, link)
+            return
+        asynchronous = c.handle is not None
+        ready = max(t.host, t.compute, t.comm if not c.fused else 0.0)
+        n = self.seq[c.ranks] = self.seq.get(c.ranks, 0) + 1
+        start = yield ("group", (c.ranks, n), ready, len(c.ranks))
+        dev = times[0]
+        end = start + dev
+        t.comm_s += dev
+        acc = t.comms.setdefault(f"{c.op}/{c.axis}", [0, 0, 0.0, link])
+        acc[0] += 1
+        acc[1] += c.bytes
+        acc[2] += dev
+        if asynchronous:
+            t.comm = end
+            t.done[c.handle] = end
+            t.busy.append((start, end))
+        else:
+            t.compute = end
+            if not c.fused:
+                t.comm = end
+
+    def p2p(self, c: Coll, times: list, link: str):
+        t = self.t
+        ready = max(t.host, t.compute, t.comm)
+        pairs = []
+        for (peer, nbytes), dur in zip(c.sends, times):
+            n = self.seq[(self.rank, peer)] = self.seq.get((self.rank, peer), 0) + 1
+            pairs.append(((self.rank, peer, n), dur))
+            acc = t.comms.setdefault(f"send/{c.axis}", [0, 0, 0.0, link])
+            acc[0] += 1
+            acc[1] += nbytes
+            acc[2] += dur
+            t.comm_s += dur
+        for peer, _ in c.recvs:
+            n = self.seq[(peer, self.rank)] = self.seq.get((peer, self.rank), 0) + 1
+            pairs.append(((peer, self.rank, n), None))
+        end = yield ("pairs", pairs, ready)
+        t.comm = max(t.comm, end)
+        t.done[c.handle] = end
+        if c.recvs:
+            t.done[("recv", c.handle)] = True
+        t.busy.append((ready, end))
+
+
+def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
+    """Every rank's events played together (module docstring); ``steps[r]``
+    are rank r's events."""
+    compiled: dict = {}
+    ranks = [_Rank(r, costs, overlap, compiled) for r in range(len(steps))]
+    gens = [rk.run(ev) for rk, ev in zip(ranks, steps)]
+    groups: dict = {}  # (ranks, n) -> {rank: ready}
+    pairs: dict = {}  # (src, dst, n) -> {"send": (ready, dur), "recv": ready, "end": t}
+    parked: dict = {}  # rank -> its request
+    todo = deque((r, None) for r in range(len(ranks)))
+    while todo:
+        r, value = todo.popleft()
+        try:
+            req = gens[r].send(value)
+        except StopIteration:
+            continue
+        parked[r] = req
+        if req[0] == "group":
+            _, key, ready, size = req
+            arrived = groups.setdefault(key, {})
+            arrived[r] = ready
+            if len(arrived) == size:
+                start = max(arrived.values())
+                del groups[key]
+                for q in arrived:
+                    del parked[q]
+                    todo.append((q, start))
+        else:
+            _, wanted, ready = req
+            for key, dur in wanted:
+                p = pairs.setdefault(key, {})
+                p["send" if dur is not None else "recv"] = (ready, dur)
+                if "send" in p and "recv" in p and "end" not in p:
+                    (s_ready, s_dur), (r_ready, _) = p["send"], p["recv"]
+                    p["end"] = max(s_ready, r_ready) + s_dur
+            _release(parked, pairs, todo)
+    if parked:
+        raise RuntimeError(f"the recorded steps wait for each other: ranks {sorted(parked)} "
+                           f"never meet ({list(parked.values())[:2]})")
+    return [rk.t for rk in ranks]
+
+
+def _release(parked: dict, pairs: dict, todo: deque) -> None:
+    """Resume the ranks whose point-to-point transfers have all been matched."""
+    for r, req in list(parked.items()):
+        if req[0] != "pairs":
+            continue
+        ends = [pairs[key].get("end") for key, _ in req[1]]
+        if all(e is not None for e in ends):
+            del parked[r]
+            todo.append((r, max(ends, default=req[2])))

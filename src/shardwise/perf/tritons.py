@@ -1,0 +1,212 @@
+"""shardwise's Triton kernels off the GPU: computed by PyTorch on CPU (so a
+count of a real step along the GPU branches runs them, one launch each) and
+described as the device kernel they are (so a recorded step prices them).
+
+The code launches a Triton kernel as ``kernel[grid](*args, **constexprs)``
+with the kernel loaded through ``model.kernels.triton_kernel``; while a step
+is counted or recorded the load hook hands out these stand-ins under the
+kernel's name, with :class:`TritonShim` in place of ``triton``. Each stand-in
+takes the kernel's own arguments:
+
+* ``run(grid, *args, **kw)``: the kernel's effect on CPU tensors, by the
+  PyTorch form of the same arithmetic (rounding aside);
+* ``kernel(grid, *args, **kw)``: the :class:`~.events.Kernel` it is on a GPU.
+  By default a ``triton`` kernel moving the bytes of its tensor arguments
+  (rows: the grid's first dimension); the rotary embedding moves only this
+  step's rows, and the flash kernel is an ``attention`` kernel of backend
+  ``wide`` with its FLOPs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .events import Kernel
+
+
+class TritonShim:
+    """What code that launches a Triton kernel asks of ``triton`` itself, where
+    the kernel is a stand-in."""
+
+    @staticmethod
+    def next_power_of_2(n: int) -> int:
+        return 1 << max(0, int(n) - 1).bit_length()
+
+    @staticmethod
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    class tools:  # noqa: N801 - triton.tools.tensor_descriptor.TensorDescriptor's place
+        class tensor_descriptor:  # noqa: N801
+            @dataclass
+            class TensorDescriptor:
+                base: torch.Tensor
+                shape: list
+                strides: list
+                block_shape: list
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    """The tensors a launch hands the kernel (a descriptor's by its base)."""
+    out = []
+    for a in args:
+        if isinstance(a, TritonShim.tools.tensor_descriptor.TensorDescriptor):
+            a = a.base
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class StandIn:
+    """A Triton kernel by name; :meth:`run` where it has a PyTorch form."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def run(self, grid, *args, **kw) -> None:
+        raise NotImplementedError(f"no CPU form of the Triton kernel {self.name}")
+
+    def kernel(self, grid, *args, **kw) -> Kernel:
+        tensors = _tensors(args)
+        rows = grid[0] if isinstance(grid, tuple) else 1
+        width = tensors[0].numel() // max(rows, 1) if tensors else 0
+        moved = float(sum(map(_nbytes, tensors)))
+        return Kernel("triton", 0.0, moved, (self.name, rows, width),
+                      _dtype(tensors[0]) if tensors else "")
+
+
+class AddNorm(StandIn):
+    """:mod:`shardwise.model.kernels`' fused residual add + norm."""
+
+    def run(self, grid, X, A, H, Y, W, B, D, eps, HAS_RES, HAS_BIAS, RMS, BLOCK, num_warps):
+        import torch.nn.functional as Fn
+
+        h = X + A if HAS_RES else X
+        if HAS_RES:
+            H.copy_(h)
+        hf = h.float()
+        if RMS:
+            y = hf * (hf.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * W.float()
+        else:
+            y = Fn.layer_norm(hf, (D,), W.float(), B.float() if HAS_BIAS else None, eps)
+        Y.copy_(y)
+
+
+class Merge(StandIn):
+    """:mod:`shardwise.parallel.lse`'s merge of attention partials."""
+
+    def run(self, grid, O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK):
+        from ..parallel.lse import _merge_math
+
+        out, total = _merge_math(O, L)  # [rows, d], [rows]
+        OUT.view(-1, D).copy_(out)
+        LOUT.view(-1).copy_(total)
+
+
+class SwiGLU(StandIn):
+    """:func:`shardwise.model.kernels.swiglu`'s ``silu(gate) * up``."""
+
+    def run(self, grid, H, Y, F, sh, sy, BLOCK, num_warps):
+        from ..model.kernels import _swiglu_torch
+
+        Y.view(-1, F).copy_(_swiglu_torch(H))  # H: the rows [n, 2F]
+
+
+class Rotary(StandIn):
+    """:func:`shardwise.model.rotary.rotate`: q (and k) of this step's tokens
+    rotated; with a cache, the rotated keys and the values stored at its rows
+    ``slot..slot+T``. Reads and writes those rows only."""
+
+    @staticmethod
+    def _at(ptr, value, on_device: bool) -> int:
+        return int(ptr) if on_device else int(value)
+
+    def run(self, grid, Q, K, V, KO, VO, COS, SIN, POS, SLOT, T, pos0, slot0, *strides,
+            HAS_Q, HAS_K, HAS_V, POS_PTR, SLOT_PTR, **kw):
+        from ..model.rope import rotated
+
+        p = self._at(POS, pos0, POS_PTR)
+        cos, sin = COS[p : p + T], SIN[p : p + T]
+        if HAS_Q:
+            Q.copy_(rotated(Q, cos, sin))
+        if HAS_K:
+            s = self._at(SLOT, slot0, SLOT_PTR)
+            KO[:, s : s + T].copy_(rotated(K, cos, sin))
+            if HAS_V:
+                VO[:, s : s + T].copy_(V)
+
+    def kernel(self, grid, Q, K, V, KO, VO, COS, SIN, POS, SLOT, T, pos0, slot0, *strides,
+               HAS_Q, HAS_K, HAS_V, **kw):
+        step = [Q] * HAS_Q + [K] * HAS_K + [V] * HAS_V  # read once, written once
+        moved = 2.0 * sum(map(_nbytes, step))
+        x = Q if HAS_Q else K
+        return Kernel("triton", 0.0, moved, (self.name, grid[0], math.prod(x.shape[2:])), _dtype(x))
+
+
+class Flash(StandIn):
+    """:mod:`shardwise.model.flash`'s attention for wide heads, with its lse:
+    on CPU the float32 attention of :mod:`shardwise.parallel.lse`; on a GPU
+    an attention kernel (backend ``wide``) of 4 d FLOPs per scored pair and
+    head, reading q, K, V and writing o and the lse."""
+
+    def run(self, grid, Q, desc_k, desc_v, desc_o, LSE, sq_b, sq_h, sq_t, T, S, G, Hkv,
+            q_start, qk_scale, CAUSAL, **kw):
+        from ..parallel.lse import _attend_math, _expand_kv
+
+        k, v = _expand_kv(Q, desc_k.base, desc_v.base)
+        keep = None
+        if CAUSAL:  # query t sees keys up to q_start + t
+            keep = torch.arange(S)[None, :] <= q_start + torch.arange(T)[:, None]
+        o, lse = _attend_math(Q, k, v, keep, qk_scale / math.log2(math.e), False)
+        desc_o.base.copy_(o)
+        LSE.copy_(lse)
+
+    def kernel(self, grid, Q, desc_k, desc_v, desc_o, LSE, sq_b, sq_h, sq_t, T, S, G, Hkv,
+               q_start, qk_scale, CAUSAL, **kw):
+        B, H, _, d = Q.shape
+        if CAUSAL:  # query t sees min(S, q_start + t + 1) keys
+            full = max(0, min(T, S - q_start))  # queries before the keys run out
+            pairs = full * (q_start + 1) + full * (full - 1) / 2 + (T - full) * S
+        else:
+            pairs = T * S
+        moved = sum(map(_nbytes, (Q, desc_k.base, desc_v.base, desc_o.base, LSE)))
+        return Kernel("attention", 4.0 * B * H * d * pairs, float(moved),
+                      ("wide", B, H, T, S, d, bool(CAUSAL), False), _dtype(Q))
+
+
+class ExpertRows(StandIn):
+    """:func:`shardwise.model.kernels.expert_rows`: each routed row through
+    its own expert (a grouped GEMV), reading only the routed experts'
+    weights: a GEMM-class kernel of the rows whose expert is held (all of
+    them where the routing is not known)."""
+
+    def run(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, **kw):
+        from ..model.kernels import _expert_rows_torch
+
+        Y.copy_(_expert_rows_torch(X, W, E, first, PER))
+
+    def kernel(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, **kw):
+        picks = E.__dict__.get("_shadow")  # the routing, where the recorder holds it
+        rows = E.numel() if picks is None else int(((picks >= first)
+                                                    & (picks < first + held)).sum())
+        moved = rows * O * I * W.element_size() + _nbytes(X) + _nbytes(Y)
+        return Kernel("gemm", 2.0 * rows * O * I, float(moved), (rows, 1, I, O), _dtype(X))
+
+
+STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel": SwiGLU,
+             "rotary_kernel": Rotary, "flash_fwd_kernel": Flash,
+             "expert_rows_kernel": ExpertRows}
+
+
+def stand_in(name: str) -> StandIn:
+    return STAND_INS.get(name, StandIn)(name)
