@@ -163,7 +163,7 @@ def test_expert_rows_kernel_matches_the_gathered_product_on_cpu(monkeypatch, dty
     # float32 times the sum of the products' magnitudes, plus the final
     # rounding (one unit of the output dtype).
     kernel = interpreted("shardwise.model.triton_moe", "expert_rows_kernel")
-    monkeypatch.setattr(kernels, "_experts", kernel)
+    monkeypatch.setattr(kernels, "_experts_kernel", lambda: kernel)
     R = 6 if per == 2 else 5
     x, w, experts = _expert_case(dtype, R=R, per=per)
     got = kernels._expert_rows_launch(x, w, experts, 2, per)

@@ -218,3 +218,45 @@ def test_reproduce_compares_each_plan_at_its_best_micro_batching():
     assert "planner's best" in text
     # The baseline tp_pp:8x2 does not fit at one micro-batch; it is shown at a count that fits.
     assert re.search(r"tp_pp:8x2,mb=\d+", text)
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_micro_batch_counts_stop_at_the_first_slower_one(phase):
+    # A pipeline at 1, 2, 4, ... micro-batches, in order, until one is slower
+    # in the ranked phase than the fastest before it: every count tried but
+    # the last is faster than the ones before it; the last is slower, or the
+    # largest count the batch allows.
+    # Four stages of a mid-sized model: prefill is fastest at 8 micro-batches,
+    # a decode step at 2 (one token's micro-batches cost their fixed part).
+    spec = ModelSpec(name="mid", n_layers=4, d_model=1024, n_heads=8, head_dim=128, d_ff=4096,
+                     dtype="bf16")
+    wl = Workload(batch=32, seq_len=1024, decode_steps=2)
+    rows = micro_batch_family(spec, wl, Plan.parse("tp_pp:1x4"), H100_8, 4, phase=phase)
+    counts = [Plan.parse(r.plan).micro_batches for r in rows]
+    assert counts == sorted(counts) and counts[0] == 1 and all(r.fits for r in rows)
+    times = [score(r.prediction, phase) for r in rows]
+    assert all(a > b for a, b in zip(times[:-2], times[1:-1]))  # faster at each count
+    assert len(counts) >= 3 and (times[-1] >= min(times[:-1]) or counts[-1] == 32)
+    # What it skipped is slower than the fastest it found (the curve rises).
+    skipped = [mb for mb in (2, 4, 8, 16, 32) if mb not in counts]
+    for mb in skipped:
+        r = evaluate(spec, wl, f"tp_pp:1x4,mb={mb}", H100_8, 4)
+        assert score(r.prediction, phase) >= min(times)
+
+
+def test_predict_takes_the_ranks_plan_ranked_for():
+    # plan --ranks 4 lists layerwise at four ranks; predict --ranks 4 prices
+    # the same plan; a count past the cluster's GPUs, or one the plan does not
+    # use, is refused naming --ranks (predict takes no --nproc).
+    from shardwise.perf.planner import predict_parts
+    from shardwise.spec import ShardwiseError
+
+    ranked = {r.plan: r for r in enumerate_plans(SIX, SIX_WL, H100_8, ranks=4)}
+    got = predict(SIX, SIX_WL, "layerwise:cap=80GB", H100_8, 4)
+    assert got.prefill.seconds == ranked["layerwise:cap=80GB"].prediction.prefill.seconds
+    assert predict_parts("tiny-dense", "layerwise:cap=80GB", "h100-sxm-8", ranks=4)
+    with pytest.raises(ShardwiseError, match=r"has 8 GPUs; give --ranks 8 or fewer"):
+        predict_parts("tiny-dense", "tp_pp:2x1", "h100-sxm-8", ranks=16)
+    with pytest.raises(ShardwiseError, match=r"\(--ranks 2\)") as e:
+        predict_parts("tiny-dense", "tp_pp:2x1", "h100-sxm-8", ranks=4)
+    assert "--nproc" not in str(e.value)

@@ -27,7 +27,7 @@ class Fixed:
 
     def call(self, c):
         h, g = (float(x) for x in c.name.split("/"))
-        return h, ((g,) if g else ())
+        return h, ((g,) if g else ()), "op"  # every call one host kind, "op"
 
     def coll(self, c, rank):
         return 0.0, [float(c.axis)] * max(1, len(c.sends)), "nvlink"
@@ -172,3 +172,36 @@ def test_collectives_cost_alpha_beta_on_their_link():
     # The one-kernel all-reduce + add + norm: a Triton launch on the host.
     fused = Coll("all_reduce", "tp", (0, 1), 1024, fused=True)
     assert c.coll(fused, 0)[0] == pytest.approx(ROUND.norm_s)
+
+
+def test_runs_of_hops_of_other_lengths_pair_like_the_loop_they_stand_for():
+    # A two-rank ring of six exchanges: rank 0 records them as a run of one
+    # hop and a run of five, rank 1 as five and one (a ring's hops of one
+    # block shape, of lengths that differ by rank). Played (``every``), each
+    # exchange pairs with the peer's and the step ends as the flat loop does;
+    # extrapolated like a layer loop, the ranks would wait for transfers the
+    # skipped iterations stand for.
+    def hop(rank, i, work):
+        peer = 1 - rank
+        return [Coll("p2p", "0.5", (), 8, handle=i, sends=((peer, 8),), recvs=((peer, 8),)),
+                op(0, work), Wait(i)]
+
+    def ranks(group):
+        out = []
+        for rank, runs in enumerate(group):
+            events, i = [], 0
+            for n, work in runs:
+                events += hop(rank, i, work)
+                if n > 1:
+                    events.append(Repeat(hop(rank, i + 1, work), n - 1, every=True))
+                i += 2
+            out.append(events)
+        return out
+
+    flat = play([[e for i, w in enumerate(ws) for e in hop(r, i, w)]
+                 for r, ws in enumerate([[1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 2]])], Fixed(), 1.0)
+    runs = play(ranks([[(1, 1), (5, 2)], [(5, 1), (1, 2)]]), Fixed(), 1.0)
+    assert [t.end for t in runs] == pytest.approx([t.end for t in flat])
+    # Rank 0's kernels, 1 + 5 x 2 s, each hop's 0.5 s transfer under them.
+    assert runs[0].end == pytest.approx(11.0)
+    assert runs[0].calls["p2p"] == runs[1].calls["p2p"] == 6

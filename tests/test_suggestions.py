@@ -16,9 +16,11 @@ least remove the refusal's reason (the case is accepted, or refused for
 another reason that the suggestion did not address).
 """
 import dataclasses
+import json
 import os
 import re
 from collections import Counter
+from importlib import resources
 
 import pytest
 
@@ -183,7 +185,8 @@ REFUSED = {
     "a partition that does not fit": ["partition", "--model", "seed-layerwise-30b",
                                       "--capacity", "20GB", "--ranks", "16"],
     "a cluster without the model's dtype": ["predict", "--model", "tiny-dense", "--plan",
-                                            "tp_pp:2x1", "--cluster", "h200-x2"],
+                                            "tp_pp:2x1", "--cluster", "bf16-only.json",
+                                            "--dtype", "fp16"],
     "more ranks than the cluster": ["plan", "--model", "tiny-dense", "--ranks", "32"],
 }
 
@@ -192,6 +195,12 @@ REFUSED = {
 def scratch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adir").mkdir()
+    # A profile measured in bf16 only (float32 is derived from bf16, fp16 is not).
+    profile = json.loads((resources.files("shardwise.perf") / "profiles" / "h200-x2.json")
+                         .read_text())
+    profile["matmul_tflops"] = {"bf16": profile["matmul_tflops"]["bf16"]}
+    profile["measurements"]["matmul"] = {"bf16": profile["measurements"]["matmul"]["bf16"]}
+    (tmp_path / "bf16-only.json").write_text(json.dumps(profile))
     return tmp_path
 
 

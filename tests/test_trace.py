@@ -207,3 +207,15 @@ def test_twins_record_as_themselves(case):
         for phase, step in want.steps.items():
             assert got.steps[phase].events == step.events, (plan, r, phase)
             assert got.steps[phase].peak_bytes == step.peak_bytes
+
+
+def test_the_recorders_stable_sort_of_small_keys_is_argsorts():
+    # The router's experts sorted stably on CPU (a shadow): one sort of
+    # distinct keys, the same order as torch's stable argsort, ties in order.
+    from shardwise.perf.trace import _run_on_cpu
+
+    g = torch.Generator().manual_seed(0)
+    for key in (torch.randint(-3, 9, (5000,), generator=g), torch.arange(4096) % 8,
+                torch.zeros(7, dtype=torch.int32), torch.empty(0, dtype=torch.long)):
+        got = _run_on_cpu(torch.ops.aten.argsort.stable, "argsort", (key,), {"stable": True})
+        assert torch.equal(got, torch.argsort(key, stable=True))

@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--plan", required=True)
     _cluster(p)
+    p.add_argument("--ranks", type=int,
+                   help="GPUs the plan runs on (default: as many as it needs; layerwise: the "
+                        "cluster's), as plan --ranks ranked it")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--phase", choices=["prefill", "decode", "both"])
@@ -755,7 +758,7 @@ def cmd_predict(args) -> int:
     from .perf.planner import predict_parts
 
     emit(predict_parts(model_ref(args), args.plan, args.cluster, args.batch, args.seq,
-                       args.phase), args.format)
+                       args.phase, args.ranks), args.format)
     return 0
 
 

@@ -14,7 +14,10 @@ way round. Each command line is held to the CLI's promise:
 * never a launch that a check could have stopped: the launcher is replaced by
   a stub that records the job and ends the command there, so hundreds of
   cases take seconds; the first K launched jobs that are small (CPU, tiny
-  model and workload) then run for real and must succeed.
+  model and workload) then run for real and must succeed. Likewise the
+  planner (plan, reproduce) prices a few of its candidates, one of each
+  strategy and one composition, not the hundreds a cluster has: every
+  table it prints is still made and checked.
 
 Case i of seed S is the same whatever N is (``--only I`` repeats it); each
 case runs in a fresh scratch directory holding the files its paths name.
@@ -216,6 +219,27 @@ def generate(seed: int, index: int, ws: dict[str, str]) -> tuple[list[str], list
 
 
 @contextlib.contextmanager
+def _few_candidates():
+    """The planner's candidates cut to the first of each strategy and of the
+    compositions (what the fuzzer checks is the command, not every price)."""
+    from .perf import planner
+
+    real = planner.base_plans
+
+    def few(*args, **kwargs):
+        firsts: dict = {}
+        for plan in real(*args, **kwargs):
+            firsts.setdefault(plan.strategy, plan)
+        return list(firsts.values())
+
+    planner.base_plans = few
+    try:
+        yield
+    finally:
+        planner.base_plans = real
+
+
+@contextlib.contextmanager
 def _stub_launcher(launched: list):
     """Every launch records its job and ends the command (``_Launched``)."""
     from .runtime import launcher
@@ -246,7 +270,8 @@ def run_cli(argv: list[str], stub: bool = True) -> dict:
         signal.alarm(limit)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                (_stub_launcher(launched) if stub else contextlib.nullcontext()):
+                (_stub_launcher(launched) if stub else contextlib.nullcontext()), \
+                (_few_candidates() if stub else contextlib.nullcontext()):
             try:
                 rc = main(argv)
             except SystemExit as e:  # argparse's usage errors

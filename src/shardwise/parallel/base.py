@@ -224,6 +224,23 @@ def _each(ranges, fn, alike) -> list:
 RUN_MICRO_BATCHES = _each
 
 
+def _steps(kinds: list, fn) -> None:
+    for i in range(len(kinds)):
+        fn(i)
+
+
+# How alike_steps runs its steps; a recorder of what a step does
+# (shardwise.perf) replaces it to run two of each run of one kind.
+RUN_STEPS = _steps
+
+
+def alike_steps(kinds, fn) -> None:
+    """``fn(i)`` for each step ``i`` of a loop, in order, where consecutive
+    steps of equal ``kinds[i]`` do the same work (a ring's hops: the same
+    block shapes and peers)."""
+    RUN_STEPS(list(kinds), fn)
+
+
 def micro_batched(ranges, fn, alike=None) -> list:
     """``fn(i, b0, b1)`` for each micro-batch ``i`` of ``ranges`` (ranges of
     sequences), in order: the outputs. ``alike[i]``: what, beside its size,

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..model.reference import Attention, KVCache, _per_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import balanced_ranges, dense_moe_ok
+from .base import alike_steps, balanced_ranges, dense_moe_ok
 from .compose import Composed, Composition, Stage, StageContext
 from .lse import attend_lse, attend_lse_prefix, merge_into, merge_stack
 
@@ -186,8 +186,10 @@ class RingAttention(nn.Module):
 
         o = torch.zeros(B, H, n, d, dtype=torch.float32, device=x.device)
         lse = torch.full((B, H, n), float("-inf"), device=x.device)
-        spare = torch.empty_like(held)
-        for s in range(self.P):
+        bufs = [held, torch.empty_like(held)]  # the block in hand, the one arriving
+
+        def hop(s: int) -> None:
+            held, spare = bufs
             pending = []
             if s < self.P - 1:  # post the next hop before computing on the block in hand
                 pending = self.comm.exchange([(held, self.next)], [(spare, self.prev)], "seq")
@@ -198,7 +200,12 @@ class RingAttention(nn.Module):
                 merge_into(o[:, :, q0:q1], lse[:, :, q0:q1], o_b, lse_b)
             for req in pending:
                 req.wait()
-            held, spare = spare, held  # the block just sent is free to receive into
+            bufs.reverse()  # the block just sent is free to receive into
+
+        # Hops with one block shape do the same work: rank r takes its
+        # diagonal, then r hops of both its chunks against the sender's
+        # first, then the rest with its second chunk against the sender's two.
+        alike_steps([(self.steps.get(s), s < self.P - 1) for s in range(self.P)], hop)
         return o.to(x.dtype).transpose(1, 2).reshape(B, n, H * d)
 
     def decode(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:

@@ -103,11 +103,14 @@ class Wait:
 class Repeat:
     """A layer loop's regular iteration ``body``, run ``times`` times. ``carry``
     maps a request waited in the body but made before it to the body's own
-    request that takes its place in the next iteration."""
+    request that takes its place in the next iteration. ``every``: each
+    iteration is played (a ring's hops, whose transfers pair with peers
+    that repeat theirs in runs of other lengths), not only the first two."""
 
     body: list
     times: int
     carry: dict = field(default_factory=dict)
+    every: bool = False
 
 
 def carry(body: list) -> dict:

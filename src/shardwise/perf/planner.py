@@ -8,9 +8,10 @@ links), each filtered through its ``validate``, so the planner lists
 exactly the plans ``shardwise run`` would accept on that many ranks.
 
 Every plan that takes micro-batches (tp_pp, one stage or more; layerwise;
-ring; every composition) is tried at several counts, and where none of them
-fits in memory, at the fewest that does (:func:`micro_batch_family`): a plan
-is reported as not fitting only when no micro-batch count makes it fit. A
+ring; every composition) is tried at one, or where that does not fit in
+memory at the fewest that does, then at more while that is faster
+(:func:`micro_batch_family`): a plan is reported as not fitting only when
+no micro-batch count makes it fit. A
 valid plan that does not fit is kept, marked with the reason; one the cost
 model cannot price is kept too, with the reason.
 """
@@ -90,11 +91,17 @@ def evaluate(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clu
     try:
         validate_plan(spec, workload, text, ranks)
     except ShardwiseError as e:
-        return Row(text, error=str(e), memory=isinstance(e, PartitionError))
+        return Row(text, error=ranks_flag(str(e)), memory=isinstance(e, PartitionError))
     try:
         return Row(text, predict(spec, workload, text, cluster, ranks))
     except ShardwiseError as e:
-        return Row(text, unpriced=str(e))
+        return Row(text, unpriced=ranks_flag(str(e)))
+
+
+def ranks_flag(message: str) -> str:
+    """A plan's validation message as plan and predict take a rank count:
+    ``--ranks N``, where a launch takes ``--nproc N``."""
+    return message.replace("--nproc", "--ranks")
 
 
 def _fit_known(r: Row) -> bool:
@@ -104,13 +111,18 @@ def _fit_known(r: Row) -> bool:
 
 
 def micro_batch_family(spec: ModelSpec, workload: Workload, base: Plan, cluster: Cluster,
-                       ranks: int, micro_batches: Iterable[int] = MICRO_BATCHES) -> list[Row]:
-    """``base`` at each count of ``micro_batches`` (up to the batch); where
-    one does not fit in memory, also at the fewest micro-batches that fit
-    (a stage holds one micro-batch's activations, so more of them need
-    less memory): a bisection over the counts between the most that did not
-    fit and the fewest that did (or the batch, one sequence each). A plan
-    without micro-batches, or one that is invalid or unpriced at one
+                       ranks: int, micro_batches: Iterable[int] = MICRO_BATCHES,
+                       phase: str = "both") -> list[Row]:
+    """``base`` at one micro-batch; where that does not fit in memory, at the
+    fewest micro-batches that fit (a stage holds one micro-batch's
+    activations, so more of them need less memory): a bisection between one
+    and the batch (one sequence each; if that does not fit, no count does).
+    Then at the counts of ``micro_batches`` above that, in increasing order,
+    until one is slower in ``phase`` than the fastest before it: a pipeline
+    of P stages takes about (m + P - 1) micro-batch times at m
+    micro-batches, which falls with the bubble and then rises with each
+    micro-batch's fixed cost, so the counts past it are slower still. A
+    plan without micro-batches, or one that is invalid or unpriced at one
     micro-batch, is its one row."""
     at = lambda mb: evaluate(spec, workload, dataclasses.replace(base, micro_batches=mb),  # noqa: E731
                              cluster, ranks)
@@ -118,40 +130,43 @@ def micro_batch_family(spec: ModelSpec, workload: Workload, base: Plan, cluster:
     if not micro_batched(base) or not _fit_known(first):
         return [first]
     rows = {1: first}
-    for mb in micro_batches:
-        if 1 < mb <= workload.batch:
-            rows[mb] = at(mb)
-            if not _fit_known(rows[mb]):  # the others are unpriced for the same reason
-                return list(rows.values())
+    counts = sorted(mb for mb in set(micro_batches) if 1 < mb <= workload.batch)
     if first.fits:
-        return list(rows.values())
-    known = {mb: r.fits for mb, r in rows.items() if _fit_known(r)}
-    lo = max((mb for mb, ok in known.items() if not ok), default=1)  # does not fit
-    hi = min((mb for mb, ok in known.items() if ok and mb > lo), default=None)
-    if hi is None:
-        if lo >= workload.batch:
-            return list(rows.values())
-        hi, last = workload.batch, at(workload.batch)
-        rows[hi] = last
-        if not last.fits:
-            return list(rows.values())
-    fewest = rows[hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        r = at(mid)
-        if not _fit_known(r):
+        fastest = first
+    else:
+        # The fewest that fit, by bisection between one micro-batch and one
+        # sequence each (the least memory): none if that does not fit.
+        lo, hi = 1, workload.batch
+        if hi == lo:
+            return [first]
+        fastest = rows[hi] = at(hi)
+        if not fastest.fits:
+            return [rows[mb] for mb in sorted(rows)]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            r = rows[mid] = at(mid)
+            if not _fit_known(r):
+                break
+            if r.fits:
+                hi, fastest = mid, r
+            else:
+                lo = mid
+        counts = [mb for mb in counts if mb > hi and mb not in rows]
+    for mb in counts:
+        r = rows[mb] = at(mb)
+        if not _fit_known(r):  # the others are unpriced for the same reason
+            break
+        if r.fits and score(r.prediction, phase) >= score(fastest.prediction, phase):
             break
         if r.fits:
-            hi, fewest = mid, r
-        else:
-            lo = mid
-    rows[hi] = fewest
+            fastest = r
     return [rows[mb] for mb in sorted(rows)]
 
 
 def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                     ranks: int | None = None,
-                    micro_batches: Iterable[int] = MICRO_BATCHES) -> list[Row]:
+                    micro_batches: Iterable[int] = MICRO_BATCHES,
+                    phase: str = "both") -> list[Row]:
     """Every candidate on ``ranks`` (default: all the cluster's GPUs) at
     the micro-batch counts of :func:`micro_batch_family`: valid ones with
     their prediction, invalid ones with the validation error, unpriced
@@ -162,7 +177,8 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                              f"GPUs; give --ranks {cluster.n_gpus} or fewer")
     micro_batches = tuple(micro_batches)
     return [r for base in base_plans(spec, workload, ranks, cluster)
-            for r in micro_batch_family(spec, workload, base, cluster, ranks, micro_batches)]
+            for r in micro_batch_family(spec, workload, base, cluster, ranks, micro_batches,
+                                        phase)]
 
 
 def best_micro_batching(rows: list[Row], phase: str) -> Row | None:
@@ -287,7 +303,7 @@ def ranking(ref, cluster: str, batch: int | None, seq: int | None, phase: str,
         raise ShardwiseError(f"--phase must be prefill, decode or both (got {phase!r})")
     spec, wl = _workload(ref, batch, seq, phase, steps)
     cl = load_cluster(cluster)
-    return rank_rows(spec, wl, cl, enumerate_plans(spec, wl, cl, ranks), phase,
+    return rank_rows(spec, wl, cl, enumerate_plans(spec, wl, cl, ranks, phase=phase), phase,
                      ranks or cl.n_gpus)
 
 
@@ -366,15 +382,22 @@ def describe(p: Prediction) -> list:
 
 
 def predict_parts(ref, plan: str, cluster: str = "h100-sxm-16", batch: int | None = None,
-                  seq: int | None = None, phase: str | None = None) -> list:
-    """``shardwise predict --model M --plan PLAN [--cluster C --batch B --seq T]``."""
+                  seq: int | None = None, phase: str | None = None,
+                  ranks: int | None = None) -> list:
+    """``shardwise predict --model M --plan PLAN [--cluster C --ranks N --batch B --seq T]``."""
     spec, wl = _workload(ref, batch, seq, phase)
-    p = Plan.parse(plan)
-    if not p.is_composed:
-        return describe(predict(spec, wl, p, load_cluster(cluster)))
-    validate_plan(spec, wl, p)
+    p, cl = Plan.parse(plan), load_cluster(cluster)
+    if ranks is not None and ranks > cl.n_gpus:
+        raise ShardwiseError(f"--ranks {ranks}: cluster {cl.name} has {cl.n_gpus} GPUs; give "
+                             f"--ranks {cl.n_gpus} or fewer")
     try:
-        return describe(predict(spec, wl, p, load_cluster(cluster)))
+        if not p.is_composed:
+            return describe(predict(spec, wl, p, cl, ranks))
+        validate_plan(spec, wl, p, ranks)
+    except ShardwiseError as e:
+        raise ShardwiseError(ranks_flag(str(e))) from None
+    try:
+        return describe(predict(spec, wl, p, cl, ranks))
     except ShardwiseError as e:
         raise ShardwiseError(f"{e}; verify or bench it (shardwise verify --plan {plan}), or "
                              f"predict a single-strategy plan") from None

@@ -43,7 +43,7 @@ from ..parallel.base import validate_plan
 from ..parallel.comm import Comm
 from ..spec import ModelSpec, Plan, Workload, torch_dtype
 from .events import Call, Coll, Repeat, Wait, call_counts, comm_counts
-from .trace import Recorder, Routing, set_shadow
+from .trace import Recorder, Routing, set_shadow, shadow_of
 from .tritons import TritonShim, stand_in
 
 PHASES = ("prefill", "decode", "static")
@@ -151,7 +151,7 @@ class RecordingComm(Comm):
         self._emit("all_reduce", self.topo.group(axis), t.nbytes)
 
     def _gather(self, out, t, group):
-        s = t.__dict__.get("_shadow")
+        s = shadow_of(t)
         if s is not None:  # every rank of the group taken to hold what this one holds
             set_shadow(out, torch.cat([s] * (out.shape[0] // max(t.shape[0], 1))))
         return self._emit("all_gather", group, out.nbytes)
@@ -304,6 +304,24 @@ def _micro_batches(ranges, fn, alike) -> list:
     return out
 
 
+def _alike_steps(kinds: list, fn) -> None:
+    """``base.alike_steps`` while a step is recorded: of each run of steps of
+    one kind, the first, then the second as the body of a repeat taken for
+    the rest, each of whose iterations the schedule plays (``every``)."""
+    rec, i = _ACTIVE, 0
+    while i < len(kinds):
+        n = next((j for j in range(i, len(kinds)) if kinds[j] != kinds[i]), len(kinds)) - i
+        fn(i)
+        if n >= 3 and rec is not None:
+            rec.begin_loop()
+            fn(i + 1)
+            rec.end_loop(n - 1, every=True)
+        else:
+            for j in range(i + 1, i + n):
+                fn(j)
+        i += n
+
+
 def _held_like(rec: Recorder, y, n: int) -> list:
     """The outputs of ``n`` micro-batches run as a repeat's iterations and kept
     by the caller: one tensor shaped like ``y`` in their place, allocated
@@ -332,9 +350,10 @@ def _gpu_paths():
     real = torch._C.TensorBase.is_cuda
     saved_hook = model_kernels.LOAD_HOOK
     saved_capturing = torch.cuda.is_current_stream_capturing
-    saved = reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES
+    saved = (reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES,
+             parallel_base.RUN_STEPS)
     reference.SAME_WORK, reference.EACH_ALIKE = _same_work, _two_alike
-    parallel_base.RUN_MICRO_BATCHES = _micro_batches
+    parallel_base.RUN_MICRO_BATCHES, parallel_base.RUN_STEPS = _micro_batches, _alike_steps
     torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
     torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
     model_kernels.LOAD_HOOK = lambda module, name, loaded: (TritonShim, _Recorded(name))
@@ -350,7 +369,8 @@ def _gpu_paths():
         hook.remove()
         model_kernels.LOAD_HOOK = saved_hook
         torch.cuda.is_current_stream_capturing = saved_capturing
-        reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES = saved
+        (reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES,
+         parallel_base.RUN_STEPS) = saved
         if saved_cuda is None:
             del torch.Tensor.is_cuda
         else:
@@ -442,7 +462,7 @@ def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
                                         sends=tuple((move(p), n) for p, n in e.sends),
                                         recvs=tuple((move(p), n) for p, n in e.recvs))
             elif isinstance(e, Repeat):
-                e = Repeat(events(e.body), e.times, e.carry)
+                e = dataclasses.replace(e, body=events(e.body))
             out.append(e)
         return out
 

@@ -228,13 +228,14 @@ def reproduce_parts(seed_name: str, cluster: str = "h100-sxm-16",
             for what, plan in tries:
                 # The plan at its best micro-batching (the fastest count that fits).
                 family = micro_batch_family(spec, wl, resolve_capacity(Plan.parse(plan), cl),
-                                            cl, cl.n_gpus)
+                                            cl, cl.n_gpus, phase=PHASE)
                 row = best_micro_batching(family, PHASE) or family[0]
                 add(what, row, claimed)
                 if row.priced:
                     preds.setdefault(label, row.prediction)
                     break
-        rk = rank_rows(spec, wl, cl, enumerate_plans(spec, wl, cl), PHASE, cl.n_gpus)
+        rk = rank_rows(spec, wl, cl, enumerate_plans(spec, wl, cl, phase=PHASE), PHASE,
+                       cl.n_gpus)
         best = [r for r in rk.shown if r.fits][:1]
         if best:
             add("planner's best", best[0], {})

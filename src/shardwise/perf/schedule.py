@@ -192,7 +192,7 @@ class _Rank:
                 yield from self.repeat(e)
 
     def repeat(self, rep: Repeat):
-        if rep.times <= 2:
+        if rep.times <= 2 or rep.every:
             for i in range(rep.times):
                 yield from self.run(rep.body, rep.carry if i else None)
             return

@@ -25,7 +25,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .events import SYNC_OPS, VALUE_OPS, Call, Kernel, Repeat, carry
@@ -79,10 +79,34 @@ _META = torch.device("meta")
 _SHADOWS = [0]  # tensors given a shadow so far (none: no op needs to look for them)
 
 
-def set_shadow(t: torch.Tensor, value: torch.Tensor) -> None:
-    """Keep ``value`` (CPU) as the data of the meta tensor ``t``."""
+def set_shadow(t: torch.Tensor, value) -> None:
+    """Keep ``value`` (a CPU tensor, or a :class:`_Lazy` one) as the data of
+    the meta tensor ``t``."""
     t._shadow = value
     _SHADOWS[0] += 1
+
+
+class _Lazy:
+    """A shadow computed when first read: most integer tensors of a step
+    (a sort's order, gathered indices) size nothing, and computing them on
+    CPU at every call would cost more than the rest of the recording."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self, fn):
+        self.fn, self.value = fn, None
+
+    def get(self) -> torch.Tensor:
+        if self.fn is not None:
+            with _disable_current_modes():  # host work of the recorder, not of the step
+                self.value, self.fn = self.fn(), None
+        return self.value
+
+
+def shadow_of(t):
+    """The data the recorder holds for the meta tensor ``t``, or None."""
+    s = t.__dict__.get("_shadow") if isinstance(t, torch.Tensor) else None
+    return s.get() if type(s) is _Lazy else s
 
 
 @dataclass(slots=True)
@@ -124,8 +148,7 @@ def _scan(func, args, kwargs) -> tuple[tuple, list]:
     return tuple(key), ins
 
 
-def _shadow(t):
-    return t.__dict__.get("_shadow") if isinstance(t, torch.Tensor) else None
+_shadow = shadow_of
 
 
 def _is_meta(t) -> bool:
@@ -160,9 +183,9 @@ class Recorder(TorchDispatchMode):
         self._stack.append(self.events)
         self.events = []
 
-    def end_loop(self, times: int) -> None:
+    def end_loop(self, times: int, every: bool = False) -> None:
         body, self.events = self.events, self._stack.pop()
-        self.events.append(Repeat(body, times, carry(body)))
+        self.events.append(Repeat(body, times, carry(body), every))
 
     def new_handle(self) -> int:
         self.handles += 1
@@ -324,10 +347,43 @@ def _shadow_op(func, args, kwargs, out, ins: list) -> None:
     if any(t.is_meta and "_shadow" not in t.__dict__ for t in ins):
         return  # computed from a value not known here
     name = func.overloadpacket.__name__
-    real = func(*_on_cpu(args, name), **_on_cpu(kwargs, name))
-    for m, r in zip(tree_flatten(out)[0], tree_flatten(real)[0]):
-        if _is_meta(m) and isinstance(r, torch.Tensor) and r.dtype in _INTEGRAL:
-            set_shadow(m, r)
+    if func._schema.is_mutable:  # it writes an input (whose shadow others may hold): now
+        real = tree_flatten(_run_on_cpu(func, name, _on_cpu(args, name),
+                                        _on_cpu(kwargs, name)))[0]
+        for m, r in zip(tree_flatten(out)[0], real):
+            if _is_meta(m) and isinstance(r, torch.Tensor) and r.dtype in _INTEGRAL:
+                set_shadow(m, r)
+        return
+    # The inputs' shadows as they are now (not the meta tensors: the recorder
+    # follows their lifetimes), read when an output's value is asked for.
+    held = tree_map(lambda v: v.__dict__["_shadow"] if _is_meta(v) else v, (args, kwargs))
+    outputs = _Lazy(lambda: tree_flatten(_run_on_cpu(func, name, *_resolved(held)))[0])
+    for i, m in enumerate(tree_flatten(out)[0]):
+        if _is_meta(m) and m.dtype in _INTEGRAL:
+            set_shadow(m, _Lazy(lambda i=i: outputs.get()[i]))
+
+
+def _resolved(held):
+    """Held shadows with the lazy ones computed, and meta devices as the CPU."""
+    def value(v):
+        if type(v) is _Lazy:
+            return v.get()
+        if isinstance(v, torch.device) and v.type == "meta":
+            return torch.device("cpu")
+        return v
+
+    return tree_map(value, held)
+
+
+def _run_on_cpu(func, name: str, args, kwargs):
+    if (name == "argsort" and len(args) == 1 and args[0].dim() == 1
+            and args[0].dtype in _INTEGRAL and not kwargs.get("descending")):
+        # A stable sort of small integer keys (the router's experts), as one
+        # sort of distinct keys: CPU's stable argsort is slow on some orders.
+        key = args[0].long()
+        n = key.numel()
+        return torch.sort((key - key.min()) * n + torch.arange(n)).indices if n else key
+    return func(*args, **kwargs)
 
 
 def _remember(call: Call, aliases: bool, out, ins: list) -> _Cached:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .events import Kernel
+from .trace import shadow_of
 
 
 class TritonShim:
@@ -196,7 +197,7 @@ class ExpertRows(StandIn):
         Y.copy_(_expert_rows_torch(X, W, E, first, PER))
 
     def kernel(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, **kw):
-        picks = E.__dict__.get("_shadow")  # the routing, where the recorder holds it
+        picks = shadow_of(E)  # the routing, where the recorder holds it
         rows = E.numel() if picks is None else int(((picks >= first)
                                                     & (picks < first + held)).sum())
         moved = rows * O * I * W.element_size() + _nbytes(X) + _nbytes(Y)
