@@ -158,7 +158,7 @@ def test_plan_run_runs_the_best_plan(tmp_path, capsys):
 
 def test_plan_run_names_the_cluster_command_when_it_needs_more_gpus(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main(["plan", "--model", "llama-3.1-70b", "--cluster", "h100-sxm-16", "--run",
-                 "--device", "cpu"]) == 2
+    assert main(["plan", "--model", "llama-3.1-70b", "--layers", "2", "--cluster", "h100-sxm-16",
+                 "--run", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "torchrun --nnodes 2 --nproc-per-node 8 -m shardwise bench --model llama-3.1-70b" in err

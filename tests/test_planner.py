@@ -8,9 +8,9 @@ import pytest
 
 from shardwise.perf.clusters import load_cluster
 from shardwise.perf.costmodel import predict
-from shardwise.perf.planner import (best_micro_batching, enumerate_plans, evaluate, family,
-                                    micro_batch_family, plan_command, plan_parts, rank_plans,
-                                    rank_rows, ranking, score)
+from shardwise.perf.planner import (base_plans, best_micro_batching, enumerate_plans, evaluate,
+                                    family, micro_batch_family, plan_command, plan_parts,
+                                    rank_plans, rank_rows, ranking, score)
 from shardwise.perf.reproduce import consistency, fidelity_command, find_seed, reproduce_command
 from shardwise.presets import get_preset
 from shardwise.spec import ModelSpec, Plan, Workload
@@ -181,8 +181,11 @@ def test_one_stage_of_tp_micro_batches_and_fits_seed_layerwise_3b():
     rows = micro_batch_family(p.model, p.workload, Plan.parse("tp_pp:16x1"), H100_16, 16)
     by_mb = {Plan.parse(r.plan).micro_batches: r for r in rows}
     assert not by_mb[1].fits and by_mb[2].fits
-    rk = rank_rows(p.model, p.workload, H100_16,
-                   enumerate_plans(p.model, p.workload, H100_16), "both", 16)
+    # Ranked with the other single-strategy plans (compositions join them in
+    # the same table: test_compositions_are_candidates_priced_as_replicas...).
+    rows = [r for base in base_plans(p.model, p.workload, 16, H100_16) if not base.is_composed
+            for r in micro_batch_family(p.model, p.workload, base, H100_16, 16)]
+    rk = rank_rows(p.model, p.workload, H100_16, rows, "both", 16)
     shown = {r.plan: r for r in rk.shown}
     assert "tp_pp:16x1,mb=2" in shown and "tp_pp:16x1" not in shown
     # No plan is shown as not fitting at a count when another count fits.
