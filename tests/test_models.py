@@ -105,6 +105,12 @@ def test_plan_and_predict_every_zoo_model(name, capsys):
     assert main(["predict", *some, "--plan", best, "--ranks", "4"]) == 0
     out = capsys.readouterr().out
     assert "memory of the fullest rank" in out and "DOES NOT FIT" not in out
+    # The whole model on the whole cluster: 8-way tensor parallel within a
+    # node, a stage per node.
+    assert main(["predict", "--model", name, "--plan", "tp_pp:8x2", "--cluster", "h100-sxm-16",
+                 "--batch", "8", "--seq", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "memory of the fullest rank" in out and "DOES NOT FIT" not in out
 
 
 def test_too_big_for_this_machine_is_refused_before_launch(capsys):

@@ -139,8 +139,9 @@ def ranks_and_job_dir(p, tag, tmp) -> tuple[list[int], list]:
     return [q for q in tagged_pids(tag) if q != p.pid], list(tmp.glob("shardwise-*"))
 
 
-@pytest.mark.parametrize("moment", ["startup", "prefill", "decode"])
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+# SIGTERM at each moment of a run; SIGHUP (the same handler) once.
+@pytest.mark.parametrize("sig, moment", [(signal.SIGTERM, "startup"), (signal.SIGTERM, "prefill"),
+                                         (signal.SIGTERM, "decode"), (signal.SIGHUP, "decode")])
 def test_stop_signal_ends_every_rank_and_removes_the_job_dir(tmp_path, sig, moment):
     p, tag, tmp = started_bench(tmp_path, moment)
     assert ranks_and_job_dir(p, tag, tmp) != ([], [])
