@@ -168,3 +168,4 @@ def test_plan_run_names_the_cluster_command_when_it_needs_more_gpus(monkeypatch,
                  "--run", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "torchrun --nnodes 2 --nproc-per-node 8 -m shardwise bench --model llama-3.1-70b" in err
+    assert "shardwise plan --model llama-3.1-70b --layers 2 --ranks 1 --cluster PROFILE" in err

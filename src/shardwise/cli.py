@@ -846,8 +846,8 @@ def run_best_plan(args, ref, rk) -> int:
         raise ShardwiseError(
             f"the best plan, {best[0]}, needs {ranks} GPUs and this machine has {here}; on the "
             f"cluster run: {command}; or rank the plans for the GPUs here: shardwise plan "
-            f"--model {ref.name} --ranks {here} --cluster PROFILE --run (PROFILE from "
-            f"shardwise calibrate)")
+            f"--model {ref.name}{f' --layers {args.layers}' if args.layers else ''} --ranks "
+            f"{here} --cluster PROFILE --run (PROFILE from shardwise calibrate)")
     return cmd_bench(build_parser().parse_args(argv + ["--format", args.format]),
                      [f"running the best plan: shardwise {' '.join(argv)}"])
 
