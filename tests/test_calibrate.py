@@ -189,3 +189,11 @@ def test_gemm_rates_interpolate_the_calibrated_grid():
     assert Cluster.from_dict(base).gemm_rate("bfloat16", 512, 512, 16) == pytest.approx(800e12)
     with pytest.raises(ShardwiseError, match="gemm_grid"):
         Cluster.from_dict({**base, "gemm_grid": {"bf16": {**grid, "m": [16]}}})
+
+
+def test_small_rates_keep_their_digits():
+    # A loaded CPU's 16 x 64 x 64 GEMM runs at about 1e-4 TFLOP/s: kept (to
+    # four significant digits), never rounded to 0, which no rate may be.
+    from shardwise.perf.calibrate import _tflops
+
+    assert _tflops(0.000131072) == 0.0001311 and _tflops(789.7554) == 789.8

@@ -96,10 +96,16 @@ def matmul_grid(device, dtype, quick: bool) -> dict:
                     torch.cuda.synchronize(device)
                     time.sleep(BURST_IDLE_S)
                 t = device_timer(device, lambda: a @ b, 3 if quick else 10, 1 if quick else 3)
-                row.append(round(2 * m * k * n / t / 1e12, 3))
+                row.append(_tflops(2 * m * k * n / t / 1e12))
             rows.append(row)
         table.append(rows)
     return {**{axis: list(grid[axis]) for axis in ("m", "k", "n")}, "tflops": table}
+
+
+def _tflops(rate: float) -> float:
+    """A rate in TFLOP/s kept to four significant digits: a CPU's small
+    GEMMs run at thousandths of one, which three decimals would make 0."""
+    return float(f"{rate:.4g}")
 
 
 def _headline(grid: dict) -> float:
@@ -108,7 +114,7 @@ def _headline(grid: dict) -> float:
     rates = [r for m, plane in zip(grid["m"], grid["tflops"]) if m >= 1024
              for row in plane for r in row if r is not None]
     rates = rates or [r for plane in grid["tflops"] for row in plane for r in row if r is not None]
-    return round(statistics.median(rates), 3)
+    return _tflops(statistics.median(rates))
 
 
 def attention_rate(device, dtype, head_dim: int, quick: bool) -> dict:
@@ -379,8 +385,8 @@ def measure(job, settings: dict) -> dict | None:
         "matmul_tflops": {d: _headline(g) for d, g in grids.items()},
         "gemm_grid": grids,
         "attention_tflops": {"dtype": dtypes[0],
-                             "head_dim<=256": round(attn[0]["tflops"], 3),
-                             "head_dim>256": round(attn[1]["tflops"], 3)},
+                             "head_dim<=256": _tflops(attn[0]["tflops"]),
+                             "head_dim>256": _tflops(attn[1]["tflops"])},
         "hbm_gbps": round(hbm, 2),
         "hbm_bytes": int(mem),
         "l2_bytes": int(l2),
@@ -397,13 +403,13 @@ def measure(job, settings: dict) -> dict | None:
         **({"collective_us": {k: round(v, 3) for k, v in host["collective_us"].items()}}
            if host["collective_us"] else {}),
         "stream_gbps": round(stream, 2),
-        **({"flash_tflops": round(flash, 3)} if flash else {}),
-        **({"wide_attention_tflops": {"dtype": dtypes[0], **{str(hd): round(r, 3)
+        **({"flash_tflops": _tflops(flash)} if flash else {}),
+        **({"wide_attention_tflops": {"dtype": dtypes[0], **{str(hd): _tflops(r)
                                                               for hd, r in wide.items() if r}}}
            if any(wide.values()) else {}),
         **graph,
         **({"overlap_efficiency": round(overlap, 3)} if overlap is not None else {}),
-        "sustained_matmul_tflops": round(sustained, 3),
+        "sustained_matmul_tflops": _tflops(sustained),
         "links": ({"nvlink": {op: link_profile(op, pts, world) for op, pts in colls.items()}}
                   if colls else {}),
         "source": {
