@@ -286,12 +286,11 @@ def _micro_batches(ranges, fn, alike) -> list:
     micro-batches alike (one size, one ``alike``), the first, then the second
     as the body of a repeat taken for the rest; the skipped ones' outputs are
     the second's (the same shape)."""
-    def kind(i: int):
-        return ranges[i][1] - ranges[i][0], None if alike is None else alike[i]
-
+    kinds = [(b1 - b0, None if alike is None else alike[i])
+             for i, (b0, b1) in enumerate(ranges)]
     rec, out, i = _ACTIVE, [], 0
     while i < len(ranges):
-        n = next((j for j in range(i, len(ranges)) if kind(j) != kind(i)), len(ranges)) - i
+        n = _run_length(kinds, i)
         out.append(fn(i, *ranges[i]))
         if n >= 3 and rec is not None:
             rec.begin_loop()
@@ -304,13 +303,18 @@ def _micro_batches(ranges, fn, alike) -> list:
     return out
 
 
+def _run_length(kinds: list, i: int) -> int:
+    """How many items from ``i`` on are of ``kinds[i]``."""
+    return next((j for j in range(i, len(kinds)) if kinds[j] != kinds[i]), len(kinds)) - i
+
+
 def _alike_steps(kinds: list, fn) -> None:
     """``base.alike_steps`` while a step is recorded: of each run of steps of
     one kind, the first, then the second as the body of a repeat taken for
     the rest, each of whose iterations the schedule plays (``every``)."""
     rec, i = _ACTIVE, 0
     while i < len(kinds):
-        n = next((j for j in range(i, len(kinds)) if kinds[j] != kinds[i]), len(kinds)) - i
+        n = _run_length(kinds, i)
         fn(i)
         if n >= 3 and rec is not None:
             rec.begin_loop()

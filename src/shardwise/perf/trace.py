@@ -148,9 +148,6 @@ def _scan(func, args, kwargs) -> tuple[tuple, list]:
     return tuple(key), ins
 
 
-_shadow = shadow_of
-
-
 def _is_meta(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_meta
 
@@ -239,7 +236,7 @@ class Recorder(TorchDispatchMode):
                 return self._data_op(func, name, args, kwargs, "kernels")
             if name == "topk":  # the router's choices: drawn, or computed from known scores
                 _CACHE[key] = _SPECIAL
-                if _shadow(args[0]) is None:
+                if shadow_of(args[0]) is None:
                     return self._route(func, args, kwargs)
             out, call, aliases = lower(func, args, kwargs)
             hit = _remember(call, aliases, out, ins)
@@ -316,7 +313,7 @@ def _on_cpu(x, what: str):
     by the CPU)."""
     def cpu(v):
         if _is_meta(v):
-            s = _shadow(v)
+            s = shadow_of(v)
             if s is None:
                 raise RuntimeError(
                     f"the recorder cannot run {what}: it reads a value computed on the device "
@@ -347,17 +344,12 @@ def _shadow_op(func, args, kwargs, out, ins: list) -> None:
     if any(t.is_meta and "_shadow" not in t.__dict__ for t in ins):
         return  # computed from a value not known here
     name = func.overloadpacket.__name__
-    if func._schema.is_mutable:  # it writes an input (whose shadow others may hold): now
-        real = tree_flatten(_run_on_cpu(func, name, _on_cpu(args, name),
-                                        _on_cpu(kwargs, name)))[0]
-        for m, r in zip(tree_flatten(out)[0], real):
-            if _is_meta(m) and isinstance(r, torch.Tensor) and r.dtype in _INTEGRAL:
-                set_shadow(m, r)
-        return
     # The inputs' shadows as they are now (not the meta tensors: the recorder
     # follows their lifetimes), read when an output's value is asked for.
     held = tree_map(lambda v: v.__dict__["_shadow"] if _is_meta(v) else v, (args, kwargs))
     outputs = _Lazy(lambda: tree_flatten(_run_on_cpu(func, name, *_resolved(held)))[0])
+    if func._schema.is_mutable:
+        outputs.get()  # it writes an input, whose shadow others may hold: now
     for i, m in enumerate(tree_flatten(out)[0]):
         if _is_meta(m) and m.dtype in _INTEGRAL:
             set_shadow(m, _Lazy(lambda i=i: outputs.get()[i]))
