@@ -12,6 +12,11 @@
 #   verify   every strategy that runs on the GPUs here on both models (2 layers,
 #            2 x 1100 tokens), eager and static decode -> verify-real.jsonl
 #   tests    pytest -m gpu -> gpu-tests.txt
+#   calibrate  shardwise calibrate on this machine -> profile-NAME.json (NAME: h100-x1,
+#            h200-x1, ... from the GPU and its count); held-out predictions on it
+#            (scripts/heldout.py predict) -> heldout-predictions.jsonl
+#   heldout  the bench commands of scripts/heldout.py, whose predictions must be
+#            committed first (results/predictions/heldout.jsonl) -> heldout-*.jsonl
 # A plan whose bench fails is retried alone, so one failure loses no other record.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -56,8 +61,27 @@ for sweep in "$@"; do
             $plans $s --json "$R/verify-real.jsonl" 2>&1 | tail -14
         done
       done ;;
+    calibrate)
+      n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+      gpu=$(python3 -c "import torch; print('h200' if 'H200' in torch.cuda.get_device_name() else 'h100')")
+      name=$gpu-x$n
+      echo "+ shardwise calibrate --out results/profiles/$name.json --name $name"
+      mkdir -p results/profiles
+      LIMIT=420 sw calibrate --out "results/profiles/$name.json" --name "$name" 2>&1 | tail -20
+      cp "results/profiles/$name.json" "$R/profile-$name.json" || exit 1
+      echo "+ python scripts/heldout.py predict --profile results/profiles/$name.json --out results/predictions/heldout.jsonl"
+      python3 scripts/heldout.py predict --profile "results/profiles/$name.json" \
+        --out "$R/heldout-predictions.jsonl" 2>&1 | tail -45 ;;
+    heldout)
+      test -s results/predictions/heldout.jsonl || { echo "commit results/predictions/heldout.jsonl first"; exit 2; }
+      mkdir -p results/heldout
+      python3 scripts/heldout.py commands | while read -r line; do
+        echo "+ $line"
+        LIMIT=240 sw ${line#shardwise } </dev/null 2>&1 | tail -9
+      done
+      cp results/heldout/*.jsonl "$R"/ ;;
     tests)
       LIMIT=300 timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -20 | tee "$R/gpu-tests.txt" ;;
-    *) echo "unknown sweep $sweep (real, verify, tests)"; exit 2 ;;
+    *) echo "unknown sweep $sweep (real, verify, tests, calibrate, heldout)"; exit 2 ;;
   esac
 done
