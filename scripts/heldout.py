@@ -95,6 +95,7 @@ def _metric(r: dict) -> list[tuple[str, float]]:
 
 
 def cmd_compare(args) -> None:
+    # A prediction is the bench command, plan and metric it was made for.
     preds = {}
     for r in read_records(args.predictions):
         if "metric" in r:
