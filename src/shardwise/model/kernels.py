@@ -177,16 +177,35 @@ def _expert_rows_torch(x, w, experts, first, per):
     return torch.where(mine[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
-def _expert_rows_launch(x, w, experts, first, per):
+def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None):
     triton, kernel = _experts_kernel()
     held, O, I = w.shape
     R = experts.numel()
     y = torch.empty(R, O, dtype=x.dtype, device=x.device)
-    # A GEMV streams the weights once: 64 outputs per program, 128 bf16 (256 B)
-    # of each weight row per load, which keeps every SM's loads in flight at
-    # the sizes of a decode step (R up to held - 1 rows, O and I in thousands).
-    block_o, block_i = 64, min(256, triton.next_power_of_2(I))
+    block_o = block_o or expert_rows_block(R, O, _sms(x.device))
+    block_i = min(256, triton.next_power_of_2(I))
     kernel[(R, triton.cdiv(O, block_o))](
         x, w, experts.reshape(-1), y, O, held, first, x.stride(0), w.stride(0),
         w.stride(1), y.stride(0), I=I, PER=per, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=4)
     return y
+
+
+def expert_rows_block(rows: int, outs: int, sms: int) -> int:
+    """Outputs per program of :func:`expert_rows`'s kernel. A GEMV streams
+    the weights once, so its rate is the loads in flight: each program reads
+    ``block_o`` weight rows, 256 inputs (512 B in bf16) of each per step, and
+    the grid must keep every SM busy with several programs. 64 outputs a
+    program where the grid then has at least four programs an SM (Mixtral's
+    up-projection at two routed rows: 896); fewer, down to 16, where it would
+    not (its down-projection, 4096 outputs: 128 programs at 64, 512 at 16).
+    The row sums are the same whatever the block (each output's inputs are
+    summed in the same order), so the choice never changes a result."""
+    block = 64
+    while block > 16 and rows * -(-outs // block) < 4 * sms:
+        block //= 2
+    return block
+
+
+def _sms(device) -> int:
+    """The GPU's SMs (1 off a GPU: Triton's interpreter on CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
