@@ -36,6 +36,9 @@ def timed_us(fn, iters=30, warmup=5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also each launch of 8 to 32 outputs, 256 or 512 inputs a step, "
+                         "4 or 8 warps, 2 to 4 pipeline stages")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
@@ -69,7 +72,24 @@ def main() -> None:
                     rec["equal_to_default_launch"] = same
                 recs.append(rec)
                 print(json.dumps(rec), flush=True)
-    meta = {"command": "python scripts/moe-rows.py" + (f" --out {args.out}" if args.out else ""),
+            for block, bi, warps, stages in (
+                    [(b, bi, wp, st) for b in (8, 16, 32) for bi in (256, 512)
+                     for wp in (4, 8) for st in (2, 3, 4)] if args.sweep else []):
+                fn = lambda: kernels._expert_rows_launch(x, w, experts, 0, per, block_o=block,
+                                                         block_i=bi, num_warps=warps,
+                                                         num_stages=stages)
+                close = torch.allclose(fn().float(), ref.float(), rtol=2e-2, atol=1e-2)
+                us = timed_us(fn)
+                weight_bytes = routed * w.shape[1] * w.shape[2] * w.element_size()
+                rec = {"probe": "expert_rows_launch", "matrix": name, "tokens": tokens,
+                       "rows": R, "block_o": block, "block_i": bi, "num_warps": warps,
+                       "num_stages": stages, "us": round(us, 2), "close_to_default": close,
+                       "weights_TBps": round(weight_bytes / us / 1e6, 3),
+                       "copy_TBps": round(copy, 3)}
+                recs.append(rec)
+                print(json.dumps(rec), flush=True)
+    meta = {"command": "python scripts/moe-rows.py" + (" --sweep" if args.sweep else "")
+                       + (f" --out {args.out}" if args.out else ""),
             "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "git_rev": git_rev()}
     if args.out:

@@ -177,16 +177,20 @@ def _expert_rows_torch(x, w, experts, first, per):
     return torch.where(mine[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
-def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None):
+def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
+                        block_i: int = 256, **launch):
+    """``launch``: Triton's launch options (num_warps, num_stages) where a probe
+    sets them (scripts/moe-rows.py); 4 warps otherwise."""
     triton, kernel = _experts_kernel()
     held, O, I = w.shape
     R = experts.numel()
     y = torch.empty(R, O, dtype=x.dtype, device=x.device)
     block_o = block_o or expert_rows_block(R, O, _sms(x.device))
-    block_i = min(256, triton.next_power_of_2(I))
+    block_i = min(block_i, triton.next_power_of_2(I))
     kernel[(R, triton.cdiv(O, block_o))](
         x, w, experts.reshape(-1), y, O, held, first, x.stride(0), w.stride(0),
-        w.stride(1), y.stride(0), I=I, PER=per, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=4)
+        w.stride(1), y.stride(0), I=I, PER=per, BLOCK_O=block_o, BLOCK_I=block_i,
+        **{"num_warps": 4, **launch})
     return y
 
 
