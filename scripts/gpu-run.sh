@@ -17,6 +17,34 @@
 #            (scripts/heldout.py predict) -> heldout-predictions.jsonl
 #   heldout  the bench commands of scripts/heldout.py, whose predictions must be
 #            committed first (results/predictions/heldout.jsonl) -> heldout-*.jsonl
+# The 2-GPU sweeps (NAME as above; fidelity-*.txt where results/profiles/NAME.json
+# exists, e.g. from calibrate earlier in the same call):
+#   verify2  every strategy against the reference on the seed presets' dimensions
+#            (reduced), eager decode; seed-moe-16l at 1, 2 and 4 layers -> verify-NAME.jsonl
+#   static2  the static-shape decode steps that bench replays in CUDA graphs, every
+#            2-GPU plan on seed-helix-4l, seed-ring-4l and seed-moe-16l (1 layer)
+#            -> verify-static-NAME.jsonl
+#   bench2   every plan and the PyTorch peers on seed-helix-4l (prefill 8 x 8192,
+#            decode 16 x 4096), small-l2, seed-moe-16l and seed-layerwise-30b (4 layers),
+#            ring against tp_pp and torch_cp at 4K-32K tokens -> bench-NAME-*.jsonl,
+#            fidelity-NAME.txt
+#   repeats  what moves from run to run, three times over: the 1-GPU prefill (tp_pp:1x1,
+#            torch_eager:1; MFU) and small-l2's host-bound steps -> repeats-*.jsonl,
+#            fidelity-repeats-NAME.txt
+#   diag-prefill  profiles of the 1- and 2-GPU prefill (bench --trace), tp_pp:2x1 in 2, 4
+#            and 8 chunks, under NCCL_MAX_CTAS 8 and 16, and GEMMs beside an all-reduce or
+#            a peer pull (scripts/p2p-overlap.py) -> trace-prefill.jsonl, traces-prefill.tgz,
+#            chunks.jsonl, ctas-*.jsonl, p2p-overlap.json
+#   diag-decode  profiles of graph decode steps as bench times them (seed-helix-4l on 1
+#            and 2 GPUs, small-l2), an L2 prefetch beside the all-reduces
+#            (scripts/l2-prefetch.py) and decode GEMMs, cuBLAS against Triton
+#            (scripts/skinny-gemm.py) -> trace-decode*.jsonl, traces-decode.tgz,
+#            l2-prefetch.json, skinny-gemm.json
+# On 4 or 8 GPUs:
+#   sweep    each seed preset at its own dimensions, its baseline scaled to the GPUs here
+#            and the proposed plans, at the workload scripts/sweep-workloads.py picks on
+#            results/profiles/NAME.json (run calibrate first) -> sweep-NAME.txt,
+#            bench-NAME-*.jsonl, fidelity-NAME.txt
 # A plan whose bench fails is retried alone, so one failure loses no other record.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -25,6 +53,34 @@ export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$R"
 trap '[ "$OUT" != "$R" ] && cp "$R"/* "$OUT"/ 2>/dev/null' EXIT
 sw() { timeout "${LIMIT:-180}" python3 -m shardwise "$@"; }
+
+machine() {  # N (GPUs here) and NAME (h200-x2, ...), as calibrate names its profile
+  N=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  NAME=$(python3 -c "import torch; print('h200' if 'H200' in torch.cuda.get_device_name() else 'h100')")-x$N
+}
+
+need() {  # need MIN: whether this machine has the GPUs the sweep needs
+  [ "$N" -ge "$1" ] && return 0
+  echo "sweep $sweep needs $1 or more GPUs; this machine has $N (skipped)"; return 1
+}
+
+fidelity() {  # fidelity OUTFILE RECORDS...: each record against the profile of this machine
+  local out=$1; shift
+  local p=results/profiles/$NAME.json
+  [ -s "$p" ] || { echo "no $p: run the calibrate sweep first for $out"; return 0; }
+  echo "shardwise report --fidelity $* --profile $p" > "$out"
+  COLUMNS=160 sw report --fidelity "$@" --profile "$p" >> "$out" 2>&1
+  tail -15 "$out"
+}
+
+pack() {  # pack DIR: its trace tables (not the Chrome traces) as DIR.tgz, which OUT receives
+  tar -C "$(dirname "$1")" --exclude "*.json" -czf "$1.tgz" "$(basename "$1")" && rm -rf "$1"
+}
+
+dist2() {  # dist2 SCRIPT: a 2-process diagnostic script (writes under $OUT=results/gpu)
+  echo "+ python -m torch.distributed.run --nproc-per-node 2 $1"
+  OUT=$R timeout 180 python3 -m torch.distributed.run --nproc-per-node 2 "$1" 2>&1 | grep -E "^\{|rror"
+}
 
 bench_all() {  # bench_all OUTFILE ARGS... -- PLAN...: every plan in one job, or each alone
   local out=$1; shift
@@ -82,6 +138,99 @@ for sweep in "$@"; do
       cp results/heldout/*.jsonl "$R"/ ;;
     tests)
       LIMIT=300 timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -20 | tee "$R/gpu-tests.txt" ;;
-    *) echo "unknown sweep $sweep (real, verify, tests, calibrate, heldout)"; exit 2 ;;
+    verify2)
+      machine; need 2 || continue
+      v() { echo "+ shardwise run $*"; LIMIT=300 sw run --device cuda --dtype bf16 --json "$R/verify-$NAME.jsonl" "$@" 2>&1 | tail -14; }
+      v --preset seed-helix-4l --nproc 2 --batch 4 --seq 2048 --steps 4 \
+        --plan tp_pp:2x1 --plan tp_pp:1x2 --plan helix:2x1 --plan helix:1x2 --plan helix:1x2,reduce=flat
+      v --preset seed-ring-4l --nproc 2 --batch 2 --seq 2048 --steps 4 --plan ring:2 --plan tp_pp:2x1
+      for L in 1 2 4; do
+        v --preset seed-moe-16l --layers $L --nproc 2 --batch 4 --seq 1024 --steps 4 \
+          --plan ep:2 --plan tp_pp:2x1 --plan tp_pp:2x1,reduce=model
+      done
+      v --preset small-l2 --nproc 2 --plan layerwise:cap=L2 --plan tp_pp:1x2
+      v --preset seed-layerwise-30b --layers 4 --nproc 2 --batch 2 --seq 256 --steps 4 \
+        --plan layerwise:cap=8GB --plan tp_pp:2x1 ;;
+    static2)
+      machine; need 2 || continue
+      for args in "--preset seed-helix-4l --batch 4 --seq 2048 --plan ring:2" \
+                  "--preset seed-helix-4l --batch 4 --seq 2048 --plan tp_pp:2x1" \
+                  "--preset seed-helix-4l --batch 4 --seq 2048 --plan helix:2x1" \
+                  "--preset seed-helix-4l --batch 4 --seq 2048 --nproc 2 --plan layerwise:cap=HBM" \
+                  "--preset seed-ring-4l --batch 2 --seq 2048 --plan ring:2" \
+                  "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan ep:2" \
+                  "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan tp_pp:2x1" \
+                  "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan helix:2x1" \
+                  "--preset seed-moe-16l --layers 1 --batch 4 --seq 1024 --plan ring:2"; do
+        echo "+ shardwise verify --static-decode $args"
+        LIMIT=200 sw verify --device cuda --dtype bf16 --static-decode --steps 4 \
+          --json "$R/verify-static-$NAME.jsonl" $args 2>&1 | tail -4
+      done ;;
+    bench2)
+      machine; need 2 || continue
+      B=$R/bench-$NAME H="--dtype bf16 --preset seed-helix-4l"
+      LIMIT=300 bench_all "$B-prefill.jsonl" $H --phase prefill --batch 8 --seq 8192 --iters 5 --warmup 2 -- \
+        torch_eager:1 tp_pp:1x1 torch_tp:2 tp_pp:2x1 tp_pp:2x1,overlap=4 helix:1x2 helix:2x1 tp_pp:1x2,mb=4 \
+        ring:2 torch_cp:2 layerwise:cap=HBM
+      LIMIT=300 bench_all "$B-decode.jsonl" $H --phase decode --batch 16 --seq 4096 --iters 30 --warmup 5 -- \
+        torch_eager:1 tp_pp:1x1 torch_tp:2 tp_pp:2x1 tp_pp:2x1,overlap=4 helix:1x2 helix:2x1 tp_pp:1x2 \
+        ring:2 layerwise:cap=HBM
+      bench_all "$B-small-l2.jsonl" --dtype bf16 --preset small-l2 --iters 50 --warmup 10 --nproc 2 -- \
+        layerwise:cap=L2 tp_pp:2x1
+      bench_all "$B-moe.jsonl" --dtype bf16 --preset seed-moe-16l --layers 4 --batch 8 --seq 2048 --iters 5 \
+        --warmup 2 -- ep:2 tp_pp:2x1
+      bench_all "$B-layerwise-30b.jsonl" --dtype bf16 --preset seed-layerwise-30b --layers 4 --batch 4 --seq 2048 \
+        --iters 5 --warmup 2 --nproc 2 -- layerwise:cap=16GB tp_pp:2x1 tp_pp:1x2,mb=4
+      for L in 4096 16384 32768; do
+        bench_all "$B-ring-$L.jsonl" --dtype bf16 --preset seed-ring-4l --layers 1 --phase prefill --batch 1 \
+          --seq $L --iters 3 --warmup 1 -- ring:2 tp_pp:2x1 torch_cp:2
+      done
+      fidelity "$R/fidelity-$NAME.txt" "$B"-*.jsonl ;;
+    repeats)
+      machine; need 2 || continue
+      for i in 1 2 3; do
+        LIMIT=300 bench_all "$R/repeats-prefill-$i.jsonl" --dtype bf16 --preset seed-helix-4l --phase prefill \
+          --batch 8 --seq 8192 --iters 5 --warmup 2 -- torch_eager:1 tp_pp:1x1
+        bench_all "$R/repeats-small-l2-$i.jsonl" --dtype bf16 --preset small-l2 --iters 50 --warmup 10 \
+          --nproc 2 -- layerwise:cap=L2 tp_pp:2x1
+      done
+      fidelity "$R/fidelity-repeats-$NAME.txt" "$R"/repeats-small-l2-*.jsonl ;;
+    diag-prefill)
+      machine; need 2 || continue
+      P="--dtype bf16 --preset seed-helix-4l --phase prefill --batch 8 --seq 8192"
+      LIMIT=300 bench_all "$R/trace-prefill.jsonl" $P --iters 3 --warmup 1 --trace "$R/traces-prefill" -- \
+        tp_pp:1x1 tp_pp:2x1
+      pack "$R/traces-prefill"
+      LIMIT=300 bench_all "$R/chunks.jsonl" $P --iters 5 --warmup 2 -- \
+        tp_pp:1x1 tp_pp:2x1,overlap=2 tp_pp:2x1,overlap=4 tp_pp:2x1,overlap=8
+      for c in 8 16; do  # overlap=2, the default, under NCCL's default CTA count is in chunks.jsonl
+        echo "NCCL_MAX_CTAS=$c"
+        NCCL_MAX_CTAS=$c LIMIT=300 bench_all "$R/ctas-$c.jsonl" $P --iters 5 --warmup 2 -- tp_pp:2x1
+      done
+      dist2 scripts/p2p-overlap.py ;;
+    diag-decode)
+      machine; need 2 || continue
+      T=$R/traces-decode
+      bench_all "$R/trace-decode.jsonl" --dtype bf16 --preset seed-helix-4l --phase decode --batch 16 --seq 4096 \
+        --iters 30 --warmup 5 --trace "$T" -- tp_pp:1x1 tp_pp:2x1 helix:1x2 helix:2x1 ring:2 layerwise:cap=HBM
+      bench_all "$R/trace-decode-small-l2.jsonl" --dtype bf16 --preset small-l2 --phase decode --iters 50 \
+        --warmup 10 --nproc 2 --trace "$T" -- layerwise:cap=L2 tp_pp:1x1 tp_pp:2x1
+      pack "$T"
+      dist2 scripts/l2-prefetch.py
+      echo "+ python scripts/skinny-gemm.py"
+      OUT=$R timeout 240 python3 scripts/skinny-gemm.py 2>&1 | grep -E "^\{|rror" ;;
+    sweep)
+      machine; need 4 || continue
+      p=results/profiles/$NAME.json
+      [ -s "$p" ] || { echo "no $p: run the calibrate sweep first (gpu-run.sh calibrate sweep)"; continue; }
+      echo "+ python scripts/sweep-workloads.py --gpus $N --profile $p"
+      python3 scripts/sweep-workloads.py --gpus "$N" --profile "$p" | tee "$R/sweep-$NAME.txt"
+      while read -r preset batch seq plans; do
+        LIMIT=540 bench_all "$R/bench-$NAME-$preset.jsonl" --dtype bf16 --preset "$preset" --batch "$batch" \
+          --seq "$seq" --iters 5 --warmup 2 --nproc "$N" -- $plans </dev/null
+      done < <(grep -v '^#' "$R/sweep-$NAME.txt")
+      fidelity "$R/fidelity-$NAME.txt" "$R/bench-$NAME"-*.jsonl ;;
+    *) echo "unknown sweep $sweep (real, verify, tests, calibrate, heldout, verify2, static2, bench2, repeats,"\
+         "diag-prefill, diag-decode, sweep)"; exit 2 ;;
   esac
 done

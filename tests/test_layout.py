@@ -1,13 +1,22 @@
 """The package's layout: the reference model, the strategies and the runtime
 never import the cost model (shardwise.perf reads their code; they do not
 read it), and no module of perf/ grows past 600 lines. A source scan on the
-syntax tree, imports inside functions included."""
+syntax tree, imports inside functions included.
+
+The repository's: every file under results/ is named by the README, a page
+of docs/ or a README under results/ (what no document cites is deleted, not
+kept), and scripts/ holds one GPU runner with named sweeps, not numbered
+copies of it."""
 import ast
+import fnmatch
 import pathlib
+import re
 
 import pytest
 
-SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "shardwise"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "shardwise"
+RESULTS = ROOT / "results"
 LOWER = ("model", "parallel", "runtime")
 
 
@@ -48,3 +57,74 @@ def test_lower_layers_do_not_import_the_cost_model(package):
 def test_no_cost_model_module_over_600_lines():
     sizes = {p.name: len(p.read_text().splitlines()) for p in (SRC / "perf").glob("*.py")}
     assert {name: n for name, n in sizes.items() if n > 600} == {}
+
+
+def cited_names(text: str) -> set[str]:
+    """The file names a Markdown text gives (code spans, link targets and
+    results/ paths, globs included), relative to results/ where they say
+    results/ or ../: names with a suffix or a folder in them."""
+    text = re.sub(r"^```.*$", "", text, flags=re.M)  # fences would pair with inline backticks
+    found = set(re.findall(r"\]\(([^)\s]+)\)", text)) | set(re.findall(r"results/[\w.*/-]+", text))
+    for code in re.findall(r"`([^`]+)`", text):
+        found.update(code.split())
+    found = {t.strip(",;:()'\"").removeprefix("../").removeprefix("results/") for t in found}
+    return {t for t in found if ("." in t or "/" in t) and re.search(r"[a-z0-9]{2}", t)}
+
+
+def is_cited(name: str, names: set[str], top: set[str]) -> bool:
+    """Whether ``name`` (a path relative to a document's folder) is one of
+    ``names``, matches one of its globs, lies in one of its folders other
+    than the first-level ones in ``top`` (``diag/`` alone cites nothing), or
+    is one of its paths with the suffix left off."""
+    stem = name.rsplit(".", 1)[0]
+    return any(fnmatch.fnmatchcase(name, t) or ("/" in t and stem == t)
+               or (t.endswith("/") and t not in top and name.startswith(t)) for t in names)
+
+
+def uncited_results(root: pathlib.Path = ROOT) -> list[str]:
+    """Files under ``root``/results that no document names. The README and
+    docs/ name them relative to results/; results/README.md also relative to
+    its folders (its diagnostics table lists diag/'s files by name); a README
+    in a folder of results/ relative to that folder."""
+    results = root / "results"
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted(results.rglob("README.md"))]
+    cited = {doc: cited_names(doc.read_text()) for doc in docs}
+    top = {f"{d.name}/" for d in results.iterdir() if d.is_dir()}
+    missing = []
+    for path in sorted(p for p in results.rglob("*") if p.is_file()):
+        rel = path.relative_to(results)
+        ok = False
+        for doc, names in cited.items():
+            candidates = {rel.as_posix()}
+            if doc == results / "README.md" and len(rel.parts) > 1:
+                candidates.add(rel.relative_to(rel.parts[0]).as_posix())
+            if doc.parent != results and doc.parent in path.parents:
+                candidates.add(path.relative_to(doc.parent).as_posix())
+            ok = ok or any(is_cited(c, names, top) for c in candidates)
+        if not ok:
+            missing.append(rel.as_posix())
+    return missing
+
+
+def test_the_citation_scan_finds_names_globs_and_folders(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("`results/a.jsonl`, [r](results/README.md), [b](results/sub/README.md)\n")
+    (tmp_path / "docs" / "x.md").write_text("from `results/runs/fid-*.txt` and `diag/` alone\n")
+    sub, diag, runs = (tmp_path / "results" / d for d in ("sub", "diag", "runs"))
+    for d in (sub, diag / "traces-x", runs):
+        d.mkdir(parents=True)
+    (tmp_path / "results" / "README.md").write_text("`diag/`: | `c.json` | `traces-x/` |\n")
+    (sub / "README.md").write_text("| `d.jsonl` | made by `--out results/sub/e` |\n")
+    for name in ("a.jsonl", "orphan.txt", "sub/d.jsonl", "sub/e.md", "sub/f.jsonl", "diag/c.json",
+                 "diag/traces-x/t.txt", "diag/g.json", "runs/fid-1.txt", "runs/bench-1.jsonl"):
+        (tmp_path / "results" / name).write_text("x")
+    assert uncited_results(tmp_path) == ["diag/g.json", "orphan.txt", "runs/bench-1.jsonl", "sub/f.jsonl"]
+
+
+def test_every_file_under_results_is_cited():
+    assert uncited_results() == []
+
+
+def test_scripts_hold_no_numbered_copies():
+    numbered = sorted(p.name for p in (ROOT / "scripts").iterdir() if re.search(r"-\d+\.\w+$", p.name))
+    assert numbered == []
