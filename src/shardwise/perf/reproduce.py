@@ -363,7 +363,7 @@ def _same_layout(r: dict, spec: ModelSpec, wl: Workload, plan: Plan, world: int)
     ran = record_layout(r, spec, wl, plan, world)
     if ran is None:
         return
-    from ..parallel.layerwise import plan_partition
+    from ..parallel.partition import plan_partition
 
     now = plan_partition(spec, wl, plan, world)
     if ([g.layers for g in ran.groups], ran.replicas) != ([g.layers for g in now.groups],
