@@ -27,7 +27,8 @@ from shardwise.bench.records import read_records
 from shardwise.models import resolve
 from shardwise.perf.clusters import load_cluster
 from shardwise.perf.costmodel import predict
-from shardwise.perf.reproduce import FIDELITY_MAX, FIDELITY_MEDIAN, fidelity_summary
+from shardwise.output import render
+from shardwise.perf.reproduce import summary_sheet
 from shardwise.spec import Workload
 
 # (model, layers, batch, prompt length): shapes no preset has, at workloads no
@@ -118,10 +119,7 @@ def cmd_compare(args) -> None:
     for plan, model, bs, metric, meas, pred, err, ok in rows:
         print(f"{plan:20s} {model:14s} {bs:8s} {metric:18s} {meas:12,.4g} {pred:12,.4g} "
               f"{err:+7.1%}  {'ok' if ok else ok}")
-    print(f"\nper strategy and metric (PASS: median |error| <= {FIDELITY_MEDIAN:.0%}, "
-          f"max <= {FIDELITY_MAX:.0%})")
-    for row in fidelity_summary(errors):
-        print("  " + "  ".join(f"{c:18s}" for c in row))
+    print("\n" + render([summary_sheet(errors)]), end="")
     if preds:
         print("\npredicted, never measured:\n" + "\n".join(f"- {k[1]} {k[2]} ({k[0]})" for k in preds))
     if unmatched:

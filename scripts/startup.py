@@ -32,7 +32,7 @@ COMMANDS = [
     ("error: a model", ["verify", "--model", "nope", "--plan", "tp_pp:2x1"],
      "an unknown model name (models.resolve)"),
     ("error: a plan", ["verify", "--model", "tiny-dense", "--plan", "tp_pp:3x1"],
-     "a plan the model cannot be split by (the strategies' checks, which import torch)"),
+     "a plan the model cannot be split by (the strategies' checks, which import no torch)"),
     ("reference: import torch", ["-c", "import torch"], "what importing torch alone takes here"),
 ]
 

@@ -19,7 +19,8 @@ from shardwise.model.load import ShardLoader
 from shardwise.model.weights import WeightSource
 from shardwise.parallel.base import validate_plan
 from shardwise.parallel.comm import Comm
-from shardwise.parallel.compose import Composed, composition_candidates
+from shardwise.parallel.compose import Composed
+from shardwise.parallel.plans import composition_candidates
 from shardwise.presets import get_preset
 from shardwise.runtime.job import Case, Job
 from shardwise.runtime.launcher import launch

@@ -322,7 +322,7 @@ def test_fidelity_verdicts_and_bench_cache_length():
     rows = fidelity_summary({("tp_pp", "decode ms"): [0.05, -0.08, 0.19],
                              ("ring", "prefill tok/s"): [0.05, 0.25],
                              ("helix", "prefill tok/s"): [0.11, 0.12, -0.02]})
-    verdict = {(r[0], r[1]): r[-1] for r in rows}
+    verdict = {(r["strategy"], r["metric"]): r["verdict"] for r in rows}
     assert verdict == {("tp_pp", "decode ms"): "PASS", ("ring", "prefill tok/s"): "FAIL",
                        ("helix", "prefill tok/s"): "FAIL"}
     # bench sizes the cache for warm-up + timed steps + 1 (BenchSettings.decode_positions).

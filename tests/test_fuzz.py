@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from shardwise import fuzz
-from shardwise.parallel.ring import Ring
+from shardwise.parallel.plans import RingPlan
 from shardwise.spec import ShardwiseError
 
 # A fixed subset of seed 0 (see results/fuzz-summary.json for the large run):
@@ -54,14 +54,14 @@ def test_a_crash_during_validation_is_a_failure(monkeypatch):
     def crash(*a, **k):
         raise TypeError("boom")
 
-    monkeypatch.setattr(Ring, "validate", classmethod(crash))
+    monkeypatch.setattr(RingPlan, "validate", classmethod(crash))
     status, detail = fuzz.prelaunch(case)
     assert status == "failed" and detail["error"] == "TypeError: boom"
 
     def two_lines(*a, **k):
         raise ShardwiseError("first line\nsecond line")
 
-    monkeypatch.setattr(Ring, "validate", classmethod(two_lines))
+    monkeypatch.setattr(RingPlan, "validate", classmethod(two_lines))
     assert fuzz.prelaunch(case)[1]["kind"].startswith("bad refusal")
 
 

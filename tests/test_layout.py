@@ -1,7 +1,8 @@
 """The package's layout: the reference model, the strategies and the runtime
 never import the cost model (shardwise.perf reads their code; they do not
 read it), and no module of perf/ grows past 600 lines. A source scan on the
-syntax tree, imports inside functions included.
+syntax tree, imports inside functions included. Commands that need no
+tensors (help, listings, a plan refused before launch) do not import torch.
 
 The repository's: every file under results/ is named by the README, a page
 of docs/ or a README under results/ (what no document cites is deleted, not
@@ -128,3 +129,44 @@ def test_every_file_under_results_is_cited():
 def test_scripts_hold_no_numbered_copies():
     numbered = sorted(p.name for p in (ROOT / "scripts").iterdir() if re.search(r"-\d+\.\w+$", p.name))
     assert numbered == []
+
+# Commands that need no tensors, refusals of a plan before launch included,
+# answer without importing torch (it takes over a second to import).
+NO_TORCH = {
+    "help": ["--help"],
+    "presets": ["presets"],
+    "a plan the model cannot be split by": ["verify", "--model", "tiny-dense", "--plan",
+                                            "tp_pp:3x1"],
+    "a composed plan": ["verify", "--model", "tiny-dense", "--plan", "pp:2/helix:3x1"],
+    "a capacity no layer fits": ["run", "--plan", "layerwise:cap=1KB"],
+}
+
+
+@pytest.mark.parametrize("name", NO_TORCH)
+def test_commands_that_need_no_tensors_do_not_import_torch(name):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom shardwise import cli\n"
+            "try:\n    rc = cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('torch' in sys.modules, rc)")
+    p = subprocess.run([sys.executable, "-c", code, *NO_TORCH[name]], capture_output=True,
+                       text=True, timeout=120)
+    imported, rc = p.stdout.split()[-2:]
+    assert imported == "False", (name, p.stderr)
+    # The refusals are refusals (exit 2, one line), not a launch that failed.
+    assert rc == ("0" if name in ("help", "presets") else "2"), (name, p.stdout, p.stderr)
+
+
+def test_each_strategy_runs_the_rules_that_check_its_plans():
+    """The check before launch (parallel/plans.py, no torch) and the ranks
+    that run a plan use one definition: the runtime class inherits it."""
+    from shardwise.parallel.base import get_strategy
+    from shardwise.parallel.plans import COMPOSE, PLANS, plan_rules
+
+    for name in [*PLANS, COMPOSE]:
+        rules, runtime = plan_rules(name), get_strategy(name)
+        assert issubclass(runtime, rules), name
+        for method in ("validate", "ranks_needed", "default_ranks", "candidates", "composition"):
+            assert getattr(runtime, method).__func__ is getattr(rules, method).__func__, (
+                name, method)

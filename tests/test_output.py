@@ -243,3 +243,60 @@ CHECKS = {"json": check_json, "csv": check_csv, "markdown": check_markdown}
 def test_every_format_parses_back_to_the_rows(name, fmt, monkeypatch, launched, tmp_path):
     parts, out = run_command(name, fmt, monkeypatch, launched, tmp_path)
     CHECKS[fmt](out, parts)
+
+
+# -- numbers stay numbers ------------------------------------------------------------------
+
+FIDELITY = COMMANDS["report --fidelity"]
+
+
+def _measured_figures(path: str) -> set[float]:
+    from shardwise.bench.records import read_records
+
+    return {float(r[k]) for r in read_records(path)
+            for k in ("tps", "prefill_tokens_per_s", "tpot_ms") if r.get(k)}
+
+
+def test_fidelity_json_carries_numbers_the_table_writes_for_people():
+    """report --fidelity --format json: measured and predicted are the
+    record's figure and the model's, the error is predicted / measured - 1 as
+    a fraction, the spread a ratio; the summary's median and max are
+    fractions of those errors (the table writes them as +5% and 5%)."""
+    import statistics
+
+    rc, out, err = _main(FIDELITY + ["--format", "json"])
+    assert rc == 0, err
+    doc = json.loads(out)
+    rows, summary = doc["records"], doc["summary"]
+    assert rows and summary
+    figures = _measured_figures(BENCH)
+    errors: dict = {}
+    for r in rows:
+        for key in ("measured", "predicted", "error", "p90_p10"):
+            assert isinstance(r[key], float), (key, r)
+        assert r["measured"] in figures
+        assert abs(r["error"] - (r["predicted"] / r["measured"] - 1)) <= 1e-12
+        errors.setdefault((r["plan"].split(":")[0], r["metric"].split(" (")[0]), []).append(
+            abs(r["error"]))
+    assert {(s["strategy"], s["metric"]) for s in summary} == set(errors)
+    for s in summary:
+        v = errors[(s["strategy"], s["metric"])]
+        assert isinstance(s["records"], int) and s["records"] == len(v)
+        assert isinstance(s["median"], float) and abs(s["median"] - statistics.median(v)) <= 1e-12
+        assert isinstance(s["max"], float) and abs(s["max"] - max(v)) <= 1e-12
+        assert s["verdict"] in ("PASS", "FAIL")
+
+
+def test_fidelity_csv_reads_back_with_float():
+    rc, out, err = _main(FIDELITY + ["--format", "csv"])
+    assert rc == 0, err
+    sections = dict(zip(*[iter(re.split(r"\n?^# (\S+)\n", out, flags=re.M)[1:])] * 2))
+    records = list(csv.DictReader(io.StringIO(sections["records"])))
+    summary = list(csv.DictReader(io.StringIO(sections["summary"])))
+    assert records and summary
+    for r in records:
+        measured, predicted, error = (float(r[k]) for k in ("measured", "predicted", "error"))
+        float(r["p90_p10"])
+        assert abs(error - (predicted / measured - 1)) <= 1e-12
+    for s in summary:
+        assert int(s["records"]) >= 1 and 0 <= float(s["median"]) <= float(s["max"])

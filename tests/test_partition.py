@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from shardwise.parallel.base import balanced_ranges, validate_plan
+from shardwise.parallel.base import validate_plan
+from shardwise.parallel.checks import balanced_ranges
 from shardwise.parallel.partition import (
     DEVICE_CAPACITY, TIE, capacity_text, LayerCosts, PartitionError, best_split, layer_costs,
     layer_weight_bytes, min_capacity, parse_capacity, partition, ranks_needed, split,

@@ -146,7 +146,7 @@ def test_fidelity_reports_the_relative_error(tmp_path):
 
 def test_compositions_are_candidates_priced_as_replicas_or_listed_with_the_reason():
     from shardwise.parallel.base import validate_plan
-    from shardwise.parallel.compose import composition_candidates
+    from shardwise.parallel.plans import composition_candidates
     from shardwise.spec import Plan, ShardwiseError
 
     rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))

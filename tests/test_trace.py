@@ -44,7 +44,7 @@ WL = Workload(batch=8, seq_len=16, decode_steps=2)
 def _two_groups(model: str) -> str:
     """layerwise on 2 ranks at a capacity that cuts the model into two groups
     (a pipeline): the first of a few, largest first, the partitioner takes."""
-    from shardwise.parallel.layerwise import plan_partition
+    from shardwise.parallel.partition import plan_partition
     from shardwise.parallel.partition import layer_costs, min_capacity
     from shardwise.spec import ShardwiseError
 

@@ -431,9 +431,9 @@ def cmd_verify(args) -> int:
     device = resolve_device(args.device)
     ref, model, wl = make_case_parts(args, device)
     plan = Plan.parse(args.plan)
-    from .parallel.base import validate_plan  # the strategies' code: torch
+    from .parallel.plans import check_plan  # no torch: a refusal does not wait for it
 
-    cls, topo = validate_plan(model, wl, plan, args.nproc)
+    cls, topo = check_plan(model, wl, plan, args.nproc)
     check_peer(cls, plan, device)
     nproc = topo.world_size
     check_ranks(nproc, device)
@@ -470,18 +470,18 @@ def cmd_run(args) -> int:
             args.nproc = DEFAULT_RUN_NPROC
     check_ranks(args.nproc, device)
     ref, model, wl = make_case_parts(args, device)
-    from .parallel.base import available_strategies, get_strategy, validate_plan
+    from .parallel.plans import PLANS, check_plan
 
     if args.plans:
         plans = [str(Plan.parse(p)) for p in args.plans]
         for p in plans:
-            check_peer(validate_plan(model, wl, p, args.nproc)[0], p, device)
+            check_peer(check_plan(model, wl, p, args.nproc)[0], p, device)
     else:
         plans = []
-        for name in available_strategies():
-            for cand in get_strategy(name).candidates(model, wl, args.nproc):
+        for rules in PLANS.values():
+            for cand in rules.candidates(model, wl, args.nproc):
                 try:
-                    validate_plan(model, wl, cand, args.nproc)
+                    check_plan(model, wl, cand, args.nproc)
                     plans.append(cand)
                 except ShardwiseError:
                     pass
@@ -517,7 +517,7 @@ def cmd_bench(args, notes: list[str] | None = None) -> int:
     ref, model, wl = make_case_parts(args, device)
     plans = [Plan.parse(text) for text in args.plans]
     from .bench.records import append_records, provenance, read_records
-    from .parallel.base import get_strategy, validate_plan
+    from .parallel.plans import check_plan, plan_rules
     from .runtime.timing import BenchSettings
 
     settings = BenchSettings(phase=args.phase, iters=args.iters, warmup=args.warmup,
@@ -538,15 +538,15 @@ def cmd_bench(args, notes: list[str] | None = None) -> int:
     notes = list(notes or [])  # printed once every check has passed: a refusal is one line
     adaptive = _adaptive_world(plans, args.nproc, notes)
     for plan in plans:
-        fixed = get_strategy(plan.strategy).ranks_needed(plan)
-        cls, topo = validate_plan(model, timed, plan, fixed or adaptive)
+        fixed = plan_rules(plan.strategy).ranks_needed(plan)
+        cls, topo = check_plan(model, timed, plan, fixed or adaptive)
         # The check runs the plan's own micro-batching, so it needs as many sequences.
         checks[str(plan)] = check.replace(batch=min(timed.batch, max(check.batch,
                                                                      plan.micro_batches)))
         check_peer(cls, plan, device, args.phase)
         if getattr(cls, "prefill_only", False):
             checks[str(plan)] = checks[str(plan)].replace(decode_steps=0, phase="prefill")
-        validate_plan(model, checks[str(plan)], plan, topo.world_size)
+        check_plan(model, checks[str(plan)], plan, topo.world_size)
         phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]
         if all((str(plan), ph) in done for ph in phases):
             notes.append(f"skipping {plan}: already in {args.out}")
@@ -631,11 +631,11 @@ def _adaptive_world(plans: list[Plan], nproc: int | None,
     ``--nproc`` when given, else the most that a fixed plan of the same
     command takes (so ``--plan tp_pp:2x1 --plan layerwise:cap=HBM`` compares
     them on the same GPUs); None when neither says (each then runs on the
-    ranks it needs: validate_plan). Fixed plans always take their own ranks.
+    ranks it needs: check_plan). Fixed plans always take their own ranks.
     ``notes`` gets the line that says so."""
-    from .parallel.base import get_strategy
+    from .parallel.plans import plan_rules
 
-    sizes = [get_strategy(p.strategy).ranks_needed(p) for p in plans]
+    sizes = [plan_rules(p.strategy).ranks_needed(p) for p in plans]
     if nproc is not None or None not in sizes:
         return nproc
     world = max((n for n in sizes if n is not None), default=None)
@@ -804,10 +804,10 @@ def _run_command(args, ref, rk, plan: str) -> tuple[list[str], str, int]:
     """(bench argv, the command line that runs it, ranks) for ``plan`` of
     the ranking ``rk``: ``shardwise bench ...``, under torchrun across the
     cluster's nodes where it needs more GPUs than one node has."""
-    from .parallel.base import get_strategy
+    from .parallel.plans import plan_rules
 
     p = Plan.parse(plan)
-    ranks = get_strategy(p.strategy).ranks_needed(p) or rk.ranks
+    ranks = plan_rules(p.strategy).ranks_needed(p) or rk.ranks
     argv = _bench_argv(args, ref, rk.spec, rk.workload, [plan], ranks, args.out)
     per_node = rk.cluster.gpus_per_node
     if ranks <= per_node:

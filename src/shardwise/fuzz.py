@@ -238,14 +238,14 @@ def reason_of(message: str) -> str:
 def prelaunch(fc: FuzzCase):
     """("refused", message) | ("valid", Case) | ("failed", details): what the
     CLI's checks make of the case, without starting any process."""
-    from .parallel.base import validate_plan
+    from .parallel.plans import check_plan
     from .runtime.job import Case
 
     try:
         spec = ModelSpec(**fc.model)
         wl = Workload(**fc.workload)
         plan = Plan.parse(fc.plan)
-        validate_plan(spec, wl, plan, fc.world)
+        check_plan(spec, wl, plan, fc.world)
     except ShardwiseError as e:
         message = str(e)
         if not message.strip() or "\n" in message:

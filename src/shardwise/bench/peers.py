@@ -36,7 +36,8 @@ from torch import nn
 from ..model.load import set_param
 from ..model.reference import KVCache, causal_attention, make_norm, route, router_logits
 from ..model.rope import Rope
-from ..parallel.base import Strategy, divides
+from ..parallel.base import Strategy
+from ..parallel.checks import divides
 from ..parallel.topology import Topology
 from ..spec import ShardwiseError
 from .hf_peer import HFModel

@@ -4,7 +4,9 @@ A strategy is one file in this package: its layers on the sub-mesh of one
 pipeline stage (``tp_stage``, ``helix_stage``, ...) and a class, a thin
 wrapper of :class:`~.compose.Composed` that runs them over the whole world
 (composed plans run the same stage code over several mesh dimensions). The
-class:
+class inherits its plan's rules (the classmethods below but ``twin``) from
+its class in :mod:`.plans`, which imports no torch: a plan is refused before
+launch without loading it (:func:`~.plans.check_plan`). The class:
 
 * ``validate(spec, workload, plan, world_size) -> Topology`` (classmethod, no
   processes): checks the plan against the model and the world size and
@@ -32,12 +34,7 @@ class:
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import itertools
-import math
-import re
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -45,13 +42,13 @@ from torch import nn
 from ..model.reference import one_step
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .comm import Comm
+from .plans import COMPOSE, PLANS, PlanRules, check_plan
 from .topology import Topology
 
-STRATEGY_MODULES = ("tp_pp", "helix", "ring", "layerwise", "ep")
+STRATEGY_MODULES = tuple(PLANS)
 # Composed plans (pp:2/tp:2, ...) run parallel/compose.py, which every strategy
 # above builds on; it is not listed among them (the planner draws its
-# candidates from compose.composition_candidates).
-COMPOSE = "compose"
+# candidates from plans.composition_candidates).
 
 
 def dense_moe_ok(spec: ModelSpec, tokens: int) -> bool:
@@ -63,13 +60,8 @@ def dense_moe_ok(spec: ModelSpec, tokens: int) -> bool:
     return not spec.is_moe or tokens <= DENSE_MOE_MAX_TOKENS
 
 
-class Strategy(nn.Module):
-    name: ClassVar[str]
+class Strategy(PlanRules, nn.Module):
     supports_graphs: bool = False
-    # What the plan's degrees are called in its errors (``choose tp among
-    # [...]``), in the order of ``Plan.shape``: validate_plan checks every
-    # value it suggests for one of them.
-    degree_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
                  comm: Comm, loader):
@@ -77,16 +69,6 @@ class Strategy(nn.Module):
         self.spec, self.workload, self.plan = spec, workload, plan
         self.topo, self.comm, self.loader = topo, comm, loader
         self.device, self.dtype = loader.device, loader.dtype
-
-    @classmethod
-    def ranks_needed(cls, plan: Plan) -> int | None:
-        raise NotImplementedError
-
-    @classmethod
-    def default_ranks(cls, spec: ModelSpec, workload: Workload, plan: Plan) -> int | None:
-        """For a plan that adapts to any number of ranks (``ranks_needed`` None):
-        the number it runs on when none is given, or None (then one must be)."""
-        return None
 
     @classmethod
     def twin(cls, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
@@ -97,15 +79,6 @@ class Strategy(nn.Module):
     def first_along(topo: Topology, rank: int, *axes: str) -> int:
         """The rank with ``rank``'s coordinates, but 0 along ``axes``."""
         return topo.rank_of(**{**topo.coords(rank), **dict.fromkeys(axes, 0)})
-
-    @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
-                 world_size: int) -> Topology:
-        raise NotImplementedError
-
-    @classmethod
-    def candidates(cls, spec: ModelSpec, workload: Workload, world_size: int) -> list[str]:
-        return []
 
     def forward(self, inputs: torch.Tensor, pos: int):
         raise NotImplementedError
@@ -139,80 +112,6 @@ class Strategy(nn.Module):
             buf = torch.empty(shape, dtype=self.dtype, device=self.device)
             return self.comm.recv(buf, owner, "collect")
         return None
-
-
-class Unsplittable(ShardwiseError):
-    """A degree of a plan that the model cannot be split by. ``name`` is the
-    degree as the fix names it (``tp``), None when the fix names none;
-    :func:`validate_plan` replaces ``fix`` with the values of that degree that
-    pass every check of the plan, so that following it works."""
-
-    def __init__(self, problem: str, fix: str, name: str | None = None):
-        super().__init__(f"{problem}; {fix}")
-        self.problem, self.fix, self.name = problem, fix, name
-
-
-def divides(what: str, n: int, by: int, by_what: str, fix: str) -> None:
-    """Raise a one-line error when ``by`` does not divide ``n`` (``fix``:
-    ``choose NAME among [...]`` names the degree, see :class:`Unsplittable`)."""
-    if n % by:
-        name = re.match(r"choose (\w+) among", fix)
-        raise Unsplittable(f"{what} ({n}) is not divisible by {by_what} ({by})", fix,
-                           name.group(1) if name else None)
-
-
-def held_kv_heads(part: int, parts: int, kv_heads: int) -> range:
-    """The key/value heads that part ``part`` of a ``parts``-way split of the
-    query heads holds (consecutive query heads per part, as tp_pp and helix
-    split them).
-
-    ``parts`` <= ``kv_heads``: an equal share, nothing replicated. More parts
-    than KV heads (``parts % kv_heads == 0``): the one KV head that the part's
-    query heads all use, ``part * kv_heads // parts``, so each KV head (its
-    K/V projection rows and its cache) is replicated over the
-    ``parts // kv_heads`` parts that share it, as vLLM does. Either way a
-    part's query heads see exactly the keys they see on one device."""
-    if parts <= kv_heads:
-        return range(part * kv_heads // parts, (part + 1) * kv_heads // parts)
-    first = part * kv_heads // parts
-    return range(first, first + 1)
-
-
-def kv_replicas(parts: int, kv_heads: int) -> int:
-    """How many parts hold each KV head under :func:`held_kv_heads`."""
-    return max(1, parts // kv_heads)
-
-
-def head_splits(spec: ModelSpec) -> list[int]:
-    """Ways the heads of ``spec`` split (:func:`held_kv_heads`): divisors of
-    n_heads that divide n_kv_heads or that n_kv_heads divides."""
-    return [p for p in range(1, spec.n_heads + 1)
-            if spec.n_heads % p == 0 and (spec.kv_heads % p == 0 or p % spec.kv_heads == 0)]
-
-
-def check_head_split(spec: ModelSpec, parts: int, what: str, name: str) -> None:
-    """Raise a one-line error unless the heads of ``spec`` split ``parts`` ways
-    (``what``: the degree as the plan names it, ``name``: its letter in the fix)."""
-    fix = f"choose {name} among {head_splits(spec)}"
-    divides(f"{spec.name}: n_heads", spec.n_heads, parts, what, fix)
-    Hkv = spec.kv_heads
-    if Hkv % parts and parts % Hkv:
-        raise Unsplittable(
-            f"{spec.name}: n_kv_heads ({Hkv}) and {what} ({parts}): neither divides the "
-            f"other (up to {Hkv} parts split the kv heads; more parts replicate each kv head "
-            f"over the parts whose query heads use it)", fix, name)
-
-
-def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
-    """Split ``range(n)`` into ``parts`` contiguous ranges, sizes differing by <= 1
-    (the first ranges get the extra items)."""
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for i in range(parts):
-        size = base + (i < extra)
-        out.append((start, start + size))
-        start += size
-    return out
 
 
 def _each(ranges, fn, alike) -> list:
@@ -285,92 +184,9 @@ def available_strategies() -> list[str]:
 
 def validate_plan(spec: ModelSpec, workload: Workload, plan: Plan | str,
                   world_size: int | None = None) -> tuple[type[Strategy], Topology]:
-    """Check a plan before launch: returns the strategy class and its topology.
-
-    ``world_size`` None means "what the plan implies" (error if it implies none).
-    """
+    """:func:`~.plans.check_plan`, then the strategy class that runs the plan
+    (its module imports torch): returns the class and its topology."""
     if isinstance(plan, str):
         plan = Plan.parse(plan)
-    cls = get_strategy(plan.strategy)
-    if world_size is None:
-        world_size = cls.ranks_needed(plan) or cls.default_ranks(spec, workload, plan)
-        if world_size is None:
-            raise ShardwiseError(f"plan {plan} adapts to any number of ranks; give its degree "
-                                 f"or the ranks to run on (--nproc)")
-    try:
-        topo = cls.validate(spec, workload, plan, world_size)
-    except Unsplittable as e:
-        raise ShardwiseError(f"{e.problem}; {_checked_fix(cls, spec, workload, plan, e)}") from None
-    # After the strategy's own checks: one that takes no micro-batches (helix,
-    # ep) says to remove mb=, which fixes this too.
-    if plan.micro_batches > workload.batch:
-        raise ShardwiseError(
-            f"plan {plan} asks for {plan.micro_batches} micro-batches but the batch is "
-            f"{workload.batch}; use mb <= {workload.batch}"
-        )
-    topo.check_world(world_size, str(plan))
-    return cls, topo
-
-
-# Degrees tried when a fix is checked (each variant is validated, no process starts).
-MAX_DEGREE = 64
-
-
-def _groups(cls, plan: Plan) -> list[tuple[tuple[str, ...], int | None]]:
-    """The plan's groups of degrees, each with the names its fixes use and
-    the part of a composition it belongs to (None: the plan's own shape)."""
-    if not plan.is_composed:
-        return [(cls.degree_names[:len(plan.shape)], None)]
-    return [(("N", "M") if p.strategy == "helix" else (p.strategy,), k)
-            for k, p in enumerate(plan.parts)]
-
-
-def _with_shape(plan: Plan, part: int | None, shape: tuple[int, ...]) -> Plan:
-    if part is None:
-        return dataclasses.replace(plan, shape=shape)
-    parts = list(plan.parts)
-    parts[part] = dataclasses.replace(parts[part], shape=shape)
-    return dataclasses.replace(plan, parts=tuple(parts))
-
-
-def _checked_fix(cls, spec, workload, plan: Plan, e: Unsplittable) -> str:
-    """The fix for ``e`` that works when followed: the values of the degree
-    it names with which the plan, its other degrees and options unchanged,
-    validates (each at the ranks it implies); where none does, or the fix
-    names no single degree, the nearest plans of the same strategy that the
-    model accepts (a composition: varying one dimension's degrees)."""
-    def valid(variant: Plan) -> bool:
-        try:
-            cls.validate(spec, workload, variant, cls.ranks_needed(variant))
-        except ShardwiseError:
-            return False
-        return True
-
-    def shape_of(part: int | None) -> tuple[int, ...]:
-        return plan.shape if part is None else plan.parts[part].shape
-
-    values = range(1, MAX_DEGREE + 1)
-    groups = _groups(cls, plan)
-    fix = e.fix
-    for names, part in groups:
-        if e.name in names and names.index(e.name) < len(shape_of(part)):
-            i, shape = names.index(e.name), shape_of(part)
-            ok = [v for v in values
-                  if valid(_with_shape(plan, part, shape[:i] + (v,) + shape[i + 1:]))]
-            if ok:
-                return f"choose {e.name} among {ok}"
-            fix = f"no {e.name} works with the plan's other degrees"
-            break
-    ranks = cls.ranks_needed(plan) or math.prod(plan.shape)
-    variants = []
-    for _, part in groups:
-        n = len(shape_of(part))
-        variants += [_with_shape(plan, part, s) for s in itertools.product(values, repeat=n)
-                     if math.prod(s) <= MAX_DEGREE and s != shape_of(part)]
-    size = lambda v: cls.ranks_needed(v) or 0  # noqa: E731
-    near = sorted(variants, key=lambda v: (abs(size(v) - ranks), size(v), str(v)))
-    ok = [str(v) for v in itertools.islice((v for v in near if valid(v)), 4)]
-    kind = "composed" if plan.is_composed else plan.strategy
-    return (f"{fix}, e.g. {', '.join(ok)}" if ok
-            else f"{fix}; no {kind} plan of up to {MAX_DEGREE} ranks splits "
-                 f"{spec.name}, choose another strategy")
+    _, topo = check_plan(spec, workload, plan, world_size)
+    return get_strategy(plan.strategy), topo

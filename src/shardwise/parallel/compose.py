@@ -43,6 +43,10 @@ token in decode). The output is gathered on rank 0 only to verify (outside
 the timed step): from the last stage's owner of each batch share and
 sequence shard (tp, helix: the rank at coordinate 0, after helix's vocabulary
 shards are gathered).
+
+What a plan is before it runs (its :class:`~.plans.Composition`, the checks
+and the candidates) lives in :mod:`.plans`, which imports no torch, so that
+a plan is refused before torch is loaded; this module runs it.
 """
 from __future__ import annotations
 
@@ -53,151 +57,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import Strategy, balanced_ranges
+from ..spec import ModelSpec, Workload
+from .base import Strategy
+from .checks import repartition
 from .pipeline import BeforeFn, Pipeline
+from .plans import ComposedPlan, Composition
 from .topology import Topology
-
-# part -> (its mesh axes, its level: 0 outermost)
-DIMS = {"dp": (("dp",), 0), "pp": (("pp",), 1), "ring": (("seq",), 2), "ep": (("ep",), 2),
-        "tp": (("tp",), 3), "helix": (("group", "slice"), 3)}
-ORDER_TEXT = "dp, pp, then ring or ep, then tp or helix"
-# Pairs of dimensions that do not share a stage, and why.
-APART = {
-    frozenset({"ring", "ep"}): "ring splits a stage's sequence and ep its batch; choose one",
-    frozenset({"tp", "helix"}): "helix already splits the heads (and their dims); choose one",
-    frozenset({"ring", "helix"}): "ring composes with tp, not helix; write ring:C/tp:T",
-    frozenset({"ep", "helix"}): "ep composes with tp (tensor-parallel attention), not helix; "
-                                "write ep:E/tp:T",
-}
-SHORTHANDS = {"tp_pp": "pp:P/tp:T", "layerwise": "dp:R/pp:G"}
-
-
-@dataclass(frozen=True)
-class Composition:
-    """The mesh dimensions of a plan (pure: no processes).
-
-    ``parts``: one plan per dimension, outermost first; ``cuts``: the stage
-    boundaries ``0 = c0 < ... < cP = n_layers`` (None: balanced stages)."""
-
-    parts: tuple[Plan, ...]
-    micro_batches: int = 1
-    cuts: tuple[int, ...] | None = None
-    text: str = ""
-
-    def part(self, name: str) -> Plan | None:
-        return next((p for p in self.parts if p.strategy == name), None)
-
-    def has(self, name: str) -> bool:
-        return self.part(name) is not None
-
-    def degree(self, name: str) -> int:
-        p = self.part(name)
-        return 1 if p is None else math.prod(p.shape)
-
-    @property
-    def axes(self) -> tuple[str, ...]:
-        return tuple(a for p in self.parts for a in DIMS[p.strategy][0])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(d for p in self.parts for d in p.shape)
-
-    def topology(self) -> Topology:
-        helix = self.part("helix")
-        flat = helix is not None and helix.option("reduce") == "flat"
-        return Topology(self.axes, self.shape, spans=(("group", "slice"),) if flat else ())
-
-    def stage_layers(self, n_layers: int, stage: int) -> range:
-        if self.cuts is not None:
-            return range(self.cuts[stage], self.cuts[stage + 1])
-        return range(*balanced_ranges(n_layers, self.degree("pp"))[stage])
-
-    # -- layouts ------------------------------------------------------------
-    def rows(self, batch: int, dp: int, ep: int) -> tuple[int, int]:
-        """The sequences of replica ``dp``'s ep rank ``ep``: the batch split
-        over dp, then each replica's share over ep (first shares larger)."""
-        a, b = balanced_ranges(batch, self.degree("dp"))[dp]
-        c, d = balanced_ranges(b - a, self.degree("ep"))[ep]
-        return a + c, a + d
-
-    def micro(self, batch: int, dp: int, ep: int) -> list[tuple[int, int]]:
-        """Micro-batches of that share (ranges of its rows). Every ep rank of
-        a replica runs as many as its largest share (ep rank 0's) allows."""
-        most = self.rows(batch, dp, 0)
-        b0, b1 = self.rows(batch, dp, ep)
-        return balanced_ranges(b1 - b0, max(1, min(self.micro_batches, most[1] - most[0])))
-
-    # -- validation ---------------------------------------------------------
-    def check_form(self) -> None:
-        """Names, order, degrees and options of the dimensions (no model)."""
-        plan, seen = self.text, []
-        for p in self.parts:
-            if p.strategy in SHORTHANDS:
-                raise ShardwiseError(
-                    f"plan {plan}: {p.strategy} is a whole plan, not a mesh dimension; inside a "
-                    f"composition write its dimensions ({SHORTHANDS[p.strategy]})")
-            if p.strategy not in DIMS:
-                raise ShardwiseError(
-                    f"plan {plan}: {p.strategy!r} is not a mesh dimension; write one of "
-                    f"{', '.join(DIMS)} (e.g. pp:2/tp:2)")
-            if p.strategy in seen:
-                raise ShardwiseError(f"plan {plan} names {p.strategy} twice; write each "
-                                     f"dimension once")
-            want = 2 if p.strategy == "helix" else 1
-            if len(p.shape) != want:
-                form = "helix:NxM (head groups x head-dim slices)" if want == 2 else \
-                    f"{p.strategy}:N (one degree)"
-                raise ShardwiseError(f"plan {plan}: write {form}, e.g. "
-                                     f"{'helix:2x2' if want == 2 else p.strategy + ':2'}")
-            seen.append(p.strategy)
-        levels = [DIMS[n][1] for n in seen]
-        if levels != sorted(levels):
-            ordered = "/".join(str(p) for p in sorted(self.parts,
-                                                      key=lambda p: DIMS[p.strategy][1]))
-            raise ShardwiseError(f"plan {plan}: write the dimensions outermost first "
-                                 f"({ORDER_TEXT}): {ordered}")
-        for pair, why in APART.items():
-            if pair <= set(seen):
-                raise ShardwiseError(f"plan {plan}: {' and '.join(sorted(pair))} do not compose "
-                                     f"in one stage: {why}")
-        for p in self.parts:
-            check_options(p, plan)
-
-    def check(self, spec: ModelSpec, workload: Workload) -> None:
-        """The plan against the model and workload (each part's own checks)."""
-        from . import ep, helix, tp_pp
-
-        self.check_form()
-        plan = self.text
-        if self.has("pp"):
-            tp_pp.check_stages(spec, self.degree("pp"), plan)
-        dp = self.degree("dp")
-        if dp > workload.batch:
-            raise ShardwiseError(f"plan {plan} splits the batch into {dp} replicas but the batch "
-                                 f"is {workload.batch}; use dp <= {workload.batch}")
-        if self.has("ep"):
-            ep.check_ep(spec, self.degree("ep"), plan)
-        if self.has("tp"):
-            tp_pp.check_tp(spec, self.degree("tp"), plan, experts_over_tp=not self.has("ep"))
-        if self.has("helix"):
-            helix.check_helix(spec, workload, *self.part("helix").shape, plan)
-
-
-def check_options(part: Plan, plan: str) -> None:
-    """A dimension's options, checked by the strategy whose code runs it."""
-    from . import ep, helix, tp_pp
-
-    if part.strategy == "tp":
-        tp_pp.check_options(part.options, plan, "tp")
-    elif part.strategy == "helix":
-        helix.check_reduce(part.options, plan)
-    elif part.strategy == "ep":
-        ep.chunks_option(part.options, plan)
-    elif part.options:
-        raise ShardwiseError(f"plan {plan}: {part.strategy} has no option "
-                             f"{part.options[0][0]!r}; write {part.strategy}:N")
-
 
 # -- one rank's stage ----------------------------------------------------------------
 
@@ -250,31 +115,10 @@ def build_stage(ctx: StageContext) -> Stage:
     return tp_pp.tp_stage(ctx)
 
 
-class Composed(Strategy):
-    """A composed plan on one rank; the single-strategy plans subclass it
-    with their own checks, messages and reports."""
-
-    name = "compose"
-
-    @classmethod
-    def composition(cls, spec: ModelSpec, workload: Workload, plan: Plan,
-                    world_size: int) -> Composition:
-        """The dimensions ``plan`` runs on ``world_size`` ranks."""
-        return Composition(plan.parts, plan.micro_batches, text=str(plan))
-
-    @classmethod
-    def ranks_needed(cls, plan: Plan) -> int:
-        return math.prod(d for p in plan.parts for d in p.shape)
-
-    @classmethod
-    def validate(cls, spec, workload, plan, world_size) -> Topology:
-        comp = cls.composition(spec, workload, plan, world_size)
-        comp.check(spec, workload)
-        return comp.topology()
-
-    @classmethod
-    def candidates(cls, spec, workload, world_size) -> list[str]:
-        return composition_candidates(world_size)
+class Composed(ComposedPlan, Strategy):
+    """A composed plan on one rank (its rules: :class:`~.plans.ComposedPlan`);
+    the single-strategy plans subclass it with their own rules
+    (``TpPp(TpPpPlan, Composed)``) and reports."""
 
     @classmethod
     def twin(cls, spec, workload, plan, topo, rank) -> int:
@@ -285,8 +129,6 @@ class Composed(Strategy):
         its own chunk), and replicas that split the batch evenly; and the
         pipeline's inner stages of as many layers as the second (each receives,
         runs its layers and sends on)."""
-        from .helix import repartition
-
         comp = cls.composition(spec, workload, plan, topo.world_size)
         axes = []
         if comp.has("tp") and (comp.has("ep") or not spec.is_moe):
@@ -397,44 +239,6 @@ class Composed(Strategy):
                 "stage_layers": [self.stage_layers.start, self.stage_layers.stop],
                 "batch_rows": list(self.rows), "micro_batches": len(self.pipeline.micro),
                 **self.stage_info, **self.stage_report()}
-
-
-def composition_candidates(world_size: int) -> list[str]:
-    """Composed plans of ``world_size`` ranks with two or more dimensions of
-    more than one rank, none of them a single-strategy plan (``pp:P/tp:T`` is
-    ``tp_pp:TxP``); the planner filters them through ``validate``."""
-    def splits(n: int, parts: int):
-        if parts == 1:
-            yield (n,)
-            return
-        for d in range(1, n + 1):
-            if n % d == 0:
-                for rest in splits(n // d, parts - 1):
-                    yield (d, *rest)
-
-    stages = [("tp:{}",), ("helix:{}x{}",), ("ring:{}",), ("ring:{}", "tp:{}"), ("ep:{}",),
-              ("ep:{}", "tp:{}")]
-    out = []
-    for inner in stages:
-        width = sum(s.count("{}") for s in inner)
-        for degrees in splits(world_size, 2 + width):
-            parts, rest = [], list(degrees)
-            for s in ("dp:{}", "pp:{}", *inner):
-                n = s.count("{}")
-                if math.prod(rest[:n]) > 1:
-                    parts.append(s.format(*rest[:n]))
-                rest = rest[n:]
-            if len(parts) >= 2 and not _shorthand(parts):
-                text = "/".join(parts)
-                if text not in out:
-                    out.append(text)
-    return out
-
-
-def _shorthand(parts: list[str]) -> bool:
-    """Whether the parts are what a single-strategy plan runs."""
-    names = [p.split(":")[0] for p in parts]
-    return names == ["pp", "tp"]
 
 
 STRATEGY = Composed

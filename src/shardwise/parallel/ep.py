@@ -51,9 +51,9 @@ from torch import nn
 
 from ..model.reference import (DENSE_MOE_MAX_TOKENS, MoE, grouped_expert_mlp, route,
                                router_logits)
-from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import balanced_ranges, divides
-from .compose import Composed, Composition, Stage, StageContext
+from .checks import balanced_ranges, chunks_option
+from .compose import Composed, Stage, StageContext
+from .plans import EpPlan
 
 # A chunk smaller than this is all latency: splitting it to overlap the
 # exchange costs more kernel launches and collectives than it hides.
@@ -176,32 +176,6 @@ class ExpertParallelMoE(nn.Module):
         return self.comm.reduce_scatter(partial, "ep")[:n]  # [n, D]
 
 
-def chunks_option(options, plan) -> int | None:
-    unknown = sorted({key for key, _ in options} - {"chunks"})
-    if unknown:
-        raise ShardwiseError(
-            f"plan {plan}: ep has no option {', '.join(unknown)}; its only option is "
-            f"chunks=K (token chunks whose exchange overlaps the experts)"
-        )
-    text = dict(options).get("chunks")
-    if text is None:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise ShardwiseError(f"plan {plan}: chunks must be a positive integer, e.g. chunks=2")
-    return int(text)
-
-
-def check_ep(spec: ModelSpec, P: int, plan) -> None:
-    if not spec.is_moe:
-        raise ShardwiseError(
-            f"plan {plan}: {spec.name} is a dense model (n_experts = 0) and ep "
-            f"partitions experts; use tp_pp, helix or ring for it"
-        )
-    divisors = [d for d in range(1, spec.n_experts + 1) if spec.n_experts % d == 0]
-    divides(f"{spec.name}: n_experts", spec.n_experts, P, f"the ep degree of plan {plan}",
-            f"choose ep among {divisors}")
-
-
 def chunk_count(plan_chunks: int | None, tokens: int) -> int:
     """Chunks for a call whose busiest rank holds ``tokens`` tokens: the
     plan's, else 2 when each chunk keeps MIN_CHUNK_TOKENS; never more
@@ -299,49 +273,8 @@ def routing_report(moes: list[ExpertParallelMoE], chunks: int, d_model: int, dty
     }
 
 
-class ExpertParallel(Composed):
-    name = "ep"
-    degree_names = ("ep",)
-
-    @staticmethod
-    def degree(plan: Plan) -> int:
-        if len(plan.shape) != 1:
-            raise ShardwiseError(
-                f"plan {plan}: ep takes one degree, the number of expert-parallel ranks, "
-                f"e.g. ep:16 or ep:16,chunks=2"
-            )
-        return plan.shape[0]
-
-    @staticmethod
-    def chunks_option(plan: Plan) -> int | None:
-        return chunks_option(plan.options, plan)
-
-    @classmethod
-    def ranks_needed(cls, plan: Plan) -> int:
-        return cls.degree(plan)
-
-    @classmethod
-    def composition(cls, spec, workload, plan, world_size) -> Composition:
-        return Composition((Plan("ep", (cls.degree(plan),), options=plan.options),),
-                           plan.micro_batches, text=str(plan))
-
-    @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
-        P = cls.degree(plan)
-        cls.chunks_option(plan)
-        check_ep(spec, P, plan)
-        if plan.micro_batches != 1:
-            raise ShardwiseError(
-                f"plan {plan}: ep does not micro-batch; drop mb= (chunks=K overlaps "
-                f"the all-to-alls with the experts instead)"
-            )
-        return cls.composition(spec, workload, plan, world_size).topology()
-
-    @classmethod
-    def candidates(cls, spec, workload, world_size) -> list[str]:
-        if spec.is_moe and spec.n_experts % world_size == 0:
-            return [f"ep:{world_size}"]
-        return []
+class ExpertParallel(EpPlan, Composed):
+    """ep on one rank (its rules: :class:`~.plans.EpPlan`)."""
 
     def report(self) -> dict:
         return self.stage_report()

@@ -8,7 +8,7 @@ of every weight (norms and the MoE router, a few vectors, are replicated).
 With more head groups than KV heads (``N % n_kv_heads == 0``), a group holds
 the one KV head its query heads use, replicated over the ``N / n_kv_heads``
 groups that share it, as tensor parallelism does
-(:func:`~shardwise.parallel.base.held_kv_heads`): those K/V rows and their
+(:func:`~shardwise.parallel.checks.held_kv_heads`): those K/V rows and their
 cache are the only attention state held more than once. The group's single
 KV head cannot be split over M > 1 ranks by heads, so it takes the
 ``sequence`` re-partition below.
@@ -38,7 +38,6 @@ ranks of a larger mesh (``pp:2/helix:2x2``, :mod:`.compose`); the plan
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as Fn
@@ -49,18 +48,12 @@ from ..model.rope import Rope
 from ..model.rotary import rotate
 from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
                                build_layers, causal_attention, make_norm)
-from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes
-from .base import (balanced_ranges, check_head_split, dense_moe_ok, divides, held_kv_heads,
-                   kv_replicas)
-from .compose import Composed, Composition, Stage, StageContext
+from ..spec import ModelSpec, ShardwiseError, dtype_bytes
+from .base import dense_moe_ok
+from .checks import balanced_ranges, held_kv_heads, kv_replicas, repartition
+from .compose import Composed, Stage, StageContext
+from .plans import HelixPlan
 from .lse import attend_lse, merge_stack
-
-REDUCTIONS = ("hier", "flat")
-
-
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
-
 
 class SumOverMesh:
     """Sum a partial result over all P ranks, in place where it can."""
@@ -236,40 +229,6 @@ class VocabShardEmbedding(nn.Module):
         return self.sum_all(x * inside[..., None].to(x.dtype))
 
 
-def check_reduce(options, plan) -> None:
-    for key, value in options:
-        if key != "reduce":
-            raise ShardwiseError(f"plan {plan}: helix has no option {key!r}; "
-                                 f"remove it (its only option is reduce=hier|flat)")
-        if value not in REDUCTIONS:
-            raise ShardwiseError(f"plan {plan}: reduce={value} is not known; "
-                                 f"write reduce=hier or reduce=flat")
-
-
-def group_kv_heads(spec: ModelSpec, groups: int) -> int:
-    """KV heads a head group holds (one, replicated, when groups > n_kv_heads)."""
-    return len(held_kv_heads(0, groups, spec.kv_heads))
-
-
-def repartition(spec: ModelSpec, groups: int, slices: int) -> str:
-    """``heads`` when each rank can take whole kv heads (and their query
-    heads) of its group, else ``sequence``."""
-    return "heads" if group_kv_heads(spec, groups) % slices == 0 else "sequence"
-
-
-def check_helix(spec: ModelSpec, workload: Workload, N: int, M: int, plan) -> None:
-    check_head_split(spec, N, f"head groups N of plan {plan}", "N")
-    divides(f"{spec.name}: head_dim", spec.head_dim, M, f"head-dim slices M of plan {plan}",
-            f"choose M among {_divisors(spec.head_dim)}")
-    divides(f"{spec.name}: d_ff", spec.d_ff, N * M, f"N*M of plan {plan}",
-            "choose N and M whose product divides d_ff")
-    if repartition(spec, N, M) == "sequence" and workload.seq_len < M:
-        raise ShardwiseError(
-            f"plan {plan}: {group_kv_heads(spec, N)} kv heads per group cannot be split "
-            f"{M} ways, so helix splits the prompt into {M} position chunks, but "
-            f"seq_len is {workload.seq_len}; use seq_len >= {M} or a smaller M")
-
-
 def helix_stage(ctx: StageContext) -> Stage:
     """The stage's layers on its N x M ranks (axes ``group`` and ``slice``):
     rank (g, s) holds 1/(N*M) of each layer's weights, and the first and
@@ -356,48 +315,8 @@ def gather_vocab(comm, vocab_size: int, local: torch.Tensor) -> torch.Tensor:
     return logits[..., :vocab_size]
 
 
-class Helix(Composed):
-    name = "helix"
-    degree_names = ("N", "M")
-
-    @staticmethod
-    def degrees(plan: Plan) -> tuple[int, int]:
-        if len(plan.shape) != 2:
-            raise ShardwiseError(f"plan {plan}: helix takes NxM degrees (N head groups x M "
-                                 f"head-dim slices); write e.g. helix:4x4")
-        return plan.shape
-
-    group_kv_heads = staticmethod(group_kv_heads)
-    repartition = staticmethod(repartition)
-
-    @classmethod
-    def composition(cls, spec, workload, plan, world_size) -> Composition:
-        return Composition((Plan("helix", cls.degrees(plan), options=plan.options),),
-                           plan.micro_batches, text=str(plan))
-
-    @classmethod
-    def ranks_needed(cls, plan: Plan) -> int:
-        return math.prod(cls.degrees(plan))
-
-    @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
-        N, M = cls.degrees(plan)
-        check_reduce(plan.options, plan)
-        if plan.micro_batches != 1:
-            raise ShardwiseError(f"plan {plan}: helix runs the whole batch in one pass "
-                                 f"(no pipeline to fill); remove mb={plan.micro_batches}")
-        check_helix(spec, workload, N, M, plan)
-        return cls.composition(spec, workload, plan, world_size).topology()
-
-    @classmethod
-    def candidates(cls, spec, workload, world_size) -> list[str]:
-        out = []
-        for N in _divisors(world_size):
-            M = world_size // N
-            out.append(f"helix:{N}x{M}")
-            if N > 1 and M > 1:  # otherwise both reductions are the same calls
-                out.append(f"helix:{N}x{M},reduce=flat")
-        return out
+class Helix(HelixPlan, Composed):
+    """helix on one rank (its rules: :class:`~.plans.HelixPlan`)."""
 
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Callable
 
-from ..spec import ModelSpec, ShardwiseError, Workload, dtype_bytes, parse_bytes
+from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes, parse_bytes
 
 # -- capacity ------------------------------------------------------------------
 
@@ -451,3 +451,22 @@ def _partition_at(spec, workload, costs: LayerCosts, cuts, replicas, ranks, capa
         out.append(Group(range(i, j), weights, kv, costs.group_bytes(i, j) - weights - kv,
                          costs.group_time(i, j)))
     return Partition(tuple(out), replicas, ranks, capacity)
+
+
+def plan_partition(spec: ModelSpec, workload: Workload, plan: Plan,
+                   world_size: int) -> Partition:
+    """The partition a layerwise plan implies on ``world_size`` ranks (pure, no processes)."""
+    if plan.shape:
+        raise ShardwiseError(
+            f"plan {plan}: layerwise takes no degrees, it derives them from the capacity; "
+            f"write e.g. layerwise:cap=80GB"
+        )
+    unknown = [k for k, _ in plan.options if k != "cap"]
+    if unknown:
+        raise ShardwiseError(f"plan {plan}: unknown option(s) {', '.join(unknown)}; layerwise "
+                             f"takes cap=CAPACITY and mb=N")
+    cap = plan.option("cap")
+    if cap is None:
+        raise ShardwiseError(f"plan {plan}: layerwise needs a capacity per device; write e.g. "
+                             f"layerwise:cap=80GB, layerwise:cap=L2 or layerwise:cap=HBM*0.9")
+    return partition(spec, workload, parse_capacity(cap), world_size, plan.micro_batches)

@@ -38,7 +38,6 @@ its heads' K/V blocks); ``ring:P`` is that stage over the whole world.
 """
 from __future__ import annotations
 
-import math
 from bisect import bisect_right
 from dataclasses import dataclass
 from functools import cached_property
@@ -47,9 +46,11 @@ import torch
 from torch import nn
 
 from ..model.reference import Attention, KVCache, _per_step
-from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import alike_steps, balanced_ranges, dense_moe_ok
-from .compose import Composed, Composition, Stage, StageContext
+from ..spec import ModelSpec
+from .base import alike_steps, dense_moe_ok
+from .checks import balanced_ranges
+from .compose import Composed, Stage, StageContext
+from .plans import RingPlan
 from .lse import attend_lse, attend_lse_prefix, merge_into, merge_stack
 
 
@@ -297,35 +298,8 @@ def ring_stage(ctx: StageContext) -> Stage:
     return stage
 
 
-class Ring(Composed):
-    name = "ring"
-
-    @classmethod
-    def ranks_needed(cls, plan: Plan) -> int | None:
-        return plan.shape[0] if plan.shape else None
-
-    @classmethod
-    def composition(cls, spec, workload, plan, world_size) -> Composition:
-        P = plan.shape[0] if plan.shape else world_size
-        return Composition((Plan("ring", (P,)),), plan.micro_batches, text=str(plan))
-
-    @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan, world_size: int):
-        if len(plan.shape) > 1:
-            raise ShardwiseError(
-                f"plan {plan}: ring takes one degree, the number of sequence shards; "
-                f"write ring:{math.prod(plan.shape)}, or compose it with tensor "
-                f"parallelism as ring:P/tp:T"
-            )
-        if plan.options:
-            raise ShardwiseError(
-                f"plan {plan}: ring has no option {plan.options[0][0]!r}; write ring:P or ring:P,mb=N"
-            )
-        return cls.composition(spec, workload, plan, world_size).topology()
-
-    @classmethod
-    def candidates(cls, spec, workload, world_size) -> list[str]:
-        return [f"ring:{world_size}"]
+class Ring(RingPlan, Composed):
+    """ring on one rank (its rules: :class:`~.plans.RingPlan`)."""
 
     @property
     def layout(self) -> ZigZag:

@@ -12,7 +12,7 @@ Grouped-query models split their key/value heads the same way; with more
 ranks than KV heads (``tp % n_kv_heads == 0``) each rank holds the one KV
 head its query heads use, replicated over the ``tp / n_kv_heads`` ranks that
 share it (its K/V projection rows and its cache), as vLLM does
-(:func:`~shardwise.parallel.base.held_kv_heads`).
+(:func:`~shardwise.parallel.checks.held_kv_heads`).
 
 Options: ``overlap=K|auto`` runs a prefill as K chunks of the batch whose
 all-reduces overlap the next chunk's matmuls (:class:`OverlappedStage`;
@@ -38,20 +38,15 @@ from torch import nn
 
 from ..model.kernels import add_norm, norm
 from ..model.reference import KVCache, Transformer, build_layers, make_block, one_step
-from ..spec import ModelSpec, Plan, ShardwiseError, Workload
-from .base import (balanced_ranges, check_head_split, dense_moe_ok, divides, held_kv_heads,
-                   kv_replicas)
-from .compose import Composed, Composition, Stage, StageContext
+from .base import dense_moe_ok
+from .checks import OVERLAP_AUTO_CHUNKS, balanced_ranges, held_kv_heads, kv_replicas
+from .compose import Composed, Stage, StageContext
+from .plans import TpPpPlan
 
 
 # Below this size a chunk's all-reduce is latency, not bandwidth: splitting
 # would multiply the calls (host time) to hide almost nothing.
 OVERLAP_MIN_BYTES = 1 << 20
-# Chunks ``overlap=auto`` splits a prefill into, the most that leave every
-# chunk's all-reduce at least OVERLAP_MIN_BYTES (and a sequence per chunk).
-# Two: on 2x H200 (seed-helix-4l, 8 x 8192) 4 and 8 chunks measured no faster
-# (results/README.md).
-OVERLAP_AUTO_CHUNKS = (2,)
 
 
 def overlap_chunks(option: str, batch: int, tokens: int, row_bytes: int) -> int:
@@ -184,45 +179,6 @@ class WideOutputLinear(nn.Module):
         return y.view(*shape[:-1], w.shape[0])
 
 
-def _divisors(n: int, most: int | None = None) -> list[int]:
-    """The divisors of ``n`` (up to ``most``)."""
-    return [d for d in range(1, min(n, most or n) + 1) if n % d == 0]
-
-
-def check_tp(spec: ModelSpec, tp: int, plan, experts_over_tp: bool = True) -> None:
-    """Heads, and d_ff or experts, split ``tp`` ways (``experts_over_tp``
-    False: an MoE model's experts live elsewhere, ep, and tp splits their d_ff)."""
-    check_head_split(spec, tp, f"tp of plan {plan}", "tp")
-    if spec.is_moe and experts_over_tp:
-        divides(f"{spec.name}: n_experts", spec.n_experts, tp, f"tp of plan {plan}",
-                f"choose tp among {_divisors(spec.n_experts)}")
-    else:
-        divides(f"{spec.name}: d_ff", spec.d_ff, tp, f"tp of plan {plan}",
-                f"choose tp among {_divisors(spec.d_ff, 64)}")
-
-
-def check_options(options, plan, name: str = "tp_pp") -> None:
-    allowed = {"overlap": ("auto", *map(str, range(1, 65))), "reduce": ("fp32", "model")}
-    for key, value in options:
-        if value not in allowed.get(key, ()):
-            raise ShardwiseError(
-                f"plan {plan}: {name} takes the options overlap=K|auto (prefill in K chunks "
-                f"whose all-reduces overlap the next chunk's compute, K from 1 (off) to "
-                f"64; auto, the default: {OVERLAP_AUTO_CHUNKS[0]} chunks where each one's "
-                f"reduction is >= 1 MiB) and reduce=fp32|model (dtype "
-                f"of the attention's partial sums; default fp32 for MoE models, model "
-                f"otherwise), not {key}={value}"
-            )
-
-
-def check_stages(spec: ModelSpec, pp: int, plan) -> None:
-    if pp > spec.n_layers:
-        raise ShardwiseError(
-            f"plan {plan} has {pp} pipeline stages but {spec.name} has {spec.n_layers} "
-            f"layers; use pp <= {spec.n_layers}"
-        )
-
-
 def tp_stage(ctx: StageContext, attention=None, mlp=None, experts: range | None = None,
              cache_len: int | None = None) -> Stage:
     """The stage's layers ``ctx.layers`` on this rank's tensor-parallel slice:
@@ -288,43 +244,8 @@ def tp_stage(ctx: StageContext, attention=None, mlp=None, experts: range | None 
                        "kv_head_replicas": kv_replicas(tp, spec.kv_heads)})
 
 
-class TpPp(Composed):
-    name = "tp_pp"
-    degree_names = ("tp", "pp")
-
-    @staticmethod
-    def degrees(plan: Plan) -> tuple[int, int]:
-        if len(plan.shape) == 1:
-            return plan.shape[0], 1
-        if len(plan.shape) == 2:
-            return plan.shape
-        raise ShardwiseError(
-            f"plan {plan}: tp_pp takes TPxPP degrees, e.g. tp_pp:8x2 (TP=8, PP=2)"
-        )
-
-    @classmethod
-    def composition(cls, spec, workload, plan, world_size) -> Composition:
-        tp, pp = cls.degrees(plan)
-        return Composition((Plan("pp", (pp,)), Plan("tp", (tp,), options=plan.options)),
-                           plan.micro_batches, text=str(plan))
-
-    @classmethod
-    def ranks_needed(cls, plan: Plan) -> int:
-        tp, pp = cls.degrees(plan)
-        return tp * pp
-
-    @classmethod
-    def validate(cls, spec: ModelSpec, workload: Workload, plan: Plan,
-                 world_size: int):
-        tp, pp = cls.degrees(plan)
-        check_tp(spec, tp, plan)
-        check_options(plan.options, plan)
-        check_stages(spec, pp, plan)
-        return cls.composition(spec, workload, plan, world_size).topology()
-
-    @classmethod
-    def candidates(cls, spec, workload, world_size) -> list[str]:
-        return [f"tp_pp:{world_size // pp}x{pp}" for pp in _divisors(world_size)]
+class TpPp(TpPpPlan, Composed):
+    """tp_pp on one rank (its rules: :class:`~.plans.TpPpPlan`)."""
 
     def report(self) -> dict:
         return {"stage_layers": [self.stage_layers.start, self.stage_layers.stop],

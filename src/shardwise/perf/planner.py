@@ -2,7 +2,7 @@
 cost model; optionally run the best ones to check.
 
 Candidates come from each strategy's ``candidates`` and from the
-compositions of the cluster's ranks (:func:`~shardwise.parallel.compose.composition_candidates`:
+compositions of the cluster's ranks (:func:`~shardwise.parallel.plans.composition_candidates`:
 mesh dimensions outermost first, so the innermost land on one node's
 links), each filtered through its ``validate``, so the planner lists
 exactly the plans ``shardwise run`` would accept on that many ranks.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..parallel.base import available_strategies, get_strategy, validate_plan
-from ..parallel.compose import composition_candidates
+from ..parallel.plans import composition_candidates
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render

@@ -363,7 +363,7 @@ def _same_layout(r: dict, spec: ModelSpec, wl: Workload, plan: Plan, world: int)
     ran = record_layout(r, spec, wl, plan, world)
     if ran is None:
         return
-    from ..parallel.layerwise import plan_partition
+    from ..parallel.partition import plan_partition
 
     now = plan_partition(spec, wl, plan, world)
     if ([g.layers for g in ran.groups], ran.replicas) != ([g.layers for g in now.groups],
@@ -386,7 +386,10 @@ def at_host_speed(cl: Cluster, r: dict) -> Cluster:
 
 
 def fidelity_errors(result_files: list[str], cl: Cluster):
-    """(rows, errors by (strategy, metric), skipped) for every record."""
+    """(rows, errors by (strategy, metric), skipped) for every record: one
+    row per record and metric, its raw figures (``measured``, ``predicted``,
+    ``error`` as predicted / measured - 1, ``p90_p10`` the spread of its timed
+    steps or None); :func:`fidelity_sheets` writes them for people."""
     from ..bench.records import read_records
 
     errors: dict[tuple[str, str], list[float]] = {}
@@ -418,13 +421,13 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 err = pred / meas - 1
                 errors.setdefault((plan.strategy, what), []).append(err)
                 graph = {True: "graph", False: "eager"}.get(r.get("cuda_graphs"), "")
-                rows.append([r.get("plan") or str(plan), r.get("preset") or r.get("model", ""),
-                             f"{wl.batch}x{wl.seq_len}",
-                             spec.dtype, what + (f" ({graph})" if what.startswith("decode")
-                                                 and graph else ""),
-                             _human(meas, what), _human(pred, what), f"{err:+.0%}",
-                             "-" if spread is None else f"{spread:.2f}"
-                             + (" !" if spread > UNSTEADY_SPREAD else "")])
+                rows.append({"plan": r.get("plan") or str(plan),
+                             "model": r.get("preset") or r.get("model", ""),
+                             "batch_x_seq": f"{wl.batch}x{wl.seq_len}", "dtype": spec.dtype,
+                             "metric": what + (f" ({graph})" if what.startswith("decode")
+                                               and graph else ""),
+                             "measured": float(meas), "predicted": float(pred), "error": err,
+                             "p90_p10": spread, "batch": wl.batch, "seq_len": wl.seq_len})
     return rows, errors, skipped
 
 
@@ -445,27 +448,36 @@ def step_spread(r: dict) -> float | None:
     return hi / lo if lo and hi and lo > 0 else None
 
 
-def fidelity_summary(errors: dict) -> list[list[str]]:
-    """Per strategy and metric: records, median and max |error|, PASS when the
-    median is within 10% and the largest within 20%."""
+def fidelity_summary(errors: dict) -> list[dict]:
+    """Per strategy and metric: records, median and max |error| (fractions),
+    PASS when the median is within 10% and the largest within 20%."""
     out = []
     for (s, what), v in sorted(errors.items()):
         med, top = statistics.median(abs(x) for x in v), max(abs(x) for x in v)
         ok = med <= FIDELITY_MEDIAN and top <= FIDELITY_MAX
-        out.append([s, what, str(len(v)), f"{med:.0%}", f"{top:.0%}", "PASS" if ok else "FAIL"])
+        out.append({"strategy": s, "metric": what, "records": len(v), "median": med,
+                    "max": top, "verdict": "PASS" if ok else "FAIL"})
     return out
 
 
-FIDELITY_COLUMNS = ("plan", "model", "batch x seq", "dtype", "metric", "measured",
-                    "predicted", "error", "p90/p10")
-SUMMARY_COLUMNS = ("strategy", "metric", "records", "median", "max", "verdict")
+def summary_sheet(errors: dict) -> Sheet:
+    """:func:`fidelity_summary` as a sheet: fractions written as percentages."""
+    from ..output import Col, pct
+
+    return Sheet("summary", f"error per strategy and phase (|predicted / measured - 1|; PASS: "
+                 f"median <= {FIDELITY_MEDIAN:.0%}, max <= {FIDELITY_MAX:.0%})",
+                 [Col("strategy", "strategy"), Col("metric", "metric", left=True),
+                  Col("records", "records"), Col("median", "median", pct),
+                  Col("max", "max", pct), Col("verdict", "verdict", left=True)],
+                 fidelity_summary(errors))
 
 
 def fidelity_parts(result_files: list[str], profile: str) -> list:
     """``shardwise report --fidelity RESULTS.jsonl ... --profile P``: every
     measured record (prefill tokens/s, decode tpot_ms) against its prediction
     on ``profile``; median and max |relative error| per strategy and phase,
-    PASS/FAIL against a median of 10% and a maximum of 20%."""
+    PASS/FAIL against a median of 10% and a maximum of 20%. The sheets hold
+    raw numbers (JSON and CSV carry them); the table writes them for people."""
     from ..output import Col
 
     cl, note = with_sustained_rate(load_cluster(profile), result_files)
@@ -473,22 +485,22 @@ def fidelity_parts(result_files: list[str], profile: str) -> list:
     if not rows:
         raise ShardwiseError("no record could be compared: " + ("; ".join(skipped) or "no records"))
 
-    def sheet(name, title, headers, rows, text_cols=()):
-        # On a narrow terminal what a record is (model, workload, dtype) moves
-        # to a further table before what was measured and predicted.
-        keys = [h.replace(" ", "_").replace("/", "_") for h in headers]
-        return Sheet(name, title, [Col(h, k, left=h in text_cols,
-                                       priority=2 if h in ("model", "batch x seq", "dtype") else 0)
-                                   for h, k in zip(headers, keys)],
-                     [dict(zip(keys, r)) for r in rows])
+    def figure(key):
+        return Col(key, key, row_text=lambda r: _human(r[key], r["metric"]))
 
+    # On a narrow terminal what a record is (model, workload, dtype) moves
+    # to a further table before what was measured and predicted.
+    cols = [Col("plan", "plan"), Col("model", "model", priority=2, left=True),
+            Col("batch x seq", "batch_x_seq", priority=2),
+            Col("dtype", "dtype", priority=2, left=True), Col("metric", "metric", left=True),
+            figure("measured"), figure("predicted"),
+            Col("error", "error", lambda v: f"{v:+.0%}"),
+            Col("p90/p10", "p90_p10", lambda v: "-" if v is None else f"{v:.2f}"
+                + (" !" if v > UNSTEADY_SPREAD else ""))]
     parts: list = [
-        sheet("records", f"measured vs predicted on {cl.name} (p90/p10: the spread of the "
-              f"record's timed steps; !: over {UNSTEADY_SPREAD})", FIDELITY_COLUMNS, rows,
-              ("model", "dtype", "metric")),
-        sheet("summary", f"error per strategy and phase (|predicted / measured - 1|; PASS: "
-              f"median <= {FIDELITY_MEDIAN:.0%}, max <= {FIDELITY_MAX:.0%})", SUMMARY_COLUMNS,
-              fidelity_summary(errors), ("metric", "verdict"))]
+        Sheet("records", f"measured vs predicted on {cl.name} (p90/p10: the spread of the "
+              f"record's timed steps; !: over {UNSTEADY_SPREAD})", cols, rows),
+        summary_sheet(errors)]
     if note:
         parts.append(note)
     if skipped:

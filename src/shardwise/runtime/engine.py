@@ -18,7 +18,8 @@ import torch
 
 from ..model.load import ShardLoader, build_reference
 from ..model.weights import WeightSource, make_inputs
-from ..parallel.base import balanced_ranges, validate_plan
+from ..parallel.base import validate_plan
+from ..parallel.checks import balanced_ranges
 from ..parallel.comm import Comm, gather_floats
 from ..spec import Plan, torch_dtype
 from ..bench import metrics
