@@ -276,7 +276,7 @@ def test_fidelity_json_carries_numbers_the_table_writes_for_people():
             assert isinstance(r[key], float), (key, r)
         assert r["measured"] in figures
         assert abs(r["error"] - (r["predicted"] / r["measured"] - 1)) <= 1e-12
-        errors.setdefault((r["plan"].split(":")[0], r["metric"].split(" (")[0]), []).append(
+        errors.setdefault((r["plan"].split(":")[0], r["metric"]), []).append(
             abs(r["error"]))
     assert {(s["strategy"], s["metric"]) for s in summary} == set(errors)
     for s in summary:
