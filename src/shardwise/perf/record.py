@@ -492,13 +492,11 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
     _layer_lists(model)
     # The prompt as a timed run hands it over: a block of the sequences one
     # micro-batch takes (weights.Rows).
-    rows, block = (wl.batch, wl.seq_len), min(model.input_rows(), wl.batch)
-    if spec.vocab_size is None:
-        prompt = Rows(torch.empty(block, wl.seq_len, spec.d_model, dtype=dtype, device="meta"),
-                      (*rows, spec.d_model))
-    else:
-        prompt = Rows(torch.empty(block, wl.seq_len, dtype=torch.long, device="meta"), rows)
-    token = torch.empty(wl.batch, 1, *prompt.shape[2:], dtype=prompt.dtype, device="meta")
+    hidden = spec.vocab_size is None  # hidden states in, else token ids
+    shape, kind = (wl.batch, wl.seq_len, *[spec.d_model] * hidden), dtype if hidden else torch.long
+    block = torch.empty(min(model.input_rows(), wl.batch), *shape[1:], dtype=kind, device="meta")
+    prompt = Rows(block, shape)
+    token = torch.empty(wl.batch, 1, *shape[2:], dtype=kind, device="meta")
     steps, reads = {}, False
     with torch.inference_mode(), _gpu_paths():
         static = "static" in phases and model.supports_graphs
