@@ -40,6 +40,9 @@ def assert_verified(results: list[dict], plans: list[str], tol: float = 1e-5) ->
         assert len(r["decode_rel_err"]) == r["decode_steps"] >= 1, r
         errs = [r["prefill_rel_err"], *r["decode_rel_err"]]
         assert all(e <= tol for e in errs), f"{r['plan']}: errors {errs} exceed {tol}"
+        # The timed prefill's output (its last position, where the plan streams)
+        # is the verified output's, bit for bit.
+        assert r["prefill_kept_matches"], r
         assert r["ok"], r
 
 

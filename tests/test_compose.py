@@ -239,8 +239,10 @@ def test_a_composed_step_runs_on_meta_tensors():
     rank = _rank(spec, WL, "dp:1/pp:1/ring:1/tp:1", 1, rank=0)
     prompt = torch.zeros(WL.batch, WL.seq_len, dtype=torch.long, device="meta")
     with torch.inference_mode():
-        out = rank.step(prompt, 0)
+        out = rank.step(prompt, 0, every_position=True)
         assert out.shape == (WL.batch, WL.seq_len, spec.vocab_size) and out.is_meta
+        # A timed prefill keeps the last position's logits, all a decode step needs.
+        assert rank.step(prompt, 0).shape == (WL.batch, 1, spec.vocab_size)
         token = torch.zeros(WL.batch, 1, dtype=torch.long, device="meta")
         assert rank.step(token, WL.seq_len).shape == (WL.batch, 1, spec.vocab_size)
         assert rank.supports_graphs

@@ -156,6 +156,19 @@ def test_text_generation_matches_transformers(models, name, tmp_path, capfd):
                 assert f"[{i}] {prompt}{text}\n" in out
 
 
+def test_unverified_generation_keeps_the_last_position(models, tmp_path, capfd):
+    """Unverified, a pipeline's prefill keeps only each sequence's last
+    position (the next token; under ring, on the sequence shard that holds
+    it): the tokens are still transformers'."""
+    path, prompts, ids, eos, want, _ = models["llama"]
+    args = ["--model", path, "--nproc", "2", "--no-verify", "--max-new-tokens", str(NEW_TOKENS),
+            "--plan", "ring:2,mb=2", "--plan", "tp_pp:1x2,mb=2"]
+    for p in prompts:
+        args += ["--prompt", p]
+    records, _ = _generate(tmp_path, capfd, args)
+    assert [r["tokens"] for r in records] == [want, want]
+
+
 def test_text_streams_and_stops(models, tmp_path, capfd):
     """One prompt streams; the whole batch stops at its end-of-sequence token;
     prompts of different lengths run as separate batches and come back in order."""

@@ -214,21 +214,63 @@ class WeightSource:
 
 
 def make_inputs(spec: ModelSpec, batch: int, seq_len: int, decode_steps: int, seed: int,
-                dtype: torch.dtype, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                dtype: torch.dtype, device, block: int | None = None
+                ) -> tuple[torch.Tensor | Rows, list[torch.Tensor]]:
     """The prompt and the decode-step inputs, identical on every rank.
 
     Hidden-state models get U(-1,1)*sqrt(3) vectors (unit variance); models
     with a vocabulary get token ids. Decode inputs are fixed in advance
     (teacher forcing), so a strategy and the reference see the same tokens.
+    ``block``: the prompt as a timed run hands it over, :class:`Rows` of its
+    first ``block`` sequences (the most one call of the first stage takes).
     """
     name = f"inputs/{batch}x{seq_len}+{decode_steps}"
-    if spec.vocab_size is None:
-        full = generate(seed, name, (batch, seq_len + decode_steps, spec.d_model),
-                        scale=math.sqrt(3.0), dtype=dtype, device=device)
-    else:
-        u = generate(seed, name, (batch, seq_len + decode_steps), dtype=torch.float64,
-                     device=device)
-        full = ((u + 1) / 2 * spec.vocab_size).long().clamp_(0, spec.vocab_size - 1)
-    prompt = full[:, :seq_len].contiguous()
-    steps = [full[:, seq_len + t : seq_len + t + 1].contiguous() for t in range(decode_steps)]
+    shape = (batch, seq_len + decode_steps)
+
+    def make(index):
+        if spec.vocab_size is None:
+            return generate(seed, name, (*shape, spec.d_model), index, scale=math.sqrt(3.0),
+                            dtype=dtype, device=device)
+        u = generate(seed, name, shape, index, dtype=torch.float64, device=device)
+        return ((u + 1) / 2 * spec.vocab_size).long().clamp_(0, spec.vocab_size - 1)
+
+    rows = slice(0, batch if block is None else min(block, batch))
+    prompt = make([rows, slice(0, seq_len)])
+    if block is not None:
+        prompt = Rows(prompt, (batch, seq_len, *prompt.shape[2:]))
+    steps = [make([None, slice(seq_len + t, seq_len + t + 1)]) for t in range(decode_steps)]
     return prompt, steps
+
+
+class Rows:
+    """A prompt ``[B, T, ...]`` handed over a block of sequences at a time,
+    as a timed run hands it: the first stage of a pipeline takes a
+    micro-batch's rows when it runs it (:func:`take_rows`), so no rank holds
+    the batch's inputs (the hidden states a model without a vocabulary takes
+    stand for what an embedding makes of a micro-batch's token ids). Every
+    block of ``n`` sequences is the prompt's first ``n`` (a view of
+    ``block``): a timing needs their shapes, and verification hands the
+    whole prompt as a tensor instead. ``taken``: whether a step took rows."""
+
+    def __init__(self, block: torch.Tensor, shape: tuple[int, ...]):
+        self.block, self.shape, self.taken = block, tuple(shape), False
+        self.dtype, self.device = block.dtype, block.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.block.nbytes
+
+    def take(self, b0: int, b1: int) -> torch.Tensor:
+        n = b1 - b0
+        if n > self.block.shape[0]:
+            raise ValueError(f"a block of {self.block.shape[0]} sequences was handed over, "
+                             f"a step took {n}")
+        self.taken = True
+        return self.block if n == self.block.shape[0] else self.block[:n]
+
+
+def take_rows(inputs: torch.Tensor | Rows, b0: int, b1: int) -> torch.Tensor:
+    """Sequences ``b0:b1`` of a step's inputs (a tensor or :class:`Rows`)."""
+    if isinstance(inputs, Rows):
+        return inputs.take(b0, b1)
+    return inputs if (b0, b1) == (0, inputs.shape[0]) else inputs[b0:b1]

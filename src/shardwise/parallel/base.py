@@ -19,9 +19,12 @@ launch without loading it (:func:`~.plans.check_plan`). The class:
   shard and its KV caches (``workload.batch`` x ``workload.max_len``);
 * ``forward(inputs, pos)`` (called through ``step``): one prefill (``pos == 0``, ``inputs [B, L, ...]``)
   or decode step (``inputs [B, 1, ...]``). Every rank is given the same global
-  inputs and takes its part; returns this rank's local result;
-* ``collect(local)``: the global output ``[B, T, D or V]`` on rank 0, None
-  elsewhere (verification only, outside the timed region);
+  inputs and takes its part; returns this rank's local result (of a prefill,
+  the last position only where the strategy ``streams``, unless ``step`` is
+  asked for every position);
+* ``collect(local)``: the global output ``[B, T, D or V]`` (``T`` 1 for a
+  prefill's last position) on rank 0, None elsewhere (verification only,
+  outside the timed region);
 * ``report()``: strategy-specific facts for the run's output (load balance...);
 * ``supports_graphs`` (attribute or property, default False): a decode step
   may be captured once in a CUDA graph and replayed at every position, i.e.
@@ -35,11 +38,13 @@ launch without loading it (:func:`~.plans.check_plan`). The class:
 from __future__ import annotations
 
 import importlib
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..model.reference import one_step
+from ..model.weights import Rows
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .comm import Comm
 from .plans import COMPOSE, PLANS, PlanRules, check_plan
@@ -62,6 +67,10 @@ def dense_moe_ok(spec: ModelSpec, tokens: int) -> bool:
 
 class Strategy(PlanRules, nn.Module):
     supports_graphs: bool = False
+    # Whether a prefill step keeps only the last position's output unless
+    # asked for every one (``step``); PyTorch's own peers return every one.
+    streams: ClassVar[bool] = False
+    every_position: bool = True
 
     def __init__(self, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
                  comm: Comm, loader):
@@ -83,11 +92,22 @@ class Strategy(PlanRules, nn.Module):
     def forward(self, inputs: torch.Tensor, pos: int):
         raise NotImplementedError
 
-    def step(self, inputs: torch.Tensor, pos: int):
-        """Run ``forward`` and remember the global output shape for ``collect``."""
+    def step(self, inputs, pos: int, every_position: bool = False):
+        """Run ``forward`` and remember the global output shape for ``collect``.
+        A prefill's output is the last position's where the strategy streams
+        (``streams``: all a decode step needs, the next token), every
+        position's with ``every_position`` (a run that verifies them)."""
+        self.every_position = every_position or not self.streams
         self.out_shape = self.output_shape(inputs)
+        if isinstance(inputs, Rows) and not self.streams:
+            inputs = inputs.take(0, inputs.shape[0])
         with one_step():
             return self.forward(inputs, pos)
+
+    def input_rows(self) -> int:
+        """The most sequences of the inputs one call takes (a timed run hands
+        over a block of them, :class:`~shardwise.model.weights.Rows`)."""
+        return self.workload.batch
 
     def collect(self, local) -> torch.Tensor | None:
         raise NotImplementedError
@@ -99,7 +119,7 @@ class Strategy(PlanRules, nn.Module):
     def output_shape(self, inputs: torch.Tensor) -> tuple[int, ...]:
         B, T = inputs.shape[:2]
         width = self.spec.vocab_size if self.spec.vocab_size is not None else self.spec.d_model
-        return (B, T, width)
+        return (B, T if self.every_position else 1, width)
 
     def send_to_root(self, local: torch.Tensor | None, owner: int) -> torch.Tensor | None:
         """Move the global output, held whole by global rank ``owner``, to rank 0."""

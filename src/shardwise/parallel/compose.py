@@ -57,6 +57,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..model.weights import take_rows
 from ..spec import ModelSpec, Workload
 from .base import Strategy
 from .checks import repartition
@@ -120,6 +121,8 @@ class Composed(ComposedPlan, Strategy):
     the single-strategy plans subclass it with their own rules
     (``TpPp(TpPpPlan, Composed)``) and reports."""
 
+    streams = True
+
     @classmethod
     def twin(cls, spec, workload, plan, topo, rank) -> int:
         """Ranks alike along an axis hold equal shares of every matrix and run
@@ -172,6 +175,11 @@ class Composed(ComposedPlan, Strategy):
                                  self.dtype, self.device, built.before, built.whole, largest)
         self.prefilled = True
 
+    def input_rows(self) -> int:
+        """The most sequences one micro-batch of this rank takes from the
+        inputs: its largest micro-batch on the first stage, none elsewhere."""
+        return max(b - a for a, b in self.pipeline.micro) if self.pipeline.is_first else 0
+
     @property
     def supports_graphs(self) -> bool:
         """A decode step can be captured in a CUDA graph when the stage's own
@@ -181,18 +189,31 @@ class Composed(ComposedPlan, Strategy):
     def forward(self, inputs: torch.Tensor, pos):
         self.prefilled = not isinstance(pos, torch.Tensor) and pos == 0
         tokens = inputs.shape[1]
-        x = None
-        if self.pipeline.is_first:
-            b0, b1 = self.rows
-            x = inputs if (b0, b1) == (0, inputs.shape[0]) else inputs[b0:b1]
-        if self.zigzag is not None and self.prefilled:
-            if tokens != self.zigzag.prompt:
-                raise ValueError(f"ring was built for a {self.zigzag.prompt}-token prompt, "
-                                 f"got {tokens}")
-            tokens = self.zigzag.real(self.topo.coord("seq"))
-            if x is not None:
-                x = x.index_select(1, self.local_index)  # [b, n, ...] zig-zag order
-        return self.pipeline.run(x, pos, tokens)
+        r0, zz = self.rows[0], self.zigzag
+        keep = None if self.every_position or tokens == 1 else slice(tokens - 1, tokens)
+        select = None
+        if zz is not None and self.prefilled:
+            if tokens != zz.prompt:
+                raise ValueError(f"ring was built for a {zz.prompt}-token prompt, got {tokens}")
+            tokens = zz.real(self.topo.coord("seq"))
+            select = self.local_index
+            if keep is not None:  # the last position, on the sequence shard that holds it
+                held = self.last_held()
+                keep = slice(held, held + 1) if held is not None else slice(0, 0)
+
+        def take(b0: int, b1: int) -> torch.Tensor:
+            """This rank's sequences b0:b1 of the inputs, when the first stage runs them."""
+            x = take_rows(inputs, r0 + b0, r0 + b1)
+            return x if select is None else x.index_select(1, select)  # [b, n, ...] zig-zag
+
+        return self.pipeline.run(take if self.pipeline.is_first else None, pos, tokens, keep)
+
+    def last_held(self, seq: int | None = None) -> int | None:
+        """Under ring: where sequence shard ``seq`` (this rank's by default)
+        holds the prompt's last position, in its local order (None: it does not)."""
+        zz = self.zigzag
+        local = zz.positions(self.topo.coord("seq") if seq is None else seq)
+        return local.index(zz.prompt - 1) if zz.prompt - 1 in local else None
 
     def collect(self, local):
         """Every batch share's (and sequence shard's) output from its owner on
@@ -203,7 +224,11 @@ class Composed(ComposedPlan, Strategy):
             local = self.gather(local)
         if topo.rank != 0 and not last:
             return None
-        shards = range(topo.size("seq")) if zz is not None and self.prefilled else [0]
+        shards, spread = [0], False  # spread: each shard holds its zig-zag positions
+        if zz is not None and self.prefilled:
+            spread = self.every_position and topo.size("seq") > 1
+            shards = range(topo.size("seq")) if self.every_position else \
+                [c for c in range(topo.size("seq")) if self.last_held(c) is not None]
         blocks = []  # (owner, rows, positions or None)
         for dp in range(topo.size("dp")):
             for ep in range(topo.size("ep")):
@@ -211,7 +236,7 @@ class Composed(ComposedPlan, Strategy):
                 for c in shards:
                     owner = topo.rank_of(dp=dp, pp=topo.size("pp") - 1, ep=ep, seq=c, tp=0,
                                          group=0, slice=0)
-                    blocks.append((owner, rows, zz.positions(c) if len(shards) > 1 else None))
+                    blocks.append((owner, rows, zz.positions(c) if spread else None))
         if topo.rank != 0:
             for owner, _, _ in blocks:
                 if owner == topo.rank and local.numel():

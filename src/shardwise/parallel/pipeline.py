@@ -10,12 +10,16 @@ share). A plan without a pipeline axis is a pipeline of one stage: the same
 loop over micro-batches, with no hops.
 
 A stage holds one micro-batch's activations at a time, not the batch's: the
-micro-batch it received, the one it computes, and the one whose send is
-still in flight (the send of micro-batch i is waited on before that of i+1
-is posted). The last stage keeps each micro-batch's output, the step's
-result, and joins them at the end (one kernel, as the cost model counts).
-The KV cache of a micro-batch is a batch view of the stage's cache, so a
-micro-batch's decode step finds the keys its prefill wrote.
+first stage takes its micro-batch's rows of the inputs when it runs it
+(``take``), a later stage the micro-batch it received; each computes it,
+and the send of micro-batch i is waited on before that of i+1 is posted. What
+persists from one micro-batch to the next is the KV cache, per sequence
+anyway: a micro-batch's cache is a batch view of the stage's, so its decode
+step finds the keys its prefill wrote. The last stage keeps of each
+micro-batch's output the positions ``keep`` selects (a prefill's last
+position: the next token is all a decode step needs; every position when a
+run verifies them) and joins them at the end (one kernel, as the cost model
+counts), so it holds the batch's outputs only where every position is kept.
 
 Every rank of a stage runs the same number of micro-batches (its
 collectives pair with its peers'), so a rank whose share of the batch is
@@ -46,8 +50,8 @@ class Pipeline:
     ``micro`` lists the micro-batches as ranges of this rank's sequences
     (``rows`` in all). ``stage_fn(x, caches, pos)`` maps the stage's input
     (token ids or hidden states on the first stage, hidden states
-    ``[b, T, D]`` elsewhere) to its output. ``run`` returns the output of
-    this rank's sequences on the last stage and None elsewhere. With
+    ``[b, T, D]`` elsewhere) to its output. ``run`` returns the kept output
+    of this rank's sequences on the last stage and None elsewhere. With
     ``whole``, a single micro-batch is the stage's input and caches as they
     are, not views of them (helix and ep run the batch in one piece; a view
     is host calls for nothing). ``alike[i]``: what, beside its size, decides
@@ -76,15 +80,19 @@ class Pipeline:
     def is_last(self) -> bool:
         return self.next is None
 
-    def run(self, x: torch.Tensor | None, pos, tokens: int) -> torch.Tensor | None:
-        """One step: ``x`` holds this rank's sequences (first stage; None
-        elsewhere), ``tokens`` positions each."""
+    def run(self, take: Callable[[int, int], torch.Tensor] | None, pos, tokens: int,
+            keep=None) -> torch.Tensor | None:
+        """One step of ``tokens`` positions per sequence. ``take(b0, b1)``:
+        the stage's input for this rank's sequences ``b0:b1`` (first stage;
+        None elsewhere). ``keep``: the positions of each micro-batch's output
+        the last stage keeps (a slice of dim 1; an empty one: none, and ``run``
+        returns None), None: every one."""
         in_flight = None
 
         def micro_batch(i: int, b0: int, b1: int) -> torch.Tensor:
             nonlocal in_flight
             if self.is_first:
-                xi = x if self.whole else x[b0:b1]
+                xi = take(b0, b1)
             else:
                 xi = torch.empty((b1 - b0, tokens, self.d_model), dtype=self.dtype,
                                  device=self.device)
@@ -96,7 +104,13 @@ class Pipeline:
                 self.caches, lambda c: c.batch_view(b0, b1))
             y = self.stage_fn(xi, caches, pos)
             if self.is_last:
-                return y
+                if keep is None:
+                    return y
+                if keep.start == keep.stop:
+                    return None
+                # A copy of the kept positions: a view would hold the whole output.
+                return y[:, keep].clone(memory_format=torch.contiguous_format) if y.numel() \
+                    else y[:, keep]
             if in_flight is not None:
                 in_flight.wait()  # at most one micro-batch's output in flight
             in_flight = self.comm.isend(y, self.next, self.axis) if y.numel() else None
@@ -105,6 +119,6 @@ class Pipeline:
         outs = micro_batched(self.micro, micro_batch, self.alike)
         if in_flight is not None:
             in_flight.wait()
-        if not self.is_last:
+        if not self.is_last or outs[0] is None:  # None: the rank keeps no position
             return None
         return outs[0] if len(outs) == 1 else torch.cat(outs)  # no copy for one micro-batch

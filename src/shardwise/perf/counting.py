@@ -281,7 +281,9 @@ def count_case(case, rank: int, world: int, device, cuda_paths: bool = True) -> 
     with torch.inference_mode():
         _, comm, model, _, dtype = build(case, rank, world, device)
         wl = case.workload
-        prompt, steps = make_inputs(case.model, wl.batch, wl.seq_len, 1, case.seed, dtype, device)
+        # The prompt as a timed run hands it over (and the recorder does).
+        prompt, steps = make_inputs(case.model, wl.batch, wl.seq_len, 1, case.seed, dtype, device,
+                                    block=model.input_rows())
         out = {"weights": sum(p.nbytes for p in model.parameters()),
                "kv": sum(c.nbytes() for c in getattr(model, "caches", []))}
         static = [("static", steps[0], torch.tensor(wl.seq_len, device=device))]

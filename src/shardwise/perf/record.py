@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..model import kernels as model_kernels
 from ..model import reference
 from ..model.load import ShardLoader
-from ..model.weights import WeightSource, layer_param_table, param_table
+from ..model.weights import Rows, WeightSource, layer_param_table, param_table
 from ..parallel import base as parallel_base
 from ..parallel import reduce_norm
 from ..parallel.base import validate_plan
@@ -490,11 +490,13 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
         model = cls(spec, wl, plan, topo, comm, ShardLoader(MetaSource(spec), dtype, "meta"))
     stood_for = list(_STOOD_FOR)
     _layer_lists(model)
-    if spec.vocab_size is None:
-        prompt = torch.empty(wl.batch, wl.seq_len, spec.d_model, dtype=dtype, device="meta")
-    else:
-        prompt = torch.empty(wl.batch, wl.seq_len, dtype=torch.long, device="meta")
-    token = prompt[:, :1].clone()
+    # The prompt as a timed run hands it over: a block of the sequences one
+    # micro-batch takes (weights.Rows).
+    hidden = spec.vocab_size is None  # hidden states in, else token ids
+    shape, kind = (wl.batch, wl.seq_len, *[spec.d_model] * hidden), dtype if hidden else torch.long
+    block = torch.empty(min(model.input_rows(), wl.batch), *shape[1:], dtype=kind, device="meta")
+    prompt = Rows(block, shape)
+    token = torch.empty(wl.batch, 1, *shape[2:], dtype=kind, device="meta")
     steps, reads = {}, False
     with torch.inference_mode(), _gpu_paths():
         static = "static" in phases and model.supports_graphs
@@ -511,12 +513,12 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
             with _recording(Recorder(routing, inputs=x)) as rec:
                 model.step(x, at)
             steps[phase] = StepTrace(rec.events, rec.peak)
-            reads |= rec.read_input
+            reads |= rec.read_input or prompt.taken
     weights = sum(p.nbytes for p in model.parameters()) + sum(
         n * sum(p.nbytes for p in m.parameters()) for m, n in stood_for)
     kv = sum(c.nbytes() for c in getattr(model, "caches", []))
-    # The prompt and the new token where the rank's steps read them (a
-    # pipeline's first stage), as a run hands them over.
+    # The prompt's block and the new token where the rank's steps read them
+    # (a pipeline's first stage), as a run hands them over.
     inputs = (prompt.nbytes + token.nbytes) * reads
     return RankTrace(rank, steps, weights, kv, inputs, comm.symmetric_bytes, _facts(model))
 

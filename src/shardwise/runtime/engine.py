@@ -181,9 +181,13 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
     monitor.wait("device sync", _sync, device)
     _inject(job, rank, "prefill", monitor)
     comm.reset()
+    # Timed as a run takes it (the last position's output, where the strategy
+    # streams), then again, untimed, keeping every position to verify each:
+    # the same arithmetic, so its last position must be the timed output.
     out, prefill_s = timed_call(lambda: model.step(prompt, 0), device, comm)
     prefill_comm = comm.snapshot()
-    outputs = [model.collect(out)]
+    last = model.collect(out)
+    outputs = [model.collect(model.step(prompt, 0, every_position=True))]
     decode_s, decode_comm = [], []
     static = job.static_decode and bool(model.supports_graphs)
     for t, x in enumerate(steps):
@@ -234,9 +238,14 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
         # run shows it); such flips are reported and the verdict is the error
         # over the other tokens. Every other token counts, flipped or not.
         judged = errs if ties is None else ties["rel_err_without_flips"]
+        # What the timed prefill kept: the verified output's last position, bit for bit.
+        kept = outputs[0][:, -last.shape[1]:]
+        same = bool(last.shape == kept.shape and torch.equal(last, kept))
         result.update(
             prefill_rel_err=errs[0], decode_rel_err=errs[1:], max_rel_err=max(errs),
-            tolerance=tol, ok=bool(max(judged) <= tol and all(math.isfinite(e) for e in errs)),
+            prefill_kept_positions=last.shape[1], prefill_kept_matches=same,
+            tolerance=tol, ok=bool(max(judged) <= tol and all(math.isfinite(e) for e in errs)
+                                   and same),
         )
         if ties is not None:
             result.update(moe_near_tie_tokens=ties["near_tie_tokens"],
@@ -264,7 +273,8 @@ def bench_case(case, plan, comm, model, rank, device,
         _CEILINGS[str(device)] = measure_ceilings(device)
     ceil = _CEILINGS[str(device)]
     dtype = torch_dtype(spec.dtype)
-    prompt, steps = make_inputs(spec, wl.batch, wl.seq_len, 1, case.seed, dtype, device)
+    prompt, steps = make_inputs(spec, wl.batch, wl.seq_len, 1, case.seed, dtype, device,
+                                block=model.input_rows())
     records = []
     common = {
         "preset": case.preset, "model": spec.name, "model_source": case.source,

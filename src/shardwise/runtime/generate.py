@@ -429,7 +429,8 @@ def generate_case(case: Case, comm, model, source, dtype: torch.dtype, rank: int
     x, pos = prompt, 0
     for t in range(gen.max_new_tokens):
         t0 = time.perf_counter()
-        out = model.collect(model.step(x, pos))
+        # Every position's logits where they are verified; else the last (the next token's).
+        out = model.collect(model.step(x, pos, every_position=case.verify))
         token = torch.empty((B, 1), dtype=torch.long, device=device)
         if rank == 0:
             token.copy_(choose_tokens(out[:, -1], gen.temperature, gen.top_p,
