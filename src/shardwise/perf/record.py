@@ -455,16 +455,22 @@ def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
     by the coordinates ``rank`` differs from the recorded one by."""
     a, b = topo.coords(trace.rank), topo.coords(rank)
 
-    def move(x: int) -> int:
+    def shifted(x: int) -> int:
         c = topo.coords(x)
         return topo.rank_of(**{axis: (c[axis] + b[axis] - a[axis]) % size
                                for axis, size in zip(topo.axes, topo.shape)})
+
+    move = [shifted(x) for x in range(topo.world_size)].__getitem__
+    groups: dict = {}  # a group's ranks -> renamed (a step names few groups, many times)
 
     def events(evs: list) -> list:
         out = []
         for e in evs:
             if isinstance(e, Coll):
-                e = dataclasses.replace(e, ranks=tuple(sorted(map(move, e.ranks))),
+                ranks = groups.get(e.ranks)
+                if ranks is None:
+                    ranks = groups[e.ranks] = tuple(sorted(map(move, e.ranks)))
+                e = dataclasses.replace(e, ranks=ranks,
                                         sends=tuple((move(p), n) for p, n in e.sends),
                                         recvs=tuple((move(p), n) for p, n in e.recvs))
             elif isinstance(e, Repeat):
