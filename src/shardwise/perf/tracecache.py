@@ -139,9 +139,9 @@ def _val(v):
 
 
 def _unval(v):
-    if isinstance(v, list):
-        return tuple(_unval(x) for x in v)
-    if isinstance(v, dict):
+    if type(v) is list:
+        return tuple(map(_unval, v))
+    if type(v) is dict:
         if "list" in v:
             return [_unval(x) for x in v["list"]]
         return {_unval(k): _unval(x) for k, x in v["dict"]}
@@ -226,7 +226,7 @@ def decode(text: str, data: bytes) -> dict:
     if doc.get("format") != FORMAT or doc.get("key") != text:
         raise ValueError("an entry for another key")
     kernels = [Kernel(c, f, b, _unval(d), dt) for c, f, b, d, dt in doc["kernels"]]
-    calls = [Call(kind, name, tuple(kernels[i] for i in ks), _unval(shapes))
+    calls = [Call(kind, name, tuple(map(kernels.__getitem__, ks)), _unval(shapes))
              for kind, name, ks, shapes in doc["calls"]]
     out = {}
     for r in doc["ranks"]:
