@@ -110,20 +110,21 @@ class _Segment:
         return seg
 
 
-def compile_events(events: list, costs: Costs, made: dict | None = None) -> list:
+def compile_events(events: list, costs: Costs) -> list:
     """``events`` with each run of calls (up to a device-to-host read) made one
-    :class:`_Segment` (a read stays a call of its own). ``made``: segments
-    already made, by their calls (the same calls, the same segment: twin
-    ranks' steps differ in their collectives' ranks only)."""
+    :class:`_Segment` (a read stays a call of its own); a run of the same
+    calls as one made before, the same segment (``costs.segments``: twin
+    ranks' steps differ in their collectives' ranks only, and plans of like
+    shapes run like layers)."""
     out, run = [], []
-    made = {} if made is None else made
+    made = costs.segments
 
     def segment() -> _Segment:
-        key = tuple(map(id, run))  # the calls stay alive in the events played
-        seg = made.get(key)
-        if seg is None:
-            seg = made[key] = _Segment.of(run, costs)
-        return seg
+        key = tuple(map(id, run))
+        got = made.get(key)
+        if got is None:  # the calls kept beside it: their ids stay theirs
+            got = made[key] = (_Segment.of(run, costs), tuple(run))
+        return got[0]
 
     for e in events:
         if type(e) is Call and e.kind != "syncs":
@@ -141,19 +142,16 @@ def compile_events(events: list, costs: Costs, made: dict | None = None) -> list
 class _Rank:
     """One rank playing its events; yields when it needs other ranks."""
 
-    def __init__(self, rank: int, costs: Costs, overlap: float, compiled: dict,
-                 segments: dict):
+    def __init__(self, rank: int, costs: Costs, overlap: float, compiled: dict):
         self.rank, self.costs, self.keep = rank, costs, 1.0 - overlap
         self.t = RankTime()
         self.seq: dict = {}  # group or (src, dst) -> calls so far
         self.compiled = compiled  # id(events) -> (events, their compiled form)
-        self.segments = segments  # every rank's segments, by their calls
 
     def _events(self, events: list) -> list:
         got = self.compiled.get(id(events))
         if got is None:
-            got = self.compiled[id(events)] = (events, compile_events(events, self.costs,
-                                                                      self.segments))
+            got = self.compiled[id(events)] = (events, compile_events(events, self.costs))
         return got[1]
 
     def segment(self, seg: _Segment) -> None:
@@ -279,8 +277,7 @@ def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
     """Every rank's events played together (module docstring); ``steps[r]``
     are rank r's events."""
     compiled: dict = {}
-    segments: dict = {}
-    ranks = [_Rank(r, costs, overlap, compiled, segments) for r in range(len(steps))]
+    ranks = [_Rank(r, costs, overlap, compiled) for r in range(len(steps))]
     gens = [rk.run(ev) for rk, ev in zip(ranks, steps)]
     groups: dict = {}  # (ranks, n) -> {rank: ready}
     pairs: dict = {}  # (src, dst, n) -> {"send": (ready, dur), "recv": ready, "end": t}

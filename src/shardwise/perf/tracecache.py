@@ -13,8 +13,8 @@ misses every older entry.
 
 An entry is JSON (never pickle: the package deserialises nothing but JSON
 and safetensors), gzip-compressed: each distinct kernel and host call once in
-a table, each step's events as indices into it, collectives, waits and loops
-as short lists. It holds its key's text, checked on reading. Entries are
+a table (their names in a table of strings), each step's events as indices
+into it, collectives, waits and loops as short lists. It holds its key's text, checked on reading. Entries are
 written atomically (a temporary file, then ``os.replace``); one that cannot
 be read, or holds another key, is ignored and written again.
 
@@ -39,7 +39,7 @@ import torch
 
 from .events import Call, Coll, Kernel, Repeat, Wait
 
-FORMAT = 1  # of an entry; a change to the encoding below moves it on
+FORMAT = 2  # of an entry; a change to the encoding below moves it on
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]  # src/shardwise
 # Where the recording starts: the strategies (loaded by name, so all of
 # parallel/), the reference model and its kernels, and the recorder.
@@ -150,25 +150,30 @@ def _unval(v):
 
 class _Encoder:
     """Kernels and calls each once (by identity, as the recorder shares them),
-    events as indices into the table of calls."""
+    events as indices into the table of calls; names, kinds and dtypes as
+    indices into a table of strings (a third less to parse)."""
 
     def __init__(self):
-        self.kernels, self.calls = [], []
+        self.kernels, self.calls, self.strings = [], [], {}
         self._k, self._c = {}, {}
+
+    def string(self, text: str) -> int:
+        return self.strings.setdefault(text, len(self.strings))
 
     def kernel(self, k: Kernel) -> int:
         i = self._k.get(id(k))
         if i is None:
             i = self._k[id(k)] = len(self.kernels)
-            self.kernels.append([k.cls, k.flops, k.bytes, _val(k.dims), k.dtype, k])
+            self.kernels.append([self.string(k.cls), k.flops, k.bytes, _val(k.dims),
+                                 self.string(k.dtype), k])
         return i
 
     def call(self, c: Call) -> int:
         i = self._c.get(id(c))
         if i is None:
             i = self._c[id(c)] = len(self.calls)
-            self.calls.append([c.kind, c.name, [self.kernel(k) for k in c.kernels],
-                               _val(c.shapes), c])
+            self.calls.append([self.string(c.kind), self.string(c.name),
+                               [self.kernel(k) for k in c.kernels], _val(c.shapes), c])
         return i
 
     def events(self, events: list) -> list:
@@ -211,10 +216,15 @@ def encode(text: str, traces: dict) -> bytes:
               "steps": [[phase, s.peak_bytes, enc.events(s.events)]
                         for phase, s in t.steps.items()]}
              for t in traces.values()]
-    doc = {"format": FORMAT, "key": text,
+    doc = {"format": FORMAT, "key": text, "strings": list(enc.strings),
            "kernels": [k[:5] for k in enc.kernels], "calls": [c[:4] for c in enc.calls],
            "ranks": ranks}
     return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), 6, mtime=0)
+
+
+# Every call read, once: the same call in two entries is one object, which
+# the costs price once (costs.Costs keeps prices by the call's identity).
+_CALLS: dict = {}
 
 
 def decode(text: str, data: bytes) -> dict:
@@ -225,9 +235,11 @@ def decode(text: str, data: bytes) -> dict:
     doc = json.loads(gzip.decompress(data))
     if doc.get("format") != FORMAT or doc.get("key") != text:
         raise ValueError("an entry for another key")
-    kernels = [Kernel(c, f, b, _unval(d), dt) for c, f, b, d, dt in doc["kernels"]]
-    calls = [Call(kind, name, tuple(map(kernels.__getitem__, ks)), _unval(shapes))
-             for kind, name, ks, shapes in doc["calls"]]
+    s = doc["strings"]
+    kernels = [Kernel(s[c], f, b, _unval(d), s[dt]) for c, f, b, d, dt in doc["kernels"]]
+    calls = [_CALLS.setdefault(c, c) for c in (
+        Call(s[kind], s[name], tuple(map(kernels.__getitem__, ks)), _unval(shapes))
+        for kind, name, ks, shapes in doc["calls"])]
     out = {}
     for r in doc["ranks"]:
         steps = {phase: StepTrace(_decode_events(events, calls), peak)
