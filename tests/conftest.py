@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -10,3 +13,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # before anything imports Triton, so that Triton's own functions are interpreted too.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The recordings the cost model keeps (perf/tracecache.py) go to a folder of
+# this run's own, never the user's cache (nor one left by an older run), and
+# the commands the tests start inherit it; removed at the end.
+_CACHE = tempfile.mkdtemp(prefix="shardwise-test-cache-")
+os.environ["SHARDWISE_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)

@@ -25,6 +25,9 @@ class Fixed:
 
     host = {"sync": 0.5}
 
+    def __init__(self):
+        self.segments = {}  # the schedule's, as Costs holds them
+
     def call(self, c):
         h, g = (float(x) for x in c.name.split("/"))
         return h, ((g,) if g else ()), "op"  # every call one host kind, "op"

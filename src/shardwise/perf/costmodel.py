@@ -146,14 +146,32 @@ def step_cost(traces: list[RankTrace], phase: str, cluster: Cluster, graph: bool
     steps = [t.steps[phase].events for t in traces]
     decoding = phase != "prefill"
     derate = duty_derate(cluster.sustained_ratio, 1.0)
-    times = play(steps, Costs(cluster, graph, decoding, derate), cluster.overlap)
+    times = play(steps, _costs(cluster, graph, decoding, derate), cluster.overlap)
     st = _summary(times, graph)
     duty = st.compute_s / st.seconds if st.seconds > 0 else 1.0
     if duty < DUTY_REPREDICT and cluster.sustained_ratio < 1.0:
         derate = duty_derate(cluster.sustained_ratio, duty)
-        times = play(steps, Costs(cluster, graph, decoding, derate), cluster.overlap)
+        times = play(steps, _costs(cluster, graph, decoding, derate), cluster.overlap)
         st = _summary(times, graph)
     return st
+
+
+_PRICED: dict = {}  # (cluster's id, graph, decoding, derate) -> (cluster, Costs)
+PRICED_KEPT = 16
+
+
+def _costs(cluster: Cluster, graph: bool, decoding: bool, derate: float) -> Costs:
+    """The prices of events on ``cluster`` for these figures, shared by every
+    step priced with them: an event's price is a function of the event (a
+    planner's plans recur each other's calls), so what one step priced the
+    next reads."""
+    key = (id(cluster), graph, decoding, derate)
+    got = _PRICED.get(key)
+    if got is None or got[0] is not cluster:
+        if len(_PRICED) >= PRICED_KEPT:
+            del _PRICED[next(iter(_PRICED))]
+        got = _PRICED[key] = (cluster, Costs(cluster, graph, decoding, derate))
+    return got[1]
 
 
 def _summary(times: list[RankTime], graph: bool) -> StepCost:

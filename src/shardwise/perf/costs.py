@@ -90,6 +90,9 @@ class Costs:
             ("sync", cl.sync_s))}
         self._calls: dict = {}
         self._colls: dict = {}
+        # The schedule's runs of calls priced (schedule._Segment), by their
+        # calls: a run costs the same in every rank and every plan it recurs in.
+        self.segments: dict = {}
 
     # -- host calls and their kernels ----------------------------------------
     def call(self, call: Call) -> tuple[float, tuple, str]:
@@ -153,11 +156,13 @@ class Costs:
         """(host seconds, device seconds per transfer, link) of a collective
         as ``rank`` calls it: one time for a group collective, one per send
         for a batch of point-to-point ops (its receives take the senders')."""
-        key = (id(c), rank)
+        # What the price reads of it: a group's op, bytes and ranks; a
+        # point-to-point batch's sends, from this rank.
+        key = (c.op, c.sends, rank) if c.op == "p2p" else (c.op, c.bytes, c.ranks, c.fused)
         got = self._colls.get(key)
         if got is None:
-            got = self._colls[key] = (*self._coll(c, rank), c)
-        return got[0], got[1], got[2]
+            got = self._colls[key] = self._coll(c, rank)
+        return got
 
     def _coll(self, c: Coll, rank: int):
         cl = self.cl

@@ -20,7 +20,8 @@ layers.
 
 Recordings are kept per (model, workload, plan, world size, rank, backend,
 routing balance): a planner asking for hundreds of plans records each rank
-once.
+once; and on disk (:mod:`.tracecache`), so that the next process reads them
+back instead of recording them again.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from ..parallel import reduce_norm
 from ..parallel.base import validate_plan
 from ..parallel.comm import Comm
 from ..spec import ModelSpec, Plan, Workload, torch_dtype
+from . import tracecache
 from .events import Call, Coll, Repeat, Wait, call_counts, comm_counts
 from .trace import Recorder, Routing, set_shadow, shadow_of
 from .tritons import TritonShim, stand_in
@@ -453,16 +455,22 @@ def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
     by the coordinates ``rank`` differs from the recorded one by."""
     a, b = topo.coords(trace.rank), topo.coords(rank)
 
-    def move(x: int) -> int:
+    def shifted(x: int) -> int:
         c = topo.coords(x)
         return topo.rank_of(**{axis: (c[axis] + b[axis] - a[axis]) % size
                                for axis, size in zip(topo.axes, topo.shape)})
+
+    move = [shifted(x) for x in range(topo.world_size)].__getitem__
+    groups: dict = {}  # a group's ranks -> renamed (a step names few groups, many times)
 
     def events(evs: list) -> list:
         out = []
         for e in evs:
             if isinstance(e, Coll):
-                e = dataclasses.replace(e, ranks=tuple(sorted(map(move, e.ranks))),
+                ranks = groups.get(e.ranks)
+                if ranks is None:
+                    ranks = groups[e.ranks] = tuple(sorted(map(move, e.ranks)))
+                e = dataclasses.replace(e, ranks=ranks,
                                         sends=tuple((move(p), n) for p, n in e.sends),
                                         recvs=tuple((move(p), n) for p, n in e.recvs))
             elif isinstance(e, Repeat):
@@ -556,7 +564,28 @@ def _fast_modules():
 def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,
                 backend: str = "nccl", balance: float | None = None,
                 phases: tuple = PHASES) -> list[RankTrace]:
-    """Every rank of ``plan``, recorded."""
-    return [record_rank(spec, wl, plan, world, r, backend, balance, phases)
-            for r in range(world)]
+    """Every rank of ``plan``, recorded: the ranks recorded alone (no twin)
+    read from the cache of recordings (:mod:`.tracecache`) or recorded and
+    kept there, their twins renamed from them as :func:`record_rank` does."""
+    cls, topo = validate_plan(spec, wl, plan, world)
+    twins = [cls.twin(spec, wl, plan, topo, r) for r in range(world)]
+    alone = _alone(spec, wl, plan, world, backend, balance, phases,
+                   tuple(r for r in range(world) if twins[r] == r))
 
+    def rank(r: int) -> RankTrace:
+        return alone[r] if twins[r] == r else renamed(rank(twins[r]), topo, r)
+
+    return [rank(r) for r in range(world)]
+
+
+@functools.lru_cache(maxsize=256)
+def _alone(spec, wl, plan, world, backend, balance, phases, ranks: tuple) -> dict:
+    """The ranks ``ranks`` of ``plan`` recorded alone, from the cache of
+    recordings where it holds them."""
+    key = tracecache.key(spec, wl, plan, world, backend, balance, phases)
+    got = tracecache.load(key)
+    if got is None or sorted(got) != list(ranks):
+        got = {r: record_rank(spec, wl, plan, world, r, backend, balance, phases)
+               for r in ranks}
+        tracecache.store(key, got)
+    return got

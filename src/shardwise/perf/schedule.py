@@ -112,18 +112,30 @@ class _Segment:
 
 def compile_events(events: list, costs: Costs) -> list:
     """``events`` with each run of calls (up to a device-to-host read) made one
-    :class:`_Segment` (a read stays a call of its own)."""
+    :class:`_Segment` (a read stays a call of its own); a run of the same
+    calls as one made before, the same segment (``costs.segments``: twin
+    ranks' steps differ in their collectives' ranks only, and plans of like
+    shapes run like layers)."""
     out, run = [], []
+    made = costs.segments
+
+    def segment() -> _Segment:
+        key = tuple(map(id, run))
+        got = made.get(key)
+        if got is None:  # the calls kept beside it: their ids stay theirs
+            got = made[key] = (_Segment.of(run, costs), tuple(run))
+        return got[0]
+
     for e in events:
         if type(e) is Call and e.kind != "syncs":
             run.append(e)
             continue
         if run:
-            out.append(_Segment.of(run, costs))
+            out.append(segment())
             run = []
         out.append(e)
     if run:
-        out.append(_Segment.of(run, costs))
+        out.append(segment())
     return out
 
 
