@@ -8,6 +8,7 @@ import pytest
 
 from shardwise.perf.clusters import load_cluster
 from shardwise.perf.costmodel import predict
+from shardwise.perf.costs import fmt_bytes
 from shardwise.perf.planner import (base_plans, best_micro_batching, enumerate_plans, evaluate,
                                     family, micro_batch_family, plan_command, plan_parts,
                                     rank_plans, rank_rows, ranking, score)
@@ -65,19 +66,23 @@ def test_ranking_is_by_predicted_time(phase):
 
 
 def test_infeasible_plans_are_flagged_with_the_kv_cache():
+    # seed-ring-4l at twice its batch: 2.69 TB of KV cache, more than the 16 GPUs hold.
     p = get_preset("seed-ring-4l")
-    rows = enumerate_plans(p.model, p.workload, H100_16, micro_batches=(1,))
+    batch = 2 * p.workload.batch
+    rows = enumerate_plans(p.model, p.workload.replace(batch=batch), H100_16,
+                           micro_batches=(1,))
     valid = [r for r in rows if r.priced]
     assert valid and not any(r.fits for r in valid)
     # Compositions too: the recorded ranks' KV caches do not fit the cluster.
-    assert all(r.prediction.reason.startswith("KV cache 1.34 TB > 16 x 80 GB")
+    hbm = fmt_bytes(H100_16.hbm_bytes)
+    assert all(r.prediction.reason.startswith(f"KV cache 2.69 TB > 16 x {hbm}")
                for r in valid)
-    text = plan_command("seed-ring-4l", "h100-sxm-16", phase="decode", top=3)
+    text = plan_command("seed-ring-4l", "h100-sxm-16", batch=batch, phase="decode", top=3)
     assert "KV cache" in text and "0 fit in memory" in text
     # Micro-batches shrink no KV cache: the table says none fits, and shows one count.
-    rk = ranking("seed-ring-4l", "h100-sxm-16", None, None, "decode")
+    rk = ranking("seed-ring-4l", "h100-sxm-16", batch, None, "decode")
     tp = [r for r in rk.shown if family(r.plan) == "tp_pp:8x2"]
-    assert len(tp) == 1 and tp[0].note == "no micro-batch count fits (up to mb=1024 tried)"
+    assert len(tp) == 1 and tp[0].note == f"no micro-batch count fits (up to mb={batch} tried)"
 
 
 def test_plan_validate_runs_the_best_fitting_plans_and_compares(tmp_path):
