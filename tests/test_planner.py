@@ -7,7 +7,8 @@ import re
 import pytest
 
 from shardwise.perf.clusters import load_cluster
-from shardwise.perf.costmodel import predict
+from shardwise.perf.costmodel import predict, size_text
+from shardwise.perf.costs import fmt_bytes
 from shardwise.perf.planner import (base_plans, best_micro_batching, enumerate_plans, evaluate,
                                     family, micro_batch_family, plan_command, plan_parts,
                                     rank_plans, rank_rows, ranking, score)
@@ -23,12 +24,13 @@ H100_8, H100_16 = load_cluster("h100-sxm-8"), load_cluster("h100-sxm-16")
 #   2x2 and 2x2,reduce=flat yes (6 % 2, 8 % 2, 96 % 4), 4x1 no (6 % 4);
 #   ring:4 yes; ep: a dense model has no candidates;
 #   layerwise: batch 4 on 4 ranks with 1 group x 4 replicas or 2 groups x 2 replicas,
-#   both use every rank, for both capacities (80 GB HBM and 50 MiB L2: a layer is ~100 KB).
+#   both use every rank, for both capacities (the profile's HBM and 50 MiB L2: a layer is ~100 KB).
 SIX = ModelSpec(name="six-heads", n_layers=2, d_model=48, n_heads=6, head_dim=8, d_ff=96,
                 dtype="fp32")
 SIX_WL = Workload(batch=4, seq_len=16, decode_steps=2)
+HBM = size_text(H100_8.hbm_bytes)  # layerwise:cap=HBM, named by the profile's memory
 VALID = {"tp_pp:2x2", "helix:1x4", "helix:2x2", "helix:2x2,reduce=flat", "ring:4",
-         "layerwise:cap=80GB", "layerwise:cap=50MiB"}
+         f"layerwise:cap={HBM}", "layerwise:cap=50MiB"}
 INVALID = {"tp_pp:4x1": "n_heads (6) is not divisible by tp", "tp_pp:1x4": "4 pipeline stages",
            "helix:4x1": "n_heads (6) is not divisible by head groups"}
 
@@ -51,7 +53,7 @@ def test_planner_lists_exactly_the_valid_plans():
 def test_micro_batch_variants_only_where_the_strategy_micro_batches():
     rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1, 2))
     plans = {r.plan for r in rows if r.valid}
-    assert {"tp_pp:2x2,mb=2", "ring:4,mb=2", "layerwise:cap=80GB,mb=2"} <= plans
+    assert {"tp_pp:2x2,mb=2", "ring:4,mb=2", f"layerwise:cap={HBM},mb=2"} <= plans
     assert not any(p.startswith("helix") and "mb=" in p for p in plans)
 
 
@@ -65,19 +67,23 @@ def test_ranking_is_by_predicted_time(phase):
 
 
 def test_infeasible_plans_are_flagged_with_the_kv_cache():
+    # seed-ring-4l at twice its batch: 2.69 TB of KV cache, more than the 16 GPUs hold.
     p = get_preset("seed-ring-4l")
-    rows = enumerate_plans(p.model, p.workload, H100_16, micro_batches=(1,))
+    batch = 2 * p.workload.batch
+    rows = enumerate_plans(p.model, p.workload.replace(batch=batch), H100_16,
+                           micro_batches=(1,))
     valid = [r for r in rows if r.priced]
     assert valid and not any(r.fits for r in valid)
     # Compositions too: the recorded ranks' KV caches do not fit the cluster.
-    assert all(r.prediction.reason.startswith("KV cache 1.34 TB > 16 x 80 GB")
+    hbm = fmt_bytes(H100_16.hbm_bytes)
+    assert all(r.prediction.reason.startswith(f"KV cache 2.69 TB > 16 x {hbm}")
                for r in valid)
-    text = plan_command("seed-ring-4l", "h100-sxm-16", phase="decode", top=3)
+    text = plan_command("seed-ring-4l", "h100-sxm-16", batch=batch, phase="decode", top=3)
     assert "KV cache" in text and "0 fit in memory" in text
     # Micro-batches shrink no KV cache: the table says none fits, and shows one count.
-    rk = ranking("seed-ring-4l", "h100-sxm-16", None, None, "decode")
+    rk = ranking("seed-ring-4l", "h100-sxm-16", batch, None, "decode")
     tp = [r for r in rk.shown if family(r.plan) == "tp_pp:8x2"]
-    assert len(tp) == 1 and tp[0].note == "no micro-batch count fits (up to mb=1024 tried)"
+    assert len(tp) == 1 and tp[0].note == f"no micro-batch count fits (up to mb={batch} tried)"
 
 
 def test_plan_validate_runs_the_best_fitting_plans_and_compares(tmp_path):
@@ -229,11 +235,12 @@ def test_micro_batch_counts_stop_at_the_first_slower_one(phase):
     # in the ranked phase than the fastest before it: every count tried but
     # the last is faster than the ones before it; the last is slower, or the
     # largest count the batch allows.
-    # Four stages of a mid-sized model: prefill is fastest at 8 micro-batches,
-    # a decode step at 2 (one token's micro-batches cost their fixed part).
+    # Four stages of a mid-sized model, 32 sequences of 4096 positions: a decode
+    # step is fastest at 4 micro-batches on the H100 profile (one token's
+    # micro-batches cost their fixed part), prefill at more.
     spec = ModelSpec(name="mid", n_layers=4, d_model=1024, n_heads=8, head_dim=128, d_ff=4096,
                      dtype="bf16")
-    wl = Workload(batch=32, seq_len=1024, decode_steps=2)
+    wl = Workload(batch=32, seq_len=4096, decode_steps=2)
     rows = micro_batch_family(spec, wl, Plan.parse("tp_pp:1x4"), H100_8, 4, phase=phase)
     counts = [Plan.parse(r.plan).micro_batches for r in rows]
     assert counts == sorted(counts) and counts[0] == 1 and all(r.fits for r in rows)
@@ -255,9 +262,9 @@ def test_predict_takes_the_ranks_plan_ranked_for():
     from shardwise.spec import ShardwiseError
 
     ranked = {r.plan: r for r in enumerate_plans(SIX, SIX_WL, H100_8, ranks=4)}
-    got = predict(SIX, SIX_WL, "layerwise:cap=80GB", H100_8, 4)
-    assert got.prefill.seconds == ranked["layerwise:cap=80GB"].prediction.prefill.seconds
-    assert predict_parts("tiny-dense", "layerwise:cap=80GB", "h100-sxm-8", ranks=4)
+    got = predict(SIX, SIX_WL, f"layerwise:cap={HBM}", H100_8, 4)
+    assert got.prefill.seconds == ranked[f"layerwise:cap={HBM}"].prediction.prefill.seconds
+    assert predict_parts("tiny-dense", f"layerwise:cap={HBM}", "h100-sxm-8", ranks=4)
     with pytest.raises(ShardwiseError, match=r"has 8 GPUs; give --ranks 8 or fewer"):
         predict_parts("tiny-dense", "tp_pp:2x1", "h100-sxm-8", ranks=16)
     with pytest.raises(ShardwiseError, match=r"\(--ranks 2\)") as e:
