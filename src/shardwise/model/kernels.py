@@ -29,6 +29,7 @@ product runs as a gather and a batched matrix product.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -211,5 +212,13 @@ def expert_rows_block(rows: int, outs: int, sms: int) -> int:
 
 
 def _sms(device) -> int:
-    """The GPU's SMs (1 off a GPU: Triton's interpreter on CPU)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    """The GPU's SMs (1 off a GPU: Triton's interpreter on CPU), read once
+    per device: an eager decode step launches this kernel twice a layer."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sms(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
