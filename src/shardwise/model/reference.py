@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..spec import ModelSpec
+from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
 from .kernels import add_norm, expert_rows, swiglu
 from .rope import Rope
@@ -208,9 +209,11 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
     """Softmax attention of ``q [B, H, T, d]`` (absolute positions
     ``q_start..q_start+T``) over ``k, v [B, Hkv, S, d]`` (positions ``0..S``),
     each query seeing keys at positions <= its own. Returns ``[B, H, T, d]``.
-    ``q_start`` may be a 0-d device tensor (static-shape decode). Wide heads
-    (head_dim 256 and 512 on GPUs) run the flash kernel of :mod:`.flash`
-    where it is the faster; everything else ``scaled_dot_product_attention``.
+    ``q_start`` may be a 0-d device tensor (static-shape decode). One query
+    position on GPUs (half precision, head_dim <= 256) runs the split-key
+    kernel of :mod:`.decode`, which streams the cache on every SM; wide heads
+    (head_dim 256 and 512) the flash kernel of :mod:`.flash` where it is the
+    faster; everything else ``scaled_dot_product_attention``.
 
     Grouped-query attention (``Hkv < H``) never repeats K/V: a prompt goes to
     SDPA's grouped path (``enable_gqa``: cuDNN's kernel takes it as it is),
@@ -223,6 +226,12 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
     batch 16 (94 vs 102 us, results/llama/probe.jsonl)."""
     B, H, T, d = q.shape
     Hkv = k.shape[1]
+    if T == 1 and decode_ok(q, k, v):
+        if isinstance(q_start, torch.Tensor):  # keys 0..q_start, counted once a step
+            n = _per_step(("keys", id(q_start)), lambda: q_start + 1)
+        else:
+            n = min(q_start + 1, k.shape[2])
+        return decode_attend(q, k, v, n)[0]
     if not isinstance(q_start, torch.Tensor) and wide_ok(q, k, v, q_start == 0 and T == k.shape[2]):
         return wide_attend(q, k, v, q_start, causal=True)[0]
     cudnn_static = (isinstance(q_start, torch.Tensor) and q.dtype in (torch.bfloat16, torch.float16)

@@ -1,17 +1,8 @@
-"""Partial softmax attention and its exact log-sum-exp merge.
-
-Attention over a key set split into blocks K_1..K_n equals the merge of the
-per-block results: with ``o_i = softmax(q K_i^T) V_i`` and
-``lse_i = log sum exp(q K_i^T)``,
-
-    lse = log sum_i exp(lse_i),   o = sum_i exp(lse_i - lse) * o_i
-
-(Milakov & Gimelshein 2018, "Online normalizer calculation for softmax";
-used by ring attention, Liu et al. 2023, and by sequence-sharded decode).
-This file is the only place the merge is written (``merge_stack`` for n
-blocks at once, ``merge_into`` for a running accumulator). A block where a query
-sees no key has ``lse = -inf`` and ``o = 0``; the merge gives it weight 0
-instead of a NaN.
+"""Partial softmax attention with its log-sum-exp, the pieces that ring
+attention (Liu et al. 2023) and sequence-sharded decode merge exactly
+(:mod:`shardwise.model.merge`, re-exported here: ``merge_stack``,
+``merge_lse``, ``merge_into``). A block where a query sees no key has
+``lse = -inf`` and ``o = 0``.
 
 ``attend_lse`` computes one block. On CUDA, without an explicit mask, it
 calls fused kernels that also return the log-sum-exp: at head_dim 256 and
@@ -19,14 +10,8 @@ calls fused kernels that also return the log-sum-exp: at head_dim 256 and
 reads grouped-query K/V heads once), otherwise PyTorch's (cuDNN's flash
 attention for fp16/bf16 and head_dim <= 128, FlashAttention-2 up to 256, the
 memory-efficient kernel otherwise); elsewhere, and with a mask, it computes
-the scores explicitly in float32.
-
-On CUDA ``merge_stack`` is one Triton kernel (a program per query row: the
-blocks' maximum lse, the sum of their exponentials, the weighted sum of their
-outputs in float32), where PyTorch's ops take about twenty kernels, logsumexp
-alone nine; a decode step merges once a layer. It computes the same
-expressions in the same order as the PyTorch path (``_merge_math``), which
-runs everywhere else.
+the scores explicitly in float32. ``attend_lse_prefix`` attends over a
+prefix of the keys whose length is on the device (a static decode step).
 """
 from __future__ import annotations
 
@@ -34,11 +19,11 @@ import math
 
 import torch
 
+from ..model.decode import attend as decode_attend, decode_ok
 from ..model.flash import attend as wide_attend, wide_ok
-from ..model.kernels import triton_kernel
+from ..model.merge import (NEG_INF, _finite, _merge_math, _merge_rows, _share,  # noqa: F401
+                           merge_into, merge_lse, merge_stack)
 from ..model.reference import _per_step
-
-NEG_INF = float("-inf")
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -82,9 +67,14 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
     returns the log-sum-exp with the output: cuDNN's in half precision up to
     head_dim 128 (its plan is built once: the shapes never change), the
     memory-efficient kernel otherwise; elsewhere the masked scores are
-    computed in float32."""
+    computed in float32. One query position on GPUs (half precision,
+    head_dim <= 256) takes :mod:`shardwise.model.decode`'s split-key kernel,
+    which reads ``n`` on the device and skips the keys past it."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     S, T = k.shape[2], q.shape[2]
+    if T == 1 and decode_ok(q, k, v):  # an empty prefix gives lse = -inf, o = 0
+        o, lse = decode_attend(q, k, v, n.reshape(1), scale)
+        return o, lse[..., None]
     if _groupable(q, k, False, None) and T == 1:  # the key prefix applies to each row alike
         return _ungroup(q, *attend_lse_prefix(_group(q, k), k, v, n, scale, may_be_empty))
     B, H, T, _ = q.shape
@@ -198,86 +188,3 @@ def _attend_math(q, k, v, mask, scale: float, causal: bool):
     p = torch.exp(s - _finite(lse)[..., None])  # exp(-inf) = 0 on masked entries
     o = torch.matmul(p, v.float())
     return o.to(q.dtype), lse
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-
-
-def _share(lse_i: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """``exp(lse_i - lse)``, block i's share of the merged softmax. Relative to
-    the merged lse it never exceeds 1, so nothing overflows; a block that sees
-    nothing (``lse_i = -inf``) gets 0, and where no block sees anything
-    (``lse = -inf``) every share is 0 instead of NaN."""
-    return torch.exp(lse_i - _finite(lse))
-
-
-def merge_stack(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge ``n`` partial results stacked on dim 0: ``o [n, ..., T, d]``,
-    ``lse [n, ..., T]`` -> ``(o [..., T, d], lse [..., T])``.
-    A query that no block sees gets ``o = 0``, ``lse = -inf``. ``o`` and
-    ``lse`` may be strided views (e.g. the columns of one gathered buffer)."""
-    rows = _merge_rows(o, lse)
-    if rows is not None:
-        return _merge_launch(o, lse, *rows)
-    return _merge_math(o, lse)
-
-
-def _merge_math(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    total = torch.logsumexp(lse, dim=0)  # [..., T]; -inf (not NaN) where every lse is -inf
-    share = _share(lse, total)[..., None]
-    # A block of share 0 adds nothing, whatever its o (a fused kernel's
-    # output for a query that saw no key is not defined).
-    out = torch.where(share > 0, o.float() * share, 0.0).sum(dim=0)
-    return out.to(o.dtype), total
-
-
-_MERGE_MAX_D = 4096
-
-
-def _merge_kernel():
-    """``(triton, merge_kernel)`` (:mod:`.triton_merge`), or False without Triton."""
-    return triton_kernel(f"{__package__}.triton_merge", "merge_kernel")
-
-
-def _merge_rows(o: torch.Tensor, lse: torch.Tensor):
-    """``(o [n, rows, d], lse [n, rows])`` as views of the inputs when the
-    Triton merge takes them (CUDA, float32 lse, d <= 4096, rows of o evenly
-    strided with contiguous columns), else None."""
-    if not (o.is_cuda and o.dtype in (*_HALF, torch.float32) and lse.dtype == torch.float32
-            and o.dim() >= 2 and o.shape[:-1] == lse.shape and o.shape[-1] <= _MERGE_MAX_D
-            and o.stride(-1) == 1 and o.numel() > 0):
-        return None
-    n, d = o.shape[0], o.shape[-1]
-    try:
-        o3, l2 = o.view(n, -1, d), lse.view(n, -1)
-    except RuntimeError:  # rows not evenly strided: the PyTorch path
-        return None
-    return (o3, l2) if _merge_kernel() else None
-
-
-def _merge_launch(o, lse, o3, l2):
-    triton, kernel = _merge_kernel()
-    n, rows, d = o3.shape
-    out = torch.empty(o.shape[1:], dtype=o.dtype, device=o.device)
-    total = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
-    kernel[(rows,)](o3, l2, out, total, n, d, o3.stride(0), o3.stride(1), l2.stride(0),
-                    l2.stride(1), BLOCK=triton.next_power_of_2(d))
-    return out, total
-
-
-def merge_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
-              lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two partial results over disjoint key sets (see module doc)."""
-    return merge_stack(torch.stack([o_a, o_b]), torch.stack([lse_a, lse_b]))
-
-
-def merge_into(o: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor,
-               lse_b: torch.Tensor) -> None:
-    """``merge_lse`` into an accumulator, in place: ``o [..., T, d]`` (float32,
-    so repeated merges round once each in full precision) and ``lse [..., T]``
-    absorb block ``(o_b, lse_b)``. Two passes over ``o`` and none over a
-    stacked copy: ring attention merges once per ring step."""
-    total = torch.logaddexp(lse, lse_b)  # -inf where both are -inf
-    o.mul_(_share(lse, total)[..., None]).addcmul_(o_b, _share(lse_b, total)[..., None])
-    lse.copy_(total)

@@ -136,9 +136,13 @@ class Costs:
         """Prefill: 4 d FLOPs per scored pair and head at the kernel's rate,
         reading at the streaming rate. A few queries (decode): the kernel
         still computes a whole tile of query rows, and reads the keys it is
-        given at the copy rate."""
+        given at the copy rate; the split-key decode kernel computes one
+        row a query head and streams the keys at the copy rate."""
         backend, B, H, T, S, d, causal, masked = k.dims
         half = dtype_bytes(k.dtype) == 2
+        if backend == "split":  # one query position over keys split on every SM: a stream
+            rate = self.cl.attention_rate(d, k.dtype) * self.derate
+            return max(k.flops / rate, k.bytes / self.cl.hbm_rate)
         if backend == "flash" and half and d <= 256:
             rate, tile = self.cl.flash_rate(k.dtype), FLASH_Q_TILE
         elif backend == "wide":  # taken for prompts (two queries or more): no tile charged

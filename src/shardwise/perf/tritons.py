@@ -104,10 +104,10 @@ class AddNorm(StandIn):
 
 
 class Merge(StandIn):
-    """:mod:`shardwise.parallel.lse`'s merge of attention partials."""
+    """:mod:`shardwise.model.merge`'s merge of attention partials."""
 
     def run(self, grid, O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK):
-        from ..parallel.lse import _merge_math
+        from ..model.merge import _merge_math
 
         out, total = _merge_math(O, L)  # [rows, d], [rows]
         OUT.view(-1, D).copy_(out)
@@ -204,9 +204,40 @@ class ExpertRows(StandIn):
         return Kernel("gemm", 2.0 * rows * O * I, float(moved), (rows, 1, I, O), _dtype(X))
 
 
+class DecodeSplit(StandIn):
+    """:mod:`shardwise.model.decode`'s split-key attention of one query
+    position: each split's float32 attention (:mod:`shardwise.parallel.lse`'s
+    math) over its run of keys, stacked ``[splits, B*H]`` for the merge. On a
+    GPU an attention kernel of backend ``split``: 4 d FLOPs per key and
+    query head, reading q and the cache's K and V views once and writing the
+    float32 partials."""
+
+    def run(self, grid, Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+            Hkv, rows_all, chunk, qk_scale, D, N_PTR, **kw):
+        from ..parallel.lse import _attend_math, _expand_kv
+
+        B, H = Q.shape[0], Q.shape[1]
+        q = Q.reshape(B, H, 1, D).float()
+        n = min(int(N.reshape(-1)[0]) if N_PTR else int(n0), S)
+        for s in range(grid[1]):
+            lo, hi = s * chunk, min((s + 1) * chunk, n)
+            if hi <= lo:
+                O[s], L[s] = 0.0, float("-inf")
+                continue
+            k, v = _expand_kv(q, K[:, :, lo:hi], V[:, :, lo:hi])
+            o, lse = _attend_math(q, k.float(), v.float(), None, qk_scale / math.log2(math.e), False)
+            O[s], L[s] = o.reshape(B * H, D), lse.reshape(B * H)
+
+    def kernel(self, grid, Q, K, V, O, L, N, n0, S, *args, D, **kw):
+        B, H = Q.shape[0], Q.shape[1]
+        moved = sum(map(_nbytes, (Q, K, V, O, L)))  # the keys held (a static step: all of them)
+        return Kernel("attention", 4.0 * B * H * D * S, float(moved),
+                      ("split", B, H, 1, S, D, False, False), _dtype(Q))
+
+
 STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel": SwiGLU,
              "rotary_kernel": Rotary, "flash_fwd_kernel": Flash,
-             "expert_rows_kernel": ExpertRows}
+             "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit}
 
 
 def stand_in(name: str) -> StandIn:

@@ -1,4 +1,4 @@
-"""The Triton kernel of :func:`shardwise.parallel.lse.merge_stack` on CUDA
+"""The Triton kernel of :func:`shardwise.model.merge.merge_stack` on CUDA
 (imported only where Triton is installed): the blocks' maximum lse, the sum
 of their exponentials and the weighted sum of their outputs in float32."""
 import triton

@@ -1,0 +1,117 @@
+"""A decode step's attention on one GPU at Llama 3.1 8B's widths (32 query
+heads, 8 K/V heads of 128; the token-major cache's views): shardwise's
+split-key kernel (``model.decode``) beside SDPA as the step called it before
+(the static step's additive mask with ``enable_gqa``, every backend SDPA
+offers), at batch 1 x 2062, 16 x 4110 and 1 x 32768 keys. The rate is the K/V bytes
+read over the time, beside the device copy rate measured in the same
+process (bytes read and written). ``--sweep`` also times the kernel's launch
+options (keys a step, programs an SM, warps, stages).
+
+Usage: python scripts/decode-attn.py [--sweep] [--out FILE.jsonl]
+"""
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as Fn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from shardwise.bench.records import git_rev
+from shardwise.model import decode
+
+
+def timed_us(fn, iters=50, warmup=5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(1e3 * a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() / timed_us(lambda: dst.copy_(src)) / 1e6  # TB/s
+    H, Hkv, d = 32, 8, 128
+    recs = []
+
+    def rec(**r):
+        recs.append(r)
+        print(json.dumps(r), flush=True)
+
+    for B, S in ((1, 2062), (16, 4110), (1, 32768)):
+        kv = torch.randn(B, S, 2, Hkv, d, device=dev, dtype=dt)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        q = torch.randn(B, H, 1, d, device=dev, dtype=dt)
+        pos = torch.tensor(S - 1, device=dev)
+        n = pos + 1
+        kv_bytes = 2 * B * Hkv * S * d * 2
+        bias = torch.zeros(1, S + (-S % 16), dtype=dt, device=dev)[:, :S]
+        ref = Fn.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+        mine = decode.attend(q, k, v, n)[0]
+        err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
+        base = dict(B=B, S=S, H=H, Hkv=Hkv, d=d, copy_TBps=round(copy, 3))
+        us = timed_us(lambda: decode.attend(q, k, v, n))
+        rec(probe="decode_attn", variant="split-keys (default)", us=round(us, 2), rel_err=err,
+            splits=decode.split_keys(B * Hkv, S, torch.cuda.get_device_properties(dev).multi_processor_count)[0],
+            kv_TBps=round(kv_bytes / us / 1e6, 3), **base)
+        for name, be in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                         ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            for form in ("mask", "no mask"):
+                def fn():
+                    m = bias if form == "mask" else None
+                    if be is None:
+                        return Fn.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+                    with sdpa_kernel([be]):
+                        return Fn.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+                try:
+                    out = fn()
+                    e = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                    us = timed_us(fn)
+                    rec(probe="decode_attn", variant=f"sdpa {name}, {form}", us=round(us, 2), rel_err=e,
+                        kv_TBps=round(kv_bytes / us / 1e6, 3), **base)
+                except RuntimeError as exc:
+                    rec(probe="decode_attn", variant=f"sdpa {name}, {form}", error=str(exc)[:80], **base)
+        if not args.sweep:
+            continue
+        for bn in (32, 64, 128):
+            for waves in (2, 4, 8):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        fn = lambda: decode.attend(q, k, v, n, block_n=bn, waves=waves, warps=warps,
+                                                   stages=stages)
+                        try:
+                            e = ((fn()[0].float() - ref).abs().max() / ref.abs().max()).item()
+                            us = timed_us(fn, iters=30)
+                        except Exception as exc:  # a launch that does not fit the SM
+                            rec(probe="decode_attn_launch", block_n=bn, waves=waves, warps=warps,
+                                stages=stages, error=str(exc)[:80], **base)
+                            continue
+                        rec(probe="decode_attn_launch", block_n=bn, waves=waves, warps=warps,
+                            stages=stages, us=round(us, 2), rel_err=e,
+                            kv_TBps=round(kv_bytes / us / 1e6, 3), **base)
+    meta = {"command": "python scripts/decode-attn.py" + (" --sweep" if args.sweep else "")
+                       + (f" --out {args.out}" if args.out else ""),
+            "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            "git_rev": git_rev()}
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in recs:
+                f.write(json.dumps({**meta, **r}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

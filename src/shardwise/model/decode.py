@@ -1,0 +1,104 @@
+"""Attention of one query position over a KV cache, split over the keys
+(flash-decoding), on GPUs; everything else keeps PyTorch's kernels.
+
+A decode step's attention reads the cache once and computes almost nothing,
+so its time is how many of the GPU's SMs stream the cache. PyTorch's fused
+kernels give a program to each (sequence, head) and walk all its keys: at
+batch 1 with 8 K/V heads, Llama 3.1 8B's 2062-key cache took 33-50 us a
+layer on an H100 (results/llama/probe.jsonl), 170-250 GB/s, where a
+copy streams 3 TB/s. Here each (sequence, K/V head) is split into ``splits``
+runs of keys so the grid has a few programs per SM; each program computes
+its run for all the query heads of its K/V head (each K/V row read once,
+grouped-query attention never repeats K/V), and :mod:`.merge`'s kernel
+merges the runs exactly by their log-sum-exp (Dao et al. 2023,
+"Flash-Decoding for long-context inference").
+
+``attend(q, k, v, n)``: ``q [B, H, 1, d]`` (or ``[B, H, d]``) over the first
+``n`` keys (all ``S`` where ``n`` is larger) of ``k, v [B, Hkv, S, d]``
+(any strides, rows contiguous: the
+token-major cache's views). ``n`` is an int or a device tensor of one
+element (a CUDA graph replays the step at every position: the grid depends
+on ``S`` only, and splits past ``n`` exit at once). Returns ``o`` shaped as
+``q`` in q's dtype and ``lse [B, H]`` (natural log, float32; ``-inf`` where
+``n`` is 0, with ``o = 0``).
+
+Callers: the reference's ``causal_attention`` (every strategy's decode step
+over a whole cache) and ``parallel.lse.attend_lse_prefix`` (helix's and
+ring's sequence-sharded decode). Taken by :func:`decode_ok`: CUDA, bf16/fp16,
+a power-of-two head_dim of at most 256, at most 64 query heads a K/V head,
+Triton installed; under Triton's interpreter (the CPU tests) fp16 on any device.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .flash import _interpreter_index_fix
+from .kernels import _sms, triton_kernel
+from .merge import merge_stack
+
+_HALF = (torch.float16, torch.bfloat16)
+BLOCK_N = 64  # keys a program reads per step
+WAVES = 4  # programs per SM the split aims for
+
+
+def _kernel():
+    """``(triton, decode_split_kernel)`` (:mod:`.triton_decode`), or False
+    without Triton."""
+    loaded = triton_kernel(f"{__package__}.triton_decode", "decode_split_kernel")
+    if loaded and os.environ.get("TRITON_INTERPRET") == "1":
+        _interpreter_index_fix()
+    return loaded
+
+
+def _interpreted(q: torch.Tensor) -> bool:
+    # Triton's interpreter (the CPU tests) multiplies fp16 operands right and
+    # misreads bf16 ones (Triton 3.6 to 3.9), as flash.py notes.
+    return os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.float16
+
+
+def decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attend` takes these tensors (the module doc)."""
+    d = q.shape[-1]
+    H, Hkv = q.shape[1], k.shape[1]
+    return ((q.is_cuda or _interpreted(q)) and q.dtype in _HALF and k.dtype == q.dtype
+            and v.dtype == q.dtype and (q.dim() == 3 or q.shape[2] == 1)
+            and 16 <= d <= 256 and d & (d - 1) == 0 and k.shape[-1] == d and v.shape[-1] == d
+            and H % Hkv == 0 and H // Hkv <= 64 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and q.stride(-1) == 1 and bool(_kernel()))
+
+
+def split_keys(rows: int, S: int, sms: int, block_n: int = BLOCK_N, waves: int = WAVES):
+    """``(splits, chunk)``: runs of ``chunk`` keys (a multiple of ``block_n``)
+    per (sequence, K/V head), so that ``rows`` of them make at least
+    ``waves`` programs an SM where the keys allow; at most one run a block."""
+    want = max(1, min(-(-waves * sms // max(rows, 1)), -(-S // block_n)))
+    chunk = -(-(-(-S // want)) // block_n) * block_n
+    return -(-S // chunk), chunk
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n, scale: float | None = None,
+           kernel=None, block_n: int = BLOCK_N, waves: int = WAVES, warps: int = 4,
+           stages: int = 2):
+    """``(o, lse)`` (the module doc); needs :func:`decode_ok`. ``kernel``:
+    ``(triton, decode_split_kernel)`` (tests pass the interpreted one); the
+    other options are the launch's (the benchmark's sweep)."""
+    triton, split_kernel = kernel or _kernel()
+    B, H, d = q.shape[0], q.shape[1], q.shape[-1]
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    splits, chunk = split_keys(B * Hkv, S, _sms(q.device), block_n, waves)
+    o_split = torch.empty(splits, B * H, d, dtype=torch.float32, device=q.device)
+    lse_split = torch.empty(splits, B * H, dtype=torch.float32, device=q.device)
+    on_device = isinstance(n, torch.Tensor)
+    split_kernel[(B * Hkv, splits)](
+        q, k, v, o_split, lse_split, n if on_device else q, 0 if on_device else int(n), S,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), Hkv, B * H, chunk, scale * math.log2(math.e),
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=d, BLOCK_N=block_n, N_PTR=on_device,
+        num_warps=warps, num_stages=stages)
+    o, lse = merge_stack(o_split, lse_split, q.dtype)  # [B*H, d], [B*H]
+    return o.view(q.shape), lse.view(B, H)
