@@ -153,3 +153,45 @@ def test_each_call_takes_the_path_that_reads_least(tokens, held, path, monkeypat
     with torch.no_grad():
         moe(torch.randn(tokens, D, dtype=torch.float64))
     assert taken == [path]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_gemm_path_equals_the_loop(monkeypatch, activation):
+    # bf16 on CPU: torch._grouped_mm computes each expert's slice as the loop's
+    # per-expert GEMM does (the GPU's CUTLASS kernel sums in another order:
+    # the GPU verification runs bound that). Some experts get no token.
+    import shardwise.model.reference as ref
+    moe = random_moe(2, activation).to(torch.bfloat16)
+    with torch.no_grad():
+        moe.router.weight[:2] -= 100.0  # experts 0 and 1: never picked
+    x = torch.randn(90, D, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    taken = []
+    real = moe._grouped
+    monkeypatch.setattr(moe, "_grouped", lambda *a: taken.append(1) or real(*a))
+    with torch.no_grad():
+        loop = moe(x)
+        assert not taken  # a CPU tensor: the loop
+        monkeypatch.setattr(ref, "grouped_gemm_ok", lambda x, w: True)
+        grouped = moe(x)
+    assert taken == [1]
+    torch.testing.assert_close(grouped, loop, rtol=0, atol=0)
+    # A module holding some of the experts (expert parallelism) keeps the loop.
+    part = random_moe(2, activation, first_expert=2, local_experts=3).to(torch.bfloat16)
+    real = part._grouped
+    monkeypatch.setattr(part, "_grouped", lambda *a: taken.append(2) or real(*a))
+    with torch.no_grad():
+        part(x)
+    assert taken == [1]
+
+
+def test_grouped_gemm_is_taken_on_hopper_bf16_only():
+    from shardwise.model.reference import grouped_gemm_ok
+    x, w = torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(3, 32, 16, dtype=torch.bfloat16)
+    assert not grouped_gemm_ok(x, w)  # a CPU tensor
+    meta = dict(device="meta")
+    xm, wm = x.to(**meta), w.to(**meta)
+    assert not grouped_gemm_ok(xm, wm)  # meta tensors are not CUDA outside a traced step
+    if torch.cuda.is_available():
+        want = torch.cuda.get_device_capability() >= (9, 0)
+        assert grouped_gemm_ok(x.cuda(), w.cuda()) == want
+        assert not grouped_gemm_ok(x.cuda().half(), w.cuda().half())

@@ -438,6 +438,23 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
     return up_projection(x, w_in, activation) @ w_down.t()
 
 
+def grouped_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` multiplies ``x`` by the experts' ``w``
+    as one kernel with its group offsets on the device: bf16 on a Hopper or
+    newer GPU (elsewhere PyTorch loops over the groups with the offsets read
+    to the host). Rows in 16-byte units. Traced steps (meta tensors along
+    the GPU branches) take it as a Hopper GPU would."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == x.dtype
+            and hasattr(torch, "_grouped_mm") and x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0):
+        return False
+    return x.device.type != "cuda" or _capability(x.device) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
 # Tokens a call up to which MoE runs every expert it holds on every token,
 # weighted by the routing (zero where a token did not pick the expert): no
 # host synchronisation and shapes that do not depend on the routing, so a
@@ -485,12 +502,16 @@ class MoE(nn.Module):
         return self._dense(x, weights, experts)
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
-        """Each held expert on the tokens that picked it: the (token, pick)
+        """Each held expert on the tokens that picked it: :meth:`_grouped` on
+        GPUs that have the grouped GEMM when this module holds every expert,
+        else the loop below. The (token, pick)
         pairs sorted by expert (stable: tokens in order), one host
         synchronisation for the counts that size the groups, one GEMM pair
         per expert on its contiguous rows (:func:`grouped_expert_mlp`), then
         each token's weighted terms (rounded) summed in float32 over its
         picks (the sum a running bf16 sum gives for two picks)."""
+        if grouped_gemm_ok(x, self.w_in) and self.w_in.shape[0] == self.router.out_features:
+            return self._grouped(x, weights, experts)
         N, k = experts.shape
         held = self.w_in.shape[0]
         local = experts.reshape(-1) - self.first_expert  # [N*k]
@@ -501,6 +522,27 @@ class MoE(nn.Module):
         y = grouped_expert_mlp(x[rows // k], sizes, self.w_in, self.w_down, self.activation)
         terms = torch.zeros(N * k, x.shape[1], dtype=x.dtype, device=x.device)
         terms[rows] = y * weights.reshape(-1)[rows, None].to(y.dtype)
+        return terms.view(N, k, -1).sum(1)
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+        """:meth:`_routed` with no host synchronisation and two GEMM launches:
+        the (token, pick) rows sorted by expert, each expert's slice ending
+        at an offset computed on the device, and every expert's product in
+        one grouped GEMM (``torch._grouped_mm``: CUTLASS's on Hopper) for the
+        up-projection and one for the down; then the weighted terms, summed
+        in float32 over a token's picks, as in the loop."""
+        N, k = experts.shape
+        held = self.w_in.shape[0]
+        key = experts.reshape(-1)  # [N*k]: every expert is held here
+        order = torch.argsort(key, stable=True)
+        ends = torch.searchsorted(key[order], torch.arange(held, device=x.device), right=True)
+        ends = ends.to(torch.int32)  # [held]: where each expert's rows end
+        rows = x[order // k]  # [N*k, D], by expert
+        h = torch._grouped_mm(rows, self.w_in.transpose(1, 2), offs=ends)  # [N*k, (2)F]
+        y = torch._grouped_mm(activate(h, self.activation), self.w_down.transpose(1, 2),
+                              offs=ends)  # [N*k, D]
+        terms = torch.empty_like(y)
+        terms[order] = y * weights.reshape(-1)[order, None].to(y.dtype)
         return terms.view(N, k, -1).sum(1)
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):

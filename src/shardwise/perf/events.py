@@ -19,7 +19,8 @@ CALL_KINDS = ("kernels", "metas", "modules", "syncs", "all_reduce", "all_gather"
               "tritons")
 # Kernel calls also counted as GEMMs; attentions are calls whose name holds
 # "scaled_dot_product" or "attention".
-GEMM_OPS = {"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "_addmm_activation"}
+GEMM_OPS = {"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "_addmm_activation",
+            "_grouped_mm"}
 # Ops whose result the host waits for (the value sizes what follows).
 SYNC_OPS = {"nonzero", "nonzero_numpy", "nonzero_static", "item", "_local_scalar_dense",
             "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",

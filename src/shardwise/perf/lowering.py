@@ -139,6 +139,12 @@ def leaf_kernel(func, args, kwargs, out) -> Kernel | None:
         moved = _nbytes(x) + _nbytes(w) + _nbytes(a.get("self") if "mat1" in a or "batch1" in a
                                                    else None) + _nbytes(outs[0])
         return Kernel("gemm", 2.0 * batch * m * k * n, float(moved), (batch, m, k, n), _dt(x))
+    if name == "_grouped_mm":  # rows [R, K] by group through each group's [K, N]
+        x, w = a["self"], a["mat2"]
+        groups, (rows, k), n = w.shape[0], x.shape, w.shape[-1]
+        moved = _nbytes(x) + _nbytes(w) + _nbytes(outs[0])
+        return Kernel("gemm", 2.0 * rows * k * n, float(moved),
+                      (groups, max(1, rows // groups), k, n), _dt(x))
     if name in _ATTENTION:
         q, k, bias = a["query"], a["key"], a.get("attn_bias")
         B, H, T, d = q.shape
