@@ -3,37 +3,23 @@ heads, 8 K/V heads of 128; the token-major cache's views): shardwise's
 split-key kernel (``model.decode``) beside SDPA as the step called it before
 (the static step's additive mask with ``enable_gqa``, every backend SDPA
 offers), at batch 1 x 2062, 16 x 4110 and 1 x 32768 keys. The rate is the K/V bytes
-read over the time, beside the device copy rate measured in the same
-process (bytes read and written). ``--sweep`` also times the kernel's launch
+read over the device time (CUDA graphs of ten calls: no launch in it),
+beside the device copy rate measured in the same process (bytes read and
+written). ``--sweep`` also times the kernel's launch
 options (keys a step, programs an SM, warps, stages).
 
 Usage: python scripts/decode-attn.py [--sweep] [--out FILE.jsonl]
 """
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as Fn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shardwise.bench.records import git_rev
+from shardwise.runtime.timing import graphed_us
 from shardwise.model import decode
-
-
-def timed_us(fn, iters=50, warmup=5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(1e3 * a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -44,7 +30,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy = 2 * src.numel() / timed_us(lambda: dst.copy_(src)) / 1e6  # TB/s
+    copy = 2 * src.numel() / graphed_us(lambda: dst.copy_(src)) / 1e6  # TB/s
     H, Hkv, d = 32, 8, 128
     recs = []
 
@@ -64,7 +50,7 @@ def main() -> None:
         mine = decode.attend(q, k, v, n)[0]
         err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
         base = dict(B=B, S=S, H=H, Hkv=Hkv, d=d, copy_TBps=round(copy, 3))
-        us = timed_us(lambda: decode.attend(q, k, v, n))
+        us = graphed_us(lambda: decode.attend(q, k, v, n))
         rec(probe="decode_attn", variant="split-keys (default)", us=round(us, 2), rel_err=err,
             splits=decode.split_keys(B * Hkv, S, torch.cuda.get_device_properties(dev).multi_processor_count)[0],
             kv_TBps=round(kv_bytes / us / 1e6, 3), **base)
@@ -80,7 +66,7 @@ def main() -> None:
                 try:
                     out = fn()
                     e = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                    us = timed_us(fn)
+                    us = graphed_us(fn)
                     rec(probe="decode_attn", variant=f"sdpa {name}, {form}", us=round(us, 2), rel_err=e,
                         kv_TBps=round(kv_bytes / us / 1e6, 3), **base)
                 except RuntimeError as exc:
@@ -95,7 +81,7 @@ def main() -> None:
                                                    stages=stages)
                         try:
                             e = ((fn()[0].float() - ref).abs().max() / ref.abs().max()).item()
-                            us = timed_us(fn, iters=30)
+                            us = graphed_us(fn)
                         except Exception as exc:  # a launch that does not fit the SM
                             rec(probe="decode_attn_launch", block_n=bn, waves=waves, warps=warps,
                                 stages=stages, error=str(exc)[:80], **base)

@@ -1,36 +1,22 @@
 """The routed-expert GEMV of a MoE decode step (``model.kernels.expert_rows``)
 on one GPU, at Mixtral-8x7b's widths: each block of outputs a program may take
-(16, 32, 64) and the block ``expert_rows_block`` picks, for the up-projection
+(8 to 64, the other options as ``expert_rows_launch`` picks them) and the
+launch ``expert_rows_launch`` picks, for the up-projection
 ([gate; up], 28672 x 4096) and the down-projection (4096 x 14336), at 1, 2 and
 4 tokens of 2 picks; the rate is the routed experts' weight bytes over the
-time, beside the device copy rate measured in the same process (bytes read
-and written).
+device time (CUDA graphs of ten calls: no launch in it), beside the device
+copy rate measured in the same process (bytes read and written).
 
 Usage: python scripts/moe-rows.py [--out FILE.jsonl]
 """
 import argparse
 import json
-import statistics
 
 import torch
 
 from shardwise.bench.records import git_rev
+from shardwise.runtime.timing import graphed_us
 from shardwise.model import kernels
-
-
-def timed_us(fn, iters=30, warmup=5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(1e3 * a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -44,7 +30,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy = 2 * src.numel() / timed_us(lambda: dst.copy_(src)) / 1e6  # TB/s, read + write
+    copy = 2 * src.numel() / graphed_us(lambda: dst.copy_(src)) / 1e6  # TB/s, read + write
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     E, D, F, k = 8, 4096, 14336, 2
     w_in = torch.randn(E, 2 * F, D, device=dev, dtype=dt) * 0.02
@@ -58,12 +44,12 @@ def main() -> None:
         for name, w, per, rows_in in (("up", w_in, k, tokens), ("down", w_down, 1, tokens * k)):
             x = torch.randn(rows_in, w.shape[2], device=dev, dtype=dt)
             R, O = tokens * k, w.shape[1]
-            auto = kernels.expert_rows_block(R, O, sms)
+            auto = kernels.expert_rows_launch(R, O, sms)["block_o"]
             ref = kernels.expert_rows(x, w, experts, 0, per)
-            for block in (16, 32, 64):
+            for block in (8, 16, 32, 64):
                 fn = lambda: kernels._expert_rows_launch(x, w, experts, 0, per, block_o=block)
                 same = torch.equal(fn(), ref) if block == auto else None
-                us = timed_us(fn)
+                us = graphed_us(fn)
                 weight_bytes = routed * w.shape[1] * w.shape[2] * w.element_size()
                 rec = {"probe": "expert_rows", "matrix": name, "tokens": tokens, "rows": R,
                        "routed_experts": routed, "block_o": block, "chosen": block == auto,
@@ -83,7 +69,7 @@ def main() -> None:
                                                          block_i=bi, num_warps=warps,
                                                          num_stages=stages, DOT=dot)
                 close = torch.allclose(fn().float(), ref.float(), rtol=2e-2, atol=1e-2)
-                us = timed_us(fn)
+                us = graphed_us(fn)
                 weight_bytes = routed * w.shape[1] * w.shape[2] * w.element_size()
                 rec = {"probe": "expert_rows_launch", "matrix": name, "tokens": tokens,
                        "rows": R, "block_o": block, "block_i": bi, "num_warps": warps, "dot": dot,

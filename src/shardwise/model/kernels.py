@@ -179,36 +179,39 @@ def _expert_rows_torch(x, w, experts, first, per):
 
 
 def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
-                        block_i: int = 256, **launch):
-    """``launch``: Triton's launch options (num_warps, num_stages) where a probe
-    sets them (scripts/moe-rows.py); 4 warps otherwise."""
+                        block_i: int | None = None, **launch):
+    """``block_o``, ``block_i`` and ``launch`` (Triton's num_warps, num_stages,
+    ``DOT``): where a probe sets them (scripts/moe-rows.py); else
+    :func:`expert_rows_launch`'s."""
     triton, kernel = _experts_kernel()
     held, O, I = w.shape
     R = experts.numel()
     y = torch.empty(R, O, dtype=x.dtype, device=x.device)
-    block_o = block_o or expert_rows_block(R, O, _sms(x.device))
-    block_i = min(block_i, triton.next_power_of_2(I))
+    chosen = expert_rows_launch(R, O, _sms(x.device))
+    block_o = block_o or chosen["block_o"]
+    block_i = min(block_i or chosen["block_i"], triton.next_power_of_2(I))
     kernel[(R, triton.cdiv(O, block_o))](
         x, w, experts.reshape(-1), y, O, held, first, x.stride(0), w.stride(0),
         w.stride(1), y.stride(0), I=I, PER=per, BLOCK_O=block_o, BLOCK_I=block_i,
-        **{"num_warps": 4, **launch})
+        **{"num_warps": chosen["num_warps"], "num_stages": 2, **launch})
     return y
 
 
-def expert_rows_block(rows: int, outs: int, sms: int) -> int:
-    """Outputs per program of :func:`expert_rows`'s kernel. A GEMV streams
-    the weights once, so its rate is the loads in flight: each program reads
-    ``block_o`` weight rows, 256 inputs (512 B in bf16) of each per step, and
-    the grid must keep every SM busy with several programs. 64 outputs a
-    program where the grid then has at least four programs an SM (Mixtral's
-    up-projection at two routed rows: 896); fewer, down to 16, where it would
-    not (its down-projection, 4096 outputs: 128 programs at 64, 512 at 16).
-    The row sums are the same whatever the block (each output's inputs are
-    summed in the same order), so the choice never changes a result."""
-    block = 64
-    while block > 16 and rows * -(-outs // block) < 4 * sms:
-        block //= 2
-    return block
+def expert_rows_launch(rows: int, outs: int, sms: int) -> dict:
+    """The launch of :func:`expert_rows`'s kernel for ``rows`` routed rows of
+    ``outs`` outputs on a GPU of ``sms`` SMs. A GEMV streams the weights
+    once, so its rate is the loads each SM keeps in flight: a program reads
+    16 weight rows, 256 inputs (512 B in bf16) of each, a step over 8 warps;
+    where that grid has fewer than 4 programs an SM, 8 rows of 1024 inputs
+    over 4 warps (the same 16 KB a step, half the programs' count lost). On
+    an H100 at Mixtral-8x7b's widths and one token (two routed rows) these
+    were the fastest of 36 launches each (results/real/moe-rows-sweep.jsonl):
+    the up-projection (28672 x 4096) 207 us where the launch before them
+    (64 rows of 256 inputs, 4 warps) took 253, the down-projection (4096 x
+    14336) 134 where it took 196."""
+    if rows * -(-outs // 16) >= 4 * sms:
+        return {"block_o": 16, "block_i": 256, "num_warps": 8}
+    return {"block_o": 8, "block_i": 1024, "num_warps": 4}
 
 
 def _sms(device) -> int:

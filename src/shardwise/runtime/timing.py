@@ -86,6 +86,27 @@ def _event_times(fn, iters: int, warmup: int) -> list[float]:
     return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
 
 
+def graphed_us(fn, reps: int = 10, iters: int = 30) -> float:
+    """Device time of one ``fn()`` in microseconds, with no host in it:
+    ``reps`` calls captured in one CUDA graph (after a call outside the
+    capture, which compiles Triton kernels and builds cuDNN's plans), the
+    median of ``iters`` replays over ``reps``. A kernel of tens of
+    microseconds launched from Python is otherwise timed with its launch
+    when the host is the slower (the kernel probes' case)."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = _event_times(graph.replay, iters, warmup=3)
+    return 1e6 * statistics.median(times) / reps
+
+
 def timed_call(fn, device, comm):
     """Run ``fn`` after a barrier and a device sync; (result, seconds of the
     slowest rank). Each rank's clock stops at its own device sync, so neither
