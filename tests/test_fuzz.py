@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from shardwise import fuzz
+from shardwise.parallel.base import validate_plan
 from shardwise.parallel.plans import RingPlan
-from shardwise.spec import ShardwiseError
+from shardwise.spec import ModelSpec, ShardwiseError, Workload
 
 # A fixed subset of seed 0 (see results/fuzz-summary.json for the large run):
 # 23 cases that run (every strategy, world sizes 1-4, dense and MoE, with and
@@ -45,6 +46,16 @@ def test_cases_are_deterministic_per_seed_and_index():
     assert fuzz.generate(0, 17) == fuzz.generate(0, 17)
     assert fuzz.generate(0, 17) != fuzz.generate(1, 17)
     assert fuzz.parse_indices("3,7,10-12") == [3, 7, 10, 11, 12]
+
+
+@pytest.mark.parametrize("plan, world", [("tp_pp:1x1", 2), ("tp_pp:1x2", 4)])
+def test_a_plan_on_the_wrong_number_of_ranks_is_a_world_size_mismatch(plan, world):
+    # The message counts ranks in the singular for one ("1 rank but the job has 2").
+    case = fuzz.generate(0, 32)
+    spec = ModelSpec(**case.model)
+    with pytest.raises(ShardwiseError) as e:
+        validate_plan(spec, Workload(**case.workload), plan, world)
+    assert fuzz.reason_of(str(e.value)) == "world size mismatch", str(e.value)
 
 
 def test_a_crash_during_validation_is_a_failure(monkeypatch):

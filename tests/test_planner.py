@@ -128,6 +128,24 @@ def test_reproduce_checks_the_seeds_own_figures():
     assert "1,580,000" in text and "helix:4x4" in text
 
 
+def test_a_plan_without_micro_batches_that_does_not_fit_is_tried_as_one_stage():
+    # Seed 000's helix:4x4 runs its 128 x 10000 prefill in one piece: one rank
+    # holds more activations than an H100 (the row says so). As the one stage
+    # of a pipeline, the same layout holds one micro-batch's activations at a
+    # time, and fits; the planner shows that form and not the plan that fails.
+    p = get_preset("seed-helix-2l")
+    rows = micro_batch_family(p.model, p.workload, Plan.parse("helix:4x4"), H100_16, 16)
+    assert rows[0].plan == "helix:4x4" and rows[0].priced and not rows[0].fits
+    staged = [r for r in rows[1:] if r.fits]
+    assert staged and all(re.fullmatch(r"pp:1/helix:4x4,mb=\d+", r.plan) for r in rows[1:])
+    assert {family(r.plan) for r in rows} == {"helix:4x4"}
+    best = best_micro_batching(rows, "both")
+    assert best in staged
+    assert best.prediction.memory.total < rows[0].prediction.memory.total
+    shown = {r.plan for r in rank_rows(p.model, p.workload, H100_16, rows, "both", 16).shown}
+    assert shown and shown <= {r.plan for r in staged}  # helix:4x4 is not shown as no fit
+
+
 def test_fidelity_reports_the_relative_error(tmp_path):
     p = get_preset("tiny-dense")
     wl = p.reduced

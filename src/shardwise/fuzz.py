@@ -47,7 +47,7 @@ REASONS = (
     ("malformed plan", r"malformed plan|must be a positive integer"),
     ("composition form", r"not a mesh dimension|is a whole plan|names \w+ twice|outermost first"
                          r"|do not compose in one stage"),
-    ("world size mismatch", r"ranks but the job has|would leave \d+ idle|adapts to any number"),
+    ("world size mismatch", r"ranks? but the job has|would leave \d+ idle|adapts to any number"),
     ("not divisible", r"is not divisible by"),
     ("kv heads neither split nor replicated", r"neither divides the other"),
     ("micro-batches", r"micro-batches but the batch|micro-batch|remove mb=|drop mb="),

@@ -10,8 +10,10 @@ exactly the plans ``shardwise run`` would accept on that many ranks.
 Every plan that takes micro-batches (tp_pp, one stage or more; layerwise;
 ring; every composition) is tried at one, or where that does not fit in
 memory at the fewest that does, then at more while that is faster
-(:func:`micro_batch_family`): a plan is reported as not fitting only when
-no micro-batch count makes it fit. A
+(:func:`micro_batch_family`); helix or ep alone, which run the batch in one
+piece, are tried where they do not fit as the one stage of a pipeline
+(``pp:1/helix:4x4,mb=2``). A plan is reported as not fitting only when no
+micro-batch count makes it fit. A
 valid plan that does not fit is kept, marked with the reason; one the cost
 model cannot price is kept too, with the reason.
 """
@@ -23,7 +25,7 @@ from typing import Iterable
 
 from ..parallel.base import available_strategies, get_strategy, validate_plan
 from ..parallel.plans import composition_candidates
-from ..spec import ModelSpec, Plan, ShardwiseError, Workload
+from ..spec import COMPOSE_ONLY, ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, resolve_capacity
@@ -63,10 +65,23 @@ def micro_batched(plan: Plan) -> bool:
     return plan.is_composed or plan.strategy in MICRO_BATCHED
 
 
+def one_stage(plan: Plan) -> Plan:
+    """``plan`` as the one stage of a pipeline, ``pp:1/helix:4x4``: the same
+    layout, but a composition, which takes micro-batches (a stage holds one
+    micro-batch's activations), where helix or ep alone run the batch in one
+    piece."""
+    return Plan("compose", parts=(Plan("pp", (1,)), plan))
+
+
 def family(plan: str | Plan) -> str:
-    """A plan without its micro-batch count: the plans that differ only in it."""
+    """A plan without its micro-batch count: the plans that differ only in it
+    (a plan and its :func:`one_stage` form are one)."""
     p = Plan.parse(plan) if isinstance(plan, str) else plan
-    return str(dataclasses.replace(p, micro_batches=1))
+    p = dataclasses.replace(p, micro_batches=1)
+    if len(p.parts) == 2 and p.parts[0] == Plan("pp", (1,)) \
+            and p.parts[1].strategy not in COMPOSE_ONLY and not micro_batched(p.parts[1]):
+        p = p.parts[1]
+    return str(p)
 
 
 def base_plans(spec: ModelSpec, workload: Workload, ranks: int,
@@ -123,10 +138,17 @@ def micro_batch_family(spec: ModelSpec, workload: Workload, base: Plan, cluster:
     micro-batches, which falls with the bubble and then rises with each
     micro-batch's fixed cost, so the counts past it are slower still. A
     plan without micro-batches, or one that is invalid or unpriced at one
-    micro-batch, is its one row."""
+    micro-batch, is its one row. A plan that takes no micro-batches
+    (helix or ep alone) and does not fit is followed by the counts above one
+    of its :func:`one_stage` form that this tries, where that form is valid."""
     at = lambda mb: evaluate(spec, workload, dataclasses.replace(base, micro_batches=mb),  # noqa: E731
                              cluster, ranks)
     first = at(1)
+    if not micro_batched(base) and first.priced and not first.fits:
+        staged = micro_batch_family(spec, workload, one_stage(base), cluster, ranks,
+                                    micro_batches, phase)
+        return [first] + [r for r in staged
+                          if r.valid and Plan.parse(r.plan).micro_batches > 1]
     if not micro_batched(base) or not _fit_known(first):
         return [first]
     rows = {1: first}
