@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as Fn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from shardwise.bench.records import git_rev
+from shardwise.bench.records import append_records, provenance
 from shardwise.runtime.timing import graphed_us
 from shardwise.model import decode
 
@@ -89,15 +89,9 @@ def main() -> None:
                         rec(probe="decode_attn_launch", block_n=bn, waves=waves, warps=warps,
                             stages=stages, us=round(us, 2), rel_err=e,
                             kv_TBps=round(kv_bytes / us / 1e6, 3), **base)
-    meta = {"command": "python scripts/decode-attn.py" + (" --sweep" if args.sweep else "")
-                       + (f" --out {args.out}" if args.out else ""),
-            "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-            "git_rev": git_rev()}
     if args.out:
-        with open(args.out, "a") as f:
-            for r in recs:
-                f.write(json.dumps({**meta, **r}) + "\n")
-
+        meta = provenance("cuda", 1, "python scripts/decode-attn.py")
+        append_records(args.out, [{**meta, **r} for r in recs])
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from shardwise.bench.records import git_rev
+from shardwise.bench.records import append_records, provenance
 from shardwise.runtime.timing import graphed_us
 from shardwise.model import kernels
 
@@ -78,15 +78,9 @@ def main() -> None:
                        "copy_TBps": round(copy, 3)}
                 recs.append(rec)
                 print(json.dumps(rec), flush=True)
-    meta = {"command": "python scripts/moe-rows.py" + (" --sweep" if args.sweep else "")
-                       + (f" --out {args.out}" if args.out else ""),
-            "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-            "git_rev": git_rev()}
     if args.out:
-        with open(args.out, "a") as f:
-            for r in recs:
-                f.write(json.dumps({**meta, **r}) + "\n")
-
+        meta = provenance("cuda", 1, "python scripts/moe-rows.py")
+        append_records(args.out, [{**meta, **r} for r in recs])
 
 if __name__ == "__main__":
     main()

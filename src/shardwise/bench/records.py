@@ -40,11 +40,13 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def provenance(device: str, n_devices: int) -> dict:
+def provenance(device: str, n_devices: int, program: str = "shardwise") -> dict:
+    """Where a record comes from; ``program``: what ran with this process's
+    arguments (a script's ``python scripts/NAME.py``)."""
     return {
         "git_rev": git_rev(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "shardwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])]),
         "device": device_name(device),
         "n_devices": n_devices,
         "torch": torch.__version__,
