@@ -14,9 +14,10 @@
 #   tests    pytest -m gpu -> gpu-tests.txt
 #   calibrate  shardwise calibrate on this machine -> profile-NAME.json (NAME: h100-x1,
 #            h200-x1, ... from the GPU and its count); held-out predictions on it
-#            (scripts/heldout.py predict) -> heldout-predictions.jsonl
-#   heldout  the bench commands of scripts/heldout.py, whose predictions must be
-#            committed first (results/predictions/heldout.jsonl) -> heldout-*.jsonl
+#            (scripts/heldout.py predict, round ROUND, default 2) -> heldout-predictions.jsonl
+#   heldout  the bench commands of scripts/heldout.py's round ROUND, whose predictions must
+#            be committed first (results/predictions/heldout.jsonl for round 1,
+#            roundN.jsonl after) -> heldout-*.jsonl, roundN-*.jsonl
 # The 2-GPU sweeps (NAME as above; fidelity-*.txt where results/profiles/NAME.json
 # exists, e.g. from calibrate earlier in the same call):
 #   verify2  every strategy against the reference on the seed presets' dimensions
@@ -52,6 +53,8 @@ R=results/gpu
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$R"
 trap '[ "$OUT" != "$R" ] && cp "$R"/* "$OUT"/ 2>/dev/null' EXIT
+ROUND=${ROUND:-2}
+PRED=results/predictions/$([ "$ROUND" = 1 ] && echo heldout || echo "round$ROUND").jsonl
 sw() { timeout "${LIMIT:-180}" python3 -m shardwise "$@"; }
 
 machine() {  # N (GPUs here) and NAME (h200-x2, ...), as calibrate names its profile
@@ -125,13 +128,13 @@ for sweep in "$@"; do
       mkdir -p results/profiles
       LIMIT=420 sw calibrate --out "results/profiles/$name.json" --name "$name" 2>&1 | tail -20
       cp "results/profiles/$name.json" "$R/profile-$name.json" || exit 1
-      echo "+ python scripts/heldout.py predict --profile results/profiles/$name.json --out results/predictions/heldout.jsonl"
-      python3 scripts/heldout.py predict --profile "results/profiles/$name.json" \
+      echo "+ python scripts/heldout.py --round $ROUND predict --profile results/profiles/$name.json --out $PRED"
+      python3 scripts/heldout.py --round "$ROUND" predict --profile "results/profiles/$name.json" \
         --out "$R/heldout-predictions.jsonl" 2>&1 | tail -45 ;;
     heldout)
-      test -s results/predictions/heldout.jsonl || { echo "commit results/predictions/heldout.jsonl first"; exit 2; }
+      test -s "$PRED" || { echo "commit $PRED first"; exit 2; }
       mkdir -p results/heldout
-      python3 scripts/heldout.py commands | while read -r line; do
+      python3 scripts/heldout.py --round "$ROUND" commands | while read -r line; do
         echo "+ $line"
         LIMIT=240 sw ${line#shardwise } </dev/null 2>&1 | tail -9
       done
