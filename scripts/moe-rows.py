@@ -23,9 +23,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--sweep", action="store_true",
-                    help="also each launch (at 1 and 4 tokens): 8 to 32 outputs a program, 256 "
-                         "to 1024 inputs a step, 4 or 8 warps; and the product on the tensor "
-                         "cores (DOT): 16 to 64 outputs, 64 to 256 inputs, 3 or 4 stages")
+                    help="also each launch at 1 token: 8 to 32 outputs a program, 256 to 1024 "
+                         "inputs a step, 4 or 8 warps, partial sums kept per thread or summed "
+                         "every step (STEP_SUM); and the product on the tensor cores (DOT): "
+                         "16 to 64 outputs, 64 to 256 inputs, 3 or 4 stages")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
@@ -59,20 +60,22 @@ def main() -> None:
                     rec["equal_to_default_launch"] = same
                 recs.append(rec)
                 print(json.dumps(rec), flush=True)
-            for block, bi, warps, stages, dot in (
-                    [(b, bi, wp, 2, False) for b in (8, 16, 32) for bi in (256, 512, 1024)
-                     for wp in (4, 8)]
-                    + [(b, bi, 4, st, True) for b in (16, 32, 64) for bi in (64, 128, 256)
+            for block, bi, warps, stages, dot, step_sum in (
+                    [(b, bi, wp, 2, False, ss) for b in (8, 16, 32) for bi in (256, 512, 1024)
+                     for wp in (4, 8) for ss in (False, True)]
+                    + [(b, bi, 4, st, True, False) for b in (16, 32, 64) for bi in (64, 128, 256)
                        for st in (3, 4)]
-                    if args.sweep and tokens != 2 else []):
+                    if args.sweep and tokens == 1 else []):
                 fn = lambda: kernels._expert_rows_launch(x, w, experts, 0, per, block_o=block,
                                                          block_i=bi, num_warps=warps,
-                                                         num_stages=stages, DOT=dot)
+                                                         num_stages=stages, DOT=dot,
+                                                         STEP_SUM=step_sum)
                 close = torch.allclose(fn().float(), ref.float(), rtol=2e-2, atol=1e-2)
                 us = graphed_us(fn)
                 weight_bytes = routed * w.shape[1] * w.shape[2] * w.element_size()
                 rec = {"probe": "expert_rows_launch", "matrix": name, "tokens": tokens,
                        "rows": R, "block_o": block, "block_i": bi, "num_warps": warps, "dot": dot,
+                       "step_sum": step_sum,
                        "num_stages": stages, "us": round(us, 2), "close_to_default": close,
                        "weights_TBps": round(weight_bytes / us / 1e6, 3),
                        "copy_TBps": round(copy, 3)}

@@ -155,9 +155,10 @@ def _expert_case(dtype, device="cpu", R=5, held=3, O=70, I=300, per=2):
     return x, w, experts
 
 
+@pytest.mark.parametrize("step_sum", [False, True], ids=["thread-sums", "step-sums"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("per", [1, 2])
-def test_expert_rows_kernel_matches_the_gathered_product_on_cpu(monkeypatch, dtype, per):
+def test_expert_rows_kernel_matches_the_gathered_product_on_cpu(monkeypatch, dtype, per, step_sum):
     # The kernel sums each row's I products in float32 and rounds once: against
     # the exact (float64) product, the float32 sum's error is at most I units of
     # float32 times the sum of the products' magnitudes, plus the final
@@ -166,7 +167,7 @@ def test_expert_rows_kernel_matches_the_gathered_product_on_cpu(monkeypatch, dty
     monkeypatch.setattr(kernels, "_experts_kernel", lambda: kernel)
     R = 6 if per == 2 else 5
     x, w, experts = _expert_case(dtype, R=R, per=per)
-    got = kernels._expert_rows_launch(x, w, experts, 2, per)
+    got = kernels._expert_rows_launch(x, w, experts, 2, per, STEP_SUM=step_sum)
     want = kernels._expert_rows_torch(x.double(), w.double(), experts, 2, per)
     assert got.shape == (R, w.shape[1])
     held = (experts >= 2) & (experts < 5)
@@ -226,3 +227,68 @@ def test_expert_rows_kernel_on_the_gpu(dtype, per, O, I):
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
     size = kernels._expert_rows_torch(x.float().abs(), w.float().abs(), experts, 2, per)
     assert ((got - want).abs() <= ulp * want.abs() + 2 * I * 2.0 ** -24 * size).all()
+
+
+def _combine_case(dtype, N, k, D, held_rows, seed=0):
+    """Expert outputs ``y`` for ``held_rows`` of the N*k (token, pick) pairs,
+    in a shuffled order (as a prompt's rows sorted by expert are), and where
+    each pair's row is (``pos``: -1 for pairs not computed here)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(held_rows, D, generator=g).to(dtype)
+    weights = torch.softmax(torch.randn(N, k, generator=g), -1)  # fp32, as route() gives
+    pos = torch.full((N * k,), -1, dtype=torch.int64)
+    pairs = torch.randperm(N * k, generator=g)[:held_rows]
+    pos[pairs] = torch.randperm(held_rows, generator=g)
+    return y, weights, pos
+
+
+def _check_combine(dtype, k, held, D, device="cpu"):
+    # Each weighted term rounded to the dtype, the terms summed in float32 and
+    # rounded once: PyTorch's product and sum over the picks. For one or two
+    # picks the float32 sum has one order, so the two agree bit for bit; with
+    # three, to float32's rounding of the sum (then the dtype's).
+    N = 7
+    y, weights, pos = (t.to(device) for t in _combine_case(dtype, N, k, D, held))
+    for p, rows in ((pos, y), (None, torch.randn(N * k, D).to(device, dtype))):
+        got = kernels._combine_launch(rows, weights, p)
+        want = kernels._combine_torch(rows, weights, p)
+        assert got.shape == (N, D) and got.dtype == dtype
+        if k <= 2:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-3 if dtype != torch.float32 else 1e-6,
+                                       atol=1e-6)
+    # A token none of whose picks is computed here contributes zeros.
+    none = torch.full_like(pos, -1)
+    assert torch.equal(kernels._combine_launch(y, weights, none), torch.zeros_like(y[:N]))
+
+
+# bf16 runs on GPUs only: Triton's interpreter truncates float32 to bf16 where
+# the GPU (and PyTorch) round to nearest even.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k, held", [(1, 7), (2, 14), (2, 9), (3, 13)])
+@pytest.mark.parametrize("D", [200, 1536])  # a masked block; two blocks of 1024
+def test_combine_kernel_rounds_like_pytorch(monkeypatch, dtype, k, held, D):
+    kernel = interpreted("shardwise.model.triton_moe", "combine_kernel")
+    monkeypatch.setattr(kernels, "_combine_kernel", lambda: kernel)
+    _check_combine(dtype, k, held, D)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k, held", [(2, 14), (2, 9), (3, 13)])
+def test_combine_kernel_rounds_like_pytorch_on_gpu(dtype, k, held):
+    assert kernels._combine_kernel()
+    _check_combine(dtype, k, held, 4096, device="cuda")
+
+
+def test_combine_torch_is_the_weighted_sum_of_the_picks():
+    # float64: the gathered, weighted, summed rows straight from the definition.
+    y, weights, pos = _combine_case(torch.float64, 5, 2, 33, 8, seed=2)
+    want = torch.zeros(5, 33, dtype=torch.float64)
+    for t in range(5):
+        for j in range(2):
+            if pos[t * 2 + j] >= 0:
+                want[t] += weights[t, j].double() * y[pos[t * 2 + j]]
+    torch.testing.assert_close(kernels.combine_picks(y, weights, pos), want, rtol=1e-12, atol=1e-12)

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
-from .kernels import add_norm, expert_rows, swiglu
+from .kernels import add_norm, combine_picks, expert_rows, swiglu
 from .rope import Rope
 from .rotary import rotate
 
@@ -509,7 +509,9 @@ class MoE(nn.Module):
         synchronisation for the counts that size the groups, one GEMM pair
         per expert on its contiguous rows (:func:`grouped_expert_mlp`), then
         each token's weighted terms (rounded) summed in float32 over its
-        picks (the sum a running bf16 sum gives for two picks)."""
+        picks (the sum a running bf16 sum gives for two picks), gathered from
+        the rows where the experts wrote them (:func:`.kernels.combine_picks`:
+        one kernel on GPUs)."""
         if grouped_gemm_ok(x, self.w_in) and self.w_in.shape[0] == self.router.out_features:
             return self._grouped(x, weights, experts)
         N, k = experts.shape
@@ -520,9 +522,9 @@ class MoE(nn.Module):
         sizes = torch.bincount(key, minlength=held + 1)[:held].cpu().tolist()  # the host waits
         rows = order[: sum(sizes)]  # the held experts' (token, pick) pairs, by expert
         y = grouped_expert_mlp(x[rows // k], sizes, self.w_in, self.w_down, self.activation)
-        terms = torch.zeros(N * k, x.shape[1], dtype=x.dtype, device=x.device)
-        terms[rows] = y * weights.reshape(-1)[rows, None].to(y.dtype)
-        return terms.view(N, k, -1).sum(1)
+        pos = torch.full((N * k,), -1, dtype=torch.int64, device=x.device)
+        pos[rows] = torch.arange(rows.numel(), device=x.device)  # pair -> its row of y
+        return combine_picks(y, weights, pos)
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """:meth:`_routed` with no host synchronisation and two GEMM launches:
@@ -541,9 +543,8 @@ class MoE(nn.Module):
         h = torch._grouped_mm(rows, self.w_in.transpose(1, 2), offs=ends)  # [N*k, (2)F]
         y = torch._grouped_mm(activate(h, self.activation), self.w_down.transpose(1, 2),
                               offs=ends)  # [N*k, D]
-        terms = torch.empty_like(y)
-        terms[order] = y * weights.reshape(-1)[order, None].to(y.dtype)
-        return terms.view(N, k, -1).sum(1)
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))
+        return combine_picks(y, weights, pos)  # pos: each (token, pick)'s row of y
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """Fewer routed (token, pick) rows than held experts (a decode step at
@@ -556,8 +557,7 @@ class MoE(nn.Module):
         h = expert_rows(x, self.w_in, experts, self.first_expert, k)  # [N*k, (2)F]
         h = activate(h, self.activation)
         y = expert_rows(h, self.w_down, experts, self.first_expert, 1)  # [N*k, D]
-        terms = y * weights.reshape(-1, 1).to(y.dtype)
-        return terms.view(N, k, y.shape[-1]).sum(1)
+        return combine_picks(y, weights)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """Every held expert on every token ``x [N, D]``, weighted by its

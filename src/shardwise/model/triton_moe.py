@@ -1,5 +1,6 @@
-"""The Triton kernel of :func:`shardwise.model.kernels.expert_rows` (imported
-only where Triton is installed)."""
+"""The Triton kernels of :func:`shardwise.model.kernels.expert_rows` and
+:func:`shardwise.model.kernels.combine_picks` (imported only where Triton is
+installed)."""
 import triton
 import triton.language as tl
 
@@ -7,7 +8,7 @@ import triton.language as tl
 @triton.jit
 def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.constexpr,
                        PER: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                       DOT: tl.constexpr = False):
+                       DOT: tl.constexpr = False, STEP_SUM: tl.constexpr = False):
     """Program (routed row r, output block): ``y[r] = W[E[r] - first] @ x[r // PER]``
     for ``W [held, O, I]`` (rows contiguous in I), accumulated in float32 and
     rounded once, as a GEMM rounds it. A row whose expert this rank does not
@@ -36,7 +37,9 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
                         mask=keep_o[:, None] & keep_i[None, :] & mine, other=0.0)
             acc2 += tl.dot(x.to(w.dtype), tl.trans(w))
         acc = tl.sum(acc2, axis=0)
-    else:
+    elif STEP_SUM:
+        # Each step's products summed across the block at once (a reduction
+        # over the threads every step).
         acc = tl.zeros([BLOCK_O], dtype=tl.float32)
         for block in range(0, tl.cdiv(I, BLOCK_I)):
             ins = block * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -45,4 +48,42 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
             w = tl.load(W + e * swe + outs[:, None] * swo + ins[None, :],
                         mask=keep_o[:, None] & keep_i[None, :] & mine, other=0.0)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    else:
+        # Each thread keeps its own float32 partial sums across the steps
+        # (a multiply-add a step), reduced across the block once at the end:
+        # the loop is loads and FMAs only, so more of the stream is in flight.
+        acc2 = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+        for block in range(0, tl.cdiv(I, BLOCK_I)):
+            ins = block * BLOCK_I + tl.arange(0, BLOCK_I)
+            keep_i = ins < I
+            x = tl.load(X + (r // PER) * sx + ins, mask=keep_i, other=0.0).to(tl.float32)
+            w = tl.load(W + e * swe + outs[:, None] * swo + ins[None, :],
+                        mask=keep_o[:, None] & keep_i[None, :] & mine, other=0.0)
+            acc2 += w.to(tl.float32) * x[None, :]
+        acc = tl.sum(acc2, axis=1)
     tl.store(Y + r * sy + outs, acc.to(Y.dtype.element_ty), mask=keep_o)
+
+
+@triton.jit
+def combine_kernel(Y, W, POS, OUT, D, sy, so, K: tl.constexpr, HAS_POS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Program (token t, column block): ``out[t] = sum_j round(y[p] * w[t, j])``
+    over the token's ``K`` picks, ``p = POS[t*K + j]`` (``t*K + j`` without
+    ``POS``; a negative ``p``: a pick this rank does not hold, adding zero).
+    Each weighted term is rounded to the activation dtype and the terms are
+    summed in float32 and rounded once: the arithmetic of PyTorch's weighting
+    (a bf16 product) and sum over the picks, in one pass that reads each
+    expert output row once and writes each token's row once."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(K):
+        if HAS_POS:
+            p = tl.load(POS + t * K + j).to(tl.int64)
+        else:
+            p = t * K + j
+        w = tl.load(W + t * K + j).to(OUT.dtype.element_ty).to(tl.float32)
+        y = tl.load(Y + tl.maximum(p, 0) * sy + cols, mask=keep & (p >= 0), other=0.0)
+        acc += (y.to(tl.float32) * w).to(OUT.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + t * so + cols, acc.to(OUT.dtype.element_ty), mask=keep)

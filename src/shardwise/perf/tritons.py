@@ -204,6 +204,17 @@ class ExpertRows(StandIn):
         return Kernel("gemm", 2.0 * rows * O * I, float(moved), (rows, 1, I, O), _dtype(X))
 
 
+class Combine(StandIn):
+    """:func:`shardwise.model.kernels.combine_picks`: each token's picked
+    expert rows gathered, weighted and summed (the default pricing: the bytes
+    of its arguments, each row of ``y`` read once, each token's row written)."""
+
+    def run(self, grid, Y, W, POS, OUT, D, sy, so, K, HAS_POS, BLOCK, **kw):
+        from ..model.kernels import _combine_torch
+
+        OUT.copy_(_combine_torch(Y, W, POS if HAS_POS else None))
+
+
 class DecodeSplit(StandIn):
     """:mod:`shardwise.model.decode`'s split-key attention of one query
     position: each split's float32 attention (:mod:`shardwise.parallel.lse`'s
@@ -237,7 +248,8 @@ class DecodeSplit(StandIn):
 
 STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel": SwiGLU,
              "rotary_kernel": Rotary, "flash_fwd_kernel": Flash,
-             "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit}
+             "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit,
+             "combine_kernel": Combine}
 
 
 def stand_in(name: str) -> StandIn:
