@@ -261,6 +261,13 @@ def _check_combine(dtype, k, held, D, device="cpu"):
     # A token none of whose picks is computed here contributes zeros.
     none = torch.full_like(pos, -1)
     assert torch.equal(kernels._combine_launch(y, weights, none), torch.zeros_like(y[:N]))
+    # No token (an empty chunk of expert parallelism's prompt): nothing launched.
+    assert kernels._combine_launch(y[:0], weights[:0], pos[:0]).shape == (0, D)
+    # Into a slice of a larger output, as expert parallelism's chunks write theirs.
+    whole = torch.zeros(N + 3, D, dtype=dtype, device=device)
+    kernels.combine_picks(y, weights, pos, out=whole[2:2 + N])
+    assert torch.equal(whole[2:2 + N], kernels.combine_picks(y, weights, pos))
+    assert not whole[:2].any() and not whole[2 + N:].any()
 
 
 # bf16 runs on GPUs only: Triton's interpreter truncates float32 to bf16 where

@@ -226,36 +226,41 @@ def _combine_kernel():
     return triton_kernel(f"{__package__}.triton_moe", "combine_kernel")
 
 
-def combine_picks(y: torch.Tensor, weights: torch.Tensor,
-                  pos: torch.Tensor | None = None) -> torch.Tensor:
+def combine_picks(y: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """``out [N, D]``: token t's ``sum_j round(y[pos[t*k + j]] * weights[t, j])``
     for ``weights [N, k]`` (a token's routing weights, cast to ``y``'s dtype)
     and the expert outputs ``y [R, D]``; ``pos [N*k]`` is where (token, pick)
     ``t*k + j``'s row is in ``y`` (negative: not computed here, adding zero),
     None where ``y``'s rows are in (token, pick) order. Each weighted term is
     rounded to ``y``'s dtype and the terms summed in float32 and rounded once,
-    as PyTorch's product and sum round them."""
+    as PyTorch's product and sum round them. Written into ``out`` where given
+    (rows contiguous), else a new tensor."""
     if (y.is_cuda and y.dtype in (*_HALF, torch.float32) and y.stride(-1) == 1
-            and _combine_kernel()):
-        return _combine_launch(y, weights, pos)
-    return _combine_torch(y, weights, pos)
+            and (out is None or out.stride(-1) == 1) and _combine_kernel()):
+        return _combine_launch(y, weights, pos, out)
+    if out is None:
+        return _combine_torch(y, weights, pos)
+    return out.copy_(_combine_torch(y, weights, pos))
 
 
 def _combine_torch(y, weights, pos):
     N, k = weights.shape
     w = weights.reshape(-1, 1).to(y.dtype)  # [N*k, 1]
     if pos is None:
-        return (y * w).view(N, k, -1).sum(1)
+        return (y * w).view(N, k, y.shape[-1]).sum(1)
     terms = y[pos.clamp(min=0)] * w  # [N*k, D], (token, pick) order
     terms = torch.where((pos >= 0)[:, None], terms, torch.zeros((), dtype=y.dtype, device=y.device))
-    return terms.view(N, k, -1).sum(1)
+    return terms.view(N, k, y.shape[-1]).sum(1)
 
 
-def _combine_launch(y, weights, pos):
+def _combine_launch(y, weights, pos, out=None):
     triton, kernel = _combine_kernel()
     N, k = weights.shape
     D = y.shape[-1]
-    out = torch.empty(N, D, dtype=y.dtype, device=y.device)
+    out = torch.empty(N, D, dtype=y.dtype, device=y.device) if out is None else out
+    if N == 0:
+        return out
     block = min(1024, triton.next_power_of_2(D))
     w = weights.contiguous()
     kernel[(N, triton.cdiv(D, block))](y, w, w if pos is None else pos.contiguous(), out, D,

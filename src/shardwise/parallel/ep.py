@@ -49,6 +49,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.kernels import combine_picks
 from ..model.reference import (DENSE_MOE_MAX_TOKENS, MoE, grouped_expert_mlp, route,
                                router_logits)
 from .checks import balanced_ranges, chunks_option
@@ -160,10 +161,9 @@ class ExpertParallelMoE(nn.Module):
         for c, wait in enumerate(returning):
             s, e = chunks[c]
             back = wait()  # [n*k, D] in expert order
-            y = torch.empty_like(back)
-            y[orders[c]] = back  # back in (token, slot) order
-            w = weights[s:e, :, None].to(y.dtype)  # [n, k, 1]
-            out[s:e] = (y.view(e - s, k, x.shape[-1]) * w).sum(1)
+            pos = torch.empty_like(orders[c]).scatter_(  # each (token, slot)'s row of back
+                0, orders[c], torch.arange(back.shape[0], device=x.device))
+            combine_picks(back, weights[s:e], pos, out=out[s:e])
         return out.view(shape)
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:
