@@ -17,7 +17,7 @@
 #            (scripts/heldout.py predict, round ROUND, default 2) -> heldout-predictions.jsonl
 #   heldout  the bench commands of scripts/heldout.py's round ROUND, whose predictions must
 #            be committed first (results/predictions/heldout.jsonl for round 1,
-#            roundN.jsonl after) -> heldout-*.jsonl, roundN-*.jsonl
+#            roundN-PROFILE.jsonl after) -> heldout-*.jsonl, roundN-*.jsonl
 # The 2-GPU sweeps (NAME as above; fidelity-*.txt where results/profiles/NAME.json
 # exists, e.g. from calibrate earlier in the same call):
 #   verify2  every strategy against the reference on the seed presets' dimensions
@@ -54,7 +54,9 @@ export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$R"
 trap '[ "$OUT" != "$R" ] && cp "$R"/* "$OUT"/ 2>/dev/null' EXIT
 ROUND=${ROUND:-2}
-PRED=results/predictions/$([ "$ROUND" = 1 ] && echo heldout || echo "round$ROUND").jsonl
+# Round 1's predictions came from the calibrate sweep; round 2's from the packaged
+# profiles (h100-x1, h200-x2), one file each, committed before any measurement.
+PRED=$([ "$ROUND" = 1 ] && echo results/predictions/heldout.jsonl || ls results/predictions/round"$ROUND"-*.jsonl 2>/dev/null | head -1)
 sw() { timeout "${LIMIT:-180}" python3 -m shardwise "$@"; }
 
 machine() {  # N (GPUs here) and NAME (h200-x2, ...), as calibrate names its profile
@@ -128,11 +130,11 @@ for sweep in "$@"; do
       mkdir -p results/profiles
       LIMIT=420 sw calibrate --out "results/profiles/$name.json" --name "$name" 2>&1 | tail -20
       cp "results/profiles/$name.json" "$R/profile-$name.json" || exit 1
-      echo "+ python scripts/heldout.py --round $ROUND predict --profile results/profiles/$name.json --out $PRED"
+      echo "+ python scripts/heldout.py --round $ROUND predict --profile results/profiles/$name.json"
       python3 scripts/heldout.py --round "$ROUND" predict --profile "results/profiles/$name.json" \
         --out "$R/heldout-predictions.jsonl" 2>&1 | tail -45 ;;
     heldout)
-      test -s "$PRED" || { echo "commit $PRED first"; exit 2; }
+      test -s "$PRED" || { echo "commit the round's predictions (results/predictions/) first"; exit 2; }
       mkdir -p results/heldout
       python3 scripts/heldout.py --round "$ROUND" commands | while read -r line; do
         echo "+ $line"
