@@ -288,3 +288,40 @@ def test_predict_takes_the_ranks_plan_ranked_for():
     with pytest.raises(ShardwiseError, match=r"\(--ranks 2\)") as e:
         predict_parts("tiny-dense", "tp_pp:2x1", "h100-sxm-8", ranks=4)
     assert "--nproc" not in str(e.value)
+
+
+def _needing(weights, kv, activations, plan, batch):
+    from types import SimpleNamespace
+
+    from shardwise.perf.costmodel import _memory_fix
+    memory = SimpleNamespace(weights=weights, kv_cache=kv, activations=activations, comm_buffers=0)
+    p = SimpleNamespace(memory=memory, plan=Plan.parse(plan), workload=SimpleNamespace(batch=batch))
+    return _memory_fix(p, 100)
+
+
+def test_a_memory_fix_names_only_what_shrinks_the_excess():
+    # Activations over the capacity: more micro-batches (a stage holds one).
+    assert "more micro-batches (mb=)" in _needing(60, 30, 20, "tp_pp:2x2,mb=2", batch=8)
+    # helix and ep alone take none; as one pipeline stage they do.
+    assert "(pp:1/helix:4x4,mb=N" in _needing(60, 30, 20, "helix:4x4", batch=8)
+    # Already one sequence a micro-batch, or the KV cache and weights alone
+    # over the capacity: micro-batches shrink neither.
+    for fix in (_needing(60, 30, 20, "tp_pp:2x2,mb=8", batch=8),
+                _needing(60, 50, 5, "tp_pp:2x2", batch=8)):
+        assert "micro-batches" not in fix and "smaller batch" in fix
+
+
+def test_a_refused_micro_batch_count_is_listed_by_its_own_name():
+    # llama-3.1-70b on 16 H100s: layerwise at its tightest capacity fits at
+    # mb=1 and mb=2 (shown), but at mb=4 its groups fill 14 of the 16 ranks:
+    # the invalid line names mb=4, not the plan shown as fitting.
+    from shardwise.perf.planner import Row, _summary
+    rows = [Row("layerwise:cap=23.8GB,mb=4",
+                error="plan layerwise:cap=23.8GB,mb=4 on 16 ranks uses 7 groups x 2 replicas")]
+    [line] = _summary(rows)
+    assert line.startswith("- layerwise:cap=23.8GB,mb=4: plan layerwise:cap=23.8GB,mb=4 on 16")
+    both = rows + [Row("layerwise:cap=23.8GB,mb=8", error="plan layerwise:cap=23.8GB,mb=8 on 16 "
+                                                          "ranks uses 7 groups x 2 replicas")]
+    [line] = _summary(both)
+    assert line.startswith("- layerwise:cap=23.8GB,mb=4 (and 1 mb= variant): plan "
+                           "layerwise:cap=23.8GB,mb=4 on")

@@ -242,6 +242,9 @@ _PLAN_RE = re.compile(r"^([a-z_]+)(?::(.*))?$")
 # Mesh dimensions that exist only inside a composition (parallel/compose.py);
 # a plan of one of them alone is a composition of one dimension.
 COMPOSE_ONLY = ("dp", "pp", "tp")
+# Strategies that run the batch as micro-batches alone; helix and ep alone run
+# it in one piece (as a pipeline's stage, ``pp:1/helix:4x4``, they take them).
+MICRO_BATCHED = ("tp_pp", "layerwise", "ring")
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,18 @@ class Plan:
     @property
     def is_composed(self) -> bool:
         return bool(self.parts)
+
+    @property
+    def takes_micro_batches(self) -> bool:
+        """Whether the plan runs its batch as micro-batches (``mb=``): a
+        pipeline (of one stage or more) or a loop over them."""
+        return self.is_composed or self.strategy in MICRO_BATCHED
+
+    def one_stage(self) -> "Plan":
+        """The plan as the one stage of a pipeline, ``pp:1/helix:4x4``: the
+        same layout, but a composition, which takes micro-batches (a stage
+        holds one micro-batch's activations)."""
+        return Plan("compose", parts=(Plan("pp", (1,)), self))
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)

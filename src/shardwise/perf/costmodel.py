@@ -295,5 +295,20 @@ def _fits(p: Prediction, cluster: Cluster) -> tuple[bool, str]:
         return False, (f"one rank needs {fmt_bytes(m.total)} (weights {fmt_bytes(m.weights)}, "
                        f"KV {fmt_bytes(m.kv_cache)}, activations {fmt_bytes(m.activations)}, "
                        f"buffers {fmt_bytes(m.comm_buffers)}) > {fmt_bytes(cap)}; "
-                       f"try more micro-batches (mb=) or a smaller batch")
+                       + _memory_fix(p, cap))
     return True, ""
+
+
+def _memory_fix(p: Prediction, cap: int) -> str:
+    """What would make a rank that needs more than ``cap`` fit. More
+    micro-batches shrink only the activations (a stage holds one micro-batch's),
+    so they are named where the rest fits and the plan can take more of them
+    (helix and ep alone take none: as one pipeline stage they do); the KV
+    cache and the activations both shrink with the batch or the context."""
+    m, plan, batch = p.memory, p.plan, p.workload.batch
+    if m.weights + m.kv_cache + m.comm_buffers <= cap and plan.micro_batches < batch:
+        if plan.takes_micro_batches:
+            return "try more micro-batches (mb=) or a smaller batch"
+        return (f"try it as one pipeline stage with micro-batches ({plan.one_stage()},mb=N, "
+                f"N up to the batch) or a smaller batch")
+    return "try a smaller batch or a shorter context, or more ranks for the KV cache"

@@ -34,7 +34,6 @@ from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, 
 
 # Micro-batch counts tried for every plan that takes them (more where none fits).
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
-MICRO_BATCHED = ("tp_pp", "layerwise", "ring")
 
 
 @dataclass
@@ -59,27 +58,13 @@ class Row:
         return self.priced and self.prediction.fits
 
 
-def micro_batched(plan: Plan) -> bool:
-    """Whether ``plan`` takes micro-batches: a pipeline (of one stage or
-    more) or a loop over them; helix and ep alone run the batch in one piece."""
-    return plan.is_composed or plan.strategy in MICRO_BATCHED
-
-
-def one_stage(plan: Plan) -> Plan:
-    """``plan`` as the one stage of a pipeline, ``pp:1/helix:4x4``: the same
-    layout, but a composition, which takes micro-batches (a stage holds one
-    micro-batch's activations), where helix or ep alone run the batch in one
-    piece."""
-    return Plan("compose", parts=(Plan("pp", (1,)), plan))
-
-
 def family(plan: str | Plan) -> str:
     """A plan without its micro-batch count: the plans that differ only in it
-    (a plan and its :func:`one_stage` form are one)."""
+    (a plan and its :meth:`~shardwise.spec.Plan.one_stage` form are one)."""
     p = Plan.parse(plan) if isinstance(plan, str) else plan
     p = dataclasses.replace(p, micro_batches=1)
     if len(p.parts) == 2 and p.parts[0] == Plan("pp", (1,)) \
-            and p.parts[1].strategy not in COMPOSE_ONLY and not micro_batched(p.parts[1]):
+            and p.parts[1].strategy not in COMPOSE_ONLY and not p.parts[1].takes_micro_batches:
         p = p.parts[1]
     return str(p)
 
@@ -140,16 +125,16 @@ def micro_batch_family(spec: ModelSpec, workload: Workload, base: Plan, cluster:
     plan without micro-batches, or one that is invalid or unpriced at one
     micro-batch, is its one row. A plan that takes no micro-batches
     (helix or ep alone) and does not fit is followed by the counts above one
-    of its :func:`one_stage` form that this tries, where that form is valid."""
+    of its :meth:`~shardwise.spec.Plan.one_stage` form that this tries, where that form is valid."""
     at = lambda mb: evaluate(spec, workload, dataclasses.replace(base, micro_batches=mb),  # noqa: E731
                              cluster, ranks)
     first = at(1)
-    if not micro_batched(base) and first.priced and not first.fits:
-        staged = micro_batch_family(spec, workload, one_stage(base), cluster, ranks,
+    if not base.takes_micro_batches and first.priced and not first.fits:
+        staged = micro_batch_family(spec, workload, base.one_stage(), cluster, ranks,
                                     micro_batches, phase)
         return [first] + [r for r in staged
                           if r.valid and Plan.parse(r.plan).micro_batches > 1]
-    if not micro_batched(base) or not _fit_known(first):
+    if not base.takes_micro_batches or not _fit_known(first):
         return [first]
     rows = {1: first}
     counts = sorted(mb for mb in set(micro_batches) if 1 < mb <= workload.batch)
@@ -444,11 +429,13 @@ def _summary(rows: list[Row], why: str = "error") -> list[str]:
         bases.setdefault(family(r.plan), []).append(r)
     reasons: dict[str, list[str]] = {}
     for base, members in bases.items():
+        # Named by its simplest member: the family's own name where that is
+        # among them, else the micro-batch count refused (the others shown).
         first = min(members, key=lambda r: _simplest(r.plan))
         reason = getattr(first, why).replace(first.plan, "{plan}")
         variants = len(members) - 1
-        name = base + (f" (and {plural(variants, 'mb= variant')})" if variants else "")
-        reasons.setdefault(reason, []).append((base, name))
+        name = first.plan + (f" (and {plural(variants, 'mb= variant')})" if variants else "")
+        reasons.setdefault(reason, []).append((first.plan, name))
     lines = []
     for reason, names in reasons.items():
         listed = ", ".join(n for _, n in names[:3])
