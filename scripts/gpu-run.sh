@@ -8,7 +8,8 @@
 #   real     llama-3.1-8b (4 layers) and mixtral-8x7b (2 layers), bf16: tp_pp:1x1
 #            beside the torch_eager and hf peers, prefill at 4 x 6000 and 1 x 2048,
 #            decode (CUDA graphs where supported) at 1 x 2048 and 16 x 4096, one
-#            file per model and workload -> real-*.jsonl
+#            file per model and workload -> real-*.jsonl (REAL_MODELS: "NAME --layers N", comma
+#            separated, for fewer)
 #   verify   every strategy that runs on the GPUs here on both models (2 layers,
 #            2 x 1100 tokens), eager and static decode -> verify-real.jsonl
 #   tests    pytest -m gpu -> gpu-tests.txt
@@ -104,7 +105,9 @@ bench_all() {  # bench_all OUTFILE ARGS... -- PLAN...: every plan in one job, or
 for sweep in "$@"; do
   case $sweep in
     real)
-      for m in "llama-3.1-8b --layers 4" "mixtral-8x7b --layers 2"; do
+      models=("llama-3.1-8b --layers 4" "mixtral-8x7b --layers 2")
+      [ -n "${REAL_MODELS:-}" ] && IFS=, read -ra models <<< "$REAL_MODELS"  # e.g. "mixtral-8x7b --layers 2"
+      for m in "${models[@]}"; do
         for w in "prefill 4 6000 5 2" "prefill 1 2048 10 3" "decode 1 2048 30 5" "decode 16 4096 30 5"; do
           set -- $w
           bench_all "$R/real-${m%% *}-$1-$2x$3.jsonl" --model $m --dtype bf16 --phase $1 --batch $2 --seq $3 \
