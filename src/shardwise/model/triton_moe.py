@@ -37,21 +37,13 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
                         mask=keep_o[:, None] & keep_i[None, :] & mine, other=0.0)
             acc2 += tl.dot(x.to(w.dtype), tl.trans(w))
         acc = tl.sum(acc2, axis=0)
-    elif STEP_SUM:
-        # Each step's products summed across the block at once (a reduction
-        # over the threads every step).
-        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
-        for block in range(0, tl.cdiv(I, BLOCK_I)):
-            ins = block * BLOCK_I + tl.arange(0, BLOCK_I)
-            keep_i = ins < I
-            x = tl.load(X + (r // PER) * sx + ins, mask=keep_i, other=0.0).to(tl.float32)
-            w = tl.load(W + e * swe + outs[:, None] * swo + ins[None, :],
-                        mask=keep_o[:, None] & keep_i[None, :] & mine, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     else:
         # Each thread keeps its own float32 partial sums across the steps
         # (a multiply-add a step), reduced across the block once at the end:
         # the loop is loads and FMAs only, so more of the stream is in flight.
+        # STEP_SUM: each step's products summed across the block at once (a
+        # reduction over the threads every step).
+        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
         for block in range(0, tl.cdiv(I, BLOCK_I)):
             ins = block * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -59,8 +51,12 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
             x = tl.load(X + (r // PER) * sx + ins, mask=keep_i, other=0.0).to(tl.float32)
             w = tl.load(W + e * swe + outs[:, None] * swo + ins[None, :],
                         mask=keep_o[:, None] & keep_i[None, :] & mine, other=0.0)
-            acc2 += w.to(tl.float32) * x[None, :]
-        acc = tl.sum(acc2, axis=1)
+            if STEP_SUM:
+                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            else:
+                acc2 += w.to(tl.float32) * x[None, :]
+        if not STEP_SUM:
+            acc = tl.sum(acc2, axis=1)
     tl.store(Y + r * sy + outs, acc.to(Y.dtype.element_ty), mask=keep_o)
 
 
