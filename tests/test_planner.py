@@ -325,3 +325,16 @@ def test_a_refused_micro_batch_count_is_listed_by_its_own_name():
     [line] = _summary(both)
     assert line.startswith("- layerwise:cap=23.8GB,mb=4 (and 1 mb= variant): plan "
                            "layerwise:cap=23.8GB,mb=4 on")
+
+
+def test_progress_is_reported_once_per_plan_family():
+    # plan's progress bar: each base plan announced before its family is
+    # priced, counted against the number of base plans.
+    seen = []
+    rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4,
+                           on_plan=lambda done, total, plan: seen.append((done, total, plan)))
+    bases = base_plans(SIX, SIX_WL, 4, H100_8)
+    assert [d for d, _, _ in seen] == list(range(len(bases)))
+    assert {t for _, t, _ in seen} == {len(bases)}
+    assert [p for _, _, p in seen] == [str(b) for b in bases]
+    assert {family(r.plan) for r in rows} >= {family(str(b)) for b in bases if "mb=" not in str(b)}

@@ -12,6 +12,7 @@ the checks of flags and model names run without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -383,6 +384,29 @@ def _progress(total: int, what: str = ""):
     from .runtime.progress import Display
 
     return Display(total, what)
+
+
+@contextlib.contextmanager
+def _plan_progress():
+    """A progress bar on standard error while the planner prices its
+    candidates (recording each one's ranks takes most of a first ranking:
+    seconds to minutes), where standard error is a terminal; else nothing."""
+    if not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    with Progress(TextColumn("ranking plans"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.description}"),
+                  console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_plan(done: int, total: int, plan: str) -> None:
+            bar.update(task, completed=done, total=total, description=plan)
+
+        yield on_plan
 
 
 def _run_job(job, args, show=None):
@@ -771,7 +795,9 @@ def cmd_plan(args) -> int:
         from .runtime.timing import BenchSettings
 
         steps = BenchSettings(iters=args.iters).decode_positions
-    rk = ranking(ref, args.cluster, args.batch, args.seq, args.phase, args.ranks, steps)
+    with _plan_progress() as on_plan:
+        rk = ranking(ref, args.cluster, args.batch, args.seq, args.phase, args.ranks, steps,
+                     on_plan=on_plan)
     parts = plan_parts(rk, args.top, args.all)
     best = rk.best(1)
     if best:

@@ -173,19 +173,24 @@ def micro_batch_family(spec: ModelSpec, workload: Workload, base: Plan, cluster:
 def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                     ranks: int | None = None,
                     micro_batches: Iterable[int] = MICRO_BATCHES,
-                    phase: str = "both") -> list[Row]:
+                    phase: str = "both", on_plan=None) -> list[Row]:
     """Every candidate on ``ranks`` (default: all the cluster's GPUs) at
     the micro-batch counts of :func:`micro_batch_family`: valid ones with
     their prediction, invalid ones with the validation error, unpriced
-    ones with the reason."""
+    ones with the reason. ``on_plan(done, total, plan)``: called before
+    each plan's family is priced (a progress display)."""
     ranks = cluster.n_gpus if ranks is None else ranks
     if not 1 <= ranks <= cluster.n_gpus:
         raise ShardwiseError(f"--ranks {ranks}: cluster {cluster.name} has {cluster.n_gpus} "
                              f"GPUs; give --ranks {cluster.n_gpus} or fewer")
     micro_batches = tuple(micro_batches)
-    return [r for base in base_plans(spec, workload, ranks, cluster)
-            for r in micro_batch_family(spec, workload, base, cluster, ranks, micro_batches,
-                                        phase)]
+    bases = base_plans(spec, workload, ranks, cluster)
+    rows = []
+    for i, base in enumerate(bases):
+        if on_plan is not None:
+            on_plan(i, len(bases), str(base))
+        rows += micro_batch_family(spec, workload, base, cluster, ranks, micro_batches, phase)
+    return rows
 
 
 def best_micro_batching(rows: list[Row], phase: str) -> Row | None:
@@ -301,17 +306,18 @@ def rank_rows(spec: ModelSpec, wl: Workload, cl: Cluster, rows: list[Row], phase
 
 
 def ranking(ref, cluster: str, batch: int | None, seq: int | None, phase: str,
-            ranks: int | None = None, steps: int | None = None) -> Ranking:
+            ranks: int | None = None, steps: int | None = None, on_plan=None) -> Ranking:
     """Rank every candidate (:func:`enumerate_plans`) for the model ``ref``
     (a models.ModelRef or a name) names and its serving workload with the
     flags given. ``steps``: the decode positions the KV cache must hold (a
-    benchmark sizes it for its warm-up and timed steps)."""
+    benchmark sizes it for its warm-up and timed steps). ``on_plan``: as
+    :func:`enumerate_plans` takes it."""
     if phase not in ("prefill", "decode", "both"):
         raise ShardwiseError(f"--phase must be prefill, decode or both (got {phase!r})")
     spec, wl = _workload(ref, batch, seq, phase, steps)
     cl = load_cluster(cluster)
-    return rank_rows(spec, wl, cl, enumerate_plans(spec, wl, cl, ranks, phase=phase), phase,
-                     ranks or cl.n_gpus)
+    return rank_rows(spec, wl, cl, enumerate_plans(spec, wl, cl, ranks, phase=phase,
+                                                   on_plan=on_plan), phase, ranks or cl.n_gpus)
 
 
 def best_fitting(ref, cluster: str, batch: int | None, seq: int | None, phase: str,
