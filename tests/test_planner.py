@@ -338,3 +338,37 @@ def test_progress_is_reported_once_per_plan_family():
     assert {t for _, t, _ in seen} == {len(bases)}
     assert [p for _, _, p in seen] == [str(b) for b in bases]
     assert {family(r.plan) for r in rows} >= {family(str(b)) for b in bases if "mb=" not in str(b)}
+
+
+def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
+    # Workers forced on (a small model would not pay for them): they fill the
+    # cache of recordings with exactly the keys the planner then reads, and the
+    # ranking is the one a single process makes with no cache.
+    from shardwise.perf import prerecord as pre
+    from shardwise.perf import tracecache
+    from shardwise.perf.costmodel import recorded_phases, resolve_capacity
+
+    from shardwise.perf.record import _alone, record_rank
+    _alone.cache_clear()  # this process's own recordings of SIX (earlier tests) set aside
+    record_rank.cache_clear()
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SHARDWISE_WORKERS", "2")
+    monkeypatch.setattr(pre, "WORTH_S", 0.0)
+    monkeypatch.setattr(pre, "TIMED", 1)
+    plans = [resolve_capacity(Plan.parse(str(b)), H100_8)
+             for b in base_plans(SIX, SIX_WL, 4, H100_8)]
+    phases = recorded_phases(None)
+    assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 1
+    keys = [tracecache.key(SIX, SIX_WL, p, 4, "nccl", None, phases) for p in plans]
+    valid = [k for k, p in zip(keys, plans) if evaluate(SIX, SIX_WL, p, H100_8, 4).valid]
+    assert valid and all(tracecache.kept(k) for k in valid)
+    assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 0  # all kept: nothing to do
+    cached = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4)
+    monkeypatch.setenv("SHARDWISE_CACHE", "off")
+    _alone.cache_clear()
+    record_rank.cache_clear()
+    alone = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4)
+    figures = lambda rows: [(r.plan, r.error, r.priced and (  # noqa: E731
+        r.prediction.prefill_tps, r.prediction.decode_step_ms, r.prediction.memory.total))
+        for r in rows]
+    assert figures(cached) == figures(alone)

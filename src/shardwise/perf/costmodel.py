@@ -219,6 +219,12 @@ def resolve_capacity(plan: Plan, cluster: Cluster) -> Plan:
     return dataclasses.replace(plan, options=options)
 
 
+def recorded_phases(graphs: bool | None) -> tuple:
+    """The steps :func:`predict` records: the prompt, and the decode step a
+    CUDA graph replays (``static``) unless ``graphs`` is False (eager)."""
+    return ("prefill", "decode" if graphs is False else "static")
+
+
 def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Cluster,
             world_size: int | None = None, graphs: bool | None = None,
             moe_balance: float | None = None) -> Prediction:
@@ -247,7 +253,7 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     # captures it (unless graphs are off), else eager.
     traces = record_plan(spec, workload, plan, topo.world_size,
                          balance=moe_balance if spec.is_moe else None,
-                         phases=("prefill", "decode" if graphs is False else "static"))
+                         phases=recorded_phases(graphs))
     prefill = step_cost(traces, "prefill", cluster, graph=False)
     graph = graphs is not False and all("static" in t.steps for t in traces)
     decode = step_cost(traces, "static" if graph else "decode", cluster, graph)

@@ -28,7 +28,8 @@ from ..parallel.plans import composition_candidates
 from ..spec import COMPOSE_ONLY, ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
-from .costmodel import Prediction, predict, resolve_capacity
+from .costmodel import Prediction, predict, recorded_phases, resolve_capacity
+from .prerecord import prerecord
 from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
                                   partition, per_replica)
 
@@ -185,6 +186,14 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                              f"GPUs; give --ranks {cluster.n_gpus} or fewer")
     micro_batches = tuple(micro_batches)
     bases = base_plans(spec, workload, ranks, cluster)
+    # What the families price first, recorded by several processes where
+    # that pays (a first ranking): each plan at one micro-batch and, where it
+    # takes them, at two.
+    first = [p for b in bases for p in
+             [b] + [dataclasses.replace(b, micro_batches=2)] * (
+                 b.takes_micro_batches and workload.batch >= 2 and 2 in micro_batches)]
+    prerecord(spec, workload, [resolve_capacity(Plan.parse(str(p)), cluster) for p in first],
+              ranks, recorded_phases(None))
     rows = []
     for i, base in enumerate(bases):
         if on_plan is not None:

@@ -263,6 +263,12 @@ def load(text: str) -> dict | None:
         return None  # absent or damaged: recorded again and rewritten
 
 
+def kept(text: str) -> bool:
+    """Whether an entry is kept for the key ``text`` (not whether it reads)."""
+    folder = directory()
+    return folder is not None and _path(folder, text).is_file()
+
+
 def store(text: str, traces: dict) -> None:
     """Keep ``traces`` for the key ``text`` (atomically; nothing where the
     cache is off or its folder cannot be written)."""

@@ -1,0 +1,132 @@
+"""A first ranking's recordings, made by several processes at once.
+
+Pricing a plan the first time records its ranks on meta tensors
+(:mod:`.record`): a few tenths of a second a plan of a zoo model on 16
+ranks, most of a first ``shardwise plan`` over a hundred or more candidates
+(what is recorded once is read back from the cache of recordings,
+:mod:`.tracecache`). :func:`prerecord` records the plans the cache does
+not hold yet before the planner prices them one by one: this process
+records a share of them, and worker processes (``python -m
+shardwise.perf.prerecord PID``, one per further CPU, up to
+``$SHARDWISE_WORKERS``) the others, each keeping what it records in the
+cache. The planner then reads every recording back. A worker shares nothing
+with this process but its job (JSON on its standard input: no file) and the
+cache's files, which are written atomically; a plan a worker fails on is
+recorded again, and its error reported, by the planner itself. Workers end
+with this call, however it ends (an interruption kills them; SIGKILL of this
+process ends each at its next plan).
+
+Workers start only where they pay: the first plans are recorded here and
+timed, and workers start when the rest would take this process more than
+:data:`WORTH_S` seconds (a worker takes about two seconds to import PyTorch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+from ..spec import ModelSpec, Plan, ShardwiseError, Workload
+from . import tracecache
+
+WORTH_S = 8.0  # the rest's estimated time in this process above which workers start
+TIMED = 3  # plans recorded here first, to estimate the rest
+
+
+def workers_allowed() -> int:
+    """Processes that may record at once, this one included:
+    ``$SHARDWISE_WORKERS``, else the CPUs this process may run on."""
+    env = os.environ.get("SHARDWISE_WORKERS", "").strip()
+    if env:
+        return max(1, int(env)) if env.isdigit() else 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _record(spec: ModelSpec, wl: Workload, plan: Plan, world: int, balance, phases) -> None:
+    from .record import record_plan
+
+    try:
+        record_plan(spec, wl, plan, world, balance=balance, phases=phases)
+    except ShardwiseError:
+        pass  # invalid here: the planner says why when it prices the plan
+
+
+def _valid(spec: ModelSpec, wl: Workload, plan: Plan, world: int) -> bool:
+    from ..parallel.base import validate_plan
+
+    try:
+        validate_plan(spec, wl, plan, world)
+    except ShardwiseError:
+        return False
+    return True
+
+
+def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
+              phases: tuple, balance: float | None = None) -> int:
+    """Record ``plans`` on ``world`` ranks (as ``record_plan`` with
+    ``balance`` and ``phases`` keys them) into the cache of recordings,
+    with worker processes where they pay (module docstring). Returns the
+    number of worker processes started."""
+    if tracecache.directory() is None:
+        return 0
+    todo = [p for p in plans if _valid(spec, wl, p, world)
+            and not tracecache.kept(tracecache.key(spec, wl, p, world, "nccl", balance, phases))]
+    start = time.monotonic()
+    for p in todo[:TIMED]:
+        _record(spec, wl, p, world, balance, phases)
+    rest = todo[TIMED:]
+    each = (time.monotonic() - start) / max(1, min(TIMED, len(todo)))
+    n = min(workers_allowed(), len(rest))
+    if n < 2 or each * len(rest) < WORTH_S:
+        return 0
+    shares = [rest[i::n] for i in range(n)]
+    procs = []
+    try:
+        for share in shares[1:]:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shardwise.perf.prerecord", str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "SHARDWISE_WORKERS": "1"})
+            procs.append(proc)
+            try:
+                proc.stdin.write(json.dumps({
+                    "spec": spec.to_dict(), "workload": dataclasses.asdict(wl),
+                    "plans": [str(p) for p in share], "world": world, "balance": balance,
+                    "phases": list(phases)}).encode())
+                proc.stdin.close()
+            except OSError:
+                pass  # the worker ended already: the planner records its share
+        for p in shares[0]:
+            _record(spec, wl, p, world, balance, phases)
+        for proc in procs:
+            proc.wait()
+    finally:  # interrupted (Ctrl-C, a stop signal, an error here): no worker outlives this
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return len(procs)
+
+
+def main(argv: list[str]) -> int:
+    """A worker: record the plans of the job on standard input into the cache;
+    ``argv[0]``: the process that started it, whose end (even by SIGKILL)
+    ends the worker at its next plan."""
+    import torch
+
+    torch.set_num_threads(1)
+    parent = int(argv[0])
+    job = json.loads(sys.stdin.read())
+    spec, wl = ModelSpec.from_dict(job["spec"]), Workload(**job["workload"])
+    for text in job["plans"]:
+        if os.getppid() != parent:
+            return 1
+        _record(spec, wl, Plan.parse(text), job["world"], job["balance"], tuple(job["phases"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
