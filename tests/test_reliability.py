@@ -170,6 +170,23 @@ def test_sigkill_of_the_launcher_leaves_no_rank(tmp_path, moment):
                "every rank gone after the launcher's SIGKILL")
 
 
+# A first ranking records with worker processes (perf/prerecord.py): a stop
+# signal ends them with the plan; SIGKILL of the plan ends each at its next plan.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_plan_leaves_no_recording_worker(tmp_path, sig):
+    tag = uuid.uuid4().hex
+    p = start(["plan", "--model", "llama-3.1-70b", "--cluster", "h100-sxm-16"], tag,
+              SHARDWISE_CACHE=str(tmp_path), SHARDWISE_WORKERS="2")
+    workers = lambda: [q for q in tagged_pids(tag) if q != p.pid]  # noqa: E731
+    wait_until(workers, 90, "a recording worker started")
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    wait_until(lambda: workers() == [], 20, "every recording worker gone")
+    if sig == signal.SIGTERM:
+        assert p.returncode == 128 + sig, err[-2000:]
+        assert "shardwise: interrupted by SIGTERM" in err and "Traceback" not in err
+
+
 # -- concurrent appends ---------------------------------------------------------------
 
 def test_concurrent_appends_keep_every_record(tmp_path):
