@@ -359,7 +359,8 @@ def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
              for b in base_plans(SIX, SIX_WL, 4, H100_8)]
     phases = recorded_phases(None)
     assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 1
-    keys = [tracecache.key(SIX, SIX_WL, p, 4, "nccl", None, phases) for p in plans]
+    from shardwise.perf.record import recording_key
+    keys = [recording_key(SIX, SIX_WL, p, 4, phases=phases) for p in plans]
     valid = [k for k, p in zip(keys, plans) if evaluate(SIX, SIX_WL, p, H100_8, 4).valid]
     assert valid and all(tracecache.kept(k) for k in valid)
     assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 0  # all kept: nothing to do

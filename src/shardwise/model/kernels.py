@@ -244,6 +244,15 @@ def combine_picks(y: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor | No
     return out.copy_(_combine_torch(y, weights, pos))
 
 
+def pick_rows(rows: torch.Tensor, picks: int) -> torch.Tensor:
+    """``pos [picks]`` for :func:`combine_picks`: ``pos[rows[i]] = i``, where
+    (token, pick) ``rows[i]`` has row i of the experts' output, and -1 for the
+    picks ``rows`` leaves out (experts not held here)."""
+    pos = (torch.empty(picks, dtype=rows.dtype, device=rows.device) if rows.numel() == picks
+           else torch.full((picks,), -1, dtype=rows.dtype, device=rows.device))
+    return pos.scatter_(0, rows, torch.arange(rows.numel(), device=rows.device))
+
+
 def _combine_torch(y, weights, pos):
     N, k = weights.shape
     w = weights.reshape(-1, 1).to(y.dtype)  # [N*k, 1]

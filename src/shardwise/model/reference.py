@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
-from .kernels import add_norm, combine_picks, expert_rows, swiglu
+from .kernels import add_norm, combine_picks, expert_rows, pick_rows, swiglu
 from .rope import Rope
 from .rotary import rotate
 
@@ -522,9 +522,7 @@ class MoE(nn.Module):
         sizes = torch.bincount(key, minlength=held + 1)[:held].cpu().tolist()  # the host waits
         rows = order[: sum(sizes)]  # the held experts' (token, pick) pairs, by expert
         y = grouped_expert_mlp(x[rows // k], sizes, self.w_in, self.w_down, self.activation)
-        pos = torch.full((N * k,), -1, dtype=torch.int64, device=x.device)
-        pos[rows] = torch.arange(rows.numel(), device=x.device)  # pair -> its row of y
-        return combine_picks(y, weights, pos)
+        return combine_picks(y, weights, pick_rows(rows, N * k))
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """:meth:`_routed` with no host synchronisation and two GEMM launches:
@@ -543,8 +541,7 @@ class MoE(nn.Module):
         h = torch._grouped_mm(rows, self.w_in.transpose(1, 2), offs=ends)  # [N*k, (2)F]
         y = torch._grouped_mm(activate(h, self.activation), self.w_down.transpose(1, 2),
                               offs=ends)  # [N*k, D]
-        pos = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))
-        return combine_picks(y, weights, pos)  # pos: each (token, pick)'s row of y
+        return combine_picks(y, weights, pick_rows(order, N * k))
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """Fewer routed (token, pick) rows than held experts (a decode step at

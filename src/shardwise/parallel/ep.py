@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.kernels import combine_picks
+from ..model.kernels import combine_picks, pick_rows
 from ..model.reference import (DENSE_MOE_MAX_TOKENS, MoE, grouped_expert_mlp, route,
                                router_logits)
 from .checks import balanced_ranges, chunks_option
@@ -161,9 +161,7 @@ class ExpertParallelMoE(nn.Module):
         for c, wait in enumerate(returning):
             s, e = chunks[c]
             back = wait()  # [n*k, D] in expert order
-            pos = torch.empty_like(orders[c]).scatter_(  # each (token, slot)'s row of back
-                0, orders[c], torch.arange(back.shape[0], device=x.device))
-            combine_picks(back, weights[s:e], pos, out=out[s:e])
+            combine_picks(back, weights[s:e], pick_rows(orders[c], back.shape[0]), out=out[s:e])
         return out.view(shape)
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:

@@ -189,9 +189,9 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
     # What the families price first, recorded by several processes where
     # that pays (a first ranking): each plan at one micro-batch and, where it
     # takes them, at two.
-    first = [p for b in bases for p in
-             [b] + [dataclasses.replace(b, micro_batches=2)] * (
-                 b.takes_micro_batches and workload.batch >= 2 and 2 in micro_batches)]
+    two = workload.batch >= 2 and 2 in micro_batches
+    first = list(bases) + [dataclasses.replace(b, micro_batches=2)
+                           for b in bases if two and b.takes_micro_batches]
     prerecord(spec, workload, [resolve_capacity(Plan.parse(str(p)), cluster) for p in first],
               ranks, recorded_phases(None))
     rows = []

@@ -72,8 +72,10 @@ def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
     number of worker processes started."""
     if tracecache.directory() is None:
         return 0
-    todo = [p for p in plans if _valid(spec, wl, p, world)
-            and not tracecache.kept(tracecache.key(spec, wl, p, world, "nccl", balance, phases))]
+    from .record import recording_key
+
+    todo = [p for p in plans if _valid(spec, wl, p, world) and not tracecache.kept(
+        recording_key(spec, wl, p, world, balance=balance, phases=phases))]
     start = time.monotonic()
     for p in todo[:TIMED]:
         _record(spec, wl, p, world, balance, phases)

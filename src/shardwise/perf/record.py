@@ -578,11 +578,17 @@ def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,
     return [rank(r) for r in range(world)]
 
 
+def recording_key(spec, wl, plan, world, backend="nccl", balance=None, phases=PHASES) -> str:
+    """The cache key of ``plan``'s recordings (:mod:`.tracecache`), as
+    :func:`record_plan` keeps them."""
+    return tracecache.key(spec, wl, plan, world, backend, balance, phases)
+
+
 @functools.lru_cache(maxsize=256)
 def _alone(spec, wl, plan, world, backend, balance, phases, ranks: tuple) -> dict:
     """The ranks ``ranks`` of ``plan`` recorded alone, from the cache of
     recordings where it holds them."""
-    key = tracecache.key(spec, wl, plan, world, backend, balance, phases)
+    key = recording_key(spec, wl, plan, world, backend, balance, phases)
     got = tracecache.load(key)
     if got is None or sorted(got) != list(ranks):
         got = {r: record_rank(spec, wl, plan, world, r, backend, balance, phases)
