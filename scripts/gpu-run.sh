@@ -19,6 +19,10 @@
 #   heldout  the bench commands of scripts/heldout.py's round ROUND, whose predictions must
 #            be committed first (results/predictions/heldout.jsonl for round 1,
 #            roundN-PROFILE.jsonl after) -> heldout-*.jsonl, roundN-*.jsonl
+#   ab       one change against the code without it, in one call: AB_SED (a sed script)
+#            applied to a copy of src/ is the side without it; each of AB_CASES (bench
+#            arguments, ";" between cases) runs with, without, with, without
+#            -> ab-with.jsonl, ab-without.jsonl
 # The 2-GPU sweeps (NAME as above; fidelity-*.txt where results/profiles/NAME.json
 # exists, e.g. from calibrate earlier in the same call):
 #   verify2  every strategy against the reference on the seed presets' dimensions
@@ -112,6 +116,18 @@ for sweep in "$@"; do
           set -- $w
           bench_all "$R/real-${m%% *}-$1-$2x$3.jsonl" --model $m --dtype bf16 --phase $1 --batch $2 --seq $3 \
             --iters $4 --warmup $5 -- tp_pp:1x1 torch_eager:1 hf:1
+        done
+      done ;;
+    ab)
+      [ -n "${AB_SED:-}" ] && [ -n "${AB_CASES:-}" ] || { echo "ab needs AB_SED and AB_CASES"; exit 2; }
+      rm -rf /tmp/ab-src && cp -r src /tmp/ab-src && find /tmp/ab-src -name "*.py" -exec sed -i "$AB_SED" {} +
+      diff -r src /tmp/ab-src | grep "^[<>]" | head -20
+      IFS=';' read -ra cases <<< "$AB_CASES"
+      for c in "${cases[@]}"; do
+        for side in with without with without; do
+          src=$PWD/src; [ $side = without ] && src=/tmp/ab-src
+          echo "+ ($side) shardwise bench --out $R/ab-$side.jsonl $c"
+          PYTHONPATH=$src sw bench --out "$R/ab-$side.jsonl" $c 2>&1 | tail -4
         done
       done ;;
     verify)

@@ -195,3 +195,27 @@ def test_grouped_gemm_is_taken_on_hopper_bf16_only():
         want = torch.cuda.get_device_capability() >= (9, 0)
         assert grouped_gemm_ok(x.cuda(), w.cuda()) == want
         assert not grouped_gemm_ok(x.cuda().half(), w.cuda().half())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_logits_on_gpu_are_the_fp32_sums(dtype):
+    # The half-precision GEMM with an fp32 output sums the same exact products
+    # as the fp32 GEMM of the upcast operands, in another order: fp32 rounding
+    # of sums of 4096 terms apart, and the same top-2 picks but for near-ties.
+    from shardwise.model import reference
+    from shardwise.model.reference import router_logits
+    assert reference._MM_OUT_DTYPE
+    g = torch.Generator(device="cuda").manual_seed(0)
+    router = torch.nn.Linear(4096, 8, bias=False).to("cuda", dtype)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 4096, device="cuda", generator=g) * 0.02)
+        x = torch.randn(3, 700, 4096, device="cuda", generator=g).to(dtype)
+        got = router_logits(router, x)
+        want = torch.nn.functional.linear(x.double(), router.weight.double())
+    assert got.dtype == torch.float32 and got.shape == (3, 700, 8)
+    size = torch.nn.functional.linear(x.double().abs(), router.weight.double().abs())
+    assert ((got.double() - want).abs() <= 4096 * 2.0 ** -24 * size).all()
+    picks, ref_picks = got.topk(2, -1).indices, want.topk(2, -1).indices
+    assert (picks == ref_picks).all(-1).float().mean() > 0.99
