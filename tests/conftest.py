@@ -7,6 +7,7 @@ import torch
 
 # Worker processes inherit this: one thread each keeps many ranks on two cores fast.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)  # and this process (torch read the variable on import)
 # Without a GPU, Triton's kernels run through its interpreter on CPU tensors
 # (tests/triton_cpu.py; the flash kernel for wide heads takes fp16 CPU tensors
 # there, model/flash.py), in this process and in the ranks it starts: set

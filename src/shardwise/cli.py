@@ -949,6 +949,8 @@ def cmd_report(args) -> int:
     return 0
 
 
+# The commands that price plans on the cost model (and run no model here).
+PRICING = ("predict", "plan", "reproduce", "report")
 COMMANDS = {"predict": cmd_predict, "plan": cmd_plan, "reproduce": cmd_reproduce,
             "calibrate": cmd_calibrate, "report": cmd_report,
             "run": cmd_run, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench,
@@ -964,6 +966,13 @@ def main(argv: list[str] | None = None) -> int:
         raise_on_stop_signals()
     try:
         check_args(args)
+        if args.cmd in PRICING:
+            import torch
+
+            # Pricing records plans: thousands of small ops on CPU tensors
+            # (perf/record.py), which a second thread only slows (a router's
+            # sort of 32,768 picks: 170 ms on two busy cores, 1 ms on one).
+            torch.set_num_threads(1)
         return COMMANDS[args.cmd](args)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)
