@@ -20,6 +20,8 @@ model cannot price is kept too, with the reason.
 from __future__ import annotations
 
 import dataclasses
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -30,6 +32,7 @@ from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, recorded_phases, resolve_capacity
 from .prerecord import prerecord
+from .record import checked
 from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
                                   partition, per_replica)
 
@@ -90,7 +93,7 @@ def evaluate(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clu
     """One candidate: its prediction, or why it is invalid or unpriced."""
     text = str(plan)
     try:
-        validate_plan(spec, workload, text, ranks)
+        checked(spec, workload, text, ranks)
     except ShardwiseError as e:
         return Row(text, error=ranks_flag(str(e)), memory=isinstance(e, PartitionError))
     try:
@@ -192,14 +195,42 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
     two = workload.batch >= 2 and 2 in micro_batches
     first = list(bases) + [dataclasses.replace(b, micro_batches=2)
                            for b in bases if two and b.takes_micro_batches]
-    prerecord(spec, workload, [resolve_capacity(Plan.parse(str(p)), cluster) for p in first],
-              ranks, recorded_phases(None))
     rows = []
-    for i, base in enumerate(bases):
-        if on_plan is not None:
-            on_plan(i, len(bases), str(base))
-        rows += micro_batch_family(spec, workload, base, cluster, ranks, micro_batches, phase)
+    with _young_heap() as collect:
+        prerecord(spec, workload, [resolve_capacity(Plan.parse(str(p)), cluster) for p in first],
+                  ranks, recorded_phases(None))
+        for i, base in enumerate(bases):
+            collect()
+            if on_plan is not None:
+                on_plan(i, len(bases), str(base))
+            rows += micro_batch_family(spec, workload, base, cluster, ranks, micro_batches, phase)
     return rows
+
+
+@contextmanager
+def _young_heap():
+    """Python's cyclic garbage collection kept to what the plan being priced
+    made: a ranking keeps most of what it makes (recordings, their compiled
+    schedules, prices), and each full collection would walk all of it (and
+    all of PyTorch's) again, a second or more of a ranking. Yields
+    ``collect()``, called between plans: the garbage made since the last
+    call collected, and what survives frozen (never walked again; freed
+    as usual when nothing refers to it). Unfrozen at the end, unless
+    something else froze objects before."""
+    ours = gc.isenabled() and gc.get_freeze_count() == 0
+
+    def collect() -> None:
+        if ours:
+            gc.collect()
+            gc.freeze()
+
+    if ours:
+        gc.freeze()  # what came before (PyTorch's modules among it)
+    try:
+        yield collect
+    finally:
+        if ours:
+            gc.unfreeze()
 
 
 def best_micro_batching(rows: list[Row], phase: str) -> Row | None:
