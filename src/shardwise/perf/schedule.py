@@ -334,7 +334,8 @@ def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
     groups: dict = {}  # (ranks, n) -> {rank: ready}
     pairs: dict = {}  # (src, dst, n) -> {"send": (ready, dur), "recv": ready, "end": t}
     parked: dict = {}  # rank -> its request
-    posted: dict = {}  # rank -> its request, of the parked ranks waiting for transfers
+    posted: dict = {}  # rank waiting for transfers -> [how many unmatched, its request]
+    waiting: dict = {}  # (src, dst, n) unmatched -> the ranks waiting for it
     todo = deque((r, None) for r in range(len(ranks)))
     while todo:
         r, value = todo.popleft()
@@ -355,32 +356,39 @@ def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
                 for q in arrived:
                     del parked[q]
                     todo.append((q, start))
-        else:
-            posted[r] = req
-            _, wanted, ready = req
-            for key, dur in wanted:
-                p = pairs.setdefault(key, {})
-                p["send" if dur is not None else "recv"] = (ready, dur)
-                if "send" in p and "recv" in p and "end" not in p:
-                    (s_ready, s_dur), (r_ready, _) = p["send"], p["recv"]
-                    p["end"] = max(s_ready, r_ready) + s_dur
-            _release(parked, posted, pairs, todo)
+            continue
+        _, wanted, ready = req
+        matched, unmatched = [], 0
+        for key, dur in wanted:
+            p = pairs.setdefault(key, {})
+            p["send" if dur is not None else "recv"] = (ready, dur)
+            if "end" in p:
+                continue
+            if "send" in p and "recv" in p:
+                (s_ready, s_dur), (r_ready, _) = p["send"], p["recv"]
+                p["end"] = max(s_ready, r_ready) + s_dur
+                for q in waiting.pop(key, ()):
+                    posted[q][0] -= 1
+                    if not posted[q][0]:
+                        matched.append(q)
+            else:
+                waiting.setdefault(key, []).append(r)
+                unmatched += 1
+        posted[r] = [unmatched, req]
+        if not unmatched:
+            matched.append(r)
+        if matched:
+            _release(set(matched), parked, posted, pairs, todo)
     if parked:
         raise RuntimeError(f"the recorded steps wait for each other: ranks {sorted(parked)} "
                            f"never meet ({list(parked.values())[:2]})")
     return [rk.t for rk in ranks]
 
 
-def _release(parked: dict, posted: dict, pairs: dict, todo: deque) -> None:
-    """Resume the ranks whose point-to-point transfers have all been matched
-    (in the order they parked)."""
-    for r, req in list(posted.items()):
-        ends = []
-        for key, _ in req[1]:
-            e = pairs[key].get("end")
-            if e is None:
-                break
-            ends.append(e)
-        else:
-            del parked[r], posted[r]
-            todo.append((r, max(ends, default=req[2])))
+def _release(matched: set, parked: dict, posted: dict, pairs: dict, todo: deque) -> None:
+    """Resume the ranks ``matched`` (whose point-to-point transfers have all
+    been matched), in the order they parked."""
+    for r in [q for q in posted if q in matched]:
+        req = posted.pop(r)[1]
+        del parked[r]
+        todo.append((r, max((pairs[key]["end"] for key, _ in req[1]), default=req[2])))
