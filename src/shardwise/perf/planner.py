@@ -13,15 +13,12 @@ memory at the fewest that does, then at more while that is faster
 (:func:`micro_batch_family`); helix or ep alone, which run the batch in one
 piece, are tried where they do not fit as the one stage of a pipeline
 (``pp:1/helix:4x4,mb=2``). A plan is reported as not fitting only when no
-micro-batch count makes it fit. A
-valid plan that does not fit is kept, marked with the reason; one the cost
-model cannot price is kept too, with the reason.
+micro-batch count makes it fit. A valid plan that does not fit is kept,
+marked with the reason; one the cost model cannot price too, with its own.
 """
 from __future__ import annotations
 
 import dataclasses
-import gc
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -31,6 +28,7 @@ from ..spec import COMPOSE_ONLY, ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, recorded_phases, resolve_capacity
+from .heap import young_heap
 from .prerecord import prerecord
 from .record import checked
 from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
@@ -189,14 +187,13 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                              f"GPUs; give --ranks {cluster.n_gpus} or fewer")
     micro_batches = tuple(micro_batches)
     bases = base_plans(spec, workload, ranks, cluster)
-    # What the families price first, recorded by several processes where
-    # that pays (a first ranking): each plan at one micro-batch and, where it
-    # takes them, at two.
+    # What the families price first, recorded by several processes where that
+    # pays (a first ranking): each plan at one micro-batch and at two where it takes them.
     two = workload.batch >= 2 and 2 in micro_batches
     first = list(bases) + [dataclasses.replace(b, micro_batches=2)
                            for b in bases if two and b.takes_micro_batches]
-    rows = []
-    with _young_heap() as collect:
+    rows: list[Row] = []
+    with young_heap() as collect:  # between plans: what the last one left collected
         prerecord(spec, workload, [resolve_capacity(Plan.parse(str(p)), cluster) for p in first],
                   ranks, recorded_phases(None))
         for i, base in enumerate(bases):
@@ -205,32 +202,6 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                 on_plan(i, len(bases), str(base))
             rows += micro_batch_family(spec, workload, base, cluster, ranks, micro_batches, phase)
     return rows
-
-
-@contextmanager
-def _young_heap():
-    """Python's cyclic garbage collection kept to what the plan being priced
-    made: a ranking keeps most of what it makes (recordings, their compiled
-    schedules, prices), and each full collection would walk all of it (and
-    all of PyTorch's) again, a second or more of a ranking. Yields
-    ``collect()``, called between plans: the garbage made since the last
-    call collected, and what survives frozen (never walked again; freed
-    as usual when nothing refers to it). Unfrozen at the end, unless
-    something else froze objects before."""
-    ours = gc.isenabled() and gc.get_freeze_count() == 0
-
-    def collect() -> None:
-        if ours:
-            gc.collect()
-            gc.freeze()
-
-    if ours:
-        gc.freeze()  # what came before (PyTorch's modules among it)
-    try:
-        yield collect
-    finally:
-        if ours:
-            gc.unfreeze()
 
 
 def best_micro_batching(rows: list[Row], phase: str) -> Row | None:
