@@ -40,9 +40,12 @@ declare -A SEED_LAYERS64=(
 # only. The whole llama-3.1-70b took 7 minutes to rank on h100-sxm-16 with
 # nothing cached; on h100-sxm-64 its first 16 layers did not finish in 18, and
 # the first 8 layers of llama-3.1-70b, llama-3.1-405b and mixtral-8x22b took
-# 5.5, 3 and 6 minutes. All told a first run is about 85 minutes of one core,
-# 45 or more on two; with every recording cached the whole page took 8
-# minutes on two cores (JOBS=2), seed-ring-4l's 3.5 of them.
+# 5.5, 3 and 6 minutes (its first 4 layers: 2.4 minutes, then 2 with the
+# schedule and collection changes of docs/costmodel.md's table, alone on two
+# cores, one process; 38 and 22 s with every recording cached). All told a
+# first run is about 85 minutes of one core, 45 or more on two; with every
+# recording cached the whole page took 8 minutes on two cores (JOBS=2),
+# seed-ring-4l's 3.5 of them.
 CASES=(
   "llama-3.1-70b h100-sxm-16 -"
   "llama-3.1-405b h100-sxm-16 16"

@@ -1,5 +1,6 @@
 """The planner enumerates exactly the valid plans, ranks them and flags the
 ones that do not fit; reproduce and fidelity compute what they print."""
+import dataclasses
 import json
 
 import re
@@ -373,3 +374,28 @@ def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
         r.prediction.prefill_tps, r.prediction.decode_step_ms, r.prediction.memory.total))
         for r in rows]
     assert figures(cached) == figures(alone)
+
+
+def test_a_ranked_plan_is_not_recorded_ahead_at_counts_the_planner_did_not_price(
+        tmp_path, monkeypatch):
+    # A plan kept at one micro-batch was ranked before: its two micro-batches,
+    # not kept, are a count the planner did not price (it did not fit, or one
+    # was faster), so a later ranking does not record it ahead (each would
+    # record a few more such plans, every time). A plan not kept at one
+    # micro-batch is recorded ahead at both.
+    from shardwise.perf import prerecord as pre
+    from shardwise.perf.costmodel import recorded_phases
+    from shardwise.perf.record import _alone, record_plan, record_rank
+
+    _alone.cache_clear()
+    record_rank.cache_clear()
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SHARDWISE_WORKERS", "1")
+    phases = recorded_phases(None)
+    ranked, fresh = Plan.parse("tp_pp:2x2"), Plan.parse("ring:4")
+    record_plan(SIX, SIX_WL, ranked, 4, phases=phases)
+    recorded = []
+    monkeypatch.setattr(pre, "_record", lambda spec, wl, plan, *a: recorded.append(str(plan)))
+    two = lambda p: dataclasses.replace(p, micro_batches=2)  # noqa: E731
+    pre.prerecord(SIX, SIX_WL, [ranked, fresh, two(ranked), two(fresh)], 4, phases)
+    assert recorded == ["ring:4", "ring:4,mb=2"]

@@ -26,11 +26,10 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from ..parallel.base import validate_plan
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster
 from .costs import Costs, duty_derate, fmt_bytes
-from .record import RankTrace, record_plan
+from .record import RankTrace, checked, record_plan
 from .schedule import RankTime, play
 
 # Below this busy share a step is costed again at the rate its duty cycle holds.
@@ -242,7 +241,7 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     plan = resolve_capacity(Plan.parse(plan) if isinstance(plan, str) else plan, cluster)
     if world_size is None and plan.strategy == "layerwise":
         world_size = cluster.n_gpus
-    cls, topo = validate_plan(spec, workload, plan, world_size)
+    cls, topo = checked(spec, workload, plan, world_size)
     if topo.world_size > cluster.n_gpus:
         raise ShardwiseError(f"plan {plan} needs {topo.world_size} GPUs but cluster "
                              f"{cluster.name} has {cluster.n_gpus}")

@@ -90,8 +90,9 @@ class Costs:
             ("sync", cl.sync_s))}
         self._calls: dict = {}
         self._colls: dict = {}
-        # The schedule's runs of calls priced (schedule._Segment), by their
-        # calls: a run costs the same in every rank and every plan it recurs in.
+        # The schedule's runs of calls priced (schedule._Segment), by the run
+        # (schedule._Run, one object for the same calls): a run costs the same
+        # in every rank and every plan it recurs in.
         self.segments: dict = {}
 
     # -- host calls and their kernels ----------------------------------------

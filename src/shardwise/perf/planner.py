@@ -13,9 +13,8 @@ memory at the fewest that does, then at more while that is faster
 (:func:`micro_batch_family`); helix or ep alone, which run the batch in one
 piece, are tried where they do not fit as the one stage of a pipeline
 (``pp:1/helix:4x4,mb=2``). A plan is reported as not fitting only when no
-micro-batch count makes it fit. A
-valid plan that does not fit is kept, marked with the reason; one the cost
-model cannot price is kept too, with the reason.
+micro-batch count makes it fit. A valid plan that does not fit is kept,
+marked with the reason; one the cost model cannot price too, with its own.
 """
 from __future__ import annotations
 
@@ -29,7 +28,9 @@ from ..spec import COMPOSE_ONLY, ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, recorded_phases, resolve_capacity
+from .heap import young_heap
 from .prerecord import prerecord
+from .record import checked
 from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
                                   partition, per_replica)
 
@@ -90,7 +91,7 @@ def evaluate(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clu
     """One candidate: its prediction, or why it is invalid or unpriced."""
     text = str(plan)
     try:
-        validate_plan(spec, workload, text, ranks)
+        checked(spec, workload, text, ranks)
     except ShardwiseError as e:
         return Row(text, error=ranks_flag(str(e)), memory=isinstance(e, PartitionError))
     try:
@@ -186,19 +187,20 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                              f"GPUs; give --ranks {cluster.n_gpus} or fewer")
     micro_batches = tuple(micro_batches)
     bases = base_plans(spec, workload, ranks, cluster)
-    # What the families price first, recorded by several processes where
-    # that pays (a first ranking): each plan at one micro-batch and, where it
-    # takes them, at two.
+    # What the families price first, recorded by several processes where that
+    # pays (a first ranking): each plan at one micro-batch and at two where it takes them.
     two = workload.batch >= 2 and 2 in micro_batches
     first = list(bases) + [dataclasses.replace(b, micro_batches=2)
                            for b in bases if two and b.takes_micro_batches]
-    prerecord(spec, workload, [resolve_capacity(Plan.parse(str(p)), cluster) for p in first],
-              ranks, recorded_phases(None))
-    rows = []
-    for i, base in enumerate(bases):
-        if on_plan is not None:
-            on_plan(i, len(bases), str(base))
-        rows += micro_batch_family(spec, workload, base, cluster, ranks, micro_batches, phase)
+    rows: list[Row] = []
+    with young_heap() as collect:  # between plans: what the last one left collected
+        prerecord(spec, workload, [resolve_capacity(Plan.parse(str(p)), cluster) for p in first],
+                  ranks, recorded_phases(None))
+        for i, base in enumerate(bases):
+            collect()
+            if on_plan is not None:
+                on_plan(i, len(bases), str(base))
+            rows += micro_batch_family(spec, workload, base, cluster, ranks, micro_batches, phase)
     return rows
 
 

@@ -55,10 +55,10 @@ def _record(spec: ModelSpec, wl: Workload, plan: Plan, world: int, balance, phas
 
 
 def _valid(spec: ModelSpec, wl: Workload, plan: Plan, world: int) -> bool:
-    from ..parallel.base import validate_plan
+    from .record import checked
 
     try:
-        validate_plan(spec, wl, plan, world)
+        checked(spec, wl, plan, world)
     except ShardwiseError:
         return False
     return True
@@ -74,8 +74,16 @@ def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
         return 0
     from .record import recording_key
 
-    todo = [p for p in plans if _valid(spec, wl, p, world) and not tracecache.kept(
+    missing = [p for p in plans if _valid(spec, wl, p, world) and not tracecache.kept(
         recording_key(spec, wl, p, world, balance=balance, phases=phases))]
+    # A plan at more micro-batches only beside its one-micro-batch form: where
+    # that is kept, the plan was ranked before, and its other counts that are
+    # not kept are ones the planner does not price (none fits, or a count
+    # below was faster), which every later ranking would record again here.
+    ones = {str(dataclasses.replace(p, micro_batches=1)) for p in missing
+            if p.micro_batches == 1}
+    todo = [p for p in missing
+            if p.micro_batches == 1 or str(dataclasses.replace(p, micro_batches=1)) in ones]
     start = time.monotonic()
     for p in todo[:TIMED]:
         _record(spec, wl, p, world, balance, phases)

@@ -46,6 +46,7 @@ from ..spec import ModelSpec, Plan, Workload, torch_dtype
 from . import tracecache
 from .events import Call, Coll, Repeat, Wait, call_counts, comm_counts
 from .trace import Recorder, Routing, set_shadow, shadow_of
+from .twins import renamed
 from .tritons import TritonShim, stand_in
 
 PHASES = ("prefill", "decode", "static")
@@ -430,6 +431,15 @@ class RankTrace:
     facts: dict = field(default_factory=dict)  # the strategy's report (short entries)
 
 
+@functools.lru_cache(maxsize=4096)
+def checked(spec: ModelSpec, wl: Workload, plan: Plan | str, world: int | None):
+    """``validate_plan``'s answer, kept: a planner asks it of a plan several
+    times (its row, its prediction, its recording, its twins). Its topology
+    is read, never changed (:func:`record_alone` validates afresh for the
+    topology it fills in)."""
+    return validate_plan(spec, wl, plan, world)
+
+
 @functools.lru_cache(maxsize=8192)
 def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
                 backend: str = "nccl", balance: float | None = None,
@@ -442,44 +452,12 @@ def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int
     (:class:`~shardwise.perf.trace.Routing`). ``phases``: the steps to record
     (``static`` where the strategy has it; asked alone, the eager step stands
     in where it has not)."""
-    cls, topo = validate_plan(spec, wl, plan, world)
+    cls, topo = checked(spec, wl, plan, world)
     twin = cls.twin(spec, wl, plan, topo, rank)
     if twin != rank:
         return renamed(record_rank(spec, wl, plan, world, twin, backend, balance, phases),
                        topo, rank)
     return record_alone(spec, wl, plan, world, rank, backend, balance, phases)
-
-
-def renamed(trace: RankTrace, topo, rank: int) -> RankTrace:
-    """``trace`` of another rank as ``rank``'s: every global rank in it shifted
-    by the coordinates ``rank`` differs from the recorded one by."""
-    a, b = topo.coords(trace.rank), topo.coords(rank)
-
-    def shifted(x: int) -> int:
-        c = topo.coords(x)
-        return topo.rank_of(**{axis: (c[axis] + b[axis] - a[axis]) % size
-                               for axis, size in zip(topo.axes, topo.shape)})
-
-    move = [shifted(x) for x in range(topo.world_size)].__getitem__
-    groups: dict = {}  # a group's ranks -> renamed (a step names few groups, many times)
-
-    def events(evs: list) -> list:
-        out = []
-        for e in evs:
-            if isinstance(e, Coll):
-                ranks = groups.get(e.ranks)
-                if ranks is None:
-                    ranks = groups[e.ranks] = tuple(sorted(map(move, e.ranks)))
-                e = dataclasses.replace(e, ranks=ranks,
-                                        sends=tuple((move(p), n) for p, n in e.sends),
-                                        recvs=tuple((move(p), n) for p, n in e.recvs))
-            elif isinstance(e, Repeat):
-                e = dataclasses.replace(e, body=events(e.body))
-            out.append(e)
-        return out
-
-    steps = {k: StepTrace(events(v.events), v.peak_bytes) for k, v in trace.steps.items()}
-    return dataclasses.replace(trace, rank=rank, steps=steps)
 
 
 def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
@@ -567,7 +545,7 @@ def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,
     """Every rank of ``plan``, recorded: the ranks recorded alone (no twin)
     read from the cache of recordings (:mod:`.tracecache`) or recorded and
     kept there, their twins renamed from them as :func:`record_rank` does."""
-    cls, topo = validate_plan(spec, wl, plan, world)
+    cls, topo = checked(spec, wl, plan, world)
     twins = [cls.twin(spec, wl, plan, topo, r) for r in range(world)]
     alone = _alone(spec, wl, plan, world, backend, balance, phases,
                    tuple(r for r in range(world) if twins[r] == r))

@@ -74,31 +74,44 @@ class RankTime:
         self.busy = []
 
 
+class _Run:
+    """Calls in a row with no other event between them (one object for every
+    such run of the same calls: :func:`compile_events`)."""
+
+    __slots__ = ("calls", "__weakref__")
+
+    def __init__(self, calls: tuple):
+        self.calls = calls
+
+
 @dataclass
 class _Segment:
-    """Calls in a row with no other event between them, played at once: the
-    host's time, the kernels' time, and the latest a kernel can end relative
-    to the segment's start on the host (the max over its kernels of the host
-    time up to its issue plus the device time from it on)."""
+    """A run of calls priced, played at once: the host's time, the kernels'
+    time, and the latest a kernel can end relative to the segment's start on
+    the host (the max over its kernels of the host time up to its issue plus
+    the device time from it on); its calls by kind and kernels by class
+    (``ops``: class -> (flops, bytes, seconds)) as item tuples."""
 
     host: float = 0.0
     device: float = 0.0
     latest: float = 0.0
-    ops: dict = field(default_factory=dict)
-    calls: dict = field(default_factory=dict)
+    ops: tuple = ()
+    calls: tuple = ()
 
     @staticmethod
-    def of(calls: list, costs: Costs) -> "_Segment":
+    def of(calls, costs: Costs) -> "_Segment":
         seg = _Segment()
         issued = []  # (host time when issued, device time)
+        ops: dict = {}
+        kinds: dict = {}
         for c in calls:
             host, times, kind = costs.call(c)
             seg.host += host
-            seg.calls[kind] = seg.calls.get(kind, 0) + 1
+            kinds[kind] = kinds.get(kind, 0) + 1
             if times:
                 issued.append((seg.host, sum(times)))
                 for k, dt in zip(c.kernels, times):
-                    acc = seg.ops.setdefault(k.cls, [0.0, 0.0, 0.0])
+                    acc = ops.setdefault(k.cls, [0.0, 0.0, 0.0])
                     acc[0] += k.flops
                     acc[1] += k.bytes
                     acc[2] += dt
@@ -107,72 +120,98 @@ class _Segment:
             after += dt
             seg.latest = max(seg.latest, at + after)
         seg.device = after
+        seg.ops = tuple((k, *v) for k, v in ops.items())
+        seg.calls = tuple(kinds.items())
         return seg
 
 
-def compile_events(events: list, costs: Costs) -> list:
-    """``events`` with each run of calls (up to a device-to-host read) made one
-    :class:`_Segment` (a read stays a call of its own); a run of the same
-    calls as one made before, the same segment (``costs.segments``: twin
-    ranks' steps differ in their collectives' ranks only, and plans of like
-    shapes run like layers)."""
-    out, run = [], []
-    made = costs.segments
+# What a compiled step is made of (:func:`compile_events`): tagged tuples.
+_SEGMENT, _READ, _COLL, _P2P, _WAIT, _LOOP = range(6)
+_RUNS: dict = {}  # the calls' ids -> their _Run (the calls held by it: ids stay theirs)
+_PROGRAMS: dict = {}  # id of a list of events -> (the list, its compiled form)
+PROGRAMS_KEPT = 8192
 
-    def segment() -> _Segment:
+
+def compile_events(events: list) -> tuple:
+    """``events`` as the schedule plays them, costs aside (one form serves
+    every price of a step: the duty cycle's second play, prefill's and
+    decode's costs): each run of calls up to a device-to-host read one
+    :class:`_Run`, the same object for every rank and step making the same
+    calls (twin ranks' steps differ in their collectives' ranks only, and
+    plans of like shapes run like layers), priced once per ``Costs``
+    (``costs.segments``); a read, a collective, a wait and a loop (its body
+    compiled) each an item of its own."""
+    got = _PROGRAMS.get(id(events))
+    if got is not None and got[0] is events:
+        return got[1]
+    out, run = [], []
+
+    def flush() -> None:
         key = tuple(map(id, run))
-        got = made.get(key)
-        if got is None:  # the calls kept beside it: their ids stay theirs
-            got = made[key] = (_Segment.of(run, costs), tuple(run))
-        return got[0]
+        got = _RUNS.get(key)
+        if got is None:
+            got = _RUNS[key] = _Run(tuple(run))
+        out.append((_SEGMENT, got))
+        run.clear()
 
     for e in events:
-        if type(e) is Call and e.kind != "syncs":
+        kind = type(e)
+        if kind is Call and e.kind != "syncs":
             run.append(e)
             continue
         if run:
-            out.append(segment())
-            run = []
-        out.append(e)
+            flush()
+        if kind is Call:
+            out.append((_READ, e))
+        elif kind is Coll:
+            out.append((_P2P if e.op == "p2p" else _COLL, e, f"{e.op}/{e.axis}"))
+        elif kind is Wait:
+            out.append((_WAIT, e.handle))
+        else:
+            handles = tuple(x.handle for x in e.body if type(x) is Coll and x.handle is not None)
+            out.append((_LOOP, compile_events(e.body), e.times, e.carry, e.every, handles))
     if run:
-        out.append(segment())
-    return out
+        flush()
+    prog = tuple(out)
+    if len(_PROGRAMS) >= PROGRAMS_KEPT:
+        _PROGRAMS.clear()
+    _PROGRAMS[id(events)] = (events, prog)
+    return prog
 
 
 class _Rank:
     """One rank playing its events; yields when it needs other ranks."""
 
-    def __init__(self, rank: int, costs: Costs, overlap: float, compiled: dict):
+    def __init__(self, rank: int, costs: Costs, overlap: float):
         self.rank, self.costs, self.keep = rank, costs, 1.0 - overlap
         self.t = RankTime()
         self.seq: dict = {}  # group or (src, dst) -> calls so far
-        self.compiled = compiled  # id(events) -> (events, their compiled form)
-
-    def _events(self, events: list) -> list:
-        got = self.compiled.get(id(events))
-        if got is None:
-            got = self.compiled[id(events)] = (events, compile_events(events, self.costs))
-        return got[1]
+        self.priced = costs.segments  # _Run -> its _Segment on these costs
 
     def segment(self, seg: _Segment) -> None:
         t = self.t
         start = t.host
         t.host += seg.host
         t.host_s += seg.host
-        for k, n in seg.calls.items():
-            t.calls[k] = t.calls.get(k, 0) + n
-        if not seg.device:
+        calls = t.calls
+        for k, n in seg.calls:
+            calls[k] = calls.get(k, 0) + n
+        device = seg.device
+        if not device:
             return
-        end = max(t.compute + seg.device, start + seg.latest)
+        end = max(t.compute + device, start + seg.latest)
         if self.keep and t.busy:
-            first = end - seg.device
+            first = end - device
             shared = sum(max(0.0, min(b, end) - max(a, first)) for a, b in t.busy)
             t.busy = [(a, b) for a, b in t.busy if b > first]
             end += self.keep * shared
         t.compute = end
-        t.compute_s += seg.device
-        for k, (f, nb, dt) in seg.ops.items():
-            acc = t.ops.setdefault(k, [0.0, 0.0, 0.0])
+        t.compute_s += device
+        ops = t.ops
+        for k, f, nb, dt in seg.ops:
+            acc = ops.get(k)
+            if acc is None:
+                acc = ops[k] = [0.0, 0.0, 0.0]
             acc[0] += f
             acc[1] += nb
             acc[2] += dt
@@ -184,64 +223,76 @@ class _Rank:
         t.host = max(t.host, t.compute) + self.costs.host["sync"]
         t.syncs += 1
 
-    def run(self, events: list, carry: dict | None = None):
-        for e in self._events(events):
-            kind = type(e)
-            if kind is _Segment:
-                self.segment(e)
-            elif kind is Call:
-                self.read(e)
-            elif kind is Coll:
-                yield from self.coll(e)
-            elif kind is Wait:
-                h = carry.get(e.handle, e.handle) if carry else e.handle
-                when = self.t.done.get(h, 0.0)
-                if when > self.t.compute:
-                    if self.t.done.get(("recv", h)):
-                        self.t.bubble_s += when - self.t.compute
-                    self.t.compute = when
+    def run(self, prog: tuple, carry: dict | None = None):
+        priced = self.priced
+        for item in prog:
+            tag = item[0]
+            if tag == _SEGMENT:
+                seg = priced.get(item[1])
+                if seg is None:
+                    seg = priced[item[1]] = _Segment.of(item[1].calls, self.costs)
+                self.segment(seg)
+            elif tag == _COLL:
+                yield from self.coll(item[1], item[2])
+            elif tag == _P2P:
+                yield from self.p2p(item[1], item[2])
+            elif tag == _WAIT:
+                h = carry.get(item[1], item[1]) if carry else item[1]
+                t = self.t
+                when = t.done.get(h, 0.0)
+                if when > t.compute:
+                    if t.done.get(("recv", h)):
+                        t.bubble_s += when - t.compute
+                    t.compute = when
+            elif tag == _READ:
+                self.read(item[1])
             else:
-                yield from self.repeat(e)
+                yield from self.repeat(*item[1:])
 
-    def repeat(self, rep: Repeat):
-        if rep.times <= 2 or rep.every:
-            for i in range(rep.times):
-                yield from self.run(rep.body, rep.carry if i else None)
+    def repeat(self, body: tuple, times: int, carry: dict, every: bool, handles: tuple):
+        if times <= 2 or every:
+            for i in range(times):
+                yield from self.run(body, carry if i else None)
             return
-        yield from self.run(rep.body)
+        yield from self.run(body)
         a, seq_a = self.t.snapshot(), dict(self.seq)
-        yield from self.run(rep.body, rep.carry)
+        yield from self.run(body, carry)
         b = self.t.snapshot()
-        times = rep.times - 2
+        times -= 2
         self.t.advance(a, b, times)
         for key, n in self.seq.items():  # the calls the skipped layers would make
             self.seq[key] = n + times * (n - seq_a.get(key, 0))
         shift = times * (b[0][2] - a[0][2])
-        for e in rep.body:
-            if type(e) is Coll and e.handle is not None and e.handle in self.t.done:
-                self.t.done[e.handle] += shift
+        done = self.t.done
+        for h in handles:
+            if h in done:
+                done[h] += shift
 
-    def coll(self, c: Coll):
+    def _begin(self, c: Coll):
+        """The host's call of a collective: (device seconds, link)."""
         t = self.t
         host, times, link = self.costs.coll(c, self.rank)
         t.host += host
         t.host_s += host
         t.calls[c.op] = t.calls.get(c.op, 0) + 1
-        if c.op == "p2p":
-            yield from self.p2p(c, times, link)
-            return
-        asynchronous = c.handle is not None
+        return times, link
+
+    def coll(self, c: Coll, key: str):
+        times, link = self._begin(c)
+        t = self.t
         ready = max(t.host, t.compute, t.comm if not c.fused else 0.0)
         n = self.seq[c.ranks] = self.seq.get(c.ranks, 0) + 1
         start = yield ("group", (c.ranks, n), ready, len(c.ranks))
         dev = times[0]
         end = start + dev
         t.comm_s += dev
-        acc = t.comms.setdefault(f"{c.op}/{c.axis}", [0, 0, 0.0, link])
+        acc = t.comms.get(key)
+        if acc is None:
+            acc = t.comms[key] = [0, 0, 0.0, link]
         acc[0] += 1
         acc[1] += c.bytes
         acc[2] += dev
-        if asynchronous:
+        if c.handle is not None:  # asynchronous
             t.comm = end
             t.done[c.handle] = end
             t.busy.append((start, end))
@@ -250,14 +301,16 @@ class _Rank:
             if not c.fused:
                 t.comm = end
 
-    def p2p(self, c: Coll, times: list, link: str):
+    def p2p(self, c: Coll, key: str):
+        times, link = self._begin(c)
         t = self.t
         ready = max(t.host, t.compute, t.comm)
         pairs = []
+        send = "send/" + key[4:]
         for (peer, nbytes), dur in zip(c.sends, times):
             n = self.seq[(self.rank, peer)] = self.seq.get((self.rank, peer), 0) + 1
             pairs.append(((self.rank, peer, n), dur))
-            acc = t.comms.setdefault(f"send/{c.axis}", [0, 0, 0.0, link])
+            acc = t.comms.setdefault(send, [0, 0, 0.0, link])
             acc[0] += 1
             acc[1] += nbytes
             acc[2] += dur
@@ -276,12 +329,13 @@ class _Rank:
 def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
     """Every rank's events played together (module docstring); ``steps[r]``
     are rank r's events."""
-    compiled: dict = {}
-    ranks = [_Rank(r, costs, overlap, compiled) for r in range(len(steps))]
-    gens = [rk.run(ev) for rk, ev in zip(ranks, steps)]
+    ranks = [_Rank(r, costs, overlap) for r in range(len(steps))]
+    gens = [rk.run(compile_events(ev)) for rk, ev in zip(ranks, steps)]
     groups: dict = {}  # (ranks, n) -> {rank: ready}
     pairs: dict = {}  # (src, dst, n) -> {"send": (ready, dur), "recv": ready, "end": t}
     parked: dict = {}  # rank -> its request
+    posted: dict = {}  # rank waiting for transfers -> [how many unmatched, its request]
+    waiting: dict = {}  # (src, dst, n) unmatched -> the ranks waiting for it
     todo = deque((r, None) for r in range(len(ranks)))
     while todo:
         r, value = todo.popleft()
@@ -292,7 +346,9 @@ def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
         parked[r] = req
         if req[0] == "group":
             _, key, ready, size = req
-            arrived = groups.setdefault(key, {})
+            arrived = groups.get(key)
+            if arrived is None:
+                arrived = groups[key] = {}
             arrived[r] = ready
             if len(arrived) == size:
                 start = max(arrived.values())
@@ -300,27 +356,39 @@ def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
                 for q in arrived:
                     del parked[q]
                     todo.append((q, start))
-        else:
-            _, wanted, ready = req
-            for key, dur in wanted:
-                p = pairs.setdefault(key, {})
-                p["send" if dur is not None else "recv"] = (ready, dur)
-                if "send" in p and "recv" in p and "end" not in p:
-                    (s_ready, s_dur), (r_ready, _) = p["send"], p["recv"]
-                    p["end"] = max(s_ready, r_ready) + s_dur
-            _release(parked, pairs, todo)
+            continue
+        _, wanted, ready = req
+        matched, unmatched = [], 0
+        for key, dur in wanted:
+            p = pairs.setdefault(key, {})
+            p["send" if dur is not None else "recv"] = (ready, dur)
+            if "end" in p:
+                continue
+            if "send" in p and "recv" in p:
+                (s_ready, s_dur), (r_ready, _) = p["send"], p["recv"]
+                p["end"] = max(s_ready, r_ready) + s_dur
+                for q in waiting.pop(key, ()):
+                    posted[q][0] -= 1
+                    if not posted[q][0]:
+                        matched.append(q)
+            else:
+                waiting.setdefault(key, []).append(r)
+                unmatched += 1
+        posted[r] = [unmatched, req]
+        if not unmatched:
+            matched.append(r)
+        if matched:
+            _release(set(matched), parked, posted, pairs, todo)
     if parked:
         raise RuntimeError(f"the recorded steps wait for each other: ranks {sorted(parked)} "
                            f"never meet ({list(parked.values())[:2]})")
     return [rk.t for rk in ranks]
 
 
-def _release(parked: dict, pairs: dict, todo: deque) -> None:
-    """Resume the ranks whose point-to-point transfers have all been matched."""
-    for r, req in list(parked.items()):
-        if req[0] != "pairs":
-            continue
-        ends = [pairs[key].get("end") for key, _ in req[1]]
-        if all(e is not None for e in ends):
-            del parked[r]
-            todo.append((r, max(ends, default=req[2])))
+def _release(matched: set, parked: dict, posted: dict, pairs: dict, todo: deque) -> None:
+    """Resume the ranks ``matched`` (whose point-to-point transfers have all
+    been matched), in the order they parked."""
+    for r in [q for q in posted if q in matched]:
+        req = posted.pop(r)[1]
+        del parked[r]
+        todo.append((r, max((pairs[key]["end"] for key, _ in req[1]), default=req[2])))

@@ -76,6 +76,7 @@ _INTEGRAL = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torc
 _CACHE: dict = {}  # (op, input signature) -> _Cached
 _SPECIAL = object()  # a cache entry of an op handled apart every time (data, routing)
 _META = torch.device("meta")
+Tensor = torch.Tensor
 _SHADOWS = [0]  # tensors given a shadow so far (none: no op needs to look for them)
 
 
@@ -130,19 +131,20 @@ def _scan(func, args, kwargs) -> tuple[tuple, list]:
     the tensors among its arguments, at most one list deep)."""
     key, ins = [func], []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, Tensor):
             ins.append(a)
             key.append((a.shape, a.stride(), a.dtype, a.is_meta))
         elif isinstance(a, (list, tuple)):
-            ins.extend(b for b in a if isinstance(b, torch.Tensor))
+            ins.extend(b for b in a if isinstance(b, Tensor))
             key.append(_sig(a))
         else:
             key.append(a)
-    for k in sorted(kwargs):
-        v = kwargs[k]
-        if isinstance(v, torch.Tensor):
-            ins.append(v)
-        key += (k, _sig(v))
+    if kwargs:
+        for k in sorted(kwargs):
+            v = kwargs[k]
+            if isinstance(v, Tensor):
+                ins.append(v)
+            key += (k, _sig(v))
     if func is _SDPA:
         key += sdp_flags()
     return tuple(key), ins
@@ -220,11 +222,16 @@ class Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         key, ins = _scan(func, args, kwargs)
-        if not self.read_input and any(t is self.inputs for t in ins):
+        if self.inputs is not None and not self.read_input \
+                and any(t is self.inputs for t in ins):
             self.read_input = True
         factory = "device" in kwargs and _meta_factory(kwargs)
-        if not factory and not any(t.is_meta for t in ins):
-            return self._host_op(func, args, kwargs)  # a table on the host: CPU work
+        if not factory:
+            for t in ins:
+                if t.is_meta:
+                    break
+            else:
+                return self._host_op(func, args, kwargs)  # a table on the host: CPU work
         hit = _CACHE.get(key)
         if hit is None or hit is _SPECIAL:
             name = func.overloadpacket.__name__
