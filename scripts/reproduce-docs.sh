@@ -37,22 +37,22 @@ declare -A SEED_LAYERS64=(
   [seed-layerwise-3b]=2 [seed-layerwise-30b]=2 [seed-moe-16l]=2
 )
 # MODEL CLUSTER LAYERS: LAYERS "-" ranks the whole model, N its first N layers
-# only. The whole llama-3.1-70b took 7 minutes to rank on h100-sxm-16 with
-# nothing cached; on h100-sxm-64 its first 16 layers did not finish in 18, and
-# the first 8 layers of llama-3.1-70b, llama-3.1-405b and mixtral-8x22b took
-# 5.5, 3 and 6 minutes (its first 4 layers: 2.4 minutes, then 2 with the
-# schedule and collection changes of docs/costmodel.md's table, alone on two
-# cores, one process; 38 and 22 s with every recording cached). All told a
-# first run is about 85 minutes of one core, 45 or more on two; with every
-# recording cached the whole page took 8 minutes on two cores (JOBS=2),
-# seed-ring-4l's 3.5 of them.
+# only. Every model here is ranked whole. With nothing cached, JOBS=2 on two
+# cores shared with other work, the rankings took (s): llama-3.1-70b
+# 77 on h100-sxm-16 and 436 on h100-sxm-64, llama-3.1-405b 81 and 624,
+# mixtral-8x22b 201 and 636 (before the schedule and collection changes of
+# docs/costmodel.md and one thread per process, the first 16 layers of
+# llama-3.1-70b did not finish in 18 minutes on h100-sxm-64). The seeds'
+# 64-GPU rankings above are still cut: whole, seed-layerwise-3b took 651 s
+# on the same machine (seed-helix-2l, whole as before, 190 s); the seeds'
+# sections of the page were not written again with them.
 CASES=(
   "llama-3.1-70b h100-sxm-16 -"
-  "llama-3.1-405b h100-sxm-16 16"
-  "mixtral-8x22b h100-sxm-16 16"
-  "llama-3.1-70b h100-sxm-64 8"
-  "llama-3.1-405b h100-sxm-64 8"
-  "mixtral-8x22b h100-sxm-64 8"
+  "llama-3.1-405b h100-sxm-16 -"
+  "mixtral-8x22b h100-sxm-16 -"
+  "llama-3.1-70b h100-sxm-64 -"
+  "llama-3.1-405b h100-sxm-64 -"
+  "mixtral-8x22b h100-sxm-64 -"
 )
 WORKLOAD=(--batch 8 --seq 4096 --phase both)
 
