@@ -43,10 +43,11 @@ declare -A SEED_LAYERS64=(
 # mixtral-8x22b 201 and 636 (before the schedule and collection changes of
 # docs/costmodel.md and one thread per process, the first 16 layers of
 # llama-3.1-70b did not finish in 18 minutes on h100-sxm-64). The seeds'
-# 64-GPU rankings above are still cut. Ranked whole on the same machine with
-# nothing cached, seed-layerwise-3b took 651 s, seed-ring-4l 564,
-# seed-layerwise-30b 602 and seed-helix-4l 373, and seed-moe-16l had not
-# finished after 9 minutes, so the seeds' sections were not written again.
+# 64-GPU rankings above are still cut. Ranked whole on the same machine,
+# seed-layerwise-3b took 651 s with nothing cached. seed-ring-4l took 564 s,
+# seed-layerwise-30b 602 and seed-helix-4l 373, some of their recordings
+# cached by an interrupted run. seed-moe-16l had not finished after 9
+# minutes, so the seeds' sections were not written again.
 CASES=(
   "llama-3.1-70b h100-sxm-16 -"
   "llama-3.1-405b h100-sxm-16 -"
