@@ -11,6 +11,8 @@ JSON line per window to ``--out``.
 """
 import argparse
 import json
+import os
+import subprocess
 import time
 
 import torch
@@ -73,7 +75,9 @@ def main() -> None:
         rows += run(a, b, args.seconds, args.window, duty, clock, f"duty {duty}")
     head = {"command": "python scripts/gemm-clock.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "git_rev": os.environ.get("SHARDWISE_GIT_REV") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
     with open(args.out, "w") as f:
         for r in rows:
             f.write(json.dumps({**head, **r}) + "\n")

@@ -125,9 +125,11 @@ for sweep in "$@"; do
       IFS=';' read -ra cases <<< "$AB_CASES"
       for c in "${cases[@]}"; do
         for side in with without with without; do
-          src=$PWD/src; [ $side = without ] && src=/tmp/ab-src
+          src=$PWD/src rev=${SHARDWISE_GIT_REV:-}
+          # the side without the change names its revision as patched
+          [ $side = without ] && src=/tmp/ab-src rev="${rev:-$(git rev-parse --short HEAD 2>/dev/null)}+AB_SED"
           echo "+ ($side) shardwise bench --out $R/ab-$side.jsonl $c"
-          PYTHONPATH=$src sw bench --out "$R/ab-$side.jsonl" $c 2>&1 | tail -4
+          PYTHONPATH=$src SHARDWISE_GIT_REV=$rev sw bench --out "$R/ab-$side.jsonl" $c 2>&1 | tail -4
         done
       done ;;
     verify)
