@@ -78,7 +78,7 @@ class _Run:
     """Calls in a row with no other event between them (one object for every
     such run of the same calls: :func:`compile_events`)."""
 
-    __slots__ = ("calls", "__weakref__")
+    __slots__ = ("calls",)
 
     def __init__(self, calls: tuple):
         self.calls = calls
@@ -128,6 +128,7 @@ class _Segment:
 # What a compiled step is made of (:func:`compile_events`): tagged tuples.
 _SEGMENT, _READ, _COLL, _P2P, _WAIT, _LOOP = range(6)
 _RUNS: dict = {}  # the calls' ids -> their _Run (the calls held by it: ids stay theirs)
+RUNS_KEPT = 65536
 _PROGRAMS: dict = {}  # id of a list of events -> (the list, its compiled form)
 PROGRAMS_KEPT = 8192
 
@@ -150,6 +151,8 @@ def compile_events(events: list) -> tuple:
         key = tuple(map(id, run))
         got = _RUNS.get(key)
         if got is None:
+            if len(_RUNS) >= RUNS_KEPT:  # a long process: runs made later are shared anew
+                _RUNS.clear()
             got = _RUNS[key] = _Run(tuple(run))
         out.append((_SEGMENT, got))
         run.clear()
@@ -164,7 +167,9 @@ def compile_events(events: list) -> tuple:
         if kind is Call:
             out.append((_READ, e))
         elif kind is Coll:
-            out.append((_P2P if e.op == "p2p" else _COLL, e, f"{e.op}/{e.axis}"))
+            # the comm table's key: the collective's, or a p2p's sends'
+            out.append((_P2P, e, f"send/{e.axis}") if e.op == "p2p"
+                       else (_COLL, e, f"{e.op}/{e.axis}"))
         elif kind is Wait:
             out.append((_WAIT, e.handle))
         else:
@@ -301,12 +306,11 @@ class _Rank:
             if not c.fused:
                 t.comm = end
 
-    def p2p(self, c: Coll, key: str):
+    def p2p(self, c: Coll, send: str):
         times, link = self._begin(c)
         t = self.t
         ready = max(t.host, t.compute, t.comm)
         pairs = []
-        send = "send/" + key[4:]
         for (peer, nbytes), dur in zip(c.sends, times):
             n = self.seq[(self.rank, peer)] = self.seq.get((self.rank, peer), 0) + 1
             pairs.append(((self.rank, peer, n), dur))
