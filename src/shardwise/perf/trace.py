@@ -76,7 +76,7 @@ _INTEGRAL = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torc
 _CACHE: dict = {}  # (op, input signature) -> _Cached
 _SPECIAL = object()  # a cache entry of an op handled apart every time (data, routing)
 _META = torch.device("meta")
-Tensor = torch.Tensor
+_TENSOR = torch.Tensor  # a global read in the hot _scan
 _SHADOWS = [0]  # tensors given a shadow so far (none: no op needs to look for them)
 
 
@@ -131,18 +131,18 @@ def _scan(func, args, kwargs) -> tuple[tuple, list]:
     the tensors among its arguments, at most one list deep)."""
     key, ins = [func], []
     for a in args:
-        if isinstance(a, Tensor):
+        if isinstance(a, _TENSOR):
             ins.append(a)
             key.append((a.shape, a.stride(), a.dtype, a.is_meta))
         elif isinstance(a, (list, tuple)):
-            ins.extend(b for b in a if isinstance(b, Tensor))
+            ins.extend(b for b in a if isinstance(b, _TENSOR))
             key.append(_sig(a))
         else:
             key.append(a)
     if kwargs:
         for k in sorted(kwargs):
             v = kwargs[k]
-            if isinstance(v, Tensor):
+            if isinstance(v, _TENSOR):
                 ins.append(v)
             key += (k, _sig(v))
     if func is _SDPA:
