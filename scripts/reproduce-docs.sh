@@ -33,8 +33,8 @@ MEASURED=(--results results/bench-h200x2.jsonl --profile src/shardwise/perf/prof
 # seed-layerwise-3b 3 and seed-layerwise-30b 4.7 on their first 2 layers, and
 # seed-moe-16l 26 on its first 2 (its expert-parallel plans cost the most).
 declare -A SEED_LAYERS64=(
-  [seed-helix-2l]=- [seed-helix-4l]=- [seed-ring-4l]=2
-  [seed-layerwise-3b]=2 [seed-layerwise-30b]=2 [seed-moe-16l]=2
+  [seed-helix-2l]=- [seed-helix-4l]=- [seed-ring-4l]=-
+  [seed-layerwise-3b]=- [seed-layerwise-30b]=- [seed-moe-16l]=-
 )
 # MODEL CLUSTER LAYERS: LAYERS "-" ranks the whole model, N its first N layers
 # only. Every model here is ranked whole. With nothing cached, JOBS=2 on two

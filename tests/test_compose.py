@@ -208,6 +208,9 @@ def test_candidates_are_compositions_that_validate():
         except ShardwiseError:
             pass
     assert "ep:4/tp:2" in valid and "dp:2/ep:2/tp:2" in valid
+    # A dense model gets no ep dimension (validate would refuse every one).
+    dense = composition_candidates(8, experts=False)
+    assert not any("ep:" in c for c in dense) and set(dense) < set(cands)
 
 
 def _rank(spec, wl, plan, world, rank, device="meta"):

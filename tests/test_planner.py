@@ -177,7 +177,7 @@ def test_compositions_are_candidates_priced_as_replicas_or_listed_with_the_reaso
     rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4, micro_batches=(1,))
     composed = {r.plan: r for r in rows if Plan.parse(r.plan).is_composed}
     # Every composition of 4 ranks is a candidate, valid exactly where validate says so.
-    assert set(composed) == set(composition_candidates(4))
+    assert set(composed) == set(composition_candidates(4, SIX.is_moe))
     for plan, r in composed.items():
         try:
             validate_plan(SIX, SIX_WL, plan, 4)

@@ -163,10 +163,11 @@ def check_options(part: Plan, plan: str) -> None:
                              f"{part.options[0][0]!r}; write {part.strategy}:N")
 
 
-def composition_candidates(world_size: int) -> list[str]:
+def composition_candidates(world_size: int, experts: bool = True) -> list[str]:
     """Composed plans of ``world_size`` ranks with two or more dimensions of
     more than one rank, none of them a single-strategy plan (``pp:P/tp:T`` is
-    ``tp_pp:TxP``); the planner filters them through ``validate``."""
+    ``tp_pp:TxP``), with an ep dimension only where the model has
+    ``experts``; the planner filters them through ``validate``."""
     def splits(n: int, parts: int):
         if parts == 1:
             yield (n,)
@@ -176,8 +177,9 @@ def composition_candidates(world_size: int) -> list[str]:
                 for rest in splits(n // d, parts - 1):
                     yield (d, *rest)
 
-    stages = [("tp:{}",), ("helix:{}x{}",), ("ring:{}",), ("ring:{}", "tp:{}"), ("ep:{}",),
-              ("ep:{}", "tp:{}")]
+    stages = [("tp:{}",), ("helix:{}x{}",), ("ring:{}",), ("ring:{}", "tp:{}")]
+    if experts:
+        stages += [("ep:{}",), ("ep:{}", "tp:{}")]
     out = []
     for inner in stages:
         width = sum(s.count("{}") for s in inner)
@@ -257,7 +259,7 @@ class ComposedPlan(PlanRules):
 
     @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
-        return composition_candidates(world_size)
+        return composition_candidates(world_size, spec.is_moe)
 
 
 class TpPpPlan(ComposedPlan):

@@ -78,7 +78,7 @@ def base_plans(spec: ModelSpec, workload: Workload, ranks: int,
     once, without micro-batches."""
     texts = [t for name in available_strategies()
              for t in get_strategy(name).candidates(spec, workload, ranks)]
-    texts += composition_candidates(ranks)
+    texts += composition_candidates(ranks, spec.is_moe)
     out: dict[str, Plan] = {}
     for text in texts:
         plan = resolve_capacity(Plan.parse(text), cluster)
