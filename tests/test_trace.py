@@ -76,7 +76,9 @@ CASES = {
         ("llama", "tp_pp:4x1"), ("llama", "helix:4x1"), ("real", "tp_pp:4x1"),
         # compositions over one mesh (parallel/compose.py)
         ("gpt", "dp:2/tp:2"), ("llama", "pp:2/helix:1x2,mb=2"), ("llama", "ring:2/tp:2"),
-        ("mixtral", "ep:2/tp:2"), ("gpt-moe", "dp:2/ep:2")],
+        ("mixtral", "ep:2/tp:2"), ("gpt-moe", "dp:2/ep:2"),
+        # a flat reduce over a stage's ranks: a flattened span, not the world
+        ("llama", "pp:2/helix:1x2,reduce=flat")],
 }
 
 

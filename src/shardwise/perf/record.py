@@ -96,10 +96,20 @@ class _Group:
 
 
 class _Mesh:
-    def __init__(self, topo):
-        self.topo = topo
+    """What the DeviceMesh stands for while recording: ``get_group(axis)``
+    for an axis, and (``span``) for a span of axes that ``Topology.build``
+    flattens into one group."""
 
-    def get_group(self, axis: str) -> _Group:
+    def __init__(self, topo, span: tuple[str, ...] = ()):
+        self.topo, self.span = topo, span
+
+    def get_group(self, axis: str | None = None) -> _Group:
+        if self.span:  # every rank that differs from this one only along the span's axes
+            def outside(rank=None) -> dict:
+                return {a: c for a, c in self.topo.coords(rank).items() if a not in self.span}
+
+            ranks = [r for r in range(self.topo.world_size) if outside(r) == outside()]
+            return _Group(self.topo.axis_key(self.span), ranks)
         return _Group(axis, self.topo.group_ranks(axis))
 
 
@@ -467,6 +477,7 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
     cls, topo = validate_plan(spec, wl, plan, world)
     topo.rank, topo.device_type = rank, "cuda"
     topo.mesh = _Mesh(topo)
+    topo._flat = {span: _Mesh(topo, span) for span in topo.spans}
     dtype = torch_dtype(spec.dtype)
     routing = Routing(balance, world)
     _STOOD_FOR.clear()
