@@ -46,6 +46,11 @@
 #            (scripts/l2-prefetch.py) and decode GEMMs, cuBLAS against Triton
 #            (scripts/skinny-gemm.py) -> trace-decode*.jsonl, traces-decode.tgz,
 #            l2-prefetch.json, skinny-gemm.json
+#   diag-real  profiles of the real models' graph decode steps (tp_pp:1x1; llama-3.1-8b 4
+#            layers and mixtral-8x7b 2 layers at 1 x 2048 and 16 x 4096, bench --trace), the
+#            routed-expert kernel's launches and the decode attention's, each timed in CUDA
+#            graphs (scripts/moe-rows.py, scripts/decode-attn.py --sweep) -> trace-real.jsonl,
+#            traces-real.tgz, moe-rows.jsonl, decode-attn.jsonl
 # On 4 or 8 GPUs:
 #   sweep    each seed preset at its own dimensions, its baseline scaled to the GPUs here
 #            and the proposed plans, at the workload scripts/sweep-workloads.py picks on
@@ -245,6 +250,20 @@ for sweep in "$@"; do
       dist2 scripts/l2-prefetch.py
       echo "+ python scripts/skinny-gemm.py"
       OUT=$R timeout 240 python3 scripts/skinny-gemm.py 2>&1 | grep -E "^\{|rror" ;;
+    diag-real)
+      T=$R/traces-real
+      for m in "llama-3.1-8b --layers 4" "mixtral-8x7b --layers 2"; do
+        for w in "1 2048" "16 4096"; do
+          set -- $w
+          bench_all "$R/trace-real.jsonl" --model $m --dtype bf16 --phase decode --batch $1 --seq $2 \
+            --iters 30 --warmup 5 --trace "$T" -- tp_pp:1x1
+        done
+      done
+      pack "$T"
+      for probe in moe-rows decode-attn; do
+        echo "+ python scripts/$probe.py --sweep --out $R/$probe.jsonl"
+        timeout 240 python3 "scripts/$probe.py" --sweep --out "$R/$probe.jsonl" 2>&1 | tail -15
+      done ;;
     sweep)
       machine; need 4 || continue
       p=results/profiles/$NAME.json
@@ -257,6 +276,6 @@ for sweep in "$@"; do
       done < <(grep -v '^#' "$R/sweep-$NAME.txt")
       fidelity "$R/fidelity-$NAME.txt" "$R/bench-$NAME"-*.jsonl ;;
     *) echo "unknown sweep $sweep (real, verify, tests, calibrate, heldout, verify2, static2, bench2, repeats,"\
-         "diag-prefill, diag-decode, sweep)"; exit 2 ;;
+         "diag-prefill, diag-decode, diag-real, sweep)"; exit 2 ;;
   esac
 done

@@ -1,5 +1,6 @@
 """The layerwise partitioner: pure Python, no processes."""
 import itertools
+import math
 import random
 
 import pytest
@@ -67,6 +68,52 @@ def brute_min_capacity(costs_for, L, R, B):
     return min(max(costs_for(-(-B // min(R // (len(c) - 1), B))).group_bytes(i, j)
                    for i, j in zip(c, c[1:]))
                for c in all_partitions(L) if len(c) - 1 <= R)
+
+
+def plain_split(costs, groups, capacity=math.inf, key="time"):
+    """The DP of ``split`` one (g, j, i) at a time, sums and maxima as written."""
+    L = len(costs.time)
+    if not 1 <= groups <= L:
+        return None
+    cost = costs.group_time if key == "time" else costs.group_bytes
+    best = [[math.inf] * (L + 1) for _ in range(groups + 1)]
+    cut = [[0] * (L + 1) for _ in range(groups + 1)]
+    best[0][0] = 0.0
+    for g in range(1, groups + 1):
+        for j in range(g, L - (groups - g) + 1):
+            for i in range(j - 1, g - 2, -1):
+                if costs.group_bytes(i, j) > capacity:
+                    break
+                v = max(best[g - 1][i], cost(i, j))
+                if v < best[g][j]:
+                    best[g][j], cut[g][j] = v, i
+    if best[groups][L] == math.inf:
+        return None
+    cuts, j = [L], L
+    for g in range(groups, 0, -1):
+        j = cut[g][j]
+        cuts.append(j)
+    return best[groups][L], tuple(reversed(cuts))
+
+
+def test_split_equals_the_plain_dp_bit_for_bit():
+    # Many layers (beyond brute force), ties (repeated layers: equal
+    # bottlenecks, the latest cut wins) and capacities from tight to none.
+    rng = random.Random(7)
+    for trial in range(60):
+        L = rng.randint(1, 40)
+        costs = random_costs(rng, L)(rng.randint(1, 4))
+        if trial % 3 == 0:  # every layer alike, as a real model's are
+            costs = LayerCosts(*(tuple(c[:1]) * L for c in
+                                 (costs.resident, costs.work, costs.held, costs.time)))
+        total = costs.group_bytes(0, L)
+        for capacity in (math.inf, total, total // 3, total // max(L, 1)):
+            for key in ("time", "bytes"):
+                for groups in sorted({1, 2, L // 2, L, L + 1} - {0}):
+                    got = split(costs, groups, capacity, key)
+                    want = plain_split(costs, groups, capacity, key)
+                    assert got == want, (L, groups, capacity, key)
+                    assert got is None or type(got[0]) is type(want[0])
 
 
 def test_dp_matches_brute_force_on_random_costs():

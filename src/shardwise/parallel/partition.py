@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Callable
 
+import numpy as np
+
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes, parse_bytes
 
 # -- capacity ------------------------------------------------------------------
@@ -208,14 +210,20 @@ class LayerCosts:
         return sum(self.time[i:j])
 
     @cached_property
-    def tables(self) -> tuple[list[list[int]], list[list[float]]]:
-        """``group_bytes`` and ``group_time`` for every ``i < j``, computed once."""
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """``group_bytes`` and ``group_time`` for every ``i < j`` (0 elsewhere),
+        computed once: each row's sums run left to right, as ``sum`` adds, so
+        every entry is the float ``group_time`` returns."""
         L = len(self.time)
-        nbytes = [[0] * (L + 1) for _ in range(L + 1)]
-        secs = [[0.0] * (L + 1) for _ in range(L + 1)]
+        nbytes = np.zeros((L + 1, L + 1), dtype=np.int64)
+        secs = np.zeros((L + 1, L + 1))
         for i in range(L):
+            resident, work, t = 0, 0, 0
             for j in range(i + 1, L + 1):
-                nbytes[i][j], secs[i][j] = self.group_bytes(i, j), self.group_time(i, j)
+                resident += self.resident[j - 1]
+                work = max(work, self.work[j - 1])
+                t += self.time[j - 1]
+                nbytes[i, j], secs[i, j] = resident + work + self.held[j - 1], t
         return nbytes, secs
 
 
@@ -253,31 +261,35 @@ def split(costs: LayerCosts, groups: int, capacity: float = math.inf,
     Returns (that largest value, cut points ``0 = c0 < ... < cG = L``), or None.
 
     DP: ``best[g][j]`` is the smallest bottleneck of the first j layers in g
-    groups; ``best[g][j] = min_i max(best[g-1][i], cost(i, j))``."""
+    groups; ``best[g][j] = min_i max(best[g-1][i], cost(i, j))``, of equal
+    ones the latest ``i``. A group's bytes only grow as it starts earlier, so
+    the groups that fit end ``j`` are those from some ``i`` on. Each ``g`` is
+    one step over every (i, j) at once."""
     L = len(costs.time)
     if not 1 <= groups <= L:
         return None
     nbytes, secs = costs.tables
-    cost = secs if key == "time" else nbytes
-    best = [[math.inf] * (L + 1) for _ in range(groups + 1)]
-    cut = [[0] * (L + 1) for _ in range(groups + 1)]
-    best[0][0] = 0.0
+    cost = secs if key == "time" else nbytes.astype(np.float64)  # exact below 2**53 bytes
+    i_of, j_of = np.indices((L + 1, L + 1))
+    fits = (i_of < j_of) & (nbytes <= capacity)
+    best = np.full(L + 1, math.inf)
+    best[0] = 0.0
+    cut = np.zeros((groups + 1, L + 1), dtype=np.int64)
     for g in range(1, groups + 1):
-        for j in range(g, L - (groups - g) + 1):
-            # A group's bytes only grow as it starts earlier: stop at the first misfit.
-            for i in range(j - 1, g - 2, -1):
-                if nbytes[i][j] > capacity:
-                    break
-                v = max(best[g - 1][i], cost[i][j])
-                if v < best[g][j]:
-                    best[g][j], cut[g][j] = v, i
-    if best[groups][L] == math.inf:
+        # groups g+1.. need a layer each: the first g groups end at j <= L - (groups - g)
+        ends = (j_of >= g) & (j_of <= L - (groups - g)) & (i_of >= g - 1)
+        v = np.where(fits & ends, np.maximum(best[:, None], cost), math.inf)
+        latest = L - np.argmin(v[::-1], axis=0)  # of the smallest, the latest i
+        best = v[latest, np.arange(L + 1)]
+        cut[g] = np.where(best < math.inf, latest, 0)
+    if best[L] == math.inf:
         return None
     cuts, j = [L], L
     for g in range(groups, 0, -1):
-        j = cut[g][j]
+        j = int(cut[g][j])
         cuts.append(j)
-    return best[groups][L], tuple(reversed(cuts))
+    value = float(best[L]) if key == "time" else int(best[L])
+    return value, tuple(reversed(cuts))
 
 
 def replicas_for(groups: int, ranks: int, batch: int) -> int:
