@@ -47,7 +47,8 @@
 #            (scripts/skinny-gemm.py) -> trace-decode*.jsonl, traces-decode.tgz,
 #            l2-prefetch.json, skinny-gemm.json
 #   diag-real  profiles of the real models' graph decode steps (tp_pp:1x1; llama-3.1-8b 4
-#            layers and mixtral-8x7b 2 layers at 1 x 2048 and 16 x 4096, bench --trace), the
+#            layers and mixtral-8x7b 2 layers at 1 x 2048 and 16 x 4096, bench --trace) and of
+#            mixtral's 1 x 2048 prompt, the
 #            routed-expert kernel's launches and the decode attention's, each timed in CUDA
 #            graphs (scripts/moe-rows.py, scripts/decode-attn.py --sweep) -> trace-real.jsonl,
 #            traces-real.tgz, moe-rows.jsonl, decode-attn.jsonl
@@ -259,6 +260,8 @@ for sweep in "$@"; do
             --iters 30 --warmup 5 --trace "$T" -- tp_pp:1x1
         done
       done
+      bench_all "$R/trace-real.jsonl" --model mixtral-8x7b --layers 2 --dtype bf16 --phase prefill \
+        --batch 1 --seq 2048 --iters 10 --warmup 3 --trace "$T" -- tp_pp:1x1
       pack "$T"
       for probe in moe-rows decode-attn; do
         echo "+ python scripts/$probe.py --sweep --out $R/$probe.jsonl"
