@@ -52,6 +52,9 @@
 #            routed-expert kernel's launches and the decode attention's, each timed in CUDA
 #            graphs (scripts/moe-rows.py, scripts/decode-attn.py --sweep) -> trace-real.jsonl,
 #            traces-real.tgz, moe-rows.jsonl, decode-attn.jsonl
+#   plan-cpu  `shardwise plan` for llama-3.1-70b on h100-sxm-16 on this machine's CPUs, with
+#            an empty cache of recordings, then again with what the first wrote
+#            -> plan-cpu.jsonl (seconds, CPUs), plan-cpu-cold.txt, plan-cpu-warm.txt
 # On 4 or 8 GPUs:
 #   sweep    each seed preset at its own dimensions, its baseline scaled to the GPUs here
 #            and the proposed plans, at the workload scripts/sweep-workloads.py picks on
@@ -267,6 +270,26 @@ for sweep in "$@"; do
         echo "+ python scripts/$probe.py --sweep --out $R/$probe.jsonl"
         timeout 240 python3 "scripts/$probe.py" --sweep --out "$R/$probe.jsonl" 2>&1 | tail -15
       done ;;
+    plan-cpu)
+      C=$(mktemp -d)
+      args=(plan --model llama-3.1-70b --cluster h100-sxm-16 --batch 8 --seq 4096 --phase both --top 10)
+      for run in cold warm; do
+        echo "+ SHARDWISE_CACHE=($run) shardwise ${args[*]}"
+        t0=$(date +%s.%N)
+        SHARDWISE_CACHE=$C COLUMNS=160 sw "${args[@]}" > "$R/plan-cpu-$run.txt" 2>&1
+        rc=$?
+        t1=$(date +%s.%N)
+        python3 - "$run" "$t0" "$t1" "$rc" "shardwise ${args[*]}" >> "$R/plan-cpu.jsonl" <<'PY'
+import json, os, platform, sys
+run, t0, t1, rc, cmd = sys.argv[1:]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+print(json.dumps({"command": cmd, "cache": run, "seconds": round(float(t1) - float(t0), 2),
+                  "exit": int(rc), "cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
+                  "python": platform.python_version(), "git_rev": os.environ.get("SHARDWISE_GIT_REV")}))
+PY
+        tail -3 "$R/plan-cpu.jsonl" | tail -1
+      done
+      rm -rf "$C" ;;
     sweep)
       machine; need 4 || continue
       p=results/profiles/$NAME.json
@@ -279,6 +302,6 @@ for sweep in "$@"; do
       done < <(grep -v '^#' "$R/sweep-$NAME.txt")
       fidelity "$R/fidelity-$NAME.txt" "$R/bench-$NAME"-*.jsonl ;;
     *) echo "unknown sweep $sweep (real, verify, tests, calibrate, heldout, verify2, static2, bench2, repeats,"\
-         "diag-prefill, diag-decode, diag-real, sweep)"; exit 2 ;;
+         "diag-prefill, diag-decode, diag-real, plan-cpu, sweep)"; exit 2 ;;
   esac
 done
