@@ -397,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
                           *(argv if argv is not None else sys.argv[1:])])
     if args.cli:
         return _cli_main(args, indices, command)
+    from .bench.records import git_rev
+
     summary = fuzz(args.seed, indices, args.watchdog)
-    summary = {"command": command, **summary}
+    summary = {"command": command, "git_rev": git_rev(), **summary}
     c = summary["counts"]
     print(f"fuzz seed {args.seed}: {summary['cases']} cases, {c['refused']} refused, "
           f"{c['verified']} verified, {c['failed']} failed ({summary['launches']} launches, "
@@ -413,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
 def _cli_main(args, indices: list[int], command: str) -> int:
     from .fuzz_cli import fuzz_cli
 
-    summary = {"command": command, **fuzz_cli(args.seed, indices, args.launch)}
+    from .bench.records import git_rev
+
+    summary = {"command": command, "git_rev": git_rev(), **fuzz_cli(args.seed, indices, args.launch)}
     c = summary["counts"]
     print(f"fuzz --cli seed {args.seed}: {summary['cases']} command lines: "
           + ", ".join(f"{v} {k}" for k, v in c.items())
