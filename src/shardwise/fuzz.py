@@ -399,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cli_main(args, indices, command)
     from .bench.records import git_rev
 
-    summary = fuzz(args.seed, indices, args.watchdog)
-    summary = {"command": command, "git_rev": git_rev(), **summary}
+    rev = git_rev()  # the code the cases run, before they run
+    summary = {"command": command, "git_rev": rev, **fuzz(args.seed, indices, args.watchdog)}
     c = summary["counts"]
     print(f"fuzz seed {args.seed}: {summary['cases']} cases, {c['refused']} refused, "
           f"{c['verified']} verified, {c['failed']} failed ({summary['launches']} launches, "
@@ -417,7 +417,8 @@ def _cli_main(args, indices: list[int], command: str) -> int:
 
     from .bench.records import git_rev
 
-    summary = {"command": command, "git_rev": git_rev(), **fuzz_cli(args.seed, indices, args.launch)}
+    rev = git_rev()
+    summary = {"command": command, "git_rev": rev, **fuzz_cli(args.seed, indices, args.launch)}
     c = summary["counts"]
     print(f"fuzz --cli seed {args.seed}: {summary['cases']} command lines: "
           + ", ".join(f"{v} {k}" for k, v in c.items())
