@@ -9,9 +9,13 @@ layer on an H100 (results/llama/probe.jsonl), 170-250 GB/s, where a
 copy streams 3 TB/s. Here each (sequence, K/V head) is split into ``splits``
 runs of keys so the grid has a few programs per SM; each program computes
 its run for all the query heads of its K/V head (each K/V row read once,
-grouped-query attention never repeats K/V), and :mod:`.merge`'s kernel
-merges the runs exactly by their log-sum-exp (Dao et al. 2023,
-"Flash-Decoding for long-context inference").
+grouped-query attention never repeats K/V), and the last program of a
+(sequence, K/V head) to finish merges its runs exactly by their log-sum-exp
+(Dao et al. 2023, "Flash-Decoding for long-context inference"), so the
+attention is one launch: each program counts itself done in an int32 per
+(sequence, K/V head) that the last sets back to zero (:func:`_counts`). Where
+no counts can be had (a CUDA graph being captured with more rows than the
+counts made before it), :mod:`.merge`'s kernel merges the runs instead.
 
 ``attend(q, k, v, n)``: ``q [B, H, 1, d]`` (or ``[B, H, d]``) over the first
 ``n`` keys (all ``S`` where ``n`` is larger) of ``k, v [B, Hkv, S, d]``
@@ -35,7 +39,6 @@ import os
 
 import torch
 
-from .flash import _interpreter_index_fix
 from .kernels import _sms, triton_kernel
 from .merge import merge_stack
 
@@ -47,10 +50,7 @@ WAVES = 4  # programs per SM the split aims for
 def _kernel():
     """``(triton, decode_split_kernel)`` (:mod:`.triton_decode`), or False
     without Triton."""
-    loaded = triton_kernel(f"{__package__}.triton_decode", "decode_split_kernel")
-    if loaded and os.environ.get("TRITON_INTERPRET") == "1":
-        _interpreter_index_fix()
-    return loaded
+    return triton_kernel(f"{__package__}.triton_decode", "decode_split_kernel")
 
 
 def _interpreted(q: torch.Tensor) -> bool:
@@ -70,6 +70,25 @@ def decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.stride(-1) == 1 and bool(_kernel()))
 
 
+_COUNTS: dict = {}  # (device, stream) -> int32 zeros: the fused merge's arrivals
+COUNTS_MIN = 4096  # counts made at once: (sequence, K/V head) pairs
+
+
+def _counts(rows: int, device: torch.device) -> torch.Tensor | None:
+    """``rows`` or more int32 zeros for the kernel's arrival counts, one buffer
+    per device and stream (kernels on one stream run in turn, and each leaves
+    its counts at zero); None while a CUDA graph is being captured and the
+    buffer made before is too small (a capture cannot make it zero)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTS.get(key)
+    if buf is None or buf.numel() < rows:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTS[key] = torch.zeros(max(rows, COUNTS_MIN), dtype=torch.int32, device=device)
+    return buf
+
+
 def split_keys(rows: int, S: int, sms: int, block_n: int = BLOCK_N, waves: int = WAVES):
     """``(splits, chunk)``: runs of ``chunk`` keys (a multiple of ``block_n``)
     per (sequence, K/V head), so that ``rows`` of them make at least
@@ -81,10 +100,11 @@ def split_keys(rows: int, S: int, sms: int, block_n: int = BLOCK_N, waves: int =
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n, scale: float | None = None,
            kernel=None, block_n: int = BLOCK_N, waves: int = WAVES, warps: int = 4,
-           stages: int = 2):
+           stages: int = 2, fuse: bool = True):
     """``(o, lse)`` (the module doc); needs :func:`decode_ok`. ``kernel``:
-    ``(triton, decode_split_kernel)`` (tests pass the interpreted one); the
-    other options are the launch's (the benchmark's sweep)."""
+    ``(triton, decode_split_kernel)`` (tests pass the interpreted one);
+    ``fuse=False``: the merge in :mod:`.merge`'s kernel; the other options
+    are the launch's (the benchmark's sweep)."""
     triton, split_kernel = kernel or _kernel()
     B, H, d = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, S = k.shape[1], k.shape[2]
@@ -93,12 +113,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n, scale: float | 
     splits, chunk = split_keys(B * Hkv, S, _sms(q.device), block_n, waves)
     o_split = torch.empty(splits, B * H, d, dtype=torch.float32, device=q.device)
     lse_split = torch.empty(splits, B * H, dtype=torch.float32, device=q.device)
+    counts = _counts(B * Hkv, q.device) if fuse else None
+    o = torch.empty(B * H, d, dtype=q.dtype, device=q.device) if counts is not None else None
+    lse = torch.empty(B * H, dtype=torch.float32, device=q.device) if counts is not None else None
     on_device = isinstance(n, torch.Tensor)
     split_kernel[(B * Hkv, splits)](
         q, k, v, o_split, lse_split, n if on_device else q, 0 if on_device else int(n), S,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), Hkv, B * H, chunk, scale * math.log2(math.e),
+        o_split if o is None else o, lse_split if lse is None else lse,
+        lse_split if counts is None else counts, splits,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=d, BLOCK_N=block_n, N_PTR=on_device,
-        num_warps=warps, num_stages=stages)
-    o, lse = merge_stack(o_split, lse_split, q.dtype)  # [B*H, d], [B*H]
+        FUSE=counts is not None, num_warps=warps, num_stages=stages)
+    if o is None:
+        o, lse = merge_stack(o_split, lse_split, q.dtype)  # [B*H, d], [B*H]
     return o.view(q.shape), lse.view(B, H)

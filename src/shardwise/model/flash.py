@@ -71,29 +71,7 @@ _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension: sequences x K/
 
 def _kernel():
     """``(triton, flash_fwd_kernel)`` (:mod:`.triton_flash`), or False without Triton."""
-    loaded = triton_kernel(f"{__package__}.triton_flash", "flash_fwd_kernel")
-    if loaded and os.environ.get("TRITON_INTERPRET") == "1":
-        _interpreter_index_fix()
-    return loaded
-
-
-def _interpreter_index_fix() -> None:
-    """Triton's interpreter before 3.7 takes a scalar as an index (a loop
-    bound) with ``int()`` of a one-element array, which NumPy 2.4 refuses
-    ("only 0-dimensional arrays can be converted"); 3.7 squeezes the array
-    first, and so does this."""
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-    if getattr(patch, "squeezes", False):
-        return
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patched.squeezes = True
-    interpreter._patch_lang_tensor = patched
+    return triton_kernel(f"{__package__}.triton_flash", "flash_fwd_kernel")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

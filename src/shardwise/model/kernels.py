@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 import torch.nn.functional as Fn
@@ -67,7 +68,51 @@ def triton_kernel(module: str, name: str):
             _LOADED[key] = triton, getattr(importlib.import_module(module), name)
         except ImportError:
             _LOADED[key] = False
+        if _LOADED[key] and os.environ.get("TRITON_INTERPRET") == "1":
+            _interpreter_fixes()
     return _LOADED[key] if LOAD_HOOK is None else LOAD_HOOK(module, name, _LOADED[key])
+
+
+def _interpreter_fixes() -> None:
+    """Two defects of Triton's interpreter (``TRITON_INTERPRET=1``: the CPU
+    tests' way to run the kernels), mended where it runs them:
+
+    * before 3.7 it takes a scalar as an index (a loop bound) with ``int()``
+      of a one-element array, which NumPy 2.4 refuses ("only 0-dimensional
+      arrays can be converted"); 3.7 squeezes the array first, and so does this;
+    * 3.9 makes a boolean block combined with a boolean scalar (``keep & (p >=
+      0)``) an int32 block, which its loads and stores refuse as a mask ("mask
+      has unsupported dtype"); its values are 0 and 1, read here as booleans."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if not getattr(patch, "squeezes", False):
+        def patched(tensor, scope):
+            patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+        patched.squeezes = True
+        interpreter._patch_lang_tensor = patched
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_masked_load, "boolean_masks", False):
+        return
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def boolean(mask):
+        if mask.data.dtype == np.bool_:
+            return mask
+        return interpreter.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
+
+    def masked_load(self, ptrs, mask, *args, **kw):
+        return load(self, ptrs, boolean(mask), *args, **kw)
+
+    def masked_store(self, ptrs, value, mask, *args, **kw):
+        return store(self, ptrs, value, boolean(mask), *args, **kw)
+
+    masked_load.boolean_masks = True
+    builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
 
 
 def _kernel():

@@ -218,13 +218,14 @@ class Combine(StandIn):
 class DecodeSplit(StandIn):
     """:mod:`shardwise.model.decode`'s split-key attention of one query
     position: each split's float32 attention (:mod:`shardwise.parallel.lse`'s
-    math) over its run of keys, stacked ``[splits, B*H]`` for the merge. On a
-    GPU an attention kernel of backend ``split``: 4 d FLOPs per key and
-    query head, reading q and the cache's K and V views once and writing the
-    float32 partials."""
+    math) over its run of keys, stacked ``[splits, B*H]``, and (``FUSE``)
+    their merge (:mod:`shardwise.model.merge`'s math) into ``OUT, LOUT``. On
+    a GPU an attention kernel of backend ``split``: 4 d FLOPs per key and
+    query head, reading q and the cache's K and V views once, writing the
+    float32 partials and, fused, reading them back and writing the merge."""
 
     def run(self, grid, Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
-            Hkv, rows_all, chunk, qk_scale, D, N_PTR, **kw):
+            Hkv, rows_all, chunk, qk_scale, OUT, LOUT, CNT, splits, D, N_PTR, FUSE, **kw):
         from ..parallel.lse import _attend_math, _expand_kv
 
         B, H = Q.shape[0], Q.shape[1]
@@ -238,10 +239,19 @@ class DecodeSplit(StandIn):
             k, v = _expand_kv(q, K[:, :, lo:hi], V[:, :, lo:hi])
             o, lse = _attend_math(q, k.float(), v.float(), None, qk_scale / math.log2(math.e), False)
             O[s], L[s] = o.reshape(B * H, D), lse.reshape(B * H)
+        if FUSE:
+            from ..model.merge import _merge_math
 
-    def kernel(self, grid, Q, K, V, O, L, N, n0, S, *args, D, **kw):
+            o, lse = _merge_math(O, L, OUT.dtype)
+            OUT.copy_(o)
+            LOUT.copy_(lse)
+
+    def kernel(self, grid, Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h,
+               sv_s, Hkv, rows_all, chunk, qk_scale, OUT, LOUT, CNT, splits, *, D, FUSE, **kw):
         B, H = Q.shape[0], Q.shape[1]
-        moved = sum(map(_nbytes, (Q, K, V, O, L)))  # the keys held (a static step: all of them)
+        # the keys held (a static step: all of them); fused, the partials read back and the merge
+        parts = (O, L, O, L, OUT, LOUT) if FUSE else (O, L)
+        moved = sum(map(_nbytes, (Q, K, V, *parts)))
         return Kernel("attention", 4.0 * B * H * D * S, float(moved),
                       ("split", B, H, 1, S, D, False, False), _dtype(Q))
 
