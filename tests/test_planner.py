@@ -69,20 +69,22 @@ def test_ranking_is_by_predicted_time(phase):
 
 def test_infeasible_plans_are_flagged_with_the_kv_cache():
     # seed-ring-4l at twice its batch: 2.69 TB of KV cache, more than the 16 GPUs hold.
-    p = get_preset("seed-ring-4l")
-    batch = 2 * p.workload.batch
-    rows = enumerate_plans(p.model, p.workload.replace(batch=batch), H100_16,
-                           micro_batches=(1,))
-    valid = [r for r in rows if r.priced]
-    assert valid and not any(r.fits for r in valid)
+    # One ranking (every candidate and its micro-batch counts) serves each check.
+    from shardwise.output import render
+
+    batch = 2 * get_preset("seed-ring-4l").workload.batch
+    rk = ranking("seed-ring-4l", "h100-sxm-16", batch, None, "decode")
+    valid = [r for r in rk.rows if r.priced]
+    assert any(Plan.parse(r.plan).micro_batches == 1 for r in valid)
+    assert not any(r.fits for r in valid)
     # Compositions too: the recorded ranks' KV caches do not fit the cluster.
     hbm = fmt_bytes(H100_16.hbm_bytes)
     assert all(r.prediction.reason.startswith(f"KV cache 2.69 TB > 16 x {hbm}")
                for r in valid)
-    text = plan_command("seed-ring-4l", "h100-sxm-16", batch=batch, phase="decode", top=3)
+    assert any(Plan.parse(r.plan).is_composed for r in valid)
+    text = render(plan_parts(rk, 3))  # what plan_command prints
     assert "KV cache" in text and "0 fit in memory" in text
     # Micro-batches shrink no KV cache: the table says none fits, and shows one count.
-    rk = ranking("seed-ring-4l", "h100-sxm-16", batch, None, "decode")
     tp = [r for r in rk.shown if family(r.plan) == "tp_pp:8x2"]
     assert len(tp) == 1 and tp[0].note == f"no micro-batch count fits (up to mb={batch} tried)"
 
@@ -113,7 +115,7 @@ def test_plan_validate_runs_the_best_fitting_plans_and_compares(tmp_path):
         assert any(line.startswith("│ " + plan) for line in p.stdout.splitlines())
 
 
-def test_reproduce_checks_the_seeds_own_figures():
+def test_reproduce_checks_the_seeds_own_figures(first_candidates):
     seed, presets = find_seed("001")
     assert presets == ["seed-ring-4l"] and find_seed("seed-ring-4l")[0] is seed
     p = get_preset("seed-ring-4l")
@@ -241,7 +243,26 @@ def test_memory_driven_micro_batches_find_the_fewest_that_fit():
     assert best is not None and best.prediction.fits
 
 
-def test_reproduce_compares_each_plan_at_its_best_micro_batching():
+@pytest.fixture
+def first_candidates(monkeypatch):
+    """The planner's candidates cut to the first of each strategy and of the
+    compositions, for the reproduce tests (the whole ranking is the plan
+    tests' and docs/reproduce.md's); a seed's own plans are searched over
+    micro-batch counts as ever."""
+    from shardwise.perf import planner
+
+    real = planner.base_plans
+
+    def firsts(*args, **kwargs):
+        out: dict = {}
+        for plan in real(*args, **kwargs):
+            out.setdefault(plan.strategy, plan)
+        return list(out.values())
+
+    monkeypatch.setattr(planner, "base_plans", firsts)
+
+
+def test_reproduce_compares_each_plan_at_its_best_micro_batching(first_candidates):
     text = reproduce_command("seed-layerwise-3b")
     assert "planner's best" in text
     # The baseline tp_pp:8x2 does not fit at one micro-batch; it is shown at a count that fits.
