@@ -101,9 +101,10 @@ def _interpreter_fixes() -> None:
     load, store = builder.create_masked_load, builder.create_masked_store
 
     def boolean(mask):
-        if mask.data.dtype == np.bool_:
-            return mask
-        return interpreter.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
+        data = mask.data
+        if isinstance(data, np.ndarray) and data.dtype != np.bool_:
+            return interpreter.TensorHandle(data.astype(np.bool_), mask.dtype)
+        return mask
 
     def masked_load(self, ptrs, mask, *args, **kw):
         return load(self, ptrs, boolean(mask), *args, **kw)
