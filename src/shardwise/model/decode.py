@@ -70,17 +70,18 @@ def decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.stride(-1) == 1 and bool(_kernel()))
 
 
-_COUNTS: dict = {}  # (device, stream) -> int32 zeros: the fused merge's arrivals
+_COUNTS: dict = {}  # device -> int32 zeros: the fused merge's arrivals
 COUNTS_MIN = 4096  # counts made at once: (sequence, K/V head) pairs
 
 
 def _counts(rows: int, device: torch.device) -> torch.Tensor | None:
     """``rows`` or more int32 zeros for the kernel's arrival counts, one buffer
-    per device and stream (kernels on one stream run in turn, and each leaves
-    its counts at zero); None while a CUDA graph is being captured and the
-    buffer made before is too small (a capture cannot make it zero)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    a device: a step's attention launches run one after another (on one
+    stream, or in one graph's replay) and each leaves its counts at zero.
+    None while a CUDA graph is being captured and the buffer made before it
+    (by the eager warm-up steps that precede a capture) is too small: a
+    capture cannot make it zero."""
+    key = str(device)
     buf = _COUNTS.get(key)
     if buf is None or buf.numel() < rows:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
