@@ -175,3 +175,37 @@ def test_counted_along_the_gpu_branches():
     assert counter.names[("tritons", "decode_split_kernel")] == 1
     assert counter.names.get(("tritons", "merge_kernel"), 0) == 0
     assert ((got.float() - want).norm() / want.norm()).item() < 1e-2  # bf16 inputs and output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fused_merge_replays_in_a_cuda_graph(monkeypatch):
+    # Captured after an eager warm-up (as bench captures a decode step), the
+    # attention keeps its merge in its one launch, and every replay at
+    # another key count equals the separate merge kernel's result bit for
+    # bit, leaving the arrival counts at zero for the next.
+    monkeypatch.setattr(decode, "_sms", lambda device: 16)
+    q, k, v = inputs(2, 8, 2, 520, 64)
+    n = torch.tensor(129, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode.attend(q, k, v, n)
+    torch.cuda.current_stream().wait_stream(side)
+    separate = decode.merge_stack
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the capture took the separate merge")
+
+    monkeypatch.setattr(decode, "merge_stack", no_merge)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse = decode.attend(q, k, v, n)
+    monkeypatch.setattr(decode, "merge_stack", separate)
+    for at in (129, 520, 1, 300):
+        n.fill_(at)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_o, want_lse = decode.attend(q, k, v, torch.tensor(at, device=DEVICE), fuse=False)
+        assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
+        assert not decode._counts(2 * 2, q.device).any()
