@@ -22,16 +22,17 @@ DOC=docs/reproduce.md
 SW=(python -m shardwise)
 TOP=10
 JOBS=${JOBS:-$(nproc)}  # commands run at once
+# The code the tables come from (a tree with changes not committed says so).
+REV=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src 2> /dev/null || echo "+changes")
 MEASURED=(--results results/bench-h200x2.jsonl --profile src/shardwise/perf/profiles/h200-x2.json)
 # Layers each seed preset is ranked on, per cluster ("-": the whole model).
 # A 64-GPU ranking prices several hundred plans of up to 64 ranks each, and
-# more with each pipeline depth the layers allow. First runs (nothing cached)
-# on two cores shared with other work: on h100-sxm-16 the five seeds'
-# reproduce took 7 minutes in all; on h100-sxm-64 seed-helix-2l took 2.2
-# minutes, seed-helix-4l 3.5, seed-ring-4l 16 whole and 12 on its first 2
-# layers (its batch of 1024 allows many more replicas and micro-batch counts),
-# seed-layerwise-3b 3 and seed-layerwise-30b 4.7 on their first 2 layers, and
-# seed-moe-16l 26 on its first 2 (its expert-parallel plans cost the most).
+# more with each pipeline depth the layers allow. Every seed ranked whole at
+# 960a8e0 (JOBS=1, nothing cached, on two cores shared with other work):
+# on h100-sxm-16 each seed's reproduce took 19-306 s and each plan 4-18 s
+# after it; on h100-sxm-64 seed-helix-2l took 127 s, seed-helix-4l 211,
+# seed-ring-4l 1079, seed-layerwise-3b 275, seed-layerwise-30b 466 and
+# seed-moe-16l 1515 (its expert-parallel plans cost the most): 78 minutes in all.
 declare -A SEED_LAYERS64=(
   [seed-helix-2l]=- [seed-helix-4l]=- [seed-ring-4l]=-
   [seed-layerwise-3b]=- [seed-layerwise-30b]=- [seed-moe-16l]=-
@@ -40,14 +41,7 @@ declare -A SEED_LAYERS64=(
 # only. Every model here is ranked whole. With nothing cached, JOBS=2 on two
 # cores shared with other work, the rankings took (s): llama-3.1-70b
 # 77 on h100-sxm-16 and 436 on h100-sxm-64, llama-3.1-405b 81 and 624,
-# mixtral-8x22b 201 and 636 (before the schedule and collection changes of
-# docs/costmodel.md and one thread per process, the first 16 layers of
-# llama-3.1-70b did not finish in 18 minutes on h100-sxm-64). The seeds'
-# 64-GPU rankings above are still cut. Ranked whole on the same machine,
-# seed-layerwise-3b took 651 s with nothing cached. seed-ring-4l took 564 s,
-# seed-layerwise-30b 602 and seed-helix-4l 373, some of their recordings
-# cached by an interrupted run. seed-moe-16l had not finished after 9
-# minutes, so the seeds' sections were not written again.
+# mixtral-8x22b 201 and 636.
 CASES=(
   "llama-3.1-70b h100-sxm-16 -"
   "llama-3.1-405b h100-sxm-16 -"
@@ -126,7 +120,7 @@ for s in SEEDS.values(): print(s.doc.split('_')[0], *s.presets)"
 seeds() {
   echo "# The seed experiments, reproduced"
   echo
-  echo "Each seed's section starts with the output of \`shardwise reproduce SEED ${MEASURED[*]}\`: the seed's claimed figures beside the cost model's prediction for the exact seed workload on \`h100-sxm-16\` (two nodes of 8 H100 SXM, the seeds' setting), each plan at its fastest micro-batching that fits, the planner's best plan, the seed's own inconsistencies, and what the 2x H200 machine measured on reduced workloads. Then, for each preset of the seed, the best $TOP rows of the planner's ranking for the seed's own workload (\`shardwise plan --model PRESET --cluster CLUSTER --phase both --top $TOP\`: every plan and composition on all the cluster's GPUs, ranked by prefill plus decode time) on \`h100-sxm-16\` and on \`h100-sxm-64\` (eight nodes of 8 H100). Where a heading names a layer count the preset was ranked on its first layers only (\`--layers N\`), for the time a 64-GPU ranking takes on the two CPU cores that wrote this page: its figures are those of those layers, and no plan has more pipeline stages than it has layers. All output is printed at COLUMNS=160. Regenerate with \`bash scripts/reproduce-docs.sh\` (the whole page) or \`bash scripts/reproduce-docs.sh seeds\` (these sections only)."
+  echo "Each seed's section starts with the output of \`shardwise reproduce SEED ${MEASURED[*]}\`: the seed's claimed figures beside the cost model's prediction for the exact seed workload on \`h100-sxm-16\` (two nodes of 8 H100 SXM, the seeds' setting), each plan at its fastest micro-batching that fits, the planner's best plan, the seed's own inconsistencies, and what the 2x H200 machine measured on reduced workloads. Then, for each preset of the seed, the best $TOP rows of the planner's ranking for the seed's own workload (\`shardwise plan --model PRESET --cluster CLUSTER --phase both --top $TOP\`: every plan and composition on all the cluster's GPUs, ranked by prefill plus decode time) on \`h100-sxm-16\` and on \`h100-sxm-64\` (eight nodes of 8 H100). Where a heading names a layer count the preset was ranked on its first layers only (\`--layers N\`), for the time a 64-GPU ranking takes on the two CPU cores that wrote this page: its figures are those of those layers, and no plan has more pipeline stages than it has layers. All output is printed at COLUMNS=160, by the code at revision $REV. Regenerate with \`bash scripts/reproduce-docs.sh\` (the whole page) or \`bash scripts/reproduce-docs.sh seeds\` (these sections only)."
   local rows s presets preset
   rows=$(seed_list)
   while read -r s presets; do
@@ -147,7 +141,7 @@ seeds() {
 plans() {
   echo "## Plans for large models on 16 and 64 H100"
   echo
-  echo "Each table is the best $TOP rows of \`shardwise plan --model MODEL --cluster CLUSTER ${WORKLOAD[*]} --top $TOP\` (COLUMNS=160): every plan and composition on all the cluster's GPUs, ranked by prefill plus decode time, for a serving workload of 8 sequences of 4096 tokens. \`h100-sxm-16\` is two nodes of 8 H100, \`h100-sxm-64\` eight; both are derived from one calibrated H100 and cited NVLink and InfiniBand figures (docs/costmodel.md, Profiles). Where the heading names a layer count, the model was ranked on its first layers only (\`--layers N\`), for the time a ranking takes on the two CPU cores that wrote this page: a cut model's figures are those of its first layers, and no plan has more pipeline stages than it has layers. Regenerate with \`bash scripts/reproduce-docs.sh plans\`."
+  echo "Each table is the best $TOP rows of \`shardwise plan --model MODEL --cluster CLUSTER ${WORKLOAD[*]} --top $TOP\` (COLUMNS=160): every plan and composition on all the cluster's GPUs, ranked by prefill plus decode time, for a serving workload of 8 sequences of 4096 tokens. \`h100-sxm-16\` is two nodes of 8 H100, \`h100-sxm-64\` eight; both are derived from one calibrated H100 and cited NVLink and InfiniBand figures (docs/costmodel.md, Profiles). Where the heading names a layer count, the model was ranked on its first layers only (\`--layers N\`), for the time a ranking takes on the two CPU cores that wrote this page: a cut model's figures are those of its first layers, and no plan has more pipeline stages than it has layers. Computed by the code at revision $REV. Regenerate with \`bash scripts/reproduce-docs.sh plans\`."
   local case model cluster layers
   for case in "${CASES[@]}"; do
     read -r model cluster layers <<< "$case"
