@@ -13,10 +13,20 @@ import pytest
 from helpers import job_heartbeats, tagged_pids, wait_until
 
 
+def _as_a_terminal_job() -> None:
+    """The stop signals at their defaults in the job, as a shell's foreground
+    job has them: a test run started in the background (``&`` ignores SIGINT)
+    or under ``nohup`` (SIGHUP) would hand its children those signals
+    ignored, and the launcher rightly keeps a signal its caller ignores."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def start(args, tag, **env):
     env = dict(os.environ, SHARDWISE_TEST_TAG=tag, **env)
     return subprocess.Popen([sys.executable, "-m", "shardwise", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_a_terminal_job)
 
 
 def test_same_entry_point_runs_under_torchrun():
