@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 
+from shardwise.bench.records import git_rev
 from shardwise.perf.counting import count_calls
 from shardwise.perf.events import CALL_KINDS
 from shardwise.runtime.job import Case
@@ -81,13 +81,14 @@ def main() -> int:
                     sum(cb[k] - ca[k] for k in COLLECTIVES) for ca, cb in pairs)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
+    rev = git_rev()
+    command = f"python scripts/kernel-counts.py --out {args.out}"
     with open(args.out + ".jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps({**r, "git_rev": rev}) + "\n")
+            f.write(json.dumps({**r, "command": command, "device": "cpu (the GPU branches)",
+                                "git_rev": rev}) + "\n")
     with open(args.out + ".md", "w") as f:
-        f.write(f"# Kernels per decode layer\n\n`python scripts/kernel-counts.py --out {args.out}` "
+        f.write(f"# Kernels per decode layer\n\n`{command}` "
                 f"at {rev}: kernel launches of one decode layer on the busiest rank, counted on "
                 f"CPU ranks along the GPU branches (fused kernels and collectives one call "
                 f"each). *Graph*: the static step a CUDA graph replays; *eager*: the step at an "

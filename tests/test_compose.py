@@ -258,3 +258,16 @@ def test_composed_strategy_is_found_by_name():
 
     assert get_strategy("compose") is Composed
     assert "compose" not in available_strategies()  # not ranked by the cost model yet
+
+
+def test_group_ranks_of_a_span_of_axes():
+    # A span's group (the one Topology.build flattens it into, and the
+    # recorder stands in for): the ranks that differ from this one only
+    # along the span's axes; a single axis as before.
+    from shardwise.parallel.topology import Topology
+
+    topo = Topology(("pp", "group", "slice"), (2, 2, 3), rank=8)  # pp 1, group 0, slice 2
+    assert topo.group_ranks(("group", "slice")) == [6, 7, 8, 9, 10, 11]
+    assert topo.group_ranks(("pp", "slice")) == [0, 1, 2, 6, 7, 8]
+    assert topo.group_ranks(("slice",)) == topo.group_ranks("slice") == [6, 7, 8]
+    assert topo.group_ranks(("pp", "group", "slice")) == list(range(12))

@@ -413,9 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cli_main(args, indices: list[int], command: str) -> int:
-    from .fuzz_cli import fuzz_cli
-
     from .bench.records import git_rev
+    from .fuzz_cli import fuzz_cli
 
     rev = git_rev()
     summary = {"command": command, "git_rev": rev, **fuzz_cli(args.seed, indices, args.launch)}

@@ -115,17 +115,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n, scale: float | 
     o_split = torch.empty(splits, B * H, d, dtype=torch.float32, device=q.device)
     lse_split = torch.empty(splits, B * H, dtype=torch.float32, device=q.device)
     counts = _counts(B * Hkv, q.device) if fuse else None
-    o = torch.empty(B * H, d, dtype=q.dtype, device=q.device) if counts is not None else None
-    lse = torch.empty(B * H, dtype=torch.float32, device=q.device) if counts is not None else None
+    if counts is not None:  # the merge's outputs [B*H, d], [B*H], written by the kernel
+        o = torch.empty(B * H, d, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B * H, dtype=torch.float32, device=q.device)
+        merged = (o, lse, counts)
+    else:
+        merged = (o_split, lse_split, lse_split)  # not read (FUSE off)
     on_device = isinstance(n, torch.Tensor)
     split_kernel[(B * Hkv, splits)](
         q, k, v, o_split, lse_split, n if on_device else q, 0 if on_device else int(n), S,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), Hkv, B * H, chunk, scale * math.log2(math.e),
-        o_split if o is None else o, lse_split if lse is None else lse,
-        lse_split if counts is None else counts, splits,
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=d, BLOCK_N=block_n, N_PTR=on_device,
-        FUSE=counts is not None, num_warps=warps, num_stages=stages)
-    if o is None:
+        *merged, splits, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=d, BLOCK_N=block_n,
+        N_PTR=on_device, FUSE=counts is not None, num_warps=warps, num_stages=stages)
+    if counts is None:
         o, lse = merge_stack(o_split, lse_split, q.dtype)  # [B*H, d], [B*H]
     return o.view(q.shape), lse.view(B, H)

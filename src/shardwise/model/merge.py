@@ -18,7 +18,8 @@ program per query row: the blocks' maximum lse, the sum of their
 exponentials, the weighted sum of their outputs in float32), where PyTorch's
 ops take about twenty kernels, logsumexp alone nine. It computes the same
 expressions in the same order as the PyTorch path (``_merge_math``), which
-runs everywhere else.
+runs everywhere else. The split-key decode kernel merges its splits in its
+own launch with that file's tile form of the kernel (``merge_rows``).
 """
 from __future__ import annotations
 

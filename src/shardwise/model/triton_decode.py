@@ -5,6 +5,8 @@ or by :mod:`.merge`'s kernel."""
 import triton
 import triton.language as tl
 
+from .triton_merge import merge_rows
+
 
 @triton.jit
 def decode_split_kernel(Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
@@ -23,7 +25,7 @@ def decode_split_kernel(Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, s
 
     ``FUSE``: each program then counts itself done in ``CNT[b * Hkv + hk]``
     (int32, zero before the launch); the last of the ``splits`` to arrive
-    merges them (:func:`_merge_splits`) into ``OUT [B*H, D]`` (q's dtype)
+    merges them (:func:`.triton_merge.merge_rows`) into ``OUT [B*H, D]`` (q's dtype)
     and ``LOUT [B*H]``, and sets the count back to zero, so a CUDA graph
     replays the launch with no reset of its own: one launch a layer, not two."""
     bh = tl.program_id(0)
@@ -74,34 +76,5 @@ def decode_split_kernel(Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, s
         # GPU scope; the last program's acquires the others').
         tl.debug_barrier()
         if tl.atomic_add(CNT + bh, 1, sem="acq_rel") == splits - 1:
-            _merge_splits(O, L, OUT, LOUT, b * Hkv * G + heads, keep_r, cols, rows_all, splits, D)
+            merge_rows(O, L, OUT, LOUT, b * Hkv * G + heads, keep_r, cols, rows_all, splits, D)
             tl.atomic_xchg(CNT + bh, 0)
-
-
-@triton.jit
-def _merge_splits(O, L, OUT, LOUT, rows, keep, cols, rows_all, splits, D: tl.constexpr):
-    """The ``splits`` partials of query rows ``rows`` (``O [splits, rows_all,
-    D]``, ``L [splits, rows_all]``) merged as :mod:`.triton_merge`'s kernel
-    merges a row: the same expressions in the same order, so the same bits.
-    Read past L1 (``.cg``): the partials were written by other programs."""
-    m = tl.load(L + rows, mask=keep, other=float("-inf"), cache_modifier=".cg")
-    for i in range(1, splits):
-        m = tl.maximum(m, tl.load(L + i * rows_all + rows, mask=keep, other=float("-inf"),
-                                  cache_modifier=".cg"))
-    mf = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.exp(tl.load(L + rows, mask=keep, other=float("-inf"), cache_modifier=".cg") - mf)
-    for i in range(1, splits):
-        s += tl.exp(tl.load(L + i * rows_all + rows, mask=keep, other=float("-inf"),
-                            cache_modifier=".cg") - mf)
-    total = tl.log(s) + mf
-    tf = tl.where(total == float("-inf"), 0.0, total)
-    acc = tl.zeros([rows.shape[0], D], dtype=tl.float32)
-    for i in range(splits):
-        share = tl.exp(tl.load(L + i * rows_all + rows, mask=keep, other=float("-inf"),
-                               cache_modifier=".cg") - tf)
-        x = tl.load(O + (i * rows_all + rows)[:, None] * D + cols[None, :], mask=keep[:, None],
-                    other=0.0, cache_modifier=".cg")
-        acc += tl.where(share[:, None] > 0, x * share[:, None], 0.0)
-    tl.store(OUT + rows[:, None] * D + cols[None, :], acc.to(OUT.dtype.element_ty),
-             mask=keep[:, None])
-    tl.store(LOUT + rows, total, mask=keep)

@@ -1,6 +1,8 @@
 """The Triton kernel of :func:`shardwise.model.merge.merge_stack` on CUDA
 (imported only where Triton is installed): the blocks' maximum lse, the sum
-of their exponentials and the weighted sum of their outputs in float32."""
+of their exponentials and the weighted sum of their outputs in float32; and
+the same for a tile of rows (:func:`merge_rows`), which the split-key decode
+kernel runs in place of a launch of this one."""
 import triton
 import triton.language as tl
 
@@ -32,3 +34,33 @@ def merge_kernel(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK: tl.conste
         acc += tl.where(share > 0, x.to(tl.float32) * share, 0.0)
     tl.store(OUT + r * D + cols, acc.to(OUT.dtype.element_ty), mask=keep)
     tl.store(LOUT + r, total)
+
+
+@triton.jit
+def merge_rows(O, L, OUT, LOUT, rows, keep, cols, rows_all, splits, D: tl.constexpr):
+    """:func:`merge_kernel` for a tile of rows: the ``splits`` partials of rows
+    ``rows`` (``O [splits, rows_all, D]``, ``L [splits, rows_all]``,
+    contiguous) merged with the same expressions in the same order, so the
+    same bits; read past L1 (``.cg``: the split-key decode kernel merges what
+    its other programs wrote, :mod:`.triton_decode`)."""
+    m = tl.load(L + rows, mask=keep, other=float("-inf"), cache_modifier=".cg")
+    for i in range(1, splits):
+        m = tl.maximum(m, tl.load(L + i * rows_all + rows, mask=keep, other=float("-inf"),
+                                  cache_modifier=".cg"))
+    mf = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.exp(tl.load(L + rows, mask=keep, other=float("-inf"), cache_modifier=".cg") - mf)
+    for i in range(1, splits):
+        s += tl.exp(tl.load(L + i * rows_all + rows, mask=keep, other=float("-inf"),
+                            cache_modifier=".cg") - mf)
+    total = tl.log(s) + mf
+    tf = tl.where(total == float("-inf"), 0.0, total)
+    acc = tl.zeros([rows.shape[0], D], dtype=tl.float32)
+    for i in range(splits):
+        share = tl.exp(tl.load(L + i * rows_all + rows, mask=keep, other=float("-inf"),
+                               cache_modifier=".cg") - tf)
+        x = tl.load(O + (i * rows_all + rows)[:, None] * D + cols[None, :], mask=keep[:, None],
+                    other=0.0, cache_modifier=".cg")
+        acc += tl.where(share[:, None] > 0, x * share[:, None], 0.0)
+    tl.store(OUT + rows[:, None] * D + cols[None, :], acc.to(OUT.dtype.element_ty),
+             mask=keep[:, None])
+    tl.store(LOUT + rows, total, mask=keep)

@@ -15,6 +15,7 @@ built, since every rank of the job takes part in making a group.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -85,8 +86,13 @@ class Topology:
             r = r * size + c[axis]
         return r
 
-    def group_ranks(self, axis: str) -> list[int]:
-        """Global ranks of this rank's group along ``axis``, in axis order."""
+    def group_ranks(self, axis: str | tuple[str, ...]) -> list[int]:
+        """Global ranks of this rank's group along ``axis``, in axis order; a
+        tuple of axes: the ranks that differ from this one only along them
+        (the group ``build`` flattens the span into), ascending."""
+        if isinstance(axis, tuple):
+            return sorted(self.rank_of(**dict(zip(axis, at)))
+                          for at in itertools.product(*(range(self.size(a)) for a in axis)))
         return [self.rank_of(**{axis: i}) for i in range(self.size(axis))]
 
     def neighbor(self, axis: str, step: int) -> int | None:

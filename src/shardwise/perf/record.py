@@ -97,19 +97,15 @@ class _Group:
 
 class _Mesh:
     """What the DeviceMesh stands for while recording: ``get_group(axis)``
-    for an axis, and (``span``) for a span of axes that ``Topology.build``
-    flattens into one group."""
+    for an axis, and (``span``) the group ``Topology.build`` flattens a span
+    of axes into."""
 
     def __init__(self, topo, span: tuple[str, ...] = ()):
         self.topo, self.span = topo, span
 
     def get_group(self, axis: str | None = None) -> _Group:
-        if self.span:  # every rank that differs from this one only along the span's axes
-            def outside(rank=None) -> dict:
-                return {a: c for a, c in self.topo.coords(rank).items() if a not in self.span}
-
-            ranks = [r for r in range(self.topo.world_size) if outside(r) == outside()]
-            return _Group(self.topo.axis_key(self.span), ranks)
+        if self.span:
+            return _Group(self.topo.axis_key(self.span), self.topo.group_ranks(self.span))
         return _Group(axis, self.topo.group_ranks(axis))
 
 
