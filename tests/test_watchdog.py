@@ -81,3 +81,12 @@ def test_watchdog_names_the_stopped_rank(plan, rank, phase, tmp_path, monkeypatc
         message
     assert f"  rank {rank}: case 0 ({plan})" in message
     assert alive(e.pids) == []
+
+
+def test_summarize_keeps_the_times_in_the_order_run():
+    """The percentiles say a second mode exists; ``times_ms`` says when it came."""
+    from shardwise.runtime.timing import summarize
+
+    s = summarize([0.003, 0.001, 0.002])
+    assert s["times_ms"] == [3.0, 1.0, 2.0]
+    assert (s["min_ms"], s["median_ms"], s["max_ms"], s["n"]) == (1.0, 2.0, 3.0, 3)
