@@ -219,3 +219,72 @@ def test_router_logits_on_gpu_are_the_fp32_sums(dtype):
     assert ((got.double() - want).abs() <= 4096 * 2.0 ** -24 * size).all()
     picks, ref_picks = got.topk(2, -1).indices, want.topk(2, -1).indices
     assert (picks == ref_picks).all(-1).float().mean() > 0.99
+
+
+def _router_case(N, E, D, dtype, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(N, D, device=device, generator=g).to(dtype)
+    w = (torch.randn(E, D, device=device, generator=g) * 0.05).to(dtype)
+    return x, w
+
+
+def _check_route_rows(x, w, k):
+    """The one-kernel router against ``route`` of the float64 logits: the
+    same float32 sums in another order, so the logits agree to float32
+    rounding of sums of D exact products (at most D units of 2^-24 of the
+    sum of the products' sizes), and the picks, largest first, are the same
+    in every row whose float64 top-(k+1) logits are further apart than twice
+    that (near-ties, which either order may take, are most rows of none of
+    these cases); their softmax weights to float32 rounding."""
+    from shardwise.model.kernels import route_rows
+    from shardwise.model.reference import route
+
+    weights, experts = route_rows(x, w, k)
+    logits = x.double() @ w.double().t()  # [N, E]
+    want_w, want_e = route(logits, k)
+    assert weights.dtype == torch.float32 and experts.dtype == torch.int64
+    assert weights.shape == experts.shape == (x.shape[0], k)
+    top = logits.topk(min(k + 1, w.shape[0]), -1).values
+    size = (x.double().abs() @ w.double().abs().t()).amax(-1, keepdim=True)  # [N, 1]
+    clear = ((top[:, :-1] - top[:, 1:]) > 2 * x.shape[1] * 2.0 ** -24 * size).all(-1).cpu()
+    assert clear.float().mean() >= 0.5
+    assert torch.equal(experts.cpu()[clear], want_e.cpu()[clear])
+    assert torch.allclose(weights.cpu().double()[clear], want_w.cpu().double()[clear],
+                          rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,E,D,k", [(1, 8, 4096, 2), (16, 8, 4096, 2), (5, 64, 1536, 6),
+                                     (3, 128, 96, 8), (2, 6, 100, 2), (4, 3, 40, 1)])
+def test_route_kernel_picks_as_route_does_on_cpu(monkeypatch, N, E, D, k):
+    # Triton's interpreter: bf16 operands, as a decode step on a GPU has them;
+    # E and D off the powers of two (masked lanes), k from 1 to 8.
+    from shardwise.model import kernels
+    from triton_cpu import interpreted
+
+    kernel = interpreted("shardwise.model.triton_moe", "route_kernel")
+    monkeypatch.setattr(kernels, "_route_kernel", lambda: kernel)
+    x, w = _router_case(N, E, D, torch.bfloat16, seed=N * E + k)
+    _check_route_rows(x, w, k)
+
+
+def test_route_tokens_runs_pytorch_off_the_gpu(monkeypatch):
+    from shardwise.model import kernels, reference
+
+    monkeypatch.setattr(kernels, "route_rows", lambda *a: pytest.fail("the Triton launch on CPU"))
+    router = torch.nn.Linear(32, 8, bias=False)
+    x = torch.randn(4, 32)
+    got = reference.route_tokens(router, x, 2)
+    want = reference.route(reference.router_logits(router, x), 2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,E,D,k", [(1, 8, 4096, 2), (16, 8, 4096, 2), (64, 128, 2048, 8)])
+def test_route_kernel_on_the_gpu(dtype, N, E, D, k):
+    from shardwise.model.kernels import routable
+
+    x, w = _router_case(N, E, D, dtype, "cuda")
+    assert routable(x, w)
+    _check_route_rows(x, w, k)

@@ -27,6 +27,9 @@ routed experts (batch 1, top-2 of 8: a quarter of the dense path's bytes), with
 no host synchronisation, so it is captured in CUDA graphs. Off the GPU the same
 product runs as a gather and a batched matrix product.
 
+``route_rows`` is a decode step's router in one kernel: the logits, the top-k
+picks and their softmax, where PyTorch launches five.
+
 ``combine_picks`` sums each token's weighted expert outputs: on GPUs one pass
 that gathers a token's rows from wherever the experts wrote them (sorted by
 expert in a prompt), weights and sums them, where PyTorch scatters the rows
@@ -322,6 +325,44 @@ def _combine_launch(y, weights, pos, out=None):
                                         y.stride(0), out.stride(0), K=k, HAS_POS=pos is not None,
                                         BLOCK=block, num_warps=4 if block >= 512 else 1)
     return out
+
+
+# Tokens up to which :func:`route_rows` routes them in one kernel (a decode
+# step's; a prompt's logits are a GEMM worth cuBLAS's), and the experts it
+# holds in one block of registers.
+ROUTE_MAX_TOKENS = 64
+ROUTE_MAX_EXPERTS = 256
+
+
+def _route_kernel():
+    """``(triton, route_kernel)`` (:mod:`.triton_moe`), or False without Triton."""
+    return triton_kernel(f"{__package__}.triton_moe", "route_kernel")
+
+
+def routable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`route_rows` routes ``x [N, D]`` by the router ``w [E, D]``
+    in one kernel: CUDA, half precision, a decode step's few tokens."""
+    return (x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and x.dim() == 2
+            and x.shape[0] <= ROUTE_MAX_TOKENS and w.shape[0] <= ROUTE_MAX_EXPERTS
+            and x.stride(-1) == 1 and w.stride(-1) == 1 and bool(_route_kernel()))
+
+
+def route_rows(x: torch.Tensor, w: torch.Tensor, top_k: int):
+    """``(weights [N, k] float32, experts [N, k] int64)``: the softmax top-k
+    router ``w [E, D]`` on ``x [N, D]`` in one kernel (``route_kernel``), the
+    logits' products summed in float32 as the router's float32-output GEMM
+    sums them (:func:`.reference.router_logits`), the picks and their softmax
+    as :func:`.reference.route` takes them. Callers ask :func:`routable`."""
+    triton, kernel = _route_kernel()
+    (N, D), E = x.shape, w.shape[0]
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
+    experts = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
+    block_e = triton.next_power_of_2(E)
+    block_d = max(16, min(512, 4096 // block_e, triton.next_power_of_2(D)))
+    kernel[(N,)](x, w, weights, experts, D, E, x.stride(0), w.stride(0), K=top_k,
+                 BLOCK_E=block_e, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(top_k),
+                 num_warps=4)
+    return weights, experts
 
 
 def _sms(device) -> int:

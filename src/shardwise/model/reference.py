@@ -23,7 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
-from .kernels import add_norm, combine_picks, expert_rows, pick_rows, swiglu
+from .kernels import (add_norm, combine_picks, expert_rows, pick_rows, routable, route_rows,
+                      swiglu)
 from .rope import Rope
 from .rotary import rotate
 
@@ -448,6 +449,15 @@ def route(logits: torch.Tensor, top_k: int):
     return torch.softmax(top, dim=-1), idx
 
 
+def route_tokens(router: nn.Linear, x: torch.Tensor, top_k: int):
+    """:func:`route` of :func:`router_logits`: ``x [N, D]`` -> (weights [N, k],
+    experts [N, k]); a decode step's few tokens on a GPU in one kernel
+    (:func:`.kernels.route_rows`: the same float32 sums in another order)."""
+    if routable(x, router.weight):
+        return route_rows(x, router.weight, top_k)
+    return route(router_logits(router, x), top_k)
+
+
 def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
                activation: str) -> torch.Tensor:
     """One expert on its tokens: ``x [n, D]``, ``w_in [F or 2F, D]``, ``w_down [D, F]``."""
@@ -502,7 +512,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        weights, experts = route(router_logits(self.router, x), self.top_k)  # [N, k]
+        weights, experts = route_tokens(self.router, x, self.top_k)  # [N, k]
         if x.shape[0] <= DENSE_MOE_MAX_TOKENS:
             return self.static(x, weights, experts).view(shape)
         return self._routed(x, weights, experts).view(shape)

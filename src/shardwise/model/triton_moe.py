@@ -83,3 +83,41 @@ def combine_kernel(Y, W, POS, OUT, D, sy, so, K: tl.constexpr, HAS_POS: tl.const
         y = tl.load(Y + tl.maximum(p, 0) * sy + cols, mask=keep & (p >= 0), other=0.0)
         acc += (y.to(tl.float32) * w).to(OUT.dtype.element_ty).to(tl.float32)
     tl.store(OUT + t * so + cols, acc.to(OUT.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def route_kernel(X, R, WT, EX, D, E, sx, sr, K: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (token t): the softmax top-``K`` router of a decode step in
+    one pass. ``logits[e] = R[e] . X[t]`` for the ``E`` experts (rows of
+    ``R [E, D]``), the exact products summed in float32 (as the router's GEMM
+    with a float32 output sums them, in another order); the ``K`` largest
+    picked one at a time, the lowest index first among equals; their softmax
+    in float32 (``reference.route``: the softmax over the chosen logits).
+    Writes ``WT [N, K]`` (float32) and ``EX [N, K]`` (int64), largest first
+    as ``torch.topk`` orders them. PyTorch runs this as five kernels (the
+    GEMM and its split-K reduction, top-k's sort and gather, the softmax)."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    keep_e = e < E
+    acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        keep_d = d < D
+        x = tl.load(X + t * sx + d, mask=keep_d, other=0.0).to(tl.float32)
+        r = tl.load(R + e[:, None] * sr + d[None, :], mask=keep_e[:, None] & keep_d[None, :],
+                    other=0.0)
+        acc += r.to(tl.float32) * x[None, :]
+    logits = tl.where(keep_e, tl.sum(acc, axis=1), float("-inf"))
+    j = tl.arange(0, BLOCK_K)
+    top = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    idx = tl.zeros([BLOCK_K], dtype=tl.int64)
+    for i in tl.static_range(K):
+        m = tl.max(logits, axis=0)
+        pick = tl.min(tl.where((logits == m) & keep_e, e, BLOCK_E), axis=0)
+        top = tl.where(j == i, m, top)
+        idx = tl.where(j == i, pick.to(tl.int64), idx)
+        logits = tl.where(e == pick, float("-inf"), logits)
+    p = tl.exp(top - tl.max(top, axis=0))  # picks past K are -inf: exp gives 0
+    tl.store(WT + t * K + j, p / tl.sum(p, axis=0), mask=j < K)
+    tl.store(EX + t * K + j, idx, mask=j < K)

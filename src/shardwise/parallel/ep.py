@@ -50,8 +50,7 @@ import torch
 from torch import nn
 
 from ..model.kernels import combine_picks, pick_rows
-from ..model.reference import (DENSE_MOE_MAX_TOKENS, MoE, grouped_expert_mlp, route,
-                               router_logits)
+from ..model.reference import DENSE_MOE_MAX_TOKENS, MoE, grouped_expert_mlp, route_tokens
 from .checks import balanced_ranges, chunks_option
 from .compose import Composed, Stage, StageContext
 from .plans import EpPlan
@@ -107,7 +106,7 @@ class ExpertParallelMoE(nn.Module):
         if self.static_rows is not None:
             return self._static(x).view(shape)
         k, E, El, P, K = self.k, self.E, self.El, self.P, self.chunks
-        weights, experts = route(router_logits(self.moe.router, x), k)  # [N, k]
+        weights, experts = route_tokens(self.moe.router, x, k)  # [N, k]
         chunks = balanced_ranges(x.shape[0], K)
 
         # Per chunk: its (token, slot) assignments ordered by expert, and how
@@ -169,7 +168,7 @@ class ExpertParallelMoE(nn.Module):
         n, rows = x.shape[0], self.static_rows
         padded = x if n == rows else torch.cat([x, x.new_zeros(rows - n, x.shape[1])])
         every = self.comm.all_gather(padded, "ep")  # [P * rows, D], rank-major
-        weights, experts = route(router_logits(self.moe.router, every), self.k)
+        weights, experts = route_tokens(self.moe.router, every, self.k)
         partial = self.moe.static(every, weights, experts)  # this rank's experts' share
         return self.comm.reduce_scatter(partial, "ep")[:n]  # [n, D]
 

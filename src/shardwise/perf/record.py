@@ -234,6 +234,7 @@ class _Recorded:
                 return
             with _disable_current_modes():  # what the stand-in reads is not the step's
                 kernel = self.stand_in.kernel(grid, *args, **kwargs)
+                self.stand_in.effect(_ACTIVE, grid, *args, **kwargs)
             _ACTIVE.events.append(Call("tritons", self.stand_in.name, (kernel,)))
 
         return launch

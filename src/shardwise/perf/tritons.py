@@ -10,6 +10,9 @@ takes the kernel's own arguments:
 
 * ``run(grid, *args, **kw)``: the kernel's effect on CPU tensors, by the
   PyTorch form of the same arithmetic (rounding aside);
+* ``effect(recorder, grid, *args, **kw)``: what a recorded launch leaves
+  that later work reads (the routing a router kernel picks); nothing by
+  default;
 * ``kernel(grid, *args, **kw)``: the :class:`~.events.Kernel` it is on a GPU.
   By default a ``triton`` kernel moving the bytes of its tensor arguments
   (rows: the grid's first dimension); the rotary embedding moves only this
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .events import Kernel
-from .trace import shadow_of
+from .trace import set_shadow, shadow_of
 
 
 class TritonShim:
@@ -76,6 +79,9 @@ class StandIn:
 
     def run(self, grid, *args, **kw) -> None:
         raise NotImplementedError(f"no CPU form of the Triton kernel {self.name}")
+
+    def effect(self, recorder, grid, *args, **kw) -> None:
+        pass
 
     def kernel(self, grid, *args, **kw) -> Kernel:
         tensors = _tensors(args)
@@ -256,10 +262,28 @@ class DecodeSplit(StandIn):
                       ("split", B, H, 1, S, D, False, False), _dtype(Q))
 
 
+class Route(StandIn):
+    """:func:`shardwise.model.kernels.route_rows`: the router's logits, top-k
+    picks and softmax for a decode step's tokens (:func:`.reference.route`
+    of the float32 logits on CPU). Recorded, its picks are drawn as the
+    recorder draws any routing (:meth:`effect`), so the experts' kernels
+    that read them are priced by the rows each rank holds."""
+
+    def run(self, grid, X, R, WT, EX, D, E, sx, sr, K, **kw):
+        from ..model.reference import route
+
+        weights, experts = route(X.float() @ R.float().t(), K)
+        WT.copy_(weights)
+        EX.copy_(experts)
+
+    def effect(self, recorder, grid, X, R, WT, EX, D, E, sx, sr, K, **kw) -> None:
+        set_shadow(EX, recorder.routing.draw(grid[0], E, K).view(EX.shape))
+
+
 STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel": SwiGLU,
              "rotary_kernel": Rotary, "flash_fwd_kernel": Flash,
              "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit,
-             "combine_kernel": Combine}
+             "combine_kernel": Combine, "route_kernel": Route}
 
 
 def stand_in(name: str) -> StandIn:
