@@ -229,6 +229,60 @@ def test_expert_rows_kernel_on_the_gpu(dtype, per, O, I):
     assert ((got - want).abs() <= ulp * want.abs() + 2 * I * 2.0 ** -24 * size).all()
 
 
+def _check_linear(x, w, ulp):
+    """``kernels.linear`` against the float64 product: the kernel's float32
+    sum of I exact products (at most I units of float32 of their magnitudes)
+    and the final rounding (one unit of the output dtype)."""
+    got = kernels.linear(x, w)
+    assert got.shape == (*x.shape[:-1], w.shape[0]) and got.dtype == x.dtype
+    want = x.double() @ w.double().t()
+    size = x.double().abs() @ w.double().abs().t()
+    I = w.shape[1]
+    assert ((got.double() - want).abs() <= ulp * want.abs() + I * 2.0 ** -24 * size).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("O,I", [(96, 640), (40, 1100), (1, 8)])
+def test_linear_gemv_kernel_matches_the_product_on_cpu(monkeypatch, dtype, O, I):
+    # One row (a decode step of one sequence): the expert GEMV's kernel over
+    # one matrix (DENSE), O and I off the blocks' multiples, through the
+    # interpreter; two rows are a GEMM (Fn.linear), untouched. The interpreter
+    # rounds float32 to bf16 toward zero (NumPy has no bf16): a whole unit of
+    # bf16 there, half a unit on GPUs.
+    kernel = interpreted("shardwise.model.triton_moe", "expert_rows_kernel")
+    monkeypatch.setattr(kernels, "_experts_kernel", lambda: kernel)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    launches = []
+    real = kernels._expert_rows_launch
+    monkeypatch.setattr(kernels, "_expert_rows_launch",
+                        lambda *a, **k: launches.append(k) or real(*a, **k))
+    g = torch.Generator().manual_seed(O + I)
+    w = torch.randn(O, I, generator=g).to(dtype)
+    x = torch.randn(1, 1, I, generator=g).to(dtype)
+    _check_linear(x, w, 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -11)
+    assert launches == [{"DENSE": True}]
+    kernels.linear(torch.randn(2, I).to(dtype), w)
+    assert len(launches) == 1
+
+
+def test_linear_runs_pytorch_off_the_gpu_and_with_a_bias(monkeypatch):
+    monkeypatch.setattr(kernels, "_expert_rows_launch", lambda *a, **k: pytest.fail("launched"))
+    x, w, b = torch.randn(1, 16), torch.randn(8, 16), torch.randn(8)
+    assert torch.equal(kernels.linear(x, w), Fn.linear(x, w))
+    assert torch.equal(kernels.linear(x, w, b), Fn.linear(x, w, b))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("O,I", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
+                                 (128256, 4096), (100, 70)])
+def test_linear_gemv_on_the_gpu(dtype, O, I):
+    w = (torch.randn(O, I, device="cuda") * 0.02).to(dtype)
+    x = torch.randn(1, 1, I, device="cuda").to(dtype)
+    _check_linear(x, w, 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11)
+
+
 def _combine_case(dtype, N, k, D, held_rows, seed=0):
     """Expert outputs ``y`` for ``held_rows`` of the N*k (token, pick) pairs,
     in a shuffled order (as a prompt's rows sorted by expert are), and where

@@ -238,10 +238,11 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
                         block_i: int | None = None, **launch):
     """``block_o``, ``block_i`` and ``launch`` (Triton's num_warps, num_stages,
     ``DOT``): where a probe sets them (scripts/moe-rows.py); else
-    :func:`expert_rows_launch`'s."""
+    :func:`expert_rows_launch`'s. ``DENSE=True`` in ``launch``: every row of
+    ``x`` by the one matrix ``w [1, O, I]`` (``experts`` unread)."""
     triton, kernel = _experts_kernel()
     held, O, I = w.shape
-    R = experts.numel()
+    R = x.shape[0] if launch.get("DENSE") else experts.numel()
     y = torch.empty(R, O, dtype=x.dtype, device=x.device)
     chosen = expert_rows_launch(R, O, _sms(x.device))
     block_o = block_o or chosen["block_o"]
@@ -251,6 +252,27 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
         w.stride(1), y.stride(0), I=I, PER=per, BLOCK_O=block_o, BLOCK_I=block_i,
         **{"num_warps": chosen["num_warps"], "num_stages": 2, **launch})
     return y
+
+
+# Rows up to which :func:`linear` multiplies on GPUs by the Triton GEMV (a
+# decode step of one sequence), where cuBLAS's GEMMs for one row read the
+# weights at 2.4 TB/s (QKV and W_o) to 2.8 (the LM head) on an H100, the
+# expert GEMV at 3.08 of a 3.04 copy rate (results/real/README.md, 2239695).
+GEMV_MAX_ROWS = 1
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``Fn.linear(x, w, bias)``; a decode step's single row on GPUs (half
+    precision, no bias) by the expert GEMV's kernel over the one matrix
+    ``w [O, I]``: the products summed in float32 and rounded once, as a GEMM
+    sums them, in another order."""
+    if (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and w.dim() == 2
+            and w.stride(-1) == 1 and 0 < x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+            and _experts_kernel()):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = _expert_rows_launch(x2, w.unsqueeze(0), x2, 0, 1, DENSE=True)
+        return y.view(*x.shape[:-1], w.shape[0])
+    return Fn.linear(x, w, bias)
 
 
 def expert_rows_launch(rows: int, outs: int, sms: int) -> dict:

@@ -23,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
-from .kernels import (add_norm, combine_picks, expert_rows, pick_rows, routable, route_rows,
-                      swiglu)
+from .kernels import (add_norm, combine_picks, expert_rows, linear, pick_rows, routable,
+                      route_rows, swiglu)
 from .rope import Rope
 from .rotary import rotate
 
@@ -275,6 +275,15 @@ def _causal_sdpa(q, k, v, q_start, T: int, gqa: bool) -> torch.Tensor:
     return Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product is :func:`.kernels.linear`: a decode
+    step's single row on GPUs by a Triton GEMV that reads the weights at the
+    copy rate, every other call ``Fn.linear`` as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with fused QKV.
 
@@ -287,8 +296,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope = rope
-        self.wqkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.wqkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.wo = Linear(n_heads * head_dim, d_model, bias=False)
 
     def project(self, x: torch.Tensor):
         """``x [B, T, D]`` -> q ``[B, T, H, d]``, k, v ``[B, T, Hkv, d]``: views
@@ -366,7 +375,7 @@ def up_projection(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch
         zero = _zeros(w_in.shape[0], x.dtype, x.device)  # the epilogue takes a bias
         h = torch._addmm_activation(zero, x.reshape(-1, shape[-1]), w_in.t(), use_gelu=True)
         return h.view(*shape[:-1], w_in.shape[0])
-    return activate(Fn.linear(x, w_in), activation)
+    return activate(linear(x, w_in), activation)
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -408,8 +417,8 @@ class MLP(nn.Module):
         super().__init__()
         self.activation, self.d_ff = activation, d_ff
         n_in = 2 if activation == "swiglu" else 1
-        self.w_in = nn.Linear(d_model, n_in * d_ff, bias=False)  # [gate; up] for swiglu
-        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+        self.w_in = Linear(d_model, n_in * d_ff, bias=False)  # [gate; up] for swiglu
+        self.w_down = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(up_projection(x, self.w_in.weight, self.activation))
@@ -661,7 +670,7 @@ class Transformer(nn.Module):
         self.layers = (build_layers(self.layer_ids, lambda _: make_block(spec)) if blocks
                        else nn.ModuleList())
         self.norm = make_norm(spec) if last else None
-        self.lm_head = (nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        self.lm_head = (Linear(spec.d_model, spec.vocab_size, bias=False)
                         if has_vocab and last else None)
 
     def forward(self, inputs: torch.Tensor, caches: Sequence[KVCache] | None = None,

@@ -8,20 +8,26 @@ import triton.language as tl
 @triton.jit
 def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.constexpr,
                        PER: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                       DOT: tl.constexpr = False, STEP_SUM: tl.constexpr = False):
+                       DOT: tl.constexpr = False, STEP_SUM: tl.constexpr = False,
+                       DENSE: tl.constexpr = False):
     """Program (routed row r, output block): ``y[r] = W[E[r] - first] @ x[r // PER]``
     for ``W [held, O, I]`` (rows contiguous in I), accumulated in float32 and
     rounded once, as a GEMM rounds it. A row whose expert this rank does not
     hold reads no weight and writes zeros: only the routed experts' weights
     cross the memory bus (the decode step's floor). ``I`` is a compile-time
     constant: one compilation per matrix width of the model (two), a loop of
-    known length."""
+    known length. ``DENSE``: one matrix for every row (``E`` unread), the
+    GEMV of :func:`shardwise.model.kernels.linear`."""
     r = tl.program_id(0).to(tl.int64)
     outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     keep_o = outs < O
-    e = tl.load(E + r).to(tl.int64) - first
-    mine = (e >= 0) & (e < held)
-    e = tl.where(mine, e, 0)
+    if DENSE:
+        e = r * 0
+        mine = r >= 0
+    else:
+        e = tl.load(E + r).to(tl.int64) - first
+        mine = (e >= 0) & (e < held)
+        e = tl.where(mine, e, 0)
     if DOT:
         # The product on the tensor cores, x as row 0 of a 16-row tile (the
         # rest zeros): Triton pipelines the weight loads that feed a dot over

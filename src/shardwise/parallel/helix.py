@@ -46,7 +46,7 @@ from torch import nn
 from ..model.load import head_rows, set_param
 from ..model.rope import Rope
 from ..model.rotary import rotate
-from ..model.reference import (MLP, Attention, Block, KVCache, MoE, Transformer,
+from ..model.reference import (MLP, Attention, Block, KVCache, Linear, MoE, Transformer,
                                build_layers, causal_attention, make_norm)
 from ..spec import ModelSpec, ShardwiseError, dtype_bytes
 from .base import dense_moe_ok
@@ -285,7 +285,7 @@ def helix_stage(ctx: StageContext) -> Stage:
             model.embed = VocabShardEmbedding(Fn.pad(loader.get("embed.weight", [rows]), pad),
                                               r * c, sum_all)
         if ctx.last:
-            model.lm_head = nn.Linear(spec.d_model, c, bias=False, device="meta")
+            model.lm_head = Linear(spec.d_model, c, bias=False, device="meta")
             if spec.tie_embeddings and ctx.first:  # the same rows: one tensor
                 model.lm_head.weight = model.embed.weight
             else:

@@ -195,17 +195,26 @@ class ExpertRows(StandIn):
     """:func:`shardwise.model.kernels.expert_rows`: each routed row through
     its own expert (a grouped GEMV), reading only the routed experts'
     weights: a GEMM-class kernel of the rows whose expert is held (all of
-    them where the routing is not known)."""
+    them where the routing is not known). ``DENSE``: every row by one matrix
+    (:func:`shardwise.model.kernels.linear`)."""
 
-    def run(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, **kw):
+    def run(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, DENSE=False,
+            **kw):
         from ..model.kernels import _expert_rows_torch
 
-        Y.copy_(_expert_rows_torch(X, W, E, first, PER))
+        if DENSE:  # :func:`shardwise.model.kernels.linear`'s GEMV: one matrix, every row
+            Y.copy_(X @ W[0].t())
+        else:
+            Y.copy_(_expert_rows_torch(X, W, E, first, PER))
 
-    def kernel(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, **kw):
+    def kernel(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, DENSE=False,
+               **kw):
         picks = shadow_of(E)  # the routing, where the recorder holds it
-        rows = E.numel() if picks is None else int(((picks >= first)
-                                                    & (picks < first + held)).sum())
+        if DENSE:
+            rows = grid[0]
+        else:
+            rows = E.numel() if picks is None else int(((picks >= first)
+                                                        & (picks < first + held)).sum())
         moved = rows * O * I * W.element_size() + _nbytes(X) + _nbytes(Y)
         return Kernel("gemm", 2.0 * rows * O * I, float(moved), (rows, 1, I, O), _dtype(X))
 
