@@ -294,11 +294,15 @@ class Recorder(TorchDispatchMode):
         out, call, _ = lower(func, args, kwargs)
         self.events.append(call)
         scores, k = args[0], args[1]
-        idx = self.routing.draw(math.prod(scores.shape[:-1]), scores.shape[-1], k)
-        set_shadow(out[1], idx.view(out[1].shape))
+        self.draw_picks(out[1], math.prod(scores.shape[:-1]), scores.shape[-1], k)
         for t in out:
             self.track(t, True)
         return out
+
+    def draw_picks(self, experts: torch.Tensor, rows: int, n_experts: int, k: int) -> None:
+        """Hold a router's picks ``experts [rows, k]`` (a meta tensor) as drawn
+        by :class:`Routing`: what sizes the expert work that reads them."""
+        set_shadow(experts, self.routing.draw(rows, n_experts, k).view(experts.shape))
 
 
 def _meta_factory(kwargs) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .events import Kernel
-from .trace import set_shadow, shadow_of
+from .trace import shadow_of
 
 
 class TritonShim:
@@ -286,7 +286,7 @@ class Route(StandIn):
         EX.copy_(experts)
 
     def effect(self, recorder, grid, X, R, WT, EX, D, E, sx, sr, K, **kw) -> None:
-        set_shadow(EX, recorder.routing.draw(grid[0], E, K).view(EX.shape))
+        recorder.draw_picks(EX, grid[0], E, K)
 
 
 STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel": SwiGLU,
