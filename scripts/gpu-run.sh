@@ -52,6 +52,10 @@
 #            routed-expert kernel's launches and the decode attention's, each timed in CUDA
 #            graphs (scripts/moe-rows.py, scripts/decode-attn.py --sweep) -> trace-real.jsonl,
 #            traces-real.tgz, moe-rows.jsonl, decode-attn.jsonl
+#   clocks   llama-3.1-8b (4 layers) decode at 16 x 4096 and 1 x 2048, 100 graph replays each
+#            (tp_pp:1x1, torch_eager:1), with nvidia-smi sampling the SM and memory clocks,
+#            power, temperature and throttle reasons every 20 ms beside it -> clocks-*.jsonl,
+#            clocks-smi.csv (each bench's start and end time in clocks-marks.txt)
 #   plan-cpu  `shardwise plan` for llama-3.1-70b on h100-sxm-16 on this machine's CPUs, with
 #            an empty cache of recordings, then again with what the first wrote
 #            -> plan-cpu.jsonl (seconds, CPUs), plan-cpu-cold.txt, plan-cpu-warm.txt
@@ -270,6 +274,18 @@ for sweep in "$@"; do
         echo "+ python scripts/$probe.py --sweep --out $R/$probe.jsonl"
         timeout 240 python3 "scripts/$probe.py" --sweep --out "$R/$probe.jsonl" 2>&1 | tail -15
       done ;;
+    clocks)
+      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+        --format=csv,noheader -lms 20 > "$R/clocks-smi.csv" 2>&1 &
+      smi=$!
+      for w in "16 4096" "1 2048"; do
+        set -- $w
+        echo "start $1x$2 $(date +%H:%M:%S.%N)" >> "$R/clocks-marks.txt"
+        bench_all "$R/clocks-$1x$2.jsonl" --model llama-3.1-8b --layers 4 --dtype bf16 --phase decode \
+          --batch $1 --seq $2 --iters 100 --warmup 5 -- tp_pp:1x1 torch_eager:1
+        echo "end $1x$2 $(date +%H:%M:%S.%N)" >> "$R/clocks-marks.txt"
+      done
+      kill $smi ;;
     plan-cpu)
       C=$(mktemp -d)
       args=(plan --model llama-3.1-70b --cluster h100-sxm-16 --batch 8 --seq 4096 --phase both --top 10)
@@ -302,6 +318,6 @@ PY
       done < <(grep -v '^#' "$R/sweep-$NAME.txt")
       fidelity "$R/fidelity-$NAME.txt" "$R/bench-$NAME"-*.jsonl ;;
     *) echo "unknown sweep $sweep (real, verify, tests, calibrate, heldout, verify2, static2, bench2, repeats,"\
-         "diag-prefill, diag-decode, diag-real, plan-cpu, sweep)"; exit 2 ;;
+         "diag-prefill, diag-decode, diag-real, clocks, plan-cpu, sweep)"; exit 2 ;;
   esac
 done
