@@ -72,15 +72,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["merge", "fused"])
 @pytest.mark.parametrize("on_device", [False, True], ids=["int", "device"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hkv{}S{}d{}n{}sm{}".format(*c))
-def test_kernel_matches_attention(kernel, monkeypatch, case, on_device):
+def test_kernel_matches_attention(kernel, monkeypatch, case, on_device, fuse):
     # fp16 operands, float32 accumulation, P rounded to fp16 for P V: about
     # 3e-4 of the output in the interpreter; the lse is float32 throughout.
     B, H, Hkv, S, d, n, sms = case
     monkeypatch.setattr(decode, "_sms", lambda device: sms)
     q, k, v = inputs(B, H, Hkv, S, d)
-    o, lse = decode.attend(q, k, v, torch.tensor(n, device=DEVICE) if on_device else n)
+    o, lse = decode.attend(q, k, v, torch.tensor(n, device=DEVICE) if on_device else n, fuse=fuse)
     want, want_lse = reference(q, k, v, n)
     splits, chunk = decode.split_keys(B * Hkv, S, sms)
     assert kernel.grids == [(B * Hkv, splits)] and (splits - 1) * chunk < S <= splits * chunk
@@ -101,7 +102,7 @@ def test_fused_merge_equals_the_merge_kernel_bit_for_bit(kernel, monkeypatch, ca
     monkeypatch.setattr(decode, "_sms", lambda device: sms)
     q, k, v = inputs(B, H, Hkv, S, d, seed=1)
     at = torch.tensor(n, device=DEVICE)
-    fused = [decode.attend(q, k, v, at) for _ in range(2)]
+    fused = [decode.attend(q, k, v, at, fuse=True) for _ in range(2)]
     # The separate launch of the merge kernel (interpreted on a CPU).
     monkeypatch.setattr(decode, "merge_stack",
                         lambda o, lse, dtype: merge._merge_launch(o, lse, o, lse, dtype=dtype))
@@ -163,8 +164,8 @@ def test_cpu_tensors_keep_their_path_without_the_interpreter(monkeypatch):
 
 def test_counted_along_the_gpu_branches():
     # The count of a real decode step on CPU (counting.CudaPaths) runs the
-    # kernel's PyTorch form: one launch (the merge fused in it), and the
-    # same attention as the CPU path's.
+    # kernel's PyTorch form: the split launch and the merge's (not fused by
+    # default), and the same attention as the CPU path's.
     from shardwise.perf.counting import CallCounter, CudaPaths
 
     q, k, v = inputs(1, 8, 2, 300, 32, dtype=torch.bfloat16)
@@ -173,7 +174,7 @@ def test_counted_along_the_gpu_branches():
     with CudaPaths(), CallCounter(names=True) as counter:
         got = causal_attention(q, k, v, torch.tensor(299))
     assert counter.names[("tritons", "decode_split_kernel")] == 1
-    assert counter.names.get(("tritons", "merge_kernel"), 0) == 0
+    assert counter.names[("tritons", "merge_kernel")] == 1
     assert ((got.float() - want).norm() / want.norm()).item() < 1e-2  # bf16 inputs and output
 
 
@@ -190,7 +191,7 @@ def test_fused_merge_replays_in_a_cuda_graph(monkeypatch):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        decode.attend(q, k, v, n)
+        decode.attend(q, k, v, n, fuse=True)
     torch.cuda.current_stream().wait_stream(side)
     separate = decode.merge_stack
 
@@ -200,7 +201,7 @@ def test_fused_merge_replays_in_a_cuda_graph(monkeypatch):
     monkeypatch.setattr(decode, "merge_stack", no_merge)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o, lse = decode.attend(q, k, v, n)
+        o, lse = decode.attend(q, k, v, n, fuse=True)
     monkeypatch.setattr(decode, "merge_stack", separate)
     for at in (129, 520, 1, 300):
         n.fill_(at)

@@ -90,3 +90,30 @@ def test_summarize_keeps_the_times_in_the_order_run():
     s = summarize([0.003, 0.001, 0.002])
     assert s["times_ms"] == [3.0, 1.0, 2.0]
     assert (s["min_ms"], s["median_ms"], s["max_ms"], s["n"]) == (1.0, 2.0, 3.0, 3)
+
+
+def test_settle_runs_the_same_untimed_steps_on_every_rank(monkeypatch):
+    """Decode steps settle for a time on a GPU before they are timed; the
+    count comes from the slowest rank's first step, so every rank runs as
+    many (a step holds collectives); a CPU or 0 s runs none."""
+    import types
+
+    import torch
+    from shardwise.runtime import timing
+
+    class Comm:  # this rank's step took 2 ms; the slowest rank's took 5
+        def barrier(self):
+            pass
+
+        def gather_floats(self, values, device):
+            return [values, [0.005]]
+
+    calls = []
+    monkeypatch.setattr(timing, "_sync", lambda device: None)
+    gpu = types.SimpleNamespace(type="cuda")
+    step = (lambda: (calls.append(1), time.sleep(0.002)))
+    n = timing._settle(step, 0.05, gpu, Comm())
+    assert n == len(calls) == 1 + 10  # the first step, then 0.05 s / 5 ms
+    assert timing._settle(step, 0.0, gpu, Comm()) == 0
+    assert timing._settle(step, 0.05, torch.device("cpu"), Comm()) == 0
+    assert len(calls) == 11

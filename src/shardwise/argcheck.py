@@ -35,6 +35,10 @@ SECONDS = {
     "deadline": (0.0, "leave it out for no deadline"),
     "watchdog": (0.0, "leave it out to turn the watchdog off"),
 }
+# dest -> (least, most, what to do instead): finite seconds that may be 0.
+SPANS = {
+    "settle": (0.0, 60.0, "0 for no untimed steps, or leave it out for 0.25"),
+}
 # Longest time accepted (a year): the collective timeout becomes a timedelta
 # in every rank, which overflows far beyond this.
 MAX_SECONDS = 365 * 24 * 3600.0
@@ -66,6 +70,11 @@ def check_args(args) -> None:
             least = f"at least {low:g}" if low else "more than 0"
             raise ShardwiseError(f"{_flag(dest)} must be a number of seconds, {least} and a "
                                  f"year at most (got {value}); {instead}")
+    for dest, (low, high, instead) in SPANS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise ShardwiseError(f"{_flag(dest)} must be a number of seconds from {low:g} to "
+                                 f"{high:g} (got {value}); {instead}")
     for dest in OUTPUT_FILES:
         path = getattr(args, dest, None)
         if path is not None:

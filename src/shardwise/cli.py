@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--settle", type=float, default=0.25, metavar="SECONDS",
+                   help="untimed decode steps on a GPU for this long before the timed ones, "
+                        "so that they run at the clocks a steady decode gets (0: none)")
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="after timing, profile one more step per phase on every rank: a Chrome "
                         "trace and a table of host ops per rank in DIR, and the device-busy "
@@ -545,7 +548,7 @@ def cmd_bench(args, notes: list[str] | None = None) -> int:
     from .runtime.timing import BenchSettings
 
     settings = BenchSettings(phase=args.phase, iters=args.iters, warmup=args.warmup,
-                             graphs=not args.no_graphs, trace=args.trace)
+                             graphs=not args.no_graphs, trace=args.trace, settle_s=args.settle)
     timed = wl.replace(decode_steps=settings.decode_positions)
     small = ref.check_workload
     check = small.replace(batch=min(small.batch, timed.batch),

@@ -47,6 +47,7 @@ from collections import Counter
 INTS = (["1", "2", "3", "4"], ["64"], ["0", "-1", "-7", "x", "", "1.5"])
 ZERO_OK = {"steps", "warmup", "seed"}  # integer flags where 0 is a value, not an error
 FLOATS = (["60", "300", "600"], ["0.5"], ["0", "-1", "nan", "inf", "-inf", "1e400", "x", ""])
+SETTLE = (["0", "0.25", "1"], ["60"], ["-1", "61", "nan", "inf", "x", ""])  # seconds, 0 to 60
 PRESETS = (["tiny-dense", "tiny-moe"], ["small-l2", "seed-helix-2l"], ["nope", ""])
 PLANS = (["tp_pp:1x1", "tp_pp:2x1", "tp_pp:1x2", "tp_pp:2x2", "tp_pp:2x1,mb=2", "helix:2x1",
           "helix:1x2", "ring:2", "layerwise:cap=1MB", "ep:2", "torch_eager:1", "torch_tp:2"],
@@ -74,7 +75,7 @@ MODELS = (["tiny-dense", "tiny-moe"], ["llama-3.1-8b", "mixtral-8x7b"],
 BY_DEST = {"preset": PRESETS, "plan": PLANS, "plans": PLANS, "capacity": CAPACITIES,
            "prompt_ids": PROMPT_IDS, "seed": SEEDS, "cluster": CLUSTERS, "profile": PROFILES,
            "files": REPORTED, "results": RESULTS, "out": OUTPUT_FILES, "json": OUTPUT_FILES,
-           "trace": OUTPUT_DIRS, "plots": OUTPUT_DIRS, "model": MODELS}
+           "trace": OUTPUT_DIRS, "plots": OUTPUT_DIRS, "model": MODELS, "settle": SETTLE}
 OTHER = (["x", "tiny-dense"], [""], [])  # a string flag not named above
 WRONG_CHOICES = ["", "x", "gpu", "all"]
 
@@ -143,7 +144,7 @@ def _values(rng: random.Random, action: argparse.Action, ws: dict[str, str],
         return []
     if action.choices:
         pools = (list(action.choices), [], [c for c in WRONG_CHOICES if c not in action.choices])
-    elif action.type in (int, float):
+    elif action.type in (int, float) and action.dest not in BY_DEST:
         good, odd, bad = INTS if action.type is int else FLOATS
         if action.dest in ZERO_OK:
             odd, bad = odd + ["0"], [v for v in bad if v != "0"]

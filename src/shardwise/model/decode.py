@@ -9,13 +9,18 @@ layer on an H100 (results/llama/probe.jsonl), 170-250 GB/s, where a
 copy streams 3 TB/s. Here each (sequence, K/V head) is split into ``splits``
 runs of keys so the grid has a few programs per SM; each program computes
 its run for all the query heads of its K/V head (each K/V row read once,
-grouped-query attention never repeats K/V), and the last program of a
-(sequence, K/V head) to finish merges its runs exactly by their log-sum-exp
-(Dao et al. 2023, "Flash-Decoding for long-context inference"), so the
-attention is one launch: each program counts itself done in an int32 per
-(sequence, K/V head) that the last sets back to zero (:func:`_counts`). Where
-no counts can be had (a CUDA graph being captured with more rows than the
-counts made before it), :mod:`.merge`'s kernel merges the runs instead.
+grouped-query attention never repeats K/V), and :mod:`.merge`'s kernel
+merges the runs exactly by their log-sum-exp (Dao et al. 2023,
+"Flash-Decoding for long-context inference").
+
+``fuse=True`` makes the attention one launch instead: the last program of a
+(sequence, K/V head) to finish merges its runs, each program counting itself
+done in an int32 per (sequence, K/V head) that the last sets back to zero
+(:func:`_counts`; where no counts can be had, a CUDA graph being captured with
+more rows than the counts made before it, the merge kernel runs). It is not
+the default: on one H100, in CUDA graphs, the two launches made a batch-1
+decode step 2.5% (Llama 3.1 8B) and 2% (Mixtral) faster than the one, and
+were even with it at 16 x 4096 (results/real/README.md, 1f88207).
 
 ``attend(q, k, v, n)``: ``q [B, H, 1, d]`` (or ``[B, H, d]``) over the first
 ``n`` keys (all ``S`` where ``n`` is larger) of ``k, v [B, Hkv, S, d]``
@@ -101,11 +106,11 @@ def split_keys(rows: int, S: int, sms: int, block_n: int = BLOCK_N, waves: int =
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n, scale: float | None = None,
            kernel=None, block_n: int = BLOCK_N, waves: int = WAVES, warps: int = 4,
-           stages: int = 2, fuse: bool = True):
+           stages: int = 2, fuse: bool = False):
     """``(o, lse)`` (the module doc); needs :func:`decode_ok`. ``kernel``:
     ``(triton, decode_split_kernel)`` (tests pass the interpreted one);
-    ``fuse=False``: the merge in :mod:`.merge`'s kernel; the other options
-    are the launch's (the benchmark's sweep)."""
+    ``fuse``: the merge inside the split kernel (the module doc); the other
+    options are the launch's (the benchmark's sweep)."""
     triton, split_kernel = kernel or _kernel()
     B, H, d = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, S = k.shape[1], k.shape[2]

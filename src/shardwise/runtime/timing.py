@@ -8,6 +8,10 @@ When the strategy supports it and the device is CUDA, one decode step is
 captured in a CUDA graph with the position held in a device tensor (the
 static-shape path of the reference attention), and each timed step is one
 graph replay bracketed by CUDA events: no host synchronisation inside a step.
+On a GPU the timed decode steps follow ``settle_s`` seconds of untimed ones
+(:func:`_settle`): right after a long prefill the GPU's power management holds
+the SM clock down for tens of milliseconds, and the steps timed in it are not
+the steady state a server decodes in.
 
 The ceilings are measured here, on the device at hand, in the same run: a
 large bf16 GEMM (the matmul peak) and a large device-to-device copy (HBM
@@ -31,6 +35,7 @@ class BenchSettings:
     warmup: int = 3
     graphs: bool = True  # CUDA graphs for decode steps where supported
     trace: str | None = None  # directory for one profiled step per phase and rank (trace_step)
+    settle_s: float = 0.25  # untimed decode steps on a GPU before the timed ones (_settle)
 
     @property
     def decode_positions(self) -> int:
@@ -175,6 +180,23 @@ def _timed_steps(step_at, iters: int, device, comm, between=None) -> list[float]
     return times
 
 
+def _settle(step, seconds: float, device, comm) -> int:
+    """Run ``step`` untimed for about ``seconds`` on a GPU, the same number
+    of times on every rank (from the slowest rank's first step); returns how
+    many. After a prefill of 16 x 4096 tokens on one H100, nvidia-smi showed
+    the SM clock held at 1.44-1.5 GHz (reason: software power cap) against
+    1.98, and the first ~50 ms of decode steps ran 14% slower, the plain
+    PyTorch peer's as much (results/real/README.md, 1f88207)."""
+    if device.type != "cuda" or seconds <= 0:
+        return 0
+    _, once = timed_call(step, device, comm)
+    n = min(int(seconds / max(once, 1e-6)), 10_000)
+    for _ in range(n):
+        step()
+    _sync(device)
+    return n + 1
+
+
 def time_prefill(model, prompt, s: BenchSettings, device, comm, between=None) -> list[float]:
     """Prefill step times (seconds); ``between`` runs untimed after each step."""
     for _ in range(s.warmup):
@@ -195,6 +217,8 @@ def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, co
     if not use_graphs:
         for i in range(s.warmup):
             model.step(token, seq_len + i)
+        # The first timed position, which the first timed step writes again.
+        _settle(lambda: model.step(token, seq_len + s.warmup), s.settle_s, device, comm)
         return _timed_steps(lambda i: model.step(token, seq_len + s.warmup + i), s.iters,
                             device, comm, between), None
     pos = torch.tensor(seq_len, device=device)
@@ -210,6 +234,8 @@ def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, co
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         model.step(static_in, pos)
+    pos.fill_(seq_len + s.warmup)  # the first timed position, written again by its step
+    _settle(graph.replay, s.settle_s, device, comm)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(s.iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(s.iters)]
     comm.barrier()
