@@ -191,3 +191,21 @@ print("built")
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "built" in p.stdout, p.stderr[-2000:]
+
+
+def test_hf_peer_seeks_back_after_untimed_replays(architectures):
+    """A captured step of the Hugging Face class writes where its static
+    cache's device counter says and moves it on (transformers >= 5), so the
+    steps bench runs untimed before the timed ones (``--settle``) leave it
+    ahead; ``seek`` moves it back and the next step decodes as the first."""
+    spec, path = architectures["llama"]
+    with torch.inference_mode():
+        model = HFModel(spec, WORKLOAD, Plan.parse("hf:1"), Topology(("tp",), (1,)), None,
+                        ShardLoader(CheckpointSource(path), torch.float32, "cpu"))
+        model.step(torch.randint(0, 128, (2, WORKLOAD.seq_len)), 0)
+        token, at = torch.randint(0, 128, (2, 1)), torch.tensor(WORKLOAD.seq_len)
+        first = model.step(token, at).clone()
+        model.step(token, at)  # where a replay left the counter: one position on
+        assert not torch.allclose(model.step(token, at), first)
+        model.seek(WORKLOAD.seq_len)
+        assert torch.equal(model.step(token, at), first)

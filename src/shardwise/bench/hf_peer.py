@@ -220,6 +220,10 @@ class HFModel(Strategy):
         # GEMM kernel is missing), which a graph cannot hold.
         return self.static and not self.spec.is_moe
 
+    def seek(self, pos: int) -> None:
+        if self.static:  # transformers >= 5: each replay moved the cache's counter on
+            _seek(self.cache, pos)
+
     def forward(self, inputs, pos):
         T = inputs.shape[1]
         at = pos + torch.arange(T, device=inputs.device)  # cache_position [T]

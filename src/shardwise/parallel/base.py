@@ -104,6 +104,13 @@ class Strategy(PlanRules, nn.Module):
         with one_step():
             return self.forward(inputs, pos)
 
+    def seek(self, pos: int) -> None:
+        """Make the next replay of a captured decode step write its keys at
+        ``pos``, after replays that were not timed. Nothing to do where the
+        step reads its position from the device tensor it was captured with,
+        as every strategy here does; a peer whose cache keeps its own
+        position counter on the device moves it."""
+
     def input_rows(self) -> int:
         """The most sequences of the inputs one call takes (a timed run hands
         over a block of them, :class:`~shardwise.model.weights.Rows`)."""

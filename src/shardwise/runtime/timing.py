@@ -235,7 +235,8 @@ def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, co
     with torch.cuda.graph(graph):
         model.step(static_in, pos)
     pos.fill_(seq_len + s.warmup)  # the first timed position, written again by its step
-    _settle(graph.replay, s.settle_s, device, comm)
+    if _settle(graph.replay, s.settle_s, device, comm):
+        model.seek(seq_len + s.warmup)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(s.iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(s.iters)]
     comm.barrier()
