@@ -234,9 +234,15 @@ def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, co
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         model.step(static_in, pos)
-    pos.fill_(seq_len + s.warmup)  # the first timed position, written again by its step
-    if _settle(graph.replay, s.settle_s, device, comm):
-        model.seek(seq_len + s.warmup)
+    first = seq_len + s.warmup  # the first timed position, written again by its step
+    pos.fill_(first)
+
+    def again():  # a step that keeps a position counter of its own is moved back each time
+        model.seek(first)
+        graph.replay()
+
+    _settle(again, s.settle_s, device, comm)
+    model.seek(first)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(s.iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(s.iters)]
     comm.barrier()
