@@ -229,7 +229,7 @@ def _router_case(N, E, D, dtype, device="cpu", seed=0):
 
 
 def _check_route_rows(x, w, k):
-    """The one-kernel router against ``route`` of the float64 logits: the
+    """The router's two kernels against ``route`` of the float64 logits: the
     same float32 sums in another order, so the logits agree to float32
     rounding of sums of D exact products (at most D units of 2^-24 of the
     sum of the products' sizes), and the picks, largest first, are the same
@@ -253,18 +253,123 @@ def _check_route_rows(x, w, k):
                           rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("N,E,D,k", [(1, 8, 4096, 2), (16, 8, 4096, 2), (5, 64, 1536, 6),
-                                     (3, 128, 96, 8), (2, 6, 100, 2), (4, 3, 40, 1)])
-def test_route_kernel_picks_as_route_does_on_cpu(monkeypatch, N, E, D, k):
-    # Triton's interpreter: bf16 operands, as a decode step on a GPU has them;
-    # E and D off the powers of two (masked lanes), k from 1 to 8.
+def _interpreted_router(monkeypatch):
+    """route_rows' two kernels, run by Triton's interpreter."""
     from shardwise.model import kernels
     from triton_cpu import interpreted
 
-    kernel = interpreted("shardwise.model.triton_moe", "route_kernel")
-    monkeypatch.setattr(kernels, "_route_kernel", lambda: kernel)
+    logits = interpreted("shardwise.model.triton_moe", "route_logits_kernel")
+    route = interpreted("shardwise.model.triton_moe", "route_kernel")
+    monkeypatch.setattr(kernels, "_route_logits_kernel", lambda: logits)
+    monkeypatch.setattr(kernels, "_route_kernel", lambda: route)
+
+
+def _splits(E, D):
+    """route_rows' (BLOCK_D, splits) for ``E`` experts of width ``D``."""
+    block_e = 1 << (E - 1).bit_length()
+    block_d = max(16, min(256, 4096 // block_e, 1 << (D - 1).bit_length()))
+    return block_d, -(-D // block_d)
+
+
+# (BLOCK_D, splits) of each case: (1, 8, 4096): 256 x 16; (5, 64, 1536): 64 x 24;
+# (3, 128, 96): 32 x 3; (2, 6, 100): 128 x 1, ragged; (4, 3, 40): 64 x 1, ragged;
+# (3, 6, 1000): 256 x 4, the last of 232; (2, 100, 200): 32 x 7, the last of 8;
+# (1, 256, 1000): 16 x 63, the last of 8, summed 16 splits at a time (4 steps).
+ROUTER_CASES = [(1, 8, 4096, 2), (16, 8, 4096, 2), (5, 64, 1536, 6), (3, 128, 96, 8),
+                (2, 6, 100, 2), (4, 3, 40, 1), (3, 6, 1000, 2), (2, 100, 200, 4),
+                (1, 256, 1000, 8)]
+
+
+def test_router_cases_split_the_width():
+    # Several splits, ragged last chunks, E off the powers of two.
+    shapes = {(E, D): _splits(E, D) for _, E, D, _ in ROUTER_CASES}
+    assert shapes[(8, 4096)] == (256, 16) and shapes[(256, 1000)] == (16, 63)
+    assert sum(s > 1 and D % b for (E, D), (b, s) in shapes.items()) >= 3
+    assert sum(E & (E - 1) != 0 for E, _ in shapes) >= 4
+
+
+@pytest.mark.parametrize("N,E,D,k", ROUTER_CASES)
+def test_route_kernel_picks_as_route_does_on_cpu(monkeypatch, N, E, D, k):
+    # Triton's interpreter: bf16 operands, as a decode step on a GPU has them;
+    # E and D off the powers of two (masked lanes, ragged last chunks), k from 1 to 8.
+    _interpreted_router(monkeypatch)
     x, w = _router_case(N, E, D, torch.bfloat16, seed=N * E + k)
     _check_route_rows(x, w, k)
+
+
+def _tied_case(N, E, D, dtype, device="cpu"):
+    """Integer operands (exact in half precision, their float32 sums exact in
+    any order) with rows of the router repeated: logits tied exactly, among
+    them the largest; the first token all zeros (every logit 0)."""
+    g = torch.Generator().manual_seed(E + D)
+    w = torch.randint(-2, 3, (E, D), generator=g).float()
+    w[E // 2 :] = w[: E - E // 2].flip(0)  # row e equals row E - 1 - e
+    x = torch.randint(-2, 3, (N, D), generator=g).float()
+    x[0] = 0
+    return x.to(device, dtype), w.to(device, dtype)
+
+
+def _check_ties(x, w, k):
+    """Equal logits picked lowest index first: the experts ordered by
+    decreasing logit, then increasing index."""
+    from shardwise.model.kernels import route_rows
+
+    weights, experts = route_rows(x, w, k)
+    logits = x.double().cpu() @ w.double().cpu().t()  # exact integers
+    E = w.shape[0]
+    order = torch.stack([torch.tensor(sorted(range(E), key=lambda e: (-row[e].item(), e)))
+                         for row in logits])[:, :k]
+    assert torch.equal(experts.cpu(), order)
+    top = logits.gather(1, order)
+    assert (top[1:, 0] == top[1:, 1]).all()  # each logit twice: the largest tied
+    torch.testing.assert_close(weights.cpu().double(), torch.softmax(top, -1),
+                               rtol=1e-6, atol=1e-7)
+    assert torch.equal(experts[0].cpu(), torch.arange(k))  # all tied: the first k
+
+
+@pytest.mark.parametrize("N,E,D,k", [(3, 8, 4096, 2), (2, 6, 1000, 3), (2, 100, 200, 8)])
+def test_route_kernel_takes_the_lowest_index_among_equals(monkeypatch, N, E, D, k):
+    _interpreted_router(monkeypatch)
+    _check_ties(*_tied_case(N, E, D, torch.bfloat16), k)
+
+
+def test_route_rows_stand_ins_along_the_gpu_branches():
+    # counting.CudaPaths runs the GPU branches on CPU: route_rows launches its
+    # two kernels, whose stand-ins compute the partials and route their sum.
+    from shardwise.model import reference
+    from shardwise.perf.counting import CallCounter, CudaPaths
+
+    x, w = _router_case(3, 6, 1000, torch.bfloat16, seed=4)
+    router = torch.nn.Linear(1000, 6, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        router.weight.copy_(w)
+    with torch.inference_mode(), CudaPaths(), CallCounter(names=True) as c:
+        got_w, got_e = reference.route_tokens(router, x, 2)
+    assert c.names.get(("tritons", "route_logits_kernel")) == 1
+    assert c.names.get(("tritons", "route_kernel")) == 1 and c.counts["tritons"] == 2
+    want_w, want_e = reference.route(x.float() @ w.float().t(), 2)
+    assert torch.equal(got_e, want_e)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_route_rows_recorded_prices_what_each_kernel_moves():
+    # Recorded, the partials' kernel reads x and the router and writes the
+    # partials; the routing kernel reads them and writes the picks.
+    from shardwise.perf.tritons import stand_in
+
+    N, E, D, k = 2, 6, 1000, 2
+    x, w = (torch.empty(N, D, dtype=torch.bfloat16, device="meta"),
+            torch.empty(E, D, dtype=torch.bfloat16, device="meta"))
+    block_d, S = _splits(E, D)
+    P = torch.empty(N, S, E, device="meta")
+    WT = torch.empty(N, k, device="meta")
+    EX = torch.empty(N, k, dtype=torch.int64, device="meta")
+    part = stand_in("route_logits_kernel").kernel((N, S), x, w, P, D, E, D, D, BLOCK_E=8,
+                                                  BLOCK_D=block_d, num_warps=4)
+    assert part.bytes == 2 * N * D + 2 * E * D + 4 * N * S * E
+    route = stand_in("route_kernel").kernel((N,), P, WT, EX, S, E, K=k, BLOCK_S=2, BLOCK_E=8,
+                                            BLOCK_K=2, num_warps=1)
+    assert route.bytes == 4 * N * S * E + 4 * N * k + 8 * N * k
 
 
 def test_route_tokens_runs_pytorch_off_the_gpu(monkeypatch):
@@ -281,10 +386,19 @@ def test_route_tokens_runs_pytorch_off_the_gpu(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,E,D,k", [(1, 8, 4096, 2), (16, 8, 4096, 2), (64, 128, 2048, 8)])
+@pytest.mark.parametrize("N,E,D,k", [(1, 8, 4096, 2), (16, 8, 4096, 2), (64, 128, 2048, 8),
+                                     (3, 6, 1000, 2), (2, 100, 200, 4), (8, 256, 7168, 2)])
 def test_route_kernel_on_the_gpu(dtype, N, E, D, k):
     from shardwise.model.kernels import routable
 
     x, w = _router_case(N, E, D, dtype, "cuda")
     assert routable(x, w)
     _check_route_rows(x, w, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,E,D,k", [(3, 8, 4096, 2), (2, 6, 1000, 3), (2, 100, 200, 8)])
+def test_route_kernel_takes_the_lowest_index_among_equals_on_the_gpu(dtype, N, E, D, k):
+    _check_ties(*_tied_case(N, E, D, dtype, "cuda"), k)

@@ -27,8 +27,12 @@ routed experts (batch 1, top-2 of 8: a quarter of the dense path's bytes), with
 no host synchronisation, so it is captured in CUDA graphs. Off the GPU the same
 product runs as a gather and a batched matrix product.
 
-``route_rows`` is a decode step's router in one kernel: the logits, the top-k
-picks and their softmax, where PyTorch launches five.
+``route_rows`` is a decode step's router in two kernels, where PyTorch
+launches five: the logits' partial sums over chunks of the model's width, one
+program per (token, chunk), then one program per token that sums them and
+takes the top-k picks and their softmax. (One program per token walking the
+whole width took 17.2 us for Mixtral's 8 x 4096 router on an H100, one token:
+latency-bound, where the weights are 64 KB.)
 
 ``combine_picks`` sums each token's weighted expert outputs: on GPUs one pass
 that gathers a token's rows from wherever the experts wrote them (sorted by
@@ -351,13 +355,22 @@ def _combine_launch(y, weights, pos, out=None):
     return out
 
 
-# Tokens up to which :func:`route_rows` routes them in one kernel (a decode
-# step's; a prompt's logits are a GEMM worth cuBLAS's), and the experts it
-# holds in one block of registers. In a CUDA graph it takes what the five
-# kernels it replaces took (mixtral-8x7b at 1 x 2048 on an H100: within 0.2%,
-# results/real/README.md, 9b6b4c0); it saves an eager step four launches.
+# Tokens up to which :func:`route_rows` routes them in its two kernels (a
+# decode step's; a prompt's logits are a GEMM worth cuBLAS's), and the experts
+# it holds in one block of registers. It replaces five kernels: an eager step
+# launches three fewer. In CUDA-graph replays on an H100 (bf16, the median of
+# 50 calls a replay), Mixtral's 8 x 4096 router at one token took 2.9 us, where
+# the one program per token it replaced took 8.7 and PyTorch's five kernels
+# 13.8; 64 tokens of 128 x 2048: 9.6 us (51.9, 17.7); but one token of 256 x
+# 7168 (S = 448 splits of 16 columns, summed by one program): 23.8 us (338,
+# 17.3), where PyTorch's kernels are faster: a router of more than 128 experts
+# is left to them.
 ROUTE_MAX_TOKENS = 64
-ROUTE_MAX_EXPERTS = 256
+ROUTE_MAX_EXPERTS = 128
+# Elements of the router's weights a program of route_logits_kernel reads
+# (E x BLOCK_D), and of the partials a step of route_kernel adds (BLOCK_S x
+# BLOCK_E).
+_ROUTE_TILE = 4096
 
 
 def _route_kernel():
@@ -365,29 +378,55 @@ def _route_kernel():
     return triton_kernel(f"{__package__}.triton_moe", "route_kernel")
 
 
+def _route_logits_kernel():
+    """``(triton, route_logits_kernel)`` (:mod:`.triton_moe`), or False without Triton."""
+    return triton_kernel(f"{__package__}.triton_moe", "route_logits_kernel")
+
+
 def routable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether :func:`route_rows` routes ``x [N, D]`` by the router ``w [E, D]``
-    in one kernel: CUDA, half precision, a decode step's few tokens."""
+    in its two kernels: CUDA, half precision, a decode step's few tokens."""
     return (x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and x.dim() == 2
             and x.shape[0] <= ROUTE_MAX_TOKENS and w.shape[0] <= ROUTE_MAX_EXPERTS
-            and x.stride(-1) == 1 and w.stride(-1) == 1 and bool(_route_kernel()))
+            and x.stride(-1) == 1 and w.stride(-1) == 1 and bool(_route_kernel())
+            and bool(_route_logits_kernel()))
 
 
 def route_rows(x: torch.Tensor, w: torch.Tensor, top_k: int):
     """``(weights [N, k] float32, experts [N, k] int64)``: the softmax top-k
-    router ``w [E, D]`` on ``x [N, D]`` in one kernel (``route_kernel``), the
-    logits' products summed in float32 as the router's float32-output GEMM
-    sums them (:func:`.reference.router_logits`), the picks and their softmax
-    as :func:`.reference.route` takes them. Callers ask :func:`routable`."""
+    router ``w [E, D]`` on ``x [N, D]``, the picks and their softmax as
+    :func:`.reference.route` takes them, in two launches:
+
+    * ``route_logits_kernel``, grid ``(N, S)``: the float32 partial logits of
+      each token over each chunk of ``BLOCK_D`` columns (``S = cdiv(D,
+      BLOCK_D)``; ``E x BLOCK_D`` at most 4096 elements a program, ``BLOCK_D``
+      16 to 256: 16 programs a token for Mixtral's 8 x 4096) into ``[N, S, E]``;
+    * ``route_kernel``, grid ``(N,)``: each token's partials summed over the
+      splits, its top-k picks (the lowest index first among equals) and their
+      softmax.
+
+    Two, not one: a single program per token walking all of ``D`` took 17.2 us
+    for Mixtral's 8 x 4096 router (one token, an H100), latency-bound where
+    the weights are 64 KB; the first kernel spreads that read over ``N x S``
+    programs. The logits are the exact products summed in float32, as the
+    router's float32-output GEMM sums them (:func:`.reference.router_logits`),
+    in another order (each chunk's, then the chunks'). Callers ask
+    :func:`routable`."""
     triton, kernel = _route_kernel()
+    _, logits_kernel = _route_logits_kernel()
     (N, D), E = x.shape, w.shape[0]
     weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
     experts = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
     block_e = triton.next_power_of_2(E)
-    block_d = max(16, min(512, 4096 // block_e, triton.next_power_of_2(D)))
-    kernel[(N,)](x, w, weights, experts, D, E, x.stride(0), w.stride(0), K=top_k,
-                 BLOCK_E=block_e, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(top_k),
-                 num_warps=4)
+    block_d = max(16, min(256, _ROUTE_TILE // block_e, triton.next_power_of_2(D)))
+    splits = triton.cdiv(D, block_d)
+    partials = torch.empty(N, splits, E, dtype=torch.float32, device=x.device)
+    logits_kernel[(N, splits)](x, w, partials, D, E, x.stride(0), w.stride(0),
+                               BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4)
+    block_s = max(1, min(triton.next_power_of_2(splits), _ROUTE_TILE // block_e))
+    kernel[(N,)](partials, weights, experts, splits, E, K=top_k, BLOCK_S=block_s,
+                 BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+                 num_warps=4 if block_s * block_e >= 1024 else 1)
     return weights, experts
 
 

@@ -1,5 +1,6 @@
-"""The Triton kernels of :func:`shardwise.model.kernels.expert_rows` and
-:func:`shardwise.model.kernels.combine_picks` (imported only where Triton is
+"""The Triton kernels of :func:`shardwise.model.kernels.expert_rows`,
+:func:`shardwise.model.kernels.combine_picks` and
+:func:`shardwise.model.kernels.route_rows` (imported only where Triton is
 installed)."""
 import triton
 import triton.language as tl
@@ -92,29 +93,52 @@ def combine_kernel(Y, W, POS, OUT, D, sy, so, K: tl.constexpr, HAS_POS: tl.const
 
 
 @triton.jit
-def route_kernel(X, R, WT, EX, D, E, sx, sr, K: tl.constexpr, BLOCK_E: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (token t): the softmax top-``K`` router of a decode step in
-    one pass. ``logits[e] = R[e] . X[t]`` for the ``E`` experts (rows of
-    ``R [E, D]``), the exact products summed in float32 (as the router's GEMM
-    with a float32 output sums them, in another order); the ``K`` largest
-    picked one at a time, the lowest index first among equals; their softmax
-    in float32 (``reference.route``: the softmax over the chosen logits).
-    Writes ``WT [N, K]`` (float32) and ``EX [N, K]`` (int64), largest first
-    as ``torch.topk`` orders them. PyTorch runs this as five kernels (the
-    GEMM and its split-K reduction, top-k's sort and gather, the softmax)."""
+def route_logits_kernel(X, R, P, D, E, sx, sr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (token t, split s): the partial logits of the router of a
+    decode step over one chunk of ``BLOCK_D`` columns, ``P[t, s, e] = R[e,
+    chunk] . X[t, chunk]`` for the ``E`` experts (rows of ``R [E, D]``), the
+    exact products summed in float32 in one pass over the chunk, into ``P
+    [N, splits, E]`` (``splits = cdiv(D, BLOCK_D)``, the last chunk ragged:
+    masked). The grid spreads the weights' read over ``N x splits``
+    programs: one program per token walking all of ``D`` took 17.2 us for
+    Mixtral's 8 x 4096 router (one token, an H100), latency-bound on 64 KB."""
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    keep_e = e < E
+    d = s * BLOCK_D + tl.arange(0, BLOCK_D)
+    keep_d = d < D
+    x = tl.load(X + t * sx + d, mask=keep_d, other=0.0).to(tl.float32)
+    r = tl.load(R + e[:, None] * sr + d[None, :], mask=keep_e[:, None] & keep_d[None, :],
+                other=0.0)
+    part = tl.sum(r.to(tl.float32) * x[None, :], axis=1)
+    tl.store(P + (t * tl.num_programs(1) + s) * E + e, part, mask=keep_e)
+
+
+@triton.jit
+def route_kernel(P, WT, EX, S, E, K: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (token t): the softmax top-``K`` router of a decode step from
+    :func:`route_logits_kernel`'s partials ``P [N, S, E]`` (float32).
+    ``logits[e]`` is the sum of ``P[t, :, e]`` over the ``S`` splits, in a
+    fixed order (``BLOCK_S`` splits at a time, added lane by lane, then
+    summed across the lanes): the exact products of ``R[e] . X[t]`` summed
+    in float32 (as the router's GEMM with a float32 output sums them, in
+    another order). The ``K`` largest are picked one at a time, the lowest
+    index first among equals; their softmax in float32 (``reference.route``:
+    the softmax over the chosen logits). Writes ``WT [N, K]`` (float32) and
+    ``EX [N, K]`` (int64), largest first as ``torch.topk`` orders them.
+    PyTorch runs this and the partials' kernel as five kernels (the GEMM and
+    its split-K reduction, top-k's sort and gather, the softmax)."""
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     keep_e = e < E
-    acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        keep_d = d < D
-        x = tl.load(X + t * sx + d, mask=keep_d, other=0.0).to(tl.float32)
-        r = tl.load(R + e[:, None] * sr + d[None, :], mask=keep_e[:, None] & keep_d[None, :],
-                    other=0.0)
-        acc += r.to(tl.float32) * x[None, :]
-    logits = tl.where(keep_e, tl.sum(acc, axis=1), float("-inf"))
+    acc = tl.zeros([BLOCK_S, BLOCK_E], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        acc += tl.load(P + (t * S + s[:, None]) * E + e[None, :],
+                       mask=(s[:, None] < S) & keep_e[None, :], other=0.0)
+    logits = tl.where(keep_e, tl.sum(acc, axis=0), float("-inf"))
     j = tl.arange(0, BLOCK_K)
     top = tl.full([BLOCK_K], float("-inf"), tl.float32)
     idx = tl.zeros([BLOCK_K], dtype=tl.int64)

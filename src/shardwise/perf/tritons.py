@@ -112,7 +112,7 @@ class AddNorm(StandIn):
 class Merge(StandIn):
     """:mod:`shardwise.model.merge`'s merge of attention partials."""
 
-    def run(self, grid, O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK):
+    def run(self, grid, O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, **blocks):
         from ..model.merge import _merge_math
 
         out, total = _merge_math(O, L)  # [rows, d], [rows]
@@ -271,28 +271,43 @@ class DecodeSplit(StandIn):
                       ("split", B, H, 1, S, D, False, False), _dtype(Q))
 
 
-class Route(StandIn):
-    """:func:`shardwise.model.kernels.route_rows`: the router's logits, top-k
-    picks and softmax for a decode step's tokens (:func:`.reference.route`
-    of the float32 logits on CPU). Recorded, its picks are drawn as the
-    recorder draws any routing (:meth:`effect`), so the experts' kernels
-    that read them are priced by the rows each rank holds."""
+class RouteLogits(StandIn):
+    """:func:`shardwise.model.kernels.route_rows`' first kernel: the router's
+    float32 partial logits of each token over each chunk of ``BLOCK_D``
+    columns, ``P[t, s, :E]`` (the products of ``R[:, chunk]`` and ``X[t,
+    chunk]`` in float32). Priced by its arguments: it reads ``X`` and ``R``
+    and writes ``P``."""
 
-    def run(self, grid, X, R, WT, EX, D, E, sx, sr, K, **kw):
+    def run(self, grid, X, R, P, D, E, sx, sr, *, BLOCK_D, **kw):
+        for s in range(grid[1]):
+            chunk = slice(s * BLOCK_D, min(D, (s + 1) * BLOCK_D))
+            P[:, s, :E] = X[:, chunk].float() @ R[:, chunk].float().t()
+
+
+class Route(StandIn):
+    """:func:`shardwise.model.kernels.route_rows`' second kernel: each token's
+    logits summed from :class:`RouteLogits`' partials, its top-k picks and
+    their softmax for a decode step's tokens (:func:`.reference.route` of the
+    float32 logits on CPU). Recorded, its picks are drawn as the recorder
+    draws any routing (:meth:`effect`), so the experts' kernels that read
+    them are priced by the rows each rank holds."""
+
+    def run(self, grid, P, WT, EX, S, E, K, **kw):
         from ..model.reference import route
 
-        weights, experts = route(X.float() @ R.float().t(), K)
+        weights, experts = route(P[:, :S, :E].sum(1), K)
         WT.copy_(weights)
         EX.copy_(experts)
 
-    def effect(self, recorder, grid, X, R, WT, EX, D, E, sx, sr, K, **kw) -> None:
+    def effect(self, recorder, grid, P, WT, EX, S, E, K, **kw) -> None:
         recorder.draw_picks(EX, grid[0], E, K)
 
 
 STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel": SwiGLU,
              "rotary_kernel": Rotary, "flash_fwd_kernel": Flash,
              "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit,
-             "combine_kernel": Combine, "route_kernel": Route}
+             "combine_kernel": Combine, "route_logits_kernel": RouteLogits,
+             "route_kernel": Route}
 
 
 def stand_in(name: str) -> StandIn:
