@@ -20,7 +20,9 @@
 #            be committed first (results/predictions/heldout.jsonl for round 1,
 #            roundN-PROFILE.jsonl after) -> heldout-*.jsonl, roundN-*.jsonl
 #   ab       one change against the code without it, in one call: AB_SED (a sed script)
-#            applied to a copy of src/ is the side without it; each of AB_CASES (bench
+#            applied to a copy of src/ (or of AB_BASE, another revision's src/ written out
+#            with `git archive REV src | tar -x -C DIR`, named AB_BASE_REV in its records)
+#            is the side without it; each of AB_CASES (bench
 #            arguments, ";" between cases) runs with, without, with, without
 #            -> ab-with.jsonl, ab-without.jsonl
 # The 2-GPU sweeps (NAME as above; fidelity-*.txt where results/profiles/NAME.json
@@ -132,15 +134,16 @@ for sweep in "$@"; do
         done
       done ;;
     ab)
-      [ -n "${AB_SED:-}" ] && [ -n "${AB_CASES:-}" ] || { echo "ab needs AB_SED and AB_CASES"; exit 2; }
-      rm -rf /tmp/ab-src && cp -r src /tmp/ab-src && find /tmp/ab-src -name "*.py" -exec sed -i "$AB_SED" {} +
+      [ -n "${AB_SED:-}${AB_BASE:-}" ] && [ -n "${AB_CASES:-}" ] || { echo "ab needs AB_SED or AB_BASE, and AB_CASES"; exit 2; }
+      rm -rf /tmp/ab-src && cp -r "${AB_BASE:-src}" /tmp/ab-src
+      [ -n "${AB_SED:-}" ] && find /tmp/ab-src -name "*.py" -exec sed -i "$AB_SED" {} +
       diff -r src /tmp/ab-src | grep "^[<>]" | head -20
       IFS=';' read -ra cases <<< "$AB_CASES"
       for c in "${cases[@]}"; do
         for side in with without with without; do
           src=$PWD/src rev=${SHARDWISE_GIT_REV:-}
           # the side without the change names its revision as patched
-          [ $side = without ] && src=/tmp/ab-src rev="${rev:-$(git rev-parse --short HEAD 2>/dev/null)}+AB_SED"
+          [ $side = without ] && src=/tmp/ab-src rev=${AB_BASE_REV:-"${rev:-$(git rev-parse --short HEAD 2>/dev/null)}+AB_SED"}
           echo "+ ($side) shardwise bench --out $R/ab-$side.jsonl $c"
           PYTHONPATH=$src SHARDWISE_GIT_REV=$rev sw bench --out "$R/ab-$side.jsonl" $c 2>&1 | tail -4
         done

@@ -67,12 +67,11 @@ def test_flop_and_byte_counts_seed_helix_4l_tp_pp():
     assert (ar.calls, ar.bytes) == (8, 4 * tokens * 4096 * 2)
     # An eager decode step reads the rank's whole KV cache for its 4 kv heads at
     # context 10001 (2 x 128 x 4 x 10001 x 128 x 2 B = 2.62 GB a layer) plus q,
-    # writes the split-key kernel's float32 partial o and lse (one split: 128 x 4
-    # rows already give the grid its programs), reads them back and writes their
-    # merge (o in fp16, lse in float32) in the same launch.
+    # and writes the split-key kernel's float32 partial o and lse (one split: 128 x 4
+    # rows already give the grid its programs); their merge is the merge kernel's.
     att = predict(p.model, p.workload, "tp_pp:8x2", H100_16, graphs=False).decode.ops["attention"]
-    assert att.bytes == 2 * (2 * 128 * 4 * 10001 * 128 * 2 + 128 * 4 * 128 * (2 + 4 + 4 + 2)
-                             + 128 * 4 * (4 + 4 + 4))
+    assert att.bytes == 2 * (2 * 128 * 4 * 10001 * 128 * 2 + 128 * 4 * 128 * (2 + 4)
+                             + 128 * 4 * 4)
     assert att.flops == 2 * 4 * 128 * 4 * 128 * 10001
 
 
@@ -255,9 +254,9 @@ def test_kv_write_and_graph_vs_eager_decode():
     e = 2
     kv = lambda S: 2 * 2 * S * 4 * 64 * e  # K and V, 2 seqs x 4 heads x 64 dims  # noqa: E731
     # q read, the split-key kernel's float32 partial o and lse written (one
-    # split), read back and merged in the same launch (o in q's dtype, lse).
+    # split); the merge kernel merges them.
     rows = 2 * 4
-    q_o = rows * 64 * e + 2 * (rows * 64 * 4 + rows * 4) + rows * 64 * e + rows * 4
+    q_o = rows * 64 * e + rows * 64 * 4 + rows * 4
     # Eager reads the cache up to the position (101); the graph's static path all 110.
     assert eager.ops["attention"].bytes == 2 * (kv(101) + q_o)
     assert graph.ops["attention"].bytes >= 2 * (kv(110) + q_o)
@@ -519,16 +518,19 @@ def test_graph_decode_charges_the_probed_kernels():
     base, probed = (predict(SMALL, wl, "tp_pp:1x1", c, 1) for c in (ROUND, cl))
     tritons = _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "triton")
     norms = sum(n for k, n in tritons if k.dims[0] == "add_norm_kernel")
-    # The decode attention (one launch a layer, its splits merged in it) is
-    # an attention kernel, not one of these.
-    assert {k.dims[0] for k, _ in tritons} == {"add_norm_kernel"}
+    # The decode attention (a launch a layer) is an attention kernel; the merge
+    # of its splits is one of these, not probed (its bytes and a launch).
+    assert {k.dims[0] for k, _ in tritons} == {"add_norm_kernel", "merge_kernel"}
+    merges = [(k, n) for k, n in tritons if k.dims[0] == "merge_kernel"]
+    assert sum(n for _, n in merges) == SMALL.n_layers
+    merge_s = sum(n * (k.bytes / cl.hbm_rate + cl.kernel_s) for k, n in merges)
     attention = _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "attention")
     assert {k.dims[0] for k, _ in attention} == {"split"}
     assert sum(n for _, n in attention) == SMALL.n_layers
     gemms = sum(n for _, n in _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "gemm"))
     writes = sum(n for _, n in _kernels(SMALL, wl, "tp_pp:1x1", 1, "static", "index_write"))
     assert norms == 2 * SMALL.n_layers + 1 and writes == SMALL.n_layers
-    assert probed.decode.ops["triton"].seconds == pytest.approx(norms * 2e-6)
+    assert probed.decode.ops["triton"].seconds == pytest.approx(norms * 2e-6 + merge_s)
     assert probed.decode.ops["index_write"].seconds == pytest.approx(writes * 2.5e-6)
     assert probed.decode.ops["gemm"].seconds >= gemms * 3e-6
     assert probed.prefill.seconds == base.prefill.seconds

@@ -353,3 +353,24 @@ def test_combine_torch_is_the_weighted_sum_of_the_picks():
             if pos[t * 2 + j] >= 0:
                 want[t] += weights[t, j].double() * y[pos[t * 2 + j]]
     torch.testing.assert_close(kernels.combine_picks(y, weights, pos), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tokens,kernel", [(1, "embedding"), (2, "index"), (16, "index"),
+                                           (64, "index"), (65, "embedding")])
+def test_embedding_indexes_a_few_tokens_on_the_gpu(tokens, kernel):
+    """The reference's lookup of 2 to 64 tokens on a GPU indexes the table
+    (along the GPU branches here: ``counting.CudaPaths``), one call of either
+    kernel, the same rows as ``Fn.embedding``; off the GPU it is embedding."""
+    from shardwise.model.reference import Embedding
+    from shardwise.perf.counting import CallCounter, CudaPaths
+
+    table = Embedding(100, 8)
+    ids = torch.randint(0, 100, (2, tokens))[:1]
+    with CudaPaths(), CallCounter(names=True) as counter:
+        rows = table(ids)
+    assert counter.names[("kernels", kernel)] == 1
+    assert counter.names.get(("kernels", {"index": "embedding"}.get(kernel, "index")), 0) == 0
+    assert torch.equal(rows, Fn.embedding(ids, table.weight))
+    with CallCounter(names=True) as counter:
+        assert torch.equal(table(ids), rows)
+    assert counter.names[("kernels", "embedding")] == 1

@@ -221,3 +221,28 @@ def test_merge_of_packed_views_on_the_cuda_branches():
     assert c.names.get(("tritons", "merge_kernel")) == 1 and c.counts["tritons"] == 1
     assert c.counts["kernels"] == 0
     assert torch.equal(got, want) and torch.equal(total, want_total)
+
+
+@pytest.mark.parametrize("n,d", [(1, 8), (3, 128), (33, 128), (70, 48), (5, 1040)])
+def test_merge_kernel_matches_the_pytorch_merge(n, d, monkeypatch):
+    """The Triton merge (interpreted on CPU; the GPU test above compiles it)
+    over more blocks than one tile of them (70 > 64) and wider rows than one
+    tile of columns (1040), a row no block saw and a block of share 0 whose
+    o is NaN: ``_merge_math``'s result to float32 rounding."""
+    from shardwise.model import merge
+    from triton_cpu import interpreted
+
+    kernel = interpreted("shardwise.model.triton_merge", "merge_kernel")
+    g = torch.Generator().manual_seed(n)
+    o = torch.randn(n, 6, d, generator=g)
+    lse = 3 * torch.randn(n, 6, generator=g)
+    lse[:, 2] = NEG_INF  # a row no block saw
+    lse[0, 4], o[0, 4] = NEG_INF, float("nan")  # a block that saw nothing of row 4
+    if n == 1:
+        lse[0, 4], o[0, 4] = 0.0, 1.0
+    monkeypatch.setattr(merge, "_merge_kernel", lambda: kernel)
+    got, total = merge._merge_launch(o, lse, o, lse)
+    want, want_total = merge._merge_math(o, lse)
+    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.isneginf(total[2]).all() and (got[2] == 0).all()

@@ -95,8 +95,10 @@ def _merge_launch(o, lse, o3, l2, dtype=None):
     n, rows, d = o3.shape
     out = torch.empty(o.shape[1:], dtype=dtype or o.dtype, device=o.device)
     total = torch.empty(lse.shape[1:], dtype=torch.float32, device=o.device)
+    block_n = min(64, triton.next_power_of_2(n))  # blocks read at once
+    block_d = max(16, min(triton.next_power_of_2(d), 8192 // block_n))
     kernel[(rows,)](o3, l2, out, total, n, d, o3.stride(0), o3.stride(1), l2.stride(0),
-                    l2.stride(1), BLOCK=triton.next_power_of_2(d))
+                    l2.stride(1), BLOCK_N=block_n, BLOCK_D=block_d)
     return out, total
 
 

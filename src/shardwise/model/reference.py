@@ -284,6 +284,27 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+# Tokens a call looks up by indexing rather than ``Fn.embedding`` on GPUs:
+# ``index_select``'s kernel for a few indices gives each block every index
+# in turn. On one H100, in CUDA graphs, 16 rows of a 128256 x 4096 bf16
+# table took 8.0 us that way and 1.7 by indexing (4 rows: 3.2 and 1.7); at
+# one row embedding was the faster (2.0 and 2.9), from 64 rows even
+# (results/real/README.md, 1f88207: ``scripts/embed-rows.py``).
+EMBED_INDEX_ROWS = (2, 64)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` whose lookup of 2 to 64 tokens on a GPU indexes the
+    table (``weight[ids]``, the same rows; :data:`EMBED_INDEX_ROWS`)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        low, high = EMBED_INDEX_ROWS
+        if ids.is_cuda and low <= ids.numel() <= high and self.padding_idx is None \
+                and self.max_norm is None:
+            return self.weight[ids]
+        return super().forward(ids)
+
+
 class Attention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with fused QKV.
 
@@ -663,7 +684,7 @@ class Transformer(nn.Module):
         self.first, self.last = first, last
         has_vocab = spec.vocab_size is not None
         # _weight skips reset_parameters (slow on meta); the loader fills it.
-        self.embed = (nn.Embedding(spec.vocab_size, spec.d_model,
+        self.embed = (Embedding(spec.vocab_size, spec.d_model,
                                    _weight=torch.empty(spec.vocab_size, spec.d_model))
                       if has_vocab and first else None)
         # blocks=False: the caller sets ``layers`` (a strategy's shards of them)
