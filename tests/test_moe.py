@@ -389,10 +389,12 @@ def test_route_tokens_runs_pytorch_off_the_gpu(monkeypatch):
 @pytest.mark.parametrize("N,E,D,k", [(1, 8, 4096, 2), (16, 8, 4096, 2), (64, 128, 2048, 8),
                                      (3, 6, 1000, 2), (2, 100, 200, 4), (8, 256, 7168, 2)])
 def test_route_kernel_on_the_gpu(dtype, N, E, D, k):
-    from shardwise.model.kernels import routable
+    # Past ROUTE_MAX_EXPERTS (256 here) the model routes by PyTorch's kernels,
+    # which are the faster there; route_rows itself still routes them right.
+    from shardwise.model.kernels import ROUTE_MAX_EXPERTS, routable
 
     x, w = _router_case(N, E, D, dtype, "cuda")
-    assert routable(x, w)
+    assert routable(x, w) == (E <= ROUTE_MAX_EXPERTS)
     _check_route_rows(x, w, k)
 
 
