@@ -374,3 +374,48 @@ def test_embedding_indexes_a_few_tokens_on_the_gpu(tokens, kernel):
     with CallCounter(names=True) as counter:
         assert torch.equal(table(ids), rows)
     assert counter.names[("kernels", "embedding")] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_gemv_activates_swiglu_as_it_loads_with_the_same_values(monkeypatch, dtype):
+    """The down-projection's GEMV computing ``silu(gate) * up`` as it loads its
+    input (``SWIGLU``) gives the bits of the swiglu kernel's launch followed by
+    the GEMV's (both interpreted): for one row by one matrix
+    (``swiglu_linear``), and for routed expert rows (``expert_rows(...,
+    gated=True)``); two rows are the GEMM's, untouched, and off the GPU it is
+    the PyTorch forms."""
+    gemv = interpreted("shardwise.model.triton_moe", "expert_rows_kernel")
+    act = interpreted("shardwise.model.triton_swiglu", "swiglu_kernel")
+    monkeypatch.setattr(kernels, "_experts_kernel", lambda: gemv)
+    monkeypatch.setattr(kernels, "_swiglu_kernel", lambda: act)
+    g = torch.Generator().manual_seed(3)
+    F, O = 300, 40  # F off the blocks' multiples
+    h = (2 * torch.randn(1, 1, 2 * F, generator=g)).to(dtype)
+    w = torch.randn(O, F, generator=g).to(dtype)
+    off_gpu = kernels.swiglu_linear(h, w)
+    assert torch.equal(off_gpu, Fn.linear(Fn.silu(h[..., :F]) * h[..., F:], w))
+    launches = []
+    real = kernels._expert_rows_launch
+    monkeypatch.setattr(kernels, "_expert_rows_launch",
+                        lambda *a, **k: launches.append(k) or real(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    fused = kernels.swiglu_linear(h, w)
+    assert launches == [{"DENSE": True, "SWIGLU": True}]
+    assert torch.equal(fused, kernels.linear(kernels.swiglu(h), w))
+    kernels.swiglu_linear(h.expand(1, 2, 2 * F), w)  # two rows: swiglu's launch, then a GEMM
+    assert len(launches) == 2
+    # Routed rows: 4 rows of experts 1-4, of which this rank holds 2-4.
+    x, wd, experts = _expert_case(dtype, R=4, per=1, O=O, I=F)
+    rows = (2 * torch.randn(4, 2 * F, generator=g)).to(dtype)
+    got = kernels.expert_rows(rows, wd, experts, 2, 1, gated=True)
+    assert torch.equal(got, kernels.expert_rows(kernels.swiglu(rows), wd, experts, 2, 1))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("O,F", [(4096, 14336), (5120, 13824), (100, 70)])
+def test_swiglu_gemv_on_the_gpu(dtype, O, F):
+    h = torch.randn(1, 1, 2 * F, device="cuda").to(dtype)
+    w = (torch.randn(O, F, device="cuda") * 0.02).to(dtype)
+    assert torch.equal(kernels.swiglu_linear(h, w), kernels.linear(kernels.swiglu(h), w))

@@ -216,16 +216,18 @@ def _experts_kernel():
 
 
 def expert_rows(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, first: int,
-                per: int) -> torch.Tensor:
+                per: int, gated: bool = False) -> torch.Tensor:
     """``y [R, O]``: row r is ``w[experts[r] - first] @ x[r // per]`` for
     ``x [R / per, I]``, the held experts' ``w [held, O, I]`` and the routed
     experts ``experts [R]`` (global ids); zero where ``experts[r]`` is not held.
     ``per`` is top-k for the up-projection (each token's row serves its k
-    picks) and 1 for the down-projection (one row per pick)."""
+    picks) and 1 for the down-projection (one row per pick). ``gated``: ``x
+    [R / per, 2I]`` is the SwiGLU up-projection's ``[gate | up]``, and the rows
+    are :func:`swiglu` of it (on GPUs computed as the kernel loads them)."""
     if (x.is_cuda and x.dtype in (*_HALF, torch.float32) and w.dtype == x.dtype
             and w.stride(-1) == 1 and x.stride(-1) == 1 and _experts_kernel()):
-        return _expert_rows_launch(x, w, experts, first, per)
-    return _expert_rows_torch(x, w, experts, first, per)
+        return _expert_rows_launch(x, w, experts, first, per, **({"SWIGLU": True} if gated else {}))
+    return _expert_rows_torch(swiglu(x) if gated else x, w, experts, first, per)
 
 
 def _expert_rows_torch(x, w, experts, first, per):
@@ -243,7 +245,8 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
     """``block_o``, ``block_i`` and ``launch`` (Triton's num_warps, num_stages,
     ``DOT``): where a probe sets them (scripts/moe-rows.py); else
     :func:`expert_rows_launch`'s. ``DENSE=True`` in ``launch``: every row of
-    ``x`` by the one matrix ``w [1, O, I]`` (``experts`` unread)."""
+    ``x`` by the one matrix ``w [1, O, I]`` (``experts`` unread);
+    ``SWIGLU=True``: the rows are ``silu(gate) * up`` of ``x [.., 2I]``."""
     triton, kernel = _experts_kernel()
     held, O, I = w.shape
     R = x.shape[0] if launch.get("DENSE") else experts.numel()
@@ -279,6 +282,22 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         y = _expert_rows_launch(x2, w.unsqueeze(0), x2, 0, 1, DENSE=True)
         return y.view(*x.shape[:-1], w.shape[0])
     return Fn.linear(x, w, bias)
+
+
+def swiglu_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``linear(swiglu(h), w)``: the SwiGLU MLP's down-projection of its
+    up-projection's output ``h [..., 2F]`` by ``w [O, F]``. Where
+    :func:`linear` runs its GEMV (a decode step's single row), the GEMV
+    computes ``silu(gate) * up`` as it loads its input, with the arithmetic of
+    :func:`swiglu`'s kernel (the same values, so the same output): one launch
+    where there were two."""
+    if (h.is_cuda and h.dtype in _HALF and w.dtype == h.dtype and w.dim() == 2
+            and w.stride(-1) == 1 and h.shape[-1] == 2 * w.shape[1]
+            and 0 < h.numel() <= GEMV_MAX_ROWS * h.shape[-1] and _experts_kernel()):
+        h2 = h.reshape(-1, h.shape[-1]).contiguous()
+        y = _expert_rows_launch(h2, w.unsqueeze(0), h2, 0, 1, DENSE=True, SWIGLU=True)
+        return y.view(*h.shape[:-1], w.shape[0])
+    return linear(swiglu(h), w)
 
 
 def expert_rows_launch(rows: int, outs: int, sms: int) -> dict:

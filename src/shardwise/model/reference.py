@@ -24,7 +24,7 @@ from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
 from .kernels import (add_norm, combine_picks, expert_rows, linear, pick_rows, routable,
-                      route_rows, swiglu)
+                      route_rows, swiglu, swiglu_linear)
 from .rope import Rope
 from .rotary import rotate
 
@@ -442,6 +442,8 @@ class MLP(nn.Module):
         self.w_down = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":  # the activation in the down-projection's GEMV, where it runs
+            return swiglu_linear(linear(x, self.w_in.weight), self.w_down.weight)
         return self.w_down(up_projection(x, self.w_in.weight, self.activation))
 
 
@@ -608,8 +610,9 @@ class MoE(nn.Module):
         :meth:`_routed`. No host synchronisation: graph-capturable."""
         N, k = experts.shape
         h = expert_rows(x, self.w_in, experts, self.first_expert, k)  # [N*k, (2)F]
-        h = activate(h, self.activation)
-        y = expert_rows(h, self.w_down, experts, self.first_expert, 1)  # [N*k, D]
+        gated = self.activation == "swiglu"  # silu(gate) * up as the GEMV loads it
+        h = h if gated else activate(h, self.activation)
+        y = expert_rows(h, self.w_down, experts, self.first_expert, 1, gated)  # [N*k, D]
         return combine_picks(y, weights)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):

@@ -10,7 +10,7 @@ import triton.language as tl
 def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.constexpr,
                        PER: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                        DOT: tl.constexpr = False, STEP_SUM: tl.constexpr = False,
-                       DENSE: tl.constexpr = False):
+                       DENSE: tl.constexpr = False, SWIGLU: tl.constexpr = False):
     """Program (routed row r, output block): ``y[r] = W[E[r] - first] @ x[r // PER]``
     for ``W [held, O, I]`` (rows contiguous in I), accumulated in float32 and
     rounded once, as a GEMM rounds it. A row whose expert this rank does not
@@ -18,7 +18,11 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
     cross the memory bus (the decode step's floor). ``I`` is a compile-time
     constant: one compilation per matrix width of the model (two), a loop of
     known length. ``DENSE``: one matrix for every row (``E`` unread), the
-    GEMV of :func:`shardwise.model.kernels.linear`."""
+    GEMV of :func:`shardwise.model.kernels.linear`. ``SWIGLU``: ``x`` is
+    ``silu(gate) * up`` of a row ``[gate | up]`` of ``2 I`` (the SwiGLU
+    up-projection's output), computed as it is loaded with the arithmetic of
+    ``swiglu_kernel`` (the same values): the down-projection without the
+    activation's own launch."""
     r = tl.program_id(0).to(tl.int64)
     outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     keep_o = outs < O
@@ -55,7 +59,14 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
         for block in range(0, tl.cdiv(I, BLOCK_I)):
             ins = block * BLOCK_I + tl.arange(0, BLOCK_I)
             keep_i = ins < I
-            x = tl.load(X + (r // PER) * sx + ins, mask=keep_i, other=0.0).to(tl.float32)
+            if SWIGLU:
+                gate = tl.load(X + (r // PER) * sx + ins, mask=keep_i, other=0.0)
+                up = tl.load(X + (r // PER) * sx + I + ins, mask=keep_i, other=0.0)
+                g = gate.to(tl.float32)
+                act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+                x = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+            else:
+                x = tl.load(X + (r // PER) * sx + ins, mask=keep_i, other=0.0).to(tl.float32)
             w = tl.load(W + e * swe + outs[:, None] * swo + ins[None, :],
                         mask=keep_o[:, None] & keep_i[None, :] & mine, other=0.0)
             if STEP_SUM:

@@ -196,12 +196,15 @@ class ExpertRows(StandIn):
     its own expert (a grouped GEMV), reading only the routed experts'
     weights: a GEMM-class kernel of the rows whose expert is held (all of
     them where the routing is not known). ``DENSE``: every row by one matrix
-    (:func:`shardwise.model.kernels.linear`)."""
+    (:func:`shardwise.model.kernels.linear`); ``SWIGLU``: rows of ``[gate |
+    up]`` (twice the width read) activated as they are loaded."""
 
     def run(self, grid, X, W, E, Y, O, held, first, sx, swe, swo, sy, I, PER, DENSE=False,
-            **kw):
-        from ..model.kernels import _expert_rows_torch
+            SWIGLU=False, **kw):
+        from ..model.kernels import _expert_rows_torch, _swiglu_torch
 
+        if SWIGLU:  # the rows are silu(gate) * up of X's [gate | up]
+            X = _swiglu_torch(X)
         if DENSE:  # :func:`shardwise.model.kernels.linear`'s GEMV: one matrix, every row
             Y.copy_(X @ W[0].t())
         else:
