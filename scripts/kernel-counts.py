@@ -89,14 +89,17 @@ def main() -> int:
                                 "git_rev": rev}) + "\n")
     with open(args.out + ".md", "w") as f:
         f.write(f"# Kernels per decode layer\n\n`{command}` "
-                f"at {rev}: kernel launches of one decode layer on the busiest rank, counted on "
+                f"at {rev}: kernel launches of one decode layer of {WORKLOAD.batch} sequences "
+                f"on the busiest rank, counted on "
                 f"CPU ranks along the GPU branches (fused kernels and collectives one call "
                 f"each). *Graph*: the static step a CUDA graph replays; *eager*: the step at an "
                 f"int position. Collectives are counted apart (NCCL's own kernels). On gloo a "
                 f"tensor-parallel all-reduce is the collective and the fused add + norm kernel "
                 f"after it; on GPUs a decode step's all-reduce, add and norm are one kernel "
                 f"(counted here as the collective, its norm as a kernel). cuBLAS adds split-K "
-                f"reductions and memsets on GPUs (profiler counts: results/llama/README.md)."
+                f"reductions and memsets on GPUs (profiler counts: results/llama/README.md). "
+                f"A step of one sequence has one kernel fewer a SwiGLU MLP: its down-projection's "
+                f"GEMV activates its input as it loads it (kernels.swiglu_linear)."
                 f"\n\n")
         f.write("| architecture | plan | ranks | graph kernels | eager kernels | collectives |\n")
         f.write("| --- | --- | --- | --- | --- | --- |\n")
