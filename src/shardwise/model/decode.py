@@ -19,7 +19,7 @@ done in an int32 per (sequence, K/V head) that the last sets back to zero
 (:func:`_counts`; where no counts can be had, a CUDA graph being captured with
 more rows than the counts made before it, the merge kernel runs). It is not
 the default: on one H100, in CUDA graphs, the two launches made a batch-1
-decode step 2.5% (Llama 3.1 8B) and 2% (Mixtral) faster than the one, and
+decode step 2.7% (Llama 3.1 8B) and 2.0% (Mixtral) faster than the one, and
 were even with it at 16 x 4096 (results/real/README.md, 1f88207).
 
 ``attend(q, k, v, n)``: ``q [B, H, 1, d]`` (or ``[B, H, d]``) over the first
