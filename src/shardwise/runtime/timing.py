@@ -184,7 +184,7 @@ def _settle(step, seconds: float, device, comm) -> int:
     """Run ``step`` untimed for about ``seconds`` on a GPU, the same number
     of times on every rank (from the slowest rank's first step); returns how
     many. After a prefill of 16 x 4096 tokens on one H100, nvidia-smi showed
-    the SM clock held at 1.44-1.5 GHz (reason: software power cap) against
+    the SM clock held at 1.44-1.59 GHz (reason: software power cap) against
     1.98, and the first ~50 ms of decode steps ran 14% slower, the plain
     PyTorch peer's as much (results/real/README.md, 1f88207)."""
     if device.type != "cuda" or seconds <= 0:
