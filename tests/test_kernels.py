@@ -409,6 +409,8 @@ def test_the_gemv_activates_swiglu_as_it_loads_with_the_same_values(monkeypatch,
     rows = (2 * torch.randn(4, 2 * F, generator=g)).to(dtype)
     got = kernels.expert_rows(rows, wd, experts, 2, 1, gated=True)
     assert torch.equal(got, kernels.expert_rows(kernels.swiglu(rows), wd, experts, 2, 1))
+    with pytest.raises(ValueError, match="not DOT's"):
+        real(rows, wd, experts, 2, 1, DOT=True, SWIGLU=True)
 
 
 @pytest.mark.gpu

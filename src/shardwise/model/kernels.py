@@ -247,6 +247,9 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
     :func:`expert_rows_launch`'s. ``DENSE=True`` in ``launch``: every row of
     ``x`` by the one matrix ``w [1, O, I]`` (``experts`` unread);
     ``SWIGLU=True``: the rows are ``silu(gate) * up`` of ``x [.., 2I]``."""
+    if launch.get("DOT") and launch.get("SWIGLU"):
+        raise ValueError("expert_rows_kernel: SWIGLU activates the input of the FMA loop only, "
+                         "not DOT's")
     triton, kernel = _experts_kernel()
     held, O, I = w.shape
     R = x.shape[0] if launch.get("DENSE") else experts.numel()

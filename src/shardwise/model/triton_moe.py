@@ -22,7 +22,7 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
     ``silu(gate) * up`` of a row ``[gate | up]`` of ``2 I`` (the SwiGLU
     up-projection's output), computed as it is loaded with the arithmetic of
     ``swiglu_kernel`` (the same values): the down-projection without the
-    activation's own launch."""
+    activation's own launch (the FMA loop only, not ``DOT``'s)."""
     r = tl.program_id(0).to(tl.int64)
     outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     keep_o = outs < O
