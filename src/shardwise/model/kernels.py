@@ -31,8 +31,9 @@ product runs as a gather and a batched matrix product.
 launches five: the logits' partial sums over chunks of the model's width, one
 program per (token, chunk), then one program per token that sums them and
 takes the top-k picks and their softmax. (One program per token walking the
-whole width took 17.2 us for Mixtral's 8 x 4096 router on an H100, one token:
-latency-bound, where the weights are 64 KB.)
+whole width took 8.7 us in a CUDA graph for Mixtral's 8 x 4096 router on an
+H100, one token, 17.2 in a profiled step: latency-bound, where the weights
+are 64 KB.)
 
 ``combine_picks`` sums each token's weighted expert outputs: on GPUs one pass
 that gathers a token's rows from wherever the experts wrote them (sorted by
@@ -386,7 +387,7 @@ def _combine_launch(y, weights, pos, out=None):
 # 13.8; 64 tokens of 128 x 2048: 9.6 us (51.9, 17.7); but one token of 256 x
 # 7168 (S = 448 splits of 16 columns, summed by one program): 23.8 us (338,
 # 17.3), where PyTorch's kernels are faster: a router of more than 128 experts
-# is left to them.
+# is left to them (results/real/route-kernels-aff592a.txt).
 ROUTE_MAX_TOKENS = 64
 ROUTE_MAX_EXPERTS = 128
 # Elements of the router's weights a program of route_logits_kernel reads
@@ -427,8 +428,9 @@ def route_rows(x: torch.Tensor, w: torch.Tensor, top_k: int):
       splits, its top-k picks (the lowest index first among equals) and their
       softmax.
 
-    Two, not one: a single program per token walking all of ``D`` took 17.2 us
-    for Mixtral's 8 x 4096 router (one token, an H100), latency-bound where
+    Two, not one: a single program per token walking all of ``D`` took 8.7 us
+    in a graph (17.2 in a profiled step) for Mixtral's 8 x 4096 router (one
+    token, an H100), latency-bound where
     the weights are 64 KB; the first kernel spreads that read over ``N x S``
     programs. The logits are the exact products summed in float32, as the
     router's float32-output GEMM sums them (:func:`.reference.router_logits`),
