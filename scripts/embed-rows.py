@@ -35,7 +35,8 @@ def main() -> None:
         recs.append(rec)
     if args.out:
         meta = provenance("cuda", 1, "python scripts/embed-rows.py")
-        append_records(args.out, [{**meta, **r} for r in recs])
+        append_records(args.out, [{**meta, "probe": "embed_rows", "plan": "none (one kernel)",
+                                   **r} for r in recs])
 
 
 if __name__ == "__main__":

@@ -179,7 +179,9 @@ for sweep in "$@"; do
       done
       cp results/heldout/*.jsonl "$R"/ ;;
     tests)
-      LIMIT=300 timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -20 | tee "$R/gpu-tests.txt" ;;
+      echo "# python3 -m pytest -q -m gpu tests at ${SHARDWISE_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null)}" \
+        "on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); the tail of its output" > "$R/gpu-tests.txt"
+      LIMIT=300 timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -20 | tee -a "$R/gpu-tests.txt" ;;
     verify2)
       machine; need 2 || continue
       v() { echo "+ shardwise run $*"; LIMIT=300 sw run --device cuda --dtype bf16 --json "$R/verify-$NAME.jsonl" "$@" 2>&1 | tail -14; }
@@ -279,8 +281,11 @@ for sweep in "$@"; do
       done ;;
     clocks)
       nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
-        --format=csv,noheader -lms 20 > "$R/clocks-smi.csv" 2>&1 &
+        --format=csv -lms 20 > "$R/clocks-smi.csv" 2>&1 &
       smi=$!
+      echo "# gpu-run.sh clocks at ${SHARDWISE_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null)}" \
+        "on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): bench tp_pp:1x1 and" \
+        "torch_eager:1, start and end of each workload" >> "$R/clocks-marks.txt"
       for w in "16 4096" "1 2048"; do
         set -- $w
         echo "start $1x$2 $(date +%H:%M:%S.%N)" >> "$R/clocks-marks.txt"
@@ -302,8 +307,10 @@ for sweep in "$@"; do
 import json, os, platform, sys
 run, t0, t1, rc, cmd = sys.argv[1:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+ncpu = len(os.sched_getaffinity(0))
 print(json.dumps({"command": cmd, "cache": run, "seconds": round(float(t1) - float(t0), 2),
-                  "exit": int(rc), "cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
+                  "device": f"cpu: {ncpu} CPUs", "plan": "every candidate (shardwise plan)",
+                  "exit": int(rc), "cpus": ncpu, "cpu": cpu,
                   "python": platform.python_version(), "git_rev": os.environ.get("SHARDWISE_GIT_REV")}))
 PY
         tail -3 "$R/plan-cpu.jsonl" | tail -1
