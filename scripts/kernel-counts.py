@@ -99,7 +99,7 @@ def main() -> int:
                 f"(counted here as the collective, its norm as a kernel). cuBLAS adds split-K "
                 f"reductions and memsets on GPUs (profiler counts: results/llama/README.md). "
                 f"A step of one sequence has one kernel fewer a SwiGLU MLP: its down-projection's "
-                f"GEMV activates its input as it loads it (kernels.swiglu_linear)."
+                f"GEMV activates its input as it loads it (kernels.linear, gated)."
                 f"\n\n")
         f.write("| architecture | plan | ranks | graph kernels | eager kernels | collectives |\n")
         f.write("| --- | --- | --- | --- | --- | --- |\n")

@@ -381,7 +381,7 @@ def test_the_gemv_activates_swiglu_as_it_loads_with_the_same_values(monkeypatch,
     """The down-projection's GEMV computing ``silu(gate) * up`` as it loads its
     input (``SWIGLU``) gives the bits of the swiglu kernel's launch followed by
     the GEMV's (both interpreted): for one row by one matrix
-    (``swiglu_linear``), and for routed expert rows (``expert_rows(...,
+    (``linear(..., gated=True)``), and for routed expert rows (``expert_rows(...,
     gated=True)``); two rows are the GEMM's, untouched, and off the GPU it is
     the PyTorch forms."""
     gemv = interpreted("shardwise.model.triton_moe", "expert_rows_kernel")
@@ -392,17 +392,17 @@ def test_the_gemv_activates_swiglu_as_it_loads_with_the_same_values(monkeypatch,
     F, O = 300, 40  # F off the blocks' multiples
     h = (2 * torch.randn(1, 1, 2 * F, generator=g)).to(dtype)
     w = torch.randn(O, F, generator=g).to(dtype)
-    off_gpu = kernels.swiglu_linear(h, w)
+    off_gpu = kernels.linear(h, w, gated=True)
     assert torch.equal(off_gpu, Fn.linear(Fn.silu(h[..., :F]) * h[..., F:], w))
     launches = []
     real = kernels._expert_rows_launch
     monkeypatch.setattr(kernels, "_expert_rows_launch",
                         lambda *a, **k: launches.append(k) or real(*a, **k))
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
-    fused = kernels.swiglu_linear(h, w)
+    fused = kernels.linear(h, w, gated=True)
     assert launches == [{"DENSE": True, "SWIGLU": True}]
     assert torch.equal(fused, kernels.linear(kernels.swiglu(h), w))
-    kernels.swiglu_linear(h.expand(1, 2, 2 * F), w)  # two rows: swiglu's launch, then a GEMM
+    kernels.linear(h.expand(1, 2, 2 * F), w, gated=True)  # two rows: swiglu's launch, then a GEMM
     assert len(launches) == 2
     # Routed rows: 4 rows of experts 1-4, of which this rank holds 2-4.
     x, wd, experts = _expert_case(dtype, R=4, per=1, O=O, I=F)
@@ -420,4 +420,4 @@ def test_the_gemv_activates_swiglu_as_it_loads_with_the_same_values(monkeypatch,
 def test_swiglu_gemv_on_the_gpu(dtype, O, F):
     h = torch.randn(1, 1, 2 * F, device="cuda").to(dtype)
     w = (torch.randn(O, F, device="cuda") * 0.02).to(dtype)
-    assert torch.equal(kernels.swiglu_linear(h, w), kernels.linear(kernels.swiglu(h), w))
+    assert torch.equal(kernels.linear(h, w, gated=True), kernels.linear(kernels.swiglu(h), w))

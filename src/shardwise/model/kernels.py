@@ -274,34 +274,24 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
 GEMV_MAX_ROWS = 1
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           gated: bool = False) -> torch.Tensor:
     """``Fn.linear(x, w, bias)``; a decode step's single row on GPUs (half
     precision, no bias) by the expert GEMV's kernel over the one matrix
     ``w [O, I]``: the products summed in float32 and rounded once, as a GEMM
-    sums them, in another order."""
+    sums them, in another order. ``gated``: ``x [..., 2I]`` is the SwiGLU
+    up-projection's ``[gate | up]`` and the product is of :func:`swiglu` of
+    it (the MLP's down-projection), which the GEMV computes as it loads its
+    input, with the arithmetic of :func:`swiglu`'s kernel (the same values,
+    so the same output): one launch where there were two."""
     if (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and w.dim() == 2
-            and w.stride(-1) == 1 and 0 < x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-            and _experts_kernel()):
+            and w.stride(-1) == 1 and x.shape[-1] == (1 + gated) * w.shape[1]
+            and 0 < x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and _experts_kernel()):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = _expert_rows_launch(x2, w.unsqueeze(0), x2, 0, 1, DENSE=True)
+        y = _expert_rows_launch(x2, w.unsqueeze(0), x2, 0, 1, DENSE=True,
+                                **({"SWIGLU": True} if gated else {}))
         return y.view(*x.shape[:-1], w.shape[0])
-    return Fn.linear(x, w, bias)
-
-
-def swiglu_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``linear(swiglu(h), w)``: the SwiGLU MLP's down-projection of its
-    up-projection's output ``h [..., 2F]`` by ``w [O, F]``. Where
-    :func:`linear` runs its GEMV (a decode step's single row), the GEMV
-    computes ``silu(gate) * up`` as it loads its input, with the arithmetic of
-    :func:`swiglu`'s kernel (the same values, so the same output): one launch
-    where there were two."""
-    if (h.is_cuda and h.dtype in _HALF and w.dtype == h.dtype and w.dim() == 2
-            and w.stride(-1) == 1 and h.shape[-1] == 2 * w.shape[1]
-            and 0 < h.numel() <= GEMV_MAX_ROWS * h.shape[-1] and _experts_kernel()):
-        h2 = h.reshape(-1, h.shape[-1]).contiguous()
-        y = _expert_rows_launch(h2, w.unsqueeze(0), h2, 0, 1, DENSE=True, SWIGLU=True)
-        return y.view(*h.shape[:-1], w.shape[0])
-    return linear(swiglu(h), w)
+    return Fn.linear(swiglu(x) if gated else x, w, bias)
 
 
 def expert_rows_launch(rows: int, outs: int, sms: int) -> dict:

@@ -24,7 +24,7 @@ from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
 from .kernels import (add_norm, combine_picks, expert_rows, linear, pick_rows, routable,
-                      route_rows, swiglu, swiglu_linear)
+                      route_rows, swiglu)
 from .rope import Rope
 from .rotary import rotate
 
@@ -443,7 +443,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":  # the activation in the down-projection's GEMV, where it runs
-            return swiglu_linear(linear(x, self.w_in.weight), self.w_down.weight)
+            return linear(linear(x, self.w_in.weight), self.w_down.weight, gated=True)
         return self.w_down(up_projection(x, self.w_in.weight, self.activation))
 
 
