@@ -272,26 +272,126 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
 # step at 1 x 2048 4.5% faster for llama-3.1-8b and 1.3% for mixtral-8x7b
 # (results/real/README.md, 9b6b4c0).
 GEMV_MAX_ROWS = 1
+# Rows up to which (from GEMV_MAX_ROWS + 1) :func:`linear` and
+# :func:`linear_swiglu` multiply on GPUs by ``rows_kernel`` (:mod:`.triton_rows`):
+# a decode step of up to 16 sequences, the rows one tensor-core tile.
+ROWS_MAX = 16
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, bias, width: int) -> bool:
+    """Whether ``x [..., width]`` by ``w [O, I]`` is one half-precision row on a
+    GPU with no bias: the GEMV's product."""
+    return (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype
+            and w.dim() == 2 and w.stride(-1) == 1 and x.shape[-1] == width
+            and 0 < x.numel() <= GEMV_MAX_ROWS * width and bool(_experts_kernel()))
+
+
+def _few_rows(x: torch.Tensor, w: torch.Tensor, bias) -> bool:
+    """Whether ``x [..., I]`` by ``w [O, I]`` is 2 to :data:`ROWS_MAX` half-
+    precision rows on a GPU with no bias: ``rows_kernel``'s product."""
+    return (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype
+            and w.dim() == 2 and w.stride(-1) == 1 and x.shape[-1] == w.shape[1]
+            and GEMV_MAX_ROWS * x.shape[-1] < x.numel() <= ROWS_MAX * x.shape[-1]
+            and bool(_rows_kernels()))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            gated: bool = False) -> torch.Tensor:
     """``Fn.linear(x, w, bias)``; a decode step's single row on GPUs (half
     precision, no bias) by the expert GEMV's kernel over the one matrix
-    ``w [O, I]``: the products summed in float32 and rounded once, as a GEMM
-    sums them, in another order. ``gated``: ``x [..., 2I]`` is the SwiGLU
-    up-projection's ``[gate | up]`` and the product is of :func:`swiglu` of
-    it (the MLP's down-projection), which the GEMV computes as it loads its
-    input, with the arithmetic of :func:`swiglu`'s kernel (the same values,
-    so the same output): one launch where there were two."""
-    if (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and w.dim() == 2
-            and w.stride(-1) == 1 and x.shape[-1] == (1 + gated) * w.shape[1]
-            and 0 < x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and _experts_kernel()):
+    ``w [O, I]``, and 2 to :data:`ROWS_MAX` rows by ``rows_kernel``: the
+    products summed in float32 and rounded once, as a GEMM sums them, in
+    another order. ``gated``: ``x [..., 2I]`` is the SwiGLU up-projection's
+    ``[gate | up]`` and the product is of :func:`swiglu` of it (the MLP's
+    down-projection), which the GEMV computes as it loads its input, with
+    the arithmetic of :func:`swiglu`'s kernel (the same values, so the same
+    output): one launch where there were two."""
+    if _gemv(x, w, bias, (1 + gated) * w.shape[-1]):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         y = _expert_rows_launch(x2, w.unsqueeze(0), x2, 0, 1, DENSE=True,
                                 **({"SWIGLU": True} if gated else {}))
         return y.view(*x.shape[:-1], w.shape[0])
-    return Fn.linear(swiglu(x) if gated else x, w, bias)
+    x = swiglu(x) if gated else x
+    if _few_rows(x, w, bias):
+        return _rows_launch(x, w, gated=False)
+    return Fn.linear(x, w, bias)
+
+
+def linear_swiglu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu` of ``linear(x, w)`` for the fused ``w [2F, D] = [gate;
+    up]``: ``[..., F]``. For 2 to :data:`ROWS_MAX` rows on GPUs one launch of
+    ``rows_kernel``, whose programs each compute a block of the gate's and the
+    up's outputs and apply the activation to them before writing (the values
+    of its ungated product followed by :func:`swiglu`'s kernel): the ``[N,
+    2F]`` output is neither written nor read back."""
+    if _few_rows(x, w, None):
+        return _rows_launch(x, w, gated=True)
+    return swiglu(linear(x, w))
+
+
+def swiglu_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU MLP ``w_down @ swiglu(w_in @ x)`` where its activation runs
+    in the fewest launches: a single row on GPUs activates in the down-
+    projection's GEMV (``linear(..., gated=True)``), a few rows in the up-
+    projection's epilogue (:func:`linear_swiglu`), a prompt in
+    :func:`swiglu`'s kernel between two GEMMs."""
+    if _gemv(x, w_in, None, w_in.shape[-1]):
+        return linear(linear(x, w_in), w_down, gated=True)
+    return linear(linear_swiglu(x, w_in), w_down)
+
+
+def _rows_kernels():
+    """``(triton, (rows_kernel, rows_finish_kernel))`` (:mod:`.triton_rows`),
+    or False without Triton."""
+    main = triton_kernel(f"{__package__}.triton_rows", "rows_kernel")
+    finish = triton_kernel(f"{__package__}.triton_rows", "rows_finish_kernel")
+    return main and finish and (main[0], (main[1], finish[1]))
+
+
+def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, block_o: int | None = None,
+                 block_i: int | None = None, split: int | None = None,
+                 **launch) -> torch.Tensor:
+    """``rows_kernel`` on ``x [..., I]`` (2 to 16 rows) and ``w [(2)O, I]``.
+    ``block_o``, ``block_i``, ``split`` and ``launch`` (Triton's num_warps,
+    num_stages): where a probe sets them (scripts/rows-gemm.py); else
+    :func:`rows_launch`'s."""
+    triton, (kernel, finish) = _rows_kernels()
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    M, I = x2.shape
+    O = w.shape[0] // (1 + gated)
+    chosen = rows_launch(M, O, I, _sms(x.device))
+    block_o, block_i = block_o or chosen["block_o"], block_i or chosen["block_i"]
+    split = split or chosen["split"]
+    block_i = min(block_i, max(16, triton.next_power_of_2(I)))
+    y = torch.empty(M, O, dtype=x.dtype, device=x.device)
+    parts = y if split == 1 else torch.empty(split, M, (1 + gated) * O, dtype=torch.float32,
+                                             device=x.device)
+    kernel[(triton.cdiv(O, block_o), split)](
+        x2, w, y, parts, M, O, x2.stride(0), w.stride(0), y.stride(0), I=I, BLOCK_M=16,
+        BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
+        **{"num_warps": chosen["num_warps"], "num_stages": chosen["num_stages"], **launch})
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(O))
+        finish[(M, triton.cdiv(O, block))](parts, y, M, O, y.stride(0), SPLIT=split,
+                                           GATED=gated, BLOCK=block, num_warps=4)
+    return y.view(*x.shape[:-1], O)
+
+
+def rows_launch(rows: int, outs: int, width: int, sms: int) -> dict:
+    """The launch of ``rows_kernel`` for ``rows`` rows, ``outs`` outputs (a
+    gated product's: the gate's) and ``width`` inputs on a GPU of ``sms``
+    SMs: provisional, until scripts/rows-gemm.py's sweep."""
+    block_o = 64
+    split = 1
+    while triton_cdiv(outs, block_o) * split < 2 * sms and split < 8:
+        split *= 2
+    return {"block_o": block_o, "block_i": 128, "split": split, "num_warps": 4,
+            "num_stages": 4}
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def expert_rows_launch(rows: int, outs: int, sms: int) -> dict:

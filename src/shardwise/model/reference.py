@@ -23,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
-from .kernels import (add_norm, combine_picks, expert_rows, linear, pick_rows, routable,
-                      route_rows, swiglu)
+from .kernels import (add_norm, combine_picks, expert_rows, linear, linear_swiglu, pick_rows,
+                      routable, route_rows, swiglu, swiglu_mlp)
 from .rope import Rope
 from .rotary import rotate
 
@@ -390,12 +390,16 @@ def up_projection(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch
     precision runs as one cuBLASLt GEMM with the GELU in its epilogue, applied
     to the float32 accumulator before rounding: the ``[N, F]`` intermediate
     is written once instead of written, read and written again. SwiGLU's
-    activation and product run as one kernel on GPUs (:func:`.kernels.swiglu`)."""
+    activation and product run as one kernel on GPUs (:func:`.kernels.swiglu`),
+    or, for a decode step's few rows, in the GEMM's epilogue
+    (:func:`.kernels.linear_swiglu`)."""
     if activation == "gelu_tanh" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         shape = x.shape
         zero = _zeros(w_in.shape[0], x.dtype, x.device)  # the epilogue takes a bias
         h = torch._addmm_activation(zero, x.reshape(-1, shape[-1]), w_in.t(), use_gelu=True)
         return h.view(*shape[:-1], w_in.shape[0])
+    if activation == "swiglu":
+        return linear_swiglu(x, w_in)
     return activate(linear(x, w_in), activation)
 
 
@@ -442,8 +446,8 @@ class MLP(nn.Module):
         self.w_down = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation == "swiglu":  # the activation in the down-projection's GEMV, where it runs
-            return linear(linear(x, self.w_in.weight), self.w_down.weight, gated=True)
+        if self.activation == "swiglu":  # the activation where it costs no launch of its own
+            return swiglu_mlp(x, self.w_in.weight, self.w_down.weight)
         return self.w_down(up_projection(x, self.w_in.weight, self.activation))
 
 

@@ -1,0 +1,93 @@
+"""The Triton kernels of :func:`shardwise.model.kernels.linear` for a few rows
+(a decode step of 2 to 16 sequences) and of
+:func:`shardwise.model.kernels.linear_swiglu` (imported only where Triton is
+installed)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swiglu_of(g, u, dtype: tl.constexpr):
+    """``silu(g) * u`` of two accumulators, each rounded to ``dtype`` first (as
+    the up-projection's output is), with ``swiglu_kernel``'s arithmetic: the
+    SiLU in float32 rounded to ``dtype``, the product in float32, rounded."""
+    g = g.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype)
+    return (act.to(tl.float32) * u.to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, SPLIT: tl.constexpr,
+                GATED: tl.constexpr):
+    """Program (output block, split s): ``y [M, BLOCK_O] = x [M, I] @ W[outs].T``
+    for ``M <= BLOCK_M`` rows, on the tensor cores (the rows padded to a
+    16-row tile with zeros), the exact products summed in float32 and rounded
+    once, as a GEMM rounds them. The weights stream through once, spread over
+    ``cdiv(O, BLOCK_O) x SPLIT`` programs; each step's loads feed a dot, so
+    Triton keeps ``num_stages`` of them in flight.
+
+    ``SPLIT`` > 1: program s sums its share of the ``I`` steps into ``P
+    [SPLIT, M, (1 + GATED) O]`` (float32), which ``rows_finish_kernel`` adds
+    in order and rounds; else the program rounds and writes ``y`` itself.
+    ``GATED``: ``W [2 O, I]`` is SwiGLU's ``[gate; up]`` and ``y = silu(x
+    W_gate.T) * (x W_up.T)`` (``_swiglu_of``): the program reads the gate's
+    rows ``outs`` and the up's ``O + outs``, so the activation is its epilogue."""
+    outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    s = tl.program_id(1)
+    keep_o = outs < O
+    rows = tl.arange(0, BLOCK_M)
+    keep_m = rows < M
+    steps = tl.cdiv(I, BLOCK_I)
+    per = tl.cdiv(steps, SPLIT)
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    w_rows = W + outs.to(tl.int64)[:, None] * sw
+    for step in range(s * per, tl.minimum(s * per + per, steps)):
+        ins = step * BLOCK_I + tl.arange(0, BLOCK_I)
+        keep_i = ins < I
+        x = tl.load(X + rows[:, None] * sx + ins[None, :],
+                    mask=keep_m[:, None] & keep_i[None, :], other=0.0)
+        w = tl.load(w_rows + ins[None, :], mask=keep_o[:, None] & keep_i[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+        if GATED:
+            u = tl.load(w_rows + O * sw + ins[None, :], mask=keep_o[:, None] & keep_i[None, :],
+                        other=0.0)
+            acc_u += tl.dot(x, tl.trans(u))
+    keep = keep_m[:, None] & keep_o[None, :]
+    if SPLIT == 1:
+        if GATED:
+            y = _swiglu_of(acc, acc_u, Y.dtype.element_ty)
+        else:
+            y = acc.to(Y.dtype.element_ty)
+        tl.store(Y + rows[:, None] * sy + outs[None, :], y, mask=keep)
+    else:
+        width = (1 + GATED) * O
+        part = P + (s * M + rows[:, None]) * width + outs[None, :]
+        tl.store(part, acc, mask=keep)
+        if GATED:
+            tl.store(part + O, acc_u, mask=keep)
+
+
+@triton.jit
+def rows_finish_kernel(P, Y, M, O, sy, SPLIT: tl.constexpr, GATED: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Program (row, output block): ``rows_kernel``'s ``SPLIT`` partial sums
+    ``P [SPLIT, M, (1 + GATED) O]`` added in order in float32 and rounded
+    once (and, ``GATED``, the SwiGLU of the two halves) into ``y [M, O]``."""
+    row = tl.program_id(0)
+    outs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = outs < O
+    width = (1 + GATED) * O
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        part = P + (s * M + row) * width + outs
+        acc += tl.load(part, mask=keep, other=0.0)
+        if GATED:
+            acc_u += tl.load(part + O, mask=keep, other=0.0)
+    if GATED:
+        y = _swiglu_of(acc, acc_u, Y.dtype.element_ty)
+    else:
+        y = acc.to(Y.dtype.element_ty)
+    tl.store(Y + row * sy + outs, y, mask=keep)
