@@ -246,7 +246,7 @@ def _check_linear(x, w, ulp):
 def test_linear_gemv_kernel_matches_the_product_on_cpu(monkeypatch, dtype, O, I):
     # One row (a decode step of one sequence): the expert GEMV's kernel over
     # one matrix (DENSE), O and I off the blocks' multiples, through the
-    # interpreter; two rows are a GEMM (Fn.linear), untouched. The interpreter
+    # interpreter; two rows are rows_kernel's (the tests below). The interpreter
     # rounds float32 to bf16 toward zero (NumPy has no bf16): a whole unit of
     # bf16 there, half a unit on GPUs.
     kernel = interpreted("shardwise.model.triton_moe", "expert_rows_kernel")
@@ -265,6 +265,82 @@ def test_linear_gemv_kernel_matches_the_product_on_cpu(monkeypatch, dtype, O, I)
     assert len(launches) == 1
 
 
+def _interpreted_rows(monkeypatch, split=None):
+    """``kernels`` with ``rows_kernel`` and its finish interpreted (and, given
+    ``split``, every launch split that many ways), the tensors taken for
+    CUDA ones; returns the list each launch's ``(rows, gated, split)`` joins."""
+    main = interpreted("shardwise.model.triton_rows", "rows_kernel")
+    finish = interpreted("shardwise.model.triton_rows", "rows_finish_kernel")
+    monkeypatch.setattr(kernels, "_rows_kernels", lambda: (main[0], (main[1], finish[1])))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    chosen = kernels.rows_launch
+    if split is not None:
+        monkeypatch.setattr(kernels, "rows_launch", lambda *a: {**chosen(*a), "split": split})
+    launches = []
+    real = kernels._rows_launch
+    monkeypatch.setattr(kernels, "_rows_launch", lambda x, w, gated, **k: launches.append(
+        (x.numel() // x.shape[-1], gated, kernels.rows_launch(1, 1, 1, 1)["split"]))
+        or real(x, w, gated, **k))
+    return launches
+
+
+@pytest.mark.parametrize("rows", [2, 5, 16])
+@pytest.mark.parametrize("O,I,split", [(40, 300, 1), (70, 1100, 3), (16, 64, 2)])
+def test_rows_kernel_matches_the_product_on_cpu(monkeypatch, rows, O, I, split):
+    """2 to 16 rows (a decode step of a few sequences) by ``rows_kernel``
+    through the interpreter, in fp16 (its ``tl.dot`` misreads bf16), O and I
+    off the blocks' multiples, the sum over I in one program or split
+    (partial sums, then the finish kernel adds them): within the float32 sum
+    of I exact products and one rounding of the float64 product; 1 and 17
+    rows are not its."""
+    launches = _interpreted_rows(monkeypatch, split)
+    g = torch.Generator().manual_seed(rows + O + I)
+    w = torch.randn(O, I, generator=g).half()
+    x = torch.randn(rows, 1, I, generator=g).half()[:, :, :]
+    _check_linear(x, w, 2.0 ** -11)
+    assert launches == [(rows, False, split)]
+    monkeypatch.setattr(kernels, "_experts_kernel", lambda: False)  # no GEMV: Fn.linear
+    kernels.linear(x[:1], w)
+    kernels.linear(torch.randn(17, I).half(), w)
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_linear_swiglu_activates_in_the_epilogue_with_the_same_values(monkeypatch, split):
+    """``linear_swiglu`` of 2 to 16 rows is one ``rows_kernel`` launch whose
+    epilogue applies SwiGLU to the gate's and the up's accumulators, each
+    rounded: the bits of its ungated product followed by ``swiglu``'s kernel
+    (both interpreted). ``swiglu_mlp`` puts the activation in that epilogue
+    for a few rows, in the down-projection's GEMV for one, and between two
+    GEMMs for a prompt."""
+    launches = _interpreted_rows(monkeypatch, split)
+    act = interpreted("shardwise.model.triton_swiglu", "swiglu_kernel")
+    monkeypatch.setattr(kernels, "_swiglu_kernel", lambda: act)
+    g = torch.Generator().manual_seed(split)
+    F, D = 80, 96  # F off the 64-output block
+    x = torch.randn(5, D, generator=g).half()
+    w_in = (torch.randn(2 * F, D, generator=g) / 4).half()
+    w_down = (torch.randn(D, F, generator=g) / 4).half()
+    fused = kernels.linear_swiglu(x, w_in)
+    assert launches == [(5, True, split)]
+    assert torch.equal(fused, kernels.swiglu(kernels.linear(x, w_in)))
+    assert torch.equal(kernels.swiglu_mlp(x, w_in, w_down), kernels.linear(fused, w_down))
+    assert launches[-3:] == [(5, True, split), (5, False, split), (5, False, split)]
+    gemv = interpreted("shardwise.model.triton_moe", "expert_rows_kernel")
+    monkeypatch.setattr(kernels, "_experts_kernel", lambda: gemv)
+    one = []
+    real = kernels._expert_rows_launch
+    monkeypatch.setattr(kernels, "_expert_rows_launch",
+                        lambda *a, **k: one.append(k) or real(*a, **k))
+    kernels.swiglu_mlp(x[:1], w_in, w_down)
+    assert one == [{"DENSE": True}, {"DENSE": True, "SWIGLU": True}]
+    n = len(launches)
+    prompt = torch.randn(17, D, generator=g).half()
+    got = kernels.swiglu_mlp(prompt, w_in, w_down)
+    assert len(launches) == n and len(one) == 2  # neither kernel: GEMMs and swiglu's kernel
+    assert torch.equal(got, Fn.linear(kernels.swiglu(Fn.linear(prompt, w_in)), w_down))
+
+
 def test_linear_runs_pytorch_off_the_gpu_and_with_a_bias(monkeypatch):
     monkeypatch.setattr(kernels, "_expert_rows_launch", lambda *a, **k: pytest.fail("launched"))
     x, w, b = torch.randn(1, 16), torch.randn(8, 16), torch.randn(8)
@@ -281,6 +357,34 @@ def test_linear_gemv_on_the_gpu(dtype, O, I):
     w = (torch.randn(O, I, device="cuda") * 0.02).to(dtype)
     x = torch.randn(1, 1, I, device="cuda").to(dtype)
     _check_linear(x, w, 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize("O,I", [(6144, 4096), (4096, 14336), (128256, 4096), (100, 70)])
+def test_rows_kernel_on_the_gpu(dtype, rows, O, I):
+    w = (torch.randn(O, I, device="cuda") * 0.02).to(dtype)
+    x = torch.randn(rows, 1, I, device="cuda").to(dtype)
+    _check_linear(x, w, 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11)
+    for split in (1, 2, 4):  # each launch within the bound, whatever rows_launch picks
+        got = kernels._rows_launch(x, w, False, split=split)
+        want = x.double() @ w.double().t()
+        size = x.double().abs() @ w.double().abs().t()
+        assert ((got.double() - want).abs() <= 2.0 ** -8 * want.abs() + I * 2.0 ** -24 * size).all()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("F,D", [(14336, 4096), (100, 70)])
+def test_linear_swiglu_on_the_gpu(dtype, split, F, D):
+    x = torch.randn(16, D, device="cuda").to(dtype)
+    w = (torch.randn(2 * F, D, device="cuda") * 0.02).to(dtype)
+    fused = kernels._rows_launch(x, w, True, split=split)
+    assert torch.equal(fused, kernels.swiglu(kernels._rows_launch(x, w, False, split=split)))
 
 
 def _combine_case(dtype, N, k, D, held_rows, seed=0):

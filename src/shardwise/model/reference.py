@@ -583,7 +583,7 @@ class MoE(nn.Module):
         order = torch.argsort(key, stable=True)
         sizes = torch.bincount(key, minlength=held + 1)[:held].cpu().tolist()  # the host waits
         rows = order[: sum(sizes)]  # the held experts' (token, pick) pairs, by expert
-        y = grouped_expert_mlp(x[rows // k], sizes, self.w_in, self.w_down, self.activation)
+        y = grouped_expert_mlp(x.index_select(0, rows // k), sizes, self.w_in, self.w_down, self.activation)
         return combine_picks(y, weights, pick_rows(rows, N * k))
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
@@ -599,7 +599,9 @@ class MoE(nn.Module):
         order = torch.argsort(key, stable=True)
         ends = torch.searchsorted(key[order], torch.arange(held, device=x.device), right=True)
         ends = ends.to(torch.int32)  # [held]: where each expert's rows end
-        rows = x[order // k]  # [N*k, D], by expert
+        # [N*k, D], by expert: index_select's row copy, where x[order // k]
+        # runs an element-wise indexing kernel
+        rows = x.index_select(0, order // k)
         h = torch._grouped_mm(rows, self.w_in.transpose(1, 2), offs=ends)  # [N*k, (2)F]
         y = torch._grouped_mm(activate(h, self.activation), self.w_down.transpose(1, 2),
                               offs=ends)  # [N*k, D]

@@ -222,6 +222,40 @@ class ExpertRows(StandIn):
         return Kernel("gemm", 2.0 * rows * O * I, float(moved), (rows, 1, I, O), _dtype(X))
 
 
+class Rows(StandIn):
+    """:func:`shardwise.model.kernels.linear` of 2 to 16 rows (``rows_kernel``):
+    ``x [M, I]`` by ``W [(2)O, I]``, and (``GATED``) SwiGLU of the gate's and
+    the up's products; split (``SPLIT`` > 1), the float32 sums of the
+    programs' shares into ``P``, which :class:`RowsFinish` adds. A
+    GEMM-class kernel of ``M`` rows reading the weights once."""
+
+    def run(self, grid, X, W, Y, P, M, O, sx, sw, sy, *, GATED, SPLIT, **kw):
+        from ..model.kernels import _swiglu_torch
+
+        h = X[:M].float() @ W.float().t()  # [M, (2)O]
+        if SPLIT > 1:  # the whole sum in the first share, zeros in the others
+            P.zero_()
+            P[0].copy_(h)
+        else:
+            Y.copy_(_swiglu_torch(h.to(Y.dtype)) if GATED else h)
+
+    def kernel(self, grid, X, W, Y, P, M, O, sx, sw, sy, *, I, GATED, SPLIT, **kw):
+        outs = (1 + GATED) * O
+        moved = _nbytes(W) + SPLIT * _nbytes(X) + (_nbytes(P) if SPLIT > 1 else _nbytes(Y))
+        return Kernel("gemm", 2.0 * M * I * outs, float(moved), (1, M, I, outs), _dtype(X))
+
+
+class RowsFinish(StandIn):
+    """``rows_finish_kernel``: :class:`Rows`' split sums added and rounded
+    (and, ``GATED``, activated). Priced by its arguments."""
+
+    def run(self, grid, P, Y, M, O, sy, *, GATED, **kw):
+        from ..model.kernels import _swiglu_torch
+
+        h = P.sum(0)
+        Y.copy_(_swiglu_torch(h.to(Y.dtype)) if GATED else h)
+
+
 class Combine(StandIn):
     """:func:`shardwise.model.kernels.combine_picks`: each token's picked
     expert rows gathered, weighted and summed (the default pricing: the bytes
@@ -310,7 +344,7 @@ STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel":
              "rotary_kernel": Rotary, "flash_fwd_kernel": Flash,
              "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit,
              "combine_kernel": Combine, "route_logits_kernel": RouteLogits,
-             "route_kernel": Route}
+             "route_kernel": Route, "rows_kernel": Rows, "rows_finish_kernel": RowsFinish}
 
 
 def stand_in(name: str) -> StandIn:
