@@ -496,8 +496,14 @@ def route_tokens(router: nn.Linear, x: torch.Tensor, top_k: int):
 
 def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
                activation: str) -> torch.Tensor:
-    """One expert on its tokens: ``x [n, D]``, ``w_in [F or 2F, D]``, ``w_down [D, F]``."""
-    return up_projection(x, w_in, activation) @ w_down.t()
+    """One expert on its tokens: ``x [n, D]``, ``w_in [F or 2F, D]``, ``w_down [D, F]``.
+    A group's rows are the routing's, so its products are GEMMs whatever
+    their count (not :func:`.kernels.linear`'s kernels for a few rows): the
+    kernels a prompt launches do not depend on where its tokens go, and a
+    recorded step's are a real one's."""
+    if activation == "gelu_tanh":  # the GELU in the GEMM's epilogue
+        return up_projection(x, w_in, activation) @ w_down.t()
+    return activate(Fn.linear(x, w_in), activation) @ w_down.t()
 
 
 def grouped_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
