@@ -2,15 +2,16 @@
 ``linear_swiglu`` at 2 to 16 rows) on one GPU: ``rows_kernel``'s launches
 against cuBLAS (``Fn.linear``; for the gated up-projection ``Fn.linear`` then
 ``swiglu``'s kernel), at llama-3.1-8b's widths at TP=1 and TP=2 and
-mixtral-8x7b's LM head. Each call reads a different copy of the weights
+mixtral-8x7b's LM head (at one row also the GEMV that ``linear`` takes). Each call reads a different copy of the weights
 (at least 256 MB of them, so none is in L2), ten calls captured in a CUDA
 graph; the rate is the weight bytes over the device time, beside the device
 copy rate measured in the same process (bytes read and written).
 
 Usage: python scripts/rows-gemm.py [--out FILE.jsonl] [--rows 16 ...] [--sweep]
-  --sweep: every launch of the grid (block_o 16-128, block_i 64-256, split
-  1-4 at 4 warps and 4 stages; then the best three of each shape at 4 or 8
-  warps and 3 to 6 stages); without it, the launch ``rows_launch`` picks.
+  --sweep: every launch of the grid (block_o 32-128, block_i 64-256, split
+  1 or 2, the weights the dot's left or right operand, at 4 warps and 4
+  stages; then the best three of each shape at 4 or 8 warps and 3 to 6
+  stages); without it, the launch ``rows_launch`` picks.
 """
 import argparse
 import itertools
@@ -24,8 +25,8 @@ from shardwise.model import kernels
 from shardwise.runtime.timing import graphed_us, measure_ceilings
 
 # (name, outputs, inputs, gated): O is the gate's outputs for gated products.
-SHAPES = [("qkv", 6144, 4096, False), ("wo", 4096, 4096, False),
-          ("gate_up", 14336, 4096, True), ("down", 4096, 14336, False),
+SHAPES = [("qkv", 6144, 4096, False), ("gate_up", 14336, 4096, True),
+          ("down", 4096, 14336, False), ("wo", 4096, 4096, False),
           ("lm_head", 128256, 4096, False),
           ("qkv_tp2", 3072, 4096, False), ("wo_tp2", 4096, 2048, False),
           ("gate_up_tp2", 7168, 4096, True), ("down_tp2", 4096, 7168, False),
@@ -83,6 +84,9 @@ def sweep(args, emit, sms) -> None:
 
             us = timed(cublas)
             emit({**base, "probe": "cublas", "us": round(us, 2), "weights_TBps": rate(us)})
+            if M == 1 and not gated:  # the GEMV kernels.linear takes for one row
+                us = timed(lambda w: kernels.linear(x, w))
+                emit({**base, "probe": "gemv", "us": round(us, 2), "weights_TBps": rate(us)})
             chosen = kernels.rows_launch(M, O, I, sms)
 
             def run(cfg):
@@ -99,14 +103,16 @@ def sweep(args, emit, sms) -> None:
             if not args.sweep:
                 continue
             first = {}
-            for bo, bi, split in itertools.product((16, 32, 64, 128), (64, 128, 256), (1, 2, 4)):
-                cfg = dict(block_o=bo, block_i=bi, split=split, num_warps=4, num_stages=4)
+            for bo, bi, split, left in itertools.product((32, 64, 128), (64, 128, 256), (1, 2),
+                                                         (False, True)):
+                cfg = dict(block_o=bo, block_i=bi, split=split, num_warps=4, num_stages=4,
+                           W_LEFT=left)
                 if cfg != chosen:
-                    first[(bo, bi, split)] = run(cfg)
-            for bo, bi, split in sorted(first, key=first.get)[:3]:
+                    first[(bo, bi, split, left)] = run(cfg)
+            for bo, bi, split, left in sorted(first, key=first.get)[:3]:
                 for warps, stages in itertools.product((4, 8), (3, 5, 6)):
                     cfg = dict(block_o=bo, block_i=bi, split=split, num_warps=warps,
-                               num_stages=stages)
+                               num_stages=stages, W_LEFT=left)
                     if cfg != chosen:
                         run(cfg)
         del ws

@@ -19,7 +19,7 @@ def _swiglu_of(g, u, dtype: tl.constexpr):
 @triton.jit
 def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, SPLIT: tl.constexpr,
-                GATED: tl.constexpr):
+                GATED: tl.constexpr, W_LEFT: tl.constexpr = False):
     """Program (output block, split s): ``y [M, BLOCK_O] = x [M, I] @ W[outs].T``
     for ``M <= BLOCK_M`` rows, on the tensor cores (the rows padded to a
     16-row tile with zeros), the exact products summed in float32 and rounded
@@ -40,8 +40,12 @@ def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.const
     keep_m = rows < M
     steps = tl.cdiv(I, BLOCK_I)
     per = tl.cdiv(steps, SPLIT)
-    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    if W_LEFT:
+        acc = tl.zeros([BLOCK_O, BLOCK_M], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_O, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
     w_rows = W + outs.to(tl.int64)[:, None] * sw
     for step in range(s * per, tl.minimum(s * per + per, steps)):
         ins = step * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -49,11 +53,20 @@ def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.const
         x = tl.load(X + rows[:, None] * sx + ins[None, :],
                     mask=keep_m[:, None] & keep_i[None, :], other=0.0)
         w = tl.load(w_rows + ins[None, :], mask=keep_o[:, None] & keep_i[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w))
+        if W_LEFT:
+            acc += tl.dot(w, tl.trans(x))
+        else:
+            acc += tl.dot(x, tl.trans(w))
         if GATED:
             u = tl.load(w_rows + O * sw + ins[None, :], mask=keep_o[:, None] & keep_i[None, :],
                         other=0.0)
-            acc_u += tl.dot(x, tl.trans(u))
+            if W_LEFT:
+                acc_u += tl.dot(u, tl.trans(x))
+            else:
+                acc_u += tl.dot(x, tl.trans(u))
+    if W_LEFT:  # back to [rows, outs]
+        acc = tl.trans(acc)
+        acc_u = tl.trans(acc_u)
     keep = keep_m[:, None] & keep_o[None, :]
     if SPLIT == 1:
         if GATED:
