@@ -379,7 +379,7 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, block_o: int | N
     kernel[(triton.cdiv(O, block_o), split)](
         x2, w, y, parts, M, O, x2.stride(0), w.stride(0), y.stride(0), I=I, BLOCK_M=16,
         BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
-        **{"num_warps": chosen["num_warps"], "num_stages": chosen["num_stages"], **launch})
+        **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **launch})
     if split > 1:
         block = min(1024, triton.next_power_of_2(O))
         finish[(M, triton.cdiv(O, block))](parts, y, M, O, y.stride(0), SPLIT=split,
@@ -390,13 +390,15 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, block_o: int | N
 def rows_launch(rows: int, outs: int, width: int, sms: int) -> dict:
     """The launch of ``rows_kernel`` for ``rows`` rows, ``outs`` outputs (a
     gated product's: the gate's) and ``width`` inputs on a GPU of ``sms``
-    SMs: provisional, until scripts/rows-gemm.py's sweep."""
-    block_o = 64
+    SMs. The weights are the dot's left operand, 64 rows of 128 inputs a
+    step, four steps in flight; where that leaves fewer programs than SMs
+    the inputs are split among up to four programs (provisional: the sweep
+    of scripts/rows-gemm.py decides)."""
     split = 1
-    while triton_cdiv(outs, block_o) * split < 2 * sms and split < 8:
+    while triton_cdiv(outs, 64) * split < sms and split < 4:
         split *= 2
-    return {"block_o": block_o, "block_i": 128, "split": split, "num_warps": 4,
-            "num_stages": 4}
+    return {"block_o": 64, "block_i": 128, "split": split, "num_warps": 4, "num_stages": 4,
+            "W_LEFT": True}
 
 
 def triton_cdiv(a: int, b: int) -> int:
