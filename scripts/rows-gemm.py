@@ -87,7 +87,7 @@ def sweep(args, emit, sms) -> None:
             if M == 1 and not gated:  # the GEMV kernels.linear takes for one row
                 us = timed(lambda w: kernels.linear(x, w))
                 emit({**base, "probe": "gemv", "us": round(us, 2), "weights_TBps": rate(us)})
-            chosen = kernels.rows_launch(M, O, I, sms)
+            chosen = kernels.rows_launch(gated)
 
             def run(cfg):
                 try:

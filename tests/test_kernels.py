@@ -275,11 +275,11 @@ def _interpreted_rows(monkeypatch, split=None):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     chosen = kernels.rows_launch
     if split is not None:
-        monkeypatch.setattr(kernels, "rows_launch", lambda *a: {**chosen(*a), "split": split})
+        monkeypatch.setattr(kernels, "rows_launch", lambda gated: {**chosen(gated), "split": split})
     launches = []
     real = kernels._rows_launch
     monkeypatch.setattr(kernels, "_rows_launch", lambda x, w, gated, **k: launches.append(
-        (x.numel() // x.shape[-1], gated, kernels.rows_launch(1, 1, 1, 1)["split"]))
+        (x.numel() // x.shape[-1], gated, kernels.rows_launch(gated)["split"]))
         or real(x, w, gated, **k))
     return launches
 

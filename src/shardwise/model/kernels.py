@@ -369,7 +369,7 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, block_o: int | N
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     M, I = x2.shape
     O = w.shape[0] // (1 + gated)
-    chosen = rows_launch(M, O, I, _sms(x.device))
+    chosen = rows_launch(gated)
     block_o, block_i = block_o or chosen["block_o"], block_i or chosen["block_i"]
     split = split or chosen["split"]
     block_i = min(block_i, max(16, triton.next_power_of_2(I)))
@@ -387,22 +387,24 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, block_o: int | N
     return y.view(*x.shape[:-1], O)
 
 
-def rows_launch(rows: int, outs: int, width: int, sms: int) -> dict:
-    """The launch of ``rows_kernel`` for ``rows`` rows, ``outs`` outputs (a
-    gated product's: the gate's) and ``width`` inputs on a GPU of ``sms``
-    SMs. The weights are the dot's left operand, 64 rows of 128 inputs a
-    step, four steps in flight; where that leaves fewer programs than SMs
-    the inputs are split among up to four programs (provisional: the sweep
-    of scripts/rows-gemm.py decides)."""
-    split = 1
-    while triton_cdiv(outs, 64) * split < sms and split < 4:
-        split *= 2
-    return {"block_o": 64, "block_i": 128, "split": split, "num_warps": 4, "num_stages": 4,
+def rows_launch(gated: bool) -> dict:
+    """The launch of ``rows_kernel`` for 2 to 16 rows, ``gated`` or not. From
+    a sweep of 77 launches at 16 rows on an H100
+    (results/real/rows-gemm-sweep-68055e2.jsonl; ``scripts/rows-gemm.py
+    --sweep``), each the fastest or within 3% of it on llama-3.1-8b's
+    matrices: an ungated product takes the weights as the dot's left
+    operand, 64 rows of 256 inputs a step, five steps in flight (QKV 20.3 us
+    where cuBLAS took 21.1, W_o 14.3 and 16.7, the down-projection 43.0 and
+    45.5, the LM head 347.6 and 379.4); the gated up-projection, whose
+    programs read the gate's and the up's rows, 128 outputs of 128 inputs,
+    three steps (80.4 us where cuBLAS and the SwiGLU kernel took 88.7). No
+    shape gained by splitting the inputs among programs (``split``, kept for
+    the probe)."""
+    if gated:
+        return {"block_o": 128, "block_i": 128, "split": 1, "num_warps": 4, "num_stages": 3,
+                "W_LEFT": False}
+    return {"block_o": 64, "block_i": 256, "split": 1, "num_warps": 4, "num_stages": 5,
             "W_LEFT": True}
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def expert_rows_launch(rows: int, outs: int, sms: int) -> dict:
