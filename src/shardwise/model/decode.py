@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from .kernels import _sms, triton_kernel
+from .kernels import _sms, pdl, triton_kernel
 from .merge import merge_stack
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -132,7 +132,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n, scale: float | 
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), Hkv, B * H, chunk, scale * math.log2(math.e),
         *merged, splits, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=d, BLOCK_N=block_n,
-        N_PTR=on_device, FUSE=counts is not None, num_warps=warps, num_stages=stages)
+        N_PTR=on_device, FUSE=counts is not None, num_warps=warps, num_stages=stages,
+        **pdl(q.device))
     if counts is None:
         o, lse = merge_stack(o_split, lse_split, q.dtype)  # [B*H, d], [B*H]
     return o.view(q.shape), lse.view(B, H)

@@ -69,6 +69,9 @@ _LOADED: dict = {}  # (module, name) -> (triton, kernel), or False without Trito
 # False where Triton is not installed). None: the real kernels.
 LOAD_HOOK = None
 _HALF = (torch.bfloat16, torch.float16)
+# Whether the decode step's Triton kernels launch as programmatic dependent
+# launches where the GPU has them (:func:`pdl`).
+PDL = True
 
 
 def triton_kernel(module: str, name: str):
@@ -171,7 +174,7 @@ def _launch(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None):
     kernel[(rows,)](x, a if a is not None else x, h, y, module.weight,
                     bias if bias is not None else module.weight, D, eps_of(module, x),
                     HAS_RES=a is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=block,
-                    num_warps=min(16, max(4, block // 512)))
+                    num_warps=min(16, max(4, block // 512)), **pdl(x.device))
     return h, y
 
 
@@ -216,7 +219,8 @@ def _swiglu_launch(h: torch.Tensor) -> torch.Tensor:
     y = torch.empty(*h.shape[:-1], F, dtype=h.dtype, device=h.device)
     block = min(1024, triton.next_power_of_2(F))
     kernel[(rows.shape[0], triton.cdiv(F, block))](rows, y, F, rows.stride(0), F, BLOCK=block,
-                                                    num_warps=4 if block >= 512 else 1)
+                                                    num_warps=4 if block >= 512 else 1,
+                                                    **pdl(h.device))
     return y
 
 
@@ -270,7 +274,7 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
     kernel[(R, triton.cdiv(O, block_o))](
         x, w, experts.reshape(-1), y, O, held, first, x.stride(0), w.stride(0),
         w.stride(1), y.stride(0), I=I, PER=per, BLOCK_O=block_o, BLOCK_I=block_i,
-        **{"num_warps": chosen["num_warps"], "num_stages": 2, **launch})
+        **{"num_warps": chosen["num_warps"], "num_stages": 2, **pdl(x.device), **launch})
     return y
 
 
@@ -379,11 +383,13 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, block_o: int | N
     kernel[(triton.cdiv(O, block_o), split)](
         x2, w, y, parts, M, O, x2.stride(0), w.stride(0), y.stride(0), I=I, BLOCK_M=16,
         BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
-        **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **launch})
+        **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **pdl(x.device),
+           **launch})
     if split > 1:
         block = min(1024, triton.next_power_of_2(O))
         finish[(M, triton.cdiv(O, block))](parts, y, M, O, y.stride(0), SPLIT=split,
-                                           GATED=gated, BLOCK=block, num_warps=4)
+                                           GATED=gated, BLOCK=block, num_warps=4,
+                                           **pdl(x.device))
     return y.view(*x.shape[:-1], O)
 
 
@@ -477,7 +483,8 @@ def _combine_launch(y, weights, pos, out=None):
     w = weights.contiguous()
     kernel[(N, triton.cdiv(D, block))](y, w, w if pos is None else pos.contiguous(), out, D,
                                         y.stride(0), out.stride(0), K=k, HAS_POS=pos is not None,
-                                        BLOCK=block, num_warps=4 if block >= 512 else 1)
+                                        BLOCK=block, num_warps=4 if block >= 512 else 1,
+                                        **pdl(y.device))
     return out
 
 
@@ -549,12 +556,34 @@ def route_rows(x: torch.Tensor, w: torch.Tensor, top_k: int):
     splits = triton.cdiv(D, block_d)
     partials = torch.empty(N, splits, E, dtype=torch.float32, device=x.device)
     logits_kernel[(N, splits)](x, w, partials, D, E, x.stride(0), w.stride(0),
-                               BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4)
+                               BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4, **pdl(x.device))
     block_s = max(1, min(triton.next_power_of_2(splits), _ROUTE_TILE // block_e))
     kernel[(N,)](partials, weights, experts, splits, E, K=top_k, BLOCK_S=block_s,
                  BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-                 num_warps=4 if block_s * block_e >= 1024 else 1)
+                 num_warps=4 if block_s * block_e >= 1024 else 1, **pdl(x.device))
     return weights, experts
+
+
+def pdl(device) -> dict:
+    """The launch options that make a kernel a programmatic dependent launch
+    on ``device`` (Hopper and later, with a Triton that has
+    ``griddepcontrol``): each kernel waits for the one before it at its first
+    statement (:func:`.triton_pdl.await_inputs`), and is scheduled while that
+    one's last programs run, hiding a launch between two kernels of a CUDA
+    graph. ``{}`` elsewhere (off the GPU, under Triton's interpreter, while
+    a step is counted or recorded)."""
+    if (not PDL or device.type != "cuda" or LOAD_HOOK is not None
+            or os.environ.get("TRITON_INTERPRET") == "1"):
+        return {}
+    return _cuda_pdl(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_pdl(index: int) -> dict:
+    import triton.language as tl
+
+    ok = torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
+    return {"PDL": True, "launch_pdl": True} if ok else {}
 
 
 def _sms(device) -> int:

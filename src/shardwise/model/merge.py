@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import triton_kernel
+from .kernels import pdl, triton_kernel
 
 NEG_INF = float("-inf")
 _HALF = (torch.float16, torch.bfloat16)
@@ -98,7 +98,7 @@ def _merge_launch(o, lse, o3, l2, dtype=None):
     block_n = min(64, triton.next_power_of_2(n))  # blocks read at once
     block_d = max(16, min(triton.next_power_of_2(d), 8192 // block_n))
     kernel[(rows,)](o3, l2, out, total, n, d, o3.stride(0), o3.stride(1), l2.stride(0),
-                    l2.stride(1), BLOCK_N=block_n, BLOCK_D=block_d)
+                    l2.stride(1), BLOCK_N=block_n, BLOCK_D=block_d, **pdl(o.device))
     return out, total
 
 

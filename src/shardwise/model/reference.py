@@ -589,7 +589,8 @@ class MoE(nn.Module):
         order = torch.argsort(key, stable=True)
         sizes = torch.bincount(key, minlength=held + 1)[:held].cpu().tolist()  # the host waits
         rows = order[: sum(sizes)]  # the held experts' (token, pick) pairs, by expert
-        y = grouped_expert_mlp(x.index_select(0, rows // k), sizes, self.w_in, self.w_down, self.activation)
+        y = grouped_expert_mlp(x.index_select(0, rows // k), sizes, self.w_in, self.w_down,
+                               self.activation)
         return combine_picks(y, weights, pick_rows(rows, N * k))
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import triton_kernel
+from .kernels import pdl, triton_kernel
 from .rope import Rope, rotated
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -113,4 +113,4 @@ def _launch(rope, pos, q, k, v, kv, slot, length) -> None:
         T, *(0 if dev else t for t, dev in zip((pos, at), on_device)), *strides,
         HALF=half, BLOCK=block, G=G, GB=gb, HAS_Q=q is not None, HAS_K=k is not None,
         HAS_V=v is not None and kv is not None, POS_PTR=on_device[0], SLOT_PTR=on_device[1],
-        num_warps=1 if gb * block <= 512 else 4)
+        num_warps=1 if gb * block <= 512 else 4, **pdl(cos.device))

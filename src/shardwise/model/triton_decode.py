@@ -5,6 +5,8 @@ or by :mod:`.merge`'s kernel."""
 import triton
 import triton.language as tl
 
+from .triton_pdl import await_inputs
+
 from .triton_merge import merge_rows
 
 
@@ -12,7 +14,8 @@ from .triton_merge import merge_rows
 def decode_split_kernel(Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                         Hkv, rows_all, chunk, qk_scale, OUT, LOUT, CNT, splits,
                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, N_PTR: tl.constexpr, FUSE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, N_PTR: tl.constexpr, FUSE: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """Program (sequence b x K/V head, split s): the ``G`` query heads of K/V
     head ``hk`` (rows of one ``[G_PAD, D]`` tile, each K/V row read once for
     all of them) over keys ``s*chunk .. min((s+1)*chunk, n, S)``, with the online
@@ -28,6 +31,7 @@ def decode_split_kernel(Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, s
     merges them (:func:`.triton_merge.merge_rows`) into ``OUT [B*H, D]`` (q's dtype)
     and ``LOUT [B*H]``, and sets the count back to zero, so a CUDA graph
     replays the launch with no reset of its own: one launch a layer, not two."""
+    await_inputs(PDL)
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)

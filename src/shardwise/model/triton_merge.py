@@ -6,16 +6,19 @@ kernel runs in place of a launch of this one."""
 import triton
 import triton.language as tl
 
+from .triton_pdl import await_inputs
+
 
 @triton.jit
 def merge_kernel(O, L, OUT, LOUT, N, D, so_n, so_r, sl_n, sl_r, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+                 BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """One program per query row r: o [N, rows, D] and lse [N, rows] by their
     strides merged into OUT [rows, D] and LOUT [rows] (``_merge_math``'s
     expressions in float32). The blocks are read ``BLOCK_N`` at a time, each
     a tile of loads in flight at once: a loop over them one by one waited on
     each load (6.3 us for a batch-1 decode step's 33 splits of 32 heads on an
     H100), where the merge reads a few hundred kilobytes."""
+    await_inputs(PDL)
     r = tl.program_id(0).to(tl.int64)
     nb = tl.arange(0, BLOCK_N)
     m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)

@@ -5,12 +5,15 @@ installed)."""
 import triton
 import triton.language as tl
 
+from .triton_pdl import await_inputs
+
 
 @triton.jit
 def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.constexpr,
                        PER: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                        DOT: tl.constexpr = False, STEP_SUM: tl.constexpr = False,
-                       DENSE: tl.constexpr = False, SWIGLU: tl.constexpr = False):
+                       DENSE: tl.constexpr = False, SWIGLU: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
     """Program (routed row r, output block): ``y[r] = W[E[r] - first] @ x[r // PER]``
     for ``W [held, O, I]`` (rows contiguous in I), accumulated in float32 and
     rounded once, as a GEMM rounds it. A row whose expert this rank does not
@@ -23,6 +26,7 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
     up-projection's output), computed as it is loaded with the arithmetic of
     ``swiglu_kernel`` (the same values): the down-projection without the
     activation's own launch (the FMA loop only, not ``DOT``'s)."""
+    await_inputs(PDL)
     r = tl.program_id(0).to(tl.int64)
     outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     keep_o = outs < O
@@ -80,7 +84,7 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
 
 @triton.jit
 def combine_kernel(Y, W, POS, OUT, D, sy, so, K: tl.constexpr, HAS_POS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Program (token t, column block): ``out[t] = sum_j round(y[p] * w[t, j])``
     over the token's ``K`` picks, ``p = POS[t*K + j]`` (``t*K + j`` without
     ``POS``; a negative ``p``: a pick this rank does not hold, adding zero).
@@ -88,6 +92,7 @@ def combine_kernel(Y, W, POS, OUT, D, sy, so, K: tl.constexpr, HAS_POS: tl.const
     summed in float32 and rounded once: the arithmetic of PyTorch's weighting
     (a bf16 product) and sum over the picks, in one pass that reads each
     expert output row once and writes each token's row once."""
+    await_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     keep = cols < D
@@ -104,7 +109,8 @@ def combine_kernel(Y, W, POS, OUT, D, sy, so, K: tl.constexpr, HAS_POS: tl.const
 
 
 @triton.jit
-def route_logits_kernel(X, R, P, D, E, sx, sr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def route_logits_kernel(X, R, P, D, E, sx, sr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """Program (token t, split s): the partial logits of the router of a
     decode step over one chunk of ``BLOCK_D`` columns, ``P[t, s, e] = R[e,
     chunk] . X[t, chunk]`` for the ``E`` experts (rows of ``R [E, D]``), the
@@ -114,6 +120,7 @@ def route_logits_kernel(X, R, P, D, E, sx, sr, BLOCK_E: tl.constexpr, BLOCK_D: t
     programs: one program per token walking all of ``D`` took 8.7 us in a
     CUDA graph (17.2 in a profiled step) for Mixtral's 8 x 4096 router (one
     token, an H100), latency-bound on 64 KB."""
+    await_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
@@ -129,7 +136,7 @@ def route_logits_kernel(X, R, P, D, E, sx, sr, BLOCK_E: tl.constexpr, BLOCK_D: t
 
 @triton.jit
 def route_kernel(P, WT, EX, S, E, K: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """Program (token t): the softmax top-``K`` router of a decode step from
     :func:`route_logits_kernel`'s partials ``P [N, S, E]`` (float32).
     ``logits[e]`` is the sum of ``P[t, :, e]`` over the ``S`` splits, in a
@@ -142,6 +149,7 @@ def route_kernel(P, WT, EX, S, E, K: tl.constexpr, BLOCK_S: tl.constexpr,
     ``EX [N, K]`` (int64), largest first as ``torch.topk`` orders them.
     PyTorch runs this and the partials' kernel as five kernels (the GEMM and
     its split-K reduction, top-k's sort and gather, the softmax)."""
+    await_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     keep_e = e < E

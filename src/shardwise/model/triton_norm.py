@@ -7,6 +7,8 @@ the all-reduce + add + norm kernel normalises exactly as this one does.
 import triton
 import triton.language as tl
 
+from .triton_pdl import await_inputs
+
 
 @triton.jit
 def normalise(h, W, B, cols, keep, D, eps, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
@@ -32,9 +34,10 @@ def normalise(h, W, B, cols, keep, D, eps, HAS_BIAS: tl.constexpr, RMS: tl.const
 @triton.jit
 def add_norm_kernel(X, A, H, Y, W, B, D, eps,
                     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    RMS: tl.constexpr, BLOCK: tl.constexpr):
+                    RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """One program per row: ``h = x + a`` rounded to the activation dtype and
     stored (``HAS_RES``; else ``h`` is ``x``), then ``norm(h)`` stored."""
+    await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     keep = cols < D

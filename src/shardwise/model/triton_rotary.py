@@ -4,6 +4,8 @@ the same pass the store of the rotated keys and the values in the KV cache."""
 import triton
 import triton.language as tl
 
+from .triton_pdl import await_inputs
+
 
 @triton.jit(do_not_specialize=["T", "pos0", "slot0"])
 def rotary_kernel(Q, K, V, KO, VO, COS, SIN, POS, SLOT, T, pos0, slot0,
@@ -11,7 +13,8 @@ def rotary_kernel(Q, K, V, KO, VO, COS, SIN, POS, SLOT, T, pos0, slot0,
                   sob, sot, soh, sod,
                   HALF: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
                   GB: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
-                  HAS_V: tl.constexpr, POS_PTR: tl.constexpr, SLOT_PTR: tl.constexpr):
+                  HAS_V: tl.constexpr, POS_PTR: tl.constexpr, SLOT_PTR: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """Program (row, group): token ``row = b*T + t`` at position ``p = pos + t``
     (``pos`` read from ``POS`` when ``POS_PTR``, else ``pos0``), key/value
     head ``group``. Rotates the ``G`` query heads of the group in place,
@@ -19,6 +22,7 @@ def rotary_kernel(Q, K, V, KO, VO, COS, SIN, POS, SLOT, T, pos0, slot0,
     may be ``K`` itself, with ``slot`` 0) and copies value head ``group`` to
     ``VO`` at the same row. Dims ``(i, i + HALF)`` rotate by ``COS, SIN [n,
     HALF]`` row ``p`` in float32, as :func:`shardwise.model.rope.rotated`."""
+    await_inputs(PDL)
     row = tl.program_id(0)
     grp = tl.program_id(1).to(tl.int64)
     b = (row // T).to(tl.int64)

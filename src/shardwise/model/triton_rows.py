@@ -5,6 +5,8 @@ installed)."""
 import triton
 import triton.language as tl
 
+from .triton_pdl import await_inputs
+
 
 @triton.jit
 def _swiglu_of(g, u, dtype: tl.constexpr):
@@ -19,7 +21,7 @@ def _swiglu_of(g, u, dtype: tl.constexpr):
 @triton.jit
 def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, SPLIT: tl.constexpr,
-                GATED: tl.constexpr, W_LEFT: tl.constexpr = False):
+                GATED: tl.constexpr, W_LEFT: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (output block, split s): ``y [M, BLOCK_O] = x [M, I] @ W[outs].T``
     for ``M <= BLOCK_M`` rows, on the tensor cores (the rows padded to a
     16-row tile with zeros), the exact products summed in float32 and rounded
@@ -33,6 +35,7 @@ def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.const
     ``GATED``: ``W [2 O, I]`` is SwiGLU's ``[gate; up]`` and ``y = silu(x
     W_gate.T) * (x W_up.T)`` (``_swiglu_of``): the program reads the gate's
     rows ``outs`` and the up's ``O + outs``, so the activation is its epilogue."""
+    await_inputs(PDL)
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     s = tl.program_id(1)
     keep_o = outs < O
@@ -84,10 +87,11 @@ def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.const
 
 @triton.jit
 def rows_finish_kernel(P, Y, M, O, sy, SPLIT: tl.constexpr, GATED: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row, output block): ``rows_kernel``'s ``SPLIT`` partial sums
     ``P [SPLIT, M, (1 + GATED) O]`` added in order in float32 and rounded
     once (and, ``GATED``, the SwiGLU of the two halves) into ``y [M, O]``."""
+    await_inputs(PDL)
     row = tl.program_id(0)
     outs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     keep = outs < O

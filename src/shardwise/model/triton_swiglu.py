@@ -3,13 +3,16 @@ where Triton is installed)."""
 import triton
 import triton.language as tl
 
+from .triton_pdl import await_inputs
+
 
 @triton.jit
-def swiglu_kernel(H, Y, F, sh, sy, BLOCK: tl.constexpr):
+def swiglu_kernel(H, Y, F, sh, sy, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row, column block): ``y = silu(gate) * up`` for the row's
     ``gate = h[:F]`` and ``up = h[F:]`` (two contiguous halves), as PyTorch's
     ``silu(gate) * up`` rounds it: the SiLU in float32 rounded to the
     activation dtype, then the product in float32, rounded."""
+    await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     keep = cols < F
