@@ -525,3 +525,55 @@ def test_swiglu_gemv_on_the_gpu(dtype, O, F):
     h = torch.randn(1, 1, 2 * F, device="cuda").to(dtype)
     w = (torch.randn(O, F, device="cuda") * 0.02).to(dtype)
     assert torch.equal(kernels.linear(h, w, gated=True), kernels.linear(kernels.swiglu(h), w))
+
+
+def test_dependent_launches_only_on_the_gpu(monkeypatch):
+    """Kernels launch as programmatic dependents only on a CUDA device, never
+    under Triton's interpreter or while a step is counted or recorded (the
+    stand-ins take the kernels' own arguments), and not with the switch off."""
+    assert kernels.pdl(torch.device("cpu")) == {}
+    monkeypatch.setattr(kernels, "_cuda_pdl", lambda index: {"PDL": True, "launch_pdl": True})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernels.pdl(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(kernels, "LOAD_HOOK", lambda *a: None)
+    assert kernels.pdl(torch.device("cuda", 0)) == {}
+    monkeypatch.setattr(kernels, "LOAD_HOOK", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.pdl(torch.device("cuda", 0)) == {}
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(kernels, "PDL", False)
+    assert kernels.pdl(torch.device("cuda", 0)) == {}
+
+
+@pytest.mark.gpu
+@cuda
+def test_dependent_launches_compute_what_ordered_launches_do(monkeypatch):
+    """A chain of kernels each reading what the one before wrote (add + norm,
+    then a 16-row product, eight times over), launched as programmatic
+    dependents, eagerly and replayed in a CUDA graph: the bits of the same
+    chain launched in plain stream order. A kernel that read its input
+    before its wait would race the one before it."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    D = 4096
+    norm = nn.RMSNorm(D, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(D, D, device="cuda", generator=g).bfloat16() * 0.02 for _ in range(4)]
+    x0 = torch.randn(16, D, device="cuda", generator=g).bfloat16()
+
+    def chain(x):
+        a = None
+        for i in range(8):
+            x, n = kernels.add_norm(norm, x, a)
+            a = kernels.linear(n, ws[i % 4])
+        return x + a
+
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert kernels.pdl(x0.device)  # the launches below are dependent ones
+    dependent = chain(x0)
+    graph = torch.cuda.CUDAGraph()
+    chain(x0)
+    with torch.cuda.graph(graph):
+        replayed = chain(x0)
+    graph.replay()
+    monkeypatch.setattr(kernels, "PDL", False)
+    ordered = chain(x0)
+    assert torch.equal(dependent, ordered) and torch.equal(replayed, ordered)
