@@ -96,10 +96,13 @@ def main() -> int:
                 f"int position. Collectives are counted apart (NCCL's own kernels). On gloo a "
                 f"tensor-parallel all-reduce is the collective and the fused add + norm kernel "
                 f"after it; on GPUs a decode step's all-reduce, add and norm are one kernel "
-                f"(counted here as the collective, its norm as a kernel). cuBLAS adds split-K "
-                f"reductions and memsets on GPUs (profiler counts: results/llama/README.md). "
-                f"A step of one sequence has one kernel fewer a SwiGLU MLP: its down-projection's "
-                f"GEMV activates its input as it loads it (kernels.linear, gated)."
+                f"(counted here as the collective, its norm as a kernel). A decode step's "
+                f"products are Triton kernels (kernels.linear: one row by a GEMV, 2 to 16 by "
+                f"rows_kernel), and SwiGLU's activation runs inside one of them (the "
+                f"up-projection's epilogue for 2 to 16 rows, the down-projection's GEMV for "
+                f"one); a GELU MLP's up-projection is cuBLASLt's GEMM with the GELU in its "
+                f"epilogue, which may add split-K reductions and memsets on GPUs (profiler "
+                f"counts: results/llama/README.md)."
                 f"\n\n")
         f.write("| architecture | plan | ranks | graph kernels | eager kernels | collectives |\n")
         f.write("| --- | --- | --- | --- | --- | --- |\n")
