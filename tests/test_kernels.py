@@ -326,6 +326,16 @@ def test_linear_swiglu_activates_in_the_epilogue_with_the_same_values(monkeypatc
     assert torch.equal(fused, kernels.swiglu(kernels.linear(x, w_in)))
     assert torch.equal(kernels.swiglu_mlp(x, w_in, w_down), kernels.linear(fused, w_down))
     assert launches[-3:] == [(5, True, split), (5, False, split), (5, False, split)]
+    # Three stacked [gate; up] matrices (a MoE layer's experts), each activated
+    # on its own halves, in the one launch.
+    w3 = (torch.randn(3 * 2 * F, D, generator=g) / 4).half()
+    stacked = kernels.linear_swiglu(x, w3, groups=3)
+    assert launches[-1] == (5, True, split)
+    assert torch.equal(stacked, torch.cat([kernels.linear_swiglu(x, w3[2 * F * e:2 * F * (e + 1)])
+                                           for e in range(3)], -1))
+    prompt3 = torch.randn(17, D, generator=g).half()  # the GEMM, then each expert's halves
+    assert torch.equal(kernels.linear_swiglu(prompt3, w3, groups=3), kernels.swiglu(
+        Fn.linear(prompt3, w3).view(17, 3, 2 * F)).view(17, 3 * F))
     gemv = interpreted("shardwise.model.triton_moe", "expert_rows_kernel")
     monkeypatch.setattr(kernels, "_experts_kernel", lambda: gemv)
     one = []
@@ -385,6 +395,11 @@ def test_linear_swiglu_on_the_gpu(dtype, split, F, D):
     w = (torch.randn(2 * F, D, device="cuda") * 0.02).to(dtype)
     fused = kernels._rows_launch(x, w, True, split=split)
     assert torch.equal(fused, kernels.swiglu(kernels._rows_launch(x, w, False, split=split)))
+    # Four stacked [gate; up] matrices (experts), each on its own halves.
+    w4 = (torch.randn(4 * 2 * F, D, device="cuda") * 0.02).to(dtype)
+    stacked = kernels._rows_launch(x, w4, True, groups=4, split=split)
+    assert torch.equal(stacked, torch.cat([kernels._rows_launch(
+        x, w4[2 * F * e:2 * F * (e + 1)], True, split=split) for e in range(4)], -1))
 
 
 def _combine_case(dtype, N, k, D, held_rows, seed=0):

@@ -330,16 +330,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return Fn.linear(x, w, bias)
 
 
-def linear_swiglu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear_swiglu(x: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """:func:`swiglu` of ``linear(x, w)`` for the fused ``w [2F, D] = [gate;
-    up]``: ``[..., F]``. For 2 to :data:`ROWS_MAX` rows on GPUs one launch of
+    up]``: ``[..., F]``; with ``groups``, ``w`` is that many such matrices
+    stacked (a MoE layer's experts, each its own ``[gate; up]``), each
+    activated on its own halves: ``[..., groups F]``. For 2 to
+    :data:`ROWS_MAX` rows on GPUs one launch of
     ``rows_kernel``, whose programs each compute a block of the gate's and the
     up's outputs and apply the activation to them before writing (the values
     of its ungated product followed by :func:`swiglu`'s kernel): the ``[N,
     2F]`` output is neither written nor read back."""
     if _few_rows(x, w, None):
-        return _rows_launch(x, w, gated=True)
-    return swiglu(linear(x, w))
+        return _rows_launch(x, w, gated=True, groups=groups)
+    h = linear(x, w)
+    return swiglu(h.view(*h.shape[:-1], groups, -1)).view(*h.shape[:-1], -1)
 
 
 def swiglu_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -361,10 +365,11 @@ def _rows_kernels():
     return main and finish and (main[0], (main[1], finish[1]))
 
 
-def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, block_o: int | None = None,
-                 block_i: int | None = None, split: int | None = None,
-                 **launch) -> torch.Tensor:
-    """``rows_kernel`` on ``x [..., I]`` (2 to 16 rows) and ``w [(2)O, I]``.
+def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, groups: int = 1,
+                 block_o: int | None = None, block_i: int | None = None,
+                 split: int | None = None, **launch) -> torch.Tensor:
+    """``rows_kernel`` on ``x [..., I]`` (2 to 16 rows) and ``w [(2)O, I]``
+    (gated: ``groups`` stacked ``[gate; up]`` matrices).
     ``block_o``, ``block_i``, ``split`` and ``launch`` (Triton's num_warps,
     num_stages): where a probe sets them (scripts/rows-gemm.py); else
     :func:`rows_launch`'s."""
@@ -381,8 +386,8 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, block_o: int | N
     parts = y if split == 1 else torch.empty(split, M, (1 + gated) * O, dtype=torch.float32,
                                              device=x.device)
     kernel[(triton.cdiv(O, block_o), split)](
-        x2, w, y, parts, M, O, x2.stride(0), w.stride(0), y.stride(0), I=I, BLOCK_M=16,
-        BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
+        x2, w, y, parts, M, O, O // groups, x2.stride(0), w.stride(0), y.stride(0), I=I,
+        BLOCK_M=16, BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
         **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **pdl(x.device),
            **launch})
     if split > 1:

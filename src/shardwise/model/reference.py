@@ -431,7 +431,7 @@ def up_projections(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torc
     [E, F or 2F, D]`` in one GEMM (the experts' rows stacked): ``[N, E, F]``."""
     E, rows, D = w_in.shape
     if activation == "swiglu":  # each expert's [gate; up] rows: its own halves
-        return swiglu(Fn.linear(x, w_in.reshape(E * rows, D)).view(x.shape[0], E, rows))
+        return linear_swiglu(x, w_in.reshape(E * rows, D), groups=E).view(x.shape[0], E, -1)
     return up_projection(x, w_in.reshape(E * rows, D), activation).view(x.shape[0], E, rows)
 
 

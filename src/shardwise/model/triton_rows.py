@@ -19,7 +19,7 @@ def _swiglu_of(g, u, dtype: tl.constexpr):
 
 
 @triton.jit
-def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.constexpr,
+def rows_kernel(X, W, Y, P, M, O, F, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, SPLIT: tl.constexpr,
                 GATED: tl.constexpr, W_LEFT: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (output block, split s): ``y [M, BLOCK_O] = x [M, I] @ W[outs].T``
@@ -32,9 +32,12 @@ def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.const
     ``SPLIT`` > 1: program s sums its share of the ``I`` steps into ``P
     [SPLIT, M, (1 + GATED) O]`` (float32), which ``rows_finish_kernel`` adds
     in order and rounds; else the program rounds and writes ``y`` itself.
-    ``GATED``: ``W [2 O, I]`` is SwiGLU's ``[gate; up]`` and ``y = silu(x
-    W_gate.T) * (x W_up.T)`` (``_swiglu_of``): the program reads the gate's
-    rows ``outs`` and the up's ``O + outs``, so the activation is its epilogue."""
+    ``GATED``: ``W [2 O, I]`` is ``O / F`` SwiGLU matrices ``[gate; up]`` of
+    ``F`` outputs each, stacked (the experts' of a MoE layer; one where ``F``
+    is ``O``), and ``y = silu(x W_gate.T) * (x W_up.T)`` (``_swiglu_of``):
+    the program reads output o's gate row ``(o // F) 2F + o % F`` and its up
+    row ``F`` further, so the activation is its epilogue. ``F`` is unread
+    ungated."""
     await_inputs(PDL)
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     s = tl.program_id(1)
@@ -49,7 +52,11 @@ def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.const
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
-    w_rows = W + outs.to(tl.int64)[:, None] * sw
+    if GATED:
+        picked = (outs // F) * (2 * F) + outs % F  # the gate's rows; the up's F further
+    else:
+        picked = outs
+    w_rows = W + picked.to(tl.int64)[:, None] * sw
     for step in range(s * per, tl.minimum(s * per + per, steps)):
         ins = step * BLOCK_I + tl.arange(0, BLOCK_I)
         keep_i = ins < I
@@ -61,7 +68,7 @@ def rows_kernel(X, W, Y, P, M, O, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.const
         else:
             acc += tl.dot(x, tl.trans(w))
         if GATED:
-            u = tl.load(w_rows + O * sw + ins[None, :], mask=keep_o[:, None] & keep_i[None, :],
+            u = tl.load(w_rows + F * sw + ins[None, :], mask=keep_o[:, None] & keep_i[None, :],
                         other=0.0)
             if W_LEFT:
                 acc_u += tl.dot(u, tl.trans(x))

@@ -229,17 +229,19 @@ class Rows(StandIn):
     programs' shares into ``P``, which :class:`RowsFinish` adds. A
     GEMM-class kernel of ``M`` rows reading the weights once."""
 
-    def run(self, grid, X, W, Y, P, M, O, sx, sw, sy, *, GATED, SPLIT, **kw):
+    def run(self, grid, X, W, Y, P, M, O, F, sx, sw, sy, *, GATED, SPLIT, **kw):
         from ..model.kernels import _swiglu_torch
 
         h = X[:M].float() @ W.float().t()  # [M, (2)O]
+        if GATED:  # O / F stacked [gate; up]: the gates' outputs, then the ups'
+            h = h.view(M, O // F, 2, F).transpose(1, 2).reshape(M, 2 * O)
         if SPLIT > 1:  # the whole sum in the first share, zeros in the others
             P.zero_()
             P[0].copy_(h)
         else:
             Y.copy_(_swiglu_torch(h.to(Y.dtype)) if GATED else h)
 
-    def kernel(self, grid, X, W, Y, P, M, O, sx, sw, sy, *, I, GATED, SPLIT, **kw):
+    def kernel(self, grid, X, W, Y, P, M, O, F, sx, sw, sy, *, I, GATED, SPLIT, **kw):
         outs = (1 + GATED) * O
         moved = _nbytes(W) + SPLIT * _nbytes(X) + (_nbytes(P) if SPLIT > 1 else _nbytes(Y))
         return Kernel("gemm", 2.0 * M * I * outs, float(moved), (1, M, I, outs), _dtype(X))
