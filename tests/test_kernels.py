@@ -305,6 +305,28 @@ def test_rows_kernel_matches_the_product_on_cpu(monkeypatch, rows, O, I, split):
     assert len(launches) == 1
 
 
+def test_batched_linear_is_the_batched_product(monkeypatch):
+    """A MoE decode step's down-projections, one per expert on every token's
+    activations (``[N, E, F]`` seen as ``[E, N, F]``, a strided view), in
+    one launch of ``rows_kernel`` over the batch (interpreted, fp16): within
+    the float32 sum of F exact products and one rounding of each expert's
+    float64 product; 1 or 17 rows a batch are ``torch.bmm``'s."""
+    launches = _interpreted_rows(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    N, E, F, D = 5, 3, 100, 72
+    h = torch.randn(N, E, F, generator=g).half()
+    w = (torch.randn(E, D, F, generator=g) / 4).half()
+    got = kernels.batched_linear(h.transpose(0, 1), w)
+    want = torch.bmm(h.transpose(0, 1).double(), w.double().transpose(1, 2))
+    size = torch.bmm(h.transpose(0, 1).double().abs(), w.double().abs().transpose(1, 2))
+    assert got.shape == (E, N, D) and got.dtype == h.dtype
+    assert ((got.double() - want).abs() <= 2.0 ** -11 * want.abs() + F * 2.0 ** -24 * size).all()
+    assert launches == []  # not through _rows_launch: one launch over the batch
+    for rows in (1, 17):
+        x = torch.randn(E, rows, F, generator=g).half()
+        assert torch.equal(kernels.batched_linear(x, w), torch.bmm(x, w.transpose(1, 2)))
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_linear_swiglu_activates_in_the_epilogue_with_the_same_values(monkeypatch, split):
     """``linear_swiglu`` of 2 to 16 rows is one ``rows_kernel`` launch whose
@@ -383,6 +405,18 @@ def test_rows_kernel_on_the_gpu(dtype, rows, O, I):
         want = x.double() @ w.double().t()
         size = x.double().abs() @ w.double().abs().t()
         assert ((got.double() - want).abs() <= 2.0 ** -8 * want.abs() + I * 2.0 ** -24 * size).all()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batched_linear_on_the_gpu(dtype):
+    h = torch.randn(16, 8, 14336, device="cuda").to(dtype)
+    w = (torch.randn(8, 4096, 14336, device="cuda") * 0.02).to(dtype)
+    got = kernels.batched_linear(h.transpose(0, 1), w)
+    want = torch.bmm(h.transpose(0, 1).double(), w.double().transpose(1, 2))
+    size = torch.bmm(h.transpose(0, 1).double().abs(), w.double().abs().transpose(1, 2))
+    assert ((got.double() - want).abs() <= 2.0 ** -8 * want.abs() + 14336 * 2.0 ** -24 * size).all()
 
 
 @pytest.mark.gpu

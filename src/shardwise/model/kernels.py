@@ -346,6 +346,30 @@ def linear_swiglu(x: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Te
     return swiglu(h.view(*h.shape[:-1], groups, -1)).view(*h.shape[:-1], -1)
 
 
+def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(x, w.transpose(1, 2))``: ``x [E, N, I]`` (rows contiguous,
+    any batch and row strides: a MoE layer's ``[N, E, F]`` activations seen
+    per expert) by ``w [E, O, I]``, ``[E, N, O]``. For 2 to :data:`ROWS_MAX`
+    rows a batch on GPUs one launch of ``rows_kernel`` over the batch (its
+    third grid dimension), each matrix's weights streamed once."""
+    E, N, I = x.shape
+    if (x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and x.stride(-1) == 1
+            and w.stride(-1) == 1 and GEMV_MAX_ROWS < N <= ROWS_MAX and bool(_rows_kernels())):
+        triton, (kernel, _) = _rows_kernels()
+        O = w.shape[1]
+        chosen = rows_launch(False)
+        block_o = chosen["block_o"]
+        block_i = min(chosen["block_i"], max(16, triton.next_power_of_2(I)))
+        y = torch.empty(E, N, O, dtype=x.dtype, device=x.device)
+        kernel[(triton.cdiv(O, block_o), 1, E)](
+            x, w, y, y, N, O, O, x.stride(1), w.stride(1), y.stride(1), x.stride(0),
+            w.stride(0), y.stride(0), I=I, BLOCK_M=16, BLOCK_O=block_o, BLOCK_I=block_i,
+            SPLIT=1, GATED=False, num_warps=chosen["num_warps"],
+            num_stages=chosen["num_stages"], W_LEFT=chosen["W_LEFT"], **pdl(x.device))
+        return y
+    return torch.bmm(x, w.transpose(1, 2))
+
+
 def swiglu_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """The SwiGLU MLP ``w_down @ swiglu(w_in @ x)`` where its activation runs
     in the fewest launches: a single row on GPUs activates in the down-
@@ -385,8 +409,8 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, groups: int = 1,
     y = torch.empty(M, O, dtype=x.dtype, device=x.device)
     parts = y if split == 1 else torch.empty(split, M, (1 + gated) * O, dtype=torch.float32,
                                              device=x.device)
-    kernel[(triton.cdiv(O, block_o), split)](
-        x2, w, y, parts, M, O, O // groups, x2.stride(0), w.stride(0), y.stride(0), I=I,
+    kernel[(triton.cdiv(O, block_o), split, 1)](
+        x2, w, y, parts, M, O, O // groups, x2.stride(0), w.stride(0), y.stride(0), 0, 0, 0, I=I,
         BLOCK_M=16, BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
         **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **pdl(x.device),
            **launch})

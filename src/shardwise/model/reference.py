@@ -23,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
-from .kernels import (add_norm, combine_picks, expert_rows, linear, linear_swiglu, pick_rows,
-                      routable, route_rows, swiglu, swiglu_mlp)
+from .kernels import (add_norm, batched_linear, combine_picks, expert_rows, linear,
+                      linear_swiglu, pick_rows, routable, route_rows, swiglu, swiglu_mlp)
 from .rope import Rope
 from .rotary import rotate
 
@@ -643,7 +643,7 @@ class MoE(nn.Module):
         # [N, held]: a token's weight for each held expert (top-k picks are distinct)
         gate = (weights[:, :, None] * (experts[:, :, None] == ids)).sum(1).to(x.dtype)
         h = up_projections(x, self.w_in, self.activation)  # [N, held, F]
-        y = torch.bmm(h.transpose(0, 1), self.w_down.transpose(1, 2))  # [held, N, D]
+        y = batched_linear(h.transpose(0, 1), self.w_down)  # [held, N, D]
         return (y * gate.t()[:, :, None]).sum(0)
 
 

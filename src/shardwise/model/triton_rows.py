@@ -19,7 +19,7 @@ def _swiglu_of(g, u, dtype: tl.constexpr):
 
 
 @triton.jit
-def rows_kernel(X, W, Y, P, M, O, F, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.constexpr,
+def rows_kernel(X, W, Y, P, M, O, F, sx, sw, sy, sxb, swb, syb, I: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, SPLIT: tl.constexpr,
                 GATED: tl.constexpr, W_LEFT: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (output block, split s): ``y [M, BLOCK_O] = x [M, I] @ W[outs].T``
@@ -37,10 +37,17 @@ def rows_kernel(X, W, Y, P, M, O, F, sx, sw, sy, I: tl.constexpr, BLOCK_M: tl.co
     is ``O``), and ``y = silu(x W_gate.T) * (x W_up.T)`` (``_swiglu_of``):
     the program reads output o's gate row ``(o // F) 2F + o % F`` and its up
     row ``F`` further, so the activation is its epilogue. ``F`` is unread
-    ungated."""
+    ungated. A third grid dimension b: a batch of such products, ``x``,
+    ``W`` and ``y`` each offset by b times its batch stride (``sxb``,
+    ``swb``, ``syb``; the experts' down-projections of a MoE decode step,
+    ungated, unsplit)."""
     await_inputs(PDL)
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    X += b * sxb
+    W += b * swb
+    Y += b * syb
     keep_o = outs < O
     rows = tl.arange(0, BLOCK_M)
     keep_m = rows < M

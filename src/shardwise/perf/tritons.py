@@ -229,9 +229,12 @@ class Rows(StandIn):
     programs' shares into ``P``, which :class:`RowsFinish` adds. A
     GEMM-class kernel of ``M`` rows reading the weights once."""
 
-    def run(self, grid, X, W, Y, P, M, O, F, sx, sw, sy, *, GATED, SPLIT, **kw):
+    def run(self, grid, X, W, Y, P, M, O, F, sx, sw, sy, sxb, swb, syb, *, GATED, SPLIT, **kw):
         from ..model.kernels import _swiglu_torch
 
+        if X.dim() == 3:  # a batch (ungated, unsplit): x [E, N, I], w [E, O, I]
+            Y.copy_(torch.bmm(X.float(), W.float().transpose(1, 2)))
+            return
         h = X[:M].float() @ W.float().t()  # [M, (2)O]
         if GATED:  # O / F stacked [gate; up]: the gates' outputs, then the ups'
             h = h.view(M, O // F, 2, F).transpose(1, 2).reshape(M, 2 * O)
@@ -241,10 +244,12 @@ class Rows(StandIn):
         else:
             Y.copy_(_swiglu_torch(h.to(Y.dtype)) if GATED else h)
 
-    def kernel(self, grid, X, W, Y, P, M, O, F, sx, sw, sy, *, I, GATED, SPLIT, **kw):
-        outs = (1 + GATED) * O
+    def kernel(self, grid, X, W, Y, P, M, O, F, sx, sw, sy, sxb, swb, syb, *, I, GATED, SPLIT,
+               **kw):
+        outs, batch = (1 + GATED) * O, grid[2] if len(grid) > 2 else 1
         moved = _nbytes(W) + SPLIT * _nbytes(X) + (_nbytes(P) if SPLIT > 1 else _nbytes(Y))
-        return Kernel("gemm", 2.0 * M * I * outs, float(moved), (1, M, I, outs), _dtype(X))
+        return Kernel("gemm", 2.0 * batch * M * I * outs, float(moved), (batch, M, I, outs),
+                      _dtype(X))
 
 
 class RowsFinish(StandIn):
