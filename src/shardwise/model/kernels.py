@@ -335,15 +335,16 @@ def linear_swiglu(x: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Te
     up]``: ``[..., F]``; with ``groups``, ``w`` is that many such matrices
     stacked (a MoE layer's experts, each its own ``[gate; up]``), each
     activated on its own halves: ``[..., groups F]``. For 2 to
-    :data:`ROWS_MAX` rows on GPUs one launch of
-    ``rows_kernel``, whose programs each compute a block of the gate's and the
-    up's outputs and apply the activation to them before writing (the values
-    of its ungated product followed by :func:`swiglu`'s kernel): the ``[N,
-    2F]`` output is neither written nor read back."""
+    :data:`ROWS_MAX` rows on GPUs one launch of ``rows_kernel``, whose
+    programs each compute a block of the gate's and the up's outputs and
+    apply the activation to them before writing (the values of its ungated
+    product followed by :func:`swiglu`'s kernel): the ``[N, 2F]`` output is
+    neither written nor read back."""
     if _few_rows(x, w, None):
         return _rows_launch(x, w, gated=True, groups=groups)
-    h = linear(x, w)
-    return swiglu(h.view(*h.shape[:-1], groups, -1)).view(*h.shape[:-1], -1)
+    h = linear(x, w)  # (no -1 in the views: a rank may hold no rows)
+    return swiglu(h.view(*h.shape[:-1], groups, w.shape[0] // groups)).view(
+        *h.shape[:-1], w.shape[0] // 2)
 
 
 def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -352,21 +353,10 @@ def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     per expert) by ``w [E, O, I]``, ``[E, N, O]``. For 2 to :data:`ROWS_MAX`
     rows a batch on GPUs one launch of ``rows_kernel`` over the batch (its
     third grid dimension), each matrix's weights streamed once."""
-    E, N, I = x.shape
     if (x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and x.stride(-1) == 1
-            and w.stride(-1) == 1 and GEMV_MAX_ROWS < N <= ROWS_MAX and bool(_rows_kernels())):
-        triton, (kernel, _) = _rows_kernels()
-        O = w.shape[1]
-        chosen = rows_launch(False)
-        block_o = chosen["block_o"]
-        block_i = min(chosen["block_i"], max(16, triton.next_power_of_2(I)))
-        y = torch.empty(E, N, O, dtype=x.dtype, device=x.device)
-        kernel[(triton.cdiv(O, block_o), 1, E)](
-            x, w, y, y, N, O, O, x.stride(1), w.stride(1), y.stride(1), x.stride(0),
-            w.stride(0), y.stride(0), I=I, BLOCK_M=16, BLOCK_O=block_o, BLOCK_I=block_i,
-            SPLIT=1, GATED=False, num_warps=chosen["num_warps"],
-            num_stages=chosen["num_stages"], W_LEFT=chosen["W_LEFT"], **pdl(x.device))
-        return y
+            and w.stride(-1) == 1 and GEMV_MAX_ROWS < x.shape[1] <= ROWS_MAX
+            and bool(_rows_kernels())):
+        return _rows_launch(x, w, gated=False)
     return torch.bmm(x, w.transpose(1, 2))
 
 
@@ -393,25 +383,32 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, groups: int = 1,
                  block_o: int | None = None, block_i: int | None = None,
                  split: int | None = None, **launch) -> torch.Tensor:
     """``rows_kernel`` on ``x [..., I]`` (2 to 16 rows) and ``w [(2)O, I]``
-    (gated: ``groups`` stacked ``[gate; up]`` matrices).
-    ``block_o``, ``block_i``, ``split`` and ``launch`` (Triton's num_warps,
-    num_stages): where a probe sets them (scripts/rows-gemm.py); else
-    :func:`rows_launch`'s."""
+    (gated: ``groups`` stacked ``[gate; up]`` matrices); a 3-D ``w [E, O,
+    I]``: the batch of ``x [E, N, I]``'s products by each (ungated), ``[E,
+    N, O]``. ``block_o``, ``block_i``, ``split`` and ``launch`` (Triton's
+    num_warps, num_stages, ``W_LEFT``): where a probe sets them
+    (scripts/rows-gemm.py); else :func:`rows_launch`'s."""
     triton, (kernel, finish) = _rows_kernels()
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    M, I = x2.shape
-    O = w.shape[0] // (1 + gated)
+    if w.dim() == 3:  # a batch: x [E, N, I] by w [E, O, I]
+        x2, (E, M, I), O = x, x.shape, w.shape[1]
+        y = torch.empty(E, M, O, dtype=x.dtype, device=x.device)
+        batch = (x.stride(0), w.stride(0), y.stride(0))
+        x2s, ws, ys = x.stride(1), w.stride(1), y.stride(1)
+    else:
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        (M, I), O, E = x2.shape, w.shape[0] // (1 + gated), 1
+        y = torch.empty(M, O, dtype=x.dtype, device=x.device)
+        batch, x2s, ws, ys = (0, 0, 0), x2.stride(0), w.stride(0), y.stride(0)
     chosen = rows_launch(gated)
     block_o, block_i = block_o or chosen["block_o"], block_i or chosen["block_i"]
     split = split or chosen["split"]
     block_i = min(block_i, max(16, triton.next_power_of_2(I)))
-    y = torch.empty(M, O, dtype=x.dtype, device=x.device)
     parts = y if split == 1 else torch.empty(split, M, (1 + gated) * O, dtype=torch.float32,
                                              device=x.device)
-    kernel[(triton.cdiv(O, block_o), split, 1)](
-        x2, w, y, parts, M, O, O // groups, x2.stride(0), w.stride(0), y.stride(0), 0, 0, 0, I=I,
-        BLOCK_M=16, BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
+    kernel[(triton.cdiv(O, block_o), split, E)](
+        x2, w, y, parts, M, O, O // groups, x2s, ws, ys, *batch, I=I, BLOCK_M=16,
+        BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
         **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **pdl(x.device),
            **launch})
     if split > 1:
@@ -419,7 +416,7 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, groups: int = 1,
         finish[(M, triton.cdiv(O, block))](parts, y, M, O, y.stride(0), SPLIT=split,
                                            GATED=gated, BLOCK=block, num_warps=4,
                                            **pdl(x.device))
-    return y.view(*x.shape[:-1], O)
+    return y if w.dim() == 3 else y.view(*x.shape[:-1], O)
 
 
 def rows_launch(gated: bool) -> dict:
