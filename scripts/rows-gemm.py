@@ -46,7 +46,7 @@ def main() -> None:
     recs = []
 
     def emit(rec):
-        rec = {**rec, "copy_TBps": round(copy, 3), "sms": sms}
+        rec = {**rec, "plan": "none (one kernel)", "copy_TBps": round(copy, 3), "sms": sms}
         recs.append(rec)
         print(json.dumps(rec), flush=True)
 

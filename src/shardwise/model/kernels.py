@@ -291,20 +291,24 @@ GEMV_MAX_ROWS = 1
 ROWS_MAX = 16
 
 
+def _product_rows(x: torch.Tensor, w: torch.Tensor, bias, width: int) -> int:
+    """The rows of ``x [..., width]`` where its product by ``w [O, I]`` is a
+    half-precision one on a GPU with no bias (the Triton products'), else 0."""
+    if (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype
+            and w.dim() == 2 and w.stride(-1) == 1 and x.shape[-1] == width):
+        return x.numel() // width
+    return 0
+
+
 def _gemv(x: torch.Tensor, w: torch.Tensor, bias, width: int) -> bool:
-    """Whether ``x [..., width]`` by ``w [O, I]`` is one half-precision row on a
-    GPU with no bias: the GEMV's product."""
-    return (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype
-            and w.dim() == 2 and w.stride(-1) == 1 and x.shape[-1] == width
-            and 0 < x.numel() <= GEMV_MAX_ROWS * width and bool(_experts_kernel()))
+    """Whether ``x [..., width]`` by ``w`` is one row for the GEMV."""
+    return 0 < _product_rows(x, w, bias, width) <= GEMV_MAX_ROWS and bool(_experts_kernel())
 
 
 def _few_rows(x: torch.Tensor, w: torch.Tensor, bias) -> bool:
-    """Whether ``x [..., I]`` by ``w [O, I]`` is 2 to :data:`ROWS_MAX` half-
-    precision rows on a GPU with no bias: ``rows_kernel``'s product."""
-    return (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype
-            and w.dim() == 2 and w.stride(-1) == 1 and x.shape[-1] == w.shape[1]
-            and GEMV_MAX_ROWS * x.shape[-1] < x.numel() <= ROWS_MAX * x.shape[-1]
+    """Whether ``x [..., I]`` by ``w [O, I]`` is 2 to :data:`ROWS_MAX` rows:
+    ``rows_kernel``'s product."""
+    return (GEMV_MAX_ROWS < _product_rows(x, w, bias, w.shape[-1]) <= ROWS_MAX
             and bool(_rows_kernels()))
 
 
