@@ -36,6 +36,12 @@ TB/s of an H100's 3.0 (results/real/trace-llama-decode-16x4096-7de6b1e.txt).
 kernel's epilogue, and ``swiglu_mlp`` the whole MLP with the activation
 wherever it costs no launch of its own.
 
+``grouped_linear`` is a prompt's MoE layer's expert products: every
+expert's rows (sorted by expert, the offsets on the device) by its own
+matrix in one launch (:mod:`.triton_grouped`), the up-projection's SwiGLU in
+its epilogue, where ``torch._grouped_mm`` writes both halves for the SwiGLU
+kernel to read back.
+
 ``route_rows`` is a decode step's router in two kernels, where PyTorch
 launches five: the logits' partial sums over chunks of the model's width, one
 program per (token, chunk), then one program per token that sums them and
@@ -441,6 +447,62 @@ def rows_launch(gated: bool) -> dict:
                 "W_LEFT": False}
     return {"block_o": 64, "block_i": 256, "split": 1, "num_warps": 4, "num_stages": 5,
             "W_LEFT": True}
+
+
+def _grouped_kernel():
+    """``(triton, grouped_kernel)`` (:mod:`.triton_grouped`), or False."""
+    return triton_kernel(f"{__package__}.triton_grouped", "grouped_kernel")
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor,
+                   gated: bool = False, **launch) -> torch.Tensor:
+    """Each expert's rows by its own matrix: ``x [R, K]``'s rows sorted by
+    expert, expert e's ending at ``ends[e]`` (``[E]`` int32 on the device),
+    by ``w [E, O, K]`` -> ``[R, O]``; ``gated``: ``w [E, 2F, K]`` holds each
+    expert's ``[gate; up]`` and the result is ``silu(gate) * up``, ``[R,
+    F]`` (:func:`swiglu` of the product, each half rounded first). A
+    prompt's MoE layer on GPUs: one launch of ``grouped_kernel`` for every
+    expert, the offsets never read to the host and the activation in its
+    epilogue; rows past ``ends[-1]`` are left unwritten. Elsewhere a loop
+    over the experts' slices (the offsets read to the host). ``launch``:
+    the kernel's blocks and Triton's options, where a probe sets them
+    (scripts/moe-grouped.py); else :func:`grouped_launch`'s."""
+    found = _grouped_kernel() if (x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype
+                                  and x.stride(-1) == 1 and w.stride(-1) == 1) else False
+    if not found:
+        return _grouped_torch(x, w, ends, gated)
+    triton, kernel = found
+    (R, K), (E, rows, _) = x.shape, w.shape
+    O = rows // 2 if gated else rows
+    chosen = {**grouped_launch(gated), **launch}
+    bm, bn = chosen.pop("BLOCK_M"), chosen.pop("BLOCK_N")
+    y = torch.empty(R, O, dtype=x.dtype, device=x.device)
+    grid = ((triton.cdiv(R, bm) + E) * triton.cdiv(O, bn),)  # the most tiles any routing has
+    kernel[grid](x, w, y, ends, O, O, x.stride(0), w.stride(0), w.stride(1), y.stride(0), K=K,
+                 E=E, EP=triton.next_power_of_2(E), BLOCK_M=bm, BLOCK_N=bn, GATED=gated,
+                 **{**pdl(x.device), **chosen})
+    return y
+
+
+def _grouped_torch(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor,
+                   gated: bool) -> torch.Tensor:
+    """:func:`grouped_linear` as a loop over the experts' slices."""
+    O = w.shape[1] // 2 if gated else w.shape[1]
+    y = x.new_zeros(x.shape[0], O)
+    start = 0
+    for e, end in enumerate(ends.tolist()):  # the host reads the offsets
+        if end > start:
+            h = Fn.linear(x[start:end], w[e])
+            y[start:end] = swiglu(h) if gated else h
+        start = end
+    return y
+
+
+def grouped_launch(gated: bool) -> dict:
+    """The launch of ``grouped_kernel``, ``gated`` or not."""
+    if gated:
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
 def expert_rows_launch(rows: int, outs: int, sms: int) -> dict:

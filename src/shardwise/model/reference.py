@@ -23,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
 from .flash import attend as wide_attend, wide_ok
-from .kernels import (add_norm, batched_linear, combine_picks, expert_rows, linear,
-                      linear_swiglu, pick_rows, routable, route_rows, swiglu, swiglu_mlp)
+from .kernels import (add_norm, batched_linear, combine_picks, expert_rows, grouped_linear,
+                      linear, linear_swiglu, pick_rows, routable, route_rows, swiglu, swiglu_mlp)
 from .rope import Rope
 from .rotary import rotate
 
@@ -524,6 +524,18 @@ def _capability(device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
+# Whether a prompt's grouped expert products on GPUs (:meth:`MoE._grouped`)
+# run shardwise's grouped kernel (:func:`.kernels.grouped_linear`; SwiGLU in
+# the up-projection's epilogue) rather than ``torch._grouped_mm``: the
+# up-projection, the down-projection. Off: on an H100 at Mixtral-8x7b's
+# widths the kernel's best launch took 1747 us for the up-projection of 2048
+# tokens where ``torch._grouped_mm`` and the SwiGLU kernel took 1505, and 878
+# for the down-projection against 794 (scripts/moe-grouped.py), and a
+# prompt of 4 x 6000 tokens took 77.7 and 78.7 ms with it, 72.1 and 71.2
+# without (results/real/README.md, "64c1ab3+grouped").
+GROUPED_UP = False
+GROUPED_DOWN = False
+
 # Tokens a call up to which MoE runs every expert it holds on every token,
 # weighted by the routing (zero where a token did not pick the expert): no
 # host synchronisation and shapes that do not depend on the routing, so a
@@ -610,9 +622,15 @@ class MoE(nn.Module):
         # [N*k, D], by expert: index_select's row copy, where x[order // k]
         # runs an element-wise indexing kernel
         rows = x.index_select(0, order // k)
-        h = torch._grouped_mm(rows, self.w_in.transpose(1, 2), offs=ends)  # [N*k, (2)F]
-        y = torch._grouped_mm(activate(h, self.activation), self.w_down.transpose(1, 2),
-                              offs=ends)  # [N*k, D]
+        if GROUPED_UP and self.activation == "swiglu":  # the activation in its epilogue
+            a = grouped_linear(rows, self.w_in, ends, gated=True)  # [N*k, F]
+        else:
+            a = activate(torch._grouped_mm(rows, self.w_in.transpose(1, 2), offs=ends),
+                         self.activation)  # [N*k, F]
+        if GROUPED_DOWN:
+            y = grouped_linear(a, self.w_down, ends)  # [N*k, D]
+        else:
+            y = torch._grouped_mm(a, self.w_down.transpose(1, 2), offs=ends)
         return combine_picks(y, weights, pick_rows(order, N * k))
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):

@@ -263,6 +263,27 @@ class RowsFinish(StandIn):
         Y.copy_(_swiglu_torch(h.to(Y.dtype)) if GATED else h)
 
 
+class Grouped(StandIn):
+    """:func:`shardwise.model.kernels.grouped_linear`: each expert's rows
+    (sorted by expert, ending at ``ENDS``) by its own matrix, and
+    (``GATED``) SwiGLU of the gate's and the up's products. A GEMM-class
+    kernel of every row, reading each expert's weights, priced as the
+    grouped GEMM it replaces."""
+
+    def run(self, grid, X, W, Y, ENDS, O, F, sx, swe, sw, sy, *, GATED, **kw):
+        from ..model.kernels import _grouped_torch
+
+        if not X.is_meta:
+            rows = int(ENDS[-1])
+            Y[:rows].copy_(_grouped_torch(X[:rows], W, ENDS, GATED))
+
+    def kernel(self, grid, X, W, Y, ENDS, O, F, sx, swe, sw, sy, *, K, E, GATED, **kw):
+        rows, outs = X.shape[0], (1 + GATED) * O
+        moved = _nbytes(X) + _nbytes(W) + _nbytes(Y)
+        return Kernel("gemm", 2.0 * rows * K * outs, float(moved),
+                      (E, max(1, rows // E), K, outs), _dtype(X))
+
+
 class Combine(StandIn):
     """:func:`shardwise.model.kernels.combine_picks`: each token's picked
     expert rows gathered, weighted and summed (the default pricing: the bytes
@@ -351,7 +372,8 @@ STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel":
              "rotary_kernel": Rotary, "flash_fwd_kernel": Flash,
              "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit,
              "combine_kernel": Combine, "route_logits_kernel": RouteLogits,
-             "route_kernel": Route, "rows_kernel": Rows, "rows_finish_kernel": RowsFinish}
+             "route_kernel": Route, "rows_kernel": Rows, "rows_finish_kernel": RowsFinish,
+             "grouped_kernel": Grouped}
 
 
 def stand_in(name: str) -> StandIn:

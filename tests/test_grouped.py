@@ -1,0 +1,112 @@
+"""A prompt's MoE expert products in one launch (``kernels.grouped_linear``,
+``grouped_kernel``): the kernel against each expert's own product, on CPU
+tensors through Triton's interpreter and on GPUs, and the loop over the
+experts' slices that runs everywhere else."""
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from shardwise.model import kernels
+from triton_cpu import interpreted
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernel)")
+
+
+def _routed(R, E, generator, empty=()):
+    """``ends [E]`` (int32) of ``R`` rows dealt to ``E`` experts, those in
+    ``empty`` given none."""
+    picks = torch.randint(0, E, (R,), generator=generator)
+    for e in empty:
+        picks[picks == e] = (e + 1) % E
+    sizes = torch.bincount(picks, minlength=E)
+    return sizes.cumsum(0).to(torch.int32)
+
+
+def _each_expert(x, w, ends, gated):
+    """Each expert's rows by its own matrix in float64, its SwiGLU on the
+    rounded halves: the product ``grouped_linear`` rounds once."""
+    outs, start = [], 0
+    for e, end in enumerate(ends.tolist()):
+        h = x[start:end].double() @ w[e].double().t()
+        outs.append(kernels.swiglu(h.to(x.dtype)).double() if gated else h)
+        start = end
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("R,E,K,O,empty", [(37, 3, 80, 40, ()), (50, 4, 64, 24, (0, 2)),
+                                           (9, 5, 100, 72, (1,))])
+def test_grouped_kernel_is_each_experts_product_on_cpu(monkeypatch, gated, R, E, K, O, empty):
+    """Rows sorted by expert (some experts with none, blocks straddling two
+    experts, K and O off the blocks' multiples) through the interpreted
+    kernel in fp16 (its ``tl.dot`` misreads bf16): each row is its own
+    expert's product, within :func:`_bound` of the exact one (gated, of the
+    exact SwiGLU of its halves)."""
+    found = interpreted("shardwise.model.triton_grouped", "grouped_kernel")
+    monkeypatch.setattr(kernels, "_grouped_kernel", lambda: found)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    g = torch.Generator().manual_seed(R + E)
+    ends = _routed(R, E, g, empty)
+    x = torch.randn(R, K, generator=g).half()
+    w = (torch.randn(E, (1 + gated) * O, K, generator=g) / 4).half()
+    launches = []
+    real = kernels._grouped_torch
+    monkeypatch.setattr(kernels, "_grouped_torch", lambda *a: launches.append(a) or real(*a))
+    got = kernels.grouped_linear(x, w, ends, gated, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32,
+                                 num_warps=4, num_stages=1)
+    assert launches == []  # the kernel, not the loop
+    want, bound = _bound(x, w, ends, gated, 2.0 ** -11)
+    assert got.shape == (R, O) and got.dtype == x.dtype
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+def test_grouped_linear_loops_over_the_experts_off_the_gpu():
+    """On CPU tensors: each expert's slice by its own matrix (``Fn.linear``,
+    then ``swiglu``), the offsets read to the host; an expert with no rows
+    costs nothing."""
+    g = torch.Generator().manual_seed(3)
+    ends = torch.tensor([4, 4, 11], dtype=torch.int32)
+    x, w = torch.randn(11, 16, generator=g), torch.randn(3, 10, 16, generator=g)
+    got = kernels.grouped_linear(x, w, ends, gated=True)
+    want = torch.cat([kernels.swiglu(Fn.linear(x[:4], w[0])),
+                      kernels.swiglu(Fn.linear(x[4:], w[2]))])
+    assert torch.equal(got, want)
+    assert torch.equal(kernels.grouped_linear(x, w, ends), torch.cat(
+        [Fn.linear(x[:4], w[0]), Fn.linear(x[4:], w[2])]))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("R,E,K,O", [(4096, 8, 4096, 14336), (4096, 8, 14336, 4096),
+                                     (300, 6, 1000, 700)])
+def test_grouped_kernel_on_the_gpu(dtype, gated, R, E, K, O):
+    g = torch.Generator().manual_seed(R + K)
+    ends = _routed(R, E, g, empty=(1,)).cuda()
+    x = torch.randn(R, K, generator=g).to("cuda", dtype)
+    w = (torch.randn(E, (1 + gated) * O, K, generator=g) * 0.02).to("cuda", dtype)
+    got = kernels.grouped_linear(x, w, ends, gated)
+    tol = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    want, bound = _bound(x, w, ends, gated, tol)
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+def _bound(x, w, ends, gated, tol):
+    """The exact product (float64; gated, the exact SwiGLU of its halves) and
+    how far a GEMM's may be: each product within the float32 sum of K
+    exact products (K 2^-24 times the sum of their sizes) and one rounding
+    (``tol``); gated, those errors of the gate ``g`` and the up ``u``
+    carried through ``silu(g) u`` (``silu``'s slope is under 1.1), and the
+    activation's and the product's roundings."""
+    K = x.shape[1]
+    h = _each_expert(x, w, ends, False)
+    err = tol * h.abs() + K * 2.0 ** -24 * _each_expert(x.abs(), w.abs(), ends, False)
+    if not gated:
+        return h, err
+    F = h.shape[1] // 2
+    g, u, eg, eu = h[:, :F], h[:, F:], err[:, :F], err[:, F:]
+    act = g * torch.sigmoid(g)
+    out = act * u
+    return out, (1.1 * eg * (u.abs() + eu) + (act.abs() + 1.1 * eg) * eu
+                 + 2 * tol * act.abs() * u.abs() + 2.0 ** -30)
