@@ -43,14 +43,18 @@ class SharedLaunch:
     case is independent of the others in a job (its own seed for weights
     and inputs, its own reference), so a case checks the same in a shared
     launch as in one of its own. A launch that fails fails every batch
-    that shares it, with the same error."""
+    that shares it, with the same error. A batch registered later (by a
+    fixture) joins the launch still to come, or starts the next one."""
 
-    _pools: dict = {}  # (nproc, job options) -> [cases, the batches' count, results]
+    _pools: dict = {}  # (nproc, job options) -> the cases, batches and results of one launch
 
     def __init__(self, cases: list[Case], nproc: int, **job_kw):
         self.key = (nproc, tuple(sorted((k, repr(v)) for k, v in job_kw.items())))
-        pool = self._pools.setdefault(self.key, {"cases": [], "batches": 0, "out": None,
-                                                  "nproc": nproc, "job_kw": job_kw})
+        pool = self._pools.get(self.key)
+        if pool is None or pool["out"] is not None:  # none yet, or launched already
+            pool = self._pools[self.key] = {"cases": [], "batches": 0, "out": None,
+                                            "nproc": nproc, "job_kw": job_kw}
+        self.pool = pool
         self.start = len(pool["cases"])
         pool["cases"].extend(cases)
         pool["batches"] += 1
@@ -58,7 +62,7 @@ class SharedLaunch:
         self.cases = list(cases)
 
     def results(self) -> list[dict]:
-        pool = self._pools[self.key]
+        pool = self.pool
         if pool["out"] is None:
             try:
                 # Each batch's own launch had 300 s: so has each one here.
