@@ -31,6 +31,64 @@ def run_plans(model: ModelSpec | str, plans: list[str], nproc: int,
     return launch(Job(cases, nproc, **job_kw), deadline_s=300)
 
 
+class SharedLaunch:
+    """Cases run in one launch with every other batch of cases registered for
+    the same ranks and job options, in any test module.
+
+    Starting ranks costs more than running a tiny case, so modules register
+    their cases when they are imported (pytest imports every test module
+    before it runs a test): the first test that asks for results of a
+    (ranks, options) pair launches all the cases registered for it, once,
+    and each batch gets back the results of its own cases, in order. Each
+    case is independent of the others in a job (its own seed for weights
+    and inputs, its own reference), so a case checks the same in a shared
+    launch as in one of its own. A launch that fails fails every batch
+    that shares it, with the same error. A batch registered later (by a
+    fixture) joins the launch still to come, or starts the next one."""
+
+    _pools: dict = {}  # (nproc, job options) -> the cases, batches and results of one launch
+
+    def __init__(self, cases: list[Case], nproc: int, **job_kw):
+        self.key = (nproc, tuple(sorted((k, repr(v)) for k, v in job_kw.items())))
+        pool = self._pools.get(self.key)
+        if pool is None or pool["out"] is not None:  # none yet, or launched already
+            pool = self._pools[self.key] = {"cases": [], "batches": 0, "out": None,
+                                            "nproc": nproc, "job_kw": job_kw}
+        self.pool = pool
+        self.start = len(pool["cases"])
+        pool["cases"].extend(cases)
+        pool["batches"] += 1
+        self.stop = len(pool["cases"])
+        self.cases = list(cases)
+
+    def results(self) -> list[dict]:
+        pool = self.pool
+        if pool["out"] is None:
+            try:
+                # Each batch's own launch had 300 s: so has each one here.
+                pool["out"] = launch(Job(list(pool["cases"]), pool["nproc"], **pool["job_kw"]),
+                                     deadline_s=300 * pool["batches"])
+            except Exception as e:  # noqa: BLE001 - every batch sees the failure
+                pool["out"] = e
+        if isinstance(pool["out"], Exception):
+            raise pool["out"]
+        out = pool["out"][self.start:self.stop]
+        # One record a verified case, in the order of the cases.
+        assert len(pool["out"]) == len(pool["cases"]), (len(pool["out"]), len(pool["cases"]))
+        assert [r["plan"] for r in out] == [c.plan for c in self.cases]
+        return out
+
+
+def shared_plans(model: ModelSpec | str, plans: list[str], nproc: int,
+                 workload: Workload | None = None, seed: int = 0, **job_kw) -> SharedLaunch:
+    """``run_plans``' cases, registered for a shared launch (``SharedLaunch``)."""
+    if isinstance(model, str):
+        preset = get_preset(model)
+        model, workload = preset.model, workload or preset.reduced
+    return SharedLaunch([Case(model, workload, plan, seed=seed) for plan in plans], nproc,
+                        **job_kw)
+
+
 def assert_verified(results: list[dict], plans: list[str], tol: float = 1e-5) -> None:
     """Every plan ran, prefill and every decode step within ``tol`` (relative,
     Frobenius) of the reference. fp32 on CPU: the strategies only reorder

@@ -5,7 +5,8 @@ which itself computes what transformers computes (test_architectures.py).
 The checkpoints (tests/hf_models.py) are Llama, Llama 3.1 (rope scaling),
 Mistral, Mixtral (experts) and Qwen2 (q/k/v biases, tied embeddings), each
 with 4 query heads over 2 KV heads, at 2, 3 and 4 ranks. Every plan of one
-world size runs in one launch. At 4 ranks tp_pp:4x1 and helix:4x1 go past
+world size runs in one launch (shared with other modules' cases of that size,
+helpers.SharedLaunch). At 4 ranks tp_pp:4x1 and helix:4x1 go past
 the 2 KV heads (each KV head held by the 2 ranks whose query heads use it);
 tp_pp:1x2, tp_pp:2x2 and the layerwise pipelines put Qwen2's tied LM head on
 another rank than its embedding; helix slices Qwen2's biases with their dims.
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import assert_verified
+from helpers import SharedLaunch, assert_verified
 from hf_models import ARCHITECTURES, write_checkpoint
 from shardwise.model.checkpoint import checkpoint_spec
 from shardwise.parallel.base import available_strategies, validate_plan
-from shardwise.runtime.job import Case, Job
-from shardwise.runtime.launcher import launch
+from shardwise.runtime.job import Case
 from shardwise.spec import ShardwiseError, Workload
 
 # 4 sequences (ep:4 gives each rank one), 11 positions: uneven zig-zag chunks
@@ -81,11 +81,20 @@ def test_every_strategy_runs_every_architecture(checkpoints):
             assert world == 3 or strategies == expected, (spec.name, world)
 
 
+@pytest.fixture(scope="module")
+def runs(checkpoints):
+    """world size -> its cases, registered for the launch of that size shared
+    with other modules' cases (helpers.SharedLaunch) once the checkpoints are
+    written, before a test asks for results."""
+    return {world: SharedLaunch([Case(spec, WL, plan, checkpoint=path)
+                                 for path, spec in checkpoints.values()
+                                 for plan in plans_for(spec, world)], world)
+            for world in PLANS}
+
+
 @pytest.mark.parametrize("world", sorted(PLANS))
-def test_checkpoints_match_reference(checkpoints, world):
-    cases = [Case(spec, WL, plan, checkpoint=path)
-             for path, spec in checkpoints.values() for plan in plans_for(spec, world)]
-    results = launch(Job(cases, world), deadline_s=300)
+def test_checkpoints_match_reference(runs, world):
+    cases, results = runs[world].cases, runs[world].results()
     assert [r["model"] for r in results] == [c.model.name for c in cases]
     assert_verified(results, [c.plan for c in cases])  # prefill and every decode step
     for c, r in zip(cases, results):

@@ -4,7 +4,8 @@ with gloo (fp32) at 4, 6 and 8 ranks.
 
 Each world size runs its plans in one launch (eager decode) and a second,
 smaller one whose decode steps run at a device-tensor position (the static
-step bench replays in a CUDA graph). Models: GPT-style (the tiny presets:
+step bench replays in a CUDA graph); both are shared with other modules'
+cases of that world size (helpers.SharedLaunch). Models: GPT-style (the tiny presets:
 LayerNorm, GELU, hidden states in and out) and Llama-style (RMSNorm,
 SwiGLU, rotary with Llama 3.1's scaling, 4 query heads over 2 KV heads,
 q/k/v biases, a vocabulary with tied embeddings), dense and MoE.
@@ -14,7 +15,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_verified, with_real_features
+from helpers import SharedLaunch, assert_verified, with_real_features
 from shardwise.model.load import ShardLoader
 from shardwise.model.weights import WeightSource
 from shardwise.parallel.base import validate_plan
@@ -22,8 +23,7 @@ from shardwise.parallel.comm import Comm
 from shardwise.parallel.compose import Composed
 from shardwise.parallel.plans import composition_candidates
 from shardwise.presets import get_preset
-from shardwise.runtime.job import Case, Job
-from shardwise.runtime.launcher import launch
+from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, Plan, ShardwiseError, Workload
 
 GPT = get_preset("tiny-dense").model  # 4 layers, 4 heads x 16, d_ff 256
@@ -70,10 +70,17 @@ STATIC = {
 }
 
 
+# Registered at import: each world size's launches are shared with other
+# modules' cases of that size and job options (helpers.SharedLaunch).
+RUNS = {world: SharedLaunch([Case(m, WL, p) for m, p in plans], world)
+        for world, plans in PLANS.items()}
+STATIC_RUNS = {world: SharedLaunch([Case(m, WL, p) for m, p in plans], world, static_decode=True)
+               for world, plans in STATIC.items()}
+
+
 @pytest.mark.parametrize("world", sorted(PLANS))
 def test_compositions_match_reference(world):
-    cases = [Case(m, WL, p) for m, p in PLANS[world]]
-    results = launch(Job(cases, world), deadline_s=300)
+    cases, results = RUNS[world].cases, RUNS[world].results()
     assert_verified(results, [c.plan for c in cases])  # prefill and every decode step
     for c, r in zip(cases, results):
         mesh = r["report"].get("mesh")
@@ -89,8 +96,7 @@ def test_compositions_match_reference(world):
 
 @pytest.mark.parametrize("world", sorted(STATIC))
 def test_compositions_decode_at_a_device_position(world):
-    cases = [Case(m, WL, p) for m, p in STATIC[world]]
-    results = launch(Job(cases, world, static_decode=True), deadline_s=300)
+    cases, results = STATIC_RUNS[world].cases, STATIC_RUNS[world].results()
     assert all(r["static_decode"] for r in results), [r["plan"] for r in results]
     assert_verified(results, [c.plan for c in cases])
 

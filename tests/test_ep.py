@@ -8,15 +8,14 @@ the formulas in docs/ep.md.
 import pytest
 import torch
 
-from helpers import assert_verified, with_real_features
+from helpers import SharedLaunch, assert_verified, shared_plans, with_real_features
 from shardwise.model.reference import MoE
 from shardwise.parallel.base import validate_plan
 from shardwise.parallel.comm import Comm
 from shardwise.parallel.ep import ExpertParallel, ExpertParallelMoE
 from shardwise.parallel.topology import Topology
 from shardwise.presets import get_preset
-from shardwise.runtime.job import Case, Job
-from shardwise.runtime.launcher import launch
+from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, ShardwiseError, Workload
 
 TINY = get_preset("tiny-moe").model  # 4 experts, top-2, gelu, layernorm
@@ -56,14 +55,18 @@ CASES = {
         ("small,chunks=3", TINY, SMALL, "ep:4,chunks=3", 0)],
 }
 _results: dict[int, dict[str, dict]] = {}
+# Registered at import: each world size's launch is shared with other modules'
+# cases of that size (helpers.SharedLaunch).
+_RUNS = {nproc: SharedLaunch([Case(model, wl, plan, seed=seed)
+                              for _, model, wl, plan, seed in cases], nproc)
+         for nproc, cases in CASES.items()}
 
 
 def results(nproc: int) -> dict[str, dict]:
     """Run (once per session) and verify every case of ``nproc`` ranks; results by label."""
     if nproc not in _results:
         cases = CASES[nproc]
-        jobs = [Case(model, wl, plan, seed=seed) for _, model, wl, plan, seed in cases]
-        out = launch(Job(jobs, nproc), deadline_s=300)
+        out = _RUNS[nproc].results()
         assert_verified(out, [plan for _, _, _, plan, _ in cases])
         _results[nproc] = {label: r for (label, *_), r in zip(cases, out)}
     return _results[nproc]
@@ -195,14 +198,17 @@ def test_ep_topology_and_candidates():
     assert ExpertParallel.candidates(get_preset("tiny-dense").model, WL, 2) == []
 
 
+# Decode at a device-tensor position (what bench replays in a CUDA graph):
+# every rank's tokens gathered (padded to the largest share; batch 3 on 4
+# ranks leaves one empty), each rank's experts on all of them, a
+# reduce-scatter back. Top-1 and top-2.
+STATIC_RUNS = {nproc: SharedLaunch([Case(m, SMALL, f"ep:{nproc}") for m in (TINY, TOP1)], nproc,
+                                   static_decode=True) for nproc in (2, 4)}
+
+
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_ep_static_decode_at_a_device_position(nproc):
-    # Decode at a device-tensor position (what bench replays in a CUDA graph):
-    # every rank's tokens gathered (padded to the largest share; batch 3 on 4
-    # ranks leaves one empty), each rank's experts on all of them, a
-    # reduce-scatter back. Top-1 and top-2.
-    cases = [Case(m, SMALL, f"ep:{nproc}") for m in (TINY, TOP1)]
-    out = launch(Job(cases, nproc, static_decode=True), deadline_s=300)
+    cases, out = STATIC_RUNS[nproc].cases, STATIC_RUNS[nproc].results()
     assert all(r["static_decode"] for r in out)
     assert_verified(out, [c.plan for c in cases])
     # Per decode step and layer: one all-gather of the padded share, one
@@ -210,13 +216,15 @@ def test_ep_static_decode_at_a_device_position(nproc):
     assert all(r["comm_bytes_decode_step_per_rank"][0] > 0 for r in out)
 
 
-def test_ep_one_token_prompt_keeps_the_routed_prefill():
-    # A prompt of one token a sequence is a prefill (position 0): it takes the
-    # routed exchange, whose routing table the report reads, and the decode
-    # steps after it the static form (found by the fuzzer: the report failed).
-    from helpers import run_plans
+# A prompt of one token a sequence is a prefill (position 0): it takes the
+# routed exchange, whose routing table the report reads, and the decode steps
+# after it the static form (found by the fuzzer: the report failed).
+ONE_TOKEN_RUN = shared_plans(get_preset("tiny-moe").model, ["ep:2"], 2,
+                             Workload(batch=4, seq_len=1, decode_steps=3))
 
+
+def test_ep_one_token_prompt_keeps_the_routed_prefill():
     model = get_preset("tiny-moe").model
-    out = run_plans(model, ["ep:2"], 2, Workload(batch=4, seq_len=1, decode_steps=3))
+    out = ONE_TOKEN_RUN.results()
     assert_verified(out, ["ep:2"])
     assert sum(map(sum, out[0]["report"]["tokens_per_rank"])) == 4 * model.top_k * model.n_layers

@@ -9,17 +9,17 @@ misreads bf16 operands (Triton 3.6 to 3.9). The GPU benchmark
 (scripts/attn-wide.py) checks bf16 and fp16 on the device.
 """
 import math
+import os
 
 import pytest
 import torch
 import triton  # the test extra installs it
 
-from helpers import assert_verified
+from helpers import SharedLaunch, assert_verified
 from shardwise.model import flash
 from shardwise.model.reference import causal_attention
 from shardwise.parallel.lse import _attend_math, attend_lse
-from shardwise.runtime.job import Case, Job
-from shardwise.runtime.launcher import launch
+from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, Workload
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,16 +256,25 @@ WIDE_GQA = WIDE.replace(name="wide-gqa", n_kv_heads=1)
 WIDE_WL = Workload(batch=2, seq_len=13, decode_steps=2)
 
 
-@pytest.mark.parametrize("nproc,cases", [
+WIDE_CASES = [
     (2, [(WIDE, "ring:2"), (WIDE, "helix:1x2"), (WIDE_GQA, "helix:1x2"), (WIDE, "tp_pp:2x1")]),
     (4, [(WIDE, "ring:4"), (WIDE_GQA, "helix:1x4"), (WIDE, "helix:2x2")]),
-])
+]
+# Every rank runs the kernel in Triton's interpreter. Where the ranks inherit
+# that setting already (tests/conftest.py sets it without a GPU), the job's
+# environment is every other job's: the cases join the launch of their world
+# size shared with other modules' cases (helpers.SharedLaunch).
+_INTERPRET = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"TRITON_INTERPRET": "1"}
+WIDE_RUNS = {nproc: SharedLaunch([Case(m, WIDE_WL, plan) for m, plan in cases], nproc,
+                                 **({"env": _INTERPRET} if _INTERPRET else {}))
+             for nproc, cases in WIDE_CASES}
+
+
+@pytest.mark.parametrize("nproc,cases", WIDE_CASES)
 def test_ring_and_helix_at_head_dim_512(nproc, cases):
     # Every rank runs the kernel in Triton's interpreter wherever the GPU would
     # (ring's prefill blocks, helix's head and sequence re-partitions, the
     # reference); fp16 against the reference: the engine's 2e-2.
-    job = Job([Case(m, WIDE_WL, plan) for m, plan in cases], nproc,
-              env={"TRITON_INTERPRET": "1"})
-    results = launch(job, deadline_s=300)
+    results = WIDE_RUNS[nproc].results()
     for r, (_, plan) in zip(results, cases):
         assert_verified([r], [plan], tol=r["tolerance"])

@@ -5,15 +5,14 @@ import math
 import pytest
 import torch
 
-from helpers import assert_verified, with_real_features
+from helpers import SharedLaunch, assert_verified, with_real_features
 from shardwise.model.load import ShardLoader
 from shardwise.model.weights import WeightSource
 from shardwise.parallel.base import validate_plan
 from shardwise.parallel.comm import Comm
 from shardwise.parallel.helix import Helix
 from shardwise.presets import get_preset
-from shardwise.runtime.job import Case, Job
-from shardwise.runtime.launcher import launch
+from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, Plan, ShardwiseError, Workload
 
 TINY = get_preset("tiny-dense")  # 4 heads x 16, d_ff 256, 4 layers
@@ -65,10 +64,14 @@ LAUNCHES = {
 }
 
 
+# Registered at import: each world size's launch is shared with other modules'
+# cases of that size (helpers.SharedLaunch).
+RUNS = {n: SharedLaunch(cases, n) for n, cases in LAUNCHES.items()}
+
+
 @pytest.fixture(scope="module", params=sorted(LAUNCHES), ids=lambda n: f"{n}ranks")
 def launched(request):
-    cases = LAUNCHES[request.param]
-    return cases, launch(Job(cases, request.param), deadline_s=300)
+    return LAUNCHES[request.param], RUNS[request.param].results()
 
 
 def test_helix_matches_reference(launched):

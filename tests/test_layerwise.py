@@ -6,8 +6,9 @@ layout (from the run's report) and that the layout computes the reference.
 """
 import pytest
 
-from helpers import assert_verified, run_plans, with_real_features
+from helpers import SharedLaunch, assert_verified, with_real_features
 from shardwise.parallel.partition import PartitionError, layer_costs, partition
+from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, Workload
 
 # Activations outweigh these small layers, so replicas (which split the batch)
@@ -67,15 +68,17 @@ CASES = {
 }
 
 
+# Registered at import: each world size's launch is shared with other modules'
+# cases of that size (helpers.SharedLaunch).
+RUNS = {nproc: SharedLaunch([Case(spec, WORKLOAD, cap_for(spec, nproc, groups, replicas, mb))
+                             for spec, groups, replicas, mb in layouts], nproc)
+        for nproc, layouts in CASES.items()}
+
+
 @pytest.mark.parametrize("nproc", sorted(CASES))
 def test_layerwise_matches_reference(nproc):
-    from shardwise.runtime.job import Case, Job
-    from shardwise.runtime.launcher import launch
-
     layouts = CASES[nproc]
-    cases = [Case(spec, WORKLOAD, cap_for(spec, nproc, groups, replicas, mb))
-             for spec, groups, replicas, mb in layouts]
-    results = launch(Job(cases, nproc), deadline_s=300)
+    cases, results = RUNS[nproc].cases, RUNS[nproc].results()
     assert_verified(results, [c.plan for c in cases])  # prefill and each of the 4 decode steps
     for r, (spec, groups, replicas, _) in zip(results, layouts):
         assert r["report"]["groups"] == [list(g) for g in groups], r["plan"]
@@ -86,21 +89,26 @@ def test_layerwise_matches_reference(nproc):
         assert r["kv_bytes_per_rank"][0] == share * (groups[0][1] - groups[0][0]) * per_seq_layer
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_layerwise_replicas_decode_at_a_device_position(nproc):
-    # One group (the model fits a rank): data parallel, no hop inside a step;
-    # a pipeline of groups passes activations point to point. Either way a
-    # decode step runs at a device-tensor position (what bench replays in a
-    # CUDA graph).
-    from shardwise.runtime.job import Case, Job
-    from shardwise.runtime.launcher import launch
-
+def static_cases(nproc):
+    """One group (the model fits a rank): data parallel, no hop inside a step;
+    a pipeline of groups passes activations point to point. Either way a
+    decode step runs at a device-tensor position (what bench replays in a
+    CUDA graph)."""
     spec = VOCAB if nproc == 3 else HIDDEN
     one = cap_for(spec, nproc, [(0, 4)], nproc)
     cases = [Case(spec, WORKLOAD, one)]
     if nproc == 2:
         cases.append(Case(VOCAB, WORKLOAD, cap_for(VOCAB, 2, [(0, 2), (2, 4)], 1, 2)))
-    out = launch(Job(cases, nproc, static_decode=True), deadline_s=300)
+    return cases
+
+
+STATIC_RUNS = {nproc: SharedLaunch(static_cases(nproc), nproc, static_decode=True)
+               for nproc in (2, 3)}
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_layerwise_replicas_decode_at_a_device_position(nproc):
+    cases, out = STATIC_RUNS[nproc].cases, STATIC_RUNS[nproc].results()
     assert_verified(out, [c.plan for c in cases])
     assert out[0]["static_decode"] and out[0]["report"]["replicas"] == nproc
     assert all(r["static_decode"] for r in out[1:])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_verified, run_plans
+from helpers import assert_verified, shared_plans
 from hf_models import ARCHITECTURES, LLAMA3_ROPE, write_checkpoint
 from shardwise.bench.hf_peer import HFModel, hf_config
 from shardwise.bench.peers import TorchCP, TorchEager, TorchTP
@@ -146,9 +146,15 @@ def test_hf_peer_needs_transformers(monkeypatch):
         validate_plan(LLAMA_STYLE, Workload(batch=2, seq_len=8), "hf:1")
 
 
+# Registered at import: each runs in the launch of its world size shared with
+# other modules' cases (helpers.SharedLaunch).
+TORCH_TP_RUN = shared_plans("tiny-dense", ["torch_tp:2"], 2)
+TORCH_EAGER_RUN = shared_plans("tiny-dense", ["torch_eager:1"], 1)
+
+
 def test_eager_and_dtensor_peers_match_reference():
-    assert_verified(run_plans("tiny-dense", ["torch_tp:2"], 2), ["torch_tp:2"])
-    assert_verified(run_plans("tiny-dense", ["torch_eager:1"], 1), ["torch_eager:1"])
+    assert_verified(TORCH_TP_RUN.results(), ["torch_tp:2"])
+    assert_verified(TORCH_EAGER_RUN.results(), ["torch_eager:1"])
 
 
 def test_context_parallel_peer_refusals():

@@ -2,12 +2,11 @@
 single-device reference on CPU with gloo (fp32)."""
 import pytest
 
-from helpers import assert_verified, with_real_features
+from helpers import SharedLaunch, assert_verified, with_real_features
 from shardwise.parallel.base import validate_plan
 from shardwise.parallel.ring import ZigZag
 from shardwise.presets import get_preset
-from shardwise.runtime.job import Case, Job
-from shardwise.runtime.launcher import launch
+from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, ShardwiseError, Workload
 
 TINY = get_preset("tiny-dense").model
@@ -77,11 +76,16 @@ def test_ring_plan_errors_name_the_fix():
 
 
 # -- the strategy against the reference --------------------------------------
+def shared_cases(nproc, cases):
+    """The cases' launch: one per world size, shared with other modules' cases
+    of that size (helpers.SharedLaunch); the ranks start once and run every case."""
+    return SharedLaunch([Case(model, Workload(batch=batch, seq_len=L, decode_steps=4), plan)
+                         for model, plan, batch, L in cases], nproc)
+
+
 def run_cases(nproc, cases):
-    """One launch per world size: the ranks start once and run every case."""
-    jobs = [Case(model, Workload(batch=batch, seq_len=L, decode_steps=4), plan)
-            for model, plan, batch, L in cases]
-    results = launch(Job(jobs, nproc), deadline_s=300)
+    """Every case run and verified; the results, in order."""
+    results = RUNS[nproc].results()
     assert [r["plan"] for r in results] == [plan for _, plan, _, _ in cases]
     for r in results:  # fp32: 1e-5 (see helpers.assert_verified); bf16: the engine's 2e-2
         assert_verified([r], [r["plan"]], tol=1e-5 if r["dtype"] == "fp32" else r["tolerance"])
@@ -90,7 +94,7 @@ def run_cases(nproc, cases):
 
 
 # Prompt lengths per world size: divisible by 2P, not divisible, shorter than 2P.
-@pytest.mark.parametrize("nproc,cases", [
+CASES = [
     (1, [(TINY, "ring:1", 2, 7), (FULL, "ring:1", 2, 5)]),
     (2, [(TINY, "ring:2", 2, 8), (TINY, "ring:2", 3, 5), (TINY, "ring:2", 2, 3),
          (FULL, "ring:2", 2, 11), (TINY, "ring:2,mb=2", 3, 9), (MOE, "ring:2", 2, 10),
@@ -100,7 +104,11 @@ def run_cases(nproc, cases):
          (FULL, "ring:4", 2, 19), (BF16, "ring:4", 2, 14), (REAL, "ring:4", 2, 13)]),
     (8, [(TINY, "ring:8", 2, 32), (TINY, "ring:8", 2, 21), (FULL, "ring:8", 2, 6),
          (MOE, "ring:8", 2, 6)]),
-])
+]
+RUNS = {nproc: shared_cases(nproc, cases) for nproc, cases in CASES}
+
+
+@pytest.mark.parametrize("nproc,cases", CASES)
 def test_ring_matches_reference(nproc, cases):
     results = run_cases(nproc, cases)
     for r, (_, _, _, L) in zip(results, cases):
@@ -112,14 +120,13 @@ def test_ring_matches_reference(nproc, cases):
             assert rep["attn_pairs_max_over_mean"] == 1.0
 
 
-@pytest.mark.parametrize("nproc", [2, 3, 4])
-def test_ring_static_decode_matches_reference(nproc):
-    # Decode at a device-tensor position (what bench replays in a CUDA graph):
-    # each rank writes its slot or its spare one, attends its whole shard with
-    # the positions it does not hold masked; rotary GQA and a prompt not
-    # divisible by 2P, and a prompt shorter than P (ranks that hold no prompt
-    # token attend an empty shard until a decoded token lands there); the
-    # same job checks tp_pp's (pipelines included) and helix's static steps.
+def static_cases(nproc):
+    """Decode at a device-tensor position (what bench replays in a CUDA graph):
+    each rank writes its slot or its spare one, attends its whole shard with
+    the positions it does not hold masked; rotary GQA and a prompt not
+    divisible by 2P, and a prompt shorter than P (ranks that hold no prompt
+    token attend an empty shard until a decoded token lands there); the
+    same job checks tp_pp's (pipelines included) and helix's static steps."""
     wl = Workload(batch=2, seq_len=2 * nproc + 1, decode_steps=5)
     plans = [f"ring:{nproc}", f"ring:{nproc},mb=2"] + (
         ["tp_pp:2x1", "helix:1x2", "tp_pp:1x2,mb=2"] if nproc == 2 else
@@ -129,7 +136,16 @@ def test_ring_static_decode_matches_reference(nproc):
         cases.append(Case(FULL, wl.replace(seq_len=nproc - 1), f"ring:{nproc}"))
     if nproc == 2:  # MoE decode steps take the dense path: no host synchronisation
         cases += [Case(MOE, wl, p) for p in ("ring:2", "tp_pp:2x1", "helix:1x2")]
-    results = launch(Job(cases, nproc, static_decode=True), deadline_s=300)
+    return cases
+
+
+STATIC_RUNS = {nproc: SharedLaunch(static_cases(nproc), nproc, static_decode=True)
+               for nproc in (2, 3, 4)}
+
+
+@pytest.mark.parametrize("nproc", [2, 3, 4])
+def test_ring_static_decode_matches_reference(nproc):
+    results = STATIC_RUNS[nproc].results()
     for r in results:
         assert r["static_decode"], r["plan"]
         assert_verified([r], [r["plan"]])

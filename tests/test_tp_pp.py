@@ -1,33 +1,44 @@
-"""tp_pp against the single-device reference on CPU with gloo (fp32)."""
+"""tp_pp against the single-device reference on CPU with gloo (fp32).
+
+The cases are registered when this module is imported and run in the
+launches they share with other modules' cases of the same world size
+(helpers.SharedLaunch): the ranks start once per world size."""
 import pytest
 
-from helpers import assert_verified, run_plans, with_real_features
+from helpers import assert_verified, shared_plans, with_real_features, SharedLaunch
 from shardwise.presets import get_preset
+from shardwise.runtime.job import Case
 from shardwise.spec import ModelSpec, Workload
 
-
-@pytest.mark.parametrize("nproc,plans", [
-    (1, ["tp_pp:1x1"]),
+MATCHES = {
+    1: ["tp_pp:1x1"],
     # overlap=2 forces the prefill as two overlapped halves (auto, the default,
     # keeps these small batches on the plain schedule, as does overlap=1).
-    (2, ["tp_pp:2x1", "tp_pp:2x1,overlap=2", "tp_pp:2x1,overlap=1", "tp_pp:1x2",
-         "tp_pp:1x2,mb=2"]),
-    (4, ["tp_pp:2x2", "tp_pp:4x1", "tp_pp:1x4,mb=4", "tp_pp:2x2,mb=3"]),
-])
+    2: ["tp_pp:2x1", "tp_pp:2x1,overlap=2", "tp_pp:2x1,overlap=1", "tp_pp:1x2",
+        "tp_pp:1x2,mb=2"],
+    4: ["tp_pp:2x2", "tp_pp:4x1", "tp_pp:1x4,mb=4", "tp_pp:2x2,mb=3"],
+}
+MATCHES_RUN = {n: shared_plans("tiny-dense", plans, n) for n, plans in MATCHES.items()}
+
+
+@pytest.mark.parametrize("nproc,plans", sorted(MATCHES.items()))
 def test_tp_pp_matches_reference(nproc, plans):
-    assert_verified(run_plans("tiny-dense", plans, nproc), plans)
+    assert_verified(MATCHES_RUN[nproc].results(), plans)
 
 
-@pytest.mark.parametrize("nproc,plans", [
-    (2, ["tp_pp:2x1,overlap=3", "tp_pp:2x1,overlap=4", "tp_pp:2x1,overlap=8"]),
-    (4, ["tp_pp:2x2,overlap=3,mb=2", "tp_pp:4x1,overlap=5"]),
-])
+# K overlapped chunks of a batch of 5: uneven chunks (2+2+1), one sequence a
+# chunk, K above the batch (capped at 5), and chunks inside pipeline micro-batches.
+CHUNKS = {
+    2: ["tp_pp:2x1,overlap=3", "tp_pp:2x1,overlap=4", "tp_pp:2x1,overlap=8"],
+    4: ["tp_pp:2x2,overlap=3,mb=2", "tp_pp:4x1,overlap=5"],
+}
+CHUNKS_RUN = {n: shared_plans("tiny-dense", plans, n, Workload(batch=5, seq_len=9, decode_steps=2))
+              for n, plans in CHUNKS.items()}
+
+
+@pytest.mark.parametrize("nproc,plans", sorted(CHUNKS.items()))
 def test_tp_pp_prefill_in_chunks(nproc, plans):
-    # K overlapped chunks of a batch of 5: uneven chunks (2+2+1), one
-    # sequence a chunk, K above the batch (capped at 5), and chunks inside
-    # pipeline micro-batches.
-    wl = Workload(batch=5, seq_len=9, decode_steps=2)
-    assert_verified(run_plans("tiny-dense", plans, nproc, wl), plans)
+    assert_verified(CHUNKS_RUN[nproc].results(), plans)
 
 
 def test_overlap_chunks_auto():
@@ -44,34 +55,35 @@ def test_overlap_chunks_auto():
     assert overlap_chunks("3", 2, 16, row) == 2 and overlap_chunks("1", 8, 16, row) == 1
 
 
+# 5 layers over 2 stages (3 + 2), grouped-query attention, token ids in and
+# logits out (embedding on the first stage, LM head on the last).
+GQA_UNEVEN = ModelSpec(name="t", n_layers=5, d_model=48, n_heads=4, head_dim=12, d_ff=96,
+                       n_kv_heads=2, dtype="fp32", vocab_size=101, norm="rmsnorm",
+                       activation="swiglu", rope_theta=10000.0)
+GQA_UNEVEN_RUN = shared_plans(GQA_UNEVEN, ["tp_pp:2x2", "tp_pp:1x4"], 4,
+                              Workload(batch=3, seq_len=7, decode_steps=4))
+
+
 def test_tp_pp_gqa_uneven_layers_and_vocab():
-    # 5 layers over 2 stages (3 + 2), grouped-query attention, token ids in and
-    # logits out (embedding on the first stage, LM head on the last).
-    spec = ModelSpec(name="t", n_layers=5, d_model=48, n_heads=4, head_dim=12, d_ff=96,
-                     n_kv_heads=2, dtype="fp32", vocab_size=101, norm="rmsnorm",
-                     activation="swiglu", rope_theta=10000.0)
-    plans = ["tp_pp:2x2", "tp_pp:1x4"]
-    assert_verified(run_plans(spec, plans, 4, Workload(batch=3, seq_len=7, decode_steps=4)),
-                    plans)
+    assert_verified(GQA_UNEVEN_RUN.results(), ["tp_pp:2x2", "tp_pp:1x4"])
+
+
+# q/k/v biases sliced with their heads' rows, Llama 3.1's rope scaling, tied
+# embeddings with the LM head on another stage than the embedding (1x4, 2x2)
+# and on the same rank (4x1: one tensor), and tp beyond the KV heads: at tp 4
+# each of the 2 KV heads is held by the 2 ranks whose query heads use it; with
+# one KV head (multi-query), by all 4.
+REAL_GQA = with_real_features(ModelSpec(
+    name="t", n_layers=4, d_model=48, n_heads=4, head_dim=12, d_ff=96, n_kv_heads=2,
+    dtype="fp32", vocab_size=101, norm="rmsnorm", activation="swiglu", rope_theta=1e4))
+REAL_WL = Workload(batch=3, seq_len=7, decode_steps=3)
+REAL_RUN = SharedLaunch(
+    [Case(REAL_GQA, REAL_WL, p) for p in ("tp_pp:4x1", "tp_pp:2x2", "tp_pp:1x4,mb=2")]
+    + [Case(REAL_GQA.replace(name="mqa", n_kv_heads=1), REAL_WL, "tp_pp:4x1")], 4)
 
 
 def test_tp_pp_real_model_features_and_kv_heads_beyond_tp():
-    # q/k/v biases sliced with their heads' rows, Llama 3.1's rope scaling, tied
-    # embeddings with the LM head on another stage than the embedding (1x4, 2x2)
-    # and on the same rank (4x1: one tensor), and tp beyond the KV heads: at
-    # tp 4 each of the 2 KV heads is held by the 2 ranks whose query heads use
-    # it; with one KV head (multi-query), by all 4.
-    from shardwise.runtime.job import Case, Job
-    from shardwise.runtime.launcher import launch
-
-    gqa = with_real_features(ModelSpec(
-        name="t", n_layers=4, d_model=48, n_heads=4, head_dim=12, d_ff=96, n_kv_heads=2,
-        dtype="fp32", vocab_size=101, norm="rmsnorm", activation="swiglu", rope_theta=1e4))
-    mqa = gqa.replace(name="mqa", n_kv_heads=1)
-    wl = Workload(batch=3, seq_len=7, decode_steps=3)
-    cases = [Case(gqa, wl, p) for p in ("tp_pp:4x1", "tp_pp:2x2", "tp_pp:1x4,mb=2")]
-    cases.append(Case(mqa, wl, "tp_pp:4x1"))
-    results = launch(Job(cases, 4), deadline_s=300)
+    cases, results, wl = REAL_RUN.cases, REAL_RUN.results(), REAL_WL
     assert_verified(results, [c.plan for c in cases])
     one_head = 4 * 2 * wl.batch * wl.max_len * 12 * 4  # 4 layers of K and V, fp32
     for r, replicas in zip(results, (2, 1, 1, 4)):
@@ -80,9 +92,11 @@ def test_tp_pp_real_model_features_and_kv_heads_beyond_tp():
     assert results[3]["kv_bytes_per_rank"] == [one_head] * 4  # the whole cache on each
 
 
+MOE_RUN = shared_plans("tiny-moe", ["tp_pp:2x1", "tp_pp:1x2"], 2)
+
+
 def test_tp_pp_moe_spreads_experts():
-    plans = ["tp_pp:2x1", "tp_pp:1x2"]
-    assert_verified(run_plans("tiny-moe", plans, 2), plans)
+    assert_verified(MOE_RUN.results(), ["tp_pp:2x1", "tp_pp:1x2"])
 
 
 def test_wide_partial_sums_round_once_like_one_device():
@@ -112,20 +126,23 @@ def test_wide_partial_sums_round_once_like_one_device():
     assert same_narrow < 0.9, same_narrow
 
 
+# bf16 on CPU (gloo): the wide reduction path, the two-half prefill casting
+# the float32 sum back, and MoE (where it is the default).
+FP32_PLANS = ["tp_pp:2x1,reduce=fp32,overlap=2", "tp_pp:2x1,reduce=fp32,overlap=1"]
+FP32_DENSE_RUN = shared_plans(get_preset("tiny-dense").model.replace(dtype="bf16"), FP32_PLANS,
+                              2, Workload(batch=4, seq_len=16, decode_steps=2))
+FP32_MOE_RUN = shared_plans(get_preset("tiny-moe").model.replace(dtype="bf16"),
+                            ["tp_pp:2x1", "tp_pp:2x1,reduce=model"], 2,
+                            Workload(batch=4, seq_len=64, decode_steps=2))
+
+
 def test_tp_pp_reduce_fp32_in_bf16():
-    # bf16 on CPU (gloo): the wide reduction path, the two-half prefill
-    # casting the float32 sum back, and MoE (where it is the default).
-    dense = get_preset("tiny-dense").model.replace(dtype="bf16")
-    moe = get_preset("tiny-moe").model.replace(dtype="bf16")
-    wl = Workload(batch=4, seq_len=16, decode_steps=2)
-    plans = ["tp_pp:2x1,reduce=fp32,overlap=2", "tp_pp:2x1,reduce=fp32,overlap=1"]
-    assert_verified(run_plans(dense, plans, 2, wl), plans, tol=2e-2)
+    assert_verified(FP32_DENSE_RUN.results(), FP32_PLANS, tol=2e-2)
     # MoE: the float32 sum rounds once, as one device does, so no near-tied
     # token changes expert and the bf16 result matches to float32
     # reassociation (bit for bit on CPU). Rounding the partials first
     # (reduce=model) flips routing on this seed: one decode step is off by ~0.2.
-    wl = Workload(batch=4, seq_len=64, decode_steps=2)
-    wide, narrow = run_plans(moe, ["tp_pp:2x1", "tp_pp:2x1,reduce=model"], 2, wl)
+    wide, narrow = FP32_MOE_RUN.results()
     assert_verified([wide], ["tp_pp:2x1"], tol=1e-3)
     assert narrow["max_rel_err"] > 1e-2, narrow
 
@@ -141,11 +158,15 @@ def test_tp_pp_rejects_unknown_reduce():
         TpPp.validate(spec, Workload(batch=2, seq_len=8), Plan.parse("tp_pp:2x1,reduce=fp16"), 2)
 
 
+# The seed presets' activation (tanh GELU, fused into the GEMM on GPUs), dense
+# and MoE, through tensor parallelism and experts over ranks.
+GELU_WL = Workload(batch=4, seq_len=16, decode_steps=2)
+GELU_DENSE_RUN = shared_plans(get_preset("tiny-dense").model.replace(activation="gelu_tanh"),
+                              ["tp_pp:2x1"], 2, GELU_WL)
+GELU_MOE_RUN = shared_plans(get_preset("tiny-moe").model.replace(activation="gelu_tanh"),
+                            ["tp_pp:2x1", "ep:2"], 2, GELU_WL)
+
+
 def test_gelu_tanh_models_match_reference():
-    # The seed presets' activation (tanh GELU, fused into the GEMM on GPUs),
-    # dense and MoE, through tensor parallelism and experts over ranks.
-    dense = get_preset("tiny-dense").model.replace(activation="gelu_tanh")
-    moe = get_preset("tiny-moe").model.replace(activation="gelu_tanh")
-    wl = Workload(batch=4, seq_len=16, decode_steps=2)
-    assert_verified(run_plans(dense, ["tp_pp:2x1"], 2, wl), ["tp_pp:2x1"])
-    assert_verified(run_plans(moe, ["tp_pp:2x1", "ep:2"], 2, wl), ["tp_pp:2x1", "ep:2"])
+    assert_verified(GELU_DENSE_RUN.results(), ["tp_pp:2x1"])
+    assert_verified(GELU_MOE_RUN.results(), ["tp_pp:2x1", "ep:2"])
