@@ -110,3 +110,25 @@ def _bound(x, w, ends, gated, tol):
     out = act * u
     return out, (1.1 * eg * (u.abs() + eu) + (act.abs() + 1.1 * eg) * eu
                  + 2 * tol * act.abs() * u.abs() + 2.0 ** -30)
+
+
+def test_the_stand_in_computes_and_prices_the_grouped_product():
+    """The recorder's stand-in for ``grouped_kernel`` (a step counted or
+    recorded with the kernel switched on): the loop's rows where the
+    offsets are known, nothing for meta tensors, and a GEMM-class kernel of
+    every row by the (gate and up) outputs."""
+    from shardwise.perf.tritons import stand_in
+
+    g = torch.Generator().manual_seed(4)
+    E, R, K, F = 3, 12, 16, 8
+    x, w = torch.randn(R, K, generator=g), torch.randn(E, 2 * F, K, generator=g)
+    ends = torch.tensor([5, 5, 12], dtype=torch.int32)
+    y = torch.zeros(R, F)
+    grouped = stand_in("grouped_kernel")
+    args = (x, w, y, ends, F, F, K, w.stride(0), K, F)
+    grouped.run((1,), *args, K=K, E=E, GATED=True)
+    assert torch.equal(y, kernels._grouped_torch(x, w, ends, True))
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    grouped.run((1,), *meta, K=K, E=E, GATED=True)  # shapes only: nothing to compute
+    k = grouped.kernel((1,), *args, K=K, E=E, GATED=True)
+    assert k.cls == "gemm" and k.flops == 2.0 * R * K * 2 * F

@@ -530,9 +530,10 @@ def _capability(device) -> tuple:
 # up-projection, the down-projection. Off: on an H100 at Mixtral-8x7b's
 # widths the kernel's best launch took 1747 us for the up-projection of 2048
 # tokens where ``torch._grouped_mm`` and the SwiGLU kernel took 1505, and 878
-# for the down-projection against 794 (scripts/moe-grouped.py), and a
-# prompt of 4 x 6000 tokens took 77.7 and 78.7 ms with it, 72.1 and 71.2
-# without (results/real/README.md, "64c1ab3+grouped").
+# for the down-projection against 794, and a prompt of 4 x 6000 tokens took
+# 77.7 and 78.7 ms with it, 72.1 and 71.2 without
+# (results/real/moe-grouped-64c1ab3-grouped.jsonl,
+# results/real/ab-grouped-with-64c1ab3-grouped.jsonl and -without-).
 GROUPED_UP = False
 GROUPED_DOWN = False
 
