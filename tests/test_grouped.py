@@ -125,7 +125,7 @@ def test_the_stand_in_computes_and_prices_the_grouped_product():
     ends = torch.tensor([5, 5, 12], dtype=torch.int32)
     y = torch.zeros(R, F)
     grouped = stand_in("grouped_kernel")
-    args = (x, w, y, ends, F, F, K, w.stride(0), K, F)
+    args = (x, w, y, ends, F, K, w.stride(0), K, F)
     grouped.run((1,), *args, K=K, E=E, GATED=True)
     assert torch.equal(y, kernels._grouped_torch(x, w, ends, True))
     meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]

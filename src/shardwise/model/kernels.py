@@ -297,11 +297,16 @@ GEMV_MAX_ROWS = 1
 ROWS_MAX = 16
 
 
+def _halves_on_gpu(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``x`` and ``w`` are GPU tensors of one half precision, ``w``'s
+    rows contiguous: what the Triton products take."""
+    return x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and w.stride(-1) == 1
+
+
 def _product_rows(x: torch.Tensor, w: torch.Tensor, bias, width: int) -> int:
     """The rows of ``x [..., width]`` where its product by ``w [O, I]`` is a
     half-precision one on a GPU with no bias (the Triton products'), else 0."""
-    if (bias is None and x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype
-            and w.dim() == 2 and w.stride(-1) == 1 and x.shape[-1] == width):
+    if bias is None and _halves_on_gpu(x, w) and w.dim() == 2 and x.shape[-1] == width:
         return x.numel() // width
     return 0
 
@@ -363,8 +368,7 @@ def batched_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     per expert) by ``w [E, O, I]``, ``[E, N, O]``. For 2 to :data:`ROWS_MAX`
     rows a batch on GPUs one launch of ``rows_kernel`` over the batch (its
     third grid dimension), each matrix's weights streamed once."""
-    if (x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and x.stride(-1) == 1
-            and w.stride(-1) == 1 and GEMV_MAX_ROWS < x.shape[1] <= ROWS_MAX
+    if (_halves_on_gpu(x, w) and x.stride(-1) == 1 and GEMV_MAX_ROWS < x.shape[1] <= ROWS_MAX
             and bool(_rows_kernels())):
         return _rows_launch(x, w, gated=False)
     return torch.bmm(x, w.transpose(1, 2))
@@ -467,8 +471,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor,
     over the experts' slices (the offsets read to the host). ``launch``:
     the kernel's blocks and Triton's options, where a probe sets them
     (scripts/moe-grouped.py); else :func:`grouped_launch`'s."""
-    found = _grouped_kernel() if (x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype
-                                  and x.stride(-1) == 1 and w.stride(-1) == 1) else False
+    found = _grouped_kernel() if _halves_on_gpu(x, w) and x.stride(-1) == 1 else False
     if not found:
         return _grouped_torch(x, w, ends, gated)
     triton, kernel = found
@@ -478,7 +481,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor,
     bm, bn = chosen.pop("BLOCK_M"), chosen.pop("BLOCK_N")
     y = torch.empty(R, O, dtype=x.dtype, device=x.device)
     grid = ((triton.cdiv(R, bm) + E) * triton.cdiv(O, bn),)  # the most tiles any routing has
-    kernel[grid](x, w, y, ends, O, O, x.stride(0), w.stride(0), w.stride(1), y.stride(0), K=K,
+    kernel[grid](x, w, y, ends, O, x.stride(0), w.stride(0), w.stride(1), y.stride(0), K=K,
                  E=E, EP=triton.next_power_of_2(E), BLOCK_M=bm, BLOCK_N=bn, GATED=gated,
                  **{**pdl(x.device), **chosen})
     return y
@@ -611,9 +614,9 @@ def _route_logits_kernel():
 def routable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether :func:`route_rows` routes ``x [N, D]`` by the router ``w [E, D]``
     in its two kernels: CUDA, half precision, a decode step's few tokens."""
-    return (x.is_cuda and x.dtype in _HALF and w.dtype == x.dtype and x.dim() == 2
+    return (_halves_on_gpu(x, w) and x.dim() == 2 and x.stride(-1) == 1
             and x.shape[0] <= ROUTE_MAX_TOKENS and w.shape[0] <= ROUTE_MAX_EXPERTS
-            and x.stride(-1) == 1 and w.stride(-1) == 1 and bool(_route_kernel())
+            and bool(_route_kernel())
             and bool(_route_logits_kernel()))
 
 

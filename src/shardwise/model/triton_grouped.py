@@ -9,7 +9,7 @@ from .triton_rows import _swiglu_of
 
 
 @triton.jit
-def grouped_kernel(X, W, Y, ENDS, O, F, sx, swe, sw, sy, K: tl.constexpr, E: tl.constexpr,
+def grouped_kernel(X, W, Y, ENDS, O, sx, swe, sw, sy, K: tl.constexpr, E: tl.constexpr,
                    EP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr = False):
     """Program p: one ``[BLOCK_M, BLOCK_N]`` tile of ``y [R, O] = x [R, K] @
@@ -22,8 +22,8 @@ def grouped_kernel(X, W, Y, ENDS, O, F, sx, swe, sw, sy, K: tl.constexpr, E: tl.
     the last expert's tiles (the grid is sized for the most tiles any
     routing can have: ``cdiv(R, BLOCK_M) + E`` row blocks) exit at once.
     The exact products are summed in float32 and rounded once, as a GEMM
-    rounds them. ``GATED``: ``W [E, 2F, K]`` holds each expert's ``[gate;
-    up]`` and ``y [R, F] = silu(x W_gate.T) * (x W_up.T)`` (``_swiglu_of``,
+    rounds them. ``GATED``: ``W [E, 2O, K]`` holds each expert's ``[gate;
+    up]`` and ``y [R, O] = silu(x W_gate.T) * (x W_up.T)`` (``_swiglu_of``,
     each accumulator rounded first as the GEMM's output would be): the
     activation is the epilogue."""
     await_inputs(PDL)
@@ -58,7 +58,7 @@ def grouped_kernel(X, W, Y, ENDS, O, F, sx, swe, sw, sy, K: tl.constexpr, E: tl.
             w = tl.load(w_ptr + k, mask=keep_k[:, None] & keep_o[None, :], other=0.0)
             acc = tl.dot(x, w, acc)
             if GATED:
-                u = tl.load(w_ptr + F * sw + k, mask=keep_k[:, None] & keep_o[None, :],
+                u = tl.load(w_ptr + O * sw + k, mask=keep_k[:, None] & keep_o[None, :],
                             other=0.0)
                 acc_u = tl.dot(x, u, acc_u)
         if GATED:

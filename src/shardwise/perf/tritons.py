@@ -270,14 +270,14 @@ class Grouped(StandIn):
     kernel of every row, reading each expert's weights, priced as the
     grouped GEMM it replaces."""
 
-    def run(self, grid, X, W, Y, ENDS, O, F, sx, swe, sw, sy, *, GATED, **kw):
+    def run(self, grid, X, W, Y, ENDS, O, sx, swe, sw, sy, *, GATED, **kw):
         from ..model.kernels import _grouped_torch
 
         if not X.is_meta:
             rows = int(ENDS[-1])
             Y[:rows].copy_(_grouped_torch(X[:rows], W, ENDS, GATED))
 
-    def kernel(self, grid, X, W, Y, ENDS, O, F, sx, swe, sw, sy, *, K, E, GATED, **kw):
+    def kernel(self, grid, X, W, Y, ENDS, O, sx, swe, sw, sy, *, K, E, GATED, **kw):
         rows, outs = X.shape[0], (1 + GATED) * O
         moved = _nbytes(X) + _nbytes(W) + _nbytes(Y)
         return Kernel("gemm", 2.0 * rows * K * outs, float(moved),
