@@ -64,8 +64,12 @@ def overlap_chunks(option: str, batch: int, tokens: int, row_bytes: int) -> int:
 
 
 class OverlappedStage(nn.Module):
-    """The stage's layers on K chunks of the batch at once, so that the
-    all-reduce of one chunk runs while the next chunk computes (prefill).
+    """A tensor-parallel stage: its layers' row-parallel partial sums (the
+    attention's output projection, the MLP's down-projection) summed over
+    the tp ranks (Megatron's ``g`` operator), on K chunks of the batch at
+    once, so that the all-reduce of one chunk runs while the next chunk
+    computes (prefill). Whole experts per rank need no wide sum: each
+    token's expert outputs are rounded and added exactly as on one device.
 
     Megatron's reductions sit on the critical path: each layer waits for its
     two all-reduces. With K independent chunks, chunk j's reduction is issued
@@ -103,12 +107,12 @@ class OverlappedStage(nn.Module):
             for j in range(k):
                 # the previous layer's residual add, in one kernel with this norm
                 xs[j], n = add_norm(blk.attn_norm, xs[j], pending[j]() if pending[j] else None)
-                a = blk.attn.inner(n, views[j][i], pos)
+                a = blk.attn(n, views[j][i], pos)
                 attn_out.append(self.comm.all_reduce_start(a, self.axis))
             for j in range(k):  # chunk j's reduction ran while the next chunk computed
                 a = attn_out[j]()  # float32 under reduce=fp32
                 xs[j], n = add_norm(blk.mlp_norm, xs[j], a.to(xs[j].dtype))
-                pending[j] = self.comm.all_reduce_start(blk.mlp.inner(n), self.axis)
+                pending[j] = self.comm.all_reduce_start(blk.mlp(n), self.axis)
         x = torch.empty((B, T, D), dtype=xs[0].dtype, device=xs[0].device)
         for (a, b), h, m in zip(parts, xs, pending):
             torch.add(h, m(), out=x[a:b])
@@ -124,33 +128,18 @@ class OverlappedStage(nn.Module):
         st, comm, axis = self.stage, self.comm, self.axis
         x = st.embed(inputs) if st.embed is not None else inputs
         pending = None  # the previous layer's MLP partial sum, not yet reduced
-        with one_step():
+        with one_step(pos):
             for blk, cache in zip(st.layers, caches):
                 if pending is None:
                     x, n = add_norm(blk.attn_norm, x, None)
                 else:
                     x, n = comm.all_reduce_add_norm(pending, x, blk.attn_norm, axis)
-                x, n = comm.all_reduce_add_norm(blk.attn.inner(n, cache, pos), x, blk.mlp_norm,
+                x, n = comm.all_reduce_add_norm(blk.attn(n, cache, pos), x, blk.mlp_norm,
                                                 axis)
-                pending = blk.mlp.inner(n)
+                pending = blk.mlp(n)
         x, y = comm.all_reduce_add_norm(pending, x, st.norm, axis)
         x = x if y is None else y
         return st.lm_head(x) if st.lm_head is not None else x
-
-
-class ReduceAfter(nn.Module):
-    """Sum a row-parallel module's partial output over a mesh axis
-    (Megatron's ``g`` operator: identity forward of the column-parallel input,
-    all-reduce of the row-parallel output). With ``dtype`` set, the partials
-    arrive in that (wider) dtype and the sum is rounded once, to ``out``."""
-
-    def __init__(self, inner: nn.Module, comm, axis: str, out: torch.dtype | None = None):
-        super().__init__()
-        self.inner, self.comm, self.axis, self.out = inner, comm, axis, out
-
-    def forward(self, *args):
-        y = self.comm.all_reduce(self.inner(*args), self.axis)
-        return y if self.out is None else y.to(self.out)
 
 
 class WideOutputLinear(nn.Module):
@@ -218,11 +207,6 @@ def tp_stage(ctx: StageContext, attention=None, mlp=None, experts: range | None 
             blk.attn = attention(blk.attn)
         if mlp is not None:
             blk.mlp = mlp(blk.mlp)
-        if split:
-            blk.attn = ReduceAfter(blk.attn, comm, "tp", out=dtype if wide else None)
-            # Whole experts per rank: each token's expert outputs are rounded
-            # and added exactly as on one device, so MoE needs no wide sum.
-            blk.mlp = ReduceAfter(blk.mlp, comm, "tp")
         return blk
 
     with torch.device("meta"):
