@@ -124,7 +124,14 @@ def test_static_shape_step_builds_position_tensors_once():
         torch.arange = real
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert len(built) == 3, built  # slots (1) and mask (2), not per layer
-    assert ref_mod._STEP is None
+    # The step's memo went with the step: the next step at the same (reused,
+    # then moved) position tensor builds its slots again.
+    pos = torch.tensor(6)
+    with ref_mod.one_step(pos):
+        first = ref_mod.per_step(pos, ("x",), lambda: pos + 1)
+        assert ref_mod.per_step(pos, ("x",), lambda: pos + 2) is first
+    assert pos.__dict__ == {}
+    assert ref_mod.per_step(pos, ("x",), lambda: pos + 2).item() == 8
 
 
 def test_cache_write_moves_rows_as_words():

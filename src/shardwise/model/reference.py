@@ -35,8 +35,6 @@ DIRECT_CACHE_MIN_TOKENS = 1024
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-_STEP: dict | None = None  # index tensors of the step being run (see one_step)
-
 # A loop whose iterations each do the same work (one per sequence of a batch)
 # iterates ``same_work(n)``; a recorder of what a step does (shardwise.perf)
 # replaces it to run one iteration and count it n times.
@@ -69,33 +67,49 @@ def build_layers(layers, build) -> nn.ModuleList:
 
 
 @contextmanager
-def one_step():
-    """Scope of one forward step. Inside it, the index tensors derived from a
-    device-tensor position (cache slots, the position mask) are built by the
-    first layer that asks and shared by the others: in a static-shape decode
-    step captured in a CUDA graph, that is a few kernels a step instead of a
-    few a layer. Nested scopes share the outer one."""
-    global _STEP
-    outer = _STEP
-    _STEP = {} if outer is None else outer
+def one_step(pos=None):
+    """Scope of one forward step at ``pos``. Inside it, the index tensors
+    derived from a device-tensor position (cache slots, the position mask)
+    are built by the first layer that asks and shared by the others
+    (:func:`per_step`): in a static-shape decode step captured in a CUDA
+    graph, that is a few kernels a step instead of a few a layer. They are
+    held by ``pos`` itself for the step and dropped at its end (the position
+    changes in place between steps), so no module keeps step state. A scope
+    inside another at the same position shares it; at an int position
+    nothing is derived and the scope does nothing."""
+    if not isinstance(pos, torch.Tensor) or _MEMO in pos.__dict__:
+        yield
+        return
+    memo = pos.__dict__[_MEMO] = {}
     try:
         yield
     finally:
-        _STEP = outer
+        del pos.__dict__[_MEMO]
+        memo.clear()
 
 
-def _per_step(key: tuple, make):
-    """``make()``, once per step for ``key`` (every call outside a step)."""
-    if _STEP is None:
+_MEMO = "_shardwise_step"  # the attribute of a step's position that holds its memo
+
+
+def per_step(anchor: torch.Tensor, key: tuple, make):
+    """``make()``, made once a step for ``(anchor, key)`` where ``anchor`` is
+    the step's position (:func:`one_step`) or a tensor made this way from it
+    (which then holds the step's memo too); made on every call outside a step."""
+    memo = anchor.__dict__.get(_MEMO)
+    if memo is None:
         return make()
-    if key not in _STEP:
-        _STEP[key] = make()
-    return _STEP[key]
+    at = (id(anchor), *key)
+    if at not in memo:
+        value = memo[at] = make()
+        for t in value if isinstance(value, tuple) else (value,):
+            if isinstance(t, torch.Tensor):
+                t.__dict__[_MEMO] = memo
+    return memo[at]
 
 
 def _slots(pos: torch.Tensor, T: int, device) -> torch.Tensor:
     """Cache positions ``pos..pos+T`` for a device-tensor ``pos``, once a step."""
-    return _per_step(("slots", id(pos), T, device), lambda: pos + torch.arange(T, device=device))
+    return per_step(pos, ("slots", T, device), lambda: pos + torch.arange(T, device=device))
 
 
 class KVCache:
@@ -229,7 +243,7 @@ def causal_attention(q, k, v, q_start) -> torch.Tensor:
     Hkv = k.shape[1]
     if T == 1 and decode_ok(q, k, v):
         if isinstance(q_start, torch.Tensor):  # keys 0..q_start, counted once a step
-            n = _per_step(("keys", id(q_start)), lambda: q_start + 1)
+            n = per_step(q_start, ("keys",), lambda: q_start + 1)
         else:
             n = min(q_start + 1, k.shape[2])
         return decode_attend(q, k, v, n)[0]
@@ -260,7 +274,7 @@ def _causal_sdpa(q, k, v, q_start, T: int, gqa: bool) -> torch.Tensor:
             bias = torch.zeros(T, S + (-S % 16), dtype=q.dtype, device=q.device)[:, :S]
             return bias.masked_fill_(~seen, float("-inf"))
 
-        mask = _per_step(("mask", id(q_start), T, S, q.dtype, q.device), make_mask)
+        mask = per_step(q_start, ("mask", T, S, q.dtype, q.device), make_mask)
         return Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if q_start == 0 and T == S:
         return Fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -737,7 +751,7 @@ class Transformer(nn.Module):
                 pos: int = 0) -> torch.Tensor:
         x = self.embed(inputs) if self.embed is not None else inputs
         pending = None  # the last layer's MLP output, added with the next norm
-        with one_step():
+        with one_step(pos):
             for i, layer in enumerate(self.layers):
                 cache = caches[i] if caches is not None else None
                 if type(layer) is Block:

@@ -101,7 +101,7 @@ class Strategy(PlanRules, nn.Module):
         self.out_shape = self.output_shape(inputs)
         if isinstance(inputs, Rows) and not self.streams:
             inputs = inputs.take(0, inputs.shape[0])
-        with one_step():
+        with one_step(pos):
             return self.forward(inputs, pos)
 
     def seek(self, pos: int) -> None:

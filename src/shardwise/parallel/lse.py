@@ -23,7 +23,7 @@ from ..model.decode import attend as decode_attend, decode_ok
 from ..model.flash import attend as wide_attend, wide_ok
 from ..model.merge import (NEG_INF, _finite, _merge_math, _merge_rows, _share,  # noqa: F401
                            merge_into, merge_lse, merge_stack)
-from ..model.reference import _per_step
+from ..model.reference import per_step
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -91,7 +91,7 @@ def attend_lse_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torc
         return bias.masked_fill_(~keep, NEG_INF)
 
     # Every layer of a step masks the same positions: built once a step.
-    mask = _per_step(("prefix-mask", id(n), T, S, q.dtype, q.device, fused), make)
+    mask = per_step(n, ("prefix-mask", T, S, q.dtype, q.device, fused), make)
     if not fused:  # an empty prefix: o = 0, lse = -inf
         return _attend_math(q, k, v, mask[None, :], scale, False)
     o, lse = _attend_fused(q, k, v, scale, False, mask.expand(B, H, T, S))

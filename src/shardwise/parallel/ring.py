@@ -45,7 +45,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from ..model.reference import Attention, KVCache, _per_step
+from ..model.reference import Attention, KVCache, per_step
 from ..spec import ModelSpec
 from .base import alike_steps, dense_moe_ok
 from .checks import balanced_ranges
@@ -236,7 +236,7 @@ class RingAttention(nn.Module):
         not held masked (:func:`attend_lse_prefix`; none held yet on a rank
         without prompt tokens: an empty block)."""
         q, k, v = self.attn.project(x)  # [B, 1, H or Hkv, d]
-        at, n = _per_step(("ring-slot", id(pos), self.r), lambda: self._slot(pos))
+        at, n = per_step(pos, ("ring-slot", self.r), lambda: self._slot(pos))
         # The whole shard, spare slot included (with a rotary embedding: q
         # rotated and k, v stored in one kernel).
         if self.attn.rope is not None:

@@ -122,7 +122,7 @@ def decode_kernel_costs(device, replay_us) -> dict:
         heads = D // 64
         cache = KVCache.allocate(16, heads, 256, 64, bf16, device)
         kv = torch.randn(16, 1, 2 * heads * 64, device=device, dtype=bf16)
-        with one_step():  # the cache slots made once, outside the graph, as a step does
+        with one_step(pos):  # the cache slots made once, outside the graph, as a step does
             cache.write_packed(pos, kv)
             out["cache_write"][D] = round(replay_us(
                 lambda: [cache.write_packed(pos, kv) for _ in range(20)], 20), 3)
@@ -156,7 +156,7 @@ def _decode_stack(device, width: int, layers: int):
     pos = torch.tensor(100, device=device)
 
     def step():
-        with one_step():
+        with one_step(pos):
             model(x, caches, pos)
 
     return step

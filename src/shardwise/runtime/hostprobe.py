@@ -91,7 +91,7 @@ def probe_stack(device, layers: int = 8, static: bool = False):
     pos = torch.tensor(PROBE_POS, device=device) if static else PROBE_POS
 
     def step():
-        with one_step():
+        with one_step(pos):
             model(x, caches, pos)
 
     return step, layers
