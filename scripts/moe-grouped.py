@@ -8,8 +8,13 @@ expert, as
 * ``grouped_kernel``: shardwise's Triton kernel (``kernels.grouped_linear``;
   the SwiGLU in its epilogue), at the launch ``grouped_launch`` picks and,
   with ``--sweep``, at others (at the first token count),
+* ``grouped_mm_nmajor``: the same with the weights stored ``[E, K, O]``
+  (the other operand layout CUTLASS is built for),
 * ``loop``: one cuBLAS GEMM per expert on its rows (the group sizes known
-  on the host beforehand: what the sizes cost to read is not in it),
+  on the host beforehand: what the sizes cost to read is not in it), each
+  product copied into place (and the up-projection's SwiGLU per expert),
+* ``loop_into``: the same GEMMs written in place (``out=``), the
+  up-projection's SwiGLU once over all rows,
 * ``dense``: one cuBLAS GEMM of all the rows by one expert's matrix, the
   same FLOPs with no grouping (a ceiling),
 
@@ -94,6 +99,22 @@ def sweep(args, emit, peak, dev, dt) -> None:
             torch._grouped_mm(rows, w_in.transpose(1, 2), offs=ends)))
         record("down", "grouped_mm", lambda: torch._grouped_mm(act, w_down.transpose(1, 2),
                                                                 offs=ends))
+
+        w_in_n, w_down_n = (w.transpose(1, 2).contiguous() for w in (w_in, w_down))
+        record("up", "grouped_mm_nmajor", lambda: kernels.swiglu(
+            torch._grouped_mm(rows, w_in_n, offs=ends)))
+        record("down", "grouped_mm_nmajor", lambda: torch._grouped_mm(act, w_down_n, offs=ends))
+
+        def loop_into(x_, w, gated):
+            h = x_.new_empty(R, w.shape[1])
+            start = 0
+            for e, n in enumerate(sizes):
+                torch.mm(x_[start:start + n], w[e].t(), out=h[start:start + n])
+                start += n
+            return kernels.swiglu(h) if gated else h
+
+        record("up", "loop_into", lambda: loop_into(rows, w_in, True))
+        record("down", "loop_into", lambda: loop_into(act, w_down, False))
 
         def loop(x_, w, gated):
             out = x_.new_empty(R, w.shape[1] // (1 + gated))
