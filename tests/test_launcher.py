@@ -71,3 +71,38 @@ def test_cli_failure_exits_nonzero_and_shows_the_traceback():
 def test_results_of_a_good_job_come_back():
     res = launch(job(nproc=2, plan="tp_pp:1x2"), deadline_s=120)
     assert len(res) == 1 and res[0]["ok"]
+
+
+def test_a_rendezvous_port_taken_before_the_ranks_bind_it(monkeypatch):
+    # free_port's port is taken by another process before rank 0 binds it:
+    # rank 0 fails with EADDRINUSE, and the job starts again on another port.
+    import socket
+
+    from shardwise.runtime import launcher
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken, real, given = held.getsockname()[1], launcher.free_port, []
+
+    def free_port():  # the taken port first, then really free ones
+        given.append(real() if given else taken)
+        return given[-1]
+
+    monkeypatch.setattr(launcher, "free_port", free_port)
+    try:
+        res = launch(job(nproc=2, plan="tp_pp:1x2"), deadline_s=120)
+    finally:
+        held.close()
+    assert len(res) == 1 and res[0]["ok"]
+    assert given[0] == taken and len(given) == 2
+
+
+def test_a_port_taken_is_told_from_other_failures():
+    from shardwise.runtime.launcher import port_taken
+
+    bind = "RuntimeError: ... port: 4242, useIPv6: 0, code: -98, name: EADDRINUSE, message: ..."
+    assert port_taken(LaunchError("rank 0 failed", 0, bind))
+    assert not port_taken(LaunchError("rank 1 failed", 1, bind))  # not the store's rank
+    assert not port_taken(LaunchError("rank 0 failed", 0, "ValueError: injected fault"))
+    assert not port_taken(LaunchError("rank 0 failed", 0, bind, results=[{"ok": True}]))

@@ -141,6 +141,12 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+# A free port is found by binding it and letting it go; another process can
+# take it before rank 0's store binds it. Rank 0 then fails at once with
+# EADDRINUSE, before any work: the job is started again on another port.
+PORT_TRIES = 3
+
+
 def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
            module: str = "shardwise.runtime.worker", on_stream=None,
            on_progress=None) -> list[dict]:
@@ -149,7 +155,26 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
     ``on_stream(message)`` is called with each JSON line the ranks append to
     the file named in their ``SHARDWISE_STREAM`` (a generation's tokens, as
     they come), in order, as the launcher polls; ``on_progress(event)`` with
-    each of rank 0's progress events (runtime/progress.py), the same way."""
+    each of rank 0's progress events (runtime/progress.py), the same way.
+    A job whose rendezvous port was taken in the meantime is started again
+    on a new one (:data:`PORT_TRIES` in all)."""
+    for attempt in range(1, PORT_TRIES + 1):
+        try:
+            return _launch(job, free_port(), deadline_s, poll_s, module, on_stream, on_progress)
+        except LaunchError as e:
+            if attempt == PORT_TRIES or not port_taken(e):
+                raise
+
+
+def port_taken(e: LaunchError) -> bool:
+    """Whether ``e`` is rank 0 failing to bind the rendezvous port (it was
+    taken between :func:`free_port` and the bind), before any result."""
+    return e.rank == 0 and not e.results and "EADDRINUSE" in e.traceback_text
+
+
+def _launch(job: Job, port: int, deadline_s: float | None, poll_s: float, module: str,
+            on_stream, on_progress) -> list[dict]:
+    """:func:`launch`'s one attempt, on rendezvous port ``port``."""
     with _stop_signals_noted() as stop, tempfile.TemporaryDirectory(prefix="shardwise-") as tmp, \
             Lifeline() as lifeline:
         job_file = os.path.join(tmp, "job.json")
@@ -160,7 +185,6 @@ def launch(job: Job, deadline_s: float | None = None, poll_s: float = 0.05,
         progress = (_Follow(os.path.join(tmp, "progress.jsonl"), on_progress)
                     if on_progress else None)
         follow = [f for f in (stream, progress) if f is not None]
-        port = free_port()
         procs: list[subprocess.Popen] = []
         base_env = dict(os.environ)
         base_env.update(job.env)
