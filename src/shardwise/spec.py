@@ -51,6 +51,35 @@ def dtype_bytes(name: str) -> int:
     return ITEMSIZE[_dtype_name(name)]
 
 
+# rope_type -> the scaling keys it needs (besides rope_type): the scalings
+# model/rope.py computes. A spec and a checkpoint's config are checked against
+# them before any tensor exists.
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+
+
+def rope_scaling_problem(scaling: dict) -> str | None:
+    """Why ``scaling`` (a spec's ``rope_scaling`` as a dict) cannot be computed, or None."""
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALING_KEYS:
+        return (f"rope_scaling type {kind!r} is not supported (shardwise computes "
+                f"{', '.join(ROPE_SCALING_KEYS)}); use a model without it")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
+    if missing:
+        return f"rope_scaling of type {kind!r} needs {', '.join(missing)}"
+    for k in ROPE_SCALING_KEYS[kind]:
+        v = scaling[k]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            return f"rope_scaling {k} = {v!r} must be a positive number"
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        return "rope_scaling high_freq_factor must exceed low_freq_factor"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only transformer (dense, or Mixture-of-Experts when n_experts > 0).
@@ -116,9 +145,7 @@ class ModelSpec:
             if self.rope_theta is None:
                 problems.append("rope_scaling needs rope_theta (a rotary embedding to scale)")
             else:
-                from .model.rope import scaling_problem
-
-                problem = scaling_problem(dict(self.rope_scaling))
+                problem = rope_scaling_problem(dict(self.rope_scaling))
                 if problem:
                     problems.append(problem)
         if self.tie_embeddings and self.vocab_size is None:

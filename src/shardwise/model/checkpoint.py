@@ -23,7 +23,8 @@ import struct
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Collection, Sequence
 
-from ..spec import ModelSpec, ShardwiseError, Workload
+from ..spec import (ROPE_SCALING_KEYS, ModelSpec, ShardwiseError, Workload,
+                    rope_scaling_problem)
 
 if TYPE_CHECKING:
     import torch
@@ -125,8 +126,6 @@ def _rope(config: dict, where: str) -> tuple[float, tuple | None]:
     """The rotary base and scaling, from ``rope_parameters`` (transformers >= 5)
     or ``rope_theta`` / ``rope_scaling`` (earlier). Scalings that
     model/rope.py computes (linear, llama3) are kept; others are refused."""
-    from .rope import scaling_problem
-
     params = config.get("rope_parameters")
     key = "rope_parameters"
     legacy = config.get("rope_scaling")
@@ -157,14 +156,12 @@ def _rope(config: dict, where: str) -> tuple[float, tuple | None]:
     if "type" in scaling:  # the field's name before transformers 4.45
         scaling.setdefault("rope_type", scaling.pop("type"))
     kind = scaling.get("rope_type", "default")
-    problem = scaling_problem(scaling)
+    problem = rope_scaling_problem(scaling)
     if problem:
         raise _fail(where, f"config field {key!r}: {problem}")
     if kind == "default":
         return float(theta), None
-    from .rope import SCALINGS
-
-    kept = {k: scaling[k] for k in SCALINGS[kind]}
+    kept = {k: scaling[k] for k in ROPE_SCALING_KEYS[kind]}
     return float(theta), tuple(sorted({**kept, "rope_type": kind}.items()))
 
 

@@ -17,38 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
 
 from ..spec import ModelSpec
-
-if TYPE_CHECKING:  # torch is imported where tensors are made: a spec's check of
-    import torch   # its rope_scaling (scaling_problem) runs without it
-
-# rope_type -> the scaling keys it needs (besides rope_type).
-SCALINGS = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-               "original_max_position_embeddings"),
-}
-
-
-def scaling_problem(scaling: dict) -> str | None:
-    """Why ``scaling`` (a spec's ``rope_scaling`` as a dict) cannot be computed, or None."""
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in SCALINGS:
-        return (f"rope_scaling type {kind!r} is not supported (shardwise computes "
-                f"{', '.join(SCALINGS)}); use a model without it")
-    missing = [k for k in SCALINGS[kind] if k not in scaling]
-    if missing:
-        return f"rope_scaling of type {kind!r} needs {', '.join(missing)}"
-    for k in SCALINGS[kind]:
-        v = scaling[k]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            return f"rope_scaling {k} = {v!r} must be a positive number"
-    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        return "rope_scaling high_freq_factor must exceed low_freq_factor"
-    return None
 
 
 @dataclass(frozen=True)
@@ -72,8 +44,6 @@ class Rope:
 
     def inv_freq(self, device=None) -> torch.Tensor:
         """``[d/2]`` float32 frequencies, scaled as the model says."""
-        import torch
-
         d = self.head_dim
         inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.int64)
                                     .to(device=device, dtype=torch.float32) / d))
@@ -99,8 +69,6 @@ class Rope:
         never recomputes the frequencies or the angles. The angles are the
         float32 products ``position * inv_freq`` (exact positions up to
         2**24), the values transformers computes for each call."""
-        import torch
-
         n = max(TABLE_MIN, 1 << max(0, int(length) - 1).bit_length())
         device = torch.device(device)
         key = (self, device, n)
@@ -113,8 +81,6 @@ class Rope:
     def cos_sin(self, pos, T: int, length: int | None = None, device=None):
         """``cos, sin [T, d/2]`` (float32) for positions ``pos..pos+T``: ``pos``
         an int, or a 0-d device tensor with every position below ``length``."""
-        import torch
-
         if isinstance(pos, torch.Tensor):
             cos, sin = self.table(length, pos.device)
             rows = pos + torch.arange(T, device=pos.device)
@@ -140,8 +106,6 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """``x [B, T, H, d]`` rotated by ``cos, sin [T, d/2]``: dims ``(i, i + d/2)``
     -> ``(x_i c - x_{i+d/2} s, x_{i+d/2} c + x_i s)`` in float32, rounded to
     ``x``'s dtype."""
-    import torch
-
     half = x.shape[-1] // 2
     xf = x.float()
     x1, x2 = xf[..., :half], xf[..., half:]
