@@ -16,16 +16,16 @@ import time
 
 import torch
 
-from ..model.load import ShardLoader, build_reference
+from ..model.load import ShardLoader
 from ..model.weights import WeightSource, make_inputs
 from ..parallel.base import validate_plan
-from ..parallel.checks import balanced_ranges
 from ..parallel.comm import Comm, gather_floats
 from ..spec import Plan, torch_dtype
 from ..bench import metrics
 from .job import Case, Job, tolerance
-from .timing import (BenchSettings, measure_ceilings, summarize, time_decode, time_prefill,
-                     timed_call, trace_step)
+from .timing import (BenchSettings, _sync, measure_ceilings, summarize, time_decode,
+                     time_prefill, timed_call, trace_step)
+from .verify import step_errors
 
 
 def peak_memory(device: torch.device) -> int:
@@ -36,17 +36,6 @@ def peak_memory(device: torch.device) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| (Frobenius, computed in float64)."""
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class RankMonitor:
@@ -231,7 +220,7 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
     if case.verify:
         monitor.phase("verify (reference model)")
         log(f"  verifying {plan} against the single-device reference ...")
-        errs, ties = _verify(case, source, dtype, device, prompt, steps, outputs)
+        errs, ties = step_errors(case, source, dtype, device, prompt, steps, outputs)
         tol = tolerance(spec.dtype)
         # MoE: a token whose routing is tied within the model's rounding may take
         # other experts under any other GEMM shapes (the reference's own split
@@ -393,50 +382,3 @@ def _comm_profile(step, device, comm) -> tuple[float, float]:
 
 def _max_over_ranks(value: float, device, comm: Comm) -> float:
     return max(v[0] for v in comm.gather_floats([float(value)], device))
-
-
-def _verify(case: Case, source, dtype, device, prompt, steps, outputs):
-    """Relative error of every step against the reference; for MoE models
-    also the routing analysis of ``runtime/routing_check.py``: near-tied
-    tokens, routing flips (near-tied tokens whose output row departs), the
-    error without the flips, and how far the reference departs from itself
-    when run as two half-batches (GEMMs of other shapes)."""
-    from .routing_check import NearTies, flips
-
-    wl = case.workload
-    errs, ties = [], None
-    with torch.inference_mode():
-        ref = build_reference(source, dtype, device)
-        near = NearTies(ref, dtype)
-        caches = ref.allocate_caches(wl.batch, wl.max_len)
-        halves = balanced_ranges(wl.batch, 2) if wl.batch > 1 else []
-        half_caches = [ref.allocate_caches(b - a, wl.max_len) for a, b in halves]
-        for t, (x, out) in enumerate(zip([prompt, *steps], outputs)):
-            pos = 0 if t == 0 else wl.seq_len + t - 1
-            want = ref(x, caches, pos)
-            errs.append(rel_err(out, want))
-            flags = near.take()
-            if flags is None:
-                continue
-            if ties is None:
-                ties = {k: [] for k in ("near_tie_tokens", "determinate_rel_err", "routing_flips",
-                                        "rel_err_without_flips", "reference_split_rel_err",
-                                        "reference_split_flips")}
-            keep = ~flags
-            ties["near_tie_tokens"].append(int(flags.sum()))
-            ties["determinate_rel_err"].append(
-                rel_err(out[keep], want[keep]) if bool(keep.any()) else 0.0)
-            flip = flips(out, want, flags)
-            ties["routing_flips"].append(int(flip.sum()))
-            ties["rel_err_without_flips"].append(rel_err(out[~flip], want[~flip]))
-            if halves:
-                parts = []
-                for (a, b), c in zip(halves, half_caches):
-                    parts.append(ref(x[a:b], c, pos))
-                    near.take()  # the flags that count are the whole batch's
-                split = torch.cat(parts)
-                ties["reference_split_rel_err"].append(rel_err(split, want))
-                ties["reference_split_flips"].append(int(flips(split, want, flags).sum()))
-        near.close()
-    del ref, caches, half_caches
-    return errs, ties

@@ -412,7 +412,8 @@ def generate_case(case: Case, comm, model, source, dtype: torch.dtype, rank: int
                   device: torch.device, log=print) -> list[dict]:
     """Run on every rank with this rank's shard ``model`` (from ``engine.build``);
     rank 0 returns one record with the tokens, the others an empty list."""
-    from .engine import _sync, _verify
+    from .timing import _sync
+    from .verify import step_errors
 
     gen = Generation.from_dict(case.generate)
     B, L = len(gen.prompt_ids), len(gen.prompt_ids[0])
@@ -475,7 +476,7 @@ def generate_case(case: Case, comm, model, source, dtype: torch.dtype, rank: int
     }
     if case.verify:
         log(f"  verifying {case.plan}'s logits at every step against the reference ...")
-        errs, _ = _verify(case, source, dtype, device, prompt, fed, logits)
+        errs, _ = step_errors(case, source, dtype, device, prompt, fed, logits)
         tol = tolerance(spec.dtype)
         record.update(prefill_rel_err=errs[0], decode_rel_err=errs[1:], max_rel_err=max(errs),
                       tolerance=tol,
