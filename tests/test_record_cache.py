@@ -18,6 +18,8 @@ LLAMA = ModelSpec(name="llama", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2,
                   rope_theta=10000.0, vocab_size=97)
 MOE = get_preset("tiny-moe").model.replace(n_layers=3, dtype="bf16")
 WL = Workload(batch=8, seq_len=16)
+# What an entry is read back as: the recorder's classes, which it hands in.
+TYPES = (record.RankTrace, record.StepTrace)
 # A pipeline of tensor-parallel stages (twin ranks, renamed), a ring (every
 # rank its own; eight, so that a rank's hops of one kind make a loop), expert parallelism on a MoE (routing, all-to-all), each
 # with graph decode and eager.
@@ -81,9 +83,9 @@ def test_an_entry_holds_the_traces_exactly(cache):
         p = Plan.parse(plan)
         traces = {r: record.record_alone(spec, WL, p, world, r) for r in ranks}
         text = tracecache.key(spec, WL, p, world, "nccl", None, record.PHASES)
-        assert tracecache.decode(text, tracecache.encode(text, traces)) == traces
+        assert tracecache.decode(text, tracecache.encode(text, traces), *TYPES) == traces
         with pytest.raises(ValueError):
-            tracecache.decode(text + " ", tracecache.encode(text, traces))
+            tracecache.decode(text + " ", tracecache.encode(text, traces), *TYPES)
 
 
 def test_another_code_version_misses(cache, monkeypatch):
@@ -131,10 +133,10 @@ def test_a_damaged_entry_is_recorded_again(cache, monkeypatch):
         entry.write_bytes(damage)
         _fresh()
         seen.clear()
-        assert tracecache.load(text) is None
+        assert tracecache.load(text, *TYPES) is None
         assert predict(spec, WL, plan, H100_16, graphs=graphs) == first
         assert seen  # recorded, not read
-        assert tracecache.load(text) is not None  # written again, whole
+        assert tracecache.load(text, *TYPES) is not None  # written again, whole
 
 
 def test_where_the_cache_goes(tmp_path, monkeypatch):

@@ -575,7 +575,7 @@ def _alone(spec, wl, plan, world, backend, balance, phases, ranks: tuple) -> dic
     """The ranks ``ranks`` of ``plan`` recorded alone, from the cache of
     recordings where it holds them."""
     key = recording_key(spec, wl, plan, world, backend, balance, phases)
-    got = tracecache.load(key)
+    got = tracecache.load(key, RankTrace, StepTrace)
     if got is None or sorted(got) != list(ranks):
         got = {r: record_rank(spec, wl, plan, world, r, backend, balance, phases)
                for r in ranks}

@@ -227,11 +227,12 @@ def encode(text: str, traces: dict) -> bytes:
 _CALLS: dict = {}
 
 
-def decode(text: str, data: bytes) -> dict:
-    """An entry's traces (rank -> RankTrace); ValueError where it is not one
-    for the key ``text``."""
-    from .record import RankTrace, StepTrace
-
+def decode(text: str, data: bytes, rank_trace: type, step_trace: type) -> dict:
+    """An entry's traces (rank -> ``rank_trace``, its steps ``step_trace``);
+    ValueError where it is not one for the key ``text``. The classes are
+    record.py's RankTrace and StepTrace, handed in by the recorder: it
+    imports this module to keep what it records, so this one cannot import
+    it back."""
     doc = json.loads(gzip.decompress(data))
     if doc.get("format") != FORMAT or doc.get("key") != text:
         raise ValueError("an entry for another key")
@@ -242,23 +243,23 @@ def decode(text: str, data: bytes) -> dict:
         for kind, name, ks, shapes in doc["calls"])]
     out = {}
     for r in doc["ranks"]:
-        steps = {phase: StepTrace(_decode_events(events, calls), peak)
+        steps = {phase: step_trace(_decode_events(events, calls), peak)
                  for phase, peak, events in r["steps"]}
-        out[r["rank"]] = RankTrace(r["rank"], steps, r["weights"], r["kv"], r["inputs"],
-                                   r["symmetric"], _unval(r["facts"]))
+        out[r["rank"]] = rank_trace(r["rank"], steps, r["weights"], r["kv"], r["inputs"],
+                                    r["symmetric"], _unval(r["facts"]))
     return out
 
 
 # -- reading and writing --------------------------------------------------------------
 
-def load(text: str) -> dict | None:
-    """The traces kept for the key ``text``, or None (not kept, unreadable,
-    or the cache off)."""
+def load(text: str, rank_trace: type, step_trace: type) -> dict | None:
+    """The traces kept for the key ``text`` (as :func:`decode` builds them),
+    or None (not kept, unreadable, or the cache off)."""
     folder = directory()
     if folder is None:
         return None
     try:
-        return decode(text, _path(folder, text).read_bytes())
+        return decode(text, _path(folder, text).read_bytes(), rank_trace, step_trace)
     except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, zlib.error):
         return None  # absent or damaged: recorded again and rewritten
 
