@@ -18,7 +18,7 @@ import pytest
 from helpers import SharedLaunch, assert_verified
 from hf_models import ARCHITECTURES, write_checkpoint
 from shardwise.model.checkpoint import checkpoint_spec
-from shardwise.parallel.base import available_strategies, validate_plan
+from shardwise.parallel.registry import available_strategies, validate_plan
 from shardwise.runtime.job import Case
 from shardwise.spec import ShardwiseError, Workload
 

@@ -10,7 +10,7 @@ import torch
 
 from helpers import SharedLaunch, assert_verified, shared_plans, with_real_features
 from shardwise.model.reference import MoE
-from shardwise.parallel.base import validate_plan
+from shardwise.parallel.registry import validate_plan
 from shardwise.parallel.comm import Comm
 from shardwise.parallel.ep import ExpertParallel, ExpertParallelMoE
 from shardwise.parallel.topology import Topology

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from shardwise import fuzz
-from shardwise.parallel.base import validate_plan
+from shardwise.parallel.registry import validate_plan
 from shardwise.parallel.plans import RingPlan
 from shardwise.spec import ModelSpec, ShardwiseError, Workload
 

@@ -20,7 +20,7 @@ import transformers
 from hf_models import ARCHITECTURES, write_checkpoint
 from shardwise import cli
 from shardwise.model.checkpoint import checkpoint_spec
-from shardwise.parallel.base import available_strategies, get_strategy, validate_plan
+from shardwise.parallel.registry import available_strategies, get_strategy, validate_plan
 from shardwise.runtime.generate import (Generation, TextStream, choose_tokens, eos_token_ids,
                                         generation_cases, generation_jobs)
 from shardwise.spec import ShardwiseError, Workload

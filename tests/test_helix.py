@@ -8,7 +8,7 @@ import torch
 from helpers import SharedLaunch, assert_verified, with_real_features
 from shardwise.model.load import ShardLoader
 from shardwise.model.weights import WeightSource
-from shardwise.parallel.base import validate_plan
+from shardwise.parallel.registry import validate_plan
 from shardwise.parallel.comm import Comm
 from shardwise.parallel.helix import Helix
 from shardwise.presets import get_preset

@@ -161,8 +161,8 @@ def test_commands_that_need_no_tensors_do_not_import_torch(name):
 def test_each_strategy_runs_the_rules_that_check_its_plans():
     """The check before launch (parallel/plans.py, no torch) and the ranks
     that run a plan use one definition: the runtime class inherits it."""
-    from shardwise.parallel.base import get_strategy
-    from shardwise.parallel.plans import COMPOSE, PLANS, plan_rules
+    from shardwise.parallel.plans import COMPOSE, PLANS
+    from shardwise.parallel.registry import get_strategy, plan_rules
 
     for name in [*PLANS, COMPOSE]:
         rules, runtime = plan_rules(name), get_strategy(name)

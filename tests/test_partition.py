@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from shardwise.parallel.base import validate_plan
+from shardwise.parallel.registry import validate_plan
 from shardwise.parallel.checks import balanced_ranges
 from shardwise.parallel.partition import (
     DEVICE_CAPACITY, TIE, capacity_text, LayerCosts, PartitionError, best_split, layer_costs,

@@ -15,7 +15,7 @@ from shardwise.bench.peers import TorchCP, TorchEager, TorchTP
 from shardwise.model.checkpoint import CheckpointSource, checkpoint_spec, spec_from_config
 from shardwise.model.load import ShardLoader
 from shardwise.model.weights import WeightSource
-from shardwise.parallel.base import validate_plan
+from shardwise.parallel.registry import validate_plan
 from shardwise.parallel.topology import Topology
 from shardwise.perf.events import SYNC_OPS
 from shardwise.presets import get_preset

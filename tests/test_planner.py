@@ -172,7 +172,7 @@ def test_fidelity_reports_the_relative_error(tmp_path):
 # -- compositions and micro-batch counts -------------------------------------------
 
 def test_compositions_are_candidates_priced_as_replicas_or_listed_with_the_reason():
-    from shardwise.parallel.base import validate_plan
+    from shardwise.parallel.registry import validate_plan
     from shardwise.parallel.plans import composition_candidates
     from shardwise.spec import Plan, ShardwiseError
 

@@ -3,7 +3,7 @@ single-device reference on CPU with gloo (fp32)."""
 import pytest
 
 from helpers import SharedLaunch, assert_verified, with_real_features
-from shardwise.parallel.base import validate_plan
+from shardwise.parallel.registry import validate_plan
 from shardwise.parallel.ring import ZigZag
 from shardwise.presets import get_preset
 from shardwise.runtime.job import Case

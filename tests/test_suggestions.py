@@ -25,7 +25,7 @@ from importlib import resources
 import pytest
 
 from shardwise import fuzz, fuzz_cli
-from shardwise.parallel.base import get_strategy
+from shardwise.parallel.registry import get_strategy
 from shardwise.spec import Plan, ShardwiseError
 
 

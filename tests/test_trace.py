@@ -198,7 +198,7 @@ def test_routing_draws_are_shared_by_ranks_and_skewed_by_a_measured_balance():
 def test_twins_record_as_themselves(case):
     # A rank the strategy names another's twin (Strategy.twin) is recorded once,
     # its ranks renamed: the same as recording it on its own, event for event.
-    from shardwise.parallel.base import validate_plan
+    from shardwise.parallel.registry import validate_plan
     from shardwise.perf.record import record_alone
 
     model, plan, nproc = case

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from shardwise import cli
-from shardwise.parallel.base import validate_plan
+from shardwise.parallel.registry import validate_plan
 from shardwise.presets import PRESETS, get_preset
 from shardwise.spec import ModelSpec, Plan, ShardwiseError, Workload, parse_bytes
 

@@ -60,7 +60,7 @@ def test_a_30b_rank_is_built_from_its_own_shard_only():
     layer weights (on the meta device: shapes without memory), so starting the
     preset never materialises the whole model anywhere."""
     from shardwise.model.load import ShardLoader
-    from shardwise.parallel.base import validate_plan
+    from shardwise.parallel.registry import validate_plan
     from shardwise.parallel.comm import Comm
     from shardwise.spec import Plan
 

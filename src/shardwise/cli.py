@@ -458,7 +458,7 @@ def cmd_verify(args) -> int:
     device = resolve_device(args.device)
     ref, model, wl = make_case_parts(args, device)
     plan = Plan.parse(args.plan)
-    from .parallel.plans import check_plan  # no torch: a refusal does not wait for it
+    from .parallel.registry import check_plan  # no torch: a refusal does not wait for it
 
     cls, topo = check_plan(model, wl, plan, args.nproc)
     check_peer(cls, plan, device)
@@ -497,7 +497,8 @@ def cmd_run(args) -> int:
             args.nproc = DEFAULT_RUN_NPROC
     check_ranks(args.nproc, device)
     ref, model, wl = make_case_parts(args, device)
-    from .parallel.plans import PLANS, check_plan
+    from .parallel.plans import PLANS
+    from .parallel.registry import check_plan
 
     if args.plans:
         plans = [str(Plan.parse(p)) for p in args.plans]
@@ -544,7 +545,7 @@ def cmd_bench(args, notes: list[str] | None = None) -> int:
     ref, model, wl = make_case_parts(args, device)
     plans = [Plan.parse(text) for text in args.plans]
     from .bench.records import append_records, provenance, read_records
-    from .parallel.plans import check_plan, plan_rules
+    from .parallel.registry import check_plan, plan_rules
     from .runtime.timing import BenchSettings
 
     settings = BenchSettings(phase=args.phase, iters=args.iters, warmup=args.warmup,
@@ -660,7 +661,7 @@ def _adaptive_world(plans: list[Plan], nproc: int | None,
     them on the same GPUs); None when neither says (each then runs on the
     ranks it needs: check_plan). Fixed plans always take their own ranks.
     ``notes`` gets the line that says so."""
-    from .parallel.plans import plan_rules
+    from .parallel.registry import plan_rules
 
     sizes = [plan_rules(p.strategy).ranks_needed(p) for p in plans]
     if nproc is not None or None not in sizes:
@@ -833,7 +834,7 @@ def _run_command(args, ref, rk, plan: str) -> tuple[list[str], str, int]:
     """(bench argv, the command line that runs it, ranks) for ``plan`` of
     the ranking ``rk``: ``shardwise bench ...``, under torchrun across the
     cluster's nodes where it needs more GPUs than one node has."""
-    from .parallel.plans import plan_rules
+    from .parallel.registry import plan_rules
 
     p = Plan.parse(plan)
     ranks = plan_rules(p.strategy).ranks_needed(p) or rk.ranks

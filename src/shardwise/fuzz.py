@@ -238,7 +238,7 @@ def reason_of(message: str) -> str:
 def prelaunch(fc: FuzzCase):
     """("refused", message) | ("valid", Case) | ("failed", details): what the
     CLI's checks make of the case, without starting any process."""
-    from .parallel.plans import check_plan
+    from .parallel.registry import check_plan
     from .runtime.job import Case
 
     try:

@@ -1,4 +1,5 @@
-"""What every strategy provides, and the registry that finds them by name.
+"""What every strategy provides: the base class its runtime class derives
+from, and the helpers they share. :mod:`.registry` finds them by name.
 
 A strategy is one file in this package: its layers on the sub-mesh of one
 pipeline stage (``tp_stage``, ``helix_stage``, ...) and a class, a thin
@@ -6,7 +7,7 @@ wrapper of :class:`~.compose.Composed` that runs them over the whole world
 (composed plans run the same stage code over several mesh dimensions). The
 class inherits its plan's rules (the classmethods below but ``twin``) from
 its class in :mod:`.plans`, which imports no torch: a plan is refused before
-launch without loading it (:func:`~.plans.check_plan`). The class:
+launch without loading it (:func:`~.registry.check_plan`). The class:
 
 * ``validate(spec, workload, plan, world_size) -> Topology`` (classmethod, no
   processes): checks the plan against the model and the world size and
@@ -37,7 +38,6 @@ launch without loading it (:func:`~.plans.check_plan`). The class:
 """
 from __future__ import annotations
 
-import importlib
 from typing import ClassVar
 
 import torch
@@ -45,15 +45,10 @@ from torch import nn
 
 from ..model.reference import one_step
 from ..model.weights import Rows
-from ..spec import ModelSpec, Plan, ShardwiseError, Workload
+from ..spec import ModelSpec, Plan, Workload
 from .comm import Comm
-from .plans import COMPOSE, PLANS, PlanRules, check_plan
+from .plans import PlanRules
 from .topology import Topology
-
-STRATEGY_MODULES = tuple(PLANS)
-# Composed plans (pp:2/tp:2, ...) run parallel/compose.py, which every strategy
-# above builds on; it is not listed among them (the planner draws its
-# candidates from plans.composition_candidates).
 
 
 def dense_moe_ok(spec: ModelSpec, tokens: int) -> bool:
@@ -173,47 +168,3 @@ def micro_batched(ranges, fn, alike=None) -> list:
     decides micro-batch i's work (None: its size alone); micro-batches equal
     in both do the same work."""
     return RUN_MICRO_BATCHES(ranges, fn, alike)
-
-
-def get_strategy(name: str) -> type[Strategy]:
-    from ..bench.peers import PEERS  # PyTorch's and Hugging Face's own, timed beside ours
-
-    if name in PEERS:
-        return PEERS[name]
-    if name == COMPOSE:
-        from .compose import STRATEGY
-
-        return STRATEGY
-    if name not in STRATEGY_MODULES:
-        raise ShardwiseError(
-            f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_MODULES)} "
-            f"(or a peer: {', '.join(PEERS)}; or mesh dimensions, e.g. pp:2/tp:2)"
-        )
-    try:
-        module = importlib.import_module(f"shardwise.parallel.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"shardwise.parallel.{name}":
-            raise ShardwiseError(f"strategy {name!r} is not implemented in this version") from None
-        raise
-    return module.STRATEGY
-
-
-def available_strategies() -> list[str]:
-    out = []
-    for name in STRATEGY_MODULES:
-        try:
-            get_strategy(name)
-            out.append(name)
-        except ShardwiseError:
-            pass
-    return out
-
-
-def validate_plan(spec: ModelSpec, workload: Workload, plan: Plan | str,
-                  world_size: int | None = None) -> tuple[type[Strategy], Topology]:
-    """:func:`~.plans.check_plan`, then the strategy class that runs the plan
-    (its module imports torch): returns the class and its topology."""
-    if isinstance(plan, str):
-        plan = Plan.parse(plan)
-    _, topo = check_plan(spec, workload, plan, world_size)
-    return get_strategy(plan.strategy), topo

@@ -18,7 +18,7 @@ from ..spec import ModelSpec, ShardwiseError, Workload
 class Unsplittable(ShardwiseError):
     """A degree of a plan that the model cannot be split by. ``name`` is the
     degree as the fix names it (``tp``), None when the fix names none;
-    :func:`~shardwise.parallel.plans.check_plan` replaces ``fix`` with the
+    :func:`~shardwise.parallel.registry.check_plan` replaces ``fix`` with the
     values of that degree that pass every check of the plan, so that
     following it works."""
 

@@ -46,13 +46,14 @@ shards are gathered).
 
 What a plan is before it runs (its :class:`~.plans.Composition`, the checks
 and the candidates) lives in :mod:`.plans`, which imports no torch, so that
-a plan is refused before torch is loaded; this module runs it.
+a plan is refused before torch is loaded; this module runs it, with the
+stage code its subclass names (:mod:`.stages` names every kind).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -104,24 +105,24 @@ class Stage:
     whole: bool = False  # one micro-batch runs on the caches themselves (Pipeline)
 
 
-def build_stage(ctx: StageContext) -> Stage:
-    from . import ep, helix, ring, tp_pp
-
-    if ctx.comp.has("helix"):
-        return helix.helix_stage(ctx)
-    if ctx.comp.has("ring"):
-        return ring.ring_stage(ctx)
-    if ctx.comp.has("ep"):
-        return ep.ep_stage(ctx)
-    return tp_pp.tp_stage(ctx)
-
-
 class Composed(ComposedPlan, Strategy):
     """A composed plan on one rank (its rules: :class:`~.plans.ComposedPlan`);
     the single-strategy plans subclass it with their own rules
-    (``TpPp(TpPpPlan, Composed)``) and reports."""
+    (``TpPp(TpPpPlan, Composed)``) and reports.
+
+    The strategies' modules build on this one, so it names none of them: a
+    subclass gives the code that builds its stages (``build_stage``) and,
+    where its plans have ring, the layout of the sequence over the ``seq``
+    axis (``sequence_layout``: ring's :class:`~.ring.ZigZag`).
+    :class:`~.stages.AnyComposed` runs a plan of any parts."""
 
     streams = True
+    sequence_layout: ClassVar[type | None] = None
+
+    @staticmethod
+    def build_stage(ctx: StageContext) -> Stage:
+        """This rank's part of its pipeline stage, built by the strategy's code."""
+        raise NotImplementedError
 
     @classmethod
     def twin(cls, spec, workload, plan, topo, rank) -> int:
@@ -160,15 +161,14 @@ class Composed(ComposedPlan, Strategy):
         largest = [b - a for a, b in comp.micro(B, dp, 0)]
         self.zigzag = None
         if comp.has("ring"):
-            from .ring import ZigZag
-
-            self.zigzag = ZigZag(topo.size("seq"), workload.seq_len, workload.decode_steps)
+            self.zigzag = self.sequence_layout(topo.size("seq"), workload.seq_len,
+                                               workload.decode_steps)
             self.local_index = torch.tensor(self.zigzag.positions(topo.coord("seq")),
                                             dtype=torch.long, device=self.device)
         ctx = StageContext(spec, workload, topo, comm, loader, comp, self.stage_layers,
                            stage == 0, stage == stages - 1, self.rows[1] - self.rows[0],
                            micro, largest, self.zigzag)
-        built = self.built = build_stage(ctx)
+        built = self.built = self.build_stage(ctx)
         self.stage, self.caches = built.module, built.caches
         self.stage_graphs, self.gather, self.stage_info = built.graphs, built.gather, built.info
         self.pipeline = Pipeline(comm, topo, "pp", self.stage, self.caches, micro, spec.d_model,
@@ -264,6 +264,3 @@ class Composed(ComposedPlan, Strategy):
                 "stage_layers": [self.stage_layers.start, self.stage_layers.stop],
                 "batch_rows": list(self.rows), "micro_batches": len(self.pipeline.micro),
                 **self.stage_info, **self.stage_report()}
-
-
-STRATEGY = Composed

@@ -273,6 +273,8 @@ def routing_report(moes: list[ExpertParallelMoE], chunks: int, d_model: int, dty
 class ExpertParallel(EpPlan, Composed):
     """ep on one rank (its rules: :class:`~.plans.EpPlan`)."""
 
+    build_stage = staticmethod(ep_stage)
+
     def report(self) -> dict:
         return self.stage_report()
 

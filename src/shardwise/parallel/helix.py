@@ -318,6 +318,8 @@ def gather_vocab(comm, vocab_size: int, local: torch.Tensor) -> torch.Tensor:
 class Helix(HelixPlan, Composed):
     """helix on one rank (its rules: :class:`~.plans.HelixPlan`)."""
 
+    build_stage = staticmethod(helix_stage)
+
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)
         self.model, self.mode = self.stage, self.stage_info["repartition"]

@@ -26,11 +26,15 @@ from __future__ import annotations
 from .compose import Composed
 from .partition import fmt_bytes, plan_partition
 from .plans import LayerwisePlan
+from .tp_pp import tp_stage
 
 
 class Layerwise(LayerwisePlan, Composed):
     """layerwise on one rank (its rules, and the fix of a capacity that does
-    not fit: :class:`~.plans.LayerwisePlan`)."""
+    not fit: :class:`~.plans.LayerwisePlan`): whole layers per stage, the
+    code of tp_pp's stages on one rank each."""
+
+    build_stage = staticmethod(tp_stage)
 
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)

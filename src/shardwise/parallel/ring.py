@@ -301,6 +301,9 @@ def ring_stage(ctx: StageContext) -> Stage:
 class Ring(RingPlan, Composed):
     """ring on one rank (its rules: :class:`~.plans.RingPlan`)."""
 
+    build_stage = staticmethod(ring_stage)
+    sequence_layout = ZigZag
+
     @property
     def layout(self) -> ZigZag:
         return self.zigzag

@@ -231,6 +231,8 @@ def tp_stage(ctx: StageContext, attention=None, mlp=None, experts: range | None 
 class TpPp(TpPpPlan, Composed):
     """tp_pp on one rank (its rules: :class:`~.plans.TpPpPlan`)."""
 
+    build_stage = staticmethod(tp_stage)
+
     def report(self) -> dict:
         return {"stage_layers": [self.stage_layers.start, self.stage_layers.stop],
                 "kv_heads_per_rank": self.stage_info["kv_heads_per_rank"],

@@ -122,7 +122,7 @@ def _most_layers(spec, wl, plans, world, device, memory, verify) -> int | None:
 
 def _more_ranks(spec, wl, memory) -> str | None:
     """The first plan over more GPUs whose fullest rank fits one GPU."""
-    from ..parallel.base import available_strategies, get_strategy, validate_plan
+    from ..parallel.registry import available_strategies, get_strategy, validate_plan
 
     for world in _WORLDS:
         for name in available_strategies():

@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..parallel.base import available_strategies, get_strategy, validate_plan
+from ..parallel.registry import available_strategies, get_strategy, validate_plan
 from ..parallel.plans import composition_candidates
 from ..spec import COMPOSE_ONLY, ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster

@@ -40,7 +40,7 @@ from ..model.load import ShardLoader
 from ..model.weights import Rows, WeightSource, layer_param_table, param_table
 from ..parallel import base as parallel_base
 from ..parallel import reduce_norm
-from ..parallel.base import validate_plan
+from ..parallel.registry import validate_plan
 from ..parallel.comm import Comm
 from ..spec import ModelSpec, Plan, Workload, torch_dtype
 from . import tracecache

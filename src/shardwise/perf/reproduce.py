@@ -13,7 +13,7 @@ import dataclasses
 import statistics
 from dataclasses import dataclass
 
-from ..parallel.base import validate_plan
+from ..parallel.registry import validate_plan
 from ..bench.records import command_option
 from ..presets import get_preset
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload, dtype_bytes

@@ -41,8 +41,8 @@ from .events import Call, Coll, Kernel, Repeat, Wait
 
 FORMAT = 2  # of an entry; a change to the encoding below moves it on
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]  # src/shardwise
-# Where the recording starts: the strategies (loaded by name, so all of
-# parallel/), the reference model and its kernels, and the recorder.
+# Where the recording starts: the strategies (all of parallel/), the
+# reference model and its kernels, and the recorder.
 _SEEDS = ("model", "parallel", "perf/record.py")
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..model.load import ShardLoader
 from ..model.weights import WeightSource, make_inputs
-from ..parallel.base import validate_plan
+from ..parallel.registry import validate_plan
 from ..parallel.comm import Comm, gather_floats
 from ..spec import Plan, torch_dtype
 from ..bench import metrics

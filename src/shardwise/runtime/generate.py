@@ -335,7 +335,7 @@ def generation_jobs(checkpoint: str, plans: Sequence[str], prompt_ids, max_new_t
                     verify: bool = True, timeout_s: float = 300.0, **options) -> list[Job]:
     """Every plan's cases, one job per world size (``nproc`` None: the ranks
     each plan implies), every plan validated for every prompt length."""
-    from ..parallel.base import validate_plan
+    from ..parallel.registry import validate_plan
 
     by_world: dict[int, list[Case]] = {}
     for plan in plans:
