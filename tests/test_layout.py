@@ -1,8 +1,11 @@
 """The package's layout: the reference model, the strategies and the runtime
 never import the cost model (shardwise.perf reads their code; they do not
-read it), and no module of perf/ grows past 600 lines. A source scan on the
-syntax tree, imports inside functions included. Commands that need no
-tensors (help, listings, a plan refused before launch) do not import torch.
+read it), no two modules import each other, directly or round a longer
+circle (a lower module takes the code both need, or is handed a value), and
+no module of perf/ grows past 600 lines. A source scan on the syntax tree,
+imports inside functions included, relative ones resolved. Commands that
+need no tensors (help, listings, a plan refused before launch) do not
+import torch.
 
 The repository's: every file under results/ is named by the README, a page
 of docs/ or a README under results/ (what no document cites is deleted, not
@@ -21,32 +24,89 @@ RESULTS = ROOT / "results"
 LOWER = ("model", "parallel", "runtime")
 
 
-def perf_imports(path: pathlib.Path, src: pathlib.Path = SRC) -> list[str]:
-    """``file:line`` of every import of shardwise.perf in ``path`` (a module
-    of the package at ``src``), in line order."""
+def imports(path: pathlib.Path, src: pathlib.Path = SRC) -> list[tuple[int, str]]:
+    """(line, module) of every import in ``path`` (a module of the package at
+    ``src``), at any depth (inside functions too), relative ones resolved: the
+    module ``import`` names, or the one ``from M import n`` reads ``n`` from,
+    which is ``M.n`` where that is a module of the package, else ``M``."""
     package = path.parent.relative_to(src.parent).parts  # ("shardwise", "parallel")
+
+    def is_module(name: str) -> bool:
+        target = src.parent.joinpath(*name.split("."))
+        return target.with_suffix(".py").is_file() or (target / "__init__.py").is_file()
+
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = list(package[:len(package) - node.level + 1]) if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
-            names = [module] + [f"{module}.{a.name}" for a in node.names]
-        else:
-            continue
-        if any(n == "shardwise.perf" or n.startswith("shardwise.perf.") for n in names):
-            found.append((node.lineno, f"{path.relative_to(src)}:{node.lineno}"))
-    return [hit for _, hit in sorted(found)]
+            found += [(node.lineno, f"{module}.{a.name}" if is_module(f"{module}.{a.name}")
+                       else module) for a in node.names]
+    return sorted(found)
+
+
+def perf_imports(path: pathlib.Path, src: pathlib.Path = SRC) -> list[str]:
+    """``file:line`` of every import of shardwise.perf in ``path`` (a module
+    of the package at ``src``), in line order."""
+    lines = {line for line, name in imports(path, src)
+             if name == "shardwise.perf" or name.startswith("shardwise.perf.")}
+    return [f"{path.relative_to(src)}:{line}" for line in sorted(lines)]
+
+
+def module_name(path: pathlib.Path, src: pathlib.Path) -> str:
+    parts = path.relative_to(src.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_cycles(src: pathlib.Path = SRC) -> list[tuple[str, ...]]:
+    """The modules of the package at ``src`` that import one another in a
+    circle, as its strongly connected components (each sorted): module A
+    reaches B when it imports B or a module that reaches B."""
+    paths = {module_name(p, src): p for p in src.rglob("*.py")}
+    graph = {m: {n for _, n in imports(p, src) if n in paths and n != m}
+             for m, p in paths.items()}
+    reached = {}
+    for start in graph:
+        seen, todo = set(), [start]
+        while todo:
+            for n in graph[todo.pop()] - seen:
+                seen.add(n)
+                todo.append(n)
+        reached[start] = seen
+    return sorted({tuple(sorted(n for n in reached[m] if m in reached[n]))
+                   for m in graph if m in reached[m]})
 
 
 def test_the_scan_sees_relative_and_nested_imports(tmp_path):
     pkg = tmp_path / "shardwise" / "parallel"
     pkg.mkdir(parents=True)
+    (tmp_path / "shardwise" / "perf").mkdir()
+    (tmp_path / "shardwise" / "perf" / "__init__.py").write_text("")  # from .. import perf
     (pkg / "x.py").write_text("def f():\n    from ..perf.costs import Costs\n"
                               "from .. import perf\nfrom ..spec import Plan\n")
     assert perf_imports(pkg / "x.py", tmp_path / "shardwise") == ["parallel/x.py:2",
                                                                    "parallel/x.py:3"]
+
+
+def test_the_cycle_scan_sees_function_level_and_relative_imports(tmp_path):
+    # a -> b at module level; b -> c inside a function; c -> a relatively,
+    # through its package (from .. import a, a module); d imports a name of
+    # a and is reached by nothing.
+    src = tmp_path / "shardwise"
+    (src / "sub").mkdir(parents=True)
+    for name, text in {"__init__.py": "", "a.py": "from .sub import b\n",
+                       "sub/__init__.py": "", "sub/b.py": "def f():\n    import shardwise.sub.c\n",
+                       "sub/c.py": "from .. import a\n", "d.py": "from .a import b\n"}.items():
+        (src / name).write_text(text)
+    assert import_cycles(src) == [("shardwise.a", "shardwise.sub.b", "shardwise.sub.c")]
+    (src / "sub" / "c.py").write_text("from .. import sub\n")  # the package, not a
+    assert import_cycles(src) == []
+
+
+def test_no_import_cycles():
+    assert import_cycles() == []
 
 
 @pytest.mark.parametrize("package", LOWER)
@@ -160,7 +220,10 @@ def test_commands_that_need_no_tensors_do_not_import_torch(name):
 
 def test_each_strategy_runs_the_rules_that_check_its_plans():
     """The check before launch (parallel/plans.py, no torch) and the ranks
-    that run a plan use one definition: the runtime class inherits it."""
+    that run a plan use one definition: the runtime class inherits it. Each
+    names the code that builds its stages (parallel/compose.py imports no
+    strategy)."""
+    from shardwise.parallel.compose import Composed
     from shardwise.parallel.plans import COMPOSE, PLANS
     from shardwise.parallel.registry import get_strategy, plan_rules
 
@@ -170,3 +233,4 @@ def test_each_strategy_runs_the_rules_that_check_its_plans():
         for method in ("validate", "ranks_needed", "default_ranks", "candidates", "composition"):
             assert getattr(runtime, method).__func__ is getattr(rules, method).__func__, (
                 name, method)
+        assert runtime.build_stage is not Composed.build_stage, name
