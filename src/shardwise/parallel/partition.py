@@ -344,9 +344,17 @@ def min_capacity(costs_for: CostsFor, n_layers: int, ranks: int, batch: int) -> 
 
 def ranks_needed(costs_for: CostsFor, n_layers: int, batch: int, capacity: float) -> int | None:
     """The fewest ranks at which a partition fits ``capacity`` (None: no number
-    does). For G groups, memory falls as replicas grow, so bisect the replicas."""
+    does). For G groups, memory falls as replicas grow, so bisect the replicas.
+    A group holds at least its largest layer, so where one layer alone does not
+    fit at one sequence a replica (the least memory), nothing does; and past
+    G = the best rank count so far, G groups take at least G ranks."""
+    least = costs_for(per_replica(batch, batch))
+    if any(least.group_bytes(k, k + 1) > capacity for k in range(n_layers)):
+        return None
     best = None
     for groups in range(1, n_layers + 1):
+        if best is not None and groups >= best:
+            break
         def fits(replicas: int) -> bool:
             return split(costs_for(per_replica(batch, replicas)), groups, capacity) is not None
 
