@@ -214,6 +214,37 @@ def test_twins_record_as_themselves(case):
             assert got.steps[phase].peak_bytes == step.peak_bytes
 
 
+@pytest.fixture
+def first_in_process(monkeypatch):
+    """The process-wide tables a first call makes (rope's angles, the decode
+    kernel's arrival counts, the GELU epilogue's zero bias) not made yet."""
+    from shardwise.model import decode, reference, rope
+
+    monkeypatch.setattr(rope, "_TABLES", {})
+    monkeypatch.setattr(decode, "_COUNTS", {})
+    reference._zeros.cache_clear()
+
+
+@pytest.mark.parametrize("case", [(m, p, n) for n, cs in CASES.items() for m, p in cs]
+                         + [("gpt", "tp_pp:4x2,mb=2", 8), ("llama", "dp:2/ring:2/tp:2", 8),
+                            ("mixtral", "ep:2/tp:4", 8), ("gpt-moe", "pp:2/ep:2,mb=2", 4)],
+                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_a_first_call_records_what_a_later_one_does(case, first_in_process):
+    # Each step is recorded at its first call, what the code makes once made
+    # aside (once.made_once): the same recording as after a warm-up call,
+    # every event, peak and byte count, for every rank, backend and routing.
+    from shardwise.perf.record import record_alone
+
+    model, plan, nproc = case
+    spec, p = MODELS[model], Plan.parse(plan)
+    for balance in (None, 1.5) if spec.is_moe else (None,):
+        for backend in ("nccl", "gloo"):
+            for r in range(nproc):
+                got = record_alone(spec, WL, p, nproc, r, backend, balance)
+                want = record_alone(spec, WL, p, nproc, r, backend, balance, warm_up=True)
+                assert got == want, (plan, r, backend, balance)
+
+
 def test_the_recorders_stable_sort_of_small_keys_is_argsorts():
     # The router's experts sorted stably on CPU (a shadow): one sort of
     # distinct keys, the same order as torch's stable argsort, ties in order.

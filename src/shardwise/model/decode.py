@@ -46,6 +46,7 @@ import torch
 
 from .kernels import _sms, pdl, triton_kernel
 from .merge import merge_stack
+from .once import made_once
 
 _HALF = (torch.float16, torch.bfloat16)
 BLOCK_N = 64  # keys a program reads per step
@@ -91,7 +92,9 @@ def _counts(rows: int, device: torch.device) -> torch.Tensor | None:
     if buf is None or buf.numel() < rows:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        buf = _COUNTS[key] = torch.zeros(max(rows, COUNTS_MIN), dtype=torch.int32, device=device)
+        with made_once():
+            buf = _COUNTS[key] = torch.zeros(max(rows, COUNTS_MIN), dtype=torch.int32,
+                                             device=device)
     return buf
 
 

@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..spec import ModelSpec
 from .decode import attend as decode_attend, decode_ok
+from .once import made_once
 from .flash import attend as wide_attend, wide_ok
 from .kernels import (add_norm, batched_linear, combine_picks, expert_rows, grouped_linear,
                       linear, linear_swiglu, pick_rows, routable, route_rows, swiglu, swiglu_mlp)
@@ -393,7 +394,8 @@ class Attention(nn.Module):
 
 @functools.cache
 def _zeros(n: int, dtype, device) -> torch.Tensor:
-    return torch.zeros(n, dtype=dtype, device=device)
+    with made_once():
+        return torch.zeros(n, dtype=dtype, device=device)
 
 
 def up_projection(x: torch.Tensor, w_in: torch.Tensor, activation: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..spec import ModelSpec
+from .once import made_once
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,10 @@ class Rope:
         device = torch.device(device)
         key = (self, device, n)
         if key not in _TABLES:
-            ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device),
-                              self.inv_freq(device))  # [n, d/2]
-            _TABLES[key] = (ang.cos(), ang.sin())
+            with made_once():
+                ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device),
+                                  self.inv_freq(device))  # [n, d/2]
+                _TABLES[key] = (ang.cos(), ang.sin())
         return _TABLES[key]
 
     def cos_sin(self, pos, T: int, length: int | None = None, device=None):

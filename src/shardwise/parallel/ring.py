@@ -45,6 +45,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from ..model.once import made_once
 from ..model.reference import Attention, KVCache, per_step
 from ..spec import ModelSpec
 from .base import alike_steps, dense_moe_ok
@@ -257,7 +258,8 @@ class RingAttention(nn.Module):
             for t, owner in enumerate(zz.decode_owners):
                 held = zz.kv_len(r, zz.prompt + t)
                 rows.append((held, held + 1) if owner == r else (spare, held))
-            self._tables = torch.tensor(rows, dtype=torch.long, device=pos.device)  # [steps, 2]
+            with made_once():
+                self._tables = torch.tensor(rows, dtype=torch.long, device=pos.device)  # [steps, 2]
         row = self._tables.index_select(0, (pos - self.layout.prompt).reshape(1))[0]
         return row[0], row[1:]
 

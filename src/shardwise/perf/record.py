@@ -8,8 +8,12 @@ caches allocated on meta, collectives through :class:`RecordingComm` (the
 real Comm with its transport replaced: each call is recorded, with its group
 and bytes, and whether it is issued asynchronously). It then runs, as
 ``shardwise bench`` does, a prefill, an eager decode step and, where the
-strategy supports it, the static-shape decode step a CUDA graph captures
-(each after a warm-up), under a :class:`~shardwise.perf.trace.Recorder`.
+strategy supports it, the static-shape decode step a CUDA graph captures,
+under a :class:`~shardwise.perf.trace.Recorder`, each at its first call:
+what the code makes at a first call and keeps (``once.made_once``: a
+table, a symmetric buffer) is made aside from the step, so that it records
+what a later call, the one a run times, does. A step whose routers drew
+choices is recorded again, drawing where the first call left off.
 
 A layer loop (an ``nn.ModuleList`` of three or more modules of one kind,
 iterated) runs its first two iterations: the first may differ (it builds the
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..model import kernels as model_kernels
-from ..model import reference
+from ..model import once, reference
 from ..model.load import ShardLoader
 from ..model.weights import Rows, WeightSource, layer_param_table, param_table
 from ..parallel import base as parallel_base
@@ -190,7 +194,8 @@ class RecordingComm(Comm):
 
     def _symmetric_buffer(self, t, axis: str):
         self.symmetric_bytes += t.nbytes
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        with once.made_once():  # kept for every later call with its shape
+            return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
     def _reduce_norm_kernel(self, axis: str, device):
         return _FusedReduceNorm(self, axis)
@@ -358,15 +363,16 @@ def _layer_lists(model: nn.Module) -> None:
 @contextmanager
 def _gpu_paths():
     """The code's GPU branches, on meta tensors: ``is_cuda`` answers True for
-    them, Triton kernels load as recording stand-ins, and module calls are
-    recorded."""
+    them, Triton kernels load as recording stand-ins, what a module makes
+    once is made aside from the step, and module calls are recorded."""
     saved_cuda = torch.Tensor.__dict__.get("is_cuda")
     real = torch._C.TensorBase.is_cuda
     saved_hook = model_kernels.LOAD_HOOK
     saved_capturing = torch.cuda.is_current_stream_capturing
-    saved = (reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES,
-             parallel_base.RUN_STEPS)
+    saved = (reference.SAME_WORK, reference.EACH_ALIKE, once.MADE_ONCE,
+             parallel_base.RUN_MICRO_BATCHES, parallel_base.RUN_STEPS)
     reference.SAME_WORK, reference.EACH_ALIKE = _same_work, _two_alike
+    once.MADE_ONCE = _made_once  # made aside from the step (Recorder.aside)
     parallel_base.RUN_MICRO_BATCHES, parallel_base.RUN_STEPS = _micro_batches, _alike_steps
     torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
     torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
@@ -383,12 +389,16 @@ def _gpu_paths():
         hook.remove()
         model_kernels.LOAD_HOOK = saved_hook
         torch.cuda.is_current_stream_capturing = saved_capturing
-        (reference.SAME_WORK, reference.EACH_ALIKE, parallel_base.RUN_MICRO_BATCHES,
-         parallel_base.RUN_STEPS) = saved
+        (reference.SAME_WORK, reference.EACH_ALIKE, once.MADE_ONCE,
+         parallel_base.RUN_MICRO_BATCHES, parallel_base.RUN_STEPS) = saved
         if saved_cuda is None:
             del torch.Tensor.is_cuda
         else:
             torch.Tensor.is_cuda = saved_cuda
+
+
+def _made_once():
+    return _ACTIVE.aside() if _ACTIVE is not None else nullcontext()
 
 
 @contextmanager
@@ -469,8 +479,10 @@ def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int
 
 def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
                  backend: str = "nccl", balance: float | None = None,
-                 phases: tuple = PHASES) -> RankTrace:
-    """Rank ``rank`` recorded on its own (no twin)."""
+                 phases: tuple = PHASES, warm_up: bool = False) -> RankTrace:
+    """Rank ``rank`` recorded on its own (no twin), each phase at its first call
+    (module docstring). ``warm_up``: each after a first call unrecorded
+    instead: the same recording, at twice the cost."""
     cls, topo = validate_plan(spec, wl, plan, world)
     topo.rank, topo.device_type = rank, "cuda"
     topo.mesh = _Mesh(topo)
@@ -502,10 +514,14 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
             set_shadow(pos, torch.tensor(wl.seq_len))
             runs.append(("static", token, pos))
         for phase, x, at in runs:
-            with _recording(Recorder(routing, memory=False)):
-                model.step(x, at)  # warm-up: what a first call makes once
-            with _recording(Recorder(routing, inputs=x)) as rec:
+            drawn = routing.calls
+            with _recording(Recorder(routing, memory=not warm_up, inputs=x)) as rec:
                 model.step(x, at)
+            if warm_up or routing.calls != drawn:
+                # Again, after the first call: asked to, or routers drew choices
+                # (a timed step draws where a first one left off: Routing).
+                with _recording(Recorder(routing, inputs=x)) as rec:
+                    model.step(x, at)
             steps[phase] = StepTrace(rec.events, rec.peak)
             reads |= rec.read_input or prompt.taken
     weights = sum(p.nbytes for p in model.parameters()) + sum(

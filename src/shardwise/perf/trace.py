@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +186,20 @@ class Recorder(TorchDispatchMode):
     def end_loop(self, times: int, every: bool = False) -> None:
         body, self.events = self.events, self._stack.pop()
         self.events.append(Repeat(body, times, carry(body), every))
+
+    @contextmanager
+    def aside(self):
+        """Ops run here are not the step's: a table or buffer the code makes at
+        its first call and keeps (``once.made_once``). They compute
+        as ever (shadows included) but leave no event, are not followed in
+        memory and do not count as reading the input, as if made by an
+        earlier step."""
+        saved = self.events, self.memory, self.inputs
+        self.events, self.memory, self.inputs = [], False, None
+        try:
+            yield
+        finally:
+            self.events, self.memory, self.inputs = saved
 
     def new_handle(self) -> int:
         self.handles += 1
