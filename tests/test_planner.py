@@ -1,7 +1,9 @@
 """The planner enumerates exactly the valid plans, ranks them and flags the
 ones that do not fit; reproduce and fidelity compute what they print."""
 import dataclasses
+import io
 import json
+import os
 
 import re
 
@@ -395,6 +397,39 @@ def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
         r.prediction.prefill_tps, r.prediction.decode_step_ms, r.prediction.memory.total))
         for r in rows]
     assert figures(cached) == figures(alone)
+
+
+def test_the_planner_takes_the_share_of_a_worker_that_has_not_recorded_it(
+        tmp_path, monkeypatch):
+    # A worker that records nothing (here: one that exits at once): the
+    # planner, its own share done, records the worker's share too, so every
+    # plan is kept when prerecord returns. A worker skips what is kept.
+    import sys
+
+    from shardwise.perf import prerecord as pre
+    from shardwise.perf import tracecache
+    from shardwise.perf.costmodel import recorded_phases, resolve_capacity
+    from shardwise.perf.record import _alone, recording_key, record_rank
+
+    _alone.cache_clear()
+    record_rank.cache_clear()
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SHARDWISE_WORKERS", "2")
+    monkeypatch.setattr(pre, "WORTH_S", 0.0)
+    monkeypatch.setattr(pre, "TIMED", 1)
+    monkeypatch.setattr(sys, "executable", "true")
+    bases = base_plans(SIX, SIX_WL, 4, H100_8)
+    plans = [resolve_capacity(Plan.parse(str(b)), H100_8) for b in bases]
+    plans = [p for p in plans if pre._valid(SIX, SIX_WL, p, 4)]
+    phases = recorded_phases(None)
+    assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 1
+    assert all(tracecache.kept(recording_key(SIX, SIX_WL, p, 4, phases=phases)) for p in plans)
+    recorded = []
+    monkeypatch.setattr(pre, "_record", lambda spec, wl, plan, *a: recorded.append(plan))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({
+        "spec": SIX.to_dict(), "workload": dataclasses.asdict(SIX_WL), "world": 4,
+        "plans": [str(p) for p in plans], "balance": None, "phases": list(phases)})))
+    assert pre.main([str(os.getppid())]) == 0 and recorded == []
 
 
 def test_a_ranked_plan_is_not_recorded_ahead_at_counts_the_planner_did_not_price(

@@ -12,7 +12,10 @@ shardwise.perf.prerecord PID``, one per further CPU, up to
 cache. The planner then reads every recording back. A worker shares nothing
 with this process but its job (JSON on its standard input: no file) and the
 cache's files, which are written atomically; a plan a worker fails on is
-recorded again, and its error reported, by the planner itself. Workers end
+recorded again, and its error reported, by the planner itself. This process,
+its share done, takes the workers' shares from their ends while they work
+from their starts: every process reads back what another has kept, so the
+shares meet wherever the processes' speeds put them. Workers end
 with this call, however it ends (an interruption kills them; SIGKILL of this
 process ends each at its next plan).
 
@@ -111,6 +114,11 @@ def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
                 pass  # the worker ended already: the planner records its share
         for p in shares[0]:
             _record(spec, wl, p, world, balance, phases)
+        # Then the workers' shares from their ends (a worker starts seconds
+        # later): a plan another process has kept is read back, not recorded.
+        for p in reversed(rest):
+            if p not in shares[0]:
+                _record(spec, wl, p, world, balance, phases)
         for proc in procs:
             proc.wait()
     finally:  # interrupted (Ctrl-C, a stop signal, an error here): no worker outlives this
@@ -131,10 +139,16 @@ def main(argv: list[str]) -> int:
     parent = int(argv[0])
     job = json.loads(sys.stdin.read())
     spec, wl = ModelSpec.from_dict(job["spec"]), Workload(**job["workload"])
+    from .record import recording_key
+
+    world, balance, phases = job["world"], job["balance"], tuple(job["phases"])
     for text in job["plans"]:
         if os.getppid() != parent:
             return 1
-        _record(spec, wl, Plan.parse(text), job["world"], job["balance"], tuple(job["phases"]))
+        plan = Plan.parse(text)
+        if not tracecache.kept(recording_key(spec, wl, plan, world, balance=balance,
+                                             phases=phases)):  # else taken by the planner
+            _record(spec, wl, plan, world, balance, phases)
     return 0
 
 
