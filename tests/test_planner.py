@@ -432,6 +432,42 @@ def test_the_planner_takes_the_share_of_a_worker_that_has_not_recorded_it(
     assert pre.main([str(os.getppid())]) == 0 and recorded == []
 
 
+def test_workers_record_the_counts_the_families_may_price_while_the_planner_prices(
+        tmp_path, monkeypatch):
+    # family_plans: the bases and their two-micro-batch forms first; the counts
+    # above two later, the last bases' first. A worker records those later
+    # ones while the context lasts, and ends with it, leaving no file half written.
+    import time
+
+    from shardwise.perf import prerecord as pre
+    from shardwise.perf import tracecache
+    from shardwise.perf.costmodel import recorded_phases
+    from shardwise.perf.record import _alone, recording_key, record_rank
+
+    a, b = Plan.parse("tp_pp:1x4"), Plan.parse("helix:2x2")
+    first, later = pre.family_plans([a, b], (1, 2, 4, 8, 16), 8)
+    mb = lambda p, n: dataclasses.replace(p, micro_batches=n)  # noqa: E731
+    assert first == [a, b, mb(a, 2)] and later == [mb(a, 4), mb(a, 8)]
+    _alone.cache_clear()
+    record_rank.cache_clear()
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SHARDWISE_WORKERS", "2")
+    monkeypatch.setattr(pre, "WORTH_S", 0.0)
+    monkeypatch.setattr(pre, "TIMED", 1)
+    phases = recorded_phases(None)
+    plans = [Plan.parse(t) for t in ("tp_pp:2x2", "ring:4", "tp_pp:4x1", "helix:1x4")]
+    plans = [p for p in plans if pre._valid(SIX, SIX_WL, p, 4)]
+    ahead = [mb(Plan.parse("tp_pp:2x2"), n) for n in (2, 4)]
+    keys = [recording_key(SIX, SIX_WL, p, 4, phases=phases) for p in plans + ahead]
+    with pre.recording_ahead(SIX, SIX_WL, plans, 4, phases, ahead=ahead) as n:
+        assert n == 1 and all(tracecache.kept(k) for k in keys[:len(plans)])
+        deadline = time.monotonic() + 60
+        while not all(tracecache.kept(k) for k in keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(tracecache.kept(k) for k in keys)
+    assert not [f for f in os.listdir(tmp_path / "recordings") if f.startswith(".tmp-")]
+
+
 def test_a_ranked_plan_is_not_recorded_ahead_at_counts_the_planner_did_not_price(
         tmp_path, monkeypatch):
     # A plan kept at one micro-batch was ranked before: its two micro-batches,

@@ -225,12 +225,13 @@ def _few_candidates():
     compositions, each priced at its own micro-batch count only, with no
     search over counts (what the fuzzer checks is the command, not every
     price: a seed's baseline searched over counts is a dozen recordings).
-    A first ranking records ahead (``prerecord``) only the plans it then
-    prices: not their two-micro-batch forms, which no family here prices."""
+    A first ranking records ahead (``recording_ahead``) only the plans it
+    then prices: not their other micro-batch counts, which no family here
+    prices."""
     from .perf import planner, reproduce
 
     real = planner.base_plans, planner.micro_batch_family, reproduce.micro_batch_family
-    real_prerecord = planner.prerecord
+    real_ahead = planner.recording_ahead
 
     def few(*args, **kwargs):
         firsts: dict = {}
@@ -241,18 +242,18 @@ def _few_candidates():
     def as_given(spec, workload, base, cluster, ranks, *args, **kwargs):
         return [planner.evaluate(spec, workload, base, cluster, ranks)]
 
-    def priced_only(spec, workload, plans, *args, **kwargs):
-        return real_prerecord(spec, workload, [p for p in plans if p.micro_batches == 1],
-                              *args, **kwargs)
+    def priced_only(spec, workload, plans, *args, ahead=(), **kwargs):
+        return real_ahead(spec, workload, [p for p in plans if p.micro_batches == 1],
+                          *args, **kwargs)
 
     planner.base_plans = few
     planner.micro_batch_family = reproduce.micro_batch_family = as_given
-    planner.prerecord = priced_only
+    planner.recording_ahead = priced_only
     try:
         yield
     finally:
         planner.base_plans, planner.micro_batch_family, reproduce.micro_batch_family = real
-        planner.prerecord = real_prerecord
+        planner.recording_ahead = real_ahead
 
 
 @contextlib.contextmanager

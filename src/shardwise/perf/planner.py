@@ -29,7 +29,7 @@ from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, recorded_phases, resolve_capacity
 from .heap import young_heap
-from .prerecord import prerecord
+from .prerecord import family_plans, recording_ahead
 from .record import checked
 from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
                                   partition, per_replica)
@@ -187,15 +187,12 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                              f"GPUs; give --ranks {cluster.n_gpus} or fewer")
     micro_batches = tuple(micro_batches)
     bases = base_plans(spec, workload, ranks, cluster)
-    # What the families price first, recorded by several processes where that
-    # pays (a first ranking): each plan at one micro-batch and at two where it takes them.
-    two = workload.batch >= 2 and 2 in micro_batches
-    first = list(bases) + [dataclasses.replace(b, micro_batches=2)
-                           for b in bases if two and b.takes_micro_batches]
+    # Recorded by several processes where that pays (a first ranking).
+    first, later = family_plans(bases, micro_batches, workload.batch)
+    resolved = lambda plans: [resolve_capacity(Plan.parse(str(p)), cluster) for p in plans]  # noqa: E731
     rows: list[Row] = []
-    with young_heap() as collect:  # between plans: what the last one left collected
-        prerecord(spec, workload, [resolve_capacity(Plan.parse(str(p)), cluster) for p in first],
-                  ranks, recorded_phases(None))
+    with young_heap() as collect, recording_ahead(spec, workload, resolved(first), ranks,
+                                                  recorded_phases(None), ahead=resolved(later)):
         for i, base in enumerate(bases):
             collect()
             if on_plan is not None:

@@ -15,9 +15,9 @@ cache's files, which are written atomically; a plan a worker fails on is
 recorded again, and its error reported, by the planner itself. This process,
 its share done, takes the workers' shares from their ends while they work
 from their starts: every process reads back what another has kept, so the
-shares meet wherever the processes' speeds put them. Workers end
-with this call, however it ends (an interruption kills them; SIGKILL of this
-process ends each at its next plan).
+shares meet wherever the processes' speeds put them. Workers end with this
+call, or with :func:`recording_ahead`'s context, however it ends (an
+interruption kills them; SIGKILL of this process ends each at its next plan).
 
 Workers start only where they pay: the first plans are recorded here and
 timed, and workers start when the rest would take this process more than
@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from . import tracecache
@@ -57,6 +59,21 @@ def _record(spec: ModelSpec, wl: Workload, plan: Plan, world: int, balance, phas
         pass  # invalid here: the planner says why when it prices the plan
 
 
+def family_plans(bases: list[Plan], micro_batches, batch: int) -> tuple[list, list]:
+    """The plans the planner's families (``planner.micro_batch_family``) price
+    first: each base plan, and its form at two micro-batches where it takes
+    them; and those they may price later: its forms at the counts above two,
+    the last bases' first (workers record them while the planner prices the
+    families in order)."""
+    def at(b: Plan, counts) -> list[Plan]:
+        return [dataclasses.replace(b, micro_batches=mb) for mb in sorted(set(micro_batches))
+                if mb in counts and mb <= batch and b.takes_micro_batches]
+
+    above = range(3, batch + 1)
+    return (list(bases) + [p for b in bases for p in at(b, (2,))],
+            [p for b in reversed(bases) for p in at(b, above)])
+
+
 def _valid(spec: ModelSpec, wl: Workload, plan: Plan, world: int) -> bool:
     from .record import checked
 
@@ -73,8 +90,21 @@ def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
     ``balance`` and ``phases`` keys them) into the cache of recordings,
     with worker processes where they pay (module docstring). Returns the
     number of worker processes started."""
+    with recording_ahead(spec, wl, plans, world, phases, balance) as n:
+        return n
+
+
+@contextmanager
+def recording_ahead(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
+                    phases: tuple, balance: float | None = None, ahead: list[Plan] = ()):
+    """:func:`prerecord` on entering; then, until the context ends, the
+    workers go on to record ``ahead``: plans the planner may price later,
+    those it will reach last first (it reads back any a worker has kept by
+    then, and records the others itself). Yields the number of workers. At
+    its end the workers stop."""
     if tracecache.directory() is None:
-        return 0
+        yield 0
+        return
     from .record import recording_key
 
     missing = [p for p in plans if _valid(spec, wl, p, world) and not tracecache.kept(
@@ -94,11 +124,12 @@ def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
     each = (time.monotonic() - start) / max(1, min(TIMED, len(todo)))
     n = min(workers_allowed(), len(rest))
     if n < 2 or each * len(rest) < WORTH_S:
-        return 0
+        yield 0
+        return
     shares = [rest[i::n] for i in range(n)]
     procs = []
     try:
-        for share in shares[1:]:
+        for i, share in enumerate(shares[1:]):
             proc = subprocess.Popen(
                 [sys.executable, "-m", "shardwise.perf.prerecord", str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -107,8 +138,8 @@ def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
             try:
                 proc.stdin.write(json.dumps({
                     "spec": spec.to_dict(), "workload": dataclasses.asdict(wl),
-                    "plans": [str(p) for p in share], "world": world, "balance": balance,
-                    "phases": list(phases)}).encode())
+                    "plans": [str(p) for p in share] + [str(p) for p in ahead[i::n - 1]],
+                    "world": world, "balance": balance, "phases": list(phases)}).encode())
                 proc.stdin.close()
             except OSError:
                 pass  # the worker ended already: the planner records its share
@@ -119,6 +150,9 @@ def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
         for p in reversed(rest):
             if p not in shares[0]:
                 _record(spec, wl, p, world, balance, phases)
+        yield len(procs)
+        for proc in procs:
+            proc.terminate()  # what it is recording is left (_stop)
         for proc in procs:
             proc.wait()
     finally:  # interrupted (Ctrl-C, a stop signal, an error here): no worker outlives this
@@ -126,13 +160,20 @@ def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return len(procs)
+
+
+def _stop(signum, frame):
+    """A worker's end on SIGTERM: an exception, which a cache entry being
+    written cleans up after (``tracecache.store``: no file left half written)."""
+    raise SystemExit(1)
 
 
 def main(argv: list[str]) -> int:
-    """A worker: record the plans of the job on standard input into the cache;
-    ``argv[0]``: the process that started it, whose end (even by SIGKILL)
-    ends the worker at its next plan."""
+    """A worker: record the plans of the job on standard input into the cache,
+    skipping those kept; ``argv[0]``: the process that started it, whose
+    end (even by SIGKILL) ends the worker at its next plan. SIGTERM ends
+    it at once, leaving in the cache what it had kept (:func:`_stop`)."""
+    signal.signal(signal.SIGTERM, _stop)
     import torch
 
     torch.set_num_threads(1)
@@ -153,4 +194,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit:  # SIGTERM (_stop)
+        code = 1
+    os._exit(code)  # at once: the cache files are closed; a teardown of PyTorch takes 1 s
