@@ -364,21 +364,33 @@ def test_progress_is_reported_once_per_plan_family():
     assert {family(r.plan) for r in rows} >= {family(str(b)) for b in bases if "mb=" not in str(b)}
 
 
+def fresh_recordings(tmp_path, monkeypatch, workers: int, eager: bool = True):
+    """An empty cache of recordings at ``tmp_path``, this process's own
+    recordings of earlier tests set aside, ``workers`` processes allowed and
+    (``eager``) worker processes started however little the plans take.
+    Returns perf.prerecord."""
+    from shardwise.perf import prerecord as pre
+    from shardwise.perf.record import _alone, record_rank
+
+    _alone.cache_clear()
+    record_rank.cache_clear()
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SHARDWISE_WORKERS", str(workers))
+    if eager:
+        monkeypatch.setattr(pre, "WORTH_S", 0.0)
+        monkeypatch.setattr(pre, "TIMED", 1)
+    return pre
+
+
 def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
     # Workers forced on (a small model would not pay for them): they fill the
     # cache of recordings with exactly the keys the planner then reads, and the
     # ranking is the one a single process makes with no cache.
-    from shardwise.perf import prerecord as pre
     from shardwise.perf import tracecache
     from shardwise.perf.costmodel import recorded_phases, resolve_capacity
-
     from shardwise.perf.record import _alone, record_rank
-    _alone.cache_clear()  # this process's own recordings of SIX (earlier tests) set aside
-    record_rank.cache_clear()
-    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
-    monkeypatch.setenv("SHARDWISE_WORKERS", "2")
-    monkeypatch.setattr(pre, "WORTH_S", 0.0)
-    monkeypatch.setattr(pre, "TIMED", 1)
+
+    pre = fresh_recordings(tmp_path, monkeypatch, 2)
     plans = [resolve_capacity(Plan.parse(str(b)), H100_8)
              for b in base_plans(SIX, SIX_WL, 4, H100_8)]
     phases = recorded_phases(None)
@@ -406,17 +418,11 @@ def test_the_planner_takes_the_share_of_a_worker_that_has_not_recorded_it(
     # plan is kept when prerecord returns. A worker skips what is kept.
     import sys
 
-    from shardwise.perf import prerecord as pre
     from shardwise.perf import tracecache
     from shardwise.perf.costmodel import recorded_phases, resolve_capacity
-    from shardwise.perf.record import _alone, recording_key, record_rank
+    from shardwise.perf.record import recording_key
 
-    _alone.cache_clear()
-    record_rank.cache_clear()
-    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
-    monkeypatch.setenv("SHARDWISE_WORKERS", "2")
-    monkeypatch.setattr(pre, "WORTH_S", 0.0)
-    monkeypatch.setattr(pre, "TIMED", 1)
+    pre = fresh_recordings(tmp_path, monkeypatch, 2)
     monkeypatch.setattr(sys, "executable", "true")
     bases = base_plans(SIX, SIX_WL, 4, H100_8)
     plans = [resolve_capacity(Plan.parse(str(b)), H100_8) for b in bases]
@@ -439,21 +445,15 @@ def test_workers_record_the_counts_the_families_may_price_while_the_planner_pric
     # ones while the context lasts, and ends with it, leaving no file half written.
     import time
 
-    from shardwise.perf import prerecord as pre
     from shardwise.perf import tracecache
     from shardwise.perf.costmodel import recorded_phases
-    from shardwise.perf.record import _alone, recording_key, record_rank
+    from shardwise.perf.record import recording_key
 
+    pre = fresh_recordings(tmp_path, monkeypatch, 2)
     a, b = Plan.parse("tp_pp:1x4"), Plan.parse("helix:2x2")
     first, later = pre.family_plans([a, b], (1, 2, 4, 8, 16), 8)
     mb = lambda p, n: dataclasses.replace(p, micro_batches=n)  # noqa: E731
     assert first == [a, b, mb(a, 2)] and later == [mb(a, 4), mb(a, 8)]
-    _alone.cache_clear()
-    record_rank.cache_clear()
-    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
-    monkeypatch.setenv("SHARDWISE_WORKERS", "2")
-    monkeypatch.setattr(pre, "WORTH_S", 0.0)
-    monkeypatch.setattr(pre, "TIMED", 1)
     phases = recorded_phases(None)
     plans = [Plan.parse(t) for t in ("tp_pp:2x2", "ring:4", "tp_pp:4x1", "helix:1x4")]
     plans = [p for p in plans if pre._valid(SIX, SIX_WL, p, 4)]
@@ -475,14 +475,10 @@ def test_a_ranked_plan_is_not_recorded_ahead_at_counts_the_planner_did_not_price
     # was faster), so a later ranking does not record it ahead (each would
     # record a few more such plans, every time). A plan not kept at one
     # micro-batch is recorded ahead at both.
-    from shardwise.perf import prerecord as pre
     from shardwise.perf.costmodel import recorded_phases
-    from shardwise.perf.record import _alone, record_plan, record_rank
+    from shardwise.perf.record import record_plan
 
-    _alone.cache_clear()
-    record_rank.cache_clear()
-    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
-    monkeypatch.setenv("SHARDWISE_WORKERS", "1")
+    pre = fresh_recordings(tmp_path, monkeypatch, 1, eager=False)
     phases = recorded_phases(None)
     ranked, fresh = Plan.parse("tp_pp:2x2"), Plan.parse("ring:4")
     record_plan(SIX, SIX_WL, ranked, 4, phases=phases)
