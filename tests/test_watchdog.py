@@ -109,7 +109,7 @@ def test_settle_runs_the_same_untimed_steps_on_every_rank(monkeypatch):
             return [values, [0.005]]
 
     calls = []
-    monkeypatch.setattr(timing, "_sync", lambda device: None)
+    monkeypatch.setattr(timing, "sync_device", lambda device: None)
     gpu = types.SimpleNamespace(type="cuda")
     step = (lambda: (calls.append(1), time.sleep(0.002)))
     n = timing._settle(step, 0.05, gpu, Comm())

@@ -23,7 +23,7 @@ from ..parallel.comm import Comm, gather_floats
 from ..spec import Plan, torch_dtype
 from ..bench import metrics
 from .job import Case, Job, tolerance
-from .timing import (BenchSettings, _sync, measure_ceilings, summarize, time_decode,
+from .timing import (BenchSettings, measure_ceilings, summarize, sync_device, time_decode,
                      time_prefill, timed_call, trace_step)
 from .verify import step_errors
 
@@ -167,7 +167,7 @@ def _verified_run(job, case, plan, comm, model, source, dtype, rank, device, log
         model.step(prompt, 0)
         if steps:
             model.step(steps[0], L)
-    monitor.wait("device sync", _sync, device)
+    monitor.wait("device sync", sync_device, device)
     _inject(job, rank, "prefill", monitor)
     comm.reset()
     # Timed as a run takes it (the last position's output, where the strategy

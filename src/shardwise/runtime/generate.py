@@ -412,7 +412,7 @@ def generate_case(case: Case, comm, model, source, dtype: torch.dtype, rank: int
                   device: torch.device, log=print) -> list[dict]:
     """Run on every rank with this rank's shard ``model`` (from ``engine.build``);
     rank 0 returns one record with the tokens, the others an empty list."""
-    from .timing import _sync
+    from .timing import sync_device
     from .verify import step_errors
 
     gen = Generation.from_dict(case.generate)
@@ -438,7 +438,7 @@ def generate_case(case: Case, comm, model, source, dtype: torch.dtype, rank: int
                                       draws[:, t])[:, None])
             logits.append(out)
         comm.broadcast(token, 0)
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
         new.append(token)
         # Every rank holds the same tokens, so every rank stops at the same step.

@@ -53,7 +53,8 @@ def summarize(times_s: list[float]) -> dict:
             "times_ms": [round(1e3 * t, 4) for t in times_s]}
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
+    """Wait for the work queued on ``device`` (a GPU); nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -120,10 +121,10 @@ def timed_call(fn, device, comm):
     slowest rank). Each rank's clock stops at its own device sync, so neither
     a closing barrier nor the exchange of the times is inside the window."""
     comm.barrier()
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync_device(device)
     dt = time.perf_counter() - t0
     return out, max(v[0] for v in comm.gather_floats([dt], device))
 
@@ -143,10 +144,10 @@ def trace_step(fn, device, comm, path: str) -> dict:
     for _ in range(2):
         with profile(activities=acts) as prof:
             comm.barrier()
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             wall = time.perf_counter() - t0
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     prof.export_chrome_trace(path)
@@ -193,7 +194,7 @@ def _settle(step, seconds: float, device, comm) -> int:
     n = min(int(seconds / max(once, 1e-6)), 10_000)
     for _ in range(n):
         step()
-    _sync(device)
+    sync_device(device)
     return n + 1
 
 
