@@ -12,7 +12,7 @@ from shardwise.perf.links import LinkCost, bus_factor
 from shardwise.perf.costmodel import predict
 from shardwise.perf.costs import fmt_bytes
 from shardwise.perf.record import record_rank
-from shardwise.perf.reproduce import (fidelity_summary, measured_balance,
+from shardwise.perf.reproduce import (fidelity_summary, measured_balance, prompt_graphed,
                                       record_decode_steps)
 from shardwise.perf.events import expand
 from shardwise.presets import get_preset
@@ -301,6 +301,37 @@ def test_moe_reference_waits_for_the_device_once_a_layer():
     assert pred.prefill.syncs == spec.n_layers
     # Decode (4 tokens): every held expert on every token, no wait.
     assert pred.decode.syncs == 0
+
+
+def test_a_prompt_without_host_waits_is_priced_as_a_graph():
+    # bench replays a prompt's step from a CUDA graph where no rank's step waits
+    # on the device (runtime.timing.prefill_graph); the model prices it so: no
+    # host time, the step its kernels. A prompt that reads its expert counts to
+    # the host (tp_pp:2x1 on tiny-moe, above) runs eagerly, as does every prompt
+    # with prefill_graphs=False (run, verify, and earlier bench records).
+    wl = Workload(batch=2, seq_len=100, decode_steps=10)
+    graph = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1).prefill
+    eager = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, prefill_graphs=False).prefill
+    off = predict(SMALL, wl, "tp_pp:1x1", ROUND, 1, graphs=False).prefill
+    assert graph.graph and graph.host_s == 0 and graph.syncs == 0
+    assert graph.seconds == pytest.approx(graph.compute_s)
+    assert not eager.graph and eager.host_s > 0 and eager.seconds > graph.seconds
+    assert not off.graph and off.seconds == pytest.approx(eager.seconds)
+    moe = get_preset("tiny-moe").model.replace(dtype="bf16")
+    waits = predict(moe, Workload(batch=4, seq_len=32, decode_steps=2), "tp_pp:2x1", ROUND,
+                    2).prefill
+    assert waits.syncs == moe.n_layers and not waits.graph and waits.host_s > 0
+
+
+def test_a_records_prompt_is_predicted_as_it_ran():
+    # Fidelity predicts a prompt as its record says it ran: from a graph only
+    # where a bench prefill record says so; run's records and earlier bench
+    # records (no such field) timed it eagerly.
+    assert prompt_graphed({"phase": "prefill", "cuda_graphs": True})
+    assert not prompt_graphed({"phase": "prefill", "cuda_graphs": False})
+    assert not prompt_graphed({"phase": "prefill"})
+    assert not prompt_graphed({"phase": "decode", "cuda_graphs": True})
+    assert not prompt_graphed({"prefill_tokens_per_s": 1.0})
 
 
 def test_measured_routing_balance_is_an_input():

@@ -130,15 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=["prefill", "decode", "both"], default="both")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
-    p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="time decode steps and prompts eagerly, without CUDA graphs")
     p.add_argument("--settle", type=float, default=0.25, metavar="SECONDS",
                    help="untimed decode steps on a GPU for this long before the timed ones, "
                         "so that they run at the clocks a steady decode gets (0: none)")
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="after timing, profile one more step per phase on every rank: a Chrome "
                         "trace and a table of host ops per rank in DIR, and the device-busy "
-                        "share in the record (a decode step timed in a CUDA graph is profiled "
-                        "as the same static-shape step, run eagerly)")
+                        "share in the record (a step timed from a CUDA graph is profiled as "
+                        "one more replay of it)")
     p.add_argument("--out", default="results/bench.jsonl", help="JSON lines file to append to")
     p.add_argument("--resume", action="store_true",
                    help="skip (plan, phase) records already in --out for this workload")

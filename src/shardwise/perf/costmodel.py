@@ -226,14 +226,20 @@ def recorded_phases(graphs: bool | None) -> tuple:
 
 def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Cluster,
             world_size: int | None = None, graphs: bool | None = None,
-            moe_balance: float | None = None) -> Prediction:
+            moe_balance: float | None = None,
+            prefill_graphs: bool | None = None) -> Prediction:
     """Predict ``plan`` on ``cluster``. The plan is validated first (a
     ShardwiseError names what is wrong); a plan that is valid but does not fit
     in memory is returned with ``fits`` False and the reason.
 
     ``graphs``: whether decode steps replay a CUDA graph. None (default): where
     the strategy supports it, as ``shardwise bench`` runs them on GPUs; False:
-    every step eager (``--no-graphs``, or CPU).
+    every step eager (``--no-graphs``, or CPU). ``prefill_graphs``: whether
+    the prompt's step replays a CUDA graph. None (default): where no rank's
+    recorded prompt makes a host synchronisation (and ``graphs`` is not
+    False), as ``shardwise bench`` runs it on GPUs
+    (:func:`shardwise.runtime.timing.prefill_graph`); False: eager, as
+    ``run`` and ``verify`` time it and benches before that ran it.
 
     ``moe_balance``: for MoE models, the routed rows of the busiest of the
     plan's ranks over the mean, as a run measured it (``rank_load_max_over_mean``
@@ -253,7 +259,9 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     traces = record_plan(spec, workload, plan, topo.world_size,
                          balance=moe_balance if spec.is_moe else None,
                          phases=recorded_phases(graphs))
-    prefill = step_cost(traces, "prefill", cluster, graph=False)
+    prompt_graph = (graphs is not False and prefill_graphs is not False
+                    and not any(t.steps["prefill"].calls.get("syncs") for t in traces))
+    prefill = step_cost(traces, "prefill", cluster, graph=prompt_graph)
     graph = graphs is not False and all("static" in t.steps for t in traces)
     decode = step_cost(traces, "static" if graph else "decode", cluster, graph)
     weights = [t.weights for t in traces]

@@ -168,7 +168,8 @@ def _measured_sheet(results: list[str], preset: str, profile: Cluster | None) ->
             if profile is not None:
                 try:
                     spec, wl, plan, world = record_case(r, profile)
-                    p = predict(spec, wl, plan, profile, world, graphs=r.get("cuda_graphs"))
+                    p = predict(spec, wl, plan, profile, world, graphs=r.get("cuda_graphs"),
+                                prefill_graphs=prompt_graphed(r))
                 except ShardwiseError as e:
                     why = str(e)
             for metric, value in _measured(r):
@@ -322,6 +323,13 @@ def record_case(r: dict, cluster: Cluster | None = None) -> tuple[ModelSpec, Wor
 FIDELITY_MEDIAN, FIDELITY_MAX = 0.10, 0.20
 
 
+def prompt_graphed(r: dict) -> bool:
+    """Whether a record's prompt step replayed a CUDA graph: a bench prefill
+    record says so (``cuda_graphs``); a run's record, and a bench record
+    from before prompts were captured, timed it eagerly."""
+    return r.get("phase") == "prefill" and bool(r.get("cuda_graphs"))
+
+
 def _run_key(r: dict) -> tuple:
     """What makes two records route alike: the same command, model and inputs."""
     return (r.get("command"), r.get("preset"), r.get("model"), r.get("n_layers"), r.get("dtype"),
@@ -405,7 +413,7 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
                 moe = balance.get((_run_key(r), world)) if spec.is_moe else None
                 _same_layout(r, spec, wl, plan, world)
                 p = predict(spec, wl, plan, at_host_speed(cl, r), world, graphs=graphs,
-                          moe_balance=moe)
+                            moe_balance=moe, prefill_graphs=prompt_graphed(r))
             except (ShardwiseError, KeyError, TypeError, ValueError) as e:
                 skipped.append(f"{r.get('plan')} ({r.get('preset')}): {e}")
                 continue
@@ -420,9 +428,10 @@ def fidelity_errors(result_files: list[str], cl: Cluster):
             graph = {True: "graph", False: "eager"}.get(r.get("cuda_graphs"), "")
             for what, meas, pred in pairs:
                 err = pred / meas - 1
-                # Graph and eager decode steps are judged apart: one is
+                # Graph and eager steps are judged apart: one is
                 # device-bound, the other mostly the host's.
                 what += f" ({graph})" if what.startswith("decode") and graph else ""
+                what += " (graph)" if what.startswith("prefill") and prompt_graphed(r) else ""
                 errors.setdefault((plan.strategy, what), []).append(err)
                 rows.append({"plan": r.get("plan") or str(plan),
                              "model": r.get("preset") or r.get("model", ""),

@@ -275,7 +275,8 @@ def bench_case(case, plan, comm, model, rank, device,
     if s.phase in ("prefill", "both"):
         monitor.phase("bench prefill")
         probes: list[float] = []
-        times = time_prefill(model, prompt, s, device, comm, between=_probing(probes, device))
+        times, replay = time_prefill(model, prompt, s, device, comm,
+                                     between=_probing(probes, device))
         host = _host_probe(comm, device, probes)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(prompt, 0), device, comm)
         med = statistics.median(times)
@@ -283,11 +284,13 @@ def bench_case(case, plan, comm, model, rank, device,
         records.append({**common, "phase": "prefill", "tps": wl.batch * wl.seq_len / med,
                         "tpot_ms": None, "ms_per_token": None,
                         "mfu": flops / med / peak_flops if peak_flops else None,
-                        "hbm_gbps": None, "comm_bytes": comm_bytes, "comm_share": comm_share,
+                        "hbm_gbps": None, "cuda_graphs": replay is not None,
+                        "comm_bytes": comm_bytes, "comm_share": comm_share,
                         "host_probe_us": host,
                         **summarize(times),
-                        **_trace(s, case, plan, "prefill", lambda: model.step(prompt, 0),
-                                 device, comm)})
+                        **_trace(s, case, plan, "prefill",
+                                 replay or (lambda: model.step(prompt, 0)), device, comm)})
+        del replay  # the graph's memory goes back before the decode steps
     if s.phase in ("decode", "both"):
         monitor.phase("bench decode")
         probes = []
@@ -347,9 +350,9 @@ def _host_probe(comm, device, probes: list) -> float:
 
 
 def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict:
-    """With ``--trace DIR``: one more step as the timed ones ran (a decode step
-    timed from a CUDA graph is one more replay of it, at the last timed
-    position: the kernels the graph holds, with the gaps between them),
+    """With ``--trace DIR``: one more step as the timed ones ran (a step timed
+    from a CUDA graph is one more replay of it, a decode step's at the last
+    timed position: the kernels the graph holds, with the gaps between them),
     profiled on every rank (:func:`~shardwise.runtime.timing.trace_step`);
     the record gets every rank's summary under ``trace``."""
     if not s.trace:

@@ -2,7 +2,10 @@
 
 Prefill: warm-up iterations, then each timed iteration starts after a barrier
 and a device synchronisation and ends at each rank's own synchronisation; the
-slowest rank's time is the step's.
+slowest rank's time is the step's. On a GPU a step that makes no host
+synchronisation on any rank is captured once in a CUDA graph and each timed
+iteration replays it (:func:`prefill_graph`): the host's launches leave the
+step, as they do a decode step's.
 Decode: the prompt is prefilled once, then steps run at positions L, L+1, ...
 When the strategy supports it and the device is CUDA, one decode step is
 captured in a CUDA graph with the position held in a device tensor (the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +37,7 @@ class BenchSettings:
     phase: str = "both"  # prefill | decode | both
     iters: int = 10
     warmup: int = 3
-    graphs: bool = True  # CUDA graphs for decode steps where supported
+    graphs: bool = True  # CUDA graphs for decode steps and prompts where supported
     trace: str | None = None  # directory for one profiled step per phase and rank (trace_step)
     settle_s: float = 0.25  # untimed decode steps on a GPU before the timed ones (_settle)
 
@@ -198,11 +202,76 @@ def _settle(step, seconds: float, device, comm) -> int:
     return n + 1
 
 
-def time_prefill(model, prompt, s: BenchSettings, device, comm, between=None) -> list[float]:
-    """Prefill step times (seconds); ``between`` runs untimed after each step."""
-    for _ in range(s.warmup):
-        model.step(prompt, 0)
-    return _timed_steps(lambda i: model.step(prompt, 0), s.iters, device, comm, between)
+def time_prefill(model, prompt, s: BenchSettings, device, comm, between=None):
+    """Prefill step times (seconds) and a replay of the CUDA graph they ran
+    from, or None where they ran eagerly; ``between`` runs untimed after
+    each step. Each timed step is one call as the eager path times it (a
+    barrier and a device sync first, the host's clock stopped at the
+    device sync after it), so the two paths' times compare: from the host
+    asking for the prompt's step to its last kernel's end. The graph
+    (:func:`prefill_graph`) takes the host's launches out of the step,
+    which a short prompt waits on: each of Mixtral-8x7b's layers launches
+    dozens of kernels of a few microseconds at 1 x 2048 tokens, and the GPU
+    idled 0.4 to 0.9 ms of a 6.8 to 7.4 ms eager step on an H100
+    (results/real/README.md)."""
+    replay = prefill_graph(model, prompt, s, device, comm)
+    step = replay or (lambda: model.step(prompt, 0))
+    if replay is None:
+        for _ in range(s.warmup):
+            step()
+    return _timed_steps(lambda i: step(), s.iters, device, comm, between), replay
+
+
+_SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda's sync debug mode warns
+
+
+def prefill_graph(model, prompt, s: BenchSettings, device, comm):
+    """A replay of one prefill step captured in a CUDA graph, or None where
+    it cannot be: no graphs asked for, not a GPU, or a step that waits on
+    the device from the host (a prompt's MoE layer that reads its group
+    sizes to the host, say), on any rank. The first warm-up step runs under
+    PyTorch's sync debug mode, which warns at every host synchronisation a
+    step makes; the ranks agree before any captures (a rank whose capture
+    failed midway would leave the others' collectives without a partner),
+    and again after, keeping the graphs only if every rank's capture
+    succeeded. The step's inputs and position (0) are the ones every replay
+    runs on."""
+    if not (s.graphs and device.type == "cuda"):
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model.step(prompt, 0)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    waits = any(_SYNC_WARNING in str(w.message) for w in caught)
+    if not _everywhere(not waits, device, comm):
+        return None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm up (allocations, kernels) off the capture
+        for _ in range(max(s.warmup - 1, 0)):
+            model.step(prompt, 0)
+    torch.cuda.current_stream(device).wait_stream(side)
+    comm.barrier()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            model.step(prompt, 0)
+        captured = True
+    except RuntimeError:
+        captured = False
+    torch.cuda.synchronize(device)
+    if not _everywhere(captured, device, comm):
+        return None
+    return graph.replay
+
+
+def _everywhere(ok: bool, device, comm) -> bool:
+    """Whether ``ok`` holds on every rank (each rank learns every rank's)."""
+    return min(v[0] for v in comm.gather_floats([float(ok)], device)) > 0
 
 
 def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, comm,
