@@ -43,7 +43,7 @@ def test_grouped_kernel_is_each_experts_product_on_cpu(monkeypatch, gated, R, E,
     expert's product, within :func:`_bound` of the exact one (gated, of the
     exact SwiGLU of its halves)."""
     found = interpreted("shardwise.model.triton_grouped", "grouped_kernel")
-    monkeypatch.setattr(kernels, "_grouped_kernel", lambda: found)
+    monkeypatch.setattr(kernels, "_grouped_kernel", lambda tma=False: not tma and found)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     g = torch.Generator().manual_seed(R + E)
     ends = _routed(R, E, g, empty)
@@ -58,6 +58,47 @@ def test_grouped_kernel_is_each_experts_product_on_cpu(monkeypatch, gated, R, E,
     want, bound = _bound(x, w, ends, gated, 2.0 ** -11)
     assert got.shape == (R, O) and got.dtype == x.dtype
     assert ((got.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("gated,cat", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("R,E,K,O,empty", [(37, 3, 80, 40, ()), (50, 4, 64, 24, (0, 2)),
+                                           (9, 5, 104, 72, (1,)), (100, 2, 48, 40, ())])
+def test_grouped_tma_kernel_is_each_experts_product_on_cpu(monkeypatch, gated, cat, tail, R, E,
+                                                           K, O, empty):
+    """``grouped_tma_kernel`` as :func:`test_grouped_kernel_is_each_experts_product_on_cpu`
+    checks ``grouped_kernel``: its descriptors' boxes past an expert's rows
+    (into the next expert's, past ``R``), past ``K`` (zeros) and past ``O``
+    (the next expert's weight rows, or zeros), three programs each looping
+    over many tiles, an expert's short last row block at full or half
+    height (``tail``), the gate's and the up's tiles by two dots or one
+    (``cat``). Each row is its own expert's product within :func:`_bound`."""
+    found = interpreted("shardwise.model.triton_grouped", "grouped_tma_kernel")
+    monkeypatch.setattr(kernels, "_grouped_kernel", lambda tma=False: tma and found)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    g = torch.Generator().manual_seed(R + E)
+    ends = _routed(R, E, g, empty)
+    x = torch.randn(R, K, generator=g).half()
+    w = (torch.randn(E, (1 + gated) * O, K, generator=g) / 4).half()
+    got = kernels.grouped_linear(x, w, ends, gated, tma=True, BLOCK_M=16, BLOCK_N=16,
+                                 BLOCK_K=32, num_warps=4, num_stages=1, TAIL=tail,
+                                 GATE_CAT=cat, programs=3)
+    want, bound = _bound(x, w, ends, gated, 2.0 ** -11)
+    assert got.shape == (R, O) and got.dtype == x.dtype
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+def test_tma_takes_aligned_rows_and_contiguous_weights(monkeypatch):
+    """The descriptors' kernel only where a descriptor can address the
+    operands (16-byte aligned rows, contiguous weights) on a GPU with TMA,
+    or on meta tensors (a traced step, taken as a Hopper GPU runs it);
+    never off the GPU."""
+    x, w = torch.zeros(4, 64, dtype=torch.half), torch.zeros(2, 32, 64, dtype=torch.half)
+    assert not kernels._tma_fits(x, w)  # a CPU tensor
+    meta_x, meta_w = x.to("meta"), w.to("meta")
+    assert kernels._tma_fits(meta_x, meta_w)
+    assert not kernels._tma_fits(meta_x[:, :60], meta_w[:, :, :60])  # 120-byte rows
+    assert not kernels._tma_fits(meta_x, meta_w.transpose(1, 2).contiguous().transpose(1, 2))
 
 
 def test_grouped_linear_loops_over_the_experts_off_the_gpu():
@@ -132,3 +173,42 @@ def test_the_stand_in_computes_and_prices_the_grouped_product():
     grouped.run((1,), *meta, K=K, E=E, GATED=True)  # shapes only: nothing to compute
     k = grouped.kernel((1,), *args, K=K, E=E, GATED=True)
     assert k.cls == "gemm" and k.flops == 2.0 * R * K * 2 * F
+
+
+def test_a_traced_step_launches_the_descriptors_kernel_and_prices_it_alike(monkeypatch):
+    """A step traced on meta tensors takes ``grouped_tma_kernel`` (as a
+    Hopper GPU runs it), built from the recorder's stand-in descriptors; its
+    stand-in computes the loop's rows on CPU tensors and is priced as
+    ``grouped_kernel`` is, the same GEMM."""
+    from shardwise.perf.tritons import TritonShim, stand_in
+
+    launched = []
+
+    class Seen:
+        def __init__(self, name):
+            self.inner = stand_in(name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if self.inner.name.startswith("grouped"):  # not the loop's swiglu_kernel
+                    launched.append((self.inner, grid, args, kw))
+                self.inner.run(grid, *args, **kw)
+            return launch
+
+    monkeypatch.setattr(kernels, "LOAD_HOOK", lambda module, name, loaded: (TritonShim,
+                                                                          Seen(name)))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    g = torch.Generator().manual_seed(5)
+    E, R, K, F = 3, 12, 16, 8
+    x, w = torch.randn(R, K, generator=g).half(), torch.randn(E, 2 * F, K, generator=g).half()
+    ends = torch.tensor([5, 5, 12], dtype=torch.int32)
+    kernels.grouped_linear(x.to("meta"), w.to("meta"), ends.to("meta"), gated=True)
+    tma, grid, args, kw = launched.pop()
+    assert tma.name == "grouped_tma_kernel" and grid == (min(132, (1 + E) * 1),)
+    got = kernels.grouped_linear(x, w, ends, gated=True, tma=True)
+    assert torch.equal(got, kernels._grouped_torch(x, w, ends, True))
+    plain = kernels.grouped_linear(x, w, ends, gated=True)  # CPU tensors: no descriptors
+    assert launched[-1][0].name == "grouped_kernel" and torch.equal(plain, got)
+    ptr, p_grid, p_args, p_kw = launched[-1]
+    _, grid, args, kw = launched[-2]
+    assert tma.kernel(grid, *args, **kw) == ptr.kernel(p_grid, *p_args, **p_kw)

@@ -453,38 +453,94 @@ def rows_launch(gated: bool) -> dict:
             "W_LEFT": True}
 
 
-def _grouped_kernel():
-    """``(triton, grouped_kernel)`` (:mod:`.triton_grouped`), or False."""
-    return triton_kernel(f"{__package__}.triton_grouped", "grouped_kernel")
+def _grouped_kernel(tma: bool = False):
+    """``(triton, kernel)``: ``grouped_tma_kernel`` (``tma``) or
+    ``grouped_kernel`` (:mod:`.triton_grouped`), or False without Triton."""
+    name = "grouped_tma_kernel" if tma else "grouped_kernel"
+    return triton_kernel(f"{__package__}.triton_grouped", name)
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor,
-                   gated: bool = False, **launch) -> torch.Tensor:
+                   gated: bool = False, tma: bool | None = None, **launch) -> torch.Tensor:
     """Each expert's rows by its own matrix: ``x [R, K]``'s rows sorted by
     expert, expert e's ending at ``ends[e]`` (``[E]`` int32 on the device),
     by ``w [E, O, K]`` -> ``[R, O]``; ``gated``: ``w [E, 2F, K]`` holds each
     expert's ``[gate; up]`` and the result is ``silu(gate) * up``, ``[R,
     F]`` (:func:`swiglu` of the product, each half rounded first). A
-    prompt's MoE layer on GPUs: one launch of ``grouped_kernel`` for every
-    expert, the offsets never read to the host and the activation in its
-    epilogue; rows past ``ends[-1]`` are left unwritten. Elsewhere a loop
-    over the experts' slices (the offsets read to the host). ``launch``:
-    the kernel's blocks and Triton's options, where a probe sets them
-    (scripts/moe-grouped.py); else :func:`grouped_launch`'s."""
-    found = _grouped_kernel() if _halves_on_gpu(x, w) and x.stride(-1) == 1 else False
+    prompt's MoE layer on GPUs: one launch for every expert, the offsets
+    never read to the host and the activation in its epilogue; rows past
+    ``ends[-1]`` are left unwritten. The launch is ``grouped_tma_kernel``
+    (persistent, its operands read through TMA descriptors) where
+    :func:`_tma_fits` (``tma`` None) or ``tma`` says so, else
+    ``grouped_kernel``. Elsewhere a loop over the experts' slices (the
+    offsets read to the host). ``launch``: the kernel's blocks and Triton's
+    options, where a probe sets them (scripts/moe-grouped.py); else
+    :func:`grouped_launch`'s."""
+    if not (_halves_on_gpu(x, w) and x.stride(-1) == 1):
+        return _grouped_torch(x, w, ends, gated)
+    tma = _tma_fits(x, w) if tma is None else tma
+    found = _grouped_kernel(tma)
     if not found:
         return _grouped_torch(x, w, ends, gated)
     triton, kernel = found
     (R, K), (E, rows, _) = x.shape, w.shape
     O = rows // 2 if gated else rows
-    chosen = {**grouped_launch(gated), **launch}
-    bm, bn = chosen.pop("BLOCK_M"), chosen.pop("BLOCK_N")
+    chosen = {**grouped_launch(gated, tma), **launch}
+    bm, bn, bk = chosen.pop("BLOCK_M"), chosen.pop("BLOCK_N"), chosen["BLOCK_K"]
     y = torch.empty(R, O, dtype=x.dtype, device=x.device)
-    grid = ((triton.cdiv(R, bm) + E) * triton.cdiv(O, bn),)  # the most tiles any routing has
-    kernel[grid](x, w, y, ends, O, x.stride(0), w.stride(0), w.stride(1), y.stride(0), K=K,
-                 E=E, EP=triton.next_power_of_2(E), BLOCK_M=bm, BLOCK_N=bn, GATED=gated,
-                 **{**pdl(x.device), **chosen})
+    tiles = (triton.cdiv(R, bm) + E) * triton.cdiv(O, bn)  # the most tiles any routing has
+    shapes = dict(K=K, E=E, EP=triton.next_power_of_2(E), BLOCK_M=bm, BLOCK_N=bn, GATED=gated)
+    if not tma:
+        kernel[(tiles,)](x, w, y, ends, O, x.stride(0), w.stride(0), w.stride(1), y.stride(0),
+                         **shapes, **{**pdl(x.device), **chosen})
+        return y
+    TensorDescriptor = triton.tools.tensor_descriptor.TensorDescriptor
+    x_desc = TensorDescriptor(x, [R, K], [x.stride(0), 1], [bm, bk])
+    x_half = TensorDescriptor(x, [R, K], [x.stride(0), 1], [bm // 2, bk])
+    if chosen.get("GATE_CAT"):  # [2E, F, K]: expert e's gate rows at 2e, its up rows at 2e + 1
+        w_desc = TensorDescriptor(w, [2 * E, O, K], [O * K, K, 1], [2, bn, bk])
+    else:
+        w_desc = TensorDescriptor(w, [E * rows, K], [K, 1], [bn, bk])
+    programs = chosen.pop("programs") or _sm_count(x.device)
+    kernel[(min(programs, tiles),)](x_desc, x_half, w_desc, y, ends, O, y.stride(0), **shapes,
+                                    **{**pdl(x.device), **chosen})
     return y
+
+
+def _tma_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``grouped_tma_kernel`` takes ``x`` and ``w`` (half-precision
+    GPU tensors, ``x``'s rows contiguous): a GPU with TMA (:func:`_cuda_tma`;
+    a step traced on meta tensors is taken as a Hopper GPU runs it), ``w``
+    contiguous, and the 16-byte alignment a descriptor needs of ``x``'s
+    start and row stride (``K`` a multiple of 8)."""
+    if x.device.type not in ("cuda", "meta"):
+        return False
+    if x.device.type == "cuda" and not _cuda_tma(x.device.index
+                                                 if x.device.index is not None
+                                                 else torch.cuda.current_device()):
+        return False
+    unit = 16 // x.element_size()
+    return (w.is_contiguous() and x.shape[1] % unit == 0 and x.stride(0) % unit == 0
+            and x.data_ptr() % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_tma(index: int) -> bool:
+    """Whether GPU ``index`` has TMA (Hopper and later) and Triton makes host
+    descriptors (``triton.tools.tensor_descriptor``, Triton 3.4 and later)."""
+    try:
+        import triton.tools.tensor_descriptor  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _sm_count(device) -> int:
+    """The programs of a persistent kernel on ``device``: its SMs (an H100's
+    132 off the GPU, where a traced step is taken as a Hopper GPU runs it)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _grouped_torch(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor,
@@ -501,8 +557,17 @@ def _grouped_torch(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor,
     return y
 
 
-def grouped_launch(gated: bool) -> dict:
-    """The launch of ``grouped_kernel``, ``gated`` or not."""
+def grouped_launch(gated: bool, tma: bool = False) -> dict:
+    """The launch of ``grouped_tma_kernel`` (``tma``) or ``grouped_kernel``,
+    ``gated`` or not. ``grouped_tma_kernel``'s: the blocks and warps of
+    ``grouped_kernel``'s best launches (results/real/moe-grouped-layouts-b78ac47.jsonl),
+    each expert's short last row block at half height, four stages in flight
+    where the shared memory holds them, one program per SM; not yet swept
+    on a GPU (``scripts/moe-grouped.py --sweep``)."""
+    if tma:
+        return {"BLOCK_M": 128, "BLOCK_N": 128 if gated else 256, "BLOCK_K": 64,
+                "num_warps": 8, "num_stages": 4 if gated else 3, "TAIL": True,
+                "GATE_CAT": False, "programs": None}
     if gated:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}

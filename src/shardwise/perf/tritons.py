@@ -271,17 +271,38 @@ class Grouped(StandIn):
     grouped GEMM it replaces."""
 
     def run(self, grid, X, W, Y, ENDS, O, sx, swe, sw, sy, *, GATED, **kw):
-        from ..model.kernels import _grouped_torch
-
-        if not X.is_meta:
-            rows = int(ENDS[-1])
-            Y[:rows].copy_(_grouped_torch(X[:rows], W, ENDS, GATED))
+        _grouped_run(X, W, Y, ENDS, GATED)
 
     def kernel(self, grid, X, W, Y, ENDS, O, sx, swe, sw, sy, *, K, E, GATED, **kw):
-        rows, outs = X.shape[0], (1 + GATED) * O
-        moved = _nbytes(X) + _nbytes(W) + _nbytes(Y)
-        return Kernel("gemm", 2.0 * rows * K * outs, float(moved),
-                      (E, max(1, rows // E), K, outs), _dtype(X))
+        return _grouped_kernel(X, W, Y, K, E, O, GATED)
+
+
+class GroupedTMA(StandIn):
+    """``grouped_tma_kernel``: :class:`Grouped`'s product with its operands
+    given as TMA descriptors (each of the tensor it addresses: ``x``, and
+    the ``[E, (2)O, K]`` weights)."""
+
+    def run(self, grid, x_desc, x_half, w_desc, Y, ENDS, O, sy, *, GATED, **kw):
+        _grouped_run(x_desc.base, w_desc.base, Y, ENDS, GATED)
+
+    def kernel(self, grid, x_desc, x_half, w_desc, Y, ENDS, O, sy, *, K, E, GATED, **kw):
+        return _grouped_kernel(x_desc.base, w_desc.base, Y, K, E, O, GATED)
+
+
+def _grouped_run(X, W, Y, ENDS, GATED) -> None:
+    """The grouped product's rows where the offsets are known (not on meta tensors)."""
+    from ..model.kernels import _grouped_torch
+
+    if not X.is_meta:
+        rows = int(ENDS[-1])
+        Y[:rows].copy_(_grouped_torch(X[:rows], W, ENDS, GATED))
+
+
+def _grouped_kernel(X, W, Y, K, E, O, GATED) -> Kernel:
+    rows, outs = X.shape[0], (1 + GATED) * O
+    moved = _nbytes(X) + _nbytes(W) + _nbytes(Y)
+    return Kernel("gemm", 2.0 * rows * K * outs, float(moved), (E, max(1, rows // E), K, outs),
+                  _dtype(X))
 
 
 class Combine(StandIn):
@@ -373,7 +394,7 @@ STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel":
              "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit,
              "combine_kernel": Combine, "route_logits_kernel": RouteLogits,
              "route_kernel": Route, "rows_kernel": Rows, "rows_finish_kernel": RowsFinish,
-             "grouped_kernel": Grouped}
+             "grouped_kernel": Grouped, "grouped_tma_kernel": GroupedTMA}
 
 
 def stand_in(name: str) -> StandIn:
