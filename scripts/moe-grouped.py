@@ -5,9 +5,16 @@ expert, as
 
 * ``grouped_mm``: ``torch._grouped_mm`` (CUTLASS's grouped GEMM on Hopper;
   the up-projection followed by the SwiGLU kernel),
-* ``grouped_kernel``: shardwise's Triton kernel (``kernels.grouped_linear``;
-  the SwiGLU in its epilogue), at the launch ``grouped_launch`` picks and,
-  with ``--sweep``, at others (at the first token count),
+* ``grouped_tma``: shardwise's Triton kernel for Hopper (``kernels.grouped_linear``,
+  ``grouped_tma_kernel``: TMA descriptors, one program per SM, the SwiGLU in
+  its epilogue), at the launch ``grouped_launch`` picks and, with ``--sweep
+  tma``, at :data:`TMA_SWEEP`'s (at the first token count): blocks, warps,
+  stages, an expert's short last row block at half height or not
+  (``TAIL``), the gate and up tiles in one dot or two (``GATE_CAT``), the
+  tile loop flattened (``FLATTEN``) or warp-specialized (``WARP_SPEC``),
+* ``grouped_kernel``: its pointer-load kernel for the GPUs without TMA, at
+  the launch ``grouped_launch`` picks and, with ``--sweep pointer``, at
+  others (at the first token count),
 * ``grouped_mm_nmajor``: the same with the weights stored ``[E, K, O]``
   (the other operand layout CUTLASS is built for),
 * ``loop``: one cuBLAS GEMM per expert on its rows (the group sizes known
@@ -19,13 +26,24 @@ expert, as
   same FLOPs with no grouping (a ceiling),
 
 each timed in CUDA graphs (``runtime.timing.graphed_us``), its rate against
-the bf16 GEMM peak measured in the same process.
+the bf16 GEMM peak measured in the same process, its largest difference from
+``grouped_mm``'s result as a fraction of that result's largest magnitude
+(``max_rel_err``). A launch that fails (a compile error, more shared memory
+than an SM has) records its error and the sweep goes on. One JSON line a
+measurement; interrupted (``timeout -s INT``), the lines measured so far are
+written. The sweep starts no launch ``--sweep-seconds`` after the peak is
+measured (default 150: the whole run within ~4 minutes on an H100). The
+swept token count is measured last, so a launch that faults the GPU loses
+only the sweep's remainder.
 
-Usage: python scripts/moe-grouped.py [--tokens 2048 24000] [--sweep] [--out FILE.jsonl]
+Usage: python scripts/moe-grouped.py [--tokens 2048 24000] [--sweep [tma] [pointer]]
+                                     [--sweep-seconds 150] [--out FILE.jsonl]
+e.g. timeout -s INT 300 python scripts/moe-grouped.py --sweep tma --out FILE.jsonl
 """
 import argparse
 import itertools
 import json
+import time
 
 import torch
 import torch.nn.functional as Fn
@@ -34,13 +52,35 @@ from shardwise.bench.records import append_records, provenance
 from shardwise.model import kernels
 from shardwise.runtime.timing import graphed_us, measure_ceilings
 
+# grouped_tma_kernel's launches for --sweep tma, each over grouped_launch's
+# (gated: up; ungated: down), the likeliest first (a time limit keeps them).
+# The compiler's riskier options (FLATTEN, WARP_SPEC) last: a launch that
+# faults the GPU ends the run.
+TMA_SWEEP = {
+    True: [dict(num_stages=3), dict(TAIL=False), dict(GATE_CAT=True),
+           dict(GATE_CAT=True, num_stages=3), dict(BLOCK_N=64, GATE_CAT=True),
+           dict(BLOCK_M=64, num_warps=4), dict(BLOCK_M=64, num_warps=8),
+           dict(num_stages=5, BLOCK_K=32), dict(programs=66),
+           dict(TAIL=False, FLATTEN=True), dict(WARP_SPEC=True),
+           dict(TAIL=False, WARP_SPEC=True)],
+    False: [dict(num_stages=4), dict(TAIL=False), dict(BLOCK_N=128, num_stages=4),
+            dict(BLOCK_N=128, num_stages=5), dict(BLOCK_M=64, num_warps=4),
+            dict(BLOCK_M=64, num_warps=8), dict(BLOCK_K=128, num_stages=2),
+            dict(TAIL=False, FLATTEN=True), dict(BLOCK_N=128, TAIL=False, FLATTEN=True),
+            dict(WARP_SPEC=True), dict(TAIL=False, WARP_SPEC=True),
+            dict(BLOCK_N=128, WARP_SPEC=True)],
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 24000])
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", nargs="*", choices=("tma", "pointer"),
+                    help="the kernels whose launches to sweep (bare: tma)")
+    ap.add_argument("--sweep-seconds", type=float, default=150.0)
     ap.add_argument("--out")
     args = ap.parse_args()
+    args.sweep = ["tma"] if args.sweep == [] else args.sweep or []
     dev, dt = torch.device("cuda"), torch.bfloat16
     peak = measure_ceilings(dev)
     recs = []
@@ -52,6 +92,7 @@ def main() -> None:
         recs.append(rec)
         print(json.dumps(rec), flush=True)
 
+    args.deadline = time.monotonic() + args.sweep_seconds
     try:
         sweep(args, emit, peak["matmul_peak_tflops"], dev, dt)
     except KeyboardInterrupt:  # a time limit (timeout -s INT): keep what was measured
@@ -66,7 +107,7 @@ def sweep(args, emit, peak, dev, dt) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     w_in = torch.randn(E, 2 * F, D, device=dev, dtype=dt, generator=g) * 0.02
     w_down = torch.randn(E, D, F, device=dev, dtype=dt, generator=g) * 0.02
-    for N in args.tokens:
+    for N in args.tokens[1:] + args.tokens[:1]:  # the swept count last: a fault ends the run
         x = torch.randn(N, D, device=dev, dtype=dt, generator=g)
         experts = torch.randn(N, E, device=dev, generator=g).topk(k, -1).indices
         key = experts.reshape(-1)
@@ -130,20 +171,31 @@ def sweep(args, emit, peak, dev, dt) -> None:
         record("up", "dense", lambda: kernels.swiglu(Fn.linear(rows, w_in[0]))
                [: want["up"].shape[0]])
         record("down", "dense", lambda: Fn.linear(act, w_down[0]))
-        for proj, x_, w, gated in (("up", rows, w_in, True), ("down", act, w_down, False)):
+        products = (("up", rows, w_in, True), ("down", act, w_down, False))
+        for tma, probe in ((True, "grouped_tma"), (False, "grouped_kernel")):
+            for proj, x_, w, gated in products:
+                record(proj, probe, lambda: kernels.grouped_linear(x_, w, ends, gated, tma=tma),
+                       **kernels.grouped_launch(gated, tma), chosen=True)
+        if N != args.tokens[0]:
+            continue
+        for proj, x_, w, gated in products if "tma" in args.sweep else ():
+            chosen = kernels.grouped_launch(gated, tma=True)
+            for change in TMA_SWEEP[gated]:
+                if time.monotonic() > args.deadline:
+                    break
+                cfg = {**chosen, **change}
+                record(proj, "grouped_tma", lambda: kernels.grouped_linear(
+                    x_, w, ends, gated, tma=True, **cfg), **cfg)
+        for proj, x_, w, gated in products if "pointer" in args.sweep else ():
             chosen = kernels.grouped_launch(gated)
-            record(proj, "grouped_kernel", lambda: kernels.grouped_linear(x_, w, ends, gated),
-                   **chosen, chosen=True)
-            if not args.sweep or N != args.tokens[0]:
-                continue
             blocks = ((128, 128), (64, 128), (128, 64)) if gated else ((128, 256), (128, 128),
                                                                         (64, 256))
             for (bm, bn), warps, stages in itertools.product(blocks, (4, 8), (3, 4)):
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=warps,
                            num_stages=stages)
-                if cfg != chosen:
-                    record(proj, "grouped_kernel",
-                           lambda: kernels.grouped_linear(x_, w, ends, gated, **cfg), **cfg)
+                if cfg != chosen and time.monotonic() <= args.deadline:
+                    record(proj, "grouped_kernel", lambda: kernels.grouped_linear(
+                        x_, w, ends, gated, tma=False, **cfg), **cfg)
 
 
 if __name__ == "__main__":
