@@ -122,12 +122,13 @@ def test_grouped_linear_loops_over_the_experts_off_the_gpu():
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("R,E,K,O", [(4096, 8, 4096, 14336), (4096, 8, 14336, 4096),
                                      (300, 6, 1000, 700)])
-def test_grouped_kernel_on_the_gpu(dtype, gated, R, E, K, O):
+@pytest.mark.parametrize("tma", [None, False])  # the device's choice (TMA on Hopper), pointers
+def test_grouped_kernel_on_the_gpu(dtype, gated, R, E, K, O, tma):
     g = torch.Generator().manual_seed(R + K)
     ends = _routed(R, E, g, empty=(1,)).cuda()
     x = torch.randn(R, K, generator=g).to("cuda", dtype)
     w = (torch.randn(E, (1 + gated) * O, K, generator=g) * 0.02).to("cuda", dtype)
-    got = kernels.grouped_linear(x, w, ends, gated)
+    got = kernels.grouped_linear(x, w, ends, gated, tma=tma)
     tol = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     want, bound = _bound(x, w, ends, gated, tol)
     assert ((got.double() - want).abs() <= bound).all()
