@@ -41,15 +41,16 @@ def test_a_prompt_that_never_waits_replays_its_graph():
     torch.manual_seed(0)
     model, x = Step(waits=False), torch.randn(64, 256, device="cuda")
     want = model.step(x, 0).clone()
-    replay = prefill_graph(model, x, BenchSettings(warmup=2), torch.device("cuda"), OneRank())
-    assert replay is not None
+    replay, why = prefill_graph(model, x, BenchSettings(warmup=2), torch.device("cuda"),
+                                OneRank())
+    assert replay is not None and why == ""
     captured = model.out  # the graph's output buffer, written by each replay
     captured.zero_()
     replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, want)
-    times, again = time_prefill(model, x, BenchSettings(warmup=1, iters=3),
-                                torch.device("cuda"), OneRank())
+    times, again, _ = time_prefill(model, x, BenchSettings(warmup=1, iters=3),
+                                   torch.device("cuda"), OneRank())
     assert again is not None and len(times) == 3 and all(t > 0 for t in times)
 
 
@@ -58,9 +59,12 @@ def test_a_prompt_that_never_waits_replays_its_graph():
 def test_a_prompt_that_waits_on_the_device_runs_eagerly():
     model, x = Step(waits=True), torch.randn(64, 256, device="cuda")
     s = BenchSettings(warmup=1, iters=2)
-    assert prefill_graph(model, x, s, torch.device("cuda"), OneRank()) is None
-    times, replay = time_prefill(model, x, s, torch.device("cuda"), OneRank())
+    replay, why = prefill_graph(model, x, s, torch.device("cuda"), OneRank())
+    # the line of the step that waits: Step.step's .item()
+    assert replay is None and why.startswith("the step waits on the device at test_timing.py:")
+    times, replay, why = time_prefill(model, x, s, torch.device("cuda"), OneRank())
     assert replay is None and len(times) == 2
     # --no-graphs: eager whatever the step.
     off = BenchSettings(warmup=1, iters=2, graphs=False)
-    assert prefill_graph(Step(waits=False), x, off, torch.device("cuda"), OneRank()) is None
+    assert prefill_graph(Step(waits=False), x, off, torch.device("cuda"), OneRank()) == (
+        None, "graphs off")

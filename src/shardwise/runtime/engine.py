@@ -275,8 +275,8 @@ def bench_case(case, plan, comm, model, rank, device,
     if s.phase in ("prefill", "both"):
         monitor.phase("bench prefill")
         probes: list[float] = []
-        times, replay = time_prefill(model, prompt, s, device, comm,
-                                     between=_probing(probes, device))
+        times, replay, why = time_prefill(model, prompt, s, device, comm,
+                                          between=_probing(probes, device))
         host = _host_probe(comm, device, probes)
         comm_bytes, comm_share = _comm_profile(lambda: model.step(prompt, 0), device, comm)
         med = statistics.median(times)
@@ -285,6 +285,7 @@ def bench_case(case, plan, comm, model, rank, device,
                         "tpot_ms": None, "ms_per_token": None,
                         "mfu": flops / med / peak_flops if peak_flops else None,
                         "hbm_gbps": None, "cuda_graphs": replay is not None,
+                        **({"eager_because": why} if why else {}),
                         "comm_bytes": comm_bytes, "comm_share": comm_share,
                         "host_probe_us": host,
                         **summarize(times),

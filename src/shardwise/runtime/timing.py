@@ -203,41 +203,44 @@ def _settle(step, seconds: float, device, comm) -> int:
 
 
 def time_prefill(model, prompt, s: BenchSettings, device, comm, between=None):
-    """Prefill step times (seconds) and a replay of the CUDA graph they ran
-    from, or None where they ran eagerly; ``between`` runs untimed after
-    each step. Each timed step is one call as the eager path times it (a
-    barrier and a device sync first, the host's clock stopped at the
-    device sync after it), so the two paths' times compare: from the host
-    asking for the prompt's step to its last kernel's end. The graph
-    (:func:`prefill_graph`) takes the host's launches out of the step,
+    """Prefill step times (seconds), a replay of the CUDA graph they ran
+    from (None where they ran eagerly) and why not one (:func:`prefill_graph`);
+    ``between`` runs untimed after each step. Each timed step is one call
+    as the eager path times it (a barrier and a device sync first, the
+    host's clock stopped at the device sync after it), so the two paths'
+    times compare: from the host asking for the prompt's step to its last
+    kernel's end. The graph takes the host's launches out of the step,
     which a short prompt waits on: each of Mixtral-8x7b's layers launches
     dozens of kernels of a few microseconds at 1 x 2048 tokens, and the GPU
     idled 0.4 to 0.9 ms of a 6.8 to 7.4 ms eager step on an H100
     (results/real/README.md)."""
-    replay = prefill_graph(model, prompt, s, device, comm)
+    replay, why = prefill_graph(model, prompt, s, device, comm)
     step = replay or (lambda: model.step(prompt, 0))
     if replay is None:
         for _ in range(s.warmup):
             step()
-    return _timed_steps(lambda i: step(), s.iters, device, comm, between), replay
+    return _timed_steps(lambda i: step(), s.iters, device, comm, between), replay, why
 
 
 _SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda's sync debug mode warns
 
 
 def prefill_graph(model, prompt, s: BenchSettings, device, comm):
-    """A replay of one prefill step captured in a CUDA graph, or None where
-    it cannot be: no graphs asked for, not a GPU, or a step that waits on
-    the device from the host (a prompt's MoE layer that reads its group
-    sizes to the host, say), on any rank. The first warm-up step runs under
-    PyTorch's sync debug mode, which warns at every host synchronisation a
-    step makes; the ranks agree before any captures (a rank whose capture
-    failed midway would leave the others' collectives without a partner),
-    and again after, keeping the graphs only if every rank's capture
-    succeeded. The step's inputs and position (0) are the ones every replay
-    runs on."""
-    if not (s.graphs and device.type == "cuda"):
-        return None
+    """``(replay, "")``: a replay of one prefill step captured in a CUDA
+    graph; or ``(None, why)`` where it cannot be: no graphs asked for, not
+    a GPU, a step that waits on the device from the host on any rank (a
+    prompt's MoE layer that reads its group sizes to the host, say: ``why``
+    names the line), or a capture that failed. The first warm-up step runs
+    under PyTorch's sync debug mode, which warns at every host
+    synchronisation a step makes; the ranks agree before any captures (a
+    rank whose capture failed midway would leave the others' collectives
+    without a partner), and again after, keeping the graphs only if every
+    rank's capture succeeded. The step's inputs and position (0) are the
+    ones every replay runs on."""
+    if not s.graphs:
+        return None, "graphs off"
+    if device.type != "cuda":
+        return None, "not a GPU"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mode = torch.cuda.get_sync_debug_mode()
@@ -246,9 +249,11 @@ def prefill_graph(model, prompt, s: BenchSettings, device, comm):
             model.step(prompt, 0)
         finally:
             torch.cuda.set_sync_debug_mode(mode)
-    waits = any(_SYNC_WARNING in str(w.message) for w in caught)
+    waits = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
+             if _SYNC_WARNING in str(w.message)]
     if not _everywhere(not waits, device, comm):
-        return None
+        return None, ("the step waits on the device at " + ", ".join(dict.fromkeys(waits))
+                      if waits else "another rank's step waits on the device")
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm up (allocations, kernels) off the capture
@@ -256,17 +261,16 @@ def prefill_graph(model, prompt, s: BenchSettings, device, comm):
             model.step(prompt, 0)
     torch.cuda.current_stream(device).wait_stream(side)
     comm.barrier()
-    graph = torch.cuda.CUDAGraph()
+    graph, failed = torch.cuda.CUDAGraph(), ""
     try:
         with torch.cuda.graph(graph):
             model.step(prompt, 0)
-        captured = True
-    except RuntimeError:
-        captured = False
+    except RuntimeError as e:
+        failed = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     torch.cuda.synchronize(device)
-    if not _everywhere(captured, device, comm):
-        return None
-    return graph.replay
+    if not _everywhere(not failed, device, comm):
+        return None, f"capture failed: {failed}" if failed else "another rank's capture failed"
+    return graph.replay, ""
 
 
 def _everywhere(ok: bool, device, comm) -> bool:
