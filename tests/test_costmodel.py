@@ -513,8 +513,11 @@ def test_fidelity_refuses_a_record_of_another_layout():
 
 def test_peers_are_not_predicted():
     p = get_preset("seed-helix-4l")
-    with pytest.raises(ShardwiseError, match="PyTorch's own method"):
-        predict(p.model, p.reduced, "torch_eager:1", H100_8, 1)
+    # Before any recording: the hf peer's model code is Hugging Face's, which
+    # the recorder does not run (nor would the prediction be shardwise's).
+    for peer in ("torch_eager:1", "hf:1"):
+        with pytest.raises(ShardwiseError, match="is a peer"):
+            predict(p.model, p.reduced, peer, H100_8, 1)
 
 
 PROBES = {"gemm": {"512x512": 3.0, "512x2048": 4.0, "2048x512": 6.0},

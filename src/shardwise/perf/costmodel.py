@@ -245,15 +245,18 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     plan's ranks over the mean, as a run measured it (``rank_load_max_over_mean``
     in an ep record's report); None: routing drawn uniformly."""
     plan = resolve_capacity(Plan.parse(plan) if isinstance(plan, str) else plan, cluster)
+    from ..bench.peers import PEERS  # PyTorch's and Hugging Face's own, timed beside ours
+
+    if plan.strategy in PEERS:
+        raise ShardwiseError(f"{plan.strategy} is a peer (PyTorch's or Hugging Face's own "
+                             f"method), timed beside shardwise's; the cost model predicts "
+                             f"shardwise's strategies")
     if world_size is None and plan.strategy == "layerwise":
         world_size = cluster.n_gpus
     cls, topo = checked(spec, workload, plan, world_size)
     if topo.world_size > cluster.n_gpus:
         raise ShardwiseError(f"plan {plan} needs {topo.world_size} GPUs but cluster "
                              f"{cluster.name} has {cluster.n_gpus}")
-    if plan.strategy.startswith("torch_"):
-        raise ShardwiseError(f"{plan.strategy} is PyTorch's own method, timed beside "
-                             f"shardwise's; the cost model predicts shardwise's strategies")
     # The decode step as it runs: replayed from a CUDA graph where the strategy
     # captures it (unless graphs are off), else eager.
     traces = record_plan(spec, workload, plan, topo.world_size,
