@@ -541,16 +541,18 @@ def _capability(device) -> tuple:
 
 
 # Whether a prompt's grouped expert products on GPUs (:meth:`MoE._grouped`)
-# run shardwise's grouped kernel (:func:`.kernels.grouped_linear`; SwiGLU in
-# the up-projection's epilogue) rather than ``torch._grouped_mm``: the
-# up-projection, the down-projection. Off: on an H100 at Mixtral-8x7b's
-# widths the kernel's best launch took 1747 us for the up-projection of 2048
-# tokens where ``torch._grouped_mm`` and the SwiGLU kernel took 1505, and 878
-# for the down-projection against 794, and a prompt of 4 x 6000 tokens took
-# 77.7 and 78.7 ms with it, 72.1 and 71.2 without
-# (results/real/moe-grouped-64c1ab3-grouped.jsonl,
-# results/real/ab-grouped-with-64c1ab3-grouped.jsonl and -without-).
-GROUPED_UP = False
+# run shardwise's grouped kernel (:func:`.kernels.grouped_linear`: on Hopper
+# ``grouped_tma_kernel``, SwiGLU in the up-projection's epilogue) rather than
+# ``torch._grouped_mm``: the up-projection, the down-projection. On an H100
+# at Mixtral-8x7b's widths (2 layers, a prompt of 1 x 2048 tokens replayed
+# from a CUDA graph, interleaved runs) the step took 6.254 and 6.286 ms with
+# the up-projection's kernel against 6.598 and 6.622 with
+# ``torch._grouped_mm`` and the SwiGLU kernel, and 6.317 and 6.338 with the
+# down-projection's kernel too, at a launch slower than
+# :func:`.kernels.grouped_launch`'s (results/real/ab-prefill-mixtral-1x2048-3aef160.jsonl).
+# Alone, the down-projection's best launch took 766 us a layer, where
+# ``torch._grouped_mm`` took 771 (results/real/moe-grouped-layouts-b78ac47.jsonl).
+GROUPED_UP = True
 GROUPED_DOWN = False
 
 # Tokens a call up to which MoE runs every expert it holds on every token,

@@ -236,11 +236,14 @@ def prefill_graph(model, prompt, s: BenchSettings, device, comm):
     rank whose capture failed midway would leave the others' collectives
     without a partner), and again after, keeping the graphs only if every
     rank's capture succeeded. The step's inputs and position (0) are the
-    ones every replay runs on."""
+    ones every replay runs on. A step before the checked one builds what
+    the code makes once (a longer prompt's rotary table, copied from the
+    host), which no later step does."""
     if not s.graphs:
         return None, "graphs off"
     if device.type != "cuda":
         return None, "not a GPU"
+    model.step(prompt, 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mode = torch.cuda.get_sync_debug_mode()
@@ -257,7 +260,7 @@ def prefill_graph(model, prompt, s: BenchSettings, device, comm):
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm up (allocations, kernels) off the capture
-        for _ in range(max(s.warmup - 1, 0)):
+        for _ in range(max(s.warmup - 2, 0)):
             model.step(prompt, 0)
     torch.cuda.current_stream(device).wait_stream(side)
     comm.barrier()
