@@ -26,6 +26,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from ..parallel.plans import COMPOSE, PLANS
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster
 from .costs import Costs, duty_derate, fmt_bytes
@@ -245,9 +246,7 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     plan's ranks over the mean, as a run measured it (``rank_load_max_over_mean``
     in an ep record's report); None: routing drawn uniformly."""
     plan = resolve_capacity(Plan.parse(plan) if isinstance(plan, str) else plan, cluster)
-    from ..bench.peers import PEERS  # PyTorch's and Hugging Face's own, timed beside ours
-
-    if plan.strategy in PEERS:
+    if plan.strategy != COMPOSE and plan.strategy not in PLANS and _peer(plan.strategy):
         raise ShardwiseError(f"{plan.strategy} is a peer (PyTorch's or Hugging Face's own "
                              f"method), timed beside shardwise's; the cost model predicts "
                              f"shardwise's strategies")
@@ -276,6 +275,15 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
                       notes=_notes(cls, traces))
     pred.fits, pred.reason = _fits(pred, cluster)
     return pred
+
+
+def _peer(name: str) -> bool:
+    """Whether ``name``, none of shardwise's strategies, is a peer (PyTorch's
+    or Hugging Face's own method; its module imports torch, so a strategy's
+    name is never looked up there)."""
+    from ..bench.peers import PEERS
+
+    return name in PEERS
 
 
 def _notes(cls, traces: list[RankTrace]) -> list[str]:
