@@ -593,3 +593,57 @@ def test_collectives_on_the_device_take_their_kinds_kernel_latency():
     rs = a["reduce_scatter/slice"]
     assert rs.seconds - b["reduce_scatter/slice"].seconds == pytest.approx(rs.calls * 15e-6)
     assert a["all_gather/slice"].seconds == b["all_gather/slice"].seconds
+
+
+# Plans whose ranks are renamings of fewer recordings, on 16 ranks over two
+# nodes: replicas, stages of tensor-parallel ranks, a tp group across both
+# nodes, helix's head groups, a ring beside tp, an MoE plan.
+HEADS_16 = SMALL.replace(n_heads=16, head_dim=16)
+SYMMETRIC = [("dp:4/tp:4", SMALL), ("pp:2/tp:8,mb=2", HEADS_16), ("tp_pp:16x1", HEADS_16),
+             ("dp:2/pp:4/helix:2x1,mb=2", SMALL.replace(n_layers=4)),
+             ("dp:2/ring:4/tp:2", SMALL), ("ep:4/tp:4", SMALL.replace(n_experts=4, top_k=2))]
+
+
+@pytest.mark.parametrize("plan,spec", SYMMETRIC, ids=[p for p, _ in SYMMETRIC])
+def test_ranks_mapped_onto_each_other_are_played_once(plan, spec):
+    # The schedule plays one rank of each orbit of the steps' symmetries
+    # (twins.symmetries) and gives the others its times: the same times as
+    # playing every rank, field for field; each symmetry maps every rank's
+    # steps onto its image's, renamed.
+    from shardwise.perf.costs import Costs
+    from shardwise.perf.record import checked, record_plan
+    from shardwise.perf.schedule import play
+    from shardwise.perf.twins import renamed, symmetries
+
+    wl, p = Workload(batch=8, seq_len=64, decode_steps=2), Plan.parse(plan)
+    _, topo = checked(spec, wl, p, 16)
+    traces = record_plan(spec, wl, p, 16, phases=("prefill", "static"))
+    sources = [r if t.source is None else t.source for r, t in enumerate(traces)]
+    images = symmetries(topo, sources, H100_16.node_of)
+    assert images, plan
+    for g in images:
+        for r in range(16):
+            assert renamed(traces[r], topo, g[r]).steps == traces[g[r]].steps, (plan, r)
+    for phase, graph in (("prefill", False), ("static", True)):
+        steps = [t.steps[phase].events for t in traces]
+        costs = Costs(H100_16, graph, phase != "prefill", 1.0)
+        assert play(steps, costs, 0.5, images) == play(steps, costs, 0.5), (plan, phase)
+
+
+def test_a_ring_of_alike_ranks_is_played_as_one():
+    # Four ranks, each copying, then sending to the next and receiving from
+    # the one before, then waiting for the transfer: under the shifts of the
+    # ring, rank 0 alone is played, its transfers paired with its images'.
+    from shardwise.perf.costs import Costs
+    from shardwise.perf.events import Call, Coll, Kernel, Wait
+    from shardwise.perf.schedule import play
+    from shardwise.perf.twins import symmetries
+    from shardwise.parallel.topology import Topology
+
+    copy = Call("kernels", "copy_", (Kernel("copy", 0.0, 1e8),))
+    steps = [[copy, Coll("p2p", "seq", (), 2**20, 1, (((r + 1) % 4, 2**20),),
+                         (((r - 1) % 4, 2**20),)), Wait(1), copy] for r in range(4)]
+    images = symmetries(Topology(("seq",), (4,)), [0, 0, 0, 0], H100_16.node_of)
+    assert sorted(images) == [(1, 2, 3, 0), (2, 3, 0, 1), (3, 0, 1, 2)]
+    costs = Costs(H100_16, False, False, 1.0)
+    assert play(steps, costs, 1.0, images) == play(steps, costs, 1.0)

@@ -32,6 +32,7 @@ from .clusters import Cluster
 from .costs import Costs, duty_derate, fmt_bytes
 from .record import RankTrace, checked, record_plan
 from .schedule import RankTime, play
+from .twins import symmetries
 
 # Below this busy share a step is costed again at the rate its duty cycle holds.
 DUTY_REPREDICT = 0.98
@@ -139,19 +140,23 @@ class Prediction:
 
 # -- a step from the ranks' recordings --------------------------------------------
 
-def step_cost(traces: list[RankTrace], phase: str, cluster: Cluster, graph: bool) -> StepCost:
+def step_cost(traces: list[RankTrace], phase: str, cluster: Cluster, graph: bool,
+              images: tuple = ()) -> StepCost:
     """One step of every rank played on ``cluster`` (``phase``: prefill, decode
     or static; ``graph``: replayed from a CUDA graph), at the compute rate its
-    duty cycle holds."""
+    duty cycle holds; ``images``: the symmetries of the ranks' steps on
+    ``cluster`` (:func:`~.twins.symmetries`), under which one rank of each
+    orbit is played."""
     steps = [t.steps[phase].events for t in traces]
     decoding = phase != "prefill"
     derate = duty_derate(cluster.sustained_ratio, 1.0)
-    times = play(steps, _costs(cluster, graph, decoding, derate), cluster.overlap)
+    times = play(steps, _costs(cluster, graph, decoding, derate), cluster.overlap, images)
     st = _summary(times, graph)
     duty = st.compute_s / st.seconds if st.seconds > 0 else 1.0
     if duty < DUTY_REPREDICT and cluster.sustained_ratio < 1.0:
         derate = duty_derate(cluster.sustained_ratio, duty)
-        times = play(steps, _costs(cluster, graph, decoding, derate), cluster.overlap)
+        times = play(steps, _costs(cluster, graph, decoding, derate), cluster.overlap,
+                     images)
         st = _summary(times, graph)
     return st
 
@@ -261,11 +266,13 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
     traces = record_plan(spec, workload, plan, topo.world_size,
                          balance=moe_balance if spec.is_moe else None,
                          phases=recorded_phases(graphs))
+    images = symmetries(topo, [r if t.source is None else t.source for r, t in enumerate(traces)],
+                        cluster.node_of)
     prompt_graph = (graphs is not False and prefill_graphs is not False
                     and not any(t.steps["prefill"].calls.get("syncs") for t in traces))
-    prefill = step_cost(traces, "prefill", cluster, graph=prompt_graph)
+    prefill = step_cost(traces, "prefill", cluster, prompt_graph, images)
     graph = graphs is not False and all("static" in t.steps for t in traces)
-    decode = step_cost(traces, "static" if graph else "decode", cluster, graph)
+    decode = step_cost(traces, "static" if graph else "decode", cluster, graph, images)
     weights = [t.weights for t in traces]
     kv = [t.kv for t in traces]
     mems = [Memory(t.weights, t.kv, t.inputs + max(s.peak_bytes for s in t.steps.values()),

@@ -446,6 +446,7 @@ class RankTrace:
     inputs: int
     symmetric: int
     facts: dict = field(default_factory=dict)  # the strategy's report (short entries)
+    source: int | None = None  # the rank recorded, of which this is a renaming (twins.renamed)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -330,17 +330,32 @@ class _Rank:
         t.busy.append((ready, end))
 
 
-def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
+def play(steps: list[list], costs: Costs, overlap: float,
+         images: tuple[tuple[int, ...], ...] = ()) -> list[RankTime]:
     """Every rank's events played together (module docstring); ``steps[r]``
-    are rank r's events."""
-    ranks = [_Rank(r, costs, overlap) for r in range(len(steps))]
-    gens = [rk.run(compile_events(ev)) for rk, ev in zip(ranks, steps)]
+    are rank r's events.
+
+    ``images``: permutations of the ranks under which the steps and their
+    prices are symmetric (:func:`~.twins.symmetries`: a group with the
+    identity left out; rank g[r]'s steps are rank r's renamed by g, at the
+    same prices). Rank g[r] then plays exactly as rank r: the schedule's
+    values are maxima and sums of the ranks' own clocks, whatever the order
+    the ranks are resumed in. Only one rank of each orbit is played (the
+    lowest); each collective it reaches and each transfer it posts is also
+    entered for each image, as that rank would enter it, so a group or a
+    pair completes at the time it would with every rank played, and the
+    others' times are their played rank's (the same object)."""
+    world = len(steps)
+    played = [r for r in range(world) if all(g[r] > r for g in images)]
+    ranks = {r: _Rank(r, costs, overlap) for r in played}
+    gens = {r: ranks[r].run(compile_events(steps[r])) for r in played}
     groups: dict = {}  # (ranks, n) -> {rank: ready}
     pairs: dict = {}  # (src, dst, n) -> {"send": (ready, dur), "recv": ready, "end": t}
     parked: dict = {}  # rank -> its request
     posted: dict = {}  # rank waiting for transfers -> [how many unmatched, its request]
     waiting: dict = {}  # (src, dst, n) unmatched -> the ranks waiting for it
-    todo = deque((r, None) for r in range(len(ranks)))
+    moved: dict = {}  # (image's index, a group's ranks) -> the image's group
+    todo = deque((r, None) for r in played)
     while todo:
         r, value = todo.popleft()
         try:
@@ -349,44 +364,76 @@ def play(steps: list[list], costs: Costs, overlap: float) -> list[RankTime]:
             continue
         parked[r] = req
         if req[0] == "group":
-            _, key, ready, size = req
-            arrived = groups.get(key)
-            if arrived is None:
-                arrived = groups[key] = {}
-            arrived[r] = ready
-            if len(arrived) == size:
-                start = max(arrived.values())
-                del groups[key]
-                for q in arrived:
-                    del parked[q]
-                    todo.append((q, start))
+            _, (members, n), ready, size = req
+            for i, g in enumerate(images, 1):
+                key = moved.get((i, members))
+                if key is None:
+                    key = moved[i, members] = tuple(sorted(g[x] for x in members))
+                _arrive(groups, (key, n), g[r], ready, size, parked, todo)
+            _arrive(groups, (members, n), r, ready, size, parked, todo)
             continue
         _, wanted, ready = req
         matched, unmatched = [], 0
         for key, dur in wanted:
-            p = pairs.setdefault(key, {})
-            p["send" if dur is not None else "recv"] = (ready, dur)
-            if "end" in p:
+            if _post(pairs, key, ready, dur, waiting, posted, matched):
                 continue
-            if "send" in p and "recv" in p:
-                (s_ready, s_dur), (r_ready, _) = p["send"], p["recv"]
-                p["end"] = max(s_ready, r_ready) + s_dur
-                for q in waiting.pop(key, ()):
-                    posted[q][0] -= 1
-                    if not posted[q][0]:
-                        matched.append(q)
-            else:
-                waiting.setdefault(key, []).append(r)
-                unmatched += 1
+            waiting.setdefault(key, []).append(r)
+            unmatched += 1
         posted[r] = [unmatched, req]
-        if not unmatched:
+        for g in images:
+            for (src, dst, n), dur in wanted:
+                _post(pairs, (g[src], g[dst], n), ready, dur, waiting, posted, matched)
+        if not posted[r][0]:
             matched.append(r)
         if matched:
             _release(set(matched), parked, posted, pairs, todo)
     if parked:
         raise RuntimeError(f"the recorded steps wait for each other: ranks {sorted(parked)} "
                            f"never meet ({list(parked.values())[:2]})")
-    return [rk.t for rk in ranks]
+    times = {}
+    for r in played:
+        times[r] = ranks[r].t
+        for g in images:
+            times[g[r]] = ranks[r].t
+    return [times[r] for r in range(world)]
+
+
+def _arrive(groups: dict, key: tuple, rank: int, ready: float, size: int, parked: dict,
+            todo: deque) -> None:
+    """``rank`` ready for the collective ``key`` at ``ready``; the last of
+    its ``size`` ranks starts it, resuming those that are played."""
+    arrived = groups.get(key)
+    if arrived is None:
+        arrived = groups[key] = {}
+    arrived[rank] = ready
+    if len(arrived) == size:
+        start = max(arrived.values())
+        del groups[key]
+        for q in arrived:
+            if q in parked:
+                del parked[q]
+                todo.append((q, start))
+
+
+def _post(pairs: dict, key: tuple, ready: float, dur, waiting: dict, posted: dict,
+          matched: list) -> bool:
+    """One end of the transfer ``key`` posted at ``ready`` (``dur``: the
+    send's time; None: the receive): whether the transfer is matched. The
+    end that matches it also counts it off for the ranks waiting for it,
+    noting in ``matched`` those with nothing left to wait for."""
+    p = pairs.setdefault(key, {})
+    p["send" if dur is not None else "recv"] = (ready, dur)
+    if "end" in p:
+        return True
+    if "send" not in p or "recv" not in p:
+        return False
+    (s_ready, s_dur), (r_ready, _) = p["send"], p["recv"]
+    p["end"] = max(s_ready, r_ready) + s_dur
+    for q in waiting.pop(key, ()):
+        posted[q][0] -= 1
+        if not posted[q][0]:
+            matched.append(q)
+    return True
 
 
 def _release(matched: set, parked: dict, posted: dict, pairs: dict, todo: deque) -> None:
