@@ -5,7 +5,7 @@ A strategy is one file in this package: its layers on the sub-mesh of one
 pipeline stage (``tp_stage``, ``helix_stage``, ...) and a class, a thin
 wrapper of :class:`~.compose.Composed` that runs them over the whole world
 (composed plans run the same stage code over several mesh dimensions). The
-class inherits its plan's rules (the classmethods below but ``twin``) from
+class inherits its plan's rules (the classmethods below) from
 its class in :mod:`.plans`, which imports no torch: a plan is refused before
 launch without loading it (:func:`~.registry.check_plan`). The class:
 
@@ -73,16 +73,6 @@ class Strategy(PlanRules, nn.Module):
         self.spec, self.workload, self.plan = spec, workload, plan
         self.topo, self.comm, self.loader = topo, comm, loader
         self.device, self.dtype = loader.device, loader.dtype
-
-    @classmethod
-    def twin(cls, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
-             rank: int) -> int:
-        return rank
-
-    @staticmethod
-    def first_along(topo: Topology, rank: int, *axes: str) -> int:
-        """The rank with ``rank``'s coordinates, but 0 along ``axes``."""
-        return topo.rank_of(**{**topo.coords(rank), **dict.fromkeys(axes, 0)})
 
     def forward(self, inputs: torch.Tensor, pos: int):
         raise NotImplementedError

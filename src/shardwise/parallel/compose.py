@@ -61,7 +61,6 @@ from torch import nn
 from ..model.weights import take_rows
 from ..spec import ModelSpec, Workload
 from .base import Strategy
-from .checks import repartition
 from .pipeline import BeforeFn, Pipeline
 from .plans import ComposedPlan, Composition
 from .topology import Topology
@@ -123,31 +122,6 @@ class Composed(ComposedPlan, Strategy):
     def build_stage(ctx: StageContext) -> Stage:
         """This rank's part of its pipeline stage, built by the strategy's code."""
         raise NotImplementedError
-
-    @classmethod
-    def twin(cls, spec, workload, plan, topo, rank) -> int:
-        """Ranks alike along an axis hold equal shares of every matrix and run
-        the same rows: tp (but for experts spread over tp alone, each rank its
-        own and the tokens routed to them), helix's head groups and, on its
-        heads re-partition, its slices (on the sequence one each slice takes
-        its own chunk), and replicas that split the batch evenly; and the
-        pipeline's inner stages of as many layers as the second (each receives,
-        runs its layers and sends on)."""
-        comp = cls.composition(spec, workload, plan, topo.world_size)
-        axes = []
-        if comp.has("tp") and (comp.has("ep") or not spec.is_moe):
-            axes.append("tp")
-        if comp.has("helix"):
-            N, M = comp.part("helix").shape
-            axes += ["group", "slice"] if repartition(spec, N, M) == "heads" else ["group"]
-        if comp.has("dp") and workload.batch % comp.degree("dp") == 0:
-            axes.append("dp")
-        twin = cls.first_along(topo, rank, *axes)
-        P, stage = topo.size("pp"), topo.coords(twin).get("pp", 0)
-        if 1 < stage < P - 1 and (len(comp.stage_layers(spec.n_layers, stage))
-                                  == len(comp.stage_layers(spec.n_layers, 1))):
-            twin = topo.rank_of(**{**topo.coords(twin), "pp": 1})
-        return twin
 
     def __init__(self, spec, workload, plan, topo, comm, loader):
         super().__init__(spec, workload, plan, topo, comm, loader)

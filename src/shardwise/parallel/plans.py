@@ -232,6 +232,16 @@ class PlanRules:
     def candidates(cls, spec: ModelSpec, workload: Workload, world_size: int) -> list[str]:
         return []
 
+    @classmethod
+    def twin(cls, spec: ModelSpec, workload: Workload, plan: Plan, topo: Topology,
+             rank: int) -> int:
+        return rank
+
+    @staticmethod
+    def first_along(topo: Topology, rank: int, *axes: str) -> int:
+        """The rank with ``rank``'s coordinates, but 0 along ``axes``."""
+        return topo.rank_of(**{**topo.coords(rank), **dict.fromkeys(axes, 0)})
+
 
 class ComposedPlan(PlanRules):
     """A composed plan (``pp:2/tp:2``); the single-strategy plans subclass it
@@ -258,6 +268,31 @@ class ComposedPlan(PlanRules):
     @classmethod
     def candidates(cls, spec, workload, world_size) -> list[str]:
         return composition_candidates(world_size, spec.is_moe)
+
+    @classmethod
+    def twin(cls, spec, workload, plan, topo, rank) -> int:
+        """Ranks alike along an axis hold equal shares of every matrix and run
+        the same rows: tp (but for experts spread over tp alone, each rank its
+        own and the tokens routed to them), helix's head groups and, on its
+        heads re-partition, its slices (on the sequence one each slice takes
+        its own chunk), and replicas that split the batch evenly; and the
+        pipeline's inner stages of as many layers as the second (each receives,
+        runs its layers and sends on)."""
+        comp = cls.composition(spec, workload, plan, topo.world_size)
+        axes = []
+        if comp.has("tp") and (comp.has("ep") or not spec.is_moe):
+            axes.append("tp")
+        if comp.has("helix"):
+            N, M = comp.part("helix").shape
+            axes += ["group", "slice"] if repartition(spec, N, M) == "heads" else ["group"]
+        if comp.has("dp") and workload.batch % comp.degree("dp") == 0:
+            axes.append("dp")
+        twin = cls.first_along(topo, rank, *axes)
+        P, stage = topo.size("pp"), topo.coords(twin).get("pp", 0)
+        if 1 < stage < P - 1 and (len(comp.stage_layers(spec.n_layers, stage))
+                                  == len(comp.stage_layers(spec.n_layers, 1))):
+            twin = topo.rank_of(**{**topo.coords(twin), "pp": 1})
+        return twin
 
 
 class TpPpPlan(ComposedPlan):
