@@ -396,7 +396,7 @@ def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
              for b in base_plans(SIX, SIX_WL, 4, H100_8)]
     phases = recorded_phases(None)
     assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 1
-    from shardwise.perf.record import recording_key
+    from shardwise.perf.recordings import recording_key
     keys = [recording_key(SIX, SIX_WL, p, 4, phases=phases) for p in plans]
     valid = [k for k, p in zip(keys, plans) if evaluate(SIX, SIX_WL, p, H100_8, 4).valid]
     assert valid and all(tracecache.kept(k) for k in valid)
@@ -421,7 +421,7 @@ def test_the_planner_takes_the_share_of_a_worker_that_has_not_recorded_it(
 
     from shardwise.perf import tracecache
     from shardwise.perf.costmodel import recorded_phases, resolve_capacity
-    from shardwise.perf.record import recording_key
+    from shardwise.perf.recordings import recording_key
 
     pre = fresh_recordings(tmp_path, monkeypatch, 2)
     monkeypatch.setattr(sys, "executable", "true")
@@ -448,7 +448,7 @@ def test_workers_record_the_counts_the_families_may_price_while_the_planner_pric
 
     from shardwise.perf import tracecache
     from shardwise.perf.costmodel import recorded_phases
-    from shardwise.perf.record import recording_key
+    from shardwise.perf.recordings import recording_key
 
     pre = fresh_recordings(tmp_path, monkeypatch, 2)
     a, b = Plan.parse("tp_pp:1x4"), Plan.parse("helix:2x2")
@@ -488,3 +488,26 @@ def test_a_ranked_plan_is_not_recorded_ahead_at_counts_the_planner_did_not_price
     two = lambda p: dataclasses.replace(p, micro_batches=2)  # noqa: E731
     pre.prerecord(SIX, SIX_WL, [ranked, fresh, two(ranked), two(fresh)], 4, phases)
     assert recorded == ["ring:4", "ring:4,mb=2"]
+
+
+def test_a_ranking_the_cache_holds_is_priced_without_torch(tmp_path, monkeypatch):
+    # A ranking whose plans the cache of recordings holds reads them back
+    # (perf/recordings.py) and prices them without loading PyTorch: a fresh
+    # process's `plan`, after this one ranked the same plans, imports no torch
+    # and prints this ranking's table.
+    import subprocess
+    import sys
+
+    from shardwise.output import render
+
+    fresh_recordings(tmp_path, monkeypatch, 1, eager=False)
+    want = json.loads(render(plan_parts(ranking("tiny-dense", "h100-sxm-8", 2, 16, "prefill",
+                                                2)), "json"))
+    code = ("import sys\nfrom shardwise import cli\nrc = cli.main(sys.argv[1:])\n"
+            "print('torch' in sys.modules, rc, file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code, "plan", "--model", "tiny-dense",
+                        "--cluster", "h100-sxm-8", "--ranks", "2", "--batch", "2", "--seq", "16",
+                        "--phase", "prefill", "--format", "json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.stderr.split()[-2:] == ["False", "0"], p.stderr
+    assert json.loads(p.stdout)["plans"] == want["plans"]

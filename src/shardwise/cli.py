@@ -972,12 +972,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         if args.cmd in PRICING:
-            import torch
+            from .perf import prerecord
 
-            # Pricing records plans: thousands of small ops on CPU tensors
-            # (perf/record.py), which a second thread only slows (a router's
-            # sort of 32,768 picks: 170 ms on two busy cores, 1 ms on one).
-            torch.set_num_threads(1)
+            # Pricing records plans where the cache lacks them, on one thread
+            # (prerecord.RECORD_THREADS); torch is loaded only to record.
+            prerecord.RECORD_THREADS = 1
         return COMMANDS[args.cmd](args)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 What a plan does is read from the strategies' own code: every rank's steps
 run without processes on meta tensors (:mod:`.record`), which records every
-host call, device kernel and collective (:mod:`.trace`). What it costs comes
+host call, device kernel and collective (:mod:`.trace`); recordings are kept
+on disk and read back without PyTorch (:mod:`.recordings`). What it costs comes
 from a cluster profile (:mod:`.clusters`): each event by its shape class
 (:mod:`.costs`), and all ranks' events played out together by one schedule
 of hosts, compute and communication streams, groups and pipelines
@@ -24,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass, field
 
 from ..parallel.plans import COMPOSE, PLANS
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster
 from .costs import Costs, duty_derate, fmt_bytes
-from .record import RankTrace, checked, record_plan
+from .prerecord import recorder
+from .recordings import RankTrace, checked, from_cache
 from .schedule import RankTime, play
 from .twins import symmetries
 
@@ -147,7 +150,7 @@ def step_cost(traces: list[RankTrace], phase: str, cluster: Cluster, graph: bool
     duty cycle holds; ``images``: the symmetries of the ranks' steps on
     ``cluster`` (:func:`~.twins.symmetries`), under which one rank of each
     orbit is played."""
-    steps = [t.steps[phase].events for t in traces]
+    steps = _Events(traces, phase)
     decoding = phase != "prefill"
     derate = duty_derate(cluster.sustained_ratio, 1.0)
     times = play(steps, _costs(cluster, graph, decoding, derate), cluster.overlap, images)
@@ -159,6 +162,21 @@ def step_cost(traces: list[RankTrace], phase: str, cluster: Cluster, graph: bool
                      images)
         st = _summary(times, graph)
     return st
+
+
+class _Events:
+    """The ranks' events in one phase, read as the schedule asks for them: it
+    reads those of the ranks it plays, and a twin's are renamed when first
+    read (:class:`~.recordings.RenamedStep`)."""
+
+    def __init__(self, traces: list[RankTrace], phase: str):
+        self.traces, self.phase = traces, phase
+
+    def __len__(self) -> int:
+        return len(self.traces)
+
+    def __getitem__(self, rank: int) -> list:
+        return self.traces[rank].steps[self.phase].events
 
 
 _PRICED: dict = {}  # (cluster's id, graph, decoding, derate) -> (cluster, Costs)
@@ -257,15 +275,21 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
                              f"shardwise's strategies")
     if world_size is None and plan.strategy == "layerwise":
         world_size = cluster.n_gpus
-    cls, topo = checked(spec, workload, plan, world_size)
+    rules, topo = checked(spec, workload, plan, world_size)
     if topo.world_size > cluster.n_gpus:
         raise ShardwiseError(f"plan {plan} needs {topo.world_size} GPUs but cluster "
                              f"{cluster.name} has {cluster.n_gpus}")
     # The decode step as it runs: replayed from a CUDA graph where the strategy
     # captures it (unless graphs are off), else eager.
-    traces = record_plan(spec, workload, plan, topo.world_size,
-                         balance=moe_balance if spec.is_moe else None,
-                         phases=recorded_phases(graphs))
+    config = (spec, workload, plan, topo.world_size, "nccl",
+              moe_balance if spec.is_moe else None, recorded_phases(graphs))
+    # Read back from the cache of recordings, without torch; or recorded (the
+    # strategies' code run on meta tensors), and kept by the recorder in this
+    # process: once it is loaded, it is asked first.
+    loaded = f"{__package__}.record" in sys.modules
+    traces = None if loaded else from_cache(*config)
+    if traces is None:
+        traces = recorder().record_plan(*config)
     images = symmetries(topo, [r if t.source is None else t.source for r, t in enumerate(traces)],
                         cluster.node_of)
     prompt_graph = (graphs is not False and prefill_graphs is not False
@@ -279,7 +303,7 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
                    t.symmetric) for t in traces]
     pred = Prediction(spec, workload, plan, cluster.name, topo.world_size, prefill, decode,
                       max(mems, key=lambda m: m.total), weights, kv, cluster.hbm_bytes,
-                      notes=_notes(cls, traces))
+                      notes=_notes(rules, traces))
     pred.fits, pred.reason = _fits(pred, cluster)
     return pred
 
@@ -293,13 +317,13 @@ def _peer(name: str) -> bool:
     return name in PEERS
 
 
-def _notes(cls, traces: list[RankTrace]) -> list[str]:
+def _notes(rules, traces: list[RankTrace]) -> list[str]:
     """What the strategy reports of itself on rank 0 (its layout), and what
     KV heads held by several ranks (its ``kv_head_replicas``) cost."""
     facts = traces[0].facts
     if not facts:
         return []
-    notes = [f"{cls.name}: " + "; ".join(f"{k} {v}" for k, v in facts.items())]
+    notes = [f"{rules.name}: " + "; ".join(f"{k} {v}" for k, v in facts.items())]
     copies = facts.get("kv_head_replicas", 1)
     if isinstance(copies, int) and copies > 1:
         kv = max(t.kv for t in traces)

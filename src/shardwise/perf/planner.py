@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..parallel.registry import available_strategies, get_strategy, validate_plan
+from ..parallel.registry import available_strategies, check_plan, plan_rules
 from ..parallel.plans import composition_candidates
 from ..spec import COMPOSE_ONLY, ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster, load_cluster
@@ -30,7 +30,7 @@ from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, recorded_phases, resolve_capacity
 from .heap import young_heap
 from .prerecord import family_plans, recording_ahead
-from .record import checked
+from .recordings import checked
 from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
                                   partition, per_replica)
 
@@ -77,7 +77,7 @@ def base_plans(spec: ModelSpec, workload: Workload, ranks: int,
     that many ranks, capacities named L2/HBM read from ``cluster``, each
     once, without micro-batches."""
     texts = [t for name in available_strategies()
-             for t in get_strategy(name).candidates(spec, workload, ranks)]
+             for t in plan_rules(name).candidates(spec, workload, ranks)]
     texts += composition_candidates(ranks, spec.is_moe)
     out: dict[str, Plan] = {}
     for text in texts:
@@ -414,7 +414,7 @@ def predict_parts(ref, plan: str, cluster: str = "h100-sxm-16", batch: int | Non
     try:
         if not p.is_composed:
             return describe(predict(spec, wl, p, cl, ranks))
-        validate_plan(spec, wl, p, ranks)
+        check_plan(spec, wl, p, ranks)
     except ShardwiseError as e:
         raise ShardwiseError(ranks_flag(str(e))) from None
     try:

@@ -36,9 +36,31 @@ from contextlib import contextmanager
 
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from . import tracecache
+from .recordings import checked, recording_key
 
 WORTH_S = 8.0  # the rest's estimated time in this process above which workers start
 TIMED = 3  # plans recorded here first, to estimate the rest
+# PyTorch's threads in a process that records, set as it loads the recorder
+# (None: PyTorch's default). The pricing commands take one (cli), as the
+# workers do: a recording is thousands of small ops on CPU tensors, which a
+# second thread only slows (a router's sort of 32,768 picks: 170 ms on two
+# busy cores, 1 ms on one).
+RECORD_THREADS: int | None = None
+
+
+def recorder():
+    """The recorder (:mod:`.record`, which imports torch), loaded where this
+    process records a plan: a ranking read from the cache of recordings
+    never loads it. As it is first loaded, PyTorch takes
+    :data:`RECORD_THREADS` threads."""
+    first = f"{__package__}.record" not in sys.modules
+    from . import record
+
+    if first and RECORD_THREADS is not None:
+        import torch
+
+        torch.set_num_threads(RECORD_THREADS)
+    return record
 
 
 def workers_allowed() -> int:
@@ -51,10 +73,8 @@ def workers_allowed() -> int:
 
 
 def _record(spec: ModelSpec, wl: Workload, plan: Plan, world: int, balance, phases) -> None:
-    from .record import record_plan
-
     try:
-        record_plan(spec, wl, plan, world, balance=balance, phases=phases)
+        recorder().record_plan(spec, wl, plan, world, balance=balance, phases=phases)
     except ShardwiseError:
         pass  # invalid here: the planner says why when it prices the plan
 
@@ -75,8 +95,6 @@ def family_plans(bases: list[Plan], micro_batches, batch: int) -> tuple[list, li
 
 
 def _valid(spec: ModelSpec, wl: Workload, plan: Plan, world: int) -> bool:
-    from .record import checked
-
     try:
         checked(spec, wl, plan, world)
     except ShardwiseError:
@@ -105,8 +123,6 @@ def recording_ahead(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int
     if tracecache.directory() is None:
         yield 0
         return
-    from .record import recording_key
-
     missing = [p for p in plans if _valid(spec, wl, p, world) and not tracecache.kept(
         recording_key(spec, wl, p, world, balance=balance, phases=phases))]
     # A plan at more micro-batches only beside its one-micro-batch form: where
@@ -180,8 +196,6 @@ def main(argv: list[str]) -> int:
     parent = int(argv[0])
     job = json.loads(sys.stdin.read())
     spec, wl = ModelSpec.from_dict(job["spec"]), Workload(**job["workload"])
-    from .record import recording_key
-
     world, balance, phases = job["world"], job["balance"], tuple(job["phases"])
     for text in job["plans"]:
         if os.getppid() != parent:

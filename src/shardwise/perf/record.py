@@ -25,14 +25,13 @@ layers.
 Recordings are kept per (model, workload, plan, world size, rank, backend,
 routing balance): a planner asking for hundreds of plans records each rank
 once; and on disk (:mod:`.tracecache`), so that the next process reads them
-back instead of recording them again.
+back (:mod:`.recordings`, which imports no torch) instead of recording them
+again.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,12 +47,12 @@ from ..parallel.registry import validate_plan
 from ..parallel.comm import Comm
 from ..spec import ModelSpec, Plan, Workload, torch_dtype
 from . import tracecache
-from .events import Call, Coll, Repeat, Wait, call_counts, comm_counts
+from .events import Call, Coll, Wait
+from .recordings import (PHASES, RankTrace, StepTrace, checked, read_alone, recording_key,
+                         renamed, twins, with_twins)
 from .trace import Recorder, Routing, set_shadow, shadow_of
-from .twins import renamed
 from .tritons import TritonShim, stand_in
 
-PHASES = ("prefill", "decode", "static")
 _ACTIVE: Recorder | None = None  # the recorder of the step being run
 
 
@@ -416,62 +415,20 @@ def _recording(rec: Recorder):
 
 # -- one rank -------------------------------------------------------------------------
 
-@dataclass
-class StepTrace:
-    """One step of one rank: its events, the most bytes its own tensors held
-    at once, and its calls and collectives counted as a run counts them."""
-
-    events: list
-    peak_bytes: int
-
-    @functools.cached_property
-    def calls(self) -> dict[str, int]:
-        return call_counts(self.events)
-
-    @functools.cached_property
-    def comm(self) -> dict[str, dict[str, int]]:
-        return comm_counts(self.events)
-
-
-@dataclass
-class RankTrace:
-    """Rank r of a plan: its steps (:data:`PHASES`; ``static`` only where the
-    strategy captures decode steps in CUDA graphs), the bytes of its weights,
-    KV caches, inputs and symmetric-memory buffers, as a run allocates them."""
-
-    rank: int
-    steps: dict
-    weights: int
-    kv: int
-    inputs: int
-    symmetric: int
-    facts: dict = field(default_factory=dict)  # the strategy's report (short entries)
-    source: int | None = None  # the rank recorded, of which this is a renaming (twins.renamed)
-
-
-@functools.lru_cache(maxsize=4096)
-def checked(spec: ModelSpec, wl: Workload, plan: Plan | str, world: int | None):
-    """``validate_plan``'s answer, kept: a planner asks it of a plan several
-    times (its row, its prediction, its recording, its twins). Its topology
-    is read, never changed (:func:`record_alone` validates afresh for the
-    topology it fills in)."""
-    return validate_plan(spec, wl, plan, world)
-
-
 @functools.lru_cache(maxsize=8192)
 def record_rank(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: int,
                 backend: str = "nccl", balance: float | None = None,
                 phases: tuple = PHASES) -> RankTrace:
     """Rank ``rank`` of ``plan`` on ``world`` ranks, recorded (module docstring),
-    or its twin's recording with the ranks renamed (``Strategy.twin``).
+    or its twin's recording with the ranks renamed (``twin`` of the plan's rules).
     ``backend``: ``nccl`` (a GPU run), ``nccl-plain`` (NCCL without the
     symmetric-memory all-reduce) or ``gloo`` (a CPU run: the same code paths
     as ``nccl-plain``). ``balance``: a measured MoE routing balance
     (:class:`~shardwise.perf.trace.Routing`). ``phases``: the steps to record
     (``static`` where the strategy has it; asked alone, the eager step stands
     in where it has not)."""
-    cls, topo = checked(spec, wl, plan, world)
-    twin = cls.twin(spec, wl, plan, topo, rank)
+    rules, topo = checked(spec, wl, plan, world)
+    twin = rules.twin(spec, wl, plan, topo, rank)
     if twin != rank:
         return renamed(record_rank(spec, wl, plan, world, twin, backend, balance, phases),
                        topo, rank)
@@ -570,31 +527,19 @@ def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,
     """Every rank of ``plan``, recorded: the ranks recorded alone (no twin)
     read from the cache of recordings (:mod:`.tracecache`) or recorded and
     kept there, their twins renamed from them as :func:`record_rank` does."""
-    cls, topo = checked(spec, wl, plan, world)
-    twins = [cls.twin(spec, wl, plan, topo, r) for r in range(world)]
-    alone = _alone(spec, wl, plan, world, backend, balance, phases,
-                   tuple(r for r in range(world) if twins[r] == r))
-
-    def rank(r: int) -> RankTrace:
-        return alone[r] if twins[r] == r else renamed(rank(twins[r]), topo, r)
-
-    return [rank(r) for r in range(world)]
-
-
-def recording_key(spec, wl, plan, world, backend="nccl", balance=None, phases=PHASES) -> str:
-    """The cache key of ``plan``'s recordings (:mod:`.tracecache`), as
-    :func:`record_plan` keeps them."""
-    return tracecache.key(spec, wl, plan, world, backend, balance, phases)
+    alone = _alone(spec, wl, plan, world, backend, balance, phases)
+    return with_twins(spec, wl, plan, world, alone)
 
 
 @functools.lru_cache(maxsize=256)
-def _alone(spec, wl, plan, world, backend, balance, phases, ranks: tuple) -> dict:
-    """The ranks ``ranks`` of ``plan`` recorded alone, from the cache of
-    recordings where it holds them."""
-    key = recording_key(spec, wl, plan, world, backend, balance, phases)
-    got = tracecache.load(key, RankTrace, StepTrace)
-    if got is None or sorted(got) != list(ranks):
+def _alone(spec, wl, plan, world, backend, balance, phases) -> dict:
+    """The ranks of ``plan`` recorded alone, from the cache of recordings
+    where it holds them (:func:`~.recordings.read_alone`), else recorded
+    and kept there."""
+    got = read_alone(spec, wl, plan, world, backend, balance, phases)
+    if got is None:
+        twin = twins(spec, wl, plan, world)
         got = {r: record_rank(spec, wl, plan, world, r, backend, balance, phases)
-               for r in ranks}
-        tracecache.store(key, got)
+               for r in range(world) if twin[r] == r}
+        tracecache.store(recording_key(spec, wl, plan, world, backend, balance, phases), got)
     return got

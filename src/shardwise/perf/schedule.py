@@ -330,10 +330,11 @@ class _Rank:
         t.busy.append((ready, end))
 
 
-def play(steps: list[list], costs: Costs, overlap: float,
+def play(steps, costs: Costs, overlap: float,
          images: tuple[tuple[int, ...], ...] = ()) -> list[RankTime]:
     """Every rank's events played together (module docstring); ``steps[r]``
-    are rank r's events.
+    are rank r's events (a list of lists, or any sequence: only the played
+    ranks' are read).
 
     ``images``: permutations of the ranks under which the steps and their
     prices are symmetric (:func:`~.twins.symmetries`: a group with the

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -34,8 +35,6 @@ import re
 import sys
 import tempfile
 import zlib
-
-import torch
 
 from .events import Call, Coll, Kernel, Repeat, Wait
 
@@ -92,11 +91,23 @@ def _imports(path: pathlib.Path) -> set[pathlib.Path]:
     return out
 
 
+def torch_version() -> str:
+    """The installed PyTorch's version, read from its distribution's metadata
+    without importing it (a warm ranking needs no torch: :mod:`.recordings`);
+    ``torch.__version__`` where it has none (a source tree on the path)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        import torch
+
+        return torch.__version__
+
+
 @functools.cache
 def code_version() -> str:
     """A hash of the source of every module of the package a recording can
     run: the seeds (``_SEEDS``) and what they import, transitively; with
-    the PyTorch and Python versions."""
+    the PyTorch (:func:`torch_version`) and Python versions."""
     todo = [p for s in _SEEDS for p in ((_PACKAGE / s).rglob("*.py") if (_PACKAGE / s).is_dir()
                                         else [_PACKAGE / s])]
     todo += [_PACKAGE / "__init__.py", _PACKAGE / "perf" / "tracecache.py"]
@@ -106,7 +117,7 @@ def code_version() -> str:
         if f not in seen:
             seen.add(f)
             todo += _imports(f) - seen
-    h = hashlib.sha256(f"{torch.__version__} {sys.version_info[:3]}".encode())
+    h = hashlib.sha256(f"{torch_version()} {sys.version_info[:3]}".encode())
     for f in sorted(seen):
         h.update(str(f.relative_to(_PACKAGE)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
@@ -209,7 +220,7 @@ def _decode_events(events: list, calls: list) -> list:
 
 
 def encode(text: str, traces: dict) -> bytes:
-    """``traces`` (rank -> :class:`~.record.RankTrace`) as an entry for the key ``text``."""
+    """``traces`` (rank -> :class:`~.recordings.RankTrace`) as an entry for the key ``text``."""
     enc = _Encoder()
     ranks = [{"rank": t.rank, "weights": t.weights, "kv": t.kv, "inputs": t.inputs,
               "symmetric": t.symmetric, "facts": _val(t.facts),
@@ -230,8 +241,8 @@ _CALLS: dict = {}
 def decode(text: str, data: bytes, rank_trace: type, step_trace: type) -> dict:
     """An entry's traces (rank -> ``rank_trace``, its steps ``step_trace``);
     ValueError where it is not one for the key ``text``. The classes are
-    record.py's RankTrace and StepTrace, handed in by the recorder: it
-    imports this module to keep what it records, so this one cannot import
+    recordings.py's RankTrace and StepTrace, handed in by its reader: it
+    imports this module to read what is kept, so this one cannot import
     it back."""
     doc = json.loads(gzip.decompress(data))
     if doc.get("format") != FORMAT or doc.get("key") != text:

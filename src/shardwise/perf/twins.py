@@ -1,24 +1,22 @@
-"""A twin rank's recording: the recording of the rank it is the twin of
-(``Strategy.twin``), every global rank in it renamed; and the translations
-of the mesh that map a plan's steps onto themselves, which the schedule
-plays once (:func:`symmetries`)."""
+"""A twin rank's steps: those of the rank it is the twin of (``twin`` of
+the plan's rules), every global rank in them moved by a translation of the
+mesh; and the translations that map a plan's steps onto themselves, under
+which the schedule plays one rank of each orbit (:func:`symmetries`)."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 from ..parallel.topology import Topology
 from .events import Coll, Repeat
 
 
-def renamed(trace, topo: Topology, rank: int):
-    """``trace`` (a :class:`~.record.RankTrace`) of another rank as
-    ``rank``'s: every global rank in it shifted by the coordinates ``rank``
-    differs from the recorded one by."""
-    move = moves(topo.axes, topo.shape, trace.rank, rank).__getitem__
+def renamed_events(events: list, move: tuple) -> list:
+    """``events`` of one rank as another's: every global rank in them moved
+    (``move[r]``: where rank r goes; :func:`moves`), a group's ranks sorted."""
+    move = move.__getitem__
     groups: dict = {}  # a group's ranks -> renamed (a step names few groups, many times)
 
-    def events(evs: list) -> list:
+    def renamed(evs: list) -> list:
         out = []
         for e in evs:
             kind = type(e)
@@ -30,13 +28,11 @@ def renamed(trace, topo: Topology, rank: int):
                          tuple((move(p), n) for p, n in e.sends),
                          tuple((move(p), n) for p, n in e.recvs), e.fused)
             elif kind is Repeat:
-                e = Repeat(events(e.body), e.times, e.carry, e.every)
+                e = Repeat(renamed(e.body), e.times, e.carry, e.every)
             out.append(e)
         return out
 
-    steps = {k: dataclasses.replace(v, events=events(v.events)) for k, v in trace.steps.items()}
-    source = trace.rank if trace.source is None else trace.source
-    return dataclasses.replace(trace, rank=rank, steps=steps, source=source)
+    return renamed(events)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -59,7 +55,7 @@ def symmetries(topo: Topology, sources: list[int], node_of) -> tuple[tuple[int, 
     """The translations of the mesh, but the identity, that map every rank's
     steps onto another's with the prices unchanged, each as the rank each
     rank goes to; ``sources[r]``: the rank whose recording rank r's steps
-    are, renamed (:func:`renamed`; r itself where recorded alone).
+    are, renamed (:func:`renamed_events`; r itself where recorded alone).
 
     A translation ``d`` is one where ``sources[d(r)] == sources[r]`` for
     every rank: both are renamings of one recording, by translations that
