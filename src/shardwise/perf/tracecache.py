@@ -233,8 +233,11 @@ def encode(text: str, traces: dict) -> bytes:
     return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), 6, mtime=0)
 
 
-# Every call read, once: the same call in two entries is one object, which
-# the costs price once (costs.Costs keeps prices by the call's identity).
+# Every kernel and call read, once: the same call in two entries is one
+# object, which the costs price once (costs.Costs keeps prices by the call's
+# identity). Each is found by its fields (a call's kernels by identity: they
+# are this table's) before one is made, most of the time an entry takes to read.
+_KERNELS: dict = {}
 _CALLS: dict = {}
 
 
@@ -248,10 +251,21 @@ def decode(text: str, data: bytes, rank_trace: type, step_trace: type) -> dict:
     if doc.get("format") != FORMAT or doc.get("key") != text:
         raise ValueError("an entry for another key")
     s = doc["strings"]
-    kernels = [Kernel(s[c], f, b, _unval(d), s[dt]) for c, f, b, d, dt in doc["kernels"]]
-    calls = [_CALLS.setdefault(c, c) for c in (
-        Call(s[kind], s[name], tuple(map(kernels.__getitem__, ks)), _unval(shapes))
-        for kind, name, ks, shapes in doc["calls"])]
+    kernels = []
+    for c, f, b, d, dt in doc["kernels"]:
+        fields = (s[c], f, b, _unval(d), s[dt])
+        k = _KERNELS.get(fields)
+        if k is None:
+            k = _KERNELS[fields] = Kernel(*fields)
+        kernels.append(k)
+    calls = []
+    for kind, name, ks, shapes in doc["calls"]:
+        ks = tuple(map(kernels.__getitem__, ks))
+        fields = (s[kind], s[name], tuple(map(id, ks)), _unval(shapes))
+        c = _CALLS.get(fields)
+        if c is None:
+            c = _CALLS[fields] = Call(s[kind], s[name], ks, fields[3])
+        calls.append(c)
     out = {}
     for r in doc["ranks"]:
         steps = {phase: step_trace(_decode_events(events, calls), peak)
