@@ -263,6 +263,11 @@ def prefill_graph(model, prompt, s: BenchSettings, device, comm):
         for _ in range(max(s.warmup - 2, 0)):
             model.step(prompt, 0)
     torch.cuda.current_stream(device).wait_stream(side)
+    # The graph's tensors come from a pool of its own: the blocks the eager
+    # steps cached go back first, so that a prompt near the memory's limit
+    # is not held twice (a capture that still runs out fails, and runs eagerly).
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     comm.barrier()
     graph, failed = torch.cuda.CUDAGraph(), ""
     try:
