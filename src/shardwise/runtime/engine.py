@@ -23,8 +23,8 @@ from ..parallel.comm import Comm, gather_floats
 from ..spec import Plan, torch_dtype
 from ..bench import metrics
 from .job import Case, Job, tolerance
-from .timing import (BenchSettings, measure_ceilings, summarize, sync_device, time_decode,
-                     time_prefill, timed_call, trace_step)
+from .timing import (BenchSettings, max_over_ranks, measure_ceilings, summarize, sync_device,
+                     time_decode, time_prefill, timed_call, trace_step)
 from .verify import step_errors
 
 
@@ -322,7 +322,7 @@ def bench_case(case, plan, comm, model, rank, device,
                                  device, comm)})
     peak = peak_memory(device)
     monitor.phase("report")
-    peak = _max_over_ranks(peak, device, comm)
+    peak = max_over_ranks(peak, device, comm)
     report = model.report()  # after the runs: some strategies report what the last one did
     for r in records:
         r["peak_mem_gb"] = peak / 1e9
@@ -347,7 +347,7 @@ def _host_probe(comm, device, probes: list) -> float:
     from .hostprobe import host_probe_us
 
     mine = statistics.median(probes) if probes else host_probe_us(device)
-    return max(r[0] for r in comm.gather_floats([mine], device))
+    return max_over_ranks(mine, device, comm)
 
 
 def _trace(s: BenchSettings, case, plan, phase: str, step, device, comm) -> dict:
@@ -378,11 +378,7 @@ def _comm_profile(step, device, comm) -> tuple[float, float]:
         _, step_s = timed_call(step, device, comm)
     finally:
         comm.time_blocking = False
-    nbytes = _max_over_ranks(comm.total_bytes(), device, comm)
-    share = _max_over_ranks(comm.blocking_s / step_s, device, comm)
+    nbytes = max_over_ranks(comm.total_bytes(), device, comm)
+    share = max_over_ranks(comm.blocking_s / step_s, device, comm)
     comm.reset()
     return nbytes, share
-
-
-def _max_over_ranks(value: float, device, comm: Comm) -> float:
-    return max(v[0] for v in comm.gather_floats([float(value)], device))

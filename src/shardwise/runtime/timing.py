@@ -130,7 +130,12 @@ def timed_call(fn, device, comm):
     out = fn()
     sync_device(device)
     dt = time.perf_counter() - t0
-    return out, max(v[0] for v in comm.gather_floats([dt], device))
+    return out, max_over_ranks(dt, device, comm)
+
+
+def max_over_ranks(value: float, device, comm) -> float:
+    """The largest of every rank's ``value`` (each rank learns it)."""
+    return max(v[0] for v in comm.gather_floats([float(value)], device))
 
 
 def trace_step(fn, device, comm, path: str) -> dict:
@@ -283,7 +288,7 @@ def prefill_graph(model, prompt, s: BenchSettings, device, comm):
 
 def _everywhere(ok: bool, device, comm) -> bool:
     """Whether ``ok`` holds on every rank (each rank learns every rank's)."""
-    return min(v[0] for v in comm.gather_floats([float(ok)], device)) > 0
+    return max_over_ranks(not ok, device, comm) == 0
 
 
 def time_decode(model, prompt, token, seq_len: int, s: BenchSettings, device, comm,
