@@ -213,3 +213,95 @@ def test_a_traced_step_launches_the_descriptors_kernel_and_prices_it_alike(monke
     ptr, p_grid, p_args, p_kw = launched[-1]
     _, grid, args, kw = launched[-2]
     assert tma.kernel(grid, *args, **kw) == ptr.kernel(p_grid, *p_args, **p_kw)
+
+
+def _stable_sort(experts, E):
+    """:func:`kernels.sort_picks`' three tensors from their definition, in
+    Python: the slots listed expert by expert, each expert's in slot order."""
+    N, k = experts.shape
+    slots = experts.reshape(-1).tolist()
+    order = [i for e in range(E) for i, s in enumerate(slots) if s == e]
+    ends = [sum(s <= e for s in slots) for e in range(E)]
+    pos = [0] * len(slots)
+    for row, i in enumerate(order):
+        pos[i] = row
+    return (torch.tensor(ends, dtype=torch.int32), torch.tensor(order) // k, torch.tensor(pos))
+
+
+def _picks(N, k, E, g, empty=()):
+    """``[N, k]`` distinct picks of ``E`` experts a token (as top-k picks), none of ``empty``."""
+    allowed = torch.tensor([e for e in range(E) if e not in empty])
+    scores = torch.rand(N, len(allowed), generator=g)
+    return allowed[scores.topk(k, dim=-1).indices]
+
+
+@pytest.mark.parametrize("N,k,E,empty", [
+    (37, 2, 8, ()),          # one block
+    (700, 2, 8, (3,)),       # two blocks of 1024 slots, an expert with none
+    (300, 2, 60, (0, 59)),   # 60 experts (64 lanes): five blocks of 128
+    (150, 4, 256, ()),       # 256 experts: 19 blocks of 32, the counts read in two passes
+    (1, 1, 5, ()),
+])
+def test_sort_picks_kernels_are_a_stable_sort_by_expert_on_cpu(monkeypatch, N, k, E, empty):
+    """The counting sort's two kernels (interpreted on a CPU) give what a
+    stable sort of the slots by expert gives, from its definition: where
+    each expert's rows end, each sorted row's token, each slot's row; and
+    so does PyTorch's form that runs everywhere else."""
+    found = [interpreted("shardwise.model.triton_moe", name)
+             for name in ("expert_counts_kernel", "expert_sort_kernel")]
+    g = torch.Generator().manual_seed(N + E)
+    experts = _picks(N, k, E, g, empty)
+    want = _stable_sort(experts, E)
+    for name, got in (("torch", kernels._sort_torch(experts, E)),
+                      ("kernels", _sorted_by_kernels(monkeypatch, found, experts, E))):
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def _sorted_by_kernels(monkeypatch, found, experts, E):
+    monkeypatch.setattr(kernels, "_sort_kernels", lambda: found)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    launches = []
+    monkeypatch.setattr(kernels, "_sort_torch", lambda *a: launches.append(a))
+    got = kernels.sort_picks(experts, E)
+    monkeypatch.undo()
+    assert launches == []  # the kernels, not PyTorch's sort
+    return got
+
+
+def test_the_sort_stand_ins_compute_what_the_kernels_do():
+    """The recorder's stand-ins for the counting sort's kernels (a step
+    counted on CPU tensors along the GPU's branches) write the counts and
+    the sorted order; on meta tensors, nothing."""
+    from shardwise.perf.tritons import stand_in
+
+    g = torch.Generator().manual_seed(5)
+    N, k, E, block = 40, 2, 6, 16
+    experts = _picks(N, k, E, g).reshape(-1)
+    chunks = -(-N * k // block)
+    counts = torch.zeros(chunks, 8, dtype=torch.int32)
+    ends, src, pos = (torch.zeros(E, dtype=torch.int32), torch.zeros(N * k, dtype=torch.long),
+                      torch.zeros(N * k, dtype=torch.long))
+    stand_in("expert_counts_kernel").run((chunks,), experts, counts, N * k, BLOCK=block, EP=8)
+    for c in range(chunks):
+        want = torch.bincount(experts[c * block:(c + 1) * block], minlength=8)
+        assert torch.equal(counts[c], want.int())
+    stand_in("expert_sort_kernel").run((chunks,), experts, counts, pos, src, ends, N * k, E,
+                                       chunks, K=k, BLOCK=block, EP=8, CB=4)
+    for a, b in zip((ends, src, pos), _stable_sort(experts.view(N, k), E)):
+        assert torch.equal(a, b)
+    meta = [t.to("meta") for t in (experts, counts, pos, src, ends)]
+    stand_in("expert_sort_kernel").run((chunks,), *meta, N * k, E, chunks, K=k)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("N,k,E", [(2048, 2, 8), (24000, 2, 8), (4096, 8, 64), (333, 6, 160)])
+def test_sort_picks_kernels_on_the_gpu(N, k, E):
+    """The counting sort on the GPU gives PyTorch's stable sort's three tensors."""
+    assert kernels._sort_kernels()
+    g = torch.Generator().manual_seed(N)
+    experts = _picks(N, k, E, g).cuda()
+    got = kernels.sort_picks(experts, E)
+    for a, b in zip(got, kernels._sort_torch(experts, E)):
+        assert a.is_cuda and a.dtype == b.dtype and torch.equal(a, b)

@@ -297,6 +297,44 @@ def test_route_kernel_picks_as_route_does_on_cpu(monkeypatch, N, E, D, k):
     _check_route_rows(x, w, k)
 
 
+@pytest.mark.parametrize("N,E,k", [(300, 8, 2), (70, 60, 4), (5, 128, 8), (9, 3, 1)])
+def test_a_prompts_picks_are_routes_on_cpu(monkeypatch, N, E, k):
+    """A prompt's picks from its float32 logits by ``route_kernel`` alone
+    (interpreted): those of :func:`reference.route` (distinct random logits:
+    no ties), their softmax to float32 rounding; the tokens past a decode
+    step's, E off the powers of two."""
+    from shardwise.model import kernels
+    from shardwise.model.reference import route
+    from triton_cpu import interpreted
+
+    found = interpreted("shardwise.model.triton_moe", "route_kernel")
+    monkeypatch.setattr(kernels, "_route_kernel", lambda: found)
+    logits = torch.randn(N, E, generator=torch.Generator().manual_seed(N + E))
+    want_w, want_e = route(logits, k)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    assert kernels.pickable(logits) and not kernels.pickable(logits.half())
+    assert not kernels.pickable(torch.zeros(4, kernels.ROUTE_MAX_EXPERTS + 1))
+    weights, experts = kernels.pick_top(logits, k)
+    monkeypatch.undo()
+    assert torch.equal(experts, want_e)
+    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernel)")
+@pytest.mark.parametrize("N,E,k", [(2048, 8, 2), (24000, 8, 2), (999, 60, 4), (64, 128, 8)])
+def test_a_prompts_picks_are_routes_on_the_gpu(N, E, k):
+    from shardwise.model import kernels
+    from shardwise.model.reference import route
+
+    logits = torch.randn(N, E, generator=torch.Generator().manual_seed(N)).cuda()
+    assert kernels.pickable(logits)
+    weights, experts = kernels.pick_top(logits, k)
+    want_w, want_e = route(logits.cpu(), k)
+    assert torch.equal(experts.cpu(), want_e)
+    torch.testing.assert_close(weights.cpu(), want_w, rtol=1e-5, atol=1e-6)
+
+
 def _tied_case(N, E, D, dtype, device="cpu"):
     """Integer operands (exact in half precision, their float32 sums exact in
     any order) with rows of the router repeated: logits tied exactly, among

@@ -627,6 +627,58 @@ def pick_rows(rows: torch.Tensor, picks: int) -> torch.Tensor:
     return pos.scatter_(0, rows, torch.arange(rows.numel(), device=rows.device))
 
 
+def sort_picks(experts: torch.Tensor, n_experts: int):
+    """``(ends [E] int32, src [N*k], pos [N*k])`` for ``experts [N, k]`` (each
+    token's picks, all below ``E = n_experts``): the (token, pick) slots
+    sorted by expert, stably (tokens in order within an expert). Expert e's
+    rows end at ``ends[e]``; row i of the sorted order is token ``src[i]``'s
+    (``x.index_select(0, src)`` lays the experts' inputs out); slot ``t*k +
+    j`` went to row ``pos[t*k + j]`` (:func:`combine_picks` reads it back).
+    On GPUs a counting sort in two launches (:mod:`.triton_moe`'s
+    ``expert_counts_kernel`` and ``expert_sort_kernel``), where PyTorch's
+    stable sort of the int64 picks, the offsets' search and the inverse
+    permutation's scatter take a dozen (a Mixtral-8x7b prompt of 2048 tokens
+    on an H100: 67 us of radix sort alone per two layers, results/real/
+    trace-mixtral-prefill-1x2048-039d4ee-graph.txt); elsewhere those. Both
+    give the same three tensors: a stable order is unique."""
+    N, k = experts.shape
+    found = _sort_kernels() if experts.is_cuda and N else False
+    if not found:
+        return _sort_torch(experts, n_experts)
+    (triton, counts_kernel), (_, sort_kernel) = found
+    slots, ep = N * k, triton.next_power_of_2(n_experts)
+    block = max(16, min(1024, 8192 // ep, triton.next_power_of_2(slots)))
+    chunks = triton.cdiv(slots, block)
+    key = experts.reshape(-1).contiguous()
+    counts = torch.empty(chunks, ep, dtype=torch.int32, device=key.device)
+    ends = torch.empty(n_experts, dtype=torch.int32, device=key.device)
+    src = torch.empty(slots, dtype=torch.int64, device=key.device)
+    pos = torch.empty(slots, dtype=torch.int64, device=key.device)
+    counts_kernel[(chunks,)](key, counts, slots, BLOCK=block, EP=ep, num_warps=4,
+                             **pdl(key.device))
+    sort_kernel[(chunks,)](key, counts, pos, src, ends, slots, n_experts, chunks, K=k,
+                           BLOCK=block, EP=ep, CB=max(1, min(1024, 4096 // ep)),
+                           num_warps=4, **pdl(key.device))
+    return ends, src, pos
+
+
+def _sort_torch(experts: torch.Tensor, n_experts: int):
+    """:func:`sort_picks` by PyTorch's stable sort."""
+    N, k = experts.shape
+    key = experts.reshape(-1)
+    order = torch.argsort(key, stable=True)
+    ends = torch.searchsorted(key[order], torch.arange(n_experts, device=key.device), right=True)
+    return ends.to(torch.int32), order // k, pick_rows(order, N * k)
+
+
+def _sort_kernels():
+    """``expert_counts_kernel`` and ``expert_sort_kernel``, each ``(triton,
+    kernel)`` (:mod:`.triton_moe`), or False without Triton."""
+    found = [triton_kernel(f"{__package__}.triton_moe", name)
+             for name in ("expert_counts_kernel", "expert_sort_kernel")]
+    return found if all(found) else False
+
+
 def _combine_torch(y, weights, pos):
     N, k = weights.shape
     w = weights.reshape(-1, 1).to(y.dtype)  # [N*k, 1]
@@ -726,6 +778,34 @@ def route_rows(x: torch.Tensor, w: torch.Tensor, top_k: int):
     kernel[(N,)](partials, weights, experts, splits, E, K=top_k, BLOCK_S=block_s,
                  BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
                  num_warps=4 if block_s * block_e >= 1024 else 1, **pdl(x.device))
+    return weights, experts
+
+
+def pickable(logits: torch.Tensor) -> bool:
+    """Whether :func:`pick_top` takes a prompt's router logits ``[N, E]``:
+    float32 on a GPU, at most ``ROUTE_MAX_EXPERTS``, with Triton."""
+    return (logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2
+            and 0 < logits.shape[0] and logits.shape[1] <= ROUTE_MAX_EXPERTS
+            and bool(_route_kernel()))
+
+
+def pick_top(logits: torch.Tensor, top_k: int):
+    """:func:`.reference.route` of a prompt's float32 router logits ``[N, E]``
+    (its GEMM's output): ``(weights [N, k] float32, experts [N, k] int64)``
+    by ``route_kernel`` alone (the logits as its partials of one split): one
+    launch where ``torch.topk`` and the softmax take three (a Mixtral-8x7b
+    prompt of 2048 tokens on an H100: 13.8 us a layer, results/real/
+    trace-mixtral-prefill-1x2048-039d4ee-graph.txt). The same picks but
+    where two logits are exactly equal (the kernel takes the lower index).
+    Callers ask :func:`pickable`."""
+    triton, kernel = _route_kernel()
+    N, E = logits.shape
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=logits.device)
+    experts = torch.empty(N, top_k, dtype=torch.int64, device=logits.device)
+    partials = logits.contiguous().view(N, 1, E)  # [N, S = 1, E]
+    kernel[(N,)](partials, weights, experts, 1, E, K=top_k, BLOCK_S=1,
+                 BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k),
+                 num_warps=1, **pdl(logits.device))
     return weights, experts
 
 

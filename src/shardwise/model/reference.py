@@ -25,7 +25,8 @@ from .decode import attend as decode_attend, decode_ok
 from .once import made_once
 from .flash import attend as wide_attend, wide_ok
 from .kernels import (add_norm, batched_linear, combine_picks, expert_rows, grouped_linear,
-                      linear, linear_swiglu, pick_rows, routable, route_rows, swiglu, swiglu_mlp)
+                      linear, linear_swiglu, pick_rows, pick_top, pickable, routable, route_rows,
+                      sort_picks, swiglu, swiglu_mlp)
 from .rope import Rope
 from .rotary import rotate
 
@@ -505,10 +506,12 @@ def route(logits: torch.Tensor, top_k: int):
 def route_tokens(router: nn.Linear, x: torch.Tensor, top_k: int):
     """:func:`route` of :func:`router_logits`: ``x [N, D]`` -> (weights [N, k],
     experts [N, k]); a decode step's few tokens on a GPU in one kernel
-    (:func:`.kernels.route_rows`: the same float32 sums in another order)."""
+    (:func:`.kernels.route_rows`: the same float32 sums in another order), a
+    prompt's picks from its logits in one (:func:`.kernels.pick_top`)."""
     if routable(x, router.weight):
         return route_rows(x, router.weight, top_k)
-    return route(router_logits(router, x), top_k)
+    logits = router_logits(router, x)  # [N, E]
+    return pick_top(logits, top_k) if pickable(logits) else route(logits, top_k)
 
 
 def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
@@ -627,20 +630,18 @@ class MoE(nn.Module):
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """:meth:`_routed` with no host synchronisation and two GEMM launches:
-        the (token, pick) rows sorted by expert, each expert's slice ending
-        at an offset computed on the device, and every expert's product in
+        the (token, pick) rows sorted by expert (:func:`.kernels.sort_picks`:
+        a counting sort on GPUs), each expert's slice ending at an offset
+        computed on the device, and every expert's product in
         one grouped GEMM (``torch._grouped_mm``: CUTLASS's on Hopper) for the
         up-projection and one for the down; then the weighted terms, summed
         in float32 over a token's picks, as in the loop."""
-        N, k = experts.shape
-        held = self.w_in.shape[0]
-        key = experts.reshape(-1)  # [N*k]: every expert is held here
-        order = torch.argsort(key, stable=True)
-        ends = torch.searchsorted(key[order], torch.arange(held, device=x.device), right=True)
-        ends = ends.to(torch.int32)  # [held]: where each expert's rows end
-        # [N*k, D], by expert: index_select's row copy, where x[order // k]
-        # runs an element-wise indexing kernel
-        rows = x.index_select(0, order // k)
+        # every expert is held here: [held] where each expert's rows end,
+        # [N*k] the token of each sorted row and the row of each (token, pick)
+        ends, src, pos = sort_picks(experts, self.w_in.shape[0])
+        # [N*k, D], by expert: index_select's row copy, where x[src] runs an
+        # element-wise indexing kernel
+        rows = x.index_select(0, src)
         if GROUPED_UP and self.activation == "swiglu":  # the activation in its epilogue
             a = grouped_linear(rows, self.w_in, ends, gated=True)  # [N*k, F]
         else:
@@ -650,7 +651,7 @@ class MoE(nn.Module):
             y = grouped_linear(a, self.w_down, ends)  # [N*k, D]
         else:
             y = torch._grouped_mm(a, self.w_down.transpose(1, 2), offs=ends)
-        return combine_picks(y, weights, pick_rows(order, N * k))
+        return combine_picks(y, weights, pos)
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
         """Fewer routed (token, pick) rows than held experts (a decode step at

@@ -171,3 +171,58 @@ def route_kernel(P, WT, EX, S, E, K: tl.constexpr, BLOCK_S: tl.constexpr,
     p = tl.exp(top - tl.max(top, axis=0))  # picks past K are -inf: exp gives 0
     tl.store(WT + t * K + j, p / tl.sum(p, axis=0), mask=j < K)
     tl.store(EX + t * K + j, idx, mask=j < K)
+
+
+@triton.jit
+def expert_counts_kernel(EX, C, N, BLOCK: tl.constexpr, EP: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    """Program c: ``C[c, e]``, how many of the (token, pick) slots ``c * BLOCK
+    .. (c + 1) * BLOCK - 1`` of ``EX [N]`` (each slot's expert, below ``EP``)
+    picked expert e: the first half of :func:`expert_sort_kernel`'s counting
+    sort, one row of counts per block of slots."""
+    await_inputs(PDL)
+    c = tl.program_id(0).to(tl.int64)
+    slots = c * BLOCK + tl.arange(0, BLOCK)
+    e = tl.load(EX + slots, mask=slots < N, other=-1)
+    experts = tl.arange(0, EP)
+    hits = (e[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK, EP]
+    tl.store(C + c * EP + experts, tl.sum(hits, axis=0))
+
+
+@triton.jit
+def expert_sort_kernel(EX, C, POS, SRC, ENDS, N, E, CHUNKS, K: tl.constexpr,
+                       BLOCK: tl.constexpr, EP: tl.constexpr, CB: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """Program c: where each of its ``BLOCK`` (token, pick) slots goes when
+    the slots are sorted by expert, stably (a counting sort: the experts'
+    counts are known, :func:`expert_counts_kernel`'s ``C [CHUNKS, EP]``).
+    Slot i of expert e goes to ``dest`` = the rows of experts below e, plus
+    e's slots in earlier blocks, plus e's slots before i in this block
+    (the cumulative sum of a ``[BLOCK, EP]`` one-hot block): ``POS[i] =
+    dest`` (the row :func:`combine_kernel` reads back), ``SRC[dest] = i //
+    K`` (the token whose row goes there) and, from program 0, ``ENDS[e]``
+    (int32: where expert e's rows end). The same order as a stable sort of
+    the slots by expert (``torch.argsort(..., stable=True)``), with no sort
+    and no host synchronisation."""
+    await_inputs(PDL)
+    c = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, EP)
+    total = tl.zeros([EP], dtype=tl.int32)
+    before = tl.zeros([EP], dtype=tl.int32)
+    for c0 in range(0, CHUNKS, CB):
+        blocks = c0 + tl.arange(0, CB)
+        n = tl.load(C + blocks[:, None] * EP + experts[None, :], mask=blocks[:, None] < CHUNKS,
+                    other=0)  # [CB, EP]
+        total += tl.sum(n, axis=0)
+        before += tl.sum(tl.where(blocks[:, None] < c, n, 0), axis=0)
+    ends = tl.cumsum(total, axis=0)  # [EP]
+    tl.store(ENDS + experts, ends, mask=(experts < E) & (c == 0))
+    first = (ends - total + before).to(tl.int64)  # where this block's rows of each expert start
+    slots = c * BLOCK + tl.arange(0, BLOCK)
+    keep = slots < N
+    e = tl.load(EX + slots, mask=keep, other=-1)
+    hits = (e[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK, EP]
+    earlier = tl.cumsum(hits, axis=0) - hits  # this block's earlier slots of each expert
+    dest = tl.sum((earlier.to(tl.int64) + first[None, :]) * hits, axis=1)  # [BLOCK]
+    tl.store(POS + slots, dest, mask=keep)
+    tl.store(SRC + dest, slots // K, mask=keep)

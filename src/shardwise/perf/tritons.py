@@ -316,6 +316,30 @@ class Combine(StandIn):
         OUT.copy_(_combine_torch(Y, W, POS if HAS_POS else None))
 
 
+class ExpertCounts(StandIn):
+    """:func:`shardwise.model.kernels.sort_picks`' first kernel: each block of
+    (token, pick) slots' count of each expert (priced by its arguments)."""
+
+    def run(self, grid, EX, C, N, *, BLOCK, EP, **kw):
+        if not EX.is_meta:
+            blocks = torch.arange(N, device=EX.device) // BLOCK
+            C.zero_().index_put_((blocks, EX[:N]), torch.ones_like(C[0, :1]).expand(N),
+                                 accumulate=True)
+
+
+class ExpertSort(StandIn):
+    """:func:`shardwise.model.kernels.sort_picks`' second kernel: the slots
+    sorted by expert (their rows, tokens and each expert's end), written as
+    the sort's PyTorch form writes them (priced by its arguments)."""
+
+    def run(self, grid, EX, C, POS, SRC, ENDS, N, E, CHUNKS, *, K, **kw):
+        from ..model.kernels import _sort_torch
+
+        if not EX.is_meta:
+            for out, got in zip((ENDS, SRC, POS), _sort_torch(EX[:N].view(-1, K), E)):
+                out.copy_(got)
+
+
 class DecodeSplit(StandIn):
     """:mod:`shardwise.model.decode`'s split-key attention of one query
     position: each split's float32 attention (:mod:`shardwise.parallel.lse`'s
@@ -394,7 +418,8 @@ STAND_INS = {"add_norm_kernel": AddNorm, "merge_kernel": Merge, "swiglu_kernel":
              "expert_rows_kernel": ExpertRows, "decode_split_kernel": DecodeSplit,
              "combine_kernel": Combine, "route_logits_kernel": RouteLogits,
              "route_kernel": Route, "rows_kernel": Rows, "rows_finish_kernel": RowsFinish,
-             "grouped_kernel": Grouped, "grouped_tma_kernel": GroupedTMA}
+             "grouped_kernel": Grouped, "grouped_tma_kernel": GroupedTMA,
+             "expert_counts_kernel": ExpertCounts, "expert_sort_kernel": ExpertSort}
 
 
 def stand_in(name: str) -> StandIn:
