@@ -50,6 +50,14 @@ whole width took 8.7 us in a CUDA graph for Mixtral's 8 x 4096 router on an
 H100, one token, 17.2 in a profiled step: latency-bound, where the weights
 are 64 KB.)
 
+``sort_picks`` lays a prompt's (token, pick) slots out by expert for those
+products with no sort: a counting sort in two kernels (each block's count of
+each expert, then each slot's row), where PyTorch's stable sort, the offsets'
+search and the inverse permutation take a dozen kernels; ``pick_top`` takes a
+prompt's top-k picks and their softmax from the router's float32 logits in
+one kernel (``route_rows``' second), where ``torch.topk`` and the softmax take
+three.
+
 ``combine_picks`` sums each token's weighted expert outputs: on GPUs one pass
 that gathers a token's rows from wherever the experts wrote them (sorted by
 expert in a prompt), weights and sums them, where PyTorch scatters the rows
