@@ -255,3 +255,52 @@ def test_the_recorders_stable_sort_of_small_keys_is_argsorts():
                 torch.zeros(7, dtype=torch.int32), torch.empty(0, dtype=torch.long)):
         got = _run_on_cpu(torch.ops.aten.argsort.stable, "argsort", (key,), {"stable": True})
         assert torch.equal(got, torch.argsort(key, stable=True))
+
+
+@pytest.mark.parametrize("case", [("mixtral", "ep:2", 2), ("mixtral", "tp_pp:2x1", 2),
+                                  ("gpt-moe", "tp_pp:1x2,mb=2", 2), ("mixtral", "ep:2/tp:2", 4)],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_a_step_whose_routers_draw_is_recorded_once_from_the_draws_guessed(case, monkeypatch):
+    # A step whose routers draw is run once, from as many draws on as the
+    # last recording of it made: the recording a second call makes (every
+    # event, kernel and collective; warm_up runs the first call and records
+    # the second). No guess, or a wrong one, runs it again from the draws it
+    # made: the same recording. Taking a run from a wrong guess as it is
+    # records another step, which this comparison refuses.
+    from shardwise.perf import record
+    from shardwise.perf.record import record_alone
+
+    model, plan, nproc = case
+    spec, p = MODELS[model], Plan.parse(plan)
+    runs = []
+    real = record._recording
+    monkeypatch.setattr(record, "_recording", lambda rec: runs.append(rec) or real(rec))
+    for balance in (None, 1.5):
+        want = [record_alone(spec, WL, p, nproc, r, "nccl", balance, warm_up=True)
+                for r in range(nproc)]
+        for guesses in ("none", "wrong", "right"):
+            if guesses == "none":
+                monkeypatch.setattr(record, "_DRAWS", {})
+            elif guesses == "wrong":
+                monkeypatch.setattr(record, "_DRAWS", {k: v + 1 for k, v in record._DRAWS.items()})
+            for r in range(nproc):
+                del runs[:]
+                assert record_alone(spec, WL, p, nproc, r, "nccl", balance) == want[r], (
+                    plan, r, balance, guesses)
+                if guesses == "right" and "mb=" not in plan:  # ranks alike: each step run once
+                    assert len(runs) == 1 + len(want[r].steps), (plan, r, balance)
+
+
+def test_a_run_from_a_wrong_guess_taken_as_it_is_records_another_step(monkeypatch):
+    # What the comparison above refuses: an ep step run from one draw more
+    # than a second call's, taken as it is, routes other rows to each rank.
+    from shardwise.perf import record
+    from shardwise.perf.record import record_alone
+
+    p = Plan.parse("ep:2")
+    want = [record_alone(MIXTRAL, WL, p, 2, r, "nccl", 1.5, warm_up=True) for r in range(2)]
+    assert [record_alone(MIXTRAL, WL, p, 2, r, "nccl", 1.5) for r in range(2)] == want
+    monkeypatch.setattr(record, "_as_guessed", lambda drew, guess: True)
+    monkeypatch.setattr(record, "_DRAWS", {k: v + 1 for k, v in record._DRAWS.items()})
+    got = [record_alone(MIXTRAL, WL, p, 2, r, "nccl", 1.5) for r in range(2)]
+    assert got != want and got[0].steps["prefill"].comm != want[0].steps["prefill"].comm

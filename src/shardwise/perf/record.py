@@ -12,8 +12,12 @@ strategy supports it, the static-shape decode step a CUDA graph captures,
 under a :class:`~shardwise.perf.trace.Recorder`, each at its first call:
 what the code makes at a first call and keeps (``once.made_once``: a
 table, a symmetric buffer) is made aside from the step, so that it records
-what a later call, the one a run times, does. A step whose routers drew
-choices is recorded again, drawing where the first call left off.
+what a later call, the one a run times, does. A step whose routers draw
+choices is recorded as a second call draws them, where a first call left
+off: a router draws once a call whatever it picks, so a step draws as many
+times at any point of the draws, and the step is run once, from as many
+draws on as the last recording of that step made (the plan's, else any),
+and again only where it drew another number.
 
 A layer loop (an ``nn.ModuleList`` of three or more modules of one kind,
 iterated) runs its first two iterations: the first may differ (it builds the
@@ -281,6 +285,9 @@ def _two_alike(items: list, fn) -> list:
 
 
 _STOOD_FOR: list = []  # (module, further items it stands for) of the plan being built
+# Router draws a step made, by (phase, plan) and by phase: the guess of the
+# next recording of that step (module docstring).
+_DRAWS: dict = {}
 
 
 def _same_work(n: int):
@@ -472,14 +479,22 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
             set_shadow(pos, torch.tensor(wl.seq_len))
             runs.append(("static", token, pos))
         for phase, x, at in runs:
-            drawn = routing.calls
+            start = routing.calls
+            guess = 0 if warm_up else _DRAWS.get((phase, plan), _DRAWS.get(phase, 0))
+            routing.calls = start + guess
             with _recording(Recorder(routing, memory=not warm_up, inputs=x)) as rec:
                 model.step(x, at)
-            if warm_up or routing.calls != drawn:
-                # Again, after the first call: asked to, or routers drew choices
-                # (a timed step draws where a first one left off: Routing).
+            drew = routing.calls - start - guess
+            if warm_up or not _as_guessed(drew, guess):
+                # Again, drawing where a first call leaves off (a timed step
+                # does: Routing): asked to, or routers drew, and not as many
+                # as guessed (module docstring).
+                routing.calls = start + drew
                 with _recording(Recorder(routing, inputs=x)) as rec:
                     model.step(x, at)
+            routing.calls = start + 2 * drew
+            if not warm_up:
+                _DRAWS[(phase, plan)] = _DRAWS[phase] = drew
             steps[phase] = StepTrace(rec.events, rec.peak)
             reads |= rec.read_input or prompt.taken
     weights = sum(p.nbytes for p in model.parameters()) + sum(
@@ -489,6 +504,12 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
     # (a pipeline's first stage), as a run hands them over.
     inputs = (prompt.nbytes + token.nbytes) * reads
     return RankTrace(rank, steps, weights, kv, inputs, comm.symmetric_bytes, _facts(model))
+
+
+def _as_guessed(drew: int, guess: int) -> bool:
+    """Whether a step run from ``guess`` draws on, that drew ``drew`` times,
+    is what a second call records: it drew as many as guessed, or none."""
+    return drew in (0, guess)
 
 
 def _facts(model) -> dict:
