@@ -39,7 +39,6 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
 
 from ..model import kernels as model_kernels
 from ..model import once, reference
@@ -54,7 +53,7 @@ from . import tracecache
 from .events import Call, Coll, Wait
 from .recordings import (PHASES, RankTrace, StepTrace, checked, read_alone, recording_key,
                          renamed, twins, with_twins)
-from .trace import Recorder, Routing, set_shadow, shadow_of
+from .trace import Recorder, Routing, no_modes, set_shadow, shadow_of
 from .tritons import TritonShim, stand_in
 
 _ACTIVE: Recorder | None = None  # the recorder of the step being run
@@ -82,7 +81,7 @@ class MetaSource(WeightSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._info(name).shape
 
-    def get(self, name, index=None, *, dtype, device):
+    def get(self, name, index=None, *, dtype, device):  # made with no mode (_building)
         shape = list(self._info(name).shape)
         for dim, sel in enumerate(index or []):
             if sel is None:
@@ -240,7 +239,7 @@ class _Recorded:
         def launch(*args, **kwargs):
             if _ACTIVE is None:
                 return
-            with _disable_current_modes():  # what the stand-in reads is not the step's
+            with no_modes():  # what the stand-in reads is not the step's
                 kernel = self.stand_in.kernel(grid, *args, **kwargs)
                 self.stand_in.effect(_ACTIVE, grid, *args, **kwargs)
             _ACTIVE.events.append(Call("tritons", self.stand_in.name, (kernel,)))
@@ -353,7 +352,7 @@ def _held_like(rec: Recorder, y, n: int) -> list:
     (as all ``n``, for the step's peak) but not recorded as an event."""
     if not isinstance(y, torch.Tensor) or n <= 0:
         return [y] * n
-    with _disable_current_modes():
+    with no_modes():
         held = torch.empty_like(y)
     rec.track(held, True, n * held.untyped_storage().nbytes())
     return [held] * n
@@ -455,7 +454,7 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
     dtype = torch_dtype(spec.dtype)
     routing = Routing(balance, world)
     _STOOD_FOR.clear()
-    with torch.inference_mode(), _gpu_paths(), _fast_modules(), _recording(Recorder(memory=False)):
+    with torch.inference_mode(), _gpu_paths(), _building(), _recording(Recorder(memory=False)):
         # built under a recorder too: its ops on meta tensors come from the cache
         comm = RecordingComm(topo, backend == "nccl")
         model = cls(spec, wl, plan, topo, comm, ShardLoader(MetaSource(spec), dtype, "meta"))
@@ -528,18 +527,36 @@ def _facts(model) -> dict:
     return {k: v for k, v in report.items() if short(v)}
 
 
+def _native(fn):
+    """``fn`` run with no mode: meta tensors as PyTorch makes them."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with no_modes():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @contextmanager
-def _fast_modules():
-    """Modules built on meta without initialising their parameters (the loader
-    replaces every one of them)."""
+def _building():
+    """A rank's model built as fast as it can be: modules on meta without
+    initialising their parameters (the loader replaces every one of them),
+    and the weights and KV caches (every layer's; their allocation, a fill
+    and four views, is most of the ops of a build) made on meta with no
+    mode: the recorder's events of a build are dropped, and what it made
+    is the same tensors."""
     saved = {c: c.reset_parameters for c in (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)}
+    allocate, get = reference.KVCache.__dict__["allocate"], MetaSource.get
     try:
         for c in saved:
             c.reset_parameters = lambda self: None
+        reference.KVCache.allocate = classmethod(_native(allocate.__func__))
+        MetaSource.get = _native(get)
         yield
     finally:
         for c, f in saved.items():
             c.reset_parameters = f
+        reference.KVCache.allocate, MetaSource.get = allocate, get
 
 
 def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .events import SYNC_OPS, VALUE_OPS, Call, Kernel, Repeat, carry
@@ -75,10 +75,30 @@ class Routing:
 SHADOW_MAX = 1 << 24  # elements of an integer tensor computed on CPU beside its meta one
 _INTEGRAL = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _CACHE: dict = {}  # (op, input signature) -> _Cached
-_SPECIAL = object()  # a cache entry of an op handled apart every time (data, routing)
+
+
+class _Special:
+    fresh = None  # never the fast path of Recorder.__torch_dispatch__
+
+
+_SPECIAL = _Special()  # a cache entry of an op handled apart every time (data, routing)
 _META = torch.device("meta")
 _TENSOR = torch.Tensor  # a global read in the hot _scan
 _SHADOWS = [0]  # tensors given a shadow so far (none: no op needs to look for them)
+
+
+# The dispatch keys of Python's modes: excluded, an op runs as with no mode
+# active (what _disable_current_modes does, without taking the modes off
+# the stack and putting them back).
+_MODE_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
+              | torch._C.DispatchKeySet(torch._C.DispatchKey.PythonTLSSnapshot))
+
+
+def no_modes():
+    """A context in which ops run as PyTorch runs them with no mode: the
+    recorder's own work (shadows computed on CPU, a Triton stand-in reading
+    its arguments), not the step's."""
+    return torch._C._ExcludeDispatchKeyGuard(_MODE_KEYS)
 
 
 def set_shadow(t: torch.Tensor, value) -> None:
@@ -100,7 +120,7 @@ class _Lazy:
 
     def get(self) -> torch.Tensor:
         if self.fn is not None:
-            with _disable_current_modes():  # host work of the recorder, not of the step
+            with no_modes():  # host work of the recorder, not of the step
                 self.value, self.fn = self.fn(), None
         return self.value
 
@@ -117,6 +137,8 @@ class _Cached:
     view: bool  # the op returns views: it runs every time (cheap), its call is known
     outs: tuple = ()  # per output: ("arg", i) | ("new", size, stride, dtype) | ("value", v)
     single: bool = True  # one tensor returned, not a tuple
+    fresh: tuple | None = None  # (size, stride, dtype) where the op returns one new tensor
+    nbytes: int | None = None  # that tensor's storage, once one is made
 
 
 def _sig(x):
@@ -128,9 +150,10 @@ def _sig(x):
 
 
 def _scan(func, args, kwargs) -> tuple[tuple, list]:
-    """(the op's cache key: its arguments' shapes, strides, dtypes and values;
-    the tensors among its arguments, at most one list deep)."""
-    key, ins = [func], []
+    """(the op's cache key: the op (its ``_op``, whose hash is the C
+    function's) and its arguments' shapes, strides, dtypes and values; the
+    tensors among its arguments, at most one list deep)."""
+    key, ins = [func._op], []
     for a in args:
         if isinstance(a, _TENSOR):
             ins.append(a)
@@ -248,6 +271,17 @@ class Recorder(TorchDispatchMode):
             else:
                 return self._host_op(func, args, kwargs)  # a table on the host: CPU work
         hit = _CACHE.get(key)
+        if hit is not None and hit.fresh is not None:  # the most common: one new tensor
+            size, stride, dtype = hit.fresh
+            out = torch.empty_strided(size, stride, dtype=dtype, device=_META)
+            self.events.append(hit.call)
+            if self.memory:
+                if hit.nbytes is None:
+                    hit.nbytes = out.untyped_storage().nbytes()
+                self.track(out, True, hit.nbytes)
+            if factory or _SHADOWS[0] and any("_shadow" in t.__dict__ for t in ins):
+                _shadow_op(func, args, kwargs, out, ins)
+            return out
         if hit is None or hit is _SPECIAL:
             name = func.overloadpacket.__name__
             if name in SYNC_OPS or (name in ("to", "_to_copy") and _to_host(func, args, kwargs)):
@@ -266,7 +300,7 @@ class Recorder(TorchDispatchMode):
                 _CACHE[key] = hit
             new = [t for t, o in zip(_outs(out, hit), hit.outs) if o[0] == "new"]
         elif hit.view:
-            out = func(*args, **kwargs)
+            out = func._op(*args, **kwargs)
             new = ()
         else:
             out, new = _rebuild(hit, ins)
@@ -415,7 +449,8 @@ def _remember(call: Call, aliases: bool, out, ins: list) -> _Cached:
             outs.append(("arg", i) if i is not None else ("new", t.shape, t.stride(), t.dtype))
         else:
             outs.append(("value", t))
-    return _Cached(call, False, tuple(outs), single)
+    fresh = outs[0][1:] if single and outs[0][0] == "new" else None
+    return _Cached(call, False, tuple(outs), single, fresh)
 
 
 def _outs(out, hit: _Cached) -> list:
