@@ -309,8 +309,9 @@ def store(text: str, traces: dict) -> None:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, _path(folder, text))
-        except BaseException:
-            os.unlink(tmp)
+        except BaseException:  # an interruption too (a worker stopped): not left half written
+            if os.path.exists(tmp):
+                os.unlink(tmp)
             raise
     except OSError:
         pass  # a cache that cannot be written is a cache that misses
