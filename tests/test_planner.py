@@ -1,7 +1,5 @@
 """The planner enumerates exactly the valid plans, ranks them and flags the
 ones that do not fit; reproduce and fidelity compute what they print."""
-import dataclasses
-import io
 import json
 import os
 
@@ -379,115 +377,105 @@ def fresh_recordings(tmp_path, monkeypatch, workers: int, eager: bool = True):
     monkeypatch.setenv("SHARDWISE_WORKERS", str(workers))
     if eager:
         monkeypatch.setattr(pre, "WORTH_S", 0.0)
-        monkeypatch.setattr(pre, "TIMED", 1)
     return pre
 
 
-def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
-    # Workers forced on (a small model would not pay for them): they fill the
-    # cache of recordings with exactly the keys the planner then reads, and the
-    # ranking is the one a single process makes with no cache.
-    from shardwise.perf import tracecache
-    from shardwise.perf.costmodel import recorded_phases, resolve_capacity
-    from shardwise.perf.record import _alone, record_rank
+def _shared_ranking(monkeypatch):
+    """A ranking of SIX on 4 ranks, with the Sharing its families went through
+    and the ranks this process recorded (workers record in theirs)."""
+    from contextlib import contextmanager
 
-    pre = fresh_recordings(tmp_path, monkeypatch, 2)
-    plans = [resolve_capacity(Plan.parse(str(b)), H100_8)
-             for b in base_plans(SIX, SIX_WL, 4, H100_8)]
-    phases = recorded_phases(None)
-    assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 1
-    from shardwise.perf.recordings import recording_key
-    keys = [recording_key(SIX, SIX_WL, p, 4, phases=phases) for p in plans]
-    valid = [k for k, p in zip(keys, plans) if evaluate(SIX, SIX_WL, p, H100_8, 4).valid]
-    assert valid and all(tracecache.kept(k) for k in valid)
-    assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 0  # all kept: nothing to do
-    cached = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4)
-    monkeypatch.setenv("SHARDWISE_CACHE", "off")
-    _alone.cache_clear()
-    record_rank.cache_clear()
-    alone = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4)
-    figures = lambda rows: [(r.plan, r.error, r.priced and (  # noqa: E731
+    from shardwise.perf import planner, record
+
+    shares, recorded = [], []
+    real_sharing, real_alone = planner.sharing, record.record_alone
+
+    @contextmanager
+    def sharing(*args):
+        with real_sharing(*args) as share:
+            shares.append(share)
+            yield share
+
+    def record_alone(*args, **kwargs):
+        recorded.append(args[:5])
+        return real_alone(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "sharing", sharing)
+    monkeypatch.setattr(record, "record_alone", record_alone)
+    rows = enumerate_plans(SIX, SIX_WL, H100_8, ranks=4)
+    return rows, shares[0], recorded
+
+
+def _figures(rows):
+    return [(r.plan, r.error, r.unpriced, r.priced and (
         r.prediction.prefill_tps, r.prediction.decode_step_ms, r.prediction.memory.total))
         for r in rows]
-    assert figures(cached) == figures(alone)
 
 
-def test_the_planner_takes_the_share_of_a_worker_that_has_not_recorded_it(
-        tmp_path, monkeypatch):
+def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
+    # Workers forced on (a small model would not pay for them): forked, they
+    # take the plan families from the last back, each priced as the planner
+    # prices it, and keep exactly the recordings a ranking in one process
+    # keeps; the planner reads back theirs, and its ranking is the one a
+    # single process makes.
+    one = tmp_path / "one"
+    fresh_recordings(one, monkeypatch, 1)
+    alone, share, everything = _shared_ranking(monkeypatch)
+    assert share.workers == []
+    monkeypatch.undo()
+    fresh_recordings(tmp_path / "two", monkeypatch, 2)
+    rows, share, recorded = _shared_ranking(monkeypatch)
+    assert len(share.workers) == 1
+    assert 0 < len(recorded) < len(everything)  # a worker recorded the others
+    assert _figures(rows) == _figures(alone)
+    assert sorted(os.listdir(tmp_path / "two" / "recordings")) == sorted(
+        os.listdir(one / "recordings"))  # not a plan more (no .tmp- file left either)
+
+
+def test_the_planner_prices_the_families_of_a_worker_that_recorded_none(tmp_path, monkeypatch):
     # A worker that records nothing (here: one that exits at once): the
-    # planner, its own share done, records the worker's share too, so every
-    # plan is kept when prerecord returns. A worker skips what is kept.
-    import sys
-
-    from shardwise.perf import tracecache
-    from shardwise.perf.costmodel import recorded_phases, resolve_capacity
-    from shardwise.perf.recordings import recording_key
-
-    pre = fresh_recordings(tmp_path, monkeypatch, 2)
-    monkeypatch.setattr(sys, "executable", "true")
-    bases = base_plans(SIX, SIX_WL, 4, H100_8)
-    plans = [resolve_capacity(Plan.parse(str(b)), H100_8) for b in bases]
-    plans = [p for p in plans if pre._valid(SIX, SIX_WL, p, 4)]
-    phases = recorded_phases(None)
-    assert pre.prerecord(SIX, SIX_WL, plans, 4, phases) == 1
-    assert all(tracecache.kept(recording_key(SIX, SIX_WL, p, 4, phases=phases)) for p in plans)
-    recorded = []
-    monkeypatch.setattr(pre, "_record", lambda spec, wl, plan, *a: recorded.append(plan))
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({
-        "spec": SIX.to_dict(), "workload": dataclasses.asdict(SIX_WL), "world": 4,
-        "plans": [str(p) for p in plans], "balance": None, "phases": list(phases)})))
-    assert pre.main([str(os.getppid())]) == 0 and recorded == []
+    # planner records every family itself, and ranks as ever.
+    pre = fresh_recordings(tmp_path / "one", monkeypatch, 1)
+    alone, _, everything = _shared_ranking(monkeypatch)
+    monkeypatch.undo()
+    pre = fresh_recordings(tmp_path / "two", monkeypatch, 2)
+    monkeypatch.setattr(pre, "_worker", lambda share, parent: os._exit(0))
+    rows, share, recorded = _shared_ranking(monkeypatch)
+    assert len(share.workers) == 1 and len(recorded) == len(everything)
+    assert _figures(rows) == _figures(alone)
 
 
-def test_workers_record_the_counts_the_families_may_price_while_the_planner_prices(
-        tmp_path, monkeypatch):
-    # family_plans: the bases and their two-micro-batch forms first; the counts
-    # above two later, the last bases' first. A worker records those later
-    # ones while the context lasts, and ends with it, leaving no file half written.
+def test_workers_end_with_the_ranking_leaving_no_file_half_written(tmp_path, monkeypatch):
+    # However the ranking ends, its workers end with it: one keeping entries
+    # as fast as it can (each written to a temporary file, then renamed) is
+    # stopped mid-way, and leaves none half written.
     import time
 
+    import importlib
+
     from shardwise.perf import tracecache
-    from shardwise.perf.costmodel import recorded_phases
-    from shardwise.perf.recordings import recording_key
+
+    importlib.import_module("shardwise.perf.record")  # the recorder loaded: workers may start
 
     pre = fresh_recordings(tmp_path, monkeypatch, 2)
-    a, b = Plan.parse("tp_pp:1x4"), Plan.parse("helix:2x2")
-    first, later = pre.family_plans([a, b], (1, 2, 4, 8, 16), 8)
-    mb = lambda p, n: dataclasses.replace(p, micro_batches=n)  # noqa: E731
-    assert first == [a, b, mb(a, 2)] and later == [mb(a, 4), mb(a, 8)]
-    phases = recorded_phases(None)
-    plans = [Plan.parse(t) for t in ("tp_pp:2x2", "ring:4", "tp_pp:4x1", "helix:1x4")]
-    plans = [p for p in plans if pre._valid(SIX, SIX_WL, p, 4)]
-    ahead = [mb(Plan.parse("tp_pp:2x2"), n) for n in (2, 4)]
-    keys = [recording_key(SIX, SIX_WL, p, 4, phases=phases) for p in plans + ahead]
-    with pre.recording_ahead(SIX, SIX_WL, plans, 4, phases, ahead=ahead) as n:
-        assert n == 1 and all(tracecache.kept(k) for k in keys[:len(plans)])
+    keys = [f"family {i}" for i in range(4)]
+
+    def family(j):
+        while True:
+            tracecache.store(keys[j], {})
+
+    with pre.sharing(keys, family) as share:
+        share.start(0)
+        share.start(1)
+        assert len(share.workers) == 1
         deadline = time.monotonic() + 60
-        while not all(tracecache.kept(k) for k in keys) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert all(tracecache.kept(k) for k in keys)
+        while not tracecache.kept(keys[3]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tracecache.kept(keys[3])
+    pid = share.workers[0]
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # ended and reaped
     assert not [f for f in os.listdir(tmp_path / "recordings") if f.startswith(".tmp-")]
-
-
-def test_a_ranked_plan_is_not_recorded_ahead_at_counts_the_planner_did_not_price(
-        tmp_path, monkeypatch):
-    # A plan kept at one micro-batch was ranked before: its two micro-batches,
-    # not kept, are a count the planner did not price (it did not fit, or one
-    # was faster), so a later ranking does not record it ahead (each would
-    # record a few more such plans, every time). A plan not kept at one
-    # micro-batch is recorded ahead at both.
-    from shardwise.perf.costmodel import recorded_phases
-    from shardwise.perf.record import record_plan
-
-    pre = fresh_recordings(tmp_path, monkeypatch, 1, eager=False)
-    phases = recorded_phases(None)
-    ranked, fresh = Plan.parse("tp_pp:2x2"), Plan.parse("ring:4")
-    record_plan(SIX, SIX_WL, ranked, 4, phases=phases)
-    recorded = []
-    monkeypatch.setattr(pre, "_record", lambda spec, wl, plan, *a: recorded.append(str(plan)))
-    two = lambda p: dataclasses.replace(p, micro_batches=2)  # noqa: E731
-    pre.prerecord(SIX, SIX_WL, [ranked, fresh, two(ranked), two(fresh)], 4, phases)
-    assert recorded == ["ring:4", "ring:4,mb=2"]
 
 
 def test_a_ranking_the_cache_holds_is_priced_without_torch(tmp_path, monkeypatch):

@@ -29,8 +29,8 @@ from .clusters import Cluster, load_cluster
 from ..output import Col, Sheet, count, nbytes, num, plural, render
 from .costmodel import Prediction, predict, recorded_phases, resolve_capacity
 from .heap import young_heap
-from .prerecord import family_plans, recording_ahead
-from .recordings import checked
+from .prerecord import sharing
+from .recordings import checked, recording_key
 from ..parallel.partition import (_NAMED, Partition, PartitionError, fmt_bytes, parse_capacity,
                                   partition, per_replica)
 
@@ -187,17 +187,19 @@ def enumerate_plans(spec: ModelSpec, workload: Workload, cluster: Cluster,
                              f"GPUs; give --ranks {cluster.n_gpus} or fewer")
     micro_batches = tuple(micro_batches)
     bases = base_plans(spec, workload, ranks, cluster)
-    # Recorded by several processes where that pays (a first ranking).
-    first, later = family_plans(bases, micro_batches, workload.batch)
-    resolved = lambda plans: [resolve_capacity(Plan.parse(str(p)), cluster) for p in plans]  # noqa: E731
+    family_of = lambda i: micro_batch_family(spec, workload, bases[i], cluster, ranks,  # noqa: E731
+                                             micro_batches, phase)
     rows: list[Row] = []
-    with young_heap() as collect, recording_ahead(spec, workload, resolved(first), ranks,
-                                                  recorded_phases(None), ahead=resolved(later)):
+    # A first ranking is recorded by several processes where that pays.
+    keys = [recording_key(spec, workload, resolve_capacity(Plan.parse(str(b)), cluster), ranks,
+                          phases=recorded_phases(None)) for b in bases]
+    with young_heap() as collect, sharing(keys, family_of) as share:
         for i, base in enumerate(bases):
             collect()
+            share.start(i)
             if on_plan is not None:
                 on_plan(i, len(bases), str(base))
-            rows += micro_batch_family(spec, workload, base, cluster, ranks, micro_batches, phase)
+            rows += family_of(i)
     return rows
 
 

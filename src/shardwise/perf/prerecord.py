@@ -1,45 +1,51 @@
 """A first ranking's recordings, made by several processes at once.
 
 Pricing a plan the first time records its ranks on meta tensors
-(:mod:`.record`): a few tenths of a second a plan of a zoo model on 16
-ranks, most of a first ``shardwise plan`` over a hundred or more candidates
-(what is recorded once is read back from the cache of recordings,
-:mod:`.tracecache`). :func:`prerecord` records the plans the cache does
-not hold yet before the planner prices them one by one: this process
-records a share of them, and worker processes (``python -m
-shardwise.perf.prerecord PID``, one per further CPU, up to
-``$SHARDWISE_WORKERS``) the others, each keeping what it records in the
-cache. The planner then reads every recording back. A worker shares nothing
-with this process but its job (JSON on its standard input: no file) and the
-cache's files, which are written atomically; a plan a worker fails on is
-recorded again, and its error reported, by the planner itself. This process,
-its share done, takes the workers' shares from their ends while they work
-from their starts: every process reads back what another has kept, so the
-shares meet wherever the processes' speeds put them. Workers end with this
-call, or with :func:`recording_ahead`'s context, however it ends (an
-interruption kills them; SIGKILL of this process ends each at its next plan).
+(:mod:`.record`): a few hundredths of a second a rank, most of a first
+``shardwise plan`` over a hundred or more candidates (what is recorded once
+is read back from the cache of recordings, :mod:`.tracecache`). The planner
+prices its plans in families (a base plan and its micro-batch counts,
+``planner.micro_batch_family``), in order; :func:`sharing` has worker
+processes take the families from the last one back, each pricing its family
+as the planner would (so it records exactly the plans the planner will
+price, no count more) and keeping the recordings in the cache. The planner
+reads back every plan a worker has kept; where it reaches a family a worker
+is still on, it records what is not kept yet itself. The processes meet
+wherever their speeds put them.
 
-Workers start only where they pay: the first plans are recorded here and
-timed, and workers start when the rest would take this process more than
-:data:`WORTH_S` seconds (a worker takes about two seconds to import PyTorch).
+A worker is this process forked (``os.fork``, where there is one): it
+starts at once, with PyTorch loaded and the recorder's tables as this
+process has them, one of the CPUs this process may run on each (or
+``$SHARDWISE_WORKERS`` processes in all; 1 turns them off). It shares
+nothing with this process but the families' order (two numbers in shared
+memory: the family the planner is on, the last one a worker took) and the
+cache's files, which are written atomically; it writes nothing else (its
+standard streams go to the null device) and a family it fails on is priced
+again, with its error, by the planner. Workers end with the ranking, at
+once however it ends (an interruption, a stop signal: the cache keeps no
+file half written), and at their next family where this process was
+killed.
+
+Workers start only where they pay: once this process has recorded, when
+the families left would take it more than :data:`WORTH_S` seconds at the
+pace of those before, and at least two of them are not kept.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import gc
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
+from typing import Callable
 
-from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from . import tracecache
-from .recordings import checked, recording_key
 
-WORTH_S = 8.0  # the rest's estimated time in this process above which workers start
-TIMED = 3  # plans recorded here first, to estimate the rest
+WORTH_S = 3.0  # the families left, at this process's pace, above which workers start
+STOP_S = 10.0  # a stopped worker's time to end before it is killed
 # PyTorch's threads in a process that records, set as it loads the recorder
 # (None: PyTorch's default). The pricing commands take one (cli), as the
 # workers do: a recording is thousands of small ops on CPU tensors, which a
@@ -72,144 +78,137 @@ def workers_allowed() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _record(spec: ModelSpec, wl: Workload, plan: Plan, world: int, balance, phases) -> None:
-    try:
-        recorder().record_plan(spec, wl, plan, world, balance=balance, phases=phases)
-    except ShardwiseError:
-        pass  # invalid here: the planner says why when it prices the plan
+class _Order:
+    """The families' order, in memory the workers share: ``front``, the
+    family the planner is on; ``back``, the last one a worker took."""
+
+    def __init__(self, front: int, n: int):
+        ctx = multiprocessing.get_context("fork")
+        self._at, self._lock = ctx.RawArray("q", [front, n]), ctx.Lock()
+
+    def front(self, i: int) -> None:
+        self._at[0] = i
+
+    def take(self) -> int | None:
+        """The family before the last one a worker took, or None where the
+        planner is on it or past it."""
+        with self._lock:
+            j = self._at[1] - 1
+            if j <= self._at[0]:
+                return None
+            self._at[1] = j
+            return j
 
 
-def family_plans(bases: list[Plan], micro_batches, batch: int) -> tuple[list, list]:
-    """The plans the planner's families (``planner.micro_batch_family``) price
-    first: each base plan, and its form at two micro-batches where it takes
-    them; and those they may price later: its forms at the counts above two,
-    the last bases' first (workers record them while the planner prices the
-    families in order)."""
-    def at(b: Plan, counts) -> list[Plan]:
-        return [dataclasses.replace(b, micro_batches=mb) for mb in sorted(set(micro_batches))
-                if mb in counts and mb <= batch and b.takes_micro_batches]
+class Sharing:
+    """The families shared with workers while a ranking prices them:
+    :meth:`start` before each, in order; ``workers``: the processes started."""
 
-    above = range(3, batch + 1)
-    return (list(bases) + [p for b in bases for p in at(b, (2,))],
-            [p for b in reversed(bases) for p in at(b, above)])
+    def __init__(self, keys: list[str], family: Callable[[int], object]):
+        self.keys, self.family, self.workers = keys, family, []
+        self._order, self._began = None, time.monotonic()
+        self._decided = (tracecache.directory() is None or workers_allowed() < 2
+                         or not hasattr(os, "fork"))
 
+    def kept(self, j: int) -> bool:
+        return tracecache.kept(self.keys[j])
 
-def _valid(spec: ModelSpec, wl: Workload, plan: Plan, world: int) -> bool:
-    try:
-        checked(spec, wl, plan, world)
-    except ShardwiseError:
-        return False
-    return True
+    def start(self, i: int) -> None:
+        """The planner is on family ``i``: workers start here where they pay."""
+        if self._order is not None:
+            self._order.front(i)
+        n = len(self.keys)
+        if self._decided or i == 0 or f"{__package__}.record" not in sys.modules:
+            return  # nothing recorded here yet: the plans may all be kept
+        if (time.monotonic() - self._began) / i * (n - i) < WORTH_S:
+            return
+        self._decided = True
+        left = sum(not self.kept(j) for j in range(i + 1, n))
+        count = min(workers_allowed() - 1, left - 1)
+        if count < 1:
+            return
+        try:
+            self._order = _Order(i, n)
+        except OSError:  # no shared memory or semaphores here: no workers
+            return
+        with warnings.catch_warnings():  # Python's warning of a fork beside threads (a
+            warnings.simplefilter("ignore", DeprecationWarning)  # progress bar's): see _worker
+            for _ in range(count):
+                pid = os.fork()
+                if pid == 0:
+                    _worker(self, os.getppid())  # never returns
+                self.workers.append(pid)
 
-
-def prerecord(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
-              phases: tuple, balance: float | None = None) -> int:
-    """Record ``plans`` on ``world`` ranks (as ``record_plan`` with
-    ``balance`` and ``phases`` keys them) into the cache of recordings,
-    with worker processes where they pay (module docstring). Returns the
-    number of worker processes started."""
-    with recording_ahead(spec, wl, plans, world, phases, balance) as n:
-        return n
+    def stop(self) -> None:
+        """Every worker ended, whatever it was doing: asked to (SIGTERM, on
+        which it cleans up), and killed where it has not within
+        :data:`STOP_S` seconds."""
+        alive = list(self.workers)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + STOP_S
+            while alive and time.monotonic() < deadline:
+                for pid in list(alive):
+                    try:
+                        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                            alive.remove(pid)
+                    except ChildProcessError:
+                        alive.remove(pid)
+                if alive:
+                    time.sleep(0.01)
 
 
 @contextmanager
-def recording_ahead(spec: ModelSpec, wl: Workload, plans: list[Plan], world: int,
-                    phases: tuple, balance: float | None = None, ahead: list[Plan] = ()):
-    """:func:`prerecord` on entering; then, until the context ends, the
-    workers go on to record ``ahead``: plans the planner may price later,
-    those it will reach last first (it reads back any a worker has kept by
-    then, and records the others itself). Yields the number of workers. At
-    its end the workers stop."""
-    if tracecache.directory() is None:
-        yield 0
-        return
-    missing = [p for p in plans if _valid(spec, wl, p, world) and not tracecache.kept(
-        recording_key(spec, wl, p, world, balance=balance, phases=phases))]
-    # A plan at more micro-batches only beside its one-micro-batch form: where
-    # that is kept, the plan was ranked before, and its other counts that are
-    # not kept are ones the planner does not price (none fits, or a count
-    # below was faster), which every later ranking would record again here.
-    ones = {str(dataclasses.replace(p, micro_batches=1)) for p in missing
-            if p.micro_batches == 1}
-    todo = [p for p in missing
-            if p.micro_batches == 1 or str(dataclasses.replace(p, micro_batches=1)) in ones]
-    start = time.monotonic()
-    for p in todo[:TIMED]:
-        _record(spec, wl, p, world, balance, phases)
-    rest = todo[TIMED:]
-    each = (time.monotonic() - start) / max(1, min(TIMED, len(todo)))
-    n = min(workers_allowed(), len(rest))
-    if n < 2 or each * len(rest) < WORTH_S:
-        yield 0
-        return
-    shares = [rest[i::n] for i in range(n)]
-    procs = []
+def sharing(keys: list[str], family: Callable[[int], object]):
+    """A :class:`Sharing` of the families ``keys`` names (each its first
+    plan's recording key; ``len(keys)`` families, priced in order): workers
+    take them from the last back, where they pay (module docstring),
+    ``family(j)`` pricing family ``j`` (its recordings kept in the cache)
+    unless ``keys[j]`` is kept. At the context's end, however it ends, the
+    workers stop."""
+    share = Sharing(keys, family)
     try:
-        for i, share in enumerate(shares[1:]):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "shardwise.perf.prerecord", str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "SHARDWISE_WORKERS": "1"})
-            procs.append(proc)
-            try:
-                proc.stdin.write(json.dumps({
-                    "spec": spec.to_dict(), "workload": dataclasses.asdict(wl),
-                    "plans": [str(p) for p in share] + [str(p) for p in ahead[i::n - 1]],
-                    "world": world, "balance": balance, "phases": list(phases)}).encode())
-                proc.stdin.close()
-            except OSError:
-                pass  # the worker ended already: the planner records its share
-        for p in shares[0]:
-            _record(spec, wl, p, world, balance, phases)
-        # Then the workers' shares from their ends (a worker starts seconds
-        # later): a plan another process has kept is read back, not recorded.
-        for p in reversed(rest):
-            if p not in shares[0]:
-                _record(spec, wl, p, world, balance, phases)
-        yield len(procs)
-        for proc in procs:
-            proc.terminate()  # what it is recording is left (_stop)
-        for proc in procs:
-            proc.wait()
-    finally:  # interrupted (Ctrl-C, a stop signal, an error here): no worker outlives this
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        yield share
+    finally:
+        share.stop()
 
 
 def _stop(signum, frame):
-    """A worker's end on SIGTERM: an exception, which a cache entry being
-    written cleans up after (``tracecache.store``: no file left half written)."""
+    """A worker's end on SIGTERM or SIGINT: an exception, which a cache entry
+    being written cleans up after (``tracecache.store``: no file left half
+    written)."""
     raise SystemExit(1)
 
 
-def main(argv: list[str]) -> int:
-    """A worker: record the plans of the job on standard input into the cache,
-    skipping those kept; ``argv[0]``: the process that started it, whose
-    end (even by SIGKILL) ends the worker at its next plan. SIGTERM ends
-    it at once, leaving in the cache what it had kept (:func:`_stop`)."""
-    signal.signal(signal.SIGTERM, _stop)
-    import torch
-
-    torch.set_num_threads(1)
-    parent = int(argv[0])
-    job = json.loads(sys.stdin.read())
-    spec, wl = ModelSpec.from_dict(job["spec"]), Workload(**job["workload"])
-    world, balance, phases = job["world"], job["balance"], tuple(job["phases"])
-    for text in job["plans"]:
-        if os.getppid() != parent:
-            return 1
-        plan = Plan.parse(text)
-        if not tracecache.kept(recording_key(spec, wl, plan, world, balance=balance,
-                                             phases=phases)):  # else taken by the planner
-            _record(spec, wl, plan, world, balance, phases)
-    return 0
-
-
-if __name__ == "__main__":
+def _worker(share: Sharing, parent: int) -> None:
+    """A forked worker: the families from the last back until the planner's
+    (module docstring); ends the process, never returns."""
+    code = 0
     try:
-        code = main(sys.argv[1:])
-    except SystemExit:  # SIGTERM (_stop)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        # Never the planner's streams, whose locks a thread of the planner (a
+        # progress bar's) may have held as it forked.
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        import torch
+
+        torch.set_num_threads(1)
+        while os.getppid() == parent:
+            j = share._order.take()
+            if j is None:
+                break
+            if not share.kept(j):
+                try:
+                    share.family(j)
+                except Exception:
+                    pass  # the planner prices it again, and says why it fails
+            gc.collect()
+            gc.freeze()  # what survives a family is never walked again (perf/heap.py)
+    except BaseException:
         code = 1
-    os._exit(code)  # at once: the cache files are closed; a teardown of PyTorch takes 1 s
+    finally:
+        os._exit(code)  # at once: the cache's files are closed; nothing of the planner runs here
