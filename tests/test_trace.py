@@ -304,3 +304,49 @@ def test_a_run_from_a_wrong_guess_taken_as_it_is_records_another_step(monkeypatc
     monkeypatch.setattr(record, "_DRAWS", {k: v + 1 for k, v in record._DRAWS.items()})
     got = [record_alone(MIXTRAL, WL, p, 2, r, "nccl", 1.5) for r in range(2)]
     assert got != want and got[0].steps["prefill"].comm != want[0].steps["prefill"].comm
+
+
+@pytest.mark.parametrize("case", [("gpt", "tp_pp:2x1,overlap=3", 2), ("gpt", "tp_pp:1x2,mb=3", 2),
+                                  ("llama", "ring:2,mb=4", 2), ("mixtral", "tp_pp:2x2,mb=2", 4),
+                                  ("llama", "pp:2/helix:1x2,mb=2", 4)],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_a_caches_batch_views_made_from_the_first_of_their_shapes_are_what_the_code_makes(
+        case, monkeypatch):
+    # A KV cache's views of a micro-batch (KVCache.batch_view), asked again
+    # with the same shapes, are made from the first's calls and strides
+    # (perf/shortcuts.py): every rank records what it records with the
+    # model's own batch_view, event for event.
+    from shardwise.perf import shortcuts
+    from shardwise.perf.record import record_alone
+
+    model, plan, nproc = case
+    spec, p = MODELS[model], Plan.parse(plan)
+    monkeypatch.setattr(shortcuts, "_VIEWS", {})
+    made = [record_alone(spec, WL, p, nproc, r) for r in range(nproc)]  # the first of each
+    assert shortcuts._VIEWS
+    taken = [record_alone(spec, WL, p, nproc, r) for r in range(nproc)]  # from the first
+    monkeypatch.setattr(shortcuts, "batch_views", lambda real, active: real)
+    own = [record_alone(spec, WL, p, nproc, r) for r in range(nproc)]
+    assert made == own and taken == own
+
+
+def test_batch_views_taken_for_other_bounds_record_another_step(monkeypatch):
+    # What the comparison above refuses: one micro-batch's views taken for
+    # every bounds (8 sequences in micro-batches of 3, 3 and 2).
+    from shardwise.perf import shortcuts
+    from shardwise.perf.record import record_alone
+
+    p = Plan.parse("tp_pp:1x2,mb=3")
+    own = [record_alone(GPT, WL, p, 2, r) for r in range(2)]
+
+    class AnyBounds(dict):
+        def get(self, key, default=None):
+            alike = [v for k, v in self.items() if k[:5] == key[:5]]
+            return alike[0] if alike else default
+
+    monkeypatch.setattr(shortcuts, "_VIEWS", AnyBounds())
+    try:
+        wrong = [record_alone(GPT, WL, p, 2, r) for r in range(2)]
+    except RuntimeError:  # a micro-batch's view of another's size: the step fails
+        return
+    assert wrong != own

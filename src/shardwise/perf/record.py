@@ -53,6 +53,7 @@ from . import tracecache
 from .events import Call, Coll, Wait
 from .recordings import (PHASES, RankTrace, StepTrace, checked, read_alone, recording_key,
                          renamed, twins, with_twins)
+from .shortcuts import batch_views, building
 from .trace import Recorder, Routing, no_modes, set_shadow, shadow_of
 from .tritons import TritonShim, stand_in
 
@@ -81,7 +82,7 @@ class MetaSource(WeightSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._info(name).shape
 
-    def get(self, name, index=None, *, dtype, device):  # made with no mode (_building)
+    def get(self, name, index=None, *, dtype, device):  # made with no mode (building)
         shape = list(self._info(name).shape)
         for dim, sel in enumerate(index or []):
             if sel is None:
@@ -369,7 +370,8 @@ def _layer_lists(model: nn.Module) -> None:
 def _gpu_paths():
     """The code's GPU branches, on meta tensors: ``is_cuda`` answers True for
     them, Triton kernels load as recording stand-ins, what a module makes
-    once is made aside from the step, and module calls are recorded."""
+    once is made aside from the step, and module calls are recorded (a KV
+    cache's batch views as :func:`~.shortcuts.batch_views` makes them)."""
     saved_cuda = torch.Tensor.__dict__.get("is_cuda")
     real = torch._C.TensorBase.is_cuda
     saved_hook = model_kernels.LOAD_HOOK
@@ -382,6 +384,8 @@ def _gpu_paths():
     torch.Tensor.is_cuda = property(lambda t: t.is_meta or real.__get__(t))
     torch.cuda.is_current_stream_capturing = lambda: False  # on a CPU-only build it raises
     model_kernels.LOAD_HOOK = lambda module, name, loaded: (TritonShim, _Recorded(name))
+    batch_view = reference.KVCache.batch_view
+    reference.KVCache.batch_view = batch_views(batch_view, lambda: _ACTIVE)
 
     def module_call(module, args):
         if _ACTIVE is not None:
@@ -392,7 +396,7 @@ def _gpu_paths():
         yield
     finally:
         hook.remove()
-        model_kernels.LOAD_HOOK = saved_hook
+        model_kernels.LOAD_HOOK, reference.KVCache.batch_view = saved_hook, batch_view
         torch.cuda.is_current_stream_capturing = saved_capturing
         (reference.SAME_WORK, reference.EACH_ALIKE, once.MADE_ONCE,
          parallel_base.RUN_MICRO_BATCHES, parallel_base.RUN_STEPS) = saved
@@ -454,7 +458,8 @@ def record_alone(spec: ModelSpec, wl: Workload, plan: Plan, world: int, rank: in
     dtype = torch_dtype(spec.dtype)
     routing = Routing(balance, world)
     _STOOD_FOR.clear()
-    with torch.inference_mode(), _gpu_paths(), _building(), _recording(Recorder(memory=False)):
+    with torch.inference_mode(), _gpu_paths(), building(MetaSource), \
+            _recording(Recorder(memory=False)):
         # built under a recorder too: its ops on meta tensors come from the cache
         comm = RecordingComm(topo, backend == "nccl")
         model = cls(spec, wl, plan, topo, comm, ShardLoader(MetaSource(spec), dtype, "meta"))
@@ -525,38 +530,6 @@ def _facts(model) -> dict:
     except Exception:  # a report may need what a recording does not hold
         return {}
     return {k: v for k, v in report.items() if short(v)}
-
-
-def _native(fn):
-    """``fn`` run with no mode: meta tensors as PyTorch makes them."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with no_modes():
-            return fn(*args, **kwargs)
-
-    return run
-
-
-@contextmanager
-def _building():
-    """A rank's model built as fast as it can be: modules on meta without
-    initialising their parameters (the loader replaces every one of them),
-    and the weights and KV caches (every layer's; their allocation, a fill
-    and four views, is most of the ops of a build) made on meta with no
-    mode: the recorder's events of a build are dropped, and what it made
-    is the same tensors."""
-    saved = {c: c.reset_parameters for c in (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)}
-    allocate, get = reference.KVCache.__dict__["allocate"], MetaSource.get
-    try:
-        for c in saved:
-            c.reset_parameters = lambda self: None
-        reference.KVCache.allocate = classmethod(_native(allocate.__func__))
-        MetaSource.get = _native(get)
-        yield
-    finally:
-        for c, f in saved.items():
-            c.reset_parameters = f
-        reference.KVCache.allocate, MetaSource.get = allocate, get
 
 
 def record_plan(spec: ModelSpec, wl: Workload, plan: Plan, world: int,
