@@ -84,7 +84,7 @@ class _Special:
 _SPECIAL = _Special()  # a cache entry of an op handled apart every time (data, routing)
 _META = torch.device("meta")
 _TENSOR = torch.Tensor  # a global read in the hot _scan
-_SHADOWS = [0]  # tensors given a shadow so far (none: no op needs to look for them)
+_SHADOWED: dict = {}  # id -> weak reference, of every tensor alive that has a shadow
 
 
 # The dispatch keys of Python's modes: excluded, an op runs as with no mode
@@ -105,7 +105,16 @@ def set_shadow(t: torch.Tensor, value) -> None:
     """Keep ``value`` (a CPU tensor, or a :class:`_Lazy` one) as the data of
     the meta tensor ``t``."""
     t._shadow = value
-    _SHADOWS[0] += 1
+    i = id(t)
+    _SHADOWED[i] = weakref.ref(t, lambda _: _SHADOWED.pop(i, None))
+
+
+def _any_shadowed(ins: list) -> bool:
+    """Whether a tensor of ``ins`` has a shadow."""
+    for t in ins:
+        if id(t) in _SHADOWED:
+            return True
+    return False
 
 
 class _Lazy:
@@ -149,17 +158,23 @@ def _sig(x):
     return x
 
 
-def _scan(func, args, kwargs) -> tuple[tuple, list]:
+def _scan(func, args, kwargs) -> tuple[tuple, list, bool]:
     """(the op's cache key: the op (its ``_op``, whose hash is the C
     function's) and its arguments' shapes, strides, dtypes and values; the
-    tensors among its arguments, at most one list deep)."""
-    key, ins = [func._op], []
+    tensors among its arguments, at most one list deep; whether one of them
+    is on meta)."""
+    key, ins, meta = [func._op], [], False
     for a in args:
         if isinstance(a, _TENSOR):
             ins.append(a)
-            key.append((a.shape, a.stride(), a.dtype, a.is_meta))
+            m = a.is_meta
+            meta = meta or m
+            key.append((a.shape, a.stride(), a.dtype, m))
         elif isinstance(a, (list, tuple)):
-            ins.extend(b for b in a if isinstance(b, _TENSOR))
+            for b in a:
+                if isinstance(b, _TENSOR):
+                    ins.append(b)
+                    meta = meta or b.is_meta
             key.append(_sig(a))
         else:
             key.append(a)
@@ -168,10 +183,11 @@ def _scan(func, args, kwargs) -> tuple[tuple, list]:
             v = kwargs[k]
             if isinstance(v, _TENSOR):
                 ins.append(v)
+                meta = meta or v.is_meta
             key += (k, _sig(v))
     if func is _SDPA:
         key += sdp_flags()
-    return tuple(key), ins
+    return tuple(key), ins, meta
 
 
 def _is_meta(t) -> bool:
@@ -193,7 +209,9 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.routing, self.memory = routing or Routing(), memory
         # the step's input: whether an op of the step reads it (``read_input``)
-        self.inputs, self.read_input = inputs, False
+        # (a step's prompt is a Rows, which no op takes: its reads are its own)
+        self.inputs = inputs if isinstance(inputs, torch.Tensor) else None
+        self.read_input = False
         self.events: list = []
         self._stack: list = []
         self.handles = 0
@@ -259,17 +277,13 @@ class Recorder(TorchDispatchMode):
     # -- ops ----------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        key, ins = _scan(func, args, kwargs)
+        key, ins, meta = _scan(func, args, kwargs)
         if self.inputs is not None and not self.read_input \
                 and any(t is self.inputs for t in ins):
             self.read_input = True
         factory = "device" in kwargs and _meta_factory(kwargs)
-        if not factory:
-            for t in ins:
-                if t.is_meta:
-                    break
-            else:
-                return self._host_op(func, args, kwargs)  # a table on the host: CPU work
+        if not (factory or meta):
+            return self._host_op(func, args, kwargs)  # a table on the host: CPU work
         hit = _CACHE.get(key)
         if hit is not None and hit.fresh is not None:  # the most common: one new tensor
             size, stride, dtype = hit.fresh
@@ -279,7 +293,7 @@ class Recorder(TorchDispatchMode):
                 if hit.nbytes is None:
                     hit.nbytes = out.untyped_storage().nbytes()
                 self.track(out, True, hit.nbytes)
-            if factory or _SHADOWS[0] and any("_shadow" in t.__dict__ for t in ins):
+            if factory or _SHADOWED and _any_shadowed(ins):
                 _shadow_op(func, args, kwargs, out, ins)
             return out
         if hit is None or hit is _SPECIAL:
@@ -310,9 +324,13 @@ class Recorder(TorchDispatchMode):
             for t in new:
                 self.track(t, True)
             if hit.view:
-                for t in _outs(out, hit):
-                    self.track(t, False)
-        if factory or _SHADOWS[0] and any("_shadow" in t.__dict__ for t in ins):
+                if hit.single:
+                    if isinstance(out, _TENSOR):
+                        self.track(out, False)
+                else:
+                    for t in _outs(out, hit):
+                        self.track(t, False)
+        if factory or _SHADOWED and _any_shadowed(ins):
             _shadow_op(func, args, kwargs, out, ins)
         return out
 
@@ -356,7 +374,8 @@ class Recorder(TorchDispatchMode):
 
 def _meta_factory(kwargs) -> bool:
     dev = kwargs.get("device")
-    return dev is not None and torch.device(dev).type == "meta"
+    return dev is not None and (dev if type(dev) is torch.device else torch.device(dev)).type \
+        == "meta"
 
 
 def _to_host(func, args, kwargs) -> bool:
