@@ -24,6 +24,7 @@ turns the cache off.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -32,8 +33,10 @@ import json
 import os
 import pathlib
 import re
+import signal
 import sys
 import tempfile
+import threading
 import zlib
 
 from .events import Call, Coll, Kernel, Repeat, Wait
@@ -304,14 +307,32 @@ def store(text: str, traces: dict) -> None:
     data = encode(text, traces)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, _path(folder, text))
-        except BaseException:  # an interruption too (a worker stopped): not left half written
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with _stops_held():  # a stop signal waits for the file to be whole, or gone
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, _path(folder, text))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
     except OSError:
         pass  # a cache that cannot be written is a cache that misses
+
+
+@contextlib.contextmanager
+def _stops_held():
+    """SIGINT and SIGTERM held while an entry is written: its temporary file
+    is renamed or removed before a stop (a Ctrl-C, a worker stopped as its
+    ranking ends) is acted on."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not \
+            threading.main_thread():
+        yield
+        return
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
