@@ -428,6 +428,8 @@ def test_a_first_ranking_records_in_worker_processes(tmp_path, monkeypatch):
     assert len(share.workers) == 1
     assert 0 < len(recorded) < len(everything)  # a worker recorded the others
     assert _figures(rows) == _figures(alone)
+    # every figure of every prediction, those the worker priced included
+    assert [r.prediction for r in rows] == [r.prediction for r in alone]
     assert sorted(os.listdir(tmp_path / "two" / "recordings")) == sorted(
         os.listdir(one / "recordings"))  # not a plan more (no .tmp- file left either)
 

@@ -24,6 +24,9 @@ inputs, and the symmetric-memory buffers of its collectives.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from ..parallel.plans import COMPOSE, PLANS
 from ..spec import ModelSpec, Plan, ShardwiseError, Workload
 from .clusters import Cluster
 from .costs import Costs, duty_derate, fmt_bytes
+from . import prerecord
 from .prerecord import recorder
 from .recordings import RankTrace, checked, from_cache
 from .schedule import RankTime, play
@@ -294,9 +298,10 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
                         cluster.node_of)
     prompt_graph = (graphs is not False and prefill_graphs is not False
                     and not any(t.steps["prefill"].calls.get("syncs") for t in traces))
-    prefill = step_cost(traces, "prefill", cluster, prompt_graph, images)
     graph = graphs is not False and all("static" in t.steps for t in traces)
-    decode = step_cost(traces, "static" if graph else "decode", cluster, graph, images)
+    prefill, decode = _priced((config, cluster.name, prompt_graph, graph), lambda: (
+        step_cost(traces, "prefill", cluster, prompt_graph, images),
+        step_cost(traces, "static" if graph else "decode", cluster, graph, images)))
     weights = [t.weights for t in traces]
     kv = [t.kv for t in traces]
     mems = [Memory(t.weights, t.kv, t.inputs + max(s.peak_bytes for s in t.steps.values()),
@@ -306,6 +311,33 @@ def predict(spec: ModelSpec, workload: Workload, plan: Plan | str, cluster: Clus
                       notes=_notes(rules, traces))
     pred.fits, pred.reason = _fits(pred, cluster)
     return pred
+
+
+def _priced(key: tuple, price) -> tuple[StepCost, StepCost]:
+    """A plan's prefill and decode step costs, ``price()``: where a ranking
+    shares its families with workers (:mod:`.prerecord`), a worker leaves
+    what it priced in the ranking's folder, named by ``key``, and the
+    planner reads it back instead of pricing the steps again (JSON: every
+    figure to the last bit)."""
+    if prerecord.PRICED is None:
+        return price()
+    folder, worker = prerecord.PRICED
+    path = os.path.join(folder, hashlib.sha256(repr(key).encode()).hexdigest() + ".json")
+    if not worker and os.path.exists(path):
+        with open(path) as f:
+            return tuple(_step_cost(d) for d in json.load(f))
+    steps = price()
+    if worker:
+        with open(path + ".tmp", "w") as f:
+            json.dump([dataclasses.asdict(st) for st in steps], f)
+        os.replace(path + ".tmp", path)
+    return steps
+
+
+def _step_cost(d: dict) -> StepCost:
+    d["ops"] = {k: Op(**v) for k, v in d["ops"].items()}
+    d["comms"] = {k: CommCost(**v) for k, v in d["comms"].items()}
+    return StepCost(**d)
 
 
 def _peer(name: str) -> bool:

@@ -8,23 +8,23 @@ prices its plans in families (a base plan and its micro-batch counts,
 ``planner.micro_batch_family``), in order; :func:`sharing` has worker
 processes take the families from the last one back, each pricing its family
 as the planner would (so it records exactly the plans the planner will
-price, no count more) and keeping the recordings in the cache. The planner
-reads back every plan a worker has kept; where it reaches a family a worker
-is still on, it records what is not kept yet itself. The processes meet
-wherever their speeds put them.
+price, no count more), keeping the recordings in the cache and the steps'
+costs it priced in a folder of the ranking's (``costmodel._priced``). The
+planner reads back both for every family a worker did, waits for the worker
+on a family it reaches (at most :data:`WAIT_S` seconds, then prices it
+itself), and the processes meet wherever their speeds put them.
 
 A worker is this process forked (``os.fork``, where there is one): it
 starts at once, with PyTorch loaded and the recorder's tables as this
 process has them, one of the CPUs this process may run on each (or
 ``$SHARDWISE_WORKERS`` processes in all; 1 turns them off). It shares
-nothing with this process but the families' order (two numbers in shared
-memory: the family the planner is on, the last one a worker took) and the
-cache's files, which are written atomically; it writes nothing else (its
-standard streams go to the null device) and a family it fails on is priced
-again, with its error, by the planner. Workers end with the ranking, at
-once however it ends (an interruption, a stop signal: the cache keeps no
-file half written), and at their next family where this process was
-killed.
+nothing with this process but the families' order (in shared memory: the
+family the planner is on, the last one a worker took, the worker on each)
+and files written atomically; it writes nothing else (its standard streams
+go to the null device) and a family it fails on is priced again, with its
+error, by the planner. Workers end with the ranking, at once however it
+ends (an interruption, a stop signal: the cache keeps no file half
+written), and at their next family where this process was killed.
 
 Workers start only where they pay: once this process has recorded, when
 the families left would take it more than :data:`WORTH_S` seconds at the
@@ -35,8 +35,10 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -46,12 +48,17 @@ from . import tracecache
 
 WORTH_S = 3.0  # the families left, at this process's pace, above which workers start
 STOP_S = 10.0  # a stopped worker's time to end before it is killed
+WAIT_S = 60.0  # the planner's wait for a worker on the family it reaches; then it prices it
 # PyTorch's threads in a process that records, set as it loads the recorder
 # (None: PyTorch's default). The pricing commands take one (cli), as the
 # workers do: a recording is thousands of small ops on CPU tensors, which a
 # second thread only slows (a router's sort of 32,768 picks: 170 ms on two
 # busy cores, 1 ms on one).
 RECORD_THREADS: int | None = None
+# While a ranking shares its families with workers: (the folder where a
+# worker leaves the step costs it priced, whether this process is a worker),
+# read by costmodel.predict; None otherwise.
+PRICED: tuple[str, bool] | None = None
 
 
 def recorder():
@@ -80,24 +87,43 @@ def workers_allowed() -> int:
 
 class _Order:
     """The families' order, in memory the workers share: ``front``, the
-    family the planner is on; ``back``, the last one a worker took."""
+    family the planner is on; ``back``, the last one a worker took; and of
+    each family, the worker on it (its pid; 0: none)."""
 
     def __init__(self, front: int, n: int):
         ctx = multiprocessing.get_context("fork")
         self._at, self._lock = ctx.RawArray("q", [front, n]), ctx.Lock()
+        self.on = ctx.RawArray("q", n)
 
     def front(self, i: int) -> None:
         self._at[0] = i
 
     def take(self) -> int | None:
         """The family before the last one a worker took, or None where the
-        planner is on it or past it."""
+        planner is on it or past it; this process is then on it."""
         with self._lock:
             j = self._at[1] - 1
             if j <= self._at[0]:
                 return None
-            self._at[1] = j
+            self._at[1], self.on[j] = j, os.getpid()
             return j
+
+    def wait(self, i: int, workers: list[int]) -> None:
+        """Until no worker of ``workers`` alive is on family ``i`` (one that
+        ended is reaped and taken off ``workers``), or :data:`WAIT_S` seconds."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            pid = self.on[i]
+            if pid not in workers:
+                return
+            try:
+                ended = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:
+                ended = True
+            if ended:
+                workers.remove(pid)
+            else:
+                time.sleep(0.005)
 
 
 class Sharing:
@@ -105,7 +131,7 @@ class Sharing:
     :meth:`start` before each, in order; ``workers``: the processes started."""
 
     def __init__(self, keys: list[str], family: Callable[[int], object]):
-        self.keys, self.family, self.workers = keys, family, []
+        self.keys, self.family, self.workers, self._alive = keys, family, [], []
         self._order, self._began = None, time.monotonic()
         self._decided = (tracecache.directory() is None or workers_allowed() < 2
                          or not hasattr(os, "fork"))
@@ -117,6 +143,7 @@ class Sharing:
         """The planner is on family ``i``: workers start here where they pay."""
         if self._order is not None:
             self._order.front(i)
+            self._order.wait(i, self._alive)  # its recordings kept, or its worker gone
         n = len(self.keys)
         if self._decided or i == 0 or f"{__package__}.record" not in sys.modules:
             return  # nothing recorded here yet: the plans may all be kept
@@ -127,8 +154,10 @@ class Sharing:
         count = min(workers_allowed() - 1, left - 1)
         if count < 1:
             return
+        global PRICED
         try:
             self._order = _Order(i, n)
+            PRICED = (tempfile.mkdtemp(prefix="shardwise-priced-"), False)
         except OSError:  # no shared memory or semaphores here: no workers
             return
         with warnings.catch_warnings():  # Python's warning of a fork beside threads (a
@@ -138,12 +167,13 @@ class Sharing:
                 if pid == 0:
                     _worker(self, os.getppid())  # never returns
                 self.workers.append(pid)
+                self._alive.append(pid)
 
     def stop(self) -> None:
         """Every worker ended, whatever it was doing: asked to (SIGTERM, on
         which it cleans up), and killed where it has not within
         :data:`STOP_S` seconds."""
-        alive = list(self.workers)
+        alive = self._alive
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in alive:
                 try:
@@ -160,6 +190,10 @@ class Sharing:
                         alive.remove(pid)
                 if alive:
                     time.sleep(0.01)
+        global PRICED
+        if PRICED is not None:
+            shutil.rmtree(PRICED[0], ignore_errors=True)
+            PRICED = None
 
 
 @contextmanager
@@ -187,8 +221,10 @@ def _stop(signum, frame):
 def _worker(share: Sharing, parent: int) -> None:
     """A forked worker: the families from the last back until the planner's
     (module docstring); ends the process, never returns."""
+    global PRICED
     code = 0
     try:
+        PRICED = (PRICED[0], True)
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         # Never the planner's streams, whose locks a thread of the planner (a
@@ -206,8 +242,11 @@ def _worker(share: Sharing, parent: int) -> None:
                     share.family(j)
                 except Exception:
                     pass  # the planner prices it again, and says why it fails
+            share._order.on[j] = 0
             gc.collect()
             gc.freeze()  # what survives a family is never walked again (perf/heap.py)
+        if os.getppid() != parent:  # the planner killed: its folder is left to no one
+            shutil.rmtree(PRICED[0], ignore_errors=True)
     except BaseException:
         code = 1
     finally:
