@@ -225,13 +225,11 @@ def _few_candidates():
     compositions, each priced at its own micro-batch count only, with no
     search over counts (what the fuzzer checks is the command, not every
     price: a seed's baseline searched over counts is a dozen recordings).
-    A first ranking records ahead (``recording_ahead``) only the plans it
-    then prices: not their other micro-batch counts, which no family here
-    prices."""
+    A first ranking's workers price the families as the planner does
+    (``perf/prerecord.py``), so they record only these too."""
     from .perf import planner, reproduce
 
     real = planner.base_plans, planner.micro_batch_family, reproduce.micro_batch_family
-    real_ahead = planner.recording_ahead
 
     def few(*args, **kwargs):
         firsts: dict = {}
@@ -242,18 +240,12 @@ def _few_candidates():
     def as_given(spec, workload, base, cluster, ranks, *args, **kwargs):
         return [planner.evaluate(spec, workload, base, cluster, ranks)]
 
-    def priced_only(spec, workload, plans, *args, ahead=(), **kwargs):
-        return real_ahead(spec, workload, [p for p in plans if p.micro_batches == 1],
-                          *args, **kwargs)
-
     planner.base_plans = few
     planner.micro_batch_family = reproduce.micro_batch_family = as_given
-    planner.recording_ahead = priced_only
     try:
         yield
     finally:
         planner.base_plans, planner.micro_batch_family, reproduce.micro_batch_family = real
-        planner.recording_ahead = real_ahead
 
 
 @contextlib.contextmanager
