@@ -16,8 +16,15 @@ GPT-style (LayerNorm, tanh GELU, MHA), Llama-style (RMSNorm, SwiGLU,
 grouped-query attention, Llama 3.1 rotary) and Mixtral-style (the Llama
 layer with 4 experts, top 2).
 
+With ``--profiled RECORDS``, the table gains the profiler's count on a GPU:
+RECORDS are ``shardwise bench --phase decode --trace DIR`` records of the
+same plans on one model at two layer counts (the busiest rank's kernels in
+one CUDA graph replay, cuBLAS's own split-K reductions and memsets
+included), and a layer's count is their difference per layer.
+
 Usage: python scripts/kernel-counts.py --out results/kernels-per-decode-layer
-(writes OUT.jsonl and OUT.md; a few minutes on two cores).
+[--profiled RECORDS.jsonl] (writes OUT.jsonl and OUT.md; a few minutes on two
+cores).
 """
 from __future__ import annotations
 
@@ -45,7 +52,9 @@ ARCHS["Mixtral-style"] = ARCHS["Llama-style"].replace(name="mixtral", n_experts=
 # (plan, ranks, pipeline stages); layerwise's capacity is chosen per model
 # (PIPELINE: the one that cuts the layers into two equal groups on 2 ranks)
 PIPELINE = "layerwise:pipeline"
-PLANS = [("tp_pp:1x1", 1, 1), ("tp_pp:2x1", 2, 1), ("tp_pp:1x2", 2, 2), ("tp_pp:2x2", 4, 2),
+PLANS = [("tp_pp:1x1", 1, 1), ("helix:1x1", 1, 1), ("ring:1", 1, 1),
+         ("layerwise:cap=100GB", 1, 1), ("ep:1", 1, 1),
+         ("tp_pp:2x1", 2, 1), ("tp_pp:1x2", 2, 2), ("tp_pp:2x2", 4, 2),
          ("helix:1x2", 2, 1), ("helix:2x1", 2, 1), ("ring:2", 2, 1),
          ("layerwise:cap=100GB", 2, 1), (PIPELINE, 2, 2), ("ep:2", 2, 1)]
 WORKLOAD = Workload(batch=4, seq_len=16, decode_steps=2)
@@ -55,7 +64,11 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/kernels-per-decode-layer")
+    ap.add_argument("--profiled", metavar="RECORDS", default=None,
+                    help="bench --trace decode records at two layer counts: the profiler's "
+                         "count per layer on a GPU, in a second table")
     args = ap.parse_args()
+    profiled = _profiled(args.profiled) if args.profiled else []
     rows = []
     for nproc in sorted({n for _, n, _ in PLANS}):
         cases, keys = [], []
@@ -82,7 +95,8 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     rev = git_rev()
-    command = f"python scripts/kernel-counts.py --out {args.out}"
+    command = f"python scripts/kernel-counts.py --out {args.out}" + (
+        f" --profiled {args.profiled}" if args.profiled else "")
     with open(args.out + ".jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps({**r, "command": command, "device": "cpu (the GPU branches)",
@@ -110,7 +124,56 @@ def main() -> int:
             f.write(f"| {r['arch']} | {r['plan']} | {r['ranks']} | "
                     f"{r['static_kernels_per_layer']:g} | {r['decode_kernels_per_layer']:g} | "
                     f"{r['static_collectives_per_layer']:g} |\n")
+        if profiled:
+            f.write(_profiled_table(profiled, rows))
     return 0
+
+
+def _profiled(path: str) -> list[dict]:
+    """Per (model, plan): the kernels one decode layer adds to a CUDA graph
+    replay, from bench --trace records at two layer counts (the busiest
+    rank's profiled kernels, whose difference per layer drops the step's own
+    embedding, masks, final norm and LM head)."""
+    by = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("phase") != "decode" or "trace" not in r:
+                continue
+            k = max(rank["kernels"] for rank in r["trace"]["ranks"])
+            by.setdefault((r["model"], r["plan"]), {})[r["n_layers"]] = (k, r)
+    out = []
+    for (model, plan), runs in by.items():
+        if len(runs) < 2:
+            raise SystemExit(f"{path}: {model} {plan} was profiled at {len(runs)} layer "
+                             f"count(s); a layer's count needs two")
+        (l1, (k1, r)), (l2, (k2, _)) = sorted(runs.items())[:2]
+        out.append({"model": model, "plan": plan, "ranks": r["n_devices"],
+                    "graph_kernels_per_layer": (k2 - k1) / (l2 - l1),
+                    "cuda_graphs": r.get("cuda_graphs"), "batch": r["batch"],
+                    "layers": [l1, l2], "device": r["device"], "git_rev": r["git_rev"],
+                    "command": r["command"]})
+    return out
+
+
+def _profiled_table(profiled: list[dict], rows: list[dict]) -> str:
+    """The profiler's counts beside the CPU count of the same plan on the
+    architecture that model has."""
+    cpu = {(r["arch"], r["plan"], r["ranks"]): r["static_kernels_per_layer"] for r in rows}
+    p0 = profiled[0]
+    text = (f"\n## Profiled on a GPU\n\nKernels one decode layer adds to a CUDA graph "
+            f"replay on {p0['device']} at {p0['git_rev']} (batch {p0['batch']}), by "
+            f"PyTorch's profiler: the busiest rank's kernels at {p0['layers'][1]} layers less "
+            f"those at {p0['layers'][0]} (`{p0['command']}`, and the same at the other layer "
+            f"count). Beside it the count above for the plan on the same architecture.\n\n"
+            "| model | plan | graph kernels, profiler | graph kernels, CPU count |\n"
+            "| --- | --- | --- | --- |\n")
+    for p in profiled:
+        arch = "Mixtral-style" if "mixtral" in p["model"] else "Llama-style"
+        plan = "layerwise:cap=100GB" if p["plan"].startswith("layerwise") else p["plan"]
+        text += (f"| {p['model']} | {p['plan']} | {p['graph_kernels_per_layer']:g} | "
+                 f"{cpu.get((arch, plan, p['ranks']), '-')} |\n")
+    return text
 
 
 def _calls(rank: dict, phase: str) -> dict:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.kernels import combine_picks, pick_rows
+from ..model.kernels import combine_picks, sort_picks
 from ..model.reference import DENSE_MOE_MAX_TOKENS, MoE, grouped_expert_mlp, route_tokens
 from .checks import balanced_ranges, chunks_option
 from .compose import Composed, Stage, StageContext
@@ -109,14 +109,12 @@ class ExpertParallelMoE(nn.Module):
         weights, experts = route_tokens(self.moe.router, x, k)  # [N, k]
         chunks = balanced_ranges(x.shape[0], K)
 
-        # Per chunk: its (token, slot) assignments ordered by expert, and how
-        # many go to each expert.
-        orders, counts = [], []
-        for s, e in chunks:
-            flat = experts[s:e].reshape(-1)  # [n*k]
-            orders.append(torch.argsort(flat, stable=True))
-            counts.append(torch.zeros(E, dtype=torch.long, device=x.device)
-                          .scatter_add_(0, flat, torch.ones_like(flat)))
+        # Per chunk, its (token, pick) slots sorted by expert
+        # (:func:`~shardwise.model.kernels.sort_picks`: a counting sort on
+        # GPUs): [E] where each expert's rows end, [n*k] each sorted row's
+        # token and each slot's row; and how many go to each expert.
+        picks = [sort_picks(experts[s:e], E) for s, e in chunks]
+        counts = [ends.diff(prepend=ends.new_zeros(1)).long() for ends, _, _ in picks]  # [E]
         # Every rank learns the whole routing table (P*K*E integers): its own
         # receive sizes and the load of every expert for the report. The one
         # host synchronisation of the layer: the splits size the buffers.
@@ -131,7 +129,7 @@ class ExpertParallelMoE(nn.Module):
 
         def dispatch(c: int):
             s, e = chunks[c]
-            send = x[s:e][orders[c] // k]  # [n*k, D] sorted by expert, hence by rank
+            send = x[s:e].index_select(0, picks[c][1])  # [n*k, D] by expert, hence by rank
             return self.comm.all_to_all_start(send, "ep", to_rank[c], from_rank[c])
 
         def run_experts(c: int, recv: torch.Tensor):
@@ -160,7 +158,7 @@ class ExpertParallelMoE(nn.Module):
         for c, wait in enumerate(returning):
             s, e = chunks[c]
             back = wait()  # [n*k, D] in expert order
-            combine_picks(back, weights[s:e], pick_rows(orders[c], back.shape[0]), out=out[s:e])
+            combine_picks(back, weights[s:e], picks[c][2], out=out[s:e])
         return out.view(shape)
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .events import Kernel
-from .trace import shadow_of
+from .trace import _Lazy, set_shadow, shadow_of
 
 
 class TritonShim:
@@ -338,6 +338,18 @@ class ExpertSort(StandIn):
         if not EX.is_meta:
             for out, got in zip((ENDS, SRC, POS), _sort_torch(EX[:N].view(-1, K), E)):
                 out.copy_(got)
+
+    def effect(self, recorder, grid, EX, C, POS, SRC, ENDS, N, E, CHUNKS, *, K, **kw) -> None:
+        """The sorted order where the recorder holds the picks (their draw):
+        what sizes the work that reads it (an exchange's splits)."""
+        from ..model.kernels import _sort_torch
+
+        picks = shadow_of(EX)
+        if picks is None:
+            return
+        sort = _Lazy(lambda: _sort_torch(picks.reshape(-1)[:N].view(-1, K), E))
+        for i, out in enumerate((ENDS, SRC, POS)):
+            set_shadow(out, _Lazy(lambda i=i: sort.get()[i]))
 
 
 class DecodeSplit(StandIn):
