@@ -8,10 +8,14 @@ graph; the rate is the weight bytes over the device time, beside the device
 copy rate measured in the same process (bytes read and written).
 
 Usage: python scripts/rows-gemm.py [--out FILE.jsonl] [--rows 16 ...] [--sweep]
+                                  [--prefetch N ...]
   --sweep: every launch of the grid (block_o 32-128, block_i 64-256, split
   1 or 2, the weights the dot's left or right operand, at 4 warps and 4
   stages; then the best three of each shape at 4 or 8 warps and 3 to 6
   stages); without it, the launch ``rows_launch`` picks.
+  --prefetch: that launch again with each program asking L2 for its first N
+  steps of weights before its dependent launch's wait (``rows_kernel``'s
+  PREFETCH; ``kernels.PREFETCH_STEPS``), where the GPU has dependent launches.
 """
 import argparse
 import itertools
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[16])
     ap.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[])
     args = ap.parse_args()
     dev = torch.device("cuda")
     copy = measure_ceilings(dev)["hbm_peak_gbps"] / 1e3  # TB/s, read + write
@@ -109,6 +114,8 @@ def sweep(args, emit, sms) -> None:
                 return us
 
             run(chosen)
+            for steps in args.prefetch:
+                run({**chosen, "PREFETCH": steps})
             if not args.sweep:
                 continue
             first = {}

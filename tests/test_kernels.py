@@ -1,6 +1,8 @@
 """Fused residual-add + norm and SwiGLU: the kernels against PyTorch's forms
 (on CPU tensors through Triton's interpreter, and on GPUs), the fallback
 everywhere else, and grouped-query attention without repeated K/V."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as Fn
@@ -405,6 +407,102 @@ def test_rows_kernel_on_the_gpu(dtype, rows, O, I):
         want = x.double() @ w.double().t()
         size = x.double().abs() @ w.double().abs().t()
         assert ((got.double() - want).abs() <= 2.0 ** -8 * want.abs() + I * 2.0 ** -24 * size).all()
+
+
+_PTX = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from shardwise.model.triton_moe import expert_rows_kernel
+from shardwise.model.triton_rows import rows_kernel
+
+@triton.jit
+def nothing(X):
+    pass
+
+
+target = GPUTarget("cuda", 90, 32)
+try:  # whether this Triton compiles for the target at all
+    triton.compile(ASTSource(fn=nothing, signature={"X": "*fp32"}), target=target)
+except Exception as e:
+    sys.exit(f"SKIP {type(e).__name__}: {e}")
+name, const = json.loads(sys.argv[1])
+fn, args = {"rows_kernel": (rows_kernel, "X W Y P M O F sx sw sy sxb swb syb"),
+            "expert_rows_kernel": (expert_rows_kernel, "X W E Y O held first sx swe swo sy")}[name]
+sig = {a: "*bf16" if a in "XWY" else "*fp32" if a == "P" else "*i64" if a == "E" else "i32"
+       for a in args.split()}
+src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const)
+print(triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3}).asm["ptx"])
+"""
+
+
+def _ptx(kernel: str, **const) -> str:
+    """``kernel``'s PTX for a Hopper GPU, a programmatic dependent launch of
+    bf16 weights: compiled by Triton in a process of its own (this one may
+    run Triton's interpreter), no GPU needed."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:  # Triton compiles functions of a file
+        script = os.path.join(tmp, "ptx.py")
+        with open(script, "w") as f:
+            f.write(_PTX)
+        run = subprocess.run([sys.executable, script, json.dumps([kernel, const])], env=env,
+                             capture_output=True, text=True, timeout=300)
+    if run.returncode and "SKIP" in run.stderr:
+        pytest.skip(f"Triton cannot compile for sm_90 here: {run.stderr.strip()[-300:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def _ahead_of_the_wait(ptx: str, lines: int) -> None:
+    """``lines`` 128-byte lines asked of L2 over the 128 threads, every one
+    before the dependent launch's wait."""
+    assert ptx.count("prefetch.global.L2") == lines // 128
+    assert ptx.rindex("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+
+
+@pytest.mark.parametrize("gated,block_o,block_i", [(False, 64, 256), (True, 128, 128)])
+def test_rows_kernel_asks_l2_for_its_weights_before_it_waits(gated, block_o, block_i):
+    """``PREFETCH`` steps: each program of ``rows_kernel`` asks L2 for every
+    128-byte line of its rows' first steps (and, gated, of the up rows')
+    before the dependent launch's wait, and for none without it."""
+    def ptx(prefetch):
+        return _ptx("rows_kernel", I=4096, BLOCK_M=16, BLOCK_O=block_o, BLOCK_I=block_i,
+                    SPLIT=1, GATED=gated, W_LEFT=not gated, PDL=True, PREFETCH=prefetch)
+
+    _ahead_of_the_wait(ptx(2), block_o * (2 * block_i // 64) * (1 + gated))
+    assert "prefetch.global.L2" not in ptx(0)
+
+
+def test_the_gemv_asks_l2_for_its_weights_before_it_waits():
+    """The one-row GEMV (``expert_rows_kernel``, ``DENSE``) likewise; a routed
+    product (not ``DENSE``: the experts are read after the wait) asks none."""
+    def ptx(dense):
+        return _ptx("expert_rows_kernel", I=4096, PER=1, BLOCK_O=16, BLOCK_I=256, DOT=False,
+                    STEP_SUM=False, DENSE=dense, SWIGLU=False, PDL=True, PREFETCH=2)
+
+    _ahead_of_the_wait(ptx(True), 16 * 2 * 256 // 64)
+    assert "prefetch.global.L2" not in ptx(False)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("prefetch", [1, 2, 4])
+def test_rows_kernel_prefetch_on_the_gpu(monkeypatch, gated, prefetch):
+    """The weights asked of L2 ahead change no output bit."""
+    x = torch.randn(16, 4096, device="cuda").bfloat16()
+    w = (torch.randn((1 + gated) * 6144, 4096, device="cuda") * 0.02).bfloat16()
+    off = kernels._rows_launch(x, w, gated)
+    monkeypatch.setattr(kernels, "PREFETCH_STEPS", prefetch)
+    assert torch.equal(kernels._rows_launch(x, w, gated), off)
 
 
 @pytest.mark.gpu

@@ -86,6 +86,12 @@ _HALF = (torch.bfloat16, torch.float16)
 # Whether the decode step's Triton kernels launch as programmatic dependent
 # launches where the GPU has them (:func:`pdl`).
 PDL = True
+# Steps of weight rows (of the launch's inputs a step) that each program of
+# ``rows_kernel`` and of the one-row GEMV asks L2 for before it waits on the
+# kernel before it, in a programmatic dependent launch (PREFETCH of
+# ``triton_rows`` and ``triton_moe``): 0, off. Not yet timed on a GPU; a
+# switch for an A/B of a decode step, on and off.
+PREFETCH_STEPS = 0
 
 
 def triton_kernel(module: str, name: str):
@@ -285,10 +291,13 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
     chosen = expert_rows_launch(R, O, _sms(x.device))
     block_o = block_o or chosen["block_o"]
     block_i = min(block_i or chosen["block_i"], triton.next_power_of_2(I))
+    dependent = pdl(x.device)
+    ahead = ({"PREFETCH": PREFETCH_STEPS} if dependent and PREFETCH_STEPS and block_i >= 64
+             and launch.get("DENSE") else {})
     kernel[(R, triton.cdiv(O, block_o))](
         x, w, experts.reshape(-1), y, O, held, first, x.stride(0), w.stride(0),
         w.stride(1), y.stride(0), I=I, PER=per, BLOCK_O=block_o, BLOCK_I=block_i,
-        **{"num_warps": chosen["num_warps"], "num_stages": 2, **pdl(x.device), **launch})
+        **{"num_warps": chosen["num_warps"], "num_stages": 2, **dependent, **ahead, **launch})
     return y
 
 
@@ -428,11 +437,14 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, groups: int = 1,
     block_i = min(block_i, max(16, triton.next_power_of_2(I)))
     parts = y if split == 1 else torch.empty(split, M, (1 + gated) * O, dtype=torch.float32,
                                              device=x.device)
+    dependent = pdl(x.device)
+    # L2 lines are 128 bytes: a step of block_i inputs holds block_i // 64 of a row
+    ahead = {"PREFETCH": PREFETCH_STEPS} if dependent and PREFETCH_STEPS and block_i >= 64 else {}
     kernel[(triton.cdiv(O, block_o), split, E)](
         x2, w, y, parts, M, O, O // groups, x2s, ws, ys, *batch, I=I, BLOCK_M=16,
         BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
-        **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **pdl(x.device),
-           **launch})
+        **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **dependent,
+           **ahead, **launch})
     if split > 1:
         block = min(1024, triton.next_power_of_2(O))
         finish[(M, triton.cdiv(O, block))](parts, y, M, O, y.stride(0), SPLIT=split,

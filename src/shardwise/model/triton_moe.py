@@ -5,7 +5,7 @@ installed)."""
 import triton
 import triton.language as tl
 
-from .triton_pdl import await_inputs
+from .triton_pdl import await_inputs, prefetch_l2
 
 
 @triton.jit
@@ -13,7 +13,7 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
                        PER: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                        DOT: tl.constexpr = False, STEP_SUM: tl.constexpr = False,
                        DENSE: tl.constexpr = False, SWIGLU: tl.constexpr = False,
-                       PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     """Program (routed row r, output block): ``y[r] = W[E[r] - first] @ x[r // PER]``
     for ``W [held, O, I]`` (rows contiguous in I), accumulated in float32 and
     rounded once, as a GEMM rounds it. A row whose expert this rank does not
@@ -25,11 +25,20 @@ def expert_rows_kernel(X, W, E, Y, O, held, first, sx, swe, swo, sy, I: tl.const
     ``silu(gate) * up`` of a row ``[gate | up]`` of ``2 I`` (the SwiGLU
     up-projection's output), computed as it is loaded with the arithmetic of
     ``swiglu_kernel`` (the same values): the down-projection without the
-    activation's own launch (the FMA loop only, not ``DOT``'s)."""
-    await_inputs(PDL)
+    activation's own launch (the FMA loop only, not ``DOT``'s). ``PREFETCH``
+    (``DENSE``, with ``PDL``): before the wait for the kernel before it, the
+    program asks L2 for its rows' first ``PREFETCH`` steps of the matrix
+    (:func:`.triton_pdl.prefetch_l2`; a routed expert is known only after
+    the wait)."""
     r = tl.program_id(0).to(tl.int64)
     outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     keep_o = outs < O
+    if DENSE and PDL and PREFETCH > 0:  # one address per 128-byte line
+        LINE: tl.constexpr = 1024 // W.dtype.element_ty.primitive_bitwidth
+        lines = tl.arange(0, PREFETCH * BLOCK_I // LINE) * LINE
+        prefetch_l2(W + outs[:, None] * swo + lines[None, :],
+                    keep_o[:, None] & (lines[None, :] < I), W)
+    await_inputs(PDL)
     if DENSE:
         e = r * 0
         mine = r >= 0

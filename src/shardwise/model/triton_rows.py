@@ -5,7 +5,7 @@ installed)."""
 import triton
 import triton.language as tl
 
-from .triton_pdl import await_inputs
+from .triton_pdl import await_inputs, prefetch_l2
 
 
 @triton.jit
@@ -21,7 +21,8 @@ def _swiglu_of(g, u, dtype: tl.constexpr):
 @triton.jit
 def rows_kernel(X, W, Y, P, M, O, F, sx, sw, sy, sxb, swb, syb, I: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, SPLIT: tl.constexpr,
-                GATED: tl.constexpr, W_LEFT: tl.constexpr = False, PDL: tl.constexpr = False):
+                GATED: tl.constexpr, W_LEFT: tl.constexpr = False, PDL: tl.constexpr = False,
+                PREFETCH: tl.constexpr = 0):
     """Program (output block, split s): ``y [M, BLOCK_O] = x [M, I] @ W[outs].T``
     for ``M <= BLOCK_M`` rows, on the tensor cores (the rows padded to a
     16-row tile with zeros), the exact products summed in float32 and rounded
@@ -40,8 +41,12 @@ def rows_kernel(X, W, Y, P, M, O, F, sx, sw, sy, sxb, swb, syb, I: tl.constexpr,
     ungated. A third grid dimension b: a batch of such products, ``x``,
     ``W`` and ``y`` each offset by b times its batch stride (``sxb``,
     ``swb``, ``syb``; the experts' down-projections of a MoE decode step,
-    ungated, unsplit)."""
-    await_inputs(PDL)
+    ungated, unsplit).
+
+    ``PREFETCH`` (with ``PDL``): before the wait for the kernel before it,
+    the program asks for its first ``PREFETCH`` steps of weight rows to be
+    brought into L2 (:func:`.triton_pdl.prefetch_l2`; the weights are no
+    kernel's output), so that they stream during that kernel's tail."""
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -53,17 +58,25 @@ def rows_kernel(X, W, Y, P, M, O, F, sx, sw, sy, sxb, swb, syb, I: tl.constexpr,
     keep_m = rows < M
     steps = tl.cdiv(I, BLOCK_I)
     per = tl.cdiv(steps, SPLIT)
+    if GATED:
+        picked = (outs // F) * (2 * F) + outs % F  # the gate's rows; the up's F further
+    else:
+        picked = outs
+    w_rows = W + picked.to(tl.int64)[:, None] * sw
+    if PDL and PREFETCH > 0:  # one address per 128-byte line of each row's first steps
+        LINE: tl.constexpr = 1024 // W.dtype.element_ty.primitive_bitwidth
+        lines = s * per * BLOCK_I + tl.arange(0, PREFETCH * BLOCK_I // LINE) * LINE
+        ahead = keep_o[:, None] & (lines[None, :] < tl.minimum(I, (s * per + per) * BLOCK_I))
+        prefetch_l2(w_rows + lines[None, :], ahead, W)
+        if GATED:
+            prefetch_l2(w_rows + F * sw + lines[None, :], ahead, W)
+    await_inputs(PDL)
     if W_LEFT:
         acc = tl.zeros([BLOCK_O, BLOCK_M], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_O, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
-    if GATED:
-        picked = (outs // F) * (2 * F) + outs % F  # the gate's rows; the up's F further
-    else:
-        picked = outs
-    w_rows = W + picked.to(tl.int64)[:, None] * sw
     for step in range(s * per, tl.minimum(s * per + per, steps)):
         ins = step * BLOCK_I + tl.arange(0, BLOCK_I)
         keep_i = ins < I
