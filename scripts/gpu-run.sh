@@ -13,6 +13,10 @@
 #   verify   every strategy that runs on the GPUs here on both models (2 layers,
 #            2 x 1100 tokens), eager and static decode -> verify-real.jsonl
 #   tests    pytest -m gpu -> gpu-tests.txt
+#   kernels  the profiler's kernels per decode layer: every plan that runs on one GPU, both
+#            models at 1 and 2 layers, batch 16 x 512, one CUDA graph replay profiled (bench
+#            --trace) -> kernels-profiled.jsonl; then scripts/kernel-counts.py --profiled on
+#            it -> kernels-per-decode-layer.md, .jsonl (the CPU count beside the profiler's)
 #   calibrate  shardwise calibrate on this machine -> profile-NAME.json (NAME: h100-x1,
 #            h200-x1, ... from the GPU and its count); held-out predictions on it
 #            (scripts/heldout.py predict, round ROUND, default 2) -> heldout-predictions.jsonl
@@ -178,6 +182,19 @@ for sweep in "$@"; do
         LIMIT=240 sw ${line#shardwise } </dev/null 2>&1 | tail -9
       done
       cp results/heldout/*.jsonl "$R"/ ;;
+    kernels)
+      for m in llama-3.1-8b mixtral-8x7b; do
+        plans="--plan tp_pp:1x1 --plan helix:1x1 --plan ring:1 --plan layerwise:cap=HBM"
+        [ $m = mixtral-8x7b ] && plans="$plans --plan ep:1"
+        for L in 1 2; do
+          echo "+ shardwise bench --model $m --layers $L --phase decode --batch 16 --seq 512 --trace $R/traces-kernels $plans"
+          sw bench --model $m --layers $L --dtype bf16 --phase decode --batch 16 --seq 512 --iters 5 \
+            --warmup 2 --trace "$R/traces-kernels" $plans --out "$R/kernels-profiled.jsonl" 2>&1 | tail -8
+        done
+      done
+      rm -rf "$R/traces-kernels"
+      python3 scripts/kernel-counts.py --out "$R/kernels-per-decode-layer" \
+        --profiled "$R/kernels-profiled.jsonl" | tail -3 ;;
     tests)
       echo "# python3 -m pytest -q -m gpu tests at ${SHARDWISE_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null)}" \
         "on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); the tail of its output" > "$R/gpu-tests.txt"

@@ -101,6 +101,8 @@ def main() -> int:
         for r in rows:
             f.write(json.dumps({**r, "command": command, "device": "cpu (the GPU branches)",
                                 "git_rev": rev}) + "\n")
+        for p in profiled:  # each names its own device, revision and bench command
+            f.write(json.dumps({**p, "source": "profiler"}) + "\n")
     with open(args.out + ".md", "w") as f:
         f.write(f"# Kernels per decode layer\n\n`{command}` "
                 f"at {rev}: kernel launches of one decode layer of {WORKLOAD.batch} sequences "
@@ -140,6 +142,9 @@ def _profiled(path: str) -> list[dict]:
             r = json.loads(line)
             if r.get("phase") != "decode" or "trace" not in r:
                 continue
+            if any("kernels" not in rank for rank in r["trace"]["ranks"]):
+                raise SystemExit(f"{path}: {r['model']} {r['plan']} was profiled on "
+                                 f"{r['device']}, which counts no kernels; profile on a GPU")
             k = max(rank["kernels"] for rank in r["trace"]["ranks"])
             by.setdefault((r["model"], r["plan"]), {})[r["n_layers"]] = (k, r)
     out = []
