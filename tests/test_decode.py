@@ -220,3 +220,21 @@ def test_fused_merge_replays_in_a_cuda_graph(monkeypatch):
         torch.cuda.synchronize()
         assert_same_merge((o, lse), decode.attend(q, k, v, torch.tensor(at, device=DEVICE)))
         assert not decode._counts(2 * 2, q.device).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (a dependent launch)")
+@pytest.mark.parametrize("d", [64, 128])
+def test_keys_asked_of_l2_ahead_change_no_bit(monkeypatch, d):
+    # kernels.PREFETCH_STEPS: the split kernel asks L2 for its first blocks
+    # of K and V rows before its dependent launch's wait; the output and lse
+    # are those of the launch without it, bit for bit.
+    from shardwise.model import kernels
+
+    q, k, v = inputs(4, 32, 8, 4100, d, dtype=torch.bfloat16)
+    n = torch.tensor(4097, device=DEVICE)
+    off = decode.attend(q, k, v, n)
+    for steps in (1, 2):
+        monkeypatch.setattr(kernels, "PREFETCH_STEPS", steps)
+        on = decode.attend(q, k, v, n)
+        assert all(torch.equal(a, b) for a, b in zip(on, off))

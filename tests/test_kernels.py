@@ -414,6 +414,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from shardwise.model.triton_decode import decode_split_kernel
 from shardwise.model.triton_moe import expert_rows_kernel
 from shardwise.model.triton_rows import rows_kernel
 
@@ -428,10 +429,16 @@ try:  # whether this Triton compiles for the target at all
 except Exception as e:
     sys.exit(f"SKIP {type(e).__name__}: {e}")
 name, const = json.loads(sys.argv[1])
-fn, args = {"rows_kernel": (rows_kernel, "X W Y P M O F sx sw sy sxb swb syb"),
-            "expert_rows_kernel": (expert_rows_kernel, "X W E Y O held first sx swe swo sy")}[name]
-sig = {a: "*bf16" if a in "XWY" else "*fp32" if a == "P" else "*i64" if a == "E" else "i32"
-       for a in args.split()}
+# each argument's type where it is not i32 (bf16 data, fp32 sums, int indices)
+fn, args = {"rows_kernel": (rows_kernel, "X:*bf16 W:*bf16 Y:*bf16 P:*fp32 M O F sx sw sy "
+                                         "sxb swb syb"),
+            "expert_rows_kernel": (expert_rows_kernel, "X:*bf16 W:*bf16 E:*i64 Y:*bf16 O held "
+                                                       "first sx swe swo sy"),
+            "decode_split_kernel": (decode_split_kernel,
+                                    "Q:*bf16 K:*bf16 V:*bf16 O:*fp32 L:*fp32 N:*i64 n0 S sq_b "
+                                    "sq_h sk_b sk_h sk_s sv_b sv_h sv_s Hkv rows_all chunk "
+                                    "qk_scale:fp32 OUT:*bf16 LOUT:*fp32 CNT:*i32 splits")}[name]
+sig = dict((a + ":i32").split(":")[:2] for a in args.split())
 src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const)
 print(triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3}).asm["ptx"])
 """
@@ -490,6 +497,17 @@ def test_the_gemv_asks_l2_for_its_weights_before_it_waits():
 
     _ahead_of_the_wait(ptx(True), 16 * 2 * 256 // 64)
     assert "prefetch.global.L2" not in ptx(False)
+
+
+def test_the_decode_attention_asks_l2_for_its_keys_before_it_waits():
+    """The split-key decode attention: the K and V rows of its split's first
+    ``PREFETCH`` blocks of keys (128 dims of bf16: two lines a row)."""
+    def ptx(prefetch):
+        return _ptx("decode_split_kernel", G=4, G_PAD=16, D=128, BLOCK_N=64, N_PTR=True,
+                    FUSE=False, PDL=True, PREFETCH=prefetch)
+
+    _ahead_of_the_wait(ptx(1), 64 * 2 * 2)
+    assert "prefetch.global.L2" not in ptx(0)
 
 
 @pytest.mark.gpu

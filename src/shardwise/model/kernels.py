@@ -88,8 +88,9 @@ _HALF = (torch.bfloat16, torch.float16)
 PDL = True
 # Steps of weight rows (of the launch's inputs a step) that each program of
 # ``rows_kernel`` and of the one-row GEMV asks L2 for before it waits on the
-# kernel before it, in a programmatic dependent launch (PREFETCH of
-# ``triton_rows`` and ``triton_moe``): 0, off. Not yet timed on a GPU; a
+# kernel before it, in a programmatic dependent launch, and blocks of keys
+# that the decode attention's programs ask for (PREFETCH of ``triton_rows``,
+# ``triton_moe`` and ``triton_decode``): 0, off. Not yet timed on a GPU; a
 # switch for an A/B of a decode step, on and off.
 PREFETCH_STEPS = 0
 

@@ -5,9 +5,8 @@ or by :mod:`.merge`'s kernel."""
 import triton
 import triton.language as tl
 
-from .triton_pdl import await_inputs
-
 from .triton_merge import merge_rows
+from .triton_pdl import await_inputs, prefetch_l2
 
 
 @triton.jit
@@ -15,7 +14,7 @@ def decode_split_kernel(Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, s
                         Hkv, rows_all, chunk, qk_scale, OUT, LOUT, CNT, splits,
                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                         BLOCK_N: tl.constexpr, N_PTR: tl.constexpr, FUSE: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     """Program (sequence b x K/V head, split s): the ``G`` query heads of K/V
     head ``hk`` (rows of one ``[G_PAD, D]`` tile, each K/V row read once for
     all of them) over keys ``s*chunk .. min((s+1)*chunk, n, S)``, with the online
@@ -30,12 +29,28 @@ def decode_split_kernel(Q, K, V, O, L, N, n0, S, sq_b, sq_h, sk_b, sk_h, sk_s, s
     (int32, zero before the launch); the last of the ``splits`` to arrive
     merges them (:func:`.triton_merge.merge_rows`) into ``OUT [B*H, D]`` (q's dtype)
     and ``LOUT [B*H]``, and sets the count back to zero, so a CUDA graph
-    replays the launch with no reset of its own: one launch a layer, not two."""
-    await_inputs(PDL)
+    replays the launch with no reset of its own: one launch a layer, not two.
+
+    ``PREFETCH`` (with ``PDL``): before the wait for the kernel before it, the
+    program asks L2 for the K and V rows of its split's first ``PREFETCH``
+    blocks of keys (:func:`.triton_pdl.prefetch_l2`), bounded by the split
+    and the cache, not by ``n``, which it reads after the wait. Earlier
+    steps wrote those rows; the row this step's rotary kernel writes may be
+    among them, and L2, where the GPU's writes land, then holds the write."""
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
     hk = (bh % Hkv).to(tl.int64)
+    if PDL and PREFETCH > 0:  # one address per 128-byte line of a key's row
+        LINE: tl.constexpr = 1024 // K.dtype.element_ty.primitive_bitwidth
+        ahead = s * chunk + tl.arange(0, PREFETCH * BLOCK_N)
+        held = (ahead < s * chunk + chunk) & (ahead < S)
+        parts = tl.arange(0, D // LINE) * LINE
+        prefetch_l2(K + b * sk_b + hk * sk_h + ahead[:, None].to(tl.int64) * sk_s
+                    + parts[None, :], held[:, None], K)
+        prefetch_l2(V + b * sv_b + hk * sv_h + ahead[:, None].to(tl.int64) * sv_s
+                    + parts[None, :], held[:, None], V)
+    await_inputs(PDL)
     if N_PTR:
         n = tl.load(N).to(tl.int32)
     else:
