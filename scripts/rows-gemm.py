@@ -131,7 +131,7 @@ def sweep(args, emit, sms) -> None:
                                num_stages=stages, W_LEFT=left)
                     if cfg != chosen:
                         run(cfg)
-        del ws
+        ws.clear()  # this shape's copies freed before the next
 
 
 if __name__ == "__main__":
