@@ -153,7 +153,10 @@ def _profiled(path: str) -> list[dict]:
             raise SystemExit(f"{path}: {model} {plan} was profiled at {len(runs)} layer "
                              f"count(s); a layer's count needs two")
         (l1, (k1, r)), (l2, (k2, _)) = sorted(runs.items())[:2]
-        out.append({"model": model, "plan": plan, "ranks": r["n_devices"],
+        spec = r["model_spec"]
+        arch = ("Mixtral-style" if spec.get("n_experts") else
+                "Llama-style" if spec.get("norm") == "rmsnorm" else "GPT-style")
+        out.append({"model": model, "arch": arch, "plan": plan, "ranks": r["n_devices"],
                     "graph_kernels_per_layer": (k2 - k1) / (l2 - l1),
                     "cuda_graphs": r.get("cuda_graphs"), "batch": r["batch"],
                     "layers": [l1, l2], "device": r["device"], "git_rev": r["git_rev"],
@@ -163,7 +166,7 @@ def _profiled(path: str) -> list[dict]:
 
 def _profiled_table(profiled: list[dict], rows: list[dict]) -> str:
     """The profiler's counts beside the CPU count of the same plan on the
-    architecture that model has."""
+    architecture of that model's features (experts, RMSNorm)."""
     cpu = {(r["arch"], r["plan"], r["ranks"]): r["static_kernels_per_layer"] for r in rows}
     p0 = profiled[0]
     text = (f"\n## Profiled on a GPU\n\nKernels one decode layer adds to a CUDA graph "
@@ -173,11 +176,10 @@ def _profiled_table(profiled: list[dict], rows: list[dict]) -> str:
             f"count). Beside it the count above for the plan on the same architecture.\n\n"
             "| model | plan | graph kernels, profiler | graph kernels, CPU count |\n"
             "| --- | --- | --- | --- |\n")
-    for p in profiled:
-        arch = "Mixtral-style" if "mixtral" in p["model"] else "Llama-style"
+    for p in profiled:  # a layerwise plan on one rank is one group, whatever its capacity
         plan = "layerwise:cap=100GB" if p["plan"].startswith("layerwise") else p["plan"]
         text += (f"| {p['model']} | {p['plan']} | {p['graph_kernels_per_layer']:g} | "
-                 f"{cpu.get((arch, plan, p['ranks']), '-')} |\n")
+                 f"{cpu.get((p['arch'], plan, p['ranks']), '-')} |\n")
     return text
 
 

@@ -44,8 +44,7 @@ import os
 
 import torch
 
-from . import kernels
-from .kernels import _sms, pdl, triton_kernel
+from .kernels import _sms, pdl_ahead, triton_kernel
 from .merge import merge_stack
 from .once import made_once
 
@@ -131,17 +130,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n, scale: float | 
     else:
         merged = (o_split, lse_split, lse_split)  # not read (FUSE off)
     on_device = isinstance(n, torch.Tensor)
-    dependent = pdl(q.device)
-    # (kernels.PREFETCH_STEPS) K and V rows of 128 bytes or more: a line a part
-    ahead = ({"PREFETCH": kernels.PREFETCH_STEPS} if dependent and kernels.PREFETCH_STEPS
-             and d * k.element_size() % 128 == 0 else {})
     split_kernel[(B * Hkv, splits)](
         q, k, v, o_split, lse_split, n if on_device else q, 0 if on_device else int(n), S,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), Hkv, B * H, chunk, scale * math.log2(math.e),
         *merged, splits, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=d, BLOCK_N=block_n,
         N_PTR=on_device, FUSE=counts is not None, num_warps=warps, num_stages=stages,
-        **dependent, **ahead)
+        **pdl_ahead(q.device, d * k.element_size() % 128 == 0))  # whole lines a K/V row
     if counts is None:
         o, lse = merge_stack(o_split, lse_split, q.dtype)  # [B*H, d], [B*H]
     return o.view(q.shape), lse.view(B, H)

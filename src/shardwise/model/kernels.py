@@ -292,13 +292,12 @@ def _expert_rows_launch(x, w, experts, first, per, block_o: int | None = None,
     chosen = expert_rows_launch(R, O, _sms(x.device))
     block_o = block_o or chosen["block_o"]
     block_i = min(block_i or chosen["block_i"], triton.next_power_of_2(I))
-    dependent = pdl(x.device)
-    ahead = ({"PREFETCH": PREFETCH_STEPS} if dependent and PREFETCH_STEPS and block_i >= 64
-             and launch.get("DENSE") else {})
+    # a step of block_i inputs of 2 bytes holds block_i // 64 lines of a row
+    dependent = pdl_ahead(x.device, block_i >= 64 and bool(launch.get("DENSE")))
     kernel[(R, triton.cdiv(O, block_o))](
         x, w, experts.reshape(-1), y, O, held, first, x.stride(0), w.stride(0),
         w.stride(1), y.stride(0), I=I, PER=per, BLOCK_O=block_o, BLOCK_I=block_i,
-        **{"num_warps": chosen["num_warps"], "num_stages": 2, **dependent, **ahead, **launch})
+        **{"num_warps": chosen["num_warps"], "num_stages": 2, **dependent, **launch})
     return y
 
 
@@ -438,14 +437,11 @@ def _rows_launch(x: torch.Tensor, w: torch.Tensor, gated: bool, groups: int = 1,
     block_i = min(block_i, max(16, triton.next_power_of_2(I)))
     parts = y if split == 1 else torch.empty(split, M, (1 + gated) * O, dtype=torch.float32,
                                              device=x.device)
-    dependent = pdl(x.device)
-    # L2 lines are 128 bytes: a step of block_i inputs holds block_i // 64 of a row
-    ahead = {"PREFETCH": PREFETCH_STEPS} if dependent and PREFETCH_STEPS and block_i >= 64 else {}
     kernel[(triton.cdiv(O, block_o), split, E)](
         x2, w, y, parts, M, O, O // groups, x2s, ws, ys, *batch, I=I, BLOCK_M=16,
         BLOCK_O=block_o, BLOCK_I=block_i, SPLIT=split, GATED=gated,
-        **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")}, **dependent,
-           **ahead, **launch})
+        **{**{k: chosen[k] for k in ("num_warps", "num_stages", "W_LEFT")},
+           **pdl_ahead(x.device, block_i >= 64), **launch})
     if split > 1:
         block = min(1024, triton.next_power_of_2(O))
         finish[(M, triton.cdiv(O, block))](parts, y, M, O, y.stride(0), SPLIT=split,
@@ -842,6 +838,16 @@ def pdl(device) -> dict:
             or os.environ.get("TRITON_INTERPRET") == "1"):
         return {}
     return _cuda_pdl(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def pdl_ahead(device, lines: bool) -> dict:
+    """:func:`pdl`'s options, and ``PREFETCH`` (:data:`PREFETCH_STEPS`) where
+    the launch is dependent, the switch is on and ``lines``: the launch's
+    steps hold whole 128-byte lines of each row it asks L2 for."""
+    dependent = pdl(device)
+    if dependent and PREFETCH_STEPS and lines:
+        return {**dependent, "PREFETCH": PREFETCH_STEPS}
+    return dependent
 
 
 @functools.lru_cache(maxsize=None)
